@@ -1,0 +1,29 @@
+"""Errors users can act on. Each message names what is at fault and what to do.
+
+They live in the bottom layer (ir) so that every package can raise them without
+importing upward; users import them from `slimfx.errors`.
+"""
+
+
+class SlimfxError(Exception):
+    """Base class of every error slimfx raises for bad input or a failed check."""
+
+
+class CaptureError(SlimfxError):
+    """The model could not be captured into the IR (untraceable code, inputs that do not fit)."""
+
+
+class PassError(SlimfxError):
+    """A pass is unknown, got bad options, or broke the graph."""
+
+
+class ExportError(SlimfxError):
+    """The graph cannot be written in the requested format."""
+
+
+class RecipeError(SlimfxError):
+    """A recipe file or object is malformed."""
+
+
+class ValidationError(SlimfxError):
+    """An exported model disagrees with the graph it came from beyond tolerance."""
