@@ -1,0 +1,105 @@
+"""Analyses: functions of the graph (params, MACs, shape propagation), never state kept on it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ir.graph import Graph, Node, meta_of
+
+
+def count_params(graph: Graph, *, include_buffers: bool = False) -> int:
+    """Number of elements in the params table that are read by some node (trainable ones by default)."""
+    used = {p.name for n in graph for p in n.params()}
+    return sum(t.numel() for k, t in graph.params.items()
+               if k in used and (include_buffers or k not in graph.buffers or _is_weight_like(graph, k)))
+
+
+def _is_weight_like(graph: Graph, name: str) -> bool:
+    """Integer weights of a quantized graph still count as parameters."""
+    t = graph.params[name]
+    return t.dtype in (torch.int8, torch.uint8) and t.dim() >= 1 and t.numel() > 1
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def node_macs(node: Node) -> int:
+    """Multiply-accumulates of one node on the example input shapes (0 for ops that do none)."""
+    m = node.meta
+    if not hasattr(m, "shape"):
+        return 0
+    out = _numel(m.shape)
+    if node.op in ("conv1d", "conv2d"):
+        w = node.inputs[1]
+        wmeta = _param_shape(node, w)
+        if wmeta is None:
+            return 0
+        return out * _numel(wmeta[1:])
+    if node.op == "linear":
+        x = node.inputs[0]
+        return out * x.meta.shape[-1] if isinstance(x, Node) and hasattr(x.meta, "shape") else 0
+    if node.op == "matmul":
+        a = node.inputs[0]
+        return out * a.meta.shape[-1] if isinstance(a, Node) and hasattr(a.meta, "shape") else 0
+    if node.op == "scaled_dot_product_attention":
+        q, k = node.inputs[0], node.inputs[1]
+        if isinstance(q, Node) and isinstance(k, Node):
+            # QK^T and AV: each is (... L x S x E)
+            return 2 * _numel(q.meta.shape) * k.meta.shape[-2]
+    return 0
+
+
+def _param_shape(node: Node, ref: Any) -> tuple[int, ...] | None:
+    from ir.graph import Param
+
+    if isinstance(ref, Param) and node.graph is not None and ref.name in node.graph.params:
+        return tuple(node.graph.params[ref.name].shape)
+    if isinstance(ref, Node) and hasattr(ref.meta, "shape"):
+        return ref.meta.shape
+    return None
+
+
+def count_macs(graph: Graph) -> int:
+    """Total multiply-accumulates at the example input shapes."""
+    return sum(node_macs(n) for n in graph)
+
+
+def propagate_shapes(graph: Graph, *inputs: torch.Tensor) -> Graph:
+    """Run the graph on `inputs` and refresh every node's TensorMeta (and the inputs' metas)."""
+    from ir.lower import lower
+
+    gm = lower(graph)
+    gm.eval()
+    by_name = {n.name: n for n in graph}
+    values: dict[str, Any] = {}
+
+    class _Rec(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            values[n.name] = out
+            return out
+
+    with torch.no_grad():
+        _Rec(gm).run(*inputs)
+    for name, v in values.items():
+        node = by_name.get(name)
+        if node is not None and node.op != "output":
+            node.meta = meta_of(v)
+    return graph
+
+
+def node_table(graph: Graph) -> list[dict[str, Any]]:
+    """One row a node: name, op, output shape, params read, MACs."""
+    rows = []
+    for n in graph:
+        if n.op in ("output",):
+            continue
+        params = sum(graph.params[p.name].numel() for p in n.params() if p.name in graph.params)
+        rows.append({"name": n.name, "op": n.op, "shape": str(n.meta) if n.meta is not None else "",
+                     "params": params, "macs": node_macs(n), "module": n.module_path or ""})
+    return rows

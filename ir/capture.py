@@ -1,0 +1,738 @@
+"""Capture: torch.fx symbolic trace -> shape propagation -> canonical IR.
+
+Each module class, function and tensor method that spells a canonical op has a
+converter that returns `(op, inputs, attrs)`. Converters take the source API's
+own signature, so Python binds the fx node's args and kwargs for us.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import operator
+import os
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ir.errors import CaptureError
+from ir.graph import Graph, Node, Param, meta_of
+
+Conv = tuple[str, tuple, dict]
+_FUNCTIONS: dict[Any, Callable[..., Conv | None]] = {}
+_METHODS: dict[str, Callable[..., Conv | None]] = {}
+_MODULES: dict[type, Callable[..., Conv | None]] = {}
+
+
+def _converts(*targets: Any) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        for t in targets:
+            if isinstance(t, str):
+                _METHODS[t] = fn
+            else:
+                _FUNCTIONS[t] = fn
+        return fn
+    return deco
+
+
+def _converts_module(*classes: type) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        for c in classes:
+            _MODULES[c] = fn
+        return fn
+    return deco
+
+
+def _tuple(v: Any, n: int) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(v)
+    if isinstance(v, str):
+        return v
+    return (v,) * n
+
+
+def _dims(args: Sequence) -> tuple:
+    """`x.view(2, 3)` and `x.view((2, 3))` both give (2, 3)."""
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return tuple(args[0])
+    return tuple(args)
+
+
+# --- functions and methods ------------------------------------------------------------------------
+
+@_converts(F.conv2d, torch.conv2d)
+def _f_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return "conv2d", (input, weight, bias), dict(stride=_tuple(stride, 2), padding=_tuple(padding, 2),
+                                                  dilation=_tuple(dilation, 2), groups=groups)
+
+
+@_converts(F.conv1d, torch.conv1d)
+def _f_conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return "conv1d", (input, weight, bias), dict(stride=_tuple(stride, 1), padding=_tuple(padding, 1),
+                                                  dilation=_tuple(dilation, 1), groups=groups)
+
+
+@_converts(F.linear, torch._C._nn.linear)
+def _f_linear(input, weight, bias=None):
+    return "linear", (input, weight, bias), {}
+
+
+@_converts(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+def _f_matmul(input, other):
+    return "matmul", (input, other), {}
+
+
+@_converts(F.batch_norm)
+def _f_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                  eps=1e-5):
+    return "batch_norm", (input, running_mean, running_var, weight, bias, None), dict(
+        eps=eps, momentum=momentum, training=bool(training))
+
+
+@_converts(F.layer_norm)
+def _f_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return "layer_norm", (input, weight, bias), dict(normalized_shape=tuple(normalized_shape), eps=eps)
+
+
+@_converts(F.group_norm)
+def _f_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    return "group_norm", (input, weight, bias), dict(num_groups=num_groups, eps=eps)
+
+
+@_converts(F.embedding)
+def _f_embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False,
+                 sparse=False):
+    return "embedding", (input, weight), dict(padding_idx=padding_idx, max_norm=max_norm, norm_type=norm_type,
+                                              scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+
+
+def _unary(op: str) -> Callable:
+    def conv(input, inplace=False):
+        return op, (input,), {}
+    return conv
+
+
+for _op, _targets in {
+    "relu": (F.relu, torch.relu, "relu"), "sigmoid": (torch.sigmoid, F.sigmoid, "sigmoid"),
+    "tanh": (torch.tanh, F.tanh, "tanh"), "silu": (F.silu,), "hardswish": (F.hardswish,),
+    "hardsigmoid": (F.hardsigmoid,), "relu6": (F.relu6,),
+    "sqrt": (torch.sqrt, "sqrt"), "rsqrt": (torch.rsqrt, "rsqrt"), "exp": (torch.exp, "exp"),
+    "log": (torch.log, "log"), "abs": (torch.abs, "abs", operator.abs), "erf": (torch.erf, "erf"),
+    "reciprocal": (torch.reciprocal, "reciprocal"), "neg": (torch.neg, operator.neg, "neg"),
+    "contiguous": ("contiguous",),
+}.items():
+    _converts(*_targets)(_unary(_op))
+
+
+@_converts(F.gelu)
+def _f_gelu(input, approximate="none"):
+    return "gelu", (input,), dict(approximate=approximate)
+
+
+@_converts(F.leaky_relu)
+def _f_leaky_relu(input, negative_slope=0.01, inplace=False):
+    return "leaky_relu", (input,), dict(negative_slope=negative_slope)
+
+
+@_converts(F.hardtanh)
+def _f_hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
+    if min_val == 0.0 and max_val == 6.0:
+        return "relu6", (input,), {}
+    return "clamp", (input,), dict(min=min_val, max=max_val)
+
+
+@_converts(torch.clamp, "clamp", torch.clip, "clip")
+def _f_clamp(input, min=None, max=None):  # noqa: A002
+    if isinstance(min, (fx.Node, Node)) or isinstance(max, (fx.Node, Node)):
+        return None
+    return "clamp", (input,), dict(min=min, max=max)
+
+
+@_converts(F.softmax, torch.softmax, "softmax")
+def _f_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    if dtype is not None or dim is None:
+        return None
+    return "softmax", (input,), dict(dim=dim)
+
+
+@_converts(F.log_softmax, torch.log_softmax, "log_softmax")
+def _f_log_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    if dtype is not None or dim is None:
+        return None
+    return "log_softmax", (input,), dict(dim=dim)
+
+
+def _binary(op: str) -> Callable:
+    def conv(input, other, *, alpha=None, out=None, rounding_mode=None):
+        if alpha is not None or out is not None or rounding_mode is not None:
+            return None
+        return op, (input, other), {}
+    return conv
+
+
+for _op, _targets in {
+    "add": (operator.add, torch.add, "add"), "sub": (operator.sub, torch.sub, "sub"),
+    "mul": (operator.mul, torch.mul, "mul"), "div": (operator.truediv, torch.div, "div"),
+    "pow": (operator.pow, torch.pow, "pow"),
+}.items():
+    _converts(*_targets)(_binary(_op))
+
+
+@_converts(F.dropout)
+def _f_dropout(input, p=0.5, training=True, inplace=False):
+    return "dropout", (input,), dict(p=p, training=bool(training))
+
+
+@_converts(F.max_pool2d, torch.max_pool2d)
+def _f_max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    if return_indices:
+        return None
+    return "max_pool2d", (input,), dict(kernel_size=_tuple(kernel_size, 2),
+                                        stride=_tuple(stride if stride else kernel_size, 2),
+                                        padding=_tuple(padding, 2), dilation=_tuple(dilation, 2), ceil_mode=ceil_mode)
+
+
+@_converts(F.max_pool1d, torch.max_pool1d)
+def _f_max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    if return_indices:
+        return None
+    return "max_pool1d", (input,), dict(kernel_size=_tuple(kernel_size, 1),
+                                        stride=_tuple(stride if stride else kernel_size, 1),
+                                        padding=_tuple(padding, 1), dilation=_tuple(dilation, 1), ceil_mode=ceil_mode)
+
+
+@_converts(F.avg_pool2d, torch._C._nn.avg_pool2d)
+def _f_avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                  divisor_override=None):
+    return "avg_pool2d", (input,), dict(kernel_size=_tuple(kernel_size, 2),
+                                        stride=_tuple(stride if stride else kernel_size, 2),
+                                        padding=_tuple(padding, 2), ceil_mode=ceil_mode,
+                                        count_include_pad=count_include_pad, divisor_override=divisor_override)
+
+
+@_converts(F.avg_pool1d, torch.avg_pool1d)
+def _f_avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+    return "avg_pool1d", (input,), dict(kernel_size=_tuple(kernel_size, 1),
+                                        stride=_tuple(stride if stride else kernel_size, 1),
+                                        padding=_tuple(padding, 1), ceil_mode=ceil_mode,
+                                        count_include_pad=count_include_pad)
+
+
+@_converts(F.adaptive_avg_pool2d)
+def _f_adaptive_avg_pool2d(input, output_size):
+    return "adaptive_avg_pool2d", (input,), dict(output_size=_tuple(output_size, 2))
+
+
+@_converts(F.adaptive_avg_pool1d, torch.adaptive_avg_pool1d)
+def _f_adaptive_avg_pool1d(input, output_size):
+    return "adaptive_avg_pool1d", (input,), dict(output_size=_tuple(output_size, 1))
+
+
+@_converts(F.adaptive_max_pool2d)
+def _f_adaptive_max_pool2d(input, output_size, return_indices=False):
+    if return_indices:
+        return None
+    return "adaptive_max_pool2d", (input,), dict(output_size=_tuple(output_size, 2))
+
+
+@_converts("view", "reshape")
+def _m_view(self, *shape):
+    return "reshape", (self,), dict(shape=_dims(shape))
+
+
+@_converts(torch.reshape)
+def _f_reshape(input, shape):
+    return "reshape", (input,), dict(shape=tuple(shape))
+
+
+@_converts(torch.flatten, "flatten")
+def _f_flatten(input, start_dim=0, end_dim=-1):
+    return "flatten", (input,), dict(start_dim=start_dim, end_dim=end_dim)
+
+
+@_converts(torch.permute, "permute")
+def _f_permute(input, *dims):
+    return "permute", (input,), dict(dims=_dims(dims))
+
+
+@_converts(torch.transpose, "transpose")
+def _f_transpose(input, dim0, dim1):
+    return "transpose", (input,), dict(dim0=dim0, dim1=dim1)
+
+
+@_converts("expand")
+def _m_expand(self, *size):
+    return "expand", (self,), dict(size=_dims(size))
+
+
+@_converts(torch.cat, torch.concat, torch.concatenate)
+def _f_cat(tensors, dim=0, axis=None):
+    return "cat", tuple(tensors), dict(dim=dim if axis is None else axis)
+
+
+@_converts(torch.stack)
+def _f_stack(tensors, dim=0):
+    return "stack", tuple(tensors), dict(dim=dim)
+
+
+@_converts(torch.split, "split")
+def _f_split(tensor, split_size_or_sections, dim=0):
+    s = split_size_or_sections
+    return "split", (tensor,), dict(split_size=tuple(s) if isinstance(s, (list, tuple)) else s, dim=dim)
+
+
+@_converts(torch.chunk, "chunk")
+def _f_chunk(input, chunks, dim=0):
+    return "chunk", (input,), dict(chunks=chunks, dim=dim)
+
+
+@_converts(torch.unsqueeze, "unsqueeze")
+def _f_unsqueeze(input, dim):
+    return "unsqueeze", (input,), dict(dim=dim)
+
+
+@_converts(torch.squeeze, "squeeze")
+def _f_squeeze(input, dim=None):
+    return "squeeze", (input,), dict(dim=dim)
+
+
+@_converts(torch.mean, "mean")
+def _f_mean(input, dim=None, keepdim=False, *, dtype=None):
+    if dtype is not None:
+        return None
+    return "mean", (input,), dict(dim=_tuple(dim, 1) if dim is not None else None, keepdim=keepdim)
+
+
+@_converts(torch.sum, "sum")
+def _f_sum(input, dim=None, keepdim=False, *, dtype=None):
+    if dtype is not None:
+        return None
+    return "sum", (input,), dict(dim=_tuple(dim, 1) if dim is not None else None, keepdim=keepdim)
+
+
+@_converts("size")
+def _m_size(self, dim=None):
+    return "size", (self,), dict(dim=dim)
+
+
+@_converts(F.scaled_dot_product_attention)
+def _f_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if enable_gqa:
+        return None
+    return "scaled_dot_product_attention", (query, key, value, attn_mask), dict(
+        dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+
+@_converts(F.interpolate)
+def _f_interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                   recompute_scale_factor=None, antialias=False):
+    return "interpolate", (input,), dict(size=size, scale_factor=scale_factor, mode=mode,
+                                         align_corners=align_corners, recompute_scale_factor=recompute_scale_factor,
+                                         antialias=antialias)
+
+
+@_converts("to", "type")
+def _m_to(self, *args, **kwargs):
+    dtypes = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.dtype)]
+    others = [a for a in args if not isinstance(a, torch.dtype)]
+    if len(dtypes) != 1 or others or set(kwargs) - {"dtype"}:
+        return None
+    return "cast", (self,), dict(dtype=dtypes[0])
+
+
+for _meth, _dtype in {"float": torch.float32, "half": torch.float16, "double": torch.float64,
+                      "long": torch.int64, "int": torch.int32, "bool": torch.bool}.items():
+    _converts(_meth)(lambda self, _d=_dtype: ("cast", (self,), dict(dtype=_d)))
+
+
+# --- modules -----------------------------------------------------------------------------------------
+
+def _p(path: str, name: str, module: nn.Module) -> Param | None:
+    return Param(f"{path}.{name}") if getattr(module, name, None) is not None else None
+
+
+@_converts_module(nn.Conv2d, nn.Conv1d)
+def _mod_conv(m: nn.Module, path: str, x):
+    if m.padding_mode != "zeros":
+        return None
+    op = "conv2d" if isinstance(m, nn.Conv2d) else "conv1d"
+    return op, (x, _p(path, "weight", m), _p(path, "bias", m)), dict(
+        stride=tuple(m.stride), padding=m.padding if isinstance(m.padding, str) else tuple(m.padding),
+        dilation=tuple(m.dilation), groups=m.groups)
+
+
+@_converts_module(nn.Linear)
+def _mod_linear(m: nn.Linear, path: str, x):
+    return "linear", (x, _p(path, "weight", m), _p(path, "bias", m)), {}
+
+
+@_converts_module(nn.BatchNorm1d, nn.BatchNorm2d)
+def _mod_bn(m: nn.modules.batchnorm._BatchNorm, path: str, x):
+    tracked = m.track_running_stats and m.running_mean is not None
+    return "batch_norm", (x, _p(path, "running_mean", m), _p(path, "running_var", m), _p(path, "weight", m),
+                          _p(path, "bias", m), _p(path, "num_batches_tracked", m) if tracked else None), dict(
+        eps=m.eps, momentum=m.momentum, training=None if tracked else True)
+
+
+@_converts_module(nn.LayerNorm)
+def _mod_ln(m: nn.LayerNorm, path: str, x):
+    return "layer_norm", (x, _p(path, "weight", m), _p(path, "bias", m)), dict(
+        normalized_shape=tuple(m.normalized_shape), eps=m.eps)
+
+
+@_converts_module(nn.GroupNorm)
+def _mod_gn(m: nn.GroupNorm, path: str, x):
+    return "group_norm", (x, _p(path, "weight", m), _p(path, "bias", m)), dict(num_groups=m.num_groups, eps=m.eps)
+
+
+@_converts_module(nn.Embedding)
+def _mod_embedding(m: nn.Embedding, path: str, x):
+    return "embedding", (x, Param(f"{path}.weight")), dict(
+        padding_idx=m.padding_idx, max_norm=m.max_norm, norm_type=m.norm_type,
+        scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse)
+
+
+_SIMPLE_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
+                   nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.Identity: "identity"}
+
+
+@_converts_module(*_SIMPLE_MODULES)
+def _mod_simple(m: nn.Module, path: str, x, *args, **kwargs):
+    return _SIMPLE_MODULES[type(m)], (x,), {}
+
+
+@_converts_module(nn.GELU)
+def _mod_gelu(m: nn.GELU, path: str, x):
+    return "gelu", (x,), dict(approximate=m.approximate)
+
+
+@_converts_module(nn.LeakyReLU)
+def _mod_leaky(m: nn.LeakyReLU, path: str, x):
+    return "leaky_relu", (x,), dict(negative_slope=m.negative_slope)
+
+
+@_converts_module(nn.Hardtanh)
+def _mod_hardtanh(m: nn.Hardtanh, path: str, x):
+    return _f_hardtanh(x, m.min_val, m.max_val)
+
+
+@_converts_module(nn.Softmax, nn.LogSoftmax)
+def _mod_softmax(m: nn.Module, path: str, x):
+    if m.dim is None:
+        return None
+    return ("softmax" if isinstance(m, nn.Softmax) else "log_softmax"), (x,), dict(dim=m.dim)
+
+
+@_converts_module(nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+def _mod_dropout(m: nn.Module, path: str, x):
+    if type(m) is not nn.Dropout:
+        return None
+    return "dropout", (x,), dict(p=m.p, training=None)
+
+
+@_converts_module(nn.MaxPool2d, nn.MaxPool1d)
+def _mod_maxpool(m: nn.Module, path: str, x):
+    fn = _f_max_pool2d if isinstance(m, nn.MaxPool2d) else _f_max_pool1d
+    return fn(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
+
+
+@_converts_module(nn.AvgPool2d)
+def _mod_avgpool2d(m: nn.AvgPool2d, path: str, x):
+    return _f_avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                         m.divisor_override)
+
+
+@_converts_module(nn.AvgPool1d)
+def _mod_avgpool1d(m: nn.AvgPool1d, path: str, x):
+    return _f_avg_pool1d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad)
+
+
+@_converts_module(nn.AdaptiveAvgPool2d)
+def _mod_aap2d(m: nn.AdaptiveAvgPool2d, path: str, x):
+    return _f_adaptive_avg_pool2d(x, m.output_size)
+
+
+@_converts_module(nn.AdaptiveAvgPool1d)
+def _mod_aap1d(m: nn.AdaptiveAvgPool1d, path: str, x):
+    return _f_adaptive_avg_pool1d(x, m.output_size)
+
+
+@_converts_module(nn.AdaptiveMaxPool2d)
+def _mod_amp2d(m: nn.AdaptiveMaxPool2d, path: str, x):
+    return _f_adaptive_max_pool2d(x, m.output_size, m.return_indices)
+
+
+@_converts_module(nn.Flatten)
+def _mod_flatten(m: nn.Flatten, path: str, x):
+    return "flatten", (x,), dict(start_dim=m.start_dim, end_dim=m.end_dim)
+
+
+@_converts_module(nn.Upsample)
+def _mod_upsample(m: nn.Upsample, path: str, x):
+    return _f_interpolate(x, m.size, m.scale_factor, m.mode, m.align_corners, m.recompute_scale_factor)
+
+
+# --- the tracer -----------------------------------------------------------------------------------------
+
+class _Tracer(fx.Tracer):
+    """fx tracer that records the module path and user source line of every node."""
+
+    def __init__(self, leaf_modules: Sequence[Any]):
+        super().__init__()
+        self.record_stack_traces = True
+        self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
+        self._leaf_ids = {id(t) for t in leaf_modules if isinstance(t, nn.Module)}
+        self._path_stack: list[tuple[str, nn.Module]] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if (isinstance(m, self._leaf_types) if self._leaf_types else False) or qualname in self._leaf_names \
+                or id(m) in self._leaf_ids:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)
+        self._path_stack.append((path, m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self._path_stack.pop()
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if self._path_stack:
+            node.meta["slimfx_module_path"] = self._path_stack[-1][0]
+        return node
+
+
+def _user_frame(tb_frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    user = [f for f in tb_frames if not f.filename.startswith(torch_dir) and not f.filename.startswith(here)]
+    return user[-1] if user else None
+
+
+def _format_frame(f: traceback.FrameSummary | None) -> str:
+    if f is None:
+        return "unknown location"
+    line = (f.line or linecache.getline(f.filename, f.lineno or 0)).strip()
+    return f"{f.filename}:{f.lineno} (`{line}`)"
+
+
+def _source_of(fx_node: fx.Node) -> str | None:
+    stack = fx_node.meta.get("stack_trace")
+    if not stack:
+        return None
+    lines = [ln.strip() for ln in stack.strip().splitlines()]
+    files = [ln for ln in lines if ln.startswith("File ")]
+    if not files:
+        return None
+    # 'File "/path/model.py", line 12, in forward' -> 'model.py:12'
+    last = files[-1]
+    try:
+        fname = last.split('"')[1]
+        lineno = last.split("line ")[1].split(",")[0]
+        return f"{os.path.basename(fname)}:{lineno}"
+    except IndexError:
+        return None
+
+
+def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | None) -> fx.GraphModule:
+    tracer = _Tracer(leaf_modules)
+    try:
+        fx_graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:  # noqa: BLE001 - any tracing failure is reported as a CaptureError
+        frames = traceback.extract_tb(e.__traceback__)
+        frame = _user_frame(frames)
+        where = tracer._path_stack[-1] if tracer._path_stack else ("", model)
+        path, mod = where
+        mod_desc = f"{type(mod).__name__}" + (f" at '{path}'" if path else " (the top-level model)")
+        raise CaptureError(
+            f"torch.fx cannot trace {mod_desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            f"  at {_format_frame(frame)}\n"
+            "  Symbolic tracing cannot follow Python control flow or indexing that depends on tensor values. "
+            f"Either keep that module opaque with capture(..., leaf_modules=[{type(mod).__name__}]) "
+            "(it still runs, but passes cannot look inside it), or fix the argument that drives the branch "
+            "with capture(..., concrete_args={'name': value})."
+        ) from e
+    return fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
+
+
+def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict[fx.Node, Any]:
+    """Run the traced module on the example inputs, recording every node's value."""
+    values: dict[fx.Node, Any] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n):
+            try:
+                out = super().run_node(n)
+            except Exception as e:  # noqa: BLE001
+                given = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
+                where = n.meta.get("slimfx_module_path") or (n.target if n.op == "call_module" else "")
+                src = _source_of(n)
+                raise CaptureError(
+                    f"the example inputs do not fit {type(model).__name__}: node '{n.name}' "
+                    f"({n.op} {getattr(n.target, '__name__', n.target)}"
+                    f"{', module ' + repr(where) if where else ''}{', ' + src if src else ''}) failed: "
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+                    f"  Inputs given: ({given}). Pass example inputs of the shape and dtype the model's "
+                    f"forward expects."
+                ) from e
+            values[n] = out
+            return out
+
+    with torch.no_grad():
+        _Recorder(gm).run(*inputs)
+    return values
+
+
+def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] = (),
+            concrete_args: dict[str, Any] | None = None) -> Graph:
+    """Trace `model` with torch.fx, propagate shapes on `example_inputs`, and build the canonical IR.
+
+    `leaf_modules` (classes, instances or qualified names) are kept as opaque nodes
+    instead of traced through; `concrete_args` fixes forward arguments for tracing.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    sig_params = [p for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in (concrete_args or {})]
+    required = [p for p in sig_params if p.default is p.empty]
+    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
+    if not has_varargs and not (len(required) <= len(inputs) <= len(sig_params)):
+        names = ", ".join(p.name for p in sig_params)
+        raise CaptureError(
+            f"{type(model).__name__}.forward({names}) takes {len(required)}"
+            f"{'' if len(required) == len(sig_params) else f' to {len(sig_params)}'} inputs, "
+            f"but {len(inputs)} example input(s) were given. Pass one example tensor per forward argument.")
+
+    gm = _trace(model, leaf_modules, concrete_args)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    run_inputs = list(inputs)
+    for ph in placeholders[len(inputs):]:  # forward args with defaults that were not given
+        run_inputs.append(ph.args[0] if ph.args else None)
+    values = _run_shape_prop(gm, tuple(run_inputs), model)
+    return _convert(gm, model, values, n_inputs=len(inputs))
+
+
+def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n_inputs: int) -> Graph:
+    graph = Graph()
+    graph.name = type(model).__name__
+    graph.training = model.training
+    env: dict[fx.Node, Any] = {}
+    named_params = dict(model.named_parameters(remove_duplicate=False))
+    named_buffers = dict(model.named_buffers(remove_duplicate=False))
+    modules = dict(model.named_modules(remove_duplicate=False))
+
+    def add_state(name: str) -> Param:
+        if name not in graph.params:
+            if name in named_params:
+                graph.add_param(name, named_params[name].detach(), unique=False)
+            elif name in named_buffers:
+                graph.add_param(name, named_buffers[name].detach(), buffer=True, unique=False)
+            else:
+                obj = gm
+                for part in name.split("."):
+                    obj = getattr(obj, part)
+                if not isinstance(obj, torch.Tensor):
+                    raise CaptureError(f"attribute '{name}' read by the model is a {type(obj).__name__}, "
+                                       "not a tensor; slimfx can only hold tensors in the params table")
+                graph.add_param(name, obj.detach(), buffer=not isinstance(obj, nn.Parameter), unique=False)
+        return Param(name)
+
+    def lookup(a: Any) -> Any:
+        return env[a] if isinstance(a, fx.Node) else a
+
+    placeholders_seen = 0
+    for n in gm.graph.nodes:
+        meta = meta_of(values.get(n))
+        src = _source_of(n)
+        mpath = n.meta.get("slimfx_module_path")
+        if n.op == "placeholder":
+            placeholders_seen += 1
+            if placeholders_seen > n_inputs:
+                # A defaulted forward argument that was not given: bake in its default value.
+                env[n] = n.args[0] if n.args else None
+                continue
+            env[n] = graph.create_node("input", (), {}, name=n.name, meta=meta)
+            continue
+        if n.op == "output":
+            graph.set_outputs(fx.node.map_aggregate(n.args[0], lookup))
+            continue
+        if n.op == "get_attr":
+            env[n] = add_state(n.target)
+            continue
+        args = fx.node.map_aggregate(n.args, lookup)
+        kwargs = fx.node.map_aggregate(n.kwargs, lookup)
+        converted = None
+        if n.op == "call_module":
+            mod = modules[n.target]
+            conv = _MODULES.get(type(mod))
+            if conv is not None:
+                try:
+                    converted = conv(mod, n.target, *args, **kwargs)
+                except TypeError:
+                    converted = None
+                if converted is not None:
+                    for r in converted[1]:
+                        if isinstance(r, Param):
+                            add_state(r.name)
+            mpath = n.target
+        elif n.op == "call_function" and n.target is operator.getitem:
+            converted = _convert_getitem(args[0], args[1])
+        elif n.op == "call_function" and n.target is getattr and args[1] == "shape":
+            converted = ("shape", (args[0],), {})
+        else:
+            table = _FUNCTIONS if n.op == "call_function" else _METHODS
+            conv = table.get(n.target)
+            if conv is not None:
+                try:
+                    converted = conv(*args, **kwargs)
+                except TypeError:
+                    converted = None
+        if converted is None:
+            attrs = {"kind": n.op, "target": n.target, "kwargs": kwargs}
+            if n.op == "call_module":
+                attrs["module"] = modules[n.target]
+            op, ins = "opaque", args
+        else:
+            op, ins, attrs = converted
+        env[n] = graph.create_node(op, ins, attrs, name=n.name, meta=meta, source=src, module_path=mpath)
+    return graph
+
+
+def _convert_getitem(obj: Any, index: Any) -> Conv | None:
+    if isinstance(obj, Node) and obj.op in ("split", "chunk") and isinstance(index, int):
+        return "getitem", (obj,), dict(index=index)
+    if isinstance(obj, Node) and isinstance(obj.meta, tuple) and isinstance(index, int):
+        return "getitem", (obj,), dict(index=index)
+    if isinstance(obj, Node) and obj.op in ("size", "shape"):
+        return "getitem", (obj,), dict(index=index)
+    if isinstance(obj, Node):
+        idx = index if isinstance(index, tuple) else (index,)
+        if all(isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in idx):
+            if any(isinstance(r, Node) for r in _slice_refs(idx)):
+                return None
+            return "slice", (obj,), dict(index=index)
+    return None
+
+
+def _slice_refs(idx: tuple):
+    for i in idx:
+        if isinstance(i, slice):
+            yield from (i.start, i.stop, i.step)
+
+
+def module_converters() -> dict[type, Callable]:
+    """Module classes that capture turns into canonical ops (for docs and tests)."""
+    return dict(_MODULES)
+
+
+__all__ = ["capture", "module_converters"]

@@ -1,0 +1,102 @@
+"""verify(graph): the IR's invariants. Passes run it after every change (PassManager)."""
+
+from __future__ import annotations
+
+import torch
+
+from ir.errors import SlimfxError
+from ir.graph import Graph, Node, Param, TensorMeta, iter_refs
+from ir.ops import OPS, STRUCTURAL_OPS, get_op
+
+
+class VerifyError(SlimfxError):
+    """The graph breaks an IR invariant; the message names the node."""
+
+
+def verify(graph: Graph, *, check_shapes: bool = True) -> None:
+    """Check: defined-before-use, params present, known ops, users consistent, one output last,
+    every tensor node has a meta, and (when `check_shapes`) metas agree with what the op computes
+    on meta tensors of the input shapes."""
+    seen: set[Node] = set()
+    names: set[str] = set()
+    nodes = graph.nodes
+    if not nodes or nodes[-1].op != "output":
+        raise VerifyError("graph has no output node at its end")
+    for n in nodes:
+        if n.name in names:
+            raise VerifyError(f"node name %{n.name} appears twice")
+        names.add(n.name)
+        if n.graph is not graph:
+            raise VerifyError(f"%{n.name} does not belong to this graph")
+        if n.op not in OPS and n.op not in STRUCTURAL_OPS:
+            raise VerifyError(f"%{n.name} has unknown op {n.op!r}")
+        if n.op == "output" and n is not nodes[-1]:
+            raise VerifyError(f"output node %{n.name} is not the last node")
+        for r in iter_refs((n.inputs, n.attrs)):
+            if isinstance(r, Node):
+                if r not in seen:
+                    raise VerifyError(f"%{n.name} ({n.op}) uses %{r.name} before it is defined"
+                                      f"{'' if r.graph is graph else ' (the node is not in the graph)'}")
+                if n not in r.users:
+                    raise VerifyError(f"%{r.name}.users is missing %{n.name} (inputs mutated in place?)")
+            elif isinstance(r, Param) and r.name not in graph.params:
+                raise VerifyError(f"%{n.name} ({n.op}) reads param @{r.name}, which is not in the params table")
+        for u in n.users:
+            if u.graph is not graph or n not in u.input_nodes():
+                raise VerifyError(f"%{n.name}.users lists %{u.name}, which does not read it")
+        if n.op not in ("output",) and n.meta is None and n.op not in ("size", "shape", "opaque", "getitem"):
+            raise VerifyError(f"%{n.name} ({n.op}) has no TensorMeta; run ir.propagate_shapes or set node.meta")
+        seen.add(n)
+    if check_shapes:
+        _check_shapes(graph)
+
+
+def _fake(v, graph: Graph):
+    if isinstance(v, Node):
+        m = v.meta
+        if isinstance(m, TensorMeta):
+            return torch.empty(m.shape, dtype=m.dtype, device="meta")
+        if isinstance(m, tuple) and all(isinstance(x, TensorMeta) for x in m):
+            return tuple(torch.empty(x.shape, dtype=x.dtype, device="meta") for x in m)
+        raise _Skip
+    if isinstance(v, Param):
+        t = graph.params[v.name]
+        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+    if isinstance(v, tuple):
+        return tuple(_fake(x, graph) for x in v)
+    if isinstance(v, list):
+        return [_fake(x, graph) for x in v]
+    if isinstance(v, dict):
+        return {k: _fake(x, graph) for k, x in v.items()}
+    return v
+
+
+class _Skip(Exception):
+    pass
+
+
+def _check_shapes(graph: Graph) -> None:
+    for n in graph:
+        if n.op in STRUCTURAL_OPS or n.op in ("size", "shape", "getitem") or n.meta is None:
+            continue
+        op = get_op(n.op)
+        try:
+            args = _fake(n.inputs, graph)
+            kwargs = _fake(n.attrs, graph)
+            if op.training_flag and kwargs.get("training") is None:
+                kwargs["training"] = False
+            if n.op == "batch_norm":
+                args = args[:5]
+            out = op.impl(*args, **kwargs)
+        except _Skip:
+            continue
+        except Exception as e:  # noqa: BLE001 - an op that fails on its recorded input shapes is broken
+            if "meta" in str(e) and ("not implemented" in str(e).lower() or "NotImplemented" in type(e).__name__):
+                continue
+            raise VerifyError(f"%{n.name} ({n.op}, {n.where()}) fails on its input shapes: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        got = out if not isinstance(out, torch.Tensor) else TensorMeta(tuple(out.shape), out.dtype)
+        if isinstance(out, (tuple, list)):
+            got = tuple(TensorMeta(tuple(o.shape), o.dtype) for o in out if isinstance(o, torch.Tensor))
+        if isinstance(got, (TensorMeta, tuple)) and got != n.meta:
+            raise VerifyError(f"%{n.name} ({n.op}) records {n.meta} but computes {got} from its inputs")

@@ -1,0 +1,264 @@
+"""The Pass API: a registered name, typed options (dataclass fields) and run(graph, ctx).
+
+    @register_pass("fold-batchnorm")
+    @dataclass
+    class FoldBatchNorm(Pass):
+        '''Folds an eval-mode batch_norm into the conv2d or linear that feeds it.'''
+        def run(self, graph, ctx) -> PassResult:
+            ...
+            return PassResult(changed=True, stats={"folded": n})
+
+Options are the dataclass's fields; `Pass.create(name, options)` builds a pass
+from a dict (recipes) and `parse_pass_spec("prune-channels{sparsity=0.5}")`
+from text. Unknown names and options, and values of the wrong type, raise
+PassError naming them and listing what is accepted.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import logging
+import random
+import types
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ir import Graph
+from ir.errors import PassError
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+@dataclass
+class PassResult:
+    """What a pass did: whether it changed the graph, and numbers worth reporting."""
+
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What passes may use besides the graph.
+
+    example_inputs: inputs the graph was captured with (a tuple of tensors).
+    calibration_data: iterable of input tuples (quantization, block-wise distillation).
+    train_data: iterable of (inputs_tuple, target) batches for fine-tuning and distillation.
+    eval_fn: callable(module) -> float accuracy in [0, 1], when the user gave one.
+    teacher: the original model (or graph), for distillation-based recovery.
+    """
+
+    example_inputs: tuple = ()
+    calibration_data: Iterable | None = None
+    train_data: Iterable | None = None
+    eval_fn: Callable[[torch.nn.Module], float] | None = None
+    teacher: Any = None
+    seed: int = 0
+    quiet: bool = False
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("slimfx"))
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.example_inputs, tuple):
+            self.example_inputs = (self.example_inputs,) if isinstance(self.example_inputs, torch.Tensor) \
+                else tuple(self.example_inputs)
+        self.rng = random.Random(self.seed)
+        self.torch_rng = torch.Generator().manual_seed(self.seed)
+
+    def calibration_batches(self) -> list[tuple]:
+        """Calibration inputs as a list of tuples; the example inputs when none were given."""
+        data = self.calibration_data if self.calibration_data is not None else [self.example_inputs]
+        return [b if isinstance(b, tuple) else (tuple(b) if isinstance(b, list) else (b,)) for b in data]
+
+
+class Pass:
+    """Base class of all passes. Subclasses are dataclasses whose fields are the options."""
+
+    name: ClassVar[str] = ""
+    #: analyses report but never change the graph; the PassManager checks that they do not.
+    is_analysis: ClassVar[bool] = False
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Check option values beyond their types; raise PassError naming the option."""
+
+    # -- construction from dicts and text -------------------------------------------------
+    @classmethod
+    def options(cls) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
+
+    @classmethod
+    def describe(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @classmethod
+    def create(cls, options: dict[str, Any] | None = None) -> Pass:
+        options = dict(options or {})
+        fields = {f.name: f for f in cls.options()}
+        unknown = [k for k in options if k not in fields]
+        if unknown:
+            raise PassError(f"pass '{cls.name}' has no option {unknown[0]!r}; "
+                            f"accepted options: {', '.join(fields) or '(none)'}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in options.items():
+            kwargs[key] = _coerce(cls.name, key, value, hints.get(key, Any))
+        try:
+            p = cls(**kwargs)
+        except TypeError as e:
+            raise PassError(f"pass '{cls.name}': {e}") from e
+        p.validate()
+        return p
+
+    def option_values(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in self.options()}
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.option_values().items())
+        return f"{self.name}{{{opts}}}" if opts else self.name
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(pass_name: str, key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert) an option value against its annotation."""
+    def fail() -> PassError:
+        return PassError(f"pass '{pass_name}': option {key!r} must be {_type_name(tp)}, "
+                         f"got {value!r} ({type(value).__name__})")
+
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(pass_name, key, value, a)
+            except PassError:
+                continue
+        raise fail()
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise PassError(f"pass '{pass_name}': option {key!r} must be one of "
+                        f"{', '.join(repr(a) for a in args)}; got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        inner = args[0] if args else Any
+        items = [_coerce(pass_name, key, v, inner) for v in value]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(pass_name, key, k, kt): _coerce(pass_name, key, v, vt) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise fail()
+    return value
+
+
+def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
+    """Class decorator: register a Pass subclass under `name` (makes it a dataclass if it is not)."""
+    def deco(cls: type[Pass]) -> type[Pass]:
+        if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+            cls = dataclass(cls)
+        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
+            raise PassError(f"a pass named '{name}' is already registered ({_REGISTRY[name].__qualname__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    """Every registered pass by name (built-in passes are imported by `passes`)."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str) -> type[Pass]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise PassError(f"unknown pass {name!r}; registered passes: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def create_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
+    """Build a registered pass from its name and an options dict."""
+    return get_pass(name).create(options)
+
+
+def parse_pass_spec(spec: str) -> Pass:
+    """Build a pass from text: `name` or `name{key=value, key=value}`.
+
+    Values are Python literals (numbers, strings, lists, True/False); bare words
+    are strings, so `criterion=l2` works.
+    """
+    spec = spec.strip()
+    if "{" not in spec:
+        return create_pass(spec)
+    if not spec.endswith("}"):
+        raise PassError(f"pass spec {spec!r}: options must be enclosed in {{...}}, e.g. 'dce' or "
+                        "'prune-channels{sparsity=0.5, criterion=l2}'")
+    name, body = spec[:-1].split("{", 1)
+    options: dict[str, Any] = {}
+    for part in _split_top_level(body):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise PassError(f"pass spec {spec!r}: option {part.strip()!r} needs a value (key=value)")
+        key, raw = part.split("=", 1)
+        raw = raw.strip()
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        options[key.strip()] = value
+    return create_pass(name.strip(), options)
+
+
+def _split_top_level(body: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in body:
+        if ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts

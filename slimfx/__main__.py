@@ -1,0 +1,5 @@
+import sys
+
+from slimfx.cli import main
+
+sys.exit(main())

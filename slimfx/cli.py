@@ -1,0 +1,63 @@
+"""The `slimfx` command line. Each subcommand lives in slimfx/commands/<name>.py with
+`add_parser(subparsers)` and `run(args) -> int`.
+
+Exit codes: 0 success, 2 user error (one paragraph, no traceback unless --debug), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import traceback
+
+from ir.errors import SlimfxError
+
+
+def _command_modules():
+    import slimfx.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            yield importlib.import_module(f"slimfx.commands.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimfx", description="Compile PyTorch models small and fast: "
+                                     "prune, distil, quantize, and export validated ONNX/TorchScript.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _command_modules():
+        p = mod.add_parser(sub)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args._run(args) or 0)
+    except SlimfxError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"slimfx: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slimfx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - anything else is our bug
+        traceback.print_exc()
+        print(f"slimfx: internal error: {type(e).__name__}: {e}\n"
+              "This is a bug in slimfx; please report it with the traceback above.", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
