@@ -6,6 +6,7 @@ usual prologue and epilogue of every other recipe.
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any
 
 import torch
@@ -65,8 +66,10 @@ def _is_noop(node: Node, graph: Graph) -> Any:
 
 @register_pass("remove-identity")
 class RemoveIdentity(Pass):
-    """Removes no-ops: identity, eval-mode dropout, same-shape reshape/flatten/expand/contiguous,
-    same-dtype cast, x*1, x/1, x+0, x-0."""
+    """Removes no-ops: identity, eval dropout, same-shape reshape/flatten/expand/contiguous, x*1, x+0, x/1.
+
+    Also same-dtype casts and x-0. A dropout is a no-op when its `training` attr is False, or None
+    (follow the module's mode) in a graph captured in eval mode."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         removed: dict[str, int] = {}
@@ -85,9 +88,9 @@ class RemoveIdentity(Pass):
 class FoldConstants(Pass):
     """Computes subgraphs that depend only on params and constants once, storing results as params."""
 
-    #: a folded tensor bigger than every param it is computed from is only kept up to this many
-    #: elements, so folding (e.g. an `expand` of a bias) never bloats the model.
-    max_growth_numel: int = 65536
+    max_growth_numel: int = field(default=65536, metadata={"help": (
+        "a folded tensor bigger than every param it is computed from is only stored up to this many "
+        "elements, so folding (e.g. an `expand` of a bias) never bloats the model")})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         const: dict[Node, tuple[int, bool]] = {}  # node -> (largest param numel in its cone, reads trainable)
