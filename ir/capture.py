@@ -746,6 +746,27 @@ def _slice_refs(idx: tuple):
             yield from (i.start, i.stop, i.step)
 
 
+def trace_function(fn: Callable) -> tuple[Graph, dict[str, fx.Node]]:
+    """Trace a plain function of torch ops into canonical IR without running it: every argument
+    becomes an `input` node and metas are None. Also returns the fx node each IR node came from (by
+    name), so callers can see how each call was spelled. The pattern rewriter's front end."""
+    gm = _trace(fn, (), None)  # type: ignore[arg-type] - fx traces plain functions too
+    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    graph = _convert(gm, gm, {}, n_inputs=n_inputs)
+    graph.name = getattr(fn, "__name__", "function")
+    graph.training = False
+    return graph, {n.name: n for n in gm.graph.nodes}
+
+
+def converter_for(fx_node: fx.Node) -> Callable[..., Conv | None] | None:
+    """The converter capture uses for a call_function / call_method fx node (None: kept opaque)."""
+    if fx_node.op == "call_function":
+        return _FUNCTIONS.get(fx_node.target)
+    if fx_node.op == "call_method":
+        return _METHODS.get(fx_node.target)
+    return None
+
+
 def module_converters() -> dict[type, Callable]:
     """Module classes that capture turns into canonical ops (for docs and tests)."""
     return dict(_MODULES)
