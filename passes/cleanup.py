@@ -29,6 +29,8 @@ from passes.graph_utils import (
 class DeadCodeElimination(Pass):
     """Removes nodes whose values nothing reads (keeping side effects) and params no node reads."""
 
+    preserves_outputs = True
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         removed = erase_dead(graph, graph.nodes)
         dropped = graph.remove_unused_params()
@@ -71,6 +73,8 @@ class RemoveIdentity(Pass):
     Also same-dtype casts and x-0. A dropout is a no-op when its `training` attr is False, or None
     (follow the module's mode) in a graph captured in eval mode."""
 
+    preserves_outputs = True
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         removed: dict[str, int] = {}
         for node in graph.nodes:
@@ -87,6 +91,8 @@ class RemoveIdentity(Pass):
 @register_pass("fold-constants")
 class FoldConstants(Pass):
     """Computes subgraphs that depend only on params and constants once, storing results as params."""
+
+    preserves_outputs = True
 
     max_growth_numel: int = field(default=65536, metadata={"help": (
         "a folded tensor bigger than every param it is computed from is only stored up to this many "
@@ -201,6 +207,8 @@ def _key(v: Any) -> Any:
 @register_pass("cse")
 class CommonSubexpressionElimination(Pass):
     """Merges nodes that compute the same op on the same operands and attrs (add/mul in either order)."""
+
+    preserves_outputs = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         seen: dict[Any, Node] = {}

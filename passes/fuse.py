@@ -65,6 +65,8 @@ def fold_batchnorm_weights(weight: torch.Tensor, bias: torch.Tensor | None, mean
 class FoldBatchNorm(Pass):
     """Folds eval-mode batch_norm into the conv1d/conv2d/linear that feeds it (incl. bias-less convs)."""
 
+    preserves_outputs = True
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         bns = graph.find("batch_norm")
         if not bns:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ir.errors import PassError, RecipeError
-from passes import Pass, PassManager, create_pass
+from passes import Pass, PassContext, PassManager, create_pass
 
 TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate")
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -42,7 +42,7 @@ class Recipe:
     validate: dict[str, Any] = field(default_factory=dict)
     source: Path | None = None
 
-    def create_passes(self) -> list[Pass]:
+    def build_passes(self) -> list[Pass]:
         """The pass objects, options checked (RecipeError naming `passes[i]` on a mistake)."""
         out = []
         for i, (name, options) in enumerate(self.passes):
@@ -54,7 +54,15 @@ class Recipe:
 
     def build_pipeline(self, **manager_options: Any) -> PassManager:
         """A PassManager running this recipe's passes (options: those of PassManager)."""
-        return PassManager(self.create_passes(), **manager_options)
+        return PassManager(self.build_passes(), **manager_options)
+
+    def check_context(self, passes: list[Pass], ctx: PassContext) -> None:
+        """Before any work: RecipeError naming the first pass whose needs `ctx` does not meet
+        (e.g. distillation without training data)."""
+        for i, p in enumerate(passes):
+            missing = p.check_context(ctx)
+            if missing:
+                raise RecipeError(f"{self._where()}: passes[{i}] (name = {p.name!r}) cannot run: {missing}")
 
     def _where(self) -> str:
         return f"recipe {str(self.source) if self.source else repr(self.name)}"
@@ -104,7 +112,7 @@ class Recipe:
                 raise RecipeError(f"{where}: validate.{k} must be a number (a threshold), got {v!r}")
         recipe = cls(name=str(data.get("name", name)), description=description, passes=steps,
                      export=dict(export), validate=dict(validate), source=source)
-        recipe.create_passes()  # check every pass and option now, before any work starts
+        recipe.build_passes()  # check every pass and option now, before any work starts
         return recipe
 
 
