@@ -133,6 +133,16 @@ def _computed_meta(n: Node, graph: Graph) -> tuple:
     return ("ok", got)
 
 
+def infer_meta(node: Node) -> Any:
+    """The output meta of `node` computed from its operands' metas on meta tensors (no arithmetic);
+    None when it cannot be inferred (operands without metas, ops without meta kernels). For passes
+    that create nodes: `node.meta = infer_meta(node)`."""
+    if node.graph is None or node.op in STRUCTURAL_OPS:
+        return None
+    res = _computed_meta(node, node.graph)
+    return res[1] if res[0] == "ok" else None
+
+
 def _check_shapes(graph: Graph) -> None:
     for n in graph:
         if n.op in STRUCTURAL_OPS or n.op in ("size", "shape", "getitem") or n.meta is None:

@@ -18,9 +18,10 @@ as the graph (`F.linear`, `nn.Linear` and `torch._C._nn.linear` all become
   used twice must bind the same value both times.
 - Op nodes match graph nodes of the same op whose operands match recursively;
   `add` and `mul` (ir.ops.COMMUTATIVE_OPS) match either operand order.
-- Attributes the pattern spells out (`F.max_pool2d(x, kernel_size=3)`) must be
-  equal; attributes left at their defaults match any value (unless
-  `exact_attrs=True`). An attribute given by a pattern argument binds it.
+- Attributes the pattern sets to a non-default value (`F.max_pool2d(x,
+  kernel_size=3)`, `F.conv2d(x, w, b, stride=2)`) must be equal; attributes
+  left at their default values match any value (`F.conv2d(x, w, b)` matches
+  every stride and padding), unless `exact_attrs=True`.
 - Every value computed inside a match, except the pattern's output, must be used
   only inside the match: rewriting it away would change other users.
 
@@ -43,6 +44,7 @@ from ir.capture import converter_for, trace_function
 from ir.errors import CaptureError, PassError
 from ir.ops import COMMUTATIVE_OPS
 from ir.printer import format_value
+from ir.verify import infer_meta
 from passes.base import Pass, PassContext, PassResult
 
 
@@ -86,26 +88,32 @@ def _eq(a: Any, b: Any) -> bool:
 
 
 def _default_attr_keys(fx_node: fx.Node, node: Node, graph: Graph) -> set[str]:
-    """Attrs of `node` that only come from arguments the pattern did not spell out."""
+    """Attrs of `node` that only come from converter arguments left at their default values.
+
+    Each such argument is replaced by a stand-in (or, for a bool, flipped) and the converter re-run:
+    the attrs that change are the ones it drives. (fx spells out every argument of some calls, e.g.
+    F.max_pool2d, so "left at the default" means "equal to the default", not "not written".)
+    """
     conv = converter_for(fx_node)
     if conv is None:
         return set()
     sig = inspect.signature(conv)
     lookup = lambda a: graph.node(a.name) if isinstance(a, fx.Node) and graph.has_node(a.name) else a  # noqa: E731
-    args = fx.node.map_aggregate(fx_node.args, lookup)
-    kwargs = fx.node.map_aggregate(fx_node.kwargs, lookup)
     try:
-        bound = sig.bind(*args, **kwargs)
+        bound = sig.bind(*fx.node.map_aggregate(fx_node.args, lookup),
+                         **fx.node.map_aggregate(fx_node.kwargs, lookup))
     except TypeError:
         return set()
     wild: set[str] = set()
     for p in sig.parameters.values():
-        if p.name in bound.arguments or p.default is p.empty or p.kind not in (p.POSITIONAL_OR_KEYWORD,
-                                                                                p.KEYWORD_ONLY):
+        if p.default is p.empty or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             continue
-        probe = (not p.default) if isinstance(p.default, bool) else _PROBE
+        if p.name in bound.arguments and not _eq(bound.arguments[p.name], p.default):
+            continue  # spelled out with a non-default value: must match literally
+        probe = sig.bind(*bound.args, **bound.kwargs)
+        probe.arguments[p.name] = (not p.default) if isinstance(p.default, bool) else _PROBE
         try:
-            out = conv(*args, **kwargs, **{p.name: probe})
+            out = conv(*probe.args, **probe.kwargs)
         except Exception:  # noqa: BLE001 - the converter cannot take a stand-in: keep the attr literal
             continue
         if out is None or out[0] != node.op:
@@ -153,9 +161,13 @@ class Match:
 
     def insert(self, op: str, inputs: tuple = (), attrs: dict[str, Any] | None = None, *,
                name: str | None = None, meta: Any = None) -> Node:
-        """Create a node right before the anchor, carrying the anchor's module path and source line."""
-        return self.graph.create_node(op, inputs, attrs, name=name, meta=meta, before=self.anchor,
+        """Create a node right before the anchor, carrying the anchor's module path and source line;
+        its meta is inferred from the operands' metas unless given."""
+        node = self.graph.create_node(op, inputs, attrs, name=name, meta=meta, before=self.anchor,
                                       module_path=self.anchor.module_path, source=self.anchor.source)
+        if node.meta is None:
+            node.meta = infer_meta(node)
+        return node
 
     def matched_nodes(self) -> list[Node]:
         return list(self.nodes.values())
