@@ -8,8 +8,16 @@ from typing import Literal
 import pytest
 
 from ir.errors import PassError
-from passes import Pass, PassContext, PassResult, create_pass, get_pass, parse_pass_spec, register_pass, \
-    registered_passes
+from passes import (
+    Pass,
+    PassContext,
+    PassResult,
+    create_pass,
+    get_pass,
+    parse_pass_spec,
+    register_pass,
+    registered_passes,
+)
 
 
 @register_pass("test-options")
