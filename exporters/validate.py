@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,20 +96,27 @@ def compare_outputs(ours: Sequence[np.ndarray], refs: Sequence[np.ndarray], name
     return stats
 
 
-def reference_outputs(graph_or_module: Graph | torch.nn.Module, inputs: tuple) -> list[np.ndarray]:
-    """Eval-mode outputs of an IR graph (through its lowering) or a module, flattened, as numpy."""
-    module = lower(graph_or_module).eval() if isinstance(graph_or_module, Graph) else graph_or_module
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            out = module(*inputs)
-    finally:
-        module.train(was_training)
+def _to_numpy(out: Any) -> list[np.ndarray]:
     return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in flatten_outputs(out)]
 
 
-def _input_sets(inputs: Any) -> list[tuple]:
+def reference_fn(graph_or_module: Graph | torch.nn.Module) -> Callable[[tuple], list[np.ndarray]]:
+    """A function computing eval-mode outputs (flattened, numpy) of an IR graph (through its lowering)
+    or a module (its train/eval mode is restored after each call)."""
+    module = lower(graph_or_module).eval() if isinstance(graph_or_module, Graph) else graph_or_module
+
+    def run(inputs: tuple) -> list[np.ndarray]:
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                return _to_numpy(module(*inputs))
+        finally:
+            module.train(was_training)
+    return run
+
+
+def input_sets(inputs: Any) -> list[tuple]:
     """One input tuple, or a list of them (several batch sizes)."""
     if isinstance(inputs, list) and inputs and isinstance(inputs[0], (tuple, list)):
         return [as_tuple(s) for s in inputs]
@@ -133,6 +140,28 @@ def merge_stats(acc: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, An
     return out
 
 
+def validate_outputs(run: Callable[[tuple], Sequence[np.ndarray]], graph_or_module: Graph | torch.nn.Module,
+                     inputs: Any, *, atol: float = 1e-5, rtol: float = 1e-4,
+                     names: Sequence[str] | None = None) -> ValidationReport:
+    """Compare `run(inputs)` (an exported model's flattened outputs) with the reference on each input set."""
+    ref = reference_fn(graph_or_module)
+    acc = None
+    batches = []
+    n_out = 0
+    for ins in input_sets(inputs):
+        ours = [np.asarray(o) for o in run(ins)]
+        refs = ref(ins)
+        n_out = len(ours)
+        out_names = list(names) if names is not None else (
+            ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+        acc = merge_stats(acc, compare_outputs(ours, refs, out_names, atol=atol, rtol=rtol))
+        if ins and isinstance(ins[0], torch.Tensor) and ins[0].dim() >= 1:
+            batches.append(int(ins[0].shape[0]))
+    if acc is None:
+        raise ValueError("no inputs to validate with")
+    return ValidationReport(atol=atol, rtol=rtol, batches=batches, n_outputs=n_out, **acc)
+
+
 def validate_onnx(model: str | os.PathLike | bytes | Any, graph_or_module: Graph | torch.nn.Module, inputs: Any, *,
                   atol: float = 1e-5, rtol: float = 1e-4, threads: int = 1) -> ValidationReport:
     """Run the ONNX model (file, bytes or ModelProto) with onnxruntime (CPU, all optimizations) and the
@@ -140,13 +169,16 @@ def validate_onnx(model: str | os.PathLike | bytes | Any, graph_or_module: Graph
     differences and whether every element is within `atol + rtol * |reference|`."""
     sess = ort_session(model, threads=threads)
     names = [o.name for o in sess.get_outputs()]
-    acc = None
-    batches = []
-    for ins in _input_sets(inputs):
-        ours = sess.run(None, ort_feed(sess, ins))
-        refs = reference_outputs(graph_or_module, ins)
-        acc = merge_stats(acc, compare_outputs(ours, refs, names, atol=atol, rtol=rtol))
-        if ins and isinstance(ins[0], torch.Tensor) and ins[0].dim() >= 1:
-            batches.append(int(ins[0].shape[0]))
-    assert acc is not None
-    return ValidationReport(atol=atol, rtol=rtol, batches=batches, n_outputs=len(names), **acc)
+    return validate_outputs(lambda ins: sess.run(None, ort_feed(sess, ins)), graph_or_module, inputs,
+                            atol=atol, rtol=rtol, names=names)
+
+
+def validate_torchscript(path: str | os.PathLike, graph_or_module: Graph | torch.nn.Module, inputs: Any, *,
+                         atol: float = 1e-5, rtol: float = 1e-4) -> ValidationReport:
+    """Load a saved TorchScript module and compare it with the reference like `validate_onnx`."""
+    loaded = torch.jit.load(str(path), map_location="cpu").eval()
+
+    def run(ins: tuple) -> list[np.ndarray]:
+        with torch.no_grad():
+            return _to_numpy(loaded(*ins))
+    return validate_outputs(run, graph_or_module, inputs, atol=atol, rtol=rtol)
