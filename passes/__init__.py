@@ -13,3 +13,5 @@ from passes.base import (
 
 __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
            "create_pass", "parse_pass_spec"]
+
+import passes.quantize  # noqa: E402,F401  (registers the quantization passes)
