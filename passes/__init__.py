@@ -19,3 +19,5 @@ from passes import cleanup, fuse  # noqa: E402,F401,I001  isort: skip
 __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
            "create_pass", "parse_pass_spec", "PassManager", "PassRecord", "compare_outputs",
            "Pattern", "Match", "PatternPass", "rewrite"]
+
+import passes.quantize  # noqa: E402,F401  (registers the quantization passes)
