@@ -13,3 +13,7 @@ from passes.base import (
 
 __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
            "create_pass", "parse_pass_spec"]
+
+# Built-in passes register themselves on import.
+import passes.finetune  # noqa: E402,F401
+import passes.prune  # noqa: E402,F401
