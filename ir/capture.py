@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ir.errors import CaptureError
-from ir.graph import Graph, Node, Param, meta_of
+from ir.graph import Graph, Node, Param, iter_refs, meta_of
 
 Conv = tuple[str, tuple, dict]
 _FUNCTIONS: dict[Any, Callable[..., Conv | None]] = {}
@@ -489,6 +489,7 @@ class _Tracer(fx.Tracer):
         self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self._leaf_ids = {id(t) for t in leaf_modules if isinstance(t, nn.Module)}
         self._path_stack: list[tuple[str, nn.Module]] = []
+        self.failed_in: tuple[str, nn.Module] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if (isinstance(m, self._leaf_types) if self._leaf_types else False) or qualname in self._leaf_names \
@@ -501,6 +502,10 @@ class _Tracer(fx.Tracer):
         self._path_stack.append((path, m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module is the one to blame
+                self.failed_in = (path, m)
+            raise
         finally:
             self._path_stack.pop()
 
@@ -530,7 +535,9 @@ def _source_of(fx_node: fx.Node) -> str | None:
     if not stack:
         return None
     lines = [ln.strip() for ln in stack.strip().splitlines()]
-    files = [ln for ln in lines if ln.startswith("File ")]
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    files = [ln for ln in lines if ln.startswith("File ") and torch_dir not in ln and here not in ln]
     if not files:
         return None
     # 'File "/path/model.py", line 12, in forward' -> 'model.py:12'
@@ -550,8 +557,7 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
     except Exception as e:  # noqa: BLE001 - any tracing failure is reported as a CaptureError
         frames = traceback.extract_tb(e.__traceback__)
         frame = _user_frame(frames)
-        where = tracer._path_stack[-1] if tracer._path_stack else ("", model)
-        path, mod = where
+        path, mod = tracer.failed_in or ("", model)
         mod_desc = f"{type(mod).__name__}" + (f" at '{path}'" if path else " (the top-level model)")
         raise CaptureError(
             f"torch.fx cannot trace {mod_desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
@@ -567,28 +573,29 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
 def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict[fx.Node, Any]:
     """Run the traced module on the example inputs, recording every node's value."""
     values: dict[fx.Node, Any] = {}
+    current: list[fx.Node] = []
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
-            try:
-                out = super().run_node(n)
-            except Exception as e:  # noqa: BLE001
-                given = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
-                where = n.meta.get("slimfx_module_path") or (n.target if n.op == "call_module" else "")
-                src = _source_of(n)
-                raise CaptureError(
-                    f"the example inputs do not fit {type(model).__name__}: node '{n.name}' "
-                    f"({n.op} {getattr(n.target, '__name__', n.target)}"
-                    f"{', module ' + repr(where) if where else ''}{', ' + src if src else ''}) failed: "
-                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-                    f"  Inputs given: ({given}). Pass example inputs of the shape and dtype the model's "
-                    f"forward expects."
-                ) from e
-            values[n] = out
+            current[:] = [n]
+            values[n] = out = super().run_node(n)
             return out
 
-    with torch.no_grad():
-        _Recorder(gm).run(*inputs)
+    try:
+        with torch.no_grad():
+            _Recorder(gm).run(*inputs)
+    except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
+        n = current[0]
+        given = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
+        where = n.meta.get("slimfx_module_path") or (n.target if n.op == "call_module" else "")
+        src = _source_of(n)
+        raise CaptureError(
+            f"the example inputs do not fit {type(model).__name__}: node '{n.name}' "
+            f"({n.op} {getattr(n.target, '__name__', n.target)}"
+            f"{', module ' + repr(where) if where else ''}{', ' + src if src else ''}) failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"Inputs given: ({given}). Pass example inputs of the shape and dtype the model's forward expects."
+        ) from None
     return values
 
 
@@ -616,8 +623,12 @@ def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any
     gm = _trace(model, leaf_modules, concrete_args)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     run_inputs = list(inputs)
-    for ph in placeholders[len(inputs):]:  # forward args with defaults that were not given
-        run_inputs.append(ph.args[0] if ph.args else None)
+    all_names = [p.name for p in inspect.signature(model.forward).parameters.values()]
+    for i, ph in enumerate(placeholders[len(inputs):], start=len(inputs)):
+        # concrete or defaulted forward args that were not given (fx may rename their placeholders)
+        name = all_names[i] if i < len(all_names) else ph.target
+        run_inputs.append(concrete_args[name] if concrete_args and name in concrete_args
+                          else (ph.args[0] if ph.args else None))
     values = _run_shape_prop(gm, tuple(run_inputs), model)
     return _convert(gm, model, values, n_inputs=len(inputs))
 
@@ -671,6 +682,11 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
             continue
         args = fx.node.map_aggregate(n.args, lookup)
         kwargs = fx.node.map_aggregate(n.kwargs, lookup)
+        if n.op != "call_module" and not any(isinstance(r, (Node, Param)) for r in iter_refs((args, kwargs))) \
+                and not isinstance(values.get(n), torch.Tensor):
+            # Pure Python on constants (e.g. fx's checks of concrete_args): its value is known now.
+            env[n] = values.get(n)
+            continue
         converted = None
         if n.op == "call_module":
             mod = modules[n.target]
@@ -728,6 +744,27 @@ def _slice_refs(idx: tuple):
     for i in idx:
         if isinstance(i, slice):
             yield from (i.start, i.stop, i.step)
+
+
+def trace_function(fn: Callable) -> tuple[Graph, dict[str, fx.Node]]:
+    """Trace a plain function of torch ops into canonical IR without running it: every argument
+    becomes an `input` node and metas are None. Also returns the fx node each IR node came from (by
+    name), so callers can see how each call was spelled. The pattern rewriter's front end."""
+    gm = _trace(fn, (), None)  # type: ignore[arg-type] - fx traces plain functions too
+    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    graph = _convert(gm, gm, {}, n_inputs=n_inputs)
+    graph.name = getattr(fn, "__name__", "function")
+    graph.training = False
+    return graph, {n.name: n for n in gm.graph.nodes}
+
+
+def converter_for(fx_node: fx.Node) -> Callable[..., Conv | None] | None:
+    """The converter capture uses for a call_function / call_method fx node (None: kept opaque)."""
+    if fx_node.op == "call_function":
+        return _FUNCTIONS.get(fx_node.target)
+    if fx_node.op == "call_method":
+        return _METHODS.get(fx_node.target)
+    return None
 
 
 def module_converters() -> dict[type, Callable]:

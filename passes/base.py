@@ -82,6 +82,15 @@ class Pass:
     name: ClassVar[str] = ""
     #: analyses report but never change the graph; the PassManager checks that they do not.
     is_analysis: ClassVar[bool] = False
+    #: passes that claim to keep the graph's outputs (cleanups, folding) get their numerics checked
+    #: by the driver; lossy passes (pruning, quantization, distillation) leave this False.
+    preserves_outputs: ClassVar[bool] = False
+    #: passes that read ctx.calibration_data (the driver warns when only example inputs are there).
+    needs_calibration: ClassVar[bool] = False
+
+    def check_context(self, ctx: PassContext) -> str | None:
+        """Before any work: return what is missing from `ctx` for this pass to run (None when fine)."""
+        return None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
