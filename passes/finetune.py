@@ -170,6 +170,11 @@ class Finetune(Pass):
         if self.batch_size < 1:
             raise PassError(f"pass 'finetune': batch_size must be >= 1, got {self.batch_size}")
 
+    def check_context(self, ctx: PassContext) -> str | None:
+        if self.required and ctx.train_data is None:
+            return "finetune (required=true) needs train data (an (x, y) pair or (inputs, target) batches)"
+        return None
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.validate()
         if ctx.train_data is None:

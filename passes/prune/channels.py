@@ -212,6 +212,11 @@ class PruneChannels(Pass):
         if self.round_to < 1:
             raise PassError(f"pass 'prune-channels': round_to must be >= 1, got {self.round_to}")
 
+    def check_context(self, ctx: PassContext) -> str | None:
+        if self.criterion == "taylor" and ctx.train_data is None and ctx.calibration_data is None:
+            return "prune-channels criterion 'taylor' needs train_data or calibration_data (gradient x weight)"
+        return None
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.validate()
         check_patterns(graph, self.protect, "protect", self.name)
