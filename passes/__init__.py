@@ -20,4 +20,7 @@ __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_pas
            "create_pass", "parse_pass_spec", "PassManager", "PassRecord", "compare_outputs",
            "Pattern", "Match", "PatternPass", "rewrite"]
 
-import passes.quantize  # noqa: E402,F401  (registers the quantization passes)
+# Pass packages register their passes on import.
+import passes.quantize  # noqa: E402,F401
+import passes.prune  # noqa: E402,F401
+import passes.finetune  # noqa: E402,F401
