@@ -109,3 +109,23 @@ def measure_latency(model: str | os.PathLike | bytes | torch.nn.Module | Any, in
     feed = ort_feed(sess, inputs)
     times = _time_calls(lambda: sess.run(None, feed), warmup, runs, budget_s)
     return _stats(times, threads)
+
+
+def onnx_example_inputs(model: str | os.PathLike | Any, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs for an ONNX file from its declared input types: symbolic dims get `batch`, floats are
+    standard normal, integers are zeros (valid indices for any embedding)."""
+    import onnx
+    from onnx import helper
+
+    proto = model if hasattr(model, "graph") else onnx.load(str(model), load_external_data=False)
+    init = {i.name for i in proto.graph.initializer}
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for vi in proto.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        dt = torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(tt.elem_type))).dtype
+        out.append(torch.randn(shape, generator=gen).to(dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt))
+    return tuple(out)
