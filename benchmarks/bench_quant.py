@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from exporters.bench import measure_latency
+from exporters.onnx import to_onnx_model
 
 import ir
 import models
-from exporters.bench import measure_latency
-from exporters.onnx import to_onnx_model
 from passes import PassContext, create_pass
 
 DEFAULT_MODELS = ("digits_cnn", "resnet20", "mobilenetv2", "tiny_bert")
@@ -80,10 +80,9 @@ def fused_ops(model_bytes: bytes) -> Counter:
 
 def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor]) -> bytes:
     """onnxruntime's static quantization, best setting: pre-processed, QOperator, U8 activations, S8 per-channel."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    import onnx
 
     class Reader(CalibrationDataReader):
         def __init__(self, name: str):
