@@ -13,3 +13,4 @@ from passes.base import (
 
 __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
            "create_pass", "parse_pass_spec"]
+import passes.distill  # noqa: E402,F401  (registers distill, kd-finetune, distill-subgraph)
