@@ -261,6 +261,7 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
                                     f"of >= {world} samples")
                 mean_loss = loss_sum / n_steps
                 if world > 1:
+                    _average_buffers(runner, world)
                     t = torch.tensor([mean_loss], dtype=torch.float64)
                     dist.all_reduce(t)
                     mean_loss = float(t) / world
@@ -303,6 +304,15 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
     else:
         module = runner
     return DistillResult(student, module, history, best_epoch + 1, best_metric, metric_name)
+
+
+def _average_buffers(module: nn.Module, world: int) -> None:
+    """Average float buffers (BN running stats) over ranks: each rank's last forward saw only its shard."""
+    with torch.no_grad():
+        for b in module.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b /= world
 
 
 def _evaluate(eval_fn: Callable[[nn.Module], float], module: nn.Module, rank: int, world: int) -> float:
