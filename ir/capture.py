@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import inspect
 import linecache
+import logging
 import operator
 import os
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ir.errors import CaptureError
-from ir.graph import Graph, Node, Param, meta_of
+from ir.graph import Graph, Node, Param, iter_refs, meta_of
 
+_log = logging.getLogger(__name__)
 Conv = tuple[str, tuple, dict]
 _FUNCTIONS: dict[Any, Callable[..., Conv | None]] = {}
 _METHODS: dict[str, Callable[..., Conv | None]] = {}
@@ -484,11 +487,13 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Sequence[Any]):
         super().__init__()
-        self.record_stack_traces = True
+        # fx's own record_stack_traces symbolizes the whole stack per node (about a second a node
+        # here); one walk up the frames to the first user frame is all we need.
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self._leaf_ids = {id(t) for t in leaf_modules if isinstance(t, nn.Module)}
         self._path_stack: list[tuple[str, nn.Module]] = []
+        self.failed_in: tuple[str, nn.Module] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if (isinstance(m, self._leaf_types) if self._leaf_types else False) or qualname in self._leaf_names \
@@ -501,6 +506,10 @@ class _Tracer(fx.Tracer):
         self._path_stack.append((path, m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module is the one to blame
+                self.failed_in = (path, m)
+            raise
         finally:
             self._path_stack.pop()
 
@@ -508,7 +517,15 @@ class _Tracer(fx.Tracer):
         node = super().create_node(*args, **kwargs)
         if self._path_stack:
             node.meta["slimfx_module_path"] = self._path_stack[-1][0]
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+            frame = frame.f_back
+        if frame is not None:
+            node.meta["slimfx_source"] = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
         return node
+
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
 
 def _user_frame(tb_frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
@@ -526,21 +543,7 @@ def _format_frame(f: traceback.FrameSummary | None) -> str:
 
 
 def _source_of(fx_node: fx.Node) -> str | None:
-    stack = fx_node.meta.get("stack_trace")
-    if not stack:
-        return None
-    lines = [ln.strip() for ln in stack.strip().splitlines()]
-    files = [ln for ln in lines if ln.startswith("File ")]
-    if not files:
-        return None
-    # 'File "/path/model.py", line 12, in forward' -> 'model.py:12'
-    last = files[-1]
-    try:
-        fname = last.split('"')[1]
-        lineno = last.split("line ")[1].split(",")[0]
-        return f"{os.path.basename(fname)}:{lineno}"
-    except IndexError:
-        return None
+    return fx_node.meta.get("slimfx_source")
 
 
 def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | None) -> fx.GraphModule:
@@ -550,8 +553,7 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
     except Exception as e:  # noqa: BLE001 - any tracing failure is reported as a CaptureError
         frames = traceback.extract_tb(e.__traceback__)
         frame = _user_frame(frames)
-        where = tracer._path_stack[-1] if tracer._path_stack else ("", model)
-        path, mod = where
+        path, mod = tracer.failed_in or ("", model)
         mod_desc = f"{type(mod).__name__}" + (f" at '{path}'" if path else " (the top-level model)")
         raise CaptureError(
             f"torch.fx cannot trace {mod_desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
@@ -567,62 +569,139 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
 def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict[fx.Node, Any]:
     """Run the traced module on the example inputs, recording every node's value."""
     values: dict[fx.Node, Any] = {}
+    current: list[fx.Node] = []
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
-            try:
-                out = super().run_node(n)
-            except Exception as e:  # noqa: BLE001
-                given = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
-                where = n.meta.get("slimfx_module_path") or (n.target if n.op == "call_module" else "")
-                src = _source_of(n)
-                raise CaptureError(
-                    f"the example inputs do not fit {type(model).__name__}: node '{n.name}' "
-                    f"({n.op} {getattr(n.target, '__name__', n.target)}"
-                    f"{', module ' + repr(where) if where else ''}{', ' + src if src else ''}) failed: "
-                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
-                    f"  Inputs given: ({given}). Pass example inputs of the shape and dtype the model's "
-                    f"forward expects."
-                ) from e
-            values[n] = out
+            current[:] = [n]
+            values[n] = out = super().run_node(n)
             return out
 
-    with torch.no_grad():
-        _Recorder(gm).run(*inputs)
+    try:
+        with torch.no_grad():
+            _Recorder(gm).run(*inputs)
+    except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
+        n = current[0]
+        given = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
+        where = n.meta.get("slimfx_module_path") or (n.target if n.op == "call_module" else "")
+        src = _source_of(n)
+        raise CaptureError(
+            f"the example inputs do not fit {type(model).__name__}: node '{n.name}' "
+            f"({n.op} {getattr(n.target, '__name__', n.target)}"
+            f"{', module ' + repr(where) if where else ''}{', ' + src if src else ''}) failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"Inputs given: ({given}). Pass example inputs of the shape and dtype the model's forward expects."
+        ) from None
     return values
 
 
-def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] = (),
-            concrete_args: dict[str, Any] | None = None) -> Graph:
-    """Trace `model` with torch.fx, propagate shapes on `example_inputs`, and build the canonical IR.
+CAPTURE_METHODS = ("auto", "fx", "export")
 
-    `leaf_modules` (classes, instances or qualified names) are kept as opaque nodes
-    instead of traced through; `concrete_args` fixes forward arguments for tracing.
+
+def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[str, Any] | None = None,
+            method: str = "auto", leaf_modules: Sequence[Any] = (),
+            concrete_args: dict[str, Any] | None = None) -> Graph:
+    """Capture `model` into the canonical IR, with shapes from the example inputs.
+
+    `method="fx"` traces with torch.fx (`leaf_modules`, classes, instances or qualified names, stay
+    opaque; `concrete_args` fixes forward arguments); `"export"` uses torch.export (ATen ops mapped
+    onto the same canonical ops, see ir.capture_export); `"auto"` tries fx, falls back to export and
+    records which one worked in `graph.capture_method`. `example_kwargs` are keyword inputs
+    (`input_ids=`, `attention_mask=`): graph inputs keep their names.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
+    if method not in CAPTURE_METHODS:
+        raise CaptureError(f"capture(method={method!r}) is not a capture method; use one of {CAPTURE_METHODS}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    sig_params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in (concrete_args or {})]
-    required = [p for p in sig_params if p.default is p.empty]
-    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
-    if not has_varargs and not (len(required) <= len(inputs) <= len(sig_params)):
-        names = ", ".join(p.name for p in sig_params)
+    kwargs = dict(example_kwargs or {})
+    if method == "export":
+        from ir.capture_export import capture_export
+
+        return capture_export(model, inputs, kwargs)
+    try:
+        graph = _capture_fx(model, inputs, kwargs, leaf_modules, concrete_args)
+    except _FxTraceError as fx_error:
+        if method == "fx":
+            raise
+        from ir.capture_export import capture_export
+
+        try:
+            graph = capture_export(model, inputs, kwargs)
+        except CaptureError as export_error:
+            raise CaptureError(f"neither capture front-end can capture {type(model).__name__}.\n"
+                               f"- torch.fx: {fx_error}\n- torch.export: {export_error}") from export_error
+        _log.info("capture: torch.fx could not trace %s (%s); captured it with torch.export instead",
+                  type(model).__name__, str(fx_error).splitlines()[0])
+    return graph
+
+
+class _FxTraceError(CaptureError):
+    """torch.fx could not trace the model (as opposed to: the example inputs do not fit it)."""
+
+
+def _bind(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
+          concrete_args: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Map positional and keyword example inputs onto forward's parameters.
+
+    Returns (given, concrete): the inputs by parameter name in signature order, and the fixed
+    arguments: the user's concrete_args plus the default of every optional argument not given.
+    """
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    concrete = dict(concrete_args or {})
+    free = [p for p in params if p.kind != p.KEYWORD_ONLY and p.name not in concrete]
+    required = [p for p in free if p.default is p.empty]
+    if len(inputs) > len(free) or (not kwargs and len(inputs) < len(required)):
+        names = ", ".join(p.name for p in free)
         raise CaptureError(
             f"{type(model).__name__}.forward({names}) takes {len(required)}"
-            f"{'' if len(required) == len(sig_params) else f' to {len(sig_params)}'} inputs, "
+            f"{'' if len(required) == len(free) else f' to {len(free)}'} inputs, "
             f"but {len(inputs)} example input(s) were given. Pass one example tensor per forward argument.")
+    given = {p.name: v for p, v in zip(free, inputs)}
+    for name, v in kwargs.items():
+        if name in given or name in concrete or name not in {p.name for p in params}:
+            why = ("is also given by position" if name in given else "is also in concrete_args" if name in concrete
+                   else "is not a parameter of forward(" + ", ".join(p.name for p in params) + ")")
+            raise CaptureError(f"example_kwargs[{name!r}] {why}; give each forward argument once")
+        given[name] = v
+    for p in params:
+        if p.name not in given and p.name not in concrete:
+            if p.default is p.empty:
+                raise CaptureError(f"{type(model).__name__}.forward needs argument {p.name!r}; "
+                                   "give it in example_inputs, example_kwargs or concrete_args")
+            concrete[p.name] = p.default
+    return {p.name: given[p.name] for p in params if p.name in given}, concrete
 
-    gm = _trace(model, leaf_modules, concrete_args)
+
+def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_modules: Sequence[Any],
+                concrete_args: dict[str, Any] | None) -> Graph:
+    """The torch.fx front end: trace, propagate shapes on the example inputs, convert."""
+    if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
+        if kwargs:
+            raise CaptureError(f"{type(model).__name__}.forward takes *args; pass example inputs by position")
+        gm = _trace(model, leaf_modules, concrete_args)
+        values = _run_shape_prop(gm, inputs, model)
+        return _convert(gm, model, values, n_inputs=len(inputs))
+    given, concrete = _bind(model, inputs, kwargs, concrete_args)
+    try:
+        gm = _trace(model, leaf_modules, concrete)
+    except CaptureError as e:
+        raise _FxTraceError(str(e)) from e.__cause__
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    run_inputs = list(inputs)
-    for ph in placeholders[len(inputs):]:  # forward args with defaults that were not given
-        run_inputs.append(ph.args[0] if ph.args else None)
+    # fx makes one placeholder per forward parameter, in order (it may rename the concrete ones)
+    baked = {ph: concrete[name] for ph, name in zip(placeholders, names) if name not in given}
+    run_inputs = [baked[ph] if ph in baked else given[name] for ph, name in zip(placeholders, names)]
     values = _run_shape_prop(gm, tuple(run_inputs), model)
-    return _convert(gm, model, values, n_inputs=len(inputs))
+    graph = _convert(gm, model, values, n_inputs=len(given), baked=baked)
+    graph.capture_method = "fx"
+    return graph
 
 
-def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n_inputs: int) -> Graph:
+def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n_inputs: int,
+             baked: dict[fx.Node, Any] | None = None) -> Graph:
     graph = Graph()
     graph.name = type(model).__name__
     graph.training = model.training
@@ -657,7 +736,10 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
         mpath = n.meta.get("slimfx_module_path")
         if n.op == "placeholder":
             placeholders_seen += 1
-            if placeholders_seen > n_inputs:
+            if baked is not None and n in baked:
+                env[n] = baked[n]
+                continue
+            if baked is None and placeholders_seen > n_inputs:
                 # A defaulted forward argument that was not given: bake in its default value.
                 env[n] = n.args[0] if n.args else None
                 continue
@@ -671,6 +753,11 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
             continue
         args = fx.node.map_aggregate(n.args, lookup)
         kwargs = fx.node.map_aggregate(n.kwargs, lookup)
+        if n.op != "call_module" and not any(isinstance(r, (Node, Param)) for r in iter_refs((args, kwargs))) \
+                and not isinstance(values.get(n), torch.Tensor):
+            # Pure Python on constants (e.g. fx's checks of concrete_args): its value is known now.
+            env[n] = values.get(n)
+            continue
         converted = None
         if n.op == "call_module":
             mod = modules[n.target]
@@ -728,6 +815,27 @@ def _slice_refs(idx: tuple):
     for i in idx:
         if isinstance(i, slice):
             yield from (i.start, i.stop, i.step)
+
+
+def trace_function(fn: Callable) -> tuple[Graph, dict[str, fx.Node]]:
+    """Trace a plain function of torch ops into canonical IR without running it: every argument
+    becomes an `input` node and metas are None. Also returns the fx node each IR node came from (by
+    name), so callers can see how each call was spelled. The pattern rewriter's front end."""
+    gm = _trace(fn, (), None)  # type: ignore[arg-type] - fx traces plain functions too
+    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    graph = _convert(gm, gm, {}, n_inputs=n_inputs)
+    graph.name = getattr(fn, "__name__", "function")
+    graph.training = False
+    return graph, {n.name: n for n in gm.graph.nodes}
+
+
+def converter_for(fx_node: fx.Node) -> Callable[..., Conv | None] | None:
+    """The converter capture uses for a call_function / call_method fx node (None: kept opaque)."""
+    if fx_node.op == "call_function":
+        return _FUNCTIONS.get(fx_node.target)
+    if fx_node.op == "call_method":
+        return _METHODS.get(fx_node.target)
+    return None
 
 
 def module_converters() -> dict[type, Callable]:

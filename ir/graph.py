@@ -207,10 +207,12 @@ class Graph:
         self._root = Node("_root", "_root")
         self._root._prev = self._root._next = self._root
         self._names: dict[str, Node] = {}
+        self._next_suffix: dict[tuple[bool, str], int] = {}  # (is_param, base) -> next suffix to try
         self.params: dict[str, torch.Tensor] = {}
         self.buffers: set[str] = set()
         self.name = "graph"
         self.training = False  # the mode the lowered module starts in (that of the captured model)
+        self.capture_method = "fx"  # the front end that built the graph: "fx" or "export" (see ir.capture)
 
     # -- iteration ----------------------------------------------------------
     def __iter__(self) -> Iterator[Node]:
@@ -265,11 +267,17 @@ class Graph:
         base = base or "v"
         if base not in self._names:
             return base
-        for i in itertools.count(1):
-            cand = f"{base}_{i}"
-            if cand not in self._names:
-                return cand
-        raise AssertionError
+        return self._fresh(base, self._names)
+
+    def _fresh(self, base: str, taken: dict) -> str:
+        """`base_i` for the first free i, remembering i per base so that creating n nodes (or params)
+        with one base name costs O(n), not O(n^2)."""
+        key = (taken is self.params, base)
+        i = self._next_suffix.get(key, 1)
+        while f"{base}_{i}" in taken:
+            i += 1
+        self._next_suffix[key] = i + 1
+        return f"{base}_{i}"
 
     def create_node(self, op: str, inputs: Iterable[Any] = (), attrs: dict[str, Any] | None = None, *,
                     name: str | None = None, meta: Any = None, before: Node | None = None,
@@ -338,8 +346,7 @@ class Graph:
     def add_param(self, name: str, tensor: torch.Tensor, *, buffer: bool = False, unique: bool = True) -> Param:
         """Add a tensor to the params table (under a fresh name if `unique` and taken)."""
         if unique and name in self.params:
-            base = name
-            name = next(f"{base}_{i}" for i in itertools.count(1) if f"{base}_{i}" not in self.params)
+            name = self._fresh(name, self.params)
         self.params[name] = tensor.detach()
         if buffer or not tensor.is_floating_point():
             self.buffers.add(name)
@@ -373,6 +380,7 @@ class Graph:
         g = Graph()
         g.name = self.name
         g.training = self.training
+        g.capture_method = self.capture_method
         mapping: dict[Node, Node] = {}
         remap = lambda r: mapping[r] if isinstance(r, Node) else r  # noqa: E731
         for n in self:

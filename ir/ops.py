@@ -218,6 +218,11 @@ def _cast(x, *, dtype):
     return x.to(dtype)
 
 
+def _mask(weight, mask):
+    """W ⊙ M: an explicit pruning mask on a weight (unstructured sparsity); `mask` is 0/1, same shape."""
+    return weight * mask
+
+
 _QRANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255), torch.int32: (-(2**31), 2**31 - 1)}
 
 
@@ -276,6 +281,7 @@ for _name, _impl, _kind in [
     ("mean", _mean, "reduce"), ("sum", _sum, "reduce"),
     ("scaled_dot_product_attention", _sdpa, "matmul"), ("interpolate", _interpolate, "other"),
     ("quantize", _quantize, "quant"), ("dequantize", _dequantize, "quant"),
+    ("mask", _mask, "other"),
 ]:
     register_op(_name, _impl, _kind)
 

@@ -1,0 +1,173 @@
+"""Capture and lowering: canonical ops, bit-exact round trips, clear errors."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given
+
+import ir
+from ir.errors import CaptureError
+from tests.generators import random_model
+
+
+class ModuleSpelling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.pool(self.act(self.bn(self.conv(x))))))
+
+
+class FunctionalSpelling(ModuleSpelling):
+    def forward(self, x):
+        y = torch.conv2d(x, self.conv.weight, self.conv.bias, 1, 1)
+        y = F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias, False)
+        y = y.relu()
+        y = F.adaptive_avg_pool2d(y, (1, 1))
+        return F.linear(torch.flatten(y, 1), self.fc.weight, self.fc.bias)
+
+
+def ops(graph):
+    return [n.op for n in graph if n.op not in ("input", "output")]
+
+
+def test_module_and_functional_spellings_give_the_same_ops():
+    x = torch.randn(2, 3, 8, 8)
+    a = ir.capture(ModuleSpelling().eval(), (x,))
+    b = ir.capture(FunctionalSpelling().eval(), (x,))
+    assert ops(a) == ops(b) == ["conv2d", "batch_norm", "relu", "adaptive_avg_pool2d", "flatten", "linear"]
+    conv = a.find("conv2d")[0]
+    assert conv.inputs[1] == ir.Param("conv.weight") and conv.attrs["padding"] == (1, 1)
+    assert b.find("conv2d")[0].attrs["padding"] == (1, 1)
+
+
+def test_reshape_spellings_are_one_op():
+    class Views(nn.Module):
+        def forward(self, x):
+            a = x.view(x.size(0), -1)
+            b = torch.reshape(x, (2, -1))
+            c = x.reshape(2, 48)
+            return a + b + c
+
+    g = ir.capture(Views(), (torch.randn(2, 3, 4, 4),))
+    assert [n.op for n in g if n.op in ("reshape", "opaque")] == ["reshape"] * 3
+
+
+def test_text_form_names_params_and_shapes():
+    g = ir.capture(ModuleSpelling().eval(), (torch.randn(1, 3, 8, 8),))
+    text = str(g)
+    assert "%conv = conv2d(%x, @conv.weight, @conv.bias) {stride=(1, 1), padding=(1, 1)" in text
+    assert ": f32[1, 8, 8, 8]" in text and "return %fc" in text
+
+
+def test_lowering_is_bit_exact_on_fresh_inputs_and_train_mode():
+    torch.manual_seed(0)
+    m = ModuleSpelling().eval()
+    g = ir.capture(m, (torch.randn(1, 3, 8, 8),))
+    gm = ir.lower(g)
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 8, 8)
+        assert torch.equal(gm(x), m(x))
+    m.train()
+    gm.train()
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(gm(x), m(x))
+    # running stats were updated identically in both
+    assert torch.equal(gm.get_buffer("bn.running_mean"), m.bn.running_mean)
+
+
+@given(random_model())
+def test_random_architectures_round_trip(case):
+    model, inputs = case
+    g = ir.capture(model, inputs)
+    ir.verify(g)
+    gm = ir.lower(g)
+    assert torch.equal(gm(*inputs), model(*inputs))
+    fresh = torch.randn_like(inputs[0])
+    assert torch.equal(gm(fresh), model(fresh))
+
+
+def test_unknown_calls_become_opaque_nodes_that_still_run():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, dim=1) + torch.flip(x, dims=[1])
+
+    x = torch.randn(2, 5)
+    g = ir.capture(Odd(), (x,))
+    assert [n.op for n in g.find("opaque")] == ["opaque", "opaque"]
+    assert torch.equal(ir.lower(g)(x), Odd()(x))
+
+
+def test_leaf_modules_stay_opaque():
+    class Inner(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # untraceable on its own
+                return x * 2
+            return x
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(self.inner(x))
+
+    x = torch.randn(3, 4)
+    with pytest.raises(CaptureError) as err:
+        ir.capture(Outer(), (x,))
+    msg = str(err.value)
+    assert "Inner at 'inner'" in msg and "test_capture.py" in msg and "if x.sum() > 0" in msg
+    assert "leaf_modules=[Inner]" in msg and "concrete_args" in msg
+    g = ir.capture(Outer(), (x,), leaf_modules=[Inner])
+    assert g.node("inner").op == "opaque"
+    m = Outer()
+    g = ir.capture(m, (x,), leaf_modules=[Inner])
+    assert torch.equal(ir.lower(g)(x), m(x))
+
+
+def test_concrete_args_fix_a_branching_flag():
+    class Flag(nn.Module):
+        def forward(self, x, double: bool = False):
+            return x * 2 if double else x
+
+    g = ir.capture(Flag(), (torch.randn(2),), concrete_args={"double": True})
+    x = torch.randn(2)
+    assert torch.equal(ir.lower(g)(x), x * 2)
+
+
+def test_wrong_inputs_are_a_capture_error():
+    m = ModuleSpelling().eval()
+    with pytest.raises(CaptureError, match=r"do not fit ModuleSpelling.*'conv'.*Inputs given: \(\(1, 5, 8, 8\)\)"):
+        ir.capture(m, (torch.randn(1, 5, 8, 8),))
+    with pytest.raises(CaptureError, match=r"takes 1 inputs, but 2 example input"):
+        ir.capture(m, (torch.randn(1, 3, 8, 8), torch.randn(1)))
+    with pytest.raises(CaptureError, match="needs a torch.nn.Module"):
+        ir.capture(lambda x: x, (torch.randn(1),))
+
+
+def test_split_chunk_cat_and_indexing():
+    class Shapes(nn.Module):
+        def forward(self, x):
+            a, b = torch.split(x, [2, 3], dim=1)
+            c, d = x.chunk(2, dim=0)
+            y = torch.cat([b, a], 1)[:, 1:4] * x[:, None, 0].squeeze(1).unsqueeze(-1)
+            return y.permute(1, 0).transpose(0, 1).contiguous().sum(0, keepdim=True), torch.stack([c, d]).mean()
+
+    x = torch.randn(4, 5)
+    m = Shapes()
+    g = ir.capture(m, (x,))
+    got = {n.op for n in g}
+    assert {"split", "chunk", "getitem", "cat", "slice", "squeeze", "unsqueeze", "permute", "transpose",
+            "contiguous", "sum", "stack", "mean"} <= got
+    assert "opaque" not in got
+    out, ref = ir.lower(g)(x), m(x)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
