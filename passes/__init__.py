@@ -24,3 +24,4 @@ __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_pas
 import passes.finetune  # noqa: E402,F401
 import passes.prune  # noqa: E402,F401
 import passes.quantize  # noqa: E402,F401
+import passes.distill  # noqa: E402,F401
