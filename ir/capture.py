@@ -12,6 +12,7 @@ import linecache
 import logging
 import operator
 import os
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -486,7 +487,8 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Sequence[Any]):
         super().__init__()
-        self.record_stack_traces = True
+        # fx's own record_stack_traces symbolizes the whole stack per node (about a second a node
+        # here); one walk up the frames to the first user frame is all we need.
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self._leaf_ids = {id(t) for t in leaf_modules if isinstance(t, nn.Module)}
@@ -515,7 +517,15 @@ class _Tracer(fx.Tracer):
         node = super().create_node(*args, **kwargs)
         if self._path_stack:
             node.meta["slimfx_module_path"] = self._path_stack[-1][0]
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+            frame = frame.f_back
+        if frame is not None:
+            node.meta["slimfx_source"] = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
         return node
+
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
 
 def _user_frame(tb_frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
@@ -533,23 +543,7 @@ def _format_frame(f: traceback.FrameSummary | None) -> str:
 
 
 def _source_of(fx_node: fx.Node) -> str | None:
-    stack = fx_node.meta.get("stack_trace")
-    if not stack:
-        return None
-    lines = [ln.strip() for ln in stack.strip().splitlines()]
-    torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(__file__)
-    files = [ln for ln in lines if ln.startswith("File ") and torch_dir not in ln and here not in ln]
-    if not files:
-        return None
-    # 'File "/path/model.py", line 12, in forward' -> 'model.py:12'
-    last = files[-1]
-    try:
-        fname = last.split('"')[1]
-        lineno = last.split("line ")[1].split(",")[0]
-        return f"{os.path.basename(fname)}:{lineno}"
-    except IndexError:
-        return None
+    return fx_node.meta.get("slimfx_source")
 
 
 def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | None) -> fx.GraphModule:

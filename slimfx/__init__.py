@@ -3,4 +3,18 @@
 from slimfx.errors import CaptureError, ExportError, PassError, RecipeError, SlimfxError, ValidationError
 
 __version__ = "0.1.0"
-__all__ = ["SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError"]
+__all__ = ["compile", "CompileResult", "Recipe", "load_recipe",
+           "SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError"]
+
+
+def __getattr__(name: str):
+    # The driver pulls in passes and exporters; load it on first use so `import slimfx.errors` stays light.
+    if name in ("compile", "CompileResult"):
+        from slimfx import driver
+
+        return getattr(driver, name)
+    if name in ("Recipe", "load_recipe"):
+        from slimfx import recipe
+
+        return getattr(recipe, name)
+    raise AttributeError(f"module 'slimfx' has no attribute {name!r}")

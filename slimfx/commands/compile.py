@@ -1,0 +1,69 @@
+"""`slimfx compile [MODEL]`: the main job. Without MODEL: digits_cnn (trained on first use), recipe
+`default`, outputs in ./slimfx-out/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from ir.errors import SlimfxError
+from slimfx.loading import resolve_model
+
+DEFAULT_MODEL = "digits_cnn"
+DEFAULT_RECIPE = "default"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("compile", help="prune, distil, quantize and export a model, with a report",
+                       description="Compile MODEL with a recipe into validated ONNX/TorchScript files and a "
+                                   "report (report.json, report.md). MODEL is a zoo name, "
+                                   "'package.module:callable' or 'path/to/file.py:callable'; default: "
+                                   f"{DEFAULT_MODEL}.")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or path to a .toml file "
+                   f"(default: {DEFAULT_RECIPE})")
+    p.add_argument("--out", default="slimfx-out", help="output directory (default: ./slimfx-out)")
+    p.add_argument("--format", default=None, help="comma-separated: onnx,torchscript (default: the recipe's "
+                   "[export] formats)")
+    p.add_argument("--calibration-samples", type=int, default=256,
+                   help="zoo models: training samples used to calibrate quantization (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables; print only the output path")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimfx.driver import compile as compile_model
+    from slimfx.recipe import load_recipe
+    from slimfx.report import format_report
+
+    if args.calibration_samples < 1:
+        raise SlimfxError(f"--calibration-samples must be at least 1, got {args.calibration_samples}")
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    recipe = load_recipe(args.recipe)  # recipe errors surface before any model is loaded or trained
+    formats = ([f.strip() for f in args.format.split(",") if f.strip()] if args.format
+               else list(recipe.export.get("formats", ["onnx"])))
+    loaded = resolve_model(args.model, seed=args.seed, progress=not args.quiet)
+    kwargs = {}
+    if loaded.zoo is not None and loaded.zoo.dataset:
+        import models
+        from slimfx.data import Batches, calibration_batches
+
+        ds = models.load_dataset(loaded.zoo.dataset, seed=args.seed)
+        kwargs = dict(calibration_data=calibration_batches(ds.train_x, args.calibration_samples, seed=args.seed),
+                      train_data=Batches(ds.train_x, ds.train_y, 64, seed=args.seed),
+                      test_data=((ds.test_x,), ds.test_y))
+    result = compile_model(loaded.module, loaded.example_inputs, recipe, example_kwargs=loaded.example_kwargs,
+                           out_dir=args.out, formats=formats, name=loaded.name, quiet=args.quiet,
+                           seed=args.seed, **kwargs)
+    if args.quiet:
+        print(result.out_dir)
+        return 0
+    print(f"\nslimfx compiled {loaded.name} with recipe '{recipe.name}' in {result.report['seconds']:.1f} s\n")
+    print(format_report(result.report))
+    print(f"\nwrote {', '.join(str(p) for p in result.exports.values())}, "
+          f"{result.out_dir / 'report.json'}, {result.out_dir / 'report.md'}")
+    if logging.getLogger("slimfx").isEnabledFor(logging.DEBUG):
+        print(json.dumps(result.report, indent=2, default=str))
+    return 0

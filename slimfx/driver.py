@@ -1,0 +1,317 @@
+"""slimfx.compile(): capture -> recipe passes -> validated exports -> an honest report.
+
+The driver is the only place that knows the order of things: passes never call exporters and
+exporters never run passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import ir
+from ir.errors import RecipeError, SlimfxError, ValidationError
+from passes import PassContext
+from slimfx.recipe import Recipe, load_recipe
+
+log = logging.getLogger("slimfx")
+
+FORMAT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+
+
+@dataclass
+class CompileResult:
+    """What compile() produced: the final IR, a runnable module, the exported files and the report."""
+
+    graph: ir.Graph
+    module: fx.GraphModule
+    exports: dict[str, Path]
+    report: dict[str, Any]
+    out_dir: Path | None = None
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+def _flat_outputs(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flat_outputs(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat_outputs(v)]
+    return []
+
+
+def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float | None]:
+    """max_abs_diff, top1_agreement (2-D logits only) and SQNR in dB of `candidate` against `reference`."""
+    ref = reference.detach().double()
+    cand = candidate.detach().double().reshape(ref.shape)
+    noise = float(((ref - cand) ** 2).sum())
+    signal = float((ref ** 2).sum())
+    sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    top1 = None
+    if ref.dim() == 2 and ref.shape[1] > 1:
+        top1 = float((ref.argmax(1) == cand.argmax(1)).double().mean())
+    return {"max_abs_diff": float((ref - cand).abs().max()) if ref.numel() else 0.0,
+            "top1_agreement": top1, "sqnr_db": sqnr if math.isfinite(sqnr) else 999.0}
+
+
+def _run_batched(fn: Callable[..., Any], inputs: tuple[torch.Tensor, ...], batch: int = 256) -> torch.Tensor:
+    outs = []
+    n = inputs[0].shape[0]
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            outs.append(_flat_outputs(fn(*(t[i:i + batch] for t in inputs)))[0])
+    return torch.cat(outs)
+
+
+def _onnx_runner(path: Path) -> Callable[..., torch.Tensor]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(*xs: torch.Tensor) -> torch.Tensor:
+        out = sess.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+        return torch.from_numpy(np.asarray(out[0]))
+    return run
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).double().mean())
+
+
+def _batch_inputs(example: tuple[torch.Tensor, ...], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs at another batch size: the example rows repeated (keeps integer ids and masks valid)."""
+    out = []
+    for t in example:
+        reps = [math.ceil(batch / t.shape[0])] + [1] * (t.dim() - 1)
+        out.append(t.repeat(*reps)[:batch].clone())
+    return tuple(out)
+
+
+def _latency(path: Path, example: tuple, quiet: bool) -> dict[str, float]:
+    from exporters.bench import measure_latency
+
+    result = {}
+    for key, batch in (("b1", 1), ("b32", 32)):
+        m = measure_latency(path, _batch_inputs(example, batch), threads=1)
+        result[key] = round(float(m.median_ms), 4)
+    return result
+
+
+# --- the main entry point --------------------------------------------------------------------------------
+
+def _as_tuple(x: Any) -> tuple:
+    if isinstance(x, tuple):
+        return x
+    if isinstance(x, list):
+        return tuple(x)
+    return (x,)
+
+
+def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe = "int8", *,  # noqa: A001
+            example_kwargs: dict[str, Any] | None = None, calibration_data: Iterable | None = None,
+            train_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float] | None = None,
+            out_dir: str | Path | None = None, formats: Sequence[str] = ("onnx",),
+            check_numerics: bool = True, test_data: tuple[Any, torch.Tensor] | None = None,
+            name: str | None = None, quiet: bool = False, seed: int = 0) -> CompileResult:
+    """Compile `model` with a recipe: capture, run its passes, export and validate, and report.
+
+    recipe: a built-in name (`slimfx passes`/README list them), a TOML path, or a `Recipe`.
+    calibration_data: iterable of input tuples for static quantization (default: the example
+        inputs, which the report flags as weak). train_data: iterable of `(inputs_tuple, target)`
+        batches for fine-tuning / distillation steps. eval_fn: module -> accuracy in [0, 1].
+    test_data: `(inputs_tuple, labels)` used for accuracy (when no eval_fn) and for the
+        validation numbers; without it, validation uses the example inputs.
+    formats: what to export into `out_dir` ("onnx", "torchscript"). Nothing is written unless
+        every step succeeds.
+    """
+    t_start = time.perf_counter()
+    example = _as_tuple(example_inputs)
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMAT_FILES]
+    if unknown:
+        raise SlimfxError(f"unknown export format {unknown[0]!r}; choose from {', '.join(FORMAT_FILES)}")
+    ctx = PassContext(example_inputs=example, calibration_data=calibration_data, train_data=train_data,
+                      eval_fn=eval_fn, teacher=model, seed=seed, quiet=quiet)
+    pipeline = rec.build_passes()  # raises RecipeError for unknown passes/options before any work
+    rec.check_context(pipeline, ctx)  # a step that needs data that was not given
+    warnings: list[str] = []
+    if calibration_data is None and any(getattr(p, "needs_calibration", False) for p in pipeline):
+        warnings.append("static quantization calibrated on the example inputs only; pass calibration_data "
+                        "(a few hundred representative samples) for trustworthy activation ranges")
+
+    graph = ir.capture(model, example) if not example_kwargs else ir.capture(
+        model, example, example_kwargs=example_kwargs)
+    model_name = name or type(model).__name__
+
+    if test_data is not None:
+        val_inputs, val_labels = _as_tuple(test_data[0]), test_data[1]
+    else:
+        val_inputs, val_labels = example, None
+    with torch.no_grad():
+        reference = _run_batched(model, val_inputs)
+
+    def accuracy_of(fn: Callable[..., Any], module: nn.Module | None) -> float | None:
+        if eval_fn is not None and module is not None:
+            return float(eval_fn(module))
+        if val_labels is not None:
+            return _accuracy(_run_batched(fn, val_inputs), val_labels)
+        return None
+
+    with tempfile.TemporaryDirectory(prefix="slimfx-") as tmp:
+        tmp_path = Path(tmp)
+        from exporters import export_onnx
+
+        base_onnx = export_onnx(graph, tmp_path / "baseline.onnx", inputs=example)
+        baseline = {
+            "params": ir.count_params(graph), "macs": ir.count_macs(graph),
+            "size_bytes": base_onnx.path.stat().st_size,
+            "latency_ms": _latency(base_onnx.path, example, quiet),
+            "accuracy": accuracy_of(model, model),
+        }
+        stages = [{"stage": "original", **_stage_numbers(baseline)}]
+
+        records = []
+        from passes import PassManager
+
+        for i, p in enumerate(pipeline):
+            pm = PassManager([p], verify_each=True,
+                             check_numerics=1e-4 if check_numerics and p.preserves_outputs else None)
+            records.extend(pm.run(graph, ctx))
+            if records[-1].changed and not p.is_analysis:
+                stages.append(_measure_stage(f"{i + 1}. {p.name}", graph, example, tmp_path, i, accuracy_of,
+                                             quiet))
+
+        module = ir.lower(graph).eval()
+        staging = tmp_path / "out"
+        staging.mkdir()
+        exports: dict[str, Path] = {}
+        export_details: dict[str, Any] = {}
+        validate_cfg = rec.validate
+        for fmt in formats:
+            target = staging / FORMAT_FILES[fmt]
+            if fmt == "onnx":
+                res = export_onnx(graph, target, inputs=example, **_export_tolerances(rec))
+            else:
+                from exporters import export_torchscript
+
+                res = export_torchscript(graph, target, inputs=example)
+            exports[fmt] = target
+            export_details[fmt] = res.to_dict()
+
+        deployed = _onnx_runner(exports["onnx"]) if "onnx" in exports else module
+        deployed_path = exports.get("onnx") or _export_quiet(graph, tmp_path / "compressed.onnx", example)
+        candidate = _run_batched(deployed, val_inputs)
+        validation = compare(reference, candidate)
+        compressed = {
+            "params": ir.count_params(graph), "macs": ir.count_macs(graph),
+            "size_bytes": deployed_path.stat().st_size,
+            "latency_ms": _latency(deployed_path, example, quiet),
+            "accuracy": (float(eval_fn(module)) if eval_fn is not None else
+                         (_accuracy(candidate, val_labels) if val_labels is not None else None)),
+        }
+        stages.append({"stage": "compiled", **_stage_numbers(compressed)})
+        _check_validation(validation, validate_cfg, rec)
+
+        report = {
+            "model": model_name, "recipe": rec.name,
+            "baseline": baseline, "compressed": compressed, "validation": validation,
+            "passes": [r.to_dict() for r in records],
+            "exports": {fmt: {**export_details[fmt], "path": FORMAT_FILES[fmt]} for fmt in exports},
+            "stages": stages, "warnings": warnings,
+            "seconds": round(time.perf_counter() - t_start, 3),
+        }
+        final_exports: dict[str, Path] = {}
+        out_path = Path(out_dir) if out_dir is not None else None
+        if out_path is not None:
+            (staging / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+            from slimfx.report import write_markdown
+
+            write_markdown(report, staging / "report.md", staging / "report.png")
+            out_path.mkdir(parents=True, exist_ok=True)
+            for f in staging.iterdir():
+                shutil.move(str(f), out_path / f.name)
+            final_exports = {fmt: out_path / FORMAT_FILES[fmt] for fmt in exports}
+    return CompileResult(graph, module, final_exports, report, out_path, stages)
+
+
+def _stage_numbers(m: dict[str, Any]) -> dict[str, Any]:
+    return {"params": m["params"], "macs": m["macs"], "size_bytes": m["size_bytes"],
+            "latency_b32_ms": m["latency_ms"]["b32"] if m.get("latency_ms") else None, "accuracy": m["accuracy"]}
+
+
+def _export_quiet(graph: ir.Graph, path: Path, example: tuple) -> Path:
+    from exporters import export_onnx
+
+    return export_onnx(graph, path, inputs=example).path
+
+
+def _measure_stage(label: str, graph: ir.Graph, example: tuple, tmp: Path, index: int,
+                   accuracy_of: Callable, quiet: bool) -> dict[str, Any]:
+    """Size, latency and accuracy after one pass (latency/size left out when the stage cannot export)."""
+    module = ir.lower(graph).eval()
+    row: dict[str, Any] = {"stage": label, "params": ir.count_params(graph), "macs": ir.count_macs(graph),
+                           "size_bytes": None, "latency_b32_ms": None, "accuracy": accuracy_of(module, module)}
+    try:
+        path = _export_quiet(graph, tmp / f"stage{index}.onnx", example)
+        row["size_bytes"] = path.stat().st_size
+        row["latency_b32_ms"] = _latency(path, example, quiet)["b32"]
+    except SlimfxError as e:
+        log.info("stage %s not exportable on its own: %s", label, e)
+    return row
+
+
+def _export_tolerances(rec: Recipe) -> dict[str, Any]:
+    tol = {}
+    if "atol" in rec.validate:
+        tol["atol"] = rec.validate["atol"]
+    if "rtol" in rec.validate:
+        tol["rtol"] = rec.validate["rtol"]
+    return tol
+
+
+def _check_validation(validation: dict[str, Any], cfg: dict[str, Any], rec: Recipe) -> None:
+    need = cfg.get("min_top1_agreement")
+    got = validation.get("top1_agreement")
+    if need is not None and got is not None and got < need:
+        raise ValidationError(
+            f"the compiled model agrees with the original on only {got:.2%} of top-1 predictions; recipe "
+            f"'{rec.name}' requires {need:.2%} ([validate] min_top1_agreement). Give more calibration or "
+            "training data, a gentler recipe, or lower the threshold in the recipe.")
+    need_sqnr = cfg.get("min_sqnr_db")
+    if need_sqnr is not None and validation["sqnr_db"] < need_sqnr:
+        raise ValidationError(f"output SQNR {validation['sqnr_db']:.1f} dB is below the recipe's "
+                              f"min_sqnr_db {need_sqnr} ([validate] in recipe '{rec.name}')")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+__all__ = ["compile", "CompileResult", "compare", "RecipeError"]

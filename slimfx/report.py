@@ -1,0 +1,121 @@
+"""Reports: the before/after table for the terminal and report.md, and the accuracy/latency/size plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt_int(v: Any) -> str:
+    return f"{v:,}" if isinstance(v, int) else "-"
+
+
+def _fmt_bytes(v: Any) -> str:
+    if not isinstance(v, (int, float)):
+        return "-"
+    return f"{v / 1024:.1f} KiB" if v < 1024 * 1024 else f"{v / 1024 / 1024:.2f} MiB"
+
+
+def _fmt_ms(v: Any) -> str:
+    return f"{v:.3f} ms" if isinstance(v, (int, float)) else "-"
+
+
+def _fmt_acc(v: Any) -> str:
+    return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "n/a"
+
+
+def _ratio(a: Any, b: Any) -> str:
+    return f"{b / a:.3f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
+
+
+def summary_rows(report: dict[str, Any]) -> list[list[str]]:
+    """[metric, original, compiled, ratio] rows of the before/after table."""
+    b, c = report["baseline"], report["compressed"]
+    rows = [
+        ["params", _fmt_int(b["params"]), _fmt_int(c["params"]), _ratio(b["params"], c["params"])],
+        ["MACs", _fmt_int(b["macs"]), _fmt_int(c["macs"]), _ratio(b["macs"], c["macs"])],
+        ["ONNX file", _fmt_bytes(b["size_bytes"]), _fmt_bytes(c["size_bytes"]),
+         _ratio(b["size_bytes"], c["size_bytes"])],
+    ]
+    for key, label in (("b1", "latency b1 (ORT, 1 thread)"), ("b32", "latency b32 (ORT, 1 thread)")):
+        lb, lc = b["latency_ms"].get(key), c["latency_ms"].get(key)
+        rows.append([label, _fmt_ms(lb), _fmt_ms(lc), _ratio(lb, lc)])
+    acc_delta = (f"{100 * (c['accuracy'] - b['accuracy']):+.2f} pt"
+                 if isinstance(b["accuracy"], float) and isinstance(c["accuracy"], float) else "-")
+    rows.append(["accuracy", _fmt_acc(b["accuracy"]), _fmt_acc(c["accuracy"]), acc_delta])
+    v = report["validation"]
+    rows.append(["top-1 agreement", "", _fmt_acc(v["top1_agreement"]), ""])
+    rows.append(["SQNR vs original", "", f"{v['sqnr_db']:.1f} dB", ""])
+    rows.append(["max abs diff", "", f"{v['max_abs_diff']:.3g}", ""])
+    return rows
+
+
+def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _stats_text(stats: dict[str, Any], limit: int = 6) -> str:
+    items = [(k, v) for k, v in stats.items() if isinstance(v, (int, float, str, bool))]
+    text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items[:limit])
+    return text + (", ..." if len(items) > limit else "")
+
+
+def format_report(report: dict[str, Any], *, markdown: bool = False) -> str:
+    """The before/after table and the per-pass times and stats."""
+    parts = [_table(["", "original", "compiled", "ratio"], summary_rows(report), markdown)]
+    if report.get("passes"):
+        prow = [[p["name"], f"{p['seconds']:.2f} s", _stats_text(p.get("stats", {}))] for p in report["passes"]]
+        parts.append(_table(["pass", "time", "stats"], prow, markdown))
+    for w in report.get("warnings", []):
+        parts.append(f"warning: {w}")
+    return "\n\n".join(parts)
+
+
+def plot_stages(stages: list[dict[str, Any]], path: Path) -> Path | None:
+    """Accuracy against latency (b32) and against file size, one point per stage."""
+    pts = [s for s in stages if s.get("latency_b32_ms") is not None]
+    if not pts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    have_acc = any(s.get("accuracy") is not None for s in pts)
+    for ax, key, label in ((axes[0], "latency_b32_ms", "latency at batch 32 (ms, ORT, 1 thread)"),
+                           (axes[1], "size_bytes", "ONNX file size (KiB)")):
+        xs = [s[key] / (1024 if key == "size_bytes" else 1) for s in pts if s.get(key) is not None]
+        ys = [100 * s["accuracy"] if have_acc and s.get("accuracy") is not None else float(i)
+              for i, s in enumerate(pts) if s.get(key) is not None]
+        ax.plot(xs, ys, "-o", color="tab:blue")
+        for x, y, s in zip(xs, ys, [s for s in pts if s.get(key) is not None]):
+            ax.annotate(s["stage"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)" if have_acc else "stage")
+        ax.grid(alpha=0.3)
+    fig.suptitle("slimfx: accuracy against latency and size, per stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_markdown(report: dict[str, Any], path: Path, plot_path: Path) -> None:
+    """report.md: the summary table, per-pass stats, per-stage numbers and the plot."""
+    plotted = plot_stages(report.get("stages", []), plot_path)
+    stage_rows = [[s["stage"], _fmt_int(s["params"]), _fmt_int(s["macs"]), _fmt_bytes(s["size_bytes"]),
+                   _fmt_ms(s["latency_b32_ms"]), _fmt_acc(s["accuracy"])] for s in report.get("stages", [])]
+    text = [f"# slimfx report: {report['model']} with recipe `{report['recipe']}`", "",
+            format_report(report, markdown=True), "", "## Stages", "",
+            _table(["stage", "params", "MACs", "ONNX size", "latency b32", "accuracy"], stage_rows, True)]
+    if plotted:
+        text += ["", f"![accuracy against latency and size]({plot_path.name})"]
+    text.append("")
+    path.write_text("\n".join(text))
