@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
+import os
 import re
 import time
 from collections.abc import Callable
@@ -36,7 +37,6 @@ from ir.capture import (
     _f_interpolate,
     _f_max_pool1d,
     _f_max_pool2d,
-    _source_of,
 )
 from ir.errors import CaptureError
 from ir.graph import Graph, Node, Param, meta_of
@@ -614,6 +614,17 @@ def _run_program(ep: torch.export.ExportedProgram, user_inputs: list[Any]) -> di
     return values
 
 
+def _source(n: fx.Node) -> str | None:
+    """`file.py:LINE` of the innermost frame of the export node's stack trace outside torch."""
+    stack = n.meta.get("stack_trace")
+    if not stack:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    files = [ln.strip() for ln in stack.splitlines() if ln.strip().startswith("File ") and torch_dir not in ln]
+    m = re.match(r'File "([^"]+)", line (\d+)', files[-1]) if files else None
+    return f"{os.path.basename(m.group(1))}:{m.group(2)}" if m else None
+
+
 def _module_path(n: fx.Node) -> str | None:
     stack = n.meta.get("nn_module_stack")
     if not stack:
@@ -748,7 +759,7 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
         if n.op != "call_function":
             raise CaptureError(f"torch.export produced a {n.op} node {n.name!r} ({n.target}); slimfx maps only "
                                "call_function graphs (higher-order ops such as torch.cond are not supported)")
-        cx.node, cx.module_path, cx.source = n, _module_path(n), _source_of(n)
+        cx.node, cx.module_path, cx.source = n, _module_path(n), _source(n)
         args = fx.node.map_aggregate(n.args, lookup)
         kwargs = fx.node.map_aggregate(n.kwargs, lookup)
         if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0] in tuple_heads:
