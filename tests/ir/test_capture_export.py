@@ -254,3 +254,118 @@ def test_every_converted_op_is_canonical():
     model = ConvBnMlp().eval()
     g = ir.capture(model, (torch.randn(2, 3, 8, 8),), method="export")
     assert all(n.op in OPS or n.op in ("input", "output") for n in g)
+
+
+# --- Hugging Face transformers (skipped when transformers is not installed) -----------------------------
+
+_HF_CACHE: dict = {}
+
+
+def hf_case(arch: str):
+    """(model, example kwargs, captured graph) of a tiny-config model, captured once per test session."""
+    pytest.importorskip("transformers")
+    from models import hf
+
+    if arch not in _HF_CACHE:
+        model, kwargs = hf.build(arch)
+        _HF_CACHE[arch] = (model, kwargs, ir.capture(model, (), example_kwargs=kwargs))
+    model, kwargs, graph = _HF_CACHE[arch]
+    return model, kwargs, graph.copy()
+
+
+def other_inputs(model, arch: str, batch: int, seq_len: int, seed: int = 1) -> dict:
+    from models import hf
+
+    return hf.example_inputs(model, batch=batch, seq_len=seq_len, seed=seed)
+
+
+HF_ARCHS = ["bert", "distilbert", "gpt2", "vit"]
+# What the attention-mask construction of transformers 5 leaves opaque (they have ONNX emitters).
+MASK_OPS = {"aten.arange.default", "aten.arange.start", "aten.ge.Scalar", "aten.le.Tensor", "aten.__and__.Tensor",
+            "aten.index.Tensor", "aten.new_ones.default", "aten.gather.default"}
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_hf_models_capture_with_auto_and_lower_exactly(arch):
+    model, kwargs, g = hf_case(arch)
+    assert g.capture_method == "export"
+    assert [n.name for n in g.inputs] == list(kwargs)
+    ir.verify(g)
+    assert all(n.op in OPS or n.op in ("input", "output", "opaque") for n in g)  # a pass sees linear, not addmm
+    assert {str(n.attrs["target"]) for n in g.find("opaque")} <= MASK_OPS
+    gm = ir.lower(g)
+    with torch.no_grad():
+        for inputs in (kwargs, other_inputs(model, arch, batch=3, seq_len=13)):
+            out, ref = gm(**inputs), model(**inputs).logits
+            assert set(out) == {"logits"}
+            assert out["logits"].shape == ref.shape
+            assert rel_err(out["logits"], ref) <= 1e-6
+
+
+def test_hf_module_paths_and_weights_are_where_passes_look():
+    _, _, bert = hf_case("bert")
+    (q,) = bert.find("linear", module_path="bert.encoder.layer.0.attention.self.query")
+    assert q.inputs[1:] == (ir.Param("bert.encoder.layer.0.attention.self.query.weight"),
+                            ir.Param("bert.encoder.layer.0.attention.self.query.bias"))
+    assert len(bert.find("layer_norm")) == 5 and len(bert.find("scaled_dot_product_attention")) == 2
+    # batch and sequence sizes of the attention reshapes are size nodes, not the example's numbers
+    sizes = bert.find("reshape")[0].attrs["shape"]
+    assert [s.attrs["dim"] for s in sizes[:2]] == [0, 1] and all(s.op == "size" for s in sizes[:2])
+    _, _, gpt2 = hf_case("gpt2")
+    (c_attn,) = gpt2.find("linear", module_path="transformer.h.0.attn.c_attn")
+    w = gpt2.params[c_attn.inputs[1].name]
+    assert c_attn.inputs[1].name == "transformer.h.0.attn.c_attn.weight" and tuple(w.shape) == (96, 32)
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_hf_models_export_to_onnx_at_two_batch_sizes_and_sequence_lengths(arch, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from exporters.onnx import export_onnx
+
+    model, kwargs, g = hf_case(arch)
+    lengths = [None] if arch == "vit" else [8, 13]  # ViT's token count is fixed by the image size
+    for seq_len in lengths:
+        if seq_len is not None and seq_len != kwargs["input_ids"].shape[1]:
+            # the graph is sequence-dynamic: refresh its shapes at the new length, then export again
+            ir.propagate_shapes(g, *other_inputs(model, arch, batch=2, seq_len=seq_len).values())
+        path = tmp_path / f"{arch}_{seq_len}.onnx"
+        res = export_onnx(g, path, inputs=tuple(other_inputs(model, arch, 2, seq_len or 8, seed=2).values()))
+        assert res.validation.passed
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in sess.get_inputs()] == list(kwargs)
+        for batch in (1, 4):
+            inputs = other_inputs(model, arch, batch, seq_len or 8, seed=batch)
+            (got,) = sess.run(None, {k: v.numpy() for k, v in inputs.items()})
+            with torch.no_grad():
+                ref = model(**inputs).logits
+            assert (torch.from_numpy(got) - ref).abs().max().item() <= 1e-5
+
+
+def _registered(*names: str) -> bool:
+    from passes.base import registered_passes
+
+    return all(n in registered_passes() for n in names)
+
+
+@pytest.mark.parametrize("arch", HF_ARCHS)
+def test_hf_graphs_go_through_cleanup_passes_and_int8_quantization(arch, tmp_path):
+    if not _registered("fold-batchnorm", "cse", "dce", "quantize"):
+        pytest.skip("the cleanup or quantize passes are not registered on this branch")
+    from exporters.onnx import export_onnx
+    from passes import PassManager
+    from passes.base import PassContext
+
+    model, kwargs, g = hf_case(arch)
+    inputs = tuple(kwargs.values())
+    ctx = PassContext(example_inputs=inputs, calibration_data=[inputs])
+    PassManager(["fold-batchnorm", "cse", "dce"], check_numerics=1e-6).run(g, ctx)
+    assert {str(n.attrs["target"]) for n in g.find("opaque")} <= MASK_OPS
+    n_weighted = len(g.find("linear")) + len(g.find("conv2d"))
+    (rec,) = PassManager(["quantize"]).run(g, ctx)
+    assert rec.stats["quantized_ops"] == n_weighted  # every linear (GPT-2's Conv1D ones too) is int8
+    assert g.find("quantize") and g.find("dequantize")
+    with torch.no_grad():
+        out, ref = ir.lower(g)(*inputs)["logits"], model(**kwargs).logits
+    assert 0 < rel_err(out, ref) < 0.05
+    res = export_onnx(g, tmp_path / "int8.onnx", inputs=inputs, atol=5e-3, rtol=1e-2)
+    assert res.validation.passed
