@@ -103,7 +103,7 @@ register(ZooModel(
     input_dtype=torch.float32,
     num_classes=10,
     dataset="digits-flat",
-    train_config=dict(epochs=40, lr=3e-3, batch_size=64),
+    train_config=dict(epochs=40, lr=3e-3, batch_size=64, num_threads=1),
 ))
 register(ZooModel(
     name="digits_cnn",
@@ -113,7 +113,7 @@ register(ZooModel(
     input_dtype=torch.float32,
     num_classes=10,
     dataset="digits",
-    train_config=dict(epochs=30, lr=3e-3, batch_size=64),
+    train_config=dict(epochs=30, lr=3e-3, batch_size=64, num_threads=1),
 ))
 register(ZooModel(
     name="resnet20",

@@ -83,9 +83,12 @@ def test_mismatched_cache_is_retrained(cache: pathlib.Path, monkeypatch):
 def test_train_is_seeded_and_accuracy_restores_mode():
     ds = models.load_dataset("digits-flat")
     spec = models.get("mlp")
-    a = models.train(spec.build(), ds, epochs=1, lr=1e-3, batch_size=128, seed=5, progress=False)
-    b = models.train(spec.build(), ds, epochs=1, lr=1e-3, batch_size=128, seed=5, progress=False)
-    c = models.train(spec.build(), ds, epochs=1, lr=1e-3, batch_size=128, seed=6, progress=False)
+    a = models.train(spec.build(), ds, epochs=1, lr=1e-3, batch_size=128, seed=5, progress=False,
+                     num_threads=1)
+    b = models.train(spec.build(), ds, epochs=1, lr=1e-3, batch_size=128, seed=5, progress=False,
+                     num_threads=1)
+    c = models.train(spec.build(), ds, epochs=1, lr=1e-3, batch_size=128, seed=6, progress=False,
+                     num_threads=1)
     assert _same_weights(a, b) and not _same_weights(a, c)
     assert not a.training
     a.train()
