@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from exporters.bench import measure_latency
-from exporters.onnx import to_onnx_model
 
 import ir
 import models
+from exporters.bench import measure_latency
+from exporters.onnx import to_onnx_model
 from passes import PassContext, create_pass
 
 DEFAULT_MODELS = ("digits_cnn", "resnet20", "mobilenetv2", "tiny_bert")
