@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shutil
 import sys
 import tempfile
 import time
@@ -129,6 +130,7 @@ def main() -> int:
     out.write(f"\ngeometric-mean latency ratio: {float(np.exp(np.mean(np.log(ratios)))):.3f}; "
               f"worst: {max(ratios):.3f}; targets met: {'yes' if ok else 'NO'}\n")
     print(out.getvalue())
+    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
