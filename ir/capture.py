@@ -748,7 +748,8 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
                 # A defaulted forward argument that was not given: bake in its default value.
                 env[n] = n.args[0] if n.args else None
                 continue
-            env[n] = graph.create_node("input", (), {}, name=n.name, meta=meta)
+            # The placeholder's target is forward's own argument name (fx renames `input` to `input_1`).
+            env[n] = graph.create_node("input", (), {}, name=str(n.target).lstrip("*"), meta=meta)
             continue
         if n.op == "output":
             graph.set_outputs(fx.node.map_aggregate(n.args[0], lookup))

@@ -31,7 +31,7 @@ def test_export_validate_bench(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert main(["export", f"{src}:build", "-o", str(out)]) == 0
     assert "validation: pass" in capsys.readouterr().out
-    assert [i.name for i in onnx.load(str(out)).graph.input] == ["input_1"]  # fx renames "input"
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["input"]  # forward's own argument name
     assert main(["validate", str(out), "--model", f"{src}:build", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["passed"] and rep["batches"] == [1, 7] and rep["max_abs_diff"] < 1e-5
