@@ -123,8 +123,12 @@ def reduce_depth(block: Graph, scope: str, keep: int) -> int:
             i, o = boundary(block, sel)
         except PassError:
             continue
-        if i.meta == o.meta:
+        if i.meta == o.meta and len(sel) >= 2:
             removable.append((child, sel, i, o))
+    # only repeats of one block structure count (not single layers that happen to keep their shape)
+    if removable:
+        sig = tuple(n.op for n in removable[-1][1])
+        removable = [r for r in removable if tuple(n.op for n in r[1]) == sig]
     n_children = len(groups)
     drop = n_children - keep
     if drop <= 0:

@@ -86,3 +86,9 @@ def trained(kind: str) -> nn.Module:
     x, y, _, _ = digits()
     distill(None, model, (x, y), loss="ce", epochs=4, lr=3e-3, quiet=True)
     return model.eval()
+
+
+def conv_student(teacher_block: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A custom distill-subgraph student: two plain convs with the block's channel count."""
+    c = example.shape[1]
+    return nn.Sequential(nn.Conv2d(c, c // 2, 3, padding=1), nn.ReLU(), nn.Conv2d(c // 2, c, 3, padding=1), nn.ReLU())
