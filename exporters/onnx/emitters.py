@@ -665,7 +665,11 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
     qdt = ctx.meta(q).dtype
     per_tensor = axis is None
     rank = ctx.rank(q)
-    return ctx.emit("DequantizeLinear", [ctx.value(q), _qparam(ctx, scale, torch.float32, per_tensor),
-                                         _qparam(ctx, zp, qdt, per_tensor)],
+    # int8/uint8 zero points stay explicit even when 0: onnxruntime's QDQ fusion (QGemm, NhwcMaxPool)
+    # needs them. An int32 (bias) zero point of 0 is left out: it is the default, and fusion ignores it.
+    zero = _qtensor(ctx, zp)
+    omit = qdt == torch.int32 and zero is not None and not bool(torch.as_tensor(zero).any())
+    return ctx.emit("DequantizeLinear", [ctx.value(q), _qparam(ctx, scale, torch.float32, per_tensor)]
+                    + ([] if omit else [_qparam(ctx, zp, qdt, per_tensor)]),
                     axis=None if axis is None else _axis(int(axis), rank))
 
