@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ir.errors import SlimfxError
@@ -68,6 +70,8 @@ def _fake(v, graph: Graph):
         return [_fake(x, graph) for x in v]
     if isinstance(v, dict):
         return {k: _fake(x, graph) for k, x in v.items()}
+    if isinstance(v, slice) and any(isinstance(x, Node) for x in (v.start, v.stop, v.step)):
+        raise _Skip  # bounds computed at run time (size nodes): nothing to check statically
     return v
 
 
@@ -75,28 +79,90 @@ class _Skip(Exception):
     pass
 
 
+# (op impl, operand shapes/constants, attrs) -> what the op computes on meta tensors. Many nodes
+# share a signature (every block of a network, every pass of a pipeline re-verifying the same graph),
+# and some meta kernels cost milliseconds (python decompositions), so verify memoizes them.
+_SHAPE_CACHE: dict[Any, tuple] = {}
+_SHAPE_CACHE_MAX = 100_000
+
+
+class _Unhashable(Exception):
+    pass
+
+
+def _sig(v: Any, graph: Graph) -> Any:
+    """A hashable stand-in for an operand that determines the op's output meta."""
+    if isinstance(v, Node):
+        return ("n", v.meta)
+    if isinstance(v, Param):
+        t = graph.params[v.name]
+        return ("p", tuple(t.shape), t.dtype)
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(_sig(x, graph) for x in v))
+    if isinstance(v, dict):
+        return ("d", tuple((k, _sig(x, graph)) for k, x in v.items()))
+    if isinstance(v, slice):
+        return ("s", _sig(v.start, graph), _sig(v.stop, graph), _sig(v.step, graph))
+    if isinstance(v, torch.Tensor):  # hashed by identity: never a reliable (or memory-safe) key
+        raise _Unhashable
+    try:
+        hash(v)
+    except TypeError:
+        raise _Unhashable from None
+    return (type(v), v)
+
+
+def _computed_meta(n: Node, graph: Graph) -> tuple:
+    """("ok", meta) | ("skip",) | ("err", message): the op run on meta tensors of its operands."""
+    op = get_op(n.op)
+    try:
+        args = _fake(n.inputs, graph)
+        kwargs = _fake(n.attrs, graph)
+        if op.training_flag and kwargs.get("training") is None:
+            kwargs["training"] = False
+        if n.op == "batch_norm":
+            args = args[:5]
+        out = op.impl(*args, **kwargs)
+    except _Skip:
+        return ("skip",)
+    except Exception as e:  # noqa: BLE001 - an op that fails on its recorded input shapes is broken
+        if "meta" in str(e) and ("not implemented" in str(e).lower() or "NotImplemented" in type(e).__name__):
+            return ("skip",)
+        return ("err", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    got = out if not isinstance(out, torch.Tensor) else TensorMeta(tuple(out.shape), out.dtype)
+    if isinstance(out, (tuple, list)):
+        got = tuple(TensorMeta(tuple(o.shape), o.dtype) for o in out if isinstance(o, torch.Tensor))
+    return ("ok", got)
+
+
+def infer_meta(node: Node) -> Any:
+    """The output meta of `node` computed from its operands' metas on meta tensors (no arithmetic);
+    None when it cannot be inferred (operands without metas, ops without meta kernels). For passes
+    that create nodes: `node.meta = infer_meta(node)`."""
+    if node.graph is None or node.op in STRUCTURAL_OPS:
+        return None
+    res = _computed_meta(node, node.graph)
+    return res[1] if res[0] == "ok" else None
+
+
 def _check_shapes(graph: Graph) -> None:
     for n in graph:
         if n.op in STRUCTURAL_OPS or n.op in ("size", "shape", "getitem") or n.meta is None:
             continue
-        op = get_op(n.op)
         try:
-            args = _fake(n.inputs, graph)
-            kwargs = _fake(n.attrs, graph)
-            if op.training_flag and kwargs.get("training") is None:
-                kwargs["training"] = False
-            if n.op == "batch_norm":
-                args = args[:5]
-            out = op.impl(*args, **kwargs)
-        except _Skip:
-            continue
-        except Exception as e:  # noqa: BLE001 - an op that fails on its recorded input shapes is broken
-            if "meta" in str(e) and ("not implemented" in str(e).lower() or "NotImplemented" in type(e).__name__):
-                continue
-            raise VerifyError(f"%{n.name} ({n.op}, {n.where()}) fails on its input shapes: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        got = out if not isinstance(out, torch.Tensor) else TensorMeta(tuple(out.shape), out.dtype)
-        if isinstance(out, (tuple, list)):
-            got = tuple(TensorMeta(tuple(o.shape), o.dtype) for o in out if isinstance(o, torch.Tensor))
-        if isinstance(got, (TensorMeta, tuple)) and got != n.meta:
-            raise VerifyError(f"%{n.name} ({n.op}) records {n.meta} but computes {got} from its inputs")
+            key: Any = (n.op, get_op(n.op).impl, _sig(n.inputs, graph), _sig(n.attrs, graph))
+        except _Unhashable:
+            key = None
+        res = _SHAPE_CACHE.get(key) if key is not None else None
+        if res is None:
+            res = _computed_meta(n, graph)
+            if key is not None:
+                if len(_SHAPE_CACHE) >= _SHAPE_CACHE_MAX:
+                    _SHAPE_CACHE.clear()
+                _SHAPE_CACHE[key] = res
+        if res[0] == "err":
+            raise VerifyError(f"%{n.name} ({n.op}, {n.where()}) fails on its input shapes: {res[1]}")
+        if res[0] == "ok":
+            got = res[1]
+            if isinstance(got, (TensorMeta, tuple)) and got != n.meta:
+                raise VerifyError(f"%{n.name} ({n.op}) records {n.meta} but computes {got} from its inputs")

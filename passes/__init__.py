@@ -1,4 +1,4 @@
-"""Pass API, registry, PassManager and the built-in passes."""
+"""Pass API, registry, PassManager, pattern rewriter and the built-in passes."""
 
 from passes.base import (
     Pass,
@@ -10,10 +10,18 @@ from passes.base import (
     register_pass,
     registered_passes,
 )
-
-__all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
-           "create_pass", "parse_pass_spec"]
+from passes.manager import PassManager, PassRecord, compare_outputs
+from passes.rewrite import Match, Pattern, PatternPass, rewrite
 
 # Built-in passes register themselves on import.
+from passes import cleanup, fuse  # noqa: E402,F401,I001  isort: skip
+
+__all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
+           "create_pass", "parse_pass_spec", "PassManager", "PassRecord", "compare_outputs",
+           "Pattern", "Match", "PatternPass", "rewrite"]
+
+# Pass packages register their passes on import.
 import passes.finetune  # noqa: E402,F401
 import passes.prune  # noqa: E402,F401
+import passes.quantize  # noqa: E402,F401
+import passes.distill  # noqa: E402,F401

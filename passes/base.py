@@ -231,8 +231,8 @@ def create_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
 def parse_pass_spec(spec: str) -> Pass:
     """Build a pass from text: `name` or `name{key=value, key=value}`.
 
-    Values are Python literals (numbers, strings, lists, True/False); bare words
-    are strings, so `criterion=l2` works.
+    Values are Python literals (numbers, strings, lists, True/False; also true/false/null as in
+    TOML); other bare words are strings, so `criterion=l2` works.
     """
     spec = spec.strip()
     if "{" not in spec:
@@ -249,12 +249,18 @@ def parse_pass_spec(spec: str) -> Pass:
             raise PassError(f"pass spec {spec!r}: option {part.strip()!r} needs a value (key=value)")
         key, raw = part.split("=", 1)
         raw = raw.strip()
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
+        if raw.lower() in _BARE_WORDS:  # TOML/JSON spellings, as recipes use them
+            value = _BARE_WORDS[raw.lower()]
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
         options[key.strip()] = value
     return create_pass(name.strip(), options)
+
+
+_BARE_WORDS = {"true": True, "false": False, "null": None, "none": None}
 
 
 def _split_top_level(body: str) -> list[str]:

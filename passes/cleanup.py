@@ -1,0 +1,238 @@
+"""Cleanup passes: dead code, no-op nodes, constant subgraphs and common subexpressions.
+
+Each is one linear sweep over the graph; they are the `cleanup` recipe and the
+usual prologue and epilogue of every other recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+import torch
+
+from ir import Graph, Node, Param
+from ir.ops import COMMUTATIVE_OPS
+from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.graph_utils import (
+    erase_dead,
+    eval_node,
+    has_side_effects,
+    is_deterministic,
+    is_scalar,
+    meta_of_value,
+    runs_in_training,
+)
+
+
+@register_pass("dce")
+class DeadCodeElimination(Pass):
+    """Removes nodes whose values nothing reads (keeping side effects) and params no node reads."""
+
+    preserves_outputs = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        removed = erase_dead(graph, graph.nodes)
+        dropped = graph.remove_unused_params()
+        return PassResult(changed=bool(removed or dropped), stats={"nodes_removed": removed,
+                                                                   "params_removed": len(dropped)})
+
+
+def _is_noop(node: Node, graph: Graph) -> Any:
+    """The value a no-op node passes through, or None when the node does real work."""
+    op, ins = node.op, node.inputs
+    if op == "identity":
+        return ins[0]
+    if op == "dropout":
+        return ins[0] if not runs_in_training(node) else None
+    if not ins:
+        return None
+    x = ins[0]
+    if op in ("contiguous", "reshape", "flatten", "expand", "cast"):
+        if any(u.op == "opaque" for u in node.users) and op == "contiguous":
+            return None  # an opaque x.view() may rely on contiguity
+        return x if meta_of_value(x, graph) is not None and meta_of_value(x, graph) == node.meta else None
+    if op in ("mul", "div", "add", "sub") and len(ins) == 2:
+        a, b = ins
+        unit = 1.0 if op in ("mul", "div") else 0.0
+        keep = None
+        if is_scalar(b, unit):
+            keep = a
+        elif op in COMMUTATIVE_OPS and is_scalar(a, unit):
+            keep = b
+        # `x * 1` on an int tensor with 1.0 makes a float tensor: only drop it when nothing changes.
+        if keep is not None and meta_of_value(keep, graph) is not None and meta_of_value(keep, graph) == node.meta:
+            return keep
+    return None
+
+
+@register_pass("remove-identity")
+class RemoveIdentity(Pass):
+    """Removes no-ops: identity, eval dropout, same-shape reshape/flatten/expand/contiguous, x*1, x+0, x/1.
+
+    Also same-dtype casts and x-0. A dropout is a no-op when its `training` attr is False, or None
+    (follow the module's mode) in a graph captured in eval mode."""
+
+    preserves_outputs = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        removed: dict[str, int] = {}
+        for node in graph.nodes:
+            src = _is_noop(node, graph)
+            if src is None or src is node:
+                continue
+            graph.replace_all_uses(node, src)
+            graph.erase(node)
+            removed[node.op] = removed.get(node.op, 0) + 1
+        return PassResult(changed=bool(removed), stats={"removed": sum(removed.values()), **{
+            f"removed_{k}": v for k, v in sorted(removed.items())}})
+
+
+@register_pass("fold-constants")
+class FoldConstants(Pass):
+    """Computes subgraphs that depend only on params and constants once, storing results as params."""
+
+    preserves_outputs = True
+
+    max_growth_numel: int = field(default=65536, metadata={"help": (
+        "a folded tensor bigger than every param it is computed from is only stored up to this many "
+        "elements, so folding (e.g. an `expand` of a bias) never bloats the model")})
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        const: dict[Node, tuple[int, bool]] = {}  # node -> (largest param numel in its cone, reads trainable)
+        for n in graph:
+            if not is_deterministic(n) or (n.op == "opaque" and n.attrs.get("kind") == "call_module"):
+                continue
+            big, trainable, ok = 0, False, True
+            for r in _refs(n):
+                if isinstance(r, Node):
+                    if r not in const:
+                        ok = False
+                        break
+                    big, trainable = max(big, const[r][0]), trainable or const[r][1]
+                elif isinstance(r, Param):
+                    t = graph.params[r.name]
+                    big = max(big, t.numel())
+                    trainable = trainable or (r.name not in graph.buffers and t.is_floating_point())
+            if ok:
+                const[n] = (big, trainable)
+        frontier = [n for n in const if any(u not in const for u in n.users)]
+        if not frontier:
+            return PassResult(changed=False, stats={"folded": 0})
+        values: dict[Node, Any] = {}
+
+        def value_of(r: Any) -> Any:
+            if isinstance(r, Param):
+                return graph.params[r.name]
+            if r not in values:
+                values[r] = eval_node(r, value_of)
+            return values[r]
+
+        folded = skipped = 0
+        with torch.no_grad():
+            for n in frontier:
+                try:
+                    v = value_of(n)
+                except Exception as e:  # noqa: BLE001 - leave a node we cannot compute where it is
+                    ctx.logger.debug("fold-constants: %%%s (%s) not folded: %s", n.name, n.op, e)
+                    skipped += 1
+                    continue
+                big, trainable = const[n]
+                if isinstance(v, torch.Tensor):
+                    if v.numel() > max(big, self.max_growth_numel) or \
+                            any(_reads_in_attrs(u, n) for u in n.users):
+                        skipped += 1
+                        continue
+                    ref: Any = graph.add_param(f"folded.{n.name}", v.detach().clone(), buffer=not trainable)
+                elif _is_literal(v):
+                    ref = tuple(v) if isinstance(v, torch.Size) else v
+                else:
+                    skipped += 1
+                    continue
+                for u in list(n.users):
+                    if u not in const:
+                        u.replace_input(n, ref)
+                folded += 1
+        erased = erase_dead(graph, [n for n in graph if n in const])
+        graph.remove_unused_params()
+        return PassResult(changed=folded > 0, stats={"folded": folded, "nodes_removed": erased,
+                                                     "not_folded": skipped})
+
+
+def _refs(n: Node):
+    from ir import iter_refs
+
+    yield from iter_refs((n.inputs, n.attrs))
+
+
+def _reads_in_attrs(user: Node, n: Node) -> bool:
+    from ir import iter_refs
+
+    return any(r is n for r in iter_refs(user.attrs))
+
+
+def _is_literal(v: Any) -> bool:
+    if isinstance(v, (bool, int, float)):
+        return True
+    return isinstance(v, (tuple, list, torch.Size)) and all(isinstance(x, (bool, int, float)) for x in v)
+
+
+class _Unhashable(Exception):
+    pass
+
+
+def _key(v: Any) -> Any:
+    """A hashable key equal for operands that are interchangeable (same node, param or constant)."""
+    if isinstance(v, (Node, Param)):
+        return v
+    if isinstance(v, float):
+        return ("float", repr(v))  # keeps 0.0 and -0.0 apart
+    if v is None or isinstance(v, (bool, int, str, torch.dtype, type(Ellipsis))):
+        return (type(v).__name__, v)
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(_key(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple((k, _key(x)) for k, x in v.items()))
+    if isinstance(v, slice):
+        return ("slice", _key(v.start), _key(v.stop), _key(v.step))
+    if isinstance(v, torch.Tensor):
+        raise _Unhashable
+    try:
+        hash(v)
+    except TypeError:
+        raise _Unhashable from None
+    return (type(v).__qualname__, v)
+
+
+@register_pass("cse")
+class CommonSubexpressionElimination(Pass):
+    """Merges nodes that compute the same op on the same operands and attrs (add/mul in either order)."""
+
+    preserves_outputs = True
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        seen: dict[Any, Node] = {}
+        merged = 0
+        for n in graph.nodes:
+            if n.op == "opaque" or not is_deterministic(n) or has_side_effects(n):
+                continue
+            try:
+                ins = [_key(v) for v in n.inputs]
+                if n.op in COMMUTATIVE_OPS and len(ins) == 2:
+                    ins.sort(key=repr)
+                k = (n.op, tuple(ins), _key(n.attrs))
+            except _Unhashable:
+                continue
+            first = seen.get(k)
+            if first is None:
+                seen[k] = n
+                continue
+            if first.meta != n.meta:
+                continue
+            graph.replace_all_uses(n, first)
+            graph.erase(n)
+            merged += 1
+        return PassResult(changed=merged > 0, stats={"merged": merged})
+
+
+__all__ = ["DeadCodeElimination", "RemoveIdentity", "FoldConstants", "CommonSubexpressionElimination"]
