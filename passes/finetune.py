@@ -115,10 +115,10 @@ def train_graph(graph: Graph, data: Any, loss_fn: Callable[..., torch.Tensor] = 
             opt.step()
             if sched is not None:
                 sched.step()
-            total += float(loss) * len(target)
+            total += float(loss.detach()) * len(target)
             count += len(target)
             bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4f}")
+            bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4f}")
         history["loss"].append(total / max(1, count))
         gm.eval()
         if eval_fn is not None:
