@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import inspect
 import linecache
+import logging
 import operator
 import os
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from ir.errors import CaptureError
 from ir.graph import Graph, Node, Param, iter_refs, meta_of
 
+_log = logging.getLogger(__name__)
 Conv = tuple[str, tuple, dict]
 _FUNCTIONS: dict[Any, Callable[..., Conv | None]] = {}
 _METHODS: dict[str, Callable[..., Conv | None]] = {}
@@ -484,7 +487,8 @@ class _Tracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Sequence[Any]):
         super().__init__()
-        self.record_stack_traces = True
+        # fx's own record_stack_traces symbolizes the whole stack per node (about a second a node
+        # here); one walk up the frames to the first user frame is all we need.
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
         self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
         self._leaf_ids = {id(t) for t in leaf_modules if isinstance(t, nn.Module)}
@@ -513,7 +517,15 @@ class _Tracer(fx.Tracer):
         node = super().create_node(*args, **kwargs)
         if self._path_stack:
             node.meta["slimfx_module_path"] = self._path_stack[-1][0]
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+            frame = frame.f_back
+        if frame is not None:
+            node.meta["slimfx_source"] = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
         return node
+
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
 
 def _user_frame(tb_frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
@@ -531,23 +543,7 @@ def _format_frame(f: traceback.FrameSummary | None) -> str:
 
 
 def _source_of(fx_node: fx.Node) -> str | None:
-    stack = fx_node.meta.get("stack_trace")
-    if not stack:
-        return None
-    lines = [ln.strip() for ln in stack.strip().splitlines()]
-    torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(__file__)
-    files = [ln for ln in lines if ln.startswith("File ") and torch_dir not in ln and here not in ln]
-    if not files:
-        return None
-    # 'File "/path/model.py", line 12, in forward' -> 'model.py:12'
-    last = files[-1]
-    try:
-        fname = last.split('"')[1]
-        lineno = last.split("line ")[1].split(",")[0]
-        return f"{os.path.basename(fname)}:{lineno}"
-    except IndexError:
-        return None
+    return fx_node.meta.get("slimfx_source")
 
 
 def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | None) -> fx.GraphModule:
@@ -581,6 +577,8 @@ def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict
             values[n] = out = super().run_node(n)
             return out
 
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()  # shapes are the same in either mode, and eval never updates the model's statistics
     try:
         with torch.no_grad():
             _Recorder(gm).run(*inputs)
@@ -596,44 +594,119 @@ def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
             f"Inputs given: ({given}). Pass example inputs of the shape and dtype the model's forward expects."
         ) from None
+    finally:
+        for m, mode in modes.items():  # restore each module's own mode (users may mix them)
+            m.training = mode
     return values
 
 
-def capture(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[Any] = (),
-            concrete_args: dict[str, Any] | None = None) -> Graph:
-    """Trace `model` with torch.fx, propagate shapes on `example_inputs`, and build the canonical IR.
+CAPTURE_METHODS = ("auto", "fx", "export")
 
-    `leaf_modules` (classes, instances or qualified names) are kept as opaque nodes
-    instead of traced through; `concrete_args` fixes forward arguments for tracing.
+
+def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[str, Any] | None = None,
+            method: str = "auto", leaf_modules: Sequence[Any] = (),
+            concrete_args: dict[str, Any] | None = None) -> Graph:
+    """Capture `model` into the canonical IR, with shapes from the example inputs.
+
+    `method="fx"` traces with torch.fx (`leaf_modules`, classes, instances or qualified names, stay
+    opaque; `concrete_args` fixes forward arguments); `"export"` uses torch.export (ATen ops mapped
+    onto the same canonical ops, see ir.capture_export); `"auto"` tries fx, falls back to export and
+    records which one worked in `graph.capture_method`. `example_kwargs` are keyword inputs
+    (`input_ids=`, `attention_mask=`): graph inputs keep their names.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
+    if method not in CAPTURE_METHODS:
+        raise CaptureError(f"capture(method={method!r}) is not a capture method; use one of {CAPTURE_METHODS}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    sig_params = [p for p in inspect.signature(model.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in (concrete_args or {})]
-    required = [p for p in sig_params if p.default is p.empty]
-    has_varargs = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
-    if not has_varargs and not (len(required) <= len(inputs) <= len(sig_params)):
-        names = ", ".join(p.name for p in sig_params)
+    kwargs = dict(example_kwargs or {})
+    if method == "export":
+        from ir.capture_export import capture_export
+
+        return capture_export(model, inputs, kwargs)
+    try:
+        graph = _capture_fx(model, inputs, kwargs, leaf_modules, concrete_args)
+    except _FxTraceError as fx_error:
+        if method == "fx":
+            raise
+        from ir.capture_export import capture_export
+
+        try:
+            graph = capture_export(model, inputs, kwargs)
+        except CaptureError as export_error:
+            raise CaptureError(f"neither capture front-end can capture {type(model).__name__}.\n"
+                               f"- torch.fx: {fx_error}\n- torch.export: {export_error}") from export_error
+        _log.info("capture: torch.fx could not trace %s (%s); captured it with torch.export instead",
+                  type(model).__name__, str(fx_error).splitlines()[0])
+    return graph
+
+
+class _FxTraceError(CaptureError):
+    """torch.fx could not trace the model (as opposed to: the example inputs do not fit it)."""
+
+
+def _bind(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
+          concrete_args: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Map positional and keyword example inputs onto forward's parameters.
+
+    Returns (given, concrete): the inputs by parameter name in signature order, and the fixed
+    arguments: the user's concrete_args plus the default of every optional argument not given.
+    """
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    concrete = dict(concrete_args or {})
+    free = [p for p in params if p.kind != p.KEYWORD_ONLY and p.name not in concrete]
+    required = [p for p in free if p.default is p.empty]
+    if len(inputs) > len(free) or (not kwargs and len(inputs) < len(required)):
+        names = ", ".join(p.name for p in free)
         raise CaptureError(
             f"{type(model).__name__}.forward({names}) takes {len(required)}"
-            f"{'' if len(required) == len(sig_params) else f' to {len(sig_params)}'} inputs, "
+            f"{'' if len(required) == len(free) else f' to {len(free)}'} inputs, "
             f"but {len(inputs)} example input(s) were given. Pass one example tensor per forward argument.")
+    given = {p.name: v for p, v in zip(free, inputs)}
+    for name, v in kwargs.items():
+        if name in given or name in concrete or name not in {p.name for p in params}:
+            why = ("is also given by position" if name in given else "is also in concrete_args" if name in concrete
+                   else "is not a parameter of forward(" + ", ".join(p.name for p in params) + ")")
+            raise CaptureError(f"example_kwargs[{name!r}] {why}; give each forward argument once")
+        given[name] = v
+    for p in params:
+        if p.name not in given and p.name not in concrete:
+            if p.default is p.empty:
+                raise CaptureError(f"{type(model).__name__}.forward needs argument {p.name!r}; "
+                                   "give it in example_inputs, example_kwargs or concrete_args")
+            concrete[p.name] = p.default
+    return {p.name: given[p.name] for p in params if p.name in given}, concrete
 
-    gm = _trace(model, leaf_modules, concrete_args)
+
+def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_modules: Sequence[Any],
+                concrete_args: dict[str, Any] | None) -> Graph:
+    """The torch.fx front end: trace, propagate shapes on the example inputs, convert."""
+    if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
+        if kwargs:
+            raise CaptureError(f"{type(model).__name__}.forward takes *args; pass example inputs by position")
+        gm = _trace(model, leaf_modules, concrete_args)
+        values = _run_shape_prop(gm, inputs, model)
+        return _convert(gm, model, values, n_inputs=len(inputs))
+    given, concrete = _bind(model, inputs, kwargs, concrete_args)
+    try:
+        gm = _trace(model, leaf_modules, concrete)
+    except CaptureError as e:
+        raise _FxTraceError(str(e)) from e.__cause__
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    run_inputs = list(inputs)
-    all_names = [p.name for p in inspect.signature(model.forward).parameters.values()]
-    for i, ph in enumerate(placeholders[len(inputs):], start=len(inputs)):
-        # concrete or defaulted forward args that were not given (fx may rename their placeholders)
-        name = all_names[i] if i < len(all_names) else ph.target
-        run_inputs.append(concrete_args[name] if concrete_args and name in concrete_args
-                          else (ph.args[0] if ph.args else None))
+    # fx makes one placeholder per forward parameter, in order (it may rename the concrete ones)
+    baked = {ph: concrete[name] for ph, name in zip(placeholders, names) if name not in given}
+    run_inputs = [baked[ph] if ph in baked else given[name] for ph, name in zip(placeholders, names)]
     values = _run_shape_prop(gm, tuple(run_inputs), model)
-    return _convert(gm, model, values, n_inputs=len(inputs))
+    graph = _convert(gm, model, values, n_inputs=len(given), baked=baked)
+    graph.capture_method = "fx"
+    return graph
 
 
-def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n_inputs: int) -> Graph:
+def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n_inputs: int,
+             baked: dict[fx.Node, Any] | None = None) -> Graph:
     graph = Graph()
     graph.name = type(model).__name__
     graph.training = model.training
@@ -668,7 +741,10 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
         mpath = n.meta.get("slimfx_module_path")
         if n.op == "placeholder":
             placeholders_seen += 1
-            if placeholders_seen > n_inputs:
+            if baked is not None and n in baked:
+                env[n] = baked[n]
+                continue
+            if baked is None and placeholders_seen > n_inputs:
                 # A defaulted forward argument that was not given: bake in its default value.
                 env[n] = n.args[0] if n.args else None
                 continue

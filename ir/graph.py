@@ -212,6 +212,7 @@ class Graph:
         self.buffers: set[str] = set()
         self.name = "graph"
         self.training = False  # the mode the lowered module starts in (that of the captured model)
+        self.capture_method = "fx"  # the front end that built the graph: "fx" or "export" (see ir.capture)
 
     # -- iteration ----------------------------------------------------------
     def __iter__(self) -> Iterator[Node]:
@@ -379,6 +380,7 @@ class Graph:
         g = Graph()
         g.name = self.name
         g.training = self.training
+        g.capture_method = self.capture_method
         mapping: dict[Node, Node] = {}
         remap = lambda r: mapping[r] if isinstance(r, Node) else r  # noqa: E731
         for n in self:

@@ -70,6 +70,8 @@ def _fake(v, graph: Graph):
         return [_fake(x, graph) for x in v]
     if isinstance(v, dict):
         return {k: _fake(x, graph) for k, x in v.items()}
+    if isinstance(v, slice) and any(isinstance(x, Node) for x in (v.start, v.stop, v.step)):
+        raise _Skip  # bounds computed at run time (size nodes): nothing to check statically
     return v
 
 

@@ -19,3 +19,9 @@ from passes import cleanup, fuse  # noqa: E402,F401,I001  isort: skip
 __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
            "create_pass", "parse_pass_spec", "PassManager", "PassRecord", "compare_outputs",
            "Pattern", "Match", "PatternPass", "rewrite"]
+
+# Pass packages register their passes on import.
+import passes.finetune  # noqa: E402,F401
+import passes.prune  # noqa: E402,F401
+import passes.quantize  # noqa: E402,F401
+import passes.distill  # noqa: E402,F401

@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=256,
                    help="zoo models: training samples used to calibrate quantization (default 256)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bench-seconds", type=float, default=0.8,
+                   help="time budget of each latency measurement (default 0.8 s; more is steadier)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables; print only the output path")
     return p
 
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
                       test_data=((ds.test_x,), ds.test_y))
     result = compile_model(loaded.module, loaded.example_inputs, recipe, example_kwargs=loaded.example_kwargs,
                            out_dir=args.out, formats=formats, name=loaded.name, quiet=args.quiet,
-                           seed=args.seed, **kwargs)
+                           seed=args.seed, bench_seconds=args.bench_seconds, **kwargs)
     if args.quiet:
         print(result.out_dir)
         return 0

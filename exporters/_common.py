@@ -1,0 +1,117 @@
+"""Helpers shared by the exporters: example inputs, batch variants, output flattening, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ir.graph import Graph, Node, TensorMeta
+
+
+@dataclass
+class ExportResult:
+    """What an export produced: the file, its validation report, and how long it took."""
+
+    path: Path
+    validation: Any  # exporters.validate.ValidationReport | None
+    seconds: float
+    format: str = "onnx"
+    size_bytes: int = 0
+    details: dict[str, Any] = field(default_factory=dict)  # e.g. opset, emit seconds, torchscript method
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "format": self.format, "seconds": self.seconds,
+                "size_bytes": self.size_bytes, "details": dict(self.details),
+                "validation": self.validation.to_dict() if self.validation is not None else None}
+
+
+def _int_input_high(graph: Graph, node: Node) -> int:
+    """Exclusive upper bound for random integer inputs: the smallest embedding table they index."""
+    highs = [graph.params[u.inputs[1].name].shape[0] for u in node.users
+             if u.op == "embedding" and u.inputs[0] is node and hasattr(u.inputs[1], "name")]
+    return min(highs) if highs else 2
+
+
+def example_inputs(graph: Graph, *, batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs that fit the graph's input metas (batch dim 0 replaced by `batch` when given).
+
+    Float inputs are standard normal; integer inputs are in range for the embeddings they feed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for node in graph.inputs:
+        meta = node.meta
+        if not isinstance(meta, TensorMeta):
+            raise ValueError(f"graph input %{node.name} has no tensor meta; pass inputs explicitly")
+        shape = list(meta.shape)
+        if batch is not None and shape:
+            shape[0] = batch
+        if meta.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(meta.dtype))
+        elif meta.dtype == torch.bool:
+            out.append(torch.ones(shape, dtype=torch.bool))
+        else:
+            out.append(torch.randint(0, _int_input_high(graph, node), shape, generator=gen, dtype=meta.dtype))
+    return tuple(out)
+
+
+def with_batch(inputs: tuple, batch: int) -> tuple:
+    """The same inputs with dim 0 resized to `batch` by cycling through the given rows."""
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] > 0:
+            out.append(x[torch.arange(batch) % x.shape[0]])
+        else:
+            out.append(x)
+    return tuple(out)
+
+
+def as_tuple(inputs: Any) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def flatten_outputs(value: Any) -> list[Any]:
+    """Leaves of a nested tuple/list/dict output structure, in order (dict values in insertion order)."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in flatten_outputs(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in flatten_outputs(v)]
+    return [value]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, keep_on_error: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it onto `path`, on error remove it.
+
+    A reader never sees a half-written file, and a failed export leaves nothing behind
+    (unless `keep_on_error`, which moves the incomplete-but-written file into place).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+    except BaseException:
+        if keep_on_error and tmp.exists() and tmp.stat().st_size > 0:
+            os.replace(tmp, target)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, target)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    import time
+
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0

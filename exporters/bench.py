@@ -1,0 +1,131 @@
+"""Latency measurement for ONNX models (onnxruntime, CPU) and torch modules, with explicit threading."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LatencyStats:
+    """Per-call latency in milliseconds: median and spread over `runs` timed calls."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    iqr_ms: float
+    runs: int
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.median_ms:.3f} ms median (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}; "
+                f"{self.runs} runs, {self.threads} thread{'s' if self.threads != 1 else ''})")
+
+
+def ort_session(model: str | os.PathLike | bytes | Any, *, threads: int = 1):
+    """An onnxruntime CPU session with explicit options: `threads` intra-op threads, one inter-op
+    thread, all graph optimizations, sequential execution (what deployments and our numbers use)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def ort_feed(session: Any, inputs: tuple) -> dict[str, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(inputs):
+        from ir.errors import ValidationError
+
+        raise ValidationError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}) but "
+                              f"{len(inputs)} were given")
+    return {n: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x))
+            for n, x in zip(names, inputs)}
+
+
+def _time_calls(call: Callable[[], Any], warmup: int | None, runs: int | None, budget_s: float) -> list[float]:
+    t0 = time.perf_counter()
+    call()
+    first = time.perf_counter() - t0
+    for _ in range(warmup if warmup is not None else (2 if first > 0.05 else 5)):
+        call()
+    if runs is None:
+        t0 = time.perf_counter()
+        call()
+        one = max(time.perf_counter() - t0, 1e-6)
+        runs = int(min(max(budget_s / one, 7), 2000))
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _stats(times: list[float], threads: int) -> LatencyStats:
+    a = np.asarray(times)
+    p10, p25, p50, p75, p90 = np.percentile(a, [10, 25, 50, 75, 90])
+    return LatencyStats(float(p50), float(p10), float(p90), float(p75 - p25), len(times), threads)
+
+
+def measure_latency(model: str | os.PathLike | bytes | torch.nn.Module | Any, inputs: Any, *, threads: int = 1,
+                    warmup: int | None = None, runs: int | None = None, budget_s: float = 0.8) -> LatencyStats:
+    """Median and spread of one inference call, in ms.
+
+    `model` is an ONNX file/bytes/ModelProto (run with onnxruntime, see `ort_session`) or a torch
+    module (run under inference_mode with torch.set_num_threads(threads), restored afterwards).
+    Without `runs`, the number of runs is chosen so the timed part takes about `budget_s`.
+    """
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if isinstance(model, torch.nn.Module):
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                times = _time_calls(lambda: model(*inputs), warmup, runs, budget_s)
+        finally:
+            torch.set_num_threads(prev)
+        return _stats(times, threads)
+    if isinstance(model, (str, Path)) and not Path(model).exists():
+        raise FileNotFoundError(f"no ONNX file at {model}")
+    sess = ort_session(model, threads=threads)
+    feed = ort_feed(sess, inputs)
+    times = _time_calls(lambda: sess.run(None, feed), warmup, runs, budget_s)
+    return _stats(times, threads)
+
+
+def onnx_example_inputs(model: str | os.PathLike | Any, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs for an ONNX file from its declared input types: symbolic dims get `batch`, floats are
+    standard normal, integers are zeros (valid indices for any embedding)."""
+    import onnx
+    from onnx import helper
+
+    proto = model if hasattr(model, "graph") else onnx.load(str(model), load_external_data=False)
+    init = {i.name for i in proto.graph.initializer}
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for vi in proto.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        dt = torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(tt.elem_type))).dtype
+        out.append(torch.randn(shape, generator=gen).to(dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt))
+    return tuple(out)

@@ -1,0 +1,175 @@
+"""IR graph -> ONNX model (in memory with `to_onnx_model`, validated on disk with `export_onnx`)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import helper
+
+import exporters.onnx.aten  # noqa: F401 - registers the emitters of ATen ops kept opaque by export capture
+import exporters.onnx.emitters  # noqa: F401 - registers the emitters
+from exporters._common import ExportResult, as_tuple, atomic_path, example_inputs, with_batch
+from exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, probe
+from ir.errors import ExportError, ValidationError
+from ir.graph import Graph, Node, TensorMeta, iter_refs
+
+DEFAULT_OPSET = 17
+MIN_OPSET, MAX_OPSET = 17, 23
+
+
+def _output_names(n: int) -> list[str]:
+    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+
+
+def _value_info(ctx: EmitContext, name: str, node: Node) -> onnx.ValueInfoProto:
+    meta = node.meta
+    if not isinstance(meta, TensorMeta):
+        raise ExportError(f"graph output %{node.name} ({node.op}, {node.where()}) is not a tensor; ONNX "
+                          "outputs must be tensors")
+    dyn = ctx.dynamic_dims(node)
+    dims: list[Any] = []
+    for i, (s, d) in enumerate(zip(meta.shape, dyn)):
+        if not d:
+            dims.append(s)
+        elif ctx.is_batch_dim(node, i):
+            dims.append("batch")
+        else:
+            dims.append(f"{name}_dim{i}")
+    return helper.make_tensor_value_info(name, onnx_dtype(meta.dtype), dims)
+
+
+def _rename(ctx: EmitContext, old: str, new: str) -> None:
+    for n in ctx.nodes:
+        for seq in (n.input, n.output):
+            for i, v in enumerate(seq):
+                if v == old:
+                    seq[i] = new
+
+
+def _dead_code(ctx: EmitContext, outputs: list[str]) -> None:
+    """Drop nodes and initializers nothing reaches from the outputs (unused shape chains, folded aliases)."""
+    live = set(outputs)
+    kept = []
+    for n in reversed(ctx.nodes):
+        if any(o in live for o in n.output):
+            kept.append(n)
+            live.update(i for i in n.input if i)
+    ctx.nodes = kept[::-1]
+    ctx.initializers = {k: v for k, v in ctx.initializers.items() if k in live}
+
+
+def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET,
+                  inputs: Any = None, check: bool = True) -> onnx.ModelProto:
+    """Emit `graph` as an ONNX model (no file). Raises ExportError naming any node it cannot express.
+
+    `inputs` (example inputs; default: random ones from the input metas) are used to learn which
+    dims depend on the batch size when `dynamic_batch`.
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
+    inputs = as_tuple(inputs) if inputs is not None else example_inputs(graph)
+    probes = probe(graph, inputs) if dynamic_batch and graph.inputs else None
+    ctx = EmitContext(graph, opset=opset, probes=probes)
+
+    out_nodes = list(iter_refs(graph.outputs))
+    if not out_nodes or not all(isinstance(o, Node) for o in out_nodes):
+        raise ExportError(f"graph {graph.name} returns {graph.outputs!r}; ONNX outputs must be tensors")
+    out_names = _output_names(len(out_nodes))
+    in_names: list[str] = []
+    for node in graph.inputs:
+        in_names.append(ctx.reserve(node.name) if node.name not in out_names else ctx.fresh(node.name))
+    for name in out_names:
+        ctx.reserve(name)
+    for node, name in zip(graph.inputs, in_names):
+        ctx.bind(node, name)
+
+    for node in graph:
+        if node.op in ("input", "output"):
+            continue
+        if node.meta is None:
+            continue  # a shape value (size, shape, arithmetic on them): evaluated on demand by ctx.sym
+        fn = EMITTERS.get(node.op)
+        if fn is None:
+            raise ExportError(ctx.unsupported_message(node))
+        ctx.current = node
+        ctx.bind(node, fn(ctx, node))
+    ctx.current = None
+
+    renamed: dict[str, str] = {}
+    produced = {o for n in ctx.nodes for o in n.output}
+    for node, name in zip(out_nodes, out_names):
+        src = ctx._env.get(node)
+        if src is None:
+            src = ctx.value(node)
+        if isinstance(src, list):
+            raise ExportError(f"graph output %{node.name} is a tuple of tensors; return its items instead")
+        if src in produced and src not in renamed:
+            _rename(ctx, src, name)
+            renamed[src] = name
+        else:
+            ctx.emit("Identity", [renamed.get(src, src)], outputs=[name], name=name)
+    _dead_code(ctx, out_names)
+
+    batch_dims: list[Any] = []
+    graph_inputs = []
+    for node, name in zip(graph.inputs, in_names):
+        meta = node.tensor_meta
+        dims: list[Any] = list(meta.shape)
+        if probes is not None and dims:
+            dims[0] = "batch"
+            batch_dims.append(name)
+        graph_inputs.append(helper.make_tensor_value_info(name, onnx_dtype(meta.dtype), dims))
+    graph_outputs = [_value_info(ctx, name, node) for node, name in zip(out_nodes, out_names)]
+    g = helper.make_graph(ctx.nodes, graph.name or "graph", graph_inputs, graph_outputs,
+                          initializer=list(ctx.initializers.values()))
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(g, opset_imports=opsets, producer_name="slimfx", producer_version="0.1.0")
+    model.ir_version = helper.find_min_ir_version_for(opsets)
+    if check:
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise ExportError(f"the emitted ONNX model of {graph.name} fails onnx.checker: {e}. This is a bug "
+                              "in an emitter; please report it with the graph (print(graph)).") from e
+    return model
+
+
+def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET,
+                validate: bool = True, inputs: Any = None, atol: float = 1e-5, rtol: float = 1e-4,
+                keep_invalid: bool = False) -> ExportResult:
+    """Emit `graph` to an ONNX file, check it, and compare onnxruntime with the IR's lowering.
+
+    The file appears only when complete and valid: it is written to a temporary name and renamed;
+    on an emitter error or a ValidationError nothing is left (unless `keep_invalid`). With
+    `dynamic_batch`, validation runs at the inputs' batch size and at a second one.
+    """
+    from exporters.validate import validate_onnx
+
+    t0 = time.perf_counter()
+    inputs = as_tuple(inputs) if inputs is not None else example_inputs(graph)
+    model = to_onnx_model(graph, dynamic_batch=dynamic_batch, opset=opset, inputs=inputs)
+    t_emit = time.perf_counter() - t0
+    data = model.SerializeToString()
+    report = None
+    path = Path(path)
+    with atomic_path(path, keep_on_error=keep_invalid) as tmp:
+        tmp.write_bytes(data)
+        if validate:
+            sets = [inputs]
+            if dynamic_batch and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 1:
+                b = inputs[0].shape[0]
+                sets.append(with_batch(inputs, 1 if b != 1 else 3))
+            report = validate_onnx(data, graph, sets, atol=atol, rtol=rtol)
+            if not report.passed:
+                raise ValidationError(f"ONNX export of {graph.name} to {path} disagrees with the graph: "
+                                      f"{report.summary()}"
+                                      + ("" if keep_invalid else "; no file was written (keep_invalid=True "
+                                         "keeps it for inspection)"))
+    return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="onnx",
+                        size_bytes=len(data), details={"opset": opset, "dynamic_batch": dynamic_batch,
+                                                       "emit_seconds": t_emit, "nodes": len(model.graph.node)})

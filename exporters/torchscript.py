@@ -1,0 +1,100 @@
+"""TorchScript exporter: lower, script (or trace), freeze, optimize for inference, save, reload, compare."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporters._common import ExportResult, as_tuple, atomic_path, example_inputs, with_batch
+from ir.errors import ExportError, ValidationError
+from ir.graph import Graph
+from ir.lower import lower
+
+log = logging.getLogger("slimfx.exporters")
+
+
+def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tuple[torch.jit.ScriptModule, dict]:
+    """A frozen, inference-optimized ScriptModule of the graph, and how it was made.
+
+    Scripting is tried first; the lowered module calls the IR's op implementations, whose
+    keyword-only arguments TorchScript rejects, so it usually falls back to tracing. The IR is
+    straight-line code (no Python control flow survives capture), so a trace records it exactly,
+    and sizes read from tensors stay dynamic in the trace.
+    """
+    gm = lower(graph, copy_params=True).eval()
+    info: dict[str, Any] = {"method": "script"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation and annotation warnings
+        try:
+            sm = torch.jit.script(gm)
+        except Exception as e:  # noqa: BLE001 - any scripting failure falls back to tracing
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.info("torch.jit.script failed on %s (%s); falling back to torch.jit.trace", graph.name, reason)
+            info.update(method="trace", script_error=reason)
+            try:
+                sm = torch.jit.trace(gm, inputs, check_trace=False, strict=False)
+            except Exception as e2:  # noqa: BLE001
+                raise ExportError(f"TorchScript export of {graph.name} failed: scripting ({reason}) and tracing "
+                                  f"({type(e2).__name__}: {e2}) both failed") from e2
+        sm = sm.eval()
+        frozen = torch.jit.freeze(sm)
+        info["optimized"] = False
+        if optimize and any(n.op in ("conv1d", "conv2d") for n in graph):
+            # On CPU it prepacks convolutions for MKL-DNN, which this torch cannot reload from a file.
+            optimize = False
+            info["optimize_error"] = "skipped: MKL-DNN prepacked convolutions are not serializable"
+        if optimize:
+            try:
+                # optimize_for_inference rewrites its argument in place: give it its own frozen copy.
+                opt = torch.jit.optimize_for_inference(torch.jit.freeze(sm))
+                # Its MKL-DNN prepacked convolutions cannot be reloaded from a file in this torch
+                # ("required keyword attribute 'value' is undefined"); keep it only if it round-trips.
+                buf = io.BytesIO()
+                torch.jit.save(opt, buf)
+                buf.seek(0)
+                torch.jit.load(buf)
+                frozen = opt
+                info["optimized"] = True
+            except Exception as e:  # noqa: BLE001 - keep the frozen module
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.info("torch.jit.optimize_for_inference result of %s is not saveable (%s); saving the "
+                         "frozen module", graph.name, reason)
+                info["optimize_error"] = reason
+    return frozen, info
+
+
+def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = None, validate: bool = True,
+                       atol: float = 1e-5, rtol: float = 1e-4, keep_invalid: bool = False,
+                       optimize: bool = True) -> ExportResult:
+    """Write a TorchScript file of `graph` (temporary name, then rename), reload it, and compare it
+    with the IR's lowering at the inputs' batch size and a second one; ValidationError above tolerance
+    (and no file left unless `keep_invalid`)."""
+    from exporters.validate import validate_torchscript
+
+    t0 = time.perf_counter()
+    inputs = as_tuple(inputs) if inputs is not None else example_inputs(graph)
+    sm, info = to_torchscript(graph, inputs, optimize=optimize)
+    path = Path(path)
+    report = None
+    with atomic_path(path, keep_on_error=keep_invalid) as tmp:
+        torch.jit.save(sm, str(tmp))
+        if validate:
+            sets = [inputs]
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 1:
+                sets.append(with_batch(inputs, 1 if inputs[0].shape[0] != 1 else 3))
+            report = validate_torchscript(tmp, graph, sets, atol=atol, rtol=rtol)
+            if not report.passed:
+                raise ValidationError(f"TorchScript export of {graph.name} to {path} disagrees with the graph: "
+                                      f"{report.summary()}"
+                                      + ("" if keep_invalid else "; no file was written (keep_invalid=True "
+                                         "keeps it for inspection)"))
+        size = tmp.stat().st_size
+    return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="torchscript",
+                        size_bytes=size, details=info)

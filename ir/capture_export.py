@@ -1,0 +1,834 @@
+"""Capture through torch.export: the ATen graph of `torch.export.export(..., strict=False)` mapped onto
+the same canonical ops as the torch.fx front end (ir.capture), so passes and exporters never see ATen.
+
+torch.export handles what symbolic tracing cannot (Hugging Face transformers, data-dependent Python
+on shapes), at the price of a lower-level graph: `aten.addmm(b, x, w.t())`, `aten.view`,
+`aten._native_batch_norm_legit_no_training`... Each ATen op that spells a canonical op has a converter
+below; anything else becomes an `opaque` node whose target is the ATen OpOverload, which still lowers
+and runs. Lifted parameters, buffers and tensor constants go back into the params table under their
+module paths; node module paths come from the export node's `nn_module_stack`; shapes from running the
+exported graph on the example inputs. Batch (and, for integer token inputs, sequence) dimensions are
+exported as dynamic when the model allows it, so reshape/expand sizes that depend on them are `size`
+nodes and the ONNX export takes any batch size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import operator
+import os
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from ir.capture import (
+    _f_adaptive_avg_pool1d,
+    _f_adaptive_avg_pool2d,
+    _f_avg_pool1d,
+    _f_avg_pool2d,
+    _f_hardtanh,
+    _f_interpolate,
+    _f_max_pool1d,
+    _f_max_pool2d,
+)
+from ir.errors import CaptureError
+from ir.graph import Graph, Node, Param, meta_of
+
+_log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+Conv = tuple[str, tuple, dict]
+_CONVERTERS: dict[Any, Callable[..., Any]] = {}
+_DROP = object()  # converter result: the node is a runtime check with no value (e.g. _assert_scalar)
+_INT_MAX = 2**62
+
+
+class _Alias:
+    """Converter result: the ATen node computes nothing new; it *is* this value (alias, to(same dtype)...)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def _converts(*targets: Any) -> Callable:
+    """Register a converter for ATen op packets (every overload) or single overloads."""
+    def deco(fn: Callable) -> Callable:
+        for t in targets:
+            _CONVERTERS[t] = fn
+        return fn
+    return deco
+
+
+def _converter(target: Any) -> Callable | None:
+    conv = _CONVERTERS.get(target)
+    if conv is None and isinstance(target, torch._ops.OpOverload):
+        conv = _CONVERTERS.get(target.overloadpacket)
+    return conv
+
+
+class _Ctx:
+    """What a converter may need beyond its operands: the node being converted and the graph so far."""
+
+    def __init__(self, graph: Graph, modules: dict[str, nn.Module], values: dict[fx.Node, Any],
+                 transposed_ok: set[str], state: dict[str, torch.Tensor], model_training: bool):
+        self.graph = graph
+        self.modules = modules
+        self.values = values
+        self.transposed_ok = transposed_ok
+        self.state = state
+        self.model_training = model_training
+        self.node: fx.Node | None = None
+        self.module_path: str | None = None
+        self.source: str | None = None
+        self.maybe_dead: list[Node] = []
+        self.transposed: set[str] = set()
+
+    @property
+    def value(self) -> Any:
+        return self.values.get(self.node)
+
+    def module(self) -> nn.Module | None:
+        return self.modules.get(self.module_path) if self.module_path is not None else None
+
+    def rank(self, x: Any) -> int | None:
+        if isinstance(x, Node) and hasattr(x.meta, "shape"):
+            return len(x.meta.shape)
+        if isinstance(x, Param):
+            return self.graph.params[x.name].dim()
+        return None
+
+    def emit(self, op: str, inputs: tuple, attrs: dict, meta: Any) -> Node:
+        """An extra node for an ATen op that takes two canonical ops (e.g. addmm of two activations)."""
+        return self.graph.create_node(op, inputs, attrs, name=f"{self.node.name}_{op}", meta=meta,
+                                      source=self.source, module_path=self.module_path)
+
+    def weight_of(self, mat2: Any) -> Param | None:
+        """The [out, in] weight param for `x @ mat2`: `mat2 = t(@w)` gives @w, and a param used only as a
+        right-hand matmul operand ([in, out], GPT-2's Conv1D) is held as its transposed view."""
+        if isinstance(mat2, Node) and mat2.op in ("transpose", "permute") and isinstance(mat2.inputs[0], Param) \
+                and self.rank(mat2.inputs[0]) == 2:
+            self.maybe_dead.append(mat2)
+            return mat2.inputs[0]
+        if isinstance(mat2, Param) and mat2.name in self.transposed_ok and self.rank(mat2) == 2:
+            if mat2.name not in self.transposed:
+                # a view of the model's tensor: F.linear(x, w.t()) runs x @ w, so lowering stays bit-exact
+                self.graph.params[mat2.name] = self.state[mat2.name].detach().t()
+                self.transposed.add(mat2.name)
+            return mat2
+        return None
+
+
+def _index_for(dim: int, rank: int | None, item: Any) -> tuple:
+    if dim < 0:
+        if rank is None:
+            raise _NoConversion
+        dim += rank
+    return (slice(None),) * dim + (item,)
+
+
+class _NoConversion(Exception):
+    pass
+
+
+# --- converters: each takes the ATen schema's own arguments -----------------------------------------------
+
+@_converts(aten.linear)
+def _linear(cx, input, weight, bias=None):
+    return "linear", (input, weight, bias), {}
+
+
+@_converts(aten.addmm)
+def _addmm(cx, bias, mat1, mat2, *, beta=1, alpha=1):
+    if beta != 1 or alpha != 1:
+        return None
+    w = cx.weight_of(mat2)
+    if w is not None:
+        return "linear", (mat1, w, bias), {}
+    mm = cx.emit("matmul", (mat1, mat2), {}, meta_of(cx.value))
+    return "add", (bias, mm), {}
+
+
+@_converts(aten.mm)
+def _mm(cx, input, mat2):
+    w = cx.weight_of(mat2)
+    if w is not None:
+        return "linear", (input, w, None), {}
+    return "matmul", (input, mat2), {}
+
+
+@_converts(aten.matmul, aten.bmm)
+def _matmul(cx, input, other):
+    return "matmul", (input, other), {}
+
+
+@_converts(aten.conv2d, aten.conv1d)
+def _conv(cx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    n = 2 if cx.node.target.overloadpacket is aten.conv2d else 1
+    return _conv_nd(n, input, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_nd(n, input, weight, bias, stride, padding, dilation, groups):
+    def tup(v):
+        return v if isinstance(v, str) else tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+    return f"conv{n}d", (input, weight, bias), dict(stride=tup(stride), padding=tup(padding),
+                                                    dilation=tup(dilation), groups=groups)
+
+
+@_converts(aten.convolution)
+def _convolution(cx, input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    n = cx.rank(weight)
+    if transposed or n not in (3, 4):
+        return None
+    return _conv_nd(n - 2, input, weight, bias, stride, padding, dilation, groups)
+
+
+def _bn(cx, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    mod = cx.module()
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm) and isinstance(running_mean, Param) \
+            and running_mean.name == f"{cx.module_path}.running_mean":
+        # the module's own batch norm: same operands and attrs as the fx front end gives it
+        tracked = mod.track_running_stats and mod.running_mean is not None
+        nbt = None
+        if tracked and mod.num_batches_tracked is not None:
+            nbt = Param(f"{cx.module_path}.num_batches_tracked")
+            if nbt.name not in cx.graph.params:
+                cx.graph.add_param(nbt.name, mod.num_batches_tracked.detach(), buffer=True, unique=False)
+        return "batch_norm", (x, running_mean, running_var, weight, bias, nbt), dict(
+            eps=mod.eps, momentum=mod.momentum, training=None if tracked else True)
+    return "batch_norm", (x, running_mean, running_var, weight, bias, None), dict(
+        eps=eps, momentum=momentum, training=bool(training))
+
+
+@_converts(aten.add_)
+def _add_inplace(cx, input, other, *, alpha=1):
+    # A training-mode batch norm module counts its batches with `num_batches_tracked.add_(1)`; the
+    # canonical batch_norm does that itself (see ir.ops), so the separate update is dropped.
+    if isinstance(input, Param) and input.name.endswith(".num_batches_tracked") and \
+            isinstance(cx.modules.get(input.name.rsplit(".", 1)[0]), nn.modules.batchnorm._BatchNorm):
+        return _DROP
+    return None
+
+
+@_converts(aten.batch_norm)
+def _batch_norm(cx, input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
+    return _bn(cx, input, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+@_converts(aten._native_batch_norm_legit_no_training)
+def _bn_no_training(cx, input, weight, bias, running_mean, running_var, momentum, eps):
+    return _bn(cx, input, weight, bias, running_mean, running_var, False, momentum, eps)
+
+
+@_converts(aten.layer_norm)
+def _layer_norm(cx, input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    return "layer_norm", (input, weight, bias), dict(normalized_shape=tuple(normalized_shape), eps=eps)
+
+
+@_converts(aten.native_layer_norm)
+def _native_layer_norm(cx, input, normalized_shape, weight, bias, eps):
+    return _layer_norm(cx, input, normalized_shape, weight, bias, eps)
+
+
+@_converts(aten.group_norm)
+def _group_norm(cx, input, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    return "group_norm", (input, weight, bias), dict(num_groups=num_groups, eps=eps)
+
+
+@_converts(aten.embedding)
+def _embedding(cx, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    mod = cx.module()
+    if isinstance(mod, nn.Embedding):
+        return "embedding", (indices, weight), dict(
+            padding_idx=mod.padding_idx, max_norm=mod.max_norm, norm_type=mod.norm_type,
+            scale_grad_by_freq=mod.scale_grad_by_freq, sparse=mod.sparse)
+    return "embedding", (indices, weight), dict(
+        padding_idx=None if padding_idx < 0 else padding_idx, max_norm=None, norm_type=2.0,
+        scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+
+
+def _unary(op: str) -> Callable:
+    def conv(cx, input):
+        return op, (input,), {}
+    return conv
+
+
+for _op, _targets in {
+    "relu": (aten.relu,), "relu6": (aten.relu6,), "silu": (aten.silu,), "sigmoid": (aten.sigmoid,),
+    "tanh": (aten.tanh,), "hardswish": (aten.hardswish,), "hardsigmoid": (aten.hardsigmoid,),
+    "neg": (aten.neg, operator.neg), "sqrt": (aten.sqrt,), "rsqrt": (aten.rsqrt,), "exp": (aten.exp,),
+    "log": (aten.log,), "abs": (aten.abs,), "erf": (aten.erf,), "reciprocal": (aten.reciprocal,),
+}.items():
+    _converts(*_targets)(_unary(_op))
+
+
+@_converts(aten.gelu)
+def _gelu(cx, input, *, approximate="none"):
+    return "gelu", (input,), dict(approximate=approximate)
+
+
+@_converts(aten.leaky_relu)
+def _leaky_relu(cx, input, negative_slope=0.01):
+    return "leaky_relu", (input,), dict(negative_slope=negative_slope)
+
+
+@_converts(aten.hardtanh)
+def _hardtanh(cx, input, min_val=-1.0, max_val=1.0):
+    return _f_hardtanh(input, min_val, max_val)
+
+
+@_converts(aten.clamp)
+def _clamp(cx, input, min=None, max=None):  # noqa: A002
+    if any(isinstance(v, (Node, Param)) for v in (min, max)):
+        return None
+    return "clamp", (input,), dict(min=min, max=max)
+
+
+@_converts(aten.clamp_min)
+def _clamp_min(cx, input, min):  # noqa: A002
+    return _clamp(cx, input, min, None)
+
+
+@_converts(aten.clamp_max)
+def _clamp_max(cx, input, max):  # noqa: A002
+    return _clamp(cx, input, None, max)
+
+
+@_converts(aten.softmax, aten.log_softmax)
+def _softmax(cx, input, dim, dtype=None):
+    if dtype is not None:
+        return None
+    return cx.node.target.overloadpacket.__name__, (input,), dict(dim=dim)
+
+
+@_converts(aten._softmax, aten._log_softmax)
+def _softmax_internal(cx, input, dim, half_to_float):
+    if half_to_float:
+        return None
+    return cx.node.target.overloadpacket.__name__.lstrip("_"), (input,), dict(dim=dim)
+
+
+def _binary(op: str) -> Callable:
+    def conv(cx, input, other, *, alpha=1, rounding_mode=None):
+        if alpha != 1 or rounding_mode is not None:
+            return None
+        return op, (input, other), {}
+    return conv
+
+
+for _op, _targets in {
+    "add": (aten.add, operator.add), "sub": (aten.sub, operator.sub), "mul": (aten.mul, operator.mul),
+    "div": (aten.div, operator.truediv), "pow": (aten.pow, operator.pow),
+}.items():
+    _converts(*_targets)(_binary(_op))
+
+
+@_converts(aten.rsub)
+def _rsub(cx, input, other, alpha=1):
+    if alpha != 1:
+        return None
+    return "sub", (other, input), {}
+
+
+@_converts(aten.dropout)
+def _dropout(cx, input, p, train):
+    if type(cx.module()) is nn.Dropout and bool(train) == cx.model_training:
+        return "dropout", (input,), dict(p=p, training=None)  # nn.Dropout follows the module's mode
+    return "dropout", (input,), dict(p=p, training=bool(train))
+
+
+@_converts(aten.max_pool2d, aten.max_pool1d)
+def _max_pool(cx, input, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    fn = _f_max_pool2d if cx.node.target.overloadpacket is aten.max_pool2d else _f_max_pool1d
+    return fn(input, kernel_size, tuple(stride) or None, padding, dilation, ceil_mode)
+
+
+@_converts(aten.max_pool2d_with_indices)
+def _max_pool_indices(cx, input, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+    return _f_max_pool2d(input, kernel_size, tuple(stride) or None, padding, dilation, ceil_mode)
+
+
+@_converts(aten.avg_pool2d)
+def _avg_pool2d(cx, input, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+                divisor_override=None):
+    return _f_avg_pool2d(input, kernel_size, tuple(stride) or None, padding, ceil_mode, count_include_pad,
+                         divisor_override)
+
+
+@_converts(aten.avg_pool1d)
+def _avg_pool1d(cx, input, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True):
+    return _f_avg_pool1d(input, kernel_size, tuple(stride) or None, padding, ceil_mode, count_include_pad)
+
+
+@_converts(aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d)
+def _aap2d(cx, input, output_size):
+    return _f_adaptive_avg_pool2d(input, output_size)
+
+
+@_converts(aten.adaptive_avg_pool1d)
+def _aap1d(cx, input, output_size):
+    return _f_adaptive_avg_pool1d(input, output_size)
+
+
+@_converts(aten.adaptive_max_pool2d)
+def _amp2d(cx, input, output_size):
+    return "adaptive_max_pool2d", (input,), dict(output_size=tuple(output_size))
+
+
+@_converts(aten.upsample_nearest2d, aten.upsample_bilinear2d)
+def _upsample(cx, input, output_size, *rest):
+    mode = "nearest" if cx.node.target.overloadpacket is aten.upsample_nearest2d else "bilinear"
+    if cx.node.target._overloadname != "vec":
+        return None
+    align_corners = rest[0] if mode == "bilinear" else None
+    scales = rest[-1]
+    return _f_interpolate(input, tuple(output_size) if output_size is not None else None,
+                          tuple(scales) if scales is not None else None, mode, align_corners)
+
+
+@_converts(aten.view, aten._unsafe_view, aten.reshape)
+def _reshape(cx, input, size):
+    return "reshape", (input,), dict(shape=tuple(size))
+
+
+@_converts(aten.flatten)
+def _flatten(cx, input, start_dim=0, end_dim=-1):
+    if cx.node.target._overloadname != "using_ints":
+        return None
+    return "flatten", (input,), dict(start_dim=start_dim, end_dim=end_dim)
+
+
+@_converts(aten.permute)
+def _permute(cx, input, dims):
+    return "permute", (input,), dict(dims=tuple(dims))
+
+
+@_converts(aten.transpose)
+def _transpose(cx, input, dim0, dim1):
+    return "transpose", (input,), dict(dim0=dim0, dim1=dim1)
+
+
+@_converts(aten.t)
+def _t(cx, input):
+    if cx.rank(input) != 2:
+        return _Alias(input)
+    return "transpose", (input,), dict(dim0=0, dim1=1)
+
+
+@_converts(aten.expand)
+def _expand(cx, input, size, *, implicit=False):
+    return "expand", (input,), dict(size=tuple(size))
+
+
+@_converts(aten.cat, aten.concat)
+def _cat(cx, tensors, dim=0):
+    return "cat", tuple(tensors), dict(dim=dim)
+
+
+@_converts(aten.stack)
+def _stack(cx, tensors, dim=0):
+    return "stack", tuple(tensors), dict(dim=dim)
+
+
+@_converts(aten.split, aten.split_with_sizes)
+def _split(cx, input, split_size, dim=0):
+    return "split", (input,), dict(split_size=tuple(split_size) if isinstance(split_size, (list, tuple))
+                                   else split_size, dim=dim)
+
+
+@_converts(aten.chunk)
+def _chunk(cx, input, chunks, dim=0):
+    return "chunk", (input,), dict(chunks=chunks, dim=dim)
+
+
+@_converts(aten.unsqueeze)
+def _unsqueeze(cx, input, dim):
+    return "unsqueeze", (input,), dict(dim=dim)
+
+
+@_converts(aten.squeeze)
+def _squeeze(cx, input, dim=None):
+    return "squeeze", (input,), dict(dim=tuple(dim) if isinstance(dim, (list, tuple)) else dim)
+
+
+@_converts(aten.slice)
+def _slice(cx, input, dim=0, start=None, end=None, step=1):
+    if cx.node.target._overloadname != "Tensor":
+        return None
+    start = None if start == 0 else start
+    end = None if isinstance(end, int) and end >= _INT_MAX else end
+    if start is None and end is None and step == 1:
+        return _Alias(input)  # x[:, :] is x
+    return "slice", (input,), dict(index=_index_for(dim, cx.rank(input), slice(start, end, None if step == 1
+                                                                                     else step)))
+
+
+@_converts(aten.select)
+def _select(cx, input, dim, index):
+    if cx.node.target._overloadname != "int":
+        return None
+    return "slice", (input,), dict(index=_index_for(dim, cx.rank(input), index))
+
+
+@_converts(aten.mean, aten.sum)
+def _reduce(cx, input, dim=None, keepdim=False, *, dtype=None):
+    if dtype is not None:
+        return None
+    op = cx.node.target.overloadpacket.__name__
+    if cx.node.target._overloadname not in ("default", "dim", "dim_IntList"):
+        return None
+    return op, (input,), dict(dim=tuple(dim) if dim is not None else None, keepdim=keepdim)
+
+
+@_converts(aten.scaled_dot_product_attention)
+def _sdpa(cx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
+    if enable_gqa:
+        return None
+    return "scaled_dot_product_attention", (query, key, value, attn_mask), dict(
+        dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+
+
+def _cast_or_alias(cx, input, dtype, device=None):
+    if device is not None and torch.device(device).type != "cpu":
+        return None
+    if dtype is None or (isinstance(input, Node) and hasattr(input.meta, "dtype") and input.meta.dtype == dtype):
+        return _Alias(input)
+    return "cast", (input,), dict(dtype=dtype)
+
+
+@_converts(aten.to)
+def _to(cx, input, *args, **kwargs):
+    overload = cx.node.target._overloadname
+    if overload == "dtype":
+        return _cast_or_alias(cx, input, args[0] if args else kwargs.get("dtype"))
+    if overload == "device":
+        return _cast_or_alias(cx, input, args[1] if len(args) > 1 else kwargs.get("dtype"),
+                              args[0] if args else kwargs.get("device"))
+    if overload == "dtype_layout":
+        return _cast_or_alias(cx, input, kwargs.get("dtype"), kwargs.get("device"))
+    return None
+
+
+@_converts(aten._to_copy)
+def _to_copy(cx, input, **kwargs):
+    return _cast_or_alias(cx, input, kwargs.get("dtype"), kwargs.get("device"))
+
+
+@_converts(aten.alias, aten.detach, aten.lift_fresh_copy)
+def _alias(cx, input):
+    return _Alias(input)
+
+
+@_converts(aten.sym_size)
+def _sym_size(cx, input, dim=None):
+    return "size", (input,), dict(dim=dim)
+
+
+@_converts(aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
+           aten.sym_constrain_range, aten._assert_async)
+def _check(cx, *args, **kwargs):
+    return _DROP  # export's own runtime checks of the shapes it specialized on; they compute nothing
+
+
+# ATen ops that return a tuple whose element 0 is the canonical op's result (the rest: saved statistics
+# or indices that inference does not read).
+_TUPLE_HEADS = {aten._native_batch_norm_legit_no_training.default, aten.native_layer_norm.default,
+                aten.max_pool2d_with_indices.default, aten.adaptive_max_pool2d.default}
+
+
+# --- export and conversion ------------------------------------------------------------------------------
+
+def _dynamic_spec(value: Any) -> Any:
+    """Dim.AUTO for the batch dim of every tensor input, and the sequence dim of integer [B, S] inputs."""
+    if not isinstance(value, torch.Tensor) or value.dim() == 0:
+        return None
+    spec = {0: torch.export.Dim.AUTO}
+    if value.dim() == 2 and not value.is_floating_point():
+        spec[1] = torch.export.Dim.AUTO
+    return spec
+
+
+def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
+                   dynamic: bool = True) -> torch.export.ExportedProgram:
+    """torch.export.export(model, args, kwargs, strict=False), with dynamic batch/sequence dims when
+    `dynamic` and the model allows them (falls back to static shapes, and says so in the log)."""
+    errors = []
+    if dynamic:
+        try:
+            names = [p.name for p in inspect.signature(model.forward).parameters.values()
+                     if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            specs = {name: _dynamic_spec(v) for name, v in zip(names, args)}
+            specs.update({k: _dynamic_spec(v) for k, v in kwargs.items()})
+            if len(specs) != len(args) + len(kwargs):
+                raise ValueError("positional inputs beyond forward's named parameters")
+            return torch.export.export(model, args, kwargs, dynamic_shapes=specs, strict=False)
+        except Exception as e:  # noqa: BLE001 - retried with static shapes below
+            errors.append(e)
+            _log.info("torch.export with dynamic batch/sequence dims failed for %s (%s: %s); "
+                      "exporting with static shapes", type(model).__name__, type(e).__name__,
+                      str(e).splitlines()[0] if str(e) else "")
+    try:
+        return torch.export.export(model, args, kwargs, strict=False)
+    except Exception as e:  # noqa: BLE001 - any export failure is reported as a CaptureError
+        frames = [ln for ln in str(e).splitlines() if ln.strip()]
+        raise CaptureError(
+            f"torch.export cannot capture {type(model).__name__}: {type(e).__name__}: "
+            f"{frames[0] if frames else ''}\n  torch.export (non-strict) fails on control flow that depends on "
+            "tensor values and on outputs that are not tensors or containers of tensors; return tensors "
+            "only, or rewrite the data-dependent branch with torch.cond / torch.where."
+        ) from e
+
+
+def _run_program(ep: torch.export.ExportedProgram, user_inputs: list[Any]) -> dict[fx.Node, Any]:
+    """Run the exported graph on the example inputs (params and buffers from the program), recording
+    every node's value: concrete shapes for the IR's metas, even where the export is dynamic."""
+    sig = ep.graph_signature
+    flat = []
+    user = iter(user_inputs)
+    for spec in sig.input_specs:
+        kind = spec.kind.name
+        if kind == "USER_INPUT":
+            flat.append(next(user))
+        elif kind == "PARAMETER":
+            flat.append(ep.state_dict[spec.target])
+        elif kind == "BUFFER":
+            t = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+            flat.append(t.clone())  # training-mode graphs update buffers in place; keep the model's intact
+        else:
+            flat.append(ep.constants[spec.target])
+    values: dict[fx.Node, Any] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n):
+            values[n] = out = super().run_node(n)
+            return out
+
+    with torch.no_grad():
+        _Recorder(ep.graph_module).run(*flat)
+    return values
+
+
+def _source(n: fx.Node) -> str | None:
+    """`file.py:LINE` of the innermost frame of the export node's stack trace outside torch."""
+    stack = n.meta.get("stack_trace")
+    if not stack:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    files = [ln.strip() for ln in stack.splitlines() if ln.strip().startswith("File ") and torch_dir not in ln]
+    m = re.match(r'File "([^"]+)", line (\d+)', files[-1]) if files else None
+    return f"{os.path.basename(m.group(1))}:{m.group(2)}" if m else None
+
+
+def _module_path(n: fx.Node) -> str | None:
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"@\d+$", "", path)  # a module called more than once
+    return path or None
+
+
+def _structure(spec: pytree.TreeSpec, leaves: list[Any]) -> Any:
+    """Rebuild the output structure with plain containers: tuples, lists, and dicts for any mapping
+    (a Hugging Face ModelOutput becomes {"logits": node, ...})."""
+    it = iter(leaves)
+
+    def build(s: pytree.TreeSpec) -> Any:
+        if s.is_leaf():
+            return next(it)
+        children = [build(c) for c in s.children()]
+        if s.type is list:
+            return children
+        ctx = s.context
+        if isinstance(ctx, (list, tuple)) and len(ctx) == len(children) and all(isinstance(k, str) for k in ctx):
+            return dict(zip(ctx, children))
+        if s.type is type(None):
+            return None
+        return tuple(children)
+
+    return build(spec)
+
+
+def capture_export(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None, *,
+                   dynamic: bool = True) -> Graph:
+    """Capture `model` with torch.export (non-strict) into the canonical IR; see the module docstring."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
+    names = list(inspect.signature(model.forward).parameters)
+    kwargs = dict(sorted((kwargs or {}).items(), key=lambda kv: names.index(kv[0]) if kv[0] in names else len(names)))
+    t0 = time.perf_counter()
+    ep = export_program(model, tuple(args), kwargs, dynamic=dynamic)  # inputs in forward's order, as fx has them
+    t1 = time.perf_counter()
+    graph = from_exported_program(ep, model, args, kwargs)
+    _log.info("captured %s with torch.export in %.2fs (export %.2fs, %d nodes%s)", type(model).__name__,
+              time.perf_counter() - t0, t1 - t0, len(graph),
+              ", dynamic " + ", ".join(map(str, ep.range_constraints)) if ep.range_constraints else "")
+    return graph
+
+
+def from_exported_program(ep: torch.export.ExportedProgram, model: nn.Module, args: tuple = (),
+                          kwargs: dict[str, Any] | None = None) -> Graph:
+    """The canonical IR of an ExportedProgram of `model` (also a decomposed one, e.g. after
+    `ep.run_decompositions()`), with shapes from running it on the example `args`/`kwargs`."""
+    kwargs = dict(kwargs or {})
+    in_spec = ep.call_spec.in_spec
+    if in_spec is not None and in_spec.num_children == 2:
+        order = list(in_spec.child(1).context or [])
+        kwargs = {k: kwargs[k] for k in order if k in kwargs}
+    user_inputs = pytree.tree_leaves((tuple(args), kwargs))
+    try:
+        values = _run_program(ep, user_inputs)
+    except Exception as e:  # noqa: BLE001 - the inputs do not fit the program
+        given = ", ".join(f"{tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t) for t in user_inputs)
+        raise CaptureError(f"the exported program of {type(model).__name__} does not run on the example inputs "
+                           f"({given}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass "
+                           "the inputs it was exported with.") from e
+    return _convert_program(ep, model, values, user_inputs)
+
+
+def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values: dict[fx.Node, Any],
+                     user_inputs: list[Any]) -> Graph:
+    graph = Graph()
+    graph.name = type(model).__name__
+    graph.training = model.training
+    graph.capture_method = "export"
+    sig = ep.graph_signature
+    state = dict(ep.state_dict)
+    state.update(ep.constants)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    state.update({k: v for k, v in named.items() if k in state})  # the model's own tensors (shared storage)
+    param_inputs = dict(sig.inputs_to_parameters)
+    buffer_inputs = dict(sig.inputs_to_buffers)
+    const_inputs = dict(sig.inputs_to_lifted_tensor_constants)
+    user_input_names = list(sig.user_inputs)
+    fx_nodes = list(ep.graph.nodes)
+    by_name = {n.name: n for n in fx_nodes}
+
+    # Params used only as the right operand of addmm/mm are [in, out] matrices (GPT-2's Conv1D): the IR
+    # holds them as their [out, in] transposed view so those matmuls become canonical `linear` nodes.
+    transposed_ok = set()
+    for ph, fqn in param_inputs.items():
+        users = list(by_name[ph].users)
+        if users and all(u.target in (aten.addmm.default, aten.mm.default) and u.args[-1] is by_name[ph]
+                         and by_name[ph] not in u.args[:-1] for u in users):
+            transposed_ok.add(fqn)
+
+    cx = _Ctx(graph, dict(model.named_modules(remove_duplicate=False)), values, transposed_ok, state,
+              model.training)
+    env: dict[fx.Node, Any] = {}
+    tuple_heads: set[fx.Node] = set()
+
+    def lookup(a: Any) -> Any:
+        return env[a] if isinstance(a, fx.Node) else a
+
+    def add_state(fqn: str, buffer: bool) -> Param:
+        if fqn not in graph.params:
+            graph.add_param(fqn, state[fqn].detach(), buffer=buffer, unique=False)
+        return Param(fqn)
+
+    user_iter = iter(user_inputs)
+    for n in fx_nodes:
+        if n.op == "placeholder":
+            if n.name in param_inputs:
+                env[n] = add_state(param_inputs[n.name], buffer=False)
+            elif n.name in buffer_inputs:
+                env[n] = add_state(buffer_inputs[n.name], buffer=True)
+            elif n.name in const_inputs:
+                env[n] = add_state(const_inputs[n.name], buffer=True)
+            elif n.name in user_input_names:
+                value = next(user_iter)
+                if isinstance(value, torch.Tensor):
+                    env[n] = graph.create_node("input", (), {}, name=n.name, meta=meta_of(value))
+                else:
+                    env[n] = value  # a non-tensor input export specialized on
+            else:
+                raise CaptureError(f"torch.export lifted {n.name!r} as a {sig.input_specs} input slimfx cannot "
+                                   "hold (custom objects are not supported); keep the model's state in tensors")
+            continue
+        if n.op == "output":
+            _set_outputs(graph, ep, n, lookup)
+            continue
+        if n.op != "call_function":
+            raise CaptureError(f"torch.export produced a {n.op} node {n.name!r} ({n.target}); slimfx maps only "
+                               "call_function graphs (higher-order ops such as torch.cond are not supported)")
+        cx.node, cx.module_path, cx.source = n, _module_path(n), _source(n)
+        args = fx.node.map_aggregate(n.args, lookup)
+        kwargs = fx.node.map_aggregate(n.kwargs, lookup)
+        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0] in tuple_heads:
+            if n.args[1] != 0:
+                raise CaptureError(f"node {n.name!r} reads output {n.args[1]} of {n.args[0].target} "
+                                   f"({cx.module_path or 'top level'}), which slimfx does not keep")
+            env[n] = env[n.args[0]]
+            continue
+        if n.target is operator.getitem:
+            env[n] = graph.create_node("getitem", (args[0],), dict(index=args[1]), name=n.name,
+                                       meta=meta_of(values.get(n)), source=cx.source, module_path=cx.module_path)
+            continue
+        conv = _converter(n.target)
+        converted = None
+        if conv is not None:
+            try:
+                converted = conv(cx, *args, **kwargs)
+            except (TypeError, _NoConversion):
+                converted = None
+        if converted is _DROP:
+            env[n] = None
+            continue
+        if isinstance(converted, _Alias):
+            env[n] = converted.value
+            continue
+        value = values.get(n)
+        if n.target in _TUPLE_HEADS and converted is not None:
+            tuple_heads.add(n)
+            value = value[0]
+        if converted is None:
+            op, ins, attrs = "opaque", args, {"kind": "call_function", "target": n.target, "kwargs": kwargs}
+        else:
+            op, ins, attrs = converted
+        # `%addmm = linear(...)` would mislead; a node converted from another spelling is named after its op
+        name = n.name if op == "opaque" or n.name.startswith(op) else op
+        env[n] = graph.create_node(op, ins, attrs, name=name, meta=meta_of(value), source=cx.source,
+                                   module_path=cx.module_path)
+    for dead in cx.maybe_dead:
+        if not dead.users:
+            graph.erase(dead)
+    return graph
+
+
+def _set_outputs(graph: Graph, ep: torch.export.ExportedProgram, out: fx.Node, lookup: Callable) -> None:
+    sig = ep.graph_signature
+    leaves = list(out.args[0])
+    user, mutations = [], []
+    for spec, leaf in zip(sig.output_specs, leaves):
+        kind = spec.kind.name
+        if kind == "USER_OUTPUT":
+            user.append(lookup(leaf) if isinstance(leaf, fx.Node) else leaf)
+        elif kind == "BUFFER_MUTATION":
+            mutations.append((spec.target, lookup(leaf)))
+        else:
+            raise CaptureError(f"torch.export output {spec.arg} is a {kind}; slimfx captures inference graphs "
+                               "whose only side effects are buffer updates (call model.eval() or stop mutating "
+                               "inputs in forward)")
+    for target, value in mutations:
+        # the functional form of `buffer.copy_(new)`: keep the update so the graph does what the model does
+        graph.create_node("opaque", (Param(target), value), {"kind": "call_function",
+                                                              "target": aten.copy_.default, "kwargs": {}},
+                          name=f"update_{target.replace('.', '_')}")
+    graph.set_outputs(_structure(ep.call_spec.out_spec, user) if ep.call_spec.out_spec is not None
+                      else tuple(user))
+
+
+def aten_converters() -> dict[Any, Callable]:
+    """ATen ops (packets or overloads) that export capture turns into canonical ops (for docs and tests)."""
+    return dict(_CONVERTERS)
+
+
+__all__ = ["aten_converters", "capture_export", "export_program", "from_exported_program"]

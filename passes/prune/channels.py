@@ -1,0 +1,294 @@
+"""`prune-channels`: dependency-aware structured pruning that physically shrinks the model.
+
+Groups come from `passes.prune.groups.analyze`; each group loses the least important
+units (channels, attention heads, conv groups) and every param and attr they reach is
+rewritten, so the result is a smaller dense graph (no masks) that verifies, lowers,
+trains and exports.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ir import Graph, count_macs, count_params, lower, propagate_shapes, verify
+from ir.errors import PassError
+from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.prune.groups import BLOCK, Dependencies, Group, analyze, apply
+
+Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
+
+
+def example_inputs(graph: Graph, ctx: PassContext) -> tuple:
+    """The context's example inputs, or zeros shaped like the graph inputs' metas."""
+    if ctx.example_inputs:
+        return ctx.example_inputs
+    out = []
+    for n in graph.inputs:
+        if n.meta is None:
+            raise PassError(f"graph input %{n.name} has no shape; give example inputs (PassContext.example_inputs)")
+        out.append(torch.zeros(n.meta.shape, dtype=n.meta.dtype))
+    return tuple(out)
+
+
+def replace_contents(dst: Graph, src: Graph) -> None:
+    """Make `dst` the graph `src` is (nodes, params), keeping the `dst` object that callers hold."""
+    dst.__dict__.update(src.__dict__)
+    for n in dst:
+        n.graph = dst
+
+
+def match_any(patterns: list[str], names: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(nm, p) for p in patterns for nm in names if nm)
+
+
+def check_patterns(graph: Graph, patterns: list[str], option: str, pass_name: str) -> None:
+    """Every pattern must name some node (module path or name) or param; else say what exists."""
+    names = [x for n in graph for x in (n.name, n.module_path or "")] + list(graph.params)
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(nm, p) for nm in names if nm):
+            mods = sorted({n.module_path for n in graph if n.module_path and n.op in ("conv1d", "conv2d", "linear",
+                                                                                     "embedding")})
+            raise PassError(f"pass '{pass_name}': {option} pattern {p!r} names no module, node or param of the graph; "
+                            f"layers are e.g. {', '.join(mods[:8]) or '(none)'} (fnmatch patterns such as 'layer1.*')")
+
+
+def group_names(g: Group, graph: Graph) -> list[str]:
+    out = []
+    for s in g.spaces:
+        out += [s.node, s.module_path, s.weight or ""]
+    return out
+
+
+# --- importance ---------------------------------------------------------------------------------
+
+def importance(graph: Graph, deps: Dependencies, criterion: str, ctx: PassContext | None = None,
+               *, batches: int = 4) -> tuple[torch.Tensor, dict[str, str]]:
+    """Score of every unit (indexed by its root label); higher means keep. Also notes on fallbacks."""
+    roots = deps.roots
+    notes: dict[str, str] = {}
+    grads: dict[str, torch.Tensor] = {}
+    if criterion == "taylor":
+        grads = _taylor_products(graph, ctx, batches)
+
+    def accumulate(roles: tuple[str, ...], kind: str) -> torch.Tensor:
+        score = torch.zeros(deps.num_labels, dtype=torch.float64)
+        for (name, axis), m in deps.members.items():
+            if m.role not in roles:
+                continue
+            t = graph.params[name].detach().double()
+            dims = [d for d in range(t.dim()) if d != axis]
+            if kind == "taylor":
+                if name not in grads:
+                    continue
+                per = grads[name].double().sum(dim=dims).abs() if dims else grads[name].double().abs()
+            elif kind == "l1":
+                per = t.abs().sum(dim=dims) if dims else t.abs()
+            elif kind == "bn":
+                per = t.abs()
+            else:
+                per = t.pow(2).sum(dim=dims) if dims else t.pow(2)
+            score.index_add_(0, roots[m.labels], per)
+        return score
+
+    if criterion == "l1":
+        return accumulate(("weight",), "l1"), notes
+    if criterion == "l2":
+        return accumulate(("weight",), "l2").sqrt(), notes
+    if criterion == "taylor":
+        return accumulate(("weight", "bias", "norm"), "taylor"), notes
+    bn = accumulate(("norm",), "bn")
+    l2 = accumulate(("weight",), "l2").sqrt()
+    for g in deps.groups:
+        if not any(bool(bn[u] > 0) for u in g.units):
+            for u in g.units:
+                bn[u] = l2[u]
+            notes[g.name] = "no norm layer in the group: l2 used"
+    return bn, notes
+
+
+def _taylor_products(graph: Graph, ctx: PassContext | None, batches: int) -> dict[str, torch.Tensor]:
+    """Σ weight·grad over a few batches of data (train data with targets, else calibration data with the
+    model's own predictions as targets)."""
+    from passes.finetune import iter_batches
+
+    if ctx is None:
+        raise PassError("pass 'prune-channels': criterion 'taylor' needs data; give train_data or calibration_data")
+    if ctx.train_data is not None:
+        data = [(x, y) for x, y in iter_batches(ctx.train_data, batch_size=64, shuffle=False, seed=ctx.seed)]
+    elif ctx.calibration_data is not None:
+        data = [(x, None) for x in ctx.calibration_batches()]
+    else:
+        raise PassError("pass 'prune-channels': criterion 'taylor' needs data (gradient x weight); give the "
+                        "context train_data or calibration_data, or use criterion 'l2'")
+    gm = lower(graph, copy_params=True)
+    gm.eval()
+    params = dict(gm.named_parameters())
+    acc = {k: torch.zeros_like(p) for k, p in params.items()}
+    for i, (x, y) in enumerate(data):
+        if i >= batches:
+            break
+        gm.zero_grad()
+        out = gm(*x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        target = y if y is not None else out.detach().argmax(-1)
+        loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+        loss.backward()
+        for k, p in params.items():
+            if p.grad is not None:
+                acc[k] += p.detach() * p.grad
+    return acc
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+def plan(deps: Dependencies, scores: torch.Tensor, sparsity_of: dict[int, float], round_to: int = 1) -> list[int]:
+    """Units to remove: per group the lowest-scoring fraction, rounded, at least one unit kept."""
+    removed: list[int] = []
+    for g in deps.groups:
+        s = sparsity_of.get(g.id, 0.0)
+        n = len(g.units)
+        if s <= 0 or n == 0:
+            continue
+        kept = n - int(round(s * n))
+        if round_to > 1 and g.kind == "channels":
+            total = kept + g.blocked_channels
+            total = max(round_to, int(round(total / round_to)) * round_to)
+            kept = min(n, total - g.blocked_channels)
+        kept = max(1, min(n, kept))  # documented clamp: a group never reaches 0 channels
+        order = sorted(g.units, key=lambda u: (float(scores[u]), u))
+        removed += order[:n - kept]
+    return _keep_every_axis(deps, scores, removed)
+
+
+def _keep_every_axis(deps: Dependencies, scores: torch.Tensor, removed: list[int]) -> list[int]:
+    """No sliced param axis may become empty (a split chunk, a cat segment): give back the best unit."""
+    rm = set(removed)
+    changed = True
+    while changed:
+        changed = False
+        for m in deps.members.values():
+            r = deps.roots[m.labels].tolist()
+            if all(x in rm for x in r) and r:
+                best = max(set(r), key=lambda u: float(scores[u]))
+                rm.discard(best)
+                changed = True
+    return [u for u in removed if u in rm]
+
+
+# --- the pass -------------------------------------------------------------------------------------
+
+@register_pass("prune-channels")
+@dataclass
+class PruneChannels(Pass):
+    """Remove whole channels, attention heads and FFN units everywhere their dependencies reach.
+
+    sparsity: fraction of each group's units to remove (ignored when target_macs is set).
+    target_macs: remove the same fraction from every group, the smallest that brings MACs to at most
+      this ratio of the input graph's.
+    criterion: l1 | l2 (weight norms over every layer of the group) | bn-scale (|gamma|) | taylor (|Σ w·grad|).
+    round_to: keep channel counts multiples of this (channel groups; heads are whole units already).
+    protect: fnmatch patterns on layer names; a group with a protected source layer is left alone.
+    overrides: pattern -> sparsity for groups whose source layers match.
+    """
+
+    sparsity: float = 0.5
+    target_macs: float | None = None
+    criterion: Criterion = "l2"
+    round_to: int = 1
+    protect: list[str] = field(default_factory=list)
+    overrides: dict[str, float] = field(default_factory=dict)
+    taylor_batches: int = 4
+
+    def validate(self) -> None:
+        for key, v in [("sparsity", self.sparsity), *((f"overrides[{k!r}]", v) for k, v in self.overrides.items())]:
+            if not 0.0 <= v < 1.0:
+                raise PassError(f"pass 'prune-channels': {key} must be in [0, 1), got {v}")
+        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
+            raise PassError(f"pass 'prune-channels': target_macs must be in (0, 1], got {self.target_macs}")
+        if self.round_to < 1:
+            raise PassError(f"pass 'prune-channels': round_to must be >= 1, got {self.round_to}")
+
+    def check_context(self, ctx: PassContext) -> str | None:
+        if self.criterion == "taylor" and ctx.train_data is None and ctx.calibration_data is None:
+            return "prune-channels criterion 'taylor' needs train_data or calibration_data (gradient x weight)"
+        return None
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        self.validate()
+        check_patterns(graph, self.protect, "protect", self.name)
+        check_patterns(graph, list(self.overrides), "overrides", self.name)
+        inputs = example_inputs(graph, ctx)
+        deps = analyze(graph)
+        scores, notes = importance(graph, deps, self.criterion, ctx, batches=self.taylor_batches)
+        macs0, params0 = count_macs(graph), count_params(graph)
+
+        def sparsities(s: float) -> dict[int, float]:
+            out = {}
+            for g in deps.groups:
+                names = group_names(g, graph)
+                if match_any(self.protect, names):
+                    continue
+                hit = [v for p, v in self.overrides.items() if match_any([p], names)]
+                out[g.id] = hit[-1] if hit else s
+            return out
+
+        def build(s: float, check: bool = True) -> tuple[Graph, list[int]]:
+            removed = plan(deps, scores, sparsities(s), self.round_to)
+            work = graph.copy()
+            apply(work, deps, removed)
+            try:
+                propagate_shapes(work, *inputs)
+                if check:
+                    verify(work)
+            except Exception as e:  # noqa: BLE001 - report it as the pass's fault, never leave a broken graph
+                raise PassError(f"pass 'prune-channels' produced an invalid graph ({type(e).__name__}: {e}); "
+                                "this is a bug in the dependency analysis: protect the layers named above or "
+                                "report the model") from e
+            return work, removed
+
+        chosen = self.sparsity
+        if self.target_macs is not None:
+            lo, hi = 0.0, 0.95
+            work, removed = build(hi, check=False)
+            if count_macs(work) > self.target_macs * macs0:
+                raise PassError(f"pass 'prune-channels': target_macs={self.target_macs} is out of reach; removing "
+                                f"95% of every prunable group gives {count_macs(work) / macs0:.3f} "
+                                "(protected layers and blocked groups keep their MACs)")
+            for _ in range(8):
+                mid = (lo + hi) / 2
+                if count_macs(build(mid, check=False)[0]) <= self.target_macs * macs0:
+                    hi = mid
+                else:
+                    lo = mid
+            chosen = hi
+        work, removed = build(chosen)
+        replace_contents(graph, work)
+        graph.remove_unused_params()
+        removed_set = set(removed)
+        table = []
+        for g in deps.groups:
+            rm = [u for u in g.units if u in removed_set]
+            prim = g.spaces[0]
+            kept_ch = sum(1 for lab in range(prim.start, prim.start + prim.size)
+                          if int(deps.roots[lab]) not in removed_set)
+            table.append({"group": g.name, "kind": g.kind, "sources": g.sources(), "units": len(g.units),
+                          "removed_units": len(rm), "channels": g.channels, "kept_channels": kept_ch,
+                          "protected": match_any(self.protect, group_names(g, graph))})
+        macs1, params1 = count_macs(graph), count_params(graph)
+        stats = {
+            "criterion": self.criterion, "sparsity": chosen, "groups": table, "blocked": deps.blocked,
+            "macs_before": macs0, "macs_after": macs1, "macs_ratio": macs1 / macs0 if macs0 else 1.0,
+            "params_before": params0, "params_after": params1,
+            "removed_units": len(removed),
+        }
+        if notes:
+            stats["notes"] = notes
+        return PassResult(changed=bool(removed), stats=stats)
+
+
+__all__ = ["PruneChannels", "importance", "plan", "example_inputs", "replace_contents", "check_patterns",
+           "BLOCK"]

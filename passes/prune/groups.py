@@ -1,0 +1,767 @@
+"""Channel dependency analysis: which channels of which tensors must be removed together.
+
+Every channel a conv/linear/embedding produces gets an integer *label*. The
+analysis walks the graph in order and carries, for each tensor value, a label
+tensor of the value's full shape: element `i` holds the label of the channel it
+belongs to (0: no prunable channel). Shape ops (reshape, permute, flatten, cat,
+split, ...) are simply run on the label tensors, so index offsets, `flatten`
+(a channel becomes H*W features) and head splits fall out exactly. Ops that mix
+positions *couple* labels (a union-find): residual `add`/`mul` branches,
+matmul contractions (q/k per feature, q/k/v per head), grouped convolutions
+(a whole group is one unit). A label united with 0 is *blocked*: graph outputs,
+ops the analysis cannot see through (named in `blocked` with the reason), and
+features that combine with unprunable values.
+
+Result (`analyze(graph) -> Dependencies`):
+- units: classes of labels that are always removed together (a channel, a head, a conv group);
+- groups: sets of channel spaces coupled by any unit (what a user calls "a group");
+- members: every (param, axis) whose indices follow labels, sliced by `apply`;
+- fixups: attrs that change with the channel count (conv groups, reshape sizes, split sizes,
+  layer_norm/group_norm shapes, the default attention scale).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ir import Graph, Node, Param, TensorMeta, get_op, iter_refs, map_refs
+
+BLOCK = 0
+
+# Ops whose output element i depends only on input element i (labels pass through unchanged).
+_POINTWISE = frozenset({
+    "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "clamp",
+    "dropout", "identity", "contiguous", "cast", "neg", "sqrt", "rsqrt", "exp", "log", "abs", "erf",
+    "reciprocal",
+})
+_BINARY = frozenset({"add", "sub", "mul", "div", "pow"})
+_SHAPE = frozenset({"reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "expand", "cat",
+                    "stack", "split", "chunk"})
+_SPATIAL = frozenset({"max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
+                      "adaptive_avg_pool2d", "adaptive_max_pool2d", "interpolate"})
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = [0]
+
+    def add(self, n: int) -> int:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return start
+
+    def find(self, x: int) -> int:
+        p = self.parent
+        root = x
+        while p[root] != root:
+            root = p[root]
+        while p[x] != root:
+            p[x], x = root, p[x]
+        return root
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if rb == BLOCK or (ra != BLOCK and rb < ra):
+            ra, rb = rb, ra  # keep BLOCK (0) and the oldest label as root
+        self.parent[rb] = ra
+        return ra
+
+    def roots(self) -> torch.Tensor:
+        return torch.tensor([self.find(i) for i in range(len(self.parent))], dtype=torch.long)
+
+
+@dataclass
+class Space:
+    """The output channels of one source op (conv/linear out-features, embedding columns)."""
+
+    id: int
+    node: str
+    module_path: str
+    op: str
+    start: int  # first label
+    size: int
+    weight: str | None = None  # param name of the source weight
+
+
+@dataclass
+class Member:
+    """One axis of one param whose indices follow channel labels."""
+
+    param: str
+    axis: int
+    labels: torch.Tensor  # 1-D, size of the axis
+    role: str  # weight | bias | norm | other
+    node: str
+
+
+@dataclass
+class Group:
+    """Channel spaces that shrink together, and the units (channels or heads) they are removed in."""
+
+    id: int
+    spaces: list[Space]
+    units: list[int]  # prunable unit roots, in label order
+    unit_labels: dict[int, list[int]]  # root -> labels of the unit (all spaces)
+    channels: int  # channels of the primary space (the first source)
+    blocked_channels: int  # channels of the primary space that cannot be removed
+    kind: str  # channels | heads | groups
+
+    @property
+    def name(self) -> str:
+        return self.spaces[0].module_path or self.spaces[0].node
+
+    def sources(self) -> list[str]:
+        return [s.module_path or s.node for s in self.spaces]
+
+
+@dataclass
+class Dependencies:
+    """What `analyze` found: groups, members to slice, attrs to fix, and where analysis stopped."""
+
+    groups: list[Group]
+    members: dict[tuple[str, int], Member]
+    fixups: list[tuple]
+    blocked: list[dict[str, str]]
+    roots: torch.Tensor  # label -> unit root
+    spaces: list[Space]
+    num_labels: int
+    node_of_space: dict[int, str] = field(default_factory=dict)
+
+    def group_of_label(self) -> dict[int, int]:
+        return {lab: g.id for g in self.groups for u in g.units for lab in g.unit_labels[u]}
+
+    def report(self) -> list[dict[str, Any]]:
+        return [{"group": g.id, "name": g.name, "kind": g.kind, "sources": g.sources(), "channels": g.channels,
+                 "units": len(g.units), "blocked_channels": g.blocked_channels} for g in self.groups]
+
+
+class _Analyzer:
+    def __init__(self, graph: Graph) -> None:
+        self.g = graph
+        self.uf = _UnionFind()
+        self.spaces: list[Space] = []
+        self.space_of_label: list[int] = [-1]
+        self.members: dict[tuple[str, int], Member] = {}
+        self.fixups: list[tuple] = []
+        self.blocked: list[dict[str, str]] = []
+        self._blocked_seen: set[tuple[str, int]] = set()
+        self.env: dict[Node, Any] = {}
+        self.remaining: dict[Node, int] = {}
+
+    # -- labels -----------------------------------------------------------------------------
+    def new_space(self, node: Node, size: int, weight: str | None) -> torch.Tensor:
+        start = self.uf.add(size)
+        sp = Space(len(self.spaces), node.name, node.module_path or "", node.op, start, size, weight)
+        self.spaces.append(sp)
+        self.space_of_label.extend([sp.id] * size)
+        return torch.arange(start, start + size, dtype=torch.long)
+
+    def block(self, labels: torch.Tensor | Iterable[int], node: Node, why: str) -> None:
+        vals = labels.unique().tolist() if isinstance(labels, torch.Tensor) else list(labels)
+        for lab in vals:
+            if lab <= 0:
+                continue
+            if self.uf.find(lab) != BLOCK:
+                sp = self.space_of_label[lab]
+                key = (node.name, sp)
+                if key not in self._blocked_seen:
+                    self._blocked_seen.add(key)
+                    self.blocked.append({"node": node.name, "op": node.op, "source": self.spaces[sp].module_path
+                                         or self.spaces[sp].node, "why": why})
+            self.uf.union(BLOCK, lab)
+
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor, node: Node, why: str) -> None:
+        """Unite labels position by position (a label meeting 0 gets blocked)."""
+        pairs = torch.stack([a.reshape(-1), b.reshape(-1)], 1)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        if not len(pairs):
+            return
+        for x, y in torch.unique(pairs, dim=0).tolist():
+            if x == BLOCK or y == BLOCK:
+                self.block([x + y], node, why)
+            else:
+                self.uf.union(x, y)
+
+    def classes(self, t: torch.Tensor) -> torch.Tensor:
+        return self.uf.roots()[t]
+
+    def zeros(self, meta: Any) -> Any:
+        if isinstance(meta, TensorMeta):
+            return torch.zeros(meta.shape, dtype=torch.long)
+        if isinstance(meta, tuple) and all(isinstance(m, TensorMeta) for m in meta):
+            return tuple(torch.zeros(m.shape, dtype=torch.long) for m in meta)
+        return None
+
+    def value(self, v: Any) -> Any:
+        """Label tensor (or python value) of an operand."""
+        if isinstance(v, Node):
+            return self.env.get(v)
+        if isinstance(v, Param):
+            t = self.g.params[v.name]
+            return torch.zeros(t.shape, dtype=torch.long)
+        return v
+
+    def member(self, param: Param | str | None, axis: int, labels: torch.Tensor, role: str, node: Node) -> None:
+        if param is None:
+            return
+        name = param.name if isinstance(param, Param) else param
+        t = self.g.params[name]
+        axis = axis % t.dim()
+        if t.shape[axis] != labels.numel():
+            self.block(labels, node, f"param @{name} axis {axis} has {t.shape[axis]} entries, "
+                                     f"not the {labels.numel()} channels it follows")
+            return
+        key = (name, axis)
+        if key in self.members:
+            self.union_pairs(self.members[key].labels, labels, node, f"@{name} is shared")
+        else:
+            self.members[key] = Member(name, axis, labels.clone(), role, node.name)
+
+    def freeze_params(self, node: Node, skip: Iterable[str] = ()) -> None:
+        """Params read in a way the analysis does not model: none of their axes may shrink."""
+        for p in node.params():
+            if p.name in skip:
+                continue
+            t = self.g.params[p.name]
+            for ax in range(t.dim()):
+                self.member(p, ax, torch.zeros(t.shape[ax], dtype=torch.long), "other", node)
+
+    # -- helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def varying(t: torch.Tensor) -> list[int]:
+        return [d for d in range(t.dim()) if t.shape[d] > 1 and not bool((t == t.narrow(d, 0, 1)).all())]
+
+    @staticmethod
+    def along(t: torch.Tensor, d: int) -> torch.Tensor:
+        """The 1-D labels along dim d (t must be constant along every other dim)."""
+        return t.movedim(d, -1).reshape(-1, t.shape[d])[0].clone()
+
+    def channels_at(self, x: Any, dim: int, node: Node, what: str) -> torch.Tensor | None:
+        """1-D labels along `dim` of an operand, or None (after blocking) if they vary elsewhere too."""
+        t = self.value(x)
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        dim = dim % t.dim()
+        var = self.varying(t)
+        if any(d != dim for d in var):
+            self.block(t, node, f"{what}: channels are not along dim {dim} (they vary along dims {var})")
+            return None
+        return self.along(t, dim)
+
+    def merge_split_dims(self, t: torch.Tensor) -> None:
+        """A channel dim split over several dims (heads x head_dim) is removed in slices of the outer one."""
+        if not bool((t > 0).any()):
+            return
+        var = self.varying(t)
+        if len(var) <= 1:
+            return
+        d = var[0]
+        for i in range(t.shape[d]):
+            labs = [x for x in t.select(d, i).unique().tolist() if x > 0]
+            zero = bool((t.select(d, i) == 0).any())
+            for x in labs[1:]:
+                self.uf.union(labs[0], x)
+            if zero and labs:
+                self.uf.union(BLOCK, labs[0])
+
+    def resolve_weight(self, w: Any) -> list[Param] | None:
+        """Params that hold a conv/linear weight operand: the Param, or a mask node's weight and mask."""
+        if isinstance(w, Param):
+            return [w]
+        if isinstance(w, Node) and w.op == "mask" and all(isinstance(p, Param) for p in w.inputs[:2]):
+            return list(w.inputs[:2])
+        return None
+
+    # -- the walk ---------------------------------------------------------------------------
+    def run(self) -> None:
+        for n in self.g:
+            self.remaining[n] = len(n.users)
+        for n in self.g:
+            out = self.visit(n)
+            if isinstance(out, torch.Tensor):
+                self.merge_split_dims(out)
+            self.env[n] = out
+            for i in n.input_nodes():
+                self.remaining[i] -= 1
+                if self.remaining[i] <= 0 and i.op not in ("size", "shape"):
+                    self.env.pop(i, None)
+
+    def visit(self, n: Node) -> Any:  # noqa: C901 - one branch per op family
+        op = n.op
+        ins = n.inputs
+        if op == "input":
+            return self.zeros(n.meta)
+        if op == "output":
+            for r in iter_refs(ins):
+                if isinstance(r, Node) and isinstance(self.env.get(r), torch.Tensor):
+                    self.block(self.env[r], n, "graph output (never pruned)")
+                elif isinstance(r, Node) and isinstance(self.env.get(r), tuple):
+                    for t in self.env[r]:
+                        if isinstance(t, torch.Tensor):
+                            self.block(t, n, "graph output (never pruned)")
+            return None
+        if op == "mask":
+            if len(n.users) and all(u.op in ("conv1d", "conv2d", "linear") and u.inputs[1] is n for u in n.users):
+                return None  # handled by its conv/linear consumer
+            self.freeze_params(n)
+            return self.zeros(n.meta)
+        if op in ("conv1d", "conv2d"):
+            return self.conv(n)
+        if op == "linear":
+            return self.linear(n)
+        if op == "embedding":
+            ids, w = ins[0], ins[1]
+            self.block_node_inputs(n, only=[ids])
+            if not isinstance(w, Param):
+                return self.opaque(n, "weight is not a param")
+            t = self.g.params[w.name]
+            self.member(w, 0, torch.zeros(t.shape[0], dtype=torch.long), "other", n)  # rows are token ids
+            labs = self.new_space(n, t.shape[1], w.name)
+            self.member(w, 1, labs, "weight", n)
+            return labs.expand(n.meta.shape).clone()
+        if op == "batch_norm":
+            ch = self.channels_at(ins[0], 1, n, "batch_norm")
+            if ch is None:
+                self.freeze_params(n)
+                return self.value(ins[0])
+            for p, role in zip(ins[1:5], ("other", "other", "norm", "bias"), strict=False):
+                if isinstance(p, Param):
+                    self.member(p, 0, ch, role, n)
+            return self.value(ins[0])
+        if op == "layer_norm":
+            return self.layer_norm(n)
+        if op == "group_norm":
+            return self.group_norm(n)
+        if op in _POINTWISE:
+            if n.params():
+                self.freeze_params(n)
+            return self.value(ins[0])
+        if op in _BINARY:
+            return self.binary(n)
+        if op in ("size", "shape"):
+            return self.size(n)
+        if op == "getitem":
+            src = self.value(ins[0])
+            return src[n.attrs["index"]] if isinstance(src, (tuple, list)) else self.zeros(n.meta)
+        if op == "slice":
+            return self.slice(n)
+        if op in _SHAPE:
+            return self.shape_op(n)
+        if op in ("mean", "sum", "softmax", "log_softmax"):
+            return self.reduce(n)
+        if op in _SPATIAL:
+            return self.spatial(n)
+        if op == "matmul":
+            return self.matmul(n)
+        if op == "scaled_dot_product_attention":
+            return self.sdpa(n)
+        return self.opaque(n, f"the analysis does not know op '{op}'")
+
+    def block_node_inputs(self, n: Node, why: str = "", only: Iterable[Any] | None = None) -> None:
+        for r in iter_refs(list(only) if only is not None else (n.inputs, n.attrs)):
+            if isinstance(r, Node):
+                v = self.env.get(r)
+                for t in (v if isinstance(v, (tuple, list)) else (v,)):
+                    if isinstance(t, torch.Tensor):
+                        self.block(t, n, why or f"'{n.op}' reads it")
+
+    def opaque(self, n: Node, why: str) -> Any:
+        self.block_node_inputs(n, why)
+        self.freeze_params(n)
+        return self.zeros(n.meta)
+
+    def conv(self, n: Node) -> torch.Tensor:
+        x, w = n.inputs[0], n.inputs[1]
+        b = n.inputs[2] if len(n.inputs) > 2 else None
+        ws = self.resolve_weight(w)
+        if ws is None or (b is not None and not isinstance(b, Param)):
+            return self.opaque(n, "conv weight/bias is not a param (or a mask of params)")
+        groups = int(n.attrs.get("groups", 1))
+        wt = self.g.params[ws[0].name]
+        cout, gi = wt.shape[0], wt.shape[1]
+        go = cout // groups
+        ch = self.channels_at(x, 1, n, "conv input")
+        out = self.new_space(n, cout, ws[0].name)
+        for p in ws:
+            self.member(p, 0, out, "weight" if p is ws[0] else "other", n)
+        self.member(b, 0, out, "bias", n)
+        if groups == 1:
+            if ch is not None:
+                for p in ws:
+                    self.member(p, 1, ch, "weight" if p is ws[0] else "other", n)
+        else:
+            # A group (its gi input and go output channels) is one unit; groups = kept channels // go.
+            for gidx in range(groups):
+                labs = out[gidx * go:(gidx + 1) * go].tolist()
+                ins = ch[gidx * gi:(gidx + 1) * gi].tolist() if ch is not None else [BLOCK]
+                for lab in labs[1:] + [x for x in ins if x > 0]:
+                    self.uf.union(labs[0], lab)
+                if any(x == BLOCK for x in ins):
+                    self.block([labs[0]], n, "grouped conv reads channels that cannot be removed")
+            self.fixups.append(("conv_groups", n.name, go))
+        shape = [1] * len(n.meta.shape)
+        shape[1] = cout
+        return out.view(shape).expand(n.meta.shape).clone()
+
+    def linear(self, n: Node) -> torch.Tensor:
+        x, w = n.inputs[0], n.inputs[1]
+        b = n.inputs[2] if len(n.inputs) > 2 else None
+        ws = self.resolve_weight(w)
+        if ws is None or (b is not None and not isinstance(b, Param)):
+            return self.opaque(n, "linear weight/bias is not a param (or a mask of params)")
+        ch = self.channels_at(x, -1, n, "linear input")
+        if ch is not None:
+            for p in ws:
+                self.member(p, 1, ch, "weight" if p is ws[0] else "other", n)
+        else:
+            for p in ws:
+                self.member(p, 1, torch.zeros(self.g.params[p.name].shape[1], dtype=torch.long), "other", n)
+        out = self.new_space(n, self.g.params[ws[0].name].shape[0], ws[0].name)
+        for p in ws:
+            self.member(p, 0, out, "weight" if p is ws[0] else "other", n)
+        self.member(b, 0, out, "bias", n)
+        return out.expand(n.meta.shape).clone()
+
+    def layer_norm(self, n: Node) -> torch.Tensor:
+        x = self.value(n.inputs[0])
+        ns = tuple(n.attrs["normalized_shape"])
+        var = self.varying(x)
+        nd = x.dim()
+        normalized = set(range(nd - len(ns), nd))
+        if not var or not (set(var) & normalized):
+            self.freeze_params(n)
+            return x
+        if len(ns) != 1:
+            self.block(x, n, "layer_norm over several dims mixes channels")
+            self.freeze_params(n)
+            return x
+        ch = self.channels_at(n.inputs[0], -1, n, "layer_norm")
+        if ch is None:
+            self.freeze_params(n)
+            return self.value(n.inputs[0])
+        for p, role in zip(n.inputs[1:3], ("norm", "bias"), strict=False):
+            if isinstance(p, Param):
+                self.member(p, 0, ch, role, n)
+        self.fixups.append(("layer_norm", n.name, ch))
+        return x
+
+    def group_norm(self, n: Node) -> torch.Tensor:
+        x = self.value(n.inputs[0])
+        ng = int(n.attrs["num_groups"])
+        ch = self.channels_at(n.inputs[0], 1, n, "group_norm")
+        if ch is None:
+            self.freeze_params(n)
+            return x
+        cpg = ch.numel() // ng
+        for gidx in range(ng):  # statistics are per group: remove whole groups
+            labs = ch[gidx * cpg:(gidx + 1) * cpg].tolist()
+            for lab in labs[1:]:
+                if labs[0] == BLOCK or lab == BLOCK:
+                    self.block([labs[0] + lab], n, "group_norm group mixes prunable and fixed channels")
+                else:
+                    self.uf.union(labs[0], lab)
+        for p, role in zip(n.inputs[1:3], ("norm", "bias"), strict=False):
+            if isinstance(p, Param):
+                self.member(p, 0, ch, role, n)
+        self.fixups.append(("group_norm", n.name, ch, cpg))
+        return x
+
+    def binary(self, n: Node) -> Any:
+        out_shape = n.meta.shape if isinstance(n.meta, TensorMeta) else None
+        if out_shape is None:
+            return self.opaque(n, "non-tensor result")
+        labeled: list[torch.Tensor] = []
+        others: list[tuple[Any, tuple[int, ...]]] = []
+        for v in n.inputs[:2]:
+            if isinstance(v, Node):
+                t = self.value(v)
+                if not isinstance(t, torch.Tensor):
+                    return self.opaque(n, "operand without tensor labels")
+                if bool((t > 0).any()):
+                    labeled.append(t.expand(out_shape) if t.dim() else t)
+                else:
+                    others.append((v, tuple(t.shape)))
+            elif isinstance(v, Param):
+                others.append((v, tuple(self.g.params[v.name].shape)))
+        if not labeled:
+            if any(isinstance(v, Param) for v, _ in others):
+                self.freeze_params(n)
+            return torch.zeros(out_shape, dtype=torch.long)
+        base = labeled[0]
+        if len(labeled) == 2:
+            self.union_pairs(labeled[0], labeled[1], n, "residual branch")
+            base = torch.where(labeled[0] > 0, labeled[0], labeled[1])
+        var = self.varying(base)
+        nd = len(out_shape)
+        for v, shape in others:
+            # right-align the operand's shape with the output; a dim of size 1 broadcasts (no coupling)
+            aligned = {nd - len(shape) + j: s for j, s in enumerate(shape)}
+            coupled = [d for d in var if aligned.get(d, 1) > 1]
+            if not coupled:
+                if isinstance(v, Param):
+                    self.freeze_params(n, skip=[p.name for p in n.params() if p.name != v.name])
+                continue
+            if isinstance(v, Param) and len(coupled) == 1 and len(var) == 1:
+                d = coupled[0]
+                axis = d - (nd - len(shape))
+                t = self.g.params[v.name]
+                self.member(v, axis, self.along(base, d), "other", n)
+                for ax in range(t.dim()):
+                    if ax != axis:
+                        self.member(v, ax, torch.zeros(t.shape[ax], dtype=torch.long), "other", n)
+            else:
+                self.block(base, n, f"'{n.op}' combines channels with a fixed-size operand")
+        return base.clone()
+
+    def size(self, n: Node) -> Any:
+        t = self.value(n.inputs[0])
+        if not isinstance(t, torch.Tensor):
+            return self.opaque(n, "size of a non-tensor")
+        dim = n.attrs.get("dim") if n.op == "size" else None
+        var = self.varying(t)
+        if (dim is None and var) or (dim is not None and dim % t.dim() in var):
+            self.block(t, n, "a channel count is read as a value")
+        return t.shape if dim is None else t.shape[dim]
+
+    def shape_op(self, n: Node) -> Any:
+        impl = get_op(n.op).impl
+        args = map_refs(n.inputs, self.value)
+        kwargs = map_refs(n.attrs, self.value)
+        try:
+            out = impl(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - anything the label replay cannot follow stops the group
+            return self.opaque(n, f"shape replay failed: {type(e).__name__}: {e}")
+        if n.op in ("reshape", "expand"):
+            key = "shape" if n.op == "reshape" else "size"
+            var = self.varying(out) if isinstance(out, torch.Tensor) else []
+            entries = list(n.attrs[key]) if isinstance(n.attrs[key], (tuple, list)) else [n.attrs[key]]
+            if var and len(entries) == out.dim():
+                bad = [d for d in var if not isinstance(entries[d], int)]
+                if bad:
+                    self.block(out, n, f"{n.op} size of the channel dim {bad[0]} is computed at run time")
+                else:
+                    self.fixups.append(("reshape", n.name, key, out.clone()))
+            elif var:
+                self.block(out, n, f"{n.op} with a packed size argument")
+        if n.op in ("split", "chunk"):
+            x = args[0]
+            dim = n.attrs.get("dim", 0) % x.dim()
+            if dim in self.varying(x):
+                ch = self.channels_at(n.inputs[0], dim, n, f"{n.op} of a channel dim")
+                if ch is not None:
+                    self.fixups.append(("split", n.name, dim, ch, [o.shape[dim] for o in out]))
+        if isinstance(out, tuple):
+            return tuple(o.clone() for o in out)
+        return out.clone() if isinstance(out, torch.Tensor) else out
+
+    def slice(self, n: Node) -> Any:
+        x = self.value(n.inputs[0])
+        out = get_op("slice").impl(x, **map_refs(n.attrs, self.value))
+        if isinstance(out, torch.Tensor) and out.numel() != x.numel() and self.varying(x):
+            self.block(x, n, "indexing selects fixed positions of a channel dim")
+            return torch.zeros(out.shape, dtype=torch.long)
+        return out.clone()
+
+    def reduce(self, n: Node) -> torch.Tensor:
+        x = self.value(n.inputs[0])
+        var = self.varying(x)
+        dim = n.attrs.get("dim")
+        dims = list(range(x.dim())) if dim is None else [d % x.dim() for d in (dim if isinstance(dim, (tuple, list))
+                                                                              else [dim])]
+        if set(dims) & set(var):
+            self.block(x, n, f"'{n.op}' reduces over the channel dim")
+            return torch.zeros(n.meta.shape, dtype=torch.long)
+        if n.op in ("softmax", "log_softmax"):
+            return x
+        out = x
+        keep = n.attrs.get("keepdim", False)
+        for d in sorted(dims, reverse=True):
+            out = out.narrow(d, 0, 1) if keep else out.select(d, 0)
+        return out.reshape(n.meta.shape).clone()
+
+    def spatial(self, n: Node) -> torch.Tensor:
+        x = self.value(n.inputs[0])
+        var = self.varying(x)
+        if any(d >= 2 for d in var) or 0 in var:
+            self.block(x, n, f"'{n.op}' mixes positions along a channel dim")
+            return torch.zeros(n.meta.shape, dtype=torch.long)
+        ch = self.along(x, 1) if x.dim() > 1 else x
+        shape = [1] * len(n.meta.shape)
+        shape[1] = ch.numel()
+        return ch.view(shape).expand(n.meta.shape).clone()
+
+    def matmul(self, n: Node) -> torch.Tensor:
+        a, b = n.inputs[0], n.inputs[1]
+        if isinstance(b, Param) and isinstance(a, Node):
+            t = self.g.params[b.name]
+            if t.dim() != 2:
+                return self.opaque(n, "matmul with a batched param")
+            ch = self.channels_at(a, -1, n, "matmul input")
+            self.member(b, 0, ch if ch is not None else torch.zeros(t.shape[0], dtype=torch.long), "weight", n)
+            out = self.new_space(n, t.shape[1], b.name)
+            self.member(b, 1, out, "weight", n)
+            return out.expand(n.meta.shape).clone()
+        A, B = self.value(a), self.value(b)
+        if not (isinstance(A, torch.Tensor) and isinstance(B, torch.Tensor)) or A.dim() < 2 or B.dim() < 2:
+            return self.opaque(n, "matmul with a param or a 1-D operand")
+        batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
+        A = A.expand(*batch, *A.shape[-2:])
+        B = B.expand(*batch, *B.shape[-2:])
+        CA, CB = self.classes(A), self.classes(B)
+        va, vb = self.varying(CA), self.varying(CB)
+        nd = A.dim()
+        if nd - 2 in va or nd - 1 in vb:
+            self.block(A, n, "matmul whose free dims carry channels")
+            self.block(B, n, "matmul whose free dims carry channels")
+            return torch.zeros(n.meta.shape, dtype=torch.long)
+        self.union_pairs(A.select(-2, 0), B.select(-1, 0), n, "matmul contraction")
+        CA, CB = self.classes(A), self.classes(B)
+        if nd - 2 not in self.varying(B) and bool((B > 0).any()) and nd - 1 in self.varying(B):
+            out = B.narrow(-2, 0, 1)
+        elif nd - 1 not in self.varying(CA):
+            out = CA.narrow(-1, 0, 1)
+        elif nd - 2 not in self.varying(CB):
+            out = CB.narrow(-2, 0, 1)
+        else:
+            out = torch.zeros(1, dtype=torch.long)
+        return out.expand(n.meta.shape).clone()
+
+    def sdpa(self, n: Node) -> torch.Tensor:
+        q, k, v = (self.value(x) for x in n.inputs[:3])
+        if len(n.inputs) > 3 and isinstance(n.inputs[3], Node):
+            self.block_node_inputs(n, "attention mask", only=[n.inputs[3]])
+        if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (q, k, v)):
+            return self.opaque(n, "attention operands without labels")
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        q, k, v = (t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
+        nd = q.dim()
+        for t in (q, k, v):
+            if nd - 2 in self.varying(self.classes(t)):
+                self.block(q, n, "attention over a channel dim")
+                self.block(k, n, "attention over a channel dim")
+                self.block(v, n, "attention over a channel dim")
+                return torch.zeros(n.meta.shape, dtype=torch.long)
+        self.union_pairs(q.select(-2, 0), k.select(-2, 0), n, "attention q/k features")
+        cq, cv = self.classes(q), self.classes(v)
+        if nd - 1 not in self.varying(cq) and nd - 1 not in self.varying(cv):
+            self.union_pairs(q[..., 0, 0], v[..., 0, 0], n, "attention heads")
+        elif bool((v > 0).any()) or bool((q > 0).any()):
+            self.block(q, n, "attention with per-feature q/v labels")
+            self.block(v, n, "attention with per-feature q/v labels")
+        if n.attrs.get("scale") is None:
+            self.fixups.append(("sdpa_scale", n.name, q.shape[-1]))
+        return v.narrow(-2, 0, 1).expand(n.meta.shape).clone()
+
+
+def analyze(graph: Graph) -> Dependencies:
+    """Compute channel groups, param members and attr fixups of `graph` (which must have metas)."""
+    an = _Analyzer(graph)
+    an.run()
+    roots = an.uf.roots()
+    n_labels = len(an.uf.parent)
+    # groups: spaces joined by any unit
+    space_uf = list(range(len(an.spaces)))
+
+    def sfind(x: int) -> int:
+        while space_uf[x] != x:
+            space_uf[x] = space_uf[space_uf[x]]
+            x = space_uf[x]
+        return x
+
+    unit_labels: dict[int, list[int]] = {}
+    for lab in range(1, n_labels):
+        r = int(roots[lab])
+        if r == BLOCK:
+            continue
+        unit_labels.setdefault(r, []).append(lab)
+        a, b = sfind(an.space_of_label[lab]), sfind(an.space_of_label[r])
+        if a != b:
+            space_uf[max(a, b)] = min(a, b)
+    by_group: dict[int, list[Space]] = {}
+    for sp in an.spaces:
+        by_group.setdefault(sfind(sp.id), []).append(sp)
+    units_by_group: dict[int, list[int]] = {}
+    for r in sorted(unit_labels):
+        units_by_group.setdefault(sfind(an.space_of_label[r]), []).append(r)
+    groups = []
+    for key, spaces in sorted(by_group.items()):
+        units = units_by_group.get(key, [])
+        if not units:
+            continue
+        prim = spaces[0]
+        prim_roots = roots[prim.start:prim.start + prim.size]
+        blocked = int((prim_roots == BLOCK).sum())
+        sizes = {sum(1 for lab in unit_labels[u] if an.space_of_label[lab] == prim.id) for u in units}
+        kind = "channels" if sizes <= {1} else ("heads" if any(graph.node(s.node).op == "linear"
+                                                              for s in spaces) else "groups")
+        groups.append(Group(len(groups), spaces, units, {u: unit_labels[u] for u in units}, prim.size, blocked,
+                            kind))
+    return Dependencies(groups, an.members, an.fixups, an.blocked, roots, an.spaces, n_labels)
+
+
+def _kept(labels: torch.Tensor, roots: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    return ~removed[roots[labels]]
+
+
+def apply(graph: Graph, deps: Dependencies, removed_units: Iterable[int]) -> dict[str, int]:
+    """Remove the given units in place: slice every member param, fix attrs. Shapes are left to the caller.
+
+    Returns {param name: new size of its first sliced axis} for reporting.
+    """
+    removed = torch.zeros(deps.num_labels, dtype=torch.bool)
+    for r in removed_units:
+        if r == BLOCK:
+            raise ValueError("the blocked unit cannot be removed")
+        removed[r] = True
+    roots = deps.roots
+    sizes: dict[str, int] = {}
+    for (name, axis), m in deps.members.items():
+        keep = _kept(m.labels, roots, removed)
+        if bool(keep.all()):
+            continue
+        idx = keep.nonzero().flatten()
+        t = graph.params[name]
+        graph.params[name] = t.index_select(axis, idx).contiguous()
+        sizes[f"{name}[{axis}]"] = int(idx.numel())
+    for fx in deps.fixups:
+        kind, node = fx[0], graph.node(fx[1])
+        if kind == "conv_groups":
+            w = node.inputs[1]
+            wname = w.name if isinstance(w, Param) else w.inputs[0].name
+            node.attrs = {**node.attrs, "groups": graph.params[wname].shape[0] // fx[2]}
+        elif kind == "layer_norm":
+            node.attrs = {**node.attrs, "normalized_shape": (int(_kept(fx[2], roots, removed).sum()),)}
+        elif kind == "group_norm":
+            node.attrs = {**node.attrs, "num_groups": int(_kept(fx[2], roots, removed).sum()) // fx[3]}
+        elif kind == "reshape":
+            key, labels = fx[2], fx[3]
+            keep = _kept(labels, roots, removed)
+            if bool(keep.all()):
+                continue
+            entries = list(node.attrs[key])
+            for d in range(labels.dim()):
+                if entries[d] == -1 or not isinstance(entries[d], int):
+                    continue
+                other = [i for i in range(labels.dim()) if i != d]
+                entries[d] = int(keep.any(dim=other).sum()) if other else int(keep.sum())
+            node.attrs = {**node.attrs, key: tuple(entries)}
+        elif kind == "split":
+            dim, labels, old = fx[2], fx[3], fx[4]
+            keep = _kept(labels, roots, removed)
+            new, pos = [], 0
+            for s in old:
+                new.append(int(keep[pos:pos + s].sum()))
+                pos += s
+            if new != old:
+                node.op = "split"
+                node.attrs = {"split_size": tuple(new), "dim": dim}
+        elif kind == "sdpa_scale":
+            node.attrs = {**node.attrs, "scale": 1.0 / math.sqrt(fx[2])}
+    return sizes

@@ -1,0 +1,138 @@
+"""`prune-sensitivity`: how much each group (or layer) can be pruned, measured, without changing the graph.
+
+For every channel group (mode `channels`) or conv/linear layer (mode `weights`) and every sparsity
+in `sparsities`, a copy of the graph has only that target pruned and is scored: accuracy from
+`ctx.eval_fn` when given, else the output SQNR in dB against the unpruned graph on the calibration
+batches. The table goes to the stats; `plot` writes a PNG (one curve per target).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ir import Graph, lower
+from ir.errors import PassError
+from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.prune.channels import importance, plan
+from passes.prune.groups import analyze, apply
+from passes.prune.masks import PRUNABLE_OPS, weight_of
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Signal-to-quantization(pruning)-noise ratio in dB; capped at 100 dB for identical outputs."""
+    noise = float((ref - out).double().pow(2).sum())
+    signal = float(ref.double().pow(2).sum())
+    if noise == 0.0:
+        return 100.0
+    return min(100.0, 10.0 * math.log10(max(signal, 1e-30) / noise))
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@register_pass("prune-sensitivity")
+@dataclass
+class PruneSensitivity(Pass):
+    """Accuracy (or output SQNR) vs sparsity for each channel group or layer; table in stats, optional PNG."""
+
+    is_analysis = True
+
+    mode: Literal["channels", "weights"] = "channels"
+    sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    criterion: Literal["l1", "l2", "bn-scale", "magnitude", "random"] = "l2"
+    plot: str | None = None
+    max_batches: int = 4
+
+    def validate(self) -> None:
+        if not self.sparsities:
+            raise PassError("pass 'prune-sensitivity': sparsities is empty")
+        for s in self.sparsities:
+            if not 0.0 <= s < 1.0:
+                raise PassError(f"pass 'prune-sensitivity': every sparsity must be in [0, 1), got {s}")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        self.validate()
+        batches = ctx.calibration_batches()[: self.max_batches]
+        if not batches or not batches[0]:
+            raise PassError("pass 'prune-sensitivity' needs example inputs or calibration data to score outputs")
+        ref_gm = lower(graph, copy_params=True).eval()
+        with torch.no_grad():
+            refs = [_first(ref_gm(*b)) for b in batches]
+
+        def score(g: Graph) -> float:
+            gm = lower(g, copy_params=True).eval()
+            if ctx.eval_fn is not None:
+                return float(ctx.eval_fn(gm))
+            with torch.no_grad():
+                outs = [_first(gm(*b)) for b in batches]
+            return sqnr_db(torch.cat([r.flatten() for r in refs]), torch.cat([o.flatten() for o in outs]))
+
+        metric = "accuracy" if ctx.eval_fn is not None else "sqnr_db"
+        baseline = score(graph)
+        rows: list[dict] = []
+        if self.mode == "channels":
+            deps = analyze(graph)
+            if self.criterion == "random":
+                raise PassError("pass 'prune-sensitivity': criterion 'random' applies to mode 'weights' only")
+            crit = "l2" if self.criterion == "magnitude" else self.criterion
+            scores, _ = importance(graph, deps, crit, ctx)
+            for grp in deps.groups:
+                for s in self.sparsities:
+                    work = graph.copy()
+                    removed = plan(deps, scores, {grp.id: s})
+                    apply(work, deps, removed)
+                    rows.append({"target": grp.name, "kind": grp.kind, "sparsity": s, metric: score(work)})
+        else:
+            gen = torch.Generator().manual_seed(ctx.seed)
+            for n in graph:
+                wm = weight_of(n) if n.op in PRUNABLE_OPS else None
+                if wm is None:
+                    continue
+                for s in self.sparsities:
+                    work = graph.copy()
+                    w = work.params[wm[0].name]
+                    eff = w * work.params[wm[1].name] if wm[1] is not None else w
+                    k = int(round(s * eff.numel()))
+                    sc = eff.abs().flatten() if self.criterion != "random" else torch.rand(eff.numel(), generator=gen)
+                    keep = torch.ones(eff.numel(), dtype=eff.dtype)
+                    if k:
+                        keep[torch.argsort(sc, stable=True)[:k]] = 0
+                    work.params[wm[0].name] = w * keep.view_as(w)
+                    rows.append({"target": n.module_path or n.name, "kind": "layer", "sparsity": s,
+                                 metric: score(work)})
+        stats = {"metric": metric, "baseline": baseline, "mode": self.mode, "table": rows}
+        if self.plot:
+            stats["plot"] = self._plot(rows, metric, baseline)
+        return PassResult(changed=False, stats=stats)
+
+    def _plot(self, rows: list[dict], metric: str, baseline: float) -> str:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        by: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            by.setdefault(r["target"], []).append((r["sparsity"], r[metric]))
+        for name, pts in by.items():
+            xs, ys = zip(*([(0.0, baseline)] + sorted(pts)), strict=True)
+            ax.plot(xs, ys, marker="o", linewidth=1, markersize=3, label=name)
+        ax.set_xlabel("sparsity (fraction removed)")
+        ax.set_ylabel("accuracy" if metric == "accuracy" else "output SQNR (dB)")
+        ax.set_title(f"pruning sensitivity ({self.mode})")
+        ax.grid(alpha=0.3)
+        if len(by) <= 20:
+            ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(self.plot)
+        plt.close(fig)
+        return str(self.plot)
+
+
+__all__ = ["PruneSensitivity", "sqnr_db"]

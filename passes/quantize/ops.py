@@ -1,0 +1,76 @@
+"""Ops the quantization passes add to the IR's op table.
+
+`fake_quantize` is the straight-through-estimator (STE) form used only while
+fine-tuning (QAT); the graphs it appears in are temporary, and the quantize
+pass always folds back to canonical `quantize`/`dequantize` before it returns.
+
+`dynamic_quantize` is ONNX DynamicQuantizeLinear: uint8 values with a scale and
+zero point computed from the tensor's own range at run time (tuple-valued:
+read the parts with `getitem`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ir.ops import register_op
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _reduce_abs(x: torch.Tensor, axis: int | None, how: str) -> torch.Tensor:
+    a = x.abs()
+    if axis is None:
+        return a.max() if how == "max" else a.mean()
+    dims = [d for d in range(x.dim()) if d != axis % x.dim()]
+    return a.amax(dim=dims) if how == "max" else a.mean(dim=dims)
+
+
+def _fake_quantize(x, scale=None, zero_point=None, *, qmin=-128, qmax=127, axis=None, mode="fixed"):
+    """Quantize-dequantize in float with an STE gradient (1 inside the representable range, 0 outside).
+
+    mode: fixed (given scale/zero point), absmax (symmetric scale recomputed from x per `axis`),
+    pow2 (scale 2^-n, n the most fraction bits that cover max|x|), sign (mean|x| * sign(x) per `axis`).
+    """
+    if mode == "sign":
+        alpha = _channel_view(_reduce_abs(x, axis, "mean"), x, axis).detach()
+        xb = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x)) * alpha
+        xc = x.clamp(-1.0, 1.0)  # clipped STE (XNOR-Net / BinaryConnect)
+        return xc + (xb - xc).detach()
+    if mode in ("absmax", "pow2"):
+        amax = _reduce_abs(x, axis, "max").detach().clamp(min=1e-12)
+        if mode == "pow2":
+            amax = amax.max()
+            scale = 2.0 ** -torch.floor(torch.log2(qmax / amax))
+        else:
+            scale = amax / qmax
+        zero_point = torch.zeros_like(scale)
+    s = _channel_view(scale, x, axis)
+    z = _channel_view(zero_point, x, axis).to(x.dtype) if isinstance(zero_point, torch.Tensor) else zero_point
+    lo, hi = (qmin - z) * s, (qmax - z) * s
+    xc = torch.maximum(torch.minimum(x, hi), lo) if isinstance(lo, torch.Tensor) else x.clamp(lo, hi)
+    xq = (torch.round(x / s) + z).clamp(qmin, qmax)
+    return xc + ((xq - z) * s - xc).detach()
+
+
+def _dynamic_quantize(x):
+    """ONNX DynamicQuantizeLinear: uint8, scale = (max(0,max x) - min(0,min x)) / 255."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = ((hi - lo) / 255.0).to(torch.float32)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.round(0.0 - lo / scale).clamp(0, 255)
+    q = (torch.round(x / scale) + zp).clamp(0, 255).to(torch.uint8)
+    return q, scale, zp.to(torch.uint8)
+
+
+register_op("fake_quantize", _fake_quantize, "quant",
+            doc="quantize-dequantize with a straight-through gradient (QAT only; never exported)")
+register_op("dynamic_quantize", _dynamic_quantize, "quant",
+            doc="ONNX DynamicQuantizeLinear -> (uint8 values, scale, zero point)")

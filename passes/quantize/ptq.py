@@ -1,0 +1,215 @@
+"""The `quantize` pass: calibrate, optionally fine-tune with fake quantization, fold into QDQ.
+
+Schemes:
+  int8-static   int8 weights (per output channel, symmetric), calibrated 8-bit activations, int32 bias
+  int8-dynamic  int8 weights; activations quantized at run time from their own range (uint8)
+  fixed-point   Qm.n: weights and activations with power-of-two scales 2^-n and zero point 0
+  sign          weights alpha * sign(w) (alpha = mean|w| per output channel), stored as int8 ±1;
+                first and last layer kept 8-bit; activations as int8-static
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ir import Graph, Node, TensorMeta
+from ir.errors import PassError
+from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.quantize import ops as _ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
+from passes.quantize.calibrate import calibration_batches, collect
+from passes.quantize.observers import (
+    CALIBRATION_METHODS,
+    DTYPES,
+    QParams,
+    make_observer,
+    pow2_qparams,
+    qparams_from_range,
+)
+from passes.quantize.qdq import (
+    Plan,
+    check_bits,
+    collapse_requantize,
+    fold_bias,
+    fold_weight,
+    insert_qdq,
+    make_plan,
+)
+
+SCHEMES = ("int8-static", "int8-dynamic", "fixed-point", "sign")
+Range = tuple[torch.Tensor, torch.Tensor]
+
+
+@register_pass("quantize")
+@dataclass
+class Quantize(Pass):
+    """Quantize weights and activations and fold the result into quantize/dequantize nodes (QDQ)."""
+
+    scheme: Literal["int8-static", "int8-dynamic", "fixed-point", "sign"] = "int8-static"
+    per_channel: bool = True
+    activation_dtype: Literal["uint8", "int8"] = "uint8"
+    activation_symmetric: bool = False
+    calibration: Literal["minmax", "moving-average", "percentile", "entropy", "mse"] = "percentile"
+    percentile: float = 99.999
+    skip: list[str] = field(default_factory=list)
+    bits: int = 8
+    frac_bits: int | None = None
+    keep_first_last: bool = True
+    qat_epochs: int = 0
+    qat_lr: float = 1e-3
+    max_accuracy_drop: float | None = None
+
+    def validate(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise PassError(f"quantize: unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise PassError(f"quantize: unknown calibration {self.calibration!r}; "
+                            f"choose one of {', '.join(CALIBRATION_METHODS)}")
+        check_bits(self.bits)
+        if self.frac_bits is not None and not -16 <= self.frac_bits <= 31:
+            raise PassError(f"quantize: option 'frac_bits' must be between -16 and 31; got {self.frac_bits}")
+        if not 50 < self.percentile <= 100:
+            raise PassError(f"quantize: option 'percentile' must be in (50, 100]; got {self.percentile}")
+        if self.qat_epochs < 0:
+            raise PassError(f"quantize: option 'qat_epochs' must be >= 0; got {self.qat_epochs}")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise PassError("quantize: option 'max_accuracy_drop' is a fraction of accuracy (e.g. 0.01 = "
+                            f"1 point) and must be >= 0; got {self.max_accuracy_drop}")
+
+    # -- driver ---------------------------------------------------------------------------------------
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if self.max_accuracy_drop is not None:
+            from passes.quantize.sensitivity import quantize_with_fallback
+
+            return quantize_with_fallback(self, graph, ctx)
+        return self.apply(graph, ctx)
+
+    def apply(self, graph: Graph, ctx: PassContext, *, only: set[str] | None = None,
+              ranges: dict[str, Range] | None = None) -> PassResult:
+        """Quantize `graph` in place (only the ops named in `only`, when given)."""
+        self.validate()
+        ctx.extras.setdefault("quantize.float_graph", graph.copy())
+        dynamic = self.scheme == "int8-dynamic"
+        plan = make_plan(graph, skip=self.skip, only=only, weight_only=dynamic)
+        if not plan.weight_ops and not plan.act_ops:
+            return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped})
+        if not dynamic and ranges is None:
+            ranges = self.calibrate(graph, plan, ctx)
+        if self.qat_epochs > 0:
+            from passes.quantize.qat import finetune_fake_quant
+
+            finetune_fake_quant(self, graph, plan, ranges or {}, ctx)
+            if not dynamic:
+                ranges = self.calibrate(graph, plan, ctx)
+        before = sum(graph.params[p.name].numel() * graph.params[p.name].element_size()
+                     for n in plan.weight_ops for p in n.params())
+        act_qp = {} if dynamic else self.activation_qparams(plan, ranges or {})
+        for name, qp in act_qp.items():
+            t = graph.node(name)
+            insert_qdq(graph, t, qp, users=[u for u in t.users if u.op not in ("quantize",)])
+        n_dyn = self._insert_dynamic(graph, plan) if dynamic else 0
+        lowbit = self.lowbit_ops(plan)
+        for n in plan.weight_ops:
+            self._fold(graph, n, lowbit.get(n.name))
+        collapsed = collapse_requantize(graph)
+        graph.remove_unused_params()
+        after = sum(graph.params[p.name].numel() * graph.params[p.name].element_size()
+                    for n in graph if n.op == "dequantize" for p in n.params())
+        return PassResult(True, {
+            "scheme": self.scheme, "quantized_ops": len(plan.weight_ops) + len(plan.act_ops),
+            "activation_qdq": len(act_qp), "dynamic_activations": n_dyn, "collapsed": collapsed,
+            "skipped": plan.skipped, "weight_bytes": {"before": before, "after": after},
+            "lowbit": {k: v for k, v in lowbit.items() if v is not None}})
+
+    # -- calibration -----------------------------------------------------------------------------------
+    def calibrate(self, graph: Graph, plan: Plan, ctx: PassContext) -> dict[str, Range]:
+        """Observed (lo, hi) of every activation the plan quantizes."""
+        batches = calibration_batches(ctx)
+        names = plan.sources
+        dtype = DTYPES[self.activation_dtype]
+        observers = {n: make_observer(self.calibration, dtype=dtype, symmetric=self.activation_symmetric,
+                                      percentile=self.percentile) for n in names}
+        collect(graph, batches, names, lambda name, v: observers[name].update(v), quiet=ctx.quiet)
+        return {n: o.range() for n, o in observers.items()}
+
+    def activation_qparams(self, plan: Plan, ranges: dict[str, Range]) -> dict[str, QParams]:
+        out: dict[str, QParams] = {}
+        cache: dict[str, QParams] = {}
+        for name, src in plan.tensors.items():
+            if src not in cache:
+                if src not in ranges:
+                    raise PassError(f"quantize: no calibrated range for %{src}")
+                lo, hi = ranges[src]
+                if self.scheme == "fixed-point":
+                    cache[src], _ = pow2_qparams(lo, hi, self.bits, self.frac_bits, unsigned=bool(lo >= 0))
+                else:
+                    cache[src] = qparams_from_range(lo, hi, DTYPES[self.activation_dtype],
+                                                    symmetric=self.activation_symmetric)
+            out[name] = cache[src]
+        return out
+
+    # -- weights ---------------------------------------------------------------------------------------
+    def lowbit_ops(self, plan: Plan) -> dict[str, str | None]:
+        """Which weight ops use the scheme's own weight format ('sign', 'fixed-point') vs plain int8."""
+        kinds: dict[str, str | None] = {}
+        for i, n in enumerate(plan.weight_ops):
+            edge = i in (0, len(plan.weight_ops) - 1)
+            if self.scheme == "sign":
+                kinds[n.name] = None if (edge and self.keep_first_last) else "sign"
+            elif self.scheme == "fixed-point":
+                kinds[n.name] = "fixed-point"
+            else:
+                kinds[n.name] = None
+        return kinds
+
+    def weight_qparams(self, w: torch.Tensor, kind: str | None) -> tuple[QParams, torch.Tensor | None]:
+        """Params (and, for sign, the integer values) for one weight tensor."""
+        if kind == "sign":
+            alpha = w.abs().reshape(w.shape[0], -1).mean(dim=1).clamp(min=1e-12)
+            values = torch.where(w >= 0, 1, -1).to(torch.int8)
+            return QParams(alpha.float(), torch.zeros(w.shape[0], dtype=torch.int8), torch.int8, 0), values
+        if kind == "fixed-point":
+            qp, _ = pow2_qparams(w.min(), w.max(), self.bits, self.frac_bits)
+            return qp, None
+        qmax = 2 ** (self.bits - 1) - 1  # symmetric integer range [-qmax, qmax]
+        if self.per_channel:
+            flat = w.reshape(w.shape[0], -1)
+            lo, hi, axis = flat.min(dim=1).values, flat.max(dim=1).values, 0
+        else:
+            lo, hi, axis = w.min(), w.max(), None
+        return qparams_from_range(lo, hi, torch.int8, symmetric=True, axis=axis, qmin=-qmax, qmax=qmax), None
+
+    def _fold(self, graph: Graph, n: Node, kind: str | None) -> None:
+        w = graph.params[n.inputs[1].name]
+        qp, values = self.weight_qparams(w, kind)
+        qmax = 2 ** (self.bits - 1) - 1 if kind != "sign" else 1
+        fold_weight(graph, n, 1, qp, qmin=-qmax, qmax=qmax, values=values)
+        x = n.inputs[0]
+        if isinstance(x, Node) and x.op == "dequantize" and self.scheme != "int8-dynamic":
+            s_x = graph.params[x.inputs[1].name]
+            if s_x.dim() == 0:
+                fold_bias(graph, n, s_x, qp.scale, qp.axis)
+
+    # -- dynamic activations ---------------------------------------------------------------------------
+    def _insert_dynamic(self, graph: Graph, plan: Plan) -> int:
+        """x -> dynamic_quantize -> dequantize before every quantized linear/matmul (conv stays float input:
+        onnxruntime has no fast dynamic conv kernel)."""
+        done: dict[str, Node] = {}
+        for n in plan.weight_ops:
+            x = n.inputs[0]
+            if n.op != "linear" or not isinstance(x, Node):
+                continue
+            if x.name not in done:
+                shape = x.meta.shape
+                tup = graph.create_node("dynamic_quantize", (x,), {}, name=f"{x.name}_dynq", before=n,
+                                        meta=(TensorMeta(shape, torch.uint8), TensorMeta((), torch.float32),
+                                              TensorMeta((), torch.uint8)))
+                parts = [graph.create_node("getitem", (tup,), {"index": i}, name=f"{x.name}_dynq_{k}", before=n,
+                                           meta=tup.meta[i]) for i, k in enumerate(("q", "scale", "zp"))]
+                done[x.name] = graph.create_node("dequantize", tuple(parts), {"axis": None}, name=f"{x.name}_dyndq",
+                                                 before=n, meta=TensorMeta(shape, torch.float32))
+            n.replace_input(x, done[x.name])
+        return len(done)
+

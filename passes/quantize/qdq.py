@@ -1,0 +1,243 @@
+"""Planning and inserting quantize/dequantize nodes; folding weights into integer params.
+
+Placement follows what onnxruntime fuses into integer kernels: every activation
+that a quantized op reads goes through quantize→dequantize, weights are integer
+params followed by dequantize (per output channel), biases are int32 with
+scale s_x * s_w. A conv/linear whose output feeds a quantized op therefore ends
+in a quantize node (QLinearConv / QGemm), and a ReLU/ReLU6 before a quantize
+with zero point at the bottom of the range is absorbed by onnxruntime.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+
+from ir import Graph, Node, Param, TensorMeta
+from ir.errors import PassError
+from passes.quantize.observers import QRANGE, QParams
+
+WEIGHT_OPS = frozenset({"conv1d", "conv2d", "linear"})
+# ops whose activation operands are quantized whenever the op is (integer kernels exist for them)
+ACT_OPS = frozenset({"matmul"})
+# ops that get an integer kernel only when their output is quantized too (QLinearAdd, QLinearAveragePool, ...)
+OUTPUT_QUANT_OPS = frozenset({"add", "adaptive_avg_pool2d", "avg_pool2d", "adaptive_avg_pool1d", "avg_pool1d"})
+# data-movement ops: a quantized value passes through unchanged, so they share their input's params
+TRANSPARENT_OPS = frozenset({"flatten", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                             "max_pool1d", "max_pool2d", "identity", "dropout"})
+# activations that a following quantize with zero point at the range's bottom absorbs
+CLIPPING_ACTS = frozenset({"relu", "relu6"})
+
+
+def matches(node: Node, patterns: list[str]) -> bool:
+    """True when a skip pattern names the node, its op, or its module path (fnmatch globs)."""
+    for p in patterns:
+        if node.op == p or fnmatch.fnmatchcase(node.name, p) or (
+                node.module_path and fnmatch.fnmatchcase(node.module_path, p)):
+            return True
+    return False
+
+
+def is_float_tensor(n: object) -> bool:
+    return isinstance(n, Node) and isinstance(n.meta, TensorMeta) and n.meta.dtype.is_floating_point
+
+
+@dataclass
+class Plan:
+    """What to quantize: weight ops, activation ops, and the tensors that get quantize→dequantize."""
+
+    weight_ops: list[Node] = field(default_factory=list)
+    act_ops: list[Node] = field(default_factory=list)
+    # tensor node name -> name of the node whose observed range gives its params (itself or the start of
+    # a chain of transparent ops)
+    tensors: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(dict.fromkeys(self.tensors.values()))
+
+
+def _range_source(n: Node) -> Node:
+    """Walk back through data-movement ops to the tensor whose range a transparent chain shares."""
+    while n.op in TRANSPARENT_OPS and n.inputs and is_float_tensor(n.inputs[0]):
+        n = n.inputs[0]
+    return n
+
+
+def _after_clipping(n: Node) -> Node:
+    """The value a node's output becomes after a sole-user relu/relu6 (what gets quantized)."""
+    while len(n.users) == 1:
+        u = next(iter(n.users))
+        if u.op in CLIPPING_ACTS or u.op in TRANSPARENT_OPS:
+            n = u
+        else:
+            break
+    return n
+
+
+def make_plan(graph: Graph, *, skip: list[str], only: set[str] | None = None,
+              weight_only: bool = False) -> Plan:
+    """Choose the ops to quantize and the activation tensors that need quantize→dequantize."""
+    plan = Plan()
+    for n in graph:
+        if n.op in WEIGHT_OPS and len(n.inputs) >= 2 and isinstance(n.inputs[1], Param) \
+                and graph.params[n.inputs[1].name].is_floating_point():
+            chosen = plan.weight_ops
+        elif n.op in ACT_OPS and not weight_only:
+            chosen = plan.act_ops
+        else:
+            continue
+        if (only is not None and n.name not in only) or matches(n, skip):
+            plan.skipped.append(n.name)
+            continue
+        chosen.append(n)
+    if weight_only:
+        return plan
+    wanted: dict[str, Node] = {}
+
+    def want(t: object) -> bool:
+        if not is_float_tensor(t) or t.name in wanted:  # type: ignore[union-attr]
+            return False
+        wanted[t.name] = t  # type: ignore[union-attr]
+        return True
+
+    for n in plan.weight_ops:
+        want(n.inputs[0])
+    for n in plan.act_ops:
+        for a in n.inputs[:2]:
+            want(a)
+    # add / average pooling: quantized when their (clipped) output is, which may cascade backwards
+    changed = True
+    while changed:
+        changed = False
+        for n in graph:
+            if n.op not in OUTPUT_QUANT_OPS or matches(n, skip) or (only is not None and n.name not in only):
+                continue
+            out = _after_clipping(n)
+            if out.name not in wanted:
+                continue
+            ins = [a for a in n.inputs if is_float_tensor(a)]
+            if n.op == "add" and len(ins) != 2:
+                continue
+            for a in ins:
+                changed |= want(a)
+    for name, t in wanted.items():
+        plan.tensors[name] = _range_source(t).name
+        if plan.tensors[name] != name:
+            src = plan.tensors[name]
+            plan.tensors.setdefault(src, src)
+    return plan
+
+
+# --- graph edits --------------------------------------------------------------------------------------
+
+def _safe(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def add_qparams(graph: Graph, base: str, qp: QParams) -> tuple[Param, Param]:
+    s = graph.add_param(f"{base}_scale", qp.scale.to(torch.float32), buffer=True)
+    z = graph.add_param(f"{base}_zero_point", qp.zero_point, buffer=True)
+    return s, z
+
+
+def insert_qdq(graph: Graph, t: Node, qp: QParams, users: list[Node] | None = None) -> Node:
+    """Insert quantize→dequantize after `t`; `users` (default: all) read the dequantized value."""
+    users = list(t.users) if users is None else users
+    anchor = t
+    if t.op == "input":
+        anchor = graph.inputs[-1]
+    s, z = add_qparams(graph, _safe(t.name), qp)
+    attrs = {"dtype": qp.dtype, "axis": qp.axis}
+    q = graph.create_node("quantize", (t, s, z), attrs, name=f"{t.name}_q", after=anchor,
+                          meta=TensorMeta(t.meta.shape, qp.dtype), module_path=t.module_path)
+    dq = graph.create_node("dequantize", (q, s, z), {"axis": qp.axis}, name=f"{t.name}_dq", after=q,
+                           meta=TensorMeta(t.meta.shape, torch.float32), module_path=t.module_path)
+    for u in users:
+        if u is not q:
+            u.replace_input(t, dq)
+    return dq
+
+
+def quantize_tensor(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """Integer values of `x` under `qp` (ONNX QuantizeLinear semantics)."""
+    from ir.ops import _quantize
+
+    return _quantize(x, qp.scale, qp.zero_point, dtype=qp.dtype, axis=qp.axis)
+
+
+def fold_weight(graph: Graph, node: Node, index: int, qp: QParams, qmin: int | None = None,
+                qmax: int | None = None, values: torch.Tensor | None = None) -> Node:
+    """Replace param operand `index` of `node` by dequantize(integer param): the weight is stored as
+    integers, so nothing recomputes its quantization at run time."""
+    ref = node.inputs[index]
+    assert isinstance(ref, Param)
+    w = graph.params[ref.name]
+    if values is None:
+        values = quantize_tensor(w, qp)
+        if qmin is not None or qmax is not None:
+            values = values.clamp(qmin, qmax)
+    s, z = add_qparams(graph, ref.name, qp)
+    qref = graph.add_param(f"{ref.name}_quantized", values.to(qp.dtype), buffer=True)
+    dq = graph.create_node("dequantize", (qref, s, z), {"axis": qp.axis}, name=f"{node.name}_{_role(index)}_dq",
+                           before=node, meta=TensorMeta(tuple(w.shape), torch.float32),
+                           module_path=node.module_path)
+    ins = list(node.inputs)
+    ins[index] = dq
+    node.inputs = tuple(ins)
+    return dq
+
+
+def _role(index: int) -> str:
+    return {1: "weight", 2: "bias"}.get(index, f"arg{index}")
+
+
+def fold_bias(graph: Graph, node: Node, s_x: torch.Tensor, s_w: torch.Tensor, axis: int | None) -> Node | None:
+    """Bias as int32 with scale s_x * s_w and zero point 0 (what integer kernels add to the accumulator)."""
+    if len(node.inputs) < 3 or not isinstance(node.inputs[2], Param):
+        return None
+    b = graph.params[node.inputs[2].name]
+    scale = (s_x * s_w).to(torch.float32).reshape(-1) if s_w.dim() else (s_x * s_w).to(torch.float32)
+    if scale.dim() == 1 and scale.numel() == 1 and b.numel() > 1:
+        scale = scale.expand(b.numel()).clone()
+    lo, hi = QRANGE[torch.int32]
+    q = torch.round(b.double() / scale.double()).clamp(lo, hi).to(torch.int32)
+    qp = QParams(scale, torch.zeros_like(scale, dtype=torch.int32), torch.int32, 0 if scale.dim() else None)
+    return fold_weight(graph, node, 2, qp, values=q)
+
+
+def collapse_requantize(graph: Graph) -> int:
+    """quantize(dequantize(q, s, z)) with the same s, z and dtype is q itself: drop the round trip."""
+    removed = 0
+    for n in graph.nodes:
+        if n.op != "quantize" or not isinstance(n.inputs[0], Node) or n.inputs[0].op != "dequantize":
+            continue
+        dq = n.inputs[0]
+        src = dq.inputs[0]
+        if not isinstance(src, Node) or src.meta is None or src.meta.dtype != n.attrs.get("dtype"):
+            continue
+        if n.attrs.get("axis") != dq.attrs.get("axis") or not _same_param(graph, n.inputs[1], dq.inputs[1]) \
+                or not _same_param(graph, n.inputs[2], dq.inputs[2]):
+            continue
+        graph.replace_all_uses(n, src)
+        graph.erase(n)
+        removed += 1
+        if not dq.users:
+            graph.erase(dq)
+    return removed
+
+
+def _same_param(graph: Graph, a: object, b: object) -> bool:
+    if isinstance(a, Param) and isinstance(b, Param):
+        ta, tb = graph.params[a.name], graph.params[b.name]
+        return ta.dtype == tb.dtype and ta.shape == tb.shape and torch.equal(ta, tb)
+    return a is b
+
+
+def check_bits(bits: int, lo: int = 2, hi: int = 8) -> None:
+    if not lo <= bits <= hi:
+        raise PassError(f"quantize: option 'bits' must be between {lo} and {hi} (values are stored as "
+                        f"8-bit integers); got {bits}")

@@ -1,0 +1,191 @@
+"""The quantize pass: folding, every scheme, skip patterns, faithful integer simulation, option errors."""
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ir
+from ir.errors import PassError
+from passes import PassContext, create_pass, parse_pass_spec
+from passes.quantize.qdq import collapse_requantize
+
+
+class Net(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, c, 3, padding=1)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1)
+        self.fc = nn.Linear(c * 16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        z = torch.relu(self.c2(y) + y)
+        return self.fc(nn.functional.max_pool2d(z, 2).flatten(1))
+
+
+def _setup(seed=0, c=8):
+    torch.manual_seed(seed)
+    m = Net(c).eval()
+    x = torch.randn(2, 1, 8, 8)
+    cal = [(torch.randn(16, 1, 8, 8),) for _ in range(3)]
+    return m, ir.capture(m, (x,)), PassContext((x,), calibration_data=cal, quiet=True)
+
+
+def _sqnr(ref, y):
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - y).pow(2).sum()).detach())
+
+
+def test_int8_static_folds_weights_and_simulates_the_integer_model():
+    m, g, ctx = _setup()
+    res = create_pass("quantize", {"scheme": "int8-static"}).run(g, ctx)
+    ir.verify(g)
+    # weights are int8 params read only by dequantize; no float weight and no weight quantize remain
+    for name in ("c1", "c2", "fc"):
+        w_dq = g.node(name).inputs[1]
+        assert w_dq.op == "dequantize" and w_dq.attrs["axis"] == 0
+        assert g.params[w_dq.inputs[0].name].dtype == torch.int8
+        b_dq = g.node(name).inputs[2]
+        assert g.params[b_dq.inputs[0].name].dtype == torch.int32
+        # bias scale = input scale * per-channel weight scale
+        x_dq = g.node(name).inputs[0]
+        s_x = g.params[x_dq.inputs[1].name]
+        assert torch.allclose(g.params[b_dq.inputs[1].name], s_x * g.params[w_dq.inputs[1].name])
+    assert not any(n.op == "quantize" and not isinstance(n.inputs[0], ir.Node) for n in g)
+    assert not [k for k, v in g.params.items() if v.is_floating_point() and v.dim() > 1]
+    assert res.stats["weight_bytes"]["after"] < 0.35 * res.stats["weight_bytes"]["before"]
+    # every activation a quantized op reads is uint8 quantize -> dequantize
+    for n in g.find("quantize"):
+        assert n.attrs["dtype"] == torch.uint8
+    # the fake-quant lowering equals the integer arithmetic done by hand for the first conv
+    gm = ir.lower(g)
+    x = ctx.example_inputs[0]
+    c1 = g.node("c1")
+    qx = ir.get_op("quantize").impl(x, g.params["x_scale"], g.params["x_zero_point"], dtype=torch.uint8)
+    w_q = g.params[c1.inputs[1].inputs[0].name].float()
+    acc = nn.functional.conv2d(qx.float() - float(g.params["x_zero_point"]), w_q,
+                               g.params[c1.inputs[2].inputs[0].name].float(), padding=1)
+    by_hand = acc * (g.params["x_scale"] * g.params[c1.inputs[1].inputs[1].name]).reshape(1, -1, 1, 1)
+    from passes.quantize.calibrate import run_with_outputs
+    _, (c1_val,) = run_with_outputs(g, ["c1"])(x)
+    assert torch.allclose(c1_val, by_hand, rtol=1e-5, atol=1e-5)
+    assert _sqnr(m(x), gm(x)) > 25
+
+
+@pytest.mark.parametrize("scheme", ["int8-static", "int8-dynamic", "fixed-point", "sign"])
+def test_every_scheme_produces_a_verified_qdq_graph(scheme):
+    m, g, ctx = _setup()
+    create_pass("quantize", {"scheme": scheme}).run(g, ctx)
+    ir.verify(g)
+    x = ctx.example_inputs[0]
+    y = ir.lower(g)(x)
+    ints = {n.inputs[0].name: g.params[n.inputs[0].name] for n in g.find("dequantize")
+            if isinstance(n.inputs[0], ir.Param)}
+    assert ints and all(not t.is_floating_point() for t in ints.values())
+    if scheme == "sign":
+        w = g.params["c2.weight_quantized"]
+        assert set(w.unique().tolist()) == {-1, 1}
+        assert set(g.params["c1.weight_quantized"].unique().tolist()) != {-1, 1}  # first layer kept 8-bit
+        assert _sqnr(m(x), y) > 3
+    elif scheme == "fixed-point":
+        for n in g.find("dequantize"):
+            s = g.params[n.inputs[1].name]
+            if n.inputs[0].name.endswith("bias_quantized"):
+                continue
+            assert torch.equal(s, 2.0 ** torch.round(torch.log2(s)))  # power-of-two scales
+            assert int(g.params[n.inputs[2].name].abs().max()) == 0
+        assert _sqnr(m(x), y) > 20
+    elif scheme == "int8-dynamic":
+        assert g.find("dynamic_quantize") and not g.find("quantize")
+        assert _sqnr(m(x), y) > 30
+    else:
+        assert _sqnr(m(x), y) > 25
+
+
+def test_skip_keeps_layers_float():
+    _, g, ctx = _setup()
+    res = parse_pass_spec("quantize{skip=['fc', 'c1']}").run(g, ctx)
+    assert sorted(res.stats["skipped"]) == ["c1", "fc"]
+    assert isinstance(g.node("fc").inputs[1], ir.Param) and g.params[g.node("fc").inputs[1].name].dtype == torch.float32
+    assert g.node("c2").inputs[1].op == "dequantize"
+    _, g, ctx = _setup()
+    res = create_pass("quantize", {"skip": ["conv2d"]}).run(g, ctx)  # by op
+    assert sorted(res.stats["skipped"]) == ["c1", "c2"]
+
+
+def test_collapse_requantize_drops_equal_round_trips():
+    _, g, ctx = _setup()
+    create_pass("quantize", {}).run(g, ctx)
+    dq = g.node("relu_dq")
+    q2 = g.create_node("quantize", (dq, *g.node("relu_q").inputs[1:]), dict(g.node("relu_q").attrs),
+                       after=dq, meta=g.node("relu_q").meta)
+    dq2 = g.create_node("dequantize", (q2, *dq.inputs[1:]), dict(dq.attrs), after=q2, meta=dq.meta)
+    g.node("c2").replace_input(dq, dq2)
+    assert collapse_requantize(g) == 1
+    assert g.node("c2").inputs[0] is dq2 and dq2.inputs[0] is g.node("relu_q")
+    ir.verify(g)
+
+
+def test_option_errors_name_the_option():
+    with pytest.raises(PassError, match="scheme"):
+        create_pass("quantize", {"scheme": "int4-magic"})
+    with pytest.raises(PassError, match="'bits' must be between 2 and 8"):
+        create_pass("quantize", {"bits": 12})
+    with pytest.raises(PassError, match="calibration"):
+        create_pass("quantize", {"calibration": "kl"})
+    with pytest.raises(PassError, match="activation_dtype"):
+        create_pass("quantize", {"activation_dtype": "int4"})
+    _, g, _ = _setup()
+    with pytest.raises(PassError, match="needs calibration data"):
+        create_pass("quantize", {}).run(g, PassContext((torch.randn(1, 1, 8, 8),)))
+    with pytest.raises(PassError, match="needs training data"):
+        _, g, ctx = _setup()
+        create_pass("quantize", {"scheme": "sign", "qat_epochs": 1}).run(g, ctx)
+    # dynamic quantization needs no calibration data
+    _, g, _ = _setup()
+    create_pass("quantize", {"scheme": "int8-dynamic"}).run(g, PassContext((torch.randn(1, 1, 8, 8),)))
+
+
+def _digits_cnn_folded():
+    """The zoo's trained digits CNN with batch norms folded at module level (fold-batchnorm's job)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    import models
+
+    m = models.get("digits_cnn").trained(progress=False).eval()
+    for seq in m.features:
+        if isinstance(seq, nn.Sequential):
+            seq[0], seq[1] = fuse_conv_bn_eval(seq[0], seq[1]), nn.Identity()
+    return m, models.load_dataset("digits")
+
+
+def test_qat_with_ste_recovers_sign_weights_on_digits():
+    import models
+
+    m, ds = _digits_cnn_folded()
+    x = ds.train_x
+    g = ir.capture(m, (x[:1],))
+    ctx = PassContext((x[:1],), calibration_data=[(x[:256],)], quiet=True,
+                      train_data=[((x[i:i + 64],), ds.train_y[i:i + 64]) for i in range(0, len(x), 64)])
+    plain = g.copy()
+    create_pass("quantize", {"scheme": "sign"}).run(plain, ctx)
+    create_pass("quantize", {"scheme": "sign", "qat_epochs": 4, "qat_lr": 2e-3}).run(g, ctx)
+    ir.verify(g)
+    assert set(g.params["features.1.0.weight_quantized"].unique().tolist()) == {-1, 1}
+    acc_plain, acc_qat = models.accuracy(ir.lower(plain), ds), models.accuracy(ir.lower(g), ds)
+    assert acc_qat > acc_plain + 0.1 and acc_qat >= 0.93, (acc_plain, acc_qat)
+
+
+@settings(max_examples=8)
+@given(st.integers(2, 8), st.booleans(), st.sampled_from(["minmax", "percentile", "entropy", "mse",
+                                                          "moving-average"]))
+def test_bits_and_calibrations_keep_weights_in_range(bits, per_channel, calibration):
+    _, g, ctx = _setup()
+    create_pass("quantize", {"bits": bits, "per_channel": per_channel, "calibration": calibration}).run(g, ctx)
+    ir.verify(g)
+    qmax = 2 ** (bits - 1) - 1
+    for name in ("c1", "c2", "fc"):
+        w = g.params[g.node(name).inputs[1].inputs[0].name]
+        assert int(w.abs().max()) == qmax  # symmetric range fully used by the largest weight
+    assert torch.isfinite(ir.lower(g)(ctx.example_inputs[0])).all()
