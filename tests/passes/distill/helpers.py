@@ -76,7 +76,7 @@ class TinyResNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained(kind: str) -> nn.Module:
     """A trained teacher (cached per test session): 'cnn' or 'resnet'."""
     from passes.distill import distill
