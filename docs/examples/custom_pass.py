@@ -5,7 +5,6 @@ This file is shown verbatim in docs/passes.md and executed by tests/passes/test_
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import ir
 from passes import Pass, PassContext, PassManager, PassResult, PatternPass, register_pass
