@@ -12,6 +12,7 @@ causes: E[y_float] - E[y_quant] per output channel, measured on calibration data
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -131,6 +132,13 @@ class Equalize(Pass):
 @dataclass
 class BiasCorrection(Pass):
     """Correct the mean output shift of each quantized layer (run after `quantize` in the same pipeline)."""
+
+    needs_calibration: ClassVar[bool] = True
+
+    def check_context(self, ctx: PassContext) -> str | None:
+        if ctx.calibration_data is None:
+            return "bias-correction needs calibration data (an iterable of input tuples)"
+        return None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         ref = ctx.extras.get("quantize.float_graph")
