@@ -122,7 +122,7 @@ class Equalize(Pass):
             if act.name in bounds:
                 shape = [-1] + [1] * (len(act.meta.shape) - 2) if act.meta and len(act.meta.shape) > 2 else [-1]
                 hi = graph.add_param(f"{act.name}_max", bounds[act.name].reshape(shape).float(), buffer=True)
-                lo = graph.add_param(f"{act.name}_min", torch.zeros(shape).float().reshape(shape), buffer=True)
+                lo = graph.add_param(f"{act.name}_min", torch.zeros_like(graph.params[hi.name]), buffer=True)
                 act.op = "clamp"
                 act.attrs = {"min": lo, "max": hi}
         return PassResult(bool(pairs), {"pairs": len(pairs), "per_channel_clamps": len(bounds)})
