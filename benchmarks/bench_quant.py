@@ -11,7 +11,6 @@ top-1 agreement, accuracy, and file sizes; plus the accuracy checks of issue #5.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import ir
 import models
@@ -32,21 +30,11 @@ from passes import PassContext, create_pass
 DEFAULT_MODELS = ("digits_cnn", "resnet20", "mobilenetv2", "tiny_bert")
 
 
-def fold_bn(module: nn.Module, example: tuple) -> nn.Module:
-    """Batch norms folded into their convs (fold-batchnorm's job, done here with torch.fx's fuser)."""
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        return fuse(copy.deepcopy(module).eval())
-    except Exception:  # noqa: BLE001 - nothing to fold (e.g. a transformer)
-        return module
-
-
-def apply_fold_batchnorm(graph: ir.Graph, ctx: PassContext) -> ir.Graph:
-    try:
-        create_pass("fold-batchnorm").run(graph, ctx)
-    except Exception:  # noqa: BLE001 - the pass may not be available on this branch yet
-        pass
+def float_graph(spec, ex1: tuple, quiet: bool = True) -> ir.Graph:
+    """The trained zoo model captured, batch norms folded (the fp32 baseline both tools start from)."""
+    module = spec.trained(progress=not quiet).eval()
+    graph = ir.capture(module, ex1)
+    create_pass("fold-batchnorm").run(graph, PassContext(ex1, quiet=True))
     return graph
 
 
@@ -104,12 +92,10 @@ def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor]) -> bytes:
 def bench_model(name: str, args) -> dict:
     spec = models.get(name)
     torch.manual_seed(0)
-    module = spec.trained(progress=not args.quiet).eval()
     ds = models.load_dataset(spec.dataset)
     ex1 = spec.example_inputs(batch=1)
     ex32 = spec.example_inputs(batch=32)
-    folded = fold_bn(module, ex1)
-    graph = ir.capture(folded, ex1)
+    graph = float_graph(spec, ex1, args.quiet)
     cal = [ds.train_x[i:i + args.cal_batch] for i in range(0, args.cal_batch * args.cal_batches, args.cal_batch)]
     ctx = PassContext(ex1, calibration_data=[(c,) for c in cal], quiet=args.quiet)
     fp32 = to_onnx_model(graph, inputs=ex1).SerializeToString()

@@ -673,3 +673,9 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
                     + ([] if omit else [_qparam(ctx, zp, qdt, per_tensor)]),
                     axis=None if axis is None else _axis(int(axis), rank))
 
+
+
+@register_emitter("dynamic_quantize")
+def _dynamic_quantize(ctx: EmitContext, node: Node) -> list[str]:
+    """DynamicQuantizeLinear: (uint8 values, scale, zero point), read with getitem."""
+    return ctx.emit("DynamicQuantizeLinear", [ctx.value(node.inputs[0])], outputs=3)

@@ -12,13 +12,14 @@ causes: E[y_float] - E[y_quant] per output channel, measured on calibration data
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ir import Graph, Node, Param
 from ir.errors import PassError
 from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.quantize.calibrate import calibration_batches, collect
+from passes.quantize.calibrate import calibration_batches, run_with_outputs
 from passes.quantize.observers import QRANGE
 
 _LAYERS = ("conv1d", "conv2d", "linear")
@@ -121,7 +122,7 @@ class Equalize(Pass):
             if act.name in bounds:
                 shape = [-1] + [1] * (len(act.meta.shape) - 2) if act.meta and len(act.meta.shape) > 2 else [-1]
                 hi = graph.add_param(f"{act.name}_max", bounds[act.name].reshape(shape).float(), buffer=True)
-                lo = graph.add_param(f"{act.name}_min", torch.zeros(shape).float().reshape(shape), buffer=True)
+                lo = graph.add_param(f"{act.name}_min", torch.zeros_like(graph.params[hi.name]), buffer=True)
                 act.op = "clamp"
                 act.attrs = {"min": lo, "max": hi}
         return PassResult(bool(pairs), {"pairs": len(pairs), "per_channel_clamps": len(bounds)})
@@ -131,6 +132,13 @@ class Equalize(Pass):
 @dataclass
 class BiasCorrection(Pass):
     """Correct the mean output shift of each quantized layer (run after `quantize` in the same pipeline)."""
+
+    needs_calibration: ClassVar[bool] = True
+
+    def check_context(self, ctx: PassContext) -> str | None:
+        if ctx.calibration_data is None:
+            return "bias-correction needs calibration data (an iterable of input tuples)"
+        return None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         ref = ctx.extras.get("quantize.float_graph")
@@ -142,41 +150,51 @@ class BiasCorrection(Pass):
                   and n.inputs[1].op == "dequantize" and ref.has_node(n.name)]
         if not layers:
             return PassResult(False, {"corrected": 0})
+        for n in layers:  # a bias to correct: zeros where the layer has none
+            if len(n.inputs) < 3 or n.inputs[2] is None:
+                p = graph.add_param(f"{n.name}.bias", torch.zeros(graph.params[n.inputs[1].inputs[0].name].shape[0]))
+                n.inputs = (*n.inputs[:2], p, *n.inputs[3:])
         names = [n.name for n in layers]
-        float_means = _channel_means(ref, batches, names)
+        channel_dim = {n.name: (-1 if n.op == "linear" else 1) for n in layers}
+        float_means = _channel_means(run_with_outputs(ref, names), batches, names, channel_dim)
+        # one lowering; corrections are written in place into its buffers (and into the graph)
+        gm = run_with_outputs(graph, names)
         total = 0.0
         for n in layers:
-            q_mean = _channel_means(graph, batches, [n.name])[n.name]
-            delta = float_means[n.name] - q_mean
-            _add_to_bias(graph, n, delta)
+            delta = float_means[n.name] - _channel_means(gm, batches, [n.name], channel_dim, names)[n.name]
+            name, value = _corrected_bias(graph, n, delta)
+            graph.params[name] = value
+            live = gm.get_buffer(name) if name in graph.buffers else gm.get_parameter(name)
+            with torch.no_grad():
+                live.copy_(value)
             total += float(delta.abs().mean())
         return PassResult(True, {"corrected": len(layers), "mean_abs_shift": total / len(layers)})
 
 
-def _channel_means(graph: Graph, batches: list[tuple], names: list[str]) -> dict[str, torch.Tensor]:
+def _channel_means(gm: torch.nn.Module, batches: list[tuple], names: list[str], channel_dim: dict[str, int],
+                   all_names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Per-channel mean of the named values of `gm` (from run_with_outputs over `all_names`)."""
+    index = {k: i for i, k in enumerate(all_names or names)}
     sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    count: dict[str, int] = {}
+    with torch.no_grad():
+        for b in batches:
+            _, values = gm(*b)
+            for k in names:
+                v = values[index[k]].detach().double()
+                flat = v.movedim(channel_dim[k], 0).reshape(v.shape[channel_dim[k]], -1)
+                sums[k] = sums.get(k, 0) + flat.sum(dim=1)
+                count[k] = count.get(k, 0) + flat.shape[1]
+    return {k: (sums[k] / count[k]).float() for k in names}
 
-    def sink(name: str, v: torch.Tensor) -> None:
-        ch_dim = 1 if v.dim() > 2 else v.dim() - 1
-        flat = v.detach().double().transpose(0, ch_dim).reshape(v.shape[ch_dim], -1)
-        sums[name] = sums.get(name, 0) + flat.sum(dim=1)
-        counts[name] = counts.get(name, 0) + flat.shape[1]
 
-    collect(graph, batches, names, sink)
-    return {k: (sums[k] / counts[k]).float() for k in names}
-
-
-def _add_to_bias(graph: Graph, n: Node, delta: torch.Tensor) -> None:
-    """bias += delta, keeping the bias's representation (int32 with scale s_x*s_w, or float)."""
-    b = n.inputs[2] if len(n.inputs) > 2 else None
+def _corrected_bias(graph: Graph, n: Node, delta: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """(param name, new value) for bias += delta in the bias's own form (int32 with scale s_x*s_w, or float)."""
+    b = n.inputs[2]
     if isinstance(b, Node) and b.op == "dequantize":
         qref, sref = b.inputs[0], b.inputs[1]
         q, s = graph.params[qref.name], graph.params[sref.name]
         lo, hi = QRANGE[torch.int32]
-        graph.params[qref.name] = torch.round(q.double() + delta.double() / s.double()).clamp(lo, hi).to(torch.int32)
-    elif isinstance(b, Param):
-        graph.params[b.name] = graph.params[b.name] + delta
-    else:
-        p = graph.add_param(f"{n.name}.bias", delta.clone())
-        n.inputs = (*n.inputs[:2], p, *n.inputs[3:])
+        return qref.name, torch.round(q.double() + delta.double() / s.double()).clamp(lo, hi).to(torch.int32)
+    assert isinstance(b, Param)
+    return b.name, graph.params[b.name] + delta

@@ -11,7 +11,7 @@ Schemes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -60,6 +60,18 @@ class Quantize(Pass):
     qat_epochs: int = 0
     qat_lr: float = 1e-3
     max_accuracy_drop: float | None = None
+
+    needs_calibration: ClassVar[bool] = True
+
+    def check_context(self, ctx: PassContext) -> str | None:
+        if self.scheme != "int8-dynamic" and ctx.calibration_data is None:
+            return (f"quantize (scheme {self.scheme}) needs calibration data to set activation ranges "
+                    "(an iterable of input tuples), or use scheme 'int8-dynamic'")
+        if self.qat_epochs > 0 and ctx.train_data is None:
+            return "quantize with qat_epochs > 0 needs train data ((inputs, target) batches)"
+        if self.max_accuracy_drop is not None and ctx.eval_fn is None:
+            return "quantize with max_accuracy_drop needs an eval function (module -> accuracy)"
+        return None
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES:

@@ -5,21 +5,19 @@ A temporary copy of the graph reads every quantized weight through
 channel, power of two, or mean|w| for sign) and every quantized activation
 through `fake_quantize` with its calibrated params. Training that copy on
 ctx.train_data updates the float weights; the quantize pass then folds them
-into integer params as usual.
+into integer params as usual. Training itself is passes.finetune.train_graph.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from ir import Graph, Param, TensorMeta, lower
+from ir import Graph, Param, TensorMeta
 from ir.errors import PassError
 from passes.base import PassContext
-from passes.quantize.calibrate import progress
+from passes.finetune import train_graph
 from passes.quantize.qdq import Plan
 
 if TYPE_CHECKING:
@@ -59,49 +57,15 @@ def fake_quant_graph(q: Quantize, graph: Graph, plan: Plan, ranges: dict) -> Gra
     return g
 
 
-def train_graph(graph: Graph, data, *, epochs: int, lr: float, quiet: bool = True,
-                loss_fn=None, desc: str = "fine-tuning") -> list[float]:
-    """Train a graph's float params in place with Adam + cosine schedule on (inputs, target) batches.
-
-    Returns the mean loss of each epoch.
-    """
-    batches = list(data)
-    if not batches:
-        raise PassError("fine-tuning needs training data: give the PassContext train_data "
-                        "(an iterable of (inputs_tuple, target) batches)")
-    gm = lower(graph)
-    gm.train()
-    params = [p for p in gm.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    total = epochs * len(batches)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
-    loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out, y))
-    losses = []
-    for _ in progress(range(epochs), desc=desc, quiet=quiet, total=epochs):
-        run = 0.0
-        for inputs, target in batches:
-            inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-            out = gm(*inputs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            loss = loss_fn(out, target)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            run += loss.item()
-        losses.append(run / len(batches))
-    gm.eval()
-    return losses
-
-
 def finetune_fake_quant(q: Quantize, graph: Graph, plan: Plan, ranges: dict, ctx: PassContext) -> list[float]:
     """STE fine-tuning of the weights `plan` quantizes; writes the trained weights back into `graph`."""
     if ctx.train_data is None:
         raise PassError("quantize: qat_epochs > 0 needs training data; give the PassContext train_data "
                         "(an iterable of (inputs_tuple, target) batches) or set qat_epochs = 0")
     g = fake_quant_graph(q, graph, plan, ranges)
-    losses = train_graph(g, ctx.train_data, epochs=q.qat_epochs, lr=q.qat_lr, quiet=ctx.quiet,
-                         desc="quantization-aware fine-tuning")
+    hist = train_graph(g, ctx.train_data, epochs=q.qat_epochs, lr=q.qat_lr, seed=ctx.seed, quiet=ctx.quiet,
+                       desc="quantization-aware fine-tuning")
+    losses = hist["loss"]
     for name, t in g.params.items():
         if name in graph.params and t.is_floating_point() and name not in graph.buffers:
             graph.params[name] = t.detach().clone()
@@ -109,4 +73,4 @@ def finetune_fake_quant(q: Quantize, graph: Graph, plan: Plan, ranges: dict, ctx
     return losses
 
 
-__all__ = ["fake_quant_graph", "train_graph", "finetune_fake_quant"]
+__all__ = ["fake_quant_graph", "finetune_fake_quant"]

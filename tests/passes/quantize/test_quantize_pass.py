@@ -148,24 +148,21 @@ def test_option_errors_name_the_option():
 
 
 def _digits_cnn_folded():
-    """The zoo's trained digits CNN with batch norms folded at module level (fold-batchnorm's job)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
+    """The zoo's trained digits CNN, captured, batch norms folded."""
     import models
 
     m = models.get("digits_cnn").trained(progress=False).eval()
-    for seq in m.features:
-        if isinstance(seq, nn.Sequential):
-            seq[0], seq[1] = fuse_conv_bn_eval(seq[0], seq[1]), nn.Identity()
-    return m, models.load_dataset("digits")
+    ds = models.load_dataset("digits")
+    g = ir.capture(m, (ds.train_x[:1],))
+    create_pass("fold-batchnorm").run(g, PassContext((ds.train_x[:1],)))
+    return g, ds
 
 
 def test_qat_with_ste_recovers_sign_weights_on_digits():
     import models
 
-    m, ds = _digits_cnn_folded()
+    g, ds = _digits_cnn_folded()
     x = ds.train_x
-    g = ir.capture(m, (x[:1],))
     ctx = PassContext((x[:1],), calibration_data=[(x[:256],)], quiet=True,
                       train_data=[((x[i:i + 64],), ds.train_y[i:i + 64]) for i in range(0, len(x), 64)])
     plain = g.copy()
