@@ -577,6 +577,8 @@ def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict
             values[n] = out = super().run_node(n)
             return out
 
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()  # shapes are the same in either mode, and eval never updates the model's statistics
     try:
         with torch.no_grad():
             _Recorder(gm).run(*inputs)
@@ -592,6 +594,9 @@ def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
             f"Inputs given: ({given}). Pass example inputs of the shape and dtype the model's forward expects."
         ) from None
+    finally:
+        for m, mode in modes.items():  # restore each module's own mode (users may mix them)
+            m.training = mode
     return values
 
 

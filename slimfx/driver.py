@@ -107,14 +107,13 @@ def _batch_inputs(example: tuple[torch.Tensor, ...], batch: int, seed: int = 0) 
     return tuple(out)
 
 
-def _latency(path: Path, example: tuple, quiet: bool) -> dict[str, float]:
+def _latency(path: Path, example: tuple, budget_s: float) -> dict[str, float]:
+    """onnxruntime median latency on one thread at batch 1 and 32."""
     from exporters.bench import measure_latency
 
-    result = {}
-    for key, batch in (("b1", 1), ("b32", 32)):
-        m = measure_latency(path, _batch_inputs(example, batch), threads=1)
-        result[key] = round(float(m.median_ms), 4)
-    return result
+    return {key: round(float(measure_latency(path, _batch_inputs(example, batch), threads=1,
+                                             budget_s=budget_s).median_ms), 4)
+            for key, batch in (("b1", 1), ("b32", 32))}
 
 
 # --- the main entry point --------------------------------------------------------------------------------
@@ -132,7 +131,8 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
             train_data: Iterable | None = None, eval_fn: Callable[[nn.Module], float] | None = None,
             out_dir: str | Path | None = None, formats: Sequence[str] = ("onnx",),
             check_numerics: bool = True, test_data: tuple[Any, torch.Tensor] | None = None,
-            name: str | None = None, quiet: bool = False, seed: int = 0) -> CompileResult:
+            name: str | None = None, quiet: bool = False, seed: int = 0,
+            bench_seconds: float = 0.8) -> CompileResult:
     """Compile `model` with a recipe: capture, run its passes, export and validate, and report.
 
     recipe: a built-in name (`slimfx passes`/README list them), a TOML path, or a `Recipe`.
@@ -143,6 +143,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         validation numbers; without it, validation uses the example inputs.
     formats: what to export into `out_dir` ("onnx", "torchscript"). Nothing is written unless
         every step succeeds.
+    bench_seconds: time budget of each latency measurement (more is steadier).
     """
     t_start = time.perf_counter()
     example = _as_tuple(example_inputs)
@@ -186,7 +187,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         baseline = {
             "params": ir.count_params(graph), "macs": ir.count_macs(graph),
             "size_bytes": base_onnx.path.stat().st_size,
-            "latency_ms": _latency(base_onnx.path, example, quiet),
+            "latency_ms": _latency(base_onnx.path, example, bench_seconds),
             "accuracy": accuracy_of(model, model),
         }
         stages = [{"stage": "original", **_stage_numbers(baseline)}]
@@ -200,7 +201,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
             records.extend(pm.run(graph, ctx))
             if records[-1].changed and not p.is_analysis:
                 stages.append(_measure_stage(f"{i + 1}. {p.name}", graph, example, tmp_path, i, accuracy_of,
-                                             quiet))
+                                             bench_seconds))
 
         module = ir.lower(graph).eval()
         staging = tmp_path / "out"
@@ -226,7 +227,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         compressed = {
             "params": ir.count_params(graph), "macs": ir.count_macs(graph),
             "size_bytes": deployed_path.stat().st_size,
-            "latency_ms": _latency(deployed_path, example, quiet),
+            "latency_ms": _latency(deployed_path, example, bench_seconds),
             "accuracy": (float(eval_fn(module)) if eval_fn is not None else
                          (_accuracy(candidate, val_labels) if val_labels is not None else None)),
         }
@@ -267,7 +268,7 @@ def _export_quiet(graph: ir.Graph, path: Path, example: tuple) -> Path:
 
 
 def _measure_stage(label: str, graph: ir.Graph, example: tuple, tmp: Path, index: int,
-                   accuracy_of: Callable, quiet: bool) -> dict[str, Any]:
+                   accuracy_of: Callable, bench_seconds: float) -> dict[str, Any]:
     """Size, latency and accuracy after one pass (latency/size left out when the stage cannot export)."""
     module = ir.lower(graph).eval()
     row: dict[str, Any] = {"stage": label, "params": ir.count_params(graph), "macs": ir.count_macs(graph),
@@ -275,7 +276,7 @@ def _measure_stage(label: str, graph: ir.Graph, example: tuple, tmp: Path, index
     try:
         path = _export_quiet(graph, tmp / f"stage{index}.onnx", example)
         row["size_bytes"] = path.stat().st_size
-        row["latency_b32_ms"] = _latency(path, example, quiet)["b32"]
+        row["latency_b32_ms"] = _latency(path, example, bench_seconds)["b32"]
     except SlimfxError as e:
         log.info("stage %s not exportable on its own: %s", label, e)
     return row

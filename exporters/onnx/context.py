@@ -419,7 +419,7 @@ class EmitContext:
             tgt = n.attrs.get("target")
             what += f", {n.attrs.get('kind')} {getattr(tgt, '__qualname__', None) or tgt}"
         what += f", {n.where()})"
-        supported = ", ".join(sorted(EMITTERS))
+        supported = ", ".join(sorted(op for op in EMITTERS if op != "opaque"))
         return (f"cannot export {what} to ONNX: no emitter for this op. Supported ops: {supported}. "
                 "Rewrite the model so capture sees one of these ops, or register an emitter with "
                 "exporters.onnx.register_emitter.")

@@ -2,6 +2,7 @@
 QAT with a straight-through estimator, cross-layer equalization, bias correction, sensitivity analysis."""
 
 from passes.quantize import ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
+from passes.quantize.equalize import BiasCorrection, Equalize
 from passes.quantize.observers import (
     CALIBRATION_METHODS,
     EntropyObserver,
@@ -17,7 +18,9 @@ from passes.quantize.observers import (
     qparams_from_range,
 )
 from passes.quantize.ptq import SCHEMES, Quantize
+from passes.quantize.sensitivity import QuantSensitivity, layer_sensitivity, quantize_with_fallback
 
 __all__ = ["Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "PercentileObserver",
            "EntropyObserver", "MSEObserver", "QParams", "make_observer", "qparams_from_range", "pow2_qparams",
-           "CALIBRATION_METHODS", "Quantize", "SCHEMES"]
+           "CALIBRATION_METHODS", "Quantize", "SCHEMES", "Equalize", "BiasCorrection", "QuantSensitivity",
+           "layer_sensitivity", "quantize_with_fallback"]

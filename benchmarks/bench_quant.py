@@ -1,0 +1,173 @@
+"""INT8 quantization: slimfx's `quantize` pass vs onnxruntime.quantization.quantize_static.
+
+Same fp32 model (batch norms folded), same calibration samples. Peer: quant_pre_process, QOperator,
+uint8 activations, int8 per-channel weights (its fastest setting on this machine). Reported per model:
+onnxruntime latency (1 thread, medians, batch 1 and 32) of fp32 / ours / theirs, output SQNR vs fp32,
+top-1 agreement, accuracy, and file sizes; plus the accuracy checks of issue #5.
+
+    PYTHONPATH=. python benchmarks/bench_quant.py [--models resnet20,mobilenetv2,digits_cnn,tiny_bert]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import ir
+import models
+from exporters.bench import measure_latency
+from exporters.onnx import to_onnx_model
+from passes import PassContext, create_pass
+
+DEFAULT_MODELS = ("digits_cnn", "resnet20", "mobilenetv2", "tiny_bert")
+
+
+def fold_bn(module: nn.Module, example: tuple) -> nn.Module:
+    """Batch norms folded into their convs (fold-batchnorm's job, done here with torch.fx's fuser)."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(copy.deepcopy(module).eval())
+    except Exception:  # noqa: BLE001 - nothing to fold (e.g. a transformer)
+        return module
+
+
+def apply_fold_batchnorm(graph: ir.Graph, ctx: PassContext) -> ir.Graph:
+    try:
+        create_pass("fold-batchnorm").run(graph, ctx)
+    except Exception:  # noqa: BLE001 - the pass may not be available on this branch yet
+        pass
+    return graph
+
+
+def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
+    return float(10 * np.log10((ref.astype(np.float64) ** 2).sum() / max(((ref - y) ** 2).sum(), 1e-30)))
+
+
+def ort_run(model_bytes: bytes, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+    from exporters.bench import ort_session
+
+    sess = ort_session(model_bytes)
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i:i + batch].numpy()})[0] for i in range(0, len(x), batch)]
+    return np.concatenate(outs)
+
+
+def fused_ops(model_bytes: bytes) -> Counter:
+    """Op types onnxruntime actually runs after its graph optimizations."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "opt.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.optimized_model_filepath = path
+        so.intra_op_num_threads = 1
+        ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor]) -> bytes:
+    """onnxruntime's static quantization, best setting: pre-processed, QOperator, U8 activations, S8 per-channel."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str):
+            self.it = iter([{name: c.numpy()} for c in cal])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as d:
+        src, pre, out = (os.path.join(d, f) for f in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        Path(src).write_bytes(fp32_bytes)
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+        name = onnx.load(pre).graph.input[0].name
+        quantize_static(pre, out, Reader(name), quant_format=QuantFormat.QOperator,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        return Path(out).read_bytes()
+
+
+def bench_model(name: str, args) -> dict:
+    spec = models.get(name)
+    torch.manual_seed(0)
+    module = spec.trained(progress=not args.quiet).eval()
+    ds = models.load_dataset(spec.dataset)
+    ex1 = spec.example_inputs(batch=1)
+    ex32 = spec.example_inputs(batch=32)
+    folded = fold_bn(module, ex1)
+    graph = ir.capture(folded, ex1)
+    cal = [ds.train_x[i:i + args.cal_batch] for i in range(0, args.cal_batch * args.cal_batches, args.cal_batch)]
+    ctx = PassContext(ex1, calibration_data=[(c,) for c in cal], quiet=args.quiet)
+    fp32 = to_onnx_model(graph, inputs=ex1).SerializeToString()
+    opts = dict(json.loads(args.options)) if args.options else {}
+    scheme = "int8-dynamic" if name == "tiny_bert" and args.bert_dynamic else "int8-static"
+    q = graph.copy()
+    res = create_pass("quantize", {"scheme": scheme, **opts}).run(q, ctx)
+    ours = to_onnx_model(q, inputs=ex1).SerializeToString()
+    theirs = theirs_quantize(fp32, cal)
+
+    test_x, test_y = ds.test_x[:args.eval_n], ds.test_y[:args.eval_n]
+    ref = ort_run(fp32, test_x)
+    y_ours, y_theirs = ort_run(ours, test_x), ort_run(theirs, test_x)
+    y_ir = ir.lower(q)(test_x).detach().numpy()
+    row: dict = {"model": name, "scheme": scheme, "stats": {k: v for k, v in res.stats.items() if k != "skipped"}}
+    row["sqnr_db"] = {"ours": sqnr_db(ref, y_ours), "theirs": sqnr_db(ref, y_theirs)}
+    row["accuracy"] = {k: float((v.argmax(1) == test_y.numpy()).mean())
+                       for k, v in (("fp32", ref), ("ours", y_ours), ("theirs", y_theirs))}
+    step = max(float(ref.std()) / 100, 1e-12)
+    row["ort_vs_ir"] = {"top1_agreement": float((y_ours.argmax(1) == y_ir.argmax(1)).mean()),
+                        "max_abs_diff": float(np.abs(y_ours - y_ir).max()), "ref_step": step}
+    row["size_bytes"] = {"fp32": len(fp32), "ours": len(ours), "theirs": len(theirs)}
+    row["size_ratio"] = len(ours) / len(fp32)
+    lat = {}
+    for b, ex in (("b1", ex1), ("b32", ex32)):
+        lat[b] = {k: measure_latency(m, ex, threads=1, budget_s=args.budget).median_ms
+                  for k, m in (("fp32", fp32), ("ours", ours), ("theirs", theirs))}
+    row["latency_ms"] = lat
+    row["ratio"] = {b: {"ours/theirs": v["ours"] / v["theirs"], "ours/fp32": v["ours"] / v["fp32"],
+                        "theirs/fp32": v["theirs"] / v["fp32"]} for b, v in lat.items()}
+    if args.ops:
+        row["ops"] = {"ours": dict(fused_ops(ours)), "theirs": dict(fused_ops(theirs))}
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    p.add_argument("--options", default="", help='extra quantize options as JSON, e.g. \'{"calibration": "minmax"}\'')
+    p.add_argument("--cal-batches", type=int, default=8)
+    p.add_argument("--cal-batch", type=int, default=32)
+    p.add_argument("--eval-n", type=int, default=1000)
+    p.add_argument("--budget", type=float, default=1.5, help="seconds of timed runs per latency")
+    p.add_argument("--bert-dynamic", action="store_true", help="int8-dynamic for tiny_bert")
+    p.add_argument("--ops", action="store_true", help="list the op types onnxruntime runs after fusion")
+    p.add_argument("--json", help="write results here")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.models.split(","):
+        row = bench_model(name.strip(), args)
+        rows.append(row)
+        print(json.dumps(row, indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

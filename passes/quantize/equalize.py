@@ -1,0 +1,182 @@
+"""Cross-layer equalization and bias correction (Nagel et al., "Data-Free Quantization", ICCV 2019).
+
+Equalization rescales output channel i of a layer by 1/s_i and the matching input channel of the
+next layer by s_i (exact through ReLU, which is positively homogeneous), choosing
+s_i = sqrt(r1_i / r2_i) so both channels get the same weight range: per-tensor weight
+quantization then wastes far fewer levels on depthwise convolutions.
+
+Bias correction removes the shift in each quantized layer's mean output that weight rounding
+causes: E[y_float] - E[y_quant] per output channel, measured on calibration data, layer by layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ir import Graph, Node, Param
+from ir.errors import PassError
+from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.quantize.calibrate import calibration_batches, collect
+from passes.quantize.observers import QRANGE
+
+_LAYERS = ("conv1d", "conv2d", "linear")
+
+
+def _weight(graph: Graph, n: Node) -> torch.Tensor | None:
+    if n.op in _LAYERS and len(n.inputs) >= 2 and isinstance(n.inputs[1], Param):
+        w = graph.params[n.inputs[1].name]
+        return w if w.is_floating_point() else None
+    return None
+
+
+def _is_depthwise(graph: Graph, n: Node) -> bool:
+    w = graph.params[n.inputs[1].name]
+    g = n.attrs.get("groups", 1)
+    return n.op != "linear" and g > 1 and w.shape[1] == 1 and g == w.shape[0]
+
+
+def find_pairs(graph: Graph, *, through_relu6: bool) -> list[tuple[Node, list[Node], Node]]:
+    """(first layer, activations between, second layer) where the first's output reaches only the second."""
+    pairs = []
+    for a in graph:
+        if _weight(graph, a) is None or (a.op != "linear" and a.attrs.get("groups", 1) > 1
+                                         and not _is_depthwise(graph, a)):
+            continue
+        acts: list[Node] = []
+        cur = a
+        while len(cur.users) == 1:
+            u = next(iter(cur.users))
+            if u.op == "relu" or (u.op == "relu6" and through_relu6):
+                acts.append(u)
+                cur = u
+                continue
+            break
+        if len(cur.users) != 1:
+            continue
+        b = next(iter(cur.users))
+        if _weight(graph, b) is None or b.inputs[0] is not cur or b.op != a.op:
+            continue
+        if b.op != "linear" and b.attrs.get("groups", 1) > 1 and not _is_depthwise(graph, b):
+            continue
+        pairs.append((a, acts, b))
+    return pairs
+
+
+def _out_range(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().reshape(w.shape[0], -1).amax(dim=1)
+
+
+def _in_range(w: torch.Tensor, depthwise: bool) -> torch.Tensor:
+    if depthwise:
+        return _out_range(w)
+    return w.abs().transpose(0, 1).reshape(w.shape[1], -1).amax(dim=1)
+
+
+def _scale_in(w: torch.Tensor, s: torch.Tensor, depthwise: bool) -> torch.Tensor:
+    shape = [1] * w.dim()
+    if depthwise:
+        shape[0] = -1
+    else:
+        shape[1] = -1
+    return w * s.reshape(shape)
+
+
+@register_pass("equalize")
+@dataclass
+class Equalize(Pass):
+    """Cross-layer equalization: balance per-channel weight ranges of consecutive layers (exact rewrite)."""
+
+    iterations: int = 4
+    through_relu6: bool = True
+    min_scale: float = 1e-2
+
+    def validate(self) -> None:
+        if self.iterations < 1:
+            raise PassError(f"equalize: option 'iterations' must be >= 1; got {self.iterations}")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        pairs = find_pairs(graph, through_relu6=self.through_relu6)
+        if any(n.op == "batch_norm" for n in graph):
+            ctx.logger.warning("equalize: the graph still has batch_norm nodes; run fold-batchnorm first "
+                               "so their layers can be equalized")
+        bounds: dict[str, torch.Tensor] = {}
+        for _ in range(self.iterations):
+            for a, acts, b in pairs:
+                wa, wb = graph.params[a.inputs[1].name], graph.params[b.inputs[1].name]
+                dw = _is_depthwise(graph, b)
+                r1, r2 = _out_range(wa), _in_range(wb, dw)
+                s = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2.clamp(min=1e-12)), torch.ones_like(r1))
+                s = s.clamp(self.min_scale, 1.0 / self.min_scale)
+                graph.params[a.inputs[1].name] = wa / s.reshape([-1] + [1] * (wa.dim() - 1))
+                if len(a.inputs) > 2 and isinstance(a.inputs[2], Param):
+                    graph.params[a.inputs[2].name] = graph.params[a.inputs[2].name] / s
+                graph.params[b.inputs[1].name] = _scale_in(wb, s, dw)
+                for act in acts:
+                    if act.op == "relu6" or act.name in bounds:
+                        prev = bounds.get(act.name, torch.full_like(s, 6.0))
+                        bounds[act.name] = prev / s
+        for act in (x for _, acts, _ in pairs for x in acts):
+            if act.name in bounds:
+                shape = [-1] + [1] * (len(act.meta.shape) - 2) if act.meta and len(act.meta.shape) > 2 else [-1]
+                hi = graph.add_param(f"{act.name}_max", bounds[act.name].reshape(shape).float(), buffer=True)
+                lo = graph.add_param(f"{act.name}_min", torch.zeros(shape).float().reshape(shape), buffer=True)
+                act.op = "clamp"
+                act.attrs = {"min": lo, "max": hi}
+        return PassResult(bool(pairs), {"pairs": len(pairs), "per_channel_clamps": len(bounds)})
+
+
+@register_pass("bias-correction")
+@dataclass
+class BiasCorrection(Pass):
+    """Correct the mean output shift of each quantized layer (run after `quantize` in the same pipeline)."""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        ref = ctx.extras.get("quantize.float_graph")
+        if ref is None:
+            raise PassError("bias-correction needs the float graph the quantize pass saw: run it after "
+                            "'quantize' in the same pipeline (same PassContext)")
+        batches = calibration_batches(ctx)
+        layers = [n for n in graph if n.op in _LAYERS and isinstance(n.inputs[1], Node)
+                  and n.inputs[1].op == "dequantize" and ref.has_node(n.name)]
+        if not layers:
+            return PassResult(False, {"corrected": 0})
+        names = [n.name for n in layers]
+        float_means = _channel_means(ref, batches, names)
+        total = 0.0
+        for n in layers:
+            q_mean = _channel_means(graph, batches, [n.name])[n.name]
+            delta = float_means[n.name] - q_mean
+            _add_to_bias(graph, n, delta)
+            total += float(delta.abs().mean())
+        return PassResult(True, {"corrected": len(layers), "mean_abs_shift": total / len(layers)})
+
+
+def _channel_means(graph: Graph, batches: list[tuple], names: list[str]) -> dict[str, torch.Tensor]:
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def sink(name: str, v: torch.Tensor) -> None:
+        ch_dim = 1 if v.dim() > 2 else v.dim() - 1
+        flat = v.detach().double().transpose(0, ch_dim).reshape(v.shape[ch_dim], -1)
+        sums[name] = sums.get(name, 0) + flat.sum(dim=1)
+        counts[name] = counts.get(name, 0) + flat.shape[1]
+
+    collect(graph, batches, names, sink)
+    return {k: (sums[k] / counts[k]).float() for k in names}
+
+
+def _add_to_bias(graph: Graph, n: Node, delta: torch.Tensor) -> None:
+    """bias += delta, keeping the bias's representation (int32 with scale s_x*s_w, or float)."""
+    b = n.inputs[2] if len(n.inputs) > 2 else None
+    if isinstance(b, Node) and b.op == "dequantize":
+        qref, sref = b.inputs[0], b.inputs[1]
+        q, s = graph.params[qref.name], graph.params[sref.name]
+        lo, hi = QRANGE[torch.int32]
+        graph.params[qref.name] = torch.round(q.double() + delta.double() / s.double()).clamp(lo, hi).to(torch.int32)
+    elif isinstance(b, Param):
+        graph.params[b.name] = graph.params[b.name] + delta
+    else:
+        p = graph.add_param(f"{n.name}.bias", delta.clone())
+        n.inputs = (*n.inputs[:2], p, *n.inputs[3:])

@@ -1,0 +1,127 @@
+"""Per-layer quantization sensitivity, and automatic float fallback under an accuracy budget.
+
+Sensitivity of a layer = what quantizing only that layer (its weights and the activation it reads)
+does to the model: output SQNR against the float model on calibration data, and the accuracy drop
+when an eval function is given. The fallback keeps the most sensitive layers float, one at a time,
+until the whole model's accuracy drop is within `max_accuracy_drop` (as Intel Neural Compressor's
+tuning does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ir import Graph, lower
+from ir.errors import PassError
+from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.quantize.calibrate import calibration_batches, progress
+from passes.quantize.qdq import make_plan
+
+if TYPE_CHECKING:
+    from passes.quantize.ptq import Quantize
+
+
+def _flat_outputs(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.detach().flatten().double()
+    if isinstance(out, dict):
+        out = list(out.values())
+    return torch.cat([_flat_outputs(o) for o in out if isinstance(o, (torch.Tensor, tuple, list, dict))])
+
+
+def sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
+    """10 log10(|ref|^2 / |ref - y|^2); inf when equal."""
+    noise = float((ref - y).pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float(ref.pow(2).sum()) / noise)
+
+
+def graph_outputs(graph: Graph, batches: list[tuple]) -> torch.Tensor:
+    gm = lower(graph)
+    gm.eval()
+    with torch.no_grad():
+        return torch.cat([_flat_outputs(gm(*b)) for b in batches])
+
+
+def layer_sensitivity(q: Quantize, graph: Graph, ctx: PassContext, *, ranges: dict | None = None,
+                      with_accuracy: bool = True) -> list[dict[str, Any]]:
+    """One row per quantizable layer: name, op, module, sqnr_db, accuracy_drop (None without eval_fn);
+    most sensitive (lowest SQNR) first."""
+    q = dataclasses.replace(q, max_accuracy_drop=None, qat_epochs=0)
+    plan = make_plan(graph, skip=q.skip, weight_only=q.scheme == "int8-dynamic")
+    batches = calibration_batches(ctx, required=q.scheme != "int8-dynamic")
+    if ranges is None and q.scheme != "int8-dynamic":
+        ranges = q.calibrate(graph, plan, ctx)
+    ref = graph_outputs(graph, batches)
+    base = ctx.eval_fn(lower(graph)) if (with_accuracy and ctx.eval_fn is not None) else None
+    rows = []
+    scratch = PassContext(ctx.example_inputs, calibration_data=ctx.calibration_data, quiet=True, seed=ctx.seed)
+    for n in progress(plan.weight_ops + plan.act_ops, desc="sensitivity", quiet=ctx.quiet):
+        g = graph.copy()
+        q.apply(g, scratch, only={n.name}, ranges=ranges)
+        row = {"name": n.name, "op": n.op, "module": n.module_path, "sqnr_db": sqnr_db(ref, graph_outputs(g, batches)),
+               "accuracy_drop": None}
+        if base is not None:
+            row["accuracy_drop"] = base - ctx.eval_fn(lower(g))  # type: ignore[misc]
+        rows.append(row)
+    rows.sort(key=lambda r: (-(r["accuracy_drop"] or 0.0), r["sqnr_db"]))
+    return rows
+
+
+@register_pass("quant-sensitivity")
+@dataclass
+class QuantSensitivity(Pass):
+    """Report each layer's SQNR and accuracy drop when only it is quantized (the graph is unchanged)."""
+
+    is_analysis = True
+    scheme: str = "int8-static"
+    per_channel: bool = True
+    calibration: str = "percentile"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        from passes.quantize.ptq import Quantize
+
+        q = Quantize.create({"scheme": self.scheme, "per_channel": self.per_channel,
+                             "calibration": self.calibration})
+        rows = layer_sensitivity(q, graph, ctx)
+        ctx.extras["quant-sensitivity"] = rows
+        return PassResult(False, {"layers": rows})
+
+
+def quantize_with_fallback(q: Quantize, graph: Graph, ctx: PassContext) -> PassResult:
+    """Quantize, then keep the most sensitive layers float until accuracy drop <= q.max_accuracy_drop."""
+    if ctx.eval_fn is None:
+        raise PassError("quantize: max_accuracy_drop needs an evaluation function; give the PassContext "
+                        "eval_fn (module -> accuracy in [0, 1]) or drop max_accuracy_drop")
+    budget = float(q.max_accuracy_drop)  # type: ignore[arg-type]
+    plain = dataclasses.replace(q, max_accuracy_drop=None)
+    base = ctx.eval_fn(lower(graph))
+    plan = make_plan(graph, skip=q.skip, weight_only=q.scheme == "int8-dynamic")
+    ranges = None if q.scheme == "int8-dynamic" else plain.calibrate(graph, plan, ctx)
+    order: list[str] | None = None
+    skipped: list[str] = []
+    tried = []
+    while True:
+        trial = graph.copy()
+        res = dataclasses.replace(plain, skip=[*q.skip, *skipped]).apply(trial, ctx, ranges=ranges)
+        acc = ctx.eval_fn(lower(trial))
+        tried.append({"float_layers": list(skipped), "accuracy": acc})
+        if base - acc <= budget:
+            break
+        if order is None:
+            order = [r["name"] for r in layer_sensitivity(plain, graph, ctx, ranges=ranges)]
+        remaining = [n for n in order if n not in skipped]
+        if not remaining:
+            break
+        skipped.append(remaining[0])
+    res = dataclasses.replace(plain, skip=[*q.skip, *skipped]).apply(graph, ctx, ranges=ranges)
+    res.stats.update({"float_accuracy": base, "accuracy": acc, "accuracy_drop": base - acc,
+                      "within_budget": base - acc <= budget, "fallback_layers": skipped, "trials": tried})
+    if base - acc > budget:
+        ctx.logger.warning("quantize: accuracy drop %.4f exceeds max_accuracy_drop %.4f even with every "
+                           "layer float", base - acc, budget)
+    return res

@@ -1,0 +1,71 @@
+"""End-to-end CLI tests (subprocess): success, and each class of user error exits 2 with a clear
+message and leaves no partial output."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "user_models.py"
+
+
+def slimfx(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "slimfx", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_compile_a_user_file_writes_validated_exports_and_report(tmp_path):
+    out = tmp_path / "out"
+    r = slimfx("compile", f"{FIXTURES}:small", "--recipe", "cleanup", "--out", str(out),
+               "--format", "onnx,torchscript", "--bench-seconds", "0.05", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt", "report.json", "report.md", "report.png"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "small" and report["recipe"] == "cleanup"
+    for side in ("baseline", "compressed"):
+        assert set(report[side]) >= {"params", "macs", "size_bytes", "latency_ms", "accuracy"}
+        assert set(report[side]["latency_ms"]) == {"b1", "b32"}
+        assert report[side]["accuracy"] is None  # a user model with no data has no accuracy
+    assert report["compressed"]["params"] == report["baseline"]["params"] - 2 * 8  # BN scale and shift folded away
+    assert report["validation"]["max_abs_diff"] < 1e-4 and report["validation"]["top1_agreement"] == 1.0
+    assert [p["name"] for p in report["passes"]] == ["remove-identity", "fold-constants", "cse",
+                                                      "fold-batchnorm", "dce"]
+    assert "fold-batchnorm" in r.stdout and "original" in r.stdout
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_model", "unknown model 'no_such_model'"),
+    ("{fixtures}:nope", "has no attribute 'nope'"),
+    ("{fixtures}:just_a_module", "cannot know its input shapes"),
+    ("{fixtures}:untraceable", "torch.fx cannot trace Branchy"),
+])
+def test_user_errors_exit_2_without_traceback_or_output(tmp_path, spec, message):
+    out = tmp_path / "out"
+    r = slimfx("compile", spec.format(fixtures=FIXTURES), "--recipe", "cleanup", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_bad_recipe_is_reported_before_any_work(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[passes]]\nname = "prune-channels"\nsparsity = "half"\n')
+    r = slimfx("compile", f"{FIXTURES}:small", "--recipe", str(bad), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "bad.toml" in r.stderr and "passes[0]" in r.stderr and "sparsity" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_onnx_op_names_the_node_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    r = slimfx("compile", f"{FIXTURES}:no_onnx", "--recipe", "cleanup", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "cumsum" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    r = slimfx("compile", f"{FIXTURES}:no_onnx", "--recipe", "cleanup", "--out", str(out), "--debug", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" in r.stderr
