@@ -621,6 +621,9 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     if method == "export":
+        if leaf_modules or concrete_args:
+            raise CaptureError("leaf_modules and concrete_args steer the torch.fx tracer; method='export' "
+                               "takes neither (pass fixed arguments in example_kwargs instead)")
         from ir.capture_export import capture_export
 
         return capture_export(model, inputs, kwargs)

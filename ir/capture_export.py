@@ -558,7 +558,6 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
                    dynamic: bool = True) -> torch.export.ExportedProgram:
     """torch.export.export(model, args, kwargs, strict=False), with dynamic batch/sequence dims when
     `dynamic` and the model allows them (falls back to static shapes, and says so in the log)."""
-    errors = []
     if dynamic:
         try:
             names = [p.name for p in inspect.signature(model.forward).parameters.values()
@@ -569,7 +568,6 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
                 raise ValueError("positional inputs beyond forward's named parameters")
             return torch.export.export(model, args, kwargs, dynamic_shapes=specs, strict=False)
         except Exception as e:  # noqa: BLE001 - retried with static shapes below
-            errors.append(e)
             _log.info("torch.export with dynamic batch/sequence dims failed for %s (%s: %s); "
                       "exporting with static shapes", type(model).__name__, type(e).__name__,
                       str(e).splitlines()[0] if str(e) else "")
