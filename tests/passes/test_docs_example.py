@@ -34,3 +34,8 @@ def test_the_example_runs_and_does_what_it_says(capsys):
     g = ir.capture(net, (x,))
     ns["FuseSilu"]().run(g, PassContext())
     torch.testing.assert_close(ir.lower(g)(x), net(x))
+
+
+def test_the_readme_shows_the_example_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    assert "```python\n" + EXAMPLE.read_text() + "```" in readme
