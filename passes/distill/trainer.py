@@ -146,8 +146,8 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
             lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 64,
             schedule: str = "onecycle", grad_clip: float | None = None,
             eval_fn: Callable[[nn.Module], float] | None = None, keep_best: bool = True,
-            example_inputs: tuple | None = None, seed: int = 0, quiet: bool = False,
-            logger: logging.Logger | None = None) -> DistillResult:
+            include_start: bool = False, example_inputs: tuple | None = None, seed: int = 0,
+            quiet: bool = False, desc: str = "distill", logger: logging.Logger | None = None) -> DistillResult:
     """Train `student` against `teacher` with a distillation loss; returns a DistillResult.
 
     loss: a name for make_loss (ce, kd, ctkd, logit-std, at, at+kd, at+ctkd, at+logit-std) or a DistillLoss.
@@ -220,7 +220,11 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
     best_epoch, best_metric = -1, None
     metric_name = "accuracy" if eval_fn is not None else "loss"
     show = not quiet and rank == 0 and sys.stderr.isatty()
-    bar = tqdm(total=total if len(data) else None, disable=not show, desc="distill", leave=False)
+    bar = tqdm(total=total if len(data) else None, disable=not show, desc=desc, leave=False)
+    if include_start and eval_fn is not None and keep_best:
+        best_metric, best_epoch = _evaluate(eval_fn, eval_module, rank, world), -1
+        best_state = {k: v.detach().clone() for k, v in runner.state_dict().items()}
+        history.append({"epoch": 0, "accuracy": best_metric})
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1000 + rank)
@@ -274,7 +278,7 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
                     row["accuracy"] = acc
                     metric = acc
                 history.append(row)
-                logger.info("distill epoch %d/%d: %s", epoch + 1, epochs,
+                logger.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
                             ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
                 if keep_best and (best_metric is None or metric > best_metric):
                     best_metric, best_epoch = metric, epoch
@@ -286,7 +290,7 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
             t_module.train(teacher_was_training)
     if keep_best and best_state is not None and best_epoch != epochs - 1:
         runner.load_state_dict(best_state)
-        logger.info("distill: restored the best epoch %d (%s=%.4g)", best_epoch + 1, metric_name,
+        logger.info("%s: restored the best epoch %d (%s=%.4g)", desc, best_epoch + 1, metric_name,
                     best_metric if eval_fn else -best_metric)  # type: ignore[operator]
     if best_metric is not None and eval_fn is None:
         best_metric = -best_metric
