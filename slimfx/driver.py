@@ -152,14 +152,17 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
     unknown = [f for f in formats if f not in FORMAT_FILES]
     if unknown:
         raise SlimfxError(f"unknown export format {unknown[0]!r}; choose from {', '.join(FORMAT_FILES)}")
-    ctx = PassContext(example_inputs=example, calibration_data=calibration_data, train_data=train_data,
-                      eval_fn=eval_fn, teacher=model, seed=seed, quiet=quiet)
     pipeline = rec.build_passes()  # raises RecipeError for unknown passes/options before any work
-    rec.check_context(pipeline, ctx)  # a step that needs data that was not given
     warnings: list[str] = []
-    if calibration_data is None and any(getattr(p, "needs_calibration", False) for p in pipeline):
+    if calibration_data is None and any(p.needs_calibration for p in pipeline):
+        calibration_data = [example]
         warnings.append("static quantization calibrated on the example inputs only; pass calibration_data "
                         "(a few hundred representative samples) for trustworthy activation ranges")
+    ctx = PassContext(example_inputs=example, calibration_data=calibration_data, train_data=train_data,
+                      eval_fn=eval_fn, teacher=model, seed=seed, quiet=quiet)
+    rec.check_context(pipeline, ctx)  # a step that needs data that was not given
+    for w in warnings:
+        log.warning("warning: %s", w)
 
     graph = ir.capture(model, example) if not example_kwargs else ir.capture(
         model, example, example_kwargs=example_kwargs)

@@ -11,7 +11,7 @@ Schemes:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 
@@ -61,7 +61,10 @@ class Quantize(Pass):
     qat_lr: float = 1e-3
     max_accuracy_drop: float | None = None
 
-    needs_calibration: ClassVar[bool] = True
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.scheme != "int8-dynamic"
 
     def check_context(self, ctx: PassContext) -> str | None:
         if self.scheme != "int8-dynamic" and ctx.calibration_data is None:
