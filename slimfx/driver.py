@@ -6,10 +6,12 @@ exporters never run passes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -107,13 +109,16 @@ def _batch_inputs(example: tuple[torch.Tensor, ...], batch: int, seed: int = 0) 
     return tuple(out)
 
 
-def _latency(path: Path, example: tuple, budget_s: float) -> dict[str, float]:
-    """onnxruntime median latency on one thread at batch 1 and 32."""
+def _latency(path: Path, example: tuple, budget_s: float, progress: Any) -> dict[str, float]:
+    """onnxruntime median latency on one thread at batch 1 and 32 (`progress`: a tqdm bar to step)."""
     from exporters.bench import measure_latency
 
-    return {key: round(float(measure_latency(path, _batch_inputs(example, batch), threads=1,
-                                             budget_s=budget_s).median_ms), 4)
-            for key, batch in (("b1", 1), ("b32", 32))}
+    result = {}
+    for key, batch in (("b1", 1), ("b32", 32)):
+        result[key] = round(float(measure_latency(path, _batch_inputs(example, batch), threads=1,
+                                                  budget_s=budget_s).median_ms), 4)
+        progress.update(1)
+    return result
 
 
 # --- the main entry point --------------------------------------------------------------------------------
@@ -182,7 +187,10 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
             return _accuracy(_run_batched(fn, val_inputs), val_labels)
         return None
 
-    with tempfile.TemporaryDirectory(prefix="slimfx-") as tmp:
+    from tqdm.auto import tqdm
+
+    progress = tqdm(desc="benchmarking", unit="run", leave=False, disable=quiet or not sys.stderr.isatty())
+    with tempfile.TemporaryDirectory(prefix="slimfx-") as tmp, contextlib.closing(progress):
         tmp_path = Path(tmp)
         from exporters import export_onnx
 
@@ -190,7 +198,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         baseline = {
             "params": ir.count_params(graph), "macs": ir.count_macs(graph),
             "size_bytes": base_onnx.path.stat().st_size,
-            "latency_ms": _latency(base_onnx.path, example, bench_seconds),
+            "latency_ms": _latency(base_onnx.path, example, bench_seconds, progress),
             "accuracy": accuracy_of(model, model),
         }
         stages = [{"stage": "original", **_stage_numbers(baseline)}]
@@ -204,7 +212,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
             records.extend(pm.run(graph, ctx))
             if records[-1].changed and not p.is_analysis:
                 stages.append(_measure_stage(f"{i + 1}. {p.name}", graph, example, tmp_path, i, accuracy_of,
-                                             bench_seconds))
+                                             bench_seconds, progress))
 
         module = ir.lower(graph).eval()
         staging = tmp_path / "out"
@@ -230,7 +238,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         compressed = {
             "params": ir.count_params(graph), "macs": ir.count_macs(graph),
             "size_bytes": deployed_path.stat().st_size,
-            "latency_ms": _latency(deployed_path, example, bench_seconds),
+            "latency_ms": _latency(deployed_path, example, bench_seconds, progress),
             "accuracy": (float(eval_fn(module)) if eval_fn is not None else
                          (_accuracy(candidate, val_labels) if val_labels is not None else None)),
         }
@@ -271,7 +279,7 @@ def _export_quiet(graph: ir.Graph, path: Path, example: tuple) -> Path:
 
 
 def _measure_stage(label: str, graph: ir.Graph, example: tuple, tmp: Path, index: int,
-                   accuracy_of: Callable, bench_seconds: float) -> dict[str, Any]:
+                   accuracy_of: Callable, bench_seconds: float, progress: Any) -> dict[str, Any]:
     """Size, latency and accuracy after one pass (latency/size left out when the stage cannot export)."""
     module = ir.lower(graph).eval()
     row: dict[str, Any] = {"stage": label, "params": ir.count_params(graph), "macs": ir.count_macs(graph),
@@ -279,7 +287,7 @@ def _measure_stage(label: str, graph: ir.Graph, example: tuple, tmp: Path, index
     try:
         path = _export_quiet(graph, tmp / f"stage{index}.onnx", example)
         row["size_bytes"] = path.stat().st_size
-        row["latency_b32_ms"] = _latency(path, example, bench_seconds)["b32"]
+        row["latency_b32_ms"] = _latency(path, example, bench_seconds, progress)["b32"]
     except SlimfxError as e:
         log.info("stage %s not exportable on its own: %s", label, e)
     return row
