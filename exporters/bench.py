@@ -60,7 +60,8 @@ def ort_feed(session: Any, inputs: tuple) -> dict[str, np.ndarray]:
             for n, x in zip(names, inputs)}
 
 
-def _time_calls(call: Callable[[], Any], warmup: int | None, runs: int | None, budget_s: float) -> list[float]:
+def _time_calls(call: Callable[[], Any], warmup: int | None, runs: int | None, budget_s: float,
+                clock: Callable[[], float] = time.perf_counter) -> list[float]:
     t0 = time.perf_counter()
     call()
     first = time.perf_counter() - t0
@@ -73,9 +74,9 @@ def _time_calls(call: Callable[[], Any], warmup: int | None, runs: int | None, b
         runs = int(min(max(budget_s / one, 7), 2000))
     times = []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0 = clock()
         call()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((clock() - t0) * 1e3)
     return times
 
 
@@ -86,20 +87,29 @@ def _stats(times: list[float], threads: int) -> LatencyStats:
 
 
 def measure_latency(model: str | os.PathLike | bytes | torch.nn.Module | Any, inputs: Any, *, threads: int = 1,
-                    warmup: int | None = None, runs: int | None = None, budget_s: float = 0.8) -> LatencyStats:
+                    warmup: int | None = None, runs: int | None = None, budget_s: float = 0.8,
+                    clock: str = "wall") -> LatencyStats:
     """Median and spread of one inference call, in ms.
 
     `model` is an ONNX file/bytes/ModelProto (run with onnxruntime, see `ort_session`) or a torch
     module (run under inference_mode with torch.set_num_threads(threads), restored afterwards).
     Without `runs`, the number of runs is chosen so the timed part takes about `budget_s`.
+    `clock="cpu"` times the calling thread's CPU time instead of wall time: with one thread both
+    runtimes compute on the calling thread, so this is the latency minus time spent descheduled,
+    which makes comparisons stable on a busy machine.
     """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', not {clock!r}")
+    if clock == "cpu" and threads != 1:
+        raise ValueError("clock='cpu' measures the calling thread only; use it with threads=1")
+    timer = time.thread_time if clock == "cpu" else time.perf_counter
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     if isinstance(model, torch.nn.Module):
         prev = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                times = _time_calls(lambda: model(*inputs), warmup, runs, budget_s)
+                times = _time_calls(lambda: model(*inputs), warmup, runs, budget_s, timer)
         finally:
             torch.set_num_threads(prev)
         return _stats(times, threads)
@@ -107,5 +117,25 @@ def measure_latency(model: str | os.PathLike | bytes | torch.nn.Module | Any, in
         raise FileNotFoundError(f"no ONNX file at {model}")
     sess = ort_session(model, threads=threads)
     feed = ort_feed(sess, inputs)
-    times = _time_calls(lambda: sess.run(None, feed), warmup, runs, budget_s)
+    times = _time_calls(lambda: sess.run(None, feed), warmup, runs, budget_s, timer)
     return _stats(times, threads)
+
+
+def onnx_example_inputs(model: str | os.PathLike | Any, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Inputs for an ONNX file from its declared input types: symbolic dims get `batch`, floats are
+    standard normal, integers are zeros (valid indices for any embedding)."""
+    import onnx
+    from onnx import helper
+
+    proto = model if hasattr(model, "graph") else onnx.load(str(model), load_external_data=False)
+    init = {i.name for i in proto.graph.initializer}
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for vi in proto.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        dt = torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(tt.elem_type))).dtype
+        out.append(torch.randn(shape, generator=gen).to(dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt))
+    return tuple(out)

@@ -46,6 +46,10 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
         sm = sm.eval()
         frozen = torch.jit.freeze(sm)
         info["optimized"] = False
+        if optimize and any(n.op in ("conv1d", "conv2d") for n in graph):
+            # On CPU it prepacks convolutions for MKL-DNN, which this torch cannot reload from a file.
+            optimize = False
+            info["optimize_error"] = "skipped: MKL-DNN prepacked convolutions are not serializable"
         if optimize:
             try:
                 # optimize_for_inference rewrites its argument in place: give it its own frozen copy.

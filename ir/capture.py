@@ -577,6 +577,8 @@ def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict
             values[n] = out = super().run_node(n)
             return out
 
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()  # shapes are the same in either mode, and eval never updates the model's statistics
     try:
         with torch.no_grad():
             _Recorder(gm).run(*inputs)
@@ -592,6 +594,9 @@ def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict
             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
             f"Inputs given: ({given}). Pass example inputs of the shape and dtype the model's forward expects."
         ) from None
+    finally:
+        for m, mode in modes.items():  # restore each module's own mode (users may mix them)
+            m.training = mode
     return values
 
 
@@ -616,6 +621,9 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     if method == "export":
+        if leaf_modules or concrete_args:
+            raise CaptureError("leaf_modules and concrete_args steer the torch.fx tracer; method='export' "
+                               "takes neither (pass fixed arguments in example_kwargs instead)")
         from ir.capture_export import capture_export
 
         return capture_export(model, inputs, kwargs)
@@ -743,7 +751,8 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
                 # A defaulted forward argument that was not given: bake in its default value.
                 env[n] = n.args[0] if n.args else None
                 continue
-            env[n] = graph.create_node("input", (), {}, name=n.name, meta=meta)
+            # The placeholder's target is forward's own argument name (fx renames `input` to `input_1`).
+            env[n] = graph.create_node("input", (), {}, name=str(n.target).lstrip("*"), meta=meta)
             continue
         if n.op == "output":
             graph.set_outputs(fx.node.map_aggregate(n.args[0], lookup))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import operator
+import os
 import re
 import time
 from collections.abc import Callable
@@ -36,7 +37,6 @@ from ir.capture import (
     _f_interpolate,
     _f_max_pool1d,
     _f_max_pool2d,
-    _source_of,
 )
 from ir.errors import CaptureError
 from ir.graph import Graph, Node, Param, meta_of
@@ -204,6 +204,16 @@ def _bn(cx, x, weight, bias, running_mean, running_var, training, momentum, eps)
             eps=mod.eps, momentum=mod.momentum, training=None if tracked else True)
     return "batch_norm", (x, running_mean, running_var, weight, bias, None), dict(
         eps=eps, momentum=momentum, training=bool(training))
+
+
+@_converts(aten.add_)
+def _add_inplace(cx, input, other, *, alpha=1):
+    # A training-mode batch norm module counts its batches with `num_batches_tracked.add_(1)`; the
+    # canonical batch_norm does that itself (see ir.ops), so the separate update is dropped.
+    if isinstance(input, Param) and input.name.endswith(".num_batches_tracked") and \
+            isinstance(cx.modules.get(input.name.rsplit(".", 1)[0]), nn.modules.batchnorm._BatchNorm):
+        return _DROP
+    return None
 
 
 @_converts(aten.batch_norm)
@@ -453,6 +463,8 @@ def _slice(cx, input, dim=0, start=None, end=None, step=1):
         return None
     start = None if start == 0 else start
     end = None if isinstance(end, int) and end >= _INT_MAX else end
+    if start is None and end is None and step == 1:
+        return _Alias(input)  # x[:, :] is x
     return "slice", (input,), dict(index=_index_for(dim, cx.rank(input), slice(start, end, None if step == 1
                                                                                      else step)))
 
@@ -546,7 +558,6 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
                    dynamic: bool = True) -> torch.export.ExportedProgram:
     """torch.export.export(model, args, kwargs, strict=False), with dynamic batch/sequence dims when
     `dynamic` and the model allows them (falls back to static shapes, and says so in the log)."""
-    errors = []
     if dynamic:
         try:
             names = [p.name for p in inspect.signature(model.forward).parameters.values()
@@ -557,7 +568,6 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
                 raise ValueError("positional inputs beyond forward's named parameters")
             return torch.export.export(model, args, kwargs, dynamic_shapes=specs, strict=False)
         except Exception as e:  # noqa: BLE001 - retried with static shapes below
-            errors.append(e)
             _log.info("torch.export with dynamic batch/sequence dims failed for %s (%s: %s); "
                       "exporting with static shapes", type(model).__name__, type(e).__name__,
                       str(e).splitlines()[0] if str(e) else "")
@@ -602,6 +612,17 @@ def _run_program(ep: torch.export.ExportedProgram, user_inputs: list[Any]) -> di
     return values
 
 
+def _source(n: fx.Node) -> str | None:
+    """`file.py:LINE` of the innermost frame of the export node's stack trace outside torch."""
+    stack = n.meta.get("stack_trace")
+    if not stack:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    files = [ln.strip() for ln in stack.splitlines() if ln.strip().startswith("File ") and torch_dir not in ln]
+    m = re.match(r'File "([^"]+)", line (\d+)', files[-1]) if files else None
+    return f"{os.path.basename(m.group(1))}:{m.group(2)}" if m else None
+
+
 def _module_path(n: fx.Node) -> str | None:
     stack = n.meta.get("nn_module_stack")
     if not stack:
@@ -638,22 +659,36 @@ def capture_export(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | 
     """Capture `model` with torch.export (non-strict) into the canonical IR; see the module docstring."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
-    kwargs = dict(kwargs or {})
+    names = list(inspect.signature(model.forward).parameters)
+    kwargs = dict(sorted((kwargs or {}).items(), key=lambda kv: names.index(kv[0]) if kv[0] in names else len(names)))
     t0 = time.perf_counter()
-    ep = export_program(model, tuple(args), kwargs, dynamic=dynamic)
+    ep = export_program(model, tuple(args), kwargs, dynamic=dynamic)  # inputs in forward's order, as fx has them
     t1 = time.perf_counter()
-    in_spec = ep.call_spec.in_spec
-    if in_spec is not None and in_spec.num_children == 2:
-        kw_spec = in_spec.child(1)
-        order = list(kw_spec.context) if kw_spec.context else []
-        kwargs = {k: kwargs[k] for k in order if k in kwargs}
-    user_inputs = pytree.tree_leaves((tuple(args), kwargs))
-    values = _run_program(ep, user_inputs)
-    graph = _convert_program(ep, model, values, user_inputs)
+    graph = from_exported_program(ep, model, args, kwargs)
     _log.info("captured %s with torch.export in %.2fs (export %.2fs, %d nodes%s)", type(model).__name__,
               time.perf_counter() - t0, t1 - t0, len(graph),
               ", dynamic " + ", ".join(map(str, ep.range_constraints)) if ep.range_constraints else "")
     return graph
+
+
+def from_exported_program(ep: torch.export.ExportedProgram, model: nn.Module, args: tuple = (),
+                          kwargs: dict[str, Any] | None = None) -> Graph:
+    """The canonical IR of an ExportedProgram of `model` (also a decomposed one, e.g. after
+    `ep.run_decompositions()`), with shapes from running it on the example `args`/`kwargs`."""
+    kwargs = dict(kwargs or {})
+    in_spec = ep.call_spec.in_spec
+    if in_spec is not None and in_spec.num_children == 2:
+        order = list(in_spec.child(1).context or [])
+        kwargs = {k: kwargs[k] for k in order if k in kwargs}
+    user_inputs = pytree.tree_leaves((tuple(args), kwargs))
+    try:
+        values = _run_program(ep, user_inputs)
+    except Exception as e:  # noqa: BLE001 - the inputs do not fit the program
+        given = ", ".join(f"{tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t) for t in user_inputs)
+        raise CaptureError(f"the exported program of {type(model).__name__} does not run on the example inputs "
+                           f"({given}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Pass "
+                           "the inputs it was exported with.") from e
+    return _convert_program(ep, model, values, user_inputs)
 
 
 def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values: dict[fx.Node, Any],
@@ -722,7 +757,7 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
         if n.op != "call_function":
             raise CaptureError(f"torch.export produced a {n.op} node {n.name!r} ({n.target}); slimfx maps only "
                                "call_function graphs (higher-order ops such as torch.cond are not supported)")
-        cx.node, cx.module_path, cx.source = n, _module_path(n), _source_of(n)
+        cx.node, cx.module_path, cx.source = n, _module_path(n), _source(n)
         args = fx.node.map_aggregate(n.args, lookup)
         kwargs = fx.node.map_aggregate(n.kwargs, lookup)
         if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0] in tuple_heads:
@@ -756,7 +791,9 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
             op, ins, attrs = "opaque", args, {"kind": "call_function", "target": n.target, "kwargs": kwargs}
         else:
             op, ins, attrs = converted
-        env[n] = graph.create_node(op, ins, attrs, name=n.name, meta=meta_of(value), source=cx.source,
+        # `%addmm = linear(...)` would mislead; a node converted from another spelling is named after its op
+        name = n.name if op == "opaque" or n.name.startswith(op) else op
+        env[n] = graph.create_node(op, ins, attrs, name=name, meta=meta_of(value), source=cx.source,
                                    module_path=cx.module_path)
     for dead in cx.maybe_dead:
         if not dead.users:
@@ -792,4 +829,4 @@ def aten_converters() -> dict[Any, Callable]:
     return dict(_CONVERTERS)
 
 
-__all__ = ["aten_converters", "capture_export", "export_program"]
+__all__ = ["aten_converters", "capture_export", "export_program", "from_exported_program"]

@@ -141,25 +141,29 @@ def infer_meta(node: Node) -> Any:
     that create nodes: `node.meta = infer_meta(node)`."""
     if node.graph is None or node.op in STRUCTURAL_OPS:
         return None
-    res = _computed_meta(node, node.graph)
+    res = _cached_meta(node, node.graph)
     return res[1] if res[0] == "ok" else None
+
+
+def _cached_meta(n: Node, graph: Graph) -> tuple:
+    try:
+        key: Any = (n.op, get_op(n.op).impl, _sig(n.inputs, graph), _sig(n.attrs, graph))
+    except _Unhashable:
+        return _computed_meta(n, graph)
+    res = _SHAPE_CACHE.get(key)
+    if res is None:
+        res = _computed_meta(n, graph)
+        if len(_SHAPE_CACHE) >= _SHAPE_CACHE_MAX:
+            _SHAPE_CACHE.clear()
+        _SHAPE_CACHE[key] = res
+    return res
 
 
 def _check_shapes(graph: Graph) -> None:
     for n in graph:
         if n.op in STRUCTURAL_OPS or n.op in ("size", "shape", "getitem") or n.meta is None:
             continue
-        try:
-            key: Any = (n.op, get_op(n.op).impl, _sig(n.inputs, graph), _sig(n.attrs, graph))
-        except _Unhashable:
-            key = None
-        res = _SHAPE_CACHE.get(key) if key is not None else None
-        if res is None:
-            res = _computed_meta(n, graph)
-            if key is not None:
-                if len(_SHAPE_CACHE) >= _SHAPE_CACHE_MAX:
-                    _SHAPE_CACHE.clear()
-                _SHAPE_CACHE[key] = res
+        res = _cached_meta(n, graph)
         if res[0] == "err":
             raise VerifyError(f"%{n.name} ({n.op}, {n.where()}) fails on its input shapes: {res[1]}")
         if res[0] == "ok":

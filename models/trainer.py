@@ -55,12 +55,15 @@ def train(
     progress: bool = True,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
+    num_threads: int | None = None,
 ) -> nn.Module:
     """Train `module` in place with cross-entropy and a per-step cosine LR schedule; returns it in eval mode.
 
     Deterministic for a given seed: the global RNG is forked (dropout draws from it) and batches come from a
     seeded generator. `optimizer` is "adam" (AdamW when weight_decay > 0) or "sgd" (momentum 0.9, nesterov).
-    The progress bar shows only when `progress` is true and stderr is a TTY.
+    The progress bar shows only when `progress` is true and stderr is a TTY. `num_threads` sets torch's
+    intra-op threads for the run (restored after); 1 suits tiny models and is far more robust than 2 when
+    the cores are shared (OpenMP spin-waiting made a 2-thread run 10x slower on a loaded 2-core box).
     """
     ds = _as_dataset(dataset)
     x, y = ds.train_x, ds.train_y
@@ -81,6 +84,9 @@ def train(
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     show = progress and sys.stderr.isatty()
+    old_threads = torch.get_num_threads()
+    if num_threads:
+        torch.set_num_threads(num_threads)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module.train()
@@ -100,6 +106,7 @@ def train(
         finally:
             bar.close()
             module.eval()
+            torch.set_num_threads(old_threads)
     return module
 
 

@@ -103,7 +103,7 @@ register(ZooModel(
     input_dtype=torch.float32,
     num_classes=10,
     dataset="digits-flat",
-    train_config=dict(epochs=40, lr=3e-3, batch_size=64),
+    train_config=dict(epochs=40, lr=3e-3, batch_size=64, num_threads=1),
 ))
 register(ZooModel(
     name="digits_cnn",
@@ -113,7 +113,7 @@ register(ZooModel(
     input_dtype=torch.float32,
     num_classes=10,
     dataset="digits",
-    train_config=dict(epochs=30, lr=3e-3, batch_size=64),
+    train_config=dict(epochs=30, lr=3e-3, batch_size=64, num_threads=1),
 ))
 register(ZooModel(
     name="resnet20",
@@ -133,7 +133,7 @@ register(ZooModel(
     input_dtype=torch.float32,
     num_classes=10,
     dataset="mnist5k-32",
-    train_config=dict(epochs=6, lr=3e-3, batch_size=64),
+    train_config=dict(epochs=8, lr=3e-3, batch_size=64),
 ))
 register(ZooModel(
     name="tiny_bert",
@@ -144,6 +144,6 @@ register(ZooModel(
     input_dtype=torch.int64,
     num_classes=data.TEXT_CLASSES,
     dataset="synthetic-text",
-    train_config=dict(epochs=4, lr=1e-3, batch_size=32, weight_decay=0.01),
+    train_config=dict(epochs=2, lr=1e-3, batch_size=32, weight_decay=0.01),
     input_high=data.TEXT_VOCAB,
 ))

@@ -21,6 +21,7 @@ __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_pas
            "Pattern", "Match", "PatternPass", "rewrite"]
 
 # Pass packages register their passes on import.
+import passes.distill  # noqa: E402,F401
 import passes.finetune  # noqa: E402,F401
 import passes.prune  # noqa: E402,F401
 import passes.quantize  # noqa: E402,F401

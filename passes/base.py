@@ -135,6 +135,12 @@ class Pass:
 
 
 def _type_name(tp: Any) -> str:
+    """`float`, `list[str]`, `float | None`, `'l1' | 'l2'` (a Literal lists its values)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "").replace("NoneType", "None")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

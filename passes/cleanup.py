@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from ir import Graph, Node, Param
+from ir import Graph, Node, Param, iter_refs
 from ir.ops import COMMUTATIVE_OPS
 from passes.base import Pass, PassContext, PassResult, register_pass
 from passes.graph_utils import (
     erase_dead,
     eval_node,
+    graph_mutates,
     has_side_effects,
     is_deterministic,
     is_scalar,
@@ -77,8 +78,12 @@ class RemoveIdentity(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         removed: dict[str, int] = {}
+        writer = graph_mutates(graph)
+        if writer is not None:
+            ctx.logger.debug("remove-identity: only `identity` nodes are removed: %%%s (%s) writes in place, "
+                             "so `x * 1` may be a copy that matters", writer.name, writer.op)
         for node in graph.nodes:
-            src = _is_noop(node, graph)
+            src = _is_noop(node, graph) if writer is None or node.op == "identity" else None
             if src is None or src is node:
                 continue
             graph.replace_all_uses(node, src)
@@ -99,6 +104,8 @@ class FoldConstants(Pass):
         "elements, so folding (e.g. an `expand` of a bias) never bloats the model")})
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if (writer := _refuse_mutating(graph, ctx, self.name)) is not None:
+            return writer
         const: dict[Node, tuple[int, bool]] = {}  # node -> (largest param numel in its cone, reads trainable)
         for n in graph:
             if not is_deterministic(n) or (n.op == "opaque" and n.attrs.get("kind") == "call_module"):
@@ -159,15 +166,22 @@ class FoldConstants(Pass):
                                                      "not_folded": skipped})
 
 
-def _refs(n: Node):
-    from ir import iter_refs
+def _refuse_mutating(graph: Graph, ctx: PassContext, name: str) -> PassResult | None:
+    """Value-based rewrites are unsound when tensors are written in place after they are computed
+    (two equal-looking reads may see different values): such graphs are left alone, and said so."""
+    writer = graph_mutates(graph)
+    if writer is None:
+        return None
+    ctx.logger.info("%s: skipped, %%%s (%s, %s) writes a tensor in place", name, writer.name, writer.op,
+                    writer.where())
+    return PassResult(changed=False, stats={"skipped_in_place_writes": 1})
 
+
+def _refs(n: Node):
     yield from iter_refs((n.inputs, n.attrs))
 
 
 def _reads_in_attrs(user: Node, n: Node) -> bool:
-    from ir import iter_refs
-
     return any(r is n for r in iter_refs(user.attrs))
 
 
@@ -211,6 +225,8 @@ class CommonSubexpressionElimination(Pass):
     preserves_outputs = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if (writer := _refuse_mutating(graph, ctx, self.name)) is not None:
+            return writer
         seen: dict[Any, Node] = {}
         merged = 0
         for n in graph.nodes:

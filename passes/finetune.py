@@ -1,149 +1,61 @@
 """`finetune`: recover accuracy after pruning by training the graph's params for a few epochs.
 
-The training loop is `train_graph(graph, data, loss_fn, epochs, lr, ...)`, reusable by other
-recovery passes (distillation passes a KD loss). It trains the lowered module, whose float params
-share storage with `graph.params` (ir.lower), so the graph is updated in place; params are also
-written back explicitly at the end (and the best epoch's, when an eval function picks one).
+There is one training loop in passes: `passes.distill.trainer.distill`. Fine-tuning is that loop with
+a plain cross-entropy loss and no teacher; `train_graph` is the graph-shaped entry point to it, used
+here and by quantization-aware training. The graph's params are updated in place.
 """
 
 from __future__ import annotations
 
-import math
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-from ir import Graph, lower
+from ir import Graph
 from ir.errors import PassError
 from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.distill.trainer import TrainData, distill
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
 
 def iter_batches(data: Any, batch_size: int = 64, *, shuffle: bool = True, seed: int = 0) -> Iterator[Batch]:
-    """Normalize training data to `(inputs_tuple, target)` batches.
-
-    Accepts an (x, y) tensor pair (split into shuffled batches of `batch_size`) or an iterable
-    of `(inputs, target)` batches where inputs is a tensor or a tuple of tensors.
-    """
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
-            and data[0].shape[:1] == data[1].shape[:1] and data[0].dim() >= 1 and data[1].dim() >= 1:
-        x, y = data
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)) if shuffle \
-            else torch.arange(len(x))
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
-            yield (x[idx],), y[idx]
+    """Training data as `(inputs_tuple, target)` batches: an (x, y) tensor pair is split into batches
+    of `batch_size` (shuffled, seeded), an iterable of `(inputs, target)` batches is normalized."""
+    td = TrainData(data, batch_size, seed)
+    if not shuffle and td.x is not None:
+        x, y = td.x, td.y
+        for i in range(0, len(x[0]), batch_size):
+            yield tuple(t[i:i + batch_size] for t in x), y[i:i + batch_size]  # type: ignore[index]
         return
-    for item in data:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+    for inputs, target in td.epoch(0):
+        if target is None:
             raise PassError("train data must be an (x, y) tensor pair or an iterable of (inputs, target) batches; "
-                            f"got a batch of type {type(item).__name__}")
-        inputs, target = item
-        yield (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), target
+                            "got batches without targets")
+        yield inputs, target
 
 
-def _num_batches(data: Any, batch_size: int) -> int | None:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return math.ceil(len(data[0]) / batch_size)
-    try:
-        return len(data)
-    except TypeError:
-        return None
+def train_graph(graph: Graph, data: Any, *, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
+                optimizer: str = "adam", weight_decay: float = 0.0,
+                eval_fn: Callable[[torch.nn.Module], float] | None = None, seed: int = 0, quiet: bool = False,
+                desc: str = "finetune") -> dict[str, Any]:
+    """Train `graph.params` in place on `data` with cross-entropy (cosine learning-rate decay).
 
-
-def cross_entropy(output: Any, target: torch.Tensor, inputs: tuple | None = None) -> torch.Tensor:
-    """Default loss: cross-entropy of the (first) output against integer class targets."""
-    out = output[0] if isinstance(output, (tuple, list)) else output
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
-
-
-def _optimizer(name: str, params: list[torch.Tensor], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise PassError(f"unknown optimizer {name!r}; use sgd, adam or adamw")
-
-
-def train_graph(graph: Graph, data: Any, loss_fn: Callable[..., torch.Tensor] = cross_entropy, *,
-                epochs: int = 3, lr: float = 1e-3, batch_size: int = 64, optimizer: str = "adam",
-                weight_decay: float = 0.0, eval_fn: Callable[[torch.nn.Module], float] | None = None,
-                seed: int = 0, quiet: bool = False, desc: str = "finetune") -> dict[str, Any]:
-    """Train `graph.params` in place on `data` (see `iter_batches`) with `loss_fn(output, target, inputs)`.
-
-    Cosine learning-rate decay over all steps. With `eval_fn(module) -> accuracy`, the best epoch
-    (including the starting point, epoch 0) is kept. Returns losses per epoch and eval scores.
+    With `eval_fn(module) -> accuracy` the best epoch, the starting point (epoch 0) included, is kept;
+    without it, the last. Returns per-epoch losses and eval scores, best_epoch and best_eval.
     """
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    gm = lower(graph)
-    named = dict(gm.named_parameters())
-    params = [p for p in named.values() if p.requires_grad]
-    if not params:
-        raise PassError("finetune: the graph has no trainable float params")
-    opt = _optimizer(optimizer, params, lr, weight_decay)
-    per_epoch = _num_batches(data, batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * per_epoch)) if per_epoch else None
-    history: dict[str, Any] = {"loss": [], "eval": []}
-    best_score, best_state, best_epoch = None, None, epochs
-    if eval_fn is not None:
-        gm.eval()
-        best_score = float(eval_fn(gm))
-        best_state = {k: v.detach().clone() for k, v in _state(gm).items()}
-        best_epoch = 0
-        history["eval"].append(best_score)
-    show = not quiet and sys.stderr.isatty()
-    bar = tqdm(total=(per_epoch or 0) * epochs or None, desc=desc, disable=not show, leave=False)
-    for epoch in range(1, epochs + 1):
-        gm.train()
-        total, count = 0.0, 0
-        for inputs, target in iter_batches(data, batch_size, shuffle=True, seed=seed + epoch):
-            opt.zero_grad()
-            loss = loss_fn(gm(*inputs), target, inputs)
-            if not torch.isfinite(loss):
-                raise PassError(f"finetune: loss became {loss.item()} at epoch {epoch}; lower the learning rate "
-                                f"(lr={lr})")
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            total += float(loss) * len(target)
-            count += len(target)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch, loss=f"{float(loss):.4f}")
-        history["loss"].append(total / max(1, count))
-        gm.eval()
-        if eval_fn is not None:
-            score = float(eval_fn(gm))
-            history["eval"].append(score)
-            if score > best_score:
-                best_score, best_epoch = score, epoch
-                best_state = {k: v.detach().clone() for k, v in _state(gm).items()}
-    bar.close()
-    gm.eval()
-    final = best_state if best_state is not None else {k: v.detach() for k, v in _state(gm).items()}
-    with torch.no_grad():  # write back explicitly (storage is shared, but a rebinding optimizer would break it)
-        for k, v in final.items():
-            if k in graph.params:
-                if graph.params[k].shape == v.shape:
-                    graph.params[k].copy_(v)
-                else:
-                    graph.params[k] = v.clone()
-    history["best_epoch"] = best_epoch
-    history["best_eval"] = best_score
-    return history
-
-
-def _state(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return dict(gm.state_dict())
+    if not any(t.is_floating_point() and k not in graph.buffers for k, t in graph.params.items()):
+        raise PassError(f"{desc}: the graph has no trainable float params")
+    res = distill(None, graph, data, loss="ce", epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                  weight_decay=weight_decay, schedule="cosine", eval_fn=eval_fn, keep_best=eval_fn is not None,
+                  include_start=True, seed=seed, quiet=quiet, desc=desc)
+    trained = [r for r in res.history if r["epoch"] > 0]
+    return {"loss": [r["loss"] for r in trained],
+            "eval": [r["accuracy"] for r in res.history if "accuracy" in r],
+            "best_epoch": res.best_epoch if eval_fn is not None else epochs,
+            "best_eval": res.best_metric if eval_fn is not None else None}
 
 
 @register_pass("finetune")
@@ -186,7 +98,7 @@ class Finetune(Pass):
             return PassResult(changed=False, stats={"skipped": True, "reason": "no train data"})
         if self.epochs == 0:
             return PassResult(changed=False, stats={"skipped": True, "reason": "epochs=0"})
-        hist = train_graph(graph, ctx.train_data, cross_entropy, epochs=self.epochs, lr=self.lr,
+        hist = train_graph(graph, ctx.train_data, epochs=self.epochs, lr=self.lr,
                            batch_size=self.batch_size, optimizer=self.optimizer, weight_decay=self.weight_decay,
                            eval_fn=ctx.eval_fn, seed=ctx.seed, quiet=ctx.quiet)
         stats = {"skipped": False, "epochs": self.epochs, "loss": [round(x, 5) for x in hist["loss"]]}
@@ -195,5 +107,5 @@ class Finetune(Pass):
         return PassResult(changed=hist["best_epoch"] != 0, stats=stats)
 
 
-__all__ = ["Finetune", "train_graph", "iter_batches", "cross_entropy"]
+__all__ = ["Finetune", "train_graph", "iter_batches"]
 

@@ -73,6 +73,7 @@ class FoldBatchNorm(Pass):
             return PassResult(changed=False, stats={"folded": 0, "not_folded": 0})
         readers = {k: len(v) for k, v in graph.param_users().items()}
         folded, not_folded = 0, 0
+        dropped: set[str] = set()
         for bn in bns:
             reason = _why_not(bn, graph)
             if reason is not None:
@@ -85,29 +86,35 @@ class FoldBatchNorm(Pass):
             mean, var, gamma, beta = (p[r.name] if isinstance(r, Param) else None for r in bn.inputs[1:5])
             new_w, new_b = fold_batchnorm_weights(p[w.name], p[b.name] if b is not None else None, mean, var,
                                                   gamma, beta, float(bn.attrs.get("eps", 1e-5)))
-            w_ref = _store(graph, w.name, new_w, readers)
             bias_name = b.name if b is not None else (w.name[:-len("weight")] + "bias" if w.name.endswith("weight")
                                                       else f"{w.name}.bias")
-            b_ref = _store(graph, bias_name, new_b, readers if b is not None else None)
+            w_ref = _store(graph, w, w.name, new_w, readers)
+            b_ref = _store(graph, b, bias_name, new_b, readers)
             x.inputs = (x.inputs[0], w_ref, b_ref, *x.inputs[3:])
             x.meta = bn.meta
             graph.replace_all_uses(bn, x)
             graph.erase(bn)
+            for r in bn.params():
+                readers[r.name] -= 1
+                if not readers[r.name]:
+                    dropped.add(r.name)
             folded += 1
-        if folded:
-            graph.remove_unused_params()
+        for name in dropped:  # the statistics no node reads any more (cheaper than a full scan)
+            del graph.params[name]
+            graph.buffers.discard(name)
         return PassResult(changed=folded > 0, stats={"folded": folded, "not_folded": not_folded})
 
 
-def _store(graph: Graph, name: str, value: torch.Tensor, readers: dict[str, int] | None) -> Param:
-    """Replace param `name` when this node is its only reader, else add a fresh one (never mutate a
-    tensor in place: it may share storage with the user's model)."""
-    if readers is not None and readers.get(name, 0) == 1:
-        graph.params[name] = value
-        return Param(name)
+def _store(graph: Graph, old: Param | None, name: str, value: torch.Tensor, readers: dict[str, int]) -> Param:
+    """Put a folded tensor in place of param `old` when this node is its only reader, else under a fresh
+    name (never mutate a tensor in place: it may share storage with the user's model)."""
+    if old is not None and readers.get(old.name) == 1:
+        graph.params[old.name] = value
+        return old
+    if old is not None:
+        readers[old.name] -= 1  # others still read it
     ref = graph.add_param(name, value)
-    if readers is not None:
-        readers[ref.name] = 1
+    readers[ref.name] = 1
     return ref
 
 

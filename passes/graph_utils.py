@@ -7,12 +7,11 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from ir import Graph, Node, Param, map_refs
+from ir import Graph, Node, Param, TensorMeta, map_refs
 from ir.ops import OPS
 
 _RANDOM_WORDS = ("rand", "normal", "bernoulli", "multinomial", "poisson", "dropout", "empty", "uniform",
                  "rrelu", "exponential", "geometric", "cauchy", "seed")
-_EFFECT_TARGETS = {operator.setitem, operator.delitem, print}
 
 
 def runs_in_training(node: Node) -> bool:
@@ -23,23 +22,47 @@ def runs_in_training(node: Node) -> bool:
 
 
 def _target_name(node: Node) -> str:
+    """`add_` for x.add_(), torch.add_ and aten.add_.Tensor alike (overload suffix dropped)."""
     t = node.attrs.get("target")
-    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    if isinstance(t, str):
+        return t
+    packet = getattr(t, "overloadpacket", None)  # torch._ops.OpOverload (aten-level captures)
+    return getattr(packet, "__name__", None) or getattr(t, "__name__", str(t))
+
+
+def mutates(node: Node) -> bool:
+    """The node writes into a graph tensor in place: an in-place call (`x.add_()`, `x[i] = v`,
+    aten.copy_) or batch_norm in training mode (running statistics). A leaf module call may update its
+    own buffers, which no other node can read, so it does not count here (but see has_side_effects)."""
+    if node.op == "opaque":
+        target = node.attrs.get("target")
+        schema = getattr(target, "_schema", None)
+        if schema is not None and getattr(schema, "is_mutable", False):
+            return True
+        name = _target_name(node)
+        return target in (operator.setitem, operator.delitem) or (name.endswith("_") and not name.endswith("__"))
+    return node.op == "batch_norm" and runs_in_training(node)
+
+
+def graph_mutates(graph: Graph) -> Node | None:
+    """The first node that writes into a tensor in place, or None. Value-based rewrites (cse,
+    constant folding, no-op removal) assume tensors are never written after they are computed."""
+    return next((n for n in graph if mutates(n)), None)
 
 
 def has_side_effects(node: Node) -> bool:
-    """True for nodes that must stay even when nothing reads them: inputs/outputs, module calls (they may
-    update state), in-place calls (`x.add_()`, `x[i] = v`), asserts/prints, and batch_norm in training
-    mode (it updates the running statistics)."""
+    """True for nodes that must stay even when nothing reads them: inputs/outputs, in-place writes and
+    module calls (see `mutates`), asserts, prints and warnings."""
     if node.op in ("input", "output"):
         return True
+    if mutates(node):
+        return True
     if node.op == "opaque":
-        if node.attrs.get("kind") == "call_module" or node.attrs.get("target") in _EFFECT_TARGETS:
+        if node.attrs.get("kind") == "call_module" or node.attrs.get("target") is print:
             return True
         name = _target_name(node)
-        return (name.endswith("_") and not name.endswith("__")) or "assert" in name or "print" in name \
-            or "warn" in name
-    return node.op == "batch_norm" and runs_in_training(node)
+        return "assert" in name or "print" in name or "warn" in name
+    return False
 
 
 def is_deterministic(node: Node) -> bool:
@@ -74,8 +97,6 @@ def eval_node(node: Node, value_of: Callable[[Any], Any]) -> Any:
 
 def meta_of_value(v: Any, graph: Graph) -> Any:
     """TensorMeta of a node or param operand (None for constants or unknown)."""
-    from ir import TensorMeta
-
     if isinstance(v, Node):
         return v.meta
     if isinstance(v, Param):
@@ -98,5 +119,5 @@ def erase_dead(graph: Graph, nodes: list[Node]) -> int:
     return removed
 
 
-__all__ = ["runs_in_training", "has_side_effects", "is_deterministic", "eval_node", "meta_of_value",
-           "is_scalar", "erase_dead"]
+__all__ = ["runs_in_training", "has_side_effects", "is_deterministic", "mutates", "graph_mutates",
+           "eval_node", "meta_of_value", "is_scalar", "erase_dead"]

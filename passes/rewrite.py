@@ -460,8 +460,17 @@ class PatternPass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         pattern = self.compiled_pattern()
-        n = rewrite(graph, pattern, self.replace, condition=self.condition)
-        if n:
+        read_params = False
+
+        def replace(g: Graph, m: Match) -> Any:
+            nonlocal read_params
+            new = self.replace(g, m)
+            if new is not None and not read_params:
+                read_params = any(t.params() for t in m.nodes.values())
+            return new
+
+        n = rewrite(graph, pattern, replace, condition=self.condition)
+        if read_params:  # the rewrite may have dropped the last reader of a weight
             graph.remove_unused_params()
         elif ctx.logger.isEnabledFor(10):  # logging.DEBUG: say why nothing matched
             ctx.logger.debug(pattern.explain(graph, condition=self.condition))

@@ -87,19 +87,21 @@ def plot_stages(stages: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     have_acc = any(s.get("accuracy") is not None for s in pts)
+    markers = "osD^v<>ph*X"
     for ax, key, label in ((axes[0], "latency_b32_ms", "latency at batch 32 (ms, ORT, 1 thread)"),
                            (axes[1], "size_bytes", "ONNX file size (KiB)")):
-        xs = [s[key] / (1024 if key == "size_bytes" else 1) for s in pts if s.get(key) is not None]
-        ys = [100 * s["accuracy"] if have_acc and s.get("accuracy") is not None else float(i)
-              for i, s in enumerate(pts) if s.get(key) is not None]
-        ax.plot(xs, ys, "-o", color="tab:blue")
-        for x, y, s in zip(xs, ys, [s for s in pts if s.get(key) is not None]):
-            ax.annotate(s["stage"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        shown = [(i, s) for i, s in enumerate(pts) if s.get(key) is not None]
+        xs = [s[key] / (1024 if key == "size_bytes" else 1) for _, s in shown]
+        ys = [100 * s["accuracy"] if have_acc and s.get("accuracy") is not None else float(i) for i, s in shown]
+        ax.plot(xs, ys, "-", color="0.75", zorder=1)
+        for (i, s), x, y in zip(shown, xs, ys):
+            ax.scatter([x], [y], marker=markers[i % len(markers)], s=50, zorder=2, label=s["stage"])
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy (%)" if have_acc else "stage")
         ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="best")
     fig.suptitle("slimfx: accuracy against latency and size, per stage")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -172,14 +172,15 @@ class EmitContext:
     def emit(self, op_type: str, inputs: Sequence[str | None], *, outputs: int | Sequence[str] = 1,
              name: str | None = None, **attrs: Any) -> Any:
         """Add one ONNX node; returns its output name (or list of names when several)."""
-        base = name or (f"{self.current.name}_{op_type}" if self.current is not None else op_type)
+        # Values are named after the IR node that makes them (a suffix only when one node emits several
+        # ONNX ops); ONNX node names are optional and left out: at int8, names are a large part of a file.
+        base = name or (self.current.name if self.current is not None else op_type.lower())
         if isinstance(outputs, int):
             outs = [self.fresh(base if outputs == 1 else f"{base}_{i}") for i in range(outputs)]
         else:
             outs = list(outputs)
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        self.nodes.append(helper.make_node(op_type, ["" if i is None else i for i in inputs], outs,
-                                           name=self.fresh(f"n_{base}"), **attrs))
+        self.nodes.append(helper.make_node(op_type, ["" if i is None else i for i in inputs], outs, **attrs))
         return outs[0] if len(outs) == 1 and isinstance(outputs, int) else outs
 
     def const(self, value: Any, dtype: torch.dtype | np.dtype | type, *, name: str = "const") -> str:
@@ -419,7 +420,7 @@ class EmitContext:
             tgt = n.attrs.get("target")
             what += f", {n.attrs.get('kind')} {getattr(tgt, '__qualname__', None) or tgt}"
         what += f", {n.where()})"
-        supported = ", ".join(sorted(EMITTERS))
+        supported = ", ".join(sorted(op for op in EMITTERS if op != "opaque"))
         return (f"cannot export {what} to ONNX: no emitter for this op. Supported ops: {supported}. "
                 "Rewrite the model so capture sees one of these ops, or register an emitter with "
                 "exporters.onnx.register_emitter.")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporters.onnx.context import EmitContext, register_emitter, to_numpy
+from exporters.onnx.context import Dyn, EmitContext, register_emitter, to_numpy
 from ir.errors import ExportError
 from ir.graph import Node, Param
 
@@ -465,6 +465,10 @@ def _slice(ctx: EmitContext, node: Node) -> str:
     rank = ctx.rank(x)
     index = node.attrs["index"]
     idx = list(index) if isinstance(index, tuple) else [index]
+    # bounds that are size nodes (export capture with a dynamic sequence length): ints, or Dyn when
+    # they follow the batch size
+    idx = [slice(ctx.sym(i.start), ctx.sym(i.stop), ctx.sym(i.step)) if isinstance(i, slice) else ctx.sym(i)
+           for i in idx]
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     if Ellipsis in idx:
         pos = idx.index(Ellipsis)
@@ -488,15 +492,15 @@ def _slice(ctx: EmitContext, node: Node) -> str:
             if not (i.start in (None, 0) and i.stop is None and i.step in (None, 1)):
                 if (i.step or 1) < 1:
                     raise _err(node, "slices with a step below 1")
-                starts.append(int(i.start or 0))
-                ends.append(INT64_MAX if i.stop is None else int(i.stop))
+                starts.append(i.start if isinstance(i.start, Dyn) else int(i.start or 0))
+                ends.append(INT64_MAX if i.stop is None else i.stop if isinstance(i.stop, Dyn) else int(i.stop))
                 axes.append(d)
                 steps.append(int(i.step or 1))
             od += 1
         d += 1
     y = ctx.value(x)
     if axes:
-        ins = [y, ctx.ints(starts), ctx.ints(ends), ctx.ints(axes)]
+        ins = [y, ctx.sym_tensor(starts), ctx.sym_tensor(ends), ctx.ints(axes)]
         if any(s != 1 for s in steps):
             ins.append(ctx.ints(steps))
         y = ctx.emit("Slice", ins)
@@ -661,8 +665,12 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
     qdt = ctx.meta(q).dtype
     per_tensor = axis is None
     rank = ctx.rank(q)
-    return ctx.emit("DequantizeLinear", [ctx.value(q), _qparam(ctx, scale, torch.float32, per_tensor),
-                                         _qparam(ctx, zp, qdt, per_tensor)],
+    # int8/uint8 zero points stay explicit even when 0: onnxruntime's QDQ fusion (QGemm, NhwcMaxPool)
+    # needs them. An int32 (bias) zero point of 0 is left out: it is the default, and fusion ignores it.
+    zero = _qtensor(ctx, zp)
+    omit = qdt == torch.int32 and zero is not None and not bool(torch.as_tensor(zero).any())
+    return ctx.emit("DequantizeLinear", [ctx.value(q), _qparam(ctx, scale, torch.float32, per_tensor)]
+                    + ([] if omit else [_qparam(ctx, zp, qdt, per_tensor)]),
                     axis=None if axis is None else _axis(int(axis), rank))
 
 

@@ -11,6 +11,7 @@ import onnx
 import torch
 from onnx import helper
 
+import exporters.onnx.aten  # noqa: F401 - registers the emitters of ATen ops kept opaque by export capture
 import exporters.onnx.emitters  # noqa: F401 - registers the emitters
 from exporters._common import ExportResult, as_tuple, atomic_path, example_inputs, with_batch
 from exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, probe

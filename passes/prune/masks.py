@@ -142,7 +142,7 @@ class PruneWeights(Pass):
                 graph.params[m.name] = graph.params[m.name] * mask
                 changed = True
                 continue
-            mref = graph.add_param(f"{w.name}.mask", mask, buffer=True)
+            mref = graph.add_param(f"{w.name}_mask", mask, buffer=True)
             consumers = [u for u in users.get(w.name, []) if u.op in PRUNABLE_OPS and u.inputs[1] == w]
             first = consumers[0]
             mnode = graph.create_node("mask", (w, mref), name=f"{first.name}_mask", before=first,

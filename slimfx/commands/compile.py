@@ -7,6 +7,8 @@ import argparse
 import json
 import logging
 
+import torch
+
 from ir.errors import SlimfxError
 from slimfx.loading import resolve_model
 
@@ -29,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=256,
                    help="zoo models: training samples used to calibrate quantization (default 256)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for calibration and training (default 1: fastest for small models, "
+                        "and steady on a busy machine); latency is always measured on 1 thread")
     p.add_argument("--bench-seconds", type=float, default=0.8,
                    help="time budget of each latency measurement (default 0.8 s; more is steadier)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables; print only the output path")
@@ -40,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from slimfx.recipe import load_recipe
     from slimfx.report import format_report
 
+    if args.threads < 1:
+        raise SlimfxError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     if args.calibration_samples < 1:
         raise SlimfxError(f"--calibration-samples must be at least 1, got {args.calibration_samples}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")

@@ -171,3 +171,23 @@ def test_split_chunk_cat_and_indexing():
     assert "opaque" not in got
     out, ref = ir.lower(g)(x), m(x)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_graph_inputs_keep_forward_argument_names_even_builtin_ones():
+    class Named(nn.Module):
+        def forward(self, input, mask):  # noqa: A002 - `input` is a common argument name
+            return input * mask
+
+    g = ir.capture(Named(), (torch.randn(2, 3), torch.ones(2, 3)))
+    assert [n.name for n in g.inputs] == ["input", "mask"]
+    x, m = torch.randn(4, 3), torch.zeros(4, 3)
+    assert torch.equal(ir.lower(g)(x, m), x * m)
+
+
+def test_opaque_nodes_point_at_the_users_source_line():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, dim=1)
+
+    node = ir.capture(Odd(), (torch.randn(2, 3),)).find("opaque")[0]
+    assert node.source.startswith("test_capture.py:")

@@ -155,3 +155,38 @@ def test_every_builtin_pass_preserves_outputs_of_random_models(case):
     for n in g.find("batch_norm"):
         src = n.inputs[0]
         assert not (isinstance(src, ir.Node) and src.op in ("conv2d", "conv1d") and len(src.users) == 1)
+
+
+def test_fold_batchnorm_with_a_conv_weight_shared_by_two_convs():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, bias=False)
+            self.b1, self.b2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.b1(self.c(x)) + self.b2(self.c(x))
+
+    m = make(Twice)
+    g, stats = run(m, torch.randn(1, 3, 6, 6), ["fold-batchnorm"])
+    assert stats["fold-batchnorm"]["folded"] == 2
+    convs = g.find("conv2d")
+    assert convs[0].inputs[1] != convs[1].inputs[1]  # each conv got its own folded weight
+    assert sorted(g.params) == sorted(p.name for c in convs for p in c.params())  # no stale stats left
+
+
+def test_dce_keeps_side_effects():
+    class InPlace(nn.Module):
+        def forward(self, x):
+            y = x.clone()
+            y.add_(1.0)          # result unused, effect needed
+            torch.tanh(x)        # dead
+            y[0] = 5.0           # setitem: unused, effect needed
+            return y
+
+    x = torch.randn(3)
+    g, stats = run(InPlace(), x, ["dce", "cse", "fold-constants"])
+    assert stats["dce"]["nodes_removed"] == 1 and not g.find("tanh")
+    assert len(g.find("opaque")) == 3  # clone, add_, setitem
+    assert stats["cse"] == stats["fold-constants"] == {"skipped_in_place_writes": 1}
+    torch.testing.assert_close(ir.lower(g)(x), InPlace()(x))

@@ -6,11 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hypothesis import given, settings
 
 import ir
 from ir import Param
 from ir.errors import PassError
 from passes import PassContext, PassManager, Pattern, PatternPass, register_pass, rewrite
+from tests.generators import random_model
 
 
 def linear_relu(x, w, b):
@@ -224,3 +226,22 @@ def test_matching_visits_each_candidate_once():
     assert time.perf_counter() - t < 2.0
     assert len(g) == 3000 + 2
     ir.verify(g)
+
+
+@settings(max_examples=10, deadline=None)
+@given(random_model())
+def test_rewriting_random_models_keeps_outputs_and_finds_every_occurrence(case):
+    model, (x,) = case
+    g = ir.capture(model, (x,))
+    expected = sum(1 for n in g.find("relu") if isinstance(n.inputs[0], ir.Node)
+                   and n.inputs[0].op == "conv2d" and len(n.inputs[0].users) == 1)
+
+    def conv_then_clamp(graph, m):
+        conv = m.insert("conv2d", m["conv2d"].inputs, m["conv2d"].attrs)
+        return m.insert("clamp", (conv,), {"min": 0.0, "max": None})
+
+    n = rewrite(g, lambda x, w, b=None: F.relu(F.conv2d(x, w, b)), conv_then_clamp)
+    assert n == expected
+    ir.verify(g)
+    with torch.no_grad():
+        torch.testing.assert_close(ir.lower(g)(x), model(x))

@@ -1,0 +1,66 @@
+"""The README's results table: every zoo model through the built-in recipes with `slimfx.compile`.
+
+Each row is one compile (trained zoo weights, 256 calibration samples from the training split,
+accuracy on the test split); ratios are compiled/original on onnxruntime, one thread, in the same run.
+
+    PYTHONPATH=. python benchmarks/bench_recipes.py                 # every zoo model, recipes int8 and default
+    PYTHONPATH=. python benchmarks/bench_recipes.py --models digits_cnn --recipes default,int8,prune50
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+import models
+import slimfx
+from slimfx.data import Batches, calibration_batches
+
+
+def run(model_name: str, recipe: str, seed: int = 0, bench_seconds: float = 1.0) -> dict:
+    spec = models.get(model_name)
+    module = spec.trained(seed=seed, progress=False)
+    ds = models.load_dataset(spec.dataset, seed=seed)
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        res = slimfx.compile(module, spec.example_inputs(), recipe, name=model_name, out_dir=out,
+                             formats=("onnx",), calibration_data=calibration_batches(ds.train_x, 256, seed=seed),
+                             train_data=Batches(ds.train_x, ds.train_y, 64, seed=seed),
+                             test_data=((ds.test_x,), ds.test_y), quiet=True, seed=seed,
+                             bench_seconds=bench_seconds)
+        seconds = time.perf_counter() - t0
+    r = res.report
+    b, c = r["baseline"], r["compressed"]
+    return {"model": model_name, "recipe": recipe, "macs": c["macs"] / b["macs"],
+            "size": c["size_bytes"] / b["size_bytes"],
+            "b1": c["latency_ms"]["b1"] / b["latency_ms"]["b1"], "b32": c["latency_ms"]["b32"] / b["latency_ms"]["b32"],
+            "acc0": b["accuracy"], "acc1": c["accuracy"], "agree": r["validation"]["top1_agreement"],
+            "sqnr": r["validation"]["sqnr_db"], "seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(models.names()))
+    ap.add_argument("--recipes", default="int8,default")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for training and calibration")
+    ap.add_argument("--bench-seconds", type=float, default=1.0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    print("| model | recipe | MACs | ONNX size | latency b1 | latency b32 | accuracy (orig → compiled) "
+          "| top-1 agreement | SQNR | compile time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for m in args.models.split(","):
+        for rec in args.recipes.split(","):
+            row = run(m.strip(), rec.strip(), bench_seconds=args.bench_seconds)
+            rows.append(row)
+            print(f"| {row['model']} | {row['recipe']} | {row['macs']:.3f}x | {row['size']:.3f}x | {row['b1']:.2f}x "
+                  f"| {row['b32']:.2f}x | {100 * row['acc0']:.2f}% → {100 * row['acc1']:.2f}% "
+                  f"| {100 * row['agree']:.1f}% | {row['sqnr']:.1f} dB | {row['seconds']:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

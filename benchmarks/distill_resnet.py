@@ -1,0 +1,58 @@
+"""resnet20 (trained) -> half-width resnet20 (8/16/32) on mnist5k-32: scratch vs KD vs AT+KD.
+
+AT pairs the ends of the three stages (same spatial sizes, half the channels). Mean +- std over seeds.
+
+    PYTHONPATH=. python benchmarks/distill_resnet.py [--seeds 0 1 2] [--epochs 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import models
+from models.resnet import ResNet20
+from passes.distill import distill
+
+METHODS = {"scratch": "ce", "KD": "kd", "AT+KD": "at+kd"}
+PAIRS = [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    ds = models.load_dataset("mnist5k-32")
+    teacher = models.get("resnet20").trained(seed=0)
+    t_acc = models.accuracy(teacher, ds)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    print(f"teacher resnet20: {n(teacher)} params, test acc {t_acc:.4f}; student: {n(ResNet20(widths=(8, 16, 32)))}")
+    results: dict[str, list[float]] = {m: [] for m in METHODS}
+    for seed in args.seeds:
+        for label, loss in METHODS.items():
+            torch.manual_seed(seed)
+            student = ResNet20(widths=(8, 16, 32))
+            t0 = time.perf_counter()
+            distill(teacher if loss != "ce" else None, student, ds, loss=loss,
+                    features=PAIRS if loss.startswith("at") else (), epochs=args.epochs, lr=args.lr,
+                    seed=seed, keep_best=False, quiet=True)
+            acc = models.accuracy(student, ds)
+            results[label].append(acc)
+            print(f"seed {seed} {label:8s} acc {acc:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(f"\n| method | test accuracy (mean ± std, {len(args.seeds)} seeds) |")
+    print("|---|---|")
+    print(f"| teacher resnet20 | {t_acc * 100:.2f} |")
+    for label, accs in results.items():
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"| half-width student, {label} | {statistics.mean(accs) * 100:.2f} ± {sd * 100:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""ONNX emitters for the ATen ops that torch.export capture keeps as `opaque` nodes.
+
+They are what Hugging Face models build attention masks from (arange, comparisons, logical and,
+advanced indexing, new_ones, gather) plus a few close relatives. Each emitter is registered for
+ATen OpOverloads with `register_aten_emitter`; an opaque node whose target has none is refused
+with the exporter's usual message naming it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from onnx import numpy_helper
+
+from exporters.onnx.context import TORCH_TO_NUMPY, EmitContext, Emitter, is_static, register_emitter
+from exporters.onnx.emitters import _err, _out_dtype
+from ir.errors import ExportError
+from ir.graph import Node
+
+aten = torch.ops.aten
+ATEN_EMITTERS: dict[Any, Emitter] = {}
+
+
+def register_aten_emitter(*targets: Any):
+    """Register `fn(ctx, node) -> onnx name` for opaque call_function nodes of these ATen overloads."""
+    def deco(fn: Emitter) -> Emitter:
+        for t in targets:
+            ATEN_EMITTERS[t] = fn
+        return fn
+    return deco
+
+
+@register_emitter("opaque")
+def _opaque(ctx: EmitContext, node: Node) -> str:
+    fn = ATEN_EMITTERS.get(node.attrs.get("target")) if node.attrs.get("kind") == "call_function" else None
+    if fn is None:
+        raise ExportError(ctx.unsupported_message(node))
+    return fn(ctx, node)
+
+
+def _args(node: Node) -> tuple[tuple, dict]:
+    return node.inputs, dict(node.attrs.get("kwargs") or {})
+
+
+def _scalar(ctx: EmitContext, v: Any, dtype: torch.dtype) -> str:
+    """A 0-d ONNX tensor from a static or batch-dependent scalar (Range takes scalars)."""
+    s = ctx.sym(v)
+    if is_static(s):
+        return ctx.const(s, dtype)
+    return ctx.emit("Squeeze", [ctx.sym_tensor(s, dtype), ctx.ints([0])])
+
+
+@register_aten_emitter(aten.arange.default, aten.arange.start, aten.arange.start_step)
+def _arange(ctx: EmitContext, node: Node) -> str:
+    args, _ = _args(node)
+    start, end, step = (0, args[0], 1) if len(args) == 1 else (args[0], args[1], args[2] if len(args) > 2 else 1)
+    dtype = _out_dtype(node)
+    vals = [ctx.sym(v) for v in (start, end, step)]
+    if is_static(vals):
+        return ctx.const(np.arange(*vals), dtype, name=node.name)
+    return ctx.emit("Range", [_scalar(ctx, v, dtype) for v in (start, end, step)])
+
+
+_COMPARE = {aten.ge: ("GreaterOrEqual", False), aten.gt: ("Greater", False), aten.le: ("LessOrEqual", False),
+            aten.lt: ("Less", False), aten.eq: ("Equal", False), aten.ne: ("Equal", True)}
+
+
+def _compare(ctx: EmitContext, node: Node) -> str:
+    a, b = node.inputs[:2]
+    onnx_op, negate = _COMPARE[node.attrs["target"].overloadpacket]
+    dtype = a.meta.dtype if isinstance(a, Node) else b.meta.dtype
+    out = ctx.emit(onnx_op, [ctx.value(a, dtype=dtype), ctx.value(b, dtype=dtype)])
+    return ctx.emit("Not", [out]) if negate else out
+
+
+for _packet in _COMPARE:
+    register_aten_emitter(_packet.Tensor, _packet.Scalar)(_compare)
+
+
+@register_aten_emitter(aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default,
+                       aten.__or__.Tensor, aten.bitwise_or.Tensor, aten.logical_or.default)
+def _and_or(ctx: EmitContext, node: Node) -> str:
+    a, b = node.inputs[:2]
+    if _out_dtype(node) != torch.bool:
+        raise _err(node, "bitwise and/or of integer tensors (only boolean masks are supported)")
+    onnx_op = "And" if "and" in node.attrs["target"].overloadpacket.__name__ else "Or"
+    return ctx.emit(onnx_op, [ctx.value(a, dtype=torch.bool), ctx.value(b, dtype=torch.bool)])
+
+
+@register_aten_emitter(aten.logical_not.default, aten.bitwise_not.default)
+def _not(ctx: EmitContext, node: Node) -> str:
+    if _out_dtype(node) != torch.bool:
+        raise _err(node, "bitwise not of an integer tensor (only boolean masks are supported)")
+    return ctx.emit("Not", [ctx.value(node.inputs[0], dtype=torch.bool)])
+
+
+def _filled(ctx: EmitContext, node: Node, size: Any, value: float) -> str:
+    dtype = _out_dtype(node)
+    shape = ctx.sym(list(size))
+    if is_static(shape):
+        return ctx.const(np.full(shape, value), dtype, name=node.name)
+    fill = numpy_helper.from_array(np.asarray([value], dtype=TORCH_TO_NUMPY[dtype]), "value")
+    return ctx.emit("ConstantOfShape", [ctx.sym_tensor(shape)], value=fill)
+
+
+@register_aten_emitter(aten.new_ones.default, aten.new_zeros.default)
+def _new_filled(ctx: EmitContext, node: Node) -> str:
+    value = 1 if node.attrs["target"] is aten.new_ones.default else 0
+    return _filled(ctx, node, node.inputs[1], value)
+
+
+@register_aten_emitter(aten.full.default)
+def _full(ctx: EmitContext, node: Node) -> str:
+    size, value = node.inputs[:2]
+    if isinstance(value, Node):
+        raise _err(node, "full() with a fill value computed at run time")
+    return _filled(ctx, node, size, value)
+
+
+@register_aten_emitter(aten.index.Tensor)
+def _index(ctx: EmitContext, node: Node) -> str:
+    """x[i0, i1, ...] with broadcasting integer index tensors on the leading dims: one GatherND."""
+    x, indices = node.inputs[:2]
+    if any(i is None for i in indices) or not indices:
+        raise _err(node, "advanced indexing that skips a dim (None in the index list)")
+    if any(isinstance(i, Node) and i.meta.dtype == torch.bool for i in indices):
+        raise _err(node, "boolean mask indexing (its output size depends on the data)")
+    idx = [ctx.value(i, dtype=torch.int64) for i in indices]
+    if len(idx) > 1:
+        # broadcast every index to the common shape: i_k + 0 * i_j for all j
+        zero = ctx.const(0, np.int64)
+        zeros = [ctx.emit("Mul", [i, zero]) for i in idx]
+        idx = [_sum([i] + [z for j, z in enumerate(zeros) if j != k], ctx) for k, i in enumerate(idx)]
+    last = ctx.ints([-1])
+    stacked = ctx.emit("Concat", [ctx.emit("Unsqueeze", [i, last]) for i in idx], axis=-1)
+    return ctx.emit("GatherND", [ctx.value(x), stacked])
+
+
+def _sum(names: list[str], ctx: EmitContext) -> str:
+    out = names[0]
+    for n in names[1:]:
+        out = ctx.emit("Add", [out, n])
+    return out
+
+
+@register_aten_emitter(aten.gather.default)
+def _gather(ctx: EmitContext, node: Node) -> str:
+    x, dim, index = node.inputs[:3]
+    return ctx.emit("GatherElements", [ctx.value(x), ctx.value(index, dtype=torch.int64)],
+                    axis=int(dim) % ctx.rank(x))
+
+
+@register_aten_emitter(aten.where.self)
+def _where(ctx: EmitContext, node: Node) -> str:
+    cond, a, b = node.inputs[:3]
+    dtype = _out_dtype(node)
+    return ctx.emit("Where", [ctx.value(cond, dtype=torch.bool), ctx.value(a, dtype=dtype),
+                              ctx.value(b, dtype=dtype)])
+
+
+@register_aten_emitter(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def _masked_fill(ctx: EmitContext, node: Node) -> str:
+    x, mask, value = node.inputs[:3]
+    dtype = _out_dtype(node)
+    return ctx.emit("Where", [ctx.value(mask, dtype=torch.bool), ctx.value(value, dtype=dtype),
+                              ctx.value(x, dtype=dtype)])
+
+
+@register_aten_emitter(aten.clone.default)
+def _clone(ctx: EmitContext, node: Node) -> str:
+    return ctx.value(node.inputs[0])

@@ -1,0 +1,91 @@
+"""Feature taps: intermediate activations made extra graph outputs (a graph rewrite, not forward hooks).
+
+A feature is named by IR node name (`layer3_2_relu2`) or by module path (`layer3`, `layer3.2`): a module
+path means the value the module returns, i.e. the last node (in graph order) inside that module.
+Hooks would be dropped by TorchScript and break under torch.compile; extra outputs lower and export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+import ir
+from ir import Graph, Node
+from ir.errors import PassError
+
+
+def as_graph(model: nn.Module | Graph, example_inputs: tuple) -> Graph:
+    """The model as an ir.Graph: captured when it is an nn.Module, itself when already a graph."""
+    if isinstance(model, Graph):
+        return model
+    if not isinstance(model, nn.Module):
+        raise PassError(f"expected an nn.Module or ir.Graph, got {type(model).__name__}")
+    return ir.capture(model, tuple(example_inputs))
+
+
+def _in_module(node: Node, path: str) -> bool:
+    mp = node.module_path or ""
+    return mp == path or mp.startswith(path + ".")
+
+
+def resolve_feature(graph: Graph, name: str, *, role: str = "model") -> Node:
+    """The node that a feature name denotes: an IR node name, else the output of a module path."""
+    if graph.has_node(name):
+        node = graph.node(name)
+    else:
+        inside = [n for n in graph if n.op not in ("input", "output") and _in_module(n, name)]
+        if not inside:
+            paths = sorted({n.module_path for n in graph if n.module_path})
+            shown = ", ".join(paths[:12]) + (", ..." if len(paths) > 12 else "")
+            raise PassError(f"{role} feature {name!r} is neither a node name nor a module path of the graph; "
+                            f"module paths include: {shown}")
+        node = inside[-1]
+    if not isinstance(node.meta, ir.TensorMeta):
+        raise PassError(f"{role} feature {name!r} (%{node.name}, {node.op}) is not a single tensor: {node.meta!r}")
+    return node
+
+
+def with_features(graph: Graph, names: Sequence[str], *, role: str = "model") -> Graph:
+    """A copy of `graph` whose outputs are `(original_outputs, feature_1, ..., feature_n)`."""
+    if not names:
+        return graph.copy()
+    g = graph.copy()
+    feats = [resolve_feature(g, n, role=role) for n in names]
+    g.set_outputs((g.outputs, *feats))
+    return g
+
+
+def check_pairs(student: Graph, teacher: Graph, pairs: Sequence[tuple[str, str]]) -> list[tuple[Node, Node]]:
+    """Resolve (student_name, teacher_name) pairs and check their shapes can be compared by attention maps.
+
+    Batch and spatial sizes must agree (channels may differ); a mismatch raises naming the pair.
+    """
+    out = []
+    for s_name, t_name in pairs:
+        s = resolve_feature(student, s_name, role="student")
+        t = resolve_feature(teacher, t_name, role="teacher")
+        ss, ts = s.tensor_meta.shape, t.tensor_meta.shape
+        if len(ss) < 3 or len(ts) < 3:
+            raise PassError(f"feature pair ({s_name!r}, {t_name!r}): attention transfer needs feature maps "
+                            f"[B, C, H, W]; got student {list(ss)} and teacher {list(ts)}")
+        if ss[2:] != ts[2:]:
+            raise PassError(f"feature pair ({s_name!r}, {t_name!r}) does not match in spatial size: student "
+                            f"%{s.name} is {list(ss)}, teacher %{t.name} is {list(ts)}; pair layers with the "
+                            "same H x W (e.g. the ends of corresponding stages)")
+        out.append((s, t))
+    return out
+
+
+class LogitsOnly(nn.Module):
+    """Wraps a module whose forward returns (logits, *features) so callers that want logits get them."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        out = self.module(*args)
+        return out[0] if isinstance(out, (tuple, list)) else out

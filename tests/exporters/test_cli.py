@@ -1,0 +1,47 @@
+"""`slimfx export`, `slimfx validate` and `slimfx bench` end to end on a user model file."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import onnx
+
+from slimfx.cli import main
+
+MODEL = textwrap.dedent("""
+    import torch, torch.nn as nn
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).eval()
+        return m, (torch.randn(2, 3, 8, 8),)
+    def other():
+        torch.manual_seed(1)
+        m, x = build()
+        for p in m.parameters():
+            p.data.add_(0.1)
+        return m, x
+""")
+
+
+def test_export_validate_bench(tmp_path, capsys):
+    src = tmp_path / "user.py"
+    src.write_text(MODEL)
+    out = tmp_path / "m.onnx"
+    assert main(["export", f"{src}:build", "-o", str(out)]) == 0
+    assert "validation: pass" in capsys.readouterr().out
+    assert [i.name for i in onnx.load(str(out)).graph.input] == ["input"]  # forward's own argument name
+    assert main(["validate", str(out), "--model", f"{src}:build", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["passed"] and rep["batches"] == [1, 7] and rep["max_abs_diff"] < 1e-5
+    # A different model (shifted weights) fails the gate with exit status 2.
+    assert main(["validate", str(out), "--model", f"{src}:other"]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert main(["bench", str(out), "--batch", "1,4", "--runs", "5", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert set(rows) == {"b1", "b4"} and all(r["runs"] == 5 and r["median_ms"] > 0 for r in rows.values())
+    ts = tmp_path / "m.pt"
+    assert main(["export", f"{src}:build", "--format", "torchscript", "-o", str(ts)]) == 0
+    assert ts.exists()
+    assert main(["validate", str(ts), "--model", f"{src}:build", "--batch", "3"]) == 0

@@ -1,0 +1,69 @@
+"""TorchScript export (reload + compare at batch 1 and 7) and latency measurement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ir
+from exporters import export_onnx, export_torchscript, measure_latency, with_batch
+from exporters.validate import validate_torchscript
+from ir.errors import ValidationError
+from tests.exporters.small_models import build
+
+
+@pytest.mark.parametrize("name", ["resnet", "encoder_sdpa", "mlp"])
+def test_torchscript_roundtrip(name, tmp_path):
+    model, x = build(name)
+    g = ir.capture(model, x)
+    path = tmp_path / f"{name}.pt"
+    res = export_torchscript(g, path, inputs=x)
+    assert path.exists() and res.format == "torchscript" and res.validation.passed
+    assert res.details["method"] in ("script", "trace")
+    if res.details["method"] == "trace":
+        assert "script_error" in res.details
+    rep = validate_torchscript(path, model, [with_batch(x, 1), with_batch(x, 7)], atol=1e-5, rtol=0)
+    assert rep.passed and rep.batches == [1, 7], rep.summary()
+    loaded = torch.jit.load(str(path))
+    assert isinstance(loaded, torch.jit.ScriptModule)
+
+
+def test_torchscript_validation_failure_leaves_no_file(tmp_path, monkeypatch):
+    import exporters.torchscript as ts
+
+    model, x = build("mlp")
+    g = ir.capture(model, x)
+    real = ts.to_torchscript
+
+    def broken(graph, inputs, optimize=True):
+        sm, info = real(graph, inputs, optimize=optimize)
+        return torch.jit.trace(torch.nn.Sequential(torch.nn.Linear(64, 10)).eval(), inputs), info
+
+    monkeypatch.setattr(ts, "to_torchscript", broken)
+    with pytest.raises(ValidationError, match="TorchScript export"):
+        export_torchscript(g, tmp_path / "m.pt", inputs=x)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_measure_latency_onnx_and_torch(tmp_path):
+    model, x = build("mlp")
+    path = export_onnx(ir.capture(model, x), tmp_path / "m.onnx", inputs=x).path
+    threads_before = torch.get_num_threads()
+    for target in (path, model):
+        s = measure_latency(target, with_batch(x, 4), threads=1, runs=15, warmup=2)
+        assert s.runs == 15 and s.threads == 1
+        assert 0 < s.p10_ms <= s.median_ms <= s.p90_ms < 1000 and s.iqr_ms >= 0
+    assert torch.get_num_threads() == threads_before
+    auto = measure_latency(path, x, budget_s=0.05)
+    assert auto.runs >= 7
+
+
+def test_latency_scales_with_work(tmp_path):
+    """A model doing ~50x the arithmetic is measurably slower: the timer measures the model."""
+    small = torch.nn.Linear(16, 16).eval()
+    big = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)]).eval()
+    s = measure_latency(small, (torch.randn(8, 16),), runs=20)
+    b = measure_latency(big, (torch.randn(8, 256),), runs=20)
+    assert b.median_ms > 2 * s.median_ms
+    assert np.isfinite([s.median_ms, b.median_ms]).all()

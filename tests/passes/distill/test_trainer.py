@@ -1,0 +1,133 @@
+"""The trainer: KD beats nothing-learned, determinism, best-checkpoint, graph students, AT features, DDP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ir
+from ir.errors import PassError
+from passes.distill import distill, resolve_feature, with_features
+from tests.passes.distill.helpers import SmallCNN, accuracy, digits, trained
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_kd_trains_student_deterministically_and_keeps_best():
+    teacher = trained("cnn")
+    x, y, _, _ = digits()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        student = SmallCNN(4, 8, dropout=0.1)
+        res = distill(teacher, student, (x[:700], y[:700]), loss="kd", epochs=3, lr=3e-3, eval_fn=accuracy, seed=7,
+                      quiet=True)
+        runs.append((_state(student), res))
+    (s1, r1), (s2, r2) = runs
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)  # seeded: bit-identical
+    assert [h["loss"] for h in r1.history] == [h["loss"] for h in r2.history]
+    accs = [h["accuracy"] for h in r1.history]
+    assert len(accs) == 3 and r1.best_metric == max(accs) and r1.best_epoch == accs.index(max(accs)) + 1
+    assert accuracy(r1.module) == pytest.approx(max(accs))  # the best epoch's weights are what we hold
+    assert max(accs) > 0.7
+
+
+def test_graph_student_trained_in_place_with_attention_transfer():
+    teacher = trained("cnn")
+    x, y, _, _ = digits()
+    torch.manual_seed(1)
+    student_mod = SmallCNN(4, 8)
+    g = ir.capture(student_mod.eval(), (x[:2],))
+    before = {k: v.clone() for k, v in g.params.items()}
+    acc_before = accuracy(ir.lower(g).eval())
+    res = distill(teacher, g, (x[:700], y[:700]), loss="at+kd", features=[("relu2", "relu2"), ("bn1", "relu1")], epochs=2,
+                  lr=3e-3, quiet=True)
+    assert res.student is g
+    changed = [k for k in before if not torch.equal(before[k], g.params[k])]
+    assert "conv1.weight" in changed and "fc.weight" in changed
+    assert g.outputs.op == "linear"  # the feature taps were added to a copy, not to the student graph
+    assert accuracy(ir.lower(g).eval()) > acc_before + 0.2
+    # an nn.Module student trained through feature taps gets its weights written back
+    res2 = distill(teacher, student_mod, (x[:700], y[:700]), loss="at", features=[("relu2", "relu2")], epochs=1, quiet=True)
+    assert res2.module is student_mod and accuracy(student_mod) > acc_before + 0.2
+
+
+def test_feature_taps_are_extra_outputs_and_checked():
+    teacher = trained("cnn")
+    x = digits()[0][:2]
+    g = ir.capture(teacher, (x,))
+    assert resolve_feature(g, "relu2").name == "relu2"
+    assert resolve_feature(g, "bn1").op == "batch_norm"
+    tapped = with_features(g, ["relu1", "pool"])
+    out = ir.lower(tapped).eval()(x)
+    assert isinstance(out, tuple) and [tuple(o.shape) for o in out] == [(2, 10), (2, 16, 8, 8), (2, 32, 4, 4)]
+    assert torch.allclose(out[0], teacher(x))
+    with pytest.raises(PassError, match="'layer9' is neither a node name nor a module path.*conv1"):
+        resolve_feature(g, "layer9", role="teacher")
+    with pytest.raises(PassError, match=r"\('pool', 'relu1'\) does not match in spatial size.*\[2, 8, 4, 4\].*\[2, 16, 8, 8\]"):
+        distill(teacher, SmallCNN(4, 8), digits()[:2], loss="at+kd", features=[("pool", "relu1")], epochs=1,
+                quiet=True)
+
+
+def test_trainer_errors_are_actionable():
+    x, y, _, _ = digits()
+    with pytest.raises(PassError, match="needs a teacher"):
+        distill(None, SmallCNN(4, 8), (x, y), loss="kd", epochs=1, quiet=True)
+    with pytest.raises(PassError, match="give features="):
+        distill(trained("cnn"), SmallCNN(4, 8), (x, y), loss="at+kd", epochs=1, quiet=True)
+    wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
+    with pytest.raises(PassError, match=r"student gives \[64, 7\], teacher gives \[64, 10\]"):
+        distill(trained("cnn"), wrong, (x, y), loss="kd", epochs=1, quiet=True)
+
+
+# --- DistributedDataParallel: 2 processes on gloo end with identical weights ------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out_dir: str, rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    teacher = trained("cnn")
+    x, y, _, _ = digits()
+    torch.manual_seed(3)
+    student = SmallCNN(4, 8)
+    res = distill(teacher, student, (x[:800], y[:800]), loss="ctkd", epochs=2, lr=3e-3, batch_size=64, eval_fn=accuracy,
+                  seed=0, quiet=True)
+    torch.save({"state": student.state_dict(), "acc": accuracy(student), "history": res.history},
+               os.path.join(out_dir, f"w{world}_r{rank}.pt"))
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _run(out_dir, rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes_match_each_other_and_one_process():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(2, _free_port(), d), nprocs=2, join=True)
+        _run(d, 0, 1)
+        r0, r1, single = (torch.load(os.path.join(d, f), weights_only=False) for f in ("w2_r0.pt", "w2_r1.pt", "w1_r0.pt"))
+    assert r0["state"].keys() == r1["state"].keys()
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k  # DDP keeps the replicas bit-identical
+    drop_time = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+    assert drop_time(r0["history"]) == drop_time(r1["history"])  # all-reduced loss, broadcast accuracy, same T
+    assert r0["acc"] > 0.5
+    # same global batches as one process; only per-shard BN statistics differ
+    assert abs(r0["acc"] - single["acc"]) < 0.03
+    assert abs(r0["history"][-1]["loss"] - single["history"][-1]["loss"]) < 0.15 * single["history"][-1]["loss"]

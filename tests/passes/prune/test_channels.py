@@ -1,0 +1,151 @@
+"""prune-channels: options, criteria, bad input, zoo models, and random architectures end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ir
+import models
+from ir.errors import PassError
+from passes import PassContext, create_pass, parse_pass_spec
+from tests.generators import random_model
+from tests.passes.prune.helpers import export_and_validate
+
+
+def _prune(model: nn.Module, inputs: tuple, **opts):
+    g = ir.capture(model.eval(), inputs)
+    res = create_pass("prune-channels", opts).run(g, PassContext(example_inputs=inputs))
+    ir.verify(g)
+    return g, res
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.bn(self.c1(x))))
+
+
+def _chain() -> Chain:
+    m = Chain()
+    with torch.no_grad():
+        m.c1.weight.copy_(torch.tensor([1.0, 0.1, 3.0, 0.2]).view(4, 1, 1, 1).expand(4, 2, 1, 1))
+        m.c2.weight.fill_(0.5)
+        m.bn.weight.copy_(torch.tensor([0.1, 2.0, 0.3, 4.0]))
+    return m
+
+
+@pytest.mark.parametrize("criterion,kept", [("l1", [0, 2]), ("l2", [0, 2]), ("bn-scale", [1, 3])])
+def test_criteria_keep_the_most_important_channels(criterion, kept):
+    m = _chain()
+    x = torch.randn(1, 2, 3, 3)
+    g, res = _prune(m, (x,), sparsity=0.5, criterion=criterion)
+    assert g.params["c1.weight"].shape == (2, 2, 1, 1)
+    torch.testing.assert_close(g.params["c1.weight"], m.c1.weight[kept].detach())
+    torch.testing.assert_close(g.params["bn.weight"], m.bn.weight[kept].detach())
+    assert g.params["c2.weight"].shape == (3, 2, 1, 1)
+    assert res.stats["groups"][0]["kept_channels"] == 2
+
+
+def test_taylor_needs_data_and_uses_it():
+    m = _chain()
+    x = torch.randn(8, 2, 3, 3)
+    g = ir.capture(m.eval(), (x[:1],))
+    p = create_pass("prune-channels", {"criterion": "taylor"})
+    assert "needs" in p.check_context(PassContext(example_inputs=(x[:1],)))
+    with pytest.raises(PassError, match="taylor"):
+        p.run(g, PassContext(example_inputs=(x[:1],)))
+    y = torch.randint(0, 3, (8, 3, 3))
+    res = p.run(g, PassContext(example_inputs=(x[:1],), train_data=[((x,), y)]))
+    assert res.stats["groups"][0]["kept_channels"] == 2 and g.params["c1.weight"].shape[0] == 2
+
+
+def test_bad_input_is_rejected_or_clamped():
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(PassError, match="sparsity must be in"):
+            create_pass("prune-channels", {"sparsity": bad})
+    with pytest.raises(PassError, match="round_to"):
+        create_pass("prune-channels", {"round_to": 0})
+    x = torch.randn(1, 2, 3, 3)
+    g = ir.capture(_chain().eval(), (x,))
+    with pytest.raises(PassError, match="protect pattern 'nothing.\\*' names no"):
+        create_pass("prune-channels", {"protect": ["nothing.*"]}).run(g, PassContext(example_inputs=(x,)))
+    # 0.99 of 4 channels would leave none: clamped to one channel, a working graph
+    g, res = _prune(_chain(), (x,), sparsity=0.99)
+    assert g.params["c1.weight"].shape[0] == 1 and res.stats["groups"][0]["kept_channels"] == 1
+    assert torch.isfinite(ir.lower(g)(x)).all()
+    with pytest.raises(PassError, match="out of reach"):
+        _prune(_chain(), (x,), target_macs=0.01)
+
+
+def test_protect_overrides_and_round_to_on_resnet20():
+    spec = models.get("resnet20")
+    x = spec.example_inputs(batch=1)
+    g, res = _prune(spec.build(seed=0), x, sparsity=0.3, round_to=8, protect=["conv1"],
+                    overrides={"layer3.*": 0.75})
+    rows = {r["group"]: r for r in res.stats["groups"]}
+    assert rows["conv1"]["protected"] and rows["conv1"]["kept_channels"] == 16
+    assert rows["layer3.1.conv1"]["kept_channels"] == 16  # 75% of 64
+    assert all(r["kept_channels"] % 8 == 0 for r in rows.values())
+    assert rows["layer2.0.conv1"]["kept_channels"] == 24  # 70% of 32 = 22.4 -> nearest multiple of 8
+
+
+def test_resnet20_half_channels_and_target_macs():
+    spec = models.get("resnet20")
+    x = spec.example_inputs(batch=1)
+    g, res = _prune(spec.build(seed=0), x, sparsity=0.5)
+    assert res.stats["macs_ratio"] <= 0.27
+    assert not g.find("mask") and g.params["fc.weight"].shape == (10, 32)
+    export_and_validate(g, x)
+    g2, res2 = _prune(spec.build(seed=0), x, target_macs=0.4)
+    assert 0.33 <= res2.stats["macs_ratio"] <= 0.4
+    assert ir.count_macs(g2) == res2.stats["macs_after"]
+
+
+def test_tiny_bert_half_heads_and_ffn():
+    spec = models.get("tiny_bert")
+    x = spec.example_inputs(batch=2)
+    g, res = _prune(spec.build(seed=0), x, sparsity=0.5, protect=["tok_emb"])
+    kinds = {r["group"]: (r["kind"], r["units"], r["removed_units"]) for r in res.stats["groups"]}
+    assert kinds["layers.0.attn.q_proj"] == ("heads", 4, 2) and kinds["layers.3.fc1"] == ("channels", 512, 256)
+    assert res.stats["macs_ratio"] <= 0.55
+    out = ir.lower(g)(*x)
+    assert out.shape == (2, 4) and torch.isfinite(out).all()
+    assert g.params["layers.0.attn.out_proj.weight"].shape == (128, 64)
+    export_and_validate(g, x)
+
+
+def test_masks_are_sliced_with_their_weights():
+    x = torch.randn(1, 2, 3, 3)
+    g = ir.capture(_chain().eval(), (x,))
+    ctx = PassContext(example_inputs=(x,))
+    parse_pass_spec("prune-weights{sparsity=0.25}").run(g, ctx)
+    parse_pass_spec("prune-channels{sparsity=0.5}").run(g, ctx)
+    ir.verify(g)
+    assert g.params["c1.weight_mask"].shape == g.params["c1.weight"].shape == (2, 2, 1, 1)
+    assert len(g.find("mask")) == 2
+    create_pass("materialize-masks").run(g, ctx)
+    assert not g.find("mask")
+    export_and_validate(g, (x,))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=random_model(), frac=st.floats(0.0, 0.9), criterion=st.sampled_from(["l1", "l2", "bn-scale"]))
+def test_random_architectures_prune_verify_lower_and_export(case, frac, criterion):
+    model, inputs = case
+    g, res = _prune(model, inputs, sparsity=frac, criterion=criterion)
+    assert res.stats["macs_after"] <= res.stats["macs_before"]
+    assert all(r["kept_channels"] >= 1 for r in res.stats["groups"])
+    with torch.no_grad():
+        out = ir.lower(g)(*inputs)
+    assert torch.isfinite(out).all()
+    export_and_validate(g, inputs)

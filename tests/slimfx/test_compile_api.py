@@ -1,0 +1,54 @@
+"""slimfx.compile(): the Python API's result object, report schema and data checks."""
+
+import json
+
+import pytest
+import torch
+
+import slimfx
+from ir.errors import RecipeError
+from slimfx.recipe import Recipe
+from tests.slimfx.fixtures.user_models import small
+
+REPORT_SIDE_KEYS = {"params", "macs", "size_bytes", "latency_ms", "accuracy"}
+
+
+def test_compile_returns_graph_module_exports_and_report(tmp_path):
+    model, example = small()
+    x = torch.randn(6, 3, 8, 8)
+    labels = model(x).argmax(1)
+    result = slimfx.compile(model, example, recipe="cleanup", out_dir=tmp_path, formats=("onnx", "torchscript"),
+                            test_data=((x,), labels), bench_seconds=0.05, quiet=True)
+    assert set(result.exports) == {"onnx", "torchscript"} and all(p.exists() for p in result.exports.values())
+    assert torch.allclose(result.module(x), model(x), atol=1e-5)
+    assert not result.graph.find("batch_norm")
+    report = result.report
+    assert json.loads((tmp_path / "report.json").read_text())["recipe"] == "cleanup"
+    assert set(report) >= {"model", "recipe", "baseline", "compressed", "validation", "passes"}
+    assert REPORT_SIDE_KEYS <= set(report["baseline"]) and REPORT_SIDE_KEYS <= set(report["compressed"])
+    assert report["baseline"]["accuracy"] == 1.0 and report["compressed"]["accuracy"] == 1.0
+    assert report["validation"]["top1_agreement"] == 1.0 and report["validation"]["sqnr_db"] > 80
+    assert all(isinstance(p["seconds"], float) for p in report["passes"])
+    assert (tmp_path / "report.md").read_text().startswith("# slimfx report: SmallNet")
+
+
+def test_a_recipe_object_works_and_nothing_is_written_without_out_dir(tmp_path):
+    model, example = small()
+    recipe = Recipe.from_dict({"passes": [{"name": "fold-batchnorm"}, {"name": "dce"}]}, name="mine")
+    result = slimfx.compile(model, example, recipe=recipe, bench_seconds=0.05, quiet=True)
+    assert result.exports == {} and result.out_dir is None
+    assert result.report["recipe"] == "mine"
+
+
+def test_a_step_that_needs_missing_data_fails_before_any_work(tmp_path):
+    model, example = small()
+    recipe = Recipe.from_dict({"passes": [{"name": "finetune", "required": True}]}, name="needs-data")
+    with pytest.raises(RecipeError, match=r"passes\[0\].*finetune.*train data"):
+        slimfx.compile(model, example, recipe=recipe, out_dir=tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_format_is_rejected(tmp_path):
+    model, example = small()
+    with pytest.raises(slimfx.SlimfxError, match="unknown export format 'tflite'"):
+        slimfx.compile(model, example, recipe="cleanup", formats=("tflite",), out_dir=tmp_path)
