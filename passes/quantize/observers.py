@@ -222,6 +222,13 @@ class EntropyObserver(HistogramObserver):
     def __init__(self, bins: int = 2048, levels: int = 128) -> None:
         super().__init__(bins)
         self.levels = levels
+        self.zeros = 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        # exact zeros (ReLU outputs) are representable at any threshold; left in, their mass makes the
+        # KL search prefer tiny ranges
+        self.zeros += float((x == 0).sum())
+        super().update(x)
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._check()
@@ -231,6 +238,7 @@ class EntropyObserver(HistogramObserver):
         centers = self.centers().abs()
         idx = (centers / amax * self.bins).floor().clamp(0, self.bins - 1).long()
         h = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, idx, self.hist)
+        h[0] = (h[0] - self.zeros).clamp(min=0)
         signed = bool(self.hist[self.centers() < 0].sum() > 0)
         levels = self.levels if signed else 2 * self.levels
         best_t, best_kl = self.bins, math.inf

@@ -51,7 +51,7 @@ class Quantize(Pass):
     per_channel: bool = True
     activation_dtype: Literal["uint8", "int8"] = "uint8"
     activation_symmetric: bool = False
-    calibration: Literal["minmax", "moving-average", "percentile", "entropy", "mse"] = "percentile"
+    calibration: Literal["minmax", "moving-average", "percentile", "entropy", "mse"] = "minmax"
     percentile: float = 99.999
     skip: list[str] = field(default_factory=list)
     bits: int = 8

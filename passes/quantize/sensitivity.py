@@ -80,7 +80,7 @@ class QuantSensitivity(Pass):
     is_analysis = True
     scheme: str = "int8-static"
     per_channel: bool = True
-    calibration: str = "percentile"
+    calibration: str = "minmax"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         from passes.quantize.ptq import Quantize

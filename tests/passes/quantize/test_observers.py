@@ -108,3 +108,11 @@ def test_qparams_represent_zero_exactly_and_cover_range(lo, hi, dtype, symmetric
     s, z = float(qp.scale), int(qp.zero_point)
     # the representable range covers [lo, hi] up to half a step of rounding
     assert (qp.qmin - z) * s <= lo + s and (qp.qmax - z) * s >= hi - s
+
+
+def test_entropy_is_not_fooled_by_relu_zeros():
+    x = torch.relu(torch.randn(200000, generator=torch.Generator().manual_seed(2)) - 0.5)  # ~70% exact zeros
+    obs = EntropyObserver()
+    obs.update(x)
+    lo, hi = obs.range()
+    assert float(lo) == 0.0 and float(hi) > 2.0  # keeps the bulk of the positive tail (max is ~4.7)

@@ -186,3 +186,37 @@ def test_bits_and_calibrations_keep_weights_in_range(bits, per_channel, calibrat
         w = g.params[g.node(name).inputs[1].inputs[0].name]
         assert int(w.abs().max()) == qmax  # symmetric range fully used by the largest weight
     assert torch.isfinite(ir.lower(g)(ctx.example_inputs[0])).all()
+
+
+def _optimized_op_types(model_bytes: bytes, tmp_path) -> set[str]:
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+
+
+@pytest.mark.parametrize("scheme", ["int8-static", "int8-dynamic", "fixed-point", "sign"])
+def test_every_scheme_exports_qdq_onnx_that_matches_the_ir(scheme, tmp_path):
+    import onnx
+
+    from exporters.onnx import to_onnx_model
+    from exporters.validate import validate_onnx
+
+    m, g, ctx = _setup()
+    create_pass("quantize", {"scheme": scheme}).run(g, ctx)
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    model = to_onnx_model(g, inputs=(x,))
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = [i for i in inits.values() if len(i.dims) > 1]
+    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)  # no float weight stored
+    report = validate_onnx(model, g, (x,), atol=1e-3, rtol=1e-3)
+    assert report.top1_agreement == 1.0 and report.max_abs_diff < 1e-3
+    ops = _optimized_op_types(model.SerializeToString(), tmp_path)
+    if scheme == "int8-dynamic":
+        assert "DynamicQuantizeLinear" in ops
+    else:  # onnxruntime fuses the QDQ pattern into integer kernels, leaving no float conv
+        assert {"QLinearConv", "QLinearAdd"} <= ops and "Conv" not in ops, ops
