@@ -110,9 +110,22 @@ def train(
     return module
 
 
-def weights_path(name: str, seed: int) -> pathlib.Path:
-    """Where the trained state_dict of zoo model `name` at `seed` is cached."""
-    return cache_dir() / "weights" / f"{name}-seed{seed}.pt"
+def weights_path(name: str, seed: int, fingerprint: str = "") -> pathlib.Path:
+    """Where the trained state_dict of zoo model `name` at `seed` is cached.
+
+    `fingerprint` (see `recipe_fingerprint`) keys the file by architecture and training recipe too: a
+    changed stride or learning rate keeps every param shape, so the old weights would load silently.
+    """
+    suffix = f"-{fingerprint}" if fingerprint else ""
+    return cache_dir() / "weights" / f"{name}-seed{seed}{suffix}.pt"
+
+
+def recipe_fingerprint(module: nn.Module, train_config: dict) -> str:
+    """A short hash of the module's structure (its repr) and the training settings."""
+    import hashlib
+
+    text = repr(module) + repr(sorted(train_config.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def load_weights(module: nn.Module, path: pathlib.Path) -> bool:

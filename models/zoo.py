@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,10 @@ class ZooModel:
             return (torch.rand(shape, generator=g, dtype=self.input_dtype),)
         return (torch.randint(0, self.input_high or 2, shape, generator=g, dtype=self.input_dtype),)
 
+    def weights_path(self, seed: int = 0) -> pathlib.Path:
+        """The cache file of this model's trained weights, keyed by seed, architecture and training recipe."""
+        return trainer.weights_path(self.name, seed, trainer.recipe_fingerprint(self.build(seed), self.train_config))
+
     def trained(self, seed: int = 0, progress: bool = True) -> nn.Module:
         """Trained weights, eval() mode: loaded from cache_dir()/weights, else trained now and cached.
 
@@ -60,8 +65,8 @@ class ZooModel:
         """
         if self.dataset is None:
             raise ValueError(f"model {self.name!r} has no dataset to train on")
-        path = trainer.weights_path(self.name, seed)
         module = self.build(seed)
+        path = self.weights_path(seed)
         if trainer.load_weights(module, path):
             return module.eval()
         module = self.build(seed)  # a failed load may have half-filled the first one

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import pytest
@@ -39,8 +40,8 @@ def test_digits_cnn_trains_and_cache_round_trips(shared_cache: pathlib.Path, mon
     first = spec.trained(seed=0, progress=False)
     assert not first.training
     assert models.accuracy(first, "digits") >= 0.97
-    path = shared_cache / "weights" / "digits_cnn-seed0.pt"
-    assert path.is_file()
+    path = spec.weights_path(0)
+    assert path.parent == shared_cache / "weights" and path.is_file()
     assert not list(path.parent.glob("*.tmp"))  # atomic write left no temp file behind
 
     _forbid_training(monkeypatch)
@@ -51,7 +52,7 @@ def test_digits_cnn_trains_and_cache_round_trips(shared_cache: pathlib.Path, mon
 
 def test_corrupt_cache_is_retrained(cache: pathlib.Path, monkeypatch):
     spec = models.get("mlp")
-    path = cache / "weights" / "mlp-seed0.pt"
+    path = spec.weights_path(0)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"definitely not a state dict")
     calls = []
@@ -68,7 +69,7 @@ def test_corrupt_cache_is_retrained(cache: pathlib.Path, monkeypatch):
 
 def test_mismatched_cache_is_retrained(cache: pathlib.Path, monkeypatch):
     spec = models.get("mlp")
-    path = cache / "weights" / "mlp-seed3.pt"
+    path = spec.weights_path(3)
     path.parent.mkdir(parents=True)
     torch.save({"fc1.weight": torch.zeros(2, 2)}, path)
     calls = []
@@ -102,3 +103,11 @@ def test_trained_requires_a_dataset():
     spec = models.ZooModel("x", "no data", torch.nn.Identity, (2,), torch.float32, 2, None)
     with pytest.raises(ValueError, match="no dataset"):
         spec.trained()
+
+
+def test_cache_key_follows_architecture_and_training_recipe():
+    """A changed stride or learning rate keeps every param shape: the old weights must not load."""
+    spec = models.get("mlp")
+    other = dataclasses.replace(spec, train_config={**spec.train_config, "lr": 1.0})
+    assert spec.weights_path(0) != other.weights_path(0)
+    assert spec.weights_path(0) == models.get("mlp").weights_path(0)
