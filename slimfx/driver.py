@@ -7,6 +7,7 @@ exporters never run passes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -151,7 +152,22 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
     bench_seconds: time budget of each latency measurement (more is steadier).
     """
     t_start = time.perf_counter()
-    example = _as_tuple(example_inputs)
+    example = _as_tuple(example_inputs) if example_inputs is not None else ()
+    run_model: Callable[..., Any] = model
+    if example_kwargs:
+        # Keyword inputs become graph inputs named after forward's parameters, in forward's order;
+        # everything after capture (passes, exports, latency) takes them positionally in that order.
+        names = [p for p in inspect.signature(model.forward).parameters][len(example):]
+        unknown_kw = [k for k in example_kwargs if k not in names]
+        if unknown_kw:
+            raise SlimfxError(f"example_kwargs names {unknown_kw[0]!r}, which {type(model).__name__}.forward "
+                              f"does not take; its parameters: {', '.join(names)}")
+        kw_names = [n for n in names if n in example_kwargs]
+        n_pos = len(example)
+        example = example + tuple(example_kwargs[n] for n in kw_names)
+
+        def run_model(*xs: Any) -> Any:
+            return model(*xs[:n_pos], **dict(zip(kw_names, xs[n_pos:])))
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMAT_FILES]
@@ -170,7 +186,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         log.warning("warning: %s", w)
 
     graph = ir.capture(model, example) if not example_kwargs else ir.capture(
-        model, example, example_kwargs=example_kwargs)
+        model, example[:n_pos], example_kwargs=dict(zip(kw_names, example[n_pos:])))
     model_name = name or type(model).__name__
 
     if test_data is not None:
@@ -178,7 +194,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
     else:
         val_inputs, val_labels = example, None
     with torch.no_grad():
-        reference = _run_batched(model, val_inputs)
+        reference = _run_batched(run_model, val_inputs)
 
     def accuracy_of(fn: Callable[..., Any], module: nn.Module | None) -> float | None:
         if eval_fn is not None and module is not None:
@@ -199,7 +215,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
             "params": ir.count_params(graph), "macs": ir.count_macs(graph),
             "size_bytes": base_onnx.path.stat().st_size,
             "latency_ms": _latency(base_onnx.path, example, bench_seconds, progress),
-            "accuracy": accuracy_of(model, model),
+            "accuracy": accuracy_of(run_model, model),
         }
         stages = [{"stage": "original", **_stage_numbers(baseline)}]
 

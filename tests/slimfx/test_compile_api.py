@@ -2,6 +2,7 @@
 
 import json
 
+import onnx
 import pytest
 import torch
 
@@ -52,3 +53,25 @@ def test_unknown_format_is_rejected(tmp_path):
     model, example = small()
     with pytest.raises(slimfx.SlimfxError, match="unknown export format 'tflite'"):
         slimfx.compile(model, example, recipe="cleanup", formats=("tflite",), out_dir=tmp_path)
+
+
+def test_keyword_inputs_are_graph_inputs_in_forward_order(tmp_path):
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.fc = torch.nn.Linear(16, 3)
+
+        def forward(self, input_ids, attention_mask=None):
+            h = self.emb(input_ids) * attention_mask.unsqueeze(-1)
+            return self.fc(h.sum(1))
+
+    model = Masked().eval()
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.ones(2, 7)
+    result = slimfx.compile(model, (), recipe="cleanup", example_kwargs={"attention_mask": mask, "input_ids": ids},
+                            out_dir=tmp_path, bench_seconds=0.02, quiet=True)
+    assert [n.name for n in result.graph.inputs] == ["input_ids", "attention_mask"]
+    assert [i.name for i in onnx.load(str(result.exports["onnx"])).graph.input] == ["input_ids", "attention_mask"]
+    assert torch.allclose(result.module(ids, mask), model(input_ids=ids, attention_mask=mask), atol=1e-6)
+    with pytest.raises(slimfx.SlimfxError, match="'token_type_ids'"):
+        slimfx.compile(model, (), recipe="cleanup", example_kwargs={"input_ids": ids, "token_type_ids": ids})
