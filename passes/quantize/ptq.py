@@ -57,6 +57,7 @@ class Quantize(Pass):
     bits: int = 8
     frac_bits: int | None = None
     keep_first_last: bool = True
+    float_first: bool = False
     qat_epochs: int = 0
     qat_lr: float = 1e-3
     max_accuracy_drop: float | None = None
@@ -107,7 +108,13 @@ class Quantize(Pass):
         self.validate()
         ctx.extras.setdefault("quantize.float_graph", graph.copy())
         dynamic = self.scheme == "int8-dynamic"
-        plan = make_plan(graph, skip=self.skip, only=only, weight_only=dynamic)
+        skip = list(self.skip)
+        if self.float_first:
+            # The first conv/linear reads the raw input: its reduction (input channels x kernel) is too
+            # short for an integer kernel to pay for the quantize around it, and it is the most sensitive.
+            first = next((n for n in graph if n.op in ("conv1d", "conv2d", "linear")), None)
+            skip += [first.name] if first is not None else []
+        plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
         if not plan.weight_ops and not plan.act_ops:
             return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped})
         if not dynamic and ranges is None:

@@ -220,3 +220,14 @@ def test_every_scheme_exports_qdq_onnx_that_matches_the_ir(scheme, tmp_path):
         assert "DynamicQuantizeLinear" in ops
     else:  # onnxruntime fuses the QDQ pattern into integer kernels, leaving no float conv
         assert {"QLinearConv", "QLinearAdd"} <= ops and "Conv" not in ops, ops
+
+
+def test_float_first_keeps_only_the_first_weight_layer_float():
+    _, g, ctx = _setup()
+    first = next(n for n in g if n.op in ("conv2d", "linear"))
+    create_pass("quantize", {"float_first": True}).run(g, ctx)
+    weights = [n for n in g if n.op in ("conv2d", "linear")]
+    assert weights[0].name == first.name and isinstance(weights[0].inputs[1], ir.Param)  # float weight param
+    assert g.params[weights[0].inputs[1].name].dtype == torch.float32
+    rest = [n.inputs[1] for n in weights[1:]]
+    assert rest and all(isinstance(w, ir.Node) and w.op == "dequantize" for w in rest)
