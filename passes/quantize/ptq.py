@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from ir import Graph, Node, TensorMeta
+from ir import Graph, Node, Param, TensorMeta
 from ir.errors import PassError
 from passes.base import Pass, PassContext, PassResult, register_pass
 from passes.quantize import ops as _ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
@@ -40,6 +40,10 @@ from passes.quantize.qdq import (
 
 SCHEMES = ("int8-static", "int8-dynamic", "fixed-point", "sign")
 Range = tuple[torch.Tensor, torch.Tensor]
+
+
+# float_first keeps the first layer float only below this fan-in (digits_cnn's first conv: 9).
+FLOAT_FIRST_MAX_FAN_IN = 32
 
 
 @register_pass("quantize")
@@ -110,10 +114,13 @@ class Quantize(Pass):
         dynamic = self.scheme == "int8-dynamic"
         skip = list(self.skip)
         if self.float_first:
-            # The first conv/linear reads the raw input: its reduction (input channels x kernel) is too
-            # short for an integer kernel to pay for the quantize around it, and it is the most sensitive.
+            # The first conv/linear reads the raw input. When its reduction (input channels/groups x kernel)
+            # is short, an integer kernel does not pay for the quantize around it; it is also the most
+            # sensitive layer. A long first reduction (an MLP's 64-wide input) stays int8.
             first = next((n for n in graph if n.op in ("conv1d", "conv2d", "linear")), None)
-            skip += [first.name] if first is not None else []
+            w = first.inputs[1] if first is not None else None
+            if isinstance(w, Param) and graph.params[w.name][0].numel() < FLOAT_FIRST_MAX_FAN_IN:
+                skip.append(first.name)
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
         if not plan.weight_ops and not plan.act_ops:
             return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped})

@@ -231,3 +231,11 @@ def test_float_first_keeps_only_the_first_weight_layer_float():
     assert g.params[weights[0].inputs[1].name].dtype == torch.float32
     rest = [n.inputs[1] for n in weights[1:]]
     assert rest and all(isinstance(w, ir.Node) and w.op == "dequantize" for w in rest)
+
+
+def test_float_first_leaves_a_long_first_reduction_int8():
+    mlp = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.randn(8, 64)
+    g = ir.capture(mlp, (x,))
+    create_pass("quantize", {"float_first": True}).run(g, PassContext((x,), calibration_data=[(x,)]))
+    assert all(n.inputs[1].op == "dequantize" for n in g.find("linear"))  # fan-in 64: stays int8
