@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ir.errors import ValidationError
 from ir.graph import Graph, Node, TensorMeta
 
 
@@ -71,6 +72,22 @@ def with_batch(inputs: tuple, batch: int) -> tuple:
         else:
             out.append(x)
     return tuple(out)
+
+
+def validation_sets(inputs: tuple, *, dynamic_batch: bool = True) -> list[tuple]:
+    """The inputs, and (for a dynamic batch) the same at another batch size: 1, or 3 when already 1."""
+    sets = [inputs]
+    if dynamic_batch and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 1:
+        sets.append(with_batch(inputs, 1 if inputs[0].shape[0] != 1 else 3))
+    return sets
+
+
+def raise_if_invalid(report: Any, what: str, path: Any, keep_invalid: bool) -> None:
+    """ValidationError with the numbers when an export disagrees with its graph (nothing kept on disk)."""
+    if not report.passed:
+        raise ValidationError(f"{what} to {path} disagrees with the graph: {report.summary()}"
+                              + ("" if keep_invalid else "; no file was written (keep_invalid=True "
+                                 "keeps it for inspection)"))
 
 
 def as_tuple(inputs: Any) -> tuple:

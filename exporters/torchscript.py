@@ -12,8 +12,15 @@ from typing import Any
 
 import torch
 
-from exporters._common import ExportResult, as_tuple, atomic_path, example_inputs, with_batch
-from ir.errors import ExportError, ValidationError
+from exporters._common import (
+    ExportResult,
+    as_tuple,
+    atomic_path,
+    example_inputs,
+    raise_if_invalid,
+    validation_sets,
+)
+from ir.errors import ExportError
 from ir.graph import Graph
 from ir.lower import lower
 
@@ -86,15 +93,8 @@ def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = N
     with atomic_path(path, keep_on_error=keep_invalid) as tmp:
         torch.jit.save(sm, str(tmp))
         if validate:
-            sets = [inputs]
-            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 1:
-                sets.append(with_batch(inputs, 1 if inputs[0].shape[0] != 1 else 3))
-            report = validate_torchscript(tmp, graph, sets, atol=atol, rtol=rtol)
-            if not report.passed:
-                raise ValidationError(f"TorchScript export of {graph.name} to {path} disagrees with the graph: "
-                                      f"{report.summary()}"
-                                      + ("" if keep_invalid else "; no file was written (keep_invalid=True "
-                                         "keeps it for inspection)"))
+            report = validate_torchscript(tmp, graph, validation_sets(inputs), atol=atol, rtol=rtol)
+            raise_if_invalid(report, f"TorchScript export of {graph.name}", path, keep_invalid)
         size = tmp.stat().st_size
     return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="torchscript",
                         size_bytes=size, details=info)

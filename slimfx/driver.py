@@ -101,22 +101,14 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).double().mean())
 
 
-def _batch_inputs(example: tuple[torch.Tensor, ...], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Inputs at another batch size: the example rows repeated (keeps integer ids and masks valid)."""
-    out = []
-    for t in example:
-        reps = [math.ceil(batch / t.shape[0])] + [1] * (t.dim() - 1)
-        out.append(t.repeat(*reps)[:batch].clone())
-    return tuple(out)
-
-
 def _latency(path: Path, example: tuple, budget_s: float, progress: Any) -> dict[str, float]:
     """onnxruntime median latency on one thread at batch 1 and 32 (`progress`: a tqdm bar to step)."""
+    from exporters import with_batch
     from exporters.bench import measure_latency
 
     result = {}
     for key, batch in (("b1", 1), ("b32", 32)):
-        result[key] = round(float(measure_latency(path, _batch_inputs(example, batch), threads=1,
+        result[key] = round(float(measure_latency(path, with_batch(example, batch), threads=1,
                                                   budget_s=budget_s).median_ms), 4)
         progress.update(1)
     return result

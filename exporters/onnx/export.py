@@ -8,14 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import torch
 from onnx import helper
 
 import exporters.onnx.aten  # noqa: F401 - registers the emitters of ATen ops kept opaque by export capture
 import exporters.onnx.emitters  # noqa: F401 - registers the emitters
-from exporters._common import ExportResult, as_tuple, atomic_path, example_inputs, with_batch
+from exporters._common import (
+    ExportResult,
+    as_tuple,
+    atomic_path,
+    example_inputs,
+    raise_if_invalid,
+    validation_sets,
+)
 from exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, probe
-from ir.errors import ExportError, ValidationError
+from ir.errors import ExportError
 from ir.graph import Graph, Node, TensorMeta, iter_refs
 
 DEFAULT_OPSET = 17
@@ -160,16 +166,9 @@ def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = 
     with atomic_path(path, keep_on_error=keep_invalid) as tmp:
         tmp.write_bytes(data)
         if validate:
-            sets = [inputs]
-            if dynamic_batch and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 1:
-                b = inputs[0].shape[0]
-                sets.append(with_batch(inputs, 1 if b != 1 else 3))
-            report = validate_onnx(data, graph, sets, atol=atol, rtol=rtol)
-            if not report.passed:
-                raise ValidationError(f"ONNX export of {graph.name} to {path} disagrees with the graph: "
-                                      f"{report.summary()}"
-                                      + ("" if keep_invalid else "; no file was written (keep_invalid=True "
-                                         "keeps it for inspection)"))
+            report = validate_onnx(data, graph, validation_sets(inputs, dynamic_batch=dynamic_batch),
+                                   atol=atol, rtol=rtol)
+            raise_if_invalid(report, f"ONNX export of {graph.name}", path, keep_invalid)
     return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="onnx",
                         size_bytes=len(data), details={"opset": opset, "dynamic_batch": dynamic_batch,
                                                        "emit_seconds": t_emit, "nodes": len(model.graph.node)})
