@@ -50,13 +50,16 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _table(headers: list[str], rows: list[list[str]], markdown: bool) -> str:
+def _table(headers: list[str], rows: list[list[str]], markdown: bool, right: set[int] | None = None) -> str:
+    """A text (aligned) or markdown table; `right`: the columns to right-align (default: all but the first)."""
     if markdown:
         out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
         out += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(out)
+    right = set(range(1, len(headers))) if right is None else right
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    line = lambda r: "  ".join(c.rjust(w) if i in right else c.ljust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths))).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -71,7 +74,7 @@ def format_report(report: dict[str, Any], *, markdown: bool = False) -> str:
     parts = [_table(["", "original", "compiled", "ratio"], summary_rows(report), markdown)]
     if report.get("passes"):
         prow = [[p["name"], f"{p['seconds']:.2f} s", _stats_text(p.get("stats", {}))] for p in report["passes"]]
-        parts.append(_table(["pass", "time", "stats"], prow, markdown))
+        parts.append(_table(["pass", "time", "stats"], prow, markdown, right={1}))
     for w in report.get("warnings", []):
         parts.append(f"warning: {w}")
     return "\n\n".join(parts)
