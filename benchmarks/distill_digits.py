@@ -4,6 +4,7 @@ Compares, with the same student, data and budget: scratch (labels only), KD, CTK
 logit-standardized KD, AT (CE + attention transfer) and AT+KD. Mean +- std over seeds.
 
     PYTHONPATH=. python benchmarks/distill_digits.py [--seeds 0 1 2] [--epochs 30]
+    PYTHONPATH=. python benchmarks/distill_digits.py --methods scratch,KD --widths 4,8,12 --hidden 16 --epochs 30
 """
 
 from __future__ import annotations
@@ -53,23 +54,31 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--widths", default="8,16,24", help="student conv widths (default 8,16,24: 8,210 params)")
+    ap.add_argument("--hidden", type=int, default=32, help="student hidden units")
+    ap.add_argument("--T", type=float, default=4.0, help="KD temperature")
+    ap.add_argument("--alpha", type=float, default=0.9, help="KD weight of the soft term")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     args = ap.parse_args()
+    widths = tuple(int(w) for w in args.widths.split(","))
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
     torch.set_num_threads(args.threads)
     ds = models.load_dataset("digits")
     teacher = models.get("digits_cnn").trained(seed=0)
     t_acc = models.accuracy(teacher, ds)
-    probe = SmallDigitsCNN()
+    probe = SmallDigitsCNN(widths, args.hidden)
     ratio = n_params(probe) / n_params(teacher)
     assert ratio <= 0.25, ratio
     print(f"teacher digits_cnn: {n_params(teacher)} params, test acc {t_acc:.4f}; "
           f"student: {n_params(probe)} params ({ratio:.3f} of the teacher)")
-    results: dict[str, list[float]] = {m: [] for m in METHODS}
+    results: dict[str, list[float]] = {m: [] for m in methods}
     for seed in args.seeds:
-        for label, loss in METHODS.items():
+        for label, loss in methods.items():
             torch.manual_seed(seed)
-            student = SmallDigitsCNN()
+            student = SmallDigitsCNN(widths, args.hidden)
             t0 = time.perf_counter()
-            distill(teacher if loss != "ce" else None, student, ds, loss=loss,
+            kd_options = {"T": args.T, "alpha": args.alpha} if loss in ("kd", "at+kd") else None
+            distill(teacher if loss != "ce" else None, student, ds, loss=loss, loss_options=kd_options,
                     features=PAIRS if loss.startswith("at") else (), epochs=args.epochs, lr=args.lr,
                     batch_size=64, seed=seed, keep_best=False, quiet=True)
             acc = models.accuracy(student, ds)
