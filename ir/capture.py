@@ -191,22 +191,19 @@ def _f_dropout(input, p=0.5, training=True, inplace=False):
     return "dropout", (input,), dict(p=p, training=bool(training))
 
 
-@_converts(F.max_pool2d, torch.max_pool2d)
-def _f_max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    if return_indices:
-        return None
-    return "max_pool2d", (input,), dict(kernel_size=_tuple(kernel_size, 2),
-                                        stride=_tuple(stride if stride else kernel_size, 2),
-                                        padding=_tuple(padding, 2), dilation=_tuple(dilation, 2), ceil_mode=ceil_mode)
+def _max_pool(dims: int) -> Callable[..., Conv | None]:
+    def conv(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+        if return_indices:
+            return None
+        return f"max_pool{dims}d", (input,), dict(kernel_size=_tuple(kernel_size, dims),
+                                                  stride=_tuple(stride if stride else kernel_size, dims),
+                                                  padding=_tuple(padding, dims), dilation=_tuple(dilation, dims),
+                                                  ceil_mode=ceil_mode)
+    return conv
 
 
-@_converts(F.max_pool1d, torch.max_pool1d)
-def _f_max_pool1d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
-    if return_indices:
-        return None
-    return "max_pool1d", (input,), dict(kernel_size=_tuple(kernel_size, 1),
-                                        stride=_tuple(stride if stride else kernel_size, 1),
-                                        padding=_tuple(padding, 1), dilation=_tuple(dilation, 1), ceil_mode=ceil_mode)
+_f_max_pool2d = _converts(F.max_pool2d, torch.max_pool2d)(_max_pool(2))
+_f_max_pool1d = _converts(F.max_pool1d, torch.max_pool1d)(_max_pool(1))
 
 
 @_converts(F.avg_pool2d, torch._C._nn.avg_pool2d)
