@@ -75,3 +75,15 @@ def test_keyword_inputs_are_graph_inputs_in_forward_order(tmp_path):
     assert torch.allclose(result.module(ids, mask), model(input_ids=ids, attention_mask=mask), atol=1e-6)
     with pytest.raises(slimfx.SlimfxError, match="'token_type_ids'"):
         slimfx.compile(model, (), recipe="cleanup", example_kwargs={"input_ids": ids, "token_type_ids": ids})
+
+
+def test_a_hugging_face_model_compiles_with_keyword_inputs(tmp_path):
+    pytest.importorskip("transformers")
+    import models.hf
+
+    model, kwargs = models.hf.build("bert")
+    result = slimfx.compile(model, (), recipe="int8-dynamic", example_kwargs=kwargs, out_dir=tmp_path,
+                            bench_seconds=0.02, quiet=True)
+    assert [n.name for n in result.graph.inputs] == ["input_ids", "attention_mask"]
+    assert result.report["validation"]["top1_agreement"] == 1.0 and result.report["validation"]["sqnr_db"] > 25
+    assert result.report["compressed"]["size_bytes"] < 0.7 * result.report["baseline"]["size_bytes"]
