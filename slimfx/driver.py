@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import ir
-from ir.errors import RecipeError, SlimfxError, ValidationError
+from ir.errors import ExportError, RecipeError, SlimfxError, ValidationError
 from passes import PassContext
 from slimfx.recipe import Recipe, load_recipe
 
@@ -202,13 +202,21 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         tmp_path = Path(tmp)
         from exporters import export_onnx
 
-        base_onnx = export_onnx(graph, tmp_path / "baseline.onnx", inputs=example)
-        baseline = {
-            "params": ir.count_params(graph), "macs": ir.count_macs(graph),
-            "size_bytes": base_onnx.path.stat().st_size,
-            "latency_ms": _latency(base_onnx.path, example, bench_seconds, progress),
-            "accuracy": accuracy_of(run_model, model),
-        }
+        def onnx_numbers(path: Path, what: str) -> tuple[int | None, dict[str, float] | None]:
+            """File size and latency of an fp32/int8 ONNX export of the graph as it is now. When ONNX was
+            not asked for and the graph cannot be written as ONNX, those numbers are left out (warned)."""
+            try:
+                exported = export_onnx(graph, path, inputs=example).path
+            except ExportError as e:
+                if "onnx" in formats:
+                    raise
+                warnings.append(f"no ONNX size or latency for the {what} model: {e}".split("\n")[0])
+                return None, None
+            return exported.stat().st_size, _latency(exported, example, bench_seconds, progress)
+
+        size, latency = onnx_numbers(tmp_path / "baseline.onnx", "original")
+        baseline = {"params": ir.count_params(graph), "macs": ir.count_macs(graph), "size_bytes": size,
+                    "latency_ms": latency, "accuracy": accuracy_of(run_model, model)}
         stages = [{"stage": "original", **_stage_numbers(baseline)}]
 
         records = []
@@ -240,13 +248,14 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
             export_details[fmt] = res.to_dict()
 
         deployed = _onnx_runner(exports["onnx"]) if "onnx" in exports else module
-        deployed_path = exports.get("onnx") or _export_quiet(graph, tmp_path / "compressed.onnx", example)
+        if "onnx" in exports:
+            size, latency = exports["onnx"].stat().st_size, _latency(exports["onnx"], example, bench_seconds, progress)
+        else:
+            size, latency = onnx_numbers(tmp_path / "compressed.onnx", "compiled")
         candidate = _run_batched(deployed, val_inputs)
         validation = compare(reference, candidate)
         compressed = {
-            "params": ir.count_params(graph), "macs": ir.count_macs(graph),
-            "size_bytes": deployed_path.stat().st_size,
-            "latency_ms": _latency(deployed_path, example, bench_seconds, progress),
+            "params": ir.count_params(graph), "macs": ir.count_macs(graph), "size_bytes": size, "latency_ms": latency,
             "accuracy": (float(eval_fn(module)) if eval_fn is not None else
                          (_accuracy(candidate, val_labels) if val_labels is not None else None)),
         }

@@ -38,7 +38,7 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
          _ratio(b["size_bytes"], c["size_bytes"])],
     ]
     for key, label in (("b1", "latency b1 (ORT, 1 thread)"), ("b32", "latency b32 (ORT, 1 thread)")):
-        lb, lc = b["latency_ms"].get(key), c["latency_ms"].get(key)
+        lb, lc = (b["latency_ms"] or {}).get(key), (c["latency_ms"] or {}).get(key)
         rows.append([label, _fmt_ms(lb), _fmt_ms(lc), _ratio(lb, lc)])
     acc_delta = (f"{100 * (c['accuracy'] - b['accuracy']):+.2f} pt"
                  if isinstance(b["accuracy"], float) and isinstance(c["accuracy"], float) else "-")

@@ -87,3 +87,20 @@ def test_a_hugging_face_model_compiles_with_keyword_inputs(tmp_path):
     assert [n.name for n in result.graph.inputs] == ["input_ids", "attention_mask"]
     assert result.report["validation"]["top1_agreement"] == 1.0 and result.report["validation"]["sqnr_db"] > 25
     assert result.report["compressed"]["size_bytes"] < 0.7 * result.report["baseline"]["size_bytes"]
+
+
+def test_torchscript_only_compile_of_a_model_onnx_cannot_express(tmp_path):
+    from tests.slimfx.fixtures.user_models import no_onnx
+
+    model, example = no_onnx()
+    result = slimfx.compile(model, example, recipe="cleanup", formats=("torchscript",), out_dir=tmp_path,
+                            bench_seconds=0.02, quiet=True)
+    assert set(result.exports) == {"torchscript"} and result.exports["torchscript"].exists()
+    report = result.report
+    assert report["baseline"]["size_bytes"] is None and report["compressed"]["latency_ms"] is None
+    assert any("no ONNX size or latency" in w and "cumsum" in w for w in report["warnings"])
+    assert report["validation"]["max_abs_diff"] < 1e-5
+    assert "latency b32" in (tmp_path / "report.md").read_text()
+    with pytest.raises(slimfx.ExportError, match="cumsum"):  # asked for ONNX: a clear error, as before
+        slimfx.compile(model, example, recipe="cleanup", formats=("onnx",), out_dir=tmp_path / "x", quiet=True)
+    assert not (tmp_path / "x").exists()
