@@ -219,11 +219,11 @@ def test_matching_visits_each_candidate_once():
         v = g.create_node("relu", (v,), meta=x.meta)
     g.set_outputs(v)
     p = Pattern(lambda a: torch.relu(torch.tanh(a)))
-    import time
-
-    t = time.perf_counter()
+    visited = []
+    real_match = p._match
+    p._match = lambda node, graph: visited.append(node.op) or real_match(node, graph)  # count, not time
     assert rewrite(g, p, lambda graph, m: m.insert("sigmoid", (m["a"],))) == 3000
-    assert time.perf_counter() - t < 2.0
+    assert len(visited) == 3000 and set(visited) == {"relu"}  # each anchor tried once, nothing else
     assert len(g) == 3000 + 2
     ir.verify(g)
 
