@@ -36,6 +36,8 @@ from passes.quantize.qdq import (
     fold_weight,
     insert_qdq,
     make_plan,
+    quantizable_embeddings,
+    quantize_embedding,
 )
 
 SCHEMES = ("int8-static", "int8-dynamic", "fixed-point", "sign")
@@ -65,7 +67,8 @@ class Quantize(Pass):
     qat_epochs: int = 0
     qat_lr: float = 1e-3
     max_accuracy_drop: float | None = None
-
+    # int8 schemes: store embedding tables as int8 (one symmetric scale per table)
+    embeddings: bool = True
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -122,7 +125,9 @@ class Quantize(Pass):
             if isinstance(w, Param) and graph.params[w.name][0].numel() < FLOAT_FIRST_MAX_FAN_IN:
                 skip.append(first.name)
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
-        if not plan.weight_ops and not plan.act_ops:
+        embeds = quantizable_embeddings(graph, skip=skip, only=only) \
+            if self.embeddings and self.scheme in ("int8-static", "int8-dynamic") else []
+        if not plan.weight_ops and not plan.act_ops and not embeds:
             return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped})
         if not dynamic and ranges is None:
             ranges = self.calibrate(graph, plan, ctx)
@@ -133,7 +138,7 @@ class Quantize(Pass):
             if not dynamic:
                 ranges = self.calibrate(graph, plan, ctx)
         before = sum(graph.params[p.name].numel() * graph.params[p.name].element_size()
-                     for n in plan.weight_ops for p in n.params())
+                     for n in plan.weight_ops + embeds for p in n.params())
         act_qp = {} if dynamic else self.activation_qparams(plan, ranges or {})
         for name, qp in act_qp.items():
             t = graph.node(name)
@@ -142,13 +147,18 @@ class Quantize(Pass):
         lowbit = self.lowbit_ops(plan)
         for n in plan.weight_ops:
             self._fold(graph, n, lowbit.get(n.name))
+        for n in embeds:
+            w = graph.params[n.inputs[1].name]
+            qmax = 2 ** (self.bits - 1) - 1
+            quantize_embedding(graph, n, qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True,
+                                                            qmin=-qmax, qmax=qmax))
         collapsed = collapse_requantize(graph)
         graph.remove_unused_params()
-        after = sum(graph.params[p.name].numel() * graph.params[p.name].element_size()
-                    for n in graph if n.op == "dequantize" for p in n.params())
+        stored = {p.name for n in graph if n.op == "dequantize" or n in embeds for p in n.params()}
+        after = sum(graph.params[k].numel() * graph.params[k].element_size() for k in stored)
         return PassResult(True, {
             "scheme": self.scheme, "quantized_ops": len(plan.weight_ops) + len(plan.act_ops),
-            "activation_qdq": len(act_qp), "dynamic_activations": n_dyn, "collapsed": collapsed,
+            "embeddings": len(embeds), "activation_qdq": len(act_qp), "dynamic_activations": n_dyn, "collapsed": collapsed,
             "skipped": plan.skipped, "weight_bytes": {"before": before, "after": after},
             "lowbit": {k: v for k, v in lowbit.items() if v is not None}})
 
