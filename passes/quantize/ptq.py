@@ -38,6 +38,7 @@ from passes.quantize.qdq import (
     make_plan,
     quantizable_embeddings,
     quantize_embedding,
+    quantize_tensor,
 )
 
 SCHEMES = ("int8-static", "int8-dynamic", "fixed-point", "sign")
@@ -55,6 +56,9 @@ class Quantize(Pass):
 
     scheme: Literal["int8-static", "int8-dynamic", "fixed-point", "sign"] = "int8-static"
     per_channel: bool = True
+    # per-channel weight scales only where they beat one per-tensor scale by at least this many dB of weight
+    # SQNR: each channel costs 8 bytes in the file (its weight scale and its int32 bias's scale)
+    per_channel_min_gain_db: float = 0.0
     activation_dtype: Literal["uint8", "int8"] = "uint8"
     activation_symmetric: bool = False
     calibration: Literal["minmax", "moving-average", "percentile", "entropy", "mse"] = "minmax"
@@ -213,12 +217,22 @@ class Quantize(Pass):
             qp, _ = pow2_qparams(w.min(), w.max(), self.bits, self.frac_bits)
             return qp, None
         qmax = 2 ** (self.bits - 1) - 1  # symmetric integer range [-qmax, qmax]
-        if self.per_channel:
-            flat = w.reshape(w.shape[0], -1)
-            lo, hi, axis = flat.min(dim=1).values, flat.max(dim=1).values, 0
-        else:
-            lo, hi, axis = w.min(), w.max(), None
-        return qparams_from_range(lo, hi, torch.int8, symmetric=True, axis=axis, qmin=-qmax, qmax=qmax), None
+        per_tensor = qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True, qmin=-qmax, qmax=qmax)
+        if not self.per_channel:
+            return per_tensor, None
+        flat = w.reshape(w.shape[0], -1)
+        per_channel = qparams_from_range(flat.min(dim=1).values, flat.max(dim=1).values, torch.int8,
+                                         symmetric=True, axis=0, qmin=-qmax, qmax=qmax)
+        if self.per_channel_min_gain_db > 0:
+            from passes.quantize.sensitivity import sqnr_db
+
+            def weight_sqnr(qp: QParams) -> float:
+                scale = qp.scale.reshape(-1, *[1] * (w.dim() - 1)) if qp.axis is not None else qp.scale
+                return sqnr_db(w.double(), (quantize_tensor(w, qp).clamp(-qmax, qmax).double() * scale))
+
+            if weight_sqnr(per_channel) - weight_sqnr(per_tensor) < self.per_channel_min_gain_db:
+                return per_tensor, None
+        return per_channel, None
 
     def _fold(self, graph: Graph, n: Node, kind: str | None) -> None:
         w = graph.params[n.inputs[1].name]

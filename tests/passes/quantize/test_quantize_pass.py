@@ -313,3 +313,19 @@ def test_zero_zero_points_are_one_shared_param_per_dtype_and_length():
     with torch.no_grad():
         x = torch.randn(4, 1, 8, 8)
         assert _sqnr(m(x), ir.lower(g)(x)) > 20
+
+
+def test_per_channel_min_gain_keeps_per_channel_scales_only_where_they_pay():
+    m, g, ctx = _setup(c=8)
+    with torch.no_grad():
+        m.c2.weight.mul_(torch.logspace(-2, 0, 8).reshape(-1, 1, 1, 1))  # c2's channels: 100x apart in range
+    g = ir.capture(m, ctx.example_inputs)
+    res = create_pass("quantize", {"scheme": "int8-static", "per_channel_min_gain_db": 6.0}).run(g, ctx)
+    assert res.changed
+    axes = {n.name: n.attrs.get("axis") for n in g if n.op == "dequantize" and isinstance(n.inputs[0], ir.Param)}
+    # c1/fc weights (one init distribution per layer): one scale; c2 (ranges 100x apart): one per channel
+    assert axes["c1_weight_dq"] is None and axes["fc_weight_dq"] is None and axes["c2_weight_dq"] == 0
+    assert axes["c1_bias_dq"] is None and g.params[g.node("c1_bias_dq").inputs[1].name].dim() == 0
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert _sqnr(m(x), ir.lower(g)(x)) > 20
