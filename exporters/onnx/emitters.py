@@ -56,8 +56,11 @@ def _conv(ctx: EmitContext, node: Node) -> str:
         p = _pairs(padding, k)
         pads = p + p
     ins = [ctx.value(x), ctx.value(w)] + ([ctx.value(b)] if b is not None else [])
-    return ctx.emit("Conv", ins, kernel_shape=kernel, strides=stride, pads=pads, dilations=dilation,
-                    group=int(node.attrs.get("groups", 1)))
+    group = int(node.attrs.get("groups", 1))
+    # attributes at their ONNX defaults are left out: a few dozen bytes per conv, which shows in small int8 files
+    return ctx.emit("Conv", ins, kernel_shape=kernel, strides=None if set(stride) == {1} else stride,
+                    pads=None if not any(pads) else pads, dilations=None if set(dilation) == {1} else dilation,
+                    group=None if group == 1 else group)
 
 
 @register_emitter("linear")

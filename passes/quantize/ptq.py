@@ -36,6 +36,9 @@ from passes.quantize.qdq import (
     fold_weight,
     insert_qdq,
     make_plan,
+    quantizable_embeddings,
+    quantize_embedding,
+    quantize_tensor,
 )
 
 SCHEMES = ("int8-static", "int8-dynamic", "fixed-point", "sign")
@@ -53,6 +56,9 @@ class Quantize(Pass):
 
     scheme: Literal["int8-static", "int8-dynamic", "fixed-point", "sign"] = "int8-static"
     per_channel: bool = True
+    # per-channel weight scales only where they beat one per-tensor scale by at least this many dB of weight
+    # SQNR: each channel costs 8 bytes in the file (its weight scale and its int32 bias's scale)
+    per_channel_min_gain_db: float = 0.0
     activation_dtype: Literal["uint8", "int8"] = "uint8"
     activation_symmetric: bool = False
     calibration: Literal["minmax", "moving-average", "percentile", "entropy", "mse"] = "minmax"
@@ -65,7 +71,8 @@ class Quantize(Pass):
     qat_epochs: int = 0
     qat_lr: float = 1e-3
     max_accuracy_drop: float | None = None
-
+    # int8 schemes: store embedding tables as int8 (one symmetric scale per table)
+    embeddings: bool = True
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -122,7 +129,9 @@ class Quantize(Pass):
             if isinstance(w, Param) and graph.params[w.name][0].numel() < FLOAT_FIRST_MAX_FAN_IN:
                 skip.append(first.name)
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
-        if not plan.weight_ops and not plan.act_ops:
+        embeds = quantizable_embeddings(graph, skip=skip, only=only) \
+            if self.embeddings and self.scheme in ("int8-static", "int8-dynamic") else []
+        if not plan.weight_ops and not plan.act_ops and not embeds:
             return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped})
         if not dynamic and ranges is None:
             ranges = self.calibrate(graph, plan, ctx)
@@ -133,7 +142,7 @@ class Quantize(Pass):
             if not dynamic:
                 ranges = self.calibrate(graph, plan, ctx)
         before = sum(graph.params[p.name].numel() * graph.params[p.name].element_size()
-                     for n in plan.weight_ops for p in n.params())
+                     for n in plan.weight_ops + embeds for p in n.params())
         act_qp = {} if dynamic else self.activation_qparams(plan, ranges or {})
         for name, qp in act_qp.items():
             t = graph.node(name)
@@ -142,13 +151,18 @@ class Quantize(Pass):
         lowbit = self.lowbit_ops(plan)
         for n in plan.weight_ops:
             self._fold(graph, n, lowbit.get(n.name))
+        for n in embeds:
+            w = graph.params[n.inputs[1].name]
+            qmax = 2 ** (self.bits - 1) - 1
+            quantize_embedding(graph, n, qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True,
+                                                            qmin=-qmax, qmax=qmax))
         collapsed = collapse_requantize(graph)
         graph.remove_unused_params()
-        after = sum(graph.params[p.name].numel() * graph.params[p.name].element_size()
-                    for n in graph if n.op == "dequantize" for p in n.params())
+        stored = {p.name for n in graph if n.op == "dequantize" or n in embeds for p in n.params()}
+        after = sum(graph.params[k].numel() * graph.params[k].element_size() for k in stored)
         return PassResult(True, {
             "scheme": self.scheme, "quantized_ops": len(plan.weight_ops) + len(plan.act_ops),
-            "activation_qdq": len(act_qp), "dynamic_activations": n_dyn, "collapsed": collapsed,
+            "embeddings": len(embeds), "activation_qdq": len(act_qp), "dynamic_activations": n_dyn, "collapsed": collapsed,
             "skipped": plan.skipped, "weight_bytes": {"before": before, "after": after},
             "lowbit": {k: v for k, v in lowbit.items() if v is not None}})
 
@@ -203,12 +217,22 @@ class Quantize(Pass):
             qp, _ = pow2_qparams(w.min(), w.max(), self.bits, self.frac_bits)
             return qp, None
         qmax = 2 ** (self.bits - 1) - 1  # symmetric integer range [-qmax, qmax]
-        if self.per_channel:
-            flat = w.reshape(w.shape[0], -1)
-            lo, hi, axis = flat.min(dim=1).values, flat.max(dim=1).values, 0
-        else:
-            lo, hi, axis = w.min(), w.max(), None
-        return qparams_from_range(lo, hi, torch.int8, symmetric=True, axis=axis, qmin=-qmax, qmax=qmax), None
+        per_tensor = qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True, qmin=-qmax, qmax=qmax)
+        if not self.per_channel:
+            return per_tensor, None
+        flat = w.reshape(w.shape[0], -1)
+        per_channel = qparams_from_range(flat.min(dim=1).values, flat.max(dim=1).values, torch.int8,
+                                         symmetric=True, axis=0, qmin=-qmax, qmax=qmax)
+        if self.per_channel_min_gain_db > 0:
+            from passes.quantize.sensitivity import sqnr_db
+
+            def weight_sqnr(qp: QParams) -> float:
+                scale = qp.scale.reshape(-1, *[1] * (w.dim() - 1)) if qp.axis is not None else qp.scale
+                return sqnr_db(w.double(), (quantize_tensor(w, qp).clamp(-qmax, qmax).double() * scale))
+
+            if weight_sqnr(per_channel) - weight_sqnr(per_tensor) < self.per_channel_min_gain_db:
+                return per_tensor, None
+        return per_channel, None
 
     def _fold(self, graph: Graph, n: Node, kind: str | None) -> None:
         w = graph.params[n.inputs[1].name]

@@ -138,10 +138,27 @@ def _safe(name: str) -> str:
     return name.replace(".", "_")
 
 
+# Suffixes of the params the pass creates: `<name>_s` (scale), `<name>_z` (zero point), `<weight>_q` (integer
+# values). Short because every name is stored twice in an ONNX file (initializer and node input), which
+# adds up to several percent of a small int8 model.
+SCALE, ZERO_POINT, QUANTIZED = "_s", "_z", "_q"
+
+
 def add_qparams(graph: Graph, base: str, qp: QParams) -> tuple[Param, Param]:
-    s = graph.add_param(f"{base}_scale", qp.scale.to(torch.float32), buffer=True)
-    z = graph.add_param(f"{base}_zero_point", qp.zero_point, buffer=True)
-    return s, z
+    s = graph.add_param(f"{base}{SCALE}", qp.scale.to(torch.float32), buffer=True)
+    return s, zero_point_param(graph, base, qp.zero_point)
+
+
+def zero_point_param(graph: Graph, base: str, zp: torch.Tensor) -> Param:
+    """The zero point as a param; all-zero ones (symmetric weights, post-ReLU activations) are one shared
+    param per dtype and shape (`zero_<dtype>[_<n>]`), stored once instead of once per tensor."""
+    if zp.any():
+        return graph.add_param(f"{base}{ZERO_POINT}", zp, buffer=True)
+    name = "zero_" + str(zp.dtype).removeprefix("torch.") + "".join(f"_{d}" for d in zp.shape)
+    have = graph.params.get(name)
+    if have is not None and have.dtype == zp.dtype and have.shape == zp.shape and not have.any():
+        return Param(name)
+    return graph.add_param(name, zp.clone(), buffer=True)
 
 
 def insert_qdq(graph: Graph, t: Node, qp: QParams, users: list[Node] | None = None) -> Node:
@@ -181,13 +198,52 @@ def fold_weight(graph: Graph, node: Node, index: int, qp: QParams, qmin: int | N
         if qmin is not None or qmax is not None:
             values = values.clamp(qmin, qmax)
     s, z = add_qparams(graph, ref.name, qp)
-    qref = graph.add_param(f"{ref.name}_quantized", values.to(qp.dtype), buffer=True)
+    qref = graph.add_param(f"{ref.name}{QUANTIZED}", values.to(qp.dtype), buffer=True)
     dq = graph.create_node("dequantize", (qref, s, z), {"axis": qp.axis}, name=f"{node.name}_{_role(index)}_dq",
                            before=node, meta=TensorMeta(tuple(w.shape), torch.float32),
                            module_path=node.module_path)
     ins = list(node.inputs)
     ins[index] = dq
     node.inputs = tuple(ins)
+    return dq
+
+
+def quantizable_embeddings(graph: Graph, *, skip: list[str], only: set[str] | None = None) -> list[Node]:
+    """Embedding lookups whose float table no other op reads (a tied table stays float: an int8 copy next
+    to the float one would grow the file)."""
+    users = graph.param_users()
+    out = []
+    for n in graph:
+        if n.op != "embedding" or len(n.inputs) < 2 or not isinstance(n.inputs[1], Param) \
+                or n.attrs.get("max_norm") is not None:
+            continue
+        w = n.inputs[1]
+        if not graph.params[w.name].is_floating_point() or any(u.op != "embedding" for u in users[w.name]):
+            continue
+        if (only is not None and n.name not in only) or matches(n, skip):
+            continue
+        out.append(n)
+    return out
+
+
+def quantize_embedding(graph: Graph, node: Node, qp: QParams) -> Node:
+    """Look up rows of an integer table and dequantize the rows (ONNX: Gather on an int8 initializer, then
+    DequantizeLinear), so the table is stored as int8. `qp` must be per tensor: the gathered rows share it."""
+    ref = node.inputs[1]
+    assert isinstance(ref, Param) and qp.axis is None
+    values = quantize_tensor(graph.params[ref.name], qp)
+    s, z = add_qparams(graph, ref.name, qp)
+    qref = graph.add_param(f"{ref.name}{QUANTIZED}", values.to(qp.dtype), buffer=True)
+    users = list(node.users)
+    ins = list(node.inputs)
+    ins[1] = qref
+    node.inputs = tuple(ins)
+    meta = node.meta
+    node.meta = TensorMeta(tuple(meta.shape), qp.dtype)
+    dq = graph.create_node("dequantize", (node, s, z), {"axis": None}, name=f"{node.name}_dq", after=node,
+                           meta=TensorMeta(tuple(meta.shape), meta.dtype), module_path=node.module_path)
+    for u in users:
+        u.replace_input(node, dq)
     return dq
 
 

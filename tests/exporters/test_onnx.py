@@ -315,3 +315,17 @@ def test_report_fields():
     assert set(d) >= {"max_abs_diff", "top1_agreement", "sqnr_db", "passed", "cosine", "max_rel_diff"}
     assert d["sqnr_db"] is None or d["sqnr_db"] > 100
     assert rep.top1_agreement == 1.0
+
+
+def test_conv_attributes_at_onnx_defaults_are_left_out():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, stride=2, padding=1, dilation=2, groups=2)).eval()
+    x = (torch.randn(1, 4, 12, 12),)
+    g = ir.capture(m, x)
+    proto = to_onnx_model(g, inputs=x)
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in proto.graph.node if n.op_type == "Conv"]
+    assert attrs[0] == {"kernel_shape": [3, 3]}
+    assert attrs[1] == {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [2, 2],
+                        "group": 2}
+    assert validate_onnx(proto, g, x).max_abs_diff < 1e-4

@@ -62,11 +62,11 @@ def test_int8_static_folds_weights_and_simulates_the_integer_model():
     gm = ir.lower(g)
     x = ctx.example_inputs[0]
     c1 = g.node("c1")
-    qx = ir.get_op("quantize").impl(x, g.params["x_scale"], g.params["x_zero_point"], dtype=torch.uint8)
+    qx = ir.get_op("quantize").impl(x, g.params["x_s"], g.params[g.node("x_q").inputs[2].name], dtype=torch.uint8)
     w_q = g.params[c1.inputs[1].inputs[0].name].float()
-    acc = nn.functional.conv2d(qx.float() - float(g.params["x_zero_point"]), w_q,
+    acc = nn.functional.conv2d(qx.float() - float(g.params[g.node("x_q").inputs[2].name]), w_q,
                                g.params[c1.inputs[2].inputs[0].name].float(), padding=1)
-    by_hand = acc * (g.params["x_scale"] * g.params[c1.inputs[1].inputs[1].name]).reshape(1, -1, 1, 1)
+    by_hand = acc * (g.params["x_s"] * g.params[c1.inputs[1].inputs[1].name]).reshape(1, -1, 1, 1)
     from passes.quantize.calibrate import run_with_outputs
     _, (c1_val,) = run_with_outputs(g, ["c1"])(x)
     assert torch.allclose(c1_val, by_hand, rtol=1e-5, atol=1e-5)
@@ -84,14 +84,14 @@ def test_every_scheme_produces_a_verified_qdq_graph(scheme):
             if isinstance(n.inputs[0], ir.Param)}
     assert ints and all(not t.is_floating_point() for t in ints.values())
     if scheme == "sign":
-        w = g.params["c2.weight_quantized"]
+        w = g.params["c2.weight_q"]
         assert set(w.unique().tolist()) == {-1, 1}
-        assert set(g.params["c1.weight_quantized"].unique().tolist()) != {-1, 1}  # first layer kept 8-bit
+        assert set(g.params["c1.weight_q"].unique().tolist()) != {-1, 1}  # first layer kept 8-bit
         assert _sqnr(m(x), y) > 3
     elif scheme == "fixed-point":
         for n in g.find("dequantize"):
             s = g.params[n.inputs[1].name]
-            if n.inputs[0].name.endswith("bias_quantized"):
+            if n.inputs[0].name.endswith("bias_q"):
                 continue
             assert torch.equal(s, 2.0 ** torch.round(torch.log2(s)))  # power-of-two scales
             assert int(g.params[n.inputs[2].name].abs().max()) == 0
@@ -169,7 +169,7 @@ def test_qat_with_ste_recovers_sign_weights_on_digits():
     create_pass("quantize", {"scheme": "sign"}).run(plain, ctx)
     create_pass("quantize", {"scheme": "sign", "qat_epochs": 4, "qat_lr": 2e-3}).run(g, ctx)
     ir.verify(g)
-    assert set(g.params["features.1.0.weight_quantized"].unique().tolist()) == {-1, 1}
+    assert set(g.params["features.1.0.weight_q"].unique().tolist()) == {-1, 1}
     acc_plain, acc_qat = models.accuracy(ir.lower(plain), ds), models.accuracy(ir.lower(g), ds)
     assert acc_qat > acc_plain + 0.1 and acc_qat >= 0.93, (acc_plain, acc_qat)
 
@@ -239,3 +239,93 @@ def test_float_first_leaves_a_long_first_reduction_int8():
     g = ir.capture(mlp, (x,))
     create_pass("quantize", {"float_first": True}).run(g, PassContext((x,), calibration_data=[(x,)]))
     assert all(n.inputs[1].op == "dequantize" for n in g.find("linear"))  # fan-in 64: stays int8
+
+
+class EmbedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(50, 16)
+        self.pos = nn.Embedding(6, 16)
+        self.fc = nn.Linear(16, 50)
+        self.register_buffer("positions", torch.arange(6))
+
+    def forward(self, ids):
+        return self.fc(self.tok(ids) + self.pos(self.positions))
+
+
+@pytest.mark.parametrize("scheme", ["int8-static", "int8-dynamic"])
+def test_embedding_tables_are_stored_int8_and_export_as_gather_then_dequantize(scheme, tmp_path):
+    import onnx
+
+    from exporters.onnx import to_onnx_model
+    from exporters.validate import validate_onnx
+
+    torch.manual_seed(0)
+    m = EmbedNet().eval()
+    ids = torch.randint(0, 50, (4, 6))
+    g = ir.capture(m, (ids,))
+    ctx = PassContext((ids,), calibration_data=[(torch.randint(0, 50, (8, 6)),)], quiet=True)
+    res = create_pass("quantize", {"scheme": scheme}).run(g, ctx)
+    assert res.stats["embeddings"] == 2
+    assert g.params["tok.weight_q"].dtype == torch.int8 and "tok.weight" not in g.params
+    w = m.tok.weight.detach()
+    s = g.params["tok.weight_s"]
+    assert s.dim() == 0 and torch.allclose(s, w.abs().max() / 127)  # one symmetric scale per table
+    # int8 table rows: error at most half a step
+    dq = g.params["tok.weight_q"].float() * s
+    assert (dq - w).abs().max() <= s / 2 + 1e-7
+    with torch.no_grad():
+        assert _sqnr(m(ids), ir.lower(g)(ids)) > 25
+    model = to_onnx_model(g, inputs=(ids,))
+    inits = {i.name: i for i in model.graph.initializer}
+    assert inits["tok.weight_q"].data_type == onnx.TensorProto.INT8
+    assert not [i for i in inits.values() if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) > 1]
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "tok.weight_q")
+    assert [n.op_type for n in model.graph.node if gather.output[0] in n.input] == ["DequantizeLinear"]
+    report = validate_onnx(model, g, (ids,), atol=1e-4, rtol=1e-4)
+    assert report.max_abs_diff < 1e-4
+
+
+def test_embeddings_option_and_tied_tables_keep_float():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (2, 6))
+    g = ir.capture(EmbedNet().eval(), (ids,))
+    create_pass("quantize", {"scheme": "int8-dynamic", "embeddings": False}).run(g, PassContext((ids,)))
+    assert g.params["tok.weight"].dtype == torch.float32 and "tok.weight_q" not in g.params
+    g = ir.capture(EmbedNet().eval(), (ids,))
+    fc = g.node("fc")
+    fc.inputs = (fc.inputs[0], ir.Param("tok.weight"), fc.inputs[2])  # tie the output layer to the table
+    g.remove_unused_params()
+    res = create_pass("quantize", {"scheme": "int8-dynamic", "skip": ["linear"]}).run(g, PassContext((ids,)))
+    assert res.stats["embeddings"] == 1  # only pos: the fc also reads tok's table
+    assert g.node("tok").inputs[1].name == "tok.weight" and g.params["tok.weight"].dtype == torch.float32
+
+
+def test_zero_zero_points_are_one_shared_param_per_dtype_and_length():
+    m, g, ctx = _setup(c=8)
+    create_pass("quantize", {"scheme": "int8-static"}).run(g, ctx)
+    dqs = [n for n in g if n.op == "dequantize" and isinstance(n.inputs[0], ir.Param)
+           and n.inputs[0].name.endswith("weight_q")]
+    zps = {n.inputs[2].name for n in dqs}
+    assert "zero_int8_8" in zps  # c1 and c2 (8 channels each) share it
+    assert sum(n.inputs[2].name == "zero_int8_8" for n in dqs) == 2
+    assert not g.params["zero_int8_8"].any()
+    with torch.no_grad():
+        x = torch.randn(4, 1, 8, 8)
+        assert _sqnr(m(x), ir.lower(g)(x)) > 20
+
+
+def test_per_channel_min_gain_keeps_per_channel_scales_only_where_they_pay():
+    m, g, ctx = _setup(c=8)
+    with torch.no_grad():
+        m.c2.weight.mul_(torch.logspace(-2, 0, 8).reshape(-1, 1, 1, 1))  # c2's channels: 100x apart in range
+    g = ir.capture(m, ctx.example_inputs)
+    res = create_pass("quantize", {"scheme": "int8-static", "per_channel_min_gain_db": 6.0}).run(g, ctx)
+    assert res.changed
+    axes = {n.name: n.attrs.get("axis") for n in g if n.op == "dequantize" and isinstance(n.inputs[0], ir.Param)}
+    # c1/fc weights (one init distribution per layer): one scale; c2 (ranges 100x apart): one per channel
+    assert axes["c1_weight_dq"] is None and axes["fc_weight_dq"] is None and axes["c2_weight_dq"] == 0
+    assert axes["c1_bias_dq"] is None and g.params[g.node("c1_bias_dq").inputs[1].name].dim() == 0
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert _sqnr(m(x), ir.lower(g)(x)) > 20
