@@ -10,14 +10,12 @@ logit-standardized KD, AT (CE + attention transfer) and AT+KD. Mean +- std over 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _distill import compare_methods, print_table
 from torch import nn
 
 import models
-from passes.distill import distill
 
 METHODS = {"scratch": "ce", "KD": "kd", "CTKD (adaptive T)": "ctkd", "logit-std KD": "logit-std",
            "AT": "at", "AT+KD": "at+kd"}
@@ -71,28 +69,11 @@ def main() -> None:
     assert ratio <= 0.25, ratio
     print(f"teacher digits_cnn: {n_params(teacher)} params, test acc {t_acc:.4f}; "
           f"student: {n_params(probe)} params ({ratio:.3f} of the teacher)")
-    results: dict[str, list[float]] = {m: [] for m in methods}
-    for seed in args.seeds:
-        for label, loss in methods.items():
-            torch.manual_seed(seed)
-            student = SmallDigitsCNN(widths, args.hidden)
-            t0 = time.perf_counter()
-            kd_options = {"T": args.T, "alpha": args.alpha} if loss in ("kd", "at+kd") else None
-            distill(teacher if loss != "ce" else None, student, ds, loss=loss, loss_options=kd_options,
-                    features=PAIRS if loss.startswith("at") else (), epochs=args.epochs, lr=args.lr,
-                    batch_size=64, seed=seed, keep_best=False, quiet=True)
-            acc = models.accuracy(student, ds)
-            results[label].append(acc)
-            print(f"seed {seed} {label:18s} acc {acc:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    print(f"\n| method | test accuracy (mean ± std, {len(args.seeds)} seeds) | vs teacher |")
-    print("|---|---|---|")
-    print(f"| teacher digits_cnn ({n_params(teacher)} params) | {t_acc * 100:.2f} | — |")
-    for label, accs in results.items():
-        mean = statistics.mean(accs)
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| student ({n_params(probe)} params), {label} | {mean * 100:.2f} ± {std * 100:.2f} | "
-              f"{(mean - t_acc) * 100:+.2f} pt |")
-
+    results = compare_methods(teacher, lambda: SmallDigitsCNN(widths, args.hidden), ds, methods, seeds=args.seeds,
+                              epochs=args.epochs, lr=args.lr, pairs=PAIRS,
+                              kd_options={"T": args.T, "alpha": args.alpha})
+    print_table(results, f"teacher digits_cnn ({n_params(teacher)} params)", t_acc,
+                f"student ({n_params(probe)} params)")
 
 if __name__ == "__main__":
     main()

@@ -8,14 +8,12 @@ AT pairs the ends of the three stages (same spatial sizes, half the channels). M
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _distill import compare_methods, print_table
 
 import models
 from models.resnet import ResNet20
-from passes.distill import distill
 
 METHODS = {"scratch": "ce", "KD": "kd", "AT+KD": "at+kd"}
 PAIRS = [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]
@@ -34,25 +32,9 @@ def main() -> None:
     t_acc = models.accuracy(teacher, ds)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(f"teacher resnet20: {n(teacher)} params, test acc {t_acc:.4f}; student: {n(ResNet20(widths=(8, 16, 32)))}")
-    results: dict[str, list[float]] = {m: [] for m in METHODS}
-    for seed in args.seeds:
-        for label, loss in METHODS.items():
-            torch.manual_seed(seed)
-            student = ResNet20(widths=(8, 16, 32))
-            t0 = time.perf_counter()
-            distill(teacher if loss != "ce" else None, student, ds, loss=loss,
-                    features=PAIRS if loss.startswith("at") else (), epochs=args.epochs, lr=args.lr,
-                    seed=seed, keep_best=False, quiet=True)
-            acc = models.accuracy(student, ds)
-            results[label].append(acc)
-            print(f"seed {seed} {label:8s} acc {acc:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    print(f"\n| method | test accuracy (mean ± std, {len(args.seeds)} seeds) |")
-    print("|---|---|")
-    print(f"| teacher resnet20 | {t_acc * 100:.2f} |")
-    for label, accs in results.items():
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| half-width student, {label} | {statistics.mean(accs) * 100:.2f} ± {sd * 100:.2f} |")
-
+    results = compare_methods(teacher, lambda: ResNet20(widths=(8, 16, 32)), ds, METHODS, seeds=args.seeds,
+                              epochs=args.epochs, lr=args.lr, pairs=PAIRS)
+    print_table(results, "teacher resnet20", t_acc, "half-width student")
 
 if __name__ == "__main__":
     main()
