@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporters.onnx.context import Dyn, EmitContext, register_emitter, to_numpy
+from exporters.onnx.context import Dyn, EmitContext, onnx_dtype, register_emitter, to_numpy
 from ir.errors import ExportError
 from ir.graph import Node, Param
 
@@ -679,9 +679,53 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
     # needs them. An int32 (bias) zero point of 0 is left out: it is the default, and fusion ignores it.
     zero = _qtensor(ctx, zp)
     omit = qdt == torch.int32 and zero is not None and not bool(torch.as_tensor(zero).any())
-    return ctx.emit("DequantizeLinear", [ctx.value(q), _qparam(ctx, scale, torch.float32, per_tensor)]
-                    + ([] if omit else [_qparam(ctx, zp, qdt, per_tensor)]),
+    values = _compact_int32(ctx, q) if qdt == torch.int32 else ctx.value(q)
+    scale_name = (_bias_scale_product(ctx, node) if qdt == torch.int32 else None) \
+        or _qparam(ctx, scale, torch.float32, per_tensor)
+    return ctx.emit("DequantizeLinear", [values, scale_name] + ([] if omit else [_qparam(ctx, zp, qdt, per_tensor)]),
                     axis=None if axis is None else _axis(int(axis), rank))
+
+
+# An int32 bias is stored compactly: int8 weights make biases and their scales a large part of a small
+# model's file (mobilenetv2: 67 KB of 495 KB). Both forms below are constant subgraphs that onnxruntime folds
+# when it loads the model, before its QDQ fusion, so QLinearConv/QGemm fusion and results are unchanged.
+
+def _compact_int32(ctx: EmitContext, q: Any) -> str:
+    """An int32 constant whose values fit in int16, stored as int16 and cast back (half the bytes)."""
+    if not isinstance(q, Param):
+        return ctx.value(q)
+    t = ctx.param_tensor(q)
+    if t.numel() < 8 or t.abs().max() > torch.iinfo(torch.int16).max:
+        return ctx.value(q)
+    return ctx.emit("Cast", [ctx.param(q, key="i16", dtype=torch.int16)], to=onnx_dtype(torch.int32),
+                    name=f"{q.name}_i32")
+
+
+def _bias_scale_product(ctx: EmitContext, node: Node) -> str | None:
+    """A per-channel int32 bias scale as Mul(input scale, weight scale), which is its definition for
+    integer kernels, instead of a stored vector; None unless the stored scale is exactly that product."""
+    scale = node.inputs[1]
+    if not isinstance(scale, Param) or ctx.param_tensor(scale).dim() != 1 or ctx.param_tensor(scale).numel() < 2:
+        return None
+    for layer in node.users:
+        if layer.op not in ("conv1d", "conv2d", "linear") or len(layer.inputs) < 3 or layer.inputs[2] is not node:
+            continue
+        x, w = layer.inputs[0], layer.inputs[1]
+        while isinstance(x, Node) and x.op in ("identity", "dropout") and x.inputs:
+            x = x.inputs[0]
+        if not (isinstance(x, Node) and x.op == "dequantize" and isinstance(w, Node) and w.op == "dequantize"):
+            return None
+        s_x, s_w = x.inputs[1], w.inputs[1]
+        if not (isinstance(s_x, Param) and isinstance(s_w, Param)) or x.attrs.get("axis") is not None:
+            return None
+        tx, tw = ctx.param_tensor(s_x), ctx.param_tensor(s_w)
+        if tx.numel() != 1 or tw.dtype != torch.float32 or tw.shape != ctx.param_tensor(scale).shape \
+                or not torch.equal(tx.float().reshape(()) * tw, ctx.param_tensor(scale)):
+            return None
+        return ctx.emit("Mul", [_qparam(ctx, s_x, torch.float32, True),
+                                _qparam(ctx, s_w, torch.float32, w.attrs.get("axis") is None)],
+                        name=f"{scale.name}_product")
+    return None
 
 
 

@@ -39,6 +39,7 @@ from passes.quantize.qdq import (
     quantizable_embeddings,
     quantize_embedding,
     quantize_tensor,
+    through_noops,
 )
 
 SCHEMES = ("int8-static", "int8-dynamic", "fixed-point", "sign")
@@ -57,7 +58,7 @@ class Quantize(Pass):
     scheme: Literal["int8-static", "int8-dynamic", "fixed-point", "sign"] = "int8-static"
     per_channel: bool = True
     # per-channel weight scales only where they beat one per-tensor scale by at least this many dB of weight
-    # SQNR: each channel costs 8 bytes in the file (its weight scale and its int32 bias's scale)
+    # SQNR: each channel costs 4 bytes in the file (its weight scale; an int32 bias's scale is not stored)
     per_channel_min_gain_db: float = 0.0
     activation_dtype: Literal["uint8", "int8"] = "uint8"
     activation_symmetric: bool = False
@@ -239,7 +240,7 @@ class Quantize(Pass):
         qp, values = self.weight_qparams(w, kind)
         qmax = 2 ** (self.bits - 1) - 1 if kind != "sign" else 1
         fold_weight(graph, n, 1, qp, qmin=-qmax, qmax=qmax, values=values)
-        x = n.inputs[0]
+        x = through_noops(n.inputs[0])
         if isinstance(x, Node) and x.op == "dequantize" and self.scheme != "int8-dynamic":
             s_x = graph.params[x.inputs[1].name]
             if s_x.dim() == 0:

@@ -17,6 +17,7 @@ import torch
 
 from ir import Graph, Node, Param, TensorMeta
 from ir.errors import PassError
+from passes.graph_utils import runs_in_training
 from passes.quantize.observers import QRANGE, QParams
 
 WEIGHT_OPS = frozenset({"conv1d", "conv2d", "linear"})
@@ -60,6 +61,15 @@ class Plan:
         return list(dict.fromkeys(self.tensors.values()))
 
 
+def through_noops(n: object) -> object:
+    """Walk back through identity and inference-mode dropout: they vanish on export, so a quantize→dequantize
+    belongs on their input (one pair, not a second one after the no-op)."""
+    while isinstance(n, Node) and n.inputs and isinstance(n.inputs[0], Node) and (
+            n.op == "identity" or (n.op == "dropout" and not runs_in_training(n))):
+        n = n.inputs[0]
+    return n
+
+
 def _range_source(n: Node) -> Node:
     """Walk back through data-movement ops to the tensor whose range a transparent chain shares."""
     while n.op in TRANSPARENT_OPS and n.inputs and is_float_tensor(n.inputs[0]):
@@ -99,6 +109,7 @@ def make_plan(graph: Graph, *, skip: list[str], only: set[str] | None = None,
     wanted: dict[str, Node] = {}
 
     def want(t: object) -> bool:
+        t = through_noops(t)
         if not is_float_tensor(t) or t.name in wanted:  # type: ignore[union-attr]
             return False
         wanted[t.name] = t  # type: ignore[union-attr]
@@ -116,7 +127,7 @@ def make_plan(graph: Graph, *, skip: list[str], only: set[str] | None = None,
         for n in graph:
             if n.op not in OUTPUT_QUANT_OPS or matches(n, skip) or (only is not None and n.name not in only):
                 continue
-            out = _after_clipping(n)
+            out = through_noops(_after_clipping(n))
             if out.name not in wanted:
                 continue
             ins = [a for a in n.inputs if is_float_tensor(a)]

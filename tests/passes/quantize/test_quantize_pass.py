@@ -1,5 +1,6 @@
 """The quantize pass: folding, every scheme, skip patterns, faithful integer simulation, option errors."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -329,3 +330,61 @@ def test_per_channel_min_gain_keeps_per_channel_scales_only_where_they_pay():
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert _sqnr(m(x), ir.lower(g)(x)) > 20
+
+
+def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_fuses(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    from exporters.onnx import to_onnx_model
+
+    m, g, ctx = _setup()
+    with torch.no_grad():
+        m.c2.bias.fill_(1e3)  # int32 values beyond int16: stored as int32
+    g = ir.capture(m, ctx.example_inputs)
+    create_pass("quantize", {"scheme": "int8-static"}).run(g, ctx)
+    model = to_onnx_model(g, inputs=ctx.example_inputs)
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    bias_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "bias" in n.input[0]]
+    assert len(bias_dqs) == 3
+    for dq in bias_dqs:  # no stored bias scale vector: Mul(input scale, weight scale)
+        mul = made_by[dq.input[1]]
+        assert mul.op_type == "Mul" and inits[mul.input[0]].ndim == 0 and inits[mul.input[1]].ndim == 1
+    stored = {dq.input[0].split(".")[0]: (made_by[dq.input[0]].input[0] if dq.input[0] in made_by else dq.input[0])
+              for dq in bias_dqs}
+    assert inits[stored["c1"]].dtype == np.int16 and inits[stored["fc"]].dtype == np.int16
+    assert inits[stored["c2"]].dtype == np.int32 and np.abs(inits[stored["c2"]]).max() > 2 ** 15
+    for layer in ("c1", "c2", "fc"):
+        s = g.params[f"{layer}.bias_s"]
+        assert torch.equal(torch.from_numpy(np.asarray(inits[stored[layer]], dtype=np.int32)),
+                           g.params[f"{layer}.bias_q"]) and s.dim() == 1
+    ops = _optimized_op_types(model.SerializeToString(), tmp_path)
+    assert {"QLinearConv", "QGemm"} <= ops and not ops & {"Conv", "Gemm", "Mul", "Cast", "DequantizeLinear"}, ops
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    from exporters.validate import validate_onnx
+
+    assert validate_onnx(model, g, (x,), atol=1e-3, rtol=1e-3).max_abs_diff < 1e-3
+    assert onnx.checker.check_model(model, full_check=True) is None
+
+
+def test_dropout_gets_no_second_quantize_and_the_next_bias_is_still_int32():
+    class DropNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.drop, self.fc2 = nn.Linear(16, 32), nn.Dropout(0.2), nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+    torch.manual_seed(0)
+    m = DropNet().eval()
+    x = torch.randn(4, 16)
+    g = ir.capture(m, (x,))
+    ctx = PassContext((x,), calibration_data=[(torch.randn(32, 16),)], quiet=True)
+    create_pass("quantize", {"scheme": "int8-static"}).run(g, ctx)
+    assert sum(n.op == "quantize" for n in g) == 2  # the input and relu's output, not dropout's too
+    fc2 = g.node("fc2")
+    assert fc2.inputs[2].op == "dequantize" and g.params[fc2.inputs[2].inputs[0].name].dtype == torch.int32
+    with torch.no_grad():
+        assert _sqnr(m(x), ir.lower(g)(x)) > 25
