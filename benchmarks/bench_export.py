@@ -29,10 +29,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from _latency import best, compare, interleaved_latency
 
 import ir
 import models
-from exporters import export_onnx, measure_latency, ort_session, to_onnx_model, with_batch
+from exporters import export_onnx, ort_session, to_onnx_model, with_batch
 from exporters.bench import ort_feed
 from exporters.onnx import DEFAULT_OPSET
 
@@ -109,17 +110,10 @@ def main() -> int:
         shutil.copyfile(theirs_p, control_p)
         for batch in (1, 32):
             xb = with_batch(x, batch)
-            lo, lt, lc = [], [], []
-            for r in range(args.rounds):
-                trio = [(ours_p, lo), (theirs_p, lt), (control_p, lc)]
-                for p, acc in trio[r % 3:] + trio[:r % 3]:
-                    acc.append(measure_latency(p, xb, threads=1, budget_s=args.budget, clock=args.clock).median_ms)
-            mo, mt = min(lo), min(lt)  # best round: interference only ever adds time
-            ratio = mo / mt
-            # The noise floor of this run: how far apart two sessions of the very same file typically are in
-            # one round (median over rounds of |control/theirs - 1|).
-            noise = float(np.median([abs(c / t - 1.0) for c, t in zip(lc, lt)]))
-            verdict = "faster" if ratio <= 1.0 else ("tie (within A/A noise)" if ratio - 1.0 <= noise else "SLOWER")
+            runs = interleaved_latency({"ours": ours_p, "theirs": theirs_p, "control": control_p}, xb,
+                                       rounds=args.rounds, budget_s=args.budget, clock=args.clock)
+            mo, mt = best(runs["ours"]), best(runs["theirs"])
+            ratio, noise, verdict = compare(runs["ours"], runs["theirs"], runs["control"])
             ok &= verdict != "SLOWER"
             rows.append((name, batch, mo, mt, ratio, noise, verdict, f"{n_o}/{n_t}", f"{o_o}/{o_t}", t_ours, t_theirs,
                          t_ours_val, diff))
