@@ -1,9 +1,8 @@
 """Shared by the benchmarks that compare onnxruntime latency with a peer's file in the same run.
 
-On this kind of machine (a small VM), two onnxruntime sessions of the very same file differ by 10-25% in
-median latency, so one session per side proves nothing. Each round therefore opens a fresh session per
-model, in a rotating order, and an A/A control (the peer's file again) shows how far apart identical
-files land in this run.
+Two onnxruntime sessions of the very same file differ by 10-25% on this kind of machine (a small VM), so
+each round opens fresh sessions (`exporters.interleaved_latency`) and an A/A control (the peer's file
+again) shows how far apart identical files land in this run.
 """
 
 from __future__ import annotations
@@ -12,22 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from exporters import measure_latency
+from exporters import interleaved_latency
 
 
-def interleaved_latency(models: dict[str, Any], inputs: tuple, *, rounds: int, budget_s: float,
-                        clock: str = "cpu") -> dict[str, list[float]]:
-    """Per-round median latency (ms) of each model (ONNX path/bytes), one fresh session per model and round."""
-    runs: dict[str, list[float]] = {k: [] for k in models}
-    items = list(models.items())
-    for r in range(rounds):
-        for label, model in items[r % len(items):] + items[:r % len(items)]:
-            runs[label].append(measure_latency(model, inputs, threads=1, budget_s=budget_s, clock=clock).median_ms)
-    return runs
+def round_medians(models: dict[str, Any], inputs: tuple, *, rounds: int, budget_s: float,
+                  clock: str = "cpu") -> dict[str, list[float]]:
+    """Per-round median latency (ms) of each model, one thread, fresh sessions in rotating order."""
+    runs = interleaved_latency(models, inputs, rounds=rounds, budget_s=budget_s, clock=clock)
+    return {k: [s.median_ms for s in v] for k, v in runs.items()}
 
 
 def best(times: list[float]) -> float:
-    """Best round: interference only ever adds time."""
+    """The best round (interference only ever adds time), as `exporters.best_median_ms` for stats."""
     return min(times)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from _latency import best, compare, interleaved_latency
+from _latency import best, compare, round_medians
 
 import ir
 import models
@@ -110,7 +110,7 @@ def main() -> int:
         shutil.copyfile(theirs_p, control_p)
         for batch in (1, 32):
             xb = with_batch(x, batch)
-            runs = interleaved_latency({"ours": ours_p, "theirs": theirs_p, "control": control_p}, xb,
+            runs = round_medians({"ours": ours_p, "theirs": theirs_p, "control": control_p}, xb,
                                        rounds=args.rounds, budget_s=args.budget, clock=args.clock)
             mo, mt = best(runs["ours"]), best(runs["theirs"])
             ratio, noise, verdict = compare(runs["ours"], runs["theirs"], runs["control"])

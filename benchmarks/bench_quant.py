@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _latency import best, compare, interleaved_latency
+from _latency import best, compare, round_medians
 
 import ir
 import models
@@ -126,7 +126,7 @@ def bench_model(name: str, args) -> dict:
     lat, row["ratio"] = {}, {}
     for b, ex in (("b1", ex1), ("b32", ex32)):
         # fresh sessions in rotating order each round, plus an A/A control (their file again): see _latency.py
-        runs = interleaved_latency({"fp32": fp32, "ours": ours, "theirs": theirs, "control": theirs}, ex,
+        runs = round_medians({"fp32": fp32, "ours": ours, "theirs": theirs, "control": theirs}, ex,
                                    rounds=args.rounds, budget_s=args.budget / args.rounds)
         lat[b] = {k: best(v) for k, v in runs.items() if k != "control"}
         ratio, noise, verdict = compare(runs["ours"], runs["theirs"], runs["control"])

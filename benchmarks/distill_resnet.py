@@ -2,7 +2,7 @@
 
 AT pairs the ends of the three stages (same spatial sizes, half the channels). Mean +- std over seeds.
 
-    PYTHONPATH=. python benchmarks/distill_resnet.py [--seeds 0 1 2] [--epochs 6]
+    PYTHONPATH=. python benchmarks/distill_resnet.py [--seeds 0 1 2] [--epochs 6] [--T 4 --alpha 0.9] [--methods scratch,KD]
 """
 
 from __future__ import annotations
@@ -25,15 +25,20 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--T", type=float, default=4.0, help="KD temperature")
+    ap.add_argument("--alpha", type=float, default=0.9, help="KD weight of the soft term")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     args = ap.parse_args()
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
     torch.set_num_threads(args.threads)
     ds = models.load_dataset("mnist5k-32")
     teacher = models.get("resnet20").trained(seed=0)
     t_acc = models.accuracy(teacher, ds)
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     print(f"teacher resnet20: {n(teacher)} params, test acc {t_acc:.4f}; student: {n(ResNet20(widths=(8, 16, 32)))}")
-    results = compare_methods(teacher, lambda: ResNet20(widths=(8, 16, 32)), ds, METHODS, seeds=args.seeds,
-                              epochs=args.epochs, lr=args.lr, pairs=PAIRS)
+    results = compare_methods(teacher, lambda: ResNet20(widths=(8, 16, 32)), ds, methods, seeds=args.seeds,
+                              epochs=args.epochs, lr=args.lr, pairs=PAIRS,
+                              kd_options={"T": args.T, "alpha": args.alpha})
     print_table(results, "teacher resnet20", t_acc, "half-width student")
 
 if __name__ == "__main__":

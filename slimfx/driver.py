@@ -101,15 +101,21 @@ def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(-1) == labels).double().mean())
 
 
-def _latency(path: Path, example: tuple, budget_s: float, progress: Any) -> dict[str, float]:
-    """onnxruntime median latency on one thread at batch 1 and 32 (`progress`: a tqdm bar to step)."""
-    from exporters import with_batch
-    from exporters.bench import measure_latency
+LATENCY_ROUNDS = 3
 
-    result = {}
+
+def _latencies(paths: dict[str, Path], example: tuple, budget_s: float, progress: Any) -> dict[str, dict[str, float]]:
+    """onnxruntime latency on one thread at batch 1 and 32 of each file, measured side by side: the best of
+    LATENCY_ROUNDS rounds of fresh sessions (one session alone can be 10-25% off; see
+    `exporters.interleaved_latency`). `budget_s` is the timed budget per file and batch; `progress` a tqdm bar."""
+    from exporters import best_median_ms, interleaved_latency, with_batch
+
+    result: dict[str, dict[str, float]] = {k: {} for k in paths}
     for key, batch in (("b1", 1), ("b32", 32)):
-        result[key] = round(float(measure_latency(path, with_batch(example, batch), threads=1,
-                                                  budget_s=budget_s).median_ms), 4)
+        runs = interleaved_latency(paths, with_batch(example, batch), rounds=LATENCY_ROUNDS,
+                                   budget_s=budget_s / LATENCY_ROUNDS)
+        for k, stats in runs.items():
+            result[k][key] = round(best_median_ms(stats), 4)
         progress.update(1)
     return result
 
@@ -141,7 +147,8 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         validation numbers; without it, validation uses the example inputs.
     formats: what to export into `out_dir` ("onnx", "torchscript"). Nothing is written unless
         every step succeeds.
-    bench_seconds: time budget of each latency measurement (more is steadier).
+    bench_seconds: timed budget per ONNX file and batch size, split over rounds of fresh sessions that
+        alternate between the original and the compiled model (more is steadier).
     """
     t_start = time.perf_counter()
     example = _as_tuple(example_inputs) if example_inputs is not None else ()
@@ -202,22 +209,22 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         tmp_path = Path(tmp)
         from exporters import export_onnx
 
-        def onnx_numbers(path: Path, what: str) -> tuple[int | None, dict[str, float] | None]:
-            """File size and latency of an fp32/int8 ONNX export of the graph as it is now. When ONNX was
-            not asked for and the graph cannot be written as ONNX, those numbers are left out (warned)."""
+        def onnx_file(path: Path, what: str) -> Path | None:
+            """An ONNX export of the graph as it is now, for its size and latency. When ONNX was not asked
+            for and the graph cannot be written as ONNX, those numbers are left out (warned)."""
             try:
-                exported = export_onnx(graph, path, inputs=example).path
+                return export_onnx(graph, path, inputs=example).path
             except ExportError as e:
                 if "onnx" in formats:
                     raise
                 warnings.append(f"no ONNX size or latency for the {what} model: {e}".split("\n")[0])
-                return None, None
-            return exported.stat().st_size, _latency(exported, example, bench_seconds, progress)
+                return None
 
-        size, latency = onnx_numbers(tmp_path / "baseline.onnx", "original")
-        baseline = {"params": ir.count_params(graph), "macs": ir.count_macs(graph), "size_bytes": size,
-                    "latency_ms": latency, "accuracy": accuracy_of(run_model, model)}
-        stages = [{"stage": "original", **_stage_numbers(baseline)}]
+        baseline_onnx = onnx_file(tmp_path / "baseline.onnx", "original")
+        baseline = {"params": ir.count_params(graph), "macs": ir.count_macs(graph),
+                    "size_bytes": baseline_onnx.stat().st_size if baseline_onnx else None,
+                    "latency_ms": None, "accuracy": accuracy_of(run_model, model)}
+        stages = [{"stage": "original"}]  # filled in once both latencies are measured side by side
 
         records = []
         from passes import PassManager
@@ -248,14 +255,17 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
             export_details[fmt] = res.to_dict()
 
         deployed = _onnx_runner(exports["onnx"]) if "onnx" in exports else module
-        if "onnx" in exports:
-            size, latency = exports["onnx"].stat().st_size, _latency(exports["onnx"], example, bench_seconds, progress)
-        else:
-            size, latency = onnx_numbers(tmp_path / "compressed.onnx", "compiled")
+        compressed_onnx = exports.get("onnx") or onnx_file(tmp_path / "compressed.onnx", "compiled")
+        timed = {k: p for k, p in (("baseline", baseline_onnx), ("compressed", compressed_onnx)) if p is not None}
+        latency = _latencies(timed, example, bench_seconds, progress) if timed else {}
+        baseline["latency_ms"] = latency.get("baseline")
+        stages[0] = {"stage": "original", **_stage_numbers(baseline)}
         candidate = _run_batched(deployed, val_inputs)
         validation = compare(reference, candidate)
         compressed = {
-            "params": ir.count_params(graph), "macs": ir.count_macs(graph), "size_bytes": size, "latency_ms": latency,
+            "params": ir.count_params(graph), "macs": ir.count_macs(graph),
+            "size_bytes": compressed_onnx.stat().st_size if compressed_onnx else None,
+            "latency_ms": latency.get("compressed"),
             "accuracy": (float(eval_fn(module)) if eval_fn is not None else
                          (_accuracy(candidate, val_labels) if val_labels is not None else None)),
         }
@@ -304,7 +314,7 @@ def _measure_stage(label: str, graph: ir.Graph, example: tuple, tmp: Path, index
     try:
         path = _export_quiet(graph, tmp / f"stage{index}.onnx", example)
         row["size_bytes"] = path.stat().st_size
-        row["latency_b32_ms"] = _latency(path, example, bench_seconds, progress)["b32"]
+        row["latency_b32_ms"] = _latencies({"stage": path}, example, bench_seconds, progress)["stage"]["b32"]
     except SlimfxError as e:
         log.info("stage %s not exportable on its own: %s", label, e)
     return row

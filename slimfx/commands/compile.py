@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="torch threads for calibration and training (default 1: fastest for small models, "
                         "and steady on a busy machine); latency is always measured on 1 thread")
     p.add_argument("--bench-seconds", type=float, default=0.8,
-                   help="time budget of each latency measurement (default 0.8 s; more is steadier)")
+                   help="timed budget per model and batch size, split over 3 rounds of fresh sessions "
+                        "(default 0.8 s; more is steadier)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables; print only the output path")
     return p
 

@@ -67,3 +67,32 @@ def test_latency_scales_with_work(tmp_path):
     b = measure_latency(big, (torch.randn(8, 256),), runs=20)
     assert b.median_ms > 2 * s.median_ms
     assert np.isfinite([s.median_ms, b.median_ms]).all()
+
+
+def test_interleaved_latency_rotates_fresh_measurements_and_best_is_the_fastest_round(monkeypatch):
+    import exporters.bench as bench
+    from exporters import best_median_ms, interleaved_latency
+
+    order: list[str] = []
+    fake_ms = iter([3.0, 5.0, 4.0, 2.0, 6.0, 1.0, 9.0, 9.0, 9.0])
+
+    def fake_measure(model, inputs, **kw):
+        order.append(model)
+        return bench.LatencyStats(next(fake_ms), 0.0, 0.0, 0.0, 7, kw["threads"])
+
+    monkeypatch.setattr(bench, "measure_latency", fake_measure)
+    runs = interleaved_latency({"a": "a.onnx", "b": "b.onnx", "c": "c.onnx"}, (), rounds=3, budget_s=0.1)
+    assert order == ["a.onnx", "b.onnx", "c.onnx", "b.onnx", "c.onnx", "a.onnx", "c.onnx", "a.onnx", "b.onnx"]
+    assert [s.median_ms for s in runs["a"]] == [3.0, 1.0, 9.0] and best_median_ms(runs["a"]) == 1.0
+    assert best_median_ms(runs["b"]) == 2.0 and best_median_ms(runs["c"]) == 4.0
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_latency({"a": "a.onnx"}, (), rounds=0)
+
+
+def test_interleaved_latency_measures_real_models():
+    from exporters import best_median_ms, interleaved_latency
+
+    x = torch.randn(16, 512)
+    runs = interleaved_latency({"small": torch.nn.Linear(512, 8), "big": torch.nn.Linear(512, 2048)}, (x,),
+                               rounds=2, budget_s=0.05)
+    assert best_median_ms(runs["small"]) < best_median_ms(runs["big"])
