@@ -120,6 +120,21 @@ def _latencies(paths: dict[str, Path], example: tuple, budget_s: float, progress
     return result
 
 
+# Fresh sessions of one file land up to 10-15% apart here; only a clearer slowdown is worth a warning.
+SLOWER_WARN_RATIO = 1.2
+
+
+def _slower_warnings(baseline: dict[str, float] | None, compressed: dict[str, float] | None) -> list[str]:
+    """A warning per batch size at which the compiled model runs clearly slower than the original."""
+    out = []
+    for key, (b, c) in ((k, ((baseline or {}).get(k), (compressed or {}).get(k))) for k in ("b1", "b32")):
+        if b and c and c > SLOWER_WARN_RATIO * b:
+            out.append(f"the compiled model is slower than the original at batch {key[1:]} ({c / b:.2f}x on "
+                       "onnxruntime, 1 thread): at this size the recipe's kernels do not pay off; if that is your "
+                       "deployment batch, try another recipe or keep the original")
+    return out
+
+
 # --- the main entry point --------------------------------------------------------------------------------
 
 def _as_tuple(x: Any) -> tuple:
@@ -260,6 +275,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         latency = _latencies(timed, example, bench_seconds, progress) if timed else {}
         baseline["latency_ms"] = latency.get("baseline")
         stages[0] = {"stage": "original", **_stage_numbers(baseline)}
+        warnings.extend(_slower_warnings(latency.get("baseline"), latency.get("compressed")))
         candidate = _run_batched(deployed, val_inputs)
         validation = compare(reference, candidate)
         compressed = {

@@ -104,3 +104,16 @@ def test_torchscript_only_compile_of_a_model_onnx_cannot_express(tmp_path):
     with pytest.raises(slimfx.ExportError, match="cumsum"):  # asked for ONNX: a clear error, as before
         slimfx.compile(model, example, recipe="cleanup", formats=("onnx",), out_dir=tmp_path / "x", quiet=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_compiled_model_clearly_slower_than_the_original_is_warned_about(tmp_path, monkeypatch):
+    import slimfx.driver as driver
+
+    measured = {"baseline": {"b1": 1.0, "b32": 10.0}, "compressed": {"b1": 1.5, "b32": 5.0}}
+    monkeypatch.setattr(driver, "_latencies", lambda paths, *a, **k: {p: measured.get(p, {"b1": 1.0, "b32": 1.0}) for p in paths})
+    model, example = small()
+    result = slimfx.compile(model, example, recipe="cleanup", out_dir=tmp_path, quiet=True)
+    slower = [w for w in result.report["warnings"] if "slower than the original" in w]
+    assert len(slower) == 1 and "batch 1 (1.50x" in slower[0]
+    assert "warning: the compiled model is slower" in (tmp_path / "report.md").read_text()
+    assert driver._slower_warnings({"b1": 1.0, "b32": 1.0}, {"b1": 1.15, "b32": 0.5}) == []  # within noise
