@@ -4,8 +4,9 @@
 
 resnet20 / mobilenetv2: slimfx `prune-channels{sparsity=0.5, criterion=l2}` against Torch-Pruning's
 MagnitudePruner (L2 importance, pruning_ratio 0.5, last fc ignored). Both pruned models and the dense
-one are captured and exported with exporters.export_onnx (so only the pruning differs) and timed with
-exporters.bench.measure_latency at batch 1 and 32, interleaved over 5 rounds (median of medians). tiny_bert: 50% heads and
+one are captured and exported with exporters.export_onnx (so only the pruning differs) and timed at batch 1
+and 32, best of 7 rounds of fresh sessions, with Torch-Pruning's file timed twice as an A/A control
+(_latency.py): ours vs TP within that noise is a tie. tiny_bert: 50% heads and
 50% FFN units (embedding stream protected). digits_cnn: accuracy after 50% channels + fine-tune and after
 50% unstructured magnitude masks.
 """
@@ -15,31 +16,24 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _latency import best, compare, round_medians
 
 import ir
 import models
-from exporters import export_onnx, measure_latency, validate_onnx
+from exporters import export_onnx, validate_onnx
 from passes import PassContext, create_pass
 
 
-def _lat(path: Path, spec, batch: int) -> float:
-    return measure_latency(str(path), spec.example_inputs(batch=batch), threads=1, budget_s=1.5).median_ms
-
-
-def _interleaved(paths: list[Path], spec, batch: int, rounds: int = 5) -> list[float]:
-    """Median over `rounds` alternating measurements, so load drifts on a shared machine hit all models alike."""
-    import statistics
-
-    got: list[list[float]] = [[] for _ in paths]
-    for _ in range(rounds):
-        for i, p in enumerate(paths):
-            got[i].append(measure_latency(str(p), spec.example_inputs(batch=batch), threads=1, budget_s=0.4).median_ms)
-    return [statistics.median(v) for v in got]
+def _rounds(paths: dict[str, Path], spec, batch: int, rounds: int = 7) -> dict[str, list[float]]:
+    """Per-round medians, fresh sessions in rotating order (see _latency.py)."""
+    return round_medians({k: str(p) for k, p in paths.items()}, spec.example_inputs(batch=batch), rounds=rounds,
+                         budget_s=0.4)
 
 
 def _ours(model, spec, tmp: Path, name: str, **opts):
@@ -80,9 +74,15 @@ def bench_cnn(name: str, tmp: Path) -> dict:
     tp_macs, tp_ours_count, tp_p = _torch_pruning(model, spec, tmp)
     row = {"model": name, "macs_ratio": res.stats["macs_ratio"], "tp_macs_ratio": tp_ours_count / ir.count_macs(dense_g),
            "tp_macs_ratio_tp_counter": tp_macs}
+    tp_copy = tmp / f"{name}_tp_copy.onnx"  # A/A control: Torch-Pruning's file again, its own sessions
+    shutil.copyfile(tp_p, tp_copy)
     for b in (1, 32):
-        d, o, t = _interleaved([dense_p, ours_p, tp_p], spec, b)
-        row[f"b{b}"] = {"dense_ms": d, "ours_ms": o, "tp_ms": t, "ours_ratio": o / d, "tp_ratio": t / d}
+        runs = _rounds({"dense": dense_p, "ours": ours_p, "tp": tp_p, "tp_control": tp_copy}, spec, b)
+        d, o, t = best(runs["dense"]), best(runs["ours"]), best(runs["tp"])
+        # pruned/dense: ours <= TP's is ours_ms <= tp_ms against the same dense model
+        ratio, noise, verdict = compare(runs["ours"], runs["tp"], runs["tp_control"])
+        row[f"b{b}"] = {"dense_ms": d, "ours_ms": o, "tp_ms": t, "ours_ratio": o / d, "tp_ratio": t / d,
+                        "ours_vs_tp": ratio, "a/a_noise": noise, "verdict": verdict}
     if name == "mobilenetv2":  # 50% per group leaves depthwise convs (linear in channels) at half their MACs
         g2, res2, _ = _ours(model, spec, tmp, "ours_t", target_macs=0.27, criterion="l2")
         row["target_macs_0.27"] = {"sparsity": res2.stats["sparsity"], "macs_ratio": res2.stats["macs_ratio"]}
@@ -106,7 +106,8 @@ def bench_bert(tmp: Path) -> dict:
     return {"model": "tiny_bert", "macs_ratio": res.stats["macs_ratio"], "finite": bool(torch.isfinite(out).all()),
             "validation": rep.to_dict() if hasattr(rep, "to_dict") else str(rep),
             "heads_kept": [r["kept_channels"] // 32 for r in heads],
-            "latency_ratio_b1": _lat(path, spec, 1) / _lat(dpath, spec, 1)}
+            "latency_ratio_b1": (lambda r: best(r["pruned"]) / best(r["dense"]))(
+                _rounds({"pruned": path, "dense": dpath}, spec, 1, rounds=3))}
 
 
 def bench_digits() -> dict:
