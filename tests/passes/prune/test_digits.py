@@ -31,14 +31,15 @@ def test_digits_cnn_prune_then_finetune_recovers_and_masks_cost_little(one_threa
     assert dense > 0.95
 
     g = ir.capture(model, x)
-    ctx = PassContext(example_inputs=x, train_data=(data.train_x, data.train_y), eval_fn=acc, quiet=True)
-    res = create_pass("prune-channels", {"sparsity": 0.5}).run(g, ctx)
+    # no eval_fn: the last epoch is scored, nothing is picked on the test split
+    ctx = PassContext(example_inputs=x, train_data=(data.train_x, data.train_y), quiet=True, seed=0)
+    res = create_pass("prune-channels", {"sparsity": 0.5, "criterion": "bn-scale"}).run(g, ctx)
     assert res.stats["macs_ratio"] <= 0.27
     pruned = acc(ir.lower(g).eval())
     ft = create_pass("finetune", {"epochs": 10, "lr": 3e-3}).run(g, ctx)
     recovered = acc(ir.lower(g).eval())
-    assert recovered == ft.stats["best_eval"] and recovered > pruned
-    assert recovered >= dense - 0.005, (dense, pruned, ft.stats["eval"])
+    assert ft.changed and recovered > pruned
+    assert recovered >= dense - 0.005, (dense, pruned, recovered)
 
     g = ir.capture(model, x)
     res = create_pass("prune-weights", {"sparsity": 0.5, "scope": "global"}).run(g, PassContext(example_inputs=x))
