@@ -122,9 +122,10 @@ def measure_latency(model: str | os.PathLike | bytes | torch.nn.Module | Any, in
 
 
 def interleaved_latency(models: dict[str, Any], inputs: Any, *, rounds: int = 3, budget_s: float = 0.8,
-                        threads: int = 1, clock: str = "wall") -> dict[str, list[LatencyStats]]:
+                        threads: int = 1, clock: str = "wall", runs: int | None = None) -> dict[str, list[LatencyStats]]:
     """Latency of several models measured in turns: each round opens a fresh session per model, in an order
-    that rotates from round to round; returns each model's per-round stats (`budget_s` per measurement).
+    that rotates from round to round; returns each model's per-round stats (`budget_s` or `runs` per
+    measurement).
 
     Two onnxruntime sessions of the very same file can differ by 10-25% in median latency (memory
     placement, a busy neighbour), so a comparison built on one session per model is mostly noise; the best
@@ -132,12 +133,13 @@ def interleaved_latency(models: dict[str, Any], inputs: Any, *, rounds: int = 3,
     state."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, not {rounds}")
-    runs: dict[str, list[LatencyStats]] = {k: [] for k in models}
+    out: dict[str, list[LatencyStats]] = {k: [] for k in models}
     items = list(models.items())
     for r in range(rounds):
         for label, model in items[r % len(items):] + items[:r % len(items)]:
-            runs[label].append(measure_latency(model, inputs, threads=threads, budget_s=budget_s, clock=clock))
-    return runs
+            out[label].append(measure_latency(model, inputs, threads=threads, budget_s=budget_s, clock=clock,
+                                              runs=runs))
+    return out
 
 
 def best_median_ms(rounds: list[LatencyStats]) -> float:

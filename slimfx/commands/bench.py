@@ -1,4 +1,5 @@
-"""`slimfx bench PATH.onnx [--batch 1,32] [--threads 1]`: onnxruntime latency of an ONNX file."""
+"""`slimfx bench PATH.onnx [MORE.onnx ...] [--batch 1,32] [--threads 1] [--rounds 3]`: onnxruntime latency of
+ONNX files, measured side by side when there are several."""
 
 from __future__ import annotations
 
@@ -10,29 +11,53 @@ from ir.errors import ValidationError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="measure onnxruntime latency of an ONNX file",
-                       description="Time PATH with onnxruntime (CPU, all graph optimizations, sequential, the "
-                                   "given intra-op threads) on random inputs of its declared shapes.")
-    p.add_argument("path", type=Path, metavar="PATH.onnx")
+    p = sub.add_parser("bench", help="measure onnxruntime latency of ONNX files (side by side when several)",
+                       description="Time each PATH with onnxruntime (CPU, all graph optimizations, sequential, the "
+                                   "given intra-op threads) on random inputs of its declared shapes. Each round opens "
+                                   "a fresh session per file, in turns, and the best round is reported: two sessions "
+                                   "of one file can be 10-25%% apart on a busy or virtual machine. With several files, "
+                                   "they must take the same inputs, and ratios to the first are printed.")
+    p.add_argument("paths", type=Path, nargs="+", metavar="PATH.onnx")
     p.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default 1,32)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    p.add_argument("--runs", type=int, default=None, help="timed runs (default: as many as fit in ~1 s)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per round (default: as many as fit in ~1 s)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of fresh sessions (default 3)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from exporters.bench import measure_latency, onnx_example_inputs
+def _signature(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+    from exporters.bench import onnx_example_inputs
 
-    if not args.path.is_file():
-        raise ValidationError(f"no ONNX file at {args.path}")
-    rows = {}
+    return [(str(i), tuple(t.shape), str(t.dtype)) for i, t in enumerate(onnx_example_inputs(path, batch=2))]
+
+
+def run(args: argparse.Namespace) -> int:
+    from exporters.bench import best_median_ms, interleaved_latency, onnx_example_inputs
+
+    for path in args.paths:
+        if not path.is_file():
+            raise ValidationError(f"no ONNX file at {path}")
+    if args.rounds < 1:
+        raise ValidationError(f"--rounds must be at least 1, got {args.rounds}")
+    names = [p.name if [q.name for q in args.paths].count(p.name) == 1 else str(p) for p in args.paths]
+    first = _signature(args.paths[0])
+    for name, path in zip(names[1:], args.paths[1:]):
+        if (sig := _signature(path)) != first:
+            raise ValidationError(f"{name} takes other inputs than {names[0]} (shapes/dtypes {sig} vs {first}); "
+                                  "only files with the same inputs can be timed side by side")
+    files = dict(zip(names, (str(p) for p in args.paths)))
+    rows: dict[str, dict[str, dict]] = {n: {} for n in names}
     for b in (int(x) for x in str(args.batch).split(",") if x.strip()):
-        stats = measure_latency(args.path, onnx_example_inputs(args.path, batch=b), threads=args.threads,
-                                runs=args.runs)
-        rows[f"b{b}"] = stats.to_dict()
-        if not args.json:
-            print(f"{args.path.name} batch {b}: {stats}")
+        rounds = interleaved_latency(files, onnx_example_inputs(args.paths[0], batch=b), rounds=args.rounds,
+                                     threads=args.threads, runs=args.runs)
+        for name, stats in rounds.items():
+            best = min(stats, key=lambda s: s.median_ms)
+            rows[name][f"b{b}"] = {**best.to_dict(), "rounds": len(stats)}
+            if not args.json:
+                ratio = "" if name == names[0] else \
+                    f"  ({best_median_ms(stats) / rows[names[0]][f'b{b}']['median_ms']:.3f}x of {names[0]})"
+                print(f"{name} batch {b}: {best} best of {len(stats)} rounds{ratio}")
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows[names[0]] if len(names) == 1 else rows, indent=2))
     return 0

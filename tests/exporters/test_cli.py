@@ -45,3 +45,28 @@ def test_export_validate_bench(tmp_path, capsys):
     assert main(["export", f"{src}:build", "--format", "torchscript", "-o", str(ts)]) == 0
     assert ts.exists()
     assert main(["validate", str(ts), "--model", f"{src}:build", "--batch", "3"]) == 0
+
+
+def test_bench_times_several_files_side_by_side_and_refuses_different_inputs(tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "user.py"
+    src.write_text(MODEL + textwrap.dedent("""
+        def wide():
+            m, _ = build()
+            return m, (torch.randn(2, 3, 12, 12),)
+    """))
+    a, b, w = tmp_path / "a.onnx", tmp_path / "sub" / "a.onnx", tmp_path / "w.onnx"
+    assert main(["export", f"{src}:build", "-o", str(a)]) == 0
+    b.parent.mkdir()
+    shutil.copyfile(a, b)
+    assert main(["export", f"{src}:wide", "-o", str(w), "--fixed-batch"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(a), str(b), "--batch", "1,4", "--runs", "5", "--rounds", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert set(rows) == {str(a), str(b)}  # same file name twice: told apart by path
+    assert all(set(r) == {"b1", "b4"} and r["b1"]["runs"] == 5 and r["b1"]["rounds"] == 2 for r in rows.values())
+    assert main(["bench", str(a), str(b), "--batch", "1", "--runs", "5", "--rounds", "1"]) == 0
+    assert f"x of {a}" in capsys.readouterr().out
+    assert main(["bench", str(a), str(w)]) == 2  # a user error: exit status 2 and a message
+    assert "other inputs" in capsys.readouterr().err
