@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from _latency import best, compare, round_medians
+from _latency import compare
 
 import ir
 import models
-from exporters import export_onnx, ort_session, to_onnx_model, with_batch
+from exporters import best_median_ms, export_onnx, interleaved_latency, ort_session, to_onnx_model, with_batch
 from exporters.bench import ort_feed
 from exporters.onnx import DEFAULT_OPSET
 
@@ -110,9 +110,9 @@ def main() -> int:
         shutil.copyfile(theirs_p, control_p)
         for batch in (1, 32):
             xb = with_batch(x, batch)
-            runs = round_medians({"ours": ours_p, "theirs": theirs_p, "control": control_p}, xb,
+            runs = interleaved_latency({"ours": ours_p, "theirs": theirs_p, "control": control_p}, xb,
                                        rounds=args.rounds, budget_s=args.budget, clock=args.clock)
-            mo, mt = best(runs["ours"]), best(runs["theirs"])
+            mo, mt = best_median_ms(runs["ours"]), best_median_ms(runs["theirs"])
             ratio, noise, verdict = compare(runs["ours"], runs["theirs"], runs["control"])
             ok &= verdict != "SLOWER"
             rows.append((name, batch, mo, mt, ratio, noise, verdict, f"{n_o}/{n_t}", f"{o_o}/{o_t}", t_ours, t_theirs,

@@ -22,18 +22,18 @@ import time
 from pathlib import Path
 
 import torch
-from _latency import best, compare, round_medians
+from _latency import compare
 
 import ir
 import models
-from exporters import export_onnx, validate_onnx
+from exporters import LatencyStats, best_median_ms, export_onnx, interleaved_latency, validate_onnx
 from passes import PassContext, create_pass
 
 
-def _rounds(paths: dict[str, Path], spec, batch: int, rounds: int = 7) -> dict[str, list[float]]:
-    """Per-round medians, fresh sessions in rotating order (see _latency.py)."""
-    return round_medians({k: str(p) for k, p in paths.items()}, spec.example_inputs(batch=batch), rounds=rounds,
-                         budget_s=0.4)
+def _rounds(paths: dict[str, Path], spec, batch: int, rounds: int = 7) -> dict[str, list[LatencyStats]]:
+    """Per-round stats, fresh sessions in rotating order (see _latency.py)."""
+    return interleaved_latency({k: str(p) for k, p in paths.items()}, spec.example_inputs(batch=batch),
+                               rounds=rounds, budget_s=0.4, clock="cpu")
 
 
 def _ours(model, spec, tmp: Path, name: str, **opts):
@@ -78,7 +78,7 @@ def bench_cnn(name: str, tmp: Path) -> dict:
     shutil.copyfile(tp_p, tp_copy)
     for b in (1, 32):
         runs = _rounds({"dense": dense_p, "ours": ours_p, "tp": tp_p, "tp_control": tp_copy}, spec, b)
-        d, o, t = best(runs["dense"]), best(runs["ours"]), best(runs["tp"])
+        d, o, t = (best_median_ms(runs[k]) for k in ("dense", "ours", "tp"))
         # pruned/dense: ours <= TP's is ours_ms <= tp_ms against the same dense model
         ratio, noise, verdict = compare(runs["ours"], runs["tp"], runs["tp_control"])
         row[f"b{b}"] = {"dense_ms": d, "ours_ms": o, "tp_ms": t, "ours_ratio": o / d, "tp_ratio": t / d,
@@ -103,11 +103,11 @@ def bench_bert(tmp: Path) -> dict:
     dpath = tmp / "bert_dense.onnx"
     export_onnx(dense, dpath, inputs=x)
     heads = [r for r in res.stats["groups"] if r["kind"] == "heads"]
+    lat = _rounds({"pruned": path, "dense": dpath}, spec, 1, rounds=3)
     return {"model": "tiny_bert", "macs_ratio": res.stats["macs_ratio"], "finite": bool(torch.isfinite(out).all()),
             "validation": rep.to_dict() if hasattr(rep, "to_dict") else str(rep),
             "heads_kept": [r["kept_channels"] // 32 for r in heads],
-            "latency_ratio_b1": (lambda r: best(r["pruned"]) / best(r["dense"]))(
-                _rounds({"pruned": path, "dense": dpath}, spec, 1, rounds=3))}
+            "latency_ratio_b1": best_median_ms(lat["pruned"]) / best_median_ms(lat["dense"])}
 
 
 def bench_digits(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _latency import best, compare, round_medians
+from _latency import compare
 
 import ir
 import models
+from exporters import best_median_ms, interleaved_latency
 from exporters.onnx import to_onnx_model
 from passes import PassContext, create_pass
 
@@ -126,9 +127,9 @@ def bench_model(name: str, args) -> dict:
     lat, row["ratio"] = {}, {}
     for b, ex in (("b1", ex1), ("b32", ex32)):
         # fresh sessions in rotating order each round, plus an A/A control (their file again): see _latency.py
-        runs = round_medians({"fp32": fp32, "ours": ours, "theirs": theirs, "control": theirs}, ex,
-                                   rounds=args.rounds, budget_s=args.budget / args.rounds)
-        lat[b] = {k: best(v) for k, v in runs.items() if k != "control"}
+        runs = interleaved_latency({"fp32": fp32, "ours": ours, "theirs": theirs, "control": theirs}, ex,
+                                   rounds=args.rounds, budget_s=args.budget / args.rounds, clock="cpu")
+        lat[b] = {k: best_median_ms(v) for k, v in runs.items() if k != "control"}
         ratio, noise, verdict = compare(runs["ours"], runs["theirs"], runs["control"])
         row["ratio"][b] = {"ours/theirs": ratio, "a/a_noise": noise, "verdict": verdict,
                            "ours/fp32": lat[b]["ours"] / lat[b]["fp32"], "theirs/fp32": lat[b]["theirs"] / lat[b]["fp32"]}

@@ -33,7 +33,7 @@ def _signature(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporters.bench import best_median_ms, interleaved_latency, onnx_example_inputs
+    from exporters.bench import interleaved_latency, onnx_example_inputs
 
     for path in args.paths:
         if not path.is_file():
@@ -52,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
         rounds = interleaved_latency(files, onnx_example_inputs(args.paths[0], batch=b), rounds=args.rounds,
                                      threads=args.threads, runs=args.runs)
         for name, stats in rounds.items():
-            best = min(stats, key=lambda s: s.median_ms)
+            best = min(stats, key=lambda s: s.median_ms)  # the round best_median_ms picks
             rows[name][f"b{b}"] = {**best.to_dict(), "rounds": len(stats)}
             if not args.json:
                 ratio = "" if name == names[0] else \
-                    f"  ({best_median_ms(stats) / rows[names[0]][f'b{b}']['median_ms']:.3f}x of {names[0]})"
+                    f"  ({best.median_ms / rows[names[0]][f'b{b}']['median_ms']:.3f}x of {names[0]})"
                 print(f"{name} batch {b}: {best} best of {len(stats)} rounds{ratio}")
     if args.json:
         print(json.dumps(rows[names[0]] if len(names) == 1 else rows, indent=2))
