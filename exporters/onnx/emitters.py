@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from onnx import helper, numpy_helper
 
 from exporters.onnx.context import Dyn, EmitContext, onnx_dtype, register_emitter, to_numpy
 from ir.errors import ExportError
@@ -686,19 +687,25 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
                     axis=None if axis is None else _axis(int(axis), rank))
 
 
-# An int32 bias is stored compactly: int8 weights make biases and their scales a large part of a small
-# model's file (mobilenetv2: 67 KB of 495 KB). Both forms below are constant subgraphs that onnxruntime folds
+# An int32 bias is stored compactly: with int8 weights, biases and their scales become a large part of a
+# small model's file. Both forms below are constant subgraphs that onnxruntime folds
 # when it loads the model, before its QDQ fusion, so QLinearConv/QGemm fusion and results are unchanged.
+# Each is used only where the bytes it saves exceed the bytes of the node it adds (not for a few channels).
+
+def _node_bytes(op_type: str, inputs: list[str], outputs: list[str], **attrs: Any) -> int:
+    return helper.make_node(op_type, inputs, outputs, **attrs).ByteSize()
+
 
 def _compact_int32(ctx: EmitContext, q: Any) -> str:
     """An int32 constant whose values fit in int16, stored as int16 and cast back (half the bytes)."""
     if not isinstance(q, Param):
         return ctx.value(q)
     t = ctx.param_tensor(q)
-    if t.numel() < 8 or t.abs().max() > torch.iinfo(torch.int16).max:
+    cast = {"to": onnx_dtype(torch.int32)}  # the Cast's output takes the stored constant's name
+    if t.abs().max() > torch.iinfo(torch.int16).max \
+            or 2 * t.numel() <= _node_bytes("Cast", [f"{q.name}.i16"], [q.name], **cast) + len(".i16"):
         return ctx.value(q)
-    return ctx.emit("Cast", [ctx.param(q, key="i16", dtype=torch.int16)], to=onnx_dtype(torch.int32),
-                    name=f"{q.name}_i32")
+    return ctx.emit("Cast", [ctx.param(q, key="i16", dtype=torch.int16)], name=q.name, **cast)
 
 
 def _bias_scale_product(ctx: EmitContext, node: Node) -> str | None:
@@ -722,9 +729,11 @@ def _bias_scale_product(ctx: EmitContext, node: Node) -> str | None:
         if tx.numel() != 1 or tw.dtype != torch.float32 or tw.shape != ctx.param_tensor(scale).shape \
                 or not torch.equal(tx.float().reshape(()) * tw, ctx.param_tensor(scale)):
             return None
-        return ctx.emit("Mul", [_qparam(ctx, s_x, torch.float32, True),
-                                _qparam(ctx, s_w, torch.float32, w.attrs.get("axis") is None)],
-                        name=f"{scale.name}_product")
+        factors = [_qparam(ctx, s_x, torch.float32, True), _qparam(ctx, s_w, torch.float32, w.attrs.get("axis") is None)]
+        stored = numpy_helper.from_array(to_numpy(ctx.param_tensor(scale)), scale.name).ByteSize()
+        if stored <= _node_bytes("Mul", factors, [scale.name]):  # the product takes the vector's name
+            return None
+        return ctx.emit("Mul", factors, name=scale.name)
     return None
 
 

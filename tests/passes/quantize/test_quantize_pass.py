@@ -332,13 +332,13 @@ def test_per_channel_min_gain_keeps_per_channel_scales_only_where_they_pay():
         assert _sqnr(m(x), ir.lower(g)(x)) > 20
 
 
-def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_fuses(tmp_path):
+def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_fuses(tmp_path, monkeypatch):
     import onnx
     from onnx import numpy_helper
 
     from exporters.onnx import to_onnx_model
 
-    m, g, ctx = _setup()
+    m, g, ctx = _setup(c=32)  # 32-channel convs: int16 biases pay; the 10-output fc's does not
     with torch.no_grad():
         m.c2.bias.fill_(1e3)  # int32 values beyond int16: stored as int32
     g = ir.capture(m, ctx.example_inputs)
@@ -346,14 +346,16 @@ def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_f
     model = to_onnx_model(g, inputs=ctx.example_inputs)
     made_by = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    bias_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and "bias" in n.input[0]]
-    assert len(bias_dqs) == 3
-    for dq in bias_dqs:  # no stored bias scale vector: Mul(input scale, weight scale)
+    bias_dqs = {n.input[0].split(".")[0]: n for n in model.graph.node
+                if n.op_type == "DequantizeLinear" and "bias" in n.input[0]}
+    assert set(bias_dqs) == {"c1", "c2", "fc"}
+    for dq in bias_dqs.values():  # no stored bias scale vector: Mul(input scale, weight scale)
         mul = made_by[dq.input[1]]
         assert mul.op_type == "Mul" and inits[mul.input[0]].ndim == 0 and inits[mul.input[1]].ndim == 1
-    stored = {dq.input[0].split(".")[0]: (made_by[dq.input[0]].input[0] if dq.input[0] in made_by else dq.input[0])
-              for dq in bias_dqs}
-    assert inits[stored["c1"]].dtype == np.int16 and inits[stored["fc"]].dtype == np.int16
+    assert bias_dqs["fc"].input[0] in inits  # 10 values: 20 bytes saved would not pay for a Cast node
+    stored = {k: (made_by[dq.input[0]].input[0] if dq.input[0] in made_by else dq.input[0])
+              for k, dq in bias_dqs.items()}
+    assert inits[stored["c1"]].dtype == np.int16 and inits[stored["fc"]].dtype == np.int32
     assert inits[stored["c2"]].dtype == np.int32 and np.abs(inits[stored["c2"]]).max() > 2 ** 15
     for layer in ("c1", "c2", "fc"):
         s = g.params[f"{layer}.bias_s"]
@@ -366,6 +368,34 @@ def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_f
 
     assert validate_onnx(model, g, (x,), atol=1e-3, rtol=1e-3).max_abs_diff < 1e-3
     assert onnx.checker.check_model(model, full_check=True) is None
+    # bit-identical to the plain encoding (stored int32 biases and bias scale vectors)
+    import exporters.onnx.emitters as emitters
+    from exporters.bench import ort_feed, ort_session
+
+    monkeypatch.setattr(emitters, "_bias_scale_product", lambda ctx, node: None)
+    monkeypatch.setattr(emitters, "_compact_int32", lambda ctx, q: ctx.value(q))
+    plain = to_onnx_model(g, inputs=ctx.example_inputs)
+    assert len(plain.SerializeToString()) > len(model.SerializeToString())
+    run = [ort_session(m) for m in (model, plain)]
+    a, b = (s.run(None, ort_feed(s, (x,)))[0] for s in run)
+    assert np.array_equal(a, b)
+
+
+def test_compact_bias_storage_never_makes_a_file_bigger(monkeypatch):
+    import exporters.onnx.emitters as emitters
+    from exporters.onnx import to_onnx_model
+
+    for c in (2, 8, 64):
+        m, g, ctx = _setup(c=c)
+        create_pass("quantize", {"scheme": "int8-static"}).run(g, ctx)
+        compact = len(to_onnx_model(g, inputs=ctx.example_inputs).SerializeToString())
+        with monkeypatch.context() as patch:
+            patch.setattr(emitters, "_bias_scale_product", lambda ctx, node: None)
+            patch.setattr(emitters, "_compact_int32", lambda ctx, q: ctx.value(q))
+            plain = len(to_onnx_model(g, inputs=ctx.example_inputs).SerializeToString())
+        assert compact <= plain, (c, compact, plain)
+        if c == 64:
+            assert compact < plain - 64 * 4  # at least the conv biases' scale vectors are gone
 
 
 def test_dropout_gets_no_second_quantize_and_the_next_bias_is_still_int32():
