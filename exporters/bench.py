@@ -127,7 +127,7 @@ def interleaved_latency(models: dict[str, Any], inputs: Any, *, rounds: int = 3,
     that rotates from round to round; returns each model's per-round stats (`budget_s` or `runs` per
     measurement).
 
-    Two onnxruntime sessions of the very same file can differ by 10-25% in median latency (memory
+    Two onnxruntime sessions of the very same file can differ by more than 10% in median latency (memory
     placement, a busy neighbour), so a comparison built on one session per model is mostly noise; the best
     round of each (`best_median_ms`) is a steady estimate, and rounds run side by side share the machine's
     state."""

@@ -106,7 +106,7 @@ LATENCY_ROUNDS = 3
 
 def _latencies(paths: dict[str, Path], example: tuple, budget_s: float, progress: Any) -> dict[str, dict[str, float]]:
     """onnxruntime latency on one thread at batch 1 and 32 of each file, measured side by side: the best of
-    LATENCY_ROUNDS rounds of fresh sessions (one session alone can be 10-25% off; see
+    LATENCY_ROUNDS rounds of fresh sessions (one session alone can be more than 10% off; see
     `exporters.interleaved_latency`). `budget_s` is the timed budget per file and batch; `progress` a tqdm bar."""
     from exporters import best_median_ms, interleaved_latency, with_batch
 

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Time each PATH with onnxruntime (CPU, all graph optimizations, sequential, the "
                                    "given intra-op threads) on random inputs of its declared shapes. Each round opens "
                                    "a fresh session per file, in turns, and the best round is reported: two sessions "
-                                   "of one file can be 10-25%% apart on a busy or virtual machine. With several files, "
+                                   "of one file can be more than 10%% apart on a busy or virtual machine. With several files, "
                                    "they must take the same inputs, and ratios to the first are printed.")
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH.onnx")
     p.add_argument("--batch", default="1,32", help="comma-separated batch sizes (default 1,32)")
