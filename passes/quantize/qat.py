@@ -33,7 +33,7 @@ def fake_quant_graph(q: Quantize, graph: Graph, plan: Plan, ranges: dict) -> Gra
         ref = n.inputs[1]
         assert isinstance(ref, Param)
         kind = kinds[name]
-        qmax = 2 ** (q.bits - 1) - 1
+        qmax = q.weight_qmax(kind)
         mode = {"sign": "sign", "fixed-point": "pow2"}.get(kind or "", "absmax")
         axis = 0 if (mode == "sign" or (mode == "absmax" and q.per_channel)) else None
         shape = tuple(g.params[ref.name].shape)

@@ -182,11 +182,20 @@ def test_bits_and_calibrations_keep_weights_in_range(bits, per_channel, calibrat
     _, g, ctx = _setup()
     create_pass("quantize", {"bits": bits, "per_channel": per_channel, "calibration": calibration}).run(g, ctx)
     ir.verify(g)
-    qmax = 2 ** (bits - 1) - 1
+    qmax = min(2 ** (bits - 1) - 1, 64)  # reduce_range (the default) caps weights at 7 bits
     for name in ("c1", "c2", "fc"):
         w = g.params[g.node(name).inputs[1].inputs[0].name]
         assert int(w.abs().max()) == qmax  # symmetric range fully used by the largest weight
     assert torch.isfinite(ir.lower(g)(ctx.example_inputs[0])).all()
+
+
+@pytest.mark.parametrize("reduce_range, qmax", [(True, 64), (False, 127)])
+def test_reduce_range_keeps_int8_weights_in_seven_bits_unless_turned_off(reduce_range, qmax):
+    _, g, ctx = _setup()
+    create_pass("quantize", {"scheme": "int8-static", "reduce_range": reduce_range}).run(g, ctx)
+    for name in ("c1", "c2", "fc"):
+        w = g.params[g.node(name).inputs[1].inputs[0].name]
+        assert int(w.abs().max()) == qmax
 
 
 def _optimized_op_types(model_bytes: bytes, tmp_path) -> set[str]:
