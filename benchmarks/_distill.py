@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import models
-from passes.distill import distill
+from slimfx import models
+from slimfx.passes.distill import distill
 
 
 def compare_methods(teacher: nn.Module, make_student: Callable[[], nn.Module], ds: models.Dataset,

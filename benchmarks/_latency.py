@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from exporters import LatencyStats, best_median_ms
+from slimfx.exporters import LatencyStats, best_median_ms
 
 
 def compare(ours: list[LatencyStats], theirs: list[LatencyStats],

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-import ir
-from ir.capture_export import export_program
-from models import hf
+from slimfx import ir
+from slimfx.ir.capture_export import export_program
+from slimfx.models import hf
 
 
 def _median_seconds(fn, repeat: int, cpu: list[float] | None = None) -> float:
@@ -55,7 +55,7 @@ def bench_model(name: str, model: torch.nn.Module, kwargs: dict, repeat: int, on
         import tempfile
         from pathlib import Path
 
-        from exporters.onnx import export_onnx
+        from slimfx.exporters.onnx import export_onnx
 
         inputs = tuple(kwargs.values())
         with tempfile.TemporaryDirectory() as d:

@@ -31,11 +31,17 @@ import onnx
 import torch
 from _latency import compare
 
-import ir
-import models
-from exporters import best_median_ms, export_onnx, interleaved_latency, ort_session, to_onnx_model, with_batch
-from exporters.bench import ort_feed
-from exporters.onnx import DEFAULT_OPSET
+from slimfx import ir, models
+from slimfx.exporters import (
+    best_median_ms,
+    export_onnx,
+    interleaved_latency,
+    ort_session,
+    to_onnx_model,
+    with_batch,
+)
+from slimfx.exporters.bench import ort_feed
+from slimfx.exporters.onnx import DEFAULT_OPSET
 
 TIMER = time.thread_time  # set from --clock in main()
 

@@ -20,9 +20,9 @@ import torch
 import torch.fx as fx
 from tqdm import tqdm
 
-import ir
-from ir import Graph, TensorMeta
-from passes import PassContext, PassManager, PatternPass, create_pass, register_pass
+from slimfx import ir
+from slimfx.ir import Graph, TensorMeta
+from slimfx.passes import PassContext, PassManager, PatternPass, create_pass, register_pass
 
 NODES_PER_BLOCK = 10
 

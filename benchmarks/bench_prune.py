@@ -24,10 +24,9 @@ from pathlib import Path
 import torch
 from _latency import compare
 
-import ir
-import models
-from exporters import LatencyStats, best_median_ms, export_onnx, interleaved_latency, validate_onnx
-from passes import PassContext, create_pass
+from slimfx import ir, models
+from slimfx.exporters import LatencyStats, best_median_ms, export_onnx, interleaved_latency, validate_onnx
+from slimfx.passes import PassContext, create_pass
 
 
 def _rounds(paths: dict[str, Path], spec, batch: int, rounds: int = 7) -> dict[str, list[LatencyStats]]:

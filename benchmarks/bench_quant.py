@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from _latency import compare
 
-import ir
-import models
-from exporters import best_median_ms, interleaved_latency
-from exporters.onnx import to_onnx_model
-from passes import PassContext, create_pass
+from slimfx import ir, models
+from slimfx.exporters import best_median_ms, interleaved_latency
+from slimfx.exporters.onnx import to_onnx_model
+from slimfx.passes import PassContext, create_pass
 
 DEFAULT_MODELS = ("digits_cnn", "resnet20", "mobilenetv2", "tiny_bert")
 
@@ -45,7 +44,7 @@ def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
 
 
 def ort_run(model_bytes: bytes, x: torch.Tensor, batch: int = 256) -> np.ndarray:
-    from exporters.bench import ort_session
+    from slimfx.exporters.bench import ort_session
 
     sess = ort_session(model_bytes)
     name = sess.get_inputs()[0].name
@@ -142,8 +141,8 @@ def bench_model(name: str, args) -> dict:
 def accuracy_checks(args) -> dict:
     """digits_cnn accuracy per scheme (sign after STE fine-tuning) and mobilenetv2 per-tensor SQNR with
     cross-layer equalization + bias correction (issue #5's accuracy criteria)."""
-    from passes.quantize.sensitivity import graph_outputs
-    from passes.quantize.sensitivity import sqnr_db as sqnr
+    from slimfx.passes.quantize.sensitivity import graph_outputs
+    from slimfx.passes.quantize.sensitivity import sqnr_db as sqnr
 
     out: dict = {}
     spec = models.get("digits_cnn")

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-import models
 import slimfx
+from slimfx import models
 from slimfx.data import Batches, calibration_batches
 
 

@@ -20,7 +20,7 @@ import torch
 from _distill import compare_methods, print_table
 from torch import nn
 
-import models
+from slimfx import models
 
 METHODS = {"scratch": "ce", "KD": "kd", "CTKD (adaptive T)": "ctkd", "logit-std KD": "logit-std",
            "AT": "at", "AT+KD": "at+kd"}

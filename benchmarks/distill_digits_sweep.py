@@ -19,7 +19,7 @@ import torch
 from _distill import compare_methods
 from distill_digits import SmallDigitsCNN, kd_criterion, n_params
 
-import models
+from slimfx import models
 
 
 def parse_students(spec: str) -> list[tuple[tuple[int, int, int], int]]:

@@ -12,8 +12,8 @@ import argparse
 import torch
 from _distill import compare_methods, print_table
 
-import models
-from models.resnet import ResNet20
+from slimfx import models
+from slimfx.models.resnet import ResNet20
 
 METHODS = {"scratch": "ce", "KD": "kd", "AT+KD": "at+kd"}
 PAIRS = [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]

@@ -14,10 +14,9 @@ import time
 
 import torch
 
-import ir
-import models
-from exporters import export_onnx
-from passes import PassContext, parse_pass_spec
+from slimfx import ir, models
+from slimfx.exporters import export_onnx
+from slimfx.passes import PassContext, parse_pass_spec
 
 VARIANTS = {"half width": "width=0.5", "low rank (r = 0.5)": "low_rank=0.5"}
 

@@ -17,10 +17,10 @@ from collections import Counter
 import torch
 from bench_quant import float_graph
 
-import models
-from exporters.bench import ort_feed
-from exporters.onnx import to_onnx_model
-from passes import PassContext, create_pass
+from slimfx import models
+from slimfx.exporters.bench import ort_feed
+from slimfx.exporters.onnx import to_onnx_model
+from slimfx.passes import PassContext, create_pass
 
 
 def profile(model_bytes: bytes, x: torch.Tensor, runs: int) -> tuple[Counter, dict[str, float]]:

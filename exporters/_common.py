@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ir.errors import ValidationError
-from ir.graph import Graph, Node, TensorMeta
+from slimfx.ir.errors import ValidationError
+from slimfx.ir.graph import Graph, Node, TensorMeta
 
 
 @dataclass

@@ -52,7 +52,7 @@ def ort_session(model: str | os.PathLike | bytes | Any, *, threads: int = 1):
 def ort_feed(session: Any, inputs: tuple) -> dict[str, np.ndarray]:
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(inputs):
-        from ir.errors import ValidationError
+        from slimfx.ir.errors import ValidationError
 
         raise ValidationError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}) but "
                               f"{len(inputs)} were given")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from exporters._common import (
+from slimfx.exporters._common import (
     ExportResult,
     as_tuple,
     atomic_path,
@@ -20,9 +20,9 @@ from exporters._common import (
     raise_if_invalid,
     validation_sets,
 )
-from ir.errors import ExportError
-from ir.graph import Graph
-from ir.lower import lower
+from slimfx.ir.errors import ExportError
+from slimfx.ir.graph import Graph
+from slimfx.ir.lower import lower
 
 log = logging.getLogger("slimfx.exporters")
 
@@ -83,7 +83,7 @@ def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = N
     """Write a TorchScript file of `graph` (temporary name, then rename), reload it, and compare it
     with the IR's lowering at the inputs' batch size and a second one; ValidationError above tolerance
     (and no file left unless `keep_invalid`)."""
-    from exporters.validate import validate_torchscript
+    from slimfx.exporters.validate import validate_torchscript
 
     t0 = time.perf_counter()
     inputs = as_tuple(inputs) if inputs is not None else example_inputs(graph)

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporters._common import as_tuple, flatten_outputs
-from exporters.bench import ort_feed, ort_session
-from ir.graph import Graph
-from ir.lower import lower
+from slimfx.exporters._common import as_tuple, flatten_outputs
+from slimfx.exporters.bench import ort_feed, ort_session
+from slimfx.ir.graph import Graph
+from slimfx.ir.lower import lower
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ir.graph import Graph, Node, meta_of
+from slimfx.ir.graph import Graph, Node, meta_of
 
 
 def count_params(graph: Graph, *, include_buffers: bool = False) -> int:
@@ -55,7 +55,7 @@ def node_macs(node: Node) -> int:
 
 
 def _param_shape(node: Node, ref: Any) -> tuple[int, ...] | None:
-    from ir.graph import Param
+    from slimfx.ir.graph import Param
 
     if isinstance(ref, Param) and node.graph is not None and ref.name in node.graph.params:
         return tuple(node.graph.params[ref.name].shape)
@@ -71,7 +71,7 @@ def count_macs(graph: Graph) -> int:
 
 def propagate_shapes(graph: Graph, *inputs: torch.Tensor) -> Graph:
     """Run the graph on `inputs` and refresh every node's TensorMeta (and the inputs' metas)."""
-    from ir.lower import lower
+    from slimfx.ir.lower import lower
 
     gm = lower(graph)
     gm.eval()

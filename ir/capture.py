@@ -22,8 +22,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ir.errors import CaptureError
-from ir.graph import Graph, Node, Param, iter_refs, meta_of
+from slimfx.ir.errors import CaptureError
+from slimfx.ir.graph import Graph, Node, Param, iter_refs, meta_of
 
 _log = logging.getLogger(__name__)
 Conv = tuple[str, tuple, dict]
@@ -621,7 +621,7 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
         if leaf_modules or concrete_args:
             raise CaptureError("leaf_modules and concrete_args steer the torch.fx tracer; method='export' "
                                "takes neither (pass fixed arguments in example_kwargs instead)")
-        from ir.capture_export import capture_export
+        from slimfx.ir.capture_export import capture_export
 
         return capture_export(model, inputs, kwargs)
     try:
@@ -629,7 +629,7 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
     except _FxTraceError as fx_error:
         if method == "fx":
             raise
-        from ir.capture_export import capture_export
+        from slimfx.ir.capture_export import capture_export
 
         try:
             graph = capture_export(model, inputs, kwargs)

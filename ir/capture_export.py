@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 
-from ir.capture import (
+from slimfx.ir.capture import (
     _f_adaptive_avg_pool1d,
     _f_adaptive_avg_pool2d,
     _f_avg_pool1d,
@@ -38,8 +38,8 @@ from ir.capture import (
     _f_max_pool1d,
     _f_max_pool2d,
 )
-from ir.errors import CaptureError
-from ir.graph import Graph, Node, Param, meta_of
+from slimfx.ir.errors import CaptureError
+from slimfx.ir.graph import Graph, Node, Param, meta_of
 
 _log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -417,7 +417,7 @@ class Graph:
         return g
 
     def __str__(self) -> str:
-        from ir.printer import format_graph
+        from slimfx.ir.printer import format_graph
 
         return format_graph(self)
 

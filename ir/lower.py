@@ -7,8 +7,8 @@ from typing import Any
 import torch.fx as fx
 import torch.nn as nn
 
-from ir.graph import Graph, Node, Param, map_refs
-from ir.ops import get_op
+from slimfx.ir.graph import Graph, Node, Param, map_refs
+from slimfx.ir.ops import get_op
 
 
 def _install(root: nn.Module, qualname: str, value: Any) -> None:

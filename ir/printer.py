@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ir.graph import Graph, Node, Param
+from slimfx.ir.graph import Graph, Node, Param
 
 
 def format_value(v: Any) -> str:

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from ir.errors import SlimfxError
-from ir.graph import Graph, Node, Param, TensorMeta, iter_refs
-from ir.ops import OPS, STRUCTURAL_OPS, get_op
+from slimfx.ir.errors import SlimfxError
+from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs
+from slimfx.ir.ops import OPS, STRUCTURAL_OPS, get_op
 
 
 class VerifyError(SlimfxError):

@@ -1,6 +1,6 @@
 """Pass API, registry, PassManager, pattern rewriter and the built-in passes."""
 
-from passes.base import (
+from slimfx.passes.base import (
     Pass,
     PassContext,
     PassResult,
@@ -10,18 +10,18 @@ from passes.base import (
     register_pass,
     registered_passes,
 )
-from passes.manager import PassManager, PassRecord, compare_outputs
-from passes.rewrite import Match, Pattern, PatternPass, rewrite
+from slimfx.passes.manager import PassManager, PassRecord, compare_outputs
+from slimfx.passes.rewrite import Match, Pattern, PatternPass, rewrite
 
 # Built-in passes register themselves on import.
-from passes import cleanup, fuse  # noqa: E402,F401,I001  isort: skip
+from slimfx.passes import cleanup, fuse  # noqa: E402,F401,I001  isort: skip
 
 __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
            "create_pass", "parse_pass_spec", "PassManager", "PassRecord", "compare_outputs",
            "Pattern", "Match", "PatternPass", "rewrite"]
 
 # Pass packages register their passes on import.
-import passes.distill  # noqa: E402,F401
-import passes.finetune  # noqa: E402,F401
-import passes.prune  # noqa: E402,F401
-import passes.quantize  # noqa: E402,F401
+import slimfx.passes.distill  # noqa: E402,F401
+import slimfx.passes.finetune  # noqa: E402,F401
+import slimfx.passes.prune  # noqa: E402,F401
+import slimfx.passes.quantize  # noqa: E402,F401

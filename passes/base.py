@@ -28,8 +28,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ir import Graph
-from ir.errors import PassError
+from slimfx.ir import Graph
+from slimfx.ir.errors import PassError
 
 _REGISTRY: dict[str, type[Pass]] = {}
 

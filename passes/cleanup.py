@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from ir import Graph, Node, Param, iter_refs
-from ir.ops import COMMUTATIVE_OPS
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.graph_utils import (
+from slimfx.ir import Graph, Node, Param, iter_refs
+from slimfx.ir.ops import COMMUTATIVE_OPS
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.graph_utils import (
     erase_dead,
     eval_node,
     graph_mutates,

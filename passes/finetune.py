@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 import torch
 
-from ir import Graph
-from ir.errors import PassError
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.distill.trainer import TrainData, distill
+from slimfx.ir import Graph
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.distill.trainer import TrainData, distill
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 

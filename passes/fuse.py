@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ir import Graph, Node, Param, TensorMeta
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.graph_utils import runs_in_training
+from slimfx.ir import Graph, Node, Param, TensorMeta
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.graph_utils import runs_in_training
 
 _FOLDABLE = ("conv1d", "conv2d", "linear")
 

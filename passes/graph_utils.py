@@ -7,8 +7,8 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from ir import Graph, Node, Param, TensorMeta, map_refs
-from ir.ops import OPS
+from slimfx.ir import Graph, Node, Param, TensorMeta, map_refs
+from slimfx.ir.ops import OPS
 
 _RANDOM_WORDS = ("rand", "normal", "bernoulli", "multinomial", "poisson", "dropout", "empty", "uniform",
                  "rrelu", "exponential", "geometric", "cauchy", "seed")

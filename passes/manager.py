@@ -25,9 +25,9 @@ from typing import Any, TextIO
 
 import torch
 
-from ir import Graph, lower, verify
-from ir.errors import PassError, SlimfxError
-from passes.base import Pass, PassContext, PassResult, parse_pass_spec
+from slimfx.ir import Graph, lower, verify
+from slimfx.ir.errors import PassError, SlimfxError
+from slimfx.passes.base import Pass, PassContext, PassResult, parse_pass_spec
 
 
 @dataclass

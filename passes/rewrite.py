@@ -39,13 +39,13 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from ir import Graph, Node, Param
-from ir.capture import converter_for, trace_function
-from ir.errors import CaptureError, PassError
-from ir.ops import COMMUTATIVE_OPS
-from ir.printer import format_value
-from ir.verify import infer_meta
-from passes.base import Pass, PassContext, PassResult
+from slimfx.ir import Graph, Node, Param
+from slimfx.ir.capture import converter_for, trace_function
+from slimfx.ir.errors import CaptureError, PassError
+from slimfx.ir.ops import COMMUTATIVE_OPS
+from slimfx.ir.printer import format_value
+from slimfx.ir.verify import infer_meta
+from slimfx.passes.base import Pass, PassContext, PassResult
 
 
 class _Probe:

@@ -12,7 +12,7 @@ import pkgutil
 import sys
 import traceback
 
-from ir.errors import SlimfxError
+from slimfx.ir.errors import SlimfxError
 
 
 def _command_modules():

@@ -25,9 +25,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-import ir
-from ir.errors import ExportError, RecipeError, SlimfxError, ValidationError
-from passes import PassContext
+from slimfx import ir
+from slimfx.ir.errors import ExportError, RecipeError, SlimfxError, ValidationError
+from slimfx.passes import PassContext
 from slimfx.recipe import Recipe, load_recipe
 
 log = logging.getLogger("slimfx")
@@ -108,7 +108,7 @@ def _latencies(paths: dict[str, Path], example: tuple, budget_s: float, progress
     """onnxruntime latency on one thread at batch 1 and 32 of each file, measured side by side: the best of
     LATENCY_ROUNDS rounds of fresh sessions (one session alone can be more than 10% off; see
     `exporters.interleaved_latency`). `budget_s` is the timed budget per file and batch; `progress` a tqdm bar."""
-    from exporters import best_median_ms, interleaved_latency, with_batch
+    from slimfx.exporters import best_median_ms, interleaved_latency, with_batch
 
     result: dict[str, dict[str, float]] = {k: {} for k in paths}
     for key, batch in (("b1", 1), ("b32", 32)):
@@ -222,7 +222,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
     progress = tqdm(desc="benchmarking", unit="run", leave=False, disable=quiet or not sys.stderr.isatty())
     with tempfile.TemporaryDirectory(prefix="slimfx-") as tmp, contextlib.closing(progress):
         tmp_path = Path(tmp)
-        from exporters import export_onnx
+        from slimfx.exporters import export_onnx
 
         def onnx_file(path: Path, what: str) -> Path | None:
             """An ONNX export of the graph as it is now, for its size and latency. When ONNX was not asked
@@ -242,7 +242,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         stages = [{"stage": "original"}]  # filled in once both latencies are measured side by side
 
         records = []
-        from passes import PassManager
+        from slimfx.passes import PassManager
 
         for i, p in enumerate(pipeline):
             pm = PassManager([p], verify_each=True,
@@ -263,7 +263,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
             if fmt == "onnx":
                 res = export_onnx(graph, target, inputs=example, **_export_tolerances(rec))
             else:
-                from exporters import export_torchscript
+                from slimfx.exporters import export_torchscript
 
                 res = export_torchscript(graph, target, inputs=example)
             exports[fmt] = target
@@ -316,7 +316,7 @@ def _stage_numbers(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def _export_quiet(graph: ir.Graph, path: Path, example: tuple) -> Path:
-    from exporters import export_onnx
+    from slimfx.exporters import export_onnx
 
     return export_onnx(graph, path, inputs=example).path
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ir.errors import SlimfxError
+from slimfx.ir.errors import SlimfxError
 
 
 class ModelSpecError(SlimfxError):
@@ -35,7 +35,7 @@ class LoadedModel:
 
 
 def _zoo_names() -> list[str]:
-    import models
+    from slimfx import models
 
     return list(models.names())
 
@@ -50,7 +50,7 @@ def resolve_model(spec: str, *, trained: bool = True, seed: int = 0, batch: int 
             raise ModelSpecError(
                 f"unknown model {spec!r}: give a zoo name ({', '.join(names)}), "
                 "'package.module:callable' or 'path/to/file.py:callable'")
-        import models
+        from slimfx import models
 
         zoo = models.get(spec)
         module = zoo.trained(seed=seed, progress=progress) if trained and zoo.dataset else zoo.build(seed=seed)

@@ -24,8 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ir.errors import PassError, RecipeError
-from passes import Pass, PassContext, PassManager, create_pass
+from slimfx.ir.errors import PassError, RecipeError
+from slimfx.passes import Pass, PassContext, PassManager, create_pass
 
 TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate")
 EXPORT_FORMATS = ("onnx", "torchscript")

@@ -6,8 +6,8 @@ This file is shown verbatim in docs/passes.md and executed by tests/passes/test_
 import torch
 import torch.nn as nn
 
-import ir
-from passes import Pass, PassContext, PassManager, PassResult, PatternPass, register_pass
+from slimfx import ir
+from slimfx.passes import Pass, PassContext, PassManager, PassResult, PatternPass, register_pass
 
 
 # --- 1. A pattern pass: x * sigmoid(x) is SiLU; emit one `silu` node instead of two. -------------

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from onnx import numpy_helper
 
-from exporters.onnx.context import TORCH_TO_NUMPY, EmitContext, Emitter, is_static, register_emitter
-from exporters.onnx.emitters import _err, _out_dtype
-from ir.errors import ExportError
-from ir.graph import Node
+from slimfx.exporters.onnx.context import TORCH_TO_NUMPY, EmitContext, Emitter, is_static, register_emitter
+from slimfx.exporters.onnx.emitters import _err, _out_dtype
+from slimfx.ir.errors import ExportError
+from slimfx.ir.graph import Node
 
 aten = torch.ops.aten
 ATEN_EMITTERS: dict[Any, Emitter] = {}

@@ -21,8 +21,8 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper, numpy_helper
 
-from ir.errors import ExportError
-from ir.graph import Graph, Node, Param, TensorMeta
+from slimfx.ir.errors import ExportError
+from slimfx.ir.graph import Graph, Node, Param, TensorMeta
 
 Emitter = Callable[["EmitContext", Node], Any]
 EMITTERS: dict[str, Emitter] = {}
@@ -104,8 +104,8 @@ PROBE_BATCHES = (2, 3)
 
 def probe(graph: Graph, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the graph at batch sizes 2 and 3 and record every node's shape (or value) in each run."""
-    from exporters._common import with_batch
-    from ir.lower import lower
+    from slimfx.exporters._common import with_batch
+    from slimfx.ir.lower import lower
 
     gm = lower(graph).eval()
 

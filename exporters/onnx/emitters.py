@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from onnx import helper, numpy_helper
 
-from exporters.onnx.context import Dyn, EmitContext, onnx_dtype, register_emitter, to_numpy
-from ir.errors import ExportError
-from ir.graph import Node, Param
+from slimfx.exporters.onnx.context import Dyn, EmitContext, onnx_dtype, register_emitter, to_numpy
+from slimfx.ir.errors import ExportError
+from slimfx.ir.graph import Node, Param
 
 INT64_MAX = 2**63 - 1
 
@@ -654,7 +654,7 @@ def _quantize(ctx: EmitContext, node: Node) -> str:
     axis = node.attrs.get("axis")
     if isinstance(x, Param) and all(_qtensor(ctx, p) is not None for p in (scale, zp)):
         # A constant (a weight or a bias): store the integers themselves as the initializer.
-        from ir.ops import get_op
+        from slimfx.ir.ops import get_op
 
         q = get_op("quantize").impl(ctx.param_tensor(x), _qtensor(ctx, scale), _qtensor(ctx, zp),
                                     dtype=dtype, axis=axis)

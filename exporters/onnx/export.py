@@ -10,9 +10,9 @@ from typing import Any
 import onnx
 from onnx import helper
 
-import exporters.onnx.aten  # noqa: F401 - registers the emitters of ATen ops kept opaque by export capture
-import exporters.onnx.emitters  # noqa: F401 - registers the emitters
-from exporters._common import (
+import slimfx.exporters.onnx.aten  # noqa: F401 - registers the emitters of ATen ops kept opaque by export capture
+import slimfx.exporters.onnx.emitters  # noqa: F401 - registers the emitters
+from slimfx.exporters._common import (
     ExportResult,
     as_tuple,
     atomic_path,
@@ -20,9 +20,9 @@ from exporters._common import (
     raise_if_invalid,
     validation_sets,
 )
-from exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, probe
-from ir.errors import ExportError
-from ir.graph import Graph, Node, TensorMeta, iter_refs
+from slimfx.exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, probe
+from slimfx.ir.errors import ExportError
+from slimfx.ir.graph import Graph, Node, TensorMeta, iter_refs
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 17, 23
@@ -154,7 +154,7 @@ def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = 
     on an emitter error or a ValidationError nothing is left (unless `keep_invalid`). With
     `dynamic_batch`, validation runs at the inputs' batch size and at a second one.
     """
-    from exporters.validate import validate_onnx
+    from slimfx.exporters.validate import validate_onnx
 
     t0 = time.perf_counter()
     inputs = as_tuple(inputs) if inputs is not None else example_inputs(graph)

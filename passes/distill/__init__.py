@@ -1,7 +1,7 @@
 """Knowledge distillation: losses, feature taps, the trainer, and the KD-recovery and subgraph-swap passes."""
 
-from passes.distill.features import as_graph, check_pairs, resolve_feature, with_features
-from passes.distill.losses import (
+from slimfx.passes.distill.features import as_graph, check_pairs, resolve_feature, with_features
+from slimfx.passes.distill.losses import (
     LOSS_NAMES,
     AttentionTransferLoss,
     CELoss,
@@ -15,7 +15,7 @@ from passes.distill.losses import (
     grad_reverse,
     make_loss,
 )
-from passes.distill.trainer import DistillResult, TrainData, distill
+from slimfx.passes.distill.trainer import DistillResult, TrainData, distill
 
 __all__ = [
     "LOSS_NAMES", "AttentionTransferLoss", "CELoss", "CombinedLoss", "CTKDLoss", "DistillLoss", "KDLoss",
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 # registered passes
-from passes.distill.recover import KDFinetune, KDRecovery  # noqa: E402
-from passes.distill.subgraph import DistillSubgraph  # noqa: E402
+from slimfx.passes.distill.recover import KDFinetune, KDRecovery  # noqa: E402
+from slimfx.passes.distill.subgraph import DistillSubgraph  # noqa: E402
 
 __all__ += ["KDRecovery", "KDFinetune", "DistillSubgraph"]

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-import ir
-from ir import Graph, Node
-from ir.errors import PassError
+from slimfx import ir
+from slimfx.ir import Graph, Node
+from slimfx.ir.errors import PassError
 
 
 def as_graph(model: nn.Module | Graph, example_inputs: tuple) -> Graph:

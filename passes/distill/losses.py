@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ir.errors import PassError
+from slimfx.ir.errors import PassError
 
 
 def _check_logits(student: torch.Tensor, teacher: torch.Tensor) -> None:

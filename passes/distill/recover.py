@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from dataclasses import field
 
-from ir import Graph
-from ir.errors import PassError
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.distill.losses import LOSS_NAMES
-from passes.distill.trainer import distill
+from slimfx.ir import Graph
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.distill.losses import LOSS_NAMES
+from slimfx.passes.distill.trainer import distill
 
 
 @register_pass("distill")
@@ -94,6 +94,6 @@ class KDFinetune(KDRecovery):
 
 
 def _lowered(graph: Graph):
-    import ir
+    from slimfx import ir
 
     return ir.lower(graph).eval()

@@ -21,11 +21,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-import ir
-from ir import Graph, Node, Param, TensorMeta, map_refs
-from ir.errors import PassError
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.distill.trainer import distill, normalize_batch
+from slimfx import ir
+from slimfx.ir import Graph, Node, Param, TensorMeta, map_refs
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.distill.trainer import distill, normalize_batch
 
 _PER_CHANNEL = {"batch_norm", "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
                 "leaky_relu", "clamp", "identity", "dropout"}

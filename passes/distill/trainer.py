@@ -22,11 +22,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-import ir
-from ir import Graph
-from ir.errors import PassError
-from passes.distill.features import LogitsOnly, as_graph, check_pairs, with_features
-from passes.distill.losses import DistillLoss, make_loss
+from slimfx import ir
+from slimfx.ir import Graph
+from slimfx.ir.errors import PassError
+from slimfx.passes.distill.features import LogitsOnly, as_graph, check_pairs, with_features
+from slimfx.passes.distill.losses import DistillLoss, make_loss
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]
 FeaturePairs = Sequence[tuple[str, str]]

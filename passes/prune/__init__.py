@@ -4,10 +4,10 @@ Importing this package registers `prune-weights`, `materialize-masks`, `prune-ch
 `prune-sensitivity`.
 """
 
-from passes.prune.channels import PruneChannels
-from passes.prune.groups import Dependencies, Group, analyze
-from passes.prune.masks import MaterializeMasks, PruneWeights, layer_sparsity
-from passes.prune.sensitivity import PruneSensitivity
+from slimfx.passes.prune.channels import PruneChannels
+from slimfx.passes.prune.groups import Dependencies, Group, analyze
+from slimfx.passes.prune.masks import MaterializeMasks, PruneWeights, layer_sparsity
+from slimfx.passes.prune.sensitivity import PruneSensitivity
 
 __all__ = ["PruneChannels", "PruneWeights", "MaterializeMasks", "PruneSensitivity", "analyze", "Dependencies",
            "Group", "layer_sparsity"]

@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 
-from ir import Graph, count_macs, count_params, lower, propagate_shapes, verify
-from ir.errors import PassError
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.prune.groups import BLOCK, Dependencies, Group, analyze, apply
+from slimfx.ir import Graph, count_macs, count_params, lower, propagate_shapes, verify
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.prune.groups import BLOCK, Dependencies, Group, analyze, apply
 
 Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
 
@@ -113,7 +113,7 @@ def importance(graph: Graph, deps: Dependencies, criterion: str, ctx: PassContex
 def _taylor_products(graph: Graph, ctx: PassContext | None, batches: int) -> dict[str, torch.Tensor]:
     """Σ weight·grad over a few batches of data (train data with targets, else calibration data with the
     model's own predictions as targets)."""
-    from passes.finetune import iter_batches
+    from slimfx.passes.finetune import iter_batches
 
     if ctx is None:
         raise PassError("pass 'prune-channels': criterion 'taylor' needs data; give train_data or calibration_data")

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ir import Graph, Node, Param, TensorMeta, get_op, iter_refs, map_refs
+from slimfx.ir import Graph, Node, Param, TensorMeta, get_op, iter_refs, map_refs
 
 BLOCK = 0
 

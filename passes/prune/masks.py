@@ -15,9 +15,9 @@ from typing import Literal
 
 import torch
 
-from ir import Graph, Node, Param, TensorMeta
-from ir.errors import PassError
-from passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.ir import Graph, Node, Param, TensorMeta
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
 
 PRUNABLE_OPS = ("conv1d", "conv2d", "linear")
 
@@ -83,7 +83,7 @@ class PruneWeights(Pass):
                 raise PassError(f"pass 'prune-weights': {key} must be in [0, 1), got {v}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from passes.prune.channels import check_patterns
+        from slimfx.passes.prune.channels import check_patterns
 
         self.validate()
         check_patterns(graph, self.skip, "skip", self.name)

@@ -14,12 +14,12 @@ from typing import Literal
 
 import torch
 
-from ir import Graph, lower
-from ir.errors import PassError
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.prune.channels import importance, plan
-from passes.prune.groups import analyze, apply
-from passes.prune.masks import PRUNABLE_OPS, weight_of
+from slimfx.ir import Graph, lower
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.prune.channels import importance, plan
+from slimfx.passes.prune.groups import analyze, apply
+from slimfx.passes.prune.masks import PRUNABLE_OPS, weight_of
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:

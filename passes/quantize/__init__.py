@@ -1,9 +1,9 @@
 """Quantization: observers, calibration, the `quantize` pass (int8 static/dynamic, fixed-point, sign),
 QAT with a straight-through estimator, cross-layer equalization, bias correction, sensitivity analysis."""
 
-from passes.quantize import ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
-from passes.quantize.equalize import BiasCorrection, Equalize
-from passes.quantize.observers import (
+from slimfx.passes.quantize import ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
+from slimfx.passes.quantize.equalize import BiasCorrection, Equalize
+from slimfx.passes.quantize.observers import (
     CALIBRATION_METHODS,
     EntropyObserver,
     HistogramObserver,
@@ -17,8 +17,8 @@ from passes.quantize.observers import (
     pow2_qparams,
     qparams_from_range,
 )
-from passes.quantize.ptq import SCHEMES, Quantize
-from passes.quantize.sensitivity import QuantSensitivity, layer_sensitivity, quantize_with_fallback
+from slimfx.passes.quantize.ptq import SCHEMES, Quantize
+from slimfx.passes.quantize.sensitivity import QuantSensitivity, layer_sensitivity, quantize_with_fallback
 
 __all__ = ["Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "PercentileObserver",
            "EntropyObserver", "MSEObserver", "QParams", "make_observer", "qparams_from_range", "pow2_qparams",

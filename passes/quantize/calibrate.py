@@ -12,8 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from ir import Graph, lower
-from ir.errors import PassError
+from slimfx.ir import Graph, lower
+from slimfx.ir.errors import PassError
 
 
 def progress(items: Iterable, *, desc: str, quiet: bool = False, total: int | None = None) -> Iterable:

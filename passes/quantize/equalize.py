@@ -16,11 +16,11 @@ from typing import ClassVar
 
 import torch
 
-from ir import Graph, Node, Param
-from ir.errors import PassError
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.quantize.calibrate import calibration_batches, run_with_outputs
-from passes.quantize.observers import QRANGE
+from slimfx.ir import Graph, Node, Param
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.quantize.calibrate import calibration_batches, run_with_outputs
+from slimfx.passes.quantize.observers import QRANGE
 
 _LAYERS = ("conv1d", "conv2d", "linear")
 

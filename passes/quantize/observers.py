@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ir.errors import PassError
+from slimfx.ir.errors import PassError
 
 QRANGE: dict[torch.dtype, tuple[int, int]] = {torch.int8: (-128, 127), torch.uint8: (0, 255),
                                               torch.int32: (-(2**31), 2**31 - 1)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ir.ops import register_op
+from slimfx.ir.ops import register_op
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:

@@ -15,12 +15,12 @@ from typing import Literal
 
 import torch
 
-from ir import Graph, Node, Param, TensorMeta
-from ir.errors import PassError
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.quantize import ops as _ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
-from passes.quantize.calibrate import calibration_batches, collect
-from passes.quantize.observers import (
+from slimfx.ir import Graph, Node, Param, TensorMeta
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.quantize import ops as _ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
+from slimfx.passes.quantize.calibrate import calibration_batches, collect
+from slimfx.passes.quantize.observers import (
     CALIBRATION_METHODS,
     DTYPES,
     QParams,
@@ -28,7 +28,7 @@ from passes.quantize.observers import (
     pow2_qparams,
     qparams_from_range,
 )
-from passes.quantize.qdq import (
+from slimfx.passes.quantize.qdq import (
     Plan,
     check_bits,
     collapse_requantize,
@@ -114,7 +114,7 @@ class Quantize(Pass):
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.max_accuracy_drop is not None:
-            from passes.quantize.sensitivity import quantize_with_fallback
+            from slimfx.passes.quantize.sensitivity import quantize_with_fallback
 
             return quantize_with_fallback(self, graph, ctx)
         return self.apply(graph, ctx)
@@ -142,7 +142,7 @@ class Quantize(Pass):
         if not dynamic and ranges is None:
             ranges = self.calibrate(graph, plan, ctx)
         if self.qat_epochs > 0:
-            from passes.quantize.qat import finetune_fake_quant
+            from slimfx.passes.quantize.qat import finetune_fake_quant
 
             finetune_fake_quant(self, graph, plan, ranges or {}, ctx)
             if not dynamic:
@@ -237,7 +237,7 @@ class Quantize(Pass):
         per_channel = qparams_from_range(flat.min(dim=1).values, flat.max(dim=1).values, torch.int8,
                                          symmetric=True, axis=0, qmin=-qmax, qmax=qmax)
         if self.per_channel_min_gain_db > 0:
-            from passes.quantize.sensitivity import sqnr_db
+            from slimfx.passes.quantize.sensitivity import sqnr_db
 
             def weight_sqnr(qp: QParams) -> float:
                 scale = qp.scale.reshape(-1, *[1] * (w.dim() - 1)) if qp.axis is not None else qp.scale

@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ir import Graph, Param, TensorMeta
-from ir.errors import PassError
-from passes.base import PassContext
-from passes.finetune import train_graph
-from passes.quantize.qdq import Plan
+from slimfx.ir import Graph, Param, TensorMeta
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import PassContext
+from slimfx.passes.finetune import train_graph
+from slimfx.passes.quantize.qdq import Plan
 
 if TYPE_CHECKING:
-    from passes.quantize.ptq import Quantize
+    from slimfx.passes.quantize.ptq import Quantize
 
 
 def fake_quant_graph(q: Quantize, graph: Graph, plan: Plan, ranges: dict) -> Graph:

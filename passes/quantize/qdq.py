@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ir import Graph, Node, Param, TensorMeta
-from ir.errors import PassError
-from passes.graph_utils import runs_in_training
-from passes.quantize.observers import QRANGE, QParams
+from slimfx.ir import Graph, Node, Param, TensorMeta
+from slimfx.ir.errors import PassError
+from slimfx.passes.graph_utils import runs_in_training
+from slimfx.passes.quantize.observers import QRANGE, QParams
 
 WEIGHT_OPS = frozenset({"conv1d", "conv2d", "linear"})
 # ops whose activation operands are quantized whenever the op is (integer kernels exist for them)
@@ -192,7 +192,7 @@ def insert_qdq(graph: Graph, t: Node, qp: QParams, users: list[Node] | None = No
 
 def quantize_tensor(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Integer values of `x` under `qp` (ONNX QuantizeLinear semantics)."""
-    from ir.ops import _quantize
+    from slimfx.ir.ops import _quantize
 
     return _quantize(x, qp.scale, qp.zero_point, dtype=qp.dtype, axis=qp.axis)
 

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ir import Graph, lower
-from ir.errors import PassError
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.quantize.calibrate import calibration_batches, progress
-from passes.quantize.qdq import make_plan
+from slimfx.ir import Graph, lower
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.quantize.calibrate import calibration_batches, progress
+from slimfx.passes.quantize.qdq import make_plan
 
 if TYPE_CHECKING:
-    from passes.quantize.ptq import Quantize
+    from slimfx.passes.quantize.ptq import Quantize
 
 
 def _flat_outputs(out: Any) -> torch.Tensor:
@@ -83,7 +83,7 @@ class QuantSensitivity(Pass):
     calibration: str = "minmax"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from passes.quantize.ptq import Quantize
+        from slimfx.passes.quantize.ptq import Quantize
 
         q = Quantize.create({"scheme": self.scheme, "per_channel": self.per_channel,
                              "calibration": self.calibration})

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ir.errors import ValidationError
+from slimfx.ir.errors import ValidationError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,13 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _signature(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
-    from exporters.bench import onnx_example_inputs
+    from slimfx.exporters.bench import onnx_example_inputs
 
     return [(str(i), tuple(t.shape), str(t.dtype)) for i, t in enumerate(onnx_example_inputs(path, batch=2))]
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporters.bench import interleaved_latency, onnx_example_inputs
+    from slimfx.exporters.bench import interleaved_latency, onnx_example_inputs
 
     for path in args.paths:
         if not path.is_file():

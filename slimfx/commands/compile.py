@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from ir.errors import SlimfxError
+from slimfx.ir.errors import SlimfxError
 from slimfx.loading import resolve_model
 
 DEFAULT_MODEL = "digits_cnn"
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = resolve_model(args.model, seed=args.seed, progress=not args.quiet)
     kwargs = {}
     if loaded.zoo is not None and loaded.zoo.dataset:
-        import models
+        from slimfx import models
         from slimfx.data import Batches, calibration_batches
 
         ds = models.load_dataset(loaded.zoo.dataset, seed=args.seed)

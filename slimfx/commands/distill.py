@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from ir.errors import SlimfxError
+from slimfx.ir.errors import SlimfxError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,9 +52,9 @@ def _student(spec: str, seed: int) -> torch.nn.Module:
 
 
 def run(args: argparse.Namespace) -> int:
-    import models
-    from passes.distill import distill
+    from slimfx import models
     from slimfx.loading import resolve_model
+    from slimfx.passes.distill import distill
 
     teacher = resolve_model(args.model, seed=args.seed, progress=not args.quiet)
     dataset = args.dataset or (teacher.zoo.dataset if teacher.zoo is not None else None)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-import ir
+from slimfx import ir
 from slimfx.loading import resolve_model
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -31,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporters import export_onnx, export_torchscript
-    from exporters.onnx import DEFAULT_OPSET
+    from slimfx.exporters import export_onnx, export_torchscript
+    from slimfx.exporters.onnx import DEFAULT_OPSET
 
     loaded = resolve_model(args.model, trained=not args.untrained)
     graph = ir.capture(loaded.module, loaded.example_inputs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-import ir
+from slimfx import ir
 from slimfx.loading import resolve_model
 
 

@@ -7,8 +7,8 @@ import dataclasses
 import typing
 from typing import Any
 
-from passes import get_pass, registered_passes
-from passes.base import Pass, _type_name
+from slimfx.passes import get_pass, registered_passes
+from slimfx.passes.base import Pass, _type_name
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

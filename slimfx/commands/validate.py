@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ir.errors import ValidationError
+from slimfx.ir.errors import ValidationError
 from slimfx.loading import resolve_model
 
 
@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporters import validate_onnx, validate_torchscript, with_batch
+    from slimfx.exporters import validate_onnx, validate_torchscript, with_batch
 
     if not args.path.is_file():
         raise ValidationError(f"no exported model at {args.path}")

@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import ir
-from exporters import export_onnx, to_onnx_model, validate_onnx, with_batch
-from exporters.onnx import EMITTERS
-from ir.errors import ExportError, ValidationError
+from slimfx import ir
+from slimfx.exporters import export_onnx, to_onnx_model, validate_onnx, with_batch
+from slimfx.exporters.onnx import EMITTERS
+from slimfx.ir.errors import ExportError, ValidationError
 from tests.exporters.small_models import SMALL_MODELS, build
 
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import ir
-from exporters import to_onnx_model, validate_onnx, with_batch
+from slimfx import ir
+from slimfx.exporters import to_onnx_model, validate_onnx, with_batch
 from tests.generators import ACTIVATIONS as ACTS
 from tests.generators import random_model
 

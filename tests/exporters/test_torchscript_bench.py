@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import ir
-from exporters import export_onnx, export_torchscript, measure_latency, with_batch
-from exporters.validate import validate_torchscript
-from ir.errors import ValidationError
+from slimfx import ir
+from slimfx.exporters import export_onnx, export_torchscript, measure_latency, with_batch
+from slimfx.exporters.validate import validate_torchscript
+from slimfx.ir.errors import ValidationError
 from tests.exporters.small_models import build
 
 
@@ -30,7 +30,7 @@ def test_torchscript_roundtrip(name, tmp_path):
 
 
 def test_torchscript_validation_failure_leaves_no_file(tmp_path, monkeypatch):
-    import exporters.torchscript as ts
+    import slimfx.exporters.torchscript as ts
 
     model, x = build("mlp")
     g = ir.capture(model, x)
@@ -70,8 +70,8 @@ def test_latency_scales_with_work(tmp_path):
 
 
 def test_interleaved_latency_rotates_fresh_measurements_and_best_is_the_fastest_round(monkeypatch):
-    import exporters.bench as bench
-    from exporters import best_median_ms, interleaved_latency
+    import slimfx.exporters.bench as bench
+    from slimfx.exporters import best_median_ms, interleaved_latency
 
     order: list[str] = []
     fake_ms = iter([3.0, 5.0, 4.0, 2.0, 6.0, 1.0, 9.0, 9.0, 9.0])
@@ -90,7 +90,7 @@ def test_interleaved_latency_rotates_fresh_measurements_and_best_is_the_fastest_
 
 
 def test_interleaved_latency_measures_real_models():
-    from exporters import best_median_ms, interleaved_latency
+    from slimfx.exporters import best_median_ms, interleaved_latency
 
     x = torch.randn(16, 512)
     runs = interleaved_latency({"small": torch.nn.Linear(512, 8), "big": torch.nn.Linear(512, 2048)}, (x,),

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-import ir
-import models
-from exporters import export_onnx, export_torchscript, validate_onnx, with_batch
-from exporters.validate import validate_torchscript
+from slimfx import ir, models
+from slimfx.exporters import export_onnx, export_torchscript, validate_onnx, with_batch
+from slimfx.exporters.validate import validate_torchscript
 
 
 @pytest.fixture(scope="module", params=models.names())

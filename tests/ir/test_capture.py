@@ -6,8 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given
 
-import ir
-from ir.errors import CaptureError
+from slimfx import ir
+from slimfx.ir.errors import CaptureError
 from tests.generators import random_model
 
 

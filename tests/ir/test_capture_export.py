@@ -8,11 +8,10 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 
-import ir
-import models
-from ir.capture_export import from_exported_program
-from ir.errors import CaptureError
-from ir.ops import OPS
+from slimfx import ir, models
+from slimfx.ir.capture_export import from_exported_program
+from slimfx.ir.errors import CaptureError
+from slimfx.ir.ops import OPS
 from tests.generators import random_model
 
 # Spellings the two front ends legitimately differ in (docs/capture.md): torch.export drops nn.Identity
@@ -220,7 +219,7 @@ def test_auto_uses_fx_when_it_can_and_says_when_it_falls_back(caplog):
 
     x = torch.randn(3, 4)
     assert ir.capture(Masked(), (x,)).capture_method == "fx"
-    with caplog.at_level(logging.INFO, logger="ir.capture"):
+    with caplog.at_level(logging.INFO, logger="slimfx.ir.capture"):
         g = ir.capture(NeedsExport(), (x,))
     assert g.capture_method == "export"
     assert any("torch.fx could not trace NeedsExport" in r.getMessage() for r in caplog.records)
@@ -266,7 +265,7 @@ _HF_CACHE: dict = {}
 def hf_case(arch: str):
     """(model, example kwargs, captured graph) of a tiny-config model, captured once per test session."""
     pytest.importorskip("transformers")
-    from models import hf
+    from slimfx.models import hf
 
     if arch not in _HF_CACHE:
         model, kwargs = hf.build(arch)
@@ -276,7 +275,7 @@ def hf_case(arch: str):
 
 
 def other_inputs(model, arch: str, batch: int, seq_len: int, seed: int = 1) -> dict:
-    from models import hf
+    from slimfx.models import hf
 
     return hf.example_inputs(model, batch=batch, seq_len=seq_len, seed=seed)
 
@@ -322,7 +321,7 @@ def test_hf_module_paths_and_weights_are_where_passes_look():
 @pytest.mark.parametrize("arch", HF_ARCHS)
 def test_hf_models_export_to_onnx_at_two_batch_sizes_and_sequence_lengths(arch, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from exporters.onnx import export_onnx
+    from slimfx.exporters.onnx import export_onnx
 
     model, kwargs, g = hf_case(arch)
     lengths = [None] if arch == "vit" else [8, 13]  # ViT's token count is fixed by the image size
@@ -344,7 +343,7 @@ def test_hf_models_export_to_onnx_at_two_batch_sizes_and_sequence_lengths(arch, 
 
 
 def _registered(*names: str) -> bool:
-    from passes.base import registered_passes
+    from slimfx.passes.base import registered_passes
 
     return all(n in registered_passes() for n in names)
 
@@ -353,9 +352,9 @@ def _registered(*names: str) -> bool:
 def test_hf_graphs_go_through_cleanup_passes_and_int8_quantization(arch, tmp_path):
     if not _registered("fold-batchnorm", "cse", "dce", "quantize"):
         pytest.skip("the cleanup or quantize passes are not registered on this branch")
-    from exporters.onnx import export_onnx
-    from passes import PassManager
-    from passes.base import PassContext
+    from slimfx.exporters.onnx import export_onnx
+    from slimfx.passes import PassManager
+    from slimfx.passes.base import PassContext
 
     model, kwargs, g = hf_case(arch)
     inputs = tuple(kwargs.values())

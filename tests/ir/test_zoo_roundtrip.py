@@ -5,8 +5,7 @@ import copy
 import pytest
 import torch
 
-import ir
-import models
+from slimfx import ir, models
 
 
 @pytest.mark.parametrize("name", models.names())

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import hf
+from slimfx.models import hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,10 +47,10 @@ def test_models_package_imports_without_transformers():
     code = """
 import sys
 sys.modules["transformers"] = None  # as if not installed
-import models, models.hf
-assert not models.hf.available()
+from slimfx.models import hf
+assert not hf.available()
 try:
-    models.hf.build("bert")
+    hf.build("bert")
 except ImportError as e:
     assert "slimfx[hf]" in str(e), e
 else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models
+from slimfx import models
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,7 @@ import pathlib
 import pytest
 import torch
 
-import models
-import models.trainer
+from slimfx import models
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

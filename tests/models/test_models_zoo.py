@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.fx
 
-import models
+from slimfx import models
 
 EXPECTED = ["mlp", "digits_cnn", "resnet20", "mobilenetv2", "tiny_bert"]
 

@@ -7,8 +7,8 @@ from typing import Literal
 
 import pytest
 
-from ir.errors import PassError
-from passes import (
+from slimfx.ir.errors import PassError
+from slimfx.passes import (
     Pass,
     PassContext,
     PassResult,

@@ -7,9 +7,9 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings
 
-import ir
-from passes import PassContext, PassManager, create_pass
-from passes.fuse import fold_batchnorm_weights
+from slimfx import ir
+from slimfx.passes import PassContext, PassManager, create_pass
+from slimfx.passes.fuse import fold_batchnorm_weights
 from tests.generators import random_model
 from tests.passes.nets import ConstantSubgraph, Conv1dBn, ConvBnNet, Duplicates, Noops, SharedConv, make
 

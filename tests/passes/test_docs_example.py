@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-import ir
-from passes import PassContext
+from slimfx import ir
+from slimfx.passes import PassContext
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "docs" / "examples" / "custom_pass.py"

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import ir
-from ir.errors import PassError
-from passes import PassContext, create_pass
-from passes.finetune import iter_batches, train_graph
+from slimfx import ir
+from slimfx.ir.errors import PassError
+from slimfx.passes import PassContext, create_pass
+from slimfx.passes.finetune import iter_batches, train_graph
 
 
 def _problem():

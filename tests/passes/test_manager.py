@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import ir
-from ir.errors import PassError
-from passes import Pass, PassContext, PassManager, PassRecord, PassResult, compare_outputs, register_pass
+from slimfx import ir
+from slimfx.ir.errors import PassError
+from slimfx.passes import (
+    Pass,
+    PassContext,
+    PassManager,
+    PassRecord,
+    PassResult,
+    compare_outputs,
+    register_pass,
+)
 from tests.passes.nets import ConvBnNet, make
 
 

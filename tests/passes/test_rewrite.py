@@ -8,10 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 
-import ir
-from ir import Param
-from ir.errors import PassError
-from passes import PassContext, PassManager, Pattern, PatternPass, register_pass, rewrite
+from slimfx import ir
+from slimfx.ir import Param
+from slimfx.ir.errors import PassError
+from slimfx.passes import PassContext, PassManager, Pattern, PatternPass, register_pass, rewrite
 from tests.generators import random_model
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ir
-import models
-from passes import PassContext, PassManager
+from slimfx import ir, models
+from slimfx.passes import PassContext, PassManager
 from tests.passes.nets import randomize_bn
 
 BUILTINS = ["remove-identity", "fold-constants", "cse", "fold-batchnorm", "dce"]

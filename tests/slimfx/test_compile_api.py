@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import slimfx
-from ir.errors import RecipeError
+from slimfx.ir.errors import RecipeError
 from slimfx.recipe import Recipe
 from tests.slimfx.fixtures.user_models import small
 
@@ -79,9 +79,9 @@ def test_keyword_inputs_are_graph_inputs_in_forward_order(tmp_path):
 
 def test_a_hugging_face_model_compiles_with_keyword_inputs(tmp_path):
     pytest.importorskip("transformers")
-    import models.hf
+    from slimfx.models import hf
 
-    model, kwargs = models.hf.build("bert")
+    model, kwargs = hf.build("bert")
     result = slimfx.compile(model, (), recipe="int8-dynamic", example_kwargs=kwargs, out_dir=tmp_path,
                             bench_seconds=0.02, quiet=True)
     assert [n.name for n in result.graph.inputs] == ["input_ids", "attention_mask"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from passes import registered_passes
 from slimfx.cli import main
+from slimfx.passes import registered_passes
 
 
 def test_lists_every_pass_with_options(capsys):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ir
-from ir.errors import RecipeError
-from passes import PassContext, PassManager
+from slimfx import ir
+from slimfx.ir.errors import RecipeError
+from slimfx.passes import PassContext, PassManager
 from slimfx.recipe import Recipe, builtin_recipes, load_recipe
 from tests.passes.nets import ConvBnNet, make
 
@@ -68,7 +68,7 @@ def test_unknown_names_and_missing_files():
 
 
 def test_check_context_names_the_pass_that_lacks_data():
-    from passes import Pass, PassResult, register_pass
+    from slimfx.passes import Pass, PassResult, register_pass
 
     @register_pass("test-needs-train-data")
     class NeedsData(Pass):

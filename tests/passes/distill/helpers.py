@@ -79,7 +79,7 @@ class TinyResNet(nn.Module):
 @functools.cache
 def trained(kind: str) -> nn.Module:
     """A trained teacher (cached per test session): 'cnn' or 'resnet'."""
-    from passes.distill import distill
+    from slimfx.passes.distill import distill
 
     torch.manual_seed(0)
     model = SmallCNN() if kind == "cnn" else TinyResNet()

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ir.errors import PassError
-from passes.distill import (
+from slimfx.ir.errors import PassError
+from slimfx.passes.distill import (
     AttentionTransferLoss,
     CombinedLoss,
     CTKDLoss,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ir
-from ir.errors import PassError
-from passes import PassContext, parse_pass_spec
+from slimfx import ir
+from slimfx.ir.errors import PassError
+from slimfx.passes import PassContext, parse_pass_spec
 from tests.passes.distill.helpers import SmallCNN, accuracy, digits, trained
 
 

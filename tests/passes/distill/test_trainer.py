@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import ir
-from ir.errors import PassError
-from passes.distill import distill, resolve_feature, with_features
+from slimfx import ir
+from slimfx.ir.errors import PassError
+from slimfx.passes.distill import distill, resolve_feature, with_features
 from tests.passes.distill.helpers import SmallCNN, accuracy, digits, trained
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import ir
-from passes.prune.groups import Dependencies
+from slimfx import ir
+from slimfx.passes.prune.groups import Dependencies
 
 
 def kill_units(graph: ir.Graph, deps: Dependencies, units: set[int]) -> None:
@@ -41,7 +41,7 @@ def export_and_validate(graph: ir.Graph, inputs: tuple, atol: float = 1e-4) -> f
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
         try:
-            from exporters import export_onnx
+            from slimfx.exporters import export_onnx
         except ImportError:
             export_onnx = None
         if export_onnx is not None:

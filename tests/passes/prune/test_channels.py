@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import ir
-import models
-from ir.errors import PassError
-from passes import PassContext, create_pass, parse_pass_spec
+from slimfx import ir, models
+from slimfx.ir.errors import PassError
+from slimfx.passes import PassContext, create_pass, parse_pass_spec
 from tests.generators import random_model
 from tests.passes.prune.helpers import export_and_validate
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ir
-import models
-from passes import PassContext, create_pass
+from slimfx import ir, models
+from slimfx.passes import PassContext, create_pass
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import ir
-from passes.prune.groups import BLOCK, analyze, apply
+from slimfx import ir
+from slimfx.passes.prune.groups import BLOCK, analyze, apply
 from tests.generators import random_model
 from tests.passes.prune.helpers import kill_units
 

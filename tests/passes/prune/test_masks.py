@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-import ir
-from ir.errors import PassError
-from passes import PassContext, create_pass
-from passes.finetune import train_graph
-from passes.prune.masks import layer_sparsity
+from slimfx import ir
+from slimfx.ir.errors import PassError
+from slimfx.passes import PassContext, create_pass
+from slimfx.passes.finetune import train_graph
+from slimfx.passes.prune.masks import layer_sparsity
 from tests.passes.prune.helpers import export_and_validate
 
 

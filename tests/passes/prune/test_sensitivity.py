@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import ir
-from passes import PassContext, create_pass
+from slimfx import ir
+from slimfx.passes import PassContext, create_pass
 
 
 class Net(nn.Module):

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import ir
-from ir.errors import PassError
-from passes import PassContext, create_pass
-from passes.quantize.sensitivity import graph_outputs, sqnr_db
+from slimfx import ir
+from slimfx.ir.errors import PassError
+from slimfx.passes import PassContext, create_pass
+from slimfx.passes.quantize.sensitivity import graph_outputs, sqnr_db
 
 
 class Chain(nn.Module):
@@ -76,7 +76,7 @@ def test_equalize_without_relu6_crossing_leaves_relu6_pairs_alone():
 
 
 def _mobilenet_graph():
-    import models
+    from slimfx import models
 
     spec = models.get("mobilenetv2")
     m = _spread_channels(spec.build(seed=0))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-import passes.quantize  # noqa: F401
-from ir.ops import get_op
+import slimfx.passes.quantize  # noqa: F401
+from slimfx.ir.ops import get_op
 
 _NP = {torch.int8: np.int8, torch.uint8: np.uint8}
 _TP = {torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8}

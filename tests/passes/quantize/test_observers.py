@@ -5,8 +5,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ir.errors import PassError
-from passes.quantize.observers import (
+from slimfx.ir.errors import PassError
+from slimfx.passes.quantize.observers import (
     EntropyObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,

@@ -7,10 +7,10 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import ir
-from ir.errors import PassError
-from passes import PassContext, create_pass, parse_pass_spec
-from passes.quantize.qdq import collapse_requantize
+from slimfx import ir
+from slimfx.ir.errors import PassError
+from slimfx.passes import PassContext, create_pass, parse_pass_spec
+from slimfx.passes.quantize.qdq import collapse_requantize
 
 
 class Net(nn.Module):
@@ -68,7 +68,7 @@ def test_int8_static_folds_weights_and_simulates_the_integer_model():
     acc = nn.functional.conv2d(qx.float() - float(g.params[g.node("x_q").inputs[2].name]), w_q,
                                g.params[c1.inputs[2].inputs[0].name].float(), padding=1)
     by_hand = acc * (g.params["x_s"] * g.params[c1.inputs[1].inputs[1].name]).reshape(1, -1, 1, 1)
-    from passes.quantize.calibrate import run_with_outputs
+    from slimfx.passes.quantize.calibrate import run_with_outputs
     _, (c1_val,) = run_with_outputs(g, ["c1"])(x)
     assert torch.allclose(c1_val, by_hand, rtol=1e-5, atol=1e-5)
     assert _sqnr(m(x), gm(x)) > 25
@@ -150,7 +150,7 @@ def test_option_errors_name_the_option():
 
 def _digits_cnn_folded():
     """The zoo's trained digits CNN, captured, batch norms folded."""
-    import models
+    from slimfx import models
 
     m = models.get("digits_cnn").trained(progress=False).eval()
     ds = models.load_dataset("digits")
@@ -160,7 +160,7 @@ def _digits_cnn_folded():
 
 
 def test_qat_with_ste_recovers_sign_weights_on_digits():
-    import models
+    from slimfx import models
 
     g, ds = _digits_cnn_folded()
     x = ds.train_x
@@ -213,8 +213,8 @@ def _optimized_op_types(model_bytes: bytes, tmp_path) -> set[str]:
 def test_every_scheme_exports_qdq_onnx_that_matches_the_ir(scheme, tmp_path):
     import onnx
 
-    from exporters.onnx import to_onnx_model
-    from exporters.validate import validate_onnx
+    from slimfx.exporters.onnx import to_onnx_model
+    from slimfx.exporters.validate import validate_onnx
 
     m, g, ctx = _setup()
     create_pass("quantize", {"scheme": scheme}).run(g, ctx)
@@ -267,8 +267,8 @@ class EmbedNet(nn.Module):
 def test_embedding_tables_are_stored_int8_and_export_as_gather_then_dequantize(scheme, tmp_path):
     import onnx
 
-    from exporters.onnx import to_onnx_model
-    from exporters.validate import validate_onnx
+    from slimfx.exporters.onnx import to_onnx_model
+    from slimfx.exporters.validate import validate_onnx
 
     torch.manual_seed(0)
     m = EmbedNet().eval()
@@ -345,7 +345,7 @@ def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_f
     import onnx
     from onnx import numpy_helper
 
-    from exporters.onnx import to_onnx_model
+    from slimfx.exporters.onnx import to_onnx_model
 
     m, g, ctx = _setup(c=32)  # 32-channel convs: int16 biases pay; the 10-output fc's does not
     with torch.no_grad():
@@ -373,13 +373,13 @@ def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_f
     ops = _optimized_op_types(model.SerializeToString(), tmp_path)
     assert {"QLinearConv", "QGemm"} <= ops and not ops & {"Conv", "Gemm", "Mul", "Cast", "DequantizeLinear"}, ops
     x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-    from exporters.validate import validate_onnx
+    from slimfx.exporters.validate import validate_onnx
 
     assert validate_onnx(model, g, (x,), atol=1e-3, rtol=1e-3).max_abs_diff < 1e-3
     assert onnx.checker.check_model(model, full_check=True) is None
     # bit-identical to the plain encoding (stored int32 biases and bias scale vectors)
-    import exporters.onnx.emitters as emitters
-    from exporters.bench import ort_feed, ort_session
+    import slimfx.exporters.onnx.emitters as emitters
+    from slimfx.exporters.bench import ort_feed, ort_session
 
     monkeypatch.setattr(emitters, "_bias_scale_product", lambda ctx, node: None)
     monkeypatch.setattr(emitters, "_compact_int32", lambda ctx, q: ctx.value(q))
@@ -391,8 +391,8 @@ def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_f
 
 
 def test_compact_bias_storage_never_makes_a_file_bigger(monkeypatch):
-    import exporters.onnx.emitters as emitters
-    from exporters.onnx import to_onnx_model
+    import slimfx.exporters.onnx.emitters as emitters
+    from slimfx.exporters.onnx import to_onnx_model
 
     for c in (2, 8, 64):
         m, g, ctx = _setup(c=c)

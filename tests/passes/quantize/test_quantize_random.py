@@ -7,9 +7,9 @@ import onnx
 import torch
 from hypothesis import HealthCheck, given, settings
 
-import ir
-from exporters import to_onnx_model, validate_onnx, with_batch
-from passes import PassContext, create_pass
+from slimfx import ir
+from slimfx.exporters import to_onnx_model, validate_onnx, with_batch
+from slimfx.passes import PassContext, create_pass
 from tests.generators import random_model
 
 
