@@ -261,7 +261,7 @@ def compile(model: nn.Module, example_inputs: Any, recipe: str | Path | Recipe =
         for fmt in formats:
             target = staging / FORMAT_FILES[fmt]
             if fmt == "onnx":
-                res = export_onnx(graph, target, inputs=example, **_export_tolerances(rec))
+                res = export_onnx(graph, target, inputs=example, opset=rec.export.opset, **_export_tolerances(rec))
             else:
                 from slimfx.exporters import export_torchscript
 
@@ -337,23 +337,18 @@ def _measure_stage(label: str, graph: ir.Graph, example: tuple, tmp: Path, index
 
 
 def _export_tolerances(rec: Recipe) -> dict[str, Any]:
-    tol = {}
-    if "atol" in rec.validate:
-        tol["atol"] = rec.validate["atol"]
-    if "rtol" in rec.validate:
-        tol["rtol"] = rec.validate["rtol"]
-    return tol
+    return {k: v for k in ("atol", "rtol") if (v := getattr(rec.validate, k)) is not None}
 
 
-def _check_validation(validation: dict[str, Any], cfg: dict[str, Any], rec: Recipe) -> None:
-    need = cfg.get("min_top1_agreement")
+def _check_validation(validation: dict[str, Any], cfg: Any, rec: Recipe) -> None:
+    need = cfg.min_top1_agreement
     got = validation.get("top1_agreement")
     if need is not None and got is not None and got < need:
         raise ValidationError(
             f"the compiled model agrees with the original on only {got:.2%} of top-1 predictions; recipe "
             f"'{rec.name}' requires {need:.2%} ([validate] min_top1_agreement). Give more calibration or "
             "training data, a gentler recipe, or lower the threshold in the recipe.")
-    need_sqnr = cfg.get("min_sqnr_db")
+    need_sqnr = cfg.min_sqnr_db
     if need_sqnr is not None and validation["sqnr_db"] < need_sqnr:
         raise ValidationError(f"output SQNR {validation['sqnr_db']:.1f} dB is below the recipe's "
                               f"min_sqnr_db {need_sqnr} ([validate] in recipe '{rec.name}')")

@@ -18,8 +18,10 @@ naming the file, the table and the key, before any work starts.
 
 from __future__ import annotations
 
+import difflib
+import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,30 @@ from slimfx.passes import Pass, PassContext, PassManager, create_pass
 
 TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate")
 EXPORT_FORMATS = ("onnx", "torchscript")
+MIN_OPSET, MAX_OPSET = 17, 23
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The recipe's [export] table: which files to write and how."""
+
+    formats: tuple[str, ...] = ("onnx",)
+    opset: int = 17  # ONNX opset, MIN_OPSET..MAX_OPSET
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """The recipe's [validate] table: the gate the compiled model must pass (None: that check is off).
+
+    Checks compare the compiled model with the original on the validation split (or generated inputs).
+    atol/rtol override the exporters' tolerances (export file vs the IR it was written from).
+    """
+
+    min_top1_agreement: float | None = None  # fraction in [0, 1]
+    min_sqnr_db: float | None = None
+    atol: float | None = None  # >= 0
+    rtol: float | None = None  # >= 0
+    max_accuracy_drop: float | None = None  # fraction in [0, 1] of accuracy on labelled validation data
 
 
 @dataclass
@@ -38,8 +64,8 @@ class Recipe:
     name: str
     description: str = ""
     passes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-    export: dict[str, Any] = field(default_factory=dict)
-    validate: dict[str, Any] = field(default_factory=dict)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     source: Path | None = None
 
     def build_passes(self) -> list[Pass]:
@@ -93,27 +119,60 @@ class Recipe:
             if not isinstance(pname, str):
                 raise RecipeError(f"{where}: passes[{i}].name must be a string, got {pname!r}")
             steps.append((pname, {k: v for k, v in table.items() if k != "name"}))
-        export = data.get("export", {})
-        if not isinstance(export, dict):
-            raise RecipeError(f"{where}: 'export' must be a table ([export])")
-        formats = export.get("formats", [])
-        if isinstance(formats, str):
-            formats = [formats]
-        if not isinstance(formats, list) or any(f not in EXPORT_FORMATS for f in formats):
-            raise RecipeError(f"{where}: export.formats must be a list drawn from "
-                              f"{', '.join(map(repr, EXPORT_FORMATS))}; got {export.get('formats')!r}")
-        if "formats" in export:
-            export = {**export, "formats": formats}
-        validate = data.get("validate", {})
-        if not isinstance(validate, dict):
-            raise RecipeError(f"{where}: 'validate' must be a table ([validate])")
-        for k, v in validate.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise RecipeError(f"{where}: validate.{k} must be a number (a threshold), got {v!r}")
         recipe = cls(name=str(data.get("name", name)), description=description, passes=steps,
-                     export=dict(export), validate=dict(validate), source=source)
+                     export=_export_config(data.get("export", {}), where),
+                     validate=_validate_config(data.get("validate", {}), where), source=source)
         recipe.build_passes()  # check every pass and option now, before any work starts
         return recipe
+
+
+def _export_config(table: Any, where: str) -> ExportConfig:
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: 'export' must be a table ([export])")
+    _no_unknown_keys(table, ExportConfig, "export", where)
+    formats = table.get("formats", list(ExportConfig.formats))
+    if isinstance(formats, str):
+        formats = [formats]
+    if not isinstance(formats, list) or not formats or any(f not in EXPORT_FORMATS for f in formats):
+        raise RecipeError(f"{where}: export.formats must be a non-empty list drawn from "
+                          f"{', '.join(map(repr, EXPORT_FORMATS))}; got {table.get('formats')!r}")
+    opset = table.get("opset", ExportConfig.opset)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise RecipeError(f"{where}: export.opset must be an integer from {MIN_OPSET} to {MAX_OPSET}; "
+                          f"got {opset!r}")
+    return ExportConfig(formats=tuple(dict.fromkeys(formats)), opset=opset)
+
+
+# [validate] key -> (lowest, highest) accepted value (None: unbounded), and what it means.
+VALIDATE_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "min_top1_agreement": (0.0, 1.0, "a fraction, e.g. 0.99"),
+    "min_sqnr_db": (None, None, "decibels, e.g. 30"),
+    "atol": (0.0, None, "an absolute tolerance >= 0"),
+    "rtol": (0.0, None, "a relative tolerance >= 0"),
+    "max_accuracy_drop": (0.0, 1.0, "a fraction of accuracy, e.g. 0.01 for one point"),
+}
+
+
+def _validate_config(table: Any, where: str) -> ValidateConfig:
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: 'validate' must be a table ([validate])")
+    _no_unknown_keys(table, ValidateConfig, "validate", where)
+    for k, v in table.items():
+        lo, hi, meaning = VALIDATE_RANGES[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise RecipeError(f"{where}: validate.{k} must be a number ({meaning}), got {v!r}")
+    return ValidateConfig(**{k: float(v) for k, v in table.items()})
+
+
+def _no_unknown_keys(table: dict[str, Any], config: type, section: str, where: str) -> None:
+    known = [f.name for f in fields(config)]
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{where}: unknown key {section}.{key}{hint}; [{section}] accepts "
+                              f"{', '.join(known)}")
 
 
 def builtin_recipes() -> list[str]:

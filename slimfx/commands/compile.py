@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     recipe = load_recipe(args.recipe)  # recipe errors surface before any model is loaded or trained
     formats = ([f.strip() for f in args.format.split(",") if f.strip()] if args.format
-               else list(recipe.export.get("formats", ["onnx"])))
+               else list(recipe.export.formats))
     loaded = resolve_model(args.model, seed=args.seed, progress=not args.quiet)
     kwargs = {}
     if loaded.zoo is not None and loaded.zoo.dataset:

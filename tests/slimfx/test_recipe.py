@@ -17,7 +17,7 @@ def test_builtin_cleanup_recipe_builds_the_pipeline_and_runs():
     r = load_recipe("cleanup")
     assert r.name == "cleanup" and r.description and r.source.name == "cleanup.toml"
     assert [n for n, _ in r.passes] == ["remove-identity", "fold-constants", "cse", "fold-batchnorm", "dce"]
-    assert r.export["formats"] == ["onnx", "torchscript"]
+    assert r.export.formats == ("onnx", "torchscript")
     pm = r.build_pipeline(check_numerics=1e-5)
     assert isinstance(pm, PassManager) and [p.name for p in pm.passes] == [n for n, _ in r.passes]
     m, x = make(ConvBnNet), torch.randn(2, 3, 8, 8)
@@ -32,7 +32,7 @@ def test_a_recipe_file_with_options(tmp_path):
                  '[[passes]]\nname = "dce"\n[validate]\nmin_top1_agreement = 0.99\n')
     r = load_recipe(str(f))
     assert r.name == "mine" and r.passes == [("fold-constants", {"max_growth_numel": 10}), ("dce", {})]
-    assert r.build_passes()[0].max_growth_numel == 10 and r.validate == {"min_top1_agreement": 0.99}
+    assert r.build_passes()[0].max_growth_numel == 10 and r.validate.min_top1_agreement == 0.99
     assert load_recipe(f).source == f
 
 
@@ -48,6 +48,12 @@ def test_a_recipe_file_with_options(tmp_path):
     ('passes = ["dce"]\n', ["array of tables"]),
     ('[export]\nformats = ["onnx", "tflite"]\n', ["export.formats", "tflite"]),
     ('[validate]\nmin_top1_agreement = "high"\n', ["validate.min_top1_agreement must be a number"]),
+    ('[validate]\nmin_sqrn_db = 30\n', ["unknown key validate.min_sqrn_db", "did you mean 'min_sqnr_db'"]),
+    ('[validate]\nmin_top1_agreement = 2.0\n', ["validate.min_top1_agreement must be a number (a fraction"]),
+    ('[validate]\natol = -1\n', ["validate.atol must be a number (an absolute tolerance >= 0)", "-1"]),
+    ('[validate]\nmin_sqnr_db = nan\n', ["validate.min_sqnr_db must be a number", "nan"]),
+    ('[export]\nopset = 99\n', ["export.opset must be an integer from 17 to 23", "99"]),
+    ('[export]\nformat = ["onnx"]\n', ["unknown key export.format", "did you mean 'formats'"]),
 ])
 def test_mistakes_name_file_table_and_key(tmp_path, text, words):
     f = tmp_path / "bad.toml"
