@@ -27,3 +27,12 @@ class RecipeError(SlimfxError):
 
 class ValidationError(SlimfxError):
     """An exported model disagrees with the graph it came from beyond tolerance."""
+
+
+class GateError(ValidationError):
+    """The compiled or exported model failed a numeric check (the recipe's gate, an export's validation).
+    The CLI exits with code 3 for these, 2 for other user errors."""
+
+
+class DataError(SlimfxError):
+    """The data given for a model has the wrong structure, types or sizes."""

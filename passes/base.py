@@ -82,9 +82,10 @@ class Pass:
     name: ClassVar[str] = ""
     #: analyses report but never change the graph; the PassManager checks that they do not.
     is_analysis: ClassVar[bool] = False
-    #: passes that claim to keep the graph's outputs (cleanups, folding) get their numerics checked
-    #: by the driver; lossy passes (pruning, quantization, distillation) leave this False.
-    preserves_outputs: ClassVar[bool] = False
+    #: a pass keeps the graph's outputs (within float rounding) unless it says otherwise: the
+    #: PassManager's numeric check (`check_numerics`) holds every pass to that. Lossy passes (pruning,
+    #: quantization, training) set this False and are not checked.
+    preserves_outputs: ClassVar[bool] = True
     #: passes that read ctx.calibration_data (the driver warns when only example inputs are there).
     needs_calibration: ClassVar[bool] = False
 

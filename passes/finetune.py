@@ -67,6 +67,8 @@ class Finetune(Pass):
     (stats say `skipped`), so one recipe serves models with and without data; when true it fails.
     """
 
+    preserves_outputs = False
+
     epochs: int = 3
     lr: float = 1e-3
     batch_size: int = 64

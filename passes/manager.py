@@ -115,8 +115,11 @@ class PassManager:
 
     passes: Pass objects, pass specs (`"dce"`, `"prune-channels{sparsity=0.5}"`) or registered classes.
     verify_each: run ir.verify after every pass (default True).
-    check_numerics: None, or a relative tolerance; then every pass must preserve the outputs on
-        ctx.example_inputs within it (eval mode).
+    check_numerics: None, or a relative tolerance; then every pass that preserves outputs (all but
+        those declaring `preserves_outputs = False`: pruning, quantization, training) must keep the
+        outputs on ctx.example_inputs within it (eval mode).
+    instrumentations: objects with any of the hooks `before_pass(index, pass, graph)` and
+        `after_pass(index, pass, graph, record)`, called around every pass (index counts from 1).
     print_after_each: print the IR after every pass that changed it (to `stream`, default stdout).
     dump_dir: where to write IR dumps of a failing pass (default: a fresh temporary directory); when
         given, the IR after every pass that changed it is also written there (`03-dce.txt`).
@@ -124,7 +127,8 @@ class PassManager:
 
     def __init__(self, passes: Sequence[Pass | str | type[Pass]], *, verify_each: bool = True,
                  check_numerics: float | None = None, print_after_each: bool = False,
-                 dump_dir: str | Path | None = None, stream: TextIO | None = None):
+                 dump_dir: str | Path | None = None, stream: TextIO | None = None,
+                 instrumentations: Sequence[Any] = ()):
         if isinstance(passes, (str, Pass)):
             passes = [passes]
         self.passes: list[Pass] = [_as_pass(p) for p in passes]
@@ -135,6 +139,7 @@ class PassManager:
         self.print_after_each = print_after_each
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.stream = stream
+        self.instrumentations = list(instrumentations)
 
     def __repr__(self) -> str:
         return f"PassManager([{', '.join(str(p) for p in self.passes)}])"
@@ -172,12 +177,18 @@ class PassManager:
         if self.check_numerics is not None and not ctx.example_inputs:
             raise PassError("check_numerics needs example inputs: pass PassContext(example_inputs=(x, ...))")
         need_before = self.verify_each or self.check_numerics is not None
-        reference = self._outputs(graph, ctx) if self.check_numerics is not None else None
+        reference = None  # outputs before the next pass that must preserve them; computed when needed
         if self.dump_dir is not None:
             self.dump_dir.mkdir(parents=True, exist_ok=True)
             (self.dump_dir / "00-input.txt").write_text(str(graph) + "\n")
         records: list[PassRecord] = []
         for i, p in enumerate(self.passes, 1):
+            checked = self.check_numerics is not None and p.preserves_outputs and not p.is_analysis
+            if checked and reference is None:
+                reference = self._outputs(graph, ctx)
+            for inst in self.instrumentations:
+                if hasattr(inst, "before_pass"):
+                    inst.before_pass(i, p, graph)
             snap = _snapshot(graph) if p.is_analysis else None
             before = snap[0] if snap is not None else (str(graph) if need_before else None)
             # Objects alive before the pass (the graph, the model, ...) are frozen out of the cyclic
@@ -189,8 +200,14 @@ class PassManager:
             t0 = time.perf_counter()
             try:
                 result = p.run(graph, ctx)
-            except SlimfxError:
-                raise
+            except SlimfxError as e:  # a user-actionable error from inside the pass: same class, step named
+                if str(e).startswith(f"pass '{p.name}' (step "):
+                    raise
+                try:
+                    named = type(e)(f"pass '{p.name}' (step {i} of {len(self.passes)}): {e}")
+                except TypeError:
+                    raise e from None
+                raise named from e
             except Exception as e:  # noqa: BLE001 - a crashing pass is named, with the IR it crashed on
                 raise self._fail(i, p, f"crashed: {type(e).__name__}: {e}", before, graph, e) from e
             finally:
@@ -211,7 +228,7 @@ class PassManager:
                     verify(graph)
                 except SlimfxError as e:
                     raise self._fail(i, p, f"left an invalid graph: {e}", before, graph, e) from e
-            if reference is not None:
+            if checked:
                 try:
                     now = self._outputs(graph, ctx)
                 except Exception as e:  # noqa: BLE001
@@ -222,7 +239,12 @@ class PassManager:
                     raise self._fail(i, p, f"changed the outputs beyond check_numerics={self.check_numerics}: "
                                      f"{problem}", before, graph)
                 reference = now
+            elif result.changed:
+                reference = None
             records.append(PassRecord(p.name, seconds, dict(result.stats), bool(result.changed), str(p)))
+            for inst in self.instrumentations:
+                if hasattr(inst, "after_pass"):
+                    inst.after_pass(i, p, graph, records[-1])
             ctx.logger.debug("pass %s: %.3fs changed=%s %s", p.name, seconds, result.changed, result.stats)
             if result.changed:
                 if self.print_after_each:

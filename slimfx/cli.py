@@ -1,7 +1,9 @@
 """The `slimfx` command line. Each subcommand lives in slimfx/commands/<name>.py with
 `add_parser(subparsers)` and `run(args) -> int`.
 
-Exit codes: 0 success, 2 user error (one paragraph, no traceback unless --debug), 1 internal failure.
+Exit codes: 0 success; 2 a user error (one paragraph, no traceback unless --debug); 3 a check failed
+(the recipe's [validate] gate, an export's validation, `slimfx validate`); 1 an internal failure (a bug);
+130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Partial outputs are removed in every case but 0.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import pkgutil
 import sys
 import traceback
 
-from slimfx.ir.errors import SlimfxError
+from slimfx.ir.errors import GateError, SlimfxError
+from slimfx.output import Terminated, terminate_on_sigterm
+
+EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_CHECK, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 
 def _command_modules():
@@ -43,20 +48,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = getattr(args, "debug", False)
     try:
-        return int(args._run(args) or 0)
+        with terminate_on_sigterm():
+            return int(args._run(args) or 0)
+    except GateError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"slimfx: check failed: {e}", file=sys.stderr)
+        return EXIT_CHECK
     except SlimfxError as e:
         if debug:
             traceback.print_exc()
         print(f"slimfx: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER
     except KeyboardInterrupt:
         print("slimfx: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        print("slimfx: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as e:  # noqa: BLE001 - anything else is our bug
         traceback.print_exc()
         print(f"slimfx: internal error: {type(e).__name__}: {e}\n"
               "This is a bug in slimfx; please report it with the traceback above.", file=sys.stderr)
-        return 1
+        return EXIT_BUG
 
 
 if __name__ == "__main__":  # pragma: no cover

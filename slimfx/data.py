@@ -1,15 +1,209 @@
-"""Data plumbing between user data, the zoo's datasets and passes.
+"""A user's data for compile, validate and distill, and the zoo's bundled data in the same shape.
 
-Passes read `ctx.train_data` as an iterable of `(inputs_tuple, target)` batches and
-`ctx.calibration_data` as an iterable of input tuples; these helpers make both from tensors.
+    slimfx.Data(train=loader, validation=val_loader, test=test_loader, calibration=None)
+
+Each part may be a torch DataLoader, a map-style Dataset of `(inputs, target)` samples, an iterable of
+`(inputs, target)` batches, or one `(inputs, targets)` pair of tensors holding the whole split. `inputs`
+is a tensor or a tuple of tensors (one per forward argument). What each part is for:
+
+- train: fine-tuning, distillation and QAT steps.
+- validation: every number the gate checks (agreement, SQNR, max diff, accuracy drop) and the choice of
+  the best epoch in training steps. Never test.
+- test: the accuracy in the report, measured once at the end on the written file.
+- calibration: activation ranges for static quantization; default: `calibration_samples` inputs drawn
+  from train. Its items may be input tuples or `(inputs, target)` batches.
+
+`--data SPEC` (CLI) and `data = "SPEC"` (recipe) name a callable `file.py:fn` or `package.module:fn`
+returning a `Data`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from slimfx.ir.errors import DataError, SlimfxError
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]
+PARTS = ("train", "validation", "test", "calibration")
+GENERATED_SAMPLES = 256
+
+
+@dataclass
+class Data:
+    """A user's data, split by purpose (see the module docstring)."""
+
+    train: Any = None
+    validation: Any = None
+    test: Any = None
+    calibration: Any = None
+    calibration_samples: int = 256
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) \
+                or self.calibration_samples < 1:
+            raise DataError(f"Data.calibration_samples must be a positive integer, got {self.calibration_samples!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise DataError(f"Data.batch_size must be a positive integer, got {self.batch_size!r}")
+
+    def split(self, part: str) -> Split | None:
+        """The part as a re-iterable of `(inputs_tuple, target)` batches (None when not given)."""
+        value = getattr(self, part)
+        return None if value is None else Split(part, value, self.batch_size)
+
+    def calibration_batches(self) -> list[tuple[torch.Tensor, ...]] | None:
+        """Input tuples for calibration: the calibration part, else `calibration_samples` drawn from train."""
+        if self.calibration is not None:
+            return [inputs for inputs, _ in Split("calibration", self.calibration, self.batch_size,
+                                                  inputs_only=True)]
+        train = self.split("train")
+        if train is None:
+            return None
+        out, n = [], 0
+        for inputs, _ in train:
+            take = min(len(inputs[0]), self.calibration_samples - n) if inputs and inputs[0].dim() else 1
+            out.append(tuple(t[:take] for t in inputs) if inputs[0].dim() else inputs)
+            n += take
+            if n >= self.calibration_samples:
+                break
+        return out
+
+    def given(self) -> list[str]:
+        return [p for p in PARTS if getattr(self, p) is not None]
+
+
+class Split:
+    """One part of `Data`, normalised: iterating yields `(inputs_tuple, target_or_None)` batches and
+    checks each one (DataError naming the part and the batch)."""
+
+    def __init__(self, name: str, source: Any, batch_size: int = 64, *, inputs_only: bool = False):
+        self.name, self.inputs_only = name, inputs_only
+        self._tensors: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
+        self._source: Any = None
+        pair = _tensor_pair(source)
+        if pair is not None:
+            self._tensors, self.batch_size = pair, batch_size
+        elif isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset) \
+                and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+            self._source = torch.utils.data.DataLoader(source, batch_size=batch_size)
+        elif isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
+            raise DataError(f"data.{name} must be a DataLoader, a Dataset, an iterable of (inputs, target) batches "
+                            f"or an (inputs, targets) pair of tensors; got {type(source).__name__}")
+        elif iter(source) is source:  # a one-shot iterator: kept, so every pass sees the same batches
+            self._source = list(source)
+        else:
+            self._source = source
+        if self._source is not None and hasattr(self._source, "__len__") and len(self._source) == 0:
+            raise DataError(f"data.{name} is empty: give at least one batch, or leave {name} out")
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._tensors is not None:
+            xs, y = self._tensors
+            for i in range(0, len(y), self.batch_size):
+                yield tuple(t[i:i + self.batch_size] for t in xs), y[i:i + self.batch_size]
+            return
+        n = 0
+        for i, item in enumerate(self._source):
+            yield self._normalize(item, i)
+            n += 1
+        if n == 0:
+            raise DataError(f"data.{self.name} gave no batches: give at least one, or leave {self.name} out")
+
+    def __len__(self) -> int:
+        if self._tensors is not None:
+            return math.ceil(len(self._tensors[1]) / self.batch_size)
+        return len(self._source)
+
+    def _normalize(self, item: Any, index: int) -> Batch:
+        where = f"data.{self.name}, batch {index}"
+        if isinstance(item, torch.Tensor):
+            return (item,), None
+        if isinstance(item, dict):
+            raise DataError(f"{where} is a dict; give (inputs, target) with inputs a tensor or a tuple of tensors "
+                            "in forward's argument order")
+        if not isinstance(item, (tuple, list)):
+            raise DataError(f"{where} is a {type(item).__name__}; each batch must be (inputs, target) with inputs "
+                            "a tensor or a tuple of tensors")
+        if self.inputs_only and all(isinstance(t, torch.Tensor) for t in item) and len(item) != 2:
+            return tuple(item), None
+        if len(item) != 2:
+            raise DataError(f"{where} has {len(item)} elements; each batch must be (inputs, target)")
+        inputs, target = item
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+        if not isinstance(inputs, (tuple, list)) or not inputs or \
+                not all(isinstance(t, torch.Tensor) for t in inputs):
+            raise DataError(f"{where}: inputs must be a tensor or a tuple of tensors, got {_describe(inputs)}")
+        inputs = tuple(inputs)
+        if target is not None and not isinstance(target, torch.Tensor):
+            raise DataError(f"{where}: the target must be a tensor (class indices or values), got {_describe(target)}")
+        if target is not None and not self.inputs_only:
+            n_in = inputs[0].shape[0] if inputs[0].dim() else 1
+            n_t = target.shape[0] if target.dim() else 1
+            if n_in != n_t:
+                raise DataError(f"{where}: {n_t} targets for {n_in} inputs; each input row needs one target")
+        return inputs, target
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"tensor {v.dtype}{list(v.shape)}"
+    return type(v).__name__
+
+
+def _tensor_pair(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
+    """`(inputs, targets)` holding a whole split as tensors, or None when `source` is something else."""
+    if not (isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], torch.Tensor)):
+        return None
+    xs = (source[0],) if isinstance(source[0], torch.Tensor) else source[0]
+    if not (isinstance(xs, (tuple, list)) and xs and all(isinstance(t, torch.Tensor) and t.dim() for t in xs)):
+        return None
+    y = source[1]
+    if y.dim() == 0 or any(len(t) != len(y) for t in xs):
+        raise DataError(f"{len(y) if y.dim() else 0} targets for {len(xs[0])} inputs: an (inputs, targets) pair "
+                        "needs one target per input row")
+    return tuple(xs), y
+
+
+def generated_batches(example: tuple, samples: int = GENERATED_SAMPLES, seed: int = 0,
+                      batch: int | None = None) -> list[Batch]:
+    """`samples` random inputs like the example: float inputs drawn with its mean and spread and clipped to
+    its range; integer inputs uniform over the example's range (bool: as the example). For models that
+    come with no data; the report says its numbers came from these."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = int(example[0].shape[0]) if example and isinstance(example[0], torch.Tensor) and example[0].dim() else 1
+    step = batch or max(rows, 32)
+    out: list[Batch] = []
+    for start in range(0, samples, step):
+        n = min(step, samples - start)
+        out.append((tuple(_like(t, n, gen) for t in example), None))
+    return out
+
+
+def _like(t: Any, n: int, gen: torch.Generator) -> Any:
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    shape = (n, *t.shape[1:])
+    if t.dtype.is_floating_point:
+        x = t.double()
+        lo, hi = float(x.min()), float(x.max())
+        mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 1.0
+        std = std if std > 0 else max(abs(mean), 1.0)
+        out = torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean
+        if hi > lo:
+            out = out.clamp(lo, hi) if (lo >= 0 or hi <= 0) else out  # keep one-signed inputs one-signed
+        return out.to(t.dtype)
+    if t.dtype == torch.bool:
+        return t[torch.arange(n) % t.shape[0]]
+    lo, hi = int(t.min()), int(t.max())
+    return torch.randint(lo, hi + 1, shape, generator=gen, dtype=t.dtype)
+
+
+# --- the zoo's bundled data, and tensors -> batches ------------------------------------------------------
 
 class Batches:
     """Re-iterable `(inputs_tuple, target)` mini-batches over tensors; reshuffled (seeded) each pass."""
@@ -17,7 +211,7 @@ class Batches:
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64, *, shuffle: bool = True,
                  seed: int = 0):
         if len(x) != len(y):
-            raise ValueError(f"inputs ({len(x)}) and targets ({len(y)}) differ in length")
+            raise DataError(f"inputs ({len(x)}) and targets ({len(y)}) differ in length")
         self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
         self._gen = torch.Generator().manual_seed(seed)
 
@@ -36,3 +230,37 @@ def calibration_batches(x: torch.Tensor, samples: int, batch_size: int = 32, see
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(x), generator=gen)[:samples]
     return [(x[idx[i:i + batch_size]],) for i in range(0, len(idx), batch_size)]
+
+
+def zoo_data(dataset: str, *, seed: int = 0, calibration_samples: int = 256) -> Data:
+    """A zoo dataset split three ways: train, validation (carved from train), test; calibration from train."""
+    from slimfx import models
+
+    ds = models.load_dataset(dataset, seed=seed)
+    return Data(train=Batches(ds.train_x, ds.train_y, 64, seed=seed),
+                validation=((ds.val_x,), ds.val_y), test=((ds.test_x,), ds.test_y),
+                calibration=calibration_batches(ds.train_x, calibration_samples, seed=seed),
+                calibration_samples=calibration_samples)
+
+
+def load_data(spec: str) -> Data:
+    """The `Data` a `file.py:fn` / `package.module:fn` spec returns (DataError otherwise)."""
+    from slimfx.loading import import_spec
+
+    fn = import_spec(spec, what="data")
+    try:
+        value = fn() if callable(fn) else fn
+    except SlimfxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a user function that raises is a user error
+        raise DataError(f"data {spec} raised {type(e).__name__}: {e}") from e
+    if isinstance(value, dict) and set(value) <= set(PARTS) | {"calibration_samples", "batch_size"}:
+        value = Data(**value)
+    if not isinstance(value, Data):
+        raise DataError(f"data {spec} returned {type(value).__name__}; return slimfx.Data(train=..., "
+                        "validation=..., test=..., calibration=...) (each part optional)")
+    return value
+
+
+__all__ = ["Data", "Split", "DataError", "Batches", "calibration_batches", "generated_batches", "zoo_data",
+           "load_data"]

@@ -1,5 +1,14 @@
 """Errors users can act on (defined in `ir.errors`, the bottom layer, re-exported here)."""
 
-from slimfx.ir.errors import CaptureError, ExportError, PassError, RecipeError, SlimfxError, ValidationError
+from slimfx.ir.errors import (
+    CaptureError,
+    DataError,
+    ExportError,
+    GateError,
+    PassError,
+    RecipeError,
+    SlimfxError,
+    ValidationError,
+)
 
-__all__ = ["SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError"]
+__all__ = ["SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError", "GateError", "DataError"]

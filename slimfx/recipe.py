@@ -29,7 +29,7 @@ from typing import Any
 from slimfx.ir.errors import PassError, RecipeError
 from slimfx.passes import Pass, PassContext, PassManager, create_pass
 
-TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate")
+TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate", "data")
 EXPORT_FORMATS = ("onnx", "torchscript")
 MIN_OPSET, MAX_OPSET = 17, 23
 
@@ -67,6 +67,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     source: Path | None = None
+    data: str | None = None  # a data spec ('file.py:fn' / 'package.module:fn' returning slimfx.Data)
 
     def build_passes(self) -> list[Pass]:
         """The pass objects, options checked (RecipeError naming `passes[i]` on a mistake)."""
@@ -119,7 +120,11 @@ class Recipe:
             if not isinstance(pname, str):
                 raise RecipeError(f"{where}: passes[{i}].name must be a string, got {pname!r}")
             steps.append((pname, {k: v for k, v in table.items() if k != "name"}))
-        recipe = cls(name=str(data.get("name", name)), description=description, passes=steps,
+        data_spec = data.get("data")
+        if data_spec is not None and (not isinstance(data_spec, str) or ":" not in data_spec):
+            raise RecipeError(f"{where}: 'data' must be a spec string like 'data.py:make_data' or "
+                              f"'package.module:make_data', got {data_spec!r}")
+        recipe = cls(name=str(data.get("name", name)), description=description, passes=steps, data=data_spec,
                      export=_export_config(data.get("export", {}), where),
                      validate=_validate_config(data.get("validate", {}), where), source=source)
         recipe.build_passes()  # check every pass and option now, before any work starts

@@ -42,12 +42,29 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
         rows.append([label, _fmt_ms(lb), _fmt_ms(lc), _ratio(lb, lc)])
     acc_delta = (f"{100 * (c['accuracy'] - b['accuracy']):+.2f} pt"
                  if isinstance(b["accuracy"], float) and isinstance(c["accuracy"], float) else "-")
-    rows.append(["accuracy", _fmt_acc(b["accuracy"]), _fmt_acc(c["accuracy"]), acc_delta])
+    data = report.get("data", {})
+    acc_split = data.get("accuracy_split")
+    rows.append([f"accuracy ({acc_split} data)" if acc_split else "accuracy (no labelled data)",
+                 _fmt_acc(b["accuracy"]), _fmt_acc(c["accuracy"]), acc_delta])
     v = report["validation"]
-    rows.append(["top-1 agreement", "", _fmt_acc(v["top1_agreement"]), ""])
-    rows.append(["SQNR vs original", "", f"{v['sqnr_db']:.1f} dB", ""])
-    rows.append(["max abs diff", "", f"{v['max_abs_diff']:.3g}", ""])
+    on = f" ({v.get('split', '?')} data)"
+    rows.append(["top-1 agreement" + on, "", _fmt_acc(v["top1_agreement"]), ""])
+    sqnr = "exact" if v.get("exact") else (f"{v['sqnr_db']:.1f} dB" if isinstance(v.get("sqnr_db"), (int, float))
+                                           else "-")
+    rows.append(["SQNR vs original" + on, "", sqnr, ""])
+    rows.append(["max abs diff" + on, "", f"{v['max_abs_diff']:.3g}", ""])
     return rows
+
+
+def headline_lines(report: dict[str, Any]) -> list[str]:
+    """What a reader must know before trusting the table: the gate's verdict, skipped steps, weak data."""
+    lines = []
+    gate = report.get("gate")
+    if gate is not None:
+        lines.append("gate: passed" if gate["passed"] else "gate: FAILED")
+        lines += [f"  - {f}" for f in gate.get("failures", [])]
+    lines += [f"note: {h}" for h in report.get("headline", [])]
+    return lines
 
 
 def _table(headers: list[str], rows: list[list[str]], markdown: bool, right: set[int] | None = None) -> str:
@@ -71,7 +88,9 @@ def _stats_text(stats: dict[str, Any], limit: int = 6) -> str:
 
 def format_report(report: dict[str, Any], *, markdown: bool = False) -> str:
     """The before/after table and the per-pass times and stats."""
-    parts = [_table(["", "original", "compiled", "ratio"], summary_rows(report), markdown)]
+    head = headline_lines(report)
+    parts = ["\n".join(f"- {h}" if markdown and not h.startswith("  ") else h for h in head)] if head else []
+    parts.append(_table(["", "original", "compiled", "ratio"], summary_rows(report), markdown))
     if report.get("passes"):
         prow = [[p["name"], f"{p['seconds']:.2f} s", _stats_text(p.get("stats", {}))] for p in report["passes"]]
         parts.append(_table(["pass", "time", "stats"], prow, markdown, right={1}))

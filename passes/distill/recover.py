@@ -21,6 +21,8 @@ from slimfx.passes.distill.trainer import distill
 class KDRecovery(Pass):
     """Fine-tune the graph as a student of ctx.teacher on ctx.train_data with a distillation loss."""
 
+    preserves_outputs = False
+
     loss: str = "kd"
     T: float = 4.0
     alpha: float = 0.9

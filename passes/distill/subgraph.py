@@ -312,6 +312,8 @@ def splice(graph: Graph, sel: list[Node], inp: Node, out: Node, student: Graph, 
 class DistillSubgraph(Pass):
     """Replace a one-input one-output block by a narrower / low-rank / shallower student trained to imitate it."""
 
+    preserves_outputs = False
+
     module: str = ""
     nodes: str = ""
     pattern: str = ""

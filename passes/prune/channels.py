@@ -195,6 +195,8 @@ class PruneChannels(Pass):
     overrides: pattern -> sparsity for groups whose source layers match.
     """
 
+    preserves_outputs = False
+
     sparsity: float = 0.5
     target_macs: float | None = None
     criterion: Criterion = "l2"

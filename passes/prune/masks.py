@@ -71,6 +71,8 @@ class PruneWeights(Pass):
     skip: patterns of layers left dense.
     """
 
+    preserves_outputs = False
+
     sparsity: float = 0.5
     criterion: Literal["magnitude", "random"] = "magnitude"
     scope: Literal["layer", "global"] = "layer"

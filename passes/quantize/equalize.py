@@ -133,6 +133,8 @@ class Equalize(Pass):
 class BiasCorrection(Pass):
     """Correct the mean output shift of each quantized layer (run after `quantize` in the same pipeline)."""
 
+    preserves_outputs = False
+
     needs_calibration: ClassVar[bool] = True
 
     def check_context(self, ctx: PassContext) -> str | None:

@@ -55,6 +55,8 @@ FLOAT_FIRST_MAX_FAN_IN = 32
 class Quantize(Pass):
     """Quantize weights and activations and fold the result into quantize/dequantize nodes (QDQ)."""
 
+    preserves_outputs = False
+
     scheme: Literal["int8-static", "int8-dynamic", "fixed-point", "sign"] = "int8-static"
     per_channel: bool = True
     # per-channel weight scales only where they beat one per-tensor scale by at least this many dB of weight

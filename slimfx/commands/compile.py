@@ -37,12 +37,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--bench-seconds", type=float, default=0.8,
                    help="timed budget per model and batch size, split over 3 rounds of fresh sessions "
                         "(default 0.8 s; more is steadier)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="your data: 'file.py:fn' or 'package.module:fn' returning slimfx.Data(train=..., "
+                        "validation=..., test=..., calibration=...); zoo models bring their own (default: the "
+                        "recipe's data key)")
+    p.add_argument("--force", action="store_true", help="replace an existing, non-empty --out directory")
+    p.add_argument("--keep-rejected", action="store_true",
+                   help="when the recipe's [validate] gate fails, write the outputs to OUT.rejected/ for inspection "
+                        "(exit code 3 either way)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables; print only the output path")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from slimfx.data import load_data, zoo_data
     from slimfx.driver import compile as compile_model
+    from slimfx.output import OutputDir
     from slimfx.recipe import load_recipe
     from slimfx.report import format_report
 
@@ -53,21 +63,19 @@ def run(args: argparse.Namespace) -> int:
         raise SlimfxError(f"--calibration-samples must be at least 1, got {args.calibration_samples}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     recipe = load_recipe(args.recipe)  # recipe errors surface before any model is loaded or trained
-    formats = ([f.strip() for f in args.format.split(",") if f.strip()] if args.format
-               else list(recipe.export.formats))
+    formats = ([f.strip() for f in args.format.split(",") if f.strip()] if args.format else None)
+    OutputDir.claim(args.out, force=args.force).discard()  # refuse a bad --out before loading or training
+    data_spec = args.data or recipe.data
+    data = load_data(data_spec) if data_spec else None
     loaded = resolve_model(args.model, seed=args.seed, progress=not args.quiet)
-    kwargs = {}
-    if loaded.zoo is not None and loaded.zoo.dataset:
-        from slimfx import models
-        from slimfx.data import Batches, calibration_batches
-
-        ds = models.load_dataset(loaded.zoo.dataset, seed=args.seed)
-        kwargs = dict(calibration_data=calibration_batches(ds.train_x, args.calibration_samples, seed=args.seed),
-                      train_data=Batches(ds.train_x, ds.train_y, 64, seed=args.seed),
-                      test_data=((ds.test_x,), ds.test_y))
-    result = compile_model(loaded.module, loaded.example_inputs, recipe, example_kwargs=loaded.example_kwargs,
-                           out_dir=args.out, formats=formats, name=loaded.name, quiet=args.quiet,
-                           seed=args.seed, bench_seconds=args.bench_seconds, **kwargs)
+    if data is None and loaded.zoo is not None and loaded.zoo.dataset:
+        data = zoo_data(loaded.zoo.dataset, seed=args.seed, calibration_samples=args.calibration_samples)
+    elif data is not None and args.data is not None and data.calibration is None:
+        data.calibration_samples = args.calibration_samples
+    result = compile_model(loaded.module, loaded.example_inputs, recipe, data=data,
+                           example_kwargs=loaded.example_kwargs, out_dir=args.out, formats=formats, force=args.force,
+                           keep_rejected=args.keep_rejected, name=loaded.name, quiet=args.quiet, seed=args.seed,
+                           bench_seconds=args.bench_seconds)
     if args.quiet:
         print(result.out_dir)
         return 0

@@ -38,7 +38,7 @@ def test_compile_a_user_file_writes_validated_exports_and_report(tmp_path):
     assert all(e["validation"]["passed"] for e in report["exports"].values())
     assert report["validation"]["top1_agreement"] >= 0.5 and report["validation"]["sqnr_db"] > 15
     assert [p["name"] for p in report["passes"]] == ["fold-batchnorm", "quantize"]
-    assert any("calibrated on the example inputs" in w for w in report["warnings"])
+    assert any("calibrated on the example inputs" in h for h in report["headline"])
     assert "quantize" in r.stdout and "original" in r.stdout
 
 

@@ -83,7 +83,7 @@ def test_a_hugging_face_model_compiles_with_keyword_inputs(tmp_path):
 
     model, kwargs = hf.build("bert")
     result = slimfx.compile(model, (), recipe="int8-dynamic", example_kwargs=kwargs, out_dir=tmp_path,
-                            bench_seconds=0.02, quiet=True)
+                            formats="onnx", bench_seconds=0.02, quiet=True)
     assert [n.name for n in result.graph.inputs] == ["input_ids", "attention_mask"]
     assert result.report["validation"]["top1_agreement"] == 1.0 and result.report["validation"]["sqnr_db"] > 25
     assert result.report["compressed"]["size_bytes"] < 0.7 * result.report["baseline"]["size_bytes"]
