@@ -47,6 +47,8 @@ class OutputDir:
               flag: str = "--out") -> OutputDir:
         """Check that `out` can be written, then create the stage beside it. Raises OutputError naming the
         problem and what to do; nothing is created then."""
+        if not isinstance(out, (str, os.PathLike)):
+            raise OutputError(f"{flag} must be a path (str or pathlib.Path), got {type(out).__name__}")
         text = os.fspath(out)
         if not str(text).strip():
             raise OutputError(f"{flag} is empty: name the directory to write, e.g. {flag} build")

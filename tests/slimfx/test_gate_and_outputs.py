@@ -1,0 +1,190 @@
+"""The gate fails closed (NaN, any output, any threshold) and --out is all or nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import slimfx
+from slimfx.driver import strict_json
+from slimfx.errors import GateError, SlimfxError
+from slimfx.passes import Pass, PassResult, register_pass
+from slimfx.recipe import Recipe
+from tests.slimfx.fixtures.user_models import small
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "user_models.py"
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 16)
+        self.head_a = nn.Linear(16, 4)
+        self.head_b = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.head_a(h), {"aux": self.head_b(h)}
+
+
+@register_pass("test-scale-param")
+@dataclass
+class ScaleParam(Pass):
+    """Multiplies one param by a factor (NaN allowed): a stand-in for a broken lossy pass."""
+
+    preserves_outputs = False
+    param: str = ""
+    factor: float = 0.0
+
+    def run(self, graph, ctx) -> PassResult:
+        graph.params[self.param] = graph.params[self.param] * self.factor
+        return PassResult(True, {"scaled": self.param})
+
+
+def _recipe(passes: list[dict], validate: dict | None = None) -> Recipe:
+    return Recipe.from_dict({"passes": passes, "validate": validate or {}, "export": {"formats": ["onnx"]}},
+                            name="test")
+
+
+def _two_heads():
+    torch.manual_seed(0)
+    return TwoHeads().eval(), (torch.randn(4, 6),)
+
+
+def test_nan_in_the_compiled_output_fails_whatever_the_thresholds(tmp_path):
+    model, example = _two_heads()
+    recipe = _recipe([{"name": "test-scale-param", "param": "head_b.weight", "factor": float("nan")}])
+    with pytest.raises(GateError, match=r"cannot be trusted.*output\[1\]\['aux'\] has \d+ NaN/Inf"):
+        slimfx.compile(model, example, recipe, out_dir=tmp_path / "out", bench_seconds=0, quiet=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_every_output_is_compared_and_the_worst_one_fails_the_gate(tmp_path):
+    model, example = _two_heads()
+    broken = _recipe([{"name": "test-scale-param", "param": "head_b.weight", "factor": 0.0}], {"min_sqnr_db": 20})
+    with pytest.raises(GateError, match=r"min_sqnr_db: output SQNR .* \(output\[1\]\['aux'\]\) on the generated data"):
+        slimfx.compile(model, example, broken, out_dir=tmp_path / "out", bench_seconds=0, quiet=True)
+    fine = _recipe([{"name": "test-scale-param", "param": "head_b.weight", "factor": 1.0}], {"min_sqnr_db": 100})
+    result = slimfx.compile(model, example, fine, out_dir=tmp_path / "ok", bench_seconds=0, quiet=True)
+    names = [o["name"] for o in result.report["validation"]["outputs"]]
+    assert names == ["output[0]", "output[1]['aux']"] and result.report["gate"]["passed"]
+
+
+def test_numbers_come_from_256_generated_inputs_without_data_and_the_headline_says_so(tmp_path):
+    model, example = small()
+    result = slimfx.compile(model, example, "cleanup", out_dir=tmp_path / "o", bench_seconds=0, quiet=True)
+    assert result.report["validation"]["split"] == "generated" and result.report["validation"]["samples"] >= 256
+    assert any("generated inputs" in h for h in result.report["headline"])
+    text = (tmp_path / "o" / "report.md").read_text()
+    assert "generated inputs" in text and "gate: passed" in text
+
+
+def test_labelled_validation_data_is_the_gate_split_and_test_gives_the_accuracy(tmp_path):
+    model, example = small()
+    x_val, x_test = torch.randn(40, 3, 8, 8), torch.randn(30, 3, 8, 8)
+    with torch.no_grad():
+        y_val, y_test = model(x_val).argmax(1), model(x_test).argmax(1)
+    y_test[:3] = (y_test[:3] + 1) % 5  # 27/30 right
+    data = slimfx.Data(validation=(x_val, y_val), test=(x_test, y_test))
+    result = slimfx.compile(model, example, "cleanup", data=data, out_dir=tmp_path / "o", bench_seconds=0,
+                            quiet=True)
+    r = result.report
+    assert r["validation"]["split"] == "validation" and r["validation"]["samples"] == 40
+    assert r["validation"]["accuracy_original"] == 1.0 and r["data"]["accuracy_split"] == "test"
+    assert r["baseline"]["accuracy"] == pytest.approx(0.9) and r["compressed"]["accuracy"] == pytest.approx(0.9)
+
+
+def test_max_accuracy_drop_without_labels_fails_closed(tmp_path):
+    model, example = small()
+    recipe = _recipe([{"name": "fold-batchnorm"}], {"max_accuracy_drop": 0.01})
+    with pytest.raises(GateError, match="max_accuracy_drop: needs labelled validation data"):
+        slimfx.compile(model, example, recipe, out_dir=tmp_path / "out", bench_seconds=0, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_gate_with_keep_rejected_writes_only_the_rejected_folder(tmp_path):
+    model, example = _two_heads()
+    broken = _recipe([{"name": "test-scale-param", "param": "head_a.weight", "factor": -1.0}],
+                     {"min_top1_agreement": 0.9})
+    with pytest.raises(GateError, match="rejected files are in .*out.rejected") as e:
+        slimfx.compile(model, example, broken, out_dir=tmp_path / "out", keep_rejected=True, bench_seconds=0,
+                       quiet=True)
+    assert "min_top1_agreement" in str(e.value) and "generated data" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    kept = json.loads((tmp_path / "out.rejected" / "report.json").read_text())
+    assert kept["gate"]["passed"] is False and (tmp_path / "out.rejected" / "model.onnx").exists()
+
+
+def test_an_existing_out_is_refused_before_any_work_and_replaced_whole_with_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an older run")
+    model, example = small()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(SlimfxError, match="already exists and is not empty.*force"):
+        slimfx.compile(model, example, "cleanup", out_dir=out, bench_seconds=0, quiet=True)
+    assert not calls and (out / "stale.txt").exists()
+    slimfx.compile(model, example, "cleanup", out_dir=out, force=True, bench_seconds=0, quiet=True)
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt", "report.json", "report.md"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no stage or old copy left beside it
+
+
+def _a_file(d: Path) -> Path:
+    (d / "f").write_text("x")
+    return d / "f"
+
+
+@pytest.mark.parametrize("make_out, words", [
+    (_a_file, "exists and is not a directory"),
+    (lambda d: 3, "must be a path"),
+    (lambda d: "", "is empty"),
+    (lambda d: Path("."), "working directory"),
+])
+def test_impossible_outs_are_refused(tmp_path, monkeypatch, make_out, words):
+    monkeypatch.chdir(tmp_path)
+    model, example = small()
+    with pytest.raises(SlimfxError, match=words):
+        slimfx.compile(model, example, "cleanup", out_dir=make_out(tmp_path), force=True, quiet=True)
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    model, example = small()
+    old = os.umask(0o027)
+    try:
+        slimfx.compile(model, example, "cleanup", out_dir=tmp_path / "o", bench_seconds=0, quiet=True)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "o" / "report.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_report_json_is_strict():
+    assert strict_json({"a": float("inf"), "b": [float("nan"), 1.5], "c": torch.tensor(2.0)}) == \
+        {"a": None, "b": [None, 1.5], "c": 2.0}
+
+
+def test_sigterm_mid_compile_leaves_nothing_and_exits_143(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "slimfx", "compile", f"{FIXTURES}:small", "--recipe", "cleanup",
+                             "--out", str(out), "--bench-seconds", "30"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".out.slimfx-*/model.onnx")):
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.slimfx-*/model.onnx")), "the compile never reached its export"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
