@@ -544,12 +544,12 @@ def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:
     return failures
 
 
-def _gate_error(job: _Job, failures: list[str], kept: Path | None) -> GateError:
+def _gate_error(job: _Job, report: dict[str, Any], failures: list[str], kept: Path | None) -> GateError:
     advice = ("give training and validation data (--data / data=) so recovery steps run, use a gentler recipe, "
               "or relax the recipe's [validate] thresholds")
     where = f"; the rejected files are in {kept}" if kept else ("; nothing was written" if job.output else "")
     lines = "\n".join(f"  - {f}" for f in failures)
-    notes = "".join(f"\n  note: {h}" for h in job.headline)
+    notes = "".join(f"\n  note: {h}" for h in report["headline"])
     return GateError(f"recipe {job.recipe.name!r}: the compiled model failed its [validate] gate{where}:\n{lines}"
                      f"{notes}\n  {advice}")
 
@@ -558,7 +558,7 @@ def _write(job: _Job, report: dict[str, Any], staging: Path, exports: dict[str, 
            ) -> tuple[dict[str, Path], Path | None]:
     if job.output is None:
         if failures:
-            raise _gate_error(job, failures, None)
+            raise _gate_error(job, report, failures, None)
         return {}, None
     (staging / "report.json").write_text(json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
     from slimfx.report import write_markdown
@@ -566,7 +566,7 @@ def _write(job: _Job, report: dict[str, Any], staging: Path, exports: dict[str, 
     write_markdown(report, staging / "report.md", staging / "report.png")
     if failures:
         kept = job.output.reject(job.keep_rejected)
-        raise _gate_error(job, failures, kept)
+        raise _gate_error(job, report, failures, kept)
     out = job.output.commit()
     return {fmt: out / FORMAT_FILES[fmt] for fmt in exports}, out
 
