@@ -2,6 +2,7 @@
 `add_parser(subparsers)` and `run(args) -> int`.
 
 Exit codes: 0 success, 2 user error (one paragraph, no traceback unless --debug), 1 internal failure.
+Argument values are checked while parsing (slimfx/commands/_args.py), so a bad one is refused before any work.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or an argparse error (already printed, exit 2): return, do not exit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
