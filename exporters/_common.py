@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from slimfx.ir.errors import ValidationError
+from slimfx.ir.errors import ExportError, ValidationError
 from slimfx.ir.graph import Graph, Node, TensorMeta
 
 
@@ -103,22 +103,66 @@ def flatten_outputs(value: Any) -> list[Any]:
     return [value]
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where possible, as setting it to read it races with threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def non_regular_kind(target: Path) -> str | None:
+    """What `target` is when it exists and is not a regular file (following symlinks), else None."""
+    import stat
+
+    try:
+        mode = os.stat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "a dangling symbolic link" if target.is_symlink() else None
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, keep_on_error: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success rename it onto `path`, on error remove it.
 
     A reader never sees a half-written file, and a failed export leaves nothing behind
-    (unless `keep_on_error`, which moves the incomplete-but-written file into place).
+    (unless `keep_on_error`, which moves the incomplete-but-written file into place). The file gets the
+    permissions any tool's new file gets (0666 masked by the umask). A `path` that exists and is not a
+    regular file (directory, FIFO, device, socket) is refused with ExportError and left untouched.
     """
     target = Path(path)
+    kind = non_regular_kind(target)
+    if kind is not None:
+        raise ExportError(f"{target} exists and is {kind}, not a regular file; slimfx will not replace it: "
+                          "give another output path")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    mode = 0o666 & ~_umask()
     try:
         yield tmp
+        os.chmod(tmp, mode)
+        if non_regular_kind(target) is not None:  # appeared while we worked
+            raise ExportError(f"{target} was replaced by something that is not a regular file while slimfx "
+                              "worked; nothing was written")
     except BaseException:
-        if keep_on_error and tmp.exists() and tmp.stat().st_size > 0:
+        if keep_on_error and tmp.exists() and tmp.stat().st_size > 0 and non_regular_kind(target) is None:
+            os.chmod(tmp, mode)
             os.replace(tmp, target)
         else:
             tmp.unlink(missing_ok=True)

@@ -4,6 +4,7 @@
 Exit codes: 0 success; 2 a user error (one paragraph, no traceback unless --debug); 3 a check failed
 (the recipe's [validate] gate, an export's validation, `slimfx validate`); 1 an internal failure (a bug);
 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Partial outputs are removed in every case but 0.
+Argument values are checked while parsing (slimfx/commands/_args.py), so a bad one is refused before any work.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or an argparse error (already printed, exit 2): return, do not exit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

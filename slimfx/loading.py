@@ -1,13 +1,22 @@
 """Resolve a MODEL argument: a zoo name, `package.module:callable` or `path/to/file.py:callable`.
 
-The callable returns a module, or `(module, example_inputs)`. A user model without
-example inputs gets none inferred: we say how to provide them.
+The callable returns a module, or `(module, example_inputs)` (or `(module, args, kwargs)`). A user
+model without example inputs gets none inferred: we say how to provide them.
+
+Imports work as they do for `python -m`: the working directory is importable, and so is the model
+file's folder (and, when that folder is a package, i.e. has `__init__.py`, the folder holding its top
+package; the file is then imported under its package name, so relative imports work). A project with
+its own `models/` package runs `slimfx compile models/net.py:make` where net.py does
+`from models.layers import Block`.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+import inspect
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +27,17 @@ import torch.nn as nn
 
 from slimfx.ir.errors import SlimfxError
 
+IMPORT_NOTE = ("As with `python -m`, the working directory is importable, and so is a model file's folder (or, "
+               "when the file is inside a package, the folder holding that package), so "
+               "'models/net.py:make' may do `from models.layers import Block`.")
+SPEC_FORMS = "a zoo name, 'package.module:callable' or 'path/to/file.py:callable'"
+RETURN_SHAPE = ("(module, example_inputs): an nn.Module and a tensor or a tuple of tensors, e.g. "
+                "`return model, (torch.randn(1, 3, 224, 224),)` (or (module, args, kwargs) with a dict of "
+                "keyword tensors)")
+
 
 class ModelSpecError(SlimfxError):
-    """A MODEL argument that names nothing loadable."""
+    """A MODEL argument that names nothing loadable, or whose callable fails or returns the wrong thing."""
 
 
 @dataclass
@@ -33,6 +50,31 @@ class LoadedModel:
     zoo: Any = None
     example_kwargs: dict | None = None
 
+    def positional(self) -> tuple[nn.Module, tuple]:
+        """(module, inputs) taking every example input positionally: keyword inputs follow the positional
+        ones in forward's parameter order, as they do in the captured graph and its exports."""
+        if not self.example_kwargs:
+            return self.module, self.example_inputs
+        params = list(inspect.signature(self.module.forward).parameters)[len(self.example_inputs):]
+        unknown = [k for k in self.example_kwargs if k not in params]
+        if unknown:
+            raise ModelSpecError(f"the example keyword input {unknown[0]!r} is not a parameter of "
+                                 f"{type(self.module).__name__}.forward (it takes {', '.join(params)})")
+        kw_names = [n for n in params if n in self.example_kwargs]
+        return (_KeywordsLast(self.module, len(self.example_inputs), kw_names),
+                self.example_inputs + tuple(self.example_kwargs[n] for n in kw_names))
+
+
+class _KeywordsLast(nn.Module):
+    """Calls `model(*xs[:n_pos], **dict(zip(kw_names, xs[n_pos:])))`."""
+
+    def __init__(self, model: nn.Module, n_pos: int, kw_names: list[str]):
+        super().__init__()
+        self.model, self.n_pos, self.kw_names = model, n_pos, kw_names
+
+    def forward(self, *xs: Any) -> Any:
+        return self.model(*xs[:self.n_pos], **dict(zip(self.kw_names, xs[self.n_pos:])))
+
 
 def _zoo_names() -> list[str]:
     from slimfx import models
@@ -40,80 +82,231 @@ def _zoo_names() -> list[str]:
     return list(models.names())
 
 
-def _import_target(spec: str, *, what: str) -> tuple[Any, str]:
-    """(module, attribute name) of a `package.module:attr` or `path/to/file.py:attr` spec."""
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    text = lines[0][:300] if lines else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _prepend_path(folder: Path) -> None:
+    """Put `folder` at the front of sys.path unless it is already there (as `python -m` does for the cwd)."""
+    resolved = str(folder.resolve())
+    present = {str(Path(p or os.curdir).resolve()) for p in sys.path if isinstance(p, str)}
+    if resolved not in present:
+        sys.path.insert(0, resolved)
+
+
+def _package_name(path: Path) -> tuple[Path, str] | None:
+    """(folder holding the top package, dotted module name) when `path` lies inside a package."""
+    path = path.resolve()
+    parts = [path.stem]
+    folder = path.parent
+    while (folder / "__init__.py").is_file() and folder.parent != folder:
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    if len(parts) == 1 or not all(p.isidentifier() for p in parts):
+        return None
+    return folder, ".".join(parts)
+
+
+def _import_file(path: Path, spec: str, what: str = "model") -> Any:
+    """Import a model file with its folder (and package root) importable; under its package name when it
+    lies inside a package, else under a private name."""
+    _prepend_path(Path.cwd())
+    _prepend_path(path.parent)
+    pkg = _package_name(path)
+    package_error: Exception | None = None
+    if pkg is not None:
+        root, dotted = pkg
+        _prepend_path(root)
+        try:
+            module = importlib.import_module(dotted)
+        except Exception as e:  # noqa: BLE001 - a broken user file is a user error
+            package_error: Exception | None = e
+        else:
+            package_error = None
+            if Path(getattr(module, "__file__", "") or "").resolve() == path.resolve():
+                return module
+        # The dotted name is taken by another package (installed, or loaded before), or the package's
+        # __init__ fails: load the file by itself.
+    mod_name = f"_slimfx_user_{path.stem}_{abs(hash(str(path.resolve())))}"
+    try:
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(loader_spec)  # type: ignore[arg-type]
+        sys.modules[mod_name] = module
+        loader_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    except Exception as e:  # noqa: BLE001 - a broken user file is a user error
+        sys.modules.pop(mod_name, None)
+        if pkg is not None and package_error is not None:  # the error met importing it as its package's module
+            raise ModelSpecError(f"could not import {what} file {str(path)!r} (as {pkg[1]}) from {what} spec "
+                                 f"{spec!r}: {_one_line(package_error)} (run with --debug for the traceback)"
+                                 ) from package_error
+        raise ModelSpecError(f"could not import {what} file {str(path)!r} from {what} spec {spec!r}: "
+                             f"{_one_line(e)} (run with --debug for the traceback)") from e
+    return module
+
+
+def _import_module(target: str, spec: str, what: str = "model") -> Any:
+    _prepend_path(Path.cwd())
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as e:
+        if e.name and (target == e.name or target.startswith(e.name + ".")):
+            raise ModelSpecError(f"no module named {e.name!r} (from {what} spec {spec!r}): run slimfx from the "
+                                 f"folder that holds it, install its package, or give 'path/to/file.py:callable'"
+                                 ) from e
+        raise ModelSpecError(f"could not import module {target!r} from {what} spec {spec!r}: {_one_line(e)} "
+                             "(run with --debug for the traceback)") from e
+    except Exception as e:  # noqa: BLE001 - a module that fails on import is a user error
+        raise ModelSpecError(f"could not import module {target!r} from {what} spec {spec!r}: {_one_line(e)} "
+                             "(run with --debug for the traceback)") from e
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, tuple):
+        return f"a tuple of {len(obj)} ({', '.join(type(o).__name__ for o in obj)})"
+    if isinstance(obj, str):
+        return f"a string {obj[:40]!r}"
+    return f"{'None' if obj is None else type(obj).__name__}"
+
+
+def _check_inputs(spec: str, inputs: Any, kwargs: Any) -> tuple[tuple, dict | None]:
+    """The example inputs as (tuple of tensors, dict of keyword tensors or None), or ModelSpecError."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    elif isinstance(inputs, dict) and kwargs is None:
+        kwargs, inputs = inputs, ()
+    elif isinstance(inputs, list):
+        inputs = tuple(inputs)
+    if not isinstance(inputs, tuple):
+        raise ModelSpecError(f"model spec {spec!r} returned (module, {_describe(inputs)}) but the second item "
+                             f"must be the example inputs; return {RETURN_SHAPE}")
+    if kwargs is not None and (not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs)):
+        raise ModelSpecError(f"model spec {spec!r} returned (module, args, {_describe(kwargs)}); the third item "
+                             "must be a dict of keyword inputs, e.g. {'attention_mask': mask}")
+    named = [(f"example input {i}", x) for i, x in enumerate(inputs)] + \
+            [(f"example keyword input {k!r}", x) for k, x in (kwargs or {}).items()]
+    if not named:
+        raise ModelSpecError(f"model spec {spec!r} returned no example inputs; return {RETURN_SHAPE}")
+    for what, x in named:
+        if not isinstance(x, torch.Tensor):
+            raise ModelSpecError(f"model spec {spec!r}: {what} is {_describe(x)}, not a tensor; return "
+                                 f"{RETURN_SHAPE}")
+        if x.dim() == 0:
+            raise ModelSpecError(f"model spec {spec!r}: {what} is a 0-d tensor (a scalar); slimfx needs a batch "
+                                 "dimension first: give it shape [1] (e.g. x.reshape(1)) or [batch, ...]")
+        if x.numel() == 0:
+            raise ModelSpecError(f"model spec {spec!r}: {what} has shape {list(x.shape)}, which holds no "
+                                 "values; give at least one sample (batch size 1 or more)")
+        if x.device.type == "meta":
+            raise ModelSpecError(f"model spec {spec!r}: {what} is on the meta device (it has no values); "
+                                 "give real tensors, e.g. torch.randn(...)")
+    return inputs, (kwargs or None)
+
+
+def _import_target(spec: str, what: str) -> tuple[Any, str, str]:
+    """(module, target, attribute) of a `package.module:attr` or `path/to/file.py:attr` spec, imported as
+    the module docstring says; ModelSpecError naming the spec (`what`: "model", "data") otherwise."""
     target, _, attr = spec.strip().rpartition(":")
     if not target or not attr:
-        raise ModelSpecError(f"{what} spec {spec!r} must look like 'package.module:callable' or "
-                             "'path/to/file.py:callable'")
-    if target.endswith(".py") or "/" in target or "\\" in target:
+        raise ModelSpecError(f"{what} spec {spec!r} must be 'package.module:callable' or 'path/to/file.py:callable'")
+    if target.endswith(".py") or "/" in target or "\\" in target or Path(target).is_file():
         path = Path(target)
+        if path.is_file() and path.suffix != ".py":
+            raise ModelSpecError(f"{what} file {str(path)!r} is not a Python file (.py): the spec names Python "
+                                 "code, as 'path/to/file.py:callable'")
         if not path.is_file():
-            raise ModelSpecError(f"{what} file {str(path)!r} does not exist (from {what} spec {spec!r})")
-        mod_name = f"_slimfx_user_{path.stem}_{abs(hash(str(path.resolve())))}"
-        if mod_name in sys.modules:
-            module = sys.modules[mod_name]
-        else:
-            try:
-                loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-                module = importlib.util.module_from_spec(loader_spec)  # type: ignore[arg-type]
-                sys.modules[mod_name] = module
-                loader_spec.loader.exec_module(module)  # type: ignore[union-attr]
-            except Exception as e:  # noqa: BLE001 - a broken user file is a user error
-                sys.modules.pop(mod_name, None)
-                raise ModelSpecError(f"could not import {str(path)!r}: {type(e).__name__}: {e}") from e
+            problem = "is a folder, not a .py file" if path.is_dir() else "does not exist"
+            raise ModelSpecError(f"{what} file {str(path)!r} {problem} (from {what} spec {spec!r}; paths are "
+                                 f"relative to the working directory {os.getcwd()})")
+        module = _import_file(path, spec, what)
     else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as e:
-            raise ModelSpecError(f"could not import module {target!r} from {what} spec {spec!r}: {e}") from e
-    if getattr(module, attr, None) is None:
-        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        raise ModelSpecError(f"{target!r} has no attribute {attr!r}; callables there: {', '.join(public[:20])}")
-    return module, attr
+        module = _import_module(target, spec, what)
+    if not attr.isidentifier() or not hasattr(module, attr):
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+        close = difflib.get_close_matches(attr, public, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ModelSpecError(f"{target!r} has no attribute {attr!r}{hint}; callables there: "
+                             f"{', '.join(public[:20]) or 'none'}")
+    return module, target, attr
 
 
 def import_spec(spec: str, *, what: str) -> Any:
-    """The object a `package.module:attr` or `path/to/file.py:attr` spec names (ModelSpecError otherwise)."""
-    module, attr = _import_target(spec, what=what)
+    """The object a `package.module:attr` or `path/to/file.py:attr` spec names, imported like a MODEL."""
+    module, _, attr = _import_target(spec, what)
     return getattr(module, attr)
 
 
 def resolve_model(spec: str, *, trained: bool = True, seed: int = 0, batch: int = 1,
-                  progress: bool = True) -> LoadedModel:
-    """Load the model a MODEL argument names (zoo models come trained unless `trained=False`)."""
+                  progress: bool = True, need_inputs: bool = True) -> LoadedModel:
+    """Load the model a MODEL argument names (zoo models come trained unless `trained=False`).
+
+    A user callable is called after `torch.manual_seed(seed)`, so random weights and example inputs are
+    the same from run to run. With `need_inputs=False` a callable may return a bare module (the caller
+    brings its own inputs, e.g. `slimfx distill --student`); example_inputs is then empty.
+    """
     spec = spec.strip()
     if ":" not in spec:
         names = _zoo_names()
         if spec not in names:
-            raise ModelSpecError(
-                f"unknown model {spec!r}: give a zoo name ({', '.join(names)}), "
-                "'package.module:callable' or 'path/to/file.py:callable'")
+            close = difflib.get_close_matches(spec, names, n=2)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            if spec.endswith(".py"):
+                hint = f" ({spec} looks like a file: name the callable that builds the model, e.g. '{spec}:make')"
+            elif Path(spec).exists():
+                hint = (f" ({spec} is a file or folder, but MODEL names Python code that builds a PyTorch model, "
+                        "not a model file)")
+            raise ModelSpecError(f"unknown model {spec!r}{hint}; give {SPEC_FORMS}; zoo models: {', '.join(names)}")
         from slimfx import models
 
         zoo = models.get(spec)
         module = zoo.trained(seed=seed, progress=progress) if trained and zoo.dataset else zoo.build(seed=seed)
         return LoadedModel(spec, module.eval(), tuple(zoo.example_inputs(batch=batch, seed=seed)), zoo)
 
-    module, attr = _import_target(spec, what="model")
+    module, target, attr = _import_target(spec, "model")
     fn = getattr(module, attr)
-    obj = fn() if (callable(fn) and not isinstance(fn, nn.Module)) else fn
+    obj = fn
+    if callable(fn) and not isinstance(fn, nn.Module):
+        torch.manual_seed(seed)
+        try:
+            obj = fn()
+        except Exception as e:  # noqa: BLE001 - the user's factory failing is a user error
+            raise ModelSpecError(f"model spec {spec!r}: calling {attr}() raised {_one_line(e)} "
+                                 "(run with --debug for the traceback)") from e
+    kwargs = None
     if isinstance(obj, nn.Module):
         # A bare module: take example inputs from a module-level `example_inputs` (value or callable).
         ex = getattr(module, "example_inputs", None)
         if ex is None:
+            if not need_inputs:
+                return LoadedModel(attr, _eval(obj, spec), (), None, None)
             raise ModelSpecError(
                 f"{spec} gave a module but slimfx cannot know its input shapes: return (module, example_inputs) "
                 f"from {attr}(), e.g. `return model, (torch.randn(1, 3, 224, 224),)`, or define "
-                f"`example_inputs` next to it in {spec.rpartition(':')[0]}")
-        obj = (obj, ex() if callable(ex) else ex)
+                f"`example_inputs` next to it in {target}")
+        if callable(ex):
+            try:
+                ex = ex()
+            except Exception as e:  # noqa: BLE001
+                raise ModelSpecError(f"model spec {spec!r}: calling example_inputs() in {target} raised "
+                                     f"{_one_line(e)} (run with --debug for the traceback)") from e
+        obj = (obj, ex)
+    if isinstance(obj, list):
+        obj = tuple(obj)
     if not (isinstance(obj, tuple) and len(obj) in (2, 3) and isinstance(obj[0], nn.Module)):
-        raise ModelSpecError(f"{spec} must return an nn.Module with example inputs as "
-                             f"(module, example_inputs); got {type(obj).__name__}")
-    module_obj, inputs = obj[0], obj[1]
-    kwargs = obj[2] if len(obj) == 3 else None
-    if isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
-    if isinstance(inputs, dict):
-        kwargs, inputs = inputs, ()
-    return LoadedModel(attr, module_obj.eval(), tuple(inputs), None, kwargs)
+        if isinstance(obj, tuple) and len(obj) in (2, 3):
+            got = f"a tuple whose first item is {_describe(obj[0])}, not an nn.Module"
+        else:
+            got = _describe(obj)
+        raise ModelSpecError(f"model spec {spec!r} returned {got}; it must return {RETURN_SHAPE}")
+    inputs, kwargs = _check_inputs(spec, obj[1], obj[2] if len(obj) == 3 else None)
+    return LoadedModel(attr, _eval(obj[0], spec), inputs, None, kwargs)
+
+
+def _eval(module: nn.Module, spec: str) -> nn.Module:
+    meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
+    if meta:
+        raise ModelSpecError(f"model spec {spec!r}: the model's {meta[0]!r} (and {len(meta) - 1} more) is on the "
+                             "meta device, so it has no weights; load or initialize them (e.g. "
+                             "model.to_empty(device='cpu') then load_state_dict) before returning it")
+    return module.eval()

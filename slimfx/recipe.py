@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -36,10 +37,14 @@ MIN_OPSET, MAX_OPSET = 17, 23
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """The recipe's [export] table: which files to write and how."""
+    """The recipe's [export] table: which files to write and how. Checked when built (RecipeError)."""
 
     formats: tuple[str, ...] = ("onnx",)
     opset: int = 17  # ONNX opset, MIN_OPSET..MAX_OPSET
+
+    def __post_init__(self) -> None:
+        for k, v in _check_export(self.__dict__, "ExportConfig").items():
+            object.__setattr__(self, k, v)
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class ValidateConfig:
 
     Checks compare the compiled model with the original on the validation split (or generated inputs).
     atol/rtol override the exporters' tolerances (export file vs the IR it was written from).
+    Checked when built (RecipeError).
     """
 
     min_top1_agreement: float | None = None  # fraction in [0, 1]
@@ -56,10 +62,20 @@ class ValidateConfig:
     rtol: float | None = None  # >= 0
     max_accuracy_drop: float | None = None  # fraction in [0, 1] of accuracy on labelled validation data
 
+    def __post_init__(self) -> None:
+        for k, v in _check_validate(self.__dict__, "ValidateConfig").items():
+            object.__setattr__(self, k, v)
+
 
 @dataclass
 class Recipe:
-    """A loaded recipe. `passes` is a list of (pass name, options dict), in order."""
+    """A recipe. `passes` is a list of (pass name, options dict), in order.
+
+    Built from TOML (`load_recipe`, `Recipe.from_dict`) or in Python, it is checked the same way when
+    constructed: `passes` entries may be `(name, options)` tuples or TOML-shaped dicts (`{"name": ...,
+    option: value}`), `export`/`validate` an ExportConfig/ValidateConfig or a dict of the TOML table's keys.
+    Every mistake (unknown pass, option or key, wrong type, out-of-range value) is a RecipeError.
+    """
 
     name: str
     description: str = ""
@@ -68,6 +84,22 @@ class Recipe:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     source: Path | None = None
     data: str | None = None  # a data spec ('file.py:fn' / 'package.module:fn' returning slimfx.Data)
+
+    def __post_init__(self) -> None:
+        if self.source is not None and not isinstance(self.source, Path):
+            self.source = Path(self.source)
+        if not isinstance(self.name, str) or not self.name:
+            raise RecipeError(f"recipe {self.name!r}: the name must be a non-empty string")
+        where = self._where()
+        if not isinstance(self.description, str):
+            raise RecipeError(f"{where}: key 'description' must be a string")
+        self.passes = _check_passes(self.passes, where)
+        self.export = _export_config(self.export, where)
+        self.validate = _validate_config(self.validate, where)
+        if self.data is not None and (not isinstance(self.data, str) or ":" not in self.data):
+            raise RecipeError(f"{where}: 'data' must be a spec string like 'data.py:make_data' or "
+                              f"'package.module:make_data', got {self.data!r}")
+        self.build_passes()  # check every pass and option now, before any work starts
 
     def build_passes(self) -> list[Pass]:
         """The pass objects, options checked (RecipeError naming `passes[i]` on a mistake)."""
@@ -102,50 +134,74 @@ class Recipe:
             raise RecipeError(f"{where}: a recipe is a table of keys, got {type(data).__name__}")
         unknown = [k for k in data if k not in TOP_LEVEL_KEYS]
         if unknown:
-            raise RecipeError(f"{where}: unknown top-level key {unknown[0]!r}; accepted keys: "
+            close = difflib.get_close_matches(str(unknown[0]), TOP_LEVEL_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{where}: unknown top-level key {unknown[0]!r}{hint}; accepted keys: "
                               f"{', '.join(TOP_LEVEL_KEYS)} (pass options go inside a [[passes]] table)")
-        description = data.get("description", "")
-        if not isinstance(description, str):
-            raise RecipeError(f"{where}: key 'description' must be a string")
-        raw_passes = data.get("passes", [])
-        if not isinstance(raw_passes, list) or not all(isinstance(p, dict) for p in raw_passes):
-            raise RecipeError(f"{where}: 'passes' must be an array of tables: write each pass as "
-                              "[[passes]] followed by name = \"...\" and its options")
-        steps: list[tuple[str, dict[str, Any]]] = []
-        for i, table in enumerate(raw_passes):
-            if "name" not in table:
+        rname = data.get("name", name)
+        if not isinstance(rname, str) or not rname:
+            raise RecipeError(f"{where}: key 'name' must be a non-empty string, got {rname!r}")
+        return cls(name=rname, description=data.get("description", ""), passes=data.get("passes", []),
+                   export=data.get("export", {}), validate=data.get("validate", {}), source=source,
+                   data=data.get("data"))
+
+
+_PASSES_SHAPE = ("'passes' must be an array of tables: write each pass as [[passes]] followed by name = \"...\" "
+                 "and its options (in Python: a list of (name, options) tuples or of {'name': ..., option: value} "
+                 "dicts)")
+
+
+def _check_passes(raw: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """`passes` as a list of (name, options dict): from (name, options) tuples or TOML-shaped tables."""
+    if not isinstance(raw, (list, tuple)):
+        raise RecipeError(f"{where}: {_PASSES_SHAPE}; got {type(raw).__name__} {raw!r:.60}")
+    steps: list[tuple[str, dict[str, Any]]] = []
+    for i, item in enumerate(raw):
+        if isinstance(item, dict):
+            if "name" not in item:
                 raise RecipeError(f"{where}: passes[{i}] has no key 'name' (keys given: "
-                                  f"{', '.join(table) or 'none'})")
-            pname = table["name"]
-            if not isinstance(pname, str):
-                raise RecipeError(f"{where}: passes[{i}].name must be a string, got {pname!r}")
-            steps.append((pname, {k: v for k, v in table.items() if k != "name"}))
-        data_spec = data.get("data")
-        if data_spec is not None and (not isinstance(data_spec, str) or ":" not in data_spec):
-            raise RecipeError(f"{where}: 'data' must be a spec string like 'data.py:make_data' or "
-                              f"'package.module:make_data', got {data_spec!r}")
-        recipe = cls(name=str(data.get("name", name)), description=description, passes=steps, data=data_spec,
-                     export=_export_config(data.get("export", {}), where),
-                     validate=_validate_config(data.get("validate", {}), where), source=source)
-        recipe.build_passes()  # check every pass and option now, before any work starts
-        return recipe
+                                  f"{', '.join(map(str, item)) or 'none'})")
+            pname, options = item["name"], {k: v for k, v in item.items() if k != "name"}
+        elif isinstance(item, tuple) and len(item) == 2:
+            pname, options = item
+            if options is None:
+                options = {}
+            if not isinstance(options, dict):
+                raise RecipeError(f"{where}: passes[{i}] options must be a dict of option = value, got "
+                                  f"{type(options).__name__}")
+        else:
+            raise RecipeError(f"{where}: passes[{i}] is {type(item).__name__} {item!r:.60}; {_PASSES_SHAPE}")
+        if not isinstance(pname, str):
+            raise RecipeError(f"{where}: passes[{i}].name must be a string, got {pname!r}")
+        bad = [k for k in options if not isinstance(k, str)]
+        if bad:
+            raise RecipeError(f"{where}: passes[{i}] (name = {pname!r}): option names must be strings, got {bad[0]!r}")
+        steps.append((pname, dict(options)))
+    return steps
 
 
 def _export_config(table: Any, where: str) -> ExportConfig:
+    if isinstance(table, ExportConfig):
+        table = {f.name: getattr(table, f.name) for f in fields(ExportConfig)}
     if not isinstance(table, dict):
-        raise RecipeError(f"{where}: 'export' must be a table ([export])")
+        raise RecipeError(f"{where}: 'export' must be a table ([export]; in Python an ExportConfig or a dict)")
     _no_unknown_keys(table, ExportConfig, "export", where)
-    formats = table.get("formats", list(ExportConfig.formats))
+    return ExportConfig(**_check_export(table, where))
+
+
+def _check_export(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """The [export] values, checked and normalized (formats a tuple without repeats)."""
+    formats = table.get("formats", ExportConfig.formats)
     if isinstance(formats, str):
         formats = [formats]
-    if not isinstance(formats, list) or not formats or any(f not in EXPORT_FORMATS for f in formats):
+    if not isinstance(formats, (list, tuple)) or not formats or any(f not in EXPORT_FORMATS for f in formats):
         raise RecipeError(f"{where}: export.formats must be a non-empty list drawn from "
                           f"{', '.join(map(repr, EXPORT_FORMATS))}; got {table.get('formats')!r}")
     opset = table.get("opset", ExportConfig.opset)
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise RecipeError(f"{where}: export.opset must be an integer from {MIN_OPSET} to {MAX_OPSET}; "
                           f"got {opset!r}")
-    return ExportConfig(formats=tuple(dict.fromkeys(formats)), opset=opset)
+    return {"formats": tuple(dict.fromkeys(formats)), "opset": opset}
 
 
 # [validate] key -> (lowest, highest) accepted value (None: unbounded), and what it means.
@@ -159,22 +215,34 @@ VALIDATE_RANGES: dict[str, tuple[float | None, float | None, str]] = {
 
 
 def _validate_config(table: Any, where: str) -> ValidateConfig:
+    if isinstance(table, ValidateConfig):
+        table = {f.name: getattr(table, f.name) for f in fields(ValidateConfig)}
     if not isinstance(table, dict):
-        raise RecipeError(f"{where}: 'validate' must be a table ([validate])")
+        raise RecipeError(f"{where}: 'validate' must be a table ([validate]; in Python a ValidateConfig or a dict)")
     _no_unknown_keys(table, ValidateConfig, "validate", where)
+    return ValidateConfig(**_check_validate(table, where))
+
+
+def _check_validate(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """The [validate] values, checked (None: check off) and made floats."""
+    out: dict[str, Any] = {}
     for k, v in table.items():
+        if v is None:  # only reachable from Python (TOML has no null): the check is off
+            out[k] = None
+            continue
         lo, hi, meaning = VALIDATE_RANGES[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or (lo is not None and v < lo) or (hi is not None and v > hi):
             raise RecipeError(f"{where}: validate.{k} must be a number ({meaning}), got {v!r}")
-    return ValidateConfig(**{k: float(v) for k, v in table.items()})
+        out[k] = float(v)
+    return out
 
 
 def _no_unknown_keys(table: dict[str, Any], config: type, section: str, where: str) -> None:
     known = [f.name for f in fields(config)]
     for key in table:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+            close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(f"{where}: unknown key {section}.{key}{hint}; [{section}] accepts "
                               f"{', '.join(known)}")
@@ -187,26 +255,44 @@ def builtin_recipes() -> list[str]:
 
 
 def load_recipe(spec: str | Path) -> Recipe:
-    """Load a built-in recipe by name (`"cleanup"`) or a TOML file by path (`"my.toml"`)."""
+    """Load a built-in recipe by name (`"cleanup"`) or a TOML file by path (`"my.toml"`, `"./mine"`).
+
+    Only a Path, or a string that ends in `.toml` or contains a path separator, is a file: a file or
+    folder in the working directory never shadows a built-in recipe of the same name.
+    """
     text_spec = str(spec)
-    path = Path(text_spec)
-    is_path = isinstance(spec, Path) or text_spec.endswith(".toml") or "/" in text_spec or path.exists()
+    seps = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    is_path = isinstance(spec, Path) or text_spec.endswith(".toml") or any(sep in text_spec for sep in seps)
     if is_path:
+        path = Path(text_spec)
         if not path.is_file():
-            raise RecipeError(f"recipe file {text_spec} does not exist")
+            what = "is a folder, not a TOML file" if path.is_dir() else "does not exist"
+            raise RecipeError(f"recipe file {text_spec} {what}; give a .toml file or a built-in recipe "
+                              f"({', '.join(builtin_recipes())})")
         name, source = path.stem, path
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise RecipeError(f"recipe file {text_spec} cannot be read: {e.strerror or e}") from e
     else:
         res = resources.files("slimfx") / "recipes" / f"{text_spec}.toml"
-        if not res.is_file():
-            raise RecipeError(f"unknown recipe {text_spec!r}; built-in recipes: {', '.join(builtin_recipes())} "
-                              "(or give a path to a .toml file)")
+        if not text_spec or not res.is_file():
+            names = builtin_recipes()
+            close = difflib.get_close_matches(text_spec, names, n=2)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            local = next((c for c in (f"{text_spec}.toml", text_spec) if text_spec and Path(c).is_file()), None)
+            also = f"; to use the file {local} here, write ./{local}" if local else ""
+            raise RecipeError(f"unknown recipe {text_spec!r}{hint}; built-in recipes: {', '.join(names)} "
+                              f"(or give a path to a .toml file){also}")
         name, source = text_spec, Path(str(res))
         data = res.read_bytes()
     try:
         parsed = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise RecipeError(f"recipe {source}: not valid TOML: {e}") from e
+    except RecursionError as e:
+        raise RecipeError(f"recipe {source}: nested too deeply to read (arrays or tables inside each other "
+                          "hundreds of levels deep); a recipe needs only [[passes]], [export] and [validate]") from e
     return Recipe.from_dict(parsed, name=name, source=source)
 
 

@@ -9,8 +9,9 @@ import logging
 
 import torch
 
+from slimfx.commands import _args
 from slimfx.ir.errors import SlimfxError
-from slimfx.loading import resolve_model
+from slimfx.loading import IMPORT_NOTE, resolve_model
 
 DEFAULT_MODEL = "digits_cnn"
 DEFAULT_RECIPE = "default"
@@ -21,20 +22,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Compile MODEL with a recipe into validated ONNX/TorchScript files and a "
                                    "report (report.json, report.md). MODEL is a zoo name, "
                                    "'package.module:callable' or 'path/to/file.py:callable'; default: "
-                                   f"{DEFAULT_MODEL}.")
+                                   f"{DEFAULT_MODEL}. {IMPORT_NOTE}")
     p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or path to a .toml file "
                    f"(default: {DEFAULT_RECIPE})")
-    p.add_argument("--out", default="slimfx-out", help="output directory (default: ./slimfx-out)")
-    p.add_argument("--format", default=None, help="comma-separated: onnx,torchscript (default: the recipe's "
-                   "[export] formats)")
-    p.add_argument("--calibration-samples", type=int, default=256,
-                   help="zoo models: training samples used to calibrate quantization (default 256)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--out", type=_args.output_dir, default="slimfx-out",
+                   help="output directory (default: ./slimfx-out)")
+    p.add_argument("--format", type=_args.export_formats, default=None,
+                   help="onnx, torchscript, or both comma-separated (default: the recipe's [export] formats)")
+    p.add_argument("--calibration-samples", type=_args.count("the number of calibration samples", 1, 1_000_000),
+                   default=256, help="zoo models: training samples used to calibrate quantization (default 256)")
+    p.add_argument("--seed", type=_args.seed, default=0,
+                   help=f"seeds weights, data order and a user callable's random example inputs (0-{_args.SEED_MAX})")
+    p.add_argument("--threads", type=_args.threads, default=1,
                    help="torch threads for calibration and training (default 1: fastest for small models, "
                         "and steady on a busy machine); latency is always measured on 1 thread")
-    p.add_argument("--bench-seconds", type=float, default=0.8,
+    p.add_argument("--bench-seconds", type=_args.bench_seconds, default=0.8,
                    help="timed budget per model and batch size, split over 3 rounds of fresh sessions "
                         "(default 0.8 s; more is steadier)")
     p.add_argument("--data", default=None, metavar="SPEC",

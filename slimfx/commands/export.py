@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from slimfx import ir
-from slimfx.loading import resolve_model
+from slimfx.commands import _args
+from slimfx.exporters.onnx.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from slimfx.loading import IMPORT_NOTE, resolve_model
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 
@@ -16,14 +18,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model to ONNX or TorchScript, validated with onnxruntime/torch",
                        description="Capture MODEL (a zoo name, 'package.module:callable' or "
                                    "'path/to/file.py:callable') and write it as ONNX (emitted from slimfx's IR) "
-                                   "or TorchScript. The file is written only if its outputs match the model.")
+                                   "or TorchScript. The file is written only if its outputs match the model." + " " + IMPORT_NOTE)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--format", choices=sorted(SUFFIX), default="onnx")
-    p.add_argument("-o", "--output", type=Path, default=None, help="output file (default: MODEL.onnx / MODEL.pt)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17; 17-23)")
+    p.add_argument("-o", "--output", type=_args.output_file, default=None,
+                   help="output file (default: MODEL.onnx / MODEL.pt); an existing regular file is replaced, "
+                        "anything else (folder, FIFO, device) is refused")
+    p.add_argument("--opset", type=_args.count("the ONNX opset", MIN_OPSET, MAX_OPSET), default=None,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET}-{MAX_OPSET})")
     p.add_argument("--fixed-batch", action="store_true", help="ONNX: fix the batch dim to the example inputs'")
-    p.add_argument("--atol", type=float, default=1e-5, help="validation: absolute tolerance (default 1e-5)")
-    p.add_argument("--rtol", type=float, default=1e-4, help="validation: relative tolerance (default 1e-4)")
+    p.add_argument("--atol", type=_args.tolerance, default=1e-5,
+                   help="validation: absolute tolerance (default 1e-5)")
+    p.add_argument("--rtol", type=_args.tolerance, default=1e-4,
+                   help="validation: relative tolerance (default 1e-4)")
     p.add_argument("--keep-invalid", action="store_true", help="keep the file even if validation fails")
     p.add_argument("--untrained", action="store_true", help="zoo models: skip training, use random weights")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -32,12 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from slimfx.exporters import export_onnx, export_torchscript
-    from slimfx.exporters.onnx import DEFAULT_OPSET
 
-    loaded = resolve_model(args.model, trained=not args.untrained)
-    graph = ir.capture(loaded.module, loaded.example_inputs)
-    out = args.output or Path(loaded.name.replace(":", "_").replace("/", "_") + SUFFIX[args.format])
-    common = dict(inputs=loaded.example_inputs, atol=args.atol, rtol=args.rtol, keep_invalid=args.keep_invalid)
+    spec = args.model.strip()
+    name = spec.rpartition(":")[2] if ":" in spec else spec  # what resolve_model names the model
+    out = args.output or Path(name.replace("/", "_") + SUFFIX[args.format])
+    _args.check_output_file(out)  # before any work: a FIFO, device or folder there is never replaced
+    loaded = resolve_model(spec, trained=not args.untrained)
+    graph = ir.capture(loaded.module, loaded.example_inputs, example_kwargs=loaded.example_kwargs)
+    common = dict(inputs=loaded.positional()[1], atol=args.atol, rtol=args.rtol, keep_invalid=args.keep_invalid)
     if args.format == "onnx":
         res = export_onnx(graph, out, opset=args.opset or DEFAULT_OPSET, dynamic_batch=not args.fixed_batch,
                           **common)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 from typing import Any
 
+from slimfx.ir.errors import PassError
 from slimfx.passes import get_pass, registered_passes
 from slimfx.passes.base import Pass, _type_name
 
@@ -36,6 +38,11 @@ def option_rows(cls: type[Pass]) -> list[tuple[str, str, str, str]]:
 
 def run(args: argparse.Namespace) -> int:
     if args.name:
+        names = sorted(registered_passes())
+        if args.name not in names:
+            close = difflib.get_close_matches(args.name, names, n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            raise PassError(f"unknown pass {args.name!r}; {hint}`slimfx passes` lists them all: {', '.join(names)}")
         cls = get_pass(args.name)
         print(f"{cls.name}{'  (analysis)' if cls.is_analysis else ''}\n")
         print(typing.cast(str, cls.__doc__ or "(no description)").strip())

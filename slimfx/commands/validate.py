@@ -4,38 +4,144 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
+
+from slimfx.commands import _args
 from slimfx.ir.errors import ValidationError
-from slimfx.loading import resolve_model
+from slimfx.loading import ModelSpecError, resolve_model
+
+ORT_TYPES = {"float": "float32", "double": "float64", "float16": "float16", "bfloat16": "bfloat16",
+             "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8",
+             "bool": "bool"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="compare an exported .onnx/.pt file with the model it came from",
                        description="Run PATH (ONNX with onnxruntime, or TorchScript) and MODEL on the same inputs "
-                                   "and report max abs/rel error, cosine, SQNR and top-1 agreement. Exit status 2 "
-                                   "when outside tolerance.")
-    p.add_argument("path", type=Path, metavar="PATH")
+                                   "(MODEL's example inputs, resized to each --batch size) and report max abs/rel "
+                                   "error, cosine, SQNR and top-1 agreement. Exit status 2 when outside tolerance, "
+                                   "or when PATH does not take MODEL's inputs or give its outputs.")
+    p.add_argument("path", type=_args.exported_file, metavar="PATH")
     p.add_argument("--model", required=True, metavar="MODEL", help="zoo name, 'pkg.mod:callable' or 'file.py:callable'")
-    p.add_argument("--batch", default="1,7", help="comma-separated batch sizes to check (default 1,7)")
-    p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--batch", type=_args.batch_sizes, default="1,7",
+                   help="comma-separated batch sizes to check (default 1,7)")
+    p.add_argument("--atol", type=_args.tolerance, default=1e-5, help="absolute tolerance (default 1e-5)")
+    p.add_argument("--rtol", type=_args.tolerance, default=1e-4, help="relative tolerance (default 1e-4)")
     p.add_argument("--untrained", action="store_true", help="zoo models: skip training, use random weights")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from slimfx.exporters import validate_onnx, validate_torchscript, with_batch
+def _sig(dtype: str, dims: list[Any]) -> str:
+    return f"{dtype}[{', '.join(str(d) if d is not None else '?' for d in dims)}]"
 
-    if not args.path.is_file():
-        raise ValidationError(f"no exported model at {args.path}")
+
+def _torch_sig(x: torch.Tensor) -> str:
+    return _sig(str(x.dtype).removeprefix("torch."), list(x.shape))
+
+
+def _check_onnx_inputs(path: Path, sess: Any, name: str, inputs: tuple, batches: list[int]) -> None:
+    """ValidationError when the file's declared inputs cannot take the model's (count, dtype, rank, sizes)."""
+    declared = [(i.name, ORT_TYPES.get(i.type.removeprefix("tensor(").rstrip(")"), i.type), list(i.shape or []))
+                for i in sess.get_inputs()]
+    ours = ", ".join(_sig(t, d) for _, t, d in declared)
+    theirs = ", ".join(_torch_sig(x) for x in inputs)
+    if len(declared) != len(inputs):
+        raise ValidationError(f"{path} takes {len(declared)} input{'s' * (len(declared) != 1)} ({ours}) but {name} "
+                              f"takes {len(inputs)} ({theirs}): was it exported from another model?")
+    for (iname, dtype, dims), x in zip(declared, inputs):
+        fixed_batch = dims[0] if dims and isinstance(dims[0], int) else None
+        rest_ok = len(dims) == x.dim() and all(not isinstance(d, int) or d == s for d, s in
+                                               zip(dims[1:], x.shape[1:]))
+        if dtype != str(x.dtype).removeprefix("torch.") or not rest_ok:
+            raise ValidationError(f"{path} takes input {_sig(dtype, dims)} but {name} takes {_torch_sig(x)}: "
+                                  "was it exported from another model?")
+        if fixed_batch is not None and any(b != fixed_batch for b in batches):
+            raise ValidationError(f"{path} has a fixed batch size of {fixed_batch} (input {iname!r} is "
+                                  f"{_sig(dtype, dims)}); check it with --batch {fixed_batch}, or export it with a "
+                                  "dynamic batch")
+
+
+def _flat(out: Any) -> list[np.ndarray]:
+    from slimfx.exporters._common import flatten_outputs
+
+    return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in flatten_outputs(out)]
+
+
+def _probe(path: Path, name: str, run_file: Callable[[tuple], list[np.ndarray]], reference: torch.nn.Module,
+           sets: list[tuple], batches: list[int]) -> None:
+    """Run both sides on every input set once: each must run, give the same number and shapes of outputs,
+    and the model's outputs must hold finite values (or there is nothing to compare); the file may not be
+    NaN/Inf where the model is finite."""
+    for ins, b in zip(sets, batches):
+        try:
+            with torch.no_grad():
+                refs = _flat(reference(*ins))
+        except Exception as e:  # noqa: BLE001 - the user's model failing on its own inputs
+            raise ModelSpecError(f"{name} fails on its example inputs at batch {b}: {_args.first_line(e)}; "
+                                 "choose batch sizes it accepts with --batch") from e
+        try:
+            ours = [np.asarray(o) for o in run_file(ins)]
+        except ValidationError:
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime's and torch.jit's own exception types
+            raise ValidationError(f"{path} fails on {name}'s inputs at batch {b} "
+                                  f"({', '.join(_torch_sig(x) for x in ins)}): {_args.first_line(e)}; was it "
+                                  "exported from another model?") from e
+        if len(ours) != len(refs):
+            raise ValidationError(f"{path} gives {len(ours)} output{'s' * (len(ours) != 1)} but {name} gives "
+                                  f"{len(refs)}: was it exported from another model?")
+        for i, (o, r) in enumerate(zip(ours, refs)):
+            if o.shape != r.shape:
+                raise ValidationError(f"{path}'s output {i} has shape {list(o.shape)} but {name}'s has "
+                                      f"{list(r.shape)} at batch {b}: was it exported from another model?")
+        finite = sum(int(np.isfinite(r.astype(np.float64)).sum()) for r in refs)
+        if finite == 0:
+            raise ValidationError(f"{name}'s outputs at batch {b} hold no finite values (empty, NaN or Inf), so "
+                                  f"there is nothing to compare {path} with; check the model on its own first")
+        for i, (o, r) in enumerate(zip(ours, refs)):
+            o64, r64 = o.astype(np.float64), r.astype(np.float64)
+            bad = ~np.isfinite(o64) & np.isfinite(r64)
+            if bad.any():
+                raise ValidationError(f"{path} does not match {name}: output {i} holds {int(bad.sum())} NaN/Inf "
+                                      f"values where the model's are finite (batch {b})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimfx.exporters import with_batch
+    from slimfx.exporters.bench import ort_feed
+    from slimfx.exporters.validate import validate_outputs
+
+    kind = _args.sniff(args.path)
     loaded = resolve_model(args.model, trained=not args.untrained)
-    batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
-    sets = [with_batch(loaded.example_inputs, b) for b in batches]
-    fn = validate_torchscript if args.path.suffix in (".pt", ".pth", ".ts") else validate_onnx
-    report = fn(args.path, loaded.module, sets, atol=args.atol, rtol=args.rtol)
+    module, example = loaded.positional()
+    sets = [with_batch(example, b) for b in args.batch]
+    if kind == "torchscript":
+        try:
+            ts = torch.jit.load(str(args.path), map_location="cpu").eval()
+        except Exception as e:  # noqa: BLE001 - torch.jit raises RuntimeError and friends for bad files
+            raise ValidationError(f"{args.path} is not a loadable TorchScript file: {_args.first_line(e)}") from e
+
+        def run_file(ins: tuple) -> list[np.ndarray]:
+            with torch.no_grad():
+                return _flat(ts(*ins))
+        names = None
+    else:
+        sess = _args.open_onnx_session(args.path)
+        _check_onnx_inputs(args.path, sess, loaded.name, example, args.batch)
+
+        def run_file(ins: tuple) -> list[np.ndarray]:
+            return sess.run(None, ort_feed(sess, ins))
+        names = [o.name for o in sess.get_outputs()]
+    _probe(args.path, loaded.name, run_file, module, sets, args.batch)
+    report = validate_outputs(run_file, module, sets, atol=args.atol, rtol=args.rtol, names=names)
     print(json.dumps(report.to_dict(), indent=2) if args.json else f"{args.path}: {report.summary()}")
     if not report.passed:
         raise ValidationError(f"{args.path} does not match {loaded.name}: {report.summary()}")
     return 0
+

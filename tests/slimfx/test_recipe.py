@@ -89,3 +89,78 @@ def test_check_context_names_the_pass_that_lacks_data():
     r = Recipe.from_dict({"passes": [{"name": "dce"}, {"name": "test-needs-train-data"}]}, name="t")
     with pytest.raises(RecipeError, match=r"passes\[1\] \(name = 'test-needs-train-data'\) cannot run: it needs"):
         r.check_context(r.build_passes(), PassContext())
+
+
+# The same mistake made in TOML and in Python (slimfx.Recipe(...), dicts or config objects) gives the same
+# RecipeError at construction; only the "recipe <where>:" prefix differs.
+SAME_MISTAKES = [
+    ('[[passes]]\nname = "nope"\n', lambda: dict(passes=[("nope", {})])),
+    ('[[passes]]\nname = "fold-constants"\nmax_growth = 3\n', lambda: dict(passes=[("fold-constants", {"max_growth": 3})])),
+    ('[[passes]]\nname = "fold-constants"\nmax_growth = 3\n',
+     lambda: dict(passes=[{"name": "fold-constants", "max_growth": 3}])),
+    ('[[passes]]\nname = "fold-constants"\nmax_growth_numel = "big"\n',
+     lambda: dict(passes=[("fold-constants", {"max_growth_numel": "big"})])),
+    ('[[passes]]\nnme = "dce"\n', lambda: dict(passes=[{"nme": "dce"}])),
+    ('description = 3\n', lambda: dict(description=3)),
+    ('[export]\nformats = ["onnx", "tflite"]\n', lambda: dict(export={"formats": ["onnx", "tflite"]})),
+    ('[export]\nformat = ["onnx"]\n', lambda: dict(export={"format": ["onnx"]})),
+    ('[export]\nopset = 99\n', lambda: dict(export={"opset": 99})),
+    ('export = 3\n', lambda: dict(export=3)),
+    ('[validate]\nmin_sqrn_db = 30\n', lambda: dict(validate={"min_sqrn_db": 30})),
+    ('[validate]\nmin_top1_agreement = 2.0\n', lambda: dict(validate={"min_top1_agreement": 2.0})),
+    ('[validate]\natol = "tight"\n', lambda: dict(validate={"atol": "tight"})),
+]
+
+
+@pytest.mark.parametrize("text, python", SAME_MISTAKES)
+def test_a_recipe_built_in_python_is_checked_like_toml(tmp_path, text, python):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    with pytest.raises(RecipeError) as from_toml:
+        load_recipe(f)
+    with pytest.raises(RecipeError) as from_python:
+        Recipe(name="mine", **python())
+    assert str(from_toml.value).startswith(f"recipe {f}: ")
+    assert str(from_python.value).startswith("recipe 'mine': ")
+    assert str(from_python.value).removeprefix("recipe 'mine': ") == str(from_toml.value).removeprefix(f"recipe {f}: ")
+
+
+def test_config_objects_are_checked_when_built_and_accepted_by_recipe():
+    from slimfx.recipe import ExportConfig, ValidateConfig
+
+    with pytest.raises(RecipeError, match="ExportConfig: export.opset must be an integer from 17 to 23; got 99"):
+        ExportConfig(opset=99)
+    with pytest.raises(RecipeError, match=r"ValidateConfig: validate.min_top1_agreement must be a number \(a fraction"):
+        ValidateConfig(min_top1_agreement=2.0)
+    assert ExportConfig(formats="onnx").formats == ("onnx",)  # one format as a string, not 'o', 'n', ...
+    r = Recipe(name="mine", passes=[("dce", None), {"name": "cse"}], export=ExportConfig(formats=("torchscript",)),
+               validate={"min_sqnr_db": 30})
+    assert r.passes == [("dce", {}), ("cse", {})] and r.export.formats == ("torchscript",)
+    assert r.validate == ValidateConfig(min_sqnr_db=30.0) and [p.name for p in r.build_passes()] == ["dce", "cse"]
+    with pytest.raises(RecipeError, match=r"passes\[0\] is str 'dce'; 'passes' must be an array of tables"):
+        Recipe(name="mine", passes=["dce"])
+    with pytest.raises(RecipeError, match="'passes' must be an array of tables.*got str 'dce'"):
+        Recipe(name="mine", passes="dce")
+
+
+def test_deeply_nested_toml_is_a_recipe_error(tmp_path):
+    f = tmp_path / "deep.toml"
+    f.write_text("[[passes]]\nname = \"dce\"\nx = " + "[" * 10000 + "]" * 10000 + "\n")
+    with pytest.raises(RecipeError, match="nested too deeply"):
+        load_recipe(f)
+
+
+def test_names_are_never_paths_unless_they_look_like_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "int8").mkdir()
+    (tmp_path / "cleanup").write_text("garbage [")
+    (tmp_path / "cleanup.toml").write_text("garbage [")
+    (tmp_path / "mine").write_text('[[passes]]\nname = "dce"\n')
+    assert load_recipe("int8").name == "int8" and load_recipe("cleanup").source.parent.name == "recipes"
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe("cleanup.toml")
+    with pytest.raises(RecipeError, match=r"unknown recipe 'mine'.*to use the file mine here, write \./mine"):
+        load_recipe("mine")
+    assert load_recipe("./mine").passes == [("dce", {})]
+    with pytest.raises(RecipeError, match="recipe file ./int8 is a folder"):
+        load_recipe("./int8")
