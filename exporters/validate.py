@@ -68,7 +68,7 @@ class ValidationReport:
 # Precision of the float dtypes slimfx exports; outputs of a low-precision dtype are compared at a
 # multiple of it (torch and onnxruntime round each op's float16 result, and those roundings add up).
 LOW_PRECISION = {np.dtype(np.float16): 2.0 ** -10}
-LOW_PRECISION_ULPS = 8
+LOW_PRECISION_ULPS = 4
 
 
 def tolerances(dtype: np.dtype, atol: float, rtol: float) -> tuple[float, float]:
