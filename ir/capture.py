@@ -530,8 +530,10 @@ _INTERNAL_DIRS = tuple(os.path.join(os.path.dirname(f), "") for f in (torch.__fi
 
 
 def is_internal_file(filename: str) -> bool:
-    """True for files of torch itself and of slimfx.ir (never the model's: torchvision, timm, the user's)."""
-    return filename.startswith(_INTERNAL_DIRS)
+    """True for files of torch itself and of slimfx.ir (never the model's: torchvision, timm, the user's).
+    torch.export writes some of its own frames relative to site-packages (`torch/fx/passes/...`)."""
+    return filename.startswith(_INTERNAL_DIRS) or (not os.path.isabs(filename)
+                                                   and filename.split(os.sep, 1)[0] == "torch")
 
 
 def _user_frame(tb_frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:

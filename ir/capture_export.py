@@ -624,7 +624,8 @@ def _source(n: fx.Node) -> str | None:
 
 
 def _module_path(n: fx.Node) -> str | None:
-    stack = n.meta.get("nn_module_stack")
+    stack = {k: v for k, v in (n.meta.get("nn_module_stack") or {}).items()
+             if not k.startswith("_empty_nn_module_stack")}  # export's marker for nodes it adds itself
     if not stack:
         return None
     path = list(stack.values())[-1][0]

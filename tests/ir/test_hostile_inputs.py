@@ -215,6 +215,20 @@ def test_capture_refuses_clearly(build, kwargs, error, fragments):
     _check_message(str(e.value), fragments)
 
 
+EXPORT_ROWS = [r for r in CAPTURE_ROWS if r[0] in ("zero-batch", "returns None", "returns constants", "returns a size",
+                                                   "float64 model", "meta-device model", "too many inputs")]
+
+
+@pytest.mark.parametrize("build, kwargs, error, fragments", [r[1:] for r in EXPORT_ROWS],
+                         ids=[r[0] for r in EXPORT_ROWS])
+def test_the_torch_export_front_end_refuses_the_same_way(build, kwargs, error, fragments):
+    model, x = build()
+    with pytest.raises(error) as e:
+        ir.capture(model, x, method="export", **kwargs)
+    _check_message(str(e.value), fragments)
+    assert "_empty_nn_module_stack" not in str(e.value) and "runtime_assert" not in str(e.value)
+
+
 @pytest.mark.parametrize("build, kwargs, error, fragments", [r[1:] for r in CAPTURE_ROWS if not r[2]],
                          ids=[r[0] for r in CAPTURE_ROWS if not r[2]])
 def test_compile_refuses_at_capture_before_any_work(build, kwargs, error, fragments, tmp_path, monkeypatch):
@@ -483,6 +497,9 @@ def test_torch_dir_prefix_does_not_swallow_torchvision():
     torch_dir = os.path.dirname(torch.__file__)
     assert capture_mod.is_internal_file(os.path.join(torch_dir, "nn", "modules", "linear.py"))
     assert not capture_mod.is_internal_file(torch_dir + "vision" + os.sep + "models" + os.sep + "resnet.py")
+    # torch.export writes some of its own frames relative to site-packages
+    assert capture_mod.is_internal_file(os.path.join("torch", "fx", "passes", "runtime_assert.py"))
+    assert not capture_mod.is_internal_file(os.path.join("torchvision", "models", "resnet.py"))
 
 
 # --- property: never an internal error --------------------------------------------------------------------------
