@@ -82,12 +82,16 @@ def validation_sets(inputs: tuple, *, dynamic_batch: bool = True) -> list[tuple]
     return sets
 
 
-def raise_if_invalid(report: Any, what: str, path: Any, keep_invalid: bool) -> None:
-    """ValidationError with the numbers when an export disagrees with its graph (nothing kept on disk)."""
+def raise_if_invalid(report: Any, what: str, keep_invalid: bool) -> None:
+    """ValidationError naming the output that disagrees and the numbers (never a temporary file's path)."""
     if not report.passed:
-        raise ValidationError(f"{what} to {path} disagrees with the graph: {report.summary()}"
-                              + ("" if keep_invalid else "; no file was written (keep_invalid=True "
-                                 "keeps it for inspection)"))
+        raise ValidationError(
+            f"{what} disagrees with the model: {report.failure or 'outside tolerance'}. {report.summary()}. "
+            + ("The file was kept for inspection. " if keep_invalid else "No file was written. ")
+            + "A float32 export that disagrees is a bug in slimfx's exporter (please report it with the model); "
+            "to accept a looser match, raise the tolerance (`--atol`/`--rtol` of `slimfx export`, atol/rtol in "
+            "the recipe's [validate] table)."
+        )
 
 
 def as_tuple(inputs: Any) -> tuple:

@@ -94,7 +94,7 @@ def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = N
         torch.jit.save(sm, str(tmp))
         if validate:
             report = validate_torchscript(tmp, graph, validation_sets(inputs), atol=atol, rtol=rtol)
-            raise_if_invalid(report, f"TorchScript export of {graph.name}", path, keep_invalid)
+            raise_if_invalid(report, f"the TorchScript export of {graph.name}", keep_invalid)
         size = tmp.stat().st_size
     return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="torchscript",
                         size_bytes=size, details=info)

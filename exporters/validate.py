@@ -13,91 +13,158 @@ import torch
 
 from slimfx.exporters._common import as_tuple, flatten_outputs
 from slimfx.exporters.bench import ort_feed, ort_session
+from slimfx.ir.capture import output_names
+from slimfx.ir.errors import ValidationError
 from slimfx.ir.graph import Graph
 from slimfx.ir.lower import lower
 
 
 @dataclass
 class ValidationReport:
-    """How closely an exported model matches its reference, worst case over outputs and input sets."""
+    """How closely an exported model matches its reference, worst case over outputs and input sets.
+
+    An element passes when |ours - reference| <= atol' * max(1, scale) + rtol' * |reference|, where
+    scale is the output's largest finite |reference| (so atol is absolute for outputs up to 1 and
+    relative to the output's magnitude beyond: float32 rounding grows with it) and atol', rtol' are
+    atol, rtol raised to the output dtype's precision (float16 outputs are compared at float16
+    precision). Integer and bool outputs must be equal; NaN or Inf where the reference has none (or
+    the other way round) fails; a report that compared no value fails.
+    """
 
     passed: bool
     max_abs_diff: float
     max_rel_diff: float  # max |diff| / max |reference|, per output
     cosine: float  # smallest cosine similarity between flattened outputs
     sqnr_db: float  # smallest signal-to-quantization-noise ratio; inf when outputs are identical
-    top1_agreement: float | None  # fraction of rows with the same argmax, for 2-D float outputs
+    top1_agreement: float | None  # smallest fraction of rows with the same argmax, over 2-D float outputs
     atol: float
     rtol: float
     batches: list[int] = field(default_factory=list)
     n_outputs: int = 0
     worst_output: str = ""
+    failure: str = ""  # the first check that failed, naming the output ("" when passed)
+    compared: int = 0  # values compared, over all outputs and input sets
 
     def summary(self) -> str:
         top1 = f", top-1 agreement {self.top1_agreement:.4f}" if self.top1_agreement is not None else ""
-        verdict = "pass" if self.passed else "FAIL"
+        verdict = "pass" if self.passed else f"FAIL ({self.failure})" if self.failure else "FAIL"
         return (f"{verdict}: max abs diff {self.max_abs_diff:.3g} (atol {self.atol:g}, rtol {self.rtol:g}; "
                 f"worst output {self.worst_output!r}), max rel diff {self.max_rel_diff:.3g}, "
                 f"cosine {self.cosine:.6f}, SQNR {self.sqnr_db:.1f} dB{top1}, batches {self.batches}")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict; an infinite SQNR (identical outputs) is written as null with exact=true."""
+        """Strict-JSON dict: non-finite numbers are written as null (an infinite SQNR, identical outputs,
+        with exact=true)."""
         d = {k: getattr(self, k) for k in ("passed", "max_abs_diff", "max_rel_diff", "cosine", "sqnr_db",
                                             "top1_agreement", "atol", "rtol", "batches", "n_outputs",
-                                            "worst_output")}
-        d["exact"] = self.max_abs_diff == 0.0
-        if not math.isfinite(d["sqnr_db"]):
-            d["sqnr_db"] = None
+                                            "worst_output", "failure", "compared")}
+        d["exact"] = self.passed and self.max_abs_diff == 0.0
+        for k, v in d.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                d[k] = None
         return d
+
+
+# Precision of the float dtypes slimfx exports; outputs of a low-precision dtype are compared at a
+# multiple of it (torch and onnxruntime round each op's float16 result, and those roundings add up).
+LOW_PRECISION = {np.dtype(np.float16): 2.0 ** -10}
+LOW_PRECISION_ULPS = 4
+
+
+def tolerances(dtype: np.dtype, atol: float, rtol: float) -> tuple[float, float]:
+    """(atol, rtol) for outputs of `dtype`: the given ones, raised to the dtype's precision."""
+    eps = LOW_PRECISION.get(np.dtype(dtype))
+    if eps is None:
+        return atol, rtol
+    return max(atol, LOW_PRECISION_ULPS * eps), max(rtol, LOW_PRECISION_ULPS * eps)
+
+
+def _nonfinite_problem(o: np.ndarray, r: np.ndarray) -> str:
+    """What differs in the NaN/Inf positions of `o` and reference `r` ("" when they agree)."""
+    nan_o, nan_r = np.isnan(o), np.isnan(r)
+    if not np.array_equal(nan_o, nan_r):
+        extra, missing = int((nan_o & ~nan_r).sum()), int((nan_r & ~nan_o).sum())
+        return (f"NaN in {extra} value(s) where the reference has none" if extra else
+                f"no NaN in {missing} value(s) where the reference has NaN")
+    inf_o, inf_r = np.isinf(o), np.isinf(r)
+    if not np.array_equal(inf_o, inf_r) or not np.array_equal(o[inf_o], r[inf_r]):
+        return f"Inf in {int((inf_o != inf_r).sum() or (o[inf_o] != r[inf_r]).sum())} value(s) that differ"
+    return ""
 
 
 def compare_outputs(ours: Sequence[np.ndarray], refs: Sequence[np.ndarray], names: Sequence[str], *,
                     atol: float, rtol: float) -> dict[str, Any]:
-    """Error statistics of `ours` against `refs` (lists of arrays, matched by position)."""
+    """Error statistics of `ours` against `refs` (lists of arrays, matched by position); see
+    ValidationReport for the pass rule."""
+    stats: dict[str, Any] = dict(passed=True, max_abs_diff=0.0, max_rel_diff=0.0, cosine=1.0, sqnr_db=math.inf,
+                                 top1_agreement=None, worst_output="", failure="", compared=0)
+
+    def fail(name: str, why: str) -> None:
+        if stats["passed"]:
+            stats.update(passed=False, failure=f"{name}: {why}")
+
     if len(ours) != len(refs):
-        raise ValueError(f"{len(ours)} outputs vs {len(refs)} reference outputs")
-    stats = dict(passed=True, max_abs_diff=0.0, max_rel_diff=0.0, cosine=1.0, sqnr_db=math.inf,
-                 top1_agreement=None, worst_output="")
+        stats.update(passed=False, max_abs_diff=math.inf, cosine=0.0, sqnr_db=-math.inf,
+                     failure=f"the export returns {len(ours)} outputs, the model {len(refs)}")
+        return stats
     worst = -1.0
     for name, o, r in zip(names, ours, refs):
         o, r = np.asarray(o), np.asarray(r)
         if o.shape != r.shape:
-            stats.update(passed=False, max_abs_diff=math.inf, worst_output=name, cosine=0.0, sqnr_db=-math.inf)
-            return stats
+            stats.update(max_abs_diff=math.inf, worst_output=name, cosine=0.0, sqnr_db=-math.inf)
+            fail(name, f"shape {list(o.shape)} where the reference is {list(r.shape)}")
+            continue
+        exact = not (np.issubdtype(r.dtype, np.floating) and np.issubdtype(o.dtype, np.floating))
         o64, r64 = o.astype(np.float64).ravel(), r.astype(np.float64).ravel()
+        stats["compared"] += o64.size
         if o64.size == 0:
             continue
-        if not (np.isfinite(o64).all() and np.isfinite(r64).all()):
-            same = np.array_equal(np.isnan(o64), np.isnan(r64)) and np.array_equal(o64[~np.isnan(o64)],
-                                                                                   r64[~np.isnan(r64)])
-            finite = np.isfinite(o64) & np.isfinite(r64)
-            if not same and not np.allclose(o64[finite], r64[finite], atol=atol, rtol=rtol):
-                stats["passed"] = False
-            o64, r64 = o64[finite], r64[finite]
-            if o64.size == 0:
-                continue
+        problem = _nonfinite_problem(o64, r64)
+        if problem:
+            stats.update(max_abs_diff=math.inf, worst_output=name, cosine=0.0, sqnr_db=-math.inf)
+            fail(name, problem)
+            continue
+        finite = np.isfinite(r64)
+        o64, r64 = o64[finite], r64[finite]
+        if o64.size == 0:
+            continue
         diff = np.abs(o64 - r64)
         mad = float(diff.max())
+        scale = float(np.abs(r64).max())
         if mad > worst:
             worst, stats["worst_output"] = mad, name
         stats["max_abs_diff"] = max(stats["max_abs_diff"], mad)
-        stats["max_rel_diff"] = max(stats["max_rel_diff"], mad / max(float(np.abs(r64).max()), 1e-30))
-        if not np.all(diff <= atol + rtol * np.abs(r64)):
-            stats["passed"] = False
+        stats["max_rel_diff"] = max(stats["max_rel_diff"], mad / max(scale, 1e-30))
+        if exact:
+            if mad > 0:
+                fail(name, f"{int((diff > 0).sum())} of {diff.size} {o.dtype} values differ")
+        else:
+            a, rt = tolerances(min(o.dtype, r.dtype, key=lambda d: d.itemsize), atol, rtol)
+            bound = a * max(scale, 1.0) + rt * np.abs(r64)
+            over = diff > bound
+            if over.any():
+                i = int(np.argmax(diff - bound))
+                fail(name, f"{int(over.sum())} of {diff.size} values off by more than atol {a:g} x "
+                           f"max(1, scale {scale:.3g}) + rtol {rt:g} x |value| (e.g. {o64[i]:.6g} where the "
+                           f"reference is {r64[i]:.6g})")
         no, nr = np.linalg.norm(o64), np.linalg.norm(r64)
         cos = float(o64 @ r64 / (no * nr)) if no > 0 and nr > 0 else float(no == nr)
         stats["cosine"] = min(stats["cosine"], cos)
         noise = float(diff @ diff)
         sqnr = math.inf if noise == 0 else 10 * math.log10(max(float(r64 @ r64), 1e-300) / noise)
         stats["sqnr_db"] = min(stats["sqnr_db"], sqnr)
-        if stats["top1_agreement"] is None and r.ndim == 2 and np.issubdtype(r.dtype, np.floating) \
-                and r.shape[1] > 1:
-            stats["top1_agreement"] = float((o.argmax(1) == r.argmax(1)).mean())
+        if r.ndim == 2 and np.issubdtype(r.dtype, np.floating) and r.shape[1] > 1 and r.shape[0] > 0 \
+                and np.isfinite(r).all():
+            agree = float((o.argmax(1) == r.argmax(1)).mean())
+            prev = stats["top1_agreement"]
+            stats["top1_agreement"] = agree if prev is None else min(prev, agree)
     return stats
 
 
 def _to_numpy(out: Any) -> list[np.ndarray]:
-    return [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in flatten_outputs(out)]
+    """Flattened outputs as numpy arrays (bfloat16, which numpy lacks, as float32)."""
+    return [(t.detach().cpu().float() if t.dtype == torch.bfloat16 else t.detach().cpu()).numpy()
+            if isinstance(t, torch.Tensor) else np.asarray(t) for t in flatten_outputs(out)]
 
 
 def reference_fn(graph_or_module: Graph | torch.nn.Module) -> Callable[[tuple], list[np.ndarray]]:
@@ -128,6 +195,8 @@ def merge_stats(acc: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, An
         return dict(new)
     out = dict(acc)
     out["passed"] = acc["passed"] and new["passed"]
+    out["failure"] = acc["failure"] or new["failure"]
+    out["compared"] = acc["compared"] + new["compared"]
     if new["max_abs_diff"] > acc["max_abs_diff"]:
         out["worst_output"] = new["worst_output"]
     for k in ("max_abs_diff", "max_rel_diff"):
@@ -138,6 +207,18 @@ def merge_stats(acc: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, An
         out["top1_agreement"] = new["top1_agreement"] if acc["top1_agreement"] is None else \
             min(acc["top1_agreement"], new["top1_agreement"])
     return out
+
+
+def _names(graph_or_module: Graph | torch.nn.Module, n: int, given: Sequence[str] | None) -> list[str]:
+    """Names of the flattened outputs for messages: the model's own (output, output[1], output['logits'])
+    when the reference is a graph, with the exported file's name where that differs."""
+    ours = output_names(graph_or_module.outputs) if isinstance(graph_or_module, Graph) else None
+    if ours is None or len(ours) != n:
+        return list(given) if given is not None and len(given) == n else (
+            ["output"] if n == 1 else [f"output[{i}]" for i in range(n)])
+    if given is None or len(given) != n:
+        return ours
+    return [a if a == b else f"{a} ('{b}' in the file)" for a, b in zip(ours, given)]
 
 
 def validate_outputs(run: Callable[[tuple], Sequence[np.ndarray]], graph_or_module: Graph | torch.nn.Module,
@@ -151,14 +232,15 @@ def validate_outputs(run: Callable[[tuple], Sequence[np.ndarray]], graph_or_modu
     for ins in input_sets(inputs):
         ours = [np.asarray(o) for o in run(ins)]
         refs = ref(ins)
-        n_out = len(ours)
-        out_names = list(names) if names is not None else (
-            ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
-        acc = merge_stats(acc, compare_outputs(ours, refs, out_names, atol=atol, rtol=rtol))
+        n_out = len(refs)
+        acc = merge_stats(acc, compare_outputs(ours, refs, _names(graph_or_module, n_out, names),
+                                               atol=atol, rtol=rtol))
         if ins and isinstance(ins[0], torch.Tensor) and ins[0].dim() >= 1:
             batches.append(int(ins[0].shape[0]))
     if acc is None:
-        raise ValueError("no inputs to validate with")
+        raise ValidationError("validation was given no inputs to run the model on")
+    if acc["passed"] and acc["compared"] == 0:
+        acc.update(passed=False, failure="no values were compared (every output is empty)")
     return ValidationReport(atol=atol, rtol=rtol, batches=batches, n_outputs=n_out, **acc)
 
 

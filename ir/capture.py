@@ -14,7 +14,7 @@ import operator
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from slimfx.ir.errors import CaptureError
-from slimfx.ir.graph import Graph, Node, Param, iter_refs, meta_of
+from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs, meta_of
 
 _log = logging.getLogger(__name__)
 Conv = tuple[str, tuple, dict]
@@ -515,20 +515,29 @@ class _Tracer(fx.Tracer):
         if self._path_stack:
             node.meta["slimfx_module_path"] = self._path_stack[-1][0]
         frame = sys._getframe(1)
-        while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        while frame is not None and is_internal_file(frame.f_code.co_filename):
             frame = frame.f_back
-        if frame is not None:
+        # Nodes fx makes itself (placeholders, the output) have no user line: the walk would reach
+        # capture()'s caller (the driver, the CLI), which says nothing about the model.
+        if frame is not None and frame.f_code is not _trace.__code__:
             node.meta["slimfx_source"] = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
         return node
 
 
-_INTERNAL_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+# torch's own files and slimfx.ir's. A directory prefix ends with a separator: torch's directory
+# `.../site-packages/torch` is also a prefix of `.../site-packages/torchvision` (issue #15 item 10).
+_INTERNAL_DIRS = tuple(os.path.join(os.path.dirname(f), "") for f in (torch.__file__, __file__))
+
+
+def is_internal_file(filename: str) -> bool:
+    """True for files of torch itself and of slimfx.ir (never the model's: torchvision, timm, the user's).
+    torch.export writes some of its own frames relative to site-packages (`torch/fx/passes/...`)."""
+    return filename.startswith(_INTERNAL_DIRS) or (not os.path.isabs(filename)
+                                                   and filename.split(os.sep, 1)[0] == "torch")
 
 
 def _user_frame(tb_frames: list[traceback.FrameSummary]) -> traceback.FrameSummary | None:
-    torch_dir = os.path.dirname(torch.__file__)
-    here = os.path.dirname(__file__)
-    user = [f for f in tb_frames if not f.filename.startswith(torch_dir) and not f.filename.startswith(here)]
+    user = [f for f in tb_frames if not is_internal_file(f.filename)]
     return user[-1] if user else None
 
 
@@ -563,7 +572,8 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
     return fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
 
 
-def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict[fx.Node, Any]:
+def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module,
+                    names: Sequence[str] = ()) -> dict[fx.Node, Any]:
     """Run the traced module on the example inputs, recording every node's value."""
     values: dict[fx.Node, Any] = {}
     current: list[fx.Node] = []
@@ -580,21 +590,215 @@ def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module) -> dict
         with torch.no_grad():
             _Recorder(gm).run(*inputs)
     except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
-        n = current[0]
-        given = ", ".join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else repr(t) for t in inputs)
-        where = n.meta.get("slimfx_module_path") or (n.target if n.op == "call_module" else "")
-        src = _source_of(n)
-        raise CaptureError(
-            f"the example inputs do not fit {type(model).__name__}: node '{n.name}' "
-            f"({n.op} {getattr(n.target, '__name__', n.target)}"
-            f"{', module ' + repr(where) if where else ''}{', ' + src if src else ''}) failed: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            f"Inputs given: ({given}). Pass example inputs of the shape and dtype the model's forward expects."
-        ) from None
+        raise CaptureError(_misfit_message(model, current[0], values, e, inputs, names, gm)) from None
     finally:
         for m, mode in modes.items():  # restore each module's own mode (users may mix them)
             m.training = mode
     return values
+
+
+def _misfit_message(model: nn.Module, n: fx.Node, values: dict[fx.Node, Any], error: Exception, inputs: tuple,
+                    names: Sequence[str], gm: fx.GraphModule) -> str:
+    """The example inputs do not fit: name the layer that failed, what it got, and the inputs given."""
+    where = n.meta.get("slimfx_module_path") or (n.target if n.op == "call_module" else "")
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        what = f"layer '{n.target}' ({_short_repr(mod)})"
+    else:
+        what = f"'{n.name}' ({getattr(n.target, '__name__', n.target)}{f' in module {where!r}' if where else ''})"
+    src = _source_of(n)
+    got = [describe_value(values[a]) for a in n.all_input_nodes if isinstance(values.get(a), torch.Tensor)]
+    first = str(error).splitlines()[0] if str(error) else ""
+    hint = ""
+    zero_d = [nm for nm, v in zip(names, inputs) if isinstance(v, torch.Tensor) and v.dim() == 0]
+    if zero_d:
+        hint = (f" Example input '{zero_d[0]}' is a 0-d tensor (a single number), but slimfx takes dim 0 of "
+                "each input as the batch: give it a batch dimension (e.g. shape [1, features]).")
+    return (f"the example inputs do not fit {type(model).__name__}: {what}"
+            f"{', ' + src if src else ''} fails{' on ' + ', '.join(got) if got else ''}: "
+            f"{type(error).__name__}: {first}.{hint} Example inputs given: {describe_inputs(inputs, names)}. "
+            "Give example inputs of the shape and dtype forward expects (the example inputs your model "
+            "factory returns, or example_inputs= in Python).")
+
+
+def _short_repr(mod: nn.Module) -> str:
+    text = repr(mod).splitlines()[0]
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def describe_value(v: Any) -> str:
+    """`float32[1, 64]` for a tensor (with its device when not the CPU), a short repr otherwise."""
+    if isinstance(v, torch.Tensor):
+        dev = "" if v.device.type == "cpu" else f" on {v.device}"
+        return f"{str(v.dtype).replace('torch.', '')}[{', '.join(map(str, v.shape))}]{dev}"
+    text = "None" if v is None else f"{type(v).__name__} {v!r}"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_inputs(inputs: Sequence[Any], names: Sequence[str] = ()) -> str:
+    names = list(names) + [f"#{i}" for i in range(len(names), len(inputs))]
+    return "(" + ", ".join(f"{nm}: {describe_value(v)}" for nm, v in zip(names, inputs)) + ")" if inputs \
+        else "()"
+
+
+# --- what the user gave, checked before any work ----------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float32, torch.float16)
+_DTYPE_WHY = {
+    torch.float64: "onnxruntime's CPU provider has no float64 kernels for Conv and pooling, and quantization "
+                   "works from float32",
+    torch.bfloat16: "ONNX Conv and onnxruntime's CPU kernels do not take bfloat16",
+}
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _check_model(model: nn.Module) -> torch.dtype | None:
+    """Refuse what cannot be compiled before any work: weights without values (meta device) or off the CPU,
+    float64/bfloat16 or mixed float dtypes. Returns the model's float dtype (None: no float state)."""
+    name = type(model).__name__
+    state = list(model.named_parameters()) + list(model.named_buffers())
+    meta = [k for k, t in state if t.device.type == "meta"]
+    if meta:
+        raise CaptureError(
+            f"{name} has {len(meta)} parameter(s)/buffer(s) on the 'meta' device (e.g. '{meta[0]}'): they have "
+            "shapes but no values, so there is nothing to compile. Load real weights first: build the model on "
+            "the CPU, or materialize it (model.to_empty(device='cpu')) and load its state dict, in your model "
+            "factory or before calling slimfx.")
+    off = [(k, t.device) for k, t in state if t.device.type != "cpu"]
+    if off:
+        raise CaptureError(
+            f"{name} has parameter(s)/buffer(s) on {off[0][1]} (e.g. '{off[0][0]}'); slimfx captures, compiles "
+            "and validates on the CPU. Move the model to the CPU first (return model.cpu() from your model "
+            "factory, or call model.cpu() before slimfx).")
+    floats: dict[torch.dtype, str] = {}
+    for k, t in state:
+        if t.is_floating_point():
+            floats.setdefault(t.dtype, k)
+    for dt, k in floats.items():
+        if dt not in _FLOAT_DTYPES:
+            raise CaptureError(
+                f"{name} is {_dtype_name(dt)} (e.g. '{k}'); slimfx compiles float32 and float16 models "
+                f"({_DTYPE_WHY.get(dt, 'ONNX export and quantization need them')}). Convert the model with "
+                ".float() in your model factory (or before calling slimfx), with float32 example inputs.")
+    if len(floats) > 1:
+        parts = " and ".join(f"{_dtype_name(dt)} ('{k}')" for dt, k in floats.items())
+        raise CaptureError(
+            f"{name} mixes float dtypes: {parts}. slimfx compiles a model in one float dtype; convert the whole "
+            "model with .float() (or .half()) in your model factory or before calling slimfx.")
+    return next(iter(floats), None)
+
+
+def _check_examples(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], model_dtype: torch.dtype | None,
+                    names: Sequence[str]) -> None:
+    """Refuse example inputs that cannot describe the model: off the CPU, an empty batch, a float dtype
+    slimfx does not compile or that differs from the model's."""
+    name = type(model).__name__
+    named = list(zip(list(names) + [f"#{i}" for i in range(len(names), len(inputs))], inputs)) + list(kwargs.items())
+    for arg, v in named:
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.device.type != "cpu":
+            raise CaptureError(
+                f"example input '{arg}' of {name} is on {v.device}"
+                f"{' (no values)' if v.device.type == 'meta' else ''}; give real example tensors on the CPU "
+                "(the example inputs your model factory returns, or example_inputs= in Python).")
+        if v.dim() >= 1 and v.shape[0] == 0:
+            raise CaptureError(
+                f"example input '{arg}' of {name} has batch size 0 ({describe_value(v)}): capture runs the model "
+                "on its example inputs to learn every shape, and an empty batch shows nothing. Give at least "
+                "one sample (the example inputs your model factory returns, or example_inputs= in Python).")
+        if v.is_floating_point():
+            if v.dtype not in _FLOAT_DTYPES:
+                raise CaptureError(
+                    f"example input '{arg}' of {name} is {_dtype_name(v.dtype)}; slimfx compiles float32 and "
+                    f"float16 models ({_DTYPE_WHY.get(v.dtype, 'ONNX export needs them')}). Give float32 example "
+                    "inputs (x.float()) and a float32 model (model.float()) from your model factory.")
+            if model_dtype is not None and v.dtype != model_dtype:
+                raise CaptureError(
+                    f"example input '{arg}' of {name} is {_dtype_name(v.dtype)} but the model's weights are "
+                    f"{_dtype_name(model_dtype)}; give example inputs in the model's dtype "
+                    f"(x.to(torch.{_dtype_name(model_dtype)})) from your model factory or in example_inputs.")
+
+
+def _mode_dependent(model: nn.Module) -> list[str]:
+    """Modules of `model` that compute something else in training mode than in eval mode."""
+    found = []
+    for path, m in model.named_modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            found.append(f"dropout '{path}'")
+        elif isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            found.append(f"{type(m).__name__} '{path}' (batch statistics)")
+        elif not type(m).__module__.startswith("torch.") and _reads_training(type(m)):
+            found.append(f"{type(m).__name__} '{path or '(the model)'}' (its forward reads self.training)")
+    return found
+
+
+def _reads_training(cls: type) -> bool:
+    try:
+        return "self.training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _check_mode(model: nn.Module) -> None:
+    """For an inference capture: refuse a model left in training mode where that changes its outputs."""
+    if not model.training:
+        return
+    found = _mode_dependent(model)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise CaptureError(
+            f"{type(model).__name__} is in training mode, where {', '.join(found[:3])}{more} compute something "
+            "else than at inference. slimfx compiles the model's inference behaviour: call model.eval() before "
+            "compiling (a model factory given to the CLI may return either; the CLI calls eval()).")
+
+
+def _check_outputs(graph: Graph, model: nn.Module) -> None:
+    """Every output leaf must be a tensor: ONNX, TorchScript and the validation compare tensors."""
+    name = type(model).__name__
+    if graph.outputs is None:
+        raise CaptureError(
+            f"{name}.forward returns None; slimfx compiles models that return tensors (a tensor, or nested "
+            "tuples/lists/dicts of tensors). Make forward return its result (in your model factory, return a "
+            "model whose forward does).")
+    leaves = list(output_leaves(graph.outputs))
+    if not leaves:
+        raise CaptureError(f"{name}.forward returns no tensors ({graph.outputs!r}); slimfx compiles models that "
+                           "return tensors (a tensor, or nested tuples/lists/dicts of tensors).")
+    bad = [(path, v) for path, v in leaves if not (isinstance(v, Node) and isinstance(v.meta, TensorMeta))]
+    if bad:
+        def what(v: Any) -> str:
+            if isinstance(v, Node):
+                return f"a non-tensor value (%{v.name}, op '{v.op}', {v.where()})"
+            if isinstance(v, Param):
+                return f"the parameter '{v.name}' itself"
+            return "None" if v is None else f"the constant {type(v).__name__} {v!r}"[:80]
+        listed = "; ".join(f"{path} is {what(v)}" for path, v in bad[:4])
+        raise CaptureError(
+            f"{name}.forward returns values that are not tensors: {listed}. slimfx compiles models that return "
+            "tensors (a tensor, or nested tuples/lists/dicts of tensors) and does not drop outputs, which would "
+            "change the model's interface. Return only the tensors (in your model factory, return a wrapper "
+            "module whose forward returns them).")
+
+
+def output_leaves(outputs: Any, path: str = "output") -> Iterator[tuple[str, Any]]:
+    """(path, leaf) for every leaf of an output structure: `output`, `output[1]`, `output['logits']`..."""
+    if isinstance(outputs, (tuple, list)):
+        for i, v in enumerate(outputs):
+            yield from output_leaves(v, f"{path}[{i}]")
+    elif isinstance(outputs, dict):
+        for k, v in outputs.items():
+            yield from output_leaves(v, f"{path}[{k!r}]")
+    else:
+        yield path, outputs
+
+
+def output_names(outputs: Any) -> list[str]:
+    """The path of each output leaf, in the flattened order the exporters and validation use."""
+    return [path for path, _ in output_leaves(outputs)]
 
 
 CAPTURE_METHODS = ("auto", "fx", "export")
@@ -602,7 +806,7 @@ CAPTURE_METHODS = ("auto", "fx", "export")
 
 def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[str, Any] | None = None,
             method: str = "auto", leaf_modules: Sequence[Any] = (),
-            concrete_args: dict[str, Any] | None = None) -> Graph:
+            concrete_args: dict[str, Any] | None = None, for_inference: bool = False) -> Graph:
     """Capture `model` into the canonical IR, with shapes from the example inputs.
 
     `method="fx"` traces with torch.fx (`leaf_modules`, classes, instances or qualified names, stay
@@ -610,6 +814,13 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
     onto the same canonical ops, see ir.capture_export); `"auto"` tries fx, falls back to export and
     records which one worked in `graph.capture_method`. `example_kwargs` are keyword inputs
     (`input_ids=`, `attention_mask=`): graph inputs keep their names.
+
+    Before any tracing, what cannot be compiled is refused with a CaptureError that says what to do:
+    weights on the meta device or off the CPU, float64/bfloat16 or mixed float dtypes, example inputs
+    of the wrong number, dtype or device, or with an empty batch; after it, outputs that are not
+    tensors (None, constants). The graph keeps the model's mode (`graph.training`; shapes are always
+    propagated in eval mode). `for_inference=True` (a compiler's capture) also refuses a model left in
+    training mode where dropout, batch statistics or a `self.training` branch change its outputs.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
@@ -617,13 +828,20 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
         raise CaptureError(f"capture(method={method!r}) is not a capture method; use one of {CAPTURE_METHODS}")
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
+    model_dtype = _check_model(model)
+    if for_inference:
+        _check_mode(model)
+    names = _input_names(model, inputs, kwargs, concrete_args)
+    _check_examples(model, inputs, kwargs, model_dtype, names)
     if method == "export":
         if leaf_modules or concrete_args:
             raise CaptureError("leaf_modules and concrete_args steer the torch.fx tracer; method='export' "
                                "takes neither (pass fixed arguments in example_kwargs instead)")
         from slimfx.ir.capture_export import capture_export
 
-        return capture_export(model, inputs, kwargs)
+        graph = capture_export(model, inputs, kwargs)
+        _check_outputs(graph, model)
+        return graph
     try:
         graph = _capture_fx(model, inputs, kwargs, leaf_modules, concrete_args)
     except _FxTraceError as fx_error:
@@ -638,7 +856,18 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
                                f"- torch.fx: {fx_error}\n- torch.export: {export_error}") from export_error
         _log.info("capture: torch.fx could not trace %s (%s); captured it with torch.export instead",
                   type(model).__name__, str(fx_error).splitlines()[0])
+    _check_outputs(graph, model)
     return graph
+
+
+def _input_names(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
+                 concrete_args: dict[str, Any] | None) -> list[str]:
+    """forward's parameter name for each positional example input; checks their number first."""
+    params = inspect.signature(model.forward).parameters.values()
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    given, _ = _bind(model, inputs, kwargs, concrete_args)
+    return list(given)[:len(inputs)]
 
 
 class _FxTraceError(CaptureError):
@@ -659,10 +888,14 @@ def _bind(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
     required = [p for p in free if p.default is p.empty]
     if len(inputs) > len(free) or (not kwargs and len(inputs) < len(required)):
         names = ", ".join(p.name for p in free)
+        n_takes = f"{len(required)}" + ("" if len(required) == len(free) else f" to {len(free)}")
         raise CaptureError(
-            f"{type(model).__name__}.forward({names}) takes {len(required)}"
-            f"{'' if len(required) == len(free) else f' to {len(free)}'} inputs, "
-            f"but {len(inputs)} example input(s) were given. Pass one example tensor per forward argument.")
+            f"{type(model).__name__}.forward({names}) takes {n_takes} input{'' if n_takes == '1' else 's'}, "
+            f"but {len(inputs)} example input{'' if len(inputs) == 1 else 's'} "
+            f"{'was' if len(inputs) == 1 else 'were'} given: {describe_inputs(inputs, [p.name for p in free])}. "
+            "Give one example input "
+            "per argument of forward (the example inputs your model factory returns, or example_inputs= in "
+            "Python).")
     given = {p.name: v for p, v in zip(free, inputs)}
     for name, v in kwargs.items():
         if name in given or name in concrete or name not in {p.name for p in params}:
@@ -699,7 +932,7 @@ def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_mo
     # fx makes one placeholder per forward parameter, in order (it may rename the concrete ones)
     baked = {ph: concrete[name] for ph, name in zip(placeholders, names) if name not in given}
     run_inputs = [baked[ph] if ph in baked else given[name] for ph, name in zip(placeholders, names)]
-    values = _run_shape_prop(gm, tuple(run_inputs), model)
+    values = _run_shape_prop(gm, tuple(run_inputs), model, names)
     graph = _convert(gm, model, values, n_inputs=len(given), baked=baked)
     graph.capture_method = "fx"
     return graph

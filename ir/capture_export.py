@@ -37,6 +37,7 @@ from slimfx.ir.capture import (
     _f_interpolate,
     _f_max_pool1d,
     _f_max_pool2d,
+    is_internal_file,
 )
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, meta_of
@@ -617,14 +618,14 @@ def _source(n: fx.Node) -> str | None:
     stack = n.meta.get("stack_trace")
     if not stack:
         return None
-    torch_dir = os.path.dirname(torch.__file__)
-    files = [ln.strip() for ln in stack.splitlines() if ln.strip().startswith("File ") and torch_dir not in ln]
-    m = re.match(r'File "([^"]+)", line (\d+)', files[-1]) if files else None
-    return f"{os.path.basename(m.group(1))}:{m.group(2)}" if m else None
+    frames = [m for ln in stack.splitlines() if (m := re.match(r'\s*File "([^"]+)", line (\d+)', ln))]
+    user = [m for m in frames if not is_internal_file(m.group(1))]
+    return f"{os.path.basename(user[-1].group(1))}:{user[-1].group(2)}" if user else None
 
 
 def _module_path(n: fx.Node) -> str | None:
-    stack = n.meta.get("nn_module_stack")
+    stack = {k: v for k, v in (n.meta.get("nn_module_stack") or {}).items()
+             if not k.startswith("_empty_nn_module_stack")}  # export's marker for nodes it adds itself
     if not stack:
         return None
     path = list(stack.values())[-1][0]

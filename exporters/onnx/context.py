@@ -101,6 +101,10 @@ def _summary(v: Any) -> Any:
 
 PROBE_BATCHES = (2, 3)
 
+# What a user can do about a batch size the model fixes, from either interface.
+FIXED_BATCH_ADVICE = ("export with a fixed batch size: `slimfx export --fixed-batch` on the command line, "
+                      "export_onnx(..., dynamic_batch=False) in Python")
+
 
 def probe(graph: Graph, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the graph at batch sizes 2 and 3 and record every node's shape (or value) in each run."""
@@ -113,8 +117,10 @@ def probe(graph: Graph, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
         def __init__(self, module: fx.GraphModule, rec: dict[str, Any]):
             super().__init__(module)
             self.rec = rec
+            self.current: fx.Node | None = None
 
         def run_node(self, n: fx.Node) -> Any:
+            self.current = n
             out = super().run_node(n)
             self.rec[n.name] = _summary(out)
             return out
@@ -122,16 +128,41 @@ def probe(graph: Graph, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
     runs = []
     for b in PROBE_BATCHES:
         rec: dict[str, Any] = {}
+        interp = _Rec(gm, rec)
         try:
             with torch.no_grad():
-                _Rec(gm, rec).run(*with_batch(inputs, b))
+                interp.run(*with_batch(inputs, b))
         except Exception as e:  # noqa: BLE001 - a model that only runs at one batch size
-            raise ExportError(
-                f"graph {graph.name} does not run at batch size {b} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                "it probably hard-codes its batch size. Export with dynamic_batch=False to fix the batch "
-                "dimension to the example inputs'.") from e
+            raise ExportError(_batch_message(graph, gm, inputs, b, interp.current, e)) from e
         runs.append(rec)
     return runs[0], runs[1]
+
+
+def _batch_message(graph: Graph, gm: fx.GraphModule, inputs: tuple, batch: int, failed: fx.Node | None,
+                   error: Exception) -> str:
+    """Why the graph does not run at another batch size: the node that fails, and what to do about it."""
+    first = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    try:
+        with torch.no_grad():
+            gm(*inputs)
+    except Exception as e:  # noqa: BLE001 - the inputs given to the export do not fit the graph at all
+        return (f"graph {graph.name} does not run on the inputs given to the export "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass inputs of the shapes "
+                "the model was captured with")
+    node = None
+    if failed is not None:
+        try:
+            node = graph.node(failed.name)
+        except (KeyError, ValueError):
+            node = None
+    where = f"%{node.name} (op '{node.op}', {node.where()})" if node is not None else \
+        (f"%{failed.name}" if failed is not None else "the graph")
+    b0 = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else "?"
+    return (f"{graph.name} runs at the example's batch size {b0} but not at batch size {batch}: {where} fails "
+            f"({first}). The model fixes its batch size there (a literal batch size in a reshape or view, a "
+            "flatten over the batch dimension, or a shape captured for the example's batch). Make that line "
+            "follow the batch (x.size(0) or -1), give example inputs with the batch size you deploy (from your "
+            f"model factory, or example_inputs= in Python), or {FIXED_BATCH_ADVICE}.")
 
 
 class EmitContext:
@@ -264,7 +295,7 @@ class EmitContext:
         if isinstance(v, Node):
             if isinstance(v.meta, TensorMeta):
                 return v.meta
-            raise ExportError(f"%{v.name} ({v.op}, {v.where()}) has no tensor meta; run ir.propagate_shapes")
+            raise ExportError(self.no_meta_message(v))
         if isinstance(v, Param):
             return TensorMeta.of(self.graph.params[v.name])
         if isinstance(v, torch.Tensor):
@@ -290,8 +321,8 @@ class EmitContext:
         else:
             a, b = a[1], b[1]
         if len(a) != len(b):
-            raise ExportError(f"%{v.name} ({v.op}, {v.where()}) changes rank with the batch size; "
-                              "export with dynamic_batch=False")
+            raise ExportError(f"%{v.name} ({v.op}, {v.where()}) changes rank with the batch size, which ONNX "
+                              f"cannot express with a dynamic batch; {FIXED_BATCH_ADVICE}")
         return tuple(x != y for x, y in zip(a, b))
 
     def is_batch_dim(self, v: Node, dim: int) -> bool:
@@ -402,7 +433,7 @@ class EmitContext:
             if fn is math.sqrt and len(args) == 1:
                 return Dyn(self.emit("Sqrt", [self.sym_tensor(args[0], torch.float32)]), torch.float32)
             raise ExportError(f"%{n.name} ({n.where()}): {getattr(fn, '__name__', fn)} of a batch-dependent "
-                              "shape value cannot be exported; export with dynamic_batch=False")
+                              f"shape value cannot be exported with a dynamic batch; {FIXED_BATCH_ADVICE}")
         is_float = name in ("div", "pow") or any(
             isinstance(a, float) or (isinstance(a, Dyn) and a.dtype.is_floating_point) for a in args)
         dt = torch.float32 if is_float else torch.int64
@@ -414,13 +445,39 @@ class EmitContext:
             out = self.emit("Floor", [out])
         return Dyn(out, dt)
 
+    def no_meta_message(self, v: Node) -> str:
+        """A tensor operand without a recorded shape: an opaque op (say which and what to do), else a bug."""
+        root = v
+        while root.op == "getitem" and isinstance(root.inputs[0], Node):
+            root = root.inputs[0]
+        if root.op == "opaque":
+            return self.unsupported_message(root)
+        return (f"%{v.name} ({v.op}, {v.where()}) has no recorded tensor shape. A graph from ir.capture always "
+                "has one, so a pass dropped it (passes must set node meta; ir.propagate_shapes(graph, *inputs) "
+                "refreshes every shape); please report this with the graph (print(graph)).")
+
     def unsupported_message(self, n: Node) -> str:
-        what = f"%{n.name} (op {n.op!r}"
-        if n.op == "opaque":
-            tgt = n.attrs.get("target")
-            what += f", {n.attrs.get('kind')} {getattr(tgt, '__qualname__', None) or tgt}"
-        what += f", {n.where()})"
+        mod = n.attrs.get("module") if n.op == "opaque" else None
+        if isinstance(mod, torch.nn.Module):
+            what = f"%{n.name} ({_module_class(mod)} at {n.where()})"
+        else:
+            what = f"%{n.name} (op {n.op!r}"
+            if n.op == "opaque":
+                tgt = n.attrs.get("target")
+                what += f", {n.attrs.get('kind')} {getattr(tgt, '__qualname__', None) or tgt}"
+            what += f", {n.where()})"
+        alternatives = ("or export TorchScript instead (`--format torchscript` on the command line, "
+                        "formats=(\"torchscript\",) in slimfx.compile)")
+        if isinstance(mod, torch.nn.Module):
+            return (f"cannot export {what} to ONNX: slimfx does not support {_module_class(mod)} modules yet "
+                    "(capture keeps them opaque: they run, but have no ONNX form). Replace that module in the "
+                    f"model with layers slimfx supports, {alternatives}.")
         supported = ", ".join(sorted(op for op in EMITTERS if op != "opaque"))
         return (f"cannot export {what} to ONNX: no emitter for this op. Supported ops: {supported}. "
-                "Rewrite the model so capture sees one of these ops, or register an emitter with "
-                "exporters.onnx.register_emitter.")
+                "Rewrite that line of the model so capture sees one of these ops, "
+                f"{alternatives}; in Python, exporters.onnx.register_emitter adds an emitter.")
+
+
+def _module_class(mod: torch.nn.Module) -> str:
+    cls = type(mod)
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else f"{cls.__module__}.{cls.__qualname__}"

@@ -98,6 +98,8 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFA
         if node.op in ("input", "output"):
             continue
         if node.meta is None:
+            if node.op == "opaque" and node.attrs.get("kind") == "call_module":
+                raise ExportError(ctx.unsupported_message(node))  # a module never computes a shape value
             continue  # a shape value (size, shape, arithmetic on them): evaluated on demand by ctx.sym
         fn = EMITTERS.get(node.op)
         if fn is None:
@@ -168,7 +170,7 @@ def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = 
         if validate:
             report = validate_onnx(data, graph, validation_sets(inputs, dynamic_batch=dynamic_batch),
                                    atol=atol, rtol=rtol)
-            raise_if_invalid(report, f"ONNX export of {graph.name}", path, keep_invalid)
+            raise_if_invalid(report, f"the ONNX export of {graph.name}", keep_invalid)
     return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="onnx",
                         size_bytes=len(data), details={"opset": opset, "dynamic_batch": dynamic_batch,
                                                        "emit_seconds": t_emit, "nodes": len(model.graph.node)})

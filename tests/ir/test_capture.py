@@ -146,9 +146,11 @@ def test_concrete_args_fix_a_branching_flag():
 
 def test_wrong_inputs_are_a_capture_error():
     m = ModuleSpelling().eval()
-    with pytest.raises(CaptureError, match=r"do not fit ModuleSpelling.*'conv'.*Inputs given: \(\(1, 5, 8, 8\)\)"):
+    with pytest.raises(CaptureError, match=r"do not fit ModuleSpelling: layer 'conv' \(Conv2d\(3, 8.*fails on "
+                                           r"float32\[1, 5, 8, 8\].*Example inputs given: \(x: float32\[1, 5, 8, 8\]\)"):
         ir.capture(m, (torch.randn(1, 5, 8, 8),))
-    with pytest.raises(CaptureError, match=r"takes 1 inputs, but 2 example input"):
+    with pytest.raises(CaptureError, match=r"takes 1 input, but 2 example inputs were given: \(x: float32\[1, 3, 8, 8\], "
+                                           r"#1: float32\[1\]\)"):
         ir.capture(m, (torch.randn(1, 3, 8, 8), torch.randn(1)))
     with pytest.raises(CaptureError, match="needs a torch.nn.Module"):
         ir.capture(lambda x: x, (torch.randn(1),))
