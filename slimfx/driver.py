@@ -26,9 +26,9 @@ import torch.fx as fx
 import torch.nn as nn
 
 from slimfx import ir
-from slimfx.data import Data, Split, generated_batches
+from slimfx.data import GENERATED_SAMPLES, Data, Split, generated_batches
 from slimfx.ir.errors import DataError, ExportError, GateError, RecipeError, SlimfxError
-from slimfx.ir.metrics import Comparison
+from slimfx.ir.metrics import Comparison, sqnr_ceiling_db
 from slimfx.output import OutputDir
 from slimfx.passes import Pass, PassContext, PassManager
 from slimfx.recipe import Recipe, load_recipe
@@ -67,7 +67,7 @@ class _Job:
     formats: tuple[str, ...]
     data: Data
     ctx: PassContext
-    gate_split: Iterable
+    gate_split: Iterable | None  # None: inputs generated like the example (made after capture checked them)
     gate_split_name: str
     accuracy_split: Iterable | None
     accuracy_split_name: str | None
@@ -161,11 +161,12 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     ctx = PassContext(example_inputs=example, calibration_data=calibration, train_data=train, eval_fn=val_eval,
                       teacher=model, seed=seed, quiet=quiet)
     rec.check_context(pipeline, ctx)  # a step that needs data that was not given: RecipeError
-    gate_split, gate_name = _gate_split(validation, test, example, seed)
-    if gate_name == "generated":
-        job_headline.append(f"no validation data: agreement and SQNR come from {sum(len(b[0][0]) for b in gate_split)} "
-                            "generated inputs shaped like the example, not from real data; give data (--data / "
-                            "data=) for numbers that mean something")
+    gate_split, gate_name = (validation, "validation") if validation is not None else \
+        (test, "test") if test is not None else (None, "generated")
+    if gate_split is None:
+        job_headline.append(f"no validation data: agreement and SQNR come from {GENERATED_SAMPLES} generated inputs "
+                            "shaped like the example, not from real data; give data (--data / data=) for numbers "
+                            "that mean something")
     acc_split, acc_name = (test, "test") if test is not None else (validation, "validation") \
         if validation is not None else (None, None)
     output = None
@@ -270,21 +271,12 @@ def _hits(output: Any, target: torch.Tensor) -> int:
     return int((logits.argmax(-1) == target).sum())
 
 
-def _gate_split(validation: Split | None, test: Split | None, example: tuple, seed: int
-                ) -> tuple[Iterable, str]:
-    """The data every gate number comes from: validation, else test, else inputs generated like the example."""
-    if validation is not None:
-        return validation, "validation"
-    if test is not None:
-        return test, "test"
-    return generated_batches(example, seed=seed), "generated"
-
-
 # --- capture and passes ----------------------------------------------------------------------------------------
 
 def _capture(job: _Job) -> ir.Graph:
     args, kwargs = job.capture_args
-    graph = ir.capture(job.model, args) if kwargs is None else ir.capture(job.model, args, example_kwargs=kwargs)
+    graph = ir.capture(job.model, args, example_kwargs=kwargs, for_inference=True) if kwargs else \
+        ir.capture(job.model, args, for_inference=True)
     for i, p in enumerate(job.pipeline):
         check = getattr(p, "check_graph", None)
         problem = check(graph) if check is not None else None
@@ -383,7 +375,8 @@ def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None) -> dict[str,
     deployed = _onnx_runner(onnx_path) if onnx_path is not None else module
     deployed_name = "model.onnx (onnxruntime)" if onnx_path is not None else "the compiled module"
     job.model.eval()
-    comparison, gate_acc = _compare_on(job.run_model, deployed, job.gate_split, job.gate_split_name)
+    gate_split = job.gate_split if job.gate_split is not None else generated_batches(job.example, seed=job.ctx.seed)
+    comparison, gate_acc = _compare_on(job.run_model, deployed, gate_split, job.gate_split_name)
     out: dict[str, Any] = {"comparison": comparison, "deployed": deployed_name, "gate_accuracy": gate_acc}
     if job.accuracy_split is not None and job.accuracy_split_name != job.gate_split_name:
         _, out["accuracy"] = _compare_on(job.run_model, deployed, job.accuracy_split, job.accuracy_split_name)
@@ -530,9 +523,12 @@ def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:
         elif top1 < cfg.min_top1_agreement:
             failures.append(f"min_top1_agreement: the compiled model agrees with the original on {top1:.2%} of "
                             f"top-1 predictions {where}; the recipe requires {cfg.min_top1_agreement:.2%}")
-    if cfg.min_sqnr_db is not None and comparison.sqnr_db < cfg.min_sqnr_db:
+    dtype = next((t.dtype for t in job.model.parameters() if t.is_floating_point()), torch.float32)
+    need_sqnr = min(cfg.min_sqnr_db, sqnr_ceiling_db(dtype)) if cfg.min_sqnr_db is not None else None
+    if need_sqnr is not None and comparison.sqnr_db < need_sqnr:
+        capped = f" ({cfg.min_sqnr_db:g} capped at what {dtype} allows)" if need_sqnr < cfg.min_sqnr_db else ""
         failures.append(f"min_sqnr_db: output SQNR {comparison.sqnr_db:.1f} dB ({comparison.worst_output}) {where}; "
-                        f"the recipe requires {cfg.min_sqnr_db:g} dB")
+                        f"the recipe requires {need_sqnr:g} dB{capped}")
     if cfg.max_accuracy_drop is not None:
         acc = evaluation["gate_accuracy"]
         if acc is None:

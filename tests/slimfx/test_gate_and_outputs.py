@@ -188,3 +188,15 @@ def test_sigterm_mid_compile_leaves_nothing_and_exits_143(tmp_path):
     assert proc.returncode == 143, err
     assert "terminated" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_fp16_model_compiles_with_cleanup_and_its_gate_is_held_to_fp16_precision(tmp_path):
+    model, example = small()
+    model, example = model.half(), (example[0].half(),)
+    result = slimfx.compile(model, example, "cleanup", out_dir=tmp_path / "o", bench_seconds=0, quiet=True)
+    assert result.report["gate"]["passed"] and 50 < result.report["validation"]["sqnr_db"] < 80
+    strict = _recipe([{"name": "fold-batchnorm"}], {"min_sqnr_db": 200})  # capped at fp16's 60 dB, still checked
+    broken = _recipe([{"name": "test-scale-param", "param": "fc.weight", "factor": 0.5}], {"min_sqnr_db": 200})
+    slimfx.compile(model, example, strict, bench_seconds=0, quiet=True)
+    with pytest.raises(GateError, match=r"requires 60 dB \(200 capped at what torch.float16 allows\)"):
+        slimfx.compile(model, example, broken, bench_seconds=0, quiet=True)
