@@ -93,6 +93,11 @@ class Pass:
         """Before any work: return what is missing from `ctx` for this pass to run (None when fine)."""
         return None
 
+    def check_graph(self, graph: Graph) -> str | None:
+        """Before any work, after capture: what in this pass's options does not fit the graph (an option
+        naming nodes, modules or layers that it does not have), or None when all fits."""
+        return None
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
 

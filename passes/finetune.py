@@ -21,6 +21,57 @@ from slimfx.passes.distill.trainer import TrainData, distill
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
 
+def data_problem(data: Any, what: str = "train data") -> str | None:
+    """Why `data` gives nothing to learn from: 'there is no <what>' (None) or 'the <what> is empty' (no batches,
+    or tensors with no samples); None when it holds some. A one-shot iterator is not consumed to find out:
+    the trainer reports it empty when it reads it."""
+    if data is None:
+        return f"there is no {what}"
+    try:
+        if hasattr(data, "train_x") and hasattr(data, "train_y"):
+            n = len(data.train_x)
+        elif isinstance(data, torch.Tensor) or (isinstance(data, (tuple, list)) and len(data) == 2
+                                                 and isinstance(data[0], torch.Tensor)):
+            first = data if isinstance(data, torch.Tensor) else data[0]
+            n = len(first) if first.dim() else 1
+        elif hasattr(data, "__len__") and not isinstance(data, Iterator):
+            n = len(data)
+        else:
+            return None
+    except TypeError:  # a __len__ that does not answer
+        return None
+    return f"the {what} is empty" if n == 0 else None
+
+
+def check_train_data(ctx: PassContext, *, step: str, required: bool, required_option: str = "required",
+                     off: str) -> str | None:
+    """The one rule for every step that trains (finetune, distill, quantize's QAT), as check_context asks
+    it before any work: what is wrong with ctx.train_data for `step`, or None. No train data is fine
+    unless the step is `required` (it is skipped); train data that is empty is always wrong (an empty list
+    is not data). `off` is the option that turns the step off, e.g. 'set epochs = 0'."""
+    problem = data_problem(ctx.train_data)
+    if problem is None or (ctx.train_data is None and not required):
+        return None
+    if ctx.train_data is None:
+        return (f"{step} needs train data and none was given: give train data ((inputs, target) batches), or "
+                f"set {required_option} = false to skip it when there is none")
+    return (f"{step} trains on the train data, but it is empty (no batches or no samples): give at least one "
+            f"(inputs, target) batch, or {off}")
+
+
+def train_or_skip(ctx: PassContext, *, step: str, required: bool, required_option: str = "required",
+                  off: str) -> str | None:
+    """At run time, by the rule of `check_train_data`: None to train; 'no train data' (the reason to record
+    in stats) when the step is skipped; a PassError when it cannot run."""
+    problem = check_train_data(ctx, step=step, required=required, required_option=required_option, off=off)
+    if problem:
+        raise PassError(problem)
+    if ctx.train_data is None:
+        ctx.logger.info("%s: no train data in the context; skipped", step)
+        return "no train data"
+    return None
+
+
 def iter_batches(data: Any, batch_size: int = 64, *, shuffle: bool = True, seed: int = 0) -> Iterator[Batch]:
     """Training data as `(inputs_tuple, target)` batches: an (x, y) tensor pair is split into batches
     of `batch_size` (shuffled, seeded), an iterable of `(inputs, target)` batches is normalized."""
@@ -85,21 +136,17 @@ class Finetune(Pass):
             raise PassError(f"pass 'finetune': batch_size must be >= 1, got {self.batch_size}")
 
     def check_context(self, ctx: PassContext) -> str | None:
-        if self.required and ctx.train_data is None:
-            return "finetune (required=true) needs train data (an (x, y) pair or (inputs, target) batches)"
-        return None
+        if self.epochs == 0:
+            return None
+        return check_train_data(ctx, step="pass 'finetune'", required=self.required, off="set epochs = 0")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.validate()
-        if ctx.train_data is None:
-            if self.required:
-                raise PassError("pass 'finetune' needs training data and the context has none: give train_data "
-                                "(an (x, y) tensor pair or (inputs, target) batches), or set required=false to "
-                                "skip fine-tuning when there is no data")
-            ctx.logger.info("finetune: no train data in the context; skipped")
-            return PassResult(changed=False, stats={"skipped": True, "reason": "no train data"})
         if self.epochs == 0:
             return PassResult(changed=False, stats={"skipped": True, "reason": "epochs=0"})
+        reason = train_or_skip(ctx, step="pass 'finetune'", required=self.required, off="set epochs = 0")
+        if reason is not None:
+            return PassResult(changed=False, stats={"skipped": True, "reason": reason})
         hist = train_graph(graph, ctx.train_data, epochs=self.epochs, lr=self.lr,
                            batch_size=self.batch_size, optimizer=self.optimizer, weight_decay=self.weight_decay,
                            eval_fn=ctx.eval_fn, seed=ctx.seed, quiet=ctx.quiet)
@@ -109,5 +156,5 @@ class Finetune(Pass):
         return PassResult(changed=hist["best_epoch"] != 0, stats=stats)
 
 
-__all__ = ["Finetune", "train_graph", "iter_batches"]
+__all__ = ["Finetune", "train_graph", "iter_batches", "data_problem", "check_train_data", "train_or_skip"]
 

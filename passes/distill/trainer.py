@@ -73,6 +73,9 @@ class TrainData:
         else:
             raise PassError(f"train_data must be (x, y) tensors, a dataset with train_x/train_y, or an iterable "
                             f"of (inputs, target) batches; got {type(data).__name__}")
+        if len(self) == 0:
+            raise PassError("the train data is empty (no batches or no samples); give at least one "
+                            "(inputs, target) batch")
 
     def __len__(self) -> int:
         if self.x is not None:
@@ -166,7 +169,10 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
         raise PassError("this distillation loss needs a teacher; pass the original model, or use loss='ce'")
     if epochs < 1:
         raise PassError(f"epochs must be >= 1, got {epochs}")
-    data = TrainData(train_data, batch_size, seed)
+    try:
+        data = TrainData(train_data, batch_size, seed)
+    except PassError as e:
+        raise PassError(f"{desc}: {e}") from e
     rank, world = dist_info()
     feats = list(features) if crit.uses_features else []
     example = tuple(example_inputs) if example_inputs else data.first_inputs()
@@ -261,7 +267,7 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(value.detach()):.4f}", refresh=False)
                 if n_steps == 0:
-                    raise PassError("train_data gave no batches; distillation needs at least one batch "
+                    raise PassError(f"{desc}: the train data gave no batches; training needs at least one batch "
                                     f"of >= {world} samples")
                 mean_loss = loss_sum / n_steps
                 if world > 1:

@@ -219,6 +219,14 @@ class PruneChannels(Pass):
             return "prune-channels criterion 'taylor' needs train_data or calibration_data (gradient x weight)"
         return None
 
+    def check_graph(self, graph: Graph) -> str | None:
+        try:
+            check_patterns(graph, self.protect, "protect", self.name)
+            check_patterns(graph, list(self.overrides), "overrides", self.name)
+        except PassError as e:
+            return str(e)
+        return None
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self.validate()
         check_patterns(graph, self.protect, "protect", self.name)

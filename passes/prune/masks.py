@@ -84,6 +84,16 @@ class PruneWeights(Pass):
             if not 0.0 <= v < 1.0:
                 raise PassError(f"pass 'prune-weights': {key} must be in [0, 1), got {v}")
 
+    def check_graph(self, graph: Graph) -> str | None:
+        from slimfx.passes.prune.channels import check_patterns
+
+        try:
+            check_patterns(graph, self.skip, "skip", self.name)
+            check_patterns(graph, list(self.overrides), "overrides", self.name)
+        except PassError as e:
+            return str(e)
+        return None
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         from slimfx.passes.prune.channels import check_patterns
 

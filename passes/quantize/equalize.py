@@ -20,7 +20,7 @@ from slimfx.ir import Graph, Node, Param
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, run_with_outputs
-from slimfx.passes.quantize.observers import QRANGE
+from slimfx.passes.quantize.qdq import bias_limit
 
 _LAYERS = ("conv1d", "conv2d", "linear")
 
@@ -138,8 +138,11 @@ class BiasCorrection(Pass):
     needs_calibration: ClassVar[bool] = True
 
     def check_context(self, ctx: PassContext) -> str | None:
-        if ctx.calibration_data is None:
-            return "bias-correction needs calibration data (an iterable of input tuples)"
+        from slimfx.passes.finetune import data_problem
+
+        problem = data_problem(ctx.calibration_data, "calibration data")
+        if problem:
+            return f"bias-correction needs calibration data, but {problem}: give an iterable of input tuples"
         return None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
@@ -196,7 +199,10 @@ def _corrected_bias(graph: Graph, n: Node, delta: torch.Tensor) -> tuple[str, to
     if isinstance(b, Node) and b.op == "dequantize":
         qref, sref = b.inputs[0], b.inputs[1]
         q, s = graph.params[qref.name], graph.params[sref.name]
-        lo, hi = QRANGE[torch.int32]
-        return qref.name, torch.round(q.double() + delta.double() / s.double()).clamp(lo, hi).to(torch.int32)
+        new = torch.round(q.double() + delta.double() / s.double())
+        # a channel whose corrected bias would not leave the accumulator its room keeps its bias (never a
+        # saturated one: quantize keeps every bias within half of that limit, so this takes a huge shift)
+        limit = bias_limit(graph.params[n.inputs[1].inputs[0].name][0].numel())
+        return qref.name, torch.where(new.abs() <= limit, new, q.double()).to(torch.int32)
     assert isinstance(b, Param)
     return b.name, graph.params[b.name] + delta

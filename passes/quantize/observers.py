@@ -19,7 +19,11 @@ from slimfx.ir.errors import PassError
 QRANGE: dict[torch.dtype, tuple[int, int]] = {torch.int8: (-128, 127), torch.uint8: (0, 255),
                                               torch.int32: (-(2**31), 2**31 - 1)}
 DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
-_EPS = 1e-12
+# The smallest scale: the smallest normal float32 (1.18e-38). ONNX and onnxruntime take any positive finite
+# float32 scale whose reciprocal is finite; a fixed floor such as 1e-12 turned every activation of a net
+# whose values are ~5e-13 into exact zeros. A range that is exactly [0, 0] (a tensor that was zero on
+# every calibration batch) gets this scale too: it stays zero. The quantize pass reports such tensors.
+SCALE_FLOOR = float(torch.finfo(torch.float32).tiny)
 
 
 @dataclass
@@ -61,11 +65,11 @@ def qparams_from_range(lo: torch.Tensor | float, hi: torch.Tensor | float, dtype
     if symmetric:
         half = (qmax - qmin) // 2  # 127 for int8 and uint8
         amax = torch.maximum(-lo, hi)
-        scale = (amax / half).clamp(min=_EPS)
+        scale = (amax / half).clamp(min=SCALE_FLOOR)
         center = 0 if dtype == torch.int8 else (qmin + qmax + 1) // 2
         zp = torch.full_like(scale, center)
     else:
-        scale = ((hi - lo) / (qmax - qmin)).clamp(min=_EPS)
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=SCALE_FLOOR)
         zp = torch.round(qmin - lo / scale).clamp(qmin, qmax)
     return QParams(scale.to(torch.float32), zp.to(dtype), dtype, axis)
 
@@ -150,7 +154,11 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
 
 
 class HistogramObserver(Observer):
-    """Histogram of all values seen (per tensor), re-binned when the range grows."""
+    """Histogram of all values seen (per tensor), re-binned when the range grows.
+
+    The histogram starts with the first batch that is not all zeros (its range sets the bins, however
+    small); zeros seen before are counted into the bin of 0 then. Only zeros seen: the range is [0, 0].
+    """
 
     def __init__(self, bins: int = 2048) -> None:
         super().__init__(None)
@@ -158,19 +166,26 @@ class HistogramObserver(Observer):
         self.hist: torch.Tensor | None = None
         self.lo = 0.0
         self.hi = 0.0
+        self.pending_zeros = 0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().to(torch.float32).flatten()
+        self.count += 1
+        if x.numel() == 0:
+            return
         lo, hi = float(x.min()), float(x.max())
         if self.hist is None:
+            if lo == hi == 0.0:
+                self.pending_zeros += x.numel()
+                return
             self.lo, self.hi = min(lo, 0.0), max(hi, 0.0)
-            if self.hi == self.lo:
-                self.hi = self.lo + 1e-8
             self.hist = torch.zeros(self.bins, dtype=torch.float64)
+            if self.pending_zeros:
+                self.hist += torch.histc(torch.zeros(1), self.bins, self.lo, self.hi).to(torch.float64) \
+                    * self.pending_zeros
         elif lo < self.lo or hi > self.hi:
             self._rebin(min(lo, self.lo), max(hi, self.hi))
         self.hist += torch.histc(x, self.bins, self.lo, self.hi).to(torch.float64)
-        self.count += 1
 
     def _rebin(self, lo: float, hi: float) -> None:
         """Move old counts to the new bins containing the old bin centers."""
@@ -205,7 +220,8 @@ class PercentileObserver(HistogramObserver):
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._check()
-        assert self.hist is not None
+        if self.hist is None:  # only zeros seen
+            return torch.tensor(0.0), torch.tensor(0.0)
         cdf = torch.cumsum(self.hist, 0) / self.hist.sum()
         e = self.edges()
         q = self.percentile / 100.0
@@ -232,7 +248,8 @@ class EntropyObserver(HistogramObserver):
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._check()
-        assert self.hist is not None
+        if self.hist is None:  # only zeros seen
+            return torch.tensor(0.0), torch.tensor(0.0)
         # fold into a histogram of |x| over [0, amax]
         amax = max(-self.lo, self.hi)
         centers = self.centers().abs()
@@ -259,8 +276,8 @@ class EntropyObserver(HistogramObserver):
 
 
 def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
-    p = p / p.sum().clamp(min=_EPS)
-    q = q / q.sum().clamp(min=_EPS)
+    p = p / p.sum().clamp(min=1e-12)
+    q = q / q.sum().clamp(min=1e-12)
     mask = p > 0
     q = q[mask].clamp(min=1e-12)
     return float((p[mask] * (p[mask] / q).log()).sum())
@@ -276,7 +293,8 @@ class MSEObserver(HistogramObserver):
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         self._check()
-        assert self.hist is not None
+        if self.hist is None:  # only zeros seen
+            return torch.tensor(0.0), torch.tensor(0.0)
         x = self.centers()
         w = self.hist
         best, best_err = (self.lo, self.hi), math.inf

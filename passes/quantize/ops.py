@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from slimfx.ir.ops import register_op
+from slimfx.passes.quantize.observers import SCALE_FLOOR
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -44,12 +45,12 @@ def _fake_quantize(x, scale=None, zero_point=None, *, qmin=-128, qmax=127, axis=
         xc = x.clamp(-1.0, 1.0)  # clipped STE (XNOR-Net / BinaryConnect)
         return xc + (xb - xc).detach()
     if mode in ("absmax", "pow2"):
-        amax = _reduce_abs(x, axis, "max").detach().clamp(min=1e-12)
-        if mode == "pow2":
+        amax = _reduce_abs(x, axis, "max").detach().clamp(min=SCALE_FLOOR)
+        if mode == "pow2":  # as pow2_qparams: 2^-n, n in [-32, 126]
             amax = amax.max()
-            scale = 2.0 ** -torch.floor(torch.log2(qmax / amax))
+            scale = 2.0 ** -torch.floor(torch.log2(qmax / amax)).clamp(-32, 126)
         else:
-            scale = amax / qmax
+            scale = (amax / qmax).clamp(min=SCALE_FLOOR)
         zero_point = torch.zeros_like(scale)
     s = _channel_view(scale, x, axis)
     z = _channel_view(zero_point, x, axis).to(x.dtype) if isinstance(zero_point, torch.Tensor) else zero_point

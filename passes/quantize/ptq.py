@@ -23,15 +23,21 @@ from slimfx.passes.quantize.calibrate import calibration_batches, collect
 from slimfx.passes.quantize.observers import (
     CALIBRATION_METHODS,
     DTYPES,
+    SCALE_FLOOR,
     QParams,
     make_observer,
     pow2_qparams,
     qparams_from_range,
 )
 from slimfx.passes.quantize.qdq import (
+    ACT_OPS,
+    OUTPUT_QUANT_OPS,
+    WEIGHT_OPS,
     Plan,
     check_bits,
+    check_skip,
     collapse_requantize,
+    fit_bias,
     fold_bias,
     fold_weight,
     insert_qdq,
@@ -73,6 +79,8 @@ class Quantize(Pass):
     float_first: bool = False
     qat_epochs: int = 0
     qat_lr: float = 1e-3
+    # as finetune's `required`: false skips QAT when there is no train data (stats say so), true insists
+    qat_required: bool = False
     max_accuracy_drop: float | None = None
     # int8 schemes: store embedding tables as int8 (one symmetric scale per table)
     embeddings: bool = True
@@ -87,14 +95,25 @@ class Quantize(Pass):
         return self.scheme != "int8-dynamic"
 
     def check_context(self, ctx: PassContext) -> str | None:
-        if self.scheme != "int8-dynamic" and ctx.calibration_data is None:
-            return (f"quantize (scheme {self.scheme}) needs calibration data to set activation ranges "
-                    "(an iterable of input tuples), or use scheme 'int8-dynamic'")
-        if self.qat_epochs > 0 and ctx.train_data is None:
-            return "quantize with qat_epochs > 0 needs train data ((inputs, target) batches)"
+        from slimfx.passes.finetune import check_train_data, data_problem
+
+        problem = data_problem(ctx.calibration_data, "calibration data")
+        if self.scheme != "int8-dynamic" and problem:
+            return (f"quantize (scheme {self.scheme}) needs calibration data to set activation ranges, but "
+                    f"{problem}: give an iterable of input tuples (a few hundred samples), or use scheme "
+                    "'int8-dynamic'")
+        if self.qat_epochs > 0:
+            missing = check_train_data(ctx, step=self._qat_step(),
+                                       required=self.qat_required, required_option="qat_required",
+                                       off="set qat_epochs = 0")
+            if missing:
+                return missing
         if self.max_accuracy_drop is not None and ctx.eval_fn is None:
             return "quantize with max_accuracy_drop needs an eval function (module -> accuracy)"
         return None
+
+    def check_graph(self, graph: Graph) -> str | None:
+        return check_skip(graph, self.skip)
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES:
@@ -141,24 +160,35 @@ class Quantize(Pass):
             if self.embeddings and self.scheme in ("int8-static", "int8-dynamic") else []
         if not plan.weight_ops and not plan.act_ops and not embeds:
             return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped})
+        degenerate: dict[str, str] = {}
         if not dynamic and ranges is None:
             ranges = self.calibrate(graph, plan, ctx)
+        if not dynamic:
+            plan = self._keep_nonfinite_float(graph, plan, ranges, skip, only, degenerate)
+        qat = None
         if self.qat_epochs > 0:
             from slimfx.passes.quantize.qat import finetune_fake_quant
 
-            finetune_fake_quant(self, graph, plan, ranges or {}, ctx)
-            if not dynamic:
-                ranges = self.calibrate(graph, plan, ctx)
+            qat = self._qat_skipped(ctx)
+            if qat is None:
+                losses = finetune_fake_quant(self, graph, plan, ranges or {}, ctx)
+                qat = f"{len(losses)} epochs, loss {losses[0]:.4g} -> {losses[-1]:.4g}"
+                if not dynamic:
+                    ranges = self.calibrate(graph, plan, ctx)
+                    plan = self._keep_nonfinite_float(graph, plan, ranges, skip, only, degenerate)
         before = sum(graph.params[p.name].numel() * graph.params[p.name].element_size()
                      for n in plan.weight_ops + embeds for p in n.params())
         act_qp = {} if dynamic else self.activation_qparams(plan, ranges or {})
+        for name, qp in act_qp.items():
+            lo, hi = ranges[name] if name in (ranges or {}) else (None, None)  # type: ignore[index]
+            if lo is not None and float(lo) == float(hi) == 0.0:
+                degenerate[name] = f"all zero on the calibration data: scale {float(qp.scale):.3g}, stays 0"
         for name, qp in act_qp.items():
             t = graph.node(name)
             insert_qdq(graph, t, qp, users=[u for u in t.users if u.op not in ("quantize",)])
         n_dyn = self._insert_dynamic(graph, plan) if dynamic else 0
         lowbit = self.lowbit_ops(plan)
-        for n in plan.weight_ops:
-            self._fold(graph, n, lowbit.get(n.name))
+        raised = {n.name: self._fold(graph, n, lowbit.get(n.name)) for n in plan.weight_ops}
         for n in embeds:
             w = graph.params[n.inputs[1].name]
             qmax = 2 ** (self.bits - 1) - 1  # a table lookup multiplies nothing: the full range is safe
@@ -172,18 +202,73 @@ class Quantize(Pass):
             "scheme": self.scheme, "quantized_ops": len(plan.weight_ops) + len(plan.act_ops),
             "embeddings": len(embeds), "activation_qdq": len(act_qp), "dynamic_activations": n_dyn, "collapsed": collapsed,
             "skipped": plan.skipped, "weight_bytes": {"before": before, "after": after},
-            "lowbit": {k: v for k, v in lowbit.items() if v is not None}})
+            "lowbit": {k: v for k, v in lowbit.items() if v is not None},
+            # layers whose int32 bias would have saturated (an all-zero weight row, an input that was
+            # constantly 0): the weight scale of these output channels was raised to keep the bias exact
+            "bias_scale_raised": {k: v for k, v in raised.items() if v},
+            # activations whose calibrated range is exactly [0, 0] or holds NaN/Inf (see calibrate)
+            "degenerate_ranges": degenerate,
+            **({"qat": qat} if qat is not None else {})})
+
+    def _qat_step(self) -> str:
+        return f"pass 'quantize' (qat_epochs = {self.qat_epochs})"
+
+    def _qat_skipped(self, ctx: PassContext) -> str | None:
+        """None when QAT trains; 'skipped: no train data' when there is none and qat_required is false
+        (the rule finetune and distill follow); a PassError when it is required or the data is empty."""
+        from slimfx.passes.finetune import train_or_skip
+
+        reason = train_or_skip(ctx, step=self._qat_step(),
+                               required=self.qat_required, required_option="qat_required",
+                               off="set qat_epochs = 0")
+        return None if reason is None else f"skipped: {reason}"
+
+    def _keep_nonfinite_float(self, graph: Graph, plan: Plan, ranges: dict[str, Range] | None, skip: list[str],
+                              only: set[str] | None, degenerate: dict[str, str]) -> Plan:
+        """Keep float every op that reads an activation holding NaN or Inf on the calibration data (its range
+        has no scale); re-plans without them. The ranges of the tensors still planned stay valid: a plan
+        with more ops skipped quantizes a subset of the tensors."""
+        def finite(src: str) -> bool:
+            lo, hi = ranges[src]  # type: ignore[index]
+            return bool(torch.isfinite(lo).all() and torch.isfinite(hi).all())
+
+        extra: list[str] = []
+        while True:
+            bad = {name for name, src in plan.tensors.items() if not finite(src)}
+            if not bad:
+                return plan
+            readers = [n for n in graph if (n.op in WEIGHT_OPS or n.op in ACT_OPS or n.op in OUTPUT_QUANT_OPS)
+                       and n.name not in extra and any(isinstance(a, Node) and through_noops(a).name in bad
+                                                       for a in n.inputs)]
+            if not readers:  # pragma: no cover - every planned tensor has a reader in the plan
+                raise PassError(f"quantize: activation %{sorted(bad)[0]} holds NaN or Inf on the calibration data")
+            for t in sorted(bad):
+                users = sorted(n.name for n in readers if any(isinstance(a, Node) and through_noops(a).name == t
+                                                              for a in n.inputs))
+                degenerate[t] = f"NaN or Inf on the calibration data: kept float {', '.join(users)}"
+            extra += [n.name for n in readers]
+            plan = make_plan(graph, skip=skip + extra, only=only)
 
     # -- calibration -----------------------------------------------------------------------------------
     def calibrate(self, graph: Graph, plan: Plan, ctx: PassContext) -> dict[str, Range]:
-        """Observed (lo, hi) of every activation the plan quantizes."""
+        """Observed (lo, hi) of every activation the plan quantizes; (nan, nan) for one that held NaN or
+        Inf on some batch (`apply` keeps the ops reading it float)."""
         batches = calibration_batches(ctx)
         names = plan.sources
         dtype = DTYPES[self.activation_dtype]
         observers = {n: make_observer(self.calibration, dtype=dtype, symmetric=self.activation_symmetric,
                                       percentile=self.percentile) for n in names}
-        collect(graph, batches, names, lambda name, v: observers[name].update(v), quiet=ctx.quiet)
-        return {n: o.range() for n, o in observers.items()}
+        nonfinite: set[str] = set()
+
+        def sink(name: str, v: torch.Tensor) -> None:
+            if name in nonfinite or not bool(torch.isfinite(v).all()):
+                nonfinite.add(name)
+            else:
+                observers[name].update(v)
+
+        collect(graph, batches, names, sink, quiet=ctx.quiet)
+        nan = torch.tensor(float("nan"))
+        return {n: (nan, nan) if n in nonfinite else o.range() for n, o in observers.items()}
 
     def activation_qparams(self, plan: Plan, ranges: dict[str, Range]) -> dict[str, QParams]:
         out: dict[str, QParams] = {}
@@ -225,7 +310,7 @@ class Quantize(Pass):
     def weight_qparams(self, w: torch.Tensor, kind: str | None) -> tuple[QParams, torch.Tensor | None]:
         """Params (and, for sign, the integer values) for one weight tensor."""
         if kind == "sign":
-            alpha = w.abs().reshape(w.shape[0], -1).mean(dim=1).clamp(min=1e-12)
+            alpha = w.abs().reshape(w.shape[0], -1).mean(dim=1).clamp(min=SCALE_FLOOR)
             values = torch.where(w >= 0, 1, -1).to(torch.int8)
             return QParams(alpha.float(), torch.zeros(w.shape[0], dtype=torch.int8), torch.int8, 0), values
         if kind == "fixed-point":
@@ -249,16 +334,26 @@ class Quantize(Pass):
                 return per_tensor, None
         return per_channel, None
 
-    def _fold(self, graph: Graph, n: Node, kind: str | None) -> None:
+    def _fold(self, graph: Graph, n: Node, kind: str | None) -> list[int]:
+        """Fold the weight (and the bias, as int32) of `n`; returns the output channels whose weight
+        scale was raised to keep the int32 bias exact (see `fit_bias`)."""
         w = graph.params[n.inputs[1].name]
         qp, values = self.weight_qparams(w, kind)
         qmax = self.weight_qmax(kind)
-        fold_weight(graph, n, 1, qp, qmin=-qmax, qmax=qmax, values=values)
         x = through_noops(n.inputs[0])
-        if isinstance(x, Node) and x.op == "dequantize" and self.scheme != "int8-dynamic":
-            s_x = graph.params[x.inputs[1].name]
-            if s_x.dim() == 0:
-                fold_bias(graph, n, s_x, qp.scale, qp.axis)
+        s_x = graph.params[x.inputs[1].name] \
+            if isinstance(x, Node) and x.op == "dequantize" and self.scheme != "int8-dynamic" else None
+        raised: list[int] = []
+        if s_x is not None and s_x.dim() == 0 and len(n.inputs) > 2 and isinstance(n.inputs[2], Param):
+            try:
+                qp, raised = fit_bias(qp, s_x, graph.params[n.inputs[2].name], w[0].numel(),
+                                      pow2=kind == "fixed-point")
+            except PassError as e:
+                raise PassError(f"quantize: %{n.name}: {e}; keep the layer float with skip = [{n.name!r}]") from e
+        fold_weight(graph, n, 1, qp, qmin=-qmax, qmax=qmax, values=values)
+        if s_x is not None and s_x.dim() == 0:
+            fold_bias(graph, n, s_x, qp.scale, qp.axis)
+        return raised
 
     # -- dynamic activations ---------------------------------------------------------------------------
     def _insert_dynamic(self, graph: Graph, plan: Plan) -> int:

@@ -63,8 +63,11 @@ def finetune_fake_quant(q: Quantize, graph: Graph, plan: Plan, ranges: dict, ctx
         raise PassError("quantize: qat_epochs > 0 needs training data; give the PassContext train_data "
                         "(an iterable of (inputs_tuple, target) batches) or set qat_epochs = 0")
     g = fake_quant_graph(q, graph, plan, ranges)
-    hist = train_graph(g, ctx.train_data, epochs=q.qat_epochs, lr=q.qat_lr, seed=ctx.seed, quiet=ctx.quiet,
-                       desc="quantization-aware fine-tuning")
+    try:
+        hist = train_graph(g, ctx.train_data, epochs=q.qat_epochs, lr=q.qat_lr, seed=ctx.seed, quiet=ctx.quiet,
+                           desc="quantization-aware fine-tuning")
+    except PassError as e:
+        raise PassError(f"pass 'quantize' (qat_epochs = {q.qat_epochs}): {e}; or set qat_epochs = 0") from e
     losses = hist["loss"]
     for name, t in g.params.items():
         if name in graph.params and t.is_floating_point() and name not in graph.buffers:

@@ -10,6 +10,7 @@ with zero point at the bottom of the range is absorbed by onnxruntime.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import torch
 from slimfx.ir import Graph, Node, Param, TensorMeta
 from slimfx.ir.errors import PassError
 from slimfx.passes.graph_utils import runs_in_training
-from slimfx.passes.quantize.observers import QRANGE, QParams
+from slimfx.passes.quantize.observers import QRANGE, SCALE_FLOOR, QParams
 
 WEIGHT_OPS = frozenset({"conv1d", "conv2d", "linear"})
 # ops whose activation operands are quantized whenever the op is (integer kernels exist for them)
@@ -39,6 +40,44 @@ def matches(node: Node, patterns: list[str]) -> bool:
                 node.module_path and fnmatch.fnmatchcase(node.module_path, p)):
             return True
     return False
+
+
+# every op the quantize pass may quantize (what a skip entry can usefully name)
+QUANTIZABLE_OPS = WEIGHT_OPS | ACT_OPS | OUTPUT_QUANT_OPS | {"embedding"}
+
+
+def check_skip(graph: Graph, patterns: list[str], *, pass_name: str = "quantize", option: str = "skip") -> str | None:
+    """What is wrong with the skip entries for `graph` (None when every entry names something to keep float).
+
+    An entry must match a node name or module path (fnmatch) of an op the pass quantizes, or be the name of
+    such an op (an op name is fine on a model that has no such op: recipes are shared between models).
+    """
+    from slimfx.ir import OPS
+
+    quantizable = [n for n in graph if n.op in QUANTIZABLE_OPS]
+    for p in patterns:
+        if p in OPS:
+            if p in QUANTIZABLE_OPS:
+                continue
+            return (f"pass '{pass_name}': {option} entry {p!r} is an op the pass never quantizes (it stays float "
+                    f"anyway); the pass quantizes {', '.join(sorted(QUANTIZABLE_OPS))}: name those ops, or "
+                    "layers by node name or module path")
+        hits = [n for n in graph if matches(n, [p])]
+        if any(n.op in QUANTIZABLE_OPS for n in hits):
+            continue
+        names = list(dict.fromkeys([x for n in quantizable for x in (n.module_path, n.name) if x]))
+        if hits:
+            ops = sorted({n.op for n in hits})
+            return (f"pass '{pass_name}': {option} entry {p!r} matches only {len(hits)} {'/'.join(ops)} node(s), "
+                    f"which the pass never quantizes; name the layers to keep float, e.g. "
+                    f"{', '.join(names[:8]) or '(the graph has none)'}")
+        candidates = {c.lower(): c for c in [*sorted(QUANTIZABLE_OPS), *[n.name for n in graph], *names]}
+        close = [candidates[c] for c in difflib.get_close_matches(p.lower(), list(candidates), n=5, cutoff=0.5)]
+        glob = f" ({p}.* matches every op under a module)" if any(x.startswith(p + ".") for x in names) else ""
+        return (f"pass '{pass_name}': {option} entry {p!r} matches no node name, op or module path of the graph; "
+                f"{'close: ' + ', '.join(close) if close else 'layers are e.g. ' + (', '.join(names[:8]) or '(none)')}"
+                f"{glob} (entries are node names, op names or module paths; fnmatch globs such as 'layer1.*')")
+    return None
 
 
 def is_float_tensor(n: object) -> bool:
@@ -262,18 +301,72 @@ def _role(index: int) -> str:
     return {1: "weight", 2: "bias"}.get(index, f"arg{index}")
 
 
+def bias_limit(fan_in: int) -> int:
+    """The largest |int32 bias| an integer kernel can add to its accumulator without overflow: the int32
+    sum of `fan_in` products of 8-bit values (each |(x - zp) * w| < 2^15) needs the rest of the range."""
+    return QRANGE[torch.int32][1] - min(fan_in * 2 ** 15, 2 ** 30)
+
+
+def bias_scale(s_x: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    """The int32 bias scale s_x * s_w, in float32 as integer kernels (and the ONNX emitter) compute it."""
+    return (s_x * s_w).to(torch.float32)
+
+
+def fit_bias(qp: QParams, s_x: torch.Tensor, bias: torch.Tensor, fan_in: int, *,
+             pow2: bool = False) -> tuple[QParams, list[int]]:
+    """Weight params under which the int32 bias round(b / (s_x * s_w)) is exact.
+
+    The bias scale is input scale x weight scale. When a weight row is all zero (its scale is tiny) or
+    the layer's input was constantly 0 (s_x tiny), b / (s_x * s_w) is beyond int32 and the bias would
+    saturate (a bias of 3.0 became 4.4e-5). For each such output channel (also where s_x * s_w is not a
+    normal float32), raise that channel's weight scale until the bias is about half of `bias_limit`:
+    the bias is then stored to 1 part in 2^29 (float32 keeps 2^24). The channel's weights, now on a
+    coarser grid, change its output by at most fan_in x |bias| x 2^-21 over the input's calibrated
+    range (an all-zero row: not at all), because the bias is 2^29 steps of s_x * s_w and an input is at
+    most 255 steps of s_x. A per-tensor scale (fixed-point: a power of two) is raised for the whole
+    tensor. Returns the params and the channels whose scale was raised.
+    """
+    limit = bias_limit(fan_in)
+    sx = float(s_x)
+    b = bias.detach().double().abs().reshape(-1)
+    s_w = qp.scale.double().reshape(-1) if qp.scale.dim() else qp.scale.double().expand(b.numel())
+    scale = bias_scale(s_x, s_w.float()).double()
+    bad = (scale < SCALE_FLOOR) | (b > limit * scale)
+    if not bool(bad.any()):
+        return qp, []
+    need = torch.maximum(b / (sx * (limit // 2)), torch.full_like(b, 2 * SCALE_FLOOR / sx))
+    if qp.scale.dim():
+        new = torch.where(bad, torch.maximum(s_w, need), s_w)
+    else:
+        new = torch.maximum(s_w.max(), need[bad].max()).reshape(())
+    if pow2:
+        new = 2.0 ** torch.ceil(torch.log2(new))
+    new = new.to(torch.float32)
+    if not bool(torch.isfinite(new * 128).all()):
+        raise PassError(f"the int32 bias cannot be kept exact: |bias| up to {float(b.max()):.3g} with an input "
+                        f"scale of {sx:.3g} needs a weight scale beyond float32")
+    return QParams(new, qp.zero_point, qp.dtype, qp.axis), bad.nonzero().flatten().tolist()
+
+
 def fold_bias(graph: Graph, node: Node, s_x: torch.Tensor, s_w: torch.Tensor, axis: int | None) -> Node | None:
-    """Bias as int32 with scale s_x * s_w and zero point 0 (what integer kernels add to the accumulator)."""
+    """Bias as int32 with scale s_x * s_w and zero point 0 (what integer kernels add to the accumulator).
+
+    Fails closed: a bias that does not fit int32 (or a scale that is not a normal float32) is a PassError,
+    never a silently saturated value; `fit_bias` chooses weight params under which it fits."""
     if len(node.inputs) < 3 or not isinstance(node.inputs[2], Param):
         return None
     b = graph.params[node.inputs[2].name]
-    scale = (s_x * s_w).to(torch.float32).reshape(-1) if s_w.dim() else (s_x * s_w).to(torch.float32)
+    scale = bias_scale(s_x, s_w).reshape(-1) if s_w.dim() else bias_scale(s_x, s_w)
     if scale.dim() == 1 and scale.numel() == 1 and b.numel() > 1:
         scale = scale.expand(b.numel()).clone()
     lo, hi = QRANGE[torch.int32]
-    q = torch.round(b.double() / scale.double()).clamp(lo, hi).to(torch.int32)
+    exact = torch.round(b.double() / scale.double())
+    if not bool((scale >= SCALE_FLOOR).all()) or not bool(((exact >= lo) & (exact <= hi)).all()):
+        raise PassError(f"quantize: the bias of %{node.name} does not fit int32 at scale input x weight "
+                        f"(|bias| up to {float(b.abs().max()):.3g}, scale down to {float(scale.min()):.3g}); "
+                        f"keep the layer float with skip = [{node.name!r}]")
     qp = QParams(scale, torch.zeros_like(scale, dtype=torch.int32), torch.int32, 0 if scale.dim() else None)
-    return fold_weight(graph, node, 2, qp, values=q)
+    return fold_weight(graph, node, 2, qp, values=exact.to(torch.int32))
 
 
 def collapse_requantize(graph: Graph) -> int:

@@ -59,7 +59,7 @@ def test_finetune_pass_requires_or_skips_without_data():
     assert res.stats == {"skipped": True, "reason": "no train data"} and not res.changed
     strict = create_pass("finetune", {"required": True})
     assert "train data" in strict.check_context(ctx)
-    with pytest.raises(PassError, match="needs training data"):
+    with pytest.raises(PassError, match=r"pass 'finetune' needs train data and none was given.*required = false"):
         strict.run(g, ctx)
     batches = list(iter_batches((x, y), 100, shuffle=False))
     assert [len(b[1]) for b in batches] == [100, 100, 56] and isinstance(batches[0][0], tuple)
@@ -70,3 +70,39 @@ def test_finetune_pass_requires_or_skips_without_data():
         create_pass("finetune", {"lr": 0.0})
     with pytest.raises(PassError, match="batches"):
         list(iter_batches([torch.zeros(3)], 2))
+
+
+EMPTY = {"list": lambda x, y: [], "tensors": lambda x, y: (x[:0], y[:0]),
+         "dataset": lambda x, y: torch.utils.data.TensorDataset(x[:0], y[:0])}
+
+
+@pytest.mark.parametrize("kind", sorted(EMPTY))
+@pytest.mark.parametrize("required", [False, True])
+def test_empty_train_data_is_refused_up_front_and_at_run_time_naming_the_option(kind, required):
+    """An empty list is not data: before any work (check_context) and at run time, whatever `required` says,
+    a clear PassError naming the pass and the way out (it used to be 'crashed: StopIteration')."""
+    g, x, y = _problem()
+    ctx = PassContext(example_inputs=(x[:4],), train_data=EMPTY[kind](x, y))
+    p = create_pass("finetune", {"required": required})
+    msg = p.check_context(ctx)
+    assert msg and "pass 'finetune'" in msg and "empty" in msg and "epochs = 0" in msg
+    before = {k: v.clone() for k, v in g.params.items()}
+    with pytest.raises(PassError, match=r"pass 'finetune' trains on the train data, but it is empty.*epochs = 0"):
+        p.run(g, ctx)
+    assert all(torch.equal(g.params[k], before[k]) for k in before)
+    off = create_pass("finetune", {"epochs": 0, "required": required})
+    assert off.check_context(ctx) is None and off.run(g, ctx).stats["reason"] == "epochs=0"
+
+
+def test_the_trainer_names_empty_one_shot_data_it_could_not_check_up_front():
+    from slimfx.passes.distill.trainer import distill
+
+    g, x, y = _problem()
+    ctx = PassContext(example_inputs=(x[:4],), train_data=iter([]))
+    assert create_pass("finetune").check_context(ctx) is None  # not consumed to find out
+    with pytest.raises(PassError, match="finetune: the train data is empty"):
+        create_pass("finetune").run(g, ctx)
+    with pytest.raises(PassError, match="distill: the train data is empty"):
+        distill(None, g, [], loss="ce", epochs=1, quiet=True)
+    with pytest.raises(PassError, match="no batches"):  # batches without samples
+        train_graph(g, [((x[:0],), y[:0])], epochs=1, quiet=True)

@@ -140,9 +140,9 @@ def test_option_errors_name_the_option():
     _, g, _ = _setup()
     with pytest.raises(PassError, match="needs calibration data"):
         create_pass("quantize", {}).run(g, PassContext((torch.randn(1, 1, 8, 8),)))
-    with pytest.raises(PassError, match="needs training data"):
-        _, g, ctx = _setup()
-        create_pass("quantize", {"scheme": "sign", "qat_epochs": 1}).run(g, ctx)
+    _, g, ctx = _setup()
+    with pytest.raises(PassError, match=r"pass 'quantize' \(qat_epochs = 1\) needs train data .* qat_required = false"):
+        create_pass("quantize", {"scheme": "sign", "qat_epochs": 1, "qat_required": True}).run(g, ctx)
     # dynamic quantization needs no calibration data
     _, g, _ = _setup()
     create_pass("quantize", {"scheme": "int8-dynamic"}).run(g, PassContext((torch.randn(1, 1, 8, 8),)))
@@ -168,11 +168,51 @@ def test_qat_with_ste_recovers_sign_weights_on_digits():
                       train_data=[((x[i:i + 64],), ds.train_y[i:i + 64]) for i in range(0, len(x), 64)])
     plain = g.copy()
     create_pass("quantize", {"scheme": "sign"}).run(plain, ctx)
-    create_pass("quantize", {"scheme": "sign", "qat_epochs": 4, "qat_lr": 2e-3}).run(g, ctx)
+    res = create_pass("quantize", {"scheme": "sign", "qat_epochs": 4, "qat_lr": 2e-3}).run(g, ctx)
     ir.verify(g)
+    assert res.stats["qat"].startswith("4 epochs, loss ")
     assert set(g.params["features.1.0.weight_q"].unique().tolist()) == {-1, 1}
     acc_plain, acc_qat = models.accuracy(ir.lower(plain), ds), models.accuracy(ir.lower(g), ds)
     assert acc_qat > acc_plain + 0.1 and acc_qat >= 0.93, (acc_plain, acc_qat)
+
+
+def test_qat_without_train_data_is_skipped_and_said_unless_required_and_empty_data_is_refused():
+    """QAT follows finetune's rule (one place: passes.finetune.check_train_data / train_or_skip)."""
+    _, g, ctx = _setup()
+    plain = g.copy()
+    create_pass("quantize", {"scheme": "sign"}).run(plain, ctx)
+    qat = create_pass("quantize", {"scheme": "sign", "qat_epochs": 3})
+    assert qat.check_context(ctx) is None
+    res = qat.run(g, ctx)
+    assert res.stats["qat"] == "skipped: no train data" and "qat" not in create_pass("quantize", {}).run(
+        _setup()[1], ctx).stats
+    assert all(torch.equal(g.params[k], plain.params[k]) for k in plain.params)  # plain sign, no training
+    strict = create_pass("quantize", {"scheme": "sign", "qat_epochs": 3, "qat_required": True})
+    msg = strict.check_context(ctx)
+    assert "pass 'quantize' (qat_epochs = 3) needs train data" in msg and "qat_required = false" in msg
+    for empty in ([], (torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))):
+        ctx_empty = PassContext(ctx.example_inputs, calibration_data=ctx.calibration_data, train_data=empty,
+                                quiet=True)
+        for p in (qat, strict):
+            msg = p.check_context(ctx_empty)
+            assert "(qat_epochs = 3) trains on the train data, but it is empty" in msg and "qat_epochs = 0" in msg
+            with pytest.raises(PassError, match=r"but it is empty .*set qat_epochs = 0"):
+                p.run(_setup()[1], ctx_empty)
+    ctx_nocal = PassContext(ctx.example_inputs, calibration_data=[], quiet=True)
+    assert "the calibration data is empty" in create_pass("quantize", {}).check_context(ctx_nocal)
+
+
+def test_the_builtin_sign_recipe_runs_without_train_data_and_says_qat_was_skipped():
+    from slimfx.recipe import load_recipe
+
+    m, _, ctx = _setup()
+    rec = load_recipe("sign")
+    passes = rec.build_passes()
+    rec.check_context(passes, ctx)  # it used to be a RecipeError for every model without train data
+    g = ir.capture(m, ctx.example_inputs)
+    stats = [p.run(g, ctx).stats for p in passes]
+    assert stats[-1]["qat"] == "skipped: no train data"
+    ir.verify(g)
 
 
 @settings(max_examples=8)
