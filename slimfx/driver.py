@@ -456,7 +456,8 @@ def _slower_warnings(baseline: dict[str, float] | None, compressed: dict[str, fl
 
 # --- report, gate, write ------------------------------------------------------------------------------------------
 
-def _skipped_steps(records: list[Any]) -> list[str]:
+def _pass_notes(records: list[Any]) -> list[str]:
+    """Headline lines from the passes: skipped steps (`skipped`, or a value 'skipped: ...') and `notes`."""
     out = []
     for r in records:
         st = r.stats
@@ -465,6 +466,7 @@ def _skipped_steps(records: list[Any]) -> list[str]:
         for k, v in st.items():
             if isinstance(v, str) and v.startswith("skipped"):
                 out.append(f"{r.name} {k} {v}")
+        out.extend(f"{r.name}: {note}" for note in st.get("notes", ()))
     return out
 
 
@@ -473,12 +475,10 @@ def _report(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], eva
             export_details: dict[str, Any], t_start: float) -> dict[str, Any]:
     acc = evaluation["accuracy"]
     baseline["accuracy"], compressed["accuracy"] = (acc if acc is not None else (None, None))
-    skipped = _skipped_steps(records)
-    headline = list(job.headline)
-    if skipped:
-        headline.extend(skipped)
-        if acc is None:
-            headline.append("accuracy unknown: no labelled data")
+    notes = _pass_notes(records)
+    headline = job.headline + notes
+    if acc is None and any(" skipped" in n for n in notes):
+        headline.append("accuracy unknown: no labelled data")
     comparison: Comparison = evaluation["comparison"]
     validation = {**comparison.to_dict(), "split": job.gate_split_name, "compared": evaluation["deployed"]}
     if evaluation["gate_accuracy"] is not None:

@@ -198,14 +198,25 @@ class Quantize(Pass):
         graph.remove_unused_params()
         stored = {p.name for n in graph if n.op == "dequantize" or n in embeds for p in n.params()}
         after = sum(graph.params[k].numel() * graph.params[k].element_size() for k in stored)
+        raised_layers = {k: v for k, v in raised.items() if v}
+        notes = []  # for the report's headline
+        if raised_layers:
+            notes.append(f"kept the int32 bias of {', '.join(raised_layers)} exact by raising the weight scale of "
+                         f"{sum(len(v) for v in raised_layers.values())} output channel(s) (an all-zero weight row, "
+                         "or an input that was constantly 0 in calibration)")
+        if degenerate:
+            notes.append(f"{len(degenerate)} activation(s) had a degenerate calibrated range ("
+                         + "; ".join(f"{k}: {v}" for k, v in list(degenerate.items())[:3])
+                         + (", ..." if len(degenerate) > 3 else "") + "): check the calibration data")
         return PassResult(True, {
+            "notes": notes,
             "scheme": self.scheme, "quantized_ops": len(plan.weight_ops) + len(plan.act_ops),
             "embeddings": len(embeds), "activation_qdq": len(act_qp), "dynamic_activations": n_dyn, "collapsed": collapsed,
             "skipped": plan.skipped, "weight_bytes": {"before": before, "after": after},
             "lowbit": {k: v for k, v in lowbit.items() if v is not None},
             # layers whose int32 bias would have saturated (an all-zero weight row, an input that was
             # constantly 0): the weight scale of these output channels was raised to keep the bias exact
-            "bias_scale_raised": {k: v for k, v in raised.items() if v},
+            "bias_scale_raised": raised_layers,
             # activations whose calibrated range is exactly [0, 0] or holds NaN/Inf (see calibrate)
             "degenerate_ranges": degenerate,
             **({"qat": qat} if qat is not None else {})})
