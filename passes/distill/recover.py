@@ -15,6 +15,7 @@ from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
 from slimfx.passes.distill.losses import LOSS_NAMES
 from slimfx.passes.distill.trainer import distill
+from slimfx.passes.finetune import check_train_data, train_or_skip
 
 
 @register_pass("distill")
@@ -59,19 +60,22 @@ class KDRecovery(Pass):
             opts["beta"] = self.beta
         return opts
 
+    def check_context(self, ctx: PassContext) -> str | None:
+        if self.loss != "ce" and ctx.teacher is None and self.required:
+            return (f"{self.name} (required = true) needs a teacher (the original model, ctx.teacher); "
+                    "slimfx.compile gives it, a PassContext needs teacher=")
+        return check_train_data(ctx, step=self.name, required=self.required, off="remove the step from the recipe")
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         needs_teacher = self.loss != "ce"
-        missing = []
-        if needs_teacher and ctx.teacher is None:
-            missing.append("a teacher (ctx.teacher: the original model)")
-        if ctx.train_data is None:
-            missing.append("training data (ctx.train_data)")
-        if missing:
-            if self.required:
-                raise PassError(f"pass '{self.name}' needs {' and '.join(missing)}; give them to the driver "
-                                "(e.g. a zoo model brings its dataset) or set required=false to skip")
-            ctx.logger.info("%s: skipped, no %s", self.name, " and no ".join(missing))
-            return PassResult(changed=False, stats={"skipped": True, "reason": "no " + " and no ".join(missing)})
+        problem = self.check_context(ctx)
+        if problem:
+            raise PassError(problem)
+        skip = "no teacher" if needs_teacher and ctx.teacher is None else \
+            train_or_skip(ctx, step=self.name, required=self.required, off="remove the step from the recipe")
+        if skip:
+            ctx.logger.info("%s: skipped, %s", self.name, skip)
+            return PassResult(changed=False, stats={"skipped": True, "reason": skip})
         before = ctx.eval_fn(_lowered(graph)) if ctx.eval_fn is not None else None
         t0 = time.perf_counter()
         pairs = [tuple(f.split(":", 1)) for f in self.features]

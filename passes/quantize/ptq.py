@@ -84,7 +84,7 @@ class Quantize(Pass):
     max_accuracy_drop: float | None = None
     # int8 schemes: store embedding tables as int8 (one symmetric scale per table)
     embeddings: bool = True
-    # int8 conv/linear weights in [-64, 64] (7 bits): onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI
+    # int8 conv/linear weights in [-64, 64] (7 bits; fixed-point: 7-bit Qm.n): onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI
     # (AVX2) add pairs of products in int16 and saturate with full-range weights (seen: 24 dB, 75% top-1
     # agreement against the IR on such a CPU); 7-bit weights are exact on every CPU. False: full 8-bit
     # weights, for deployment only on VNNI or ARM CPUs.
@@ -315,8 +315,13 @@ class Quantize(Pass):
         """Weights are stored in the symmetric integer range [-qmax, qmax]."""
         if kind == "sign":
             return 1
+        if kind == "fixed-point":  # power-of-two scales: 7 bits under reduce_range
+            return 2 ** (self.weight_bits(kind) - 1) - 1
         qmax = 2 ** (self.bits - 1) - 1
-        return min(qmax, 64) if kind is None and self.reduce_range else qmax
+        return min(qmax, 64) if self.reduce_range else qmax
+
+    def weight_bits(self, kind: str | None) -> int:
+        return min(self.bits, 7) if self.reduce_range and kind == "fixed-point" else self.bits
 
     def weight_qparams(self, w: torch.Tensor, kind: str | None) -> tuple[QParams, torch.Tensor | None]:
         """Params (and, for sign, the integer values) for one weight tensor."""
@@ -325,7 +330,7 @@ class Quantize(Pass):
             values = torch.where(w >= 0, 1, -1).to(torch.int8)
             return QParams(alpha.float(), torch.zeros(w.shape[0], dtype=torch.int8), torch.int8, 0), values
         if kind == "fixed-point":
-            qp, _ = pow2_qparams(w.min(), w.max(), self.bits, self.frac_bits)
+            qp, _ = pow2_qparams(w.min(), w.max(), self.weight_bits(kind), self.frac_bits)
             return qp, None
         qmax = self.weight_qmax(kind)
         per_tensor = qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True, qmin=-qmax, qmax=qmax)

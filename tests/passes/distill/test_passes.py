@@ -21,8 +21,14 @@ def test_distill_pass_skips_without_data_and_raises_when_required():
     g = ir.capture(SmallCNN(4, 8).eval(), (x,))
     res = parse_pass_spec("distill").run(g, PassContext(example_inputs=(x,)))
     assert not res.changed and res.stats["skipped"] and "teacher" in res.stats["reason"]
-    with pytest.raises(PassError, match="needs a teacher.*and training data.*required=false"):
+    with pytest.raises(PassError, match="needs a teacher"):
         parse_pass_spec("kd-finetune{required=True}").run(g, PassContext(example_inputs=(x,)))
+    teacher = SmallCNN(4, 8).eval()
+    with pytest.raises(PassError, match="needs train data and none was given.*required = false"):
+        parse_pass_spec("distill{required=True}").run(g, PassContext(example_inputs=(x,), teacher=teacher))
+    with pytest.raises(PassError, match="train data, but it is empty"):
+        parse_pass_spec("distill").run(g, PassContext(example_inputs=(x,), teacher=teacher, train_data=[]))
+    assert parse_pass_spec("distill").check_context(PassContext(teacher=teacher, train_data=[])) is not None
     with pytest.raises(PassError, match="option 'loss' must be one of"):
         parse_pass_spec("distill{loss=kl}")
     with pytest.raises(PassError, match="needs features"):
