@@ -565,9 +565,10 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
             f"torch.fx cannot trace {mod_desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"  at {_format_frame(frame)}\n"
             "  Symbolic tracing cannot follow Python control flow or indexing that depends on tensor values. "
-            f"Either keep that module opaque with capture(..., leaf_modules=[{type(mod).__name__}]) "
-            "(it still runs, but passes cannot look inside it), or fix the argument that drives the branch "
-            "with capture(..., concrete_args={'name': value})."
+            "In the model's code, compute both branches and pick with torch.where (or use torch.cond). From "
+            f"Python you can also keep that module opaque with ir.capture(..., leaf_modules=[{type(mod).__name__}]) "
+            "(it still runs, but passes cannot look inside it) or fix the argument that drives the branch with "
+            "ir.capture(..., concrete_args={'name': value})."
         ) from e
     return fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
 

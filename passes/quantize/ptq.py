@@ -113,6 +113,12 @@ class Quantize(Pass):
         return None
 
     def check_graph(self, graph: Graph) -> str | None:
+        other = sorted({str(t.dtype).replace("torch.", "") for t in graph.params.values()
+                        if t.is_floating_point() and t.dtype != torch.float32})
+        if other:
+            return (f"quantize starts from a float32 model and this one is {', '.join(other)}: convert it with "
+                    ".float() in your model factory (float16 models compile with recipes that do not quantize, "
+                    "such as cleanup, prune50 and sparse50)")
         return check_skip(graph, self.skip)
 
     def validate(self) -> None:

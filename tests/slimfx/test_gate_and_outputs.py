@@ -200,3 +200,10 @@ def test_an_fp16_model_compiles_with_cleanup_and_its_gate_is_held_to_fp16_precis
     slimfx.compile(model, example, strict, bench_seconds=0, quiet=True)
     with pytest.raises(GateError, match=r"requires 60 dB \(200 capped at what torch.float16 allows\)"):
         slimfx.compile(model, example, broken, bench_seconds=0, quiet=True)
+
+
+def test_quantizing_an_fp16_model_is_refused_before_any_work(tmp_path):
+    model, example = small()
+    with pytest.raises(slimfx.RecipeError, match=r"passes\[1\].*quantize starts from a float32 model.*float16.*\.float\(\)"):
+        slimfx.compile(model.half(), (example[0].half(),), "int8", out_dir=tmp_path / "o", quiet=True)
+    assert not list(tmp_path.iterdir())
