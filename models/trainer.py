@@ -71,7 +71,9 @@ def train(
     """Train `module` in place with cross-entropy and a per-step cosine LR schedule; returns it in eval mode.
 
     Fits on `train_x`/`train_y` only and looks at no held-out data: a fixed number of epochs, no best-epoch
-    pick and no early stop, so neither val nor test can leak into the weights. Deterministic for a given seed: the global RNG is forked (dropout draws from it) and batches come from a
+    pick and no early stop, so neither val nor test can leak into the weights.
+
+    Deterministic for a given seed: the global RNG is forked (dropout draws from it) and batches come from a
     seeded generator. `optimizer` is "adam" (AdamW when weight_decay > 0) or "sgd" (momentum 0.9, nesterov).
     The progress bar shows only when `progress` is true and stderr is a TTY. `num_threads` sets torch's
     intra-op threads for the run (restored after); 1 suits tiny models and is far more robust than 2 when
@@ -184,7 +186,7 @@ def load_weights(module: nn.Module, path: pathlib.Path, meta: dict[str, Any]) ->
         return False
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, random bytes, a pickle of arbitrary objects, a directory, ...
+    except Exception as exc:  # truncated zip, random bytes, a pickle of objects other than tensors, ...
         reason = f"unreadable as a weight file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     else:
         reason = _check_weights(module, payload, meta)
