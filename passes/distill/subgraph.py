@@ -27,8 +27,18 @@ from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
 from slimfx.passes.distill.trainer import distill, normalize_batch
 
-_PER_CHANNEL = {"batch_norm", "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-                "leaky_relu", "clamp", "identity", "dropout"}
+
+def _per_channel(n: Node) -> bool:
+    """Channel i in is channel i out (ir trait channels='same': activations, dropout, batch_norm), and no param
+    to slice along with them other than batch_norm's (reduce_width slices those)."""
+    return ir.trait(n.op, "channels") == "same" and (n.op == "batch_norm" or not n.params())
+
+
+def _dense_layer(n: Node) -> bool:
+    """A weighted layer (ir.Weighted: conv, linear) with one group, reading a param weight."""
+    layer = ir.trait(n.op, "weighted")
+    return layer is not None and isinstance(n.inputs[1], Param) and (
+        not layer.grouped or n.attrs.get("groups", 1) == 1)
 
 
 # --- selection ------------------------------------------------------------------------------------------
@@ -146,18 +156,18 @@ def reduce_depth(block: Graph, scope: str, keep: int) -> int:
 
 
 def _chain_to_consumer(block: Graph, prod: Node) -> tuple[list[Node], Node] | None:
-    """Per-channel ops from `prod` to a single conv2d/linear consumer (hidden channels), else None."""
+    """Per-channel ops from `prod` to a single conv/linear consumer (hidden channels), else None."""
     chain, cur = [], prod
     while True:
         users = list(cur.users)
         if len(users) != 1:
             return None
         u = users[0]
-        if u.op in _PER_CHANNEL and u.inputs[0] is cur:
+        if _per_channel(u) and u.inputs[0] is cur:
             chain.append(u)
             cur = u
             continue
-        if u.op in ("conv2d", "linear") and u.inputs[0] is cur and u.attrs.get("groups", 1) == 1:
+        if _dense_layer(u) and u.inputs[0] is cur:
             return chain, u
         return None
 
@@ -166,7 +176,7 @@ def reduce_width(block: Graph, width: float) -> int:
     """Keep `width` of every hidden channel set (conv/linear -> per-channel ops -> conv/linear); returns count."""
     done = 0
     for prod in list(block):
-        if prod.op not in ("conv2d", "linear") or prod.attrs.get("groups", 1) != 1 or not isinstance(prod.inputs[1], Param):
+        if not _dense_layer(prod):
             continue
         found = _chain_to_consumer(block, prod)
         if found is None:
@@ -205,7 +215,8 @@ def factorize(block: Graph, rank: float) -> int:
     """Replace each conv2d/linear by a rank-r pair initialised from its truncated SVD where that saves params."""
     done = 0
     for n in list(block):
-        if n.op not in ("conv2d", "linear") or not isinstance(n.inputs[1], Param) or n.attrs.get("groups", 1) != 1:
+        # the pair it builds is spelled as conv2d (1x1 second layer) or linear: only those two are factorized
+        if n.op not in ("conv2d", "linear") or not _dense_layer(n):
             continue
         w = block.params[n.inputs[1].name]
         out_c, fan_in = w.shape[0], w[0].numel()

@@ -14,10 +14,10 @@ from typing import Literal
 
 import torch
 
-from slimfx.ir import Graph, count_macs, count_params, lower, propagate_shapes, verify
+from slimfx.ir import Graph, count_macs, count_params, lower, ops_with, propagate_shapes, verify
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
-from slimfx.passes.prune.groups import BLOCK, Dependencies, Group, analyze, apply
+from slimfx.passes.prune.groups import BLOCK, Dependencies, Group, analyze, apply, missing_trait_message
 
 Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
 
@@ -45,13 +45,16 @@ def match_any(patterns: list[str], names: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(nm, p) for p in patterns for nm in names if nm)
 
 
+# layers that own a weight (weighted ops and lookup tables: conv, linear, embedding): what patterns name
+LAYER_OPS = ops_with(weighted=True) | ops_with(quant="table")
+
+
 def check_patterns(graph: Graph, patterns: list[str], option: str, pass_name: str) -> None:
     """Every pattern must name some node (module path or name) or param; else say what exists."""
     names = [x for n in graph for x in (n.name, n.module_path or "")] + list(graph.params)
     for p in patterns:
         if not any(fnmatch.fnmatchcase(nm, p) for nm in names if nm):
-            mods = sorted({n.module_path for n in graph if n.module_path and n.op in ("conv1d", "conv2d", "linear",
-                                                                                     "embedding")})
+            mods = sorted({n.module_path for n in graph if n.module_path and n.op in LAYER_OPS})
             raise PassError(f"pass '{pass_name}': {option} pattern {p!r} names no module, node or param of the graph; "
                             f"layers are e.g. {', '.join(mods[:8]) or '(none)'} (fnmatch patterns such as 'layer1.*')")
 
@@ -233,6 +236,8 @@ class PruneChannels(Pass):
         check_patterns(graph, list(self.overrides), "overrides", self.name)
         inputs = example_inputs(graph, ctx)
         deps = analyze(graph)
+        for op in deps.missing:
+            ctx.logger.warning("prune-channels: %s", missing_trait_message(op))
         scores, notes = importance(graph, deps, self.criterion, ctx, batches=self.taylor_batches)
         macs0, params0 = count_macs(graph), count_params(graph)
 
@@ -297,6 +302,8 @@ class PruneChannels(Pass):
         }
         if notes:
             stats["notes"] = notes
+        if deps.missing:  # ops pruning stopped at for want of a trait: op -> the trait (the reasons are in blocked)
+            stats["missing_traits"] = dict(deps.missing)
         return PassResult(changed=bool(removed), stats=stats)
 
 

@@ -15,11 +15,11 @@ from typing import Literal
 
 import torch
 
-from slimfx.ir import Graph, Node, Param, TensorMeta
+from slimfx.ir import Graph, Node, Param, TensorMeta, ops_with
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
 
-PRUNABLE_OPS = ("conv1d", "conv2d", "linear")
+PRUNABLE_OPS = ops_with(weighted=True)  # layers with a weight operand (ir.Weighted): conv1d, conv2d, linear, ...
 
 
 def weight_of(node: Node) -> tuple[Param, Param | None] | None:

@@ -16,13 +16,13 @@ from typing import ClassVar
 
 import torch
 
-from slimfx.ir import Graph, Node, Param
+from slimfx.ir import Graph, Node, Param, ops_with, trait
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, run_with_outputs
 from slimfx.passes.quantize.qdq import bias_limit
 
-_LAYERS = ("conv1d", "conv2d", "linear")
+_LAYERS = ops_with(weighted=True)  # layers y = x ⊛ W + b (ir.Weighted): conv1d, conv2d, linear, ...
 
 
 def _weight(graph: Graph, n: Node) -> torch.Tensor | None:
@@ -32,18 +32,21 @@ def _weight(graph: Graph, n: Node) -> torch.Tensor | None:
     return None
 
 
+def _groups(n: Node) -> int:
+    return n.attrs.get("groups", 1) if trait(n.op, "weighted").grouped else 1
+
+
 def _is_depthwise(graph: Graph, n: Node) -> bool:
     w = graph.params[n.inputs[1].name]
-    g = n.attrs.get("groups", 1)
-    return n.op != "linear" and g > 1 and w.shape[1] == 1 and g == w.shape[0]
+    g = _groups(n)
+    return g > 1 and w.shape[1] == 1 and g == w.shape[0]
 
 
 def find_pairs(graph: Graph, *, through_relu6: bool) -> list[tuple[Node, list[Node], Node]]:
     """(first layer, activations between, second layer) where the first's output reaches only the second."""
     pairs = []
     for a in graph:
-        if _weight(graph, a) is None or (a.op != "linear" and a.attrs.get("groups", 1) > 1
-                                         and not _is_depthwise(graph, a)):
+        if _weight(graph, a) is None or (_groups(a) > 1 and not _is_depthwise(graph, a)):
             continue
         acts: list[Node] = []
         cur = a
@@ -59,7 +62,7 @@ def find_pairs(graph: Graph, *, through_relu6: bool) -> list[tuple[Node, list[No
         b = next(iter(cur.users))
         if _weight(graph, b) is None or b.inputs[0] is not cur or b.op != a.op:
             continue
-        if b.op != "linear" and b.attrs.get("groups", 1) > 1 and not _is_depthwise(graph, b):
+        if _groups(b) > 1 and not _is_depthwise(graph, b):
             continue
         pairs.append((a, acts, b))
     return pairs
@@ -160,7 +163,7 @@ class BiasCorrection(Pass):
                 p = graph.add_param(f"{n.name}.bias", torch.zeros(graph.params[n.inputs[1].inputs[0].name].shape[0]))
                 n.inputs = (*n.inputs[:2], p, *n.inputs[3:])
         names = [n.name for n in layers]
-        channel_dim = {n.name: (-1 if n.op == "linear" else 1) for n in layers}
+        channel_dim = {n.name: trait(n.op, "weighted").channel_dim for n in layers}
         float_means = _channel_means(run_with_outputs(ref, names), batches, names, channel_dim)
         # one lowering; corrections are written in place into its buffers (and into the graph)
         gm = run_with_outputs(graph, names)

@@ -157,7 +157,7 @@ class Quantize(Pass):
             # The first conv/linear reads the raw input. When its reduction (input channels/groups x kernel)
             # is short, an integer kernel does not pay for the quantize around it; it is also the most
             # sensitive layer. A long first reduction (an MLP's 64-wide input) stays int8.
-            first = next((n for n in graph if n.op in ("conv1d", "conv2d", "linear")), None)
+            first = next((n for n in graph if n.op in WEIGHT_OPS), None)
             w = first.inputs[1] if first is not None else None
             if isinstance(w, Param) and graph.params[w.name][0].numel() < FLOAT_FIRST_MAX_FAN_IN:
                 skip.append(first.name)
