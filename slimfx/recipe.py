@@ -18,6 +18,7 @@ naming the file, the table and the key, before any work starts.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -74,7 +75,9 @@ class Recipe:
     Built from TOML (`load_recipe`, `Recipe.from_dict`) or in Python, it is checked the same way when
     constructed: `passes` entries may be `(name, options)` tuples or TOML-shaped dicts (`{"name": ...,
     option: value}`), `export`/`validate` an ExportConfig/ValidateConfig or a dict of the TOML table's keys.
-    Every mistake (unknown pass, option or key, wrong type, out-of-range value) is a RecipeError.
+    The pass objects are built and checked once, here; `build_passes()`
+    hands out copies of them. Every mistake (unknown pass, option or key, wrong type, out-of-range value)
+    is a RecipeError.
     """
 
     name: str
@@ -99,17 +102,24 @@ class Recipe:
         if self.data is not None and (not isinstance(self.data, str) or ":" not in self.data):
             raise RecipeError(f"{where}: 'data' must be a spec string like 'data.py:make_data' or "
                               f"'package.module:make_data', got {self.data!r}")
-        self.build_passes()  # check every pass and option now, before any work starts
+        self._built = self._build()  # every pass and option checked now, before any work starts
 
     def build_passes(self) -> list[Pass]:
-        """The pass objects, options checked (RecipeError naming `passes[i]` on a mistake)."""
+        """The recipe's pass objects, checked when the recipe was built (copies: a run may not change the
+        recipe's own); rebuilt, and checked again, only if `passes` was changed since."""
+        if self.passes != self._built[0]:
+            self._built = self._build()
+        return copy.deepcopy(self._built[1])
+
+    def _build(self) -> tuple[list[tuple[str, dict[str, Any]]], list[Pass]]:
+        """(the `passes` built from, the pass objects); RecipeError naming `passes[i]` on a mistake."""
         out = []
         for i, (name, options) in enumerate(self.passes):
             try:
                 out.append(create_pass(name, options))
             except PassError as e:
                 raise RecipeError(f"{self._where()}: passes[{i}] (name = {name!r}): {e}") from e
-        return out
+        return copy.deepcopy(self.passes), out
 
     def build_pipeline(self, **manager_options: Any) -> PassManager:
         """A PassManager running this recipe's passes (options: those of PassManager)."""
