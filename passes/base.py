@@ -16,7 +16,7 @@ Literal is the set of accepted values), default, accepted range and help text:
 
 A pass is checked once, when it is built (`__post_init__`, whichever way it is built): every option's
 type (ints become floats where a float is declared), its range, then `validate()`, which holds only rules
-that tie options together. `create_pass(name, options)` builds a registered pass from a dict (recipes),
+that tie options together (a pass defining its own `__post_init__` calls `super().__post_init__()`). `create_pass(name, options)` builds a registered pass from a dict (recipes),
 `parse_pass_spec("prune-channels{sparsity=0.5}")` from text. Unknown names and options, values of the
 wrong type and out-of-range values raise PassError naming them and saying what is accepted.
 """

@@ -92,7 +92,8 @@ class Recipe:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     source: Path | None = None
     data: str | None = None  # a data spec ('file.py:fn' / 'package.module:fn' returning slimfx.Data)
-    plugins: list[str] = field(default_factory=list)  # .py files (relative to `source`) or module names
+    # .py files (relative to the recipe file; to the working directory without one) or module names
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.source is not None and not isinstance(self.source, Path):

@@ -95,7 +95,7 @@ class Quantize(Pass):
                                            "estimator) on the train data after calibration; 0 is off")
     qat_lr: float = option(1e-3, gt=0, help="QAT learning rate at the start, decayed by a cosine schedule "
                                             "(typical: 1e-4 to 1e-3)")
-    qat_optimizer: Optimizer = option("adam", help="QAT: " + OPTIMIZER_HELP)
+    qat_optimizer: Optimizer = option("adam", help="the optimizer of QAT; " + OPTIMIZER_HELP)
     qat_required: bool = option(False, help=(
         "false: without train data QAT is skipped and the stats say so; true: that is an error"))
     max_accuracy_drop: float | None = option(None, ge=0, help=(
