@@ -5,6 +5,8 @@ Exit codes: 0 success; 2 a user error (one paragraph, no traceback unless --debu
 (the recipe's [validate] gate, an export's validation, `slimfx validate`); 1 an internal failure (a bug);
 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Partial outputs are removed in every case but 0.
 Argument values are checked while parsing (slimfx/commands/_args.py), so a bad one is refused before any work.
+Commands that resolve models, recipes or passes take `--plugin FILE_OR_MODULE`; those plugins (and the
+installed `slimfx.plugins` entry points) are loaded here, before the command runs (slimfx/plugins.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_plugins(specs: list[str]) -> None:
+    """The installed `slimfx.plugins` entry points, then each --plugin, before the command resolves anything."""
+    from slimfx.plugins import load_entry_points, load_plugins
+
+    load_entry_points()
+    load_plugins(specs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -53,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     try:
         with terminate_on_sigterm():
+            if hasattr(args, "plugin"):  # commands taking --plugin (_args.add_plugin_argument)
+                _load_plugins(args.plugin)
             return int(args._run(args) or 0)
     except GateError as e:
         if debug:

@@ -18,7 +18,7 @@ import torch
 
 from slimfx.ir import Graph, Node, Param, ops_with, trait
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, run_with_outputs
 from slimfx.passes.quantize.qdq import bias_limit
 
@@ -92,13 +92,14 @@ def _scale_in(w: torch.Tensor, s: torch.Tensor, depthwise: bool) -> torch.Tensor
 class Equalize(Pass):
     """Cross-layer equalization: balance per-channel weight ranges of consecutive layers (exact rewrite)."""
 
-    iterations: int = 4
-    through_relu6: bool = True
-    min_scale: float = 1e-2
-
-    def validate(self) -> None:
-        if self.iterations < 1:
-            raise PassError(f"equalize: option 'iterations' must be >= 1; got {self.iterations}")
+    iterations: int = option(4, ge=1, help="rounds over all layer pairs (each round brings chained pairs "
+                                           "closer to balance; typical: 2-8)")
+    through_relu6: bool = option(True, help=(
+        "also equalize across a relu6, which then becomes a clamp with one upper bound per channel "
+        "(still exact); false: only across relu"))
+    min_scale: float = option(1e-2, gt=0, le=1, help=(
+        "each channel's scale factor is kept in [min_scale, 1/min_scale], so no channel is scaled to "
+        "nearly zero"))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         pairs = find_pairs(graph, through_relu6=self.through_relu6)

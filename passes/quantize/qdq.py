@@ -400,7 +400,3 @@ def _same_param(graph: Graph, a: object, b: object) -> bool:
     return a is b
 
 
-def check_bits(bits: int, lo: int = 2, hi: int = 8) -> None:
-    if not lo <= bits <= hi:
-        raise PassError(f"quantize: option 'bits' must be between {lo} and {hi} (values are stored as "
-                        f"8-bit integers); got {bits}")

@@ -43,6 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", type=_args.output_file, default="student.pt",
                    help="where to save the student's state_dict")
     p.add_argument("--quiet", action="store_true")
+    _args.add_plugin_argument(p)
     return p
 
 

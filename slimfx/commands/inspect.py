@@ -6,6 +6,7 @@ import argparse
 import json
 
 from slimfx import ir
+from slimfx.commands import _args
 from slimfx.loading import IMPORT_NOTE, resolve_model
 
 
@@ -18,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="text: IR only; table: per-node table only; dot: Graphviz; json: machine-readable "
                         "(default: IR text and the table)")
     p.add_argument("--untrained", action="store_true", help="zoo models: skip training, use random weights")
+    _args.add_plugin_argument(p)
     return p
 
 

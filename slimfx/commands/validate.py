@@ -34,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=_args.tolerance, default=1e-4, help="relative tolerance (default 1e-4)")
     p.add_argument("--untrained", action="store_true", help="zoo models: skip training, use random weights")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _args.add_plugin_argument(p)
     return p
 
 
