@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import traceback
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimfx: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `slimfx passes | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except Terminated:
         print("slimfx: terminated", file=sys.stderr)
         return EXIT_TERMINATED

@@ -443,3 +443,12 @@ def test_a_project_with_its_own_models_and_ir_packages(tmp_path, how):
         r = subprocess.run([*cmd, "inspect", "models.net:make", "--format", "table"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0 and "linear" in r.stdout, r.stderr
+
+
+def test_a_closed_pipe_ends_quietly_with_exit_0(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(f"'{sys.executable}' -m slimfx passes | head -1", shell=True, capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.stdout.strip() and "Traceback" not in proc.stderr and "internal error" not in proc.stderr
