@@ -199,7 +199,7 @@ CASES = [
      "is float32[2, 3, 8, 8]); check it with --batch 2", []),
     (["validate", "good.onnx", "--model", "user.py:nan_model"], 2, "nan_model's outputs at batch 1 hold no finite "
      "values", []),
-    (["validate", "nan.onnx", "--model", "user.py:build"], 2, "nan.onnx does not match build: output 0 holds 3 NaN/Inf "
+    (["validate", "nan.onnx", "--model", "user.py:build"], 3, "nan.onnx does not match build: output 0 holds 3 NaN/Inf "
      "values where the model's are finite", []),
     (["validate", "good.onnx", "--model", "user.py:build", "--batch", "0"], 2,
      "argument --batch: invalid value '0': give batch sizes as whole numbers from 1 to 65536", []),

@@ -101,3 +101,16 @@ def test_distill_takes_the_users_data_and_chooses_the_best_epoch_on_validation(t
     r = _slimfx("distill", "digits_cnn", "--student", "student.py:make", "--data", "data.py:make_data",
                 "--dataset", "digits", cwd=project)
     assert r.returncode == 2 and "either --data" in r.stderr
+
+
+def test_validate_and_inspect_take_the_users_data(tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("__pycache__"))
+    _train_user_model(project)
+    assert _slimfx("export", "net.py:make", "-o", "m.onnx", cwd=project).returncode == 0
+    r = _slimfx("validate", "m.onnx", "--model", "net.py:make", "--data", "data.py:make_data", cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert "m.onnx on the validation data of data.py:make_data (250 samples): pass" in r.stdout
+    r = _slimfx("inspect", "net.py:make", "--data", "data.py:make_data", "--format", "text", cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert "f32[64, 1, 8, 8]" in r.stdout  # captured with a batch of the data (batch size 64)
