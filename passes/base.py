@@ -214,6 +214,8 @@ class Pass:
     preserves_outputs: ClassVar[bool] = True
     #: passes that read ctx.calibration_data (the driver warns when only example inputs are there).
     needs_calibration: ClassVar[bool] = False
+    #: passes that must run after one of these in the same pipeline (checked before any work).
+    runs_after: ClassVar[tuple[str, ...]] = ()
 
     def check_context(self, ctx: PassContext) -> str | None:
         """Before any work: return what is missing from `ctx` for this pass to run (None when fine)."""

@@ -157,6 +157,9 @@ class Recipe:
         """Before any work: RecipeError naming the first pass whose needs `ctx` does not meet
         (e.g. distillation without training data)."""
         for i, p in enumerate(passes):
+            if p.runs_after and not any(q.name in p.runs_after for q in passes[:i]):
+                raise RecipeError(f"{self._where()}: passes[{i}] (name = {p.name!r}) must run after "
+                                  f"{' or '.join(map(repr, p.runs_after))}; put it later in the recipe")
             missing = p.check_context(ctx)
             if missing:
                 raise RecipeError(f"{self._where()}: passes[{i}] (name = {p.name!r}) cannot run: {missing}")

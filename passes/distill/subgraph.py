@@ -363,6 +363,14 @@ class DistillSubgraph(Pass):
             raise PassError(f"pass '{self.name}': say how to shrink the block: width<1, low_rank in (0,1), "
                             "depth>=1, or student=pkg.mod:callable")
 
+    def check_context(self, ctx: PassContext) -> str | None:
+        from slimfx.passes.finetune import data_problem
+
+        if data_problem(ctx.calibration_data, "calibration data") and data_problem(ctx.train_data):
+            return (f"{self.name} trains the student block on the block's inputs, recorded from calibration or "
+                    "train data, and there is none: give data (calibration or train)")
+        return None
+
     def _inputs(self, ctx: PassContext) -> list[tuple]:
         if ctx.calibration_data is not None:
             return ctx.calibration_batches()

@@ -140,6 +140,7 @@ class BiasCorrection(Pass):
     preserves_outputs = False
 
     needs_calibration: ClassVar[bool] = True
+    runs_after: ClassVar[tuple[str, ...]] = ("quantize",)
 
     def check_context(self, ctx: PassContext) -> str | None:
         from slimfx.passes.finetune import data_problem

@@ -1,0 +1,81 @@
+"""slimfx.compile refuses bad input from Python with a SlimfxError naming the cause, before any work and
+without writing anything (the CLI's rows are in test_hostile_cli.py and tests/ir/test_hostile_inputs.py)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import slimfx
+from slimfx.errors import DataError, RecipeError, SlimfxError
+from slimfx.recipe import Recipe
+from tests.slimfx.fixtures.user_models import small
+
+
+def _recipe(*passes: dict) -> Recipe:
+    return Recipe.from_dict({"passes": list(passes)}, name="t")
+
+
+ROWS = [
+    ("eval_fn returns a string", dict(recipe=_recipe({"name": "finetune", "epochs": 1}),
+                                      train_data=((torch.randn(8, 3, 8, 8),), torch.zeros(8, dtype=torch.long)),
+                                      eval_fn=lambda m: "great"),
+     DataError, "eval_fn returned 'great'; it must return the accuracy as a number in [0, 1]"),
+    ("test labels of the wrong length", dict(test_data=((torch.randn(6, 3, 8, 8),), torch.zeros(5, dtype=torch.long))),
+     DataError, "5 targets for 6 inputs"),
+    ("empty train data", dict(recipe=_recipe({"name": "finetune"}), train_data=[]),
+     DataError, "data.train is empty"),
+    ("a format string is one format", dict(formats="tflite"), SlimfxError, "unknown export format 'tflite'"),
+    ("required distill without data", dict(recipe=_recipe({"name": "distill", "required": True})),
+     RecipeError, "passes[0] (name = 'distill') cannot run: distill needs train data and none was given"),
+    ("bias-correction before quantize", dict(recipe=_recipe({"name": "bias-correction"}, {"name": "quantize"})),
+     RecipeError, "passes[0] (name = 'bias-correction') must run after 'quantize'"),
+    ("distill-subgraph without data", dict(recipe=_recipe({"name": "distill-subgraph", "module": "conv",
+                                                           "width": 0.5})),
+     RecipeError, "distill-subgraph trains the student block"),
+    ("quantize skip naming nothing", dict(recipe=_recipe({"name": "quantize", "skip": ["convv"]})),
+     RecipeError, "'convv'"),
+    ("data and the older keywords together", dict(data=slimfx.Data(), train_data=[((torch.randn(2, 3, 8, 8),),
+                                                                                    torch.zeros(2))]),
+     DataError, "not both"),
+    ("a seed out of range", dict(seed=2 ** 70), SlimfxError, "seed must be an integer"),
+    ("bench seconds NaN", dict(bench_seconds=float("nan")), SlimfxError, "bench_seconds must be a finite number"),
+    ("a model that is not a module", dict(model=lambda x: x), SlimfxError, "takes a torch.nn.Module"),
+]
+
+
+@pytest.mark.parametrize("kwargs, error, words", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input_is_refused_before_any_work(tmp_path, kwargs, error, words):
+    model, example = small()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    kwargs = {"recipe": "cleanup", **kwargs}
+    model = kwargs.pop("model", model)
+    with pytest.raises(error) as e:
+        slimfx.compile(model, example, out_dir=tmp_path / "out", quiet=True, bench_seconds=kwargs.pop("bench_seconds", 0),
+                       **kwargs)
+    assert words in str(e.value)
+    assert not list(tmp_path.iterdir())
+    if error is not DataError or "eval_fn" not in words:
+        assert not calls  # refused before the model ever ran
+
+
+def test_a_full_disk_is_found_before_any_work(tmp_path, monkeypatch):
+    model, example = small()
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 1000, 1000))
+    with pytest.raises(SlimfxError, match=r"has 0.0 MiB free; the outputs need about"):
+        slimfx.compile(model, example, "cleanup", out_dir=tmp_path / "out", quiet=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unwritable_out_is_found_before_any_work(tmp_path, monkeypatch):
+    import tempfile
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    model, example = small()
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    with pytest.raises(SlimfxError, match=r"cannot write into .* \(out_dir .*out\): Permission denied"):
+        slimfx.compile(model, example, "cleanup", out_dir=tmp_path / "out", quiet=True)
