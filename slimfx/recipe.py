@@ -31,7 +31,7 @@ from slimfx.ir.errors import PassError, RecipeError
 from slimfx.passes import Pass, PassContext, PassManager, create_pass
 
 TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate", "data")
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "torchscript", "pt2", "slimfx")
 MIN_OPSET, MAX_OPSET = 17, 23
 
 

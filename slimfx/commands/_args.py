@@ -22,7 +22,7 @@ from slimfx.ir.errors import ExportError, ValidationError
 SEED_MAX = 2**32 - 1  # numpy's and Python's seeders all take this; torch takes more
 BATCH_MAX = 65536
 THREADS_MAX = 1024
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "torchscript", "pt2", "slimfx")
 
 
 def _invalid(text: str, what: str) -> argparse.ArgumentTypeError:
@@ -112,7 +112,8 @@ _MAGIC = [
 
 
 def sniff(path: Path) -> str:
-    """What a file's first bytes say it is: 'torchscript', 'torch.save', 'onnx?' (plausibly a protobuf),
+    """What a file's first bytes say it is: 'torchscript', 'pt2' (torch.export), 'slimfx' (a slimfx model
+    file), 'torch.save', 'onnx?' (plausibly a protobuf),
     or a description for messages such as 'a PNG image', 'a text file', 'an empty file'."""
     with open(path, "rb") as f:
         head = f.read(512)
@@ -124,8 +125,12 @@ def sniff(path: Path) -> str:
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError, EOFError):
             return "a truncated or corrupt zip archive (TorchScript and torch.save files are zip archives)"
+        if "meta.json" in names and "graph.ir" in names:
+            return "slimfx"
         if any(n.split("/", 1)[-1].startswith("code/") for n in names):
             return "torchscript"
+        if any(n.split("/", 1)[-1] in ("models/model.json", "archive_format") for n in names):
+            return "pt2"
         if any(n.endswith("data.pkl") for n in names):
             return "torch.save"
         return "a zip archive"
@@ -196,10 +201,10 @@ def onnx_file(text: str) -> Path:
 
 
 def exported_file(text: str) -> Path:
-    """An existing ONNX or TorchScript model file (argparse type)."""
+    """An existing ONNX, TorchScript, torch.export (.pt2) or slimfx model file (argparse type)."""
     path = _check_readable(text)
     kind = sniff(path)
-    if kind == "torchscript":
+    if kind in ("torchscript", "pt2", "slimfx"):
         return path
     if kind == "torch.save":
         raise argparse.ArgumentTypeError(
