@@ -251,7 +251,7 @@ def resolve_model(spec: str, *, trained: bool = True, seed: int = 0, batch: int 
     from slimfx.persist import SUFFIX
 
     if spec.endswith(SUFFIX):
-        return _load_saved(spec, batch=batch, seed=seed)
+        return _load_saved(spec, seed=seed)
     if ":" not in spec:
         names = _zoo_names()
         if spec not in names:
@@ -309,16 +309,16 @@ def resolve_model(spec: str, *, trained: bool = True, seed: int = 0, batch: int 
     return LoadedModel(attr, _eval(obj[0], spec), inputs, None, kwargs)
 
 
-def _load_saved(spec: str, *, batch: int, seed: int) -> LoadedModel:
+def _load_saved(spec: str, *, seed: int) -> LoadedModel:
     """A .slimfx file: its graph, the graph's lowering as the module, example inputs made from the stored
-    input metas (at `batch`), and the zoo entry when the file was saved from a zoo model (so commands can
+    input metas (the shapes the graph was captured with), and the zoo entry when the file was saved from a zoo model (so commands can
     bring the zoo's data)."""
     from slimfx import ir
     from slimfx.persist import example_inputs, load
 
     graph = load(spec)
     name = str((graph.metadata.get("model") or {}).get("name") or graph.name)
-    inputs = example_inputs(graph, batch=batch, seed=seed)
+    inputs = example_inputs(graph, seed=seed)
     return LoadedModel(name, ir.lower(graph, copy_params=True).eval(), inputs, _zoo_of(name, graph), None, graph)
 
 
