@@ -165,6 +165,12 @@ def _onnx_problem(path: Path, kind: str) -> str | None:
     if kind == "torchscript":
         return (f"{path} is not an ONNX model (it is a TorchScript file: `slimfx validate` takes it; export ONNX "
                 "with `slimfx export MODEL -o FILE.onnx`)")
+    if kind == "pt2":
+        return (f"{path} is not an ONNX model (it is a torch.export .pt2 program: `slimfx validate` takes it; "
+                "export ONNX with `slimfx export MODEL -o FILE.onnx`)")
+    if kind == "slimfx":
+        return (f"{path} is not an ONNX model (it is a slimfx model file: export it with `slimfx export {path} "
+                "--format onnx -o FILE.onnx`)")
     if kind == "torch.save":
         return (f"{path} is not an ONNX model (it is a torch.save checkpoint, e.g. a state_dict; export the model "
                 "with `slimfx export MODEL -o FILE.onnx`)")

@@ -19,6 +19,7 @@ from slimfx.errors import ModelFileError, SlimfxError
 from slimfx.exporters import with_batch
 from slimfx.ir.serialize import FORMAT_VERSION
 from slimfx.passes import PassContext, PassManager, create_pass
+from slimfx.persist import read_metadata
 from slimfx.recipe import Recipe, load_recipe
 
 RECIPES = ["default", "int8", "prune50", "sign"]
@@ -77,7 +78,7 @@ def saved(tmp_path) -> Path:
 
 
 def test_metadata_describes_the_graph(saved):
-    meta = slimfx.persist.read_metadata(saved)
+    meta = read_metadata(saved)
     assert meta["format"] == "slimfx-model" and meta["format_version"] == FORMAT_VERSION
     assert meta["graph"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": [4, 6]}]
     assert meta["graph"]["outputs"] == ["output"] and meta["graph"]["symbolic_dims"] == {"x": {"0": "batch"}}

@@ -10,6 +10,7 @@ import torch
 
 import slimfx
 from slimfx import ir
+from slimfx.persist import example_inputs
 from slimfx.recipe import Recipe, load_recipe
 from tests.slimfx.test_cli_compile import FIXTURES
 from tests.slimfx.test_cli_compile import slimfx as run_cli
@@ -50,7 +51,7 @@ def test_compile_saves_and_a_resumed_int8_compile_equals_the_direct_one(tmp_path
     assert [h["recipe"] for h in resumed.metadata["history"]] == ["prune", "int8"]
     assert resumed.metadata["model"] == {"name": "small"}
 
-    example = slimfx.persist.example_inputs(slimfx.load(saved))  # what the CLI made from the stored metas
+    example = example_inputs(slimfx.load(saved))  # what the CLI made from the stored metas
     both = Recipe("both", passes=load_recipe(tmp_path / "prune.toml").passes + load_recipe("int8").passes)
     direct = slimfx.compile(_small(), example, both, bench_seconds=0, quiet=True)
     assert ir.graph_diff(resumed, direct.graph) is None
