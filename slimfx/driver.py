@@ -514,13 +514,19 @@ def _describe_exports(job: _Job, graph: ir.Graph, exports: dict[str, Path], deta
         elif fmt in ("torchscript", "pt2") and job.bench_seconds > 0:
             from slimfx.exporters import measure_latency
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                module = load_pt2(path) if fmt == "pt2" else torch.jit.load(str(path), map_location="cpu").eval()
-            d["latency_ms"] = {key: round(best_median_ms([measure_latency(
-                module, with_batch(job.example, b), threads=1, budget_s=job.bench_seconds / LATENCY_ROUNDS)]), 4)
-                for key, b in (("b1", 1), ("b32", 32))}
-            d["runtime"] = "torch, 1 thread"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    module = load_pt2(path) if fmt == "pt2" else \
+                        torch.jit.load(str(path), map_location="cpu").eval()
+                    d["latency_ms"] = {key: round(best_median_ms([measure_latency(
+                        module, with_batch(job.example, b), threads=1,
+                        budget_s=job.bench_seconds / LATENCY_ROUNDS)]), 4) for key, b in (("b1", 1), ("b32", 32))}
+                d["runtime"] = "torch, 1 thread"
+            except Exception as e:  # noqa: BLE001 - e.g. a file exported at a fixed batch size
+                d["latency_ms"] = None
+                job.warnings.append(f"no latency for {FORMAT_FILES[fmt]}: it does not run at batch 1 and 32 "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
 
 
 def _slower_warnings(baseline: dict[str, float] | None, compressed: dict[str, float] | None) -> list[str]:

@@ -243,3 +243,20 @@ def test_a_resumed_compile_equals_the_direct_pipeline(tmp_path):
 def test_compile_refuses_a_model_path_that_is_not_a_saved_model(tmp_path):
     with pytest.raises(SlimfxError, match="only for saved models"):
         slimfx.compile(str(tmp_path / "net.py"), recipe="cleanup")
+
+
+def test_the_report_says_what_each_file_holds():
+    from slimfx.report import export_rows, format_report
+
+    exports = {"onnx": {"path": "model.onnx", "format": "onnx", "size_bytes": 2048, "weights": "int8",
+                        "latency_ms": {"b1": 0.1, "b32": 1.0}, "runtime": "onnxruntime, 1 thread"},
+               "torchscript": {"path": "model.pt", "format": "torchscript", "size_bytes": 8192,
+                               "weights": "fake-quant", "latency_ms": None, "runtime": None}}
+    rows = export_rows({"exports": exports})
+    assert rows[0] == ["model.onnx", "2.0 KiB", "int8, dequantized in the graph", "0.100 ms", "1.000 ms",
+                       "onnxruntime, 1 thread"]
+    assert rows[1][:3] == ["model.pt", "8.0 KiB", "FAKE-QUANT: float tensors"]
+    report = {"baseline": dict.fromkeys(("params", "macs", "size_bytes", "latency_ms", "accuracy")),
+              "validation": {"top1_agreement": None, "max_abs_diff": 0.0, "exact": True}, "exports": exports}
+    report["compressed"] = dict(report["baseline"])
+    assert "FAKE-QUANT: float tensors" in format_report(report) and "model.pt " in format_report(report)

@@ -43,7 +43,7 @@ def test_compile_saves_and_a_resumed_int8_compile_equals_the_direct_one(tmp_path
     assert r.returncode == 0, r.stderr
     saved = tmp_path / "a" / "model.slimfx"
     assert json.loads((tmp_path / "a" / "report.json").read_text())["exports"]["slimfx"]["validation"]["exact"]
-    r = run_cli("compile", str(saved), "--recipe", "int8", "--format", "slimfx,pt2", "--out", "b",
+    r = run_cli("compile", str(saved), "--recipe", "int8", "--format", "slimfx,pt2,torchscript", "--out", "b",
                 "--bench-seconds", "0.05", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "model.pt2" in r.stdout and "int8, dequantized in the graph" in r.stdout
@@ -58,10 +58,13 @@ def test_compile_saves_and_a_resumed_int8_compile_equals_the_direct_one(tmp_path
     with torch.no_grad():
         assert torch.equal(ir.lower(resumed)(*example), direct.module(*example))
     report = json.loads((tmp_path / "b" / "report.json").read_text())
-    for fmt in ("slimfx", "pt2"):
+    for fmt in ("slimfx", "pt2", "torchscript"):
         e = report["exports"][fmt]
         assert e["size_bytes"] == (tmp_path / "b" / e["path"]).stat().st_size and e["weights"] == "int8"
-    assert set(report["exports"]["pt2"]["latency_ms"]) == {"b1", "b32"}
+    for fmt in ("pt2", "torchscript"):
+        assert set(report["exports"][fmt]["latency_ms"]) == {"b1", "b32"}
+        assert report["exports"][fmt]["runtime"] == "torch, 1 thread"
+    assert report["exports"]["slimfx"]["latency_ms"] is None  # a model file, not a runtime format
 
 
 def test_inspect_export_validate_take_saved_models(tmp_path, capsys, monkeypatch):
