@@ -10,7 +10,7 @@ import torch
 
 from slimfx import ir
 from slimfx.exporters import example_inputs
-from slimfx.passes import PassContext, PassManager
+from slimfx.passes import PassContext, PassManager, create_pass
 
 
 def after(pass_name: str, before: str, params: dict[str, torch.Tensor] | None = None) -> tuple[str, ir.Graph]:
@@ -119,3 +119,47 @@ def test_a_clean_graph_is_left_as_it_was(pass_name):
         }""")
     got, _ = after(pass_name, text, {k: v for k, v in W.items() if k != "unused"})
     assert got == text
+
+
+def test_cse_merges_equal_work_and_keeps_random_draws_and_different_constants_apart():
+    got, _ = after("cse", """
+        graph Net(%x: f32[4]) {
+          %d1 = dropout(%x) {p=0.5, training=False} : f32[4]
+          %d2 = dropout(%x) {p=0.5, training=False} : f32[4]
+          %m1 = mul(%x, 2) : f32[4]
+          %m2 = mul(%x, 2.5) : f32[4]
+          %t1 = tanh(%x) : f32[4]
+          %t2 = tanh(%x) : f32[4]
+          %s = add(%t1, %t2) : f32[4]
+          return (%d1, %d2, %m1, %m2, %s)
+        }""")
+    assert got == expect("""
+        graph Net(%x: f32[4]) {
+          %d1 = dropout(%x) {p=0.5, training=False} : f32[4]
+          %m1 = mul(%x, 2) : f32[4]
+          %m2 = mul(%x, 2.5) : f32[4]
+          %t1 = tanh(%x) : f32[4]
+          %s = add(%t1, %t1) : f32[4]
+          return (%d1, %d1, %m1, %m2, %s)
+        }""")
+    training = expect("""
+        graph Net(%x: f32[4]) {
+          %d1 = dropout(%x) {p=0.5, training=True} : f32[4]
+          %d2 = dropout(%x) {p=0.5, training=True} : f32[4]
+          return (%d1, %d2)
+        }""")
+    g = ir.parse(training)
+    PassManager(["cse"]).run(g, PassContext())
+    assert str(g) == training  # two draws of a random mask are two values
+
+
+def test_fold_constants_does_not_grow_the_model():
+    text = expect("""
+        graph Net(%x: f32[1000, 4]) {
+          %e = expand(@b) {size=(1000, 4)} : f32[1000, 4]
+          %y = add(%x, %e) : f32[1000, 4]
+          return %y
+        }""")
+    g = ir.parse(text, {"b": torch.randn(1, 4)})
+    PassManager([create_pass("fold-constants", {"max_growth_numel": 100})]).run(g, PassContext())
+    assert str(g) == text
