@@ -13,7 +13,6 @@ from slimfx import ir
 from slimfx.persist import example_inputs
 from slimfx.recipe import Recipe, load_recipe
 from tests.slimfx.test_cli_compile import FIXTURES
-from tests.slimfx.test_cli_compile import slimfx as run_cli
 
 PRUNE_TOML = """\
 name = "prune"
@@ -36,17 +35,19 @@ def _small():
     return user_models.small()[0]
 
 
-def test_compile_saves_and_a_resumed_int8_compile_equals_the_direct_one(tmp_path):
+def test_compile_saves_and_a_resumed_int8_compile_equals_the_direct_one(tmp_path, capsys, monkeypatch):
+    from slimfx.cli import main
+
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "prune.toml").write_text(PRUNE_TOML)
-    r = run_cli("compile", f"{FIXTURES}:small", "--recipe", "prune.toml", "--out", "a", "--bench-seconds", "0.05",
-                "--quiet", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    assert main(["compile", f"{FIXTURES}:small", "--recipe", "prune.toml", "--out", "a", "--bench-seconds", "0.05",
+                 "--quiet"]) == 0, capsys.readouterr().err
     saved = tmp_path / "a" / "model.slimfx"
     assert json.loads((tmp_path / "a" / "report.json").read_text())["exports"]["slimfx"]["validation"]["exact"]
-    r = run_cli("compile", str(saved), "--recipe", "int8", "--format", "slimfx,pt2,torchscript", "--out", "b",
-                "--bench-seconds", "0.05", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert "model.pt2" in r.stdout and "int8, dequantized in the graph" in r.stdout
+    assert main(["compile", str(saved), "--recipe", "int8", "--format", "slimfx,pt2,torchscript", "--out", "b",
+                 "--bench-seconds", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "model.pt2" in out and "int8, dequantized in the graph" in out
     resumed = slimfx.load(tmp_path / "b" / "model.slimfx")
     assert [h["recipe"] for h in resumed.metadata["history"]] == ["prune", "int8"]
     assert resumed.metadata["model"] == {"name": "small"}
