@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from slimfx.ir.graph import Graph, Node, meta_of
+from slimfx.ir.ops import OPS
 
 
 def count_params(graph: Graph, *, include_buffers: bool = False) -> int:
@@ -33,25 +34,14 @@ def node_macs(node: Node) -> int:
     m = node.meta
     if not hasattr(m, "shape"):
         return 0
-    out = _numel(m.shape)
-    if node.op in ("conv1d", "conv2d"):
-        w = node.inputs[1]
-        wmeta = _param_shape(node, w)
-        if wmeta is None:
-            return 0
-        return out * _numel(wmeta[1:])
-    if node.op == "linear":
-        x = node.inputs[0]
-        return out * x.meta.shape[-1] if isinstance(x, Node) and hasattr(x.meta, "shape") else 0
-    if node.op == "matmul":
-        a = node.inputs[0]
-        return out * a.meta.shape[-1] if isinstance(a, Node) and hasattr(a.meta, "shape") else 0
-    if node.op == "scaled_dot_product_attention":
-        q, k = node.inputs[0], node.inputs[1]
-        if isinstance(q, Node) and isinstance(k, Node):
-            # QK^T and AV: each is (... L x S x E)
-            return 2 * _numel(q.meta.shape) * k.meta.shape[-2]
-    return 0
+    op = OPS.get(node.op)
+    if op is None:
+        return 0
+    if op.weighted is not None:
+        # y = x ⊛ W: each output element sums over W's input channels (per group) x kernel
+        wmeta = _param_shape(node, node.inputs[1])
+        return _numel(m.shape) * _numel(wmeta[1:]) if wmeta is not None else 0
+    return op.macs(node) if op.macs is not None else 0
 
 
 def _param_shape(node: Node, ref: Any) -> tuple[int, ...] | None:

@@ -24,12 +24,54 @@ import torch.nn.functional as F
 
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs, meta_of
+from slimfx.ir.ops import OPS, trait
 
 _log = logging.getLogger(__name__)
 Conv = tuple[str, tuple, dict]
 _FUNCTIONS: dict[Any, Callable[..., Conv | None]] = {}
 _METHODS: dict[str, Callable[..., Conv | None]] = {}
 _MODULES: dict[type, Callable[..., Conv | None]] = {}
+
+
+_WRAPPED: dict[int, Callable] = {}  # Python functions users registered: fx records one call (autowrap)
+
+
+def register_converter(target: Any, fn: Callable[..., Conv | None] | None = None) -> Callable:
+    """Teach capture a spelling of a canonical op: `fn` turns a call of `target` into
+    `(op, inputs, attrs)`, or returns None to keep that call an `opaque` node. `op` must be in the op
+    table (`ir.register_op`). Usable as a decorator: `@ir.register_converter(my_act)`.
+
+    - a function (`torch.special.expit`, or the user's own `my_act`): `fn` takes the call's own
+      arguments (`fn(x, alpha=0.1)`). A plain Python function is recorded as one call instead of being
+      traced through, when `forward` calls it by a global name (`my_act(x)`, `from mylib import my_act`).
+    - a tensor method name (`"my_method"`): `fn(self, *args, **kwargs)`.
+    - an `nn.Module` subclass: `fn(module, path, *args, **kwargs)`, where `path` is the module's
+      qualified name (`ir.Param(f"{path}.weight")` reads its weight); modules of exactly this class are
+      not traced into.
+    - a torch op (`torch.ops.mylib.my_op`, packet or overload): `fn(*args, **kwargs)`, on both front
+      ends (torch.fx and torch.export, where custom ops stay one call).
+
+    A later registration for the same target replaces the earlier one (built-in spellings included).
+    """
+    if fn is None:
+        return lambda f: register_converter(target, f)
+    if isinstance(target, str):
+        _METHODS[target] = fn
+    elif isinstance(target, type) and issubclass(target, nn.Module):
+        _MODULES[target] = fn
+    elif isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        from slimfx.ir import capture_export
+
+        _FUNCTIONS[target] = fn
+        capture_export.register_aten_converter(target, fn)
+    elif callable(target):
+        _FUNCTIONS[target] = fn
+        if inspect.isfunction(target) and not is_internal_file(getattr(target.__code__, "co_filename", "")):
+            _WRAPPED[id(target)] = target
+    else:
+        raise TypeError(f"register_converter: {target!r} is not a function, tensor method name, nn.Module "
+                        "class or torch op")
+    return fn
 
 
 def _converts(*targets: Any) -> Callable:
@@ -483,7 +525,7 @@ class _Tracer(fx.Tracer):
     """fx tracer that records the module path and user source line of every node."""
 
     def __init__(self, leaf_modules: Sequence[Any]):
-        super().__init__()
+        super().__init__(autowrap_functions=tuple(_WRAPPED.values()))
         # fx's own record_stack_traces symbolizes the whole stack per node (about a second a node
         # here); one walk up the frames to the first user frame is all we need.
         self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
@@ -494,7 +536,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if (isinstance(m, self._leaf_types) if self._leaf_types else False) or qualname in self._leaf_names \
-                or id(m) in self._leaf_ids:
+                or id(m) in self._leaf_ids or type(m) in _MODULES:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -1017,13 +1059,15 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
         elif n.op == "call_function" and n.target is getattr and args[1] == "shape":
             converted = ("shape", (args[0],), {})
         else:
-            table = _FUNCTIONS if n.op == "call_function" else _METHODS
-            conv = table.get(n.target)
+            conv = converter_for(n)
             if conv is not None:
                 try:
                     converted = conv(*args, **kwargs)
                 except TypeError:
                     converted = None
+        if converted is not None and converted[0] not in OPS:
+            raise CaptureError(f"the capture converter for {n.target!r} returned op {converted[0]!r}, which is not in "
+                               f"the op table; register it first: ir.register_op({converted[0]!r}, impl, ...)")
         if converted is None:
             attrs = {"kind": n.op, "target": n.target, "kwargs": kwargs}
             if n.op == "call_module":
@@ -1036,11 +1080,11 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
 
 
 def _convert_getitem(obj: Any, index: Any) -> Conv | None:
-    if isinstance(obj, Node) and obj.op in ("split", "chunk") and isinstance(index, int):
+    if isinstance(obj, Node) and trait(obj.op, "result") == "tuple" and isinstance(index, int):
         return "getitem", (obj,), dict(index=index)
     if isinstance(obj, Node) and isinstance(obj.meta, tuple) and isinstance(index, int):
         return "getitem", (obj,), dict(index=index)
-    if isinstance(obj, Node) and obj.op in ("size", "shape"):
+    if isinstance(obj, Node) and trait(obj.op, "result") == "value":
         return "getitem", (obj,), dict(index=index)
     if isinstance(obj, Node):
         idx = index if isinstance(index, tuple) else (index,)
@@ -1072,7 +1116,10 @@ def trace_function(fn: Callable) -> tuple[Graph, dict[str, fx.Node]]:
 def converter_for(fx_node: fx.Node) -> Callable[..., Conv | None] | None:
     """The converter capture uses for a call_function / call_method fx node (None: kept opaque)."""
     if fx_node.op == "call_function":
-        return _FUNCTIONS.get(fx_node.target)
+        conv = _FUNCTIONS.get(fx_node.target)
+        if conv is None and isinstance(fx_node.target, torch._ops.OpOverload):
+            conv = _FUNCTIONS.get(fx_node.target.overloadpacket)
+        return conv
     if fx_node.op == "call_method":
         return _METHODS.get(fx_node.target)
     return None
@@ -1083,4 +1130,4 @@ def module_converters() -> dict[type, Callable]:
     return dict(_MODULES)
 
 
-__all__ = ["capture", "module_converters"]
+__all__ = ["capture", "module_converters", "register_converter"]

@@ -41,6 +41,7 @@ from slimfx.ir.capture import (
 )
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, meta_of
+from slimfx.ir.ops import OPS
 
 _log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -65,6 +66,12 @@ def _converts(*targets: Any) -> Callable:
             _CONVERTERS[t] = fn
         return fn
     return deco
+
+
+def register_aten_converter(target: Any, fn: Callable[..., Any]) -> None:
+    """A converter for a torch op (packet or overload) that takes the op's own arguments and returns
+    `(op, inputs, attrs)` or None; `ir.register_converter` calls this for torch ops."""
+    _CONVERTERS[target] = lambda cx, *args, **kwargs: fn(*args, **kwargs)
 
 
 def _converter(target: Any) -> Callable | None:
@@ -792,6 +799,9 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
             op, ins, attrs = "opaque", args, {"kind": "call_function", "target": n.target, "kwargs": kwargs}
         else:
             op, ins, attrs = converted
+            if op not in OPS:
+                raise CaptureError(f"the capture converter for {n.target} returned op {op!r}, which is not in the "
+                                   f"op table; register it first: ir.register_op({op!r}, impl, ...)")
         # `%addmm = linear(...)` would mislead; a node converted from another spelling is named after its op
         name = n.name if op == "opaque" or n.name.startswith(op) else op
         env[n] = graph.create_node(op, ins, attrs, name=name, meta=meta_of(value), source=cx.source,

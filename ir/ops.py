@@ -4,39 +4,121 @@ A node `%y = op(inputs...) {attrs...}` lowers to `impl(*inputs, **attrs)`. The
 implementations call exactly the kernels that torch's own modules call, so a
 lowered graph is bit-exact with the model it was captured from.
 
-Ops marked `training_flag` take `training=` from the lowered module's mode when
-their `training` attr is None (batch_norm, dropout).
+Each op is registered once with its traits (`OpDef`): what passes and exporters need to
+know of it (weighted layer, elementwise, reduction, shape op, how channels flow for pruning,
+how it quantizes). Ops marked `training_flag` take `training=` from the lowered module's mode
+when their `training` attr is None (batch_norm, dropout).
 """
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+CHANNEL_FLOWS = ("same", "broadcast", "weighted", "view", "reduce", "spatial", "block")
+QUANT_ROLES = ("weight", "operands", "output", "transparent", "clipping", "table")
+RESULTS = ("tensor", "tuple", "value", "any")
+
+
+@dataclass(frozen=True)
+class Weighted:
+    """Trait of a layer `y = x ⊛ W + b` (conv, linear). Operands follow one convention:
+    `(x, weight, bias|None)`, with W's axis 0 the output channels and axis 1 the input channels
+    (per group). `channel_dim` is the dim of x and y holding the channels (conv: 1, linear: -1);
+    `grouped` says the op reads a `groups` attr (grouped/depthwise convolution)."""
+
+    channel_dim: int = 1
+    grouped: bool = False
+
 
 @dataclass(frozen=True)
 class OpDef:
-    """What the IR knows of one canonical op."""
+    """What the IR knows of one canonical op: its implementation and its traits.
+
+    Passes and exporters ask the traits (`ir.trait(op, name)`, `ir.ops_with(...)`) instead of
+    keeping lists of op names, so an op registered later with the right traits goes through them.
+
+    - `training_flag`: takes `training=` from the lowered module's mode when its attr is None.
+    - `result`: tensor | tuple (of tensors, read with getitem: split) | value (a Python value, not a
+      tensor: size, shape; meta may be None) | any (getitem: whatever it indexes).
+    - `elementwise`: number of tensor operands combined element by element, with broadcasting
+      (0: not elementwise; relu: 1; add: 2).
+    - `weighted`: a `Weighted` layer (conv, linear), or None.
+    - `reduction`: reduces over attr `dim` (None: all dims) with attr `keepdim` (mean, sum).
+    - `shape_op`: moves or reinterprets data without arithmetic (reshape, permute, cat, split, ...).
+    - `commutative`: the result does not depend on the order of the first two operands.
+    - `channels`: how channels flow, for structured pruning (derived from the traits above when not
+      given): same (channel i in gives channel i out: relu, batch_norm) | broadcast (elementwise with
+      broadcasting: residual add couples its operands' channels) | weighted (consumes the channels of
+      x at `channel_dim`, produces new ones: conv, linear) | view (data movement whose attrs name dims,
+      never sizes, replayed on channel labels: permute, flatten, cat; reshape and split, whose attrs hold
+      sizes, have pruning rules of their own) | reduce (combines positions along attr `dim`: mean, softmax) |
+      spatial (combines positions of dims 2+, keeps dim 1: pools, interpolate) | block (channels stop
+      here) | None (unknown: pruning refuses the channels that reach it, unless a pruning rule is
+      registered for the op).
+    - `quant`: what the quantize pass does with it: weight (integer weight per output channel, its
+      input quantized, int32 bias: conv, linear) | operands (its activation operands are quantized:
+      matmul) | output (an integer kernel only when its output is quantized too: add, average pools) |
+      transparent (a quantized value passes through unchanged: reshape, max pool) | clipping (absorbed
+      by the quantize that follows: relu, relu6) | table (an integer lookup table: embedding) | None
+      (stays float).
+    - `state_inputs`: operands that carry only run-time state the op updates in place
+      (batch_norm's num_batches_tracked); they do not shape the output.
+    - `macs`: `fn(node) -> int`, multiply-accumulates of a node (weighted ops have a generic formula).
+    """
 
     name: str
     impl: Callable
-    kind: str = "other"  # conv | linear | matmul | norm | activation | elementwise | pool | shape | reduce | quant | other
     training_flag: bool = False
-    doc: str = ""
-    attr_defaults: dict = field(default_factory=dict)
+    result: str = "tensor"
+    elementwise: int = 0
+    weighted: Weighted | None = None
+    reduction: bool = False
+    shape_op: bool = False
+    commutative: bool = False
+    channels: str | None = None
+    quant: str | None = None
+    state_inputs: tuple[int, ...] = ()
+    macs: Callable[[Any], int] | None = None
 
 
 OPS: dict[str, OpDef] = {}
 
 
-def register_op(name: str, impl: Callable, kind: str = "other", *, training_flag: bool = False,
-                doc: str = "", **attr_defaults) -> OpDef:
-    """Add (or replace) a canonical op. Later packages use this for ops of their own."""
-    op = OpDef(name, impl, kind, training_flag, doc, attr_defaults)
+def _derived_channels(op: OpDef) -> str | None:
+    if op.weighted is not None:
+        return "weighted"
+    if op.elementwise == 1:
+        return "same"
+    if op.elementwise >= 2:
+        return "broadcast"
+    if op.reduction:
+        return "reduce"
+    if op.shape_op:
+        return "view"
+    return None
+
+
+def register_op(name: str, impl: Callable, *, training_flag: bool = False, **traits: Any) -> OpDef:
+    """Add (or replace) a canonical op with its traits (see `OpDef`). Later packages and users use
+    this for ops of their own: `register_op("my_act", fn, elementwise=1)` goes through pruning (its
+    channels are derived: same), stays float under quantize, and exports with an emitter
+    (`exporters.onnx.register_emitter("my_act")`)."""
+    op = OpDef(name, impl, training_flag, **traits)
+    for key, allowed in (("channels", CHANNEL_FLOWS), ("quant", QUANT_ROLES), ("result", RESULTS)):
+        v = getattr(op, key)
+        if v is not None and v not in allowed:
+            raise ValueError(f"register_op({name!r}): {key}={v!r} is not one of {', '.join(allowed)}")
+    if op.weighted is not None and not isinstance(op.weighted, Weighted):
+        raise ValueError(f"register_op({name!r}): weighted must be an ir.Weighted(channel_dim=, grouped=)")
+    if op.channels is None:
+        op = replace(op, channels=_derived_channels(op))
     OPS[name] = op
     return op
 
@@ -46,6 +128,53 @@ def get_op(name: str) -> OpDef:
         return OPS[name]
     except KeyError:
         raise KeyError(f"unknown canonical op {name!r}; known: {', '.join(sorted(OPS))}") from None
+
+
+def trait(op: str, name: str, default: Any = None) -> Any:
+    """Trait `name` of op `op` (`default` for ops outside the table: input, output, opaque)."""
+    d = OPS.get(op)
+    return default if d is None else getattr(d, name)
+
+
+class OpQuery:
+    """The ops whose traits match, read from the table at each use (so ops registered later count):
+    `"conv2d" in ops_with(quant="weight")`, `sorted(ops_with(weighted=True))`, `a | b`."""
+
+    def __init__(self, pred: Callable[[OpDef], bool], text: str):
+        self._pred = pred
+        self._text = text
+
+    def __contains__(self, op: object) -> bool:
+        d = OPS.get(op) if isinstance(op, str) else None
+        return d is not None and self._pred(d)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([n for n, d in OPS.items() if self._pred(d)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __or__(self, other: OpQuery) -> OpQuery:
+        return OpQuery(lambda d: self._pred(d) or other._pred(d), f"{self._text} | {other._text}")
+
+    def __repr__(self) -> str:
+        return f"ops_with({self._text})"
+
+
+def ops_with(**traits: Any) -> OpQuery:
+    """Ops whose traits equal the given values; a bool asks whether a trait is set
+    (`ops_with(weighted=True)`: conv1d, conv2d, linear)."""
+    for k in traits:
+        if k not in OpDef.__dataclass_fields__ or k in ("name", "impl"):
+            raise TypeError(f"ops_with: {k!r} is not an op trait")
+
+    def pred(d: OpDef) -> bool:
+        for k, v in traits.items():
+            have = getattr(d, k)
+            if (bool(have) != v) if isinstance(v, bool) else (have != v):
+                return False
+        return True
+    return OpQuery(pred, ", ".join(f"{k}={v!r}" for k, v in traits.items()))
 
 
 # --- implementations ------------------------------------------------------------------------------
@@ -177,7 +306,7 @@ def _size(x, *, dim=None):
     return x.size() if dim is None else x.size(dim)
 
 
-def _shape(x):
+def _shape_of(x):
     return x.shape
 
 
@@ -251,45 +380,83 @@ def _dequantize(q, scale, zero_point, *, axis=None):
     return (q.to(torch.float32) - zf) * s
 
 
+def _shape(v: Any) -> tuple[int, ...] | None:
+    return getattr(getattr(v, "meta", None), "shape", None)
+
+
+def _matmul_macs(node: Any) -> int:
+    a = _shape(node.inputs[0])
+    out = _shape(node)
+    return math.prod(out) * a[-1] if a and out is not None else 0
+
+
+def _sdpa_macs(node: Any) -> int:
+    q, k = _shape(node.inputs[0]), _shape(node.inputs[1])
+    return 2 * math.prod(q) * k[-2] if q and k else 0  # QK^T and AV: each is (... L x S x E)
+
+
 # --- the table --------------------------------------------------------------------------------------
 
-for _name, _impl, _kind in [
-    ("conv1d", _conv1d, "conv"), ("conv2d", _conv2d, "conv"),
-    ("linear", _linear, "linear"), ("matmul", torch.matmul, "matmul"),
-    ("layer_norm", _layer_norm, "norm"), ("group_norm", _group_norm, "norm"),
-    ("embedding", _embedding, "other"), ("identity", _identity, "other"),
-    ("relu", F.relu, "activation"), ("relu6", _relu6, "activation"), ("gelu", _gelu, "activation"),
-    ("silu", F.silu, "activation"), ("sigmoid", torch.sigmoid, "activation"), ("tanh", torch.tanh, "activation"),
-    ("hardswish", F.hardswish, "activation"), ("hardsigmoid", F.hardsigmoid, "activation"),
-    ("leaky_relu", _leaky_relu, "activation"), ("clamp", _clamp, "activation"),
-    ("softmax", _softmax, "activation"), ("log_softmax", _log_softmax, "activation"),
-    ("add", operator.add, "elementwise"), ("sub", operator.sub, "elementwise"),
-    ("mul", operator.mul, "elementwise"), ("div", operator.truediv, "elementwise"),
-    ("pow", operator.pow, "elementwise"), ("neg", operator.neg, "elementwise"),
-    ("sqrt", torch.sqrt, "elementwise"), ("rsqrt", torch.rsqrt, "elementwise"), ("exp", torch.exp, "elementwise"),
-    ("log", torch.log, "elementwise"), ("abs", torch.abs, "elementwise"), ("erf", torch.erf, "elementwise"),
-    ("reciprocal", torch.reciprocal, "elementwise"),
-    ("max_pool1d", _max_pool1d, "pool"), ("max_pool2d", _max_pool2d, "pool"),
-    ("avg_pool1d", _avg_pool1d, "pool"), ("avg_pool2d", _avg_pool2d, "pool"),
-    ("adaptive_avg_pool1d", F.adaptive_avg_pool1d, "pool"), ("adaptive_avg_pool2d", F.adaptive_avg_pool2d, "pool"),
-    ("adaptive_max_pool2d", F.adaptive_max_pool2d, "pool"),
-    ("reshape", _reshape, "shape"), ("flatten", _flatten, "shape"), ("permute", _permute, "shape"),
-    ("transpose", _transpose, "shape"), ("contiguous", _contiguous, "shape"), ("expand", _expand, "shape"),
-    ("cat", _cat, "shape"), ("stack", _stack, "shape"), ("split", _split, "shape"), ("chunk", _chunk, "shape"),
-    ("getitem", _getitem, "shape"), ("slice", _slice, "shape"), ("unsqueeze", _unsqueeze, "shape"),
-    ("squeeze", _squeeze, "shape"), ("size", _size, "shape"), ("shape", _shape, "shape"), ("cast", _cast, "shape"),
-    ("mean", _mean, "reduce"), ("sum", _sum, "reduce"),
-    ("scaled_dot_product_attention", _sdpa, "matmul"), ("interpolate", _interpolate, "other"),
-    ("quantize", _quantize, "quant"), ("dequantize", _dequantize, "quant"),
-    ("mask", _mask, "other"),
-]:
-    register_op(_name, _impl, _kind)
+_CONV = dict(weighted=Weighted(channel_dim=1, grouped=True), quant="weight")
+register_op("conv1d", _conv1d, **_CONV)
+register_op("conv2d", _conv2d, **_CONV)
+register_op("linear", _linear, weighted=Weighted(channel_dim=-1), quant="weight")
+register_op("matmul", torch.matmul, quant="operands", macs=_matmul_macs)
+register_op("scaled_dot_product_attention", _sdpa, macs=_sdpa_macs)
+register_op("embedding", _embedding, quant="table")
+# norms: batch_norm keeps channels (its params follow them); layer/group norm have pruning rules of their own
+register_op("batch_norm", _batch_norm, training_flag=True, channels="same", state_inputs=(5,))
+register_op("layer_norm", _layer_norm)
+register_op("group_norm", _group_norm)
 
-register_op("batch_norm", _batch_norm, "norm", training_flag=True)
-register_op("dropout", _dropout, "other", training_flag=True)
+for _name, _impl, _quant in [
+    ("relu", F.relu, "clipping"), ("relu6", _relu6, "clipping"), ("gelu", _gelu, None), ("silu", F.silu, None),
+    ("sigmoid", torch.sigmoid, None), ("tanh", torch.tanh, None), ("hardswish", F.hardswish, None),
+    ("hardsigmoid", F.hardsigmoid, None), ("leaky_relu", _leaky_relu, None), ("clamp", _clamp, None),
+    ("neg", operator.neg, None), ("sqrt", torch.sqrt, None), ("rsqrt", torch.rsqrt, None), ("exp", torch.exp, None),
+    ("log", torch.log, None), ("abs", torch.abs, None), ("erf", torch.erf, None),
+    ("reciprocal", torch.reciprocal, None), ("cast", _cast, None), ("identity", _identity, "transparent"),
+]:
+    register_op(_name, _impl, elementwise=1, quant=_quant)
+register_op("dropout", _dropout, training_flag=True, elementwise=1, quant="transparent")
+register_op("contiguous", _contiguous, elementwise=1, shape_op=True, quant="transparent")
+for _name, _impl in [("softmax", _softmax), ("log_softmax", _log_softmax)]:
+    register_op(_name, _impl, channels="reduce")
+
+register_op("add", operator.add, elementwise=2, commutative=True, quant="output")
+register_op("mul", operator.mul, elementwise=2, commutative=True)
+for _name, _impl in [("sub", operator.sub), ("div", operator.truediv), ("pow", operator.pow)]:
+    register_op(_name, _impl, elementwise=2)
+
+for _name, _impl, _quant in [
+    ("max_pool1d", _max_pool1d, "transparent"), ("max_pool2d", _max_pool2d, "transparent"),
+    ("avg_pool1d", _avg_pool1d, "output"), ("avg_pool2d", _avg_pool2d, "output"),
+    ("adaptive_avg_pool1d", F.adaptive_avg_pool1d, "output"), ("adaptive_avg_pool2d", F.adaptive_avg_pool2d, "output"),
+    ("adaptive_max_pool2d", F.adaptive_max_pool2d, None), ("interpolate", _interpolate, None),
+]:
+    register_op(_name, _impl, channels="spatial", quant=_quant)
+
+for _name, _impl, _quant in [
+    ("reshape", _reshape, "transparent"), ("flatten", _flatten, "transparent"), ("permute", _permute, "transparent"),
+    ("transpose", _transpose, "transparent"), ("squeeze", _squeeze, "transparent"),
+    ("unsqueeze", _unsqueeze, "transparent"), ("expand", _expand, None), ("cat", _cat, None), ("stack", _stack, None),
+    ("slice", _slice, None),
+]:
+    register_op(_name, _impl, shape_op=True, quant=_quant)
+register_op("split", _split, shape_op=True, result="tuple")
+register_op("chunk", _chunk, shape_op=True, result="tuple")
+register_op("getitem", _getitem, result="any")
+register_op("size", _size, result="value")
+register_op("shape", _shape_of, result="value")
+register_op("mean", _mean, reduction=True)
+register_op("sum", _sum, reduction=True)
+
+register_op("quantize", _quantize, channels="block")
+register_op("dequantize", _dequantize, channels="block")
+register_op("mask", _mask, elementwise=2)
 
 # Ops that are not canonical table entries but are structural parts of every graph.
 STRUCTURAL_OPS = ("input", "output", "opaque")
 
-# Ops whose result does not depend on the order of their first two inputs.
-COMMUTATIVE_OPS = frozenset({"add", "mul"})
+# Ops whose result does not depend on the order of their first two inputs (a live view of the trait).
+COMMUTATIVE_OPS = ops_with(commutative=True)

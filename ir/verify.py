@@ -8,7 +8,7 @@ import torch
 
 from slimfx.ir.errors import SlimfxError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs
-from slimfx.ir.ops import OPS, STRUCTURAL_OPS, get_op
+from slimfx.ir.ops import OPS, STRUCTURAL_OPS, get_op, trait
 
 
 class VerifyError(SlimfxError):
@@ -46,11 +46,16 @@ def verify(graph: Graph, *, check_shapes: bool = True) -> None:
         for u in n.users:
             if u.graph is not graph or n not in u.input_nodes():
                 raise VerifyError(f"%{n.name}.users lists %{u.name}, which does not read it")
-        if n.op not in ("output",) and n.meta is None and n.op not in ("size", "shape", "opaque", "getitem"):
+        if n.meta is None and n.op not in ("output", "opaque") and not _may_be_value(n.op):
             raise VerifyError(f"%{n.name} ({n.op}) has no TensorMeta; run ir.propagate_shapes or set node.meta")
         seen.add(n)
     if check_shapes:
         _check_shapes(graph)
+
+
+def _may_be_value(op: str) -> bool:
+    """Ops whose result may be a Python value rather than a tensor (size, shape, getitem): no meta."""
+    return trait(op, "result") in ("value", "any")
 
 
 def _fake(v, graph: Graph):
@@ -120,8 +125,8 @@ def _computed_meta(n: Node, graph: Graph) -> tuple:
         kwargs = _fake(n.attrs, graph)
         if op.training_flag and kwargs.get("training") is None:
             kwargs["training"] = False
-        if n.op == "batch_norm":
-            args = args[:5]
+        if op.state_inputs:  # run-time state (a counter the op bumps in training) shapes nothing
+            args = tuple(None if i in op.state_inputs else a for i, a in enumerate(args))
         out = op.impl(*args, **kwargs)
     except _Skip:
         return ("skip",)
@@ -161,7 +166,7 @@ def _cached_meta(n: Node, graph: Graph) -> tuple:
 
 def _check_shapes(graph: Graph) -> None:
     for n in graph:
-        if n.op in STRUCTURAL_OPS or n.op in ("size", "shape", "getitem") or n.meta is None:
+        if n.op in STRUCTURAL_OPS or _may_be_value(n.op) or n.meta is None:
             continue
         res = _cached_meta(n, graph)
         if res[0] == "err":

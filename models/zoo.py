@@ -53,26 +53,40 @@ class ZooModel:
             return (torch.rand(shape, generator=g, dtype=self.input_dtype),)
         return (torch.randint(0, self.input_high or 2, shape, generator=g, dtype=self.input_dtype),)
 
+    def cache_meta(self, seed: int = 0, module: nn.Module | None = None) -> dict[str, Any]:
+        """What this model's trained weights at `seed` are trained for; stored in and checked against the cache.
+
+        model name, seed, the dataset with a digest of its seed-0 train/val/test split, and a fingerprint of
+        architecture (the built module's repr), training recipe and that split. `module`: a fresh build(seed)
+        to reuse.
+        """
+        data_id = f"{self.dataset}:{data.split_digest(self.dataset, 0)[:16]}" if self.dataset else ""
+        module = self.build(seed) if module is None else module
+        return {"model": self.name, "seed": seed, "data": data_id,
+                "fingerprint": trainer.recipe_fingerprint(module, self.train_config, data_id)}
+
     def weights_path(self, seed: int = 0) -> pathlib.Path:
-        """The cache file of this model's trained weights, keyed by seed, architecture and training recipe."""
-        return trainer.weights_path(self.name, seed, trainer.recipe_fingerprint(self.build(seed), self.train_config))
+        """The cache file of this model's trained weights, keyed by seed, architecture, recipe and data split."""
+        return trainer.weights_path(self.name, seed, self.cache_meta(seed)["fingerprint"])
 
     def trained(self, seed: int = 0, progress: bool = True) -> nn.Module:
         """Trained weights, eval() mode: loaded from cache_dir()/weights, else trained now and cached.
 
-        Always trains on the seed-0 split of `dataset` so accuracy() on the default split is a held-out score;
-        `seed` picks the init and the batch order.
+        Always trains on the train part of the seed-0 split of `dataset` (val and test stay held out: accuracy()
+        on either is an unseen score); `seed` picks the init and the batch order. A cache file that is not
+        exactly these weights (see trainer.load_weights) is retrained with a warning and rewritten atomically.
         """
         if self.dataset is None:
             raise ValueError(f"model {self.name!r} has no dataset to train on")
         module = self.build(seed)
-        path = self.weights_path(seed)
-        if trainer.load_weights(module, path):
+        meta = self.cache_meta(seed, module)
+        path = trainer.weights_path(self.name, seed, meta["fingerprint"])
+        if trainer.load_weights(module, path, meta):
             return module.eval()
-        module = self.build(seed)  # a failed load may have half-filled the first one
+        module = self.build(seed)  # never train on top of whatever a refused file left behind
         trainer.train(module, data.load_dataset(self.dataset), seed=seed, progress=progress,
                       **self.train_config)
-        trainer.save_weights(module, path)
+        trainer.save_weights(module, path, meta)
         return module.eval()
 
 

@@ -6,6 +6,7 @@ from slimfx.passes.base import (
     PassResult,
     create_pass,
     get_pass,
+    option,
     parse_pass_spec,
     register_pass,
     registered_passes,
@@ -17,7 +18,7 @@ from slimfx.passes.rewrite import Match, Pattern, PatternPass, rewrite
 from slimfx.passes import cleanup, fuse  # noqa: E402,F401,I001  isort: skip
 
 __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
-           "create_pass", "parse_pass_spec", "PassManager", "PassRecord", "compare_outputs",
+           "create_pass", "parse_pass_spec", "option", "PassManager", "PassRecord", "compare_outputs",
            "Pattern", "Match", "PatternPass", "rewrite"]
 
 # Pass packages register their passes on import.

@@ -8,22 +8,34 @@
             ...
             return PassResult(changed=True, stats={"folded": n})
 
-Options are the dataclass's fields; `Pass.create(name, options)` builds a pass
-from a dict (recipes) and `parse_pass_spec("prune-channels{sparsity=0.5}")`
-from text. Unknown names and options, and values of the wrong type, raise
-PassError naming them and listing what is accepted.
+Options are the dataclass's fields, each declared once with `option(...)`: its type (the annotation; a
+Literal is the set of accepted values), default, accepted range and help text:
+
+    sparsity: float = option(0.5, ge=0, lt=1, help="fraction of each layer's weights to zero")
+    criterion: Literal["l1", "l2"] = option("l2", help="weight norm ranking the channels")
+
+A pass is checked once, when it is built (`__post_init__`, whichever way it is built): every option's
+type (ints become floats where a float is declared), its range, then `validate()`, which holds only rules
+that tie options together (a pass defining its own `__post_init__` calls `super().__post_init__()`). `create_pass(name, options)` builds a registered pass from a dict (recipes),
+`parse_pass_spec("prune-channels{sparsity=0.5}")` from text. Unknown names and options, values of the
+wrong type and out-of-range values raise PassError naming them and saying what is accepted.
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
+import functools
+import inspect
 import logging
+import math
 import random
 import types
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -32,6 +44,120 @@ from slimfx.ir import Graph
 from slimfx.ir.errors import PassError
 
 _REGISTRY: dict[str, type[Pass]] = {}
+
+
+# --- option declarations -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers an option accepts: ge/gt (lower bound, inclusive/exclusive), le/lt (upper). For a list
+    they hold for every item, for a dict for every value; None is never out of range."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def __contains__(self, v: Any) -> bool:
+        if isinstance(v, float) and math.isnan(v):
+            return False
+        return not ((self.ge is not None and v < self.ge) or (self.gt is not None and v <= self.gt)
+                    or (self.le is not None and v > self.le) or (self.lt is not None and v >= self.lt))
+
+    def __str__(self) -> str:
+        lo, lo_open = (self.gt, True) if self.gt is not None else (self.ge, False)
+        hi, hi_open = (self.lt, True) if self.lt is not None else (self.le, False)
+        if lo is not None and hi is not None:
+            return f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        if lo is not None:
+            return f"{'>' if lo_open else '>='} {lo:g}"
+        return f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else "any"
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, ge: float | None = None, gt: float | None = None,
+           le: float | None = None, lt: float | None = None,
+           default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+    """Declare a pass option: a dataclass field whose metadata holds its help text and accepted range.
+
+    The type and the set of accepted values come from the annotation (`Literal["a", "b"]` accepts exactly
+    those); `ge`/`gt`/`le`/`lt` bound numbers (each item of a list, each value of a dict). A list or dict
+    default is copied for each pass, so `option([], help=...)` is safe. `slimfx passes NAME` prints all of it.
+    """
+    if default_factory is dataclasses.MISSING and isinstance(default, (list, dict, set)):
+        default_factory = functools.partial(copy.deepcopy, default)
+        default = dataclasses.MISSING
+    bounds = Bounds(ge, gt, le, lt) if any(b is not None for b in (ge, gt, le, lt)) else None
+    return field(default=default, default_factory=default_factory, metadata={"help": help, "bounds": bounds})
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option as declared: what `slimfx passes NAME` prints and `Pass.__post_init__` checks."""
+
+    name: str
+    type: Any
+    default: Any  # dataclasses.MISSING when the option is required
+    help: str
+    bounds: Bounds | None
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.type)
+
+    @property
+    def choices(self) -> tuple | None:
+        """The accepted values when the type is a Literal (or an optional one)."""
+        tp = self.type
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
+
+
+@functools.cache
+def _option_infos(cls: type) -> tuple[OptionInfo, ...]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation naming something local to a function
+        hints = {f.name: _resolve_annotation(cls, f.type) for f in dataclasses.fields(cls)}
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        out.append(OptionInfo(f.name, hints.get(f.name, Any), default, f.metadata.get("help", ""),
+                              f.metadata.get("bounds")))
+    return tuple(out)
+
+
+def _resolve_annotation(cls: type, annotation: Any) -> Any:
+    """One field's type when the class's hints cannot all be resolved; Any (unchecked) if it cannot be."""
+    if not isinstance(annotation, str):
+        return annotation
+    import sys
+
+    namespace = dict(vars(sys.modules.get(cls.__module__, typing)))
+    try:
+        return eval(annotation, namespace)  # noqa: S307 - an annotation of the user's own class
+    except Exception:  # noqa: BLE001
+        return Any
+
+
+def _check_bounds(pass_name: str, key: str, value: Any, bounds: Bounds) -> None:
+    if isinstance(value, dict):
+        items = [(f" (entry {k!r})", v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f" (item {i})", v) for i, v in enumerate(value)]
+    else:
+        items = [("", value)]
+    for where, v in items:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in bounds:
+            raise PassError(f"pass '{pass_name}': option {key!r}{where} must be {_bounds_text(bounds)}, got {v!r}")
+
+
+def _bounds_text(bounds: Bounds) -> str:
+    text = str(bounds)
+    return f"in {text}" if text[0] in "[(" else text
 
 
 @dataclass
@@ -102,7 +228,17 @@ class Pass:
         raise NotImplementedError
 
     def validate(self) -> None:
-        """Check option values beyond their types; raise PassError naming the option."""
+        """Rules tying options together (each option's type and range are checked before, from its
+        declaration); raise PassError naming the options and what to change."""
+
+    def __post_init__(self) -> None:
+        """Check every option once, when the pass is built: type (converting gently), range, validate()."""
+        for info in _option_infos(type(self)):
+            value = _coerce(self.name, info.name, getattr(self, info.name), info.type)
+            if info.bounds is not None:
+                _check_bounds(self.name, info.name, value, info.bounds)
+            object.__setattr__(self, info.name, value)
+        self.validate()
 
     # -- construction from dicts and text -------------------------------------------------
     @classmethod
@@ -110,27 +246,27 @@ class Pass:
         return [f for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
 
     @classmethod
+    def option_infos(cls) -> tuple[OptionInfo, ...]:
+        """Each option as declared: name, type, default, help and range."""
+        return _option_infos(cls) if dataclasses.is_dataclass(cls) else ()
+
+    @classmethod
     def describe(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
     @classmethod
     def create(cls, options: dict[str, Any] | None = None) -> Pass:
+        """Build the pass from an options dict (checked once, by the constructor)."""
         options = dict(options or {})
         fields = {f.name: f for f in cls.options()}
         unknown = [k for k in options if k not in fields]
         if unknown:
             raise PassError(f"pass '{cls.name}' has no option {unknown[0]!r}; "
                             f"accepted options: {', '.join(fields) or '(none)'}")
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in options.items():
-            kwargs[key] = _coerce(cls.name, key, value, hints.get(key, Any))
         try:
-            p = cls(**kwargs)
+            return cls(**options)
         except TypeError as e:
             raise PassError(f"pass '{cls.name}': {e}") from e
-        p.validate()
-        return p
 
     def option_values(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in self.options()}
@@ -215,12 +351,32 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
     def deco(cls: type[Pass]) -> type[Pass]:
         if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
             cls = dataclass(cls)
-        if name in _REGISTRY and _REGISTRY[name].__qualname__ != cls.__qualname__:
-            raise PassError(f"a pass named '{name}' is already registered ({_REGISTRY[name].__qualname__})")
+        if name in _REGISTRY and not _same_definition(_REGISTRY[name], cls):
+            old = _REGISTRY[name]
+            raise PassError(f"a pass named '{name}' is already registered ({old.__qualname__} from "
+                            f"{_definition(old)[1] or old.__module__}); give {cls.__qualname__} another name")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
     return deco
+
+
+def _definition(cls: type) -> tuple[str, str | None]:
+    """(qualname, source file): the same class body loaded again (a file imported twice, a module reloaded)
+    may replace its own registration; any other class under a taken name is refused."""
+    files = [v.__code__.co_filename for v in vars(cls).values() if hasattr(v, "__code__")]
+    path = next((f for f in files if not f.startswith("<")), None)  # not dataclass's generated methods
+    if path is None:
+        try:
+            path = inspect.getfile(cls)  # through sys.modules: gone for a file run by runpy
+        except (TypeError, OSError):
+            path = None
+    return cls.__qualname__, (str(Path(path).resolve()) if path else None)
+
+
+def _same_definition(a: type, b: type) -> bool:
+    (qa, fa), (qb, fb) = _definition(a), _definition(b)
+    return qa == qb and (fa == fb or fa is None or fb is None)
 
 
 def registered_passes() -> dict[str, type[Pass]]:

@@ -6,14 +6,13 @@ usual prologue and epilogue of every other recipe.
 
 from __future__ import annotations
 
-from dataclasses import field
 from typing import Any
 
 import torch
 
 from slimfx.ir import Graph, Node, Param, iter_refs
 from slimfx.ir.ops import COMMUTATIVE_OPS
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.graph_utils import (
     erase_dead,
     eval_node,
@@ -99,9 +98,10 @@ class FoldConstants(Pass):
 
     preserves_outputs = True
 
-    max_growth_numel: int = field(default=65536, metadata={"help": (
-        "a folded tensor bigger than every param it is computed from is only stored up to this many "
-        "elements, so folding (e.g. an `expand` of a bias) never bloats the model")})
+    max_growth_numel: int = option(65536, ge=0, help=(
+        "elements: a folded tensor bigger than every param it is computed from is stored only up to this "
+        "many elements, so folding (e.g. an `expand` of a bias) never bloats the model; 0 folds only what "
+        "is no bigger than its params"))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if (writer := _refuse_mutating(graph, ctx, self.name)) is not None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from slimfx.ir import Graph
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
-from slimfx.passes.distill.trainer import TrainData, distill
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
+from slimfx.passes.distill.trainer import OPTIMIZER_HELP, Optimizer, TrainData, distill
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
@@ -89,7 +89,7 @@ def iter_batches(data: Any, batch_size: int = 64, *, shuffle: bool = True, seed:
 
 
 def train_graph(graph: Graph, data: Any, *, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
-                optimizer: str = "adam", weight_decay: float = 0.0,
+                optimizer: Optimizer = "adam", weight_decay: float = 0.0,
                 eval_fn: Callable[[torch.nn.Module], float] | None = None, seed: int = 0, quiet: bool = False,
                 desc: str = "finetune") -> dict[str, Any]:
     """Train `graph.params` in place on `data` with cross-entropy (cosine learning-rate decay).
@@ -112,28 +112,21 @@ def train_graph(graph: Graph, data: Any, *, epochs: int = 3, lr: float = 1e-3, b
 @register_pass("finetune")
 @dataclass
 class Finetune(Pass):
-    """Train the graph's params on the context's train data for a few epochs (recovery after pruning).
-
-    required: when false (default) and the context has no train data, the pass logs and skips
-    (stats say `skipped`), so one recipe serves models with and without data; when true it fails.
-    """
+    """Train the graph's params on the context's train data for a few epochs (recovery after pruning)."""
 
     preserves_outputs = False
 
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 64
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = 0.0
-    required: bool = False
-
-    def validate(self) -> None:
-        if self.epochs < 0:
-            raise PassError(f"pass 'finetune': epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise PassError(f"pass 'finetune': lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise PassError(f"pass 'finetune': batch_size must be >= 1, got {self.batch_size}")
+    epochs: int = option(3, ge=0, help="passes over the train data; 0 turns the step off (typical: 1-10)")
+    lr: float = option(1e-3, gt=0, help="learning rate at the start, decayed to 0 by a cosine schedule "
+                                        "(typical: 1e-4 to 1e-2 for adam, 1e-2 to 1e-1 for sgd)")
+    batch_size: int = option(64, ge=1, help="samples per step when the train data is an (x, y) tensor pair "
+                                            "(batches given as a list are used as they are)")
+    optimizer: Optimizer = option("adam", help=OPTIMIZER_HELP)
+    weight_decay: float = option(0.0, ge=0, help="weight decay (decoupled, as AdamW); 0 turns it off "
+                                                 "(typical: 1e-4 to 1e-2)")
+    required: bool = option(False, help=(
+        "false: without train data the step is skipped and the report says so, so one recipe serves models "
+        "with and without data; true: no train data is an error"))
 
     def check_context(self, ctx: PassContext) -> str | None:
         if self.epochs == 0:
@@ -141,7 +134,6 @@ class Finetune(Pass):
         return check_train_data(ctx, step="pass 'finetune'", required=self.required, off="set epochs = 0")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        self.validate()
         if self.epochs == 0:
             return PassResult(changed=False, stats={"skipped": True, "reason": "epochs=0"})
         reason = train_or_skip(ctx, step="pass 'finetune'", required=self.required, off="set epochs = 0")

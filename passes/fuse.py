@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from slimfx.ir import Graph, Node, Param, TensorMeta
+from slimfx.ir import Graph, Node, Param, TensorMeta, ops_with, trait
 from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
 from slimfx.passes.graph_utils import runs_in_training
 
-_FOLDABLE = ("conv1d", "conv2d", "linear")
+FOLDABLE = ops_with(weighted=True)  # layers y = x ⊛ W + b (ir.Weighted): conv1d, conv2d, linear, and registered ones
 
 
 def _why_not(bn: Node, graph: Graph) -> str | None:
@@ -20,8 +20,8 @@ def _why_not(bn: Node, graph: Graph) -> str | None:
     if runs_in_training(bn):
         return "runs in training mode (batch statistics)"
     x = bn.inputs[0]
-    if not isinstance(x, Node) or x.op not in _FOLDABLE:
-        return "input is not a conv1d/conv2d/linear"
+    if not isinstance(x, Node) or x.op not in FOLDABLE:
+        return f"input is not a weighted layer ({'/'.join(FOLDABLE)})"
     if len(x.users) != 1:
         return f"%{x.name} has other users ({', '.join('%' + u.name for u in x.users if u is not bn)})"
     w, b = x.inputs[1], x.inputs[2] if len(x.inputs) > 2 else None
@@ -38,8 +38,9 @@ def _why_not(bn: Node, graph: Graph) -> str | None:
     channels = graph.params[mean.name].numel()
     if weight.shape[0] != channels:
         return f"{channels} batch-norm channels but {weight.shape[0]} output channels"
-    if x.op == "linear" and not (isinstance(x.meta, TensorMeta) and len(x.meta.shape) == 2):
-        return "linear output is not [batch, features], so batch_norm does not normalize its features"
+    dim = trait(x.op, "weighted").channel_dim
+    if dim != 1 and not (isinstance(x.meta, TensorMeta) and len(x.meta.shape) >= 2 and dim % len(x.meta.shape) == 1):
+        return f"{x.op} output is not [batch, features], so batch_norm does not normalize its features"
     return None
 
 

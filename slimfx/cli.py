@@ -5,12 +5,15 @@ Exit codes: 0 success; 2 a user error (one paragraph, no traceback unless --debu
 (the recipe's [validate] gate, an export's validation, `slimfx validate`); 1 an internal failure (a bug);
 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Partial outputs are removed in every case but 0.
 Argument values are checked while parsing (slimfx/commands/_args.py), so a bad one is refused before any work.
+Commands that resolve models, recipes or passes take `--plugin FILE_OR_MODULE`; those plugins (and the
+installed `slimfx.plugins` entry points) are loaded here, before the command runs (slimfx/plugins.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 import traceback
@@ -41,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_plugins(specs: list[str]) -> None:
+    """The installed `slimfx.plugins` entry points, then each --plugin, before the command resolves anything."""
+    from slimfx.plugins import load_entry_points, load_plugins
+
+    load_entry_points()
+    load_plugins(specs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -53,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False)
     try:
         with terminate_on_sigterm():
+            if hasattr(args, "plugin"):  # commands taking --plugin (_args.add_plugin_argument)
+                _load_plugins(args.plugin)
             return int(args._run(args) or 0)
     except GateError as e:
         if debug:
@@ -67,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("slimfx: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `slimfx passes | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except Terminated:
         print("slimfx: terminated", file=sys.stderr)
         return EXIT_TERMINATED

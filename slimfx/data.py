@@ -169,6 +169,38 @@ def _tensor_pair(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] |
     return tuple(xs), y
 
 
+def correct(output: Any, target: torch.Tensor) -> int:
+    """How many rows of a model's first output have their argmax at the class-index target."""
+    from slimfx.ir.metrics import named_leaves
+
+    logits = next((v for _, v in named_leaves(output) if isinstance(v, torch.Tensor)), None)
+    if logits is None or logits.dim() < 1 or logits.shape[:-1] != target.shape:
+        raise DataError(f"targets of shape {list(target.shape)} do not match the model's first output "
+                        f"{list(logits.shape) if logits is not None else None}: accuracy needs class-index "
+                        "targets, one per row of logits")
+    return int((logits.argmax(-1) == target).sum())
+
+
+def accuracy(model: Any, split: Iterable) -> float | None:
+    """Top-1 accuracy of `model` (a module, run in eval mode, or any callable) on `(inputs, target)`
+    batches; None when a batch has no target."""
+    module = model if isinstance(model, torch.nn.Module) else None
+    was = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+    hits = n = 0
+    try:
+        with torch.no_grad():
+            for inputs, target in split:
+                if target is None:
+                    return None
+                hits, n = hits + correct(model(*inputs), target), n + len(target)
+    finally:
+        if module is not None:
+            module.train(was)
+    return hits / n if n else None
+
+
 def generated_batches(example: tuple, samples: int = GENERATED_SAMPLES, seed: int = 0,
                       batch: int | None = None) -> list[Batch]:
     """`samples` random inputs like the example: float inputs drawn with its mean and spread and clipped to
@@ -232,12 +264,12 @@ def calibration_batches(x: torch.Tensor, samples: int, batch_size: int = 32, see
     return [(x[idx[i:i + batch_size]],) for i in range(0, len(idx), batch_size)]
 
 
-def zoo_data(dataset: str, *, seed: int = 0, calibration_samples: int = 256) -> Data:
+def zoo_data(dataset: str, *, seed: int = 0, calibration_samples: int = 256, batch_size: int = 64) -> Data:
     """A zoo dataset split three ways: train, validation (carved from train), test; calibration from train."""
     from slimfx import models
 
-    ds = models.load_dataset(dataset, seed=seed)
-    return Data(train=Batches(ds.train_x, ds.train_y, 64, seed=seed),
+    ds = models.load_dataset(dataset)  # the split the zoo trained on; `seed` orders batches and calibration
+    return Data(train=Batches(ds.train_x, ds.train_y, batch_size, seed=seed), batch_size=batch_size,
                 validation=((ds.val_x,), ds.val_y), test=((ds.test_x,), ds.test_y),
                 calibration=calibration_batches(ds.train_x, calibration_samples, seed=seed),
                 calibration_samples=calibration_samples)
@@ -263,4 +295,4 @@ def load_data(spec: str) -> Data:
 
 
 __all__ = ["Data", "Split", "DataError", "Batches", "calibration_batches", "generated_batches", "zoo_data",
-           "load_data"]
+           "load_data", "accuracy", "correct"]

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from slimfx import ir
-from slimfx.data import GENERATED_SAMPLES, Data, Split, generated_batches
+from slimfx.data import GENERATED_SAMPLES, Data, accuracy, correct, generated_batches
 from slimfx.ir.errors import DataError, ExportError, GateError, RecipeError, SlimfxError
 from slimfx.ir.metrics import Comparison, sqnr_ceiling_db
 from slimfx.output import OutputDir
@@ -166,7 +166,7 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
                             "train data): activation ranges may be off; give data (--data / data=)")
     train, validation, test = data.split("train"), data.split("validation"), data.split("test")
     val_eval = _checked_eval_fn(eval_fn) if eval_fn is not None else (
-        _split_accuracy_fn(validation) if validation is not None else None)
+        (lambda module: accuracy(module, validation)) if validation is not None else None)
     ctx = PassContext(example_inputs=example, calibration_data=calibration, train_data=train, eval_fn=val_eval,
                       teacher=model, seed=seed, quiet=quiet)
     rec.check_context(pipeline, ctx)  # a step that needs data that was not given: RecipeError
@@ -277,35 +277,6 @@ def _checked_eval_fn(eval_fn: Callable[[nn.Module], Any]) -> Callable[[nn.Module
     return run
 
 
-def _split_accuracy_fn(split: Split) -> Callable[[nn.Module], float]:
-    """Accuracy of a module on a labelled split (the validation split picks best epochs)."""
-    def run(module: nn.Module) -> float:
-        was = module.training
-        module.eval()
-        try:
-            hits = n = 0
-            with torch.no_grad():
-                for inputs, target in split:
-                    if target is None:
-                        raise DataError(f"data.{split.name} has no targets, so it cannot score accuracy")
-                    hits, n = hits + _hits(module(*inputs), target), n + len(target)
-            return hits / max(n, 1)
-        finally:
-            module.train(was)
-    return run
-
-
-def _hits(output: Any, target: torch.Tensor) -> int:
-    from slimfx.ir.metrics import named_leaves
-
-    logits = next((v for _, v in named_leaves(output) if isinstance(v, torch.Tensor)), None)
-    if logits is None or logits.dim() < 1 or logits.shape[:-1] != target.shape:
-        raise DataError(f"targets of shape {list(target.shape)} do not match the model's first output "
-                        f"{list(logits.shape) if logits is not None else None}: accuracy needs class-index "
-                        "targets, one per row of logits")
-    return int((logits.argmax(-1) == target).sum())
-
-
 # --- capture and passes ----------------------------------------------------------------------------------------
 
 def _capture(job: _Job) -> ir.Graph:
@@ -334,7 +305,7 @@ class _StageRecorder:
         if not record.changed or p.is_analysis:
             return
         module = ir.lower(graph).eval()
-        acc = _accuracy(module, self.job.accuracy_split) if self.job.accuracy_split is not None else None
+        acc = accuracy(module, self.job.accuracy_split) if self.job.accuracy_split is not None else None
         self.rows.append({"stage": f"{index}. {p.name}", "params": ir.count_params(graph),
                           "macs": ir.count_macs(graph), "size_bytes": None, "latency_b32_ms": None, "accuracy": acc})
 
@@ -350,16 +321,6 @@ def _run_passes(job: _Job, graph: ir.Graph) -> tuple[list[Any], list[dict[str, A
     graph.metadata["history"] = [*graph.metadata.get("history", []),
                                  history_entry(job.recipe, [r.to_dict() for r in records])]
     return records, recorder.rows
-
-
-def _accuracy(fn: Callable[..., Any], split: Iterable) -> float | None:
-    hits = n = 0
-    with torch.no_grad():
-        for inputs, target in split:
-            if target is None:
-                return None
-            hits, n = hits + _hits(fn(*inputs), target), n + len(target)
-    return hits / n if n else None
 
 
 # --- export ------------------------------------------------------------------------------------------------------
@@ -446,8 +407,8 @@ def _compare_on(original: Callable[..., Any], deployed: Callable[..., Any], spli
             if target is None:
                 labelled = False
                 continue
-            hits_o += _hits(ref, target)
-            hits_d += _hits(got, target)
+            hits_o += correct(ref, target)
+            hits_d += correct(got, target)
             n += len(target)
     return comparison, ((hits_o / n, hits_d / n) if labelled and n else None)
 

@@ -206,24 +206,35 @@ def _check_inputs(spec: str, inputs: Any, kwargs: Any) -> tuple[tuple, dict | No
     return inputs, (kwargs or None)
 
 
+def is_file_target(target: str) -> bool:
+    """Whether the code part of a spec names a file (`x.py`, a path) rather than a dotted module."""
+    return target.endswith(".py") or "/" in target or "\\" in target or Path(target).is_file()
+
+
+def import_source(target: str, spec: str, what: str, *, relative_to: str | None = None) -> Any:
+    """Import the code part of a spec, a `path/to/file.py` or a `package.module`, as the module docstring
+    says; ModelSpecError naming the spec (`what`: "model", "data", "plugin") otherwise. `relative_to` says
+    what a relative path was resolved against (default: the working directory)."""
+    if not is_file_target(target):
+        return _import_module(target, spec, what)
+    path = Path(target)
+    if path.is_file() and path.suffix != ".py":
+        raise ModelSpecError(f"{what} file {str(path)!r} is not a Python file (.py): the spec names Python "
+                             "code, as 'path/to/file.py:callable'")
+    if not path.is_file():
+        problem = "is a folder, not a .py file" if path.is_dir() else "does not exist"
+        raise ModelSpecError(f"{what} file {str(path)!r} {problem} (from {what} spec {spec!r}; paths are "
+                             f"relative to {relative_to or 'the working directory ' + os.getcwd()})")
+    return _import_file(path, spec, what)
+
+
 def _import_target(spec: str, what: str) -> tuple[Any, str, str]:
     """(module, target, attribute) of a `package.module:attr` or `path/to/file.py:attr` spec, imported as
     the module docstring says; ModelSpecError naming the spec (`what`: "model", "data") otherwise."""
     target, _, attr = spec.strip().rpartition(":")
     if not target or not attr:
         raise ModelSpecError(f"{what} spec {spec!r} must be 'package.module:callable' or 'path/to/file.py:callable'")
-    if target.endswith(".py") or "/" in target or "\\" in target or Path(target).is_file():
-        path = Path(target)
-        if path.is_file() and path.suffix != ".py":
-            raise ModelSpecError(f"{what} file {str(path)!r} is not a Python file (.py): the spec names Python "
-                                 "code, as 'path/to/file.py:callable'")
-        if not path.is_file():
-            problem = "is a folder, not a .py file" if path.is_dir() else "does not exist"
-            raise ModelSpecError(f"{what} file {str(path)!r} {problem} (from {what} spec {spec!r}; paths are "
-                                 f"relative to the working directory {os.getcwd()})")
-        module = _import_file(path, spec, what)
-    else:
-        module = _import_module(target, spec, what)
+    module = import_source(target, spec, what)
     if not attr.isidentifier() or not hasattr(module, attr):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
         close = difflib.get_close_matches(attr, public, n=1)

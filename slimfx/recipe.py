@@ -11,6 +11,9 @@
     [validate]
     min_top1_agreement = 0.99
 
+A recipe may use passes of your own: `plugins = ["my_passes.py"]` (paths relative to the recipe file, or
+module names) loads them before its passes are built (slimfx/plugins.py).
+
 Built-in recipes ship as package data (`slimfx/recipes/NAME.toml`). Every mistake
 (bad TOML, unknown key, unknown pass or option, wrong type) raises RecipeError
 naming the file, the table and the key, before any work starts.
@@ -18,6 +21,7 @@ naming the file, the table and the key, before any work starts.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -28,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 from slimfx.ir.errors import PassError, RecipeError
-from slimfx.passes import Pass, PassContext, PassManager, create_pass
+from slimfx.passes import Pass, PassContext, PassManager, create_pass, registered_passes
+from slimfx.plugins import PluginError, load_entry_points, load_plugins
 
-TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate", "data")
+TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate", "data", "plugins")
 EXPORT_FORMATS = ("onnx", "torchscript", "pt2", "slimfx")
 MIN_OPSET, MAX_OPSET = 17, 23
 
@@ -74,7 +79,10 @@ class Recipe:
     Built from TOML (`load_recipe`, `Recipe.from_dict`) or in Python, it is checked the same way when
     constructed: `passes` entries may be `(name, options)` tuples or TOML-shaped dicts (`{"name": ...,
     option: value}`), `export`/`validate` an ExportConfig/ValidateConfig or a dict of the TOML table's keys.
-    Every mistake (unknown pass, option or key, wrong type, out-of-range value) is a RecipeError.
+    `plugins` (files relative to the recipe file, or module names) are loaded first, with the installed
+    `slimfx.plugins` entry points. The pass objects are built and checked once, here; `build_passes()`
+    hands out copies of them. Every mistake (unknown pass, option or key, wrong type, out-of-range value)
+    is a RecipeError.
     """
 
     name: str
@@ -84,6 +92,8 @@ class Recipe:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     source: Path | None = None
     data: str | None = None  # a data spec ('file.py:fn' / 'package.module:fn' returning slimfx.Data)
+    # .py files (relative to the recipe file; to the working directory without one) or module names
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.source is not None and not isinstance(self.source, Path):
@@ -99,17 +109,45 @@ class Recipe:
         if self.data is not None and (not isinstance(self.data, str) or ":" not in self.data):
             raise RecipeError(f"{where}: 'data' must be a spec string like 'data.py:make_data' or "
                               f"'package.module:make_data', got {self.data!r}")
-        self.build_passes()  # check every pass and option now, before any work starts
+        self.plugins = self._load_plugins(where)
+        self._built = self._build()  # every pass and option checked now, before any work starts
 
     def build_passes(self) -> list[Pass]:
-        """The pass objects, options checked (RecipeError naming `passes[i]` on a mistake)."""
+        """The recipe's pass objects, checked when the recipe was built (copies: a run may not change the
+        recipe's own); rebuilt, and checked again, only if `passes` was changed since."""
+        if self.passes != self._built[0]:
+            self._built = self._build()
+        return copy.deepcopy(self._built[1])
+
+    def _build(self) -> tuple[list[tuple[str, dict[str, Any]]], list[Pass]]:
+        """(the `passes` built from, the pass objects); RecipeError naming `passes[i]` on a mistake."""
         out = []
         for i, (name, options) in enumerate(self.passes):
             try:
                 out.append(create_pass(name, options))
             except PassError as e:
-                raise RecipeError(f"{self._where()}: passes[{i}] (name = {name!r}): {e}") from e
-        return out
+                hint = ""
+                if name not in registered_passes():
+                    hint = ("; if it is a pass of your own, load the file that registers it: plugins = "
+                            "[\"my_passes.py\"] in the recipe (relative to it), or --plugin my_passes.py on the "
+                            "command line")
+                raise RecipeError(f"{self._where()}: passes[{i}] (name = {name!r}): {e}{hint}") from e
+        return copy.deepcopy(self.passes), out
+
+    def _load_plugins(self, where: str) -> list[str]:
+        plugins = self.plugins
+        if isinstance(plugins, str):
+            plugins = [plugins]
+        if not isinstance(plugins, (list, tuple)) or not all(isinstance(p, str) and p.strip() for p in plugins):
+            raise RecipeError(f"{where}: 'plugins' must be a list of .py files (relative to the recipe file) or "
+                              f"module names, e.g. plugins = [\"my_passes.py\"]; got {plugins!r}")
+        base = self.source.parent if self.source is not None else None
+        try:
+            load_entry_points()
+            load_plugins(plugins, base=base, given_by=f"{where}, key 'plugins'")
+        except PluginError as e:
+            raise RecipeError(str(e)) from e
+        return list(plugins)
 
     def build_pipeline(self, **manager_options: Any) -> PassManager:
         """A PassManager running this recipe's passes (options: those of PassManager)."""
@@ -143,7 +181,7 @@ class Recipe:
             raise RecipeError(f"{where}: key 'name' must be a non-empty string, got {rname!r}")
         return cls(name=rname, description=data.get("description", ""), passes=data.get("passes", []),
                    export=data.get("export", {}), validate=data.get("validate", {}), source=source,
-                   data=data.get("data"))
+                   data=data.get("data"), plugins=data.get("plugins", []))
 
 
 _PASSES_SHAPE = ("'passes' must be an array of tables: write each pass as [[passes]] followed by name = \"...\" "

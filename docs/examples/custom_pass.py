@@ -1,13 +1,15 @@
 """Writing a custom pass: a pattern pass, a plain pass, and a pipeline running both.
 
 This file is shown verbatim in docs/passes.md and executed by tests/passes/test_docs_example.py.
+It is also a plugin: `slimfx compile docs/examples/custom_pass.py:Net --plugin docs/examples/custom_pass.py
+--recipe my.toml` runs its passes from a recipe, and `slimfx passes --plugin ...` lists them.
 """
 
 import torch
 import torch.nn as nn
 
 from slimfx import ir
-from slimfx.passes import Pass, PassContext, PassManager, PassResult, PatternPass, register_pass
+from slimfx.passes import Pass, PassContext, PassManager, PassResult, PatternPass, option, register_pass
 
 
 # --- 1. A pattern pass: x * sigmoid(x) is SiLU; emit one `silu` node instead of two. -------------
@@ -26,7 +28,11 @@ class FuseSilu(PatternPass):
 class ClipLinearWeights(Pass):
     """Clamps the weights of every linear layer to [-limit, limit]."""
 
-    limit: float = 1.0
+    preserves_outputs = False  # it changes the numbers: the numeric check after each pass skips it
+
+    # type, default, accepted range and help, declared once: checked when the pass is built (a recipe
+    # with limit = -1 fails before any work) and shown by `slimfx passes clip-linear-weights`
+    limit: float = option(1.0, gt=0, help="largest |weight| kept; larger ones are clamped to it")
 
     def run(self, graph: ir.Graph, ctx: PassContext) -> PassResult:
         clipped = 0
@@ -49,8 +55,12 @@ class Net(nn.Module):
         return self.fc2(h * torch.sigmoid(h))
 
 
+def example_inputs() -> tuple[torch.Tensor]:  # what the MODEL spec `custom_pass.py:Net` is fed
+    return (torch.randn(2, 8),)
+
+
 def main() -> tuple[ir.Graph, list]:
-    x = torch.randn(2, 8)
+    (x,) = example_inputs()
     graph = ir.capture(Net().eval(), (x,))
     pipeline = PassManager(["fuse-silu", "cse", "dce"], check_numerics=1e-6)  # checks outputs after each
     records = pipeline.run(graph, PassContext(example_inputs=(x,)))

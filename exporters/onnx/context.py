@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta
+from slimfx.ir.ops import trait
 
 Emitter = Callable[["EmitContext", Node], Any]
 EMITTERS: dict[str, Emitter] = {}
@@ -82,8 +83,6 @@ _SYM_BINARY: dict[Any, str] = {operator.add: "add", operator.sub: "sub", operato
                                operator.floordiv: "floordiv", operator.truediv: "div", operator.mod: "mod",
                                operator.pow: "pow"}
 _SYM_STATIC_ONLY = (math.sqrt, math.floor, math.ceil, int, float, operator.neg, abs, max, min)
-_OP_FN = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": operator.truediv,
-          "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow, "neg": operator.neg}
 
 
 def _summary(v: Any) -> Any:
@@ -409,8 +408,9 @@ class EmitContext:
                 raise ExportError(f"%{n.name}: getitem of a tensor tuple used as a shape value")
             return self.sym(base)[n.attrs["index"]]
         fn = None
-        if op in ("add", "sub", "mul", "div", "pow", "neg"):
-            fn = _OP_FN[op]
+        impl = trait(op, "impl")
+        if impl in _SYM_BINARY or impl is operator.neg:  # canonical ops that are Python's operators: add, ..., neg
+            fn = impl
         elif op == "opaque" and n.attrs.get("kind") == "call_function":
             target = n.attrs["target"]
             if target in _SYM_BINARY or target in _SYM_STATIC_ONLY:
@@ -425,7 +425,7 @@ class EmitContext:
         return self._dyn_arith(n, fn, args)
 
     def _dyn_arith(self, n: Node, fn: Any, args: list[Any]) -> Dyn:
-        name = _SYM_BINARY.get(fn) or {v: k for k, v in _OP_FN.items()}.get(fn)
+        name = _SYM_BINARY.get(fn) or ("neg" if fn is operator.neg else None)
         if name == "neg" and len(args) == 1:
             a = args[0]
             return Dyn(self.emit("Neg", [a.name]), a.dtype)

@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 from slimfx.exporters.onnx.context import Dyn, EmitContext, onnx_dtype, register_emitter, to_numpy
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Node, Param
+from slimfx.ir.ops import trait
 
 INT64_MAX = 2**63 - 1
 
@@ -715,7 +716,7 @@ def _bias_scale_product(ctx: EmitContext, node: Node) -> str | None:
     if not isinstance(scale, Param) or ctx.param_tensor(scale).dim() != 1 or ctx.param_tensor(scale).numel() < 2:
         return None
     for layer in node.users:
-        if layer.op not in ("conv1d", "conv2d", "linear") or len(layer.inputs) < 3 or layer.inputs[2] is not node:
+        if trait(layer.op, "quant") != "weight" or len(layer.inputs) < 3 or layer.inputs[2] is not node:
             continue
         x, w = layer.inputs[0], layer.inputs[1]
         while isinstance(x, Node) and x.op in ("identity", "dropout") and x.inputs:

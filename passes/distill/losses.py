@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -238,7 +238,9 @@ _LOGIT_LOSSES: dict[str, type[DistillLoss]] = {
     "ce": CELoss, "mse": MSELoss, "kd": KDLoss, "ctkd": CTKDLoss, "logit-std": LogitStdKDLoss,
 }
 _AT_OPTIONS = ("beta", "p", "names")
-LOSS_NAMES = ("ce", "mse", "kd", "ctkd", "logit-std", "at", "at+kd", "at+ctkd", "at+logit-std")
+#: the loss names make_loss builds (the type of the distill pass's `loss` option)
+LossName = Literal["ce", "mse", "kd", "ctkd", "logit-std", "at", "at+kd", "at+ctkd", "at+logit-std"]
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 
 
 def make_loss(name: str, **options: Any) -> DistillLoss:

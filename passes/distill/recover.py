@@ -8,13 +8,12 @@ not change, so every later pass and exporter sees an ordinary graph.
 from __future__ import annotations
 
 import time
-from dataclasses import field
 
 from slimfx.ir import Graph
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
-from slimfx.passes.distill.losses import LOSS_NAMES
-from slimfx.passes.distill.trainer import distill
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
+from slimfx.passes.distill.losses import LossName
+from slimfx.passes.distill.trainer import OPTIMIZER_HELP, Optimizer, distill
 from slimfx.passes.finetune import check_train_data, train_or_skip
 
 
@@ -24,26 +23,29 @@ class KDRecovery(Pass):
 
     preserves_outputs = False
 
-    loss: str = "kd"
-    T: float = 4.0
-    alpha: float = 0.9
-    beta: float = 1000.0
-    features: list[str] = field(default_factory=list)  # "student_feature:teacher_feature" pairs for AT
-    epochs: int = 3
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adam"
-    batch_size: int = 64
-    required: bool = False  # raise instead of skipping when there is no teacher or no training data
+    loss: LossName = option("kd", help=(
+        "ce: labels only (no teacher); mse: match the teacher's logits; kd: Hinton's KD, (1-alpha)*CE + "
+        "alpha*T^2*KL at temperature T; ctkd: KD with a learned temperature; logit-std: KD on z-scored logits; "
+        "at, at+kd, at+ctkd, at+logit-std: attention transfer on `features` plus CE or that logit loss"))
+    T: float = option(4.0, gt=0, help="KD temperature softening both distributions (typical: 2-8); the "
+                                      "starting temperature for ctkd, which needs it between 1 and 20")
+    alpha: float = option(0.9, ge=0, le=1, help="weight of the teacher (soft) term; 1 - alpha weighs the "
+                                                "labels (kd, ctkd, logit-std)")
+    beta: float = option(1000.0, ge=0, help="weight of the attention-transfer term (at* losses; typical: "
+                                            "1e2 to 1e3)")
+    features: list[str] = option([], help=(
+        "attention-transfer pairs 'student_feature:teacher_feature' (node names or module paths), "
+        "e.g. ['layer2:layer2']; required by the at* losses"))
+    epochs: int = option(3, ge=1, help="passes over the train data (typical: 1-10)")
+    lr: float = option(1e-3, gt=0, help="peak learning rate of a one-cycle schedule (typical: 1e-4 to 3e-3)")
+    weight_decay: float = option(0.0, ge=0, help="weight decay (decoupled, as AdamW); 0 turns it off")
+    optimizer: Optimizer = option("adam", help=OPTIMIZER_HELP)
+    batch_size: int = option(64, ge=1, help="samples per step when the train data is an (x, y) tensor pair")
+    required: bool = option(False, help=(
+        "false: without a teacher or train data the step is skipped and the report says so; true: that is "
+        "an error"))
 
     def validate(self) -> None:
-        if self.loss not in LOSS_NAMES:
-            raise PassError(f"pass '{self.name}': option 'loss' must be one of {', '.join(LOSS_NAMES)}, "
-                            f"got {self.loss!r}")
-        if self.epochs < 1:
-            raise PassError(f"pass '{self.name}': option 'epochs' must be >= 1, got {self.epochs}")
-        if self.lr <= 0:
-            raise PassError(f"pass '{self.name}': option 'lr' must be > 0, got {self.lr}")
         for f in self.features:
             if ":" not in f:
                 raise PassError(f"pass '{self.name}': feature {f!r} must be 'student_feature:teacher_feature' "

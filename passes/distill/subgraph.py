@@ -24,11 +24,21 @@ from torch import nn
 from slimfx import ir
 from slimfx.ir import Graph, Node, Param, TensorMeta, map_refs
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.distill.trainer import distill, normalize_batch
 
-_PER_CHANNEL = {"batch_norm", "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid",
-                "leaky_relu", "clamp", "identity", "dropout"}
+
+def _per_channel(n: Node) -> bool:
+    """Channel i in is channel i out (ir trait channels='same': activations, dropout, batch_norm), and no param
+    to slice along with them other than batch_norm's (reduce_width slices those)."""
+    return ir.trait(n.op, "channels") == "same" and (n.op == "batch_norm" or not n.params())
+
+
+def _dense_layer(n: Node) -> bool:
+    """A weighted layer (ir.Weighted: conv, linear) with one group, reading a param weight."""
+    layer = ir.trait(n.op, "weighted")
+    return layer is not None and isinstance(n.inputs[1], Param) and (
+        not layer.grouped or n.attrs.get("groups", 1) == 1)
 
 
 # --- selection ------------------------------------------------------------------------------------------
@@ -146,18 +156,18 @@ def reduce_depth(block: Graph, scope: str, keep: int) -> int:
 
 
 def _chain_to_consumer(block: Graph, prod: Node) -> tuple[list[Node], Node] | None:
-    """Per-channel ops from `prod` to a single conv2d/linear consumer (hidden channels), else None."""
+    """Per-channel ops from `prod` to a single conv/linear consumer (hidden channels), else None."""
     chain, cur = [], prod
     while True:
         users = list(cur.users)
         if len(users) != 1:
             return None
         u = users[0]
-        if u.op in _PER_CHANNEL and u.inputs[0] is cur:
+        if _per_channel(u) and u.inputs[0] is cur:
             chain.append(u)
             cur = u
             continue
-        if u.op in ("conv2d", "linear") and u.inputs[0] is cur and u.attrs.get("groups", 1) == 1:
+        if _dense_layer(u) and u.inputs[0] is cur:
             return chain, u
         return None
 
@@ -166,7 +176,7 @@ def reduce_width(block: Graph, width: float) -> int:
     """Keep `width` of every hidden channel set (conv/linear -> per-channel ops -> conv/linear); returns count."""
     done = 0
     for prod in list(block):
-        if prod.op not in ("conv2d", "linear") or prod.attrs.get("groups", 1) != 1 or not isinstance(prod.inputs[1], Param):
+        if not _dense_layer(prod):
             continue
         found = _chain_to_consumer(block, prod)
         if found is None:
@@ -205,7 +215,8 @@ def factorize(block: Graph, rank: float) -> int:
     """Replace each conv2d/linear by a rank-r pair initialised from its truncated SVD where that saves params."""
     done = 0
     for n in list(block):
-        if n.op not in ("conv2d", "linear") or not isinstance(n.inputs[1], Param) or n.attrs.get("groups", 1) != 1:
+        # the pair it builds is spelled as conv2d (1x1 second layer) or linear: only those two are factorized
+        if n.op not in ("conv2d", "linear") or not _dense_layer(n):
             continue
         w = block.params[n.inputs[1].name]
         out_c, fan_in = w.shape[0], w[0].numel()
@@ -314,37 +325,43 @@ class DistillSubgraph(Pass):
 
     preserves_outputs = False
 
-    module: str = ""
-    nodes: str = ""
-    pattern: str = ""
-    width: float = 1.0
-    low_rank: float = 0.0
-    depth: int = 0
-    student: str = ""
-    epochs: int = 30
-    lr: float = 3e-3
-    batch_size: int = 64
-    max_samples: int = 8192
-    holdout: float = 0.1
-    kd_epochs: int = 0
-    kd_lr: float = 3e-4
-    T: float = 4.0
-    alpha: float = 0.9
+    module: str = option("", help="the block to replace, by module path prefix, e.g. 'layer3' (give exactly "
+                                   "one of module, nodes, pattern)")
+    nodes: str = option("", help="the block to replace, by a range of node names FROM..TO, e.g. "
+                                 "'layer3_0_conv1..layer3_2_relu2'")
+    pattern: str = option("", help="the block to replace, by a regular expression over module paths, "
+                                   "e.g. 'layer3\\.[12].*'")
+    width: float = option(1.0, gt=0, le=1, help="fraction of each inner layer's hidden channels the student "
+                                                "keeps, chosen by BN-scaled filter norm; 1 keeps all (typical: 0.5)")
+    low_rank: float = option(0.0, ge=0, lt=1, help="factor each conv/linear by truncated SVD to this fraction "
+                                                   "of its rank where that saves params; 0 is off (typical: 0.25)")
+    depth: int = option(0, ge=0, help="keep this many of the block's repeated child blocks whose input and "
+                                      "output shapes agree; 0 keeps all")
+    student: str = option("", help="your own student instead: 'pkg.mod:callable' or 'file.py:callable', called "
+                                   "with the teacher block (an nn.Module) and an example input")
+    epochs: int = option(30, ge=1, help="epochs training the student block to match the block's output (MSE)")
+    lr: float = option(3e-3, gt=0, help="peak learning rate of the block training (one-cycle schedule)")
+    batch_size: int = option(64, ge=1, help="samples per step, in block training and in the KD fine-tune")
+    max_samples: int = option(8192, ge=1, help="block inputs and outputs recorded from the calibration data "
+                                               "to train on (more: better fit, more memory)")
+    holdout: float = option(0.1, ge=0, lt=1, help="fraction of the recorded samples held out to measure the "
+                                                  "student's error (used when it is at least 16 samples)")
+    kd_epochs: int = option(0, ge=0, help="after the swap, epochs of KD fine-tuning of the whole graph from "
+                                          "the original on the train data; 0 is off")
+    kd_lr: float = option(3e-4, gt=0, help="peak learning rate of the KD fine-tune")
+    T: float = option(4.0, gt=0, help="KD temperature of the fine-tune (typical: 2-8)")
+    alpha: float = option(0.9, ge=0, le=1, help="weight of the teacher term in the KD fine-tune")
 
     def validate(self) -> None:
-        if not 0.0 < self.width <= 1.0:
-            raise PassError(f"pass '{self.name}': option 'width' must be in (0, 1], got {self.width}")
-        if not 0.0 <= self.low_rank < 1.0:
-            raise PassError(f"pass '{self.name}': option 'low_rank' must be in [0, 1) (0 = off), got {self.low_rank}")
-        if self.depth < 0:
-            raise PassError(f"pass '{self.name}': option 'depth' must be >= 0 (0 = keep all), got {self.depth}")
+        given = [k for k in ("module", "nodes", "pattern") if getattr(self, k)]
+        if len(given) != 1:
+            raise PassError(f"pass '{self.name}': give exactly one of module=PATH, nodes=FROM..TO, pattern=REGEX "
+                            f"to choose the block (got {', '.join(given) or 'none'})")
         if self.student and (self.width < 1.0 or self.low_rank or self.depth):
             raise PassError(f"pass '{self.name}': a custom student= excludes width/low_rank/depth")
         if not self.student and self.width == 1.0 and not self.low_rank and not self.depth:
             raise PassError(f"pass '{self.name}': say how to shrink the block: width<1, low_rank in (0,1), "
                             "depth>=1, or student=pkg.mod:callable")
-        if not 0.0 <= self.holdout < 1.0:
-            raise PassError(f"pass '{self.name}': option 'holdout' must be in [0, 1), got {self.holdout}")
 
     def _inputs(self, ctx: PassContext) -> list[tuple]:
         if ctx.calibration_data is not None:

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -126,15 +126,27 @@ def dist_info() -> tuple[int, int]:
 
 # --- the loop -------------------------------------------------------------------------------------------
 
-def _make_optimizer(optimizer: str | Callable, params: list, lr: float, weight_decay: float):
+#: The optimizers the training loop builds by name: the type of every pass option that names one
+#: (finetune, distill, quantize's QAT), so an option accepts exactly what the loop knows.
+Optimizer = Literal["adam", "adamw", "sgd"]
+OPTIMIZER_HELP = ("adam: Adam (with weight_decay > 0 the decay is decoupled, as AdamW); adamw: AdamW (the "
+                  "same as adam for any weight_decay, named as in PyTorch); sgd: SGD with Nesterov momentum 0.9")
+_OPTIMIZERS: dict[str, Callable[[list, float, float], torch.optim.Optimizer]] = {
+    "adam": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd) if wd
+    else torch.optim.Adam(params, lr=lr),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
+}
+assert tuple(_OPTIMIZERS) == get_args(Optimizer)
+
+
+def _make_optimizer(optimizer: Optimizer | Callable, params: list, lr: float, weight_decay: float):
     if callable(optimizer):
         return optimizer(params)
-    if optimizer == "adam":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay \
-            else torch.optim.Adam(params, lr=lr)
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    raise PassError(f"unknown optimizer {optimizer!r}; use 'adam', 'sgd' or a callable(params) -> Optimizer")
+    if optimizer not in _OPTIMIZERS:
+        raise PassError(f"unknown optimizer {optimizer!r}; use {', '.join(map(repr, _OPTIMIZERS))} or a "
+                        "callable(params) -> Optimizer")
+    return _OPTIMIZERS[optimizer](params, lr, weight_decay)
 
 
 def _split_out(out: Any, n_feats: int) -> tuple[torch.Tensor, tuple]:
@@ -145,7 +157,7 @@ def _split_out(out: Any, n_feats: int) -> tuple[torch.Tensor, tuple]:
 
 def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train_data: Any, *,
             loss: str | DistillLoss = "kd", loss_options: dict[str, Any] | None = None,
-            features: FeaturePairs = (), epochs: int = 5, optimizer: str | Callable = "adam",
+            features: FeaturePairs = (), epochs: int = 5, optimizer: Optimizer | Callable = "adam",
             lr: float = 1e-3, weight_decay: float = 0.0, batch_size: int = 64,
             schedule: str = "onecycle", grad_clip: float | None = None,
             eval_fn: Callable[[nn.Module], float] | None = None, keep_best: bool = True,

@@ -5,9 +5,17 @@ Importing this package registers `prune-weights`, `materialize-masks`, `prune-ch
 """
 
 from slimfx.passes.prune.channels import PruneChannels
-from slimfx.passes.prune.groups import Dependencies, Group, analyze
+from slimfx.passes.prune.groups import (
+    PRUNING_RULES,
+    Analyzer,
+    Dependencies,
+    Group,
+    analyze,
+    register_pruning_rule,
+    rule_for,
+)
 from slimfx.passes.prune.masks import MaterializeMasks, PruneWeights, layer_sparsity
 from slimfx.passes.prune.sensitivity import PruneSensitivity
 
 __all__ = ["PruneChannels", "PruneWeights", "MaterializeMasks", "PruneSensitivity", "analyze", "Dependencies",
-           "Group", "layer_sparsity"]
+           "Group", "layer_sparsity", "Analyzer", "PRUNING_RULES", "register_pruning_rule", "rule_for"]

@@ -9,15 +9,15 @@ trains and exports.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from slimfx.ir import Graph, count_macs, count_params, lower, propagate_shapes, verify
+from slimfx.ir import Graph, count_macs, count_params, lower, ops_with, propagate_shapes, verify
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
-from slimfx.passes.prune.groups import BLOCK, Dependencies, Group, analyze, apply
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
+from slimfx.passes.prune.groups import BLOCK, Dependencies, Group, analyze, apply, missing_trait_message
 
 Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
 
@@ -45,13 +45,16 @@ def match_any(patterns: list[str], names: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(nm, p) for p in patterns for nm in names if nm)
 
 
+# layers that own a weight (weighted ops and lookup tables: conv, linear, embedding): what patterns name
+LAYER_OPS = ops_with(weighted=True) | ops_with(quant="table")
+
+
 def check_patterns(graph: Graph, patterns: list[str], option: str, pass_name: str) -> None:
     """Every pattern must name some node (module path or name) or param; else say what exists."""
     names = [x for n in graph for x in (n.name, n.module_path or "")] + list(graph.params)
     for p in patterns:
         if not any(fnmatch.fnmatchcase(nm, p) for nm in names if nm):
-            mods = sorted({n.module_path for n in graph if n.module_path and n.op in ("conv1d", "conv2d", "linear",
-                                                                                     "embedding")})
+            mods = sorted({n.module_path for n in graph if n.module_path and n.op in LAYER_OPS})
             raise PassError(f"pass '{pass_name}': {option} pattern {p!r} names no module, node or param of the graph; "
                             f"layers are e.g. {', '.join(mods[:8]) or '(none)'} (fnmatch patterns such as 'layer1.*')")
 
@@ -184,35 +187,27 @@ def _keep_every_axis(deps: Dependencies, scores: torch.Tensor, removed: list[int
 @register_pass("prune-channels")
 @dataclass
 class PruneChannels(Pass):
-    """Remove whole channels, attention heads and FFN units everywhere their dependencies reach.
-
-    sparsity: fraction of each group's units to remove (ignored when target_macs is set).
-    target_macs: remove the same fraction from every group, the smallest that brings MACs to at most
-      this ratio of the input graph's.
-    criterion: l1 | l2 (weight norms over every layer of the group) | bn-scale (|gamma|) | taylor (|Σ w·grad|).
-    round_to: keep channel counts multiples of this (channel groups; heads are whole units already).
-    protect: fnmatch patterns on layer names; a group with a protected source layer is left alone.
-    overrides: pattern -> sparsity for groups whose source layers match.
-    """
+    """Remove whole channels, attention heads and FFN units everywhere their dependencies reach."""
 
     preserves_outputs = False
 
-    sparsity: float = 0.5
-    target_macs: float | None = None
-    criterion: Criterion = "l2"
-    round_to: int = 1
-    protect: list[str] = field(default_factory=list)
-    overrides: dict[str, float] = field(default_factory=dict)
-    taylor_batches: int = 4
-
-    def validate(self) -> None:
-        for key, v in [("sparsity", self.sparsity), *((f"overrides[{k!r}]", v) for k, v in self.overrides.items())]:
-            if not 0.0 <= v < 1.0:
-                raise PassError(f"pass 'prune-channels': {key} must be in [0, 1), got {v}")
-        if self.target_macs is not None and not 0.0 < self.target_macs <= 1.0:
-            raise PassError(f"pass 'prune-channels': target_macs must be in (0, 1], got {self.target_macs}")
-        if self.round_to < 1:
-            raise PassError(f"pass 'prune-channels': round_to must be >= 1, got {self.round_to}")
+    sparsity: float = option(0.5, ge=0, lt=1, help=(
+        "fraction of each group's units (channels, heads, FFN units) to remove; ignored when target_macs is "
+        "set (typical: 0.25-0.75)"))
+    target_macs: float | None = option(None, gt=0, le=1, help=(
+        "instead of sparsity: the smallest same fraction removed from every group that brings MACs to at "
+        "most this ratio of the input graph's, e.g. 0.5; unset: use sparsity"))
+    criterion: Criterion = option("l2", help=(
+        "how units are ranked: l1 | l2 (weight norms over every layer of the group); bn-scale (|gamma| of "
+        "the batch norm); taylor (|sum of weight x gradient|, needs data)"))
+    round_to: int = option(1, ge=1, help="keep channel counts multiples of this (e.g. 8 for SIMD-friendly "
+                                         "widths); heads are whole units already")
+    protect: list[str] = option([], help="fnmatch patterns on layer names; a group with a protected source "
+                                         "layer is left alone, e.g. ['fc', 'layer1.*']")
+    overrides: dict[str, float] = option({}, ge=0, lt=1, help=(
+        "pattern -> sparsity for the groups whose source layers match, e.g. {'layer4.*' = 0.25}"))
+    taylor_batches: int = option(4, ge=1, help="criterion = taylor: batches of data the gradients are "
+                                               "summed over")
 
     def check_context(self, ctx: PassContext) -> str | None:
         if self.criterion == "taylor" and ctx.train_data is None and ctx.calibration_data is None:
@@ -228,11 +223,12 @@ class PruneChannels(Pass):
         return None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        self.validate()
         check_patterns(graph, self.protect, "protect", self.name)
         check_patterns(graph, list(self.overrides), "overrides", self.name)
         inputs = example_inputs(graph, ctx)
         deps = analyze(graph)
+        for op in deps.missing:
+            ctx.logger.warning("prune-channels: %s", missing_trait_message(op))
         scores, notes = importance(graph, deps, self.criterion, ctx, batches=self.taylor_batches)
         macs0, params0 = count_macs(graph), count_params(graph)
 
@@ -297,6 +293,8 @@ class PruneChannels(Pass):
         }
         if notes:
             stats["notes"] = notes
+        if deps.missing:  # ops pruning stopped at for want of a trait: op -> the trait (the reasons are in blocked)
+            stats["missing_traits"] = dict(deps.missing)
         return PassResult(changed=bool(removed), stats=stats)
 
 

@@ -12,6 +12,12 @@ matmul contractions (q/k per feature, q/k/v per head), grouped convolutions
 ops the analysis cannot see through (named in `blocked` with the reason), and
 features that combine with unprunable values.
 
+How channels flow through each op is looked up by op name: a pruning rule registered with
+`register_pruning_rule(op, rule)` (built-in ops register theirs: conv/linear, norms, matmul,
+attention, indexing), else the rule for the op's `channels` trait (ir.ops: same, broadcast,
+weighted, view, reduce, spatial, block). An op with neither (a user op registered without traits)
+stops the channels that reach it, and `blocked` says which op lacks the trait.
+
 Result (`analyze(graph) -> Dependencies`):
 - units: classes of labels that are always removed together (a channel, a head, a conv group);
 - groups: sets of channel spaces coupled by any unit (what a user calls "a group");
@@ -23,27 +29,53 @@ Result (`analyze(graph) -> Dependencies`):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from slimfx.ir import Graph, Node, Param, TensorMeta, get_op, iter_refs, map_refs
+from slimfx.ir import Graph, Node, Param, TensorMeta, get_op, iter_refs, map_refs, trait
 
 BLOCK = 0
 
-# Ops whose output element i depends only on input element i (labels pass through unchanged).
-_POINTWISE = frozenset({
-    "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "clamp",
-    "dropout", "identity", "contiguous", "cast", "neg", "sqrt", "rsqrt", "exp", "log", "abs", "erf",
-    "reciprocal",
-})
-_BINARY = frozenset({"add", "sub", "mul", "div", "pow"})
-_SHAPE = frozenset({"reshape", "flatten", "permute", "transpose", "unsqueeze", "squeeze", "expand", "cat",
-                    "stack", "split", "chunk"})
-_SPATIAL = frozenset({"max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "adaptive_avg_pool1d",
-                      "adaptive_avg_pool2d", "adaptive_max_pool2d", "interpolate"})
+# rule(analyzer, node) -> the labels of the node's output (see `register_pruning_rule`)
+PruningRule = Callable[["Analyzer", Node], Any]
+PRUNING_RULES: dict[str, PruningRule] = {}
+
+
+def register_pruning_rule(op: str, rule: PruningRule | None = None) -> Any:
+    """Register how channels flow through `op` for structured pruning (like Torch-Pruning's
+    customized_pruners); usable as a decorator. It replaces the rule of the op's `channels` trait.
+
+    `rule(an, node)` returns the channel labels of the node's output: a long tensor of the output's shape
+    whose element i holds the label of the channel it belongs to (0: none). It reads its operands' labels
+    with `an.value(x)` (or `an.channels_at(x, dim, node, what)`: the 1-D labels along one dim), declares
+    every param axis that follows channels with `an.member(param, axis, labels, role, node)` (role weight |
+    bias | norm | other: what importance criteria read), freezes the others (`an.freeze_params(node)`),
+    stops channels it cannot follow with `an.block(labels, node, why)`, couples channels that must go
+    together with `an.union_pairs(a, b, node, why)`, starts new channels with `an.new_space(node, size,
+    weight)` and fixes attrs after pruning with `an.add_fixup(node, labels, fn)`; `an.opaque(node, why)`
+    blocks everything the node reads (and returns all-zero labels). `rule_for(op)` gives the rule in use.
+    """
+    if rule is None:
+        return lambda r: register_pruning_rule(op, r)
+    PRUNING_RULES[op] = rule
+    return rule
+
+
+def rule_for(op: str) -> PruningRule | None:
+    """The registered rule of `op`, else the rule of its `channels` trait, else None (unknown to pruning)."""
+    rule = PRUNING_RULES.get(op)
+    if rule is None:
+        rule = CHANNEL_FLOW_RULES.get(trait(op, "channels"))
+    return rule
+
+
+def missing_trait_message(op: str) -> str:
+    return (f"op '{op}' has no channel trait and no pruning rule, so pruning stops at it: declare how "
+            f"channels flow (ir.register_op({op!r}, impl, elementwise=1 | shape_op=True | channels='same', ...)) "
+            f"or register a rule (slimfx.passes.prune.register_pruning_rule({op!r}, rule))")
 
 
 class _UnionFind:
@@ -133,6 +165,7 @@ class Dependencies:
     spaces: list[Space]
     num_labels: int
     node_of_space: dict[int, str] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)  # op -> the trait it lacks (pruning stopped there)
 
     def group_of_label(self) -> dict[int, int]:
         return {lab: g.id for g in self.groups for u in g.units for lab in g.unit_labels[u]}
@@ -142,7 +175,9 @@ class Dependencies:
                  "units": len(g.units), "blocked_channels": g.blocked_channels} for g in self.groups]
 
 
-class _Analyzer:
+class Analyzer:
+    """The channel-label walk; pruning rules (`register_pruning_rule`) call its helpers."""
+
     def __init__(self, graph: Graph) -> None:
         self.g = graph
         self.uf = _UnionFind()
@@ -151,6 +186,7 @@ class _Analyzer:
         self.members: dict[tuple[str, int], Member] = {}
         self.fixups: list[tuple] = []
         self.blocked: list[dict[str, str]] = []
+        self.missing: dict[str, str] = {}  # op -> what it lacks (ops without a channel trait or rule)
         self._blocked_seen: set[tuple[str, int]] = set()
         self.env: dict[Node, Any] = {}
         self.remaining: dict[Node, int] = {}
@@ -162,6 +198,11 @@ class _Analyzer:
         self.spaces.append(sp)
         self.space_of_label.extend([sp.id] * size)
         return torch.arange(start, start + size, dtype=torch.long)
+
+    def add_fixup(self, node: Node, labels: torch.Tensor, fn: Callable[[Node, torch.Tensor], None]) -> None:
+        """After pruning, call `fn(node, keep)` with `keep` a bool tensor like `labels` (True: channel kept),
+        to fix the node's attrs (a channel count, a group count)."""
+        self.fixups.append(("call", node.name, labels.clone(), fn))
 
     def block(self, labels: torch.Tensor | Iterable[int], node: Node, why: str) -> None:
         vals = labels.unique().tolist() if isinstance(labels, torch.Tensor) else list(labels)
@@ -290,16 +331,14 @@ class _Analyzer:
             self.env[n] = out
             for i in n.input_nodes():
                 self.remaining[i] -= 1
-                if self.remaining[i] <= 0 and i.op not in ("size", "shape"):
+                if self.remaining[i] <= 0 and trait(i.op, "result") != "value":
                     self.env.pop(i, None)
 
-    def visit(self, n: Node) -> Any:  # noqa: C901 - one branch per op family
-        op = n.op
-        ins = n.inputs
-        if op == "input":
+    def visit(self, n: Node) -> Any:
+        if n.op == "input":
             return self.zeros(n.meta)
-        if op == "output":
-            for r in iter_refs(ins):
+        if n.op == "output":
+            for r in iter_refs(n.inputs):
                 if isinstance(r, Node) and isinstance(self.env.get(r), torch.Tensor):
                     self.block(self.env[r], n, "graph output (never pruned)")
                 elif isinstance(r, Node) and isinstance(self.env.get(r), tuple):
@@ -307,62 +346,60 @@ class _Analyzer:
                         if isinstance(t, torch.Tensor):
                             self.block(t, n, "graph output (never pruned)")
             return None
-        if op == "mask":
-            if len(n.users) and all(u.op in ("conv1d", "conv2d", "linear") and u.inputs[1] is n for u in n.users):
-                return None  # handled by its conv/linear consumer
+        rule = rule_for(n.op)
+        if rule is None:
+            self.missing[n.op] = "channels"
+            return self.opaque(n, missing_trait_message(n.op))
+        return rule(self, n)
+
+    # -- rules of ops (see register_pruning_rule) and of channel traits ------------------------------
+    def mask(self, n: Node) -> Any:
+        users = n.users
+        if len(users) and all(trait(u.op, "weighted") is not None and u.inputs[1] is n for u in users):
+            return None  # handled by the weighted layer that reads it
+        self.freeze_params(n)
+        return self.zeros(n.meta)
+
+    def embedding(self, n: Node) -> Any:
+        ids, w = n.inputs[0], n.inputs[1]
+        self.block_node_inputs(n, only=[ids])
+        if not isinstance(w, Param):
+            return self.opaque(n, "weight is not a param")
+        t = self.g.params[w.name]
+        self.member(w, 0, torch.zeros(t.shape[0], dtype=torch.long), "other", n)  # rows are token ids
+        labs = self.new_space(n, t.shape[1], w.name)
+        self.member(w, 1, labs, "weight", n)
+        return labs.expand(n.meta.shape).clone()
+
+    def batch_norm(self, n: Node) -> Any:
+        ins = n.inputs
+        ch = self.channels_at(ins[0], 1, n, "batch_norm")
+        if ch is None:
             self.freeze_params(n)
-            return self.zeros(n.meta)
-        if op in ("conv1d", "conv2d"):
-            return self.conv(n)
-        if op == "linear":
-            return self.linear(n)
-        if op == "embedding":
-            ids, w = ins[0], ins[1]
-            self.block_node_inputs(n, only=[ids])
-            if not isinstance(w, Param):
-                return self.opaque(n, "weight is not a param")
-            t = self.g.params[w.name]
-            self.member(w, 0, torch.zeros(t.shape[0], dtype=torch.long), "other", n)  # rows are token ids
-            labs = self.new_space(n, t.shape[1], w.name)
-            self.member(w, 1, labs, "weight", n)
-            return labs.expand(n.meta.shape).clone()
-        if op == "batch_norm":
-            ch = self.channels_at(ins[0], 1, n, "batch_norm")
-            if ch is None:
-                self.freeze_params(n)
-                return self.value(ins[0])
-            for p, role in zip(ins[1:5], ("other", "other", "norm", "bias"), strict=False):
-                if isinstance(p, Param):
-                    self.member(p, 0, ch, role, n)
             return self.value(ins[0])
-        if op == "layer_norm":
-            return self.layer_norm(n)
-        if op == "group_norm":
-            return self.group_norm(n)
-        if op in _POINTWISE:
-            if n.params():
-                self.freeze_params(n)
-            return self.value(ins[0])
-        if op in _BINARY:
-            return self.binary(n)
-        if op in ("size", "shape"):
-            return self.size(n)
-        if op == "getitem":
-            src = self.value(ins[0])
-            return src[n.attrs["index"]] if isinstance(src, (tuple, list)) else self.zeros(n.meta)
-        if op == "slice":
-            return self.slice(n)
-        if op in _SHAPE:
-            return self.shape_op(n)
-        if op in ("mean", "sum", "softmax", "log_softmax"):
-            return self.reduce(n)
-        if op in _SPATIAL:
-            return self.spatial(n)
-        if op == "matmul":
-            return self.matmul(n)
-        if op == "scaled_dot_product_attention":
-            return self.sdpa(n)
-        return self.opaque(n, f"the analysis does not know op '{op}'")
+        for p, role in zip(ins[1:5], ("other", "other", "norm", "bias"), strict=False):
+            if isinstance(p, Param):
+                self.member(p, 0, ch, role, n)
+        return self.value(ins[0])
+
+    def same(self, n: Node) -> Any:
+        """Channel i in is channel i out (relu, dropout, ...): labels pass through; params stay whole."""
+        if n.params():
+            self.freeze_params(n)
+        return self.value(n.inputs[0])
+
+    def getitem(self, n: Node) -> Any:
+        src = self.value(n.inputs[0])
+        return src[n.attrs["index"]] if isinstance(src, (tuple, list)) else self.zeros(n.meta)
+
+    def blocks(self, n: Node) -> Any:
+        return self.opaque(n, f"'{n.op}' stops channels (its channels trait is 'block')")
+
+    def opaque_call(self, n: Node) -> Any:
+        target = n.attrs.get("target")
+        what = getattr(target, "__name__", None) or str(target)
+        return self.opaque(n, f"opaque {n.attrs.get('kind', 'call')} {what} (capture kept it as a call; "
+                              "ir.register_converter maps it to a canonical op)")
 
     def block_node_inputs(self, n: Node, why: str = "", only: Iterable[Any] | None = None) -> None:
         for r in iter_refs(list(only) if only is not None else (n.inputs, n.attrs)):
@@ -377,25 +414,29 @@ class _Analyzer:
         self.freeze_params(n)
         return self.zeros(n.meta)
 
-    def conv(self, n: Node) -> torch.Tensor:
+    def weighted(self, n: Node) -> torch.Tensor:
+        """A layer y = x ⊛ W + b (ir.Weighted: conv, linear): consumes x's channels, produces new ones."""
+        layer = get_op(n.op).weighted
         x, w = n.inputs[0], n.inputs[1]
         b = n.inputs[2] if len(n.inputs) > 2 else None
         ws = self.resolve_weight(w)
         if ws is None or (b is not None and not isinstance(b, Param)):
-            return self.opaque(n, "conv weight/bias is not a param (or a mask of params)")
-        groups = int(n.attrs.get("groups", 1))
+            return self.opaque(n, f"{n.op} weight/bias is not a param (or a mask of params)")
+        groups = int(n.attrs.get("groups", 1)) if layer.grouped else 1
         wt = self.g.params[ws[0].name]
         cout, gi = wt.shape[0], wt.shape[1]
         go = cout // groups
-        ch = self.channels_at(x, 1, n, "conv input")
+        ch = self.channels_at(x, layer.channel_dim, n, f"{n.op} input")
         out = self.new_space(n, cout, ws[0].name)
         for p in ws:
             self.member(p, 0, out, "weight" if p is ws[0] else "other", n)
         self.member(b, 0, out, "bias", n)
         if groups == 1:
-            if ch is not None:
-                for p in ws:
+            for p in ws:
+                if ch is not None:
                     self.member(p, 1, ch, "weight" if p is ws[0] else "other", n)
+                else:
+                    self.member(p, 1, torch.zeros(self.g.params[p.name].shape[1], dtype=torch.long), "other", n)
         else:
             # A group (its gi input and go output channels) is one unit; groups = kept channels // go.
             for gidx in range(groups):
@@ -407,27 +448,8 @@ class _Analyzer:
                     self.block([labs[0]], n, "grouped conv reads channels that cannot be removed")
             self.fixups.append(("conv_groups", n.name, go))
         shape = [1] * len(n.meta.shape)
-        shape[1] = cout
+        shape[layer.channel_dim] = cout
         return out.view(shape).expand(n.meta.shape).clone()
-
-    def linear(self, n: Node) -> torch.Tensor:
-        x, w = n.inputs[0], n.inputs[1]
-        b = n.inputs[2] if len(n.inputs) > 2 else None
-        ws = self.resolve_weight(w)
-        if ws is None or (b is not None and not isinstance(b, Param)):
-            return self.opaque(n, "linear weight/bias is not a param (or a mask of params)")
-        ch = self.channels_at(x, -1, n, "linear input")
-        if ch is not None:
-            for p in ws:
-                self.member(p, 1, ch, "weight" if p is ws[0] else "other", n)
-        else:
-            for p in ws:
-                self.member(p, 1, torch.zeros(self.g.params[p.name].shape[1], dtype=torch.long), "other", n)
-        out = self.new_space(n, self.g.params[ws[0].name].shape[0], ws[0].name)
-        for p in ws:
-            self.member(p, 0, out, "weight" if p is ws[0] else "other", n)
-        self.member(b, 0, out, "bias", n)
-        return out.expand(n.meta.shape).clone()
 
     def layer_norm(self, n: Node) -> torch.Tensor:
         x = self.value(n.inputs[0])
@@ -530,36 +552,48 @@ class _Analyzer:
             self.block(t, n, "a channel count is read as a value")
         return t.shape if dim is None else t.shape[dim]
 
-    def shape_op(self, n: Node) -> Any:
-        impl = get_op(n.op).impl
-        args = map_refs(n.inputs, self.value)
-        kwargs = map_refs(n.attrs, self.value)
+    def _replay(self, n: Node) -> tuple[Any, str | None]:
+        """The op run on its operands' labels: data movement moves the labels as it would the values."""
         try:
-            out = impl(*args, **kwargs)
+            return get_op(n.op).impl(*map_refs(n.inputs, self.value), **map_refs(n.attrs, self.value)), None
         except Exception as e:  # noqa: BLE001 - anything the label replay cannot follow stops the group
-            return self.opaque(n, f"shape replay failed: {type(e).__name__}: {e}")
-        if n.op in ("reshape", "expand"):
-            key = "shape" if n.op == "reshape" else "size"
-            var = self.varying(out) if isinstance(out, torch.Tensor) else []
-            entries = list(n.attrs[key]) if isinstance(n.attrs[key], (tuple, list)) else [n.attrs[key]]
-            if var and len(entries) == out.dim():
-                bad = [d for d in var if not isinstance(entries[d], int)]
-                if bad:
-                    self.block(out, n, f"{n.op} size of the channel dim {bad[0]} is computed at run time")
-                else:
-                    self.fixups.append(("reshape", n.name, key, out.clone()))
-            elif var:
-                self.block(out, n, f"{n.op} with a packed size argument")
-        if n.op in ("split", "chunk"):
-            x = args[0]
-            dim = n.attrs.get("dim", 0) % x.dim()
-            if dim in self.varying(x):
-                ch = self.channels_at(n.inputs[0], dim, n, f"{n.op} of a channel dim")
-                if ch is not None:
-                    self.fixups.append(("split", n.name, dim, ch, [o.shape[dim] for o in out]))
-        if isinstance(out, tuple):
-            return tuple(o.clone() for o in out)
-        return out.clone() if isinstance(out, torch.Tensor) else out
+            return None, f"shape replay failed: {type(e).__name__}: {e}"
+
+    def view(self, n: Node) -> Any:
+        """Data movement whose attrs name dims, never sizes (permute, flatten, cat, stack, squeeze, ...)."""
+        out, err = self._replay(n)
+        return self.opaque(n, err) if err else _clone(out)
+
+    def reshape(self, n: Node) -> Any:
+        """reshape/expand: a size in the attrs follows the channels it spans (fixed up after pruning)."""
+        out, err = self._replay(n)
+        if err:
+            return self.opaque(n, err)
+        key = "shape" if n.op == "reshape" else "size"
+        var = self.varying(out) if isinstance(out, torch.Tensor) else []
+        entries = list(n.attrs[key]) if isinstance(n.attrs[key], (tuple, list)) else [n.attrs[key]]
+        if var and len(entries) == out.dim():
+            bad = [d for d in var if not isinstance(entries[d], int)]
+            if bad:
+                self.block(out, n, f"{n.op} size of the channel dim {bad[0]} is computed at run time")
+            else:
+                self.fixups.append(("reshape", n.name, key, out.clone()))
+        elif var:
+            self.block(out, n, f"{n.op} with a packed size argument")
+        return _clone(out)
+
+    def split(self, n: Node) -> Any:
+        """split/chunk: the section sizes follow the channels of each section (fixed up after pruning)."""
+        out, err = self._replay(n)
+        if err:
+            return self.opaque(n, err)
+        x = self.value(n.inputs[0])
+        dim = n.attrs.get("dim", 0) % x.dim()
+        if dim in self.varying(x):
+            ch = self.channels_at(n.inputs[0], dim, n, f"{n.op} of a channel dim")
+            if ch is not None:
+                self.fixups.append(("split", n.name, dim, ch, [o.shape[dim] for o in out]))
+        return _clone(out)
 
     def slice(self, n: Node) -> Any:
         x = self.value(n.inputs[0])
@@ -570,6 +604,7 @@ class _Analyzer:
         return out.clone()
 
     def reduce(self, n: Node) -> torch.Tensor:
+        """Combines positions along attr `dim` (mean, sum; softmax keeps the shape)."""
         x = self.value(n.inputs[0])
         var = self.varying(x)
         dim = n.attrs.get("dim")
@@ -578,7 +613,7 @@ class _Analyzer:
         if set(dims) & set(var):
             self.block(x, n, f"'{n.op}' reduces over the channel dim")
             return torch.zeros(n.meta.shape, dtype=torch.long)
-        if n.op in ("softmax", "log_softmax"):
+        if tuple(n.meta.shape) == tuple(x.shape):  # normalizes along dim (softmax): the shape stays
             return x
         out = x
         keep = n.attrs.get("keepdim", False)
@@ -660,9 +695,26 @@ class _Analyzer:
         return v.narrow(-2, 0, 1).expand(n.meta.shape).clone()
 
 
+# The rule of each `channels` trait value (ir/ops.py).
+CHANNEL_FLOW_RULES: dict[str | None, PruningRule] = {
+    "same": Analyzer.same, "broadcast": Analyzer.binary, "weighted": Analyzer.weighted, "view": Analyzer.view,
+    "reduce": Analyzer.reduce, "spatial": Analyzer.spatial, "block": Analyzer.blocks,
+}
+
+# Built-in ops whose channels follow rules of their own.
+for _op, _rule in [
+    ("mask", Analyzer.mask), ("embedding", Analyzer.embedding), ("batch_norm", Analyzer.batch_norm),
+    ("layer_norm", Analyzer.layer_norm), ("group_norm", Analyzer.group_norm), ("size", Analyzer.size),
+    ("shape", Analyzer.size), ("getitem", Analyzer.getitem), ("slice", Analyzer.slice),
+    ("reshape", Analyzer.reshape), ("expand", Analyzer.reshape), ("split", Analyzer.split), ("chunk", Analyzer.split),
+    ("matmul", Analyzer.matmul), ("scaled_dot_product_attention", Analyzer.sdpa), ("opaque", Analyzer.opaque_call),
+]:
+    register_pruning_rule(_op, _rule)
+
+
 def analyze(graph: Graph) -> Dependencies:
     """Compute channel groups, param members and attr fixups of `graph` (which must have metas)."""
-    an = _Analyzer(graph)
+    an = Analyzer(graph)
     an.run()
     roots = an.uf.roots()
     n_labels = len(an.uf.parent)
@@ -699,11 +751,22 @@ def analyze(graph: Graph) -> Dependencies:
         prim_roots = roots[prim.start:prim.start + prim.size]
         blocked = int((prim_roots == BLOCK).sum())
         sizes = {sum(1 for lab in unit_labels[u] if an.space_of_label[lab] == prim.id) for u in units}
-        kind = "channels" if sizes <= {1} else ("heads" if any(graph.node(s.node).op == "linear"
+        kind = "channels" if sizes <= {1} else ("heads" if any(_ungrouped_layer(graph.node(s.node).op)
                                                               for s in spaces) else "groups")
         groups.append(Group(len(groups), spaces, units, {u: unit_labels[u] for u in units}, prim.size, blocked,
                             kind))
-    return Dependencies(groups, an.members, an.fixups, an.blocked, roots, an.spaces, n_labels)
+    return Dependencies(groups, an.members, an.fixups, an.blocked, roots, an.spaces, n_labels, missing=an.missing)
+
+
+def _clone(out: Any) -> Any:
+    if isinstance(out, tuple):
+        return tuple(o.clone() for o in out)
+    return out.clone() if isinstance(out, torch.Tensor) else out
+
+
+def _ungrouped_layer(op: str) -> bool:
+    layer = trait(op, "weighted")
+    return layer is not None and not layer.grouped
 
 
 def _kept(labels: torch.Tensor, roots: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
@@ -764,4 +827,6 @@ def apply(graph: Graph, deps: Dependencies, removed_units: Iterable[int]) -> dic
                 node.attrs = {"split_size": tuple(new), "dim": dim}
         elif kind == "sdpa_scale":
             node.attrs = {**node.attrs, "scale": 1.0 / math.sqrt(fx[2])}
+        elif kind == "call":
+            fx[3](node, _kept(fx[2], roots, removed))
     return sizes

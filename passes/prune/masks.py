@@ -10,16 +10,16 @@ Dense kernels are no faster with zeros; the gain is compressibility (and sparse 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from slimfx.ir import Graph, Node, Param, TensorMeta
+from slimfx.ir import Graph, Node, Param, TensorMeta, ops_with
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 
-PRUNABLE_OPS = ("conv1d", "conv2d", "linear")
+PRUNABLE_OPS = ops_with(weighted=True)  # layers with a weight operand (ir.Weighted): conv1d, conv2d, linear, ...
 
 
 def weight_of(node: Node) -> tuple[Param, Param | None] | None:
@@ -63,26 +63,19 @@ def layer_sparsity(graph: Graph) -> list[dict]:
 @register_pass("prune-weights")
 @dataclass
 class PruneWeights(Pass):
-    """Unstructured pruning: zero the smallest (or random) weights of conv/linear layers with explicit masks.
-
-    sparsity: fraction of weights to zero, in [0, 1). criterion: magnitude (|w|) | random (seeded by ctx).
-    scope: layer (each layer at its rate) | global (one magnitude threshold over all non-overridden layers).
-    overrides: fnmatch pattern on module path / node / param name -> sparsity for that layer.
-    skip: patterns of layers left dense.
-    """
+    """Unstructured pruning: zero the smallest (or random) weights of conv/linear layers with explicit masks."""
 
     preserves_outputs = False
 
-    sparsity: float = 0.5
-    criterion: Literal["magnitude", "random"] = "magnitude"
-    scope: Literal["layer", "global"] = "layer"
-    overrides: dict[str, float] = field(default_factory=dict)
-    skip: list[str] = field(default_factory=list)
-
-    def validate(self) -> None:
-        for key, v in [("sparsity", self.sparsity), *((f"overrides[{k!r}]", v) for k, v in self.overrides.items())]:
-            if not 0.0 <= v < 1.0:
-                raise PassError(f"pass 'prune-weights': {key} must be in [0, 1), got {v}")
+    sparsity: float = option(0.5, ge=0, lt=1, help="fraction of each layer's weights to zero (typical: 0.5-0.9)")
+    criterion: Literal["magnitude", "random"] = option("magnitude", help=(
+        "which weights go: magnitude (the smallest |w|) or random (seeded by the run's seed)"))
+    scope: Literal["layer", "global"] = option("layer", help=(
+        "layer: every layer loses `sparsity` of its weights; global: one magnitude threshold over all "
+        "layers not in overrides, so layers with small weights lose more"))
+    overrides: dict[str, float] = option({}, ge=0, lt=1, help=(
+        "fnmatch pattern on module path, node or param name -> sparsity for that layer, e.g. {'fc' = 0.2}"))
+    skip: list[str] = option([], help="patterns of layers left dense, e.g. ['conv1', 'fc']")
 
     def check_graph(self, graph: Graph) -> str | None:
         from slimfx.passes.prune.channels import check_patterns
@@ -97,7 +90,6 @@ class PruneWeights(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         from slimfx.passes.prune.channels import check_patterns
 
-        self.validate()
         check_patterns(graph, self.skip, "skip", self.name)
         check_patterns(graph, list(self.overrides), "overrides", self.name)
         layers: list[tuple[Node, Param, Param | None, float | None]] = []

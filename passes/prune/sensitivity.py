@@ -9,14 +9,14 @@ batches. The table goes to the stats; `plot` writes a PNG (one curve per target)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from slimfx.ir import Graph, lower
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.prune.channels import importance, plan
 from slimfx.passes.prune.groups import analyze, apply
 from slimfx.passes.prune.masks import PRUNABLE_OPS, weight_of
@@ -42,21 +42,27 @@ class PruneSensitivity(Pass):
 
     is_analysis = True
 
-    mode: Literal["channels", "weights"] = "channels"
-    sparsities: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    criterion: Literal["l1", "l2", "bn-scale", "magnitude", "random"] = "l2"
-    plot: str | None = None
-    max_batches: int = 4
+    mode: Literal["channels", "weights"] = option("channels", help=(
+        "channels: prune each channel group alone (as prune-channels would); weights: zero each conv/linear "
+        "layer's weights alone (as prune-weights would)"))
+    sparsities: list[float] = option([0.25, 0.5, 0.75], ge=0, lt=1, help=(
+        "the sparsities each group or layer is tried at (at least one)"))
+    criterion: Literal["l1", "l2", "bn-scale", "magnitude", "random"] = option("l2", help=(
+        "channels: l1 | l2 | bn-scale (magnitude means l2); weights: magnitude or random (others mean magnitude)"))
+    plot: str | None = option(None, help="write a PNG of the curves to this path (needs matplotlib); "
+                                         "unset: no plot")
+    max_batches: int = option(4, ge=1, help="calibration batches scored per trial (without an eval function "
+                                            "the score is the output SQNR on them)")
 
     def validate(self) -> None:
         if not self.sparsities:
-            raise PassError("pass 'prune-sensitivity': sparsities is empty")
-        for s in self.sparsities:
-            if not 0.0 <= s < 1.0:
-                raise PassError(f"pass 'prune-sensitivity': every sparsity must be in [0, 1), got {s}")
+            raise PassError("pass 'prune-sensitivity': option 'sparsities' is empty; give at least one, "
+                            "e.g. [0.25, 0.5, 0.75]")
+        if self.mode == "channels" and self.criterion == "random":
+            raise PassError("pass 'prune-sensitivity': criterion 'random' applies to mode 'weights' only; use "
+                            "mode = 'weights' or another criterion")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        self.validate()
         batches = ctx.calibration_batches()[: self.max_batches]
         if not batches or not batches[0]:
             raise PassError("pass 'prune-sensitivity' needs example inputs or calibration data to score outputs")
@@ -77,8 +83,6 @@ class PruneSensitivity(Pass):
         rows: list[dict] = []
         if self.mode == "channels":
             deps = analyze(graph)
-            if self.criterion == "random":
-                raise PassError("pass 'prune-sensitivity': criterion 'random' applies to mode 'weights' only")
             crit = "l2" if self.criterion == "magnitude" else self.criterion
             scores, _ = importance(graph, deps, crit, ctx)
             for grp in deps.groups:

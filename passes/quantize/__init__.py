@@ -5,6 +5,7 @@ from slimfx.passes.quantize import ops  # noqa: F401  (registers fake_quantize /
 from slimfx.passes.quantize.equalize import BiasCorrection, Equalize
 from slimfx.passes.quantize.observers import (
     CALIBRATION_METHODS,
+    Calibration,
     EntropyObserver,
     HistogramObserver,
     MinMaxObserver,
@@ -17,10 +18,10 @@ from slimfx.passes.quantize.observers import (
     pow2_qparams,
     qparams_from_range,
 )
-from slimfx.passes.quantize.ptq import SCHEMES, Quantize
+from slimfx.passes.quantize.ptq import Quantize, Scheme
 from slimfx.passes.quantize.sensitivity import QuantSensitivity, layer_sensitivity, quantize_with_fallback
 
 __all__ = ["Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "PercentileObserver",
            "EntropyObserver", "MSEObserver", "QParams", "make_observer", "qparams_from_range", "pow2_qparams",
-           "CALIBRATION_METHODS", "Quantize", "SCHEMES", "Equalize", "BiasCorrection", "QuantSensitivity",
+           "CALIBRATION_METHODS", "Calibration", "Quantize", "Scheme", "Equalize", "BiasCorrection", "QuantSensitivity",
            "layer_sensitivity", "quantize_with_fallback"]

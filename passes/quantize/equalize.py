@@ -16,13 +16,13 @@ from typing import ClassVar
 
 import torch
 
-from slimfx.ir import Graph, Node, Param
+from slimfx.ir import Graph, Node, Param, ops_with, trait
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, run_with_outputs
 from slimfx.passes.quantize.qdq import bias_limit
 
-_LAYERS = ("conv1d", "conv2d", "linear")
+_LAYERS = ops_with(weighted=True)  # layers y = x ⊛ W + b (ir.Weighted): conv1d, conv2d, linear, ...
 
 
 def _weight(graph: Graph, n: Node) -> torch.Tensor | None:
@@ -32,18 +32,21 @@ def _weight(graph: Graph, n: Node) -> torch.Tensor | None:
     return None
 
 
+def _groups(n: Node) -> int:
+    return n.attrs.get("groups", 1) if trait(n.op, "weighted").grouped else 1
+
+
 def _is_depthwise(graph: Graph, n: Node) -> bool:
     w = graph.params[n.inputs[1].name]
-    g = n.attrs.get("groups", 1)
-    return n.op != "linear" and g > 1 and w.shape[1] == 1 and g == w.shape[0]
+    g = _groups(n)
+    return g > 1 and w.shape[1] == 1 and g == w.shape[0]
 
 
 def find_pairs(graph: Graph, *, through_relu6: bool) -> list[tuple[Node, list[Node], Node]]:
     """(first layer, activations between, second layer) where the first's output reaches only the second."""
     pairs = []
     for a in graph:
-        if _weight(graph, a) is None or (a.op != "linear" and a.attrs.get("groups", 1) > 1
-                                         and not _is_depthwise(graph, a)):
+        if _weight(graph, a) is None or (_groups(a) > 1 and not _is_depthwise(graph, a)):
             continue
         acts: list[Node] = []
         cur = a
@@ -59,7 +62,7 @@ def find_pairs(graph: Graph, *, through_relu6: bool) -> list[tuple[Node, list[No
         b = next(iter(cur.users))
         if _weight(graph, b) is None or b.inputs[0] is not cur or b.op != a.op:
             continue
-        if b.op != "linear" and b.attrs.get("groups", 1) > 1 and not _is_depthwise(graph, b):
+        if _groups(b) > 1 and not _is_depthwise(graph, b):
             continue
         pairs.append((a, acts, b))
     return pairs
@@ -89,13 +92,14 @@ def _scale_in(w: torch.Tensor, s: torch.Tensor, depthwise: bool) -> torch.Tensor
 class Equalize(Pass):
     """Cross-layer equalization: balance per-channel weight ranges of consecutive layers (exact rewrite)."""
 
-    iterations: int = 4
-    through_relu6: bool = True
-    min_scale: float = 1e-2
-
-    def validate(self) -> None:
-        if self.iterations < 1:
-            raise PassError(f"equalize: option 'iterations' must be >= 1; got {self.iterations}")
+    iterations: int = option(4, ge=1, help="rounds over all layer pairs (each round brings chained pairs "
+                                           "closer to balance; typical: 2-8)")
+    through_relu6: bool = option(True, help=(
+        "also equalize across a relu6, which then becomes a clamp with one upper bound per channel "
+        "(still exact); false: only across relu"))
+    min_scale: float = option(1e-2, gt=0, le=1, help=(
+        "each channel's scale factor is kept in [min_scale, 1/min_scale], so no channel is scaled to "
+        "nearly zero"))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         pairs = find_pairs(graph, through_relu6=self.through_relu6)
@@ -160,7 +164,7 @@ class BiasCorrection(Pass):
                 p = graph.add_param(f"{n.name}.bias", torch.zeros(graph.params[n.inputs[1].inputs[0].name].shape[0]))
                 n.inputs = (*n.inputs[:2], p, *n.inputs[3:])
         names = [n.name for n in layers]
-        channel_dim = {n.name: (-1 if n.op == "linear" else 1) for n in layers}
+        channel_dim = {n.name: trait(n.op, "weighted").channel_dim for n in layers}
         float_means = _channel_means(run_with_outputs(ref, names), batches, names, channel_dim)
         # one lowering; corrections are written in place into its buffers (and into the graph)
         gm = run_with_outputs(graph, names)

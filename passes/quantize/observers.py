@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
@@ -310,7 +311,9 @@ class MSEObserver(HistogramObserver):
         return torch.tensor(best[0]), torch.tensor(best[1])
 
 
-CALIBRATION_METHODS = ("minmax", "moving-average", "percentile", "entropy", "mse")
+#: the calibration methods make_observer builds (the type of quantize's `calibration` option)
+Calibration = Literal["minmax", "moving-average", "percentile", "entropy", "mse"]
+CALIBRATION_METHODS: tuple[str, ...] = get_args(Calibration)
 
 
 def make_observer(method: str, *, axis: int | None = None, dtype: torch.dtype = torch.uint8,

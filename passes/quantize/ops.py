@@ -71,7 +71,6 @@ def _dynamic_quantize(x):
     return q, scale, zp.to(torch.uint8)
 
 
-register_op("fake_quantize", _fake_quantize, "quant",
-            doc="quantize-dequantize with a straight-through gradient (QAT only; never exported)")
-register_op("dynamic_quantize", _dynamic_quantize, "quant",
-            doc="ONNX DynamicQuantizeLinear -> (uint8 values, scale, zero point)")
+# QAT-only and run-time quantization: channel pruning stops at them (prune before quantizing)
+register_op("fake_quantize", _fake_quantize, channels="block")
+register_op("dynamic_quantize", _dynamic_quantize, result="tuple", channels="block")

@@ -10,20 +10,21 @@ Schemes:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from slimfx.ir import Graph, Node, Param, TensorMeta
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
+from slimfx.passes.distill.trainer import OPTIMIZER_HELP, Optimizer
 from slimfx.passes.quantize import ops as _ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
 from slimfx.passes.quantize.calibrate import calibration_batches, collect
 from slimfx.passes.quantize.observers import (
-    CALIBRATION_METHODS,
     DTYPES,
     SCALE_FLOOR,
+    Calibration,
     QParams,
     make_observer,
     pow2_qparams,
@@ -34,7 +35,6 @@ from slimfx.passes.quantize.qdq import (
     OUTPUT_QUANT_OPS,
     WEIGHT_OPS,
     Plan,
-    check_bits,
     check_skip,
     collapse_requantize,
     fit_bias,
@@ -48,7 +48,8 @@ from slimfx.passes.quantize.qdq import (
     through_noops,
 )
 
-SCHEMES = ("int8-static", "int8-dynamic", "fixed-point", "sign")
+#: the quantization schemes (module docstring): the type of quantize's and quant-sensitivity's `scheme`
+Scheme = Literal["int8-static", "int8-dynamic", "fixed-point", "sign"]
 Range = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -63,32 +64,48 @@ class Quantize(Pass):
 
     preserves_outputs = False
 
-    scheme: Literal["int8-static", "int8-dynamic", "fixed-point", "sign"] = "int8-static"
-    per_channel: bool = True
-    # per-channel weight scales only where they beat one per-tensor scale by at least this many dB of weight
-    # SQNR: each channel costs 4 bytes in the file (its weight scale; an int32 bias's scale is not stored)
-    per_channel_min_gain_db: float = 0.0
-    activation_dtype: Literal["uint8", "int8"] = "uint8"
-    activation_symmetric: bool = False
-    calibration: Literal["minmax", "moving-average", "percentile", "entropy", "mse"] = "minmax"
-    percentile: float = 99.999
-    skip: list[str] = field(default_factory=list)
-    bits: int = 8
-    frac_bits: int | None = None
-    keep_first_last: bool = True
-    float_first: bool = False
-    qat_epochs: int = 0
-    qat_lr: float = 1e-3
-    # as finetune's `required`: false skips QAT when there is no train data (stats say so), true insists
-    qat_required: bool = False
-    max_accuracy_drop: float | None = None
-    # int8 schemes: store embedding tables as int8 (one symmetric scale per table)
-    embeddings: bool = True
-    # int8 conv/linear weights in [-64, 64] (7 bits; fixed-point: 7-bit Qm.n): onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI
-    # (AVX2) add pairs of products in int16 and saturate with full-range weights (seen: 24 dB, 75% top-1
-    # agreement against the IR on such a CPU); 7-bit weights are exact on every CPU. False: full 8-bit
-    # weights, for deployment only on VNNI or ARM CPUs.
-    reduce_range: bool = True
+    scheme: Scheme = option("int8-static", help=(
+        "int8-static: int8 weights, calibrated 8-bit activations, int32 biases; int8-dynamic: int8 weights, "
+        "activations quantized at run time (no calibration); fixed-point: Qm.n power-of-two scales, zero "
+        "point 0; sign: weights alpha * sign(w) per output channel"))
+    per_channel: bool = option(True, help="one weight scale per output channel (true) or per tensor (false)")
+    per_channel_min_gain_db: float = option(0.0, ge=0, help=(
+        "dB of weight SQNR a layer's per-channel scales must gain over one per-tensor scale to be kept (each "
+        "channel costs 4 bytes in the file); 0 always keeps them (6 dB is one bit)"))
+    activation_dtype: Literal["uint8", "int8"] = option("uint8", help="integer type of quantized activations")
+    activation_symmetric: bool = option(False, help="activation zero point 0 (symmetric range) instead of "
+                                                    "fitted to the calibrated range")
+    calibration: Calibration = option("minmax", help=(
+        "how activation ranges are set from calibration data: minmax; moving-average (of batch min/max); "
+        "percentile (clip at `percentile`); entropy (KL divergence, TensorRT style); mse (least squared "
+        "error)"))
+    percentile: float = option(99.999, gt=50, le=100, help="calibration = percentile: the percentile of "
+                                                           "|activation| kept in range (typical: 99.9-99.999)")
+    skip: list[str] = option([], help=(
+        "layers kept float: node names, module paths (fnmatch globs, e.g. 'layer1.*') or op names"))
+    bits: int = option(8, ge=2, le=8, help="weight bits (values are stored as 8-bit integers); fixed-point: "
+                                           "activation bits too")
+    frac_bits: int | None = option(None, ge=-16, le=31, help=(
+        "fixed-point: fraction bits n of every Qm.n scale 2^-n; unset: per tensor, the most that cover its range"))
+    keep_first_last: bool = option(True, help="sign: keep the first and last weight layers int8 instead of ±1")
+    float_first: bool = option(False, help=(
+        "keep the first conv/linear float when its fan-in is below 32 (e.g. a 1- or 3-channel image input), "
+        "where an integer kernel costs more than it saves"))
+    qat_epochs: int = option(0, ge=0, help="epochs of quantization-aware fine-tuning (straight-through "
+                                           "estimator) on the train data after calibration; 0 is off")
+    qat_lr: float = option(1e-3, gt=0, help="QAT learning rate at the start, decayed by a cosine schedule "
+                                            "(typical: 1e-4 to 1e-3)")
+    qat_optimizer: Optimizer = option("adam", help="the optimizer of QAT; " + OPTIMIZER_HELP)
+    qat_required: bool = option(False, help=(
+        "false: without train data QAT is skipped and the stats say so; true: that is an error"))
+    max_accuracy_drop: float | None = option(None, ge=0, help=(
+        "fraction of accuracy (0.01 = one point) the quantized model may lose: the most sensitive layers are "
+        "kept float until it holds; needs an eval function; unset: off"))
+    embeddings: bool = option(True, help="int8 schemes: store embedding tables as int8 (one symmetric scale "
+                                         "per table)")
+    reduce_range: bool = option(True, help=(
+        "conv/linear weights in [-64, 64] (7 bits): exact on every CPU, where x86 CPUs without VNNI (AVX2) "
+        "saturate full-range int8 weights; false: 8 bits, only for VNNI or ARM deployment"))
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -121,23 +138,6 @@ class Quantize(Pass):
                     "such as cleanup, prune50 and sparse50)")
         return check_skip(graph, self.skip)
 
-    def validate(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise PassError(f"quantize: unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
-        if self.calibration not in CALIBRATION_METHODS:
-            raise PassError(f"quantize: unknown calibration {self.calibration!r}; "
-                            f"choose one of {', '.join(CALIBRATION_METHODS)}")
-        check_bits(self.bits)
-        if self.frac_bits is not None and not -16 <= self.frac_bits <= 31:
-            raise PassError(f"quantize: option 'frac_bits' must be between -16 and 31; got {self.frac_bits}")
-        if not 50 < self.percentile <= 100:
-            raise PassError(f"quantize: option 'percentile' must be in (50, 100]; got {self.percentile}")
-        if self.qat_epochs < 0:
-            raise PassError(f"quantize: option 'qat_epochs' must be >= 0; got {self.qat_epochs}")
-        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
-            raise PassError("quantize: option 'max_accuracy_drop' is a fraction of accuracy (e.g. 0.01 = "
-                            f"1 point) and must be >= 0; got {self.max_accuracy_drop}")
-
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.max_accuracy_drop is not None:
@@ -149,7 +149,6 @@ class Quantize(Pass):
     def apply(self, graph: Graph, ctx: PassContext, *, only: set[str] | None = None,
               ranges: dict[str, Range] | None = None) -> PassResult:
         """Quantize `graph` in place (only the ops named in `only`, when given)."""
-        self.validate()
         ctx.extras.setdefault("quantize.float_graph", graph.copy())
         dynamic = self.scheme == "int8-dynamic"
         skip = list(self.skip)
@@ -157,7 +156,7 @@ class Quantize(Pass):
             # The first conv/linear reads the raw input. When its reduction (input channels/groups x kernel)
             # is short, an integer kernel does not pay for the quantize around it; it is also the most
             # sensitive layer. A long first reduction (an MLP's 64-wide input) stays int8.
-            first = next((n for n in graph if n.op in ("conv1d", "conv2d", "linear")), None)
+            first = next((n for n in graph if n.op in WEIGHT_OPS), None)
             w = first.inputs[1] if first is not None else None
             if isinstance(w, Param) and graph.params[w.name][0].numel() < FLOAT_FIRST_MAX_FAN_IN:
                 skip.append(first.name)

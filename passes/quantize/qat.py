@@ -64,8 +64,8 @@ def finetune_fake_quant(q: Quantize, graph: Graph, plan: Plan, ranges: dict, ctx
                         "(an iterable of (inputs_tuple, target) batches) or set qat_epochs = 0")
     g = fake_quant_graph(q, graph, plan, ranges)
     try:
-        hist = train_graph(g, ctx.train_data, epochs=q.qat_epochs, lr=q.qat_lr, seed=ctx.seed, quiet=ctx.quiet,
-                           desc="quantization-aware fine-tuning")
+        hist = train_graph(g, ctx.train_data, epochs=q.qat_epochs, lr=q.qat_lr, optimizer=q.qat_optimizer,
+                           seed=ctx.seed, quiet=ctx.quiet, desc="quantization-aware fine-tuning")
     except PassError as e:
         raise PassError(f"pass 'quantize' (qat_epochs = {q.qat_epochs}): {e}; or set qat_epochs = 0") from e
     losses = hist["loss"]

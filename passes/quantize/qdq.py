@@ -16,22 +16,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimfx.ir import Graph, Node, Param, TensorMeta
+from slimfx.ir import Graph, Node, Param, TensorMeta, ops_with
 from slimfx.ir.errors import PassError
 from slimfx.passes.graph_utils import runs_in_training
 from slimfx.passes.quantize.observers import QRANGE, SCALE_FLOOR, QParams
 
-WEIGHT_OPS = frozenset({"conv1d", "conv2d", "linear"})
+# The quantize pass's view of the op table: each op's `quant` trait (ir/ops.py), read at each use, so an op
+# registered with a trait is treated like the built-in ones.
+# conv/linear: integer weight per output channel, input quantized, int32 bias
+WEIGHT_OPS = ops_with(quant="weight")
 # ops whose activation operands are quantized whenever the op is (integer kernels exist for them)
-ACT_OPS = frozenset({"matmul"})
+ACT_OPS = ops_with(quant="operands")
 # ops that get an integer kernel only when their output is quantized too (QLinearAdd, QLinearAveragePool, ...)
-OUTPUT_QUANT_OPS = frozenset({"add", "adaptive_avg_pool2d", "avg_pool2d", "adaptive_avg_pool1d", "avg_pool1d"})
+OUTPUT_QUANT_OPS = ops_with(quant="output")
 # data-movement ops: a quantized value passes through unchanged, so they share their input's params
-TRANSPARENT_OPS = frozenset({"flatten", "reshape", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                             "max_pool1d", "max_pool2d", "identity", "dropout"})
+TRANSPARENT_OPS = ops_with(quant="transparent")
 # activations that a following quantize with zero point at the range's bottom absorbs
-CLIPPING_ACTS = frozenset({"relu", "relu6"})
-
+CLIPPING_ACTS = ops_with(quant="clipping")
+# integer lookup tables (embedding)
+TABLE_OPS = ops_with(quant="table")
 
 def matches(node: Node, patterns: list[str]) -> bool:
     """True when a skip pattern names the node, its op, or its module path (fnmatch globs)."""
@@ -43,7 +46,7 @@ def matches(node: Node, patterns: list[str]) -> bool:
 
 
 # every op the quantize pass may quantize (what a skip entry can usefully name)
-QUANTIZABLE_OPS = WEIGHT_OPS | ACT_OPS | OUTPUT_QUANT_OPS | {"embedding"}
+QUANTIZABLE_OPS = WEIGHT_OPS | ACT_OPS | OUTPUT_QUANT_OPS | TABLE_OPS
 
 
 def check_skip(graph: Graph, patterns: list[str], *, pass_name: str = "quantize", option: str = "skip") -> str | None:
@@ -264,11 +267,11 @@ def quantizable_embeddings(graph: Graph, *, skip: list[str], only: set[str] | No
     users = graph.param_users()
     out = []
     for n in graph:
-        if n.op != "embedding" or len(n.inputs) < 2 or not isinstance(n.inputs[1], Param) \
+        if n.op not in TABLE_OPS or len(n.inputs) < 2 or not isinstance(n.inputs[1], Param) \
                 or n.attrs.get("max_norm") is not None:
             continue
         w = n.inputs[1]
-        if not graph.params[w.name].is_floating_point() or any(u.op != "embedding" for u in users[w.name]):
+        if not graph.params[w.name].is_floating_point() or any(u.op not in TABLE_OPS for u in users[w.name]):
             continue
         if (only is not None and n.name not in only) or matches(n, skip):
             continue
@@ -397,7 +400,3 @@ def _same_param(graph: Graph, a: object, b: object) -> bool:
     return a is b
 
 
-def check_bits(bits: int, lo: int = 2, hi: int = 8) -> None:
-    if not lo <= bits <= hi:
-        raise PassError(f"quantize: option 'bits' must be between {lo} and {hi} (values are stored as "
-                        f"8-bit integers); got {bits}")

@@ -18,8 +18,10 @@ import torch
 
 from slimfx.ir import Graph, lower
 from slimfx.ir.errors import PassError
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, progress
+from slimfx.passes.quantize.observers import Calibration
+from slimfx.passes.quantize.ptq import Scheme
 from slimfx.passes.quantize.qdq import make_plan
 
 if TYPE_CHECKING:
@@ -78,9 +80,9 @@ class QuantSensitivity(Pass):
     """Report each layer's SQNR and accuracy drop when only it is quantized (the graph is unchanged)."""
 
     is_analysis = True
-    scheme: str = "int8-static"
-    per_channel: bool = True
-    calibration: str = "minmax"
+    scheme: Scheme = option("int8-static", help="the quantize scheme each layer is tried with (as quantize's)")
+    per_channel: bool = option(True, help="per-output-channel weight scales (as quantize's)")
+    calibration: Calibration = option("minmax", help="how activation ranges are calibrated (as quantize's)")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         from slimfx.passes.quantize.ptq import Quantize

@@ -100,6 +100,14 @@ def export_formats(text: str) -> str:
     return ",".join(dict.fromkeys(names))
 
 
+def add_plugin_argument(p: argparse.ArgumentParser) -> None:
+    """`--plugin FILE_OR_MODULE` (repeatable), on every command that resolves models, recipes or passes.
+    slimfx.cli loads the plugins (and the installed `slimfx.plugins` entry points) before the command runs."""
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="load your passes, ops or emitters first: a .py file (relative to the working directory) "
+                        "or a module name, e.g. --plugin my_passes.py; repeatable")
+
+
 # --- files ----------------------------------------------------------------------------------------------
 
 _MAGIC = [

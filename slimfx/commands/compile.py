@@ -51,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="when the recipe's [validate] gate fails, write the outputs to OUT.rejected/ for inspection "
                         "(exit code 3 either way)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables; print only the output path")
+    _args.add_plugin_argument(p)
     return p
 
 

@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--keep-invalid", action="store_true", help="keep the file even if validation fails")
     p.add_argument("--untrained", action="store_true", help="zoo models: skip training, use random weights")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _args.add_plugin_argument(p)
     return p
 
 

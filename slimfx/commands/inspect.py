@@ -6,6 +6,7 @@ import argparse
 import json
 
 from slimfx import ir
+from slimfx.commands import _args
 from slimfx.loading import IMPORT_NOTE, resolve_model
 
 
@@ -19,6 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="text: IR only; table: per-node table only; dot: Graphviz; json: machine-readable "
                         "(default: IR text and the table)")
     p.add_argument("--untrained", action="store_true", help="zoo models: skip training, use random weights")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="capture with a batch of your data ('file.py:fn' or 'package.module:fn' returning "
+                        "slimfx.Data) instead of the model's example inputs")
+    _args.add_plugin_argument(p)
     return p
 
 
@@ -53,9 +58,12 @@ def to_json(graph: ir.Graph) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = resolve_model(args.model, trained=not args.untrained)
-    graph = loaded.graph if loaded.graph is not None else \
-        ir.capture(loaded.module, loaded.example_inputs, example_kwargs=loaded.example_kwargs)
+    loaded = resolve_model(args.model, trained=not args.untrained, need_inputs=not args.data)
+    inputs, kwargs = loaded.example_inputs, loaded.example_kwargs
+    if args.data:  # shapes from the user's data: one batch of it (validation, else test, else train)
+        inputs, kwargs = _first_batch(args.data), None
+    graph = loaded.graph if loaded.graph is not None and not args.data else \
+        ir.capture(loaded.module, inputs, example_kwargs=kwargs)  # a saved model: its graph as saved
     if args.format == "json":
         print(json.dumps(to_json(graph), indent=2))
     elif args.format == "dot":
@@ -69,3 +77,15 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(format_table(graph))
     return 0
+
+
+def _first_batch(spec: str) -> tuple:
+    from slimfx.data import load_data
+    from slimfx.ir.errors import DataError
+
+    data = load_data(spec)
+    for part in ("validation", "test", "train"):
+        split = data.split(part)
+        if split is not None:
+            return next(iter(split))[0]
+    raise DataError(f"--data {spec} holds no validation, test or train data to take input shapes from")

@@ -1,61 +1,82 @@
-"""`slimfx passes [NAME]`: list every registered pass with its options, or describe one."""
+"""`slimfx passes [NAME]`: list every registered pass with its origin and options, or describe one."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
-import typing
+import textwrap
 from typing import Any
 
+from slimfx.commands import _args
 from slimfx.ir.errors import PassError
 from slimfx.passes import get_pass, registered_passes
-from slimfx.passes.base import Pass, _type_name
+from slimfx.passes.base import OptionInfo, Pass
+from slimfx.plugins import pass_origin
+
+WIDTH = 100
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("passes", help="list the registered passes and their options",
-                              description="List every registered pass with its options (name, type, default) "
-                                          "and a one-line description; with NAME, describe that pass in full.")
+                              description="List every registered pass, built-in or from a plugin, with its options "
+                                          "(name, type, default) and a one-line description; with NAME, describe "
+                                          "that pass in full: every option's type, default, accepted range and help.")
     p.add_argument("name", nargs="?", help="a pass to describe in full")
+    _args.add_plugin_argument(p)
     return p
 
 
-def option_rows(cls: type[Pass]) -> list[tuple[str, str, str, str]]:
-    """(name, type, default, help) of each option of a pass (help from `field(metadata={"help": ...})`)."""
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in cls.options():
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = repr(f.default_factory())  # type: ignore[misc]
-        else:
-            default = "(required)"
-        rows.append((f.name, _type_name(hints.get(f.name, Any)), default, f.metadata.get("help", "")))
-    return rows
+def _default(info: OptionInfo) -> str:
+    return "(required)" if info.default is dataclasses.MISSING else repr(info.default)
+
+
+def option_line(info: OptionInfo) -> str:
+    """`name: type = default` and, when declared, the accepted range."""
+    line = f"{info.name}: {info.type_name} = {_default(info)}"
+    if info.bounds is not None:
+        text = str(info.bounds)
+        line += f"  (in {text})" if text[0] in "[(" else f"  ({text})"
+    return line
+
+
+def describe(cls: type[Pass]) -> str:
+    """The full description `slimfx passes NAME` prints."""
+    lines = [f"{cls.name}{'  (analysis)' if cls.is_analysis else ''}  [{pass_origin(cls.name)}]", ""]
+    lines.append((cls.__doc__ or "(no description)").strip())
+    infos = cls.option_infos()
+    lines.append("\noptions:" if infos else "\noptions: none")
+    for info in infos:
+        lines.append(f"  {option_line(info)}")
+        if info.help:
+            lines.extend(textwrap.wrap(info.help, WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    example = next((i for i in infos if i.default is not dataclasses.MISSING), None)
+    spec = f"{cls.name}{{{example.name}={example.default!r}}}" if example else cls.name
+    lines.append(f"\nuse: in a recipe, [[passes]] name = \"{cls.name}\" and its options as keys; in Python, "
+                 f"PassManager([\"{spec}\"]) or create_pass(\"{cls.name}\", {{...}})")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    passes = registered_passes()
     if args.name:
-        names = sorted(registered_passes())
-        if args.name not in names:
+        if args.name not in passes:
+            names = sorted(passes)
             close = difflib.get_close_matches(args.name, names, n=3, cutoff=0.5)
             hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-            raise PassError(f"unknown pass {args.name!r}; {hint}`slimfx passes` lists them all: {', '.join(names)}")
-        cls = get_pass(args.name)
-        print(f"{cls.name}{'  (analysis)' if cls.is_analysis else ''}\n")
-        print(typing.cast(str, cls.__doc__ or "(no description)").strip())
-        rows = option_rows(cls)
-        print("\noptions:" if rows else "\noptions: none")
-        for name, tp, default, text in rows:
-            print(f"  {name}: {tp} = {default}" + (f"\n      {text}" if text else ""))
-        print(f"\nuse: PassManager([\"{cls.name}\"]) or, in a recipe, [[passes]] name = \"{cls.name}\"")
+            raise PassError(f"unknown pass {args.name!r}; {hint}`slimfx passes` lists them all: {', '.join(names)} "
+                            "(a pass of your own: load its file with --plugin FILE.py)")
+        print(describe(get_pass(args.name)))
         return 0
-    passes = registered_passes()
+    by_origin: dict[str, list[str]] = {}
+    for name in passes:
+        by_origin.setdefault(pass_origin(name), []).append(name)
     width = max((len(n) for n in passes), default=0)
-    for name, cls in passes.items():
-        print(f"{name:<{width}}  {cls.describe()}")
-        for opt, tp, default, _ in option_rows(cls):
-            print(f"{'':<{width}}    {opt}: {tp} = {default}")
+    for i, (origin, names) in enumerate(sorted(by_origin.items(), key=lambda kv: kv[0] != "built-in")):
+        print(f"{'' if i == 0 else chr(10)}{origin}:")
+        for name in names:
+            cls = passes[name]
+            print(f"  {name:<{width}}  {cls.describe()}")
+            for info in cls.option_infos():
+                print(f"  {'':<{width}}    {option_line(info)}")
     return 0

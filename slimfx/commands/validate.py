@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from slimfx.commands import _args
-from slimfx.ir.errors import ValidationError
+from slimfx.ir.errors import GateError, ValidationError
 from slimfx.loading import ModelSpecError, resolve_model
 
 ORT_TYPES = {"float": "float32", "double": "float64", "float16": "float16", "bfloat16": "bfloat16",
@@ -24,17 +24,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="compare an exported .onnx/.pt/.pt2/.slimfx file with the model it came from",
                        description="Run PATH (ONNX with onnxruntime, TorchScript, torch.export .pt2 or a slimfx "
                                    "model file) and MODEL on the same inputs "
-                                   "(MODEL's example inputs, resized to each --batch size) and report max abs/rel "
-                                   "error, cosine, SQNR and top-1 agreement. Exit status 2 when outside tolerance, "
-                                   "or when PATH does not take MODEL's inputs or give its outputs.")
+                                   "(MODEL's example inputs, resized to each --batch size, or your --data) and report "
+                                   "max abs/rel error, cosine, SQNR and top-1 agreement. Exit status 3 when outside "
+                                   "tolerance, 2 when PATH does not take MODEL's inputs or give its outputs.")
     p.add_argument("path", type=_args.exported_file, metavar="PATH")
     p.add_argument("--model", required=True, metavar="MODEL", help="zoo name, 'pkg.mod:callable' or 'file.py:callable'")
     p.add_argument("--batch", type=_args.batch_sizes, default="1,7",
                    help="comma-separated batch sizes to check (default 1,7)")
     p.add_argument("--atol", type=_args.tolerance, default=1e-5, help="absolute tolerance (default 1e-5)")
     p.add_argument("--rtol", type=_args.tolerance, default=1e-4, help="relative tolerance (default 1e-4)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="compare on your data instead of the example inputs: 'file.py:fn' or 'package.module:fn' "
+                        "returning slimfx.Data; its validation part (else test, else train) is used, batch by batch")
     p.add_argument("--untrained", action="store_true", help="zoo models: skip training, use random weights")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _args.add_plugin_argument(p)
     return p
 
 
@@ -109,8 +113,8 @@ def _probe(path: Path, name: str, run_file: Callable[[tuple], list[np.ndarray]],
             o64, r64 = o.astype(np.float64), r.astype(np.float64)
             bad = ~np.isfinite(o64) & np.isfinite(r64)
             if bad.any():
-                raise ValidationError(f"{path} does not match {name}: output {i} holds {int(bad.sum())} NaN/Inf "
-                                      f"values where the model's are finite (batch {b})")
+                raise GateError(f"{path} does not match {name}: output {i} holds {int(bad.sum())} NaN/Inf "
+                                f"values where the model's are finite (batch {b})")
 
 
 def _load_torch_file(path: Path, kind: str) -> Any:
@@ -139,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
     kind = _args.sniff(args.path)
     loaded = resolve_model(args.model, trained=not args.untrained)
     module, example = loaded.positional()
-    sets = [with_batch(example, b) for b in args.batch]
+    sets, where = [with_batch(example, b) for b in args.batch], "example inputs"
+    if args.data:
+        sets, where = _data_sets(args.data)
+        args.batch = [int(ins[0].shape[0]) for ins in sets]
     if kind in ("torchscript", "pt2", "slimfx"):
         ts = _load_torch_file(args.path, kind)
 
@@ -156,8 +163,22 @@ def run(args: argparse.Namespace) -> int:
         names = [o.name for o in sess.get_outputs()]
     _probe(args.path, loaded.name, run_file, module, sets, args.batch)
     report = validate_outputs(run_file, module, sets, atol=args.atol, rtol=args.rtol, names=names)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else f"{args.path}: {report.summary()}")
+    print(json.dumps({**report.to_dict(), "inputs": where}, indent=2) if args.json
+          else f"{args.path} on {where}: {report.summary()}")
     if not report.passed:
-        raise ValidationError(f"{args.path} does not match {loaded.name}: {report.summary()}")
+        raise GateError(f"{args.path} does not match {loaded.name} on {where}: {report.summary()}")
     return 0
+
+
+def _data_sets(spec: str) -> tuple[list[tuple], str]:
+    """The input batches of the user's validation data (else test, else train) and what they are."""
+    from slimfx.data import load_data
+
+    data = load_data(spec)
+    for part in ("validation", "test", "train"):
+        split = data.split(part)
+        if split is not None:
+            sets = [inputs for inputs, _ in split]
+            return sets, f"the {part} data of {spec} ({sum(int(s[0].shape[0]) for s in sets)} samples)"
+    raise ValidationError(f"--data {spec} holds no validation, test or train data to compare on")
 

@@ -35,8 +35,8 @@ def test_export_validate_bench(tmp_path, capsys):
     assert main(["validate", str(out), "--model", f"{src}:build", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["passed"] and rep["batches"] == [1, 7] and rep["max_abs_diff"] < 1e-5
-    # A different model (shifted weights) fails the gate with exit status 2.
-    assert main(["validate", str(out), "--model", f"{src}:other"]) == 2
+    # A different model (shifted weights) fails the gate with exit status 3 (a check failed).
+    assert main(["validate", str(out), "--model", f"{src}:other"]) == 3  # a check failed
     assert "does not match" in capsys.readouterr().err
     assert main(["bench", str(out), "--batch", "1,4", "--runs", "5", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

@@ -66,7 +66,7 @@ def test_finetune_pass_requires_or_skips_without_data():
     res = create_pass("finetune", {"epochs": 3, "lr": 0.01}).run(
         g, PassContext(example_inputs=(x[:4],), train_data=batches, eval_fn=_acc(x, y)))
     assert not res.stats["skipped"] and res.stats["best_eval"] >= res.stats["eval"][0]
-    with pytest.raises(PassError, match="lr must be > 0"):
+    with pytest.raises(PassError, match="option 'lr' must be > 0"):
         create_pass("finetune", {"lr": 0.0})
     with pytest.raises(PassError, match="batches"):
         list(iter_batches([torch.zeros(3)], 2))

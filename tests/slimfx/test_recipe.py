@@ -164,3 +164,9 @@ def test_names_are_never_paths_unless_they_look_like_one(tmp_path, monkeypatch):
     assert load_recipe("./mine").passes == [("dce", {})]
     with pytest.raises(RecipeError, match="recipe file ./int8 is a folder"):
         load_recipe("./int8")
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_every_builtin_recipe_has_a_gate(name):
+    v = load_recipe(name).validate
+    assert any(x is not None for x in (v.min_top1_agreement, v.min_sqnr_db, v.max_accuracy_drop)), name

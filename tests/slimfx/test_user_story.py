@@ -85,3 +85,32 @@ def test_prune50_on_a_user_cnn_fails_closed_without_data_and_reports_true_accura
     independent = float((np.argmax(logits, 1) == y_test.numpy()).mean())
     assert abs(independent - report["compressed"]["accuracy"]) <= 0.001
     assert report["compressed"]["accuracy"] >= report["baseline"]["accuracy"] - 0.03
+
+
+def test_distill_takes_the_users_data_and_chooses_the_best_epoch_on_validation(tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "student.py").write_text(
+        "import torch.nn as nn\n\n\ndef make():\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10))\n")
+    r = _slimfx("distill", "digits_cnn", "--student", "student.py:make", "--data", "data.py:make_data",
+                "--epochs", "2", "--out", "s.pt", "--quiet", cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert "data data.py:make_data: best epoch chosen on validation data, accuracy on test data" in r.stdout
+    assert (project / "s.pt").is_file()
+    r = _slimfx("distill", "digits_cnn", "--student", "student.py:make", "--data", "data.py:make_data",
+                "--dataset", "digits", cwd=project)
+    assert r.returncode == 2 and "either --data" in r.stderr
+
+
+def test_validate_and_inspect_take_the_users_data(tmp_path):
+    project = tmp_path / "project"
+    shutil.copytree(PROJECT, project, ignore=shutil.ignore_patterns("__pycache__"))
+    _train_user_model(project)
+    assert _slimfx("export", "net.py:make", "-o", "m.onnx", cwd=project).returncode == 0
+    r = _slimfx("validate", "m.onnx", "--model", "net.py:make", "--data", "data.py:make_data", cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert "m.onnx on the validation data of data.py:make_data (250 samples): pass" in r.stdout
+    r = _slimfx("inspect", "net.py:make", "--data", "data.py:make_data", "--format", "text", cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert "f32[64, 1, 8, 8]" in r.stdout  # captured with a batch of the data (batch size 64)
