@@ -264,3 +264,17 @@ def validate_torchscript(path: str | os.PathLike, graph_or_module: Graph | torch
         with torch.no_grad():
             return _to_numpy(loaded(*ins))
     return validate_outputs(run, graph_or_module, inputs, atol=atol, rtol=rtol)
+
+
+def validate_pt2(path: str | os.PathLike, graph_or_module: Graph | torch.nn.Module, inputs: Any, *,
+                 atol: float = 1e-5, rtol: float = 1e-4) -> ValidationReport:
+    """Load a saved torch.export program (torch.export.load) and compare it with the reference like
+    `validate_onnx`."""
+    from slimfx.exporters.pt2 import load_pt2
+
+    loaded = load_pt2(path)
+
+    def run(ins: tuple) -> list[np.ndarray]:
+        with torch.no_grad():
+            return _to_numpy(loaded(*ins))
+    return validate_outputs(run, graph_or_module, inputs, atol=atol, rtol=rtol)

@@ -15,6 +15,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from slimfx.recipe import Recipe, load_recipe
 
 log = logging.getLogger("slimfx")
 
-FORMAT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMAT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "pt2": "model.pt2", "slimfx": "model.slimfx"}
 DEFAULT_RECIPE = "default"
 # Fresh sessions of one file land up to 10-15% apart here; only a clearer slowdown is worth a warning.
 SLOWER_WARN_RATIO = 1.2
@@ -77,13 +78,14 @@ class _Job:
     quiet: bool
     bench_seconds: float
     check_numerics: bool
+    graph: ir.Graph | None = None  # resume: the saved graph to continue from (no capture)
     headline: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
 # --- the entry point ---------------------------------------------------------------------------------------
 
-def compile(model: nn.Module, example_inputs: Any = None, recipe: str | Path | Recipe = DEFAULT_RECIPE, *,  # noqa: A001
+def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None, recipe: str | Path | Recipe = DEFAULT_RECIPE, *,  # noqa: A001
             data: Data | None = None, example_kwargs: dict[str, Any] | None = None,
             calibration_data: Iterable | None = None, train_data: Iterable | None = None,
             test_data: Any = None, eval_fn: Callable[[nn.Module], float] | None = None,
@@ -92,11 +94,15 @@ def compile(model: nn.Module, example_inputs: Any = None, recipe: str | Path | R
             quiet: bool = False, seed: int = 0, bench_seconds: float = 0.8) -> CompileResult:
     """Compile `model` with a recipe: capture, run its passes, export, check and report.
 
+    model: an nn.Module, or (resume) an ir.Graph / the path of a `.slimfx` file saved by an earlier compile
+        (`slimfx.save`): the recipe continues from that IR, which is also the reference the gate compares
+        with; example inputs default to ones made from its stored input metas.
+
     recipe: a built-in name (`slimfx passes`/README list them; default "default"), a TOML path, or a `Recipe`.
     data: a `slimfx.Data` (train / validation / test / calibration parts). The older keywords
         calibration_data, train_data and test_data (`(inputs, labels)`) fill the same parts.
     eval_fn: module -> accuracy in [0, 1] on YOUR VALIDATION data (it picks best epochs; never test data).
-    formats: what to export ("onnx", "torchscript"); default: the recipe's [export] formats.
+    formats: what to export ("onnx", "torchscript", "pt2", "slimfx"); default: the recipe's [export] formats.
     out_dir: written all at once, only when every step and the recipe's [validate] gate pass; an existing
         non-empty directory is replaced only with force=True. keep_rejected: on a failed gate, write the
         outputs to `OUT.rejected/` instead of nothing.
@@ -124,6 +130,7 @@ def compile(model: nn.Module, example_inputs: Any = None, recipe: str | Path | R
         module = ir.lower(graph).eval()
         evaluation = _evaluate(job, module, exports.get("onnx"))
         _measure(job, baseline, compressed, progress)
+        _describe_exports(job, graph, exports, export_details, compressed)
         report = _report(job, baseline, compressed, evaluation, records, stages, exports, export_details, t_start)
         failures = _gate(job, evaluation)
         report["gate"] = {"passed": not failures, "failures": failures}
@@ -137,8 +144,10 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
              calibration_data: Any, train_data: Any, test_data: Any, eval_fn: Any, out_dir: Any, formats: Any,
              force: bool, keep_rejected: bool, check_numerics: bool, name: str | None, quiet: bool, seed: Any,
              bench_seconds: Any) -> _Job:
+    model, saved, example_inputs = _resume(model, example_inputs, example_kwargs)
     if not isinstance(model, nn.Module):
-        raise SlimfxError(f"compile() takes a torch.nn.Module, got {type(model).__name__}")
+        raise SlimfxError(f"compile() takes a torch.nn.Module, an ir.Graph or a .slimfx file, got "
+                          f"{type(model).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise SlimfxError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     if isinstance(bench_seconds, bool) or not isinstance(bench_seconds, (int, float)) \
@@ -176,8 +185,34 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     return _Job(model=model, run_model=run_model, example=example, capture_args=capture_args, recipe=rec,
                 pipeline=pipeline, formats=fmts, data=data, ctx=ctx, gate_split=gate_split, gate_split_name=gate_name,
                 accuracy_split=acc_split, accuracy_split_name=acc_name, output=output, keep_rejected=keep_rejected,
-                name=name or type(model).__name__, quiet=quiet, bench_seconds=float(bench_seconds),
-                check_numerics=check_numerics, headline=job_headline)
+                name=name or _default_name(model, saved), quiet=quiet, bench_seconds=float(bench_seconds),
+                check_numerics=check_numerics, graph=saved, headline=job_headline)
+
+
+def _resume(model: Any, example_inputs: Any, example_kwargs: Any) -> tuple[Any, ir.Graph | None, Any]:
+    """(reference module, saved graph or None, example inputs) for a model given as an ir.Graph or a .slimfx
+    path: the graph's lowering is the reference (and teacher); inputs default to ones made from its metas."""
+    from slimfx.persist import SUFFIX, load
+    from slimfx.persist import example_inputs as from_metas
+
+    if isinstance(model, (str, Path)):
+        if not str(model).endswith(SUFFIX):
+            raise SlimfxError(f"compile() takes a model path only for saved models ({SUFFIX} files); got "
+                              f"{str(model)!r}: load other models in Python and pass the nn.Module")
+        model = load(model)
+    if not isinstance(model, ir.Graph):
+        return model, None, example_inputs
+    if example_kwargs:
+        raise SlimfxError("example_kwargs cannot be given with a saved graph: its inputs are positional, in the "
+                          f"order {', '.join(n.name for n in model.inputs)}")
+    module = ir.lower(model, copy_params=True).eval()
+    return module, model, from_metas(model) if example_inputs is None else example_inputs
+
+
+def _default_name(model: nn.Module, saved: ir.Graph | None) -> str:
+    if saved is not None:
+        return str((saved.metadata.get("model") or {}).get("name") or saved.name)
+    return type(model).__name__
 
 
 def _formats(formats: Any, rec: Recipe) -> tuple[str, ...]:
@@ -246,8 +281,12 @@ def _checked_eval_fn(eval_fn: Callable[[nn.Module], Any]) -> Callable[[nn.Module
 
 def _capture(job: _Job) -> ir.Graph:
     args, kwargs = job.capture_args
-    graph = ir.capture(job.model, args, example_kwargs=kwargs, for_inference=True) if kwargs else \
-        ir.capture(job.model, args, for_inference=True)
+    if job.graph is not None:
+        graph = job.graph.copy()  # resume: the saved IR, left as it was for the caller
+    else:
+        graph = ir.capture(job.model, args, example_kwargs=kwargs, for_inference=True) if kwargs else \
+            ir.capture(job.model, args, for_inference=True)
+        graph.metadata["model"] = {"name": job.name}
     for i, p in enumerate(job.pipeline):
         check = getattr(p, "check_graph", None)
         problem = check(graph) if check is not None else None
@@ -275,13 +314,19 @@ def _run_passes(job: _Job, graph: ir.Graph) -> tuple[list[Any], list[dict[str, A
     recorder = _StageRecorder(job)
     pm = PassManager(job.pipeline, verify_each=True, check_numerics=1e-4 if job.check_numerics else None,
                      instrumentations=[recorder])
-    return pm.run(graph, job.ctx), recorder.rows
+    records = pm.run(graph, job.ctx)
+    from slimfx.persist import history_entry
+
+    # what a saved .slimfx file records of how the graph was made (a resumed graph's history goes on)
+    graph.metadata["history"] = [*graph.metadata.get("history", []),
+                                 history_entry(job.recipe, [r.to_dict() for r in records])]
+    return records, recorder.rows
 
 
 # --- export ------------------------------------------------------------------------------------------------------
 
 def _export(job: _Job, graph: ir.Graph, staging: Path) -> tuple[dict[str, Path], dict[str, Any]]:
-    from slimfx.exporters import export_onnx, export_torchscript
+    from slimfx.exporters import export_onnx, export_pt2, export_slimfx, export_torchscript
 
     exports: dict[str, Path] = {}
     details: dict[str, Any] = {}
@@ -290,6 +335,10 @@ def _export(job: _Job, graph: ir.Graph, staging: Path) -> tuple[dict[str, Path],
         target = staging / FORMAT_FILES[fmt]
         if fmt == "onnx":
             res = export_onnx(graph, target, inputs=job.example, opset=job.recipe.export.opset, **tolerances)
+        elif fmt == "pt2":
+            res = export_pt2(graph, target, inputs=job.example)
+        elif fmt == "slimfx":
+            res = export_slimfx(graph, target, inputs=job.example)
         else:
             res = export_torchscript(graph, target, inputs=job.example)
         exports[fmt] = target
@@ -402,6 +451,43 @@ def _latencies(paths: dict[str, Path], example: tuple, budget_s: float, progress
             result[k][key] = round(best_median_ms(stats), 4)
         progress.update(1)
     return result
+
+
+WEIGHT_LABELS = {"float": "float", "int8": "int8 (dequantized in the graph)",
+                 "fake-quant": "fake-quant (float tensors)"}
+
+
+def _describe_exports(job: _Job, graph: ir.Graph, exports: dict[str, Path], details: dict[str, Any],
+                      compressed: dict[str, Any]) -> None:
+    """What each exported file holds and how fast it runs: `weights` (float, int8 tensors dequantized in the
+    graph, or fake-quant) and `latency_ms` at batch 1 and 32 on one thread (onnxruntime for ONNX: the numbers
+    measured for the compiled model; torch for .pt/.pt2; none for .slimfx, which is not a runtime format)."""
+    from slimfx.exporters import best_median_ms, with_batch
+    from slimfx.exporters.pt2 import load_pt2, weight_storage
+
+    storage = weight_storage(graph)
+    for fmt, path in exports.items():
+        d = details[fmt]
+        d["weights"] = d.get("details", {}).get("weights") or storage
+        d["latency_ms"], d["runtime"] = None, None
+        if fmt == "onnx":
+            d["latency_ms"], d["runtime"] = compressed.get("latency_ms"), "onnxruntime, 1 thread"
+        elif fmt in ("torchscript", "pt2") and job.bench_seconds > 0:
+            from slimfx.exporters import measure_latency
+
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    module = load_pt2(path) if fmt == "pt2" else \
+                        torch.jit.load(str(path), map_location="cpu").eval()
+                    d["latency_ms"] = {key: round(best_median_ms([measure_latency(
+                        module, with_batch(job.example, b), threads=1,
+                        budget_s=job.bench_seconds / LATENCY_ROUNDS)]), 4) for key, b in (("b1", 1), ("b32", 32))}
+                d["runtime"] = "torch, 1 thread"
+            except Exception as e:  # noqa: BLE001 - e.g. a file exported at a fixed batch size
+                d["latency_ms"] = None
+                job.warnings.append(f"no latency for {FORMAT_FILES[fmt]}: it does not run at batch 1 and 32 "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
 
 
 def _slower_warnings(baseline: dict[str, float] | None, compressed: dict[str, float] | None) -> list[str]:

@@ -19,17 +19,19 @@ DEFAULT_RECIPE = "default"
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="prune, distil, quantize and export a model, with a report",
-                       description="Compile MODEL with a recipe into validated ONNX/TorchScript files and a "
-                                   "report (report.json, report.md). MODEL is a zoo name, "
-                                   "'package.module:callable' or 'path/to/file.py:callable'; default: "
-                                   f"{DEFAULT_MODEL}. {IMPORT_NOTE}")
+                       description="Compile MODEL with a recipe into validated ONNX/TorchScript/torch.export files "
+                                   "and a report (report.json, report.md). MODEL is a zoo name, "
+                                   "'package.module:callable', 'path/to/file.py:callable', or a saved "
+                                   "'model.slimfx' to continue from (resume: e.g. prune once, then try several "
+                                   f"quantization recipes); default: {DEFAULT_MODEL}. {IMPORT_NOTE}")
     p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or path to a .toml file "
                    f"(default: {DEFAULT_RECIPE})")
     p.add_argument("--out", type=_args.output_dir, default="slimfx-out",
                    help="output directory (default: ./slimfx-out)")
     p.add_argument("--format", type=_args.export_formats, default=None,
-                   help="onnx, torchscript, or both comma-separated (default: the recipe's [export] formats)")
+                   help="onnx, torchscript, pt2 (torch.export) and/or slimfx (a model file `compile` can resume "
+                        "from), comma-separated (default: the recipe's [export] formats)")
     p.add_argument("--calibration-samples", type=_args.count("the number of calibration samples", 1, 1_000_000),
                    default=256, help="zoo models: training samples used to calibrate quantization (default 256)")
     p.add_argument("--seed", type=_args.seed, default=0,
@@ -76,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         data = zoo_data(loaded.zoo.dataset, seed=args.seed, calibration_samples=args.calibration_samples)
     elif data is not None and args.data is not None and data.calibration is None:
         data.calibration_samples = args.calibration_samples
-    result = compile_model(loaded.module, loaded.example_inputs, recipe, data=data,
+    model = loaded.graph if loaded.graph is not None else loaded.module  # a saved graph: resume from its IR
+    result = compile_model(model, loaded.example_inputs, recipe, data=data,
                            example_kwargs=loaded.example_kwargs, out_dir=args.out, formats=formats, force=args.force,
                            keep_rejected=args.keep_rejected, name=loaded.name, quiet=args.quiet, seed=args.seed,
                            bench_seconds=args.bench_seconds)
