@@ -40,7 +40,7 @@ FORMAT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "pt2": "model.p
 DEFAULT_RECIPE = "default"
 # Fresh sessions of one file land up to 10-15% apart here; only a clearer slowdown is worth a warning.
 SLOWER_WARN_RATIO = 1.2
-LATENCY_ROUNDS = 3
+DEFAULT_BENCH_SECONDS = 3.0
 
 
 @dataclass
@@ -91,7 +91,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             test_data: Any = None, eval_fn: Callable[[nn.Module], float] | None = None,
             out_dir: str | Path | None = None, formats: Sequence[str] | str | None = None, force: bool = False,
             keep_rejected: bool = False, check_numerics: bool = True, name: str | None = None,
-            quiet: bool = False, seed: int = 0, bench_seconds: float = 0.8) -> CompileResult:
+            quiet: bool = False, seed: int = 0, bench_seconds: float = DEFAULT_BENCH_SECONDS) -> CompileResult:
     """Compile `model` with a recipe: capture, run its passes, export, check and report.
 
     model: an nn.Module, or (resume) an ir.Graph / the path of a `.slimfx` file saved by an earlier compile
@@ -106,7 +106,8 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
     out_dir: written all at once, only when every step and the recipe's [validate] gate pass; an existing
         non-empty directory is replaced only with force=True. keep_rejected: on a failed gate, write the
         outputs to `OUT.rejected/` instead of nothing.
-    bench_seconds: timed budget per ONNX file and batch size (0: no latency measurement).
+    bench_seconds: the one time budget of the latency report, all files and batch sizes together (0: no
+        latency measurement).
     Raises SlimfxError subclasses for anything the user can fix (GateError when the gate fails).
     """
     t_start = time.perf_counter()
@@ -129,10 +130,13 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
         compressed = _side_numbers(graph, compressed_onnx)
         module = ir.lower(graph).eval()
         evaluation = _evaluate(job, module, exports.get("onnx"))
-        _measure(job, baseline, compressed, progress)
-        _describe_exports(job, graph, exports, export_details, compressed)
-        report = _report(job, baseline, compressed, evaluation, records, stages, exports, export_details, t_start)
         failures = _gate(job, evaluation)
+        _describe_exports(graph, exports, export_details)
+        if failures:
+            job.warnings.append("latency not measured: the compiled model failed its gate")
+        else:
+            _measure(job, baseline, compressed, exports, export_details, progress)
+        report = _report(job, baseline, compressed, evaluation, records, stages, exports, export_details, t_start)
         report["gate"] = {"passed": not failures, "failures": failures}
         final_exports, out_path = _write(job, report, staging, exports, failures)
     return CompileResult(graph, module, final_exports, report, out_path, report["stages"])
@@ -426,68 +430,63 @@ def _progress(job: _Job):
         bar.close()
 
 
-def _measure(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], progress: Any) -> None:
-    """onnxruntime latency of the original and compiled files, side by side (see `_latencies`)."""
-    timed = {k: side["_onnx"] for k, side in (("baseline", baseline), ("compressed", compressed))
-             if side["_onnx"] is not None}
-    if not timed or job.bench_seconds <= 0:
+def _measure(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], exports: dict[str, Path],
+             details: dict[str, Any], progress: Any) -> None:
+    """Latency at batch 1 and 32 on one thread of the original and compiled ONNX files (onnxruntime) and of the
+    exported torch files (torch), all measured side by side within one budget of `bench_seconds` (see
+    `exporters.latency_side_by_side`); each number comes with its spread."""
+    from slimfx.exporters import latency_side_by_side, with_batch
+    from slimfx.exporters.pt2 import load_pt2
+
+    if job.bench_seconds <= 0:
+        job.warnings.append("latency not measured (bench_seconds = 0 / --no-bench)")
         return
-    result = _latencies(timed, job.example, job.bench_seconds, progress)
-    baseline["latency_ms"], compressed["latency_ms"] = result.get("baseline"), result.get("compressed")
+    timed: dict[str, Any] = {k: side["_onnx"] for k, side in (("original", baseline), ("compiled", compressed))
+                             if side["_onnx"] is not None}
+    for fmt in ("torchscript", "pt2"):
+        if fmt in exports:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    timed[fmt] = load_pt2(exports[fmt]) if fmt == "pt2" else \
+                        torch.jit.load(str(exports[fmt]), map_location="cpu").eval()
+            except Exception as e:  # noqa: BLE001 - a torch file that does not load back has no latency
+                job.warnings.append(f"no latency for {FORMAT_FILES[fmt]}: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+    batches = {"b1": with_batch(job.example, 1), "b32": with_batch(job.example, 32)}
+    try:
+        results = latency_side_by_side(timed, batches, total_budget_s=job.bench_seconds,
+                                       progress=lambda: progress.update(1))
+    except Exception as e:  # noqa: BLE001 - e.g. a file exported at a fixed batch size
+        job.warnings.append(f"latency not measured: a file does not run at batch 1 and 32 "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+        return
+    for side, key in ((baseline, "original"), (compressed, "compiled")):
+        if key in results:
+            side["latency_ms"] = {b: round(v.median_ms, 4) for b, v in results[key].items()}
+            side["latency_spread"] = {b: v.to_dict() for b, v in results[key].items()}
+    for fmt in exports:
+        key = "compiled" if fmt == "onnx" else fmt
+        if key in results:
+            details[fmt]["latency_ms"] = {b: round(v.median_ms, 4) for b, v in results[key].items()}
+            details[fmt]["runtime"] = "onnxruntime, 1 thread" if fmt == "onnx" else "torch, 1 thread"
     job.warnings.extend(_slower_warnings(baseline["latency_ms"], compressed["latency_ms"]))
-
-
-def _latencies(paths: dict[str, Path], example: tuple, budget_s: float, progress: Any) -> dict[str, dict[str, float]]:
-    """onnxruntime latency on one thread at batch 1 and 32 of each file, measured side by side: the best of
-    LATENCY_ROUNDS rounds of fresh sessions (one session alone can be more than 10% off; see
-    `exporters.interleaved_latency`). `budget_s` is the timed budget per file and batch."""
-    from slimfx.exporters import best_median_ms, interleaved_latency, with_batch
-
-    result: dict[str, dict[str, float]] = {k: {} for k in paths}
-    for key, batch in (("b1", 1), ("b32", 32)):
-        runs = interleaved_latency(paths, with_batch(example, batch), rounds=LATENCY_ROUNDS,
-                                   budget_s=budget_s / LATENCY_ROUNDS)
-        for k, stats in runs.items():
-            result[k][key] = round(best_median_ms(stats), 4)
-        progress.update(1)
-    return result
 
 
 WEIGHT_LABELS = {"float": "float", "int8": "int8 (dequantized in the graph)",
                  "fake-quant": "fake-quant (float tensors)"}
 
 
-def _describe_exports(job: _Job, graph: ir.Graph, exports: dict[str, Path], details: dict[str, Any],
-                      compressed: dict[str, Any]) -> None:
-    """What each exported file holds and how fast it runs: `weights` (float, int8 tensors dequantized in the
-    graph, or fake-quant) and `latency_ms` at batch 1 and 32 on one thread (onnxruntime for ONNX: the numbers
-    measured for the compiled model; torch for .pt/.pt2; none for .slimfx, which is not a runtime format)."""
-    from slimfx.exporters import best_median_ms, with_batch
-    from slimfx.exporters.pt2 import load_pt2, weight_storage
+def _describe_exports(graph: ir.Graph, exports: dict[str, Path], details: dict[str, Any]) -> None:
+    """What each exported file holds: `weights` (float, int8 tensors dequantized in the graph, or fake-quant);
+    `latency_ms` is filled in by `_measure` (none for .slimfx, which is not a runtime format)."""
+    from slimfx.exporters.pt2 import weight_storage
 
     storage = weight_storage(graph)
-    for fmt, path in exports.items():
+    for fmt in exports:
         d = details[fmt]
         d["weights"] = d.get("details", {}).get("weights") or storage
         d["latency_ms"], d["runtime"] = None, None
-        if fmt == "onnx":
-            d["latency_ms"], d["runtime"] = compressed.get("latency_ms"), "onnxruntime, 1 thread"
-        elif fmt in ("torchscript", "pt2") and job.bench_seconds > 0:
-            from slimfx.exporters import measure_latency
-
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    module = load_pt2(path) if fmt == "pt2" else \
-                        torch.jit.load(str(path), map_location="cpu").eval()
-                    d["latency_ms"] = {key: round(best_median_ms([measure_latency(
-                        module, with_batch(job.example, b), threads=1,
-                        budget_s=job.bench_seconds / LATENCY_ROUNDS)]), 4) for key, b in (("b1", 1), ("b32", 32))}
-                d["runtime"] = "torch, 1 thread"
-            except Exception as e:  # noqa: BLE001 - e.g. a file exported at a fixed batch size
-                d["latency_ms"] = None
-                job.warnings.append(f"no latency for {FORMAT_FILES[fmt]}: it does not run at batch 1 and 32 "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
 
 
 def _slower_warnings(baseline: dict[str, float] | None, compressed: dict[str, float] | None) -> list[str]:
