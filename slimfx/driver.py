@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -120,26 +121,48 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             stack.enter_context(job.output)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slimfx-")))
         progress = stack.enter_context(_progress(job))
-        graph = _capture(job)
-        baseline = _side_numbers(graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
-        records, stages = _run_passes(job, graph)
-        staging = job.output.stage if job.output is not None else tmp / "out"
-        staging.mkdir(exist_ok=True)
-        exports, export_details = _export(job, graph, staging)
-        compressed_onnx = exports.get("onnx") or _onnx_for_numbers(job, graph, tmp / "compiled.onnx", "compiled")
-        compressed = _side_numbers(graph, compressed_onnx)
-        module = ir.lower(graph).eval()
-        evaluation = _evaluate(job, module, exports.get("onnx"))
-        failures = _gate(job, evaluation)
+        timer = _StageTimer()
+        with timer("capture"):
+            graph = _capture(job)
+            baseline = _side_numbers(graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
+        with timer("passes"):
+            records, stages = _run_passes(job, graph)
+        with timer("export"):
+            staging = job.output.stage if job.output is not None else tmp / "out"
+            staging.mkdir(exist_ok=True)
+            exports, export_details = _export(job, graph, staging)
+            compressed_onnx = exports.get("onnx") or _onnx_for_numbers(job, graph, tmp / "compiled.onnx", "compiled")
+            compressed = _side_numbers(graph, compressed_onnx)
+        with timer("evaluate"):
+            module = ir.lower(graph).eval()
+            evaluation = _evaluate(job, module, exports.get("onnx"))
+            failures = _gate(job, evaluation)
         _describe_exports(graph, exports, export_details)
-        if failures:
-            job.warnings.append("latency not measured: the compiled model failed its gate")
-        else:
-            _measure(job, baseline, compressed, exports, export_details, progress)
+        with timer("latency"):
+            if failures:
+                job.warnings.append("latency not measured: the compiled model failed its gate")
+            else:
+                _measure(job, baseline, compressed, exports, export_details, progress)
         report = _report(job, baseline, compressed, evaluation, records, stages, exports, export_details, t_start)
+        report["timings"] = timer.seconds
         report["gate"] = {"passed": not failures, "failures": failures}
         final_exports, out_path = _write(job, report, staging, exports, failures)
     return CompileResult(graph, module, final_exports, report, out_path, report["stages"])
+
+
+class _StageTimer:
+    """Wall seconds of each named stage of a compile (report.json "timings")."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
 # --- resolve: every check on the user's input, before any work ----------------------------------------------
@@ -355,8 +378,8 @@ def _onnx_for_numbers(job: _Job, graph: ir.Graph, path: Path, what: str) -> Path
     the graph cannot be written as ONNX, those numbers are left out (warned)."""
     from slimfx.exporters import export_onnx
 
-    try:
-        return export_onnx(graph, path, inputs=job.example).path
+    try:  # numbers only: not validated (the written model.onnx is, and the gate compares it with the model)
+        return export_onnx(graph, path, inputs=job.example, validate=False).path
     except ExportError as e:
         if "onnx" in job.formats:
             raise
@@ -372,11 +395,14 @@ def _side_numbers(graph: ir.Graph, onnx_path: Path | None) -> dict[str, Any]:
 
 # --- evaluate: the original against what was written, on held-out data -------------------------------------------
 
+EVAL_THREADS = max(os.cpu_count() or 1, 1)  # checking numbers is not timing: it may use every core
+
+
 def _onnx_runner(path: Path) -> Callable[..., list[torch.Tensor]]:
     from slimfx.exporters import ort_session
     from slimfx.exporters.bench import ort_feed
 
-    sess = ort_session(path, threads=1)
+    sess = ort_session(path, threads=EVAL_THREADS)
 
     def run(*xs: torch.Tensor) -> list[torch.Tensor]:
         return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, ort_feed(sess, xs))]
@@ -390,12 +416,17 @@ def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None) -> dict[str,
     deployed_name = "model.onnx (onnxruntime)" if onnx_path is not None else "the compiled module"
     job.model.eval()
     gate_split = job.gate_split if job.gate_split is not None else generated_batches(job.example, seed=job.ctx.seed)
-    comparison, gate_acc = _compare_on(job.run_model, deployed, gate_split, job.gate_split_name)
-    out: dict[str, Any] = {"comparison": comparison, "deployed": deployed_name, "gate_accuracy": gate_acc}
-    if job.accuracy_split is not None and job.accuracy_split_name != job.gate_split_name:
-        _, out["accuracy"] = _compare_on(job.run_model, deployed, job.accuracy_split, job.accuracy_split_name)
-    else:
-        out["accuracy"] = gate_acc
+    threads = torch.get_num_threads()
+    torch.set_num_threads(EVAL_THREADS)
+    try:
+        comparison, gate_acc = _compare_on(job.run_model, deployed, gate_split, job.gate_split_name)
+        out: dict[str, Any] = {"comparison": comparison, "deployed": deployed_name, "gate_accuracy": gate_acc}
+        if job.accuracy_split is not None and job.accuracy_split_name != job.gate_split_name:
+            _, out["accuracy"] = _compare_on(job.run_model, deployed, job.accuracy_split, job.accuracy_split_name)
+        else:
+            out["accuracy"] = gate_acc
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
