@@ -108,7 +108,6 @@ def test_torchscript_only_compile_of_a_model_onnx_cannot_express(tmp_path):
 
 def test_a_compiled_model_clearly_slower_than_the_original_is_warned_about(tmp_path, monkeypatch):
     import slimfx.driver as driver
-
     from slimfx.exporters import LatencySummary
 
     measured = {"original": {"b1": 1.0, "b32": 10.0}, "compiled": {"b1": 1.5, "b32": 5.0}}
