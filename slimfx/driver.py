@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from slimfx import ir
 from slimfx.data import GENERATED_SAMPLES, Data, accuracy, correct, generated_batches
+from slimfx.exporters._common import as_tuple
 from slimfx.ir.errors import DataError, ExportError, GateError, RecipeError, SlimfxError
 from slimfx.ir.metrics import Comparison, sqnr_ceiling_db
 from slimfx.output import OutputDir
@@ -253,19 +254,11 @@ def _formats(formats: Any, rec: Recipe) -> tuple[str, ...]:
     return tuple(dict.fromkeys(fmts))
 
 
-def _as_tuple(x: Any) -> tuple:
-    if isinstance(x, tuple):
-        return x
-    if isinstance(x, list):
-        return tuple(x)
-    return (x,)
-
-
 def _inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None
             ) -> tuple[tuple, Callable[..., Any], tuple[tuple, dict[str, Any] | None]]:
     """The example as one positional tuple, a function running the model on such tuples, and what capture
     takes. Keyword inputs become graph inputs named after forward's parameters, in forward's order."""
-    example = _as_tuple(example_inputs) if example_inputs is not None else ()
+    example = as_tuple(example_inputs) if example_inputs is not None else ()
     if not example_kwargs:
         return example, model, (example, None)
     names = list(inspect.signature(model.forward).parameters)[len(example):]

@@ -17,7 +17,15 @@ import torch
 from slimfx.ir import Graph, count_macs, count_params, lower, ops_with, propagate_shapes, verify
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
-from slimfx.passes.prune.groups import BLOCK, Dependencies, Group, analyze, apply, missing_trait_message
+from slimfx.passes.prune.groups import (
+    BLOCK,
+    Dependencies,
+    Group,
+    analyze,
+    apply,
+    keep_every_axis,
+    missing_trait_message,
+)
 
 Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
 
@@ -164,22 +172,7 @@ def plan(deps: Dependencies, scores: torch.Tensor, sparsity_of: dict[int, float]
         kept = max(1, min(n, kept))  # documented clamp: a group never reaches 0 channels
         order = sorted(g.units, key=lambda u: (float(scores[u]), u))
         removed += order[:n - kept]
-    return _keep_every_axis(deps, scores, removed)
-
-
-def _keep_every_axis(deps: Dependencies, scores: torch.Tensor, removed: list[int]) -> list[int]:
-    """No sliced param axis may become empty (a split chunk, a cat segment): give back the best unit."""
-    rm = set(removed)
-    changed = True
-    while changed:
-        changed = False
-        for m in deps.members.values():
-            r = deps.roots[m.labels].tolist()
-            if all(x in rm for x in r) and r:
-                best = max(set(r), key=lambda u: float(scores[u]))
-                rm.discard(best)
-                changed = True
-    return [u for u in removed if u in rm]
+    return keep_every_axis(deps, removed, scores)
 
 
 # --- the pass -------------------------------------------------------------------------------------
