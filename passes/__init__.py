@@ -10,7 +10,7 @@ from slimfx.passes.base import (
     register_pass,
     registered_passes,
 )
-from slimfx.passes.manager import PassManager, PassRecord, compare_outputs
+from slimfx.passes.manager import PassManager, PassRecord, PipelineResult, compare_outputs
 from slimfx.passes.rewrite import Match, Pattern, call, precompute
 from slimfx.passes.rules import PatternPass, Rule, RulePass, RuleSet, apply_rules, rewrite
 
@@ -18,7 +18,7 @@ from slimfx.passes.rules import PatternPass, Rule, RulePass, RuleSet, apply_rule
 from slimfx.passes import cleanup, fuse  # noqa: E402,F401,I001  isort: skip
 
 __all__ = ["Pass", "PassContext", "PassResult", "register_pass", "registered_passes", "get_pass",
-           "create_pass", "parse_pass_spec", "PassManager", "PassRecord", "compare_outputs",
+           "create_pass", "parse_pass_spec", "PassManager", "PassRecord", "PipelineResult", "compare_outputs",
            "Pattern", "Match", "call", "precompute", "Rule", "RuleSet", "apply_rules", "rewrite", "RulePass",
            "PatternPass"]
 

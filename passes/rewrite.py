@@ -1,16 +1,15 @@
-"""Pattern rewriting: match a small function of torch ops against the graph and replace it.
+"""Patterns: a small function of torch ops, traced into IR and matched against the graph.
 
     def pat(x, w, b):
         return F.relu(F.linear(x, w, b))
 
     pattern = Pattern(pat)
-    for m in pattern.find(graph): ...                 # inspect
-    rewrite(graph, pattern, lambda g, m: ..., condition=lambda m: ...)   # replace
+    for m in pattern.find(graph): ...                 # inspect: m["x"], m["w"], m["linear"], m.anchor
     print(pattern.explain(graph))                     # why did it not match?
 
-A pattern is traced with capture's own converters, so it is the same canonical IR
-as the graph (`F.linear`, `nn.Linear` and `torch._C._nn.linear` all become
-`linear`). Matching rules:
+Rewriting is `passes/rules.py` (Rule, RuleSet, apply_rules): a pattern with a replacement written
+the same way. A pattern is traced with capture's own converters, so it is the same canonical IR
+as the graph (`F.linear`, `nn.Linear` and `torch._C._nn.linear` all become `linear`). Matching rules:
 
 - Each argument of the pattern function is a wildcard: it matches any graph
   value that is a node or a param (`@w`); an argument with a default value
@@ -21,13 +20,18 @@ as the graph (`F.linear`, `nn.Linear` and `torch._C._nn.linear` all become
 - Attributes the pattern sets to a non-default value (`F.max_pool2d(x,
   kernel_size=3)`, `F.conv2d(x, w, b, stride=2)`) must be equal; attributes
   left at their default values match any value (`F.conv2d(x, w, b)` matches
-  every stride and padding), unless `exact_attrs=True`.
+  every stride and padding), unless `exact_attrs=True`. An argument given as an
+  attribute binds it (`call("quantize", x, s, z, dtype=dtype)`).
+- `call(op, *inputs, **attrs)` spells any canonical op by name (and compares only
+  the attributes written).
 - Every value computed inside a match, except the pattern's output, must be used
-  only inside the match: rewriting it away would change other users.
+  only inside the match: rewriting it away would change other users (unless the
+  match is taken with `exclusive=False`).
 
 Matching is anchored at the pattern's output op: candidates are the graph nodes
 with that op, and each attempt costs the size of the pattern, so a sweep is
-linear in the graph.
+linear in the graph. Each pattern is compiled into straight-line Python
+(`_compile`); `Pattern._match` walks the pattern instead and says why it fails.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def compile(model: nn.Module, example_inputs: Any = None, recipe: str | Path | R
         progress = stack.enter_context(_progress(job))
         graph = _capture(job)
         baseline = _side_numbers(graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
-        records, stages = _run_passes(job, graph)
+        graph, records, stages = _run_passes(job, graph)
         staging = job.output.stage if job.output is not None else tmp / "out"
         staging.mkdir(exist_ok=True)
         exports, export_details = _export(job, graph, staging)
@@ -300,11 +300,13 @@ class _StageRecorder:
                           "macs": ir.count_macs(graph), "size_bytes": None, "latency_b32_ms": None, "accuracy": acc})
 
 
-def _run_passes(job: _Job, graph: ir.Graph) -> tuple[list[Any], list[dict[str, Any]]]:
+def _run_passes(job: _Job, graph: ir.Graph) -> tuple[ir.Graph, list[Any], list[dict[str, Any]]]:
+    """The graph after the pipeline (a pass may return a new one), the pass records, the stage rows."""
     recorder = _StageRecorder(job)
     pm = PassManager(job.pipeline, verify_each=True, check_numerics=1e-4 if job.check_numerics else None,
                      instrumentations=[recorder])
-    return pm.run(graph, job.ctx), recorder.rows
+    run = pm.run(graph, job.ctx)
+    return run.graph, list(run), recorder.rows
 
 
 def _accuracy(fn: Callable[..., Any], split: Iterable) -> float | None:
