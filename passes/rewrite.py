@@ -128,6 +128,11 @@ def _compile(pattern: Pattern) -> list[Callable[[Node], tuple[tuple, tuple] | No
             t = f"s{next(temps)}"
             own = [f"{t} = {expr}", f"if not isinstance({t}, (tuple, list)) or len({t}) != {len(pv)}: return None"]
             walk([*((x, f"{t}[{k}]") for k, x in enumerate(pv)), *rest], bound, [*lines, *own])
+        elif type(pv) in _NUMBERS:  # the usual constant (`x * 1`): numbers compared inline, as _eq does
+            c, t = const(pv), f"s{next(temps)}"
+            walk(rest, bound, [*lines, f"{t} = {expr}",
+                               f"if ({t} != {c}) if type({t}) in _NUMBERS else (type({t}) is Node or not _eq({c}, {t})):"
+                               " return None"])
         else:
             walk(rest, bound, [*lines, f"if not _eq({const(pv)}, {expr}): return None"])
 
@@ -136,7 +141,7 @@ def _compile(pattern: Pattern) -> list[Callable[[Node], tuple[tuple, tuple] | No
         return [functools.partial(_walk_match, pattern)]
     ret = (f"    return ({''.join(argvar[p] + ', ' for p in pattern.args)}), "
            f"({''.join(nodevar[p] + ', ' for p in pattern.ops)})")
-    env: dict[str, Any] = {"Node": Node, "_REF": (Node, Param), "_eq": _eq, **consts}
+    env: dict[str, Any] = {"Node": Node, "_REF": (Node, Param), "_eq": _eq, "_NUMBERS": _NUMBERS, **consts}
     fns = []
     for i, lines in enumerate(paths):
         init = [f"{argvar[p]} = None" for p in pattern.args]
@@ -256,8 +261,10 @@ class Match:
         self.created: list[Node] = _NONE_CREATED  # nodes made with insert(), which the driver looks at again
 
     def __getitem__(self, key: str) -> Any:
-        if key in self.values:
+        try:
             return self.values[key]
+        except KeyError:
+            pass
         if key in self.nodes:
             return self.nodes[key]
         raise KeyError(f"pattern has no argument or node {key!r}; arguments: {', '.join(self.values)}; "

@@ -229,9 +229,10 @@ def _operand_names(op: str) -> list[str]:
 class _Run:
     """One application of a rule set to a graph: rewrites, param bookkeeping, what to look at again."""
 
-    def __init__(self, graph: Graph, rules: RuleSet):
+    def __init__(self, graph: Graph, rules: RuleSet, drop_params: bool = True):
         self.graph = graph
         self.rules = rules
+        self.drop_params = drop_params
         self.counts = dict.fromkeys((r.name for r in rules), 0)
         self.readers: Counter[str] | None = None  # param name -> nodes reading it, built when first needed
         self.unread: set[str] = set()             # params a rewrite took a reader from
@@ -252,6 +253,8 @@ class _Run:
                 self.readers[p.name] += 1
 
     def _forget(self, node: Node) -> None:
+        if self.readers is None and not self.drop_params:
+            return
         params = _params(node)
         if params:
             readers = self.readers
@@ -401,7 +404,7 @@ class _Run:
         """Drop the params whose last readers the rewrites removed."""
         graph = self.graph
         unread = self.unread & graph.params.keys()
-        if not unread:
+        if not unread or not self.drop_params:
             return
         if self.readers is not None:
             gone = {name for name in unread if self.readers[name] <= 0}
@@ -498,15 +501,17 @@ def _precompute(rule: Rule, t: Node, args: Any, kwargs: Any, graph: Graph) -> An
     return fn.fn(*args, **map_refs(kwargs, tensor))  # params are detached tensors: no autograd
 
 
-def apply_rules(graph: Graph, rules: RuleSet | Rule | Iterable[Rule], *,
-                max_rewrites: int | None = None) -> dict[str, int]:
+def apply_rules(graph: Graph, rules: RuleSet | Rule | Iterable[Rule], *, max_rewrites: int | None = None,
+                drop_params: bool = True) -> dict[str, int]:
     """Rewrite `graph` with `rules` until none matches; returns how often each rule fired (by name).
 
     max_rewrites: the safety bound (default 10 x the graph's nodes + 100); a rule set still rewriting
     after that many rewrites does not converge, and a PassError names its busiest rules.
+    drop_params: drop the params that only rewritten nodes read (one scan of the graph when a rewritten
+    node read params); a caller that sweeps unused params itself right after may skip it.
     """
     rs = RuleSet.of(rules)
-    run = _Run(graph, rs)
+    run = _Run(graph, rs, drop_params)
     by_op = rs.by_op
     bound = max_rewrites if max_rewrites is not None else 10 * len(graph) + 100
     queue = [n for n in graph if n.op in by_op]

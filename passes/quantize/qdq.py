@@ -390,8 +390,9 @@ def requantize_rules() -> RuleSet:
 
 
 def collapse_requantize(graph: Graph) -> int:
-    """quantize(dequantize(q, s, z)) with the same s, z and dtype is q itself: drop the round trip."""
-    return apply_rules(graph, requantize_rules())["collapse-requantize"]
+    """quantize(dequantize(q, s, z)) with the same s, z and dtype is q itself: drop the round trip.
+    Params the round trips read stay (quantize sweeps unused params right after)."""
+    return apply_rules(graph, requantize_rules(), drop_params=False)["collapse-requantize"]
 
 
 def _same_param(graph: Graph, a: object, b: object) -> bool:

@@ -245,3 +245,27 @@ def test_rewriting_random_models_keeps_outputs_and_finds_every_occurrence(case):
     ir.verify(g)
     with torch.no_grad():
         torch.testing.assert_close(ir.lower(g)(x), model(x))
+
+
+PATTERNS = [linear_relu, lambda x: x * torch.sigmoid(x), lambda x: x + 0, lambda x, b=None: torch.relu(x + b),
+            lambda x, w, b=None: F.relu(F.conv2d(x, w, b)), lambda a, b: torch.sigmoid(a) * torch.tanh(b),
+            lambda x, w, b=None: F.conv2d(x, w, b, stride=2)]
+
+
+@settings(max_examples=15, deadline=None)
+@given(random_model())
+def test_the_compiled_matcher_agrees_with_walking_the_pattern(case):
+    """`_attempt` runs generated code; `_match` walks the pattern (and explains). Same matches, same bindings."""
+    model, (x,) = case
+    g = ir.capture(model, (x,))
+    for fn in PATTERNS:
+        p = Pattern(fn)
+        for node in g.find(p.anchor_op):
+            fast = p._attempt(node, g)
+            try:
+                slow = p._match(node, g)
+            except Exception:  # noqa: BLE001 - _Fail: no match
+                slow = None
+            assert (fast is None) == (slow is None), (p.name, node.name)
+            if fast is not None:
+                assert fast.values == slow.values and fast.nodes == slow.nodes
