@@ -205,8 +205,8 @@ def test_pattern_pass_runs_in_a_pipeline_with_options():
         g, PassContext(example_inputs=(x,)))
     assert recs[0].stats == {"rewritten": 0}
     recs = PassManager([LinearReluToClamp(min_features=7)], check_numerics=1e-6).run(
-        g, PassContext(example_inputs=(x,)))
-    assert recs[0].stats == {"rewritten": 2} and recs[0].changed
+        recs.graph, PassContext(example_inputs=(x,)))
+    assert recs[0].stats == {"rewritten": 2} and recs[0].changed and len(recs.graph.find("clamp")) == 2
 
 
 def test_matching_visits_each_candidate_once():
