@@ -139,16 +139,19 @@ def _compile(pattern: Pattern) -> list[Callable[[Node], tuple[tuple, tuple] | No
     walk([(pattern.output, "node")], frozenset(), [])
     if len(paths) > _MAX_PATHS:  # a pattern with many add/mul nodes: walk it instead
         return [functools.partial(_walk_match, pattern)]
-    ret = (f"    return ({''.join(argvar[p] + ', ' for p in pattern.args)}), "
-           f"({''.join(nodevar[p] + ', ' for p in pattern.ops)})")
+    return [_define(pattern.name, i, lines, [argvar[p] for p in pattern.args], [nodevar[p] for p in pattern.ops],
+                    consts) for i, lines in enumerate(paths)]
+
+
+def _define(name: str, i: int, lines: list[str], args: list[str], nodes: list[str],
+            consts: dict[str, Any]) -> Callable[[Node], tuple[tuple, tuple] | None]:
+    """One compiled path as a function: the checks, then (argument values, matched nodes)."""
+    body = [*(f"{a} = None" for a in args), *lines, f"return ({''.join(a + ', ' for a in args)}), "
+            f"({''.join(n + ', ' for n in nodes)})"]
+    src = "\n".join([f"def path_{i}(node):", *("    " + line for line in body)])
     env: dict[str, Any] = {"Node": Node, "_REF": (Node, Param), "_eq": _eq, "_NUMBERS": _NUMBERS, **consts}
-    fns = []
-    for i, lines in enumerate(paths):
-        init = [f"{argvar[p]} = None" for p in pattern.args]
-        src = "\n".join([f"def path_{i}(node):", *("    " + line for line in [*init, *lines]), ret])
-        exec(compile(src, f"<pattern {pattern.name} path {i}>", "exec"), env)  # noqa: S102 - our own code
-        fns.append(env[f"path_{i}"])
-    return fns
+    exec(compile(src, f"<pattern {name} path {i}>", "exec"), env)  # noqa: S102 - code we generated
+    return env[f"path_{i}"]
 
 
 def _walk_match(pattern: Pattern, node: Node) -> tuple[tuple, tuple] | None:
