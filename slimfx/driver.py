@@ -127,7 +127,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             graph = _capture(job)
             baseline = _side_numbers(graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
         with timer("passes"):
-            records, stages = _run_passes(job, graph)
+            graph, records, stages = _run_passes(job, graph)
         with timer("export"):
             staging = job.output.stage if job.output is not None else tmp / "out"
             staging.mkdir(exist_ok=True)
@@ -330,17 +330,19 @@ class _StageRecorder:
                           "macs": ir.count_macs(graph), "size_bytes": None, "latency_b32_ms": None, "accuracy": acc})
 
 
-def _run_passes(job: _Job, graph: ir.Graph) -> tuple[list[Any], list[dict[str, Any]]]:
+def _run_passes(job: _Job, graph: ir.Graph) -> tuple[ir.Graph, list[Any], list[dict[str, Any]]]:
+    """The graph after the pipeline (a pass may return a new one), the pass records, the stage rows."""
     recorder = _StageRecorder(job)
     pm = PassManager(job.pipeline, verify_each=True, check_numerics=1e-4 if job.check_numerics else None,
                      instrumentations=[recorder])
-    records = pm.run(graph, job.ctx)
+    run = pm.run(graph, job.ctx)
     from slimfx.persist import history_entry
 
+    records, graph = list(run), run.graph
     # what a saved .slimfx file records of how the graph was made (a resumed graph's history goes on)
     graph.metadata["history"] = [*graph.metadata.get("history", []),
                                  history_entry(job.recipe, [r.to_dict() for r in records])]
-    return records, recorder.rows
+    return graph, records, recorder.rows
 
 
 # --- export ------------------------------------------------------------------------------------------------------

@@ -42,13 +42,6 @@ def example_inputs(graph: Graph, ctx: PassContext) -> tuple:
     return tuple(out)
 
 
-def replace_contents(dst: Graph, src: Graph) -> None:
-    """Make `dst` the graph `src` is (nodes, params), keeping the `dst` object that callers hold."""
-    dst.__dict__.update(src.__dict__)
-    for n in dst:
-        n.graph = dst
-
-
 def match_any(patterns: list[str], names: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(nm, p) for p in patterns for nm in names if nm)
 
@@ -264,9 +257,8 @@ class PruneChannels(Pass):
                 else:
                     lo = mid
             chosen = hi
-        work, removed = build(chosen)
-        replace_contents(graph, work)
-        graph.remove_unused_params()
+        work, removed = build(chosen)  # a pruned copy: the given graph stays as it was
+        work.remove_unused_params()
         removed_set = set(removed)
         table = []
         for g in deps.groups:
@@ -277,7 +269,7 @@ class PruneChannels(Pass):
             table.append({"group": g.name, "kind": g.kind, "sources": g.sources(), "units": len(g.units),
                           "removed_units": len(rm), "channels": g.channels, "kept_channels": kept_ch,
                           "protected": match_any(self.protect, group_names(g, graph))})
-        macs1, params1 = count_macs(graph), count_params(graph)
+        macs1, params1 = count_macs(work), count_params(work)
         stats = {
             "criterion": self.criterion, "sparsity": chosen, "groups": table, "blocked": deps.blocked,
             "macs_before": macs0, "macs_after": macs1, "macs_ratio": macs1 / macs0 if macs0 else 1.0,
@@ -288,8 +280,8 @@ class PruneChannels(Pass):
             stats["notes"] = notes
         if deps.missing:  # ops pruning stopped at for want of a trait: op -> the trait (the reasons are in blocked)
             stats["missing_traits"] = dict(deps.missing)
-        return PassResult(changed=bool(removed), stats=stats)
+        return PassResult(changed=bool(removed), stats=stats, graph=work if removed else None)
 
 
-__all__ = ["PruneChannels", "importance", "plan", "example_inputs", "replace_contents", "check_patterns",
+__all__ = ["PruneChannels", "importance", "plan", "example_inputs", "check_patterns",
            "BLOCK"]
