@@ -84,11 +84,19 @@ def to_exported_program(graph: Graph, inputs: tuple, *, dynamic_batch: bool = Tr
     return ep, info
 
 
-def deflate_zip(src: Path, dst: Path) -> None:
-    """Copy a zip archive with every member deflated (torch.export.load and torch.jit.load read both)."""
+def deflate_zip(src: Path, dst: Path, *, root: str | None = None, drop_suffixes: tuple[str, ...] = ()) -> None:
+    """Copy a zip archive with every member deflated (torch.export.load and torch.jit.load read both).
+
+    `root` renames the archive's top folder (torch names it after the temporary file it saved to, and every
+    member's name is stored twice); members ending in `drop_suffixes` are left out."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zout:
         for info in zin.infolist():
-            zout.writestr(info.filename, zin.read(info.filename), zipfile.ZIP_DEFLATED)
+            if info.filename.endswith(drop_suffixes):
+                continue
+            name = info.filename
+            if root is not None and "/" in name:
+                name = f"{root}/{name.split('/', 1)[1]}"
+            zout.writestr(name, zin.read(info.filename), zipfile.ZIP_DEFLATED)
 
 
 def export_pt2(graph: Graph, path: str | os.PathLike, *, inputs: Any = None, validate: bool = True,

@@ -107,7 +107,9 @@ def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = N
         raw = tmp.with_name(tmp.name + ".raw")
         try:
             torch.jit.save(sm, str(raw))
-            deflate_zip(raw, tmp)  # torch.jit.load reads deflated archives; the code and constants shrink
+            # torch.jit.load reads deflated archives; the code and constants shrink. The debug tables (source
+            # ranges of the traced lowering, not of the user's code) are a tenth of a small model's file.
+            deflate_zip(raw, tmp, root=path.stem or "model", drop_suffixes=(".debug_pkl",))
         finally:
             raw.unlink(missing_ok=True)
         if validate:

@@ -27,6 +27,10 @@ def test_torchscript_roundtrip(name, tmp_path):
     assert rep.passed and rep.batches == [1, 7], rep.summary()
     loaded = torch.jit.load(str(path))
     assert isinstance(loaded, torch.jit.ScriptModule)
+    import zipfile
+
+    names = zipfile.ZipFile(path).namelist()  # no debug tables; one short top folder, not the temporary name
+    assert not any(n.endswith(".debug_pkl") for n in names) and {n.split("/")[0] for n in names} == {name}
 
 
 def test_torchscript_validation_failure_leaves_no_file(tmp_path, monkeypatch):
