@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from slimfx.ir import Graph, Node, Param, TensorMeta, ops_with, trait
+from slimfx.ir import Graph, Node, Param, TensorMeta, canonical_weight, from_canonical_weight, ops_with, trait
 from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
 from slimfx.passes.graph_utils import runs_in_training
 
@@ -36,12 +36,22 @@ def _why_not(bn: Node, graph: Graph) -> str | None:
     if not weight.is_floating_point():
         return f"weight @{w.name} is {weight.dtype}"
     channels = graph.params[mean.name].numel()
-    if weight.shape[0] != channels:
-        return f"{channels} batch-norm channels but {weight.shape[0]} output channels"
+    out_channels = _canonical(x, weight).shape[0]
+    if out_channels != channels:
+        return f"{channels} batch-norm channels but {out_channels} output channels"
     dim = trait(x.op, "weighted").channel_dim
     if dim != 1 and not (isinstance(x.meta, TensorMeta) and len(x.meta.shape) >= 2 and dim % len(x.meta.shape) == 1):
         return f"{x.op} output is not [batch, features], so batch_norm does not normalize its features"
     return None
+
+
+def _groups(layer: Node) -> int:
+    return int(layer.attrs.get("groups", 1)) if trait(layer.op, "weighted").grouped else 1
+
+
+def _canonical(layer: Node, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's weight as [out, in/groups, k...] (a transposed conv's is [in, out/groups, k...])."""
+    return canonical_weight(weight, trait(layer.op, "weighted"), _groups(layer))
 
 
 def fold_batchnorm_weights(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
@@ -64,7 +74,7 @@ def fold_batchnorm_weights(weight: torch.Tensor, bias: torch.Tensor | None, mean
 
 @register_pass("fold-batchnorm")
 class FoldBatchNorm(Pass):
-    """Folds eval-mode batch_norm into the conv1d/conv2d/linear that feeds it (incl. bias-less convs)."""
+    """Folds eval-mode batch_norm into the conv/conv_transpose/linear that feeds it (incl. bias-less convs)."""
 
     preserves_outputs = True
 
@@ -85,8 +95,9 @@ class FoldBatchNorm(Pass):
             w, b = x.inputs[1], x.inputs[2] if len(x.inputs) > 2 else None
             p = graph.params
             mean, var, gamma, beta = (p[r.name] if isinstance(r, Param) else None for r in bn.inputs[1:5])
-            new_w, new_b = fold_batchnorm_weights(p[w.name], p[b.name] if b is not None else None, mean, var,
-                                                  gamma, beta, float(bn.attrs.get("eps", 1e-5)))
+            new_w, new_b = fold_batchnorm_weights(_canonical(x, p[w.name]), p[b.name] if b is not None else None,
+                                                  mean, var, gamma, beta, float(bn.attrs.get("eps", 1e-5)))
+            new_w = from_canonical_weight(new_w, trait(x.op, "weighted"), _groups(x))
             bias_name = b.name if b is not None else (w.name[:-len("weight")] + "bias" if w.name.endswith("weight")
                                                       else f"{w.name}.bias")
             w_ref = _store(graph, w, w.name, new_w, readers)

@@ -41,11 +41,13 @@ from slimfx.passes.quantize.qdq import (
     fold_bias,
     fold_weight,
     insert_qdq,
+    layer_weight,
     make_plan,
     quantizable_embeddings,
     quantize_embedding,
     quantize_tensor,
     through_noops,
+    weight_axis,
 )
 
 #: the quantization schemes (module docstring): the type of quantize's and quant-sensitivity's `scheme`
@@ -158,7 +160,7 @@ class Quantize(Pass):
             # sensitive layer. A long first reduction (an MLP's 64-wide input) stays int8.
             first = next((n for n in graph if n.op in WEIGHT_OPS), None)
             w = first.inputs[1] if first is not None else None
-            if isinstance(w, Param) and graph.params[w.name][0].numel() < FLOAT_FIRST_MAX_FAN_IN:
+            if isinstance(w, Param) and layer_weight(first, graph.params[w.name])[0].numel() < FLOAT_FIRST_MAX_FAN_IN:
                 skip.append(first.name)
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
         embeds = quantizable_embeddings(graph, skip=skip, only=only) \
@@ -328,27 +330,34 @@ class Quantize(Pass):
     def weight_bits(self, kind: str | None) -> int:
         return min(self.bits, 7) if self.reduce_range and kind == "fixed-point" else self.bits
 
-    def weight_qparams(self, w: torch.Tensor, kind: str | None) -> tuple[QParams, torch.Tensor | None]:
-        """Params (and, for sign, the integer values) for one weight tensor."""
+    def weight_qparams(self, w: torch.Tensor, kind: str | None, axis: int | None = 0
+                       ) -> tuple[QParams, torch.Tensor | None]:
+        """Params (and, for sign, the integer values) for one weight tensor whose output channels lie along
+        `axis` (None: no single axis holds them, so one scale for the tensor)."""
+        flat = w.movedim(axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
         if kind == "sign":
-            alpha = w.abs().reshape(w.shape[0], -1).mean(dim=1).clamp(min=SCALE_FLOOR)
+            alpha = flat.abs().mean(dim=1).clamp(min=SCALE_FLOOR)
             values = torch.where(w >= 0, 1, -1).to(torch.int8)
-            return QParams(alpha.float(), torch.zeros(w.shape[0], dtype=torch.int8), torch.int8, 0), values
+            if axis is None:
+                return QParams(alpha.float().reshape(()), torch.zeros((), dtype=torch.int8), torch.int8, None), values
+            return QParams(alpha.float(), torch.zeros(w.shape[axis], dtype=torch.int8), torch.int8, axis), values
         if kind == "fixed-point":
             qp, _ = pow2_qparams(w.min(), w.max(), self.weight_bits(kind), self.frac_bits)
             return qp, None
         qmax = self.weight_qmax(kind)
         per_tensor = qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True, qmin=-qmax, qmax=qmax)
-        if not self.per_channel:
+        if not self.per_channel or axis is None:
             return per_tensor, None
-        flat = w.reshape(w.shape[0], -1)
         per_channel = qparams_from_range(flat.min(dim=1).values, flat.max(dim=1).values, torch.int8,
-                                         symmetric=True, axis=0, qmin=-qmax, qmax=qmax)
+                                         symmetric=True, axis=axis, qmin=-qmax, qmax=qmax)
         if self.per_channel_min_gain_db > 0:
             from slimfx.passes.quantize.sensitivity import sqnr_db
 
             def weight_sqnr(qp: QParams) -> float:
-                scale = qp.scale.reshape(-1, *[1] * (w.dim() - 1)) if qp.axis is not None else qp.scale
+                shape = [1] * w.dim()
+                if qp.axis is not None:
+                    shape[qp.axis] = -1
+                scale = qp.scale.reshape(shape) if qp.axis is not None else qp.scale
                 return sqnr_db(w.double(), (quantize_tensor(w, qp).clamp(-qmax, qmax).double() * scale))
 
             if weight_sqnr(per_channel) - weight_sqnr(per_tensor) < self.per_channel_min_gain_db:
@@ -359,7 +368,7 @@ class Quantize(Pass):
         """Fold the weight (and the bias, as int32) of `n`; returns the output channels whose weight
         scale was raised to keep the int32 bias exact (see `fit_bias`)."""
         w = graph.params[n.inputs[1].name]
-        qp, values = self.weight_qparams(w, kind)
+        qp, values = self.weight_qparams(w, kind, weight_axis(n))
         qmax = self.weight_qmax(kind)
         x = through_noops(n.inputs[0])
         s_x = graph.params[x.inputs[1].name] \
@@ -367,7 +376,7 @@ class Quantize(Pass):
         raised: list[int] = []
         if s_x is not None and s_x.dim() == 0 and len(n.inputs) > 2 and isinstance(n.inputs[2], Param):
             try:
-                qp, raised = fit_bias(qp, s_x, graph.params[n.inputs[2].name], w[0].numel(),
+                qp, raised = fit_bias(qp, s_x, graph.params[n.inputs[2].name], layer_weight(n, w)[0].numel(),
                                       pow2=kind == "fixed-point")
             except PassError as e:
                 raise PassError(f"quantize: %{n.name}: {e}; keep the layer float with skip = [{n.name!r}]") from e

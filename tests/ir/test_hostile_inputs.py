@@ -118,6 +118,14 @@ class GRUNet(Recurrent):
         self.rnn = nn.GRU(4, 8, batch_first=True)
 
 
+class ProjRecurrent(Recurrent):
+    """An LSTM with an output projection: ONNX's LSTM has none."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 12, batch_first=True, proj_size=8)
+
+
 class FixedBatch(nn.Module):
     """Runs at batch 1 only: the view names the batch size literally."""
 
@@ -262,21 +270,52 @@ def test_compile_refuses_a_train_mode_model_with_dropout():
 # --- export-stage rows ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls", [Recurrent, GRUNet])
-def test_recurrent_modules_are_named_with_their_line_and_an_action(cls):
+def test_recurrent_modules_export_to_onnx(cls, tmp_path):
     model, x = cls().eval(), (torch.randn(2, 5, 4),)
+    g = ir.capture(model, x)
+    assert g.node("rnn").op == type(model.rnn).__name__.lower()
+    assert export_onnx(g, tmp_path / "m.onnx", inputs=x).validation.passed
+
+
+def test_an_lstm_onnx_cannot_express_is_named_with_its_line_and_an_action():
+    model, x = ProjRecurrent().eval(), (torch.randn(2, 5, 4),)
     g = ir.capture(model, x)
     with pytest.raises(ExportError) as e:
         to_onnx_model(g, inputs=x)
-    name = type(model.rnn).__name__
     line = next(i for i, ln in enumerate(open(__file__), 1) if "y, _ = self.rnn(x)" in ln)
-    _check_message(str(e.value), [f"%rnn (nn.{name} at module 'rnn', test_hostile_inputs.py:{line})",
-                                  f"does not support nn.{name} modules yet", "--format torchscript",
-                                  'formats=("torchscript",)'])
+    _check_message(str(e.value), [f"%rnn (lstm, module 'rnn', test_hostile_inputs.py:{line})", "proj_size",
+                                  "--format torchscript", 'formats=("torchscript",)'])
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.gate(x))
+
+
+def test_opaque_modules_are_named_with_their_line_and_an_action():
+    model, x = GatedNet().eval(), (torch.randn(2, 4),)
+    g = ir.capture(model, x, leaf_modules=[Gate])
+    with pytest.raises(ExportError) as e:
+        to_onnx_model(g, inputs=x)
+    line = next(i for i, ln in enumerate(open(__file__), 1) if "return self.fc(self.gate(x))" in ln)
+    _check_message(str(e.value), [f"(tests.ir.test_hostile_inputs.Gate at module 'gate', test_hostile_inputs.py:{line})",
+                                  "does not support tests.ir.test_hostile_inputs.Gate modules yet",
+                                  "--format torchscript", 'formats=("torchscript",)'])
     assert "propagate_shapes" not in str(e.value)
 
 
 def test_the_torchscript_route_the_message_offers_works(tmp_path):
-    model, x = Recurrent().eval(), (torch.randn(2, 5, 4),)
+    model, x = ProjRecurrent().eval(), (torch.randn(2, 5, 4),)
     res = export_torchscript(ir.capture(model, x), tmp_path / "m.pt", inputs=x)
     assert res.validation.passed and res.validation.compared > 0
 
@@ -327,7 +366,8 @@ CLI_ROWS = [
     ("float64", "Lin", "(torch.randn(2, 64, dtype=torch.float64),)", ".double()", ["float64", ".float()"]),
     ("meta", "Lin", "(torch.randn(2, 64),)", ".to('meta')", ["meta device", "load or initialize them"]),
     ("wrong feature dim", "Lin", "(torch.randn(1, 100),)", "", ["layer 'fc'", "1x100 and 64x10"]),
-    ("LSTM", "Recurrent", "(torch.randn(2, 5, 4),)", "", ["nn.LSTM", "--format torchscript"]),
+    ("LSTM projection", "ProjRecurrent", "(torch.randn(2, 5, 4),)", "", ["nn.LSTM with proj_size",
+                                                                        "--format torchscript"]),
 ]
 
 
