@@ -490,30 +490,31 @@ def _compare(op: str) -> Callable:
 
 
 for _op, _targets in {
-    "eq": (operator.eq, torch.eq, "eq"), "ne": (operator.ne, torch.ne, "ne"), "lt": (operator.lt, torch.lt, "lt"),
-    "le": (operator.le, torch.le, "le"), "gt": (operator.gt, torch.gt, "gt"), "ge": (operator.ge, torch.ge, "ge"),
+    # "__eq__" ...: a tensor constant on the left (`mask_buffer == x`) records the tensor's own method
+    "eq": (operator.eq, torch.eq, "eq", "__eq__"), "ne": (operator.ne, torch.ne, "ne", "__ne__"),
+    "lt": (operator.lt, torch.lt, "lt", "__lt__"), "le": (operator.le, torch.le, "le", "__le__"),
+    "gt": (operator.gt, torch.gt, "gt", "__gt__"), "ge": (operator.ge, torch.ge, "ge", "__ge__"),
 }.items():
     _converts(*_targets)(_compare(_op))
 
 
-def _logical(op: str, bool_only: bool) -> Callable:
-    """`torch.logical_and(a, b)`; `a & b` (and |, ^) only on bool masks, where it is the same thing."""
+def _logical(op: str) -> Callable:
+    """torch.logical_and(a, b) (always bool); `a & b` and torch.bitwise_and (bool masks or integers)."""
     def conv(input, other, *, out=None):
         if out is not None or not (_is_tensor(input) or _is_tensor(other)):
-            return None
-        if bool_only and any(_is_tensor(v) and _dtype_of(v) != torch.bool for v in (input, other)):
-            return None
-        if bool_only and any(not _is_tensor(v) and not isinstance(v, bool) for v in (input, other)):
             return None
         return op, (input, other), {}
     return conv
 
 
-for _op, _fn, _bitwise in [("logical_and", torch.logical_and, (operator.and_, torch.bitwise_and, "__and__")),
-                           ("logical_or", torch.logical_or, (operator.or_, torch.bitwise_or, "__or__")),
-                           ("logical_xor", torch.logical_xor, (operator.xor, torch.bitwise_xor, "__xor__"))]:
-    _converts(_fn, _op)(_logical(_op, False))
-    _converts(*_bitwise)(_logical(_op, True))
+for _op, _targets in {
+    "logical_and": (torch.logical_and, "logical_and"), "logical_or": (torch.logical_or, "logical_or"),
+    "logical_xor": (torch.logical_xor, "logical_xor"),
+    "bitwise_and": (operator.and_, torch.bitwise_and, "bitwise_and", "__and__", "__rand__"),
+    "bitwise_or": (operator.or_, torch.bitwise_or, "bitwise_or", "__or__", "__ror__"),
+    "bitwise_xor": (operator.xor, torch.bitwise_xor, "bitwise_xor", "__xor__", "__rxor__"),
+}.items():
+    _converts(*_targets)(_logical(_op))
 
 
 @_converts(torch.logical_not, "logical_not")
@@ -523,7 +524,7 @@ def _f_logical_not(input, *, out=None):
 
 @_converts(operator.invert, torch.bitwise_not, "bitwise_not", "__invert__")
 def _f_invert(input, *, out=None):
-    return ("logical_not", (input,), {}) if out is None and _dtype_of(input) == torch.bool else None
+    return ("bitwise_not", (input,), {}) if out is None and _is_tensor(input) else None
 
 
 @_converts(torch.where)
@@ -604,6 +605,14 @@ def _f_gather(input, dim, index, *, sparse_grad=False, out=None):
 NESTED_RESULTS: dict[str, dict[int, Any]] = {"lstm": {1: slice(1, 3)}}
 # fields of torch's named results (torch.return_types): {op: {field: index into the op's tuple}}
 RESULT_FIELDS: dict[str, dict[str, int]] = {"topk": {"values": 0, "indices": 1}}
+
+
+@_converts(getattr)
+def _f_result_field(obj, name, *default):
+    """`torch.topk(x, k).values`: a field of a named result is an item of the op's tuple."""
+    if isinstance(obj, Node) and name in RESULT_FIELDS.get(obj.op, {}):
+        return "getitem", (obj,), dict(index=RESULT_FIELDS[obj.op][name])
+    return None
 
 
 # --- modules -----------------------------------------------------------------------------------------
@@ -1324,9 +1333,6 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
             converted = _convert_getitem(args[0], args[1])
         elif n.op == "call_function" and n.target is getattr and args[1] == "shape":
             converted = ("shape", (args[0],), {})
-        elif n.op == "call_function" and n.target is getattr and isinstance(args[0], Node) \
-                and args[1] in RESULT_FIELDS.get(args[0].op, {}):
-            converted = ("getitem", (args[0],), dict(index=RESULT_FIELDS[args[0].op][args[1]]))
         else:
             conv = converter_for(n)
             if conv is not None:

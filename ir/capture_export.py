@@ -561,6 +561,13 @@ def _check(cx, *args, **kwargs):
 
 # --- ops real models use: transposed convs, einsum, norms, masks, indexing, recurrent layers -------------
 
+@_converts(aten.contiguous)
+def _contiguous(cx, input, memory_format=None):
+    if memory_format not in (None, torch.contiguous_format):
+        return None
+    return "contiguous", (input,), {}
+
+
 @_converts(aten.einsum)
 def _einsum(cx, equation, tensors, *, path=None):
     return "einsum", tuple(tensors), dict(equation=equation)
@@ -593,46 +600,23 @@ def _pixel_unshuffle(cx, input, downscale_factor):
     return "pixel_unshuffle", (input,), dict(downscale_factor=int(downscale_factor))
 
 
-def _compare(op: str) -> Callable:
+def _binary_op(op: str) -> Callable:
     def conv(cx, input, other):
         return op, (input, other), {}
     return conv
 
 
 for _op in ("eq", "ne", "lt", "le", "gt", "ge"):
-    _converts(getattr(aten, _op))(_compare(_op))
+    _converts(getattr(aten, _op))(_binary_op(_op))
+for _op, _targets in {"logical_and": (aten.logical_and,), "logical_or": (aten.logical_or,),
+                      "logical_xor": (aten.logical_xor,), "bitwise_and": (aten.bitwise_and, aten.__and__),
+                      "bitwise_or": (aten.bitwise_or, aten.__or__), "bitwise_xor": (aten.bitwise_xor, aten.__xor__)}.items():
+    _converts(*_targets)(_binary_op(_op))
 
 
-def _is_bool(cx, v: Any) -> bool:
-    if isinstance(v, bool):
-        return True
-    if isinstance(v, Node):
-        return getattr(v.meta, "dtype", None) == torch.bool
-    return isinstance(v, Param) and cx.graph.params[v.name].dtype == torch.bool
-
-
-def _logical(op: str, bool_only: bool) -> Callable:
-    def conv(cx, input, other):
-        if bool_only and not (_is_bool(cx, input) and _is_bool(cx, other)):
-            return None  # bitwise and/or/xor of integers
-        return op, (input, other), {}
-    return conv
-
-
-for _op, _bitwise in [("logical_and", (aten.bitwise_and, aten.__and__)), ("logical_or", (aten.bitwise_or, aten.__or__)),
-                      ("logical_xor", (aten.bitwise_xor, aten.__xor__))]:
-    _converts(getattr(aten, _op))(_logical(_op, False))
-    _converts(*_bitwise)(_logical(_op, True))
-
-
-@_converts(aten.logical_not)
-def _logical_not(cx, input):
-    return "logical_not", (input,), {}
-
-
-@_converts(aten.bitwise_not)
-def _bitwise_not(cx, input):
-    return ("logical_not", (input,), {}) if _is_bool(cx, input) else None
+@_converts(aten.logical_not, aten.bitwise_not)
+def _not(cx, input):
+    return cx.node.target.overloadpacket.__name__, (input,), {}
 
 
 @_converts(aten.where)

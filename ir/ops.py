@@ -632,6 +632,10 @@ for _name, _impl, _comm in [
 ]:
     register_op(_name, _impl, elementwise=2, commutative=_comm)
 register_op("logical_not", torch.logical_not, elementwise=1)
+# `a & b`, `a | b`, `a ^ b`, `~a`: logical on bool masks, bitwise on integers (the dtype is kept)
+for _name, _impl in [("bitwise_and", operator.and_), ("bitwise_or", operator.or_), ("bitwise_xor", operator.xor)]:
+    register_op(_name, _impl, elementwise=2, commutative=True)
+register_op("bitwise_not", operator.invert, elementwise=1)
 register_op("where", torch.where, elementwise=3)
 register_op("cumsum", _cumsum, channels="reduce")
 register_op("topk", _topk, result="tuple")

@@ -676,10 +676,24 @@ def _conv_transpose(ctx: EmitContext, node: Node) -> str:
     stride, dilation = _pairs(a.get("stride", 1), k), _pairs(a.get("dilation", 1), k)
     pad, out_pad = _pairs(a.get("padding", 0), k), _pairs(a.get("output_padding", 0), k)
     group = int(a.get("groups", 1))
-    ins = [ctx.value(x), ctx.value(w)] + ([ctx.value(b)] if b is not None else [])
-    return ctx.emit("ConvTranspose", ins, kernel_shape=kernel, strides=None if set(stride) == {1} else stride,
-                    pads=pad + pad if any(pad) else None, output_padding=out_pad if any(out_pad) else None,
-                    dilations=None if set(dilation) == {1} else dilation, group=None if group == 1 else group)
+    attrs = dict(kernel_shape=kernel, strides=None if set(stride) == {1} else stride,
+                 dilations=None if set(dilation) == {1} else dilation, group=None if group == 1 else group)
+    xv, wv = ctx.value(x), ctx.value(w)
+    if all(o < st for o, st in zip(out_pad, stride)):
+        ins = [xv, wv] + ([ctx.value(b)] if b is not None else [])
+        return ctx.emit("ConvTranspose", ins, pads=pad + pad if any(pad) else None,
+                        output_padding=out_pad if any(out_pad) else None, **attrs)
+    # torch also allows output_padding < dilation, onnxruntime only < stride: crop less at the end instead
+    # (pads end = padding - output_padding), and where that is negative, pad with zeros (+ the bias)
+    end = [p - o for p, o in zip(pad, out_pad)]
+    extra = [max(0, -e) for e in end]
+    ins = [xv, wv] + ([ctx.value(b)] if b is not None and not any(extra) else [])
+    y = ctx.emit("ConvTranspose", ins, pads=pad + [max(0, e) for e in end], **attrs)
+    if any(extra):
+        y = ctx.emit("Pad", [y, ctx.ints([0] * (2 + k) + [0, 0] + extra)])
+        if b is not None:
+            y = ctx.emit("Add", [y, ctx.param(b, key="bc", transform=lambda t: t.reshape([-1] + [1] * k))])
+    return y
 
 
 @register_emitter("einsum")
@@ -802,6 +816,7 @@ def _compare(ctx: EmitContext, node: Node) -> str:
 
 
 _LOGICAL = {"logical_and": "And", "logical_or": "Or", "logical_xor": "Xor"}
+_BITWISE = {"bitwise_and": "And", "bitwise_or": "Or", "bitwise_xor": "Xor", "bitwise_not": "Not"}
 
 
 @register_emitter(*_LOGICAL)
@@ -813,6 +828,20 @@ def _logical(ctx: EmitContext, node: Node) -> str:
 @register_emitter("logical_not")
 def _logical_not(ctx: EmitContext, node: Node) -> str:
     return ctx.emit("Not", [ctx.value(node.inputs[0], dtype=torch.bool)])
+
+
+@register_emitter(*_BITWISE)
+def _bitwise(ctx: EmitContext, node: Node) -> str:
+    """And/Or/Xor/Not on bool masks; BitwiseAnd/... (opset 18) on integers."""
+    dt = _out_dtype(node)
+    ins = [ctx.value(v, dtype=dt) for v in node.inputs[:1 if node.op == "bitwise_not" else 2]]
+    if dt == torch.bool:
+        return ctx.emit(_BITWISE[node.op], ins)
+    if ctx.opset < 18:
+        raise _err(node, f"{node.op} of {dt} tensors needs ONNX opset 18 (Bitwise{_BITWISE[node.op]}): export "
+                         "with `slimfx export --opset 18`, `opset = 18` under [export] in a recipe, or "
+                         "export_onnx(..., opset=18) in Python")
+    return ctx.emit("Bitwise" + _BITWISE[node.op], ins)
 
 
 @register_emitter("where")
