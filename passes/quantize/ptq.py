@@ -6,6 +6,10 @@ Schemes:
   fixed-point   Qm.n: weights and activations with power-of-two scales 2^-n and zero point 0
   sign          weights alpha * sign(w) (alpha = mean|w| per output channel), stored as int8 ±1;
                 first and last layer kept 8-bit; activations as int8-static
+
+Recurrent layers (lstm, gru) keep float weights under every scheme: ONNX has no integer LSTM/GRU (only
+onnxruntime's contrib DynamicQuantizeLSTM, which other runtimes lack). The layers around them are quantized;
+the pass names the recurrent ones it kept float in its stats (`kept_float`) and the report's headline.
 """
 
 from __future__ import annotations
@@ -57,6 +61,31 @@ Range = tuple[torch.Tensor, torch.Tensor]
 
 # float_first keeps the first layer float only below this fan-in (digits_cnn's first conv: 9).
 FLOAT_FIRST_MAX_FAN_IN = 32
+
+# ops with weights that stay float (module docstring): op -> why
+KEPT_FLOAT = {"lstm": "ONNX has no integer LSTM", "gru": "ONNX has no integer GRU"}
+
+
+def kept_float(graph: Graph) -> dict[str, str]:
+    """The layers with weights that quantize leaves float, and why."""
+    return {n.name: KEPT_FLOAT[n.op] for n in graph if n.op in KEPT_FLOAT and n.params()}
+
+
+def _notes(raised: dict[str, list], degenerate: dict[str, str], floats: dict[str, str]) -> list[str]:
+    """The headline notes of a quantize run."""
+    notes = []
+    if raised:
+        notes.append(f"kept the int32 bias of {', '.join(raised)} exact by raising the weight scale of "
+                     f"{sum(len(v) for v in raised.values())} output channel(s) (an all-zero weight row, "
+                     "or an input that was constantly 0 in calibration)")
+    if degenerate:
+        notes.append(f"{len(degenerate)} activation(s) had a degenerate calibrated range ("
+                     + "; ".join(f"{k}: {v}" for k, v in list(degenerate.items())[:3])
+                     + (", ..." if len(degenerate) > 3 else "") + "): check the calibration data")
+    if floats:
+        notes.append(f"kept {len(floats)} recurrent layer(s) float ({', '.join(floats)}): "
+                     f"{'; '.join(sorted(set(floats.values())))}, so their weights stay fp32")
+    return notes
 
 
 @register_pass("quantize")
@@ -165,8 +194,10 @@ class Quantize(Pass):
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
         embeds = quantizable_embeddings(graph, skip=skip, only=only) \
             if self.embeddings and self.scheme in ("int8-static", "int8-dynamic") else []
+        floats = kept_float(graph)
         if not plan.weight_ops and not plan.act_ops and not embeds:
-            return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped})
+            return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped, "kept_float": floats,
+                                      "notes": _notes({}, {}, floats)})
         degenerate: dict[str, str] = {}
         if not dynamic and ranges is None:
             ranges = self.calibrate(graph, plan, ctx)
@@ -206,17 +237,8 @@ class Quantize(Pass):
         stored = {p.name for n in graph if n.op == "dequantize" or n in embeds for p in n.params()}
         after = sum(graph.params[k].numel() * graph.params[k].element_size() for k in stored)
         raised_layers = {k: v for k, v in raised.items() if v}
-        notes = []  # for the report's headline
-        if raised_layers:
-            notes.append(f"kept the int32 bias of {', '.join(raised_layers)} exact by raising the weight scale of "
-                         f"{sum(len(v) for v in raised_layers.values())} output channel(s) (an all-zero weight row, "
-                         "or an input that was constantly 0 in calibration)")
-        if degenerate:
-            notes.append(f"{len(degenerate)} activation(s) had a degenerate calibrated range ("
-                         + "; ".join(f"{k}: {v}" for k, v in list(degenerate.items())[:3])
-                         + (", ..." if len(degenerate) > 3 else "") + "): check the calibration data")
         return PassResult(True, {
-            "notes": notes,
+            "notes": _notes(raised_layers, degenerate, floats),  # for the report's headline
             "scheme": self.scheme, "quantized_ops": len(plan.weight_ops) + len(plan.act_ops),
             "embeddings": len(embeds), "activation_qdq": len(act_qp), "dynamic_activations": n_dyn, "collapsed": collapsed,
             "skipped": plan.skipped, "weight_bytes": {"before": before, "after": after},
@@ -226,6 +248,7 @@ class Quantize(Pass):
             "bias_scale_raised": raised_layers,
             # activations whose calibrated range is exactly [0, 0] or holds NaN/Inf (see calibrate)
             "degenerate_ranges": degenerate,
+            "kept_float": floats,  # layers with weights left float (KEPT_FLOAT), and why
             **({"qat": qat} if qat is not None else {})})
 
     def _qat_step(self) -> str:

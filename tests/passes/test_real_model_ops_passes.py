@@ -122,13 +122,17 @@ def test_quantize_gives_conv_transpose_int8_weights_per_output_channel_and_keeps
     assert export_onnx(g, tmp_path / "d.onnx", inputs=x).validation.passed
 
     m, x = TextRNN().eval(), (torch.randint(1, 20, (2, 5)),)
-    g = ir.capture(m, x)
-    res = create_pass("quantize", {"scheme": "int8-static"}).run(g, _ctx(x))
-    ir.verify(g)
-    assert all(isinstance(w, ir.Param) and g.params[w.name].dtype == torch.float32
-               for op in ("lstm", "gru") for w in g.find(op)[0].inputs[2:])
-    assert g.node("proj").inputs[1].op == "dequantize" and g.node("head").inputs[1].op == "dequantize"
-    assert export_onnx(g, tmp_path / "r.onnx", inputs=x).validation.passed
+    for scheme in ("int8-static", "int8-dynamic"):
+        g = ir.capture(m, x)
+        res = create_pass("quantize", {"scheme": scheme}).run(g, _ctx(x))
+        ir.verify(g)
+        assert all(isinstance(w, ir.Param) and g.params[w.name].dtype == torch.float32
+                   for op in ("lstm", "gru") for w in g.find(op)[0].inputs[2:])
+        assert g.node("proj").inputs[1].op == "dequantize" and g.node("head").inputs[1].op == "dequantize"
+        # the recurrent layers kept float are named, with why, in the stats and the report's headline
+        assert res.stats["kept_float"] == {"rnn": "ONNX has no integer LSTM", "gru": "ONNX has no integer GRU"}
+        assert any("2 recurrent layer(s) float (rnn, gru)" in note for note in res.stats["notes"])
+        assert export_onnx(g, tmp_path / f"r-{scheme}.onnx", inputs=x).validation.passed
 
 
 def test_qat_sign_and_fixed_point_handle_transposed_weights():
