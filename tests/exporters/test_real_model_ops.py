@@ -4,7 +4,7 @@ argmax/argmin, index_select, gather, LSTM/GRU and nearest-exact/area resizing.
 
 Per op family, a property test draws shapes and attributes within what ONNX expresses and checks: both
 capture front ends give the canonical op (never `opaque`), the graph verifies (shape rules), lowering is
-bit-exact with the torch call, and the ONNX file matches onnxruntime at the example's batch size and
+bit-exact with the torch call, a saved and loaded model file is the same graph, and the ONNX file matches onnxruntime at the example's batch size and
 another one (export_onnx's validation).
 """
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import slimfx
 from slimfx import ir
 from slimfx.exporters import export_onnx, to_onnx_model
 from slimfx.ir.errors import ExportError
@@ -31,8 +32,8 @@ def _leaves(v):
 
 def check(model: nn.Module, inputs: tuple, ops: set[str], tmp_path, *, front_ends=("fx", "export"),
           atol: float = 1e-5, rtol: float = 1e-4) -> ir.Graph:
-    """Capture with each front end (canonical ops, no opaque node), verify, lower bit-exact, export and
-    validate against onnxruntime at two batch sizes. Returns the fx graph."""
+    """Capture with each front end (canonical ops, no opaque node), verify, lower bit-exact, save and load
+    (slimfx.save/load), export and validate against onnxruntime at two batch sizes. Returns the fx graph."""
     torch.manual_seed(0)
     model = model.eval()
     with torch.no_grad():
@@ -47,6 +48,11 @@ def check(model: nn.Module, inputs: tuple, ops: set[str], tmp_path, *, front_end
         with torch.no_grad():
             got = _leaves(ir.lower(g)(*inputs))
         assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref)), method
+        # the model file (IR text + weights) keeps every attr: the same graph, the same numbers
+        loaded = slimfx.load(slimfx.save(g, tmp_path / f"{method}.slimfx"))
+        assert ir.format_graph(loaded) == ir.format_graph(g), method
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(_leaves(ir.lower(loaded)(*inputs)), ref)), method
         graphs[method] = g
     g = graphs[front_ends[0]]
     res = export_onnx(g, tmp_path / "m.onnx", inputs=inputs, atol=atol, rtol=rtol)
@@ -116,6 +122,7 @@ def test_conv_transpose_with_an_output_size_and_a_batchnorm_to_fold(tmp_path):
     g = check(m, x, {"conv_transpose2d", "batch_norm"}, tmp_path)
     assert g.node("up").attrs["output_padding"] == (1, 1)
     res = create_pass("fold-batchnorm", {}).run(g, PassContext(x))
+    g = res.graph_after(g)
     assert res.stats["folded"] == 1 and not g.find("batch_norm")
     torch.testing.assert_close(ir.lower(g)(*x), m(*x), rtol=1e-5, atol=1e-5)
     assert export_onnx(g, tmp_path / "f.onnx", inputs=x).validation.passed

@@ -72,6 +72,7 @@ def test_channels_prune_through_pixel_shuffle_conv_transpose_instance_norm_and_w
     assert set(groups) == {("c1",), ("up", "mix")} and len(groups[("up", "mix")].units) == 4
     assert [b["op"] for b in deps.blocked] == ["output"]
     res = create_pass("prune-channels", {"sparsity": 0.5}).run(g, _ctx(x))
+    g = res.graph_after(g)  # prune-channels returns its pruned copy
     ir.verify(g)
     assert {tuple(r["sources"]): r["kept_channels"] for r in res.stats["groups"]} == {("c1",): 8, ("up", "mix"): 4}
     # [in, out/groups, k, k]: up loses inputs (c1's channels / 4) and outputs; mix keeps 2 of its 4 groups
@@ -86,6 +87,7 @@ def test_an_lstm_lets_the_layer_before_it_shrink_and_einsum_is_named_where_pruni
     m, x = TextRNN().eval(), (torch.randint(1, 20, (2, 5)),)
     g = ir.capture(m, x)
     res = create_pass("prune-channels", {"sparsity": 0.5}).run(g, _ctx(x))
+    g = res.graph_after(g)  # prune-channels returns its pruned copy
     ir.verify(g)
     kept = {tuple(r["sources"]): r["kept_channels"] for r in res.stats["groups"]}
     assert kept[("proj",)] == 6 and g.params["rnn.weight_ih_l0"].shape == (24, 6)
@@ -120,6 +122,8 @@ def test_quantize_gives_conv_transpose_int8_weights_per_output_channel_and_keeps
     bias = g.node("up").inputs[2]
     assert bias.op == "dequantize" and g.params[bias.inputs[0].name].dtype == torch.int32
     assert export_onnx(g, tmp_path / "d.onnx", inputs=x).validation.passed
+    loaded = slimfx.load(slimfx.save(g, tmp_path / "d.slimfx"))  # per-axis transposed weights, int32 bias
+    assert ir.format_graph(loaded) == ir.format_graph(g) and torch.equal(ir.lower(loaded)(*x), ir.lower(g)(*x))
 
     m, x = TextRNN().eval(), (torch.randint(1, 20, (2, 5)),)
     for scheme in ("int8-static", "int8-dynamic"):
@@ -133,6 +137,8 @@ def test_quantize_gives_conv_transpose_int8_weights_per_output_channel_and_keeps
         assert res.stats["kept_float"] == {"rnn": "ONNX has no integer LSTM", "gru": "ONNX has no integer GRU"}
         assert any("2 recurrent layer(s) float (rnn, gru)" in note for note in res.stats["notes"])
         assert export_onnx(g, tmp_path / f"r-{scheme}.onnx", inputs=x).validation.passed
+        loaded = slimfx.load(slimfx.save(g, tmp_path / f"r-{scheme}.slimfx"))
+        assert ir.format_graph(loaded) == ir.format_graph(g) and torch.equal(ir.lower(loaded)(*x), ir.lower(g)(*x))
 
 
 def test_qat_sign_and_fixed_point_handle_transposed_weights():
