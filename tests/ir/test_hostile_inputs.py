@@ -26,7 +26,14 @@ from slimfx import ir
 from slimfx.cli import main
 from slimfx.errors import CaptureError, ExportError, SlimfxError, ValidationError
 from slimfx.exporters import export_onnx, export_torchscript, ort_session, to_onnx_model, validate_onnx
-from slimfx.exporters.validate import ValidationReport, compare_outputs, tolerances
+from slimfx.exporters.validate import (
+    BFLOAT16,
+    ValidationReport,
+    compare_outputs,
+    tolerances,
+    validate_outputs,
+    validate_torchscript,
+)
 
 capture_mod = importlib.import_module("slimfx.ir.capture")  # the module (slimfx.ir.capture is also the function)
 
@@ -428,6 +435,32 @@ def test_float16_model_exports_and_validates_at_float16_precision(tmp_path):
     # the same tolerances still catch a wrong float16 result
     r = np.linspace(-3, 3, 50).astype(np.float16)
     assert not compare_outputs([r * np.float16(1.03)], [r], ["output"], atol=1e-5, rtol=1e-4)["passed"]
+
+
+def test_bfloat16_outputs_are_validated_at_bfloat16_precision(tmp_path):
+    """A bfloat16 model (8 bits of precision) against its float32 run passes at bfloat16 precision, where
+    float32 tolerances refuse it; a 25% error still fails, naming the output; a bfloat16 TorchScript file of
+    the model matches it exactly."""
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    ref = ConvNet().eval()
+    ref.load_state_dict(model.state_dict())
+    ref = ref.bfloat16()
+    x = (torch.randn(4, 3, 8, 8).bfloat16(),)
+    assert tolerances(BFLOAT16, 1e-5, 1e-4) == (4 * 2 ** -7, 4 * 2 ** -7)
+
+    def fp32_run(factor):
+        return lambda ins: [model(ins[0].float()).detach().numpy() * factor]
+
+    rep = validate_outputs(fp32_run(1.0), ref, x)
+    assert rep.passed and rep.max_abs_diff > 1e-3  # bfloat16 rounding, far above float32 tolerances
+    as_fp32 = ref(*x).float().detach().numpy()
+    assert not compare_outputs(fp32_run(1.0)(x), [as_fp32], ["output"], atol=1e-5, rtol=1e-4)["passed"]
+    bad = validate_outputs(fp32_run(1.25), ref, x)
+    assert not bad.passed and bad.failure.startswith("output: ") and "/tmp" not in bad.failure
+    torch.jit.trace(ref, x).save(str(tmp_path / "m.pt"))
+    exact = validate_torchscript(tmp_path / "m.pt", ref, x)
+    assert exact.passed and exact.max_abs_diff == 0 and exact.compared == 4 * 5
 
 
 @pytest.mark.parametrize("ours, ref, fragment", [
