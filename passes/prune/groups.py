@@ -708,7 +708,6 @@ class Analyzer:
             self.fixups.append(("sdpa_scale", n.name, q.shape[-1]))
         return v.narrow(-2, 0, 1).expand(n.meta.shape).clone()
 
-
     # -- ops real models use beyond conv/linear (issue 15) --------------------------------------------
     def pixel_shuffle(self, n: Node) -> Any:
         """Output channel c is input channels c*r*r .. c*r*r + r*r - 1 spread over space: those go together."""
