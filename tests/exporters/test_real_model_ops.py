@@ -479,3 +479,46 @@ def test_nearest_exact_and_area_interpolation(case, tmp_path):
     g = check(model, inputs, {"interpolate"}, tmp_path, front_ends=("fx",))
     assert g.find("interpolate")[0].attrs["mode"] == mode
     check(model, inputs, ops, tmp_path, front_ends=("export",))
+
+
+# --- the export probe on the meta device --------------------------------------------------------------------
+
+class AllOps(nn.Module):
+    """One of every op above, for the probe test."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, dilation=2, groups=2)
+        self.w = nn.Parameter(torch.randn(6, 5))
+        self.register_buffer("idx", torch.tensor([0, 2, 1]))
+        self.norm = nn.InstanceNorm1d(6, affine=True)
+        self.rnn, self.gru = nn.LSTM(5, 3, batch_first=True, bidirectional=True), nn.GRU(6, 2)
+
+    def forward(self, x):
+        e = torch.einsum("bcl,cd->bdl", self.norm(self.up(x)), self.w)
+        r = F.layer_norm(F.rms_norm(e.transpose(1, 2), (5,), eps=1e-4), (5,))
+        z = torch.where((r > 0) & ~(r < -1) | (r == 0), r, 0.5).masked_fill(r > 2, -1.0).cumsum(1)
+        a = torch.argmax(z, -1, keepdim=True)
+        y, _ = self.rnn(z)
+        h = self.gru(y.transpose(0, 1))[1]
+        p = F.pixel_unshuffle(F.pixel_shuffle(x.unsqueeze(-1).expand(-1, -1, -1, 4), 2), 2)
+        q = F.interpolate(x, scale_factor=2.0, mode="nearest-exact") + F.interpolate(x, size=8, mode="area")
+        return torch.topk(z, 2, dim=-1).values, a, z.index_select(2, self.idx), torch.gather(z, 2, a), h, p, q
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_the_export_probe_on_the_meta_device_equals_the_real_one(method, monkeypatch, tmp_path):
+    """Large models probe shapes on the meta device (exporters.onnx.context): for these ops it must give what
+    the real run gives, and the file must still validate."""
+    from slimfx.exporters.onnx import context
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4, 4),)
+    g = ir.capture(AllOps().eval(), x, method=method)
+    assert not g.find("opaque")
+    probes = {}
+    for meta in (False, True):
+        monkeypatch.setattr(context, "META_PROBE_MIN_MACS", -1 if meta else float("inf"))
+        probes[meta] = context.probe(g, x)
+    assert probes[True] == probes[False]
+    assert export_onnx(g, tmp_path / "m.onnx", inputs=x).validation.passed
