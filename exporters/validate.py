@@ -27,7 +27,7 @@ class ValidationReport:
     An element passes when |ours - reference| <= atol' * max(1, scale) + rtol' * |reference|, where
     scale is the output's largest finite |reference| (so atol is absolute for outputs up to 1 and
     relative to the output's magnitude beyond: float32 rounding grows with it) and atol', rtol' are
-    atol, rtol raised to the output dtype's precision (float16 outputs are compared at float16
+    atol, rtol raised to the output dtype's precision (float16 and bfloat16 outputs are compared at their
     precision). Integer and bool outputs must be equal; NaN or Inf where the reference has none (or
     the other way round) fails; a report that compared no value fails.
     """
@@ -66,10 +66,23 @@ class ValidationReport:
         return d
 
 
-# Precision of the float dtypes slimfx exports; outputs of a low-precision dtype are compared at a
-# multiple of it (torch and onnxruntime round each op's float16 result, and those roundings add up).
-LOW_PRECISION = {np.dtype(np.float16): 2.0 ** -10}
+# numpy has no bfloat16; ml_dtypes (an onnx dependency) gives it one, so bfloat16 outputs keep their dtype
+try:
+    from ml_dtypes import bfloat16 as _bfloat16
+
+    BFLOAT16: np.dtype | None = np.dtype(_bfloat16)
+except ImportError:  # pragma: no cover - onnx requires ml_dtypes
+    BFLOAT16 = None
+
+# Precision (machine epsilon) of the low-precision float dtypes; their outputs are compared at a multiple
+# of it (torch and onnxruntime round each op's float16 result, and those roundings add up).
+LOW_PRECISION = {np.dtype(np.float16): 2.0 ** -10, **({BFLOAT16: 2.0 ** -7} if BFLOAT16 is not None else {})}
 LOW_PRECISION_ULPS = 4
+
+
+def is_float(dtype: np.dtype) -> bool:
+    """A float dtype, bfloat16 included (numpy does not count ml_dtypes' bfloat16 as np.floating)."""
+    return np.issubdtype(dtype, np.floating) or dtype == BFLOAT16
 
 
 def tolerances(dtype: np.dtype, atol: float, rtol: float) -> tuple[float, float]:
@@ -115,7 +128,7 @@ def compare_outputs(ours: Sequence[np.ndarray], refs: Sequence[np.ndarray], name
             stats.update(max_abs_diff=math.inf, worst_output=name, cosine=0.0, sqnr_db=-math.inf)
             fail(name, f"shape {list(o.shape)} where the reference is {list(r.shape)}")
             continue
-        exact = not (np.issubdtype(r.dtype, np.floating) and np.issubdtype(o.dtype, np.floating))
+        exact = not (is_float(r.dtype) and is_float(o.dtype))
         o64, r64 = o.astype(np.float64).ravel(), r.astype(np.float64).ravel()
         stats["compared"] += o64.size
         if o64.size == 0:
@@ -151,16 +164,23 @@ def compare_outputs(ours: Sequence[np.ndarray], refs: Sequence[np.ndarray], name
         stats["max_rel_diff"] = max(stats["max_rel_diff"], out.max_rel_diff)
         stats["cosine"] = min(stats["cosine"], out.cosine)
         stats["sqnr_db"] = min(stats["sqnr_db"], out.sqnr_db)
-        if out.top1_agreement is not None and np.issubdtype(r.dtype, np.floating):
+        if out.top1_agreement is not None and is_float(r.dtype):
             prev = stats["top1_agreement"]
             stats["top1_agreement"] = out.top1_agreement if prev is None else min(prev, out.top1_agreement)
     return stats
 
 
+def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor as a numpy array of its own dtype (bfloat16 as ml_dtypes' bfloat16: the same bits)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(BFLOAT16) if BFLOAT16 is not None else t.float().numpy()
+    return t.numpy()
+
+
 def _to_numpy(out: Any) -> list[np.ndarray]:
-    """Flattened outputs as numpy arrays (bfloat16, which numpy lacks, as float32)."""
-    return [(t.detach().cpu().float() if t.dtype == torch.bfloat16 else t.detach().cpu()).numpy()
-            if isinstance(t, torch.Tensor) else np.asarray(t) for t in flatten_outputs(out)]
+    """Flattened outputs as numpy arrays."""
+    return [tensor_to_numpy(t) if isinstance(t, torch.Tensor) else np.asarray(t) for t in flatten_outputs(out)]
 
 
 def reference_fn(graph_or_module: Graph | torch.nn.Module) -> Callable[[tuple], list[np.ndarray]]:

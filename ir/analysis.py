@@ -31,17 +31,17 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def node_macs(node: Node) -> int:
     """Multiply-accumulates of one node on the example input shapes (0 for ops that do none)."""
-    m = node.meta
-    if not hasattr(m, "shape"):
-        return 0
     op = OPS.get(node.op)
-    if op is None:
+    if op is None or node.meta is None:
         return 0
-    if op.weighted is not None:
+    if op.macs is not None:
+        return op.macs(node)
+    m = node.meta
+    if op.weighted is not None and hasattr(m, "shape"):
         # y = x ⊛ W: each output element sums over W's input channels (per group) x kernel
         wmeta = _param_shape(node, node.inputs[1])
         return _numel(m.shape) * _numel(wmeta[1:]) if wmeta is not None else 0
-    return op.macs(node) if op.macs is not None else 0
+    return 0
 
 
 def _param_shape(node: Node, ref: Any) -> tuple[int, ...] | None:

@@ -141,7 +141,7 @@ def _f_batch_norm(input, running_mean, running_var, weight=None, bias=None, trai
 
 @_converts(F.layer_norm)
 def _f_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    return "layer_norm", (input, weight, bias), dict(normalized_shape=tuple(normalized_shape), eps=eps)
+    return "layer_norm", (input, weight, bias), dict(normalized_shape=_shape_arg(normalized_shape), eps=eps)
 
 
 @_converts(F.group_norm)
@@ -392,6 +392,229 @@ for _meth, _dtype in {"float": torch.float32, "half": torch.float16, "double": t
     _converts(_meth)(lambda self, _d=_dtype: ("cast", (self,), dict(dtype=_d)))
 
 
+# --- ops real models use: transposed convs, einsum, norms, masks, indexing, recurrent layers ---------------
+
+class _NotStatic(TypeError):
+    """A size argument computed from tensor values: the converter declines (a TypeError keeps the call opaque)."""
+
+
+def static_value(v: Any) -> Any:
+    """The value of a size argument known at capture: Python values, and `size`/`shape` nodes (and items
+    of them) of tensors with shapes (`F.layer_norm(x, x.shape[-1:])`, `(x.size(-1),)`). Raises
+    _NotStatic for anything computed from tensor values."""
+    if isinstance(v, (tuple, list, torch.Size)):
+        return tuple(static_value(e) for e in v)
+    if not isinstance(v, Node):
+        if isinstance(v, (Param, torch.Tensor)):
+            raise _NotStatic
+        return v
+    if v.op in ("size", "shape") and isinstance(getattr(v.inputs[0], "meta", None), TensorMeta):
+        shape = v.inputs[0].meta.shape
+        dim = v.attrs.get("dim") if v.op == "size" else None
+        return tuple(shape) if dim is None else shape[dim]
+    if v.op == "getitem" and trait(getattr(v.inputs[0], "op", None), "result") == "value":
+        return static_value(v.inputs[0])[v.attrs["index"]]
+    raise _NotStatic
+
+
+def _shape_arg(v: Any) -> tuple:
+    """normalized_shape and similar: an int or a sequence of ints, possibly read from sizes."""
+    try:
+        v = static_value(v)
+    except _NotStatic:
+        raise TypeError("a shape argument computed at run time") from None  # the converter declines
+    return (int(v),) if isinstance(v, int) else tuple(int(e) for e in v)
+
+
+def _is_tensor(v: Any) -> bool:
+    return isinstance(v, Param) or (isinstance(v, Node) and isinstance(v.meta, TensorMeta))
+
+
+def _dtype_of(v: Any) -> torch.dtype | None:
+    return v.meta.dtype if isinstance(v, Node) and isinstance(v.meta, TensorMeta) else None
+
+
+def _conv_transpose(n: int, input, weight, bias, stride, padding, output_padding, groups, dilation) -> Conv:
+    return f"conv_transpose{n}d", (input, weight, bias), dict(
+        stride=_tuple(stride, n), padding=_tuple(padding, n), output_padding=_tuple(output_padding, n),
+        groups=groups, dilation=_tuple(dilation, n))
+
+
+@_converts(F.conv_transpose2d, torch.conv_transpose2d)
+def _f_conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    return _conv_transpose(2, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+@_converts(F.conv_transpose1d, torch.conv_transpose1d)
+def _f_conv_transpose1d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    return _conv_transpose(1, input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+@_converts(torch.einsum)
+def _f_einsum(equation, *operands):
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not isinstance(equation, str) or not all(_is_tensor(o) for o in operands):
+        return None  # the sublist form einsum(a, [0, 1], b, [1, 2])
+    return "einsum", tuple(operands), dict(equation=equation)
+
+
+@_converts(F.rms_norm)
+def _f_rms_norm(input, normalized_shape, weight=None, eps=None):
+    return "rms_norm", (input, weight), dict(normalized_shape=_shape_arg(normalized_shape), eps=eps)
+
+
+@_converts(F.instance_norm)
+def _f_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                     momentum=0.1, eps=1e-5):
+    return "instance_norm", (input, running_mean, running_var, weight, bias), dict(
+        use_input_stats=bool(use_input_stats), momentum=momentum, eps=eps, training=False)
+
+
+@_converts(F.pixel_shuffle, torch.pixel_shuffle)
+def _f_pixel_shuffle(input, upscale_factor):
+    return "pixel_shuffle", (input,), dict(upscale_factor=int(upscale_factor))
+
+
+@_converts(F.pixel_unshuffle, torch.pixel_unshuffle)
+def _f_pixel_unshuffle(input, downscale_factor):
+    return "pixel_unshuffle", (input,), dict(downscale_factor=int(downscale_factor))
+
+
+def _compare(op: str) -> Callable:
+    def conv(input, other, *, out=None):
+        if out is not None or not (_is_tensor(input) or _is_tensor(other)):
+            return None  # comparisons of sizes and other Python values
+        return op, (input, other), {}
+    return conv
+
+
+for _op, _targets in {
+    # "__eq__" ...: a tensor constant on the left (`mask_buffer == x`) records the tensor's own method
+    "eq": (operator.eq, torch.eq, "eq", "__eq__"), "ne": (operator.ne, torch.ne, "ne", "__ne__"),
+    "lt": (operator.lt, torch.lt, "lt", "__lt__"), "le": (operator.le, torch.le, "le", "__le__"),
+    "gt": (operator.gt, torch.gt, "gt", "__gt__"), "ge": (operator.ge, torch.ge, "ge", "__ge__"),
+}.items():
+    _converts(*_targets)(_compare(_op))
+
+
+def _logical(op: str) -> Callable:
+    """torch.logical_and(a, b) (always bool); `a & b` and torch.bitwise_and (bool masks or integers)."""
+    def conv(input, other, *, out=None):
+        if out is not None or not (_is_tensor(input) or _is_tensor(other)):
+            return None
+        return op, (input, other), {}
+    return conv
+
+
+for _op, _targets in {
+    "logical_and": (torch.logical_and, "logical_and"), "logical_or": (torch.logical_or, "logical_or"),
+    "logical_xor": (torch.logical_xor, "logical_xor"),
+    "bitwise_and": (operator.and_, torch.bitwise_and, "bitwise_and", "__and__", "__rand__"),
+    "bitwise_or": (operator.or_, torch.bitwise_or, "bitwise_or", "__or__", "__ror__"),
+    "bitwise_xor": (operator.xor, torch.bitwise_xor, "bitwise_xor", "__xor__", "__rxor__"),
+}.items():
+    _converts(*_targets)(_logical(_op))
+
+
+@_converts(torch.logical_not, "logical_not")
+def _f_logical_not(input, *, out=None):
+    return ("logical_not", (input,), {}) if out is None and _is_tensor(input) else None
+
+
+@_converts(operator.invert, torch.bitwise_not, "bitwise_not", "__invert__")
+def _f_invert(input, *, out=None):
+    return ("bitwise_not", (input,), {}) if out is None and _is_tensor(input) else None
+
+
+@_converts(torch.where)
+def _f_where(condition, input=None, other=None, *, out=None):
+    if out is not None or input is None or other is None or not _is_tensor(condition):
+        return None  # where(cond) is nonzero: its size depends on the data
+    return "where", (condition, input, other), {}
+
+
+@_converts("where")
+def _m_where(self, condition, other):
+    return _f_where(condition, self, other)
+
+
+def _probe_tensor(v: Any) -> Any:
+    if isinstance(v, Node):
+        return torch.empty(v.meta.shape, dtype=v.meta.dtype, device="meta")
+    return v
+
+
+@_converts(torch.masked_fill, "masked_fill")
+def _f_masked_fill(input, mask, value):
+    """`x.masked_fill(mask, v)` is `where(mask, v, x)` when that keeps x's dtype (always for float x)."""
+    if not (isinstance(input, Node) and isinstance(input.meta, TensorMeta) and _is_tensor(mask)):
+        return None
+    if isinstance(value, Node) and not (isinstance(value.meta, TensorMeta) and value.meta.shape == ()):
+        return None
+    try:
+        kept = torch.where(torch.ones((), dtype=torch.bool, device="meta"), _probe_tensor(value),
+                           _probe_tensor(input)).dtype == input.meta.dtype
+    except Exception:  # noqa: BLE001 - a value torch.where does not take stays a masked_fill call
+        kept = False
+    return ("where", (mask, value, input), {}) if kept else None
+
+
+@_converts(torch.cumsum, "cumsum")
+def _f_cumsum(input, dim, *, dtype=None, out=None):
+    if out is not None:
+        return None
+    return "cumsum", (input,), dict(dim=int(static_value(dim)), dtype=dtype)
+
+
+@_converts(torch.topk, "topk")
+def _f_topk(input, k, dim=-1, largest=True, sorted=True, *, out=None):  # noqa: A002
+    if out is not None:
+        return None
+    return "topk", (input,), dict(k=int(static_value(k)), dim=int(dim), largest=bool(largest), sorted=bool(sorted))
+
+
+def _arg_reduce(op: str) -> Callable:
+    def conv(input, dim=None, keepdim=False, *, out=None):
+        if out is not None:
+            return None
+        return op, (input,), dict(dim=None if dim is None else int(dim), keepdim=bool(keepdim))
+    return conv
+
+
+_converts(torch.argmax, "argmax")(_arg_reduce("argmax"))
+_converts(torch.argmin, "argmin")(_arg_reduce("argmin"))
+
+
+@_converts(torch.index_select, "index_select")
+def _f_index_select(input, dim, index, *, out=None):
+    if out is not None or not _is_tensor(index):
+        return None
+    return "index_select", (input, index), dict(dim=int(dim))
+
+
+@_converts(torch.gather, "gather")
+def _f_gather(input, dim, index, *, sparse_grad=False, out=None):
+    if out is not None or sparse_grad or not _is_tensor(index):
+        return None
+    return "gather", (input, index), dict(dim=int(dim))
+
+
+# torch results that nest what the canonical op returns flat: {op: {index into torch's result: index into
+# the op's tuple}}. nn.LSTM returns (output, (h_n, c_n)); the canonical lstm returns (output, h_n, c_n).
+NESTED_RESULTS: dict[str, dict[int, Any]] = {"lstm": {1: slice(1, 3)}}
+# fields of torch's named results (torch.return_types): {op: {field: index into the op's tuple}}
+RESULT_FIELDS: dict[str, dict[str, int]] = {"topk": {"values": 0, "indices": 1}}
+
+
+@_converts(getattr)
+def _f_result_field(obj, name, *default):
+    """`torch.topk(x, k).values`: a field of a named result is an item of the op's tuple."""
+    if isinstance(obj, Node) and name in RESULT_FIELDS.get(obj.op, {}):
+        return "getitem", (obj,), dict(index=RESULT_FIELDS[obj.op][name])
+    return None
+
+
 # --- modules -----------------------------------------------------------------------------------------
 
 def _p(path: str, name: str, module: nn.Module) -> Param | None:
@@ -517,6 +740,58 @@ def _mod_flatten(m: nn.Flatten, path: str, x):
 @_converts_module(nn.Upsample)
 def _mod_upsample(m: nn.Upsample, path: str, x):
     return _f_interpolate(x, m.size, m.scale_factor, m.mode, m.align_corners, m.recompute_scale_factor)
+
+
+@_converts_module(nn.ConvTranspose1d, nn.ConvTranspose2d)
+def _mod_conv_transpose(m: nn.Module, path: str, x, output_size=None):
+    if m.padding_mode != "zeros" or not (isinstance(x, Node) and isinstance(x.meta, TensorMeta)):
+        return None
+    n = 2 if isinstance(m, nn.ConvTranspose2d) else 1
+    output_padding = m.output_padding
+    if output_size is not None:  # torch derives the output padding from the requested size
+        output_padding = m._output_padding(torch.empty(x.meta.shape, device="meta"), list(static_value(output_size)),
+                                           m.stride, m.padding, m.kernel_size, n, m.dilation)
+    return _conv_transpose(n, x, _p(path, "weight", m), _p(path, "bias", m), m.stride, m.padding, output_padding,
+                           m.groups, m.dilation)
+
+
+@_converts_module(nn.RMSNorm)
+def _mod_rms_norm(m: nn.RMSNorm, path: str, x):
+    return "rms_norm", (x, _p(path, "weight", m)), dict(normalized_shape=tuple(m.normalized_shape), eps=m.eps)
+
+
+@_converts_module(nn.InstanceNorm1d, nn.InstanceNorm2d)
+def _mod_instance_norm(m: nn.modules.instancenorm._InstanceNorm, path: str, x):
+    if not (isinstance(x, Node) and isinstance(x.meta, TensorMeta)) or len(x.meta.shape) != m._get_no_batch_dim() + 1:
+        return None  # unbatched input: the module adds and removes a batch dim around the call
+    tracked = m.track_running_stats and m.running_mean is not None
+    return "instance_norm", (x, _p(path, "running_mean", m) if tracked else None,
+                             _p(path, "running_var", m) if tracked else None, _p(path, "weight", m),
+                             _p(path, "bias", m)), dict(use_input_stats=None, momentum=m.momentum, eps=m.eps,
+                                                        training=None)
+
+
+@_converts_module(nn.PixelShuffle)
+def _mod_pixel_shuffle(m: nn.PixelShuffle, path: str, x):
+    return _f_pixel_shuffle(x, m.upscale_factor)
+
+
+@_converts_module(nn.PixelUnshuffle)
+def _mod_pixel_unshuffle(m: nn.PixelUnshuffle, path: str, x):
+    return _f_pixel_unshuffle(x, m.downscale_factor)
+
+
+@_converts_module(nn.LSTM, nn.GRU)
+def _mod_rnn(m: nn.LSTM | nn.GRU, path: str, input, hx=None):
+    """Batched tensor input only (a PackedSequence or an unbatched sequence keeps the module opaque)."""
+    if not (isinstance(input, Node) and isinstance(input.meta, TensorMeta) and len(input.meta.shape) == 3):
+        return None
+    weights = tuple(Param(f"{path}.{name}") for name in m._flat_weights_names)
+    attrs = dict(hidden_size=m.hidden_size, num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
+                 bidirectional=m.bidirectional, dropout=float(m.dropout), training=None)
+    if isinstance(m, nn.LSTM):
+        return "lstm", (input, tuple(hx) if isinstance(hx, list) else hx, *weights), dict(attrs, proj_size=m.proj_size)
+    return "gru", (input, hx, *weights), attrs
 
 
 # --- the tracer -----------------------------------------------------------------------------------------
@@ -1075,11 +1350,15 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
             op, ins = "opaque", args
         else:
             op, ins, attrs = converted
+            if op in NESTED_RESULTS:  # the module's nested result, flattened as the canonical op returns it
+                meta = meta_of(tuple(torch.utils._pytree.tree_leaves(values.get(n))))
         env[n] = graph.create_node(op, ins, attrs, name=n.name, meta=meta, source=src, module_path=mpath)
     return graph
 
 
 def _convert_getitem(obj: Any, index: Any) -> Conv | None:
+    if isinstance(obj, Node) and isinstance(index, int) and index in NESTED_RESULTS.get(obj.op, {}):
+        return "getitem", (obj,), dict(index=NESTED_RESULTS[obj.op][index])
     if isinstance(obj, Node) and trait(obj.op, "result") == "tuple" and isinstance(index, int):
         return "getitem", (obj,), dict(index=index)
     if isinstance(obj, Node) and isinstance(obj.meta, tuple) and isinstance(index, int):

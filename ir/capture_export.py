@@ -29,12 +29,14 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from slimfx.ir.capture import (
+    _conv_transpose,
     _f_adaptive_avg_pool1d,
     _f_adaptive_avg_pool2d,
     _f_avg_pool1d,
     _f_avg_pool2d,
     _f_hardtanh,
     _f_interpolate,
+    _f_masked_fill,
     _f_max_pool1d,
     _f_max_pool2d,
     is_internal_file,
@@ -192,9 +194,17 @@ def _conv_nd(n, input, weight, bias, stride, padding, dilation, groups):
 @_converts(aten.convolution)
 def _convolution(cx, input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
     n = cx.rank(weight)
-    if transposed or n not in (3, 4):
+    if n not in (3, 4):
         return None
+    if transposed:
+        return _conv_transpose(n - 2, input, weight, bias, stride, padding, output_padding, groups, dilation)
     return _conv_nd(n - 2, input, weight, bias, stride, padding, dilation, groups)
+
+
+@_converts(aten.conv_transpose1d, aten.conv_transpose2d)
+def _conv_transpose_aten(cx, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    n = 2 if cx.node.target.overloadpacket is aten.conv_transpose2d else 1
+    return _conv_transpose(n, input, weight, bias, stride, padding, output_padding, groups, dilation)
 
 
 def _bn(cx, x, weight, bias, running_mean, running_var, training, momentum, eps):
@@ -389,12 +399,17 @@ def _amp2d(cx, input, output_size):
     return "adaptive_max_pool2d", (input,), dict(output_size=tuple(output_size))
 
 
-@_converts(aten.upsample_nearest2d, aten.upsample_bilinear2d)
+_UPSAMPLE_MODES = {aten.upsample_nearest2d: "nearest", aten.upsample_bilinear2d: "bilinear",
+                   aten.upsample_nearest1d: "nearest", aten.upsample_linear1d: "linear",
+                   aten._upsample_nearest_exact1d: "nearest-exact", aten._upsample_nearest_exact2d: "nearest-exact"}
+
+
+@_converts(*_UPSAMPLE_MODES)
 def _upsample(cx, input, output_size, *rest):
-    mode = "nearest" if cx.node.target.overloadpacket is aten.upsample_nearest2d else "bilinear"
+    mode = _UPSAMPLE_MODES[cx.node.target.overloadpacket]
     if cx.node.target._overloadname != "vec":
         return None
-    align_corners = rest[0] if mode == "bilinear" else None
+    align_corners = rest[0] if mode in ("bilinear", "linear") else None
     scales = rest[-1]
     return _f_interpolate(input, tuple(output_size) if output_size is not None else None,
                           tuple(scales) if scales is not None else None, mode, align_corners)
@@ -542,6 +557,150 @@ def _sym_size(cx, input, dim=None):
            aten.sym_constrain_range, aten._assert_async)
 def _check(cx, *args, **kwargs):
     return _DROP  # export's own runtime checks of the shapes it specialized on; they compute nothing
+
+
+# --- ops real models use: transposed convs, einsum, norms, masks, indexing, recurrent layers -------------
+
+@_converts(aten.contiguous)
+def _contiguous(cx, input, memory_format=None):
+    if memory_format not in (None, torch.contiguous_format):
+        return None
+    return "contiguous", (input,), {}
+
+
+@_converts(aten.einsum)
+def _einsum(cx, equation, tensors, *, path=None):
+    return "einsum", tuple(tensors), dict(equation=equation)
+
+
+@_converts(aten.rms_norm)
+def _rms_norm(cx, input, normalized_shape, weight=None, eps=None):
+    return "rms_norm", (input, weight), dict(normalized_shape=tuple(normalized_shape), eps=eps)
+
+
+@_converts(aten.instance_norm)
+def _instance_norm(cx, input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps,
+                   cudnn_enabled=True):
+    mod = cx.module()
+    if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and bool(use_input_stats) == (
+            cx.model_training or running_mean is None):
+        use_input_stats = None  # the module's own rule: follows the mode
+    return "instance_norm", (input, running_mean, running_var, weight, bias), dict(
+        use_input_stats=use_input_stats if use_input_stats is None else bool(use_input_stats), momentum=momentum,
+        eps=eps, training=None)
+
+
+@_converts(aten.pixel_shuffle)
+def _pixel_shuffle(cx, input, upscale_factor):
+    return "pixel_shuffle", (input,), dict(upscale_factor=int(upscale_factor))
+
+
+@_converts(aten.pixel_unshuffle)
+def _pixel_unshuffle(cx, input, downscale_factor):
+    return "pixel_unshuffle", (input,), dict(downscale_factor=int(downscale_factor))
+
+
+def _binary_op(op: str) -> Callable:
+    def conv(cx, input, other):
+        return op, (input, other), {}
+    return conv
+
+
+for _op in ("eq", "ne", "lt", "le", "gt", "ge"):
+    _converts(getattr(aten, _op))(_binary_op(_op))
+for _op, _targets in {"logical_and": (aten.logical_and,), "logical_or": (aten.logical_or,),
+                      "logical_xor": (aten.logical_xor,), "bitwise_and": (aten.bitwise_and, aten.__and__),
+                      "bitwise_or": (aten.bitwise_or, aten.__or__), "bitwise_xor": (aten.bitwise_xor, aten.__xor__)}.items():
+    _converts(*_targets)(_binary_op(_op))
+
+
+@_converts(aten.logical_not, aten.bitwise_not)
+def _not(cx, input):
+    return cx.node.target.overloadpacket.__name__, (input,), {}
+
+
+@_converts(aten.where)
+def _where(cx, condition, self=None, other=None):
+    if self is None or other is None:
+        return None  # where(cond): nonzero
+    return "where", (condition, self, other), {}
+
+
+@_converts(aten.masked_fill)
+def _masked_fill(cx, input, mask, value):
+    return _f_masked_fill(input, mask, value)
+
+
+@_converts(aten.cumsum)
+def _cumsum(cx, input, dim, *, dtype=None):
+    return "cumsum", (input,), dict(dim=int(dim), dtype=dtype)
+
+
+@_converts(aten.topk)
+def _topk(cx, input, k, dim=-1, largest=True, sorted=True):  # noqa: A002
+    if not isinstance(k, int):
+        return None
+    return "topk", (input,), dict(k=k, dim=int(dim), largest=bool(largest), sorted=bool(sorted))
+
+
+@_converts(aten.argmax, aten.argmin)
+def _arg_reduce(cx, input, dim=None, keepdim=False):
+    return cx.node.target.overloadpacket.__name__, (input,), dict(dim=dim, keepdim=bool(keepdim))
+
+
+@_converts(aten.index_select)
+def _index_select(cx, input, dim, index):
+    return "index_select", (input, index), dict(dim=int(dim))
+
+
+@_converts(aten.gather)
+def _gather(cx, input, dim, index, *, sparse_grad=False):
+    if sparse_grad:
+        return None
+    return "gather", (input, index), dict(dim=int(dim))
+
+
+def _rnn_state(cx, hx: list) -> Any:
+    """None for the all-zero initial state nn.LSTM / nn.GRU create (aten.zeros nodes), else the states."""
+    if all(isinstance(h, Node) and h.op == "opaque" and h.attrs.get("target") is aten.zeros.default for h in hx):
+        cx.maybe_dead.extend(hx)
+        return None
+    return tuple(hx)
+
+
+def _rnn(cx, op: str, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    if cx.rank(input) != 3 or not all(isinstance(p, (Param, Node)) for p in params):
+        return None
+    dirs = 2 if bidirectional else 1
+    per = len(params) // (num_layers * dirs)
+    gates = 4 if op == "lstm" else 3
+    hidden = (cx.graph.params[params[0].name].shape[0] if isinstance(params[0], Param)
+              else params[0].meta.shape[0]) // gates
+    attrs = dict(hidden_size=hidden, num_layers=num_layers, bias=bool(has_biases), batch_first=bool(batch_first),
+                 bidirectional=bool(bidirectional), dropout=float(dropout),
+                 training=None if bool(train) == cx.model_training else bool(train))
+    state = _rnn_state(cx, hx)
+    if op == "lstm":
+        has_proj = per == (5 if has_biases else 3)
+        w_hr = params[per - 1]
+        attrs["proj_size"] = (cx.graph.params[w_hr.name].shape[0] if isinstance(w_hr, Param)
+                              else w_hr.meta.shape[0]) if has_proj else 0
+        return "lstm", (input, state, *params), attrs
+    return "gru", (input, None if state is None else state[0], *params), attrs
+
+
+@_converts(aten.lstm)
+def _lstm(cx, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    if cx.node.target._overloadname != "input":
+        return None  # the packed-sequence overload
+    return _rnn(cx, "lstm", input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+
+
+@_converts(aten.gru)
+def _gru(cx, input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+    if cx.node.target._overloadname != "input":
+        return None
+    return _rnn(cx, "gru", input, [hx], params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
 
 
 # ATen ops that return a tuple whose element 0 is the canonical op's result (the rest: saved statistics

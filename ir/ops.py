@@ -28,13 +28,49 @@ RESULTS = ("tensor", "tuple", "value", "any")
 
 @dataclass(frozen=True)
 class Weighted:
-    """Trait of a layer `y = x ⊛ W + b` (conv, linear). Operands follow one convention:
+    """Trait of a layer `y = x ⊛ W + b` (conv, linear, conv_transpose). Operands follow one convention:
     `(x, weight, bias|None)`, with W's axis 0 the output channels and axis 1 the input channels
     (per group). `channel_dim` is the dim of x and y holding the channels (conv: 1, linear: -1);
-    `grouped` says the op reads a `groups` attr (grouped/depthwise convolution)."""
+    `grouped` says the op reads a `groups` attr (grouped/depthwise convolution). `transposed` layers
+    (conv_transpose) keep torch's weight layout, the other way round: W is `[in, out/groups, k...]`,
+    axis 0 the input channels and axis 1 the output channels per group. Passes that read weights by
+    channel ask `out_axis`/`in_axis`, or work on `canonical_weight(...)` (`[out, in/groups, k...]`)."""
 
     channel_dim: int = 1
     grouped: bool = False
+    transposed: bool = False
+
+    @property
+    def out_axis(self) -> int:
+        """The weight axis that indexes output channels (per group when `transposed`)."""
+        return 1 if self.transposed else 0
+
+    @property
+    def in_axis(self) -> int:
+        """The weight axis that indexes input channels (per group unless `transposed`)."""
+        return 0 if self.transposed else 1
+
+
+def canonical_weight(w: torch.Tensor, layer: Weighted, groups: int = 1) -> torch.Tensor:
+    """A layer's weight in the `[out, in/groups, k...]` layout (a view when it already is, or groups == 1)."""
+    if not layer.transposed:
+        return w
+    if groups == 1:
+        return w.transpose(0, 1)
+    cin, opg = w.shape[0], w.shape[1]
+    return w.reshape(groups, cin // groups, opg, *w.shape[2:]).transpose(1, 2).reshape(groups * opg, cin // groups,
+                                                                                     *w.shape[2:])
+
+
+def from_canonical_weight(w: torch.Tensor, layer: Weighted, groups: int = 1) -> torch.Tensor:
+    """The inverse of `canonical_weight`: a `[out, in/groups, k...]` weight in the layer's own layout."""
+    if not layer.transposed:
+        return w
+    if groups == 1:
+        return w.transpose(0, 1).contiguous()
+    cout, ipg = w.shape[0], w.shape[1]
+    return w.reshape(groups, cout // groups, ipg, *w.shape[2:]).transpose(1, 2).reshape(groups * ipg, cout // groups,
+                                                                                      *w.shape[2:]).contiguous()
 
 
 @dataclass(frozen=True)
@@ -352,6 +388,92 @@ def _mask(weight, mask):
     return weight * mask
 
 
+def _conv_transpose1d(x, weight, bias=None, *, stride=(1,), padding=(0,), output_padding=(0,), groups=1,
+                      dilation=(1,)):
+    return F.conv_transpose1d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def _conv_transpose2d(x, weight, bias=None, *, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), groups=1,
+                      dilation=(1, 1)):
+    return F.conv_transpose2d(x, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+def _einsum(*operands, equation):
+    return torch.einsum(equation, *operands)
+
+
+def _rms_norm(x, weight=None, *, normalized_shape, eps=None):
+    return F.rms_norm(x, normalized_shape, weight, eps)
+
+
+def _instance_norm(x, running_mean=None, running_var=None, weight=None, bias=None, *, use_input_stats=None,
+                   momentum=0.1, eps=1e-5, training=False):
+    """use_input_stats None: as nn.InstanceNorm, the input's own statistics in training mode or when
+    there are no running statistics, else the running ones."""
+    if use_input_stats is None:
+        use_input_stats = bool(training) or running_mean is None
+    return F.instance_norm(x, running_mean, running_var, weight, bias, use_input_stats, momentum or 0.0, eps)
+
+
+def _pixel_shuffle(x, *, upscale_factor):
+    return F.pixel_shuffle(x, upscale_factor)
+
+
+def _pixel_unshuffle(x, *, downscale_factor):
+    return F.pixel_unshuffle(x, downscale_factor)
+
+
+def _cumsum(x, *, dim, dtype=None):
+    return torch.cumsum(x, dim, dtype=dtype)
+
+
+def _topk(x, *, k, dim=-1, largest=True, sorted=True):  # noqa: A002
+    return tuple(torch.topk(x, k, dim, largest, sorted))
+
+
+def _argmax(x, *, dim=None, keepdim=False):
+    return torch.argmax(x, dim, keepdim)
+
+
+def _argmin(x, *, dim=None, keepdim=False):
+    return torch.argmin(x, dim, keepdim)
+
+
+def _index_select(x, index, *, dim):
+    return torch.index_select(x, dim, index)
+
+
+def _gather(x, index, *, dim):
+    return torch.gather(x, dim, index)
+
+
+def _rnn_zeros(x, layers: int, hidden: int, batch_first: bool):
+    """The zero initial state nn.LSTM / nn.GRU create when none is given."""
+    return torch.zeros(layers, x.size(0 if batch_first else 1), hidden, dtype=x.dtype, device=x.device)
+
+
+def _lstm(x, hx, *weights, hidden_size, num_layers=1, bias=True, batch_first=False, bidirectional=False,
+          dropout=0.0, proj_size=0, training=False):
+    """nn.LSTM's computation on a batched input: `(output, h_n, c_n)` (torch returns `(output, (h_n, c_n))`;
+    capture maps the nested reads onto this flat tuple). `hx` is None (zeros) or `(h_0, c_0)`; `weights` are
+    torch's flat weights in their order (per layer and direction: w_ih, w_hh[, b_ih, b_hh][, w_hr])."""
+    if hx is None:
+        layers = num_layers * (2 if bidirectional else 1)
+        hx = (_rnn_zeros(x, layers, proj_size or hidden_size, batch_first),
+              _rnn_zeros(x, layers, hidden_size, batch_first))
+    return tuple(torch.lstm(x, tuple(hx), list(weights), bias, num_layers, dropout, bool(training), bidirectional,
+                            batch_first))
+
+
+def _gru(x, hx, *weights, hidden_size, num_layers=1, bias=True, batch_first=False, bidirectional=False,
+         dropout=0.0, training=False):
+    """nn.GRU's computation on a batched input: `(output, h_n)`; `hx` is None (zeros) or `h_0`."""
+    if hx is None:
+        hx = _rnn_zeros(x, num_layers * (2 if bidirectional else 1), hidden_size, batch_first)
+    return tuple(torch.gru(x, hx, list(weights), bias, num_layers, dropout, bool(training), bidirectional,
+                           batch_first))
+
+
 _QRANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255), torch.int32: (-(2**31), 2**31 - 1)}
 
 
@@ -393,6 +515,46 @@ def _matmul_macs(node: Any) -> int:
 def _sdpa_macs(node: Any) -> int:
     q, k = _shape(node.inputs[0]), _shape(node.inputs[1])
     return 2 * math.prod(q) * k[-2] if q and k else 0  # QK^T and AV: each is (... L x S x E)
+
+
+def _conv_transpose_macs(node: Any) -> int:
+    """Each input element meets out/groups x kernel weights."""
+    x = _shape(node.inputs[0])
+    w = node.inputs[1]
+    g = node.graph
+    wshape = tuple(g.params[w.name].shape) if g is not None and getattr(w, "name", None) in g.params \
+        else _shape(w)
+    return math.prod(x) * math.prod(wshape[1:]) if x and wshape else 0
+
+
+def _einsum_macs(node: Any) -> int:
+    """One multiply-accumulate per point of the joint index space of the operands' letters."""
+    eq = node.attrs.get("equation", "")
+    ins = eq.replace(" ", "").split("->")[0].split(",")
+    sizes: dict[str, int] = {}
+    for spec, v in zip(ins, node.inputs):
+        shape = _shape(v)
+        if shape is None or "." in spec or len(spec) != len(shape):
+            return 0
+        sizes.update(zip(spec, shape))
+    return math.prod(sizes.values()) if len(ins) > 1 else 0
+
+
+def _rnn_macs(gates: int) -> Callable[[Any], int]:
+    def macs(node: Any) -> int:
+        x = _shape(node.inputs[0])
+        if not x:
+            return 0
+        a = node.attrs
+        h, layers = a["hidden_size"], a.get("num_layers", 1)
+        dirs = 2 if a.get("bidirectional") else 1
+        steps = x[0] * x[1]  # sequence x batch, in either layout
+        total, feat = 0, x[-1]
+        for _ in range(layers):
+            total += dirs * steps * gates * h * (feat + h)
+            feat = dirs * h
+        return total
+    return macs
 
 
 # --- the table --------------------------------------------------------------------------------------
@@ -450,6 +612,40 @@ register_op("size", _size, result="value")
 register_op("shape", _shape_of, result="value")
 register_op("mean", _mean, reduction=True)
 register_op("sum", _sum, reduction=True)
+
+# transposed convolution: torch's weight layout [in, out/groups, k...] (see Weighted.transposed)
+_CONV_T = dict(weighted=Weighted(channel_dim=1, grouped=True, transposed=True), quant="weight",
+               macs=_conv_transpose_macs)
+register_op("conv_transpose1d", _conv_transpose1d, **_CONV_T)
+register_op("conv_transpose2d", _conv_transpose2d, **_CONV_T)
+register_op("einsum", _einsum, macs=_einsum_macs)
+register_op("rms_norm", _rms_norm)
+# instance_norm: per-channel statistics and params (pruning: as batch_norm); running stats only when tracked
+register_op("instance_norm", _instance_norm, training_flag=True)
+register_op("pixel_shuffle", _pixel_shuffle, shape_op=True, quant="transparent")
+register_op("pixel_unshuffle", _pixel_unshuffle, shape_op=True, quant="transparent")
+# bool masks: comparisons, logic, selection (the result of a comparison is bool; `where` takes any dtypes)
+for _name, _impl, _comm in [
+    ("eq", operator.eq, True), ("ne", operator.ne, True), ("lt", operator.lt, False), ("le", operator.le, False),
+    ("gt", operator.gt, False), ("ge", operator.ge, False), ("logical_and", torch.logical_and, True),
+    ("logical_or", torch.logical_or, True), ("logical_xor", torch.logical_xor, True),
+]:
+    register_op(_name, _impl, elementwise=2, commutative=_comm)
+register_op("logical_not", torch.logical_not, elementwise=1)
+# `a & b`, `a | b`, `a ^ b`, `~a`: logical on bool masks, bitwise on integers (the dtype is kept)
+for _name, _impl in [("bitwise_and", operator.and_), ("bitwise_or", operator.or_), ("bitwise_xor", operator.xor)]:
+    register_op(_name, _impl, elementwise=2, commutative=True)
+register_op("bitwise_not", operator.invert, elementwise=1)
+register_op("where", torch.where, elementwise=3)
+register_op("cumsum", _cumsum, channels="reduce")
+register_op("topk", _topk, result="tuple")
+register_op("argmax", _argmax, reduction=True)
+register_op("argmin", _argmin, reduction=True)
+register_op("index_select", _index_select)
+register_op("gather", _gather)
+# recurrent layers: float under quantize; pruning follows the channels they read (rules in passes.prune)
+register_op("lstm", _lstm, training_flag=True, result="tuple", macs=_rnn_macs(4))
+register_op("gru", _gru, training_flag=True, result="tuple", macs=_rnn_macs(3))
 
 register_op("quantize", _quantize, channels="block")
 register_op("dequantize", _dequantize, channels="block")

@@ -1,4 +1,4 @@
-"""Fusion passes: fold eval-mode batch norms into the conv/linear before them.
+"""Fusion passes: fold eval-mode batch norms into the conv/conv_transpose/linear before them.
 
 There is deliberately no `fuse-activation` pass: see docs/passes.md ("Why there
 is no fuse-activation pass").
@@ -12,7 +12,17 @@ from typing import Any
 
 import torch
 
-from slimfx.ir import Graph, Node, Param, TensorMeta, ops_with, trait
+from slimfx.ir import (
+    Graph,
+    Node,
+    Param,
+    TensorMeta,
+    Weighted,
+    canonical_weight,
+    from_canonical_weight,
+    ops_with,
+    trait,
+)
 from slimfx.passes.base import PassContext, PassResult, register_pass
 from slimfx.passes.graph_utils import runs_in_training
 from slimfx.passes.rewrite import Match, call, precompute
@@ -42,13 +52,28 @@ def fold_batchnorm_weights(weight: torch.Tensor, bias: torch.Tensor | None, mean
     return new_w.to(weight.dtype), new_b.to(weight.dtype)
 
 
+def _fold_transposed(layer: Weighted) -> precompute:
+    """fold_batchnorm_weights for a transposed layer, whose weight is [in, out/groups, k...] (ir.Weighted):
+    folded in the [out, in/groups, k...] layout and put back (groups = the norm's channels / out/groups)."""
+    @precompute
+    def fold(weight, bias, mean, var, gamma, beta, eps):
+        groups = mean.numel() // weight.shape[layer.out_axis]
+        new_w, new_b = fold_batchnorm_weights.fn(canonical_weight(weight, layer, groups), bias, mean, var, gamma,
+                                                 beta, eps)
+        return from_canonical_weight(new_w, layer, groups), new_b
+    return fold
+
+
 def _fold_rule(op: str) -> Rule:
     """batch_norm(layer(x, w, b)) -> layer(x, w', b'), the layer keeping its attributes and name."""
+    layer = trait(op, "weighted")
+    fold = _fold_transposed(layer) if layer.transposed else fold_batchnorm_weights
+
     def pattern(x, w, mean, var, b=None, gamma=None, beta=None, tracked=None, eps=None):
         return call("batch_norm", call(op, x, w, b), mean, var, gamma, beta, tracked, eps=eps)
 
     def replacement(x, w, b, mean, var, gamma, beta, eps):
-        new_w, new_b = fold_batchnorm_weights(w, b, mean, var, gamma, beta, eps)
+        new_w, new_b = fold(w, b, mean, var, gamma, beta, eps)
         return call(op, x, new_w, new_b)
 
     return Rule(pattern, replacement, lambda m: _unfoldable(m) is None, name=op)
@@ -82,13 +107,20 @@ def _unfoldable(m: Match) -> str | None:
     if not weight.is_floating_point():
         return f"weight {m['w']} is {weight.dtype}"
     channels = m.param("mean").numel()
-    if weight.shape[0] != channels:
-        return f"{channels} batch-norm channels but {weight.shape[0]} output channels"
+    out_channels = _canonical(layer, weight).shape[0]
+    if out_channels != channels:
+        return f"{channels} batch-norm channels but {out_channels} output channels"
     dim = trait(layer.op, "weighted").channel_dim
     if dim != 1 and not (isinstance(layer.meta, TensorMeta) and len(layer.meta.shape) >= 2
                          and dim % len(layer.meta.shape) == 1):
         return f"{layer.op} output is not [batch, features], so batch_norm does not normalize its features"
     return None
+
+
+def _canonical(layer: Node, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's weight as [out, in/groups, k...] (a transposed conv's is [in, out/groups, k...])."""
+    kind = trait(layer.op, "weighted")
+    return canonical_weight(weight, kind, int(layer.attrs.get("groups", 1)) if kind.grouped else 1)
 
 
 def _why_not(bn: Node, rules: RuleSet) -> str:
@@ -104,7 +136,7 @@ def _why_not(bn: Node, rules: RuleSet) -> str:
 
 @register_pass("fold-batchnorm")
 class FoldBatchNorm(RulePass):
-    """Folds eval-mode batch_norm into the conv1d/conv2d/linear that feeds it (incl. bias-less convs)."""
+    """Folds eval-mode batch_norm into the conv/conv_transpose/linear that feeds it (incl. bias-less convs)."""
 
     preserves_outputs = True
 

@@ -32,8 +32,9 @@ def _target_name(node: Node) -> str:
 
 def mutates(node: Node) -> bool:
     """The node writes into a graph tensor in place: an in-place call (`x.add_()`, `x[i] = v`,
-    aten.copy_) or batch_norm in training mode (running statistics). A leaf module call may update its
-    own buffers, which no other node can read, so it does not count here (but see has_side_effects)."""
+    aten.copy_), batch_norm in training mode, or instance_norm normalizing with its input's statistics while it
+    holds running ones (it updates them). A leaf module call may update its own buffers, which no other node can
+    read, so it does not count here (but see has_side_effects)."""
     if node.op == "opaque":
         target = node.attrs.get("target")
         schema = getattr(target, "_schema", None)
@@ -41,6 +42,9 @@ def mutates(node: Node) -> bool:
             return True
         name = _target_name(node)
         return target in (operator.setitem, operator.delitem) or (name.endswith("_") and not name.endswith("__"))
+    if node.op == "instance_norm":
+        use_input_stats = node.attrs.get("use_input_stats")
+        return node.inputs[1] is not None and (runs_in_training(node) if use_input_stats is None else use_input_stats)
     return node.op == "batch_norm" and runs_in_training(node)
 
 

@@ -1,7 +1,9 @@
 """ONNX emitters for the ATen ops that torch.export capture keeps as `opaque` nodes.
 
-They are what Hugging Face models build attention masks from (arange, comparisons, logical and,
-advanced indexing, new_ones, gather) plus a few close relatives. Each emitter is registered for
+They are what Hugging Face models build attention masks from (arange, advanced indexing, new_ones, full)
+plus a few close relatives (comparisons, logic, where, gather and masked_fill are canonical ops with
+emitters of their own; masked_fill and gather stay here for the calls capture keeps as they are: a
+masked_fill that changes the dtype, a gather with sparse gradients). Each emitter is registered for
 ATen OpOverloads with `register_aten_emitter`; an opaque node whose target has none is refused
 with the exporter's usual message naming it.
 """
@@ -63,39 +65,6 @@ def _arange(ctx: EmitContext, node: Node) -> str:
     return ctx.emit("Range", [_scalar(ctx, v, dtype) for v in (start, end, step)])
 
 
-_COMPARE = {aten.ge: ("GreaterOrEqual", False), aten.gt: ("Greater", False), aten.le: ("LessOrEqual", False),
-            aten.lt: ("Less", False), aten.eq: ("Equal", False), aten.ne: ("Equal", True)}
-
-
-def _compare(ctx: EmitContext, node: Node) -> str:
-    a, b = node.inputs[:2]
-    onnx_op, negate = _COMPARE[node.attrs["target"].overloadpacket]
-    dtype = a.meta.dtype if isinstance(a, Node) else b.meta.dtype
-    out = ctx.emit(onnx_op, [ctx.value(a, dtype=dtype), ctx.value(b, dtype=dtype)])
-    return ctx.emit("Not", [out]) if negate else out
-
-
-for _packet in _COMPARE:
-    register_aten_emitter(_packet.Tensor, _packet.Scalar)(_compare)
-
-
-@register_aten_emitter(aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default,
-                       aten.__or__.Tensor, aten.bitwise_or.Tensor, aten.logical_or.default)
-def _and_or(ctx: EmitContext, node: Node) -> str:
-    a, b = node.inputs[:2]
-    if _out_dtype(node) != torch.bool:
-        raise _err(node, "bitwise and/or of integer tensors (only boolean masks are supported)")
-    onnx_op = "And" if "and" in node.attrs["target"].overloadpacket.__name__ else "Or"
-    return ctx.emit(onnx_op, [ctx.value(a, dtype=torch.bool), ctx.value(b, dtype=torch.bool)])
-
-
-@register_aten_emitter(aten.logical_not.default, aten.bitwise_not.default)
-def _not(ctx: EmitContext, node: Node) -> str:
-    if _out_dtype(node) != torch.bool:
-        raise _err(node, "bitwise not of an integer tensor (only boolean masks are supported)")
-    return ctx.emit("Not", [ctx.value(node.inputs[0], dtype=torch.bool)])
-
-
 def _filled(ctx: EmitContext, node: Node, size: Any, value: float) -> str:
     dtype = _out_dtype(node)
     shape = ctx.sym(list(size))
@@ -150,14 +119,6 @@ def _gather(ctx: EmitContext, node: Node) -> str:
     x, dim, index = node.inputs[:3]
     return ctx.emit("GatherElements", [ctx.value(x), ctx.value(index, dtype=torch.int64)],
                     axis=int(dim) % ctx.rank(x))
-
-
-@register_aten_emitter(aten.where.self)
-def _where(ctx: EmitContext, node: Node) -> str:
-    cond, a, b = node.inputs[:3]
-    dtype = _out_dtype(node)
-    return ctx.emit("Where", [ctx.value(cond, dtype=torch.bool), ctx.value(a, dtype=dtype),
-                              ctx.value(b, dtype=dtype)])
 
 
 @register_aten_emitter(aten.masked_fill.Scalar, aten.masked_fill.Tensor)

@@ -269,17 +269,55 @@ def _adaptive_pool(ctx: EmitContext, node: Node) -> str:
     spatial = ctx.meta(x).shape[2:]
     out = node.tensor_meta.shape[2:]
     is_max = node.op.startswith("adaptive_max")
+    if not is_max:
+        return _adaptive_avg(ctx, node, x)
     xv = ctx.value(x)
     if tuple(spatial) == tuple(out):
         return xv
     if all(o == 1 for o in out):
-        return ctx.emit("GlobalMaxPool" if is_max else "GlobalAveragePool", [xv])
+        return ctx.emit("GlobalMaxPool", [xv])
     if any(i % o for i, o in zip(spatial, out)):
-        raise _err(node, f"adaptive pooling from {tuple(spatial)} to {tuple(out)}: the input size is not a "
+        raise _err(node, f"adaptive max pooling from {tuple(spatial)} to {tuple(out)}: the input size is not a "
                          "multiple of the output size, so the windows differ in size and no single ONNX "
                          "pooling op matches. Choose an output size that divides the input size.")
     kernel = [i // o for i, o in zip(spatial, out)]
-    return ctx.emit("MaxPool" if is_max else "AveragePool", [xv], kernel_shape=kernel, strides=kernel)
+    return ctx.emit("MaxPool", [xv], kernel_shape=kernel, strides=kernel)
+
+
+def _adaptive_avg(ctx: EmitContext, node: Node, x: Any) -> str:
+    """Adaptive average pooling of `x` to the node's spatial size (also interpolate mode 'area'): global or
+    plain average pooling when the windows are equal, else one MatMul per resized dim with the matrix of
+    window means (window i spans floor(i*in/out) to ceil((i+1)*in/out), as torch computes it)."""
+    spatial = tuple(ctx.meta(x).shape[2:])
+    out = tuple(node.tensor_meta.shape[2:])
+    xv = ctx.value(x)
+    if spatial == out:
+        return xv
+    if all(o == 1 for o in out):
+        return ctx.emit("GlobalAveragePool", [xv])
+    if not any(i % o for i, o in zip(spatial, out)):
+        kernel = [i // o for i, o in zip(spatial, out)]
+        return ctx.emit("AveragePool", [xv], kernel_shape=kernel, strides=kernel)
+    dt = _out_dtype(node)
+    rank = len(spatial) + 2
+    y = xv
+    for d in reversed(range(len(spatial))):
+        n_in, n_out = spatial[d], out[d]
+        if n_in == n_out:
+            continue
+        a = np.zeros((n_out, n_in), dtype=np.float64)
+        for i in range(n_out):
+            lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+            a[i, lo:hi] = 1.0 / (hi - lo)
+        if d == len(spatial) - 1:  # the last dim: x @ A^T
+            y = ctx.emit("MatMul", [y, ctx.const(a.T, dt, name=f"{node.name}_avg")])
+        else:  # an inner dim: move it last, multiply, move it back
+            perm = list(range(rank))
+            perm[d + 2], perm[-1] = perm[-1], perm[d + 2]
+            y = ctx.emit("Transpose", [y], perm=perm)
+            y = ctx.emit("MatMul", [y, ctx.const(a.T, dt, name=f"{node.name}_avg")])
+            y = ctx.emit("Transpose", [y], perm=perm)
+    return y
 
 
 # --- shapes ----------------------------------------------------------------------------------------------------
@@ -598,8 +636,12 @@ def _interpolate(ctx: EmitContext, node: Node) -> str:
     in_sp = ctx.meta(x).shape[2:]
     out_sp = node.tensor_meta.shape[2:]
     kw: dict[str, Any] = {}
+    if mode == "area":  # torch computes it as adaptive average pooling to the output size
+        return _adaptive_avg(ctx, node, x)
     if mode == "nearest":
         kw = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    elif mode == "nearest-exact":  # source index floor((i + 0.5) * in / out)
+        kw = dict(mode="nearest", coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_ceil")
     elif mode in ("linear", "bilinear", "trilinear"):
         kw = dict(mode="linear",
                   coordinate_transformation_mode="align_corners" if a.get("align_corners") else "pytorch_half_pixel")
@@ -607,7 +649,8 @@ def _interpolate(ctx: EmitContext, node: Node) -> str:
         kw = dict(mode="cubic", cubic_coeff_a=-0.75,
                   coordinate_transformation_mode="align_corners" if a.get("align_corners") else "pytorch_half_pixel")
     else:
-        raise _err(node, f"interpolate mode {mode!r} (supported: nearest, linear, bilinear, trilinear, bicubic)")
+        raise _err(node, f"interpolate mode {mode!r} (supported: nearest, nearest-exact, linear, bilinear, "
+                         "trilinear, bicubic, area)")
     sf = a.get("scale_factor")
     xv = ctx.value(x)
     if sf is not None and not a.get("recompute_scale_factor"):
@@ -619,6 +662,340 @@ def _interpolate(ctx: EmitContext, node: Node) -> str:
     sizes = ctx.sym_tensor(lead + list(out_sp))
     del in_sp
     return ctx.emit("Resize", [xv, "", "", sizes], **kw)
+
+
+# --- transposed convolution, einsum, norms -------------------------------------------------------------
+
+@register_emitter("conv_transpose1d", "conv_transpose2d")
+def _conv_transpose(ctx: EmitContext, node: Node) -> str:
+    """ConvTranspose: same weight layout as torch ([in, out/groups, k...]); pads as torch's padding."""
+    x, w, b = node.inputs
+    k = 1 if node.op == "conv_transpose1d" else 2
+    a = node.attrs
+    kernel = list(ctx.meta(w).shape[2:])
+    stride, dilation = _pairs(a.get("stride", 1), k), _pairs(a.get("dilation", 1), k)
+    pad, out_pad = _pairs(a.get("padding", 0), k), _pairs(a.get("output_padding", 0), k)
+    group = int(a.get("groups", 1))
+    attrs = dict(kernel_shape=kernel, strides=None if set(stride) == {1} else stride,
+                 dilations=None if set(dilation) == {1} else dilation, group=None if group == 1 else group)
+    xv, wv = ctx.value(x), ctx.value(w)
+    if all(o < st for o, st in zip(out_pad, stride)):
+        ins = [xv, wv] + ([ctx.value(b)] if b is not None else [])
+        return ctx.emit("ConvTranspose", ins, pads=pad + pad if any(pad) else None,
+                        output_padding=out_pad if any(out_pad) else None, **attrs)
+    # torch also allows output_padding < dilation, onnxruntime only < stride: crop less at the end instead
+    # (pads end = padding - output_padding), and where that is negative, pad with zeros (+ the bias)
+    end = [p - o for p, o in zip(pad, out_pad)]
+    extra = [max(0, -e) for e in end]
+    ins = [xv, wv] + ([ctx.value(b)] if b is not None and not any(extra) else [])
+    y = ctx.emit("ConvTranspose", ins, pads=pad + [max(0, e) for e in end], **attrs)
+    if any(extra):
+        y = ctx.emit("Pad", [y, ctx.ints([0] * (2 + k) + [0, 0] + extra)])
+        if b is not None:
+            y = ctx.emit("Add", [y, ctx.param(b, key="bc", transform=lambda t: t.reshape([-1] + [1] * k))])
+    return y
+
+
+@register_emitter("einsum")
+def _einsum(ctx: EmitContext, node: Node) -> str:
+    dt = _out_dtype(node)
+    return ctx.emit("Einsum", [ctx.value(v, dtype=dt) for v in node.inputs],
+                    equation=str(node.attrs["equation"]).replace(" ", ""))
+
+
+def _reduce_mean(ctx: EmitContext, xv: str, axes: list[int]) -> str:
+    if ctx.opset < 18:
+        return ctx.emit("ReduceMean", [xv], axes=axes, keepdims=1)
+    return ctx.emit("ReduceMean", [xv, ctx.ints(axes)], keepdims=1)
+
+
+@register_emitter("rms_norm")
+def _rms_norm(ctx: EmitContext, node: Node) -> str:
+    """x / sqrt(mean(x^2) + eps) * weight over the last len(normalized_shape) dims (RMSNormalization from
+    opset 23)."""
+    x, w = node.inputs[:2]
+    dt = _out_dtype(node)
+    k = len(node.attrs["normalized_shape"])
+    eps = node.attrs.get("eps")
+    eps = float(torch.finfo(dt).eps if eps is None else eps)
+    xv = ctx.value(x)
+    if ctx.opset >= 23:
+        scale = ctx.value(w) if w is not None else ctx.const(np.ones(node.attrs["normalized_shape"]), dt)
+        return ctx.emit("RMSNormalization", [xv, scale], axis=-k, epsilon=eps)
+    rank = ctx.rank(x)
+    ms = _reduce_mean(ctx, ctx.emit("Mul", [xv, xv]), list(range(rank - k, rank)))
+    y = ctx.emit("Div", [xv, ctx.emit("Sqrt", [ctx.emit("Add", [ms, ctx.const(eps, dt)])])])
+    return ctx.emit("Mul", [y, ctx.value(w)]) if w is not None else y
+
+
+@register_emitter("instance_norm")
+def _instance_norm(ctx: EmitContext, node: Node) -> str:
+    """InstanceNormalization with the input's statistics; BatchNormalization with tracked running ones."""
+    x, mean, var, w, b = node.inputs[:5]
+    a = node.attrs
+    training = a.get("training")
+    if training is None:
+        training = ctx.graph.training
+    use_input_stats = a.get("use_input_stats")
+    if use_input_stats is None:
+        use_input_stats = bool(training) or mean is None
+    if use_input_stats and training and mean is not None:
+        raise _err(node, "instance_norm in training mode updates its running statistics, which an inference "
+                         "export cannot do. Put the model in eval mode before capture.")
+    c = ctx.meta(x).shape[1]
+    dt = _out_dtype(node)
+    scale = ctx.value(w) if w is not None else ctx.const(np.ones(c), dt)
+    bias = ctx.value(b) if b is not None else ctx.const(np.zeros(c), dt)
+    eps = float(a.get("eps", 1e-5))
+    if not use_input_stats:
+        return ctx.emit("BatchNormalization", [ctx.value(x), scale, bias, ctx.value(mean), ctx.value(var)],
+                        epsilon=eps)
+    return ctx.emit("InstanceNormalization", [ctx.value(x), scale, bias], epsilon=eps)
+
+
+# --- data movement: pixel (un)shuffle, indexing ----------------------------------------------------------
+
+@register_emitter("pixel_shuffle", "pixel_unshuffle")
+def _pixel_shuffle(ctx: EmitContext, node: Node) -> str:
+    """pixel_shuffle is DepthToSpace in CRD mode; pixel_unshuffle (channel c*r*r + i*r + j) is not
+    SpaceToDepth's order, so it is a Reshape, Transpose, Reshape."""
+    x = node.inputs[0]
+    shape = ctx.meta(x).shape
+    if len(shape) != 4:
+        raise _err(node, f"{node.op} of a rank-{len(shape)} tensor (ONNX has it for [N, C, H, W] only); "
+                         "reshape to 4 dims around it")
+    xv = ctx.value(x)
+    if node.op == "pixel_shuffle":
+        return ctx.emit("DepthToSpace", [xv], blocksize=int(node.attrs["upscale_factor"]), mode="CRD")
+    r = int(node.attrs["downscale_factor"])
+    _, c, h, w = shape
+    y = ctx.emit("Reshape", [xv, ctx.ints([0, c, h // r, r, w // r, r])])
+    y = ctx.emit("Transpose", [y], perm=[0, 1, 3, 5, 2, 4])
+    return ctx.emit("Reshape", [y, ctx.ints([0, c * r * r, h // r, w // r])])
+
+
+@register_emitter("index_select")
+def _index_select(ctx: EmitContext, node: Node) -> str:
+    x, index = node.inputs[:2]
+    idx = ctx.value(index, dtype=torch.int64)
+    if ctx.rank(index) == 0:  # a 0-d index keeps the dim (size 1); Gather's would drop it
+        idx = ctx.emit("Unsqueeze", [idx, ctx.ints([0])])
+    return ctx.emit("Gather", [ctx.value(x), idx], axis=_axis(int(node.attrs["dim"]), ctx.rank(x)))
+
+
+@register_emitter("gather")
+def _gather_elements(ctx: EmitContext, node: Node) -> str:
+    x, index = node.inputs[:2]
+    return ctx.emit("GatherElements", [ctx.value(x), ctx.value(index, dtype=torch.int64)],
+                    axis=_axis(int(node.attrs["dim"]), ctx.rank(x)))
+
+
+# --- masks: comparisons, logic, where ------------------------------------------------------------------
+
+def _probe(ctx: EmitContext, v: Any) -> Any:
+    """A stand-in for an operand in torch's type promotion (a 0-d tensor promotes differently)."""
+    if isinstance(v, (Node, Param)):
+        m = ctx.meta(v)
+        return torch.empty((1,) * len(m.shape) if m.shape else (), dtype=m.dtype)
+    return v
+
+
+_COMPARE = {"eq": "Equal", "ne": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
+# dtypes onnxruntime compares natively; others are compared exactly in float32 (8/16-bit ints, float16, bool)
+_COMPARE_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
+
+
+@register_emitter(*_COMPARE)
+def _compare(ctx: EmitContext, node: Node) -> str:
+    a, b = node.inputs[:2]
+    dt = torch.result_type(_probe(ctx, a), _probe(ctx, b))
+    if dt not in _COMPARE_DTYPES and not (dt == torch.bool and node.op in ("eq", "ne")):
+        dt = torch.float32
+    out = ctx.emit(_COMPARE[node.op], [ctx.value(a, dtype=dt), ctx.value(b, dtype=dt)])
+    return ctx.emit("Not", [out]) if node.op == "ne" else out
+
+
+_LOGICAL = {"logical_and": "And", "logical_or": "Or", "logical_xor": "Xor"}
+_BITWISE = {"bitwise_and": "And", "bitwise_or": "Or", "bitwise_xor": "Xor", "bitwise_not": "Not"}
+
+
+@register_emitter(*_LOGICAL)
+def _logical(ctx: EmitContext, node: Node) -> str:
+    a, b = node.inputs[:2]
+    return ctx.emit(_LOGICAL[node.op], [ctx.value(a, dtype=torch.bool), ctx.value(b, dtype=torch.bool)])
+
+
+@register_emitter("logical_not")
+def _logical_not(ctx: EmitContext, node: Node) -> str:
+    return ctx.emit("Not", [ctx.value(node.inputs[0], dtype=torch.bool)])
+
+
+@register_emitter(*_BITWISE)
+def _bitwise(ctx: EmitContext, node: Node) -> str:
+    """And/Or/Xor/Not on bool masks; BitwiseAnd/... (opset 18) on integers."""
+    dt = _out_dtype(node)
+    ins = [ctx.value(v, dtype=dt) for v in node.inputs[:1 if node.op == "bitwise_not" else 2]]
+    if dt == torch.bool:
+        return ctx.emit(_BITWISE[node.op], ins)
+    if ctx.opset < 18:
+        raise _err(node, f"{node.op} of {dt} tensors needs ONNX opset 18 (Bitwise{_BITWISE[node.op]}): export "
+                         "with `slimfx export --opset 18`, `opset = 18` under [export] in a recipe, or "
+                         "export_onnx(..., opset=18) in Python")
+    return ctx.emit("Bitwise" + _BITWISE[node.op], ins)
+
+
+@register_emitter("where")
+def _where(ctx: EmitContext, node: Node) -> str:
+    cond, a, b = node.inputs[:3]
+    dt = _out_dtype(node)
+    return ctx.emit("Where", [ctx.value(cond, dtype=torch.bool), ctx.value(a, dtype=dt), ctx.value(b, dtype=dt)])
+
+
+# --- cumsum, topk, argmax ---------------------------------------------------------------------------------
+
+@register_emitter("cumsum")
+def _cumsum(ctx: EmitContext, node: Node) -> str:
+    x = node.inputs[0]
+    dt = _out_dtype(node)
+    work = dt if dt in (torch.float32, torch.float64, torch.int32, torch.int64) else torch.float32
+    y = ctx.emit("CumSum", [ctx.value(x, dtype=work), ctx.const(_axis(int(node.attrs["dim"]), ctx.rank(x)), np.int64)])
+    return y if work == dt else ctx.cast(y, dt)
+
+
+@register_emitter("topk")
+def _topk(ctx: EmitContext, node: Node) -> list[str]:
+    x = node.inputs[0]
+    a = node.attrs
+    if not a.get("sorted", True):
+        raise _err(node, "topk with sorted=False returns its k values in an order torch leaves unspecified "
+                         "(onnxruntime orders them otherwise), so the export cannot be checked against the model; "
+                         "pass sorted=True")
+    dt = ctx.meta(x).dtype
+    work = dt if dt in (torch.float32, torch.float64, torch.int32, torch.int64) else torch.float32
+    values, indices = ctx.emit("TopK", [ctx.value(x, dtype=work), ctx.ints([int(a["k"])])], outputs=2,
+                               axis=_axis(int(a.get("dim", -1)), ctx.rank(x)),
+                               largest=int(bool(a.get("largest", True))), sorted=1)
+    return [values if work == dt else ctx.cast(values, dt), indices]
+
+
+@register_emitter("argmax", "argmin")
+def _arg_reduce(ctx: EmitContext, node: Node) -> str:
+    """ArgMax/ArgMin pick the first extreme index, as torch does; dim None flattens first."""
+    x = node.inputs[0]
+    dt = ctx.meta(x).dtype
+    xv = ctx.value(x, dtype=dt if dt in (torch.float32, torch.float64, torch.int32) else torch.float32)
+    dim, keep = node.attrs.get("dim"), int(bool(node.attrs.get("keepdim", False)))
+    op = "ArgMax" if node.op == "argmax" else "ArgMin"
+    if dim is None:
+        y = ctx.emit(op, [ctx.emit("Reshape", [xv, ctx.ints([-1])])], axis=0, keepdims=0)
+        return ctx.emit("Reshape", [y, ctx.ints(list(node.tensor_meta.shape))]) if node.tensor_meta.shape else y
+    return ctx.emit(op, [xv], axis=_axis(int(dim), ctx.rank(x)), keepdims=keep)
+
+
+# --- recurrent layers ---------------------------------------------------------------------------------------
+
+# torch's gate blocks (rows of w_ih, w_hh, b_ih, b_hh) in ONNX's order: LSTM i,f,g,o -> i,o,f,c; GRU r,z,n -> z,r,h
+_GATE_ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2)}
+
+
+def _rnn_weights(ctx: EmitContext, node: Node, layer: int, dirs: int) -> tuple[str, str, str | None]:
+    """ONNX W [dirs, G*h, in], R [dirs, G*h, h] and B [dirs, 2*G*h] of one layer, gates in ONNX's order."""
+    a = node.attrs
+    weights = node.inputs[2:]
+    per = len(weights) // (a.get("num_layers", 1) * dirs)
+    h = int(a["hidden_size"])
+    order = _GATE_ORDER[node.op]
+
+    def tensor(v: Any) -> torch.Tensor:
+        if not isinstance(v, Param):
+            raise _err(node, "a recurrent layer whose weights are computed (not params of the model)")
+        t = ctx.param_tensor(v).detach()
+        if not t.is_floating_point():
+            raise _err(node, f"a recurrent layer with {t.dtype} weights (recurrent layers export in float)")
+        return torch.cat([t[g * h:(g + 1) * h] for g in order])
+
+    ws, rs, bs = [], [], []
+    for d in range(dirs):
+        base = (layer * dirs + d) * per
+        ws.append(tensor(weights[base]))
+        rs.append(tensor(weights[base + 1]))
+        if a.get("bias", True):
+            bs.append(torch.cat([tensor(weights[base + 2]), tensor(weights[base + 3])]))
+    dt = _out_dtype_of(node)
+    name = f"{node.name}_l{layer}"
+    w = ctx.const(to_numpy(torch.stack(ws)), dt, name=f"{name}_W")
+    r = ctx.const(to_numpy(torch.stack(rs)), dt, name=f"{name}_R")
+    b = ctx.const(to_numpy(torch.stack(bs)), dt, name=f"{name}_B") if bs else None
+    return w, r, b
+
+
+def _out_dtype_of(node: Node) -> torch.dtype:
+    return node.meta[0].dtype
+
+
+def _state(ctx: EmitContext, hx: Any, i: int) -> str | None:
+    """Initial state i (h_0: 0, c_0: 1) of an LSTM's hx (None | (h_0, c_0) | a node holding the pair), or
+    the GRU's h_0 (i = 0)."""
+    if hx is None:
+        return None
+    if isinstance(hx, (tuple, list)):
+        return ctx.value(hx[i])
+    names = ctx._env.get(hx) if isinstance(hx, Node) else None
+    if isinstance(names, list):
+        return names[i]
+    return ctx.value(hx)
+
+
+@register_emitter("lstm", "gru")
+def _rnn(ctx: EmitContext, node: Node) -> list[str]:
+    """One ONNX LSTM/GRU per layer (ONNX's are single-layer), sequence-major, states sliced per layer.
+    PyTorch's GRU applies the reset gate after the recurrent matmul: linear_before_reset=1."""
+    a = node.attrs
+    training = a.get("training")
+    if (ctx.graph.training if training is None else training) and float(a.get("dropout", 0.0)) > 0:
+        raise _err(node, "a recurrent layer with dropout in training mode is random; put the model in eval mode")
+    if a.get("proj_size", 0):
+        raise _err(node, "nn.LSTM with proj_size > 0: ONNX's LSTM has no output projection. Export TorchScript "
+                         "instead (`--format torchscript` on the command line, formats=(\"torchscript\",) in "
+                         "slimfx.compile), or use an LSTM without proj_size")
+    x, hx = node.inputs[:2]
+    dirs = 2 if a.get("bidirectional") else 1
+    layers, h = int(a.get("num_layers", 1)), int(a["hidden_size"])
+    batch_first = bool(a.get("batch_first"))
+    dt = _out_dtype_of(node)
+    y = ctx.value(x, dtype=dt)
+    if batch_first:
+        y = ctx.emit("Transpose", [y], perm=[1, 0, 2])
+    hs, cs = [], []
+    onnx_op = "LSTM" if node.op == "lstm" else "GRU"
+    for layer in range(layers):
+        w, r, b = _rnn_weights(ctx, node, layer, dirs)
+        states = []
+        for i in range(2 if node.op == "lstm" else 1):
+            s = _state(ctx, hx, i)
+            if s is not None and layers > 1:
+                s = ctx.emit("Slice", [s, ctx.ints([layer * dirs]), ctx.ints([(layer + 1) * dirs]), ctx.ints([0])])
+            states.append(s)
+        ins = [y, w, r, b, None] + states
+        while ins and ins[-1] is None:
+            ins.pop()
+        outs = ctx.emit(onnx_op, ins, outputs=3 if node.op == "lstm" else 2, hidden_size=h,
+                        direction="bidirectional" if dirs == 2 else None,
+                        linear_before_reset=1 if node.op == "gru" else None)
+        y_all = outs[0]  # [seq, dirs, batch, h]
+        hs.append(outs[1])
+        if node.op == "lstm":
+            cs.append(outs[2])
+        if dirs == 1:
+            y = ctx.emit("Squeeze", [y_all, ctx.ints([1])])
+        else:
+            y = ctx.emit("Reshape", [ctx.emit("Transpose", [y_all], perm=[0, 2, 1, 3]), ctx.ints([0, 0, -1])])
+    if batch_first:
+        y = ctx.emit("Transpose", [y], perm=[1, 0, 2])
+    h_n = hs[0] if layers == 1 else ctx.emit("Concat", hs, axis=0)
+    if node.op == "gru":
+        return [y, h_n]
+    return [y, h_n, cs[0] if layers == 1 else ctx.emit("Concat", cs, axis=0)]
 
 
 # --- quantization ----------------------------------------------------------------------------------------

@@ -35,9 +35,9 @@ def _per_channel(n: Node) -> bool:
 
 
 def _dense_layer(n: Node) -> bool:
-    """A weighted layer (ir.Weighted: conv, linear) with one group, reading a param weight."""
+    """A weighted layer (ir.Weighted: conv, linear; not transposed) with one group, reading a param weight."""
     layer = ir.trait(n.op, "weighted")
-    return layer is not None and isinstance(n.inputs[1], Param) and (
+    return layer is not None and not layer.transposed and isinstance(n.inputs[1], Param) and (
         not layer.grouped or n.attrs.get("groups", 1) == 1)
 
 

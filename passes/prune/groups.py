@@ -415,7 +415,8 @@ class Analyzer:
         return self.zeros(n.meta)
 
     def weighted(self, n: Node) -> torch.Tensor:
-        """A layer y = x ⊛ W + b (ir.Weighted: conv, linear): consumes x's channels, produces new ones."""
+        """A layer y = x ⊛ W + b (ir.Weighted: conv, linear, conv_transpose): consumes x's channels, produces
+        new ones. W is [out, in/groups, k...], or [in, out/groups, k...] for a transposed layer."""
         layer = get_op(n.op).weighted
         x, w = n.inputs[0], n.inputs[1]
         b = n.inputs[2] if len(n.inputs) > 2 else None
@@ -424,21 +425,26 @@ class Analyzer:
             return self.opaque(n, f"{n.op} weight/bias is not a param (or a mask of params)")
         groups = int(n.attrs.get("groups", 1)) if layer.grouped else 1
         wt = self.g.params[ws[0].name]
-        cout, gi = wt.shape[0], wt.shape[1]
+        if layer.transposed:
+            cout, gi = wt.shape[1] * groups, wt.shape[0] // groups
+        else:
+            cout, gi = wt.shape[0], wt.shape[1]
         go = cout // groups
         ch = self.channels_at(x, layer.channel_dim, n, f"{n.op} input")
         out = self.new_space(n, cout, ws[0].name)
-        for p in ws:
-            self.member(p, 0, out, "weight" if p is ws[0] else "other", n)
         self.member(b, 0, out, "bias", n)
         if groups == 1:
             for p in ws:
+                role = "weight" if p is ws[0] else "other"
+                self.member(p, layer.out_axis, out, role, n)
                 if ch is not None:
-                    self.member(p, 1, ch, "weight" if p is ws[0] else "other", n)
+                    self.member(p, layer.in_axis, ch, role, n)
                 else:
-                    self.member(p, 1, torch.zeros(self.g.params[p.name].shape[1], dtype=torch.long), "other", n)
+                    self.member(p, layer.in_axis, torch.zeros(self.g.params[p.name].shape[layer.in_axis],
+                                                              dtype=torch.long), "other", n)
         else:
-            # A group (its gi input and go output channels) is one unit; groups = kept channels // go.
+            # A group (its gi input and go output channels) is one unit; groups = kept channels // go
+            # (a transposed layer's axis 0 holds every group's input channels: groups = kept // gi).
             for gidx in range(groups):
                 labs = out[gidx * go:(gidx + 1) * go].tolist()
                 ins = ch[gidx * gi:(gidx + 1) * gi].tolist() if ch is not None else [BLOCK]
@@ -446,7 +452,15 @@ class Analyzer:
                     self.uf.union(labs[0], lab)
                 if any(x == BLOCK for x in ins):
                     self.block([labs[0]], n, "grouped conv reads channels that cannot be removed")
-            self.fixups.append(("conv_groups", n.name, go))
+            for p in ws:
+                role = "weight" if p is ws[0] else "other"
+                if not layer.transposed:
+                    self.member(p, 0, out, role, n)
+                else:  # the group's input channels (united with its outputs); out/groups stays
+                    shape = self.g.params[p.name].shape
+                    self.member(p, 0, ch if ch is not None else torch.zeros(shape[0], dtype=torch.long), role, n)
+                    self.member(p, 1, torch.zeros(shape[1], dtype=torch.long), "other", n)
+            self.fixups.append(("conv_groups", n.name, gi if layer.transposed else go))
         shape = [1] * len(n.meta.shape)
         shape[layer.channel_dim] = cout
         return out.view(shape).expand(n.meta.shape).clone()
@@ -501,7 +515,7 @@ class Analyzer:
             return self.opaque(n, "non-tensor result")
         labeled: list[torch.Tensor] = []
         others: list[tuple[Any, tuple[int, ...]]] = []
-        for v in n.inputs[:2]:
+        for v in n.inputs[:max(2, trait(n.op, "elementwise") or 0)]:  # where: condition and both branches
             if isinstance(v, Node):
                 t = self.value(v)
                 if not isinstance(t, torch.Tensor):
@@ -517,9 +531,9 @@ class Analyzer:
                 self.freeze_params(n)
             return torch.zeros(out_shape, dtype=torch.long)
         base = labeled[0]
-        if len(labeled) == 2:
-            self.union_pairs(labeled[0], labeled[1], n, "residual branch")
-            base = torch.where(labeled[0] > 0, labeled[0], labeled[1])
+        for other in labeled[1:]:
+            self.union_pairs(base, other, n, "residual branch")
+            base = torch.where(base > 0, base, other)
         var = self.varying(base)
         nd = len(out_shape)
         for v, shape in others:
@@ -694,6 +708,88 @@ class Analyzer:
             self.fixups.append(("sdpa_scale", n.name, q.shape[-1]))
         return v.narrow(-2, 0, 1).expand(n.meta.shape).clone()
 
+    # -- ops real models use beyond conv/linear (issue 15) --------------------------------------------
+    def pixel_shuffle(self, n: Node) -> Any:
+        """Output channel c is input channels c*r*r .. c*r*r + r*r - 1 spread over space: those go together."""
+        x = self.value(n.inputs[0])
+        r = int(n.attrs["upscale_factor"])
+        cdim = x.dim() - 3
+        var = self.varying(x)
+        if not var:
+            return torch.zeros(n.meta.shape, dtype=torch.long)
+        if var != [cdim]:
+            self.block(x, n, "pixel_shuffle of a tensor whose channels are not along dim -3")
+            return torch.zeros(n.meta.shape, dtype=torch.long)
+        ch = self.along(x, cdim).view(-1, r * r)
+        for j in range(1, r * r):
+            self.union_pairs(ch[:, 0], ch[:, j], n, "pixel_shuffle packs r*r channels into one")
+        first = ch[:, :1].expand(-1, r * r).reshape(-1)
+        shape = [1] * x.dim()
+        shape[cdim] = -1
+        return get_op("pixel_shuffle").impl(first.view(shape).expand(x.shape).contiguous(), upscale_factor=r).clone()
+
+    def index_select(self, n: Node) -> Any:
+        """Positions picked along a dim that carries no channels: the other dims' labels pass through."""
+        x = self.value(n.inputs[0])
+        if not isinstance(x, torch.Tensor):
+            return self.opaque(n, "index_select of a value without labels")
+        dim = int(n.attrs["dim"]) % max(1, x.dim())
+        var = self.varying(x)
+        index = n.inputs[1]
+        if isinstance(index, Node) and n.op == "index_select":
+            self.block_node_inputs(n, "index_select index values", only=[index])
+        if dim in var:
+            self.block(x, n, f"'{n.op}' picks positions of a channel dim by index")
+            return torch.zeros(n.meta.shape, dtype=torch.long)
+        out = x
+        for d in range(x.dim()):
+            if d not in var:
+                out = out.narrow(d, 0, 1)
+        if any(out.shape[d] != n.meta.shape[d] and out.shape[d] != 1 for d in range(out.dim())):
+            self.block(x, n, f"'{n.op}' output is smaller than its input along a channel dim")
+            return torch.zeros(n.meta.shape, dtype=torch.long)
+        out = out.expand(n.meta.shape).clone()
+        if n.op == "gather" and isinstance(index, Node):
+            # the index has the output's shape: it must lose the same channels
+            idx = self.value(index)
+            if isinstance(idx, torch.Tensor):
+                self.union_pairs(out, idx.expand(out.shape), n, "gather index follows the channels it reads")
+        return out
+
+    def topk(self, n: Node) -> Any:
+        x = self.value(n.inputs[0])
+        dim = int(n.attrs.get("dim", -1)) % x.dim()
+        if dim in self.varying(x):
+            self.block(x, n, "topk ranks positions along a channel dim")
+            return self.zeros(n.meta)
+        lab = x.narrow(dim, 0, 1)
+        return tuple(lab.expand(m.shape).clone() for m in n.meta)
+
+    def einsum(self, n: Node) -> Any:
+        return self.opaque(n, "einsum combines dims as its equation says, which pruning does not follow (spell "
+                              "the contraction with matmul/permute/sum to prune through it)")
+
+    def recurrent(self, n: Node) -> Any:
+        """lstm/gru read x's channels (features, dim -1) through the first layer's input weights, which shrink
+        with them; their hidden units (coupled across gates, directions and time) are never pruned."""
+        a = n.attrs
+        weights = n.inputs[2:]
+        if not all(isinstance(p, Param) for p in weights):
+            return self.opaque(n, f"{n.op} weights are not params")
+        dirs = 2 if a.get("bidirectional") else 1
+        per = len(weights) // (int(a.get("num_layers", 1)) * dirs)
+        ch = self.channels_at(n.inputs[0], -1, n, f"{n.op} input")
+        first = {weights[d * per].name for d in range(dirs)}  # w_ih of layer 0, each direction
+        for p in weights:
+            t = self.g.params[p.name]
+            for ax in range(t.dim()):
+                if p.name in first and ax == 1 and ch is not None:
+                    self.member(p, 1, ch, "weight", n)
+                else:
+                    self.member(p, ax, torch.zeros(t.shape[ax], dtype=torch.long), "other", n)
+        self.block_node_inputs(n, f"{n.op} initial state", only=[n.inputs[1]])
+        return self.zeros(n.meta)
+
 
 # The rule of each `channels` trait value (ir/ops.py).
 CHANNEL_FLOW_RULES: dict[str | None, PruningRule] = {
@@ -708,6 +804,9 @@ for _op, _rule in [
     ("shape", Analyzer.size), ("getitem", Analyzer.getitem), ("slice", Analyzer.slice),
     ("reshape", Analyzer.reshape), ("expand", Analyzer.reshape), ("split", Analyzer.split), ("chunk", Analyzer.split),
     ("matmul", Analyzer.matmul), ("scaled_dot_product_attention", Analyzer.sdpa), ("opaque", Analyzer.opaque_call),
+    ("instance_norm", Analyzer.batch_norm), ("rms_norm", Analyzer.layer_norm), ("pixel_shuffle", Analyzer.pixel_shuffle),
+    ("index_select", Analyzer.index_select), ("gather", Analyzer.index_select), ("topk", Analyzer.topk),
+    ("einsum", Analyzer.einsum), ("lstm", Analyzer.recurrent), ("gru", Analyzer.recurrent),
 ]:
     register_pruning_rule(_op, _rule)
 

@@ -20,13 +20,15 @@ from slimfx.ir import Graph, Node, Param, ops_with, trait
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, run_with_outputs
-from slimfx.passes.quantize.qdq import bias_limit
+from slimfx.passes.quantize.qdq import bias_limit, layer_weight
 
 _LAYERS = ops_with(weighted=True)  # layers y = x ⊛ W + b (ir.Weighted): conv1d, conv2d, linear, ...
 
 
 def _weight(graph: Graph, n: Node) -> torch.Tensor | None:
-    if n.op in _LAYERS and len(n.inputs) >= 2 and isinstance(n.inputs[1], Param):
+    """The float weight of a layer equalization rescales (not transposed layers: their weight is [in, out, ...])."""
+    if n.op in _LAYERS and len(n.inputs) >= 2 and isinstance(n.inputs[1], Param) \
+            and not trait(n.op, "weighted").transposed:
         w = graph.params[n.inputs[1].name]
         return w if w.is_floating_point() else None
     return None
@@ -162,7 +164,8 @@ class BiasCorrection(Pass):
             return PassResult(False, {"corrected": 0})
         for n in layers:  # a bias to correct: zeros where the layer has none
             if len(n.inputs) < 3 or n.inputs[2] is None:
-                p = graph.add_param(f"{n.name}.bias", torch.zeros(graph.params[n.inputs[1].inputs[0].name].shape[0]))
+                w = graph.params[n.inputs[1].inputs[0].name]
+                p = graph.add_param(f"{n.name}.bias", torch.zeros(layer_weight(n, w).shape[0]))
                 n.inputs = (*n.inputs[:2], p, *n.inputs[3:])
         names = [n.name for n in layers]
         channel_dim = {n.name: trait(n.op, "weighted").channel_dim for n in layers}
@@ -207,7 +210,7 @@ def _corrected_bias(graph: Graph, n: Node, delta: torch.Tensor) -> tuple[str, to
         new = torch.round(q.double() + delta.double() / s.double())
         # a channel whose corrected bias would not leave the accumulator its room keeps its bias (never a
         # saturated one: quantize keeps every bias within half of that limit, so this takes a huge shift)
-        limit = bias_limit(graph.params[n.inputs[1].inputs[0].name][0].numel())
+        limit = bias_limit(layer_weight(n, graph.params[n.inputs[1].inputs[0].name])[0].numel())
         return qref.name, torch.where(new.abs() <= limit, new, q.double()).to(torch.int32)
     assert isinstance(b, Param)
     return b.name, graph.params[b.name] + delta

@@ -6,6 +6,10 @@ Schemes:
   fixed-point   Qm.n: weights and activations with power-of-two scales 2^-n and zero point 0
   sign          weights alpha * sign(w) (alpha = mean|w| per output channel), stored as int8 ±1;
                 first and last layer kept 8-bit; activations as int8-static
+
+Recurrent layers (lstm, gru) keep float weights under every scheme: ONNX has no integer LSTM/GRU (only
+onnxruntime's contrib DynamicQuantizeLSTM, which other runtimes lack). The layers around them are quantized;
+the pass names the recurrent ones it kept float in its stats (`kept_float`) and the report's headline.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ from slimfx.passes.quantize.qdq import (
     fold_bias,
     fold_weight,
     insert_qdq,
+    layer_weight,
     make_plan,
     quantizable_embeddings,
     quantize_embedding,
     quantize_tensor,
     through_noops,
+    weight_axis,
 )
 
 #: the quantization schemes (module docstring): the type of quantize's and quant-sensitivity's `scheme`
@@ -55,6 +61,31 @@ Range = tuple[torch.Tensor, torch.Tensor]
 
 # float_first keeps the first layer float only below this fan-in (digits_cnn's first conv: 9).
 FLOAT_FIRST_MAX_FAN_IN = 32
+
+# ops with weights that stay float (module docstring): op -> why
+KEPT_FLOAT = {"lstm": "ONNX has no integer LSTM", "gru": "ONNX has no integer GRU"}
+
+
+def kept_float(graph: Graph) -> dict[str, str]:
+    """The layers with weights that quantize leaves float, and why."""
+    return {n.name: KEPT_FLOAT[n.op] for n in graph if n.op in KEPT_FLOAT and n.params()}
+
+
+def _notes(raised: dict[str, list], degenerate: dict[str, str], floats: dict[str, str]) -> list[str]:
+    """The headline notes of a quantize run."""
+    notes = []
+    if raised:
+        notes.append(f"kept the int32 bias of {', '.join(raised)} exact by raising the weight scale of "
+                     f"{sum(len(v) for v in raised.values())} output channel(s) (an all-zero weight row, "
+                     "or an input that was constantly 0 in calibration)")
+    if degenerate:
+        notes.append(f"{len(degenerate)} activation(s) had a degenerate calibrated range ("
+                     + "; ".join(f"{k}: {v}" for k, v in list(degenerate.items())[:3])
+                     + (", ..." if len(degenerate) > 3 else "") + "): check the calibration data")
+    if floats:
+        notes.append(f"kept {len(floats)} recurrent layer(s) float ({', '.join(floats)}): "
+                     f"{'; '.join(sorted(set(floats.values())))}, so their weights stay fp32")
+    return notes
 
 
 @register_pass("quantize")
@@ -158,13 +189,15 @@ class Quantize(Pass):
             # sensitive layer. A long first reduction (an MLP's 64-wide input) stays int8.
             first = next((n for n in graph if n.op in WEIGHT_OPS), None)
             w = first.inputs[1] if first is not None else None
-            if isinstance(w, Param) and graph.params[w.name][0].numel() < FLOAT_FIRST_MAX_FAN_IN:
+            if isinstance(w, Param) and layer_weight(first, graph.params[w.name])[0].numel() < FLOAT_FIRST_MAX_FAN_IN:
                 skip.append(first.name)
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
         embeds = quantizable_embeddings(graph, skip=skip, only=only) \
             if self.embeddings and self.scheme in ("int8-static", "int8-dynamic") else []
+        floats = kept_float(graph)
         if not plan.weight_ops and not plan.act_ops and not embeds:
-            return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped})
+            return PassResult(False, {"quantized_ops": 0, "skipped": plan.skipped, "kept_float": floats,
+                                      "notes": _notes({}, {}, floats)})
         degenerate: dict[str, str] = {}
         if not dynamic and ranges is None:
             ranges = self.calibrate(graph, plan, ctx)
@@ -204,17 +237,8 @@ class Quantize(Pass):
         stored = {p.name for n in graph if n.op == "dequantize" or n in embeds for p in n.params()}
         after = sum(graph.params[k].numel() * graph.params[k].element_size() for k in stored)
         raised_layers = {k: v for k, v in raised.items() if v}
-        notes = []  # for the report's headline
-        if raised_layers:
-            notes.append(f"kept the int32 bias of {', '.join(raised_layers)} exact by raising the weight scale of "
-                         f"{sum(len(v) for v in raised_layers.values())} output channel(s) (an all-zero weight row, "
-                         "or an input that was constantly 0 in calibration)")
-        if degenerate:
-            notes.append(f"{len(degenerate)} activation(s) had a degenerate calibrated range ("
-                         + "; ".join(f"{k}: {v}" for k, v in list(degenerate.items())[:3])
-                         + (", ..." if len(degenerate) > 3 else "") + "): check the calibration data")
         return PassResult(True, {
-            "notes": notes,
+            "notes": _notes(raised_layers, degenerate, floats),  # for the report's headline
             "scheme": self.scheme, "quantized_ops": len(plan.weight_ops) + len(plan.act_ops),
             "embeddings": len(embeds), "activation_qdq": len(act_qp), "dynamic_activations": n_dyn, "collapsed": collapsed,
             "skipped": plan.skipped, "weight_bytes": {"before": before, "after": after},
@@ -224,6 +248,7 @@ class Quantize(Pass):
             "bias_scale_raised": raised_layers,
             # activations whose calibrated range is exactly [0, 0] or holds NaN/Inf (see calibrate)
             "degenerate_ranges": degenerate,
+            "kept_float": floats,  # layers with weights left float (KEPT_FLOAT), and why
             **({"qat": qat} if qat is not None else {})})
 
     def _qat_step(self) -> str:
@@ -328,27 +353,34 @@ class Quantize(Pass):
     def weight_bits(self, kind: str | None) -> int:
         return min(self.bits, 7) if self.reduce_range and kind == "fixed-point" else self.bits
 
-    def weight_qparams(self, w: torch.Tensor, kind: str | None) -> tuple[QParams, torch.Tensor | None]:
-        """Params (and, for sign, the integer values) for one weight tensor."""
+    def weight_qparams(self, w: torch.Tensor, kind: str | None, axis: int | None = 0
+                       ) -> tuple[QParams, torch.Tensor | None]:
+        """Params (and, for sign, the integer values) for one weight tensor whose output channels lie along
+        `axis` (None: no single axis holds them, so one scale for the tensor)."""
+        flat = w.movedim(axis, 0).reshape(w.shape[axis], -1) if axis is not None else w.reshape(1, -1)
         if kind == "sign":
-            alpha = w.abs().reshape(w.shape[0], -1).mean(dim=1).clamp(min=SCALE_FLOOR)
+            alpha = flat.abs().mean(dim=1).clamp(min=SCALE_FLOOR)
             values = torch.where(w >= 0, 1, -1).to(torch.int8)
-            return QParams(alpha.float(), torch.zeros(w.shape[0], dtype=torch.int8), torch.int8, 0), values
+            if axis is None:
+                return QParams(alpha.float().reshape(()), torch.zeros((), dtype=torch.int8), torch.int8, None), values
+            return QParams(alpha.float(), torch.zeros(w.shape[axis], dtype=torch.int8), torch.int8, axis), values
         if kind == "fixed-point":
             qp, _ = pow2_qparams(w.min(), w.max(), self.weight_bits(kind), self.frac_bits)
             return qp, None
         qmax = self.weight_qmax(kind)
         per_tensor = qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True, qmin=-qmax, qmax=qmax)
-        if not self.per_channel:
+        if not self.per_channel or axis is None:
             return per_tensor, None
-        flat = w.reshape(w.shape[0], -1)
         per_channel = qparams_from_range(flat.min(dim=1).values, flat.max(dim=1).values, torch.int8,
-                                         symmetric=True, axis=0, qmin=-qmax, qmax=qmax)
+                                         symmetric=True, axis=axis, qmin=-qmax, qmax=qmax)
         if self.per_channel_min_gain_db > 0:
             from slimfx.ir.metrics import tensor_sqnr_db as sqnr_db
 
             def weight_sqnr(qp: QParams) -> float:
-                scale = qp.scale.reshape(-1, *[1] * (w.dim() - 1)) if qp.axis is not None else qp.scale
+                shape = [1] * w.dim()
+                if qp.axis is not None:
+                    shape[qp.axis] = -1
+                scale = qp.scale.reshape(shape) if qp.axis is not None else qp.scale
                 return sqnr_db(w.double(), (quantize_tensor(w, qp).clamp(-qmax, qmax).double() * scale))
 
             if weight_sqnr(per_channel) - weight_sqnr(per_tensor) < self.per_channel_min_gain_db:
@@ -359,7 +391,7 @@ class Quantize(Pass):
         """Fold the weight (and the bias, as int32) of `n`; returns the output channels whose weight
         scale was raised to keep the int32 bias exact (see `fit_bias`)."""
         w = graph.params[n.inputs[1].name]
-        qp, values = self.weight_qparams(w, kind)
+        qp, values = self.weight_qparams(w, kind, weight_axis(n))
         qmax = self.weight_qmax(kind)
         x = through_noops(n.inputs[0])
         s_x = graph.params[x.inputs[1].name] \
@@ -367,7 +399,7 @@ class Quantize(Pass):
         raised: list[int] = []
         if s_x is not None and s_x.dim() == 0 and len(n.inputs) > 2 and isinstance(n.inputs[2], Param):
             try:
-                qp, raised = fit_bias(qp, s_x, graph.params[n.inputs[2].name], w[0].numel(),
+                qp, raised = fit_bias(qp, s_x, graph.params[n.inputs[2].name], layer_weight(n, w)[0].numel(),
                                       pow2=kind == "fixed-point")
             except PassError as e:
                 raise PassError(f"quantize: %{n.name}: {e}; keep the layer float with skip = [{n.name!r}]") from e

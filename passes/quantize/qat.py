@@ -18,7 +18,7 @@ from slimfx.ir import Graph, Param, TensorMeta
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import PassContext
 from slimfx.passes.finetune import train_graph
-from slimfx.passes.quantize.qdq import Plan
+from slimfx.passes.quantize.qdq import Plan, weight_axis
 
 if TYPE_CHECKING:
     from slimfx.passes.quantize.ptq import Quantize
@@ -35,7 +35,7 @@ def fake_quant_graph(q: Quantize, graph: Graph, plan: Plan, ranges: dict) -> Gra
         kind = kinds[name]
         qmax = q.weight_qmax(kind)
         mode = {"sign": "sign", "fixed-point": "pow2"}.get(kind or "", "absmax")
-        axis = 0 if (mode == "sign" or (mode == "absmax" and q.per_channel)) else None
+        axis = weight_axis(n) if (mode == "sign" or (mode == "absmax" and q.per_channel)) else None
         shape = tuple(g.params[ref.name].shape)
         fq = g.create_node("fake_quantize", (ref, None, None), {"qmin": -qmax, "qmax": qmax, "axis": axis,
                                                                "mode": mode},

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimfx.ir import Graph, Node, Param, TensorMeta, ops_with
+from slimfx.ir import Graph, Node, Param, TensorMeta, canonical_weight, ops_with, trait
 from slimfx.ir.errors import PassError
 from slimfx.passes.graph_utils import runs_in_training
 from slimfx.passes.quantize.observers import QRANGE, SCALE_FLOOR, QParams
@@ -104,6 +104,24 @@ class Plan:
     @property
     def sources(self) -> list[str]:
         return list(dict.fromkeys(self.tensors.values()))
+
+
+def layer_weight(n: Node, w: torch.Tensor) -> torch.Tensor:
+    """`n`'s weight `w` as [out, in/groups, k...] (ir.canonical_weight): row i holds output channel i's fan-in,
+    also for a transposed layer, whose own weight is [in, out/groups, k...]."""
+    layer = trait(n.op, "weighted")
+    if layer is None:
+        return w
+    return canonical_weight(w, layer, int(n.attrs.get("groups", 1)) if layer.grouped else 1)
+
+
+def weight_axis(n: Node) -> int | None:
+    """The axis of `n`'s weight that holds its output channels (per-channel scales go along it); None when no
+    single axis does: a grouped conv_transpose ([in, out/groups, k...]) is quantized per tensor."""
+    layer = trait(n.op, "weighted")
+    if layer is None or not layer.transposed:
+        return 0
+    return layer.out_axis if not layer.grouped or int(n.attrs.get("groups", 1)) == 1 else None
 
 
 def through_noops(n: object) -> object:

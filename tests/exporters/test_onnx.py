@@ -254,32 +254,44 @@ def test_quantize_of_constant_folds_to_int_initializer():
     assert rep.passed
 
 
-class Cumsum(nn.Module):
+class Roll(nn.Module):
     def forward(self, x):
-        return torch.cumsum(x, 1) + 1
+        return torch.roll(x, 1, 1) + 1
 
 
 def test_unsupported_op_raises_and_leaves_no_file(tmp_path):
-    m, x = Cumsum().eval(), (torch.randn(2, 3),)
+    m, x = Roll().eval(), (torch.randn(2, 3),)
     g = ir.capture(m, x)
     path = tmp_path / "bad.onnx"
     with pytest.raises(ExportError) as e:
         export_onnx(g, path, inputs=x)
     msg = str(e.value)
-    node = g.node("cumsum")
-    assert "%cumsum" in msg and "'opaque'" in msg and "cumsum" in msg and node.where() in msg
+    node = g.node("roll")
+    assert "%roll" in msg and "'opaque'" in msg and "roll" in msg and node.where() in msg
     assert "Supported ops:" in msg and "conv2d" in msg and "opaque," not in msg.split("Supported ops:")[1]
     assert list(tmp_path.iterdir()) == []
 
 
-def test_non_divisible_adaptive_pool_is_a_clear_error():
+def test_non_divisible_adaptive_max_pool_is_a_clear_error():
     class M(nn.Module):
         def forward(self, x):
-            return F.adaptive_avg_pool2d(x, 3)
+            return F.adaptive_max_pool2d(x, 3)
 
     m, x = M().eval(), (torch.randn(1, 2, 8, 8),)
-    with pytest.raises(ExportError, match=r"adaptive_avg_pool2d.*\(8, 8\) to \(3, 3\).*multiple"):
+    with pytest.raises(ExportError, match=r"adaptive_max_pool2d.*\(8, 8\) to \(3, 3\).*multiple"):
         to_onnx_model(ir.capture(m, x), inputs=x)
+
+
+@pytest.mark.parametrize("out", [3, (1, 7), (5, 6)])
+def test_adaptive_avg_pool_to_any_size_exports_with_window_means(tmp_path, out):
+    """Windows of unequal size (8 -> 3, 1 -> 7: torchvision's AdaptiveAvgPool2d((7, 7)) on a small input)."""
+    class M(nn.Module):
+        def forward(self, x):
+            return F.adaptive_avg_pool2d(x, out)
+
+    for shape in [(2, 3, 8, 8), (2, 3, 1, 1), (2, 3, 7, 9)]:
+        m, x = M().eval(), (torch.randn(*shape),)
+        assert export_onnx(ir.capture(m, x), tmp_path / "m.onnx", inputs=x).validation.passed
 
 
 def test_validation_failure_leaves_no_file(tmp_path, monkeypatch):

@@ -26,7 +26,14 @@ from slimfx import ir
 from slimfx.cli import main
 from slimfx.errors import CaptureError, ExportError, SlimfxError, ValidationError
 from slimfx.exporters import export_onnx, export_torchscript, ort_session, to_onnx_model, validate_onnx
-from slimfx.exporters.validate import ValidationReport, compare_outputs, tolerances
+from slimfx.exporters.validate import (
+    BFLOAT16,
+    ValidationReport,
+    compare_outputs,
+    tolerances,
+    validate_outputs,
+    validate_torchscript,
+)
 
 capture_mod = importlib.import_module("slimfx.ir.capture")  # the module (slimfx.ir.capture is also the function)
 
@@ -116,6 +123,14 @@ class GRUNet(Recurrent):
     def __init__(self):
         super().__init__()
         self.rnn = nn.GRU(4, 8, batch_first=True)
+
+
+class ProjRecurrent(Recurrent):
+    """An LSTM with an output projection: ONNX's LSTM has none."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 12, batch_first=True, proj_size=8)
 
 
 class FixedBatch(nn.Module):
@@ -262,21 +277,52 @@ def test_compile_refuses_a_train_mode_model_with_dropout():
 # --- export-stage rows ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cls", [Recurrent, GRUNet])
-def test_recurrent_modules_are_named_with_their_line_and_an_action(cls):
+def test_recurrent_modules_export_to_onnx(cls, tmp_path):
     model, x = cls().eval(), (torch.randn(2, 5, 4),)
+    g = ir.capture(model, x)
+    assert g.node("rnn").op == type(model.rnn).__name__.lower()
+    assert export_onnx(g, tmp_path / "m.onnx", inputs=x).validation.passed
+
+
+def test_an_lstm_onnx_cannot_express_is_named_with_its_line_and_an_action():
+    model, x = ProjRecurrent().eval(), (torch.randn(2, 5, 4),)
     g = ir.capture(model, x)
     with pytest.raises(ExportError) as e:
         to_onnx_model(g, inputs=x)
-    name = type(model.rnn).__name__
     line = next(i for i, ln in enumerate(open(__file__), 1) if "y, _ = self.rnn(x)" in ln)
-    _check_message(str(e.value), [f"%rnn (nn.{name} at module 'rnn', test_hostile_inputs.py:{line})",
-                                  f"does not support nn.{name} modules yet", "--format torchscript",
-                                  'formats=("torchscript",)'])
+    _check_message(str(e.value), [f"%rnn (lstm, module 'rnn', test_hostile_inputs.py:{line})", "proj_size",
+                                  "--format torchscript", 'formats=("torchscript",)'])
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.gate(x))
+
+
+def test_opaque_modules_are_named_with_their_line_and_an_action():
+    model, x = GatedNet().eval(), (torch.randn(2, 4),)
+    g = ir.capture(model, x, leaf_modules=[Gate])
+    with pytest.raises(ExportError) as e:
+        to_onnx_model(g, inputs=x)
+    line = next(i for i, ln in enumerate(open(__file__), 1) if "return self.fc(self.gate(x))" in ln)
+    _check_message(str(e.value), [f"(tests.ir.test_hostile_inputs.Gate at module 'gate', test_hostile_inputs.py:{line})",
+                                  "does not support tests.ir.test_hostile_inputs.Gate modules yet",
+                                  "--format torchscript", 'formats=("torchscript",)'])
     assert "propagate_shapes" not in str(e.value)
 
 
 def test_the_torchscript_route_the_message_offers_works(tmp_path):
-    model, x = Recurrent().eval(), (torch.randn(2, 5, 4),)
+    model, x = ProjRecurrent().eval(), (torch.randn(2, 5, 4),)
     res = export_torchscript(ir.capture(model, x), tmp_path / "m.pt", inputs=x)
     assert res.validation.passed and res.validation.compared > 0
 
@@ -327,7 +373,8 @@ CLI_ROWS = [
     ("float64", "Lin", "(torch.randn(2, 64, dtype=torch.float64),)", ".double()", ["float64", ".float()"]),
     ("meta", "Lin", "(torch.randn(2, 64),)", ".to('meta')", ["meta device", "load or initialize them"]),
     ("wrong feature dim", "Lin", "(torch.randn(1, 100),)", "", ["layer 'fc'", "1x100 and 64x10"]),
-    ("LSTM", "Recurrent", "(torch.randn(2, 5, 4),)", "", ["nn.LSTM", "--format torchscript"]),
+    ("LSTM projection", "ProjRecurrent", "(torch.randn(2, 5, 4),)", "", ["nn.LSTM with proj_size",
+                                                                        "--format torchscript"]),
 ]
 
 
@@ -388,6 +435,32 @@ def test_float16_model_exports_and_validates_at_float16_precision(tmp_path):
     # the same tolerances still catch a wrong float16 result
     r = np.linspace(-3, 3, 50).astype(np.float16)
     assert not compare_outputs([r * np.float16(1.03)], [r], ["output"], atol=1e-5, rtol=1e-4)["passed"]
+
+
+def test_bfloat16_outputs_are_validated_at_bfloat16_precision(tmp_path):
+    """A bfloat16 model (8 bits of precision) against its float32 run passes at bfloat16 precision, where
+    float32 tolerances refuse it; a 25% error still fails, naming the output; a bfloat16 TorchScript file of
+    the model matches it exactly."""
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    ref = ConvNet().eval()
+    ref.load_state_dict(model.state_dict())
+    ref = ref.bfloat16()
+    x = (torch.randn(4, 3, 8, 8).bfloat16(),)
+    assert tolerances(BFLOAT16, 1e-5, 1e-4) == (4 * 2 ** -7, 4 * 2 ** -7)
+
+    def fp32_run(factor):
+        return lambda ins: [model(ins[0].float()).detach().numpy() * factor]
+
+    rep = validate_outputs(fp32_run(1.0), ref, x)
+    assert rep.passed and rep.max_abs_diff > 1e-3  # bfloat16 rounding, far above float32 tolerances
+    as_fp32 = ref(*x).float().detach().numpy()
+    assert not compare_outputs(fp32_run(1.0)(x), [as_fp32], ["output"], atol=1e-5, rtol=1e-4)["passed"]
+    bad = validate_outputs(fp32_run(1.25), ref, x)
+    assert not bad.passed and bad.failure.startswith("output: ") and "/tmp" not in bad.failure
+    torch.jit.trace(ref, x).save(str(tmp_path / "m.pt"))
+    exact = validate_torchscript(tmp_path / "m.pt", ref, x)
+    assert exact.passed and exact.max_abs_diff == 0 and exact.compared == 4 * 5
 
 
 @pytest.mark.parametrize("ours, ref, fragment", [

@@ -22,8 +22,10 @@ def slimfx(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_compile_a_user_file_writes_validated_exports_and_report(tmp_path):
     out = tmp_path / "out"
+    # a budget that one cold batch-32 call of each file fits even on a busy machine: the report leaves out a
+    # batch size whose first call does not fit (exporters.bench), and this test reads both batch sizes
     r = slimfx("compile", f"{FIXTURES}:small", "--recipe", "int8", "--out", str(out),
-               "--format", "onnx,torchscript", "--bench-seconds", "0.05", cwd=tmp_path)
+               "--format", "onnx,torchscript", "--bench-seconds", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt", "report.json", "report.md", "report.png"}
     report = json.loads((out / "report.json").read_text())
@@ -69,7 +71,7 @@ def test_unsupported_onnx_op_names_the_node_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     r = slimfx("compile", f"{FIXTURES}:no_onnx", "--recipe", "cleanup", "--out", str(out), cwd=tmp_path)
     assert r.returncode == 2
-    assert "cumsum" in r.stderr and "Traceback" not in r.stderr
+    assert "roll" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
     r = slimfx("compile", f"{FIXTURES}:no_onnx", "--recipe", "cleanup", "--out", str(out), "--debug", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" in r.stderr

@@ -1,0 +1,524 @@
+"""Ops real models use beyond conv/linear (issue 15, class 5): transposed convs, einsum, functional and
+instance norms, pixel (un)shuffle, bool masks (comparisons, logic, where, masked_fill), cumsum, topk,
+argmax/argmin, index_select, gather, LSTM/GRU and nearest-exact/area resizing.
+
+Per op family, a property test draws shapes and attributes within what ONNX expresses and checks: both
+capture front ends give the canonical op (never `opaque`), the graph verifies (shape rules), lowering is
+bit-exact with the torch call, a saved and loaded model file is the same graph, and the ONNX file matches onnxruntime at the example's batch size and
+another one (export_onnx's validation).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import slimfx
+from slimfx import ir
+from slimfx.exporters import export_onnx, to_onnx_model
+from slimfx.ir.errors import ExportError
+
+PROPERTY = settings(max_examples=8, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _leaves(v):
+    return [t for t in torch.utils._pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
+
+
+def check(model: nn.Module, inputs: tuple, ops: set[str], tmp_path, *, front_ends=("fx", "export"),
+          atol: float = 1e-5, rtol: float = 1e-4) -> ir.Graph:
+    """Capture with each front end (canonical ops, no opaque node), verify, lower bit-exact, save and load
+    (slimfx.save/load), export and validate against onnxruntime at two batch sizes. Returns the fx graph."""
+    torch.manual_seed(0)
+    model = model.eval()
+    with torch.no_grad():
+        ref = _leaves(model(*inputs))
+    graphs = {}
+    for method in front_ends:
+        g = ir.capture(model, inputs, method=method)
+        have = {n.op for n in g}
+        assert ops <= have, (method, ops - have)
+        assert not g.find("opaque"), (method, [str(n) for n in g.find("opaque")])
+        ir.verify(g)
+        with torch.no_grad():
+            got = _leaves(ir.lower(g)(*inputs))
+        assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref)), method
+        # the model file (IR text + weights) keeps every attr: the same graph, the same numbers
+        loaded = slimfx.load(slimfx.save(g, tmp_path / f"{method}.slimfx"))
+        assert ir.format_graph(loaded) == ir.format_graph(g), method
+        with torch.no_grad():
+            assert all(torch.equal(a, b) for a, b in zip(_leaves(ir.lower(loaded)(*inputs)), ref)), method
+        graphs[method] = g
+    g = graphs[front_ends[0]]
+    res = export_onnx(g, tmp_path / "m.onnx", inputs=inputs, atol=atol, rtol=rtol)
+    assert res.validation.passed and res.validation.compared > 0
+    return g
+
+
+# --- conv_transpose ----------------------------------------------------------------------------------------
+
+@st.composite
+def conv_transposes(draw):
+    dims = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    k = draw(st.integers(1, 3))
+    stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    padding = draw(st.integers(0, (dilation * (k - 1)) // 2))
+    output_padding = draw(st.integers(0, max(stride, dilation) - 1))
+    bias = draw(st.booleans())
+    functional = draw(st.booleans())
+    size = draw(st.integers(2, 5))
+    cls = nn.ConvTranspose2d if dims == 2 else nn.ConvTranspose1d
+    conv = cls(cin, cout, k, stride=stride, padding=padding, output_padding=output_padding, groups=groups,
+               bias=bias, dilation=dilation)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = conv
+
+        def forward(self, x):
+            if functional:
+                fn = F.conv_transpose2d if dims == 2 else F.conv_transpose1d
+                return fn(x, self.up.weight, self.up.bias, stride, padding, output_padding, groups, dilation)
+            return self.up(x)
+
+    return Net(), (torch.randn(2, cin, *([size] * dims)),), {f"conv_transpose{dims}d"}
+
+
+@PROPERTY
+@given(case=conv_transposes())
+def test_conv_transpose(case, tmp_path):
+    check(*case, tmp_path)
+
+
+def test_conv_transpose_with_an_output_size_and_a_batchnorm_to_fold(tmp_path):
+    """nn.ConvTranspose2d(x, output_size=...) picks its output padding; fold-batchnorm folds into its
+    [in, out/groups, k, k] weight per output channel."""
+    from slimfx.passes import PassContext, create_pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, groups=2)
+            self.bn = nn.BatchNorm2d(6)
+
+        def forward(self, x):
+            return self.bn(self.up(x, output_size=(8, 8)))
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+        m.bn.weight.uniform_(0.5, 2)
+    x = (torch.randn(2, 4, 4, 4),)
+    g = check(m, x, {"conv_transpose2d", "batch_norm"}, tmp_path)
+    assert g.node("up").attrs["output_padding"] == (1, 1)
+    res = create_pass("fold-batchnorm", {}).run(g, PassContext(x))
+    g = res.graph_after(g)
+    assert res.stats["folded"] == 1 and not g.find("batch_norm")
+    torch.testing.assert_close(ir.lower(g)(*x), m(*x), rtol=1e-5, atol=1e-5)
+    assert export_onnx(g, tmp_path / "f.onnx", inputs=x).validation.passed
+
+
+# --- einsum ------------------------------------------------------------------------------------------------
+
+EQUATIONS = {  # equation: operand shapes over letters (b is the batch)
+    "bij,bjk->bik": ["bij", "bjk"], "bhqd,bhkd->bhqk": ["bhqd", "bhkd"], "bchw->bhwc": ["bchw"],
+    "bi,bi->b": ["bi", "bi"], "bi,bj->bij": ["bi", "bj"], "bij->bj": ["bij"], "bid,de->bie": ["bid", "de"],
+    "b...d,de->b...e": ["bxd", "de"], "bij,bjk": ["bij", "bjk"], "bn d, d e -> b n e": ["bnd", "de"],
+}
+
+
+@st.composite
+def einsums(draw):
+    eq = draw(st.sampled_from(sorted(EQUATIONS)))
+    sizes = {c: draw(st.integers(1, 4)) for c in "ijkhqdcwnex"}
+    sizes["b"] = 2
+    specs = EQUATIONS[eq]
+    batched = [spec.startswith("b") for spec in specs]  # operands without the batch letter are weights
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.ParameterList([nn.Parameter(torch.randn(*[sizes[c] for c in spec]))
+                                       for spec, b in zip(specs, batched) if not b])
+
+        def forward(self, x, y=None):
+            xs, ws = iter([x, y]), iter(self.w)
+            return torch.einsum(eq, *[next(xs) if b else next(ws) for b in batched])
+
+    inputs = tuple(torch.randn(*[sizes[c] for c in spec]) for spec, b in zip(specs, batched) if b)
+    return Net(), inputs, {"einsum"}
+
+
+@PROPERTY
+@given(case=einsums())
+def test_einsum(case, tmp_path):
+    check(*case, tmp_path)
+
+
+# --- norms ------------------------------------------------------------------------------------------------
+
+@st.composite
+def norms(draw):
+    kind = draw(st.sampled_from(["layer_norm", "rms_norm", "rms_norm_module", "instance_norm",
+                                 "instance_norm_module"]))
+    rank = draw(st.sampled_from([3, 4]))
+    shape = [2] + [draw(st.integers(2, 4)) for _ in range(rank - 1)]
+    k = draw(st.integers(1, 2))
+    affine = draw(st.booleans())
+    eps = draw(st.sampled_from([None, 1e-5, 1e-3]))
+    tracked = draw(st.booleans())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.rand(*shape[-k:]) + 0.5) if affine else None
+            if kind == "rms_norm_module":
+                self.norm = nn.RMSNorm(shape[-k:], eps=eps, elementwise_affine=affine)
+            elif kind == "instance_norm_module":
+                cls = nn.InstanceNorm2d if rank == 4 else nn.InstanceNorm1d
+                self.norm = cls(shape[1], affine=affine, track_running_stats=tracked)
+                if tracked:
+                    self.norm.running_mean.uniform_(-1, 1)
+                    self.norm.running_var.uniform_(0.5, 2)
+
+        def forward(self, x):
+            if kind == "layer_norm":
+                return F.layer_norm(x, x.shape[-k:], self.w, None, eps or 1e-5)
+            if kind == "rms_norm":
+                return F.rms_norm(x, x.shape[-k:], self.w, eps)
+            if kind == "instance_norm":
+                return F.instance_norm(x, eps=eps or 1e-5)
+            return self.norm(x)
+
+    op = {"rms_norm_module": "rms_norm", "instance_norm_module": "instance_norm"}.get(kind, kind)
+    return Net(), (torch.randn(*shape) * 3 + 1,), {op}
+
+
+@PROPERTY
+@given(case=norms())
+def test_norms(case, tmp_path):
+    check(*case, tmp_path)
+
+
+# --- pixel (un)shuffle ----------------------------------------------------------------------------------------
+
+@st.composite
+def pixel_shuffles(draw):
+    r = draw(st.integers(1, 3))
+    c = draw(st.integers(1, 3))
+    h, w = r * draw(st.integers(1, 3)), r * draw(st.integers(1, 3))
+    down = draw(st.booleans())
+
+    as_module = draw(st.booleans())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shuffle = nn.PixelUnshuffle(r) if down else nn.PixelShuffle(r)
+
+        def forward(self, x):
+            if as_module:
+                return self.shuffle(x)
+            return F.pixel_unshuffle(x, r) if down else F.pixel_shuffle(x, r)
+
+    shape = (2, c, h, w) if down else (2, c * r * r, h // r, w // r)
+    return Net(), (torch.randn(*shape),), {"pixel_unshuffle" if down else "pixel_shuffle"}
+
+
+@PROPERTY
+@given(case=pixel_shuffles())
+def test_pixel_shuffle(case, tmp_path):
+    check(*case, tmp_path)
+
+
+# --- bool masks: comparisons, logic, where, masked_fill --------------------------------------------------------
+
+COMPARE = {"eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge}
+
+
+@st.composite
+def masks(draw):
+    cmp = draw(st.sampled_from(sorted(COMPARE)))
+    logic = draw(st.sampled_from(["none", "and", "or", "xor", "not"]))
+    select = draw(st.sampled_from(["where_tensor", "where_scalar", "masked_fill", "masked_fill_inf", "method"]))
+    shape = [2, draw(st.integers(1, 4)), draw(st.integers(1, 4))]
+    from_buffer = draw(st.booleans())
+    as_int = draw(st.booleans())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("tri", torch.tril(torch.ones(shape[1], shape[2])))
+            self.register_buffer("ids", torch.randint(0, 3, shape[1:]))
+
+        def forward(self, x):
+            m = COMPARE[cmp](self.ids if as_int else x, 1) if not from_buffer else (self.tri == 0)
+            if logic == "and":
+                m = m & (x > 0)
+            elif logic == "or":
+                m = torch.logical_or(m, x < -1)
+            elif logic == "xor":
+                m = m ^ (x > 0.5)
+            elif logic == "not":
+                m = ~m
+            if select == "where_tensor":
+                return torch.where(m, x, x * 2)
+            if select == "where_scalar":
+                return torch.where(m, x, 0.5)
+            if select == "masked_fill":
+                return x.masked_fill(m, 3.0)
+            if select == "masked_fill_inf":
+                return x.masked_fill(m, float("-inf"))
+            return x.where(m, -x)
+
+    # a mask of buffers alone is a constant: fx computes it while tracing
+    ops = {"where"} | (set() if from_buffer or as_int else {cmp})
+    return Net(), (torch.randn(*shape) * 2,), ops
+
+
+@PROPERTY
+@given(case=masks())
+def test_masks(case, tmp_path):
+    check(*case, tmp_path)
+
+
+def test_bitwise_ops_on_integers_keep_their_dtype_and_need_opset_18(tmp_path):
+    """`ids & 3`, `|`, `^`, `~` on integer ids are bitwise (not logical): canonical bitwise_* ops from both
+    front ends, refused at opset 17 with the options that raise it, exact at opset 18."""
+    class Net(nn.Module):
+        def forward(self, ids):
+            a = (ids & 3) | (ids ^ 1)
+            return (~a) + (ids > 2).long(), ~(ids > 1) & (ids < 5)
+
+    x = (torch.randint(0, 9, (2, 5)),)
+    ref = Net()(*x)
+    for method in ("fx", "export"):
+        g = ir.capture(Net(), x, method=method)
+        assert {"bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not"} <= {n.op for n in g}, method
+        assert not g.find("opaque")
+        with pytest.raises(ExportError, match=r"bitwise_and of torch.int64.*opset 18.*--opset 18"):
+            to_onnx_model(g, inputs=x)
+        res = export_onnx(g, tmp_path / f"{method}.onnx", inputs=x, opset=18)
+        assert res.validation.passed
+        got = ir.lower(g)(*x)
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref))
+
+
+# --- cumsum, topk, argmax/argmin -----------------------------------------------------------------------------
+
+@st.composite
+def reductions(draw):
+    kind = draw(st.sampled_from(["cumsum", "topk", "argmax", "argmin"]))
+    shape = [2] + [draw(st.integers(1, 4)) for _ in range(draw(st.integers(1, 3)))]
+    dim = draw(st.integers(-len(shape) + 1, len(shape) - 1).filter(lambda d: d % len(shape) != 0))
+    keepdim = draw(st.booleans())
+    k = draw(st.integers(1, shape[dim]))
+    largest = draw(st.booleans())
+    whole = draw(st.booleans()) and kind.startswith("arg")
+    int_input = draw(st.booleans()) and kind == "cumsum"
+
+    class Net(nn.Module):
+        def forward(self, x):
+            if int_input:
+                x = (x > 0).long()
+            if kind == "cumsum":
+                return x.cumsum(dim)
+            if kind == "topk":
+                t = torch.topk(x, k, dim=dim, largest=largest)
+                return t.values, t.indices
+            fn = torch.argmax if kind == "argmax" else torch.argmin
+            return fn(x.flatten(1), 1, keepdim) if whole else fn(x, dim, keepdim=keepdim)
+
+    return Net(), (torch.randn(*shape),), {kind}
+
+
+@PROPERTY
+@given(case=reductions())
+def test_cumsum_topk_argmax(case, tmp_path):
+    check(*case, tmp_path)
+
+
+def test_argmax_over_all_dims_and_topk_unsorted(tmp_path):
+    class Net(nn.Module):
+        def forward(self, x):
+            return torch.argmax(x), torch.argmin(x, keepdim=True)
+
+    g = check(Net(), (torch.randn(1, 3, 4),), {"argmax", "argmin"}, tmp_path, front_ends=("fx",))
+    assert g.node("argmax").attrs["dim"] is None
+
+    class Unsorted(nn.Module):
+        def forward(self, x):
+            return torch.topk(x, 2, sorted=False).values
+
+    x = (torch.randn(2, 5),)
+    with pytest.raises(ExportError, match="sorted=False.*pass sorted=True"):
+        to_onnx_model(ir.capture(Unsorted(), x), inputs=x)
+
+
+# --- index_select, gather -----------------------------------------------------------------------------------
+
+@st.composite
+def indexing(draw):
+    kind = draw(st.sampled_from(["index_select", "gather"]))
+    shape = [2] + [draw(st.integers(1, 4)) for _ in range(draw(st.integers(1, 2)))]
+    dim = draw(st.integers(1, len(shape) - 1))
+    n = draw(st.integers(1, 5))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 100)))
+    if kind == "index_select":
+        index = torch.randint(0, shape[dim], (n,), generator=gen)
+    else:
+        ishape = [min(s, draw(st.integers(1, s))) for s in shape[1:]]
+        ishape[dim - 1] = n
+        index = torch.randint(0, shape[dim], ishape, generator=gen)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("index", index)
+
+        def forward(self, x):
+            if kind == "index_select":
+                return x.index_select(dim, self.index)
+            # the index follows the batch: zeros of x's batch added to the buffer (broadcast)
+            zeros = (x[(slice(None), *[slice(0, 1 if d == dim else n) for d, n in enumerate(self.index.shape, 1)])]
+                     * 0).long()
+            return torch.gather(x, dim, zeros + self.index)
+
+    return Net(), (torch.randn(*shape),), {kind}
+
+
+@PROPERTY
+@given(case=indexing())
+def test_index_select_and_gather(case, tmp_path):
+    check(*case, tmp_path)
+
+
+# --- LSTM / GRU ----------------------------------------------------------------------------------------------
+
+@st.composite
+def recurrent(draw):
+    cls = draw(st.sampled_from([nn.LSTM, nn.GRU]))
+    feat, hidden = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    layers, bidir = draw(st.integers(1, 2)), draw(st.booleans())
+    batch_first, bias = draw(st.booleans()), draw(st.booleans())
+    with_state = draw(st.booleans())
+    reads = draw(st.sampled_from(["output", "h_n", "all"]))
+    seq = draw(st.integers(1, 4))
+    dirs = 2 if bidir else 1
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = cls(feat, hidden, num_layers=layers, bidirectional=bidir, batch_first=batch_first, bias=bias)
+            self.init = nn.Linear(feat, hidden)
+
+        def forward(self, x):
+            state = None
+            if with_state:  # computed from the input, so it follows the batch size
+                h0 = torch.tanh(self.init(x[:, 0] if batch_first else x[0]))
+                h0 = h0.unsqueeze(0).expand(layers * dirs, -1, -1).contiguous()
+                state = (h0, h0 * 0.5) if cls is nn.LSTM else h0
+            out, hidden_state = self.rnn(x, state)
+            if reads == "output":
+                return out
+            h_n = hidden_state[0] if cls is nn.LSTM else hidden_state
+            if reads == "h_n":
+                return h_n
+            return (out, h_n, hidden_state[1]) if cls is nn.LSTM else (out, h_n)
+
+    # the batch is dim 0 of the input (the exporter's probe varies it): batch_first, or the sequence
+    shape = (2, seq, feat) if batch_first else (seq, 2, feat)
+    return Net(), (torch.randn(*shape),), {cls.__name__.lower()}
+
+
+@PROPERTY
+@given(case=recurrent())
+def test_lstm_and_gru(case, tmp_path):
+    check(*case, tmp_path)
+
+
+# --- nearest-exact / area -------------------------------------------------------------------------------------
+
+@st.composite
+def resizes(draw):
+    mode = draw(st.sampled_from(["nearest-exact", "area"]))
+    dims = draw(st.sampled_from([1, 2]))
+    spatial = [draw(st.integers(1, 6)) for _ in range(dims)]
+    by_size = draw(st.booleans())
+    size = tuple(draw(st.integers(1, 7)) for _ in range(dims))
+    factor = draw(st.sampled_from([0.5, 2.0, 3.0] if mode == "nearest-exact" else [0.5, 1.0, 2.0]))
+    if not by_size and any(int(s * factor) == 0 for s in spatial):
+        factor = 2.0
+
+    class Net(nn.Module):
+        def forward(self, x):
+            if by_size:
+                return F.interpolate(x, size=size, mode=mode)
+            return F.interpolate(x, scale_factor=factor, mode=mode)
+
+    ops = {"interpolate"} if mode == "nearest-exact" else {"adaptive_avg_pool1d" if dims == 1 else
+                                                           "adaptive_avg_pool2d"}
+    return Net(), (torch.randn(2, 2, *spatial),), ops, mode
+
+
+@PROPERTY
+@given(case=resizes())
+def test_nearest_exact_and_area_interpolation(case, tmp_path):
+    model, inputs, ops, mode = case
+    # torch.export decomposes `area` into adaptive average pooling; torch.fx keeps the interpolate call
+    g = check(model, inputs, {"interpolate"}, tmp_path, front_ends=("fx",))
+    assert g.find("interpolate")[0].attrs["mode"] == mode
+    check(model, inputs, ops, tmp_path, front_ends=("export",))
+
+
+# --- the export probe on the meta device --------------------------------------------------------------------
+
+class AllOps(nn.Module):
+    """One of every op above, for the probe test."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, output_padding=1, dilation=2, groups=2)
+        self.w = nn.Parameter(torch.randn(6, 5))
+        self.register_buffer("idx", torch.tensor([0, 2, 1]))
+        self.norm = nn.InstanceNorm1d(6, affine=True)
+        self.rnn, self.gru = nn.LSTM(5, 3, batch_first=True, bidirectional=True), nn.GRU(6, 2)
+
+    def forward(self, x):
+        e = torch.einsum("bcl,cd->bdl", self.norm(self.up(x)), self.w)
+        r = F.layer_norm(F.rms_norm(e.transpose(1, 2), (5,), eps=1e-4), (5,))
+        z = torch.where((r > 0) & ~(r < -1) | (r == 0), r, 0.5).masked_fill(r > 2, -1.0).cumsum(1)
+        a = torch.argmax(z, -1, keepdim=True)
+        y, _ = self.rnn(z)
+        h = self.gru(y.transpose(0, 1))[1]
+        p = F.pixel_unshuffle(F.pixel_shuffle(x.unsqueeze(-1).expand(-1, -1, -1, 4), 2), 2)
+        q = F.interpolate(x, scale_factor=2.0, mode="nearest-exact") + F.interpolate(x, size=8, mode="area")
+        return torch.topk(z, 2, dim=-1).values, a, z.index_select(2, self.idx), torch.gather(z, 2, a), h, p, q
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_the_export_probe_on_the_meta_device_equals_the_real_one(method, monkeypatch, tmp_path):
+    """Large models probe shapes on the meta device (exporters.onnx.context): for these ops it must give what
+    the real run gives, and the file must still validate."""
+    from slimfx.exporters.onnx import context
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 4, 4),)
+    g = ir.capture(AllOps().eval(), x, method=method)
+    assert not g.find("opaque")
+    probes = {}
+    for meta in (False, True):
+        monkeypatch.setattr(context, "META_PROBE_MIN_MACS", -1 if meta else float("inf"))
+        probes[meta] = context.probe(g, x)
+    assert probes[True] == probes[False]
+    assert export_onnx(g, tmp_path / "m.onnx", inputs=x).validation.passed
