@@ -323,7 +323,8 @@ class _StageRecorder:
         module = ir.lower(graph).eval()
         acc = accuracy(module, self.job.accuracy_split) if self.job.accuracy_split is not None else None
         self.rows.append({"stage": f"{index}. {p.name}", "params": ir.count_params(graph),
-                          "macs": ir.count_macs(graph), "size_bytes": None, "latency_b32_ms": None, "accuracy": acc})
+                          "macs": ir.count_macs(graph), "size_bytes": None, "latency_b1_ms": None, "latency_b32_ms": None,
+                          "accuracy": acc})
 
 
 def _run_passes(job: _Job, graph: ir.Graph) -> tuple[ir.Graph, list[Any], list[dict[str, Any]]]:
@@ -585,8 +586,9 @@ def _public(side: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stage_numbers(m: dict[str, Any]) -> dict[str, Any]:
+    latency = m.get("latency_ms") or {}
     return {"params": m["params"], "macs": m["macs"], "size_bytes": m["size_bytes"],
-            "latency_b32_ms": m["latency_ms"]["b32"] if m.get("latency_ms") else None, "accuracy": m["accuracy"]}
+            "latency_b1_ms": latency.get("b1"), "latency_b32_ms": latency.get("b32"), "accuracy": m["accuracy"]}
 
 
 def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:

@@ -120,8 +120,10 @@ def format_report(report: dict[str, Any], *, markdown: bool = False) -> str:
 
 
 def plot_stages(stages: list[dict[str, Any]], path: Path) -> Path | None:
-    """Accuracy against latency (b32) and against file size, one point per stage."""
-    pts = [s for s in stages if s.get("latency_b32_ms") is not None]
+    """Accuracy against latency (batch 32, or batch 1 when 32 was not measured) and against file size, one
+    point per stage."""
+    batch = "32" if any(s.get("latency_b32_ms") is not None for s in stages) else "1"
+    pts = [s for s in stages if s.get(f"latency_b{batch}_ms") is not None]
     if not pts:
         return None
     import matplotlib
@@ -132,7 +134,7 @@ def plot_stages(stages: list[dict[str, Any]], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     have_acc = any(s.get("accuracy") is not None for s in pts)
     markers = "osD^v<>ph*X"
-    for ax, key, label in ((axes[0], "latency_b32_ms", "latency at batch 32 (ms, ORT, 1 thread)"),
+    for ax, key, label in ((axes[0], f"latency_b{batch}_ms", f"latency at batch {batch} (ms, ORT, 1 thread)"),
                            (axes[1], "size_bytes", "ONNX file size (KiB)")):
         shown = [(i, s) for i, s in enumerate(pts) if s.get(key) is not None]
         xs = [s[key] / (1024 if key == "size_bytes" else 1) for _, s in shown]

@@ -132,3 +132,4 @@ def test_a_batch_size_the_latency_budget_cannot_hold_is_reported_as_not_measured
         assert report[side]["latency_ms"]["b1"] > 0 and report[side]["latency_ms"]["b32"] is None
     assert any("batch 32 not measured" in w and "--bench-seconds" in w for w in report["warnings"])
     assert report["exports"]["onnx"]["latency_ms"]["b32"] is None
+    assert (tmp_path / "report.png").exists() and report["stages"][-1]["latency_b1_ms"] > 0  # plotted at batch 1
