@@ -35,7 +35,8 @@ class KDRecovery(Pass):
                                             "1e2 to 1e3)")
     features: list[str] = option([], help=(
         "attention-transfer pairs 'student_feature:teacher_feature' (node names or module paths), "
-        "e.g. ['layer2:layer2']; required by the at* losses"))
+        "e.g. ['layer2:layer2']; empty: the at* losses pair the last feature map of each spatial size the "
+        "student and the teacher share (stats name the pairs)"))
     epochs: int = option(3, ge=1, help="passes over the train data (typical: 1-10)")
     lr: float = option(1e-3, gt=0, help="peak learning rate of a one-cycle schedule (typical: 1e-4 to 3e-3)")
     weight_decay: float = option(0.0, ge=0, help="weight decay (decoupled, as AdamW); 0 turns it off")
@@ -50,8 +51,6 @@ class KDRecovery(Pass):
             if ":" not in f:
                 raise PassError(f"pass '{self.name}': feature {f!r} must be 'student_feature:teacher_feature' "
                                 "(node names or module paths)")
-        if self.loss.startswith("at") and not self.features:
-            raise PassError(f"pass '{self.name}': loss {self.loss!r} needs features=['student:teacher', ...]")
 
     def loss_options(self) -> dict:
         base = self.loss.split("+")[-1]
@@ -90,6 +89,8 @@ class KDRecovery(Pass):
         stats = {"loss": self.loss, "epochs": self.epochs, "best_epoch": result.best_epoch,
                  "final_train_loss": round(result.history[-1]["loss"], 6),
                  "seconds": round(time.perf_counter() - t0, 3)}
+        if result.features:
+            stats["features"] = [f"{s}:{t}" for s, t in result.features]
         if before is not None:
             stats["accuracy_before"] = before
             stats["accuracy_after"] = result.best_metric
