@@ -313,7 +313,7 @@ class _Step:
         for batch in data.epoch(epoch):
             if len(batch[0][0]) < self.world:
                 continue  # every rank needs a sample; all ranks skip the same tiny batch
-            value = self.step(_shard(batch, self.rank, self.world))
+            value = self.step(_shard(batch, self.rank, self.world), len(batch[0][0]))
             loss_sum += value
             n_steps += 1
             bar.update(1)
@@ -333,7 +333,8 @@ class _Step:
         self.history.append(row)
         return row
 
-    def step(self, batch: Batch) -> float:
+    def step(self, batch: Batch, n_global: int) -> float:
+        """One optimizer step on this rank's shard of a global batch of `n_global` samples; the shard's loss."""
         inputs = tuple(t.to(self.device) for t in batch[0])
         target = batch[1].to(self.device) if batch[1] is not None else None
         n_feats = len(self.mods.feats)
@@ -344,7 +345,10 @@ class _Step:
         s_logits, s_feats = _split_out(self.model(*inputs), n_feats)
         value = self.crit(s_logits, t_logits, target, s_feats, t_feats)
         self.opt.zero_grad(set_to_none=True)
-        value.backward()
+        # DDP averages the ranks' gradients; weighting each shard's mean loss by its share of the global batch
+        # makes that average the gradient of the global batch's mean loss, as in one process, also when the
+        # last batch does not split evenly
+        (value * (len(inputs[0]) * self.world / n_global) if self.world > 1 else value).backward()
         if self.world > 1:
             for p in self.loss_params:  # DDP syncs the student; the loss's own params we sync here
                 if p.grad is not None:
