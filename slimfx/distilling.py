@@ -28,12 +28,12 @@ class Settings:
     """How a student is trained. The defaults are the ones benchmarks/distill_sweep.py chose on validation
     accuracy over three teacher/student pairs (docs/distillation.md has the table)."""
 
-    loss: str = "logit-std"
-    T: float = 4.0
+    loss: str = "kd"
+    T: float = 2.0
     alpha: float = 0.9
-    beta: float = 1000.0
+    beta: float = 10.0
     epochs: int = 15
-    lr: float = 3e-3
+    lr: float = 1e-2
     batch_size: int = 64
     features: tuple[tuple[str, str], ...] = ()
 
