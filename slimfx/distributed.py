@@ -1,4 +1,4 @@
-"""torchrun for the commands: `torchrun --nproc_per_node=N slimfx distill ...` makes one data-parallel job.
+"""torchrun for the commands: `torchrun --nproc_per_node=N -m slimfx distill ...` makes one data-parallel job.
 
 torchrun starts N copies of the command with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set. `Ranks.from_env()`
 joins them into one process group (gloo: the commands train on the CPU); the trainer then wraps the student in
@@ -43,8 +43,9 @@ class Ranks:
             return cls(dist.get_rank(), dist.get_world_size())
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
         if missing:
-            raise SlimfxError(f"WORLD_SIZE={world} but {' and '.join(missing)} is not set: start the ranks with "
-                              "`torchrun --nproc_per_node=N slimfx ...`, or unset WORLD_SIZE for one process")
+            raise SlimfxError(f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                              "not set: start the ranks with "
+                              "`torchrun --nproc_per_node=N -m slimfx ...`, or unset WORLD_SIZE for one process")
         dist.init_process_group("gloo", rank=rank, world_size=world)
         return cls(rank, world, owns_group=True)
 

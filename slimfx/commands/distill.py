@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                           "and STUDENT are each a zoo name, 'package.module:callable', "
                                           "'path/to/file.py:callable' or a saved 'model.slimfx' (a zoo student "
                                           "is built untrained; a callable may return the module alone). Under "
-                                          "`torchrun --nproc_per_node=N slimfx distill ...` the N processes "
+                                          "`torchrun --nproc_per_node=N -m slimfx distill ...` the N processes "
                                           f"train one data-parallel job and rank 0 writes. {IMPORT_NOTE}")
     p.add_argument("model", metavar="MODEL", help="teacher: zoo name, package.module:callable or file.py:callable")
     p.add_argument("--student", required=True,

@@ -142,3 +142,13 @@ def test_torchrun_two_ranks_are_one_job_equal_to_one_process(project):
     for h1, h2 in zip(r1["student"]["history"], r2["student"]["history"], strict=True):
         assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-5) and h2["accuracy"] == h1["accuracy"]
     assert r2["student"]["test_accuracy"] == r1["student"]["test_accuracy"]
+
+
+def test_a_world_size_without_torchrun_is_a_user_error(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for var in ("MASTER_ADDR", "MASTER_PORT", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(["distill", "digits_cnn", "--student", "student.py:make", "--data", "data.py:make_data"]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE=2 but MASTER_ADDR and MASTER_PORT are not set" in err and "torchrun --nproc_per_node=N" in err
