@@ -1,6 +1,13 @@
 """Knowledge distillation: losses, feature taps, the trainer, and the KD-recovery and subgraph-swap passes."""
 
-from slimfx.passes.distill.features import as_graph, check_pairs, resolve_feature, with_features
+from slimfx.passes.distill.features import (
+    as_graph,
+    auto_pairs,
+    check_pairs,
+    resolve_feature,
+    stage_ends,
+    with_features,
+)
 from slimfx.passes.distill.losses import (
     LOSS_NAMES,
     AttentionTransferLoss,
@@ -20,7 +27,7 @@ from slimfx.passes.distill.trainer import DistillResult, TrainData, distill
 __all__ = [
     "LOSS_NAMES", "AttentionTransferLoss", "CELoss", "CombinedLoss", "CTKDLoss", "DistillLoss", "KDLoss",
     "LogitStdKDLoss", "MSELoss", "attention_map", "grad_reverse", "make_loss",
-    "as_graph", "check_pairs", "resolve_feature", "with_features",
+    "as_graph", "auto_pairs", "check_pairs", "resolve_feature", "stage_ends", "with_features",
     "DistillResult", "TrainData", "distill",
 ]
 

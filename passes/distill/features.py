@@ -7,6 +7,7 @@ Hooks would be dropped by TorchScript and break under torch.compile; extra outpu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -77,6 +78,40 @@ def check_pairs(student: Graph, teacher: Graph, pairs: Sequence[tuple[str, str]]
                             "same H x W (e.g. the ends of corresponding stages)")
         out.append((s, t))
     return out
+
+
+def stage_ends(graph: Graph) -> dict[tuple[int, ...], Node]:
+    """The last node (graph order) of each spatial size: {(H, W): node} over float feature maps [B, C, H, W...].
+
+    These are the ends of the network's stages (the value handed to the next resolution). Graph inputs and
+    1 x 1 maps (after global pooling: an attention map of one pixel carries nothing) are left out.
+    """
+    ends: dict[tuple[int, ...], Node] = {}
+    for n in graph:
+        meta = n.meta
+        if n.op in ("input", "output") or not isinstance(meta, ir.TensorMeta) or len(meta.shape) < 3:
+            continue
+        if not meta.dtype.is_floating_point or math.prod(meta.shape[2:]) <= 1:
+            continue
+        size = tuple(meta.shape[2:])
+        ends.pop(size, None)  # re-inserted: the dict keeps the order in which the stages end
+        ends[size] = n
+    return ends
+
+
+def auto_pairs(student: Graph, teacher: Graph) -> list[tuple[str, str]]:
+    """Attention-transfer pairs chosen by spatial size: for every H x W that both networks have, the student's
+    last feature map of that size with the teacher's (node names, in the order the stages end)."""
+    s_ends, t_ends = stage_ends(student), stage_ends(teacher)
+    pairs = [(s_ends[size].name, t_ends[size].name) for size in s_ends if size in t_ends]
+    if not pairs:
+        def sizes(ends: dict) -> str:
+            return ", ".join("x".join(map(str, k)) for k in ends) or "none"
+        raise PassError(f"attention transfer found no feature maps of the same spatial size in the student "
+                        f"(sizes {sizes(s_ends)}) and the teacher (sizes {sizes(t_ends)}); name pairs "
+                        "yourself (features / --features student_feature:teacher_feature), or use a logit loss "
+                        "(kd, logit-std) without attention transfer")
+    return pairs
 
 
 class LogitsOnly(nn.Module):

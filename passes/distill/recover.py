@@ -1,7 +1,9 @@
 """The `distill` pass (alias `kd-finetune`): recover a compressed graph's accuracy by KD from the original.
 
 Used after pruning: the current graph is the student, `ctx.teacher` (the original model, nn.Module or
-ir.Graph) the teacher, `ctx.train_data` the data. Trains the graph's params in place; the structure does
+ir.Graph) the teacher, `ctx.train_data` the data. loss, T, alpha and beta default to what
+benchmarks/distill_sweep.py chose for `slimfx distill`; epochs and lr stay a fine-tune's (the graph starts
+from trained weights, the sweep's students from scratch). Trains the graph's params in place; the structure does
 not change, so every later pass and exporter sees an ordinary graph.
 """
 
@@ -27,15 +29,17 @@ class KDRecovery(Pass):
         "ce: labels only (no teacher); mse: match the teacher's logits; kd: Hinton's KD, (1-alpha)*CE + "
         "alpha*T^2*KL at temperature T; ctkd: KD with a learned temperature; logit-std: KD on z-scored logits; "
         "at, at+kd, at+ctkd, at+logit-std: attention transfer on `features` plus CE or that logit loss"))
-    T: float = option(4.0, gt=0, help="KD temperature softening both distributions (typical: 2-8); the "
-                                      "starting temperature for ctkd, which needs it between 1 and 20")
+    T: float = option(2.0, gt=0, help="KD temperature softening both distributions (typical: 2-8; 2 won the "
+                                      "sweep in docs/distillation.md); the starting temperature for ctkd, which "
+                                      "needs it between 1 and 20")
     alpha: float = option(0.9, ge=0, le=1, help="weight of the teacher (soft) term; 1 - alpha weighs the "
                                                 "labels (kd, ctkd, logit-std)")
-    beta: float = option(1000.0, ge=0, help="weight of the attention-transfer term (at* losses; typical: "
-                                            "1e2 to 1e3)")
+    beta: float = option(10.0, ge=0, help="weight of the attention-transfer term (at* losses); the paper's "
+                                          "1e3 wrecks small students, 10 and 100 tied in the sweep")
     features: list[str] = option([], help=(
         "attention-transfer pairs 'student_feature:teacher_feature' (node names or module paths), "
-        "e.g. ['layer2:layer2']; required by the at* losses"))
+        "e.g. ['layer2:layer2']; empty: the at* losses pair the last feature map of each spatial size the "
+        "student and the teacher share (stats name the pairs)"))
     epochs: int = option(3, ge=1, help="passes over the train data (typical: 1-10)")
     lr: float = option(1e-3, gt=0, help="peak learning rate of a one-cycle schedule (typical: 1e-4 to 3e-3)")
     weight_decay: float = option(0.0, ge=0, help="weight decay (decoupled, as AdamW); 0 turns it off")
@@ -50,8 +54,6 @@ class KDRecovery(Pass):
             if ":" not in f:
                 raise PassError(f"pass '{self.name}': feature {f!r} must be 'student_feature:teacher_feature' "
                                 "(node names or module paths)")
-        if self.loss.startswith("at") and not self.features:
-            raise PassError(f"pass '{self.name}': loss {self.loss!r} needs features=['student:teacher', ...]")
 
     def loss_options(self) -> dict:
         base = self.loss.split("+")[-1]
@@ -90,6 +92,8 @@ class KDRecovery(Pass):
         stats = {"loss": self.loss, "epochs": self.epochs, "best_epoch": result.best_epoch,
                  "final_train_loss": round(result.history[-1]["loss"], 6),
                  "seconds": round(time.perf_counter() - t0, 3)}
+        if result.features:
+            stats["features"] = [f"{s}:{t}" for s, t in result.features]
         if before is not None:
             stats["accuracy_before"] = before
             stats["accuracy_after"] = result.best_metric

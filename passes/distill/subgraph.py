@@ -385,69 +385,14 @@ class DistillSubgraph(Pass):
         scope = self.module or _common_path(sel)
         teacher_block = extract(graph, sel, inp, out)
         original = graph.copy()
-
-        # Block inputs and outputs on the calibration data, read as extra graph outputs.
-        tap = graph.copy()
-        tap.set_outputs((tap.node(inp.name), tap.node(out.name)))
-        tap_mod = ir.lower(tap).eval()
-        xs, ys, n = [], [], 0
-        with torch.no_grad():
-            for batch in self._inputs(ctx):
-                a, b = tap_mod(*batch)
-                xs.append(a)
-                ys.append(b)
-                n += len(a)
-                if n >= self.max_samples:
-                    break
-        X, Y = torch.cat(xs)[: self.max_samples], torch.cat(ys)[: self.max_samples]
-        n_hold = int(len(X) * self.holdout) if len(X) * self.holdout >= 16 else 0
-        X_tr, X_ho, Y_ho = X[: len(X) - n_hold], X[len(X) - n_hold:], Y[len(Y) - n_hold:]
-        if not n_hold:
-            X_ho, Y_ho = X_tr, Y[: len(X_tr)]
-
+        X_tr, (X_ho, Y_ho), n_hold, example = self._record(graph, inp, out, ctx)
         teacher_mod = ir.lower(teacher_block).eval()
-        example = X[: inp.meta.shape[0]] if len(X) >= inp.meta.shape[0] else torch.randn(inp.meta.shape)
-        custom: nn.Module | None = None
-        if self.student:
-            custom = _load_callable(self.student)(teacher_mod, example)
-            if not isinstance(custom, nn.Module):
-                raise PassError(f"distill-subgraph: student={self.student!r} returned {type(custom).__name__}, "
-                                "not an nn.Module")
-            student_obj: nn.Module | Graph = custom
-            changes = {"custom": self.student}
-        else:
-            block = teacher_block.copy()
-            changes = {}
-            if self.depth:
-                changes["blocks_removed"] = reduce_depth(block, scope, self.depth)
-            if self.width < 1.0:
-                changes["layers_narrowed"] = reduce_width(block, self.width)
-            if self.low_rank:
-                changes["layers_factorized"] = factorize(block, self.low_rank)
-            if not any(changes.values()):
-                raise PassError(f"distill-subgraph: nothing in the block {scope or sel[0].name} could be shrunk with "
-                                f"width={self.width}, low_rank={self.low_rank}, depth={self.depth}")
-            ir.propagate_shapes(block, example)
-            ir.verify(block)
-            student_obj = block
-
+        student_obj, changes = self._student(teacher_block, teacher_mod, example, scope, sel)
         res = distill(teacher_mod, student_obj, (X_tr, None), loss="mse", epochs=self.epochs, lr=self.lr,
                       batch_size=self.batch_size, example_inputs=(example,), seed=ctx.seed, quiet=ctx.quiet,
                       logger=ctx.logger)
-        student_mod = res.module.eval()
-        with torch.no_grad():
-            pred = torch.cat([student_mod(X_ho[i:i + 256]) for i in range(0, len(X_ho), 256)])
-        mse = float(torch.mean((pred - Y_ho) ** 2))
-        rel = float((pred - Y_ho).norm() / Y_ho.norm().clamp_min(1e-12))
-
-        if custom is not None:
-            s_graph = ir.capture(custom.eval(), (example,))
-            for nd in s_graph:  # a captured eval-mode batch norm should follow the graph's mode, as the block's did
-                if nd.op == "batch_norm" and nd.attrs.get("training") is False:
-                    nd.attrs = {**nd.attrs, "training": None}
-            prefix = f"{scope}." if scope else "distilled."
-        else:
-            s_graph, prefix = student_obj, ""  # type: ignore[assignment]
+        mse, rel = _block_error(res.module.eval(), X_ho, Y_ho)
+        s_graph, prefix = self._student_graph(student_obj, example, scope)
         params_before, macs_before = ir.count_params(graph), ir.count_macs(graph)
         splice(graph, sel, inp, out, s_graph, prefix)
         ir.verify(graph)
@@ -468,6 +413,70 @@ class DistillSubgraph(Pass):
         stats["top1_agreement_calib"] = _agreement(original, graph, self._inputs(ctx)[:64])
         stats["seconds"] = round(time.perf_counter() - t0, 3)
         return PassResult(changed=True, stats=stats)
+
+    def _record(self, graph: Graph, inp: Node, out: Node, ctx: PassContext):
+        """The block's inputs and outputs on the calibration data, read as extra graph outputs:
+        (train inputs, (held-out inputs, held-out outputs), number held out, an example input)."""
+        tap = graph.copy()
+        tap.set_outputs((tap.node(inp.name), tap.node(out.name)))
+        tap_mod = ir.lower(tap).eval()
+        xs, ys, n = [], [], 0
+        with torch.no_grad():
+            for batch in self._inputs(ctx):
+                a, b = tap_mod(*batch)
+                xs.append(a)
+                ys.append(b)
+                n += len(a)
+                if n >= self.max_samples:
+                    break
+        X, Y = torch.cat(xs)[: self.max_samples], torch.cat(ys)[: self.max_samples]
+        n_hold = int(len(X) * self.holdout) if len(X) * self.holdout >= 16 else 0
+        X_tr, X_ho, Y_ho = X[: len(X) - n_hold], X[len(X) - n_hold:], Y[len(Y) - n_hold:]
+        if not n_hold:
+            X_ho, Y_ho = X_tr, Y[: len(X_tr)]
+        example = X[: inp.meta.shape[0]] if len(X) >= inp.meta.shape[0] else torch.randn(inp.meta.shape)
+        return X_tr, (X_ho, Y_ho), n_hold, example
+
+    def _student(self, teacher_block: Graph, teacher_mod: nn.Module, example: torch.Tensor, scope: str,
+                 sel: list[Node]) -> tuple[nn.Module | Graph, dict]:
+        """The student block (a user module, or a shrunk copy of the block's graph) and what was changed."""
+        if self.student:
+            custom = _load_callable(self.student)(teacher_mod, example)
+            if not isinstance(custom, nn.Module):
+                raise PassError(f"distill-subgraph: student={self.student!r} returned {type(custom).__name__}, "
+                                "not an nn.Module")
+            return custom, {"custom": self.student}
+        block = teacher_block.copy()
+        changes = {}
+        if self.depth:
+            changes["blocks_removed"] = reduce_depth(block, scope, self.depth)
+        if self.width < 1.0:
+            changes["layers_narrowed"] = reduce_width(block, self.width)
+        if self.low_rank:
+            changes["layers_factorized"] = factorize(block, self.low_rank)
+        if not any(changes.values()):
+            raise PassError(f"distill-subgraph: nothing in the block {scope or sel[0].name} could be shrunk with "
+                            f"width={self.width}, low_rank={self.low_rank}, depth={self.depth}")
+        ir.propagate_shapes(block, example)
+        ir.verify(block)
+        return block, changes
+
+    def _student_graph(self, student: nn.Module | Graph, example: torch.Tensor, scope: str) -> tuple[Graph, str]:
+        """The trained student as a graph to splice in, and the prefix of its param names."""
+        if isinstance(student, Graph):
+            return student, ""
+        s_graph = ir.capture(student.eval(), (example,))
+        for nd in s_graph:  # a captured eval-mode batch norm should follow the graph's mode, as the block's did
+            if nd.op == "batch_norm" and nd.attrs.get("training") is False:
+                nd.attrs = {**nd.attrs, "training": None}
+        return s_graph, f"{scope}." if scope else "distilled."
+
+
+@torch.no_grad()
+def _block_error(student: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> tuple[float, float]:
+    """(MSE, relative L2 error) of the student block's outputs against the teacher block's."""
+    pred = torch.cat([student(X[i:i + 256]) for i in range(0, len(X), 256)])
+    return float(torch.mean((pred - Y) ** 2)), float((pred - Y).norm() / Y.norm().clamp_min(1e-12))
 
 
 def _common_path(sel: list[Node]) -> str:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from slimfx import ir
 from slimfx.ir import Graph
 from slimfx.ir.errors import PassError
-from slimfx.passes.distill.features import LogitsOnly, as_graph, check_pairs, with_features
+from slimfx.passes.distill.features import LogitsOnly, as_graph, auto_pairs, check_pairs, with_features
 from slimfx.passes.distill.losses import DistillLoss, make_loss
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]
@@ -44,6 +44,7 @@ class DistillResult:
     best_epoch: int = -1
     best_metric: float | None = None
     metric_name: str = "loss"
+    features: list[tuple[str, str]] = field(default_factory=list)  # the attention-transfer pairs used
 
 
 # --- data --------------------------------------------------------------------------------------------
@@ -167,18 +168,14 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
 
     loss: a name for make_loss (ce, kd, ctkd, logit-std, at, at+kd, at+ctkd, at+logit-std) or a DistillLoss.
     features: (student_feature, teacher_feature) name pairs for attention transfer (node names or module
-    paths). eval_fn(module) -> accuracy picks the best epoch (else the lowest mean training loss) and the
-    best weights are restored when keep_best. Deterministic for a seed; DDP-aware (see module docstring).
+    paths); none given with an attention-transfer loss: paired automatically by spatial size (the last
+    feature map of each resolution the two share, see features.auto_pairs), and result.features says which.
+    eval_fn(module) -> accuracy (on validation data, never test) picks the best epoch (else the lowest mean
+    training loss) and the best weights are restored when keep_best. Deterministic for a seed; DDP-aware
+    (see module docstring).
     """
     logger = logger or log
-    crit = make_loss(loss, **(loss_options or {})) if isinstance(loss, str) else loss
-    if not isinstance(crit, DistillLoss):
-        raise PassError(f"loss must be a name or a DistillLoss, got {type(crit).__name__}")
-    if crit.uses_features and not features:
-        raise PassError("this loss uses attention transfer: give features=[(student_feature, teacher_feature), ...]"
-                        " naming nodes or module paths of the student and the teacher")
-    if crit.uses_teacher and teacher is None:
-        raise PassError("this distillation loss needs a teacher; pass the original model, or use loss='ce'")
+    crit = _criterion(loss, loss_options, teacher)
     if epochs < 1:
         raise PassError(f"epochs must be >= 1, got {epochs}")
     try:
@@ -186,19 +183,82 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
     except PassError as e:
         raise PassError(f"{desc}: {e}") from e
     rank, world = dist_info()
-    feats = list(features) if crit.uses_features else []
     example = tuple(example_inputs) if example_inputs else data.first_inputs()
+    mods = _modules(teacher, student, crit, features, example)
+    crit.set_progress(0, epochs)
+    opt, sched, params, loss_params = _optimizer(mods.runner, crit, optimizer, lr, weight_decay, schedule,
+                                                 epochs * len(data))
+    step = _Step(mods, crit, opt, sched, params, loss_params, grad_clip, rank, world)
+    best = _Best(keep_best, eval_fn is not None)
+    show = not quiet and rank == 0 and sys.stderr.isatty()
+    bar = tqdm(total=epochs * len(data), disable=not show, desc=desc, leave=False)
+    if include_start and eval_fn is not None and keep_best:
+        acc = _evaluate(eval_fn, mods.eval_module, rank, world)
+        best.offer(acc, -1, mods.runner)
+        step.history.append({"epoch": 0, "accuracy": acc})
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + rank)
+            for epoch in range(epochs):
+                row = step.epoch(data, epoch, epochs, bar, desc)
+                metric = -row["loss"]
+                if eval_fn is not None:
+                    metric = row["accuracy"] = _evaluate(eval_fn, mods.eval_module, rank, world)
+                logger.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
+                            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+                best.offer(metric, epoch, mods.runner)
+    finally:
+        bar.close()
+        mods.runner.eval()
+        if mods.teacher is not None:
+            mods.teacher.train(mods.teacher_was_training)
+    if best.restore(mods.runner, epochs):
+        logger.info("%s: restored the best epoch %d (%s=%.4g)", desc, best.epoch + 1, best.name,
+                    best.reported())
+    return DistillResult(student, _finish(student, mods), step.history, best.epoch + 1, best.reported(),
+                         best.name, list(mods.feats))
 
-    # The module we train: the student itself, or a lowered graph copy with feature outputs.
+
+def _criterion(loss: str | DistillLoss, loss_options: dict[str, Any] | None, teacher: Any) -> DistillLoss:
+    crit = make_loss(loss, **(loss_options or {})) if isinstance(loss, str) else loss
+    if not isinstance(crit, DistillLoss):
+        raise PassError(f"loss must be a name or a DistillLoss, got {type(crit).__name__}")
+    if crit.uses_teacher and teacher is None:
+        raise PassError("this distillation loss needs a teacher; pass the original model, or use loss='ce'")
+    return crit
+
+
+@dataclass
+class _Modules:
+    """What the loop runs: `runner` is trained (the student, or a lowered graph copy with feature outputs),
+    `teacher` gives the targets (None for teacher-free losses), `feats` the attention-transfer pairs used."""
+
+    runner: nn.Module
+    teacher: nn.Module | None
+    feats: list[tuple[str, str]]
+    via_graph: bool
+    teacher_was_training: bool = False
+
+    @property
+    def eval_module(self) -> nn.Module:
+        return LogitsOnly(self.runner) if self.feats else self.runner
+
+
+def _modules(teacher: nn.Module | Graph | None, student: nn.Module | Graph, crit: DistillLoss,
+             features: FeaturePairs, example: tuple) -> _Modules:
+    feats: list[tuple[str, str]] = []
+    t_graph = None
+    if crit.uses_features:
+        if teacher is None:
+            raise PassError("attention transfer reads the teacher's feature maps; give a teacher")
+        s_graph, t_graph = as_graph(student, example), as_graph(teacher, example)
+        feats = [tuple(p) for p in features] if features else auto_pairs(s_graph, t_graph)  # type: ignore[misc]
+        check_pairs(s_graph, t_graph, feats)
     via_graph = isinstance(student, Graph) or bool(feats)
     if via_graph:
         s_graph = as_graph(student, example)
-        t_graph = as_graph(teacher, example) if feats else None
-        if feats:
-            check_pairs(s_graph, t_graph, feats)  # type: ignore[arg-type]
         runner = ir.lower(with_features(s_graph, [s for s, _ in feats], role="student"))
     else:
-        s_graph = None
         runner = student  # type: ignore[assignment]
     t_module: nn.Module | None = None
     if crit.uses_teacher:
@@ -206,22 +266,19 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
             t_module = ir.lower(with_features(t_graph, [t for _, t in feats], role="teacher"))  # type: ignore[arg-type]
         else:
             t_module = ir.lower(teacher) if isinstance(teacher, Graph) else teacher
-    if isinstance(crit, nn.Module):
-        crit.set_progress(0, epochs)
-    device = next((p.device for p in runner.parameters()), torch.device("cpu"))
-    teacher_was_training = t_module.training if t_module is not None else False
+    mods = _Modules(runner, t_module, feats, via_graph)
     if t_module is not None:
+        mods.teacher_was_training = t_module.training
         t_module.eval()
+    return mods
 
-    model: nn.Module = runner
-    if world > 1:
-        ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(runner, **ddp_kw)
+
+def _optimizer(runner: nn.Module, crit: DistillLoss, optimizer: Optimizer | Callable, lr: float,
+               weight_decay: float, schedule: str, total: int):
+    """(optimizer, scheduler or None, every trained param, the loss's own params)."""
     loss_params = [p for p in crit.parameters() if p.requires_grad]
     params = [p for p in runner.parameters() if p.requires_grad] + loss_params
     opt = _make_optimizer(optimizer, params, lr, weight_decay)
-    steps_per_epoch = max(len(data), 1)
-    total = epochs * steps_per_epoch
     if schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
                                                     total_steps=total + 1, pct_start=0.1)
@@ -231,101 +288,120 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
         sched = None
     else:
         raise PassError(f"unknown schedule {schedule!r}; use 'onecycle', 'cosine' or 'constant'")
+    return opt, sched, params, loss_params
 
-    eval_module = LogitsOnly(runner) if feats else runner
-    history: list[dict[str, float]] = []
-    best_state: dict[str, torch.Tensor] | None = None
-    best_epoch, best_metric = -1, None
-    metric_name = "accuracy" if eval_fn is not None else "loss"
-    show = not quiet and rank == 0 and sys.stderr.isatty()
-    bar = tqdm(total=total if len(data) else None, disable=not show, desc=desc, leave=False)
-    if include_start and eval_fn is not None and keep_best:
-        best_metric, best_epoch = _evaluate(eval_fn, eval_module, rank, world), -1
-        best_state = {k: v.detach().clone() for k, v in runner.state_dict().items()}
-        history.append({"epoch": 0, "accuracy": best_metric})
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 1000 + rank)
-            for epoch in range(epochs):
-                crit.set_progress(epoch, epochs)
-                model.train()
-                t0, loss_sum, n_steps = time.perf_counter(), 0.0, 0
-                for batch in data.epoch(epoch):
-                    if len(batch[0][0]) < world:
-                        continue  # every rank needs a sample; all ranks skip the same tiny batch
-                    inputs, target = _shard(batch, rank, world)
-                    inputs = tuple(t.to(device) for t in inputs)
-                    target = target.to(device) if target is not None else None
-                    t_logits, t_feats = None, ()
-                    if t_module is not None:
-                        with torch.no_grad():
-                            t_logits, t_feats = _split_out(t_module(*inputs), len(feats))
-                    s_logits, s_feats = _split_out(model(*inputs), len(feats))
-                    value = crit(s_logits, t_logits, target, s_feats, t_feats)
-                    opt.zero_grad(set_to_none=True)
-                    value.backward()
-                    if world > 1:
-                        for p in loss_params:  # DDP syncs the student; the loss's own params we sync here
-                            if p.grad is not None:
-                                dist.all_reduce(p.grad)
-                                p.grad /= world
-                    if grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    opt.step()
-                    if sched is not None:
-                        sched.step()
-                    loss_sum += float(value.detach())
-                    n_steps += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(value.detach()):.4f}", refresh=False)
-                if n_steps == 0:
-                    raise PassError(f"{desc}: the train data gave no batches; training needs at least one batch "
-                                    f"of >= {world} samples")
-                mean_loss = loss_sum / n_steps
-                if world > 1:
-                    _average_buffers(runner, world)
-                    t = torch.tensor([mean_loss], dtype=torch.float64)
-                    dist.all_reduce(t)
-                    mean_loss = float(t) / world
-                row: dict[str, float] = {"epoch": epoch + 1, "loss": mean_loss,
-                                         "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-                row.update(crit.metrics())
-                metric = -mean_loss
-                if eval_fn is not None:
-                    acc = _evaluate(eval_fn, eval_module, rank, world)
-                    row["accuracy"] = acc
-                    metric = acc
-                history.append(row)
-                logger.info("%s epoch %d/%d: %s", desc, epoch + 1, epochs,
-                            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-                if keep_best and (best_metric is None or metric > best_metric):
-                    best_metric, best_epoch = metric, epoch
-                    best_state = {k: v.detach().clone() for k, v in runner.state_dict().items()}
-    finally:
-        bar.close()
-        runner.eval()
-        if t_module is not None:
-            t_module.train(teacher_was_training)
-    if keep_best and best_state is not None and best_epoch != epochs - 1:
-        runner.load_state_dict(best_state)
-        logger.info("%s: restored the best epoch %d (%s=%.4g)", desc, best_epoch + 1, metric_name,
-                    best_metric if eval_fn else -best_metric)  # type: ignore[operator]
-    if best_metric is not None and eval_fn is None:
-        best_metric = -best_metric
 
+class _Step:
+    """One epoch of optimizer steps over the (sharded) global batches; keeps the history rows."""
+
+    def __init__(self, mods: _Modules, crit: DistillLoss, opt, sched, params: list, loss_params: list,
+                 grad_clip: float | None, rank: int, world: int) -> None:
+        self.mods, self.crit, self.opt, self.sched = mods, crit, opt, sched
+        self.params, self.loss_params, self.grad_clip, self.rank, self.world = (params, loss_params, grad_clip,
+                                                                                rank, world)
+        self.device = next((p.device for p in mods.runner.parameters()), torch.device("cpu"))
+        self.model: nn.Module = mods.runner
+        if world > 1:
+            ddp_kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.model = nn.parallel.DistributedDataParallel(mods.runner, **ddp_kw)
+        self.history: list[dict[str, float]] = []
+
+    def epoch(self, data: TrainData, epoch: int, epochs: int, bar, desc: str) -> dict[str, float]:
+        self.crit.set_progress(epoch, epochs)
+        self.model.train()
+        t0, loss_sum, n_steps = time.perf_counter(), 0.0, 0
+        for batch in data.epoch(epoch):
+            if len(batch[0][0]) < self.world:
+                continue  # every rank needs a sample; all ranks skip the same tiny batch
+            value = self.step(_shard(batch, self.rank, self.world), len(batch[0][0]))
+            loss_sum += value
+            n_steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        if n_steps == 0:
+            raise PassError(f"{desc}: the train data gave no batches; training needs at least one batch "
+                            f"of >= {self.world} samples")
+        mean_loss = loss_sum / n_steps
+        if self.world > 1:
+            _average_buffers(self.mods.runner, self.world)
+            t = torch.tensor([mean_loss], dtype=torch.float64)
+            dist.all_reduce(t)
+            mean_loss = float(t) / self.world
+        row: dict[str, float] = {"epoch": epoch + 1, "loss": mean_loss, "lr": self.opt.param_groups[0]["lr"],
+                                 "seconds": time.perf_counter() - t0}
+        row.update(self.crit.metrics())
+        self.history.append(row)
+        return row
+
+    def step(self, batch: Batch, n_global: int) -> float:
+        """One optimizer step on this rank's shard of a global batch of `n_global` samples; the shard's loss."""
+        inputs = tuple(t.to(self.device) for t in batch[0])
+        target = batch[1].to(self.device) if batch[1] is not None else None
+        n_feats = len(self.mods.feats)
+        t_logits, t_feats = None, ()
+        if self.mods.teacher is not None:
+            with torch.no_grad():
+                t_logits, t_feats = _split_out(self.mods.teacher(*inputs), n_feats)
+        s_logits, s_feats = _split_out(self.model(*inputs), n_feats)
+        value = self.crit(s_logits, t_logits, target, s_feats, t_feats)
+        self.opt.zero_grad(set_to_none=True)
+        # DDP averages the ranks' gradients; weighting each shard's mean loss by its share of the global batch
+        # makes that average the gradient of the global batch's mean loss, as in one process, also when the
+        # last batch does not split evenly
+        (value * (len(inputs[0]) * self.world / n_global) if self.world > 1 else value).backward()
+        if self.world > 1:
+            for p in self.loss_params:  # DDP syncs the student; the loss's own params we sync here
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        return float(value.detach())
+
+
+class _Best:
+    """The best epoch so far by a metric where higher is better (accuracy, or minus the training loss)."""
+
+    def __init__(self, keep: bool, accuracy: bool) -> None:
+        self.keep, self.accuracy = keep, accuracy
+        self.name = "accuracy" if accuracy else "loss"
+        self.epoch, self.metric = -1, None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, metric: float, epoch: int, runner: nn.Module) -> None:
+        if self.keep and (self.metric is None or metric > self.metric):
+            self.metric, self.epoch = metric, epoch
+            self.state = {k: v.detach().clone() for k, v in runner.state_dict().items()}
+
+    def restore(self, runner: nn.Module, epochs: int) -> bool:
+        """Load the best weights unless the last epoch was the best; True when it loaded them."""
+        if self.keep and self.state is not None and self.epoch != epochs - 1:
+            runner.load_state_dict(self.state)
+            return True
+        return False
+
+    def reported(self) -> float | None:
+        if self.metric is None:
+            return None
+        return self.metric if self.accuracy else -self.metric
+
+
+def _finish(student: nn.Module | Graph, mods: _Modules) -> nn.Module:
+    """The trained student as a module; a graph copy's weights written back to the object given."""
+    if not mods.via_graph:
+        return mods.runner
+    trained = dict(mods.runner.state_dict())
     module: nn.Module
-    if via_graph:
-        trained = dict(runner.state_dict())
-        if isinstance(student, Graph):
-            _write_back_graph(student, trained)
-            module = ir.lower(student)
-        else:
-            _write_back_module(student, trained)
-            module = student
-        module.eval()
+    if isinstance(student, Graph):
+        _write_back_graph(student, trained)
+        module = ir.lower(student)
     else:
-        module = runner
-    return DistillResult(student, module, history, best_epoch + 1, best_metric, metric_name)
+        _write_back_module(student, trained)
+        module = student
+    return module.eval()
 
 
 def _average_buffers(module: nn.Module, world: int) -> None:

@@ -1,14 +1,21 @@
 """`slimfx distill TEACHER --student S`: whole-model knowledge distillation of a zoo or user model.
 
-Teacher and student go through the same loader as every MODEL argument (slimfx.loading.resolve_model)."""
+Teacher and student go through the same loader as every MODEL argument (slimfx.loading.resolve_model); the job
+itself is slimfx.distilling (shared with benchmarks/distill_sweep.py, which chose the defaults). Under
+`torchrun --nproc_per_node=N` the ranks train one DistributedDataParallel job and rank 0 alone prints and writes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+from pathlib import Path
 
 import torch
 
 from slimfx.commands import _args
+from slimfx.distilling import DEFAULTS, Arm, Settings
 from slimfx.ir.errors import SlimfxError
 from slimfx.loading import IMPORT_NOTE, resolve_model
 from slimfx.passes.distill.losses import LOSS_NAMES
@@ -16,33 +23,55 @@ from slimfx.passes.distill.losses import LOSS_NAMES
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("distill", help="distil a (trained) teacher model into a smaller student",
-                              description="Train STUDENT to imitate MODEL on MODEL's dataset with a distillation "
-                                          "loss; prints teacher and student accuracy. MODEL and STUDENT are each "
-                                          "a zoo name, 'package.module:callable' or 'path/to/file.py:callable' "
-                                          "(a zoo student is built untrained; a callable may return the module "
-                                          f"alone). {IMPORT_NOTE}")
+                              description="Train STUDENT to imitate MODEL on MODEL's dataset (or --data) with a "
+                                          "distillation loss; prints teacher and student accuracy, and with "
+                                          "--baseline the same student trained from scratch. The best epoch is "
+                                          "chosen on the validation split, accuracy is reported on test. MODEL "
+                                          "and STUDENT are each a zoo name, 'package.module:callable', "
+                                          "'path/to/file.py:callable' or a saved 'model.slimfx' (a zoo student "
+                                          "is built untrained; a callable may return the module alone). Under "
+                                          "`torchrun --nproc_per_node=N -m slimfx distill ...` the N processes "
+                                          f"train one data-parallel job and rank 0 writes. {IMPORT_NOTE}")
     p.add_argument("model", metavar="MODEL", help="teacher: zoo name, package.module:callable or file.py:callable")
     p.add_argument("--student", required=True,
-                   help="student: zoo name, package.module:callable or file.py:callable (built untrained)")
-    p.add_argument("--loss", default="kd", choices=LOSS_NAMES, metavar="LOSS", help=" | ".join(LOSS_NAMES))
+                   help="student: zoo name, package.module:callable, file.py:callable or model.slimfx (built "
+                        "untrained)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train the same student from scratch (labels only) with the same epochs, learning "
+                        "rate and batches, and report both side by side")
+    p.add_argument("--loss", default=DEFAULTS.loss, choices=LOSS_NAMES, metavar="LOSS",
+                   help=f"{' | '.join(LOSS_NAMES)} (default {DEFAULTS.loss}; see docs/distillation.md)")
     p.add_argument("--features", nargs="*", default=[], metavar="S:T", type=_feature_pair,
-                   help="attention-transfer pairs 'student_feature:teacher_feature' (node names or module paths)")
-    p.add_argument("--epochs", type=_args.count("the number of epochs", 1, 100_000), default=10)
-    p.add_argument("--lr", type=_args.number("the learning rate", 0.0, lo_open=True), default=3e-3)
-    p.add_argument("--batch-size", type=_args.count("the batch size", 1, _args.BATCH_MAX), default=64)
-    p.add_argument("--T", type=_args.number("the temperature", 0.0, lo_open=True), default=4.0,
-                   help="KD temperature")
-    p.add_argument("--alpha", type=_args.number("alpha", 0.0, 1.0), default=0.9,
-                   help="weight of the soft (teacher) term, from 0 to 1")
+                   help="attention-transfer pairs 'student_feature:teacher_feature' (node names or module paths); "
+                        "default for the at* losses: the last feature map of each spatial size both models share")
+    p.add_argument("--epochs", type=_args.count("the number of epochs", 1, 100_000), default=DEFAULTS.epochs,
+                   help=f"default {DEFAULTS.epochs}")
+    p.add_argument("--lr", type=_args.number("the learning rate", 0.0, lo_open=True), default=DEFAULTS.lr,
+                   help=f"peak learning rate of the one-cycle schedule (default {DEFAULTS.lr:g})")
+    p.add_argument("--batch-size", type=_args.count("the batch size", 1, _args.BATCH_MAX),
+                   default=DEFAULTS.batch_size)
+    p.add_argument("--T", type=_args.number("the temperature", 0.0, lo_open=True), default=DEFAULTS.T,
+                   help=f"KD temperature (default {DEFAULTS.T:g})")
+    p.add_argument("--alpha", type=_args.number("alpha", 0.0, 1.0), default=DEFAULTS.alpha,
+                   help=f"weight of the soft (teacher) term, from 0 to 1 (default {DEFAULTS.alpha:g})")
+    p.add_argument("--beta", type=_args.number("beta", 0.0), default=DEFAULTS.beta,
+                   help=f"weight of the attention-transfer term of the at* losses (default {DEFAULTS.beta:g})")
     p.add_argument("--dataset", default=None, help="zoo dataset name (default: the teacher's zoo dataset)")
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="your data instead of a zoo dataset: 'file.py:fn' or 'package.module:fn' returning "
                         "slimfx.Data(train=..., validation=..., test=...); the best epoch is chosen on validation, "
                         "accuracy reported on test")
-    p.add_argument("--seed", type=_args.seed, default=0)
+    p.add_argument("--seed", type=_args.seed, default=0,
+                   help="seeds the student's weights, the batch order and a zoo teacher's training")
+    p.add_argument("--threads", type=_args.threads, default=1,
+                   help="torch threads per process (default 1: fastest for small models, and steady on a busy "
+                        "machine)")
     p.add_argument("--out", type=_args.output_file, default="student.pt",
                    help="where to save the student's state_dict")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", type=_args.output_file, default=None, metavar="FILE",
+                   help="also write the report as JSON: settings, splits, teacher, each student's accuracy per "
+                        "split and per-epoch history")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines; the report only")
     _args.add_plugin_argument(p)
     return p
 
@@ -70,7 +99,7 @@ def _runs_on(role: str, spec: str, module: torch.nn.Module, inputs: tuple, class
 
 
 def _data(args: argparse.Namespace, teacher_spec: str):
-    """(Data, a description, number of classes or None) from --data or the zoo dataset."""
+    """(a function giving the Data afresh, a description, number of classes or None) from --data or the zoo."""
     from slimfx import models
     from slimfx.data import load_data, zoo_data
 
@@ -82,54 +111,124 @@ def _data(args: argparse.Namespace, teacher_spec: str):
         if missing:
             raise SlimfxError(f"--data {args.data}: distillation needs {' and '.join(missing)} data (train to learn "
                               "from, validation to choose the best epoch); give them in the slimfx.Data")
-        return data, f"data {args.data}", None
+        return (lambda: load_data(args.data)), f"data {args.data}", None
     dataset = args.dataset or (models.get(teacher_spec).dataset if ":" not in teacher_spec else None)
     if dataset is None:
         raise SlimfxError(f"teacher {args.model!r} has no bundled dataset: give --data (your data) or --dataset "
                           f"({', '.join(models.dataset_names())})")
     if dataset not in models.dataset_names():
         raise SlimfxError(f"unknown dataset {dataset!r} (--dataset); choose one of {', '.join(models.dataset_names())}")
-    data = zoo_data(dataset, seed=args.seed, batch_size=args.batch_size)
-    return data, f"zoo dataset {dataset}", models.load_dataset(dataset).num_classes
+    return (lambda: zoo_data(dataset, seed=args.seed, batch_size=args.batch_size)), f"zoo dataset {dataset}", \
+        models.load_dataset(dataset).num_classes
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    if args.features and not args.loss.startswith("at"):
+        raise SlimfxError(f"--features names attention-transfer pairs, but --loss {args.loss} has no attention "
+                          "transfer; drop --features or use --loss at+kd (or at, at+ctkd, at+logit-std)")
+    if args.loss == "ctkd" and not 1.0 < args.T < 20.0:
+        raise SlimfxError(f"--loss ctkd starts its learned temperature at --T, which must lie between 1 and 20; "
+                          f"got --T {args.T:g}")
+    if args.json is not None and Path(args.json).resolve() == Path(args.out).resolve():
+        raise SlimfxError(f"--json and --out name the same file {args.out}; give them different paths")
+    return Settings(loss=args.loss, T=args.T, alpha=args.alpha, beta=args.beta, epochs=args.epochs, lr=args.lr,
+                    batch_size=args.batch_size, features=tuple(args.features))
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimfx import models
+    from slimfx import distilling, models
     from slimfx.data import accuracy
-    from slimfx.exporters._common import atomic_path
-    from slimfx.passes.distill import distill
+    from slimfx.distributed import Ranks
 
-    if args.loss.startswith("at") and not args.features:
-        raise SlimfxError(f"--loss {args.loss} uses attention transfer: give --features "
-                          "student_feature:teacher_feature ... (node names or module paths)")
-    teacher_spec = args.model.strip()
-    if ":" not in teacher_spec and teacher_spec not in models.names():
-        resolve_model(teacher_spec)  # an unknown zoo name: raises "unknown model ... (did you mean ...)"
-    data, where, classes = _data(args, teacher_spec)
-    train, validation, test = data.split("train"), data.split("validation"), data.split("test")
-    first_inputs = next(iter(validation))[0]
-    # Everything cheap is checked before the teacher is loaded (a zoo teacher trains on first use).
-    student = resolve_model(args.student, trained=False, seed=args.seed, progress=False, need_inputs=False).module
-    _runs_on("student", args.student, student, first_inputs, classes)
-    teacher = resolve_model(teacher_spec, seed=args.seed, progress=not args.quiet, need_inputs=False)
-    _runs_on("teacher", args.model, teacher.module, first_inputs, classes)
-    loss = args.loss
-    opts = {}
-    if loss.split("+")[-1] in ("kd", "ctkd", "logit-std"):
-        opts.update(T=args.T, alpha=args.alpha)
-    scored = test if test is not None else validation
-    scored_name = "test" if test is not None else "validation (no test data given)"
-    t_acc = accuracy(teacher.module, scored)
+    settings = _settings(args)
+    torch.set_num_threads(args.threads)
+    ranks = Ranks.from_env()
+    logging.basicConfig(level=logging.WARNING if args.quiet or not ranks.main else logging.INFO,
+                        format="%(message)s")
+    with ranks:
+        teacher_spec = args.model.strip()
+        if ":" not in teacher_spec and not teacher_spec.endswith(".slimfx") and teacher_spec not in models.names():
+            resolve_model(teacher_spec)  # an unknown zoo name: raises "unknown model ... (did you mean ...)"
+        make_data, where, classes = _data(args, teacher_spec)
+        data = make_data()
+        first_inputs = next(iter(data.split("validation")))[0]
+
+        def make_student() -> torch.nn.Module:
+            return resolve_model(args.student, trained=False, seed=args.seed, progress=False,
+                                 need_inputs=False).module
+
+        # Everything cheap is checked before the teacher is loaded (a zoo teacher trains on first use).
+        _runs_on("student", args.student, make_student(), first_inputs, classes)
+        teacher = ranks.first(lambda: resolve_model(teacher_spec, seed=args.seed,
+                                                    progress=not args.quiet and ranks.main, need_inputs=False))
+        _runs_on("teacher", args.model, teacher.module, first_inputs, classes)
+        student, arms = distilling.run(teacher.module, make_student, make_data, settings, baseline=args.baseline,
+                                       seed=args.seed, quiet=args.quiet)
+        if not ranks.main:
+            return 0
+        report = _report(args, settings, where, data, teacher, arms, accuracy, ranks.world)
+        _write(args, student, report)
+        print(_format(report))
+    return 0
+
+
+def _count(split) -> int | None:
+    return None if split is None else sum(len(t) if t is not None else len(i[0]) for i, t in split)
+
+
+def _report(args, settings: Settings, where: str, data, teacher, arms: list[Arm], accuracy, world: int) -> dict:
+    validation, test = data.split("validation"), data.split("test")
     n_t = sum(p.numel() for p in teacher.module.parameters())
-    n_s = sum(p.numel() for p in student.parameters())
-    res = distill(teacher.module if loss != "ce" else None, student, train, loss=loss, loss_options=opts,
-                  features=list(args.features), epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                  eval_fn=lambda m: accuracy(m, validation), seed=args.seed, quiet=args.quiet)
-    s_acc = accuracy(student, scored)
+    return {
+        "data": where, "world_size": world, "json": str(args.json) if args.json is not None else None,
+        "splits": {"best_epoch": "validation", "accuracy": "test" if test is not None else None,
+                   "validation_samples": _count(validation), "test_samples": _count(test)},
+        "settings": {"loss": settings.loss, **settings.loss_options(), "epochs": settings.epochs, "lr": settings.lr,
+                     "batch_size": settings.batch_size, "seed": args.seed},
+        "teacher": {"model": args.model, "params": n_t, "validation_accuracy": accuracy(teacher.module, validation),
+                    "test_accuracy": accuracy(teacher.module, test) if test is not None else None},
+        "student": {"model": args.student, "out": str(args.out), **arms[0].as_dict()},
+        **({"baseline": arms[1].as_dict()} if len(arms) > 1 else {}),
+    }
+
+
+def _write(args, student: torch.nn.Module, report: dict) -> None:
+    from slimfx.exporters._common import atomic_path
+
     with atomic_path(args.out) as tmp:
         torch.save(student.state_dict(), tmp)
-    print(f"{where}: best epoch chosen on validation data, accuracy on {scored_name} data")
-    print(f"teacher {teacher.name}: {n_t} params, accuracy {t_acc * 100:.2f}%")
-    print(f"student {args.student}: {n_s} params ({n_s / max(n_t, 1):.2f}x), accuracy {s_acc * 100:.2f}% "
-          f"({args.loss}, best epoch {res.best_epoch}/{args.epochs}) -> {args.out}")
-    return 0
+    if args.json is not None:
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.2f}"
+
+
+def _format(report: dict) -> str:
+    sp = report["splits"]
+    test_note = (f"accuracy on the test split ({sp['test_samples']} samples)" if sp["accuracy"] == "test"
+                 else "no test data given: only validation accuracy (optimistic: it also chose the epoch)")
+    lines = [f"{report['data']}: best epoch chosen on the validation split ({sp['validation_samples']} samples); "
+             f"{test_note}"]
+    t, s = report["teacher"], report["student"]
+    rows = [("", "params", "validation", "test", "best epoch"),
+            (f"teacher {t['model']}", str(t["params"]), _pct(t["validation_accuracy"]), _pct(t["test_accuracy"]), "")]
+    for key, what in (("student", f"distilled ({report['settings']['loss']})"), ("baseline", "from scratch (ce)")):
+        if key in report:
+            a = report[key]
+            rows.append((f"student {s['model']}, {what}", f"{a['params']} ({a['params'] / max(t['params'], 1):.2f}x)",
+                         _pct(a["validation_accuracy"]), _pct(a["test_accuracy"]), f"{a['best_epoch']}/{a['epochs']}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+              for r in rows]
+    if "baseline" in report:
+        b = report["baseline"]
+        split = "test" if sp["accuracy"] == "test" else "validation"
+        gain = (s[f"{split}_accuracy"] - b[f"{split}_accuracy"]) * 100
+        lines.append(f"distillation vs from scratch: {gain:+.2f} pt on {split} (same epochs, lr, batches and seed)")
+    if s["features"]:
+        lines.append(f"attention-transfer pairs (student:teacher): {', '.join(s['features'])}")
+    lines.append(f"wrote {s['out']}" + (f", {report['json']}" if report.get("json") else ""))
+    return "\n".join(lines)

@@ -318,8 +318,10 @@ CASES = [
      "unknown dataset 'digitz'", ["s.pt"]),
     (["distill", "teacher.py:make", "--dataset", "digits", "--student", "teacher.py:make", "--out", "fifo"], 2,
      "fifo exists and is a FIFO", []),
-    (["distill", "teacher.py:make", "--dataset", "digits", "--student", "teacher.py:make", "--loss", "at"], 2,
-     "--loss at uses attention transfer: give --features", []),
+    (["distill", "teacher.py:make", "--dataset", "digits", "--student", "teacher.py:make", "--features", "a:b",
+      "--loss", "kd"], 2, "--features names attention-transfer pairs, but --loss kd has no attention transfer", []),
+    (["distill", "teacher.py:make", "--dataset", "digits", "--student", "teacher.py:make", "--threads", "0"], 2,
+     "argument --threads: invalid value '0'", []),
     (["distill", "teacher.py:make", "--dataset", "digits", "--student", "teacher.py:make", "--loss", "kdd"], 2,
      "argument --loss: invalid choice: 'kdd'", []),
     # --- passes -----------------------------------------------------------------------------------------------
@@ -410,7 +412,7 @@ def test_distill_takes_every_model_spec_as_student(in_work, capsys, student):
     dataset = "digits-flat" if student == "mlp" else "digits"
     assert main(["distill", "teacher.py:make", "--dataset", dataset, "--student", student, "--epochs", "1",
                  "--out", "s.pt", "--quiet", "--loss", "ce"]) == 0
-    assert f"student {student}:" in capsys.readouterr().out
+    assert f"student {student}, distilled (ce)" in capsys.readouterr().out
     assert torch.load(in_work / "s.pt")  # a state_dict
     (in_work / "s.pt").unlink()
 

@@ -96,7 +96,8 @@ def test_distill_takes_the_users_data_and_chooses_the_best_epoch_on_validation(t
     r = _slimfx("distill", "digits_cnn", "--student", "student.py:make", "--data", "data.py:make_data",
                 "--epochs", "2", "--out", "s.pt", "--quiet", cwd=project)
     assert r.returncode == 0, r.stderr
-    assert "data data.py:make_data: best epoch chosen on validation data, accuracy on test data" in r.stdout
+    assert ("data data.py:make_data: best epoch chosen on the validation split (250 samples); accuracy on the test "
+            "split") in r.stdout
     assert (project / "s.pt").is_file()
     r = _slimfx("distill", "digits_cnn", "--student", "student.py:make", "--data", "data.py:make_data",
                 "--dataset", "digits", cwd=project)

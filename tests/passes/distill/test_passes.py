@@ -31,8 +31,8 @@ def test_distill_pass_skips_without_data_and_raises_when_required():
     assert parse_pass_spec("distill").check_context(PassContext(teacher=teacher, train_data=[])) is not None
     with pytest.raises(PassError, match="option 'loss' must be one of"):
         parse_pass_spec("distill{loss=kl}")
-    with pytest.raises(PassError, match="needs features"):
-        parse_pass_spec("distill{loss=at+kd}")
+    with pytest.raises(PassError, match="feature 'relu2' must be 'student_feature:teacher_feature'"):
+        parse_pass_spec("distill{loss=at+kd, features=['relu2']}")
 
 
 def test_distill_pass_recovers_a_student_graph_from_the_teacher():
@@ -43,6 +43,7 @@ def test_distill_pass_recovers_a_student_graph_from_the_teacher():
     res = parse_pass_spec("distill{epochs=2, lr=0.003, loss=at+ctkd, features=['relu2:relu2']}").run(g, ctx)
     assert res.changed and res.stats["accuracy_after"] > res.stats["accuracy_before"] + 0.3
     assert accuracy(ir.lower(g).eval()) == pytest.approx(res.stats["accuracy_after"])
+    assert res.stats["features"] == ["relu2:relu2"]
     ir.verify(g)
 
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from slimfx import ir
 from slimfx.ir.errors import PassError
-from slimfx.passes.distill import distill, resolve_feature, with_features
+from slimfx.passes.distill import auto_pairs, distill, resolve_feature, stage_ends, with_features
 from tests.passes.distill.helpers import SmallCNN, accuracy, digits, trained
 
 
@@ -81,11 +81,28 @@ def test_trainer_errors_are_actionable():
     x, y, _, _ = digits()
     with pytest.raises(PassError, match="needs a teacher"):
         distill(None, SmallCNN(4, 8), (x, y), loss="kd", epochs=1, quiet=True)
-    with pytest.raises(PassError, match="give features="):
-        distill(trained("cnn"), SmallCNN(4, 8), (x, y), loss="at+kd", epochs=1, quiet=True)
+    flat = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with pytest.raises(PassError, match=r"no feature maps of the same spatial size in the student \(sizes none\) "
+                                        r"and the teacher \(sizes 8x8, 4x4\); name pairs"):
+        distill(trained("cnn"), flat, (x, y), loss="at+kd", epochs=1, quiet=True)
     wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
     with pytest.raises(PassError, match=r"student gives \[64, 7\], teacher gives \[64, 10\]"):
         distill(trained("cnn"), wrong, (x, y), loss="kd", epochs=1, quiet=True)
+
+
+def test_attention_transfer_pairs_the_last_map_of_each_shared_resolution_unless_pairs_are_named():
+    x, y, _, _ = digits()
+    teacher = trained("resnet")  # 16 x 8x8 all the way, then global pooling (1x1: left out)
+    teacher_graph = ir.capture(teacher, (x[:2],))
+    assert {k: n.name for k, n in stage_ends(teacher_graph).items()} == {(8, 8): "stage_2_relu2"}
+    student = SmallCNN(4, 8)  # 8x8 (relu1, relu2), then 4x4 (pool)
+    assert auto_pairs(ir.capture(student, (x[:2],)), teacher_graph) == [("relu2", "stage_2_relu2")]
+    res = distill(teacher, student, (x[:256], y[:256]), loss="at+kd", epochs=1, quiet=True)
+    assert res.features == [("relu2", "stage_2_relu2")]
+    res = distill(teacher, SmallCNN(4, 8), (x[:256], y[:256]), loss="at+kd", features=[("relu1", "stem")], epochs=1,
+                  quiet=True)
+    assert res.features == [("relu1", "stem")]
+    assert distill(teacher, SmallCNN(4, 8), (x[:256], y[:256]), loss="kd", epochs=1, quiet=True).features == []
 
 
 # --- DistributedDataParallel: 2 processes on gloo end with identical weights ------------------------------

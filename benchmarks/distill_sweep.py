@@ -1,0 +1,255 @@
+"""The sweep behind the defaults of `slimfx distill` and the `distill` pass (issue #18).
+
+Three teacher/student pairs on digits (teacher digits_cnn, the zoo's, trained with the run's seed as the command
+does; students from benchmarks/students.py: `narrow` (zoo-like, 3.7k params), `shallow` (one conv stage, 1.4k),
+`dwres` (depthwise-separable residual, global pooling, 2.4k)), seeds 0 1 2, every run through
+slimfx.distilling.train_arm -- the code `slimfx distill` runs -- so a row here is what the command prints.
+
+Every run chooses its best epoch on the validation split and every choice below is made on validation
+accuracy (mean over pairs and seeds); test accuracy is recorded too and shown only for the final comparison.
+
+The machine has 2 shared cores, so the grid is scouted on seed 0 and the best of it confirmed on seeds 0 1 2:
+
+  coarse: 15 epochs, lr 3e-3: ce; kd and logit-std over T in {2, 4} x alpha in {0.5, 0.9}; ctkd (T from 4,
+          alpha 0.5)                                                                           seed 0
+  at:     at+kd at the best kd (T, alpha) with beta in {10, 100}; at+logit-std at the best
+          logit-std (T, alpha), beta 100 (the paper's 1000 wrecks small students)              seed 0
+  budget: ce and the 3 best configs so far at 30 epochs (lr 3e-3) and 15 epochs (lr 1e-2)     seed 0
+  refine: the two best scouted configs and ce at their budgets                                 seeds 0 1 2
+  final:  the defaults (slimfx.distilling.DEFAULTS), ce, and kd and at+kd (automatic pairs) at
+          the defaults' T, alpha, beta and budget, scored on test                              seeds 0 1 2
+
+    .venv/bin/python benchmarks/distill_sweep.py --jobs 2            # all stages (resumes from --results)
+    .venv/bin/python benchmarks/distill_sweep.py --stage report      # the tables from the stored runs
+
+Each finished run is appended to --results (JSON lines) at once, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+PAIRS = ("narrow", "shallow", "dwres")
+SEEDS = (0, 1, 2)
+SCOUT = (0,)  # the coarse, at and budget stages scout on one seed; refine and final run all three
+TEACHER = "digits_cnn"
+BASE = dict(epochs=15, lr=3e-3, batch_size=64)
+
+_cache: dict = {}
+
+
+def _setup(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _one(job: tuple[str, dict, int]) -> dict:
+    """Train one student: (pair, settings, seed) -> the run's record."""
+    import students
+    import torch
+
+    from slimfx import models
+    from slimfx.data import zoo_data
+    from slimfx.distilling import Settings, train_arm
+
+    pair, settings, seed = job
+    s = Settings(**{k: v for k, v in settings.items() if v is not None})
+    if ("teacher", seed) not in _cache:
+        _cache["teacher", seed] = models.get(TEACHER).trained(seed=seed, progress=False)
+    data = zoo_data(models.get(TEACHER).dataset, seed=seed, batch_size=s.batch_size)
+    torch.manual_seed(seed)  # as slimfx.loading does before calling a student callable
+    student = getattr(students, pair)()
+    arm = train_arm(pair, _cache["teacher", seed], student, data, s, seed=seed, quiet=True)
+    return {"pair": pair, "seed": seed, "settings": settings, "validation": arm.validation_accuracy,
+            "test": arm.test_accuracy, "best_epoch": arm.best_epoch, "seconds": arm.seconds,
+            "features": [f"{a}:{b}" for a, b in arm.features]}
+
+
+def _key(settings: dict) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+def load(results: Path) -> dict[tuple[str, str, int], dict]:
+    out = {}
+    if results.exists():
+        for line in results.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                out[_key(r["settings"]), r["pair"], r["seed"]] = r
+    return out
+
+
+def run_all(configs: list[dict], results: Path, jobs: int, threads: int, seeds: tuple[int, ...] = SEEDS) -> dict:
+    done = load(results)
+    todo = [(p, c, s) for c in configs for p in PAIRS for s in seeds if (_key(c), p, s) not in done]
+    print(f"{len(configs)} configs x {len(PAIRS)} pairs x seeds {seeds}: {len(todo)} runs to do", flush=True)
+    if not todo:
+        return done
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(jobs, initializer=_setup, initargs=(threads,)) as pool, \
+            results.open("a") as f:
+        for i, r in enumerate(pool.imap_unordered(_one, todo), 1):
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            done[_key(r["settings"]), r["pair"], r["seed"]] = r
+            print(f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f}s] {r['pair']} seed {r['seed']} "
+                  f"{_label(r['settings'])}: val {r['validation'] * 100:.2f} test {r['test'] * 100:.2f}", flush=True)
+    return done
+
+
+def _label(c: dict) -> str:
+    loss = c["loss"]
+    parts = [loss]
+    if loss.split("+")[-1] in ("kd", "ctkd", "logit-std"):
+        parts.append(f"T={c['T']:g} a={c['alpha']:g}")
+    if loss.startswith("at"):
+        parts.append(f"beta={c['beta']:g}")
+    parts.append(f"{c['epochs']}ep lr={c['lr']:g}")
+    return " ".join(parts)
+
+
+def cfg(loss: str, **kw) -> dict:
+    """A run's settings; the options a loss does not read are None, so they never split a cell."""
+    d = {"loss": loss, "T": 4.0, "alpha": 0.9, "beta": 1000.0, **BASE, **kw}
+    if loss.split("+")[-1] not in ("kd", "ctkd", "logit-std"):
+        d["T"] = d["alpha"] = None
+    if not loss.startswith("at"):
+        d["beta"] = None
+    return d
+
+
+def default_cfg() -> dict:
+    from slimfx.distilling import DEFAULTS as D
+
+    return cfg(D.loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, batch_size=D.batch_size)
+
+
+def final_stage() -> list[dict]:
+    """The defaults, the scratch baseline at their budget, and KD / AT+KD (automatic pairs) at their T, alpha, beta."""
+    from slimfx.distilling import DEFAULTS as D
+
+    d = default_cfg()
+    return [cfg("ce", epochs=D.epochs, lr=D.lr), d] + [
+        cfg(loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr) for loss in ("kd", "at+kd")
+        if loss != D.loss]
+
+
+def cell(done: dict, c: dict, split: str = "validation", seeds: tuple[int, ...] = SEEDS) -> dict[str, float] | None:
+    """Mean accuracy per pair (over seeds) and overall, or None when a run is missing."""
+    per = {}
+    for p in PAIRS:
+        vals = [done.get((_key(c), p, s)) for s in seeds]
+        if any(v is None for v in vals):
+            return None
+        per[p] = statistics.mean(v[split] for v in vals)
+    per["mean"] = statistics.mean(per[p] for p in PAIRS)
+    return per
+
+
+def coarse() -> list[dict]:
+    out = [cfg("ce")]
+    out += [cfg(loss, T=T, alpha=a) for loss in ("kd", "logit-std") for T in (2.0, 4.0) for a in (0.5, 0.9)]
+    out.append(cfg("ctkd", T=4.0, alpha=0.5))
+    return out
+
+
+def _scout(done: dict, c: dict) -> float:
+    v = cell(done, c, seeds=SCOUT)
+    return v["mean"] if v else -1.0
+
+
+def best(done: dict, configs: list[dict], loss: str | None = None) -> dict:
+    """The config with the highest scouted validation accuracy (of one loss, or of any loss but ce)."""
+    cands = [c for c in configs if (c["loss"] == loss if loss else c["loss"] != "ce")]
+    return max(cands, key=lambda c: _scout(done, c))
+
+
+def at_stage(done: dict) -> list[dict]:
+    kd, ls = best(done, coarse(), "kd"), best(done, coarse(), "logit-std")
+    return [cfg("at+kd", T=kd["T"], alpha=kd["alpha"], beta=beta) for beta in (10.0, 100.0)] + [
+        cfg("at+logit-std", T=ls["T"], alpha=ls["alpha"], beta=100.0)]
+
+
+def budget_stage(done: dict) -> list[dict]:
+    tops = sorted((c for c in coarse() + at_stage(done) if c["loss"] != "ce"), key=lambda c: -_scout(done, c))[:3]
+    return [{**c, **b} for c in (cfg("ce"), *tops) for b in (dict(epochs=30, lr=3e-3), dict(epochs=15, lr=1e-2))]
+
+
+def scouted(done: dict) -> list[dict]:
+    return coarse() + at_stage(done) + budget_stage(done)
+
+
+def refine_stage(done: dict) -> list[dict]:
+    """The two best scouted configs and the scratch baseline at their budgets, on every seed."""
+    tops = sorted((c for c in scouted(done) if c["loss"] != "ce"), key=lambda c: -_scout(done, c))[:2]
+    ces = {_key(cfg("ce", epochs=c["epochs"], lr=c["lr"])): cfg("ce", epochs=c["epochs"], lr=c["lr"]) for c in tops}
+    return tops + list(ces.values())
+
+
+def table(done: dict, configs: list[dict], split: str = "validation", seeds: tuple[int, ...] = SEEDS) -> str:
+    rows = [f"| config | {' | '.join(PAIRS)} | mean | vs ce (same budget) |", "|---|" + "---|" * (len(PAIRS) + 2)]
+    for c in configs:
+        v = cell(done, c, split, seeds)
+        if v is None:
+            continue
+        ce = cell(done, cfg("ce", epochs=c["epochs"], lr=c["lr"]), split, seeds)
+        gain = f"{(v['mean'] - ce['mean']) * 100:+.2f}" if ce and c["loss"] != "ce" else "—"
+        rows.append(f"| {_label(c)} | " + " | ".join(f"{v[p] * 100:.2f}" for p in PAIRS)
+                    + f" | {v['mean'] * 100:.2f} | {gain} |")
+    return "\n".join(rows)
+
+
+def report(done: dict) -> None:
+    stages = [("coarse", coarse(), SCOUT)]
+    if all(cell(done, c, seeds=SCOUT) for c in coarse()):
+        stages.append(("at", at_stage(done), SCOUT))
+        if all(cell(done, c, seeds=SCOUT) for c in at_stage(done)):
+            stages.append(("budget", budget_stage(done), SCOUT))
+            if all(cell(done, c, seeds=SCOUT) for c in budget_stage(done)):
+                stages.append(("refine", refine_stage(done), SEEDS))
+    for name, configs, seeds in stages:
+        print(f"\n### {name}: validation accuracy %, mean of seed{'s' * (len(seeds) > 1)} "
+              f"{', '.join(map(str, seeds))}\n")
+        print(table(done, configs, seeds=seeds))
+    final = final_stage()
+    print(f"\n### the defaults ({_label(final[1])}) on the test split, mean of seeds {', '.join(map(str, SEEDS))}\n")
+    print(table(done, final, "test"))
+    print()
+    for c in final:
+        if cell(done, c, "test"):
+            print(f"- per seed, {_label(c)}: " + "; ".join(
+                f"{p} " + " ".join(f"{done[_key(c), p, s]['test'] * 100:.2f}" for s in SEEDS) for p in PAIRS))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stage", choices=("all", "coarse", "at", "budget", "refine", "final", "report"), default="all")
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "distill_sweep.jsonl")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (one per core)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    args = ap.parse_args()
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    from slimfx import models
+
+    for s in SEEDS:  # train (or load) the teachers once, before the workers need them
+        models.get(TEACHER).trained(seed=s, progress=False)
+    done = load(args.results)
+    for stage, configs, seeds in (("coarse", lambda d: coarse(), SCOUT), ("at", at_stage, SCOUT), ("budget", budget_stage, SCOUT),
+                                  ("refine", refine_stage, SEEDS), ("final", lambda d: final_stage(), SEEDS)):
+        if args.stage in ("all", stage):
+            done = run_all(configs(done), args.results, args.jobs, args.threads, seeds)
+    report(done)
+
+
+if __name__ == "__main__":
+    main()

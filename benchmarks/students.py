@@ -1,0 +1,44 @@
+"""Students for the digits_cnn teacher (input [B, 1, 8, 8], 10 classes), of different capacity and depth.
+
+`slimfx distill digits_cnn --student benchmarks/students.py:narrow` takes any of them; benchmarks/distill_sweep.py
+sweeps all three. Only `narrow` looks like the zoo's CNN; `shallow` has one conv stage and `dwres` is a deeper
+depthwise-separable residual net with global pooling.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def narrow() -> nn.Module:
+    """The zoo CNN's shape at 1/10 the size: 3 conv stages 6-12-16 (8x8, 8x8, 4x4), 16 hidden units (3.7k params)."""
+    return nn.Sequential(*_cbr(1, 6), *_cbr(6, 12), nn.MaxPool2d(2), *_cbr(12, 16), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def shallow() -> nn.Module:
+    """One conv stage (8 channels at 8x8), pooled to 4x4, then a linear classifier (1.4k params)."""
+    return nn.Sequential(*_cbr(1, 8), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 16, 10))
+
+
+class _Residual(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c),
+                                  nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+def dwres() -> nn.Module:
+    """Deeper and unlike the zoo: a stem, depthwise-separable residual blocks at 8x8 and 4x4 (strided depthwise
+    downsampling), global average pooling and a linear head; 7 conv layers, 2.4k params."""
+    return nn.Sequential(*_cbr(1, 16), _Residual(16), *_cbr(16, 16, 3, 2, groups=16), *_cbr(16, 24, 1),
+                         _Residual(24), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
