@@ -18,6 +18,7 @@ is named in the error with its step ("step 3 of 5") and the files written for it
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,7 +108,7 @@ class PassManager:
                  instrumentations: Sequence[Any] = ()):
         if isinstance(passes, (str, Pass)):
             passes = [passes]
-        self.passes: list[Pass] = [_as_pass(p) for p in passes]
+        self.passes: list[Pass] = _set_options_of([_as_pass(p) for p in passes])
         if check_numerics is not None and (isinstance(check_numerics, bool) or
                                            not isinstance(check_numerics, (int, float)) or check_numerics < 0):
             raise PassError(f"check_numerics must be None or a non-negative tolerance, got {check_numerics!r}")
@@ -181,6 +182,21 @@ class PassManager:
             except TypeError:
                 return PassError(message)
         return PassError(message)
+
+
+def _set_options_of(passes: list[Pass]) -> list[Pass]:
+    """Steps that are an option of an earlier pass (`Pass.option_of`) switch that option on there."""
+    out = list(passes)
+    for i, p in enumerate(out):
+        if p.option_of is None:
+            continue
+        target, option = p.option_of
+        j = next((j for j in range(i - 1, -1, -1) if out[j].name == target), None)
+        if j is None:
+            raise PassError(f"pass '{p.name}' is the option {option} of '{target}' and must come after a "
+                            f"'{target}' in the pipeline; or set {target}{{{option}=true}} instead")
+        out[j] = dataclasses.replace(out[j], **{option: True})
+    return out
 
 
 def _call(insts: list[Any], hook: str, *args: Any) -> None:

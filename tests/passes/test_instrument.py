@@ -16,7 +16,7 @@ from slimfx.cli import main
 from slimfx.ir.errors import PassError, RecipeError
 from slimfx.ir.evaluate import Evaluator
 from slimfx.ir.verify import Verifier, VerifyError
-from slimfx.passes import Pass, PassContext, PassManager, PassResult, create_pass, register_pass
+from slimfx.passes import Pass, PassContext, PassManager, create_pass, register_pass
 from slimfx.plugins import load_plugin
 from tests.passes.nets import ConvBnNet, make
 
