@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from slimfx.ir.graph import Graph, Node, Param, map_refs, ref_list
+from slimfx.ir.graph import Graph, Node, Param, map_refs, operands
 from slimfx.ir.ops import get_op
 
 
@@ -28,7 +28,7 @@ class Evaluator:
 
     def __init__(self, inputs: tuple):
         self.inputs = tuple(inputs)
-        self._known: dict[Node, tuple] = {}  # node -> (op, inputs, attr items, refs, param states, value)
+        self._known: dict[Node, tuple] = {}  # node -> (operands(), op, nodes read, params read, states, value)
         self.computed = 0  # nodes computed by the last call (the rest were reused)
 
     def __call__(self, graph: Graph) -> Any:
@@ -45,29 +45,28 @@ class Evaluator:
                 if n.op == "output":
                     self._known, self.computed = known, computed
                     return map_refs(n.inputs[0], lambda r: env[r] if isinstance(r, Node) else params[r.name])
-                # (op, inputs, attr items, nodes read, params read, their states, value) as last time
+                # (operands(), op, nodes read, params read, their states, value) as last time
                 prev = last.get(n)
-                inputs, items = n._inputs, tuple(n._attrs.items())
-                if prev is not None and prev[1] is inputs and _same(prev[2], items):
-                    read, pread = prev[3], prev[4]
+                ops, same = operands(n, prev[0] if prev is not None else None)
+                if same:
+                    read, pread = prev[2], prev[3]
                 else:
-                    refs = ref_list((inputs, n._attrs))
-                    read = tuple(r for r in refs if type(r) is Node)
-                    pread = tuple(r.name for r in refs if type(r) is not Node)
+                    read = tuple(r for r in ops[2] if type(r) is Node)
+                    pread = tuple(r.name for r in ops[2] if type(r) is not Node)
                     prev = None
                 state = [(id(t), t._version) for t in map(params.__getitem__, pread)] if pread else None
                 if n.op == "input":
                     value = next(ins)
-                    fresh = prev is None or prev[6] is not value
-                elif prev is None or prev[0] != n.op or prev[5] != state or (changed and not changed.isdisjoint(read)):
+                    fresh = prev is None or prev[5] is not value
+                elif prev is None or prev[1] != n.op or prev[4] != state or (changed and not changed.isdisjoint(read)):
                     value, fresh = _compute(n, env, params), True
                     computed += 1
                 else:
-                    value, fresh = prev[6], False
-                if fresh and (prev is None or not _equal(prev[6], value)):
+                    value, fresh = prev[5], False
+                if fresh and (prev is None or not _equal(prev[5], value)):
                     changed.add(n)
                 env[n] = value
-                known[n] = (n.op, inputs, items, read, pread, state, value)
+                known[n] = (ops, n.op, read, pread, state, value)
         raise ValueError("graph has no output node")  # pragma: no cover - verify refuses such graphs
 
     def forget(self) -> None:

@@ -103,6 +103,20 @@ def ref_list(value: Any) -> list[Node | Param]:
     return out
 
 
+def operands(node: Node, last: tuple | None) -> tuple[tuple, bool]:
+    """((inputs, attr items, refs), unchanged) for a node checked again and again: `last` is what this
+    returned for it before; its refs are reused when the node's inputs were not reassigned and its
+    attributes hold the same values (incremental checks: ir.Verifier, ir.Evaluator)."""
+    inputs, items = node._inputs, tuple(node._attrs.items())
+    if last is not None and last[0] is inputs:
+        try:
+            if last[1] == items:
+                return last, True
+        except Exception:  # noqa: BLE001 - a tensor attribute compared by value: treat as changed
+            pass
+    return (inputs, items, ref_list((inputs, node._attrs))), False
+
+
 def _collect(value: Any, out: list) -> None:
     if isinstance(value, (Node, Param)):
         out.append(value)

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from slimfx.ir.errors import SlimfxError
-from slimfx.ir.graph import Graph, Node, Param, TensorMeta, ref_list
+from slimfx.ir.graph import Graph, Node, Param, TensorMeta, operands
 from slimfx.ir.ops import OPS, STRUCTURAL_OPS, get_op, trait
 
 
@@ -34,7 +34,7 @@ class Verifier:
     def __init__(self, *, check_shapes: bool = True):
         self.check_shapes = check_shapes
         self._graph: Graph | None = None
-        self._known: dict[Node, tuple] = {}  # node -> (inputs, attr items, refs, nodes read, state)
+        self._known: dict[Node, tuple] = {}  # node -> (operands(), nodes read, state)
 
     def __call__(self, graph: Graph) -> None:
         if graph is not self._graph:
@@ -57,12 +57,9 @@ class Verifier:
         for n in nodes:
             # what the node reads, walked again only when its operands or attributes changed
             prev = last.get(n)
-            inputs, items = n._inputs, tuple(n._attrs.items())
-            if prev is not None and prev[0] is inputs and _same(prev[1], items):
-                refs, read = prev[2], prev[3]
-            else:
-                refs = ref_list((inputs, n._attrs))
-                read, prev = tuple(dict.fromkeys([r for r in refs if isinstance(r, Node)])), None
+            ops, same = operands(n, prev[0] if prev is not None else None)
+            refs = ops[2]
+            read = prev[1] if same else tuple(dict.fromkeys([r for r in refs if isinstance(r, Node)]))
             state = (n.op, n.meta, [r.meta if isinstance(r, Node) else
                                     (t.shape, t.dtype) if (t := params.get(r.name)) is not None else None
                                     for r in refs])
@@ -76,15 +73,15 @@ class Verifier:
             if n.op == "output" and n is not nodes[-1]:
                 raise VerifyError(f"output node %{n.name} is not the last node")
             _check_refs(n, refs, seen, graph)
-            if prev is None or not _same(prev[4], state):
+            if not same or not _same(prev[2], state):
                 _check_node(n, graph, self.check_shapes)
             pairs += len(read)
             seen.add(n)
-            known[n] = (inputs, items, refs, read, state)
+            known[n] = (ops, read, state)
         if pairs != sum(len(n.users) for n in nodes):  # a use list names a node that does not read it
             for n in nodes:
                 for u in n.users:
-                    if u.graph is not graph or u not in known or n not in known[u][3]:
+                    if u.graph is not graph or u not in known or n not in known[u][1]:
                         raise VerifyError(f"%{n.name}.users lists %{u.name}, which does not read it")
 
 
