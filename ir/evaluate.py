@@ -74,13 +74,25 @@ class Evaluator:
         self._known = {}
 
 
+_LEAF = (int, float, bool, str, type(None), torch.dtype)
+
+
 def _compute(n: Node, env: dict[Node, Any], params: dict[str, torch.Tensor]) -> Any:
     def fetch(r: Any) -> Any:
         return env[r] if isinstance(r, Node) else params[r.name]
 
-    args = tuple(env[r] if type(r) is Node else params[r.name] if type(r) is Param else
-                 map_refs(r, fetch) if isinstance(r, (tuple, list, dict, slice)) else r for r in n.inputs)
-    kwargs = map_refs(n.attrs, fetch) if n.attrs else {}
+    def bind(v: Any) -> Any:
+        t = type(v)
+        if t is Node:
+            return env[v]
+        if t is Param:
+            return params[v.name]
+        if t in _LEAF or (t is tuple and all(type(e) in _LEAF for e in v)):
+            return v
+        return map_refs(v, fetch)
+
+    args = tuple(map(bind, n.inputs))
+    kwargs = {k: bind(v) for k, v in n.attrs.items()}
     if n.op == "opaque":
         kind, target = kwargs["kind"], kwargs["target"]
         extra = kwargs.get("kwargs", {})
