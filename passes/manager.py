@@ -134,7 +134,7 @@ class PassManager:
             out.append(PrintIR(stream=self.stream, print_ir=self.print_ir, dump_dir=self.dump_dir))
         if self.failure_dumps:
             out += [FailureDumps(), Reproducer(self.check_numerics)]
-        return [*out, *self.instrumentations, FreezeHeap()]
+        return [FreezeHeap(), *out, *self.instrumentations]
 
     # -- running ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext | None = None) -> PipelineResult:
@@ -144,21 +144,24 @@ class PassManager:
         insts = self.instrumentations_for(ctx)
         checkpoint = any(getattr(i, "needs_input", False) for i in insts)
         records: list[PassRecord] = []
-        for step, p in enumerate(self.passes, 1):
-            before = graph.checkpoint() if checkpoint else None
-            try:
-                _call(insts, "before_pass", step, p, graph)
-                t0 = time.perf_counter()
-                result = p.run(graph, ctx)
-                seconds = time.perf_counter() - t0
-                graph = _graph_after(p, result, graph)
-                record = PassRecord(p.name, seconds, dict(result.stats), bool(result.changed), str(p))
-                _call(insts, "after_pass", step, p, graph, record)
-            except Exception as e:  # noqa: BLE001 - every failure inside a step is named and dumped
-                raise self._failure(insts, Failure(step, len(self.passes), p, "", graph, before, self.dump_dir),
-                                    e) from e
-            records.append(record)
-            ctx.logger.debug("pass %s: %.3fs changed=%s %s", p.name, seconds, result.changed, result.stats)
+        try:
+            for step, p in enumerate(self.passes, 1):
+                before = graph.checkpoint() if checkpoint else None
+                try:
+                    _call(insts, "before_pass", step, p, graph)
+                    t0 = time.perf_counter()
+                    result = p.run(graph, ctx)
+                    seconds = time.perf_counter() - t0
+                    graph = _graph_after(p, result, graph)
+                    record = PassRecord(p.name, seconds, dict(result.stats), bool(result.changed), str(p))
+                    _call(insts, "after_pass", step, p, graph, record)
+                except Exception as e:  # noqa: BLE001 - every failure inside a step is named and dumped
+                    f = Failure(step, len(self.passes), p, "", graph, before, self.dump_dir)
+                    raise self._failure(insts, f, e) from e
+                records.append(record)
+                ctx.logger.debug("pass %s: %.3fs changed=%s %s", p.name, seconds, result.changed, result.stats)
+        finally:  # also on Ctrl-C
+            _call(insts, "after_run", graph)
         return PipelineResult(records, graph)
 
     def _failure(self, insts: list[Any], f: Failure, e: Exception) -> Exception:

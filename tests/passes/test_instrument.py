@@ -186,6 +186,23 @@ def test_custom_instrumentations_see_every_pass_and_can_fail_one(case):
                     ("after", 2, "cse", False), ("failure", 2, "took too long")]
 
 
+def test_the_heap_is_frozen_only_while_a_step_runs(case, plugin):
+    import gc
+
+    _, x, g = case
+    seen = []
+
+    class Probe:
+        def after_pass(self, step, p, graph, record):
+            seen.append(gc.get_freeze_count() > 0)
+
+    PassManager(["fold-batchnorm", "cse"], instrumentations=[Probe()]).run(g, PassContext(example_inputs=(x,)))
+    assert seen == [True, True] and gc.get_freeze_count() == 0
+    with pytest.raises(RecipeError):
+        PassManager(["test-replay-raises"]).run(g, PassContext(example_inputs=(x,)))
+    assert gc.get_freeze_count() == 0
+
+
 def test_failure_dumps_can_be_switched_off(case, plugin):
     _, x, g = case
     with pytest.raises(RecipeError) as e:
