@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from slimfx.ir import Graph
-from slimfx.ir.errors import PassError
+from slimfx.ir.errors import PassError, SlimfxError
 from slimfx.ir.evaluate import Evaluator
 from slimfx.ir.graph import Checkpoint
 from slimfx.ir.metrics import check_close
@@ -87,8 +87,6 @@ class VerifyEach:
         self.verifier = Verifier()
 
     def after_pass(self, step: int, p: Pass, graph: Graph, record: Any) -> None:
-        from slimfx.ir.errors import SlimfxError
-
         try:
             self.verifier(graph)
         except SlimfxError as e:

@@ -78,9 +78,7 @@ def _as_pass(p: Pass | str | type[Pass]) -> Pass:
                     f"or pass classes; got {p!r} ({type(p).__name__})")
 
 
-def compare_outputs(before: Any, after: Any, tol: float) -> str | None:
-    """None when `after` matches `before` within `tol`, else what differs (ir.metrics.check_close)."""
-    return check_close(before, after, tol)
+compare_outputs = check_close  # the numerics check's rule, under its older name
 
 
 class PassManager:
@@ -91,15 +89,16 @@ class PassManager:
     check_numerics: None, or a relative tolerance; then every pass that preserves outputs (all but
         those declaring `preserves_outputs = False`: pruning, quantization, training) and changed the graph
         must keep the outputs on ctx.example_inputs within it (eval mode).
-    print_ir: print the IR after every pass that changed it (to `stream`, default stdout).
+    print_ir: print the IR after every pass that changed it (to `stream`, default stdout); `print_after_each`
+        is its older name.
     dump_dir: where to write the files of a failing pass (default: a fresh temporary directory); when
         given, the IR before the first pass and after every pass that changed it is also written there
         (`00-input.txt`, `03-dce.txt`).
     failure_dumps: on a failure, write the IR before and after the pass and a reproducer (default True;
         costs a cheap checkpoint of each pass's input graph).
     instrumentations: objects with any of the hooks `before_pass(step, pass, graph)`,
-        `after_pass(step, pass, graph, record)` and `on_failure(failure)` (passes/instrument.py), called
-        after the built-in ones.
+        `after_pass(step, pass, graph, record)`, `on_failure(failure)` and `after_run(graph)`
+        (passes/instrument.py), called after the built-in ones.
     """
 
     def __init__(self, passes: Sequence[Pass | str | type[Pass]], *, verify_each: bool = True,

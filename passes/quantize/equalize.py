@@ -138,7 +138,7 @@ class BiasCorrection(Pass):
 
     Bias correction compares each layer with the float graph quantize started from, so it runs inside the
     quantize pass: in a pipeline, this step sets `bias_correction = true` on the quantize before it (the
-    PassManager does, when it is built) and reports what that did."""
+    PassManager does, when it is built); its own record says so, quantize's stats hold the numbers."""
 
     preserves_outputs = False
 
