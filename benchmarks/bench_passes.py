@@ -3,6 +3,11 @@ graphs of 1k, 10k and 50k nodes, and collapse-requantize on a quantize/dequantiz
 total (acceptance: under 2 s), ir.verify's cost, and torch.fx's own dead-code elimination and
 subgraph_rewriter on the same graphs (lowered) as peers measured in the same run.
 
+Then the instrumentation overhead on the 10k-node graph: the five passes as one PassManager pipeline with
+no instrumentation, with the verifier, with the verifier and the numerics check, and with the defaults
+(plus failure dumps, which checkpoint each pass's input). Acceptance: verify + numerics cost no more
+than the passes themselves.
+
     PYTHONPATH=. python benchmarks/bench_passes.py [--sizes 1000 10000 50000] [--no-peers]
 """
 
@@ -12,6 +17,7 @@ import argparse
 import cProfile
 import importlib
 import io
+import math
 import pstats
 import sys
 import time
@@ -190,7 +196,34 @@ def main() -> int:
         print(f"peers at {ten['nodes']} nodes (CPU): torch.fx eliminate_dead_code {fx_dce:.3f} s vs slimfx dce "
               f"{ten['dce'][1]:.3f} s; torch.fx subgraph_rewriter {fx_rw:.3f} s vs slimfx pattern pass "
               f"{ten['bench-fuse-silu'][1]:.3f} s (x{fx_rw / ten['bench-fuse-silu'][1]:.0f})")
-    return 0 if total < 2 else 1
+    overhead_ok = pipeline_overhead(build(min(args.sizes, key=lambda s: abs(s - 10_000))), names, args.repeat)
+    return 0 if total < 2 and overhead_ok else 1
+
+
+def pipeline_overhead(g: Graph, names: list[str], repeat: int) -> bool:
+    """The five passes as one pipeline, with each set of instrumentations (best CPU seconds of `repeat`)."""
+    x = (torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0)),)
+    configs = {"passes only": dict(verify_each=False, failure_dumps=False),
+               "+ verify": dict(failure_dumps=False),
+               "+ verify + numerics": dict(check_numerics=1e-5, failure_dumps=False),
+               "+ failure dumps (defaults)": dict(check_numerics=1e-5)}
+    cpu = {}
+    ir.verify(g)  # verify's shape cache warm, as after a session's first check of the model (capture, export)
+    for label, kw in configs.items():
+        best = math.inf
+        for _ in range(repeat):
+            work = g.copy()
+            pm = PassManager(names, **kw)
+            best = min(best, timed(lambda pm=pm, work=work: pm.run(work, PassContext(example_inputs=x)))[1])
+        cpu[label] = best
+    base = cpu["passes only"]
+    print(f"\npipeline {' -> '.join(names)} on {len(g)} nodes, CPU seconds (best of {repeat}):")
+    for label, c in cpu.items():
+        print(f"  {label:28} {c:7.3f} s" + (f"   overhead {c - base:+.3f} s = {(c - base) / base:.2f} x the passes"
+                                              if label != "passes only" else ""))
+    ok = cpu["+ verify + numerics"] - base <= base
+    print(f"verify + numerics overhead {'within' if ok else 'OVER'} the passes' own cost")
+    return ok
 
 
 if __name__ == "__main__":

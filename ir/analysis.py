@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from slimfx.ir.graph import Graph, Node, meta_of
+from slimfx.ir.graph import Graph, Node, TensorMeta, meta_of
 from slimfx.ir.ops import OPS
 
 
@@ -81,6 +81,36 @@ def propagate_shapes(graph: Graph, *inputs: torch.Tensor) -> Graph:
         if node is not None and node.op != "output":
             node.meta = meta_of(v)
     return graph
+
+
+def _int_input_high(graph: Graph, node: Node) -> int:
+    """Exclusive upper bound for random integer inputs: the smallest embedding table they index."""
+    highs = [graph.params[u.inputs[1].name].shape[0] for u in node.users
+             if u.op == "embedding" and u.inputs[0] is node and hasattr(u.inputs[1], "name")]
+    return min(highs) if highs else 2
+
+
+def example_inputs(graph: Graph, *, batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random inputs that fit the graph's input metas (batch dim 0 replaced by `batch` when given).
+
+    Float inputs are standard normal; integer inputs are in range for the embeddings they feed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for node in graph.inputs:
+        meta = node.meta
+        if not isinstance(meta, TensorMeta):
+            raise ValueError(f"graph input %{node.name} has no tensor meta; pass inputs explicitly")
+        shape = list(meta.shape)
+        if batch is not None and shape:
+            shape[0] = batch
+        if meta.dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=gen).to(meta.dtype))
+        elif meta.dtype == torch.bool:
+            out.append(torch.ones(shape, dtype=torch.bool))
+        else:
+            out.append(torch.randint(0, _int_input_high(graph, node), shape, generator=gen, dtype=meta.dtype))
+    return tuple(out)
 
 
 def node_table(graph: Graph) -> list[dict[str, Any]]:

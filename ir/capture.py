@@ -1103,15 +1103,11 @@ def _check_outputs(graph: Graph, model: nn.Module) -> None:
 
 
 def output_leaves(outputs: Any, path: str = "output") -> Iterator[tuple[str, Any]]:
-    """(path, leaf) for every leaf of an output structure: `output`, `output[1]`, `output['logits']`..."""
-    if isinstance(outputs, (tuple, list)):
-        for i, v in enumerate(outputs):
-            yield from output_leaves(v, f"{path}[{i}]")
-    elif isinstance(outputs, dict):
-        for k, v in outputs.items():
-            yield from output_leaves(v, f"{path}[{k!r}]")
-    else:
-        yield path, outputs
+    """(path, leaf) for every leaf of an output structure: `output`, `output[1]`, `output['logits']`...
+    (ir.metrics.named_leaves: the one naming of outputs that exporters, validation and metrics share)."""
+    from slimfx.ir.metrics import named_leaves
+
+    return named_leaves(outputs, path)
 
 
 def output_names(outputs: Any) -> list[str]:

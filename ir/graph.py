@@ -96,6 +96,42 @@ def iter_refs(value: Any) -> Iterator[Node | Param]:
             yield from iter_refs(v)
 
 
+def ref_list(value: Any) -> list[Node | Param]:
+    """`list(iter_refs(value))`, faster (no generators): for checks that walk every node's operands."""
+    out: list[Node | Param] = []
+    _collect(value, out)
+    return out
+
+
+def operands(node: Node, last: tuple | None) -> tuple[tuple, bool]:
+    """((inputs, attr items, refs), unchanged) for a node checked again and again: `last` is what this
+    returned for it before; its refs are reused when the node's inputs were not reassigned and its
+    attributes hold the same values (incremental checks: ir.Verifier, ir.Evaluator)."""
+    inputs, items = node._inputs, tuple(node._attrs.items())
+    if last is not None and last[0] is inputs:
+        try:
+            if last[1] == items:
+                return last, True
+        except Exception:  # noqa: BLE001 - a tensor attribute compared by value: treat as changed
+            pass
+    return (inputs, items, ref_list((inputs, node._attrs))), False
+
+
+def _collect(value: Any, out: list) -> None:
+    if isinstance(value, (Node, Param)):
+        out.append(value)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            if isinstance(v, (Node, Param)):
+                out.append(v)
+            elif isinstance(v, (tuple, list, dict, slice)):
+                _collect(v, out)
+    elif isinstance(value, dict):
+        _collect(tuple(value.values()), out)
+    elif isinstance(value, slice):
+        _collect((value.start, value.stop, value.step), out)
+
+
 class Node:
     """One operation. `op` is a canonical op name (see ir.ops), `input`, `output` or `opaque`."""
 
@@ -398,6 +434,12 @@ class Graph:
         g.buffers = set(self.buffers)
         return g
 
+    def checkpoint(self) -> Checkpoint:
+        """The graph as it is now, cheaply (no text, no tensor copies): `restore()` rebuilds it later even
+        after passes edit this graph. Params are held by reference; `modified_params()` names those
+        changed in place since (their restored values are the changed ones)."""
+        return Checkpoint(self)
+
     def save(self, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> Any:
         """Write the graph as a .slimfx file: IR text, safetensors weights, JSON metadata (ir/serialize.py).
         Returns the path."""
@@ -444,3 +486,31 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<ir.Graph {self.name}: {len(self)} nodes, {len(self.params)} params>"
+
+
+class Checkpoint:
+    """What `Graph.checkpoint` returns: every node's fields as they were, the params table by reference."""
+
+    def __init__(self, graph: Graph):
+        self.rows = [(n, n.name, n.op, n._inputs, dict(n._attrs), n.meta, n.source, n.module_path) for n in graph]
+        self.params = dict(graph.params)
+        self.versions = {k: t._version for k, t in self.params.items()}
+        self.buffers = set(graph.buffers)
+        self.header = (graph.name, graph.training, graph.capture_method, copy.deepcopy(graph.metadata))
+
+    def modified_params(self) -> list[str]:
+        return [k for k, t in self.params.items() if t._version != self.versions[k]]
+
+    def restore(self) -> Graph:
+        """A new Graph equal to the one checkpointed."""
+        g = Graph()
+        g.name, g.training, g.capture_method, g.metadata = self.header[0], self.header[1], self.header[2], \
+            copy.deepcopy(self.header[3])
+        mapping: dict[Node, Node] = {}
+        remap = lambda r: mapping.get(r, r) if isinstance(r, Node) else r  # noqa: E731
+        for old, name, op, inputs, attrs, meta, source, module_path in self.rows:
+            m = Node(name, op, map_refs(inputs, remap), map_refs(attrs, remap), meta, source, module_path)
+            g._insert(m, g._root)
+            mapping[old] = m
+        g.params, g.buffers = dict(self.params), set(self.buffers)
+        return g

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["OutputStats", "Comparison", "named_leaves", "sqnr_db", "tensor_sqnr_db", "compare", "sqnr_ceiling_db"]
+__all__ = ["OutputStats", "Comparison", "named_leaves", "sqnr_db", "tensor_sqnr_db", "compare", "check_close",
+           "sqnr_ceiling_db"]
 
 # The most SQNR two float computations of one model in this dtype can be expected to share: rounding in
 # another order already costs about this much (fp16 cleanup measured 68-79 dB on random nets).
@@ -207,3 +208,34 @@ def compare(reference: Any, candidate: Any) -> Comparison:
     c = Comparison()
     c.update(reference, candidate)
     return c
+
+
+def check_close(reference: Any, candidate: Any, tol: float) -> str | None:
+    """None when every output of `candidate` matches `reference` within `tol`, else what differs (the first).
+
+    Float outputs: max |a - b| must be at most tol x max(max |reference|, 1e-6), relative to the output's
+    magnitude (so the check means the same for logits of size 1 and of size 1000); NaN and Inf must stay
+    where they are. Other outputs (integers, Python values) and every dtype and shape must be equal.
+    """
+    refs, cands = list(named_leaves(reference)), list(named_leaves(candidate))
+    if len(refs) != len(cands):
+        return f"the graph now returns {len(cands)} values instead of {len(refs)}"
+    for (name, a), (_, b) in zip(refs, cands):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                return f"{name} is now {b.dtype}{list(b.shape)}, was {a.dtype}{list(a.shape)}"
+            if not a.is_floating_point():
+                if not torch.equal(a, b):
+                    return f"{name} (integer) changed in {int((a != b).sum())} elements"
+                continue
+            s = OutputStats(name)
+            s.update(a, b)
+            if s.nonfinite:
+                return f"{name} has NaN/Inf in {s.nonfinite} positions where it had none (or other ones)"
+            scale = max(s.max_abs_reference, 1e-6)
+            if s.max_abs_diff > tol * scale:
+                return (f"{name} max abs diff {s.max_abs_diff:.3g} exceeds {tol:g} x output magnitude {scale:.3g} "
+                        f"(relative error {s.max_abs_diff / scale:.3g})")
+        elif isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor) or a != b:
+            return f"{name} changed from {a!r} to {b!r}"
+    return None

@@ -502,6 +502,18 @@ def _dequantize(q, scale, zero_point, *, axis=None):
     return (q.to(torch.float32) - zf) * s
 
 
+def _dynamic_quantize(x):
+    """ONNX DynamicQuantizeLinear: (uint8 values, scale, zero point) from x's own range at run time, with
+    scale = (max(0, max x) - min(0, min x)) / 255 (1 when that is 0). Tuple-valued: read with getitem."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = ((hi - lo) / 255.0).to(torch.float32)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zp = torch.round(0.0 - lo / scale).clamp(0, 255)
+    q = (torch.round(x / scale) + zp).clamp(0, 255).to(torch.uint8)
+    return q, scale, zp.to(torch.uint8)
+
+
 def _shape(v: Any) -> tuple[int, ...] | None:
     return getattr(getattr(v, "meta", None), "shape", None)
 
@@ -649,6 +661,8 @@ register_op("gru", _gru, training_flag=True, result="tuple", macs=_rnn_macs(3))
 
 register_op("quantize", _quantize, channels="block")
 register_op("dequantize", _dequantize, channels="block")
+# run-time quantization (int8-dynamic): channel pruning stops at it (prune before quantizing)
+register_op("dynamic_quantize", _dynamic_quantize, result="tuple", channels="block")
 register_op("mask", _mask, elementwise=2)
 
 # Ops that are not canonical table entries but are structural parts of every graph.

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from slimfx.ir.errors import SlimfxError
-from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs
+from slimfx.ir.graph import Graph, Node, Param, TensorMeta, operands
 from slimfx.ir.ops import OPS, STRUCTURAL_OPS, get_op, trait
 
 
@@ -18,39 +18,105 @@ class VerifyError(SlimfxError):
 def verify(graph: Graph, *, check_shapes: bool = True) -> None:
     """Check: defined-before-use, params present, known ops, users consistent, one output last,
     every tensor node has a meta, and (when `check_shapes`) metas agree with what the op computes
-    on meta tensors of the input shapes."""
-    seen: set[Node] = set()
-    names: set[str] = set()
-    nodes = graph.nodes
-    if not nodes or nodes[-1].op != "output":
-        raise VerifyError("graph has no output node at its end")
-    for n in nodes:
-        if n.name in names:
-            raise VerifyError(f"node name %{n.name} appears twice")
-        names.add(n.name)
-        if n.graph is not graph:
-            raise VerifyError(f"%{n.name} does not belong to this graph")
-        if n.op not in OPS and n.op not in STRUCTURAL_OPS:
-            raise VerifyError(f"%{n.name} has unknown op {n.op!r}")
-        if n.op == "output" and n is not nodes[-1]:
-            raise VerifyError(f"output node %{n.name} is not the last node")
-        for r in iter_refs((n.inputs, n.attrs)):
-            if isinstance(r, Node):
-                if r not in seen:
-                    raise VerifyError(f"%{n.name} ({n.op}) uses %{r.name} before it is defined"
-                                      f"{'' if r.graph is graph else ' (the node is not in the graph)'}")
-                if n not in r.users:
-                    raise VerifyError(f"%{r.name}.users is missing %{n.name} (inputs mutated in place?)")
-            elif isinstance(r, Param) and r.name not in graph.params:
-                raise VerifyError(f"%{n.name} ({n.op}) reads param @{r.name}, which is not in the params table")
-        for u in n.users:
-            if u.graph is not graph or n not in u.input_nodes():
-                raise VerifyError(f"%{n.name}.users lists %{u.name}, which does not read it")
-        if n.meta is None and n.op not in ("output", "opaque") and not _may_be_value(n.op):
-            raise VerifyError(f"%{n.name} ({n.op}) has no TensorMeta; run ir.propagate_shapes or set node.meta")
-        seen.add(n)
-    if check_shapes:
-        _check_shapes(graph)
+    on meta tensors of the input shapes. (`Verifier` checks one graph again and again, incrementally.)"""
+    Verifier(check_shapes=check_shapes)(graph)
+
+
+class Verifier:
+    """verify() for a graph checked again and again, e.g. after every pass of a pipeline.
+
+    The first call checks everything. Later calls on the same graph walk the operands and run the shape
+    check only for nodes that changed: a node whose op, operands, attributes, meta, operand metas and param
+    shapes are what they were at the last call keeps its verdict (its references are still checked against
+    the node order and the use lists, which are cheap). A different graph starts afresh.
+    """
+
+    def __init__(self, *, check_shapes: bool = True):
+        self.check_shapes = check_shapes
+        self._graph: Graph | None = None
+        self._known: dict[Node, tuple] = {}  # node -> (operands(), nodes read, state)
+
+    def __call__(self, graph: Graph) -> None:
+        if graph is not self._graph:
+            self._graph, self._known = graph, {}
+        known: dict[Node, tuple] = {}
+        try:
+            self._check(graph, known)
+        finally:
+            self._known = known  # what passed (on an error: the nodes before it)
+
+    def _check(self, graph: Graph, known: dict[Node, tuple]) -> None:
+        nodes = graph.nodes
+        if not nodes or nodes[-1].op != "output":
+            raise VerifyError("graph has no output node at its end")
+        seen: set[Node] = set()
+        names: set[str] = set()
+        pairs = 0
+        last = self._known
+        params = graph.params
+        for n in nodes:
+            # what the node reads, walked again only when its operands or attributes changed
+            prev = last.get(n)
+            ops, same = operands(n, prev[0] if prev is not None else None)
+            refs = ops[2]
+            read = prev[1] if same else tuple(dict.fromkeys([r for r in refs if isinstance(r, Node)]))
+            state = (n.op, n.meta, [r.meta if isinstance(r, Node) else
+                                    (t.shape, t.dtype) if (t := params.get(r.name)) is not None else None
+                                    for r in refs])
+            if n.name in names:
+                raise VerifyError(f"node name %{n.name} appears twice")
+            names.add(n.name)
+            if n.graph is not graph:
+                raise VerifyError(f"%{n.name} does not belong to this graph")
+            if n.op not in OPS and n.op not in STRUCTURAL_OPS:
+                raise VerifyError(f"%{n.name} has unknown op {n.op!r}")
+            if n.op == "output" and n is not nodes[-1]:
+                raise VerifyError(f"output node %{n.name} is not the last node")
+            _check_refs(n, refs, seen, graph)
+            if not same or not _same(prev[2], state):
+                _check_node(n, graph, self.check_shapes)
+            pairs += len(read)
+            seen.add(n)
+            known[n] = (ops, read, state)
+        if pairs != sum(len(n.users) for n in nodes):  # a use list names a node that does not read it
+            for n in nodes:
+                for u in n.users:
+                    if u.graph is not graph or u not in known or n not in known[u][1]:
+                        raise VerifyError(f"%{n.name}.users lists %{u.name}, which does not read it")
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - a tensor attribute compared by value: treat as changed
+        return False
+
+
+def _check_refs(n: Node, refs: list, seen: set[Node], graph: Graph) -> None:
+    for r in refs:
+        if isinstance(r, Node):
+            if r not in seen:
+                raise VerifyError(f"%{n.name} ({n.op}) uses %{r.name} before it is defined"
+                                  f"{'' if r.graph is graph else ' (the node is not in the graph)'}")
+            if n not in r.users:
+                raise VerifyError(f"%{r.name}.users is missing %{n.name} (inputs mutated in place?)")
+        elif r.name not in graph.params:
+            raise VerifyError(f"%{n.name} ({n.op}) reads param @{r.name}, which is not in the params table")
+
+
+def _check_node(n: Node, graph: Graph, check_shapes: bool) -> None:
+    """The checks of one changed node: it has a meta where it must, and (with shapes) the meta is right."""
+    if n.meta is None and n.op not in ("output", "opaque") and not _may_be_value(n.op):
+        raise VerifyError(f"%{n.name} ({n.op}) has no TensorMeta; run ir.propagate_shapes or set node.meta")
+    if not check_shapes or n.op in STRUCTURAL_OPS or _may_be_value(n.op) or n.meta is None:
+        return
+    res = _cached_meta(n, graph)
+    if res[0] == "err":
+        raise VerifyError(f"%{n.name} ({n.op}, {n.where()}) fails on its input shapes: {res[1]}")
+    if res[0] == "ok":
+        got = res[1]
+        if isinstance(got, (TensorMeta, tuple)) and got != n.meta:
+            raise VerifyError(f"%{n.name} ({n.op}) records {n.meta} but computes {got} from its inputs")
 
 
 def _may_be_value(op: str) -> bool:
@@ -162,16 +228,3 @@ def _cached_meta(n: Node, graph: Graph) -> tuple:
             _SHAPE_CACHE.clear()
         _SHAPE_CACHE[key] = res
     return res
-
-
-def _check_shapes(graph: Graph) -> None:
-    for n in graph:
-        if n.op in STRUCTURAL_OPS or _may_be_value(n.op) or n.meta is None:
-            continue
-        res = _cached_meta(n, graph)
-        if res[0] == "err":
-            raise VerifyError(f"%{n.name} ({n.op}, {n.where()}) fails on its input shapes: {res[1]}")
-        if res[0] == "ok":
-            got = res[1]
-            if isinstance(got, (TensorMeta, tuple)) and got != n.meta:
-                raise VerifyError(f"%{n.name} ({n.op}) records {n.meta} but computes {got} from its inputs")

@@ -226,6 +226,9 @@ class Pass:
     needs_calibration: ClassVar[bool] = False
     #: passes that must run after one of these in the same pipeline (checked before any work).
     runs_after: ClassVar[tuple[str, ...]] = ()
+    #: (pass name, option): this step is that option of the last such pass before it in the pipeline; the
+    #: PassManager sets the option to True there when it is built (bias-correction: quantize's bias_correction).
+    option_of: ClassVar[tuple[str, str] | None] = None
 
     def check_context(self, ctx: PassContext) -> str | None:
         """Before any work: return what is missing from `ctx` for this pass to run (None when fine)."""

@@ -80,6 +80,7 @@ class _Job:
     quiet: bool
     bench_seconds: float
     check_numerics: bool
+    print_ir: bool = False
     graph: ir.Graph | None = None  # resume: the saved graph to continue from (no capture)
     headline: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -93,7 +94,8 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             test_data: Any = None, eval_fn: Callable[[nn.Module], float] | None = None,
             out_dir: str | Path | None = None, formats: Sequence[str] | str | None = None, force: bool = False,
             keep_rejected: bool = False, check_numerics: bool = True, name: str | None = None,
-            quiet: bool = False, seed: int = 0, bench_seconds: float = DEFAULT_BENCH_SECONDS) -> CompileResult:
+            quiet: bool = False, seed: int = 0, bench_seconds: float = DEFAULT_BENCH_SECONDS,
+            print_ir: bool = False) -> CompileResult:
     """Compile `model` with a recipe: capture, run its passes, export, check and report.
 
     model: an nn.Module, or (resume) an ir.Graph / the path of a `.slimfx` file saved by an earlier compile
@@ -110,6 +112,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
         outputs to `OUT.rejected/` instead of nothing.
     bench_seconds: the one time budget of the latency report, all files and batch sizes together (0: no
         latency measurement).
+    print_ir: print the IR after every pass that changed it (stdout).
     Raises SlimfxError subclasses for anything the user can fix (GateError when the gate fails).
     """
     t_start = time.perf_counter()
@@ -117,6 +120,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
                    calibration_data=calibration_data, train_data=train_data, test_data=test_data,
                    eval_fn=eval_fn, out_dir=out_dir, formats=formats, force=force, keep_rejected=keep_rejected,
                    check_numerics=check_numerics, name=name, quiet=quiet, seed=seed, bench_seconds=bench_seconds)
+    job.print_ir = bool(print_ir)
     with contextlib.ExitStack() as stack:
         if job.output is not None:
             stack.enter_context(job.output)
@@ -331,7 +335,7 @@ def _run_passes(job: _Job, graph: ir.Graph) -> tuple[ir.Graph, list[Any], list[d
     """The graph after the pipeline (a pass may return a new one), the pass records, the stage rows."""
     recorder = _StageRecorder(job)
     pm = PassManager(job.pipeline, verify_each=True, check_numerics=1e-4 if job.check_numerics else None,
-                     instrumentations=[recorder])
+                     print_ir=job.print_ir, instrumentations=[recorder])
     run = pm.run(graph, job.ctx)
     from slimfx.persist import history_entry
 

@@ -12,12 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from onnx import helper, numpy_helper
 
-from slimfx.exporters.onnx.context import Dyn, EmitContext, onnx_dtype, register_emitter, to_numpy
+from slimfx.exporters.onnx.context import Dyn, EmitContext, register_emitter, to_numpy
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Node, Param
-from slimfx.ir.ops import trait
 
 INT64_MAX = 2**63 - 1
 
@@ -1058,62 +1056,9 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
     # needs them. An int32 (bias) zero point of 0 is left out: it is the default, and fusion ignores it.
     zero = _qtensor(ctx, zp)
     omit = qdt == torch.int32 and zero is not None and not bool(torch.as_tensor(zero).any())
-    values = _compact_int32(ctx, q) if qdt == torch.int32 else ctx.value(q)
-    scale_name = (_bias_scale_product(ctx, node) if qdt == torch.int32 else None) \
-        or _qparam(ctx, scale, torch.float32, per_tensor)
-    return ctx.emit("DequantizeLinear", [values, scale_name] + ([] if omit else [_qparam(ctx, zp, qdt, per_tensor)]),
+    return ctx.emit("DequantizeLinear", [ctx.value(q), _qparam(ctx, scale, torch.float32, per_tensor)]
+                    + ([] if omit else [_qparam(ctx, zp, qdt, per_tensor)]),
                     axis=None if axis is None else _axis(int(axis), rank))
-
-
-# An int32 bias is stored compactly: with int8 weights, biases and their scales become a large part of a
-# small model's file. Both forms below are constant subgraphs that onnxruntime folds
-# when it loads the model, before its QDQ fusion, so QLinearConv/QGemm fusion and results are unchanged.
-# Each is used only where the bytes it saves exceed the bytes of the node it adds (not for a few channels).
-
-def _node_bytes(op_type: str, inputs: list[str], outputs: list[str], **attrs: Any) -> int:
-    return helper.make_node(op_type, inputs, outputs, **attrs).ByteSize()
-
-
-def _compact_int32(ctx: EmitContext, q: Any) -> str:
-    """An int32 constant whose values fit in int16, stored as int16 and cast back (half the bytes)."""
-    if not isinstance(q, Param):
-        return ctx.value(q)
-    t = ctx.param_tensor(q)
-    cast = {"to": onnx_dtype(torch.int32)}  # the Cast's output takes the stored constant's name
-    if t.abs().max() > torch.iinfo(torch.int16).max \
-            or 2 * t.numel() <= _node_bytes("Cast", [f"{q.name}.i16"], [q.name], **cast) + len(".i16"):
-        return ctx.value(q)
-    return ctx.emit("Cast", [ctx.param(q, key="i16", dtype=torch.int16)], name=q.name, **cast)
-
-
-def _bias_scale_product(ctx: EmitContext, node: Node) -> str | None:
-    """A per-channel int32 bias scale as Mul(input scale, weight scale), which is its definition for
-    integer kernels, instead of a stored vector; None unless the stored scale is exactly that product."""
-    scale = node.inputs[1]
-    if not isinstance(scale, Param) or ctx.param_tensor(scale).dim() != 1 or ctx.param_tensor(scale).numel() < 2:
-        return None
-    for layer in node.users:
-        if trait(layer.op, "quant") != "weight" or len(layer.inputs) < 3 or layer.inputs[2] is not node:
-            continue
-        x, w = layer.inputs[0], layer.inputs[1]
-        while isinstance(x, Node) and x.op in ("identity", "dropout") and x.inputs:
-            x = x.inputs[0]
-        if not (isinstance(x, Node) and x.op == "dequantize" and isinstance(w, Node) and w.op == "dequantize"):
-            return None
-        s_x, s_w = x.inputs[1], w.inputs[1]
-        if not (isinstance(s_x, Param) and isinstance(s_w, Param)) or x.attrs.get("axis") is not None:
-            return None
-        tx, tw = ctx.param_tensor(s_x), ctx.param_tensor(s_w)
-        if tx.numel() != 1 or tw.dtype != torch.float32 or tw.shape != ctx.param_tensor(scale).shape \
-                or not torch.equal(tx.float().reshape(()) * tw, ctx.param_tensor(scale)):
-            return None
-        factors = [_qparam(ctx, s_x, torch.float32, True), _qparam(ctx, s_w, torch.float32, w.attrs.get("axis") is None)]
-        stored = numpy_helper.from_array(to_numpy(ctx.param_tensor(scale)), scale.name).ByteSize()
-        if stored <= _node_bytes("Mul", factors, [scale.name]):  # the product takes the vector's name
-            return None
-        return ctx.emit("Mul", factors, name=scale.name)
-    return None
-
 
 
 @register_emitter("dynamic_quantize")

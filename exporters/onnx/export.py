@@ -21,6 +21,7 @@ from slimfx.exporters._common import (
     validation_sets,
 )
 from slimfx.exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, probe
+from slimfx.exporters.onnx.rewrites import shrink
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Node, TensorMeta, iter_refs
 
@@ -121,6 +122,7 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFA
             renamed[src] = name
         else:
             ctx.emit("Identity", [renamed.get(src, src)], outputs=[name], name=name)
+    ctx.nodes, ctx.initializers = shrink(ctx.nodes, ctx.initializers, set(out_names))
     _dead_code(ctx, out_names)
 
     batch_dims: list[Any] = []

@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from slimfx.ir import Graph, count_macs, count_params, lower, ops_with, propagate_shapes, verify
+from slimfx.ir.analysis import example_inputs as inputs_from_metas
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.prune.groups import (
@@ -31,15 +32,13 @@ Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
 
 
 def example_inputs(graph: Graph, ctx: PassContext) -> tuple:
-    """The context's example inputs, or zeros shaped like the graph inputs' metas."""
+    """The context's example inputs, or inputs made from the graph inputs' metas (ir.analysis.example_inputs)."""
     if ctx.example_inputs:
         return ctx.example_inputs
-    out = []
-    for n in graph.inputs:
-        if n.meta is None:
-            raise PassError(f"graph input %{n.name} has no shape; give example inputs (PassContext.example_inputs)")
-        out.append(torch.zeros(n.meta.shape, dtype=n.meta.dtype))
-    return tuple(out)
+    missing = next((n for n in graph.inputs if n.meta is None), None)
+    if missing is not None:
+        raise PassError(f"graph input %{missing.name} has no shape; give example inputs (PassContext.example_inputs)")
+    return inputs_from_metas(graph)
 
 
 def match_any(patterns: list[str], names: list[str]) -> bool:
@@ -58,6 +57,16 @@ def check_patterns(graph: Graph, patterns: list[str], option: str, pass_name: st
             mods = sorted({n.module_path for n in graph if n.module_path and n.op in LAYER_OPS})
             raise PassError(f"pass '{pass_name}': {option} pattern {p!r} names no module, node or param of the graph; "
                             f"layers are e.g. {', '.join(mods[:8]) or '(none)'} (fnmatch patterns such as 'layer1.*')")
+
+
+def patterns_problem(graph: Graph, pass_name: str, **options: list[str]) -> str | None:
+    """`check_patterns` for each named option (e.g. protect=[...], overrides=[...]): what is wrong, or None."""
+    try:
+        for option, patterns in options.items():
+            check_patterns(graph, list(patterns), option, pass_name)
+    except PassError as e:
+        return str(e)
+    return None
 
 
 def group_names(g: Group, graph: Graph) -> list[str]:
@@ -201,16 +210,12 @@ class PruneChannels(Pass):
         return None
 
     def check_graph(self, graph: Graph) -> str | None:
-        try:
-            check_patterns(graph, self.protect, "protect", self.name)
-            check_patterns(graph, list(self.overrides), "overrides", self.name)
-        except PassError as e:
-            return str(e)
-        return None
+        return patterns_problem(graph, self.name, protect=self.protect, overrides=list(self.overrides))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        check_patterns(graph, self.protect, "protect", self.name)
-        check_patterns(graph, list(self.overrides), "overrides", self.name)
+        problem = self.check_graph(graph)
+        if problem:
+            raise PassError(problem)
         inputs = example_inputs(graph, ctx)
         deps = analyze(graph)
         for op in deps.missing:

@@ -78,20 +78,14 @@ class PruneWeights(Pass):
     skip: list[str] = option([], help="patterns of layers left dense, e.g. ['conv1', 'fc']")
 
     def check_graph(self, graph: Graph) -> str | None:
-        from slimfx.passes.prune.channels import check_patterns
+        from slimfx.passes.prune.channels import patterns_problem
 
-        try:
-            check_patterns(graph, self.skip, "skip", self.name)
-            check_patterns(graph, list(self.overrides), "overrides", self.name)
-        except PassError as e:
-            return str(e)
-        return None
+        return patterns_problem(graph, self.name, skip=self.skip, overrides=list(self.overrides))
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        from slimfx.passes.prune.channels import check_patterns
-
-        check_patterns(graph, self.skip, "skip", self.name)
-        check_patterns(graph, list(self.overrides), "overrides", self.name)
+        problem = self.check_graph(graph)
+        if problem:
+            raise PassError(problem)
         layers: list[tuple[Node, Param, Param | None, float | None]] = []
         seen: set[str] = set()
         for n in graph:

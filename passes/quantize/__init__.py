@@ -1,7 +1,7 @@
 """Quantization: observers, calibration, the `quantize` pass (int8 static/dynamic, fixed-point, sign),
 QAT with a straight-through estimator, cross-layer equalization, bias correction, sensitivity analysis."""
 
-from slimfx.passes.quantize import ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
+from slimfx.passes.quantize import ops  # noqa: F401  (registers fake_quantize)
 from slimfx.passes.quantize.equalize import BiasCorrection, Equalize
 from slimfx.passes.quantize.observers import (
     CALIBRATION_METHODS,

@@ -17,10 +17,9 @@ from typing import ClassVar
 import torch
 
 from slimfx.ir import Graph, Node, Param, ops_with, trait
-from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, run_with_outputs
-from slimfx.passes.quantize.qdq import bias_limit, layer_weight
+from slimfx.passes.quantize.qdq import bias_limit, layer_weight, scale_value
 
 _LAYERS = ops_with(weighted=True)  # layers y = x ⊛ W + b (ir.Weighted): conv1d, conv2d, linear, ...
 
@@ -137,51 +136,50 @@ class Equalize(Pass):
 @register_pass("bias-correction")
 @dataclass
 class BiasCorrection(Pass):
-    """Correct the mean output shift of each quantized layer (run after `quantize` in the same pipeline)."""
+    """Correct the mean output shift of each quantized layer: the same as quantize{bias_correction=true}.
+
+    Bias correction compares each layer with the float graph quantize started from, so it runs inside the
+    quantize pass: in a pipeline, this step sets `bias_correction = true` on the quantize before it (the
+    PassManager does, when it is built); its own record says so, quantize's stats hold the numbers."""
 
     preserves_outputs = False
 
     needs_calibration: ClassVar[bool] = True
     runs_after: ClassVar[tuple[str, ...]] = ("quantize",)
-
-    def check_context(self, ctx: PassContext) -> str | None:
-        from slimfx.passes.finetune import data_problem
-
-        problem = data_problem(ctx.calibration_data, "calibration data")
-        if problem:
-            return f"bias-correction needs calibration data, but {problem}: give an iterable of input tuples"
-        return None
+    option_of: ClassVar[tuple[str, str] | None] = ("quantize", "bias_correction")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        ref = ctx.extras.get("quantize.float_graph")
-        if ref is None:
-            raise PassError("bias-correction needs the float graph the quantize pass saw: run it after "
-                            "'quantize' in the same pipeline (same PassContext)")
-        batches = calibration_batches(ctx)
-        layers = [n for n in graph if n.op in _LAYERS and isinstance(n.inputs[1], Node)
-                  and n.inputs[1].op == "dequantize" and ref.has_node(n.name)]
-        if not layers:
-            return PassResult(False, {"corrected": 0})
-        for n in layers:  # a bias to correct: zeros where the layer has none
-            if len(n.inputs) < 3 or n.inputs[2] is None:
-                w = graph.params[n.inputs[1].inputs[0].name]
-                p = graph.add_param(f"{n.name}.bias", torch.zeros(layer_weight(n, w).shape[0]))
-                n.inputs = (*n.inputs[:2], p, *n.inputs[3:])
-        names = [n.name for n in layers]
-        channel_dim = {n.name: trait(n.op, "weighted").channel_dim for n in layers}
-        float_means = _channel_means(run_with_outputs(ref, names), batches, names, channel_dim)
-        # one lowering; corrections are written in place into its buffers (and into the graph)
-        gm = run_with_outputs(graph, names)
-        total = 0.0
-        for n in layers:
-            delta = float_means[n.name] - _channel_means(gm, batches, [n.name], channel_dim, names)[n.name]
-            name, value = _corrected_bias(graph, n, delta)
-            graph.params[name] = value
-            live = gm.get_buffer(name) if name in graph.buffers else gm.get_parameter(name)
-            with torch.no_grad():
-                live.copy_(value)
-            total += float(delta.abs().mean())
-        return PassResult(True, {"corrected": len(layers), "mean_abs_shift": total / len(layers)})
+        return PassResult(False, {"done_by": "quantize (bias_correction = true)"})
+
+
+def correct_biases(graph: Graph, reference: Graph, ctx: PassContext) -> dict[str, float]:
+    """Bias correction of the quantized `graph` against the float `reference` it was made from, in place:
+    each quantized layer's bias moves by the per-channel mean output shift on the calibration data."""
+    batches = calibration_batches(ctx)
+    layers = [n for n in graph if n.op in _LAYERS and isinstance(n.inputs[1], Node)
+              and n.inputs[1].op == "dequantize" and reference.has_node(n.name)]
+    if not layers:
+        return {"corrected": 0}
+    for n in layers:  # a bias to correct: zeros where the layer has none
+        if len(n.inputs) < 3 or n.inputs[2] is None:
+            w = graph.params[n.inputs[1].inputs[0].name]
+            p = graph.add_param(f"{n.name}.bias", torch.zeros(layer_weight(n, w).shape[0]))
+            n.inputs = (*n.inputs[:2], p, *n.inputs[3:])
+    names = [n.name for n in layers]
+    channel_dim = {n.name: trait(n.op, "weighted").channel_dim for n in layers}
+    float_means = _channel_means(run_with_outputs(reference, names), batches, names, channel_dim)
+    # one lowering; corrections are written in place into its buffers (and into the graph)
+    gm = run_with_outputs(graph, names)
+    total = 0.0
+    for n in layers:
+        delta = float_means[n.name] - _channel_means(gm, batches, [n.name], channel_dim, names)[n.name]
+        name, value = _corrected_bias(graph, n, delta)
+        graph.params[name] = value
+        live = gm.get_buffer(name) if name in graph.buffers else gm.get_parameter(name)
+        with torch.no_grad():
+            live.copy_(value)
+        total += float(delta.abs().mean())
+    return {"corrected": len(layers), "mean_abs_shift": total / len(layers)}
 
 
 def _channel_means(gm: torch.nn.Module, batches: list[tuple], names: list[str], channel_dim: dict[str, int],
@@ -205,8 +203,8 @@ def _corrected_bias(graph: Graph, n: Node, delta: torch.Tensor) -> tuple[str, to
     """(param name, new value) for bias += delta in the bias's own form (int32 with scale s_x*s_w, or float)."""
     b = n.inputs[2]
     if isinstance(b, Node) and b.op == "dequantize":
-        qref, sref = b.inputs[0], b.inputs[1]
-        q, s = graph.params[qref.name], graph.params[sref.name]
+        qref = b.inputs[0]
+        q, s = graph.params[qref.name], scale_value(graph, b.inputs[1])
         new = torch.round(q.double() + delta.double() / s.double())
         # a channel whose corrected bias would not leave the accumulator its room keeps its bias (never a
         # saturated one: quantize keeps every bias within half of that limit, so this takes a huge shift)

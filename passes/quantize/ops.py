@@ -1,12 +1,10 @@
-"""Ops the quantization passes add to the IR's op table.
+"""The op the quantization passes add to the IR's op table for their own use.
 
 `fake_quantize` is the straight-through-estimator (STE) form used only while
 fine-tuning (QAT); the graphs it appears in are temporary, and the quantize
 pass always folds back to canonical `quantize`/`dequantize` before it returns.
-
-`dynamic_quantize` is ONNX DynamicQuantizeLinear: uint8 values with a scale and
-zero point computed from the tensor's own range at run time (tuple-valued:
-read the parts with `getitem`).
+(What a quantized graph holds, `quantize`, `dequantize` and `dynamic_quantize`,
+is in the IR's op table, ir/ops.py, with an emitter for each in exporters/onnx.)
 """
 
 from __future__ import annotations
@@ -60,17 +58,5 @@ def _fake_quantize(x, scale=None, zero_point=None, *, qmin=-128, qmax=127, axis=
     return xc + ((xq - z) * s - xc).detach()
 
 
-def _dynamic_quantize(x):
-    """ONNX DynamicQuantizeLinear: uint8, scale = (max(0,max x) - min(0,min x)) / 255."""
-    lo = torch.clamp(x.min(), max=0.0)
-    hi = torch.clamp(x.max(), min=0.0)
-    scale = ((hi - lo) / 255.0).to(torch.float32)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zp = torch.round(0.0 - lo / scale).clamp(0, 255)
-    q = (torch.round(x / scale) + zp).clamp(0, 255).to(torch.uint8)
-    return q, scale, zp.to(torch.uint8)
-
-
-# QAT-only and run-time quantization: channel pruning stops at them (prune before quantizing)
+# QAT only: channel pruning stops at it (prune before quantizing)
 register_op("fake_quantize", _fake_quantize, channels="block")
-register_op("dynamic_quantize", _dynamic_quantize, result="tuple", channels="block")

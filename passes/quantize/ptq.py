@@ -23,8 +23,9 @@ from slimfx.ir import Graph, Node, Param, TensorMeta
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.distill.trainer import OPTIMIZER_HELP, Optimizer
-from slimfx.passes.quantize import ops as _ops  # noqa: F401  (registers fake_quantize / dynamic_quantize)
+from slimfx.passes.quantize import ops as _ops  # noqa: F401  (registers fake_quantize)
 from slimfx.passes.quantize.calibrate import calibration_batches, collect
+from slimfx.passes.quantize.equalize import correct_biases
 from slimfx.passes.quantize.observers import (
     DTYPES,
     SCALE_FLOOR,
@@ -134,13 +135,16 @@ class Quantize(Pass):
         "kept float until it holds; needs an eval function; unset: off"))
     embeddings: bool = option(True, help="int8 schemes: store embedding tables as int8 (one symmetric scale "
                                          "per table)")
+    bias_correction: bool = option(False, help=(
+        "after quantizing, correct each quantized layer's bias by its mean output shift from the float graph "
+        "on the calibration data (Nagel et al. 2019); what the `bias-correction` step turns on"))
     reduce_range: bool = option(True, help=(
         "conv/linear weights in [-64, 64] (7 bits): exact on every CPU, where x86 CPUs without VNNI (AVX2) "
         "saturate full-range int8 weights; false: 8 bits, only for VNNI or ARM deployment"))
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.scheme != "int8-dynamic"
+        return self.scheme != "int8-dynamic" or self.bias_correction
 
     def check_context(self, ctx: PassContext) -> str | None:
         from slimfx.passes.finetune import check_train_data, data_problem
@@ -150,6 +154,8 @@ class Quantize(Pass):
             return (f"quantize (scheme {self.scheme}) needs calibration data to set activation ranges, but "
                     f"{problem}: give an iterable of input tuples (a few hundred samples), or use scheme "
                     "'int8-dynamic'")
+        if self.bias_correction and problem:
+            return f"quantize with bias_correction needs calibration data, but {problem}: give an iterable of input tuples"
         if self.qat_epochs > 0:
             missing = check_train_data(ctx, step=self._qat_step(),
                                        required=self.qat_required, required_option="qat_required",
@@ -180,7 +186,7 @@ class Quantize(Pass):
     def apply(self, graph: Graph, ctx: PassContext, *, only: set[str] | None = None,
               ranges: dict[str, Range] | None = None) -> PassResult:
         """Quantize `graph` in place (only the ops named in `only`, when given)."""
-        ctx.extras.setdefault("quantize.float_graph", graph.copy())
+        reference = graph.copy() if self.bias_correction else None  # the float graph, for bias correction
         dynamic = self.scheme == "int8-dynamic"
         skip = list(self.skip)
         if self.float_first:
@@ -234,6 +240,7 @@ class Quantize(Pass):
                                                             qmin=-qmax, qmax=qmax))
         collapsed = collapse_requantize(graph)
         graph.remove_unused_params()
+        corrected = correct_biases(graph, reference, ctx) if reference is not None else None
         stored = {p.name for n in graph if n.op == "dequantize" or n in embeds for p in n.params()}
         after = sum(graph.params[k].numel() * graph.params[k].element_size() for k in stored)
         raised_layers = {k: v for k, v in raised.items() if v}
@@ -249,7 +256,8 @@ class Quantize(Pass):
             # activations whose calibrated range is exactly [0, 0] or holds NaN/Inf (see calibrate)
             "degenerate_ranges": degenerate,
             "kept_float": floats,  # layers with weights left float (KEPT_FLOAT), and why
-            **({"qat": qat} if qat is not None else {})})
+            **({"qat": qat} if qat is not None else {}),
+            **({"bias_correction": corrected} if corrected is not None else {})})
 
     def _qat_step(self) -> str:
         return f"pass 'quantize' (qat_epochs = {self.qat_epochs})"
@@ -403,9 +411,9 @@ class Quantize(Pass):
                                       pow2=kind == "fixed-point")
             except PassError as e:
                 raise PassError(f"quantize: %{n.name}: {e}; keep the layer float with skip = [{n.name!r}]") from e
-        fold_weight(graph, n, 1, qp, qmin=-qmax, qmax=qmax, values=values)
+        w_dq = fold_weight(graph, n, 1, qp, qmin=-qmax, qmax=qmax, values=values)
         if s_x is not None and s_x.dim() == 0:
-            fold_bias(graph, n, s_x, qp.scale, qp.axis)
+            fold_bias(graph, n, s_x, qp.scale, qp.axis, factors=(x.inputs[1], w_dq.inputs[1]))
         return raised
 
     # -- dynamic activations ---------------------------------------------------------------------------

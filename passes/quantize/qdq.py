@@ -372,9 +372,13 @@ def fit_bias(qp: QParams, s_x: torch.Tensor, bias: torch.Tensor, fan_in: int, *,
     return QParams(new, qp.zero_point, qp.dtype, qp.axis), bad.nonzero().flatten().tolist()
 
 
-def fold_bias(graph: Graph, node: Node, s_x: torch.Tensor, s_w: torch.Tensor, axis: int | None) -> Node | None:
+def fold_bias(graph: Graph, node: Node, s_x: torch.Tensor, s_w: torch.Tensor, axis: int | None, *,
+              factors: tuple[Param, Param] | None = None) -> Node | None:
     """Bias as int32 with scale s_x * s_w and zero point 0 (what integer kernels add to the accumulator).
 
+    With `factors` (the input's and the weight's scale params), the scale is that product in the IR, a
+    `mul` of the two (a constant subgraph), so what it is stays known to exporters (ONNX: a Mul of the two
+    initializers, which exporters/onnx/rewrites.py folds where a stored vector is smaller).
     Fails closed: a bias that does not fit int32 (or a scale that is not a normal float32) is a PassError,
     never a silently saturated value; `fit_bias` chooses weight params under which it fits."""
     if len(node.inputs) < 3 or not isinstance(node.inputs[2], Param):
@@ -390,7 +394,25 @@ def fold_bias(graph: Graph, node: Node, s_x: torch.Tensor, s_w: torch.Tensor, ax
                         f"(|bias| up to {float(b.abs().max()):.3g}, scale down to {float(scale.min()):.3g}); "
                         f"keep the layer float with skip = [{node.name!r}]")
     qp = QParams(scale, torch.zeros_like(scale, dtype=torch.int32), torch.int32, 0 if scale.dim() else None)
-    return fold_weight(graph, node, 2, qp, values=exact.to(torch.int32))
+    dq = fold_weight(graph, node, 2, qp, values=exact.to(torch.int32))
+    if factors is not None and graph.params[factors[0].name].dim() == 0 \
+            and tuple(graph.params[factors[1].name].shape) == tuple(scale.shape):
+        stored = dq.inputs[1]
+        product = graph.create_node("mul", factors, name=stored.name, before=dq, meta=TensorMeta.of(scale),
+                                    module_path=node.module_path)
+        dq.inputs = (dq.inputs[0], product, *dq.inputs[2:])
+        del graph.params[stored.name]
+        graph.buffers.discard(stored.name)
+    return dq
+
+
+def scale_value(graph: Graph, scale: object) -> torch.Tensor:
+    """The value of a dequantize's scale operand: a param, or the product of two (an int32 bias's s_x * s_w)."""
+    if isinstance(scale, Param):
+        return graph.params[scale.name]
+    if isinstance(scale, Node) and scale.op == "mul" and all(isinstance(f, Param) for f in scale.inputs):
+        return bias_scale(*(graph.params[f.name] for f in scale.inputs))
+    raise PassError(f"quantize: the scale of a dequantize is {scale!r}, neither a param nor a product of two")
 
 
 def _requantize(q, s, z, s2, z2, axis=None, dtype=None):

@@ -52,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="when the recipe's [validate] gate fails, write the outputs to OUT.rejected/ for inspection "
                         "(exit code 3 either way)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables; print only the output path")
+    p.add_argument("--print-ir", action="store_true", help="print the IR after every pass that changed it")
     _args.add_plugin_argument(p)
     return p
 
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     result = compile_model(model, loaded.example_inputs, recipe, data=data,
                            example_kwargs=loaded.example_kwargs, out_dir=args.out, formats=formats, force=args.force,
                            keep_rejected=args.keep_rejected, name=loaded.name, quiet=args.quiet, seed=args.seed,
-                           bench_seconds=0 if args.no_bench else args.bench_seconds)
+                           bench_seconds=0 if args.no_bench else args.bench_seconds, print_ir=args.print_ir)
     if args.quiet:
         print(result.out_dir)
         return 0

@@ -177,9 +177,8 @@ def test_bias_correction_adds_a_bias_per_output_channel_to_a_biasless_conv_trans
     m, x = Net().eval(), (torch.randn(2, 3, 4, 4),)
     g = ir.capture(m, x)
     ctx = _ctx(x)
-    create_pass("quantize", {"scheme": "int8-static"}).run(g, ctx)
-    res = create_pass("bias-correction", {}).run(g, ctx)
-    assert res.stats["corrected"] == 1
+    res = create_pass("quantize", {"scheme": "int8-static", "bias_correction": True}).run(g, ctx)
+    assert res.stats["bias_correction"]["corrected"] == 1
     bias = g.node("up").inputs[2]
     assert g.params[bias.name if isinstance(bias, ir.Param) else bias.inputs[0].name].numel() == 5
     ir.verify(g)

@@ -41,6 +41,16 @@ def test_a_recipe_object_works_and_nothing_is_written_without_out_dir(tmp_path):
     assert result.report["recipe"] == "mine"
 
 
+def test_the_ir_is_printed_after_each_changing_pass_only_when_asked(capsys):
+    model, example = small()
+    recipe = Recipe.from_dict({"passes": [{"name": "fold-batchnorm"}, {"name": "cse"}]}, name="mine")
+    slimfx.compile(model, example, recipe=recipe, bench_seconds=0, quiet=True)
+    assert "// IR after" not in capsys.readouterr().out
+    slimfx.compile(model, example, recipe=recipe, bench_seconds=0, quiet=True, print_ir=True)
+    out = capsys.readouterr().out
+    assert out.count("// IR after") == 1 and "// IR after fold-batchnorm" in out and "batch_norm(" not in out
+
+
 def test_a_step_that_needs_missing_data_fails_before_any_work(tmp_path):
     model, example = small()
     recipe = Recipe.from_dict({"passes": [{"name": "finetune", "required": True}]}, name="needs-data")

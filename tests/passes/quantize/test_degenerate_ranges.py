@@ -18,7 +18,7 @@ from slimfx.ir.errors import PassError
 from slimfx.passes import PassContext, create_pass
 from slimfx.passes.quantize.calibrate import run_with_outputs
 from slimfx.passes.quantize.observers import SCALE_FLOOR, QParams
-from slimfx.passes.quantize.qdq import bias_limit, bias_scale, fit_bias
+from slimfx.passes.quantize.qdq import bias_limit, bias_scale, fit_bias, scale_value
 
 
 def _sqnr(ref, y) -> float:
@@ -100,7 +100,7 @@ def test_a_bias_that_would_saturate_int32_is_kept_exact_and_onnxruntime_still_fu
         assert raised == ({"c2": [3], "fc": [2]} if per_channel else {})
     for name in ("c2", "fc"):
         b_dq = g.node(name).inputs[2]
-        q, s = g.params[b_dq.inputs[0].name].double(), g.params[b_dq.inputs[1].name].double()
+        q, s = g.params[b_dq.inputs[0].name].double(), scale_value(g, b_dq.inputs[1]).double()
         assert g.params[b_dq.inputs[0].name].dtype == torch.int32
         fan_in = g.params[g.node(name).inputs[1].inputs[0].name][0].numel()
         assert int(q.abs().max()) <= bias_limit(fan_in)  # room left for the accumulator
@@ -116,7 +116,7 @@ def test_a_bias_that_would_saturate_int32_is_kept_exact_and_onnxruntime_still_fu
     # was not raised, up to half its quantization step
     ch = [3] if cls is ZeroRow else list(range(8))
     want = m.c2.bias.detach()[ch].reshape(1, -1, 1, 1)
-    step = g.params[g.node("c2").inputs[2].inputs[1].name].expand(8)[ch].reshape(1, -1, 1, 1)
+    step = scale_value(g, g.node("c2").inputs[2].inputs[1]).expand(8)[ch].reshape(1, -1, 1, 1)
     tol = 2 ** -21 * 72 * want.abs() if "c2" in raised else step / 2
     assert bool(((c2_int[:, ch] - want).abs() <= tol + 1e-7 * want.abs()).all())
     assert _sqnr(ref, y) > (20 if options.get("scheme") == "sign" else 40)  # was about 0 dB
@@ -144,7 +144,7 @@ def test_bias_correction_leaves_a_channel_uncorrected_rather_than_saturate_its_b
     m, g, _ = _quantized(ZeroRow)
     n = g.node("c2")
     q = g.params[n.inputs[2].inputs[0].name]
-    s = g.params[n.inputs[2].inputs[1].name]
+    s = scale_value(g, n.inputs[2].inputs[1])
     delta = torch.zeros(8)
     delta[3] = 1e3 * float(m.c2.bias[3])  # far beyond what int32 holds at channel 3's scale
     delta[0] = 0.5

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from slimfx import ir
 from slimfx.ir.errors import PassError
-from slimfx.passes import PassContext, create_pass
+from slimfx.passes import PassContext, PassManager, create_pass
 from slimfx.passes.quantize.sensitivity import graph_outputs, sqnr_db
 
 
@@ -96,8 +96,8 @@ def test_mobilenetv2_per_tensor_int8_gains_sqnr_from_equalization_and_bias_corre
                         "cle+bc": ["equalize", "quantize", "bias-correction"]}.items():
         q = g.copy()
         ctx = PassContext((x[:1],), calibration_data=cal, quiet=True)
-        for p in steps:
-            create_pass(p, {"per_channel": False, "calibration": "minmax"} if p == "quantize" else {}).run(q, ctx)
+        PassManager([create_pass(p, {"per_channel": False, "calibration": "minmax"} if p == "quantize" else {})
+                     for p in steps]).run(q, ctx)
         ir.verify(q)
         results[name] = sqnr_db(ref, graph_outputs(q, test))
     assert results["cle"] > results["plain"] + 1.0, results
@@ -110,22 +110,26 @@ def test_bias_correction_removes_mean_shift():
     x = torch.randn(64, 3, 8, 8)
     g = ir.capture(m, (x[:1],))
     ctx = PassContext((x[:1],), calibration_data=[(x[:32],), (x[32:],)], quiet=True)
-    create_pass("quantize", {"per_channel": False, "bits": 4}).run(g, ctx)
-    before = (ir.lower(g)(x) - m(x)).mean(dim=(0, 2, 3)).abs().mean()
-    res = create_pass("bias-correction", {}).run(g, ctx)
-    ir.verify(g)
+    plain = g.copy()
+    create_pass("quantize", {"per_channel": False, "bits": 4}).run(plain, ctx)
+    before = (ir.lower(plain)(x) - m(x)).mean(dim=(0, 2, 3)).abs().mean()
+    # the recipe step `bias-correction` after quantize is quantize's bias_correction option
+    pm = PassManager(["quantize{per_channel=false, bits=4}", "bias-correction"], check_numerics=1e-4)
+    assert str(pm.passes[0]).count("bias_correction=True") == 1
+    run = pm.run(g, ctx)
     after = (ir.lower(g)(x) - m(x)).mean(dim=(0, 2, 3)).abs().mean()
-    assert res.stats["corrected"] == 4
+    assert run[0].stats["bias_correction"]["corrected"] == 4 and not run[1].changed
     assert after < 0.5 * before
     assert g.params[g.node("c").inputs[2].inputs[0].name].dtype == torch.int32  # still an int32 bias
 
 
 def test_bias_correction_needs_quantize_first():
-    m = Chain().eval()
     x = torch.randn(2, 3, 8, 8)
-    g = ir.capture(m, (x,))
-    with pytest.raises(PassError, match="after 'quantize'"):
-        create_pass("bias-correction", {}).run(g, PassContext((x,), calibration_data=[(x,)]))
+    with pytest.raises(PassError, match="must come after a 'quantize'"):
+        PassManager(["dce", "bias-correction"])
+    q = create_pass("quantize", {"scheme": "int8-dynamic", "bias_correction": True})
+    assert q.needs_calibration and "bias_correction needs calibration data" in q.check_context(
+        PassContext((x,), calibration_data=[]))
 
 
 def test_sensitivity_and_fallback_keep_the_worst_layer_float():

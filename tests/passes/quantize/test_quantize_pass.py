@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from slimfx import ir
 from slimfx.ir.errors import PassError
 from slimfx.passes import PassContext, create_pass, parse_pass_spec
-from slimfx.passes.quantize.qdq import collapse_requantize
+from slimfx.passes.quantize.qdq import collapse_requantize, scale_value
 
 
 class Net(nn.Module):
@@ -51,8 +51,10 @@ def test_int8_static_folds_weights_and_simulates_the_integer_model():
         assert g.params[b_dq.inputs[0].name].dtype == torch.int32
         # bias scale = input scale * per-channel weight scale
         x_dq = g.node(name).inputs[0]
+        product = b_dq.inputs[1]  # kept in the IR as the product of the two scale params
+        assert product.op == "mul" and product.inputs == (x_dq.inputs[1], w_dq.inputs[1])
         s_x = g.params[x_dq.inputs[1].name]
-        assert torch.allclose(g.params[b_dq.inputs[1].name], s_x * g.params[w_dq.inputs[1].name])
+        assert torch.equal(scale_value(g, product), s_x * g.params[w_dq.inputs[1].name])
     assert not any(n.op == "quantize" and not isinstance(n.inputs[0], ir.Node) for n in g)
     assert not [k for k, v in g.params.items() if v.is_floating_point() and v.dim() > 1]
     assert res.stats["weight_bytes"]["after"] < 0.35 * res.stats["weight_bytes"]["before"]
@@ -91,9 +93,9 @@ def test_every_scheme_produces_a_verified_qdq_graph(scheme):
         assert _sqnr(m(x), y) > 3
     elif scheme == "fixed-point":
         for n in g.find("dequantize"):
-            s = g.params[n.inputs[1].name]
             if n.inputs[0].name.endswith("bias_q"):
                 continue
+            s = g.params[n.inputs[1].name]
             assert torch.equal(s, 2.0 ** torch.round(torch.log2(s)))  # power-of-two scales
             assert int(g.params[n.inputs[2].name].abs().max()) == 0
         assert _sqnr(m(x), y) > 20
@@ -375,7 +377,7 @@ def test_per_channel_min_gain_keeps_per_channel_scales_only_where_they_pay():
     axes = {n.name: n.attrs.get("axis") for n in g if n.op == "dequantize" and isinstance(n.inputs[0], ir.Param)}
     # c1/fc weights (one init distribution per layer): one scale; c2 (ranges 100x apart): one per channel
     assert axes["c1_weight_dq"] is None and axes["fc_weight_dq"] is None and axes["c2_weight_dq"] == 0
-    assert axes["c1_bias_dq"] is None and g.params[g.node("c1_bias_dq").inputs[1].name].dim() == 0
+    assert axes["c1_bias_dq"] is None and scale_value(g, g.node("c1_bias_dq").inputs[1]).dim() == 0
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert _sqnr(m(x), ir.lower(g)(x)) > 20
@@ -407,7 +409,7 @@ def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_f
     assert inits[stored["c1"]].dtype == np.int16 and inits[stored["fc"]].dtype == np.int32
     assert inits[stored["c2"]].dtype == np.int32 and np.abs(inits[stored["c2"]]).max() > 2 ** 15
     for layer in ("c1", "c2", "fc"):
-        s = g.params[f"{layer}.bias_s"]
+        s = scale_value(g, g.node(f"{layer}_bias_dq").inputs[1])
         assert torch.equal(torch.from_numpy(np.asarray(inits[stored[layer]], dtype=np.int32)),
                            g.params[f"{layer}.bias_q"]) and s.dim() == 1
     ops = _optimized_op_types(model.SerializeToString(), tmp_path)
@@ -418,30 +420,39 @@ def test_bias_scales_are_products_and_small_biases_int16_and_onnxruntime_still_f
     assert validate_onnx(model, g, (x,), atol=1e-3, rtol=1e-3).max_abs_diff < 1e-3
     assert onnx.checker.check_model(model, full_check=True) is None
     # bit-identical to the plain encoding (stored int32 biases and bias scale vectors)
-    import slimfx.exporters.onnx.emitters as emitters
     from slimfx.exporters.bench import ort_feed, ort_session
 
-    monkeypatch.setattr(emitters, "_bias_scale_product", lambda ctx, node: None)
-    monkeypatch.setattr(emitters, "_compact_int32", lambda ctx, q: ctx.value(q))
-    plain = to_onnx_model(g, inputs=ctx.example_inputs)
+    plain = _plain_encoding(g, ctx.example_inputs, monkeypatch)
     assert len(plain.SerializeToString()) > len(model.SerializeToString())
     run = [ort_session(m) for m in (model, plain)]
     a, b = (s.run(None, ort_feed(s, (x,)))[0] for s in run)
     assert np.array_equal(a, b)
 
 
+def _plain_encoding(g, inputs, monkeypatch):
+    """The ONNX model with every bias scale a stored vector and no ONNX-level rewrite (exporters/onnx/rewrites)."""
+    import slimfx.exporters.onnx.export as export
+
+    g = g.copy()
+    for n in list(g.find("mul")):
+        if all(isinstance(f, ir.Param) for f in n.inputs) and all(u.op == "dequantize" for u in n.users):
+            stored = g.add_param(n.name, scale_value(g, n), buffer=True)
+            for u in list(n.users):
+                u.replace_input(n, stored)
+            g.erase(n)
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "shrink", lambda nodes, inits, outputs: (nodes, inits))
+        return export.to_onnx_model(g, inputs=inputs)
+
+
 def test_compact_bias_storage_never_makes_a_file_bigger(monkeypatch):
-    import slimfx.exporters.onnx.emitters as emitters
     from slimfx.exporters.onnx import to_onnx_model
 
     for c in (2, 8, 64):
         m, g, ctx = _setup(c=c)
         create_pass("quantize", {"scheme": "int8-static"}).run(g, ctx)
         compact = len(to_onnx_model(g, inputs=ctx.example_inputs).SerializeToString())
-        with monkeypatch.context() as patch:
-            patch.setattr(emitters, "_bias_scale_product", lambda ctx, node: None)
-            patch.setattr(emitters, "_compact_int32", lambda ctx, q: ctx.value(q))
-            plain = len(to_onnx_model(g, inputs=ctx.example_inputs).SerializeToString())
+        plain = len(_plain_encoding(g, ctx.example_inputs, monkeypatch).SerializeToString())
         assert compact <= plain, (c, compact, plain)
         if c == 64:
             assert compact < plain - 64 * 4  # at least the conv biases' scale vectors are gone
