@@ -51,6 +51,8 @@ def _is_noop(node: Node, graph: Graph) -> Any:
     if op in ("contiguous", "reshape", "flatten", "expand", "cast"):
         if any(u.op == "opaque" for u in node.users) and op == "contiguous":
             return None  # an opaque x.view() may rely on contiguity
+        if op in ("reshape", "expand") and not _follows_own_dims(node, x):
+            return None  # a size read from another tensor (its batch): the same shape at the example's only
         return x if meta_of_value(x, graph) is not None and meta_of_value(x, graph) == node.meta else None
     if op in ("mul", "div", "add", "sub") and len(ins) == 2:
         a, b = ins
@@ -64,6 +66,27 @@ def _is_noop(node: Node, graph: Graph) -> Any:
         if keep is not None and meta_of_value(keep, graph) is not None and meta_of_value(keep, graph) == node.meta:
             return keep
     return None
+
+
+def _follows_own_dims(node: Node, x: Any) -> bool:
+    """True when every size a reshape/expand computes at run time is the same dim of its own input
+    (`x.reshape(x.size(0), 6)`), so equal shapes on the example mean equal shapes at every size."""
+    entries = node.attrs.get("shape" if node.op == "reshape" else "size")
+    entries = entries if isinstance(entries, (tuple, list)) else (entries,)
+    for i, e in enumerate(entries):
+        if not isinstance(e, Node):
+            continue
+        if e.op == "size" and e.inputs[0] is x and isinstance(e.attrs.get("dim"), int):
+            dim = e.attrs["dim"]
+        elif e.op == "getitem" and isinstance(e.inputs[0], Node) and e.inputs[0].op == "shape" \
+                and e.inputs[0].inputs[0] is x and isinstance(e.attrs.get("index"), int):
+            dim = e.attrs["index"]
+        else:
+            return False
+        rank = len(entries)
+        if dim % rank != i:
+            return False
+    return True
 
 
 @register_pass("remove-identity")
