@@ -74,11 +74,16 @@ class FoldBatchNorm(Pass):
             return PassResult(changed=False, stats={"folded": 0, "not_folded": 0})
         readers = {k: len(v) for k, v in graph.param_users().items()}
         folded, not_folded = 0, 0
+        reasons: dict[str, str] = {}
+        blocked: list[str] = []
         dropped: set[str] = set()
         for bn in bns:
             reason = _why_not(bn, graph)
             if reason is not None:
                 not_folded += 1
+                reasons[bn.name] = f"{bn.where()}: {reason}"
+                if not reason.startswith("input is not a weighted layer"):
+                    blocked.append(f"%{bn.name} ({bn.where()}): {reason}")  # a layer it could fold, but not this
                 ctx.logger.debug("fold-batchnorm: %%%s (%s) not folded: %s", bn.name, bn.where(), reason)
                 continue
             x: Node = bn.inputs[0]
@@ -103,7 +108,14 @@ class FoldBatchNorm(Pass):
         for name in dropped:  # the statistics no node reads any more (cheaper than a full scan)
             del graph.params[name]
             graph.buffers.discard(name)
-        return PassResult(changed=folded > 0, stats={"folded": folded, "not_folded": not_folded})
+        stats: dict = {"folded": folded, "not_folded": not_folded}
+        if reasons:
+            stats["not_folded_reasons"] = reasons
+        if blocked:  # after a conv/linear and still not folded: say so in the report's headline
+            more = f" (and {len(blocked) - 2} more; see not_folded_reasons)" if len(blocked) > 2 else ""
+            stats["notes"] = [f"{len(blocked)} batch norm(s) after a conv/linear not folded: "
+                              + "; ".join(blocked[:2]) + more]
+        return PassResult(changed=folded > 0, stats=stats)
 
 
 def _store(graph: Graph, old: Param | None, name: str, value: torch.Tensor, readers: dict[str, int]) -> Param:

@@ -118,6 +118,31 @@ class GRUNet(Recurrent):
         self.rnn = nn.GRU(4, 8, batch_first=True)
 
 
+def data_dependent(x):  # a helper fx keeps as one call; neither fx nor torch.export can follow its branch
+    if x.sum() > 0:
+        return x * 2
+    return x - 1
+
+
+torch.fx.wrap("data_dependent")
+
+
+class Undecomposable(nn.Module):
+    """Capture keeps a call it cannot decompose opaque, and says why."""
+
+    class Inner(nn.Module):
+        def forward(self, x):
+            return data_dependent(x)
+
+    def __init__(self):
+        super().__init__()
+        self.inner = self.Inner()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.inner(x))
+
+
 class FixedBatch(nn.Module):
     """Runs at batch 1 only: the view names the batch size literally."""
 
@@ -328,6 +353,9 @@ CLI_ROWS = [
     ("meta", "Lin", "(torch.randn(2, 64),)", ".to('meta')", ["meta device", "load or initialize them"]),
     ("wrong feature dim", "Lin", "(torch.randn(1, 100),)", "", ["layer 'fc'", "1x100 and 64x10"]),
     ("LSTM", "Recurrent", "(torch.randn(2, 5, 4),)", "", ["nn.LSTM", "--format torchscript"]),
+    ("undecomposable", "Undecomposable", "(torch.randn(2, 4),)", "", [
+        "%data_dependent", "module 'inner', test_hostile_inputs.py:", "Capture could not decompose it",
+        "torch.export", "--format torchscript", "--plugin"]),
 ]
 
 
