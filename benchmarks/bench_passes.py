@@ -1,5 +1,5 @@
-"""Pass scaling benchmark: dce, cse, fold-batchnorm and a pattern pass on synthetic graphs of 1k, 10k
-and 50k nodes. Reports milliseconds per 1k nodes (must stay flat: no quadratic behaviour), the 10k-node
+"""Pass scaling benchmark: dce, cse, fold-batchnorm, remove-identity and a pattern pass on synthetic
+graphs of 1k, 10k and 50k nodes, and collapse-requantize on a quantize/dequantize chain of the same sizes. Reports milliseconds per 1k nodes (must stay flat: no quadratic behaviour), the 10k-node
 total (acceptance: under 2 s), ir.verify's cost, and torch.fx's own dead-code elimination and
 subgraph_rewriter on the same graphs (lowered) as peers measured in the same run.
 
@@ -23,8 +23,9 @@ from tqdm import tqdm
 from slimfx import ir
 from slimfx.ir import Graph, TensorMeta
 from slimfx.passes import PassContext, PassManager, PatternPass, create_pass, register_pass
+from slimfx.passes.quantize.qdq import collapse_requantize
 
-NODES_PER_BLOCK = 10
+NODES_PER_BLOCK = 11
 
 
 @register_pass("bench-fuse-silu")
@@ -38,8 +39,8 @@ class FuseSilu(PatternPass):
 
 
 def build(n_nodes: int, channels: int = 4) -> Graph:
-    """A chain of blocks: conv -> batch_norm -> x*sigmoid(x) -> relu twice (a CSE duplicate) -> add,
-    plus two dead nodes per block. Tiny tensors: this measures the passes, not arithmetic."""
+    """A chain of blocks: conv -> batch_norm -> x*sigmoid(x) -> relu twice (a CSE duplicate) -> add -> x+0
+    (a no-op) -> x*0.5, plus two dead nodes per block. Tiny tensors: this measures the passes, not arithmetic."""
     g = Graph()
     meta = TensorMeta((1, channels, 2, 2), torch.float32)
     v = g.create_node("input", name="x", meta=meta)
@@ -60,7 +61,28 @@ def build(n_nodes: int, channels: int = 4) -> Graph:
         a = g.create_node("add", (r1, r2), meta=meta)
         d = g.create_node("tanh", (a,), meta=meta)      # dead
         g.create_node("exp", (d,), meta=meta)           # dead
-        v = g.create_node("mul", (a, 0.5), meta=meta)   # keeps values small along the chain
+        z = g.create_node("add", (a, 0.0), meta=meta)   # a no-op for remove-identity
+        v = g.create_node("mul", (z, 0.5), meta=meta)   # keeps values small along the chain
+    g.set_outputs(v)
+    return g
+
+
+def build_qdq(n_nodes: int, channels: int = 4) -> Graph:
+    """A chain of quantized blocks: dequantize -> quantize with the same params (a round trip that
+    collapse-requantize drops) -> dequantize -> relu -> quantize, five nodes per block."""
+    g = Graph()
+    fmeta, qmeta = TensorMeta((1, channels), torch.float32), TensorMeta((1, channels), torch.uint8)
+    v = g.create_node("input", name="x", meta=fmeta)
+    qp = {"dtype": torch.uint8, "axis": None}
+    s, z = g.add_param("s", torch.tensor(0.05), buffer=True), g.add_param("z", torch.tensor(0, dtype=torch.uint8))
+    v = g.create_node("quantize", (v, s, z), qp, meta=qmeta)
+    for i in range((n_nodes - 3) // 5):
+        s2 = g.add_param(f"s{i}", torch.tensor(0.05), buffer=True)  # equal values, separate params
+        d = g.create_node("dequantize", (v, s, z), {"axis": None}, meta=fmeta)
+        q = g.create_node("quantize", (d, s2, z), qp, meta=qmeta)
+        d2 = g.create_node("dequantize", (q, s2, z), {"axis": None}, meta=fmeta)
+        r = g.create_node("relu", (d2,), meta=fmeta)
+        v = g.create_node("quantize", (r, s, z), qp, meta=qmeta)
     g.set_outputs(v)
     return g
 
@@ -75,9 +97,13 @@ def timed(fn) -> tuple[float, float]:
 
 def count_calls(p, graph: Graph, ctx: PassContext) -> int:
     """Python function calls a pass makes: a load-independent measure of its work."""
+    return _count(lambda: p.run(graph, ctx))
+
+
+def _count(fn) -> int:
     prof = cProfile.Profile()
     prof.enable()
-    p.run(graph, ctx)
+    fn()
     prof.disable()
     return pstats.Stats(prof, stream=io.StringIO()).total_calls
 
@@ -99,7 +125,7 @@ def main() -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip torch.fx's DCE and subgraph_rewriter")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    names = ["dce", "cse", "fold-batchnorm", "bench-fuse-silu"]
+    names = ["dce", "cse", "fold-batchnorm", "remove-identity", "bench-fuse-silu"]
     ctx = PassContext()
     FuseSilu.compiled_pattern()  # trace the pattern once, outside the timings
     rows = []
@@ -109,15 +135,23 @@ def main() -> int:
         n = len(g)
         row: dict = {"nodes": n}
         for name in names:
-            times = []
+            times, out = [], {}
             for _ in range(args.repeat):  # best of N: other processes share this machine
                 work = g.copy()
                 pm = PassManager([create_pass(name)], verify_each=False)
-                times.append(timed(lambda pm=pm, work=work: pm.run(work, ctx)))
+                times.append(timed(lambda pm=pm, work=work, out=out: out.update(graph=pm.run(work, ctx).graph)))
             row[name] = min(times)  # best wall time (and its CPU time)
-            ir.verify(work)
+            ir.verify(out["graph"])  # the graph after the pass (a pass may return a new one)
             calls[(name, n)] = count_calls(create_pass(name), g.copy(), ctx) / n
-        importlib.import_module("ir.verify")._SHAPE_CACHE.clear()  # cold: as on a freshly captured model
+        q = build_qdq(size)
+        qtimes = []
+        for _ in range(args.repeat):
+            work = q.copy()
+            qtimes.append(timed(lambda work=work: collapse_requantize(work)))
+        row["collapse-requantize"] = min(qtimes)
+        work = q.copy()
+        calls[("collapse-requantize", n)] = _count(lambda work=work: collapse_requantize(work)) / len(q)
+        importlib.import_module("slimfx.ir.verify")._SHAPE_CACHE.clear()  # cold: as on a freshly captured model
         row["verify(first)"] = timed(lambda g=g: ir.verify(g))
         row["verify(again)"] = timed(lambda g=g: ir.verify(g))
         if not args.no_peers:
@@ -139,16 +173,17 @@ def main() -> int:
     first, last = rows[0], rows[-1]
     print(f"\ngrowth of CPU ms/1k nodes from {first['nodes']} to {last['nodes']} nodes "
           "(1.0 = perfectly linear; 50 would be quadratic):")
-    for c in names + ["verify(first)"]:
+    for c in names + ["collapse-requantize", "verify(first)"]:
         print(f"  {c:16} x{(last[c][1] / last['nodes']) / (first[c][1] / first['nodes']):.2f}")
     print("\nPython function calls per node (deterministic, unaffected by machine load; flat = linear):")
-    print(f"{'nodes':>7} " + " ".join(f"{c:>16}" for c in names))
+    counted = names + ["collapse-requantize"]
+    print(f"{'nodes':>7} " + " ".join(f"{c:>19}" for c in counted))
     for r in rows:
-        print(f"{r['nodes']:>7} " + " ".join(f"{calls[(c, r['nodes'])]:>16.1f}" for c in names))
+        print(f"{r['nodes']:>7} " + " ".join(f"{calls[(c, r['nodes'])]:>19.1f}" for c in counted))
     ten = min(rows, key=lambda r: abs(r["nodes"] - 10_000))
     wall, cpu = (sum(ten[c][k] for c in names) for k in (0, 1))
     total = cpu  # the budget is the passes' own cost; wall time also measures the machine's other jobs
-    print(f"\n{ten['nodes']}-node graph through dce + cse + fold-batchnorm + bench-fuse-silu: {cpu:.3f} s CPU "
+    print(f"\n{ten['nodes']}-node graph through {' + '.join(names)}: {cpu:.3f} s CPU "
           f"({'under' if cpu < 2 else 'OVER'} the 2 s budget), {wall:.3f} s wall-clock")
     if not args.no_peers:
         fx_dce, fx_rw = ten["fx dce"][1], ten["fx rewriter"][1]

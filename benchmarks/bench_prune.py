@@ -41,6 +41,7 @@ def _ours(model, spec, tmp: Path, name: str, **opts):
     res = None
     if opts:
         res = create_pass("prune-channels", opts).run(g, PassContext(example_inputs=x))
+        g = res.graph_after(g)
     path = tmp / f"{name}.onnx"
     export_onnx(g, path, inputs=x)
     return g, res, path
@@ -94,6 +95,7 @@ def bench_bert(tmp: Path) -> dict:
     x = spec.example_inputs(batch=2)
     g = ir.capture(model, x)
     res = create_pass("prune-channels", {"sparsity": 0.5, "protect": ["tok_emb"]}).run(g, PassContext(example_inputs=x))
+    g = res.graph_after(g)
     out = ir.lower(g)(*x)
     path = tmp / "bert.onnx"
     export_onnx(g, path, inputs=x)
@@ -128,7 +130,7 @@ def bench_digits(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
         for seed in seeds:
             g = ir.capture(model, x)
             ctx = PassContext(example_inputs=x, train_data=(data.train_x, data.train_y), quiet=True, seed=seed)
-            create_pass("prune-channels", {"sparsity": 0.5, "criterion": criterion}).run(g, ctx)
+            g = create_pass("prune-channels", {"sparsity": 0.5, "criterion": criterion}).run(g, ctx).graph_after(g)
             pruned.append(acc(ir.lower(g).eval()))
             create_pass("finetune", {"epochs": 10, "lr": 3e-3}).run(g, ctx)
             tuned.append(acc(ir.lower(g).eval()))

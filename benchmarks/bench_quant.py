@@ -40,7 +40,9 @@ def float_graph(spec, ex1: tuple, quiet: bool = True) -> ir.Graph:
 
 
 def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
-    return float(10 * np.log10((ref.astype(np.float64) ** 2).sum() / max(((ref - y) ** 2).sum(), 1e-30)))
+    from slimfx.ir.metrics import tensor_sqnr_db
+
+    return tensor_sqnr_db(torch.from_numpy(np.asarray(ref)), torch.from_numpy(np.asarray(y)))
 
 
 def ort_run(model_bytes: bytes, x: torch.Tensor, batch: int = 256) -> np.ndarray:
@@ -141,8 +143,8 @@ def bench_model(name: str, args) -> dict:
 def accuracy_checks(args) -> dict:
     """digits_cnn accuracy per scheme (sign after STE fine-tuning) and mobilenetv2 per-tensor SQNR with
     cross-layer equalization + bias correction (issue #5's accuracy criteria)."""
+    from slimfx.ir.metrics import tensor_sqnr_db as sqnr
     from slimfx.passes.quantize.sensitivity import graph_outputs
-    from slimfx.passes.quantize.sensitivity import sqnr_db as sqnr
 
     out: dict = {}
     spec = models.get("digits_cnn")

@@ -100,11 +100,9 @@ def as_tuple(inputs: Any) -> tuple:
 
 def flatten_outputs(value: Any) -> list[Any]:
     """Leaves of a nested tuple/list/dict output structure, in order (dict values in insertion order)."""
-    if isinstance(value, (tuple, list)):
-        return [leaf for v in value for leaf in flatten_outputs(v)]
-    if isinstance(value, dict):
-        return [leaf for v in value.values() for leaf in flatten_outputs(v)]
-    return [value]
+    from slimfx.ir.metrics import named_leaves
+
+    return [leaf for _, leaf in named_leaves(value)]
 
 
 def _umask() -> int:

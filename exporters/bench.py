@@ -142,6 +142,101 @@ def interleaved_latency(models: dict[str, Any], inputs: Any, *, rounds: int = 3,
     return out
 
 
+@dataclass
+class LatencySummary:
+    """One model at one batch size, measured side by side with others: the best round's median (interference
+    only adds time) and the spread: p10/p90 of that round's calls and the range of the rounds' medians."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    rounds: int
+    runs: int
+    round_medians_ms: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"median_ms": round(self.median_ms, 4), "p10_ms": round(self.p10_ms, 4),
+                "p90_ms": round(self.p90_ms, 4), "rounds": self.rounds, "runs": self.runs,
+                "round_medians_ms": [round(m, 4) for m in self.round_medians_ms]}
+
+
+def _runner(model: Any, threads: int) -> Callable[[tuple], Callable[[], Any]]:
+    """model -> a function of inputs giving a zero-argument call (a fresh onnxruntime session per model per
+    round, shared by its batch sizes; a torch module runs under inference_mode)."""
+    if isinstance(model, torch.nn.Module):
+        def bind(inputs: tuple) -> Callable[[], Any]:
+            def call() -> Any:
+                with torch.inference_mode():
+                    return model(*inputs)
+            return call
+        return bind
+    sess = ort_session(model, threads=threads)
+
+    def bind_ort(inputs: tuple) -> Callable[[], Any]:
+        feed = ort_feed(sess, inputs)
+        return lambda: sess.run(None, feed)
+    return bind_ort
+
+
+def latency_side_by_side(models: dict[str, Any], inputs: dict[str, tuple], *, total_budget_s: float,
+                         max_rounds: int = 3, threads: int = 1, min_runs: int = 2,
+                         progress: Callable[[], None] | None = None) -> dict[str, dict[str, LatencySummary]]:
+    """Latency of several models (ONNX paths/bytes or torch modules) at several inputs (e.g. {"b1": ..,
+    "b32": ..}), measured in turns within one total time budget.
+
+    Each round visits every model (in an order that rotates) and times each input: one warm-up call, then
+    as many timed calls as the round's share of the budget allows (at least `min_runs`). After the first
+    round, further rounds run only while the budget lasts, so a large model gets fewer rounds, never a
+    longer wait; the summary says how many. Best-round medians compare well even on a busy machine
+    (two onnxruntime sessions of one file can differ by more than 10%).
+    """
+    import math
+
+    if not models or not inputs:
+        return {}
+    t_start = time.perf_counter()
+    share = total_budget_s / (max_rounds * len(models) * len(inputs))
+    per: dict[str, dict[str, list[list[float]]]] = {m: {k: [] for k in inputs} for m in models}
+    items = list(models.items())
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for r in range(max_rounds):
+            t_round = time.perf_counter()
+            for name, model in items[r % len(items):] + items[:r % len(items)]:
+                bind = _runner(model, threads)
+                for key, ins in inputs.items():
+                    call = bind(ins)
+                    t0 = time.perf_counter()
+                    call()
+                    one = max(time.perf_counter() - t0, 1e-6)
+                    n = int(min(max(share / one, min_runs), 2000))
+                    times = []
+                    for _ in range(n):
+                        t0 = time.perf_counter()
+                        call()
+                        times.append((time.perf_counter() - t0) * 1e3)
+                    per[name][key].append(times)
+                    if progress is not None:
+                        progress()
+            elapsed, this_round = time.perf_counter() - t_start, time.perf_counter() - t_round
+            if elapsed + this_round > total_budget_s * 1.05:
+                break
+    finally:
+        torch.set_num_threads(torch_threads)
+    out: dict[str, dict[str, LatencySummary]] = {}
+    for name, by_key in per.items():
+        out[name] = {}
+        for key, rounds in by_key.items():
+            medians = [float(np.median(t)) for t in rounds]
+            best = rounds[int(np.argmin(medians))]
+            p10, p90 = np.percentile(best, [10, 90])
+            out[name][key] = LatencySummary(min(medians), float(p10), float(p90), len(rounds),
+                                            sum(len(t) for t in rounds), medians)
+    assert all(math.isfinite(v.median_ms) for d in out.values() for v in d.values())
+    return out
+
+
 def best_median_ms(rounds: list[LatencyStats]) -> float:
     """The best round's median: interference only ever adds time."""
     return min(s.median_ms for s in rounds)

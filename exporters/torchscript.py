@@ -1,4 +1,8 @@
-"""TorchScript exporter: lower, script (or trace), freeze, optimize for inference, save, reload, compare."""
+"""TorchScript exporter: lower, script (or trace), freeze, optimize for inference, save, reload, compare.
+
+A graph with integer (quantized) weights is not frozen: freezing would fold each dequantize of an int8
+weight into a float32 constant, leaving a fake-quant model four times the size. The archive is written
+zip-deflated (torch.jit.load reads it)."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from slimfx.exporters._common import (
     raise_if_invalid,
     validation_sets,
 )
+from slimfx.exporters.pt2 import deflate_zip, weight_storage
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph
 from slimfx.ir.lower import lower
@@ -43,7 +48,7 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
             sm = torch.jit.script(gm)
         except Exception as e:  # noqa: BLE001 - any scripting failure falls back to tracing
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log.info("torch.jit.script failed on %s (%s); falling back to torch.jit.trace", graph.name, reason)
+            log.debug("torch.jit.script failed on %s (%s); falling back to torch.jit.trace", graph.name, reason)
             info.update(method="trace", script_error=reason)
             try:
                 sm = torch.jit.trace(gm, inputs, check_trace=False, strict=False)
@@ -51,8 +56,16 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
                 raise ExportError(f"TorchScript export of {graph.name} failed: scripting ({reason}) and tracing "
                                   f"({type(e2).__name__}: {e2}) both failed") from e2
         sm = sm.eval()
-        frozen = torch.jit.freeze(sm)
+        info["weights"] = weight_storage(graph)
         info["optimized"] = False
+        if info["weights"] == "int8":
+            # Freezing folds dequantize(int8 weight) into float32 constants: the file would hold fake-quant
+            # float weights at four times the size. Keep the integer params and the dequantization.
+            info["frozen"] = False
+            info["optimize_error"] = "skipped: freezing would fold the int8 weights into float32"
+            return sm, info
+        frozen = torch.jit.freeze(sm)
+        info["frozen"] = True
         if optimize and any(n.op in ("conv1d", "conv2d") for n in graph):
             # On CPU it prepacks convolutions for MKL-DNN, which this torch cannot reload from a file.
             optimize = False
@@ -91,7 +104,12 @@ def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = N
     path = Path(path)
     report = None
     with atomic_path(path, keep_on_error=keep_invalid) as tmp:
-        torch.jit.save(sm, str(tmp))
+        raw = tmp.with_name(tmp.name + ".raw")
+        try:
+            torch.jit.save(sm, str(raw))
+            deflate_zip(raw, tmp)  # torch.jit.load reads deflated archives; the code and constants shrink
+        finally:
+            raw.unlink(missing_ok=True)
         if validate:
             report = validate_torchscript(tmp, graph, validation_sets(inputs), atol=atol, rtol=rtol)
             raise_if_invalid(report, f"the TorchScript export of {graph.name}", keep_invalid)

@@ -2,10 +2,12 @@
 
 from slimfx.ir.analysis import count_macs, count_params, node_macs, node_table, propagate_shapes
 from slimfx.ir.capture import capture, register_converter
+from slimfx.ir.compare import graph_diff
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs, map_refs
 from slimfx.ir.lower import lower
 from slimfx.ir.ops import OPS, OpDef, OpQuery, Weighted, get_op, ops_with, register_op, trait
+from slimfx.ir.parser import ParseError, parse
 from slimfx.ir.printer import format_graph, format_node
 from slimfx.ir.verify import VerifyError, verify
 
@@ -14,5 +16,5 @@ __all__ = [
     "capture", "register_converter", "lower", "verify", "VerifyError", "CaptureError",
     "OPS", "OpDef", "OpQuery", "Weighted", "get_op", "register_op", "trait", "ops_with",
     "count_macs", "count_params", "node_macs", "node_table", "propagate_shapes",
-    "format_graph", "format_node",
+    "format_graph", "format_node", "parse", "ParseError", "graph_diff",
 ]

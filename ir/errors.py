@@ -34,5 +34,10 @@ class GateError(ValidationError):
     The CLI exits with code 3 for these, 2 for other user errors."""
 
 
+class ModelFileError(SlimfxError):
+    """A saved model file (.slimfx) that cannot be written or read back: missing, not a slimfx file, truncated,
+    corrupt, from a newer slimfx, or with parts that disagree (hand edits). The message names the file."""
+
+
 class DataError(SlimfxError):
     """The data given for a model has the wrong structure, types or sizes."""

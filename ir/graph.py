@@ -9,7 +9,9 @@ dims, ...), and may also refer to nodes (a reshape whose size comes from
 
 from __future__ import annotations
 
+import copy
 import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -213,6 +215,9 @@ class Graph:
         self.name = "graph"
         self.training = False  # the mode the lowered module starts in (that of the captured model)
         self.capture_method = "fx"  # the front end that built the graph: "fx" or "export" (see ir.capture)
+        # What a saved model file recorded about how the graph was made (recipe, pass history, model name);
+        # JSON-able; written back by `save` (see ir/serialize.py).
+        self.metadata: dict[str, Any] = {}
 
     # -- iteration ----------------------------------------------------------
     def __iter__(self) -> Iterator[Node]:
@@ -381,6 +386,7 @@ class Graph:
         g.name = self.name
         g.training = self.training
         g.capture_method = self.capture_method
+        g.metadata = copy.deepcopy(self.metadata)
         mapping: dict[Node, Node] = {}
         remap = lambda r: mapping[r] if isinstance(r, Node) else r  # noqa: E731
         for n in self:
@@ -391,6 +397,21 @@ class Graph:
         g.params = {k: v.clone() for k, v in self.params.items()}
         g.buffers = set(self.buffers)
         return g
+
+    def save(self, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> Any:
+        """Write the graph as a .slimfx file: IR text, safetensors weights, JSON metadata (ir/serialize.py).
+        Returns the path."""
+        from slimfx.ir.serialize import save_graph
+
+        return save_graph(self, path, metadata=metadata)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> Graph:
+        """Read a .slimfx file (no pickle, no code run); ModelFileError naming the file when it cannot.
+        Ops that packages register (e.g. slimfx.passes) must be imported first: `slimfx.load` does that."""
+        from slimfx.ir.serialize import load_graph
+
+        return load_graph(path)
 
     def to_networkx(self):
         """A networkx.MultiDiGraph view: one vertex per node (by name) and per param ('@name').

@@ -162,10 +162,20 @@ def _bounds_text(bounds: Bounds) -> str:
 
 @dataclass
 class PassResult:
-    """What a pass did: whether it changed the graph, and numbers worth reporting."""
+    """What a pass did: whether it changed the graph, and numbers worth reporting.
+
+    graph: a new graph that replaces the one the pass was given (a pass that rebuilds rather than edits,
+    e.g. prune-channels); None when the pass edited the given graph in place. Whoever runs a pass goes on
+    with `result.graph_after(graph)`; the PassManager does so and returns the final graph.
+    """
 
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    graph: Graph | None = None
+
+    def graph_after(self, given: Graph) -> Graph:
+        """The graph to use after the pass: the new one it returned, else `given` (edited in place)."""
+        return self.graph if self.graph is not None else given
 
 
 @dataclass

@@ -6,6 +6,8 @@ usual prologue and epilogue of every other recipe.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,10 +21,11 @@ from slimfx.passes.graph_utils import (
     graph_mutates,
     has_side_effects,
     is_deterministic,
-    is_scalar,
     meta_of_value,
     runs_in_training,
 )
+from slimfx.passes.rewrite import Match, call
+from slimfx.passes.rules import Rule, RuleSet, apply_rules
 
 
 @register_pass("dce")
@@ -38,34 +41,25 @@ class DeadCodeElimination(Pass):
                                                                    "params_removed": len(dropped)})
 
 
-def _is_noop(node: Node, graph: Graph) -> Any:
-    """The value a no-op node passes through, or None when the node does real work."""
-    op, ins = node.op, node.inputs
-    if op == "identity":
-        return ins[0]
-    if op == "dropout":
-        return ins[0] if not runs_in_training(node) else None
-    if not ins:
-        return None
-    x = ins[0]
-    if op in ("contiguous", "reshape", "flatten", "expand", "cast"):
-        if any(u.op == "opaque" for u in node.users) and op == "contiguous":
-            return None  # an opaque x.view() may rely on contiguity
-        if op in ("reshape", "expand") and not _follows_own_dims(node, x):
-            return None  # a size read from another tensor (its batch): the same shape at the example's only
-        return x if meta_of_value(x, graph) is not None and meta_of_value(x, graph) == node.meta else None
-    if op in ("mul", "div", "add", "sub") and len(ins) == 2:
-        a, b = ins
-        unit = 1.0 if op in ("mul", "div") else 0.0
-        keep = None
-        if is_scalar(b, unit):
-            keep = a
-        elif op in COMMUTATIVE_OPS and is_scalar(a, unit):
-            keep = b
-        # `x * 1` on an int tensor with 1.0 makes a float tensor: only drop it when nothing changes.
-        if keep is not None and meta_of_value(keep, graph) is not None and meta_of_value(keep, graph) == node.meta:
-            return keep
-    return None
+def _keep(x):
+    return x
+
+
+def _same_meta(m: Match) -> bool:
+    """The value passed through has the output's shape and dtype (`ids * 1.0` makes floats: not a no-op)."""
+    meta = meta_of_value(m["x"], m.graph)
+    return meta is not None and meta == m.anchor.meta
+
+
+def _no_opaque_reader(m: Match) -> bool:
+    """An opaque `x.view()` after `x.contiguous()` may rely on the copy's contiguity."""
+    return _same_meta(m) and not any(u.op == "opaque" for u in m.anchor.users)
+
+
+def _same_sizes_everywhere(m: Match) -> bool:
+    """A reshape/expand whose run-time sizes come from another tensor (its batch) has its input's shape on
+    the example only: it stays."""
+    return _same_meta(m) and _follows_own_dims(m.anchor, m["x"])
 
 
 def _follows_own_dims(node: Node, x: Any) -> bool:
@@ -83,10 +77,28 @@ def _follows_own_dims(node: Node, x: Any) -> bool:
             dim = e.attrs["index"]
         else:
             return False
-        rank = len(entries)
-        if dim % rank != i:
+        if dim % len(entries) != i:
             return False
     return True
+
+
+@functools.cache
+def noop_rules() -> RuleSet:
+    """The no-ops remove-identity drops, one rule per op (the rule names are the ops)."""
+    def unary(op: str, condition: Callable[[Match], bool] | None = _same_meta) -> Rule:
+        return Rule(lambda x: call(op, x), _keep, condition, name=op)
+
+    return RuleSet([
+        unary("identity", None),
+        unary("dropout", lambda m: not runs_in_training(m.anchor)),
+        unary("contiguous", _no_opaque_reader),
+        *(unary(op) for op in ("flatten", "cast")),
+        *(unary(op, _same_sizes_everywhere) for op in ("reshape", "expand")),
+        Rule(lambda x: x * 1, _keep, _same_meta, name="mul"),   # also 1 * x, x * 1.0
+        Rule(lambda x: x / 1, _keep, _same_meta, name="div"),
+        Rule(lambda x: x + 0, _keep, _same_meta, name="add"),
+        Rule(lambda x: x - 0, _keep, _same_meta, name="sub"),
+    ])
 
 
 @register_pass("remove-identity")
@@ -99,20 +111,15 @@ class RemoveIdentity(Pass):
     preserves_outputs = True
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        removed: dict[str, int] = {}
         writer = graph_mutates(graph)
         if writer is not None:
             ctx.logger.debug("remove-identity: only `identity` nodes are removed: %%%s (%s) writes in place, "
                              "so `x * 1` may be a copy that matters", writer.name, writer.op)
-        for node in graph.nodes:
-            src = _is_noop(node, graph) if writer is None or node.op == "identity" else None
-            if src is None or src is node:
-                continue
-            graph.replace_all_uses(node, src)
-            graph.erase(node)
-            removed[node.op] = removed.get(node.op, 0) + 1
+        rules = noop_rules() if writer is None else RuleSet([noop_rules()["identity"]])
+        counts = apply_rules(graph, rules)
+        removed = {k: v for k, v in sorted(counts.items()) if v}
         return PassResult(changed=bool(removed), stats={"removed": sum(removed.values()), **{
-            f"removed_{k}": v for k, v in sorted(removed.items())}})
+            f"removed_{k}": v for k, v in removed.items()}})
 
 
 @register_pass("fold-constants")

@@ -6,50 +6,30 @@ is no fuse-activation pass").
 
 from __future__ import annotations
 
+import functools
+import logging
+from typing import Any
+
 import torch
 
 from slimfx.ir import Graph, Node, Param, TensorMeta, ops_with, trait
-from slimfx.passes.base import Pass, PassContext, PassResult, register_pass
+from slimfx.passes.base import PassContext, PassResult, register_pass
 from slimfx.passes.graph_utils import runs_in_training
+from slimfx.passes.rewrite import Match, call, precompute
+from slimfx.passes.rules import Rule, RulePass, RuleSet
 
 FOLDABLE = ops_with(weighted=True)  # layers y = x ⊛ W + b (ir.Weighted): conv1d, conv2d, linear, and registered ones
 
 
-def _why_not(bn: Node, graph: Graph) -> str | None:
-    """None when `bn` can be folded into its producer, else the reason it cannot."""
-    if runs_in_training(bn):
-        return "runs in training mode (batch statistics)"
-    x = bn.inputs[0]
-    if not isinstance(x, Node) or x.op not in FOLDABLE:
-        return f"input is not a weighted layer ({'/'.join(FOLDABLE)})"
-    if len(x.users) != 1:
-        return f"%{x.name} has other users ({', '.join('%' + u.name for u in x.users if u is not bn)})"
-    w, b = x.inputs[1], x.inputs[2] if len(x.inputs) > 2 else None
-    if not isinstance(w, Param) or not (b is None or isinstance(b, Param)):
-        return f"%{x.name}'s weight/bias are computed, not params"
-    mean, var, gamma, beta = bn.inputs[1:5]
-    if not isinstance(mean, Param) or not isinstance(var, Param):
-        return "no running statistics"
-    if not all(v is None or isinstance(v, Param) for v in (gamma, beta)):
-        return "affine weight/bias are computed, not params"
-    weight = graph.params[w.name]
-    if not weight.is_floating_point():
-        return f"weight @{w.name} is {weight.dtype}"
-    channels = graph.params[mean.name].numel()
-    if weight.shape[0] != channels:
-        return f"{channels} batch-norm channels but {weight.shape[0]} output channels"
-    dim = trait(x.op, "weighted").channel_dim
-    if dim != 1 and not (isinstance(x.meta, TensorMeta) and len(x.meta.shape) >= 2 and dim % len(x.meta.shape) == 1):
-        return f"{x.op} output is not [batch, features], so batch_norm does not normalize its features"
-    return None
-
-
+@precompute
 def fold_batchnorm_weights(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
                            var: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None,
                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights and bias of conv/linear(x) followed by eval batch_norm, computed in float64.
 
     scale = gamma / sqrt(var + eps);  W' = W * scale (per output channel);  b' = (b - mean) * scale + beta
+
+    A plain function on tensors; the fold-batchnorm rules call it at rewrite time (`@precompute`).
     """
     scale = torch.rsqrt(var.double() + eps)
     if gamma is not None:
@@ -62,73 +42,97 @@ def fold_batchnorm_weights(weight: torch.Tensor, bias: torch.Tensor | None, mean
     return new_w.to(weight.dtype), new_b.to(weight.dtype)
 
 
+def _fold_rule(op: str) -> Rule:
+    """batch_norm(layer(x, w, b)) -> layer(x, w', b'), the layer keeping its attributes and name."""
+    def pattern(x, w, mean, var, b=None, gamma=None, beta=None, tracked=None, eps=None):
+        return call("batch_norm", call(op, x, w, b), mean, var, gamma, beta, tracked, eps=eps)
+
+    def replacement(x, w, b, mean, var, gamma, beta, eps):
+        new_w, new_b = fold_batchnorm_weights(w, b, mean, var, gamma, beta, eps)
+        return call(op, x, new_w, new_b)
+
+    return Rule(pattern, replacement, lambda m: _unfoldable(m) is None, name=op)
+
+
+def fold_rules() -> RuleSet:
+    """One rule per layer op that a batch norm folds into (ops registered later get theirs too)."""
+    return _fold_rules(tuple(sorted(FOLDABLE)))
+
+
+@functools.cache
+def _fold_rules(ops: tuple[str, ...]) -> RuleSet:
+    return RuleSet([_fold_rule(op) for op in ops])
+
+
+def _unfoldable(m: Match) -> str | None:
+    """None when the matched batch_norm can be folded into its layer, else the reason it cannot."""
+    bn = m.anchor
+    if runs_in_training(bn):
+        return "runs in training mode (batch statistics)"
+    layer = bn.inputs[0]
+    if not isinstance(m["w"], Param) or not (m["b"] is None or isinstance(m["b"], Param)):
+        return f"%{layer.name}'s weight/bias are computed, not params"
+    if not isinstance(m["mean"], Param) or not isinstance(m["var"], Param):
+        return "no running statistics"
+    if not all(v is None or isinstance(v, Param) for v in (m["gamma"], m["beta"])):
+        return "affine weight/bias are computed, not params"
+    if not isinstance(m["eps"], (int, float)):
+        return f"eps is {m['eps']!r}, not a number"
+    weight = m.param("w")
+    if not weight.is_floating_point():
+        return f"weight {m['w']} is {weight.dtype}"
+    channels = m.param("mean").numel()
+    if weight.shape[0] != channels:
+        return f"{channels} batch-norm channels but {weight.shape[0]} output channels"
+    dim = trait(layer.op, "weighted").channel_dim
+    if dim != 1 and not (isinstance(layer.meta, TensorMeta) and len(layer.meta.shape) >= 2
+                         and dim % len(layer.meta.shape) == 1):
+        return f"{layer.op} output is not [batch, features], so batch_norm does not normalize its features"
+    return None
+
+
+def _why_not(bn: Node, rules: RuleSet) -> str:
+    x = bn.inputs[0]
+    if not isinstance(x, Node) or x.op not in FOLDABLE:
+        return f"input is not a weighted layer ({'/'.join(FOLDABLE)})"
+    pattern = rules[x.op].pattern
+    m = pattern.match_at(bn)
+    if m is None:
+        return pattern.why_not(bn) or ""
+    return _unfoldable(m) or ""
+
+
 @register_pass("fold-batchnorm")
-class FoldBatchNorm(Pass):
+class FoldBatchNorm(RulePass):
     """Folds eval-mode batch_norm into the conv1d/conv2d/linear that feeds it (incl. bias-less convs)."""
 
     preserves_outputs = True
 
-    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        bns = graph.find("batch_norm")
-        if not bns:
-            return PassResult(changed=False, stats={"folded": 0, "not_folded": 0})
-        readers = {k: len(v) for k, v in graph.param_users().items()}
-        folded, not_folded = 0, 0
-        reasons: dict[str, str] = {}
-        blocked: list[str] = []
-        dropped: set[str] = set()
-        for bn in bns:
-            reason = _why_not(bn, graph)
-            if reason is not None:
-                not_folded += 1
-                reasons[bn.name] = f"{bn.where()}: {reason}"
-                if not reason.startswith("input is not a weighted layer"):
-                    blocked.append(f"%{bn.name} ({bn.where()}): {reason}")  # a layer it could fold, but not this
-                ctx.logger.debug("fold-batchnorm: %%%s (%s) not folded: %s", bn.name, bn.where(), reason)
-                continue
-            x: Node = bn.inputs[0]
-            w, b = x.inputs[1], x.inputs[2] if len(x.inputs) > 2 else None
-            p = graph.params
-            mean, var, gamma, beta = (p[r.name] if isinstance(r, Param) else None for r in bn.inputs[1:5])
-            new_w, new_b = fold_batchnorm_weights(p[w.name], p[b.name] if b is not None else None, mean, var,
-                                                  gamma, beta, float(bn.attrs.get("eps", 1e-5)))
-            bias_name = b.name if b is not None else (w.name[:-len("weight")] + "bias" if w.name.endswith("weight")
-                                                      else f"{w.name}.bias")
-            w_ref = _store(graph, w, w.name, new_w, readers)
-            b_ref = _store(graph, b, bias_name, new_b, readers)
-            x.inputs = (x.inputs[0], w_ref, b_ref, *x.inputs[3:])
-            x.meta = bn.meta
-            graph.replace_all_uses(bn, x)
-            graph.erase(bn)
-            for r in bn.params():
-                readers[r.name] -= 1
-                if not readers[r.name]:
-                    dropped.add(r.name)
-            folded += 1
-        for name in dropped:  # the statistics no node reads any more (cheaper than a full scan)
-            del graph.params[name]
-            graph.buffers.discard(name)
-        stats: dict = {"folded": folded, "not_folded": not_folded}
-        if reasons:
-            stats["not_folded_reasons"] = reasons
-        if blocked:  # after a conv/linear and still not folded: say so in the report's headline
+    def rule_set(self) -> RuleSet:
+        return fold_rules()
+
+    def summarize(self, counts: dict[str, int], graph: Graph) -> dict[str, Any]:
+        left = graph.find("batch_norm")
+        stats: dict[str, Any] = {"folded": sum(counts.values()), "not_folded": len(left)}
+        if not left:
+            return stats
+        reasons = {bn.name: _why_not(bn, self.rule_set()) for bn in left}
+        stats["not_folded_reasons"] = {bn.name: f"{bn.where()}: {reasons[bn.name]}" for bn in left}
+        # After a conv/linear and still not folded (an opaque reader, computed weights): the report's headline.
+        blocked = [f"%{bn.name} ({bn.where()}): {reasons[bn.name]}" for bn in left
+                   if not reasons[bn.name].startswith("input is not a weighted layer")]
+        if blocked:
             more = f" (and {len(blocked) - 2} more; see not_folded_reasons)" if len(blocked) > 2 else ""
             stats["notes"] = [f"{len(blocked)} batch norm(s) after a conv/linear not folded: "
                               + "; ".join(blocked[:2]) + more]
-        return PassResult(changed=folded > 0, stats=stats)
+        return stats
 
-
-def _store(graph: Graph, old: Param | None, name: str, value: torch.Tensor, readers: dict[str, int]) -> Param:
-    """Put a folded tensor in place of param `old` when this node is its only reader, else under a fresh
-    name (never mutate a tensor in place: it may share storage with the user's model)."""
-    if old is not None and readers.get(old.name) == 1:
-        graph.params[old.name] = value
-        return old
-    if old is not None:
-        readers[old.name] -= 1  # others still read it
-    ref = graph.add_param(name, value)
-    readers[ref.name] = 1
-    return ref
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        result = super().run(graph, ctx)
+        if ctx.logger.isEnabledFor(logging.DEBUG):
+            for name, reason in result.stats.get("not_folded_reasons", {}).items():
+                ctx.logger.debug("fold-batchnorm: %%%s (%s) not folded", name, reason)
+        return result
 
 
 __all__ = ["FoldBatchNorm", "fold_batchnorm_weights"]

@@ -1,7 +1,9 @@
 """PassManager: run a pipeline of passes, checking the graph after each one.
 
     pm = PassManager(["remove-identity", "fold-batchnorm", "dce"], check_numerics=1e-5)
-    records = pm.run(graph, PassContext(example_inputs=(x,)))
+    run = pm.run(graph, PassContext(example_inputs=(x,)))
+    graph = run.graph          # the graph after the last pass (a pass may return a new one)
+    for record in run: ...     # one PassRecord per pass (`run` is a list of them)
 
 After every pass the manager verifies the IR (on by default) and, with
 `check_numerics=tol`, lowers the graph and compares its outputs on the context's
@@ -42,6 +44,17 @@ class PassRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "seconds": self.seconds, "stats": dict(self.stats), "changed": self.changed}
+
+
+class PipelineResult(list):
+    """What `PassManager.run` returns: the PassRecords of the run, one per pass (it is a list of them),
+    and `graph`, the graph after the last pass. That is the graph given to `run`, edited in place,
+    unless a pass returned a new graph (`PassResult(graph=...)`, e.g. prune-channels): then it is the
+    last graph returned, and the caller must go on with `result.graph`."""
+
+    def __init__(self, records: list[PassRecord], graph: Graph):
+        super().__init__(records)
+        self.graph = graph
 
 
 def _as_pass(p: Pass | str | type[Pass]) -> Pass:
@@ -171,8 +184,9 @@ class PassManager:
         return err
 
     # -- running ---------------------------------------------------------------------------------------
-    def run(self, graph: Graph, ctx: PassContext | None = None) -> list[PassRecord]:
-        """Run every pass on `graph` (in place); returns one PassRecord per pass."""
+    def run(self, graph: Graph, ctx: PassContext | None = None) -> PipelineResult:
+        """Run every pass on `graph`; returns the records (one PassRecord per pass) and, as `.graph`, the
+        graph after the last pass (see PipelineResult: `graph` itself unless a pass returned a new one)."""
         ctx = ctx if ctx is not None else PassContext()
         if self.check_numerics is not None and not ctx.example_inputs:
             raise PassError("check_numerics needs example inputs: pass PassContext(example_inputs=(x, ...))")
@@ -216,6 +230,12 @@ class PassManager:
             seconds = time.perf_counter() - t0
             if not isinstance(result, PassResult):
                 raise self._fail(i, p, f"returned {type(result).__name__}, not a PassResult", before, graph)
+            if result.graph is not None:
+                if not isinstance(result.graph, Graph) or p.is_analysis:
+                    what = (f"a {type(result.graph).__name__} as its new graph" if not p.is_analysis else
+                            "a new graph, but it is an analysis (is_analysis = True): analyses only report")
+                    raise self._fail(i, p, f"returned {what}", before, graph)
+                graph = result.graph
             if snap is not None:
                 after = _snapshot(graph)
                 if after != snap:
@@ -253,7 +273,7 @@ class PassManager:
                 if self.dump_dir is not None:
                     (self.dump_dir / f"{i:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', p.name)}.txt").write_text(
                         str(graph) + "\n")
-        return records
+        return PipelineResult(records, graph)
 
 
-__all__ = ["PassManager", "PassRecord", "compare_outputs"]
+__all__ = ["PassManager", "PassRecord", "PipelineResult", "compare_outputs"]

@@ -3,7 +3,7 @@
 from slimfx.errors import CaptureError, ExportError, PassError, RecipeError, SlimfxError, ValidationError
 
 __version__ = "0.1.0"
-__all__ = ["compile", "CompileResult", "Recipe", "load_recipe", "Data",
+__all__ = ["compile", "CompileResult", "Recipe", "load_recipe", "Data", "save", "load",
            "SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError"]
 
 
@@ -13,6 +13,10 @@ def __getattr__(name: str):
         from slimfx import driver
 
         return getattr(driver, name)
+    if name in ("save", "load"):
+        from slimfx import persist
+
+        return getattr(persist, name)
     if name == "Data":
         from slimfx.data import Data
 

@@ -19,7 +19,7 @@ import sys
 import traceback
 
 from slimfx.ir.errors import GateError, SlimfxError
-from slimfx.output import Terminated, terminate_on_sigterm
+from slimfx.output import Terminated, remove_live_stages, terminate_on_sigterm
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_CHECK, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slimfx: internal error: {type(e).__name__}: {e}\n"
               "This is a bug in slimfx; please report it with the traceback above.", file=sys.stderr)
         return EXIT_BUG
+    finally:  # SIGTERM handling is off again here: whatever ended the run, no stage is left behind
+        remove_live_stages()
 
 
 if __name__ == "__main__":  # pragma: no cover

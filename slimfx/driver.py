@@ -12,9 +12,11 @@ import inspect
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch.nn as nn
 
 from slimfx import ir
 from slimfx.data import GENERATED_SAMPLES, Data, accuracy, correct, generated_batches
+from slimfx.exporters._common import as_tuple
 from slimfx.ir.errors import DataError, ExportError, GateError, RecipeError, SlimfxError
 from slimfx.ir.metrics import Comparison, sqnr_ceiling_db
 from slimfx.output import OutputDir
@@ -35,11 +38,11 @@ from slimfx.recipe import Recipe, load_recipe
 
 log = logging.getLogger("slimfx")
 
-FORMAT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMAT_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "pt2": "model.pt2", "slimfx": "model.slimfx"}
 DEFAULT_RECIPE = "default"
 # Fresh sessions of one file land up to 10-15% apart here; only a clearer slowdown is worth a warning.
 SLOWER_WARN_RATIO = 1.2
-LATENCY_ROUNDS = 3
+DEFAULT_BENCH_SECONDS = 3.0
 
 
 @dataclass
@@ -77,30 +80,36 @@ class _Job:
     quiet: bool
     bench_seconds: float
     check_numerics: bool
+    graph: ir.Graph | None = None  # resume: the saved graph to continue from (no capture)
     headline: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
 # --- the entry point ---------------------------------------------------------------------------------------
 
-def compile(model: nn.Module, example_inputs: Any = None, recipe: str | Path | Recipe = DEFAULT_RECIPE, *,  # noqa: A001
+def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None, recipe: str | Path | Recipe = DEFAULT_RECIPE, *,  # noqa: A001
             data: Data | None = None, example_kwargs: dict[str, Any] | None = None,
             calibration_data: Iterable | None = None, train_data: Iterable | None = None,
             test_data: Any = None, eval_fn: Callable[[nn.Module], float] | None = None,
             out_dir: str | Path | None = None, formats: Sequence[str] | str | None = None, force: bool = False,
             keep_rejected: bool = False, check_numerics: bool = True, name: str | None = None,
-            quiet: bool = False, seed: int = 0, bench_seconds: float = 0.8) -> CompileResult:
+            quiet: bool = False, seed: int = 0, bench_seconds: float = DEFAULT_BENCH_SECONDS) -> CompileResult:
     """Compile `model` with a recipe: capture, run its passes, export, check and report.
+
+    model: an nn.Module, or (resume) an ir.Graph / the path of a `.slimfx` file saved by an earlier compile
+        (`slimfx.save`): the recipe continues from that IR, which is also the reference the gate compares
+        with; example inputs default to ones made from its stored input metas.
 
     recipe: a built-in name (`slimfx passes`/README list them; default "default"), a TOML path, or a `Recipe`.
     data: a `slimfx.Data` (train / validation / test / calibration parts). The older keywords
         calibration_data, train_data and test_data (`(inputs, labels)`) fill the same parts.
     eval_fn: module -> accuracy in [0, 1] on YOUR VALIDATION data (it picks best epochs; never test data).
-    formats: what to export ("onnx", "torchscript"); default: the recipe's [export] formats.
+    formats: what to export ("onnx", "torchscript", "pt2", "slimfx"); default: the recipe's [export] formats.
     out_dir: written all at once, only when every step and the recipe's [validate] gate pass; an existing
         non-empty directory is replaced only with force=True. keep_rejected: on a failed gate, write the
         outputs to `OUT.rejected/` instead of nothing.
-    bench_seconds: timed budget per ONNX file and batch size (0: no latency measurement).
+    bench_seconds: the one time budget of the latency report, all files and batch sizes together (0: no
+        latency measurement).
     Raises SlimfxError subclasses for anything the user can fix (GateError when the gate fails).
     """
     t_start = time.perf_counter()
@@ -113,22 +122,48 @@ def compile(model: nn.Module, example_inputs: Any = None, recipe: str | Path | R
             stack.enter_context(job.output)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slimfx-")))
         progress = stack.enter_context(_progress(job))
-        graph = _capture(job)
-        baseline = _side_numbers(graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
-        records, stages = _run_passes(job, graph)
-        staging = job.output.stage if job.output is not None else tmp / "out"
-        staging.mkdir(exist_ok=True)
-        exports, export_details = _export(job, graph, staging)
-        compressed_onnx = exports.get("onnx") or _onnx_for_numbers(job, graph, tmp / "compiled.onnx", "compiled")
-        compressed = _side_numbers(graph, compressed_onnx)
-        module = ir.lower(graph).eval()
-        evaluation = _evaluate(job, module, exports.get("onnx"))
-        _measure(job, baseline, compressed, progress)
+        timer = _StageTimer()
+        with timer("capture"):
+            graph = _capture(job)
+            baseline = _side_numbers(graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
+        with timer("passes"):
+            graph, records, stages = _run_passes(job, graph)
+        with timer("export"):
+            staging = job.output.stage if job.output is not None else tmp / "out"
+            staging.mkdir(exist_ok=True)
+            exports, export_details = _export(job, graph, staging)
+            compressed_onnx = exports.get("onnx") or _onnx_for_numbers(job, graph, tmp / "compiled.onnx", "compiled")
+            compressed = _side_numbers(graph, compressed_onnx)
+        with timer("evaluate"):
+            module = ir.lower(graph).eval()
+            evaluation = _evaluate(job, module, exports.get("onnx"))
+            failures = _gate(job, evaluation)
+        _describe_exports(graph, exports, export_details)
+        with timer("latency"):
+            if failures:
+                job.warnings.append("latency not measured: the compiled model failed its gate")
+            else:
+                _measure(job, baseline, compressed, exports, export_details, progress)
         report = _report(job, baseline, compressed, evaluation, records, stages, exports, export_details, t_start)
-        failures = _gate(job, evaluation)
+        report["timings"] = timer.seconds
         report["gate"] = {"passed": not failures, "failures": failures}
         final_exports, out_path = _write(job, report, staging, exports, failures)
     return CompileResult(graph, module, final_exports, report, out_path, report["stages"])
+
+
+class _StageTimer:
+    """Wall seconds of each named stage of a compile (report.json "timings")."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
 # --- resolve: every check on the user's input, before any work ----------------------------------------------
@@ -137,8 +172,10 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
              calibration_data: Any, train_data: Any, test_data: Any, eval_fn: Any, out_dir: Any, formats: Any,
              force: bool, keep_rejected: bool, check_numerics: bool, name: str | None, quiet: bool, seed: Any,
              bench_seconds: Any) -> _Job:
+    model, saved, example_inputs = _resume(model, example_inputs, example_kwargs)
     if not isinstance(model, nn.Module):
-        raise SlimfxError(f"compile() takes a torch.nn.Module, got {type(model).__name__}")
+        raise SlimfxError(f"compile() takes a torch.nn.Module, an ir.Graph or a .slimfx file, got "
+                          f"{type(model).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise SlimfxError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     if isinstance(bench_seconds, bool) or not isinstance(bench_seconds, (int, float)) \
@@ -176,8 +213,34 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     return _Job(model=model, run_model=run_model, example=example, capture_args=capture_args, recipe=rec,
                 pipeline=pipeline, formats=fmts, data=data, ctx=ctx, gate_split=gate_split, gate_split_name=gate_name,
                 accuracy_split=acc_split, accuracy_split_name=acc_name, output=output, keep_rejected=keep_rejected,
-                name=name or type(model).__name__, quiet=quiet, bench_seconds=float(bench_seconds),
-                check_numerics=check_numerics, headline=job_headline)
+                name=name or _default_name(model, saved), quiet=quiet, bench_seconds=float(bench_seconds),
+                check_numerics=check_numerics, graph=saved, headline=job_headline)
+
+
+def _resume(model: Any, example_inputs: Any, example_kwargs: Any) -> tuple[Any, ir.Graph | None, Any]:
+    """(reference module, saved graph or None, example inputs) for a model given as an ir.Graph or a .slimfx
+    path: the graph's lowering is the reference (and teacher); inputs default to ones made from its metas."""
+    from slimfx.persist import SUFFIX, load
+    from slimfx.persist import example_inputs as from_metas
+
+    if isinstance(model, (str, Path)):
+        if not str(model).endswith(SUFFIX):
+            raise SlimfxError(f"compile() takes a model path only for saved models ({SUFFIX} files); got "
+                              f"{str(model)!r}: load other models in Python and pass the nn.Module")
+        model = load(model)
+    if not isinstance(model, ir.Graph):
+        return model, None, example_inputs
+    if example_kwargs:
+        raise SlimfxError("example_kwargs cannot be given with a saved graph: its inputs are positional, in the "
+                          f"order {', '.join(n.name for n in model.inputs)}")
+    module = ir.lower(model, copy_params=True).eval()
+    return module, model, from_metas(model) if example_inputs is None else example_inputs
+
+
+def _default_name(model: nn.Module, saved: ir.Graph | None) -> str:
+    if saved is not None:
+        return str((saved.metadata.get("model") or {}).get("name") or saved.name)
+    return type(model).__name__
 
 
 def _formats(formats: Any, rec: Recipe) -> tuple[str, ...]:
@@ -191,19 +254,11 @@ def _formats(formats: Any, rec: Recipe) -> tuple[str, ...]:
     return tuple(dict.fromkeys(fmts))
 
 
-def _as_tuple(x: Any) -> tuple:
-    if isinstance(x, tuple):
-        return x
-    if isinstance(x, list):
-        return tuple(x)
-    return (x,)
-
-
 def _inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any] | None
             ) -> tuple[tuple, Callable[..., Any], tuple[tuple, dict[str, Any] | None]]:
     """The example as one positional tuple, a function running the model on such tuples, and what capture
     takes. Keyword inputs become graph inputs named after forward's parameters, in forward's order."""
-    example = _as_tuple(example_inputs) if example_inputs is not None else ()
+    example = as_tuple(example_inputs) if example_inputs is not None else ()
     if not example_kwargs:
         return example, model, (example, None)
     names = list(inspect.signature(model.forward).parameters)[len(example):]
@@ -246,8 +301,12 @@ def _checked_eval_fn(eval_fn: Callable[[nn.Module], Any]) -> Callable[[nn.Module
 
 def _capture(job: _Job) -> ir.Graph:
     args, kwargs = job.capture_args
-    graph = ir.capture(job.model, args, example_kwargs=kwargs, for_inference=True) if kwargs else \
-        ir.capture(job.model, args, for_inference=True)
+    if job.graph is not None:
+        graph = job.graph.copy()  # resume: the saved IR, left as it was for the caller
+    else:
+        graph = ir.capture(job.model, args, example_kwargs=kwargs, for_inference=True) if kwargs else \
+            ir.capture(job.model, args, for_inference=True)
+        graph.metadata["model"] = {"name": job.name}
     for i, p in enumerate(job.pipeline):
         check = getattr(p, "check_graph", None)
         problem = check(graph) if check is not None else None
@@ -271,17 +330,25 @@ class _StageRecorder:
                           "macs": ir.count_macs(graph), "size_bytes": None, "latency_b32_ms": None, "accuracy": acc})
 
 
-def _run_passes(job: _Job, graph: ir.Graph) -> tuple[list[Any], list[dict[str, Any]]]:
+def _run_passes(job: _Job, graph: ir.Graph) -> tuple[ir.Graph, list[Any], list[dict[str, Any]]]:
+    """The graph after the pipeline (a pass may return a new one), the pass records, the stage rows."""
     recorder = _StageRecorder(job)
     pm = PassManager(job.pipeline, verify_each=True, check_numerics=1e-4 if job.check_numerics else None,
                      instrumentations=[recorder])
-    return pm.run(graph, job.ctx), recorder.rows
+    run = pm.run(graph, job.ctx)
+    from slimfx.persist import history_entry
+
+    records, graph = list(run), run.graph
+    # what a saved .slimfx file records of how the graph was made (a resumed graph's history goes on)
+    graph.metadata["history"] = [*graph.metadata.get("history", []),
+                                 history_entry(job.recipe, [r.to_dict() for r in records])]
+    return graph, records, recorder.rows
 
 
 # --- export ------------------------------------------------------------------------------------------------------
 
 def _export(job: _Job, graph: ir.Graph, staging: Path) -> tuple[dict[str, Path], dict[str, Any]]:
-    from slimfx.exporters import export_onnx, export_torchscript
+    from slimfx.exporters import export_onnx, export_pt2, export_slimfx, export_torchscript
 
     exports: dict[str, Path] = {}
     details: dict[str, Any] = {}
@@ -290,6 +357,10 @@ def _export(job: _Job, graph: ir.Graph, staging: Path) -> tuple[dict[str, Path],
         target = staging / FORMAT_FILES[fmt]
         if fmt == "onnx":
             res = export_onnx(graph, target, inputs=job.example, opset=job.recipe.export.opset, **tolerances)
+        elif fmt == "pt2":
+            res = export_pt2(graph, target, inputs=job.example)
+        elif fmt == "slimfx":
+            res = export_slimfx(graph, target, inputs=job.example)
         else:
             res = export_torchscript(graph, target, inputs=job.example)
         exports[fmt] = target
@@ -302,8 +373,8 @@ def _onnx_for_numbers(job: _Job, graph: ir.Graph, path: Path, what: str) -> Path
     the graph cannot be written as ONNX, those numbers are left out (warned)."""
     from slimfx.exporters import export_onnx
 
-    try:
-        return export_onnx(graph, path, inputs=job.example).path
+    try:  # numbers only: not validated (the written model.onnx is, and the gate compares it with the model)
+        return export_onnx(graph, path, inputs=job.example, validate=False).path
     except ExportError as e:
         if "onnx" in job.formats:
             raise
@@ -319,11 +390,14 @@ def _side_numbers(graph: ir.Graph, onnx_path: Path | None) -> dict[str, Any]:
 
 # --- evaluate: the original against what was written, on held-out data -------------------------------------------
 
+EVAL_THREADS = max(os.cpu_count() or 1, 1)  # checking numbers is not timing: it may use every core
+
+
 def _onnx_runner(path: Path) -> Callable[..., list[torch.Tensor]]:
     from slimfx.exporters import ort_session
     from slimfx.exporters.bench import ort_feed
 
-    sess = ort_session(path, threads=1)
+    sess = ort_session(path, threads=EVAL_THREADS)
 
     def run(*xs: torch.Tensor) -> list[torch.Tensor]:
         return [torch.from_numpy(np.asarray(o)) for o in sess.run(None, ort_feed(sess, xs))]
@@ -337,12 +411,17 @@ def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None) -> dict[str,
     deployed_name = "model.onnx (onnxruntime)" if onnx_path is not None else "the compiled module"
     job.model.eval()
     gate_split = job.gate_split if job.gate_split is not None else generated_batches(job.example, seed=job.ctx.seed)
-    comparison, gate_acc = _compare_on(job.run_model, deployed, gate_split, job.gate_split_name)
-    out: dict[str, Any] = {"comparison": comparison, "deployed": deployed_name, "gate_accuracy": gate_acc}
-    if job.accuracy_split is not None and job.accuracy_split_name != job.gate_split_name:
-        _, out["accuracy"] = _compare_on(job.run_model, deployed, job.accuracy_split, job.accuracy_split_name)
-    else:
-        out["accuracy"] = gate_acc
+    threads = torch.get_num_threads()
+    torch.set_num_threads(EVAL_THREADS)
+    try:
+        comparison, gate_acc = _compare_on(job.run_model, deployed, gate_split, job.gate_split_name)
+        out: dict[str, Any] = {"comparison": comparison, "deployed": deployed_name, "gate_accuracy": gate_acc}
+        if job.accuracy_split is not None and job.accuracy_split_name != job.gate_split_name:
+            _, out["accuracy"] = _compare_on(job.run_model, deployed, job.accuracy_split, job.accuracy_split_name)
+        else:
+            out["accuracy"] = gate_acc
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -377,31 +456,63 @@ def _progress(job: _Job):
         bar.close()
 
 
-def _measure(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], progress: Any) -> None:
-    """onnxruntime latency of the original and compiled files, side by side (see `_latencies`)."""
-    timed = {k: side["_onnx"] for k, side in (("baseline", baseline), ("compressed", compressed))
-             if side["_onnx"] is not None}
-    if not timed or job.bench_seconds <= 0:
+def _measure(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], exports: dict[str, Path],
+             details: dict[str, Any], progress: Any) -> None:
+    """Latency at batch 1 and 32 on one thread of the original and compiled ONNX files (onnxruntime) and of the
+    exported torch files (torch), all measured side by side within one budget of `bench_seconds` (see
+    `exporters.latency_side_by_side`); each number comes with its spread."""
+    from slimfx.exporters import latency_side_by_side, with_batch
+    from slimfx.exporters.pt2 import load_pt2
+
+    if job.bench_seconds <= 0:
+        job.warnings.append("latency not measured (bench_seconds = 0 / --no-bench)")
         return
-    result = _latencies(timed, job.example, job.bench_seconds, progress)
-    baseline["latency_ms"], compressed["latency_ms"] = result.get("baseline"), result.get("compressed")
+    timed: dict[str, Any] = {k: side["_onnx"] for k, side in (("original", baseline), ("compiled", compressed))
+                             if side["_onnx"] is not None}
+    for fmt in ("torchscript", "pt2"):
+        if fmt in exports:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    timed[fmt] = load_pt2(exports[fmt]) if fmt == "pt2" else \
+                        torch.jit.load(str(exports[fmt]), map_location="cpu").eval()
+            except Exception as e:  # noqa: BLE001 - a torch file that does not load back has no latency
+                job.warnings.append(f"no latency for {FORMAT_FILES[fmt]}: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+    batches = {"b1": with_batch(job.example, 1), "b32": with_batch(job.example, 32)}
+    try:
+        results = latency_side_by_side(timed, batches, total_budget_s=job.bench_seconds,
+                                       progress=lambda: progress.update(1))
+    except Exception as e:  # noqa: BLE001 - e.g. a file exported at a fixed batch size
+        job.warnings.append(f"latency not measured: a file does not run at batch 1 and 32 "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+        return
+    for side, key in ((baseline, "original"), (compressed, "compiled")):
+        if key in results:
+            side["latency_ms"] = {b: round(v.median_ms, 4) for b, v in results[key].items()}
+            side["latency_spread"] = {b: v.to_dict() for b, v in results[key].items()}
+    for fmt in exports:
+        key = "compiled" if fmt == "onnx" else fmt
+        if key in results:
+            details[fmt]["latency_ms"] = {b: round(v.median_ms, 4) for b, v in results[key].items()}
+            details[fmt]["runtime"] = "onnxruntime, 1 thread" if fmt == "onnx" else "torch, 1 thread"
     job.warnings.extend(_slower_warnings(baseline["latency_ms"], compressed["latency_ms"]))
 
 
-def _latencies(paths: dict[str, Path], example: tuple, budget_s: float, progress: Any) -> dict[str, dict[str, float]]:
-    """onnxruntime latency on one thread at batch 1 and 32 of each file, measured side by side: the best of
-    LATENCY_ROUNDS rounds of fresh sessions (one session alone can be more than 10% off; see
-    `exporters.interleaved_latency`). `budget_s` is the timed budget per file and batch."""
-    from slimfx.exporters import best_median_ms, interleaved_latency, with_batch
+WEIGHT_LABELS = {"float": "float", "int8": "int8 (dequantized in the graph)",
+                 "fake-quant": "fake-quant (float tensors)"}
 
-    result: dict[str, dict[str, float]] = {k: {} for k in paths}
-    for key, batch in (("b1", 1), ("b32", 32)):
-        runs = interleaved_latency(paths, with_batch(example, batch), rounds=LATENCY_ROUNDS,
-                                   budget_s=budget_s / LATENCY_ROUNDS)
-        for k, stats in runs.items():
-            result[k][key] = round(best_median_ms(stats), 4)
-        progress.update(1)
-    return result
+
+def _describe_exports(graph: ir.Graph, exports: dict[str, Path], details: dict[str, Any]) -> None:
+    """What each exported file holds: `weights` (float, int8 tensors dequantized in the graph, or fake-quant);
+    `latency_ms` is filled in by `_measure` (none for .slimfx, which is not a runtime format)."""
+    from slimfx.exporters.pt2 import weight_storage
+
+    storage = weight_storage(graph)
+    for fmt in exports:
+        d = details[fmt]
+        d["weights"] = d.get("details", {}).get("weights") or storage
+        d["latency_ms"], d["runtime"] = None, None
 
 
 def _slower_warnings(baseline: dict[str, float] | None, compressed: dict[str, float] | None) -> list[str]:

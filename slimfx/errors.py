@@ -5,10 +5,12 @@ from slimfx.ir.errors import (
     DataError,
     ExportError,
     GateError,
+    ModelFileError,
     PassError,
     RecipeError,
     SlimfxError,
     ValidationError,
 )
 
-__all__ = ["SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError", "GateError", "DataError"]
+__all__ = ["SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError", "GateError", "DataError",
+           "ModelFileError"]

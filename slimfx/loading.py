@@ -1,4 +1,5 @@
-"""Resolve a MODEL argument: a zoo name, `package.module:callable` or `path/to/file.py:callable`.
+"""Resolve a MODEL argument: a zoo name, `package.module:callable`, `path/to/file.py:callable`, or a saved
+model `path/to/model.slimfx` (slimfx.save / `compile --format slimfx`).
 
 The callable returns a module, or `(module, example_inputs)` (or `(module, args, kwargs)`). A user
 model without example inputs gets none inferred: we say how to provide them.
@@ -30,7 +31,7 @@ from slimfx.ir.errors import SlimfxError
 IMPORT_NOTE = ("As with `python -m`, the working directory is importable, and so is a model file's folder (or, "
                "when the file is inside a package, the folder holding that package), so "
                "'models/net.py:make' may do `from models.layers import Block`.")
-SPEC_FORMS = "a zoo name, 'package.module:callable' or 'path/to/file.py:callable'"
+SPEC_FORMS = "a zoo name, 'package.module:callable', 'path/to/file.py:callable' or a saved 'model.slimfx'"
 RETURN_SHAPE = ("(module, example_inputs): an nn.Module and a tensor or a tuple of tensors, e.g. "
                 "`return model, (torch.randn(1, 3, 224, 224),)` (or (module, args, kwargs) with a dict of "
                 "keyword tensors)")
@@ -49,6 +50,7 @@ class LoadedModel:
     example_inputs: tuple
     zoo: Any = None
     example_kwargs: dict | None = None
+    graph: Any = None  # a saved model (.slimfx): the ir.Graph it holds; `module` is its lowering
 
     def positional(self) -> tuple[nn.Module, tuple]:
         """(module, inputs) taking every example input positionally: keyword inputs follow the positional
@@ -257,6 +259,10 @@ def resolve_model(spec: str, *, trained: bool = True, seed: int = 0, batch: int 
     brings its own inputs, e.g. `slimfx distill --student`); example_inputs is then empty.
     """
     spec = spec.strip()
+    from slimfx.persist import SUFFIX
+
+    if spec.endswith(SUFFIX):
+        return _load_saved(spec, seed=seed)
     if ":" not in spec:
         names = _zoo_names()
         if spec not in names:
@@ -312,6 +318,34 @@ def resolve_model(spec: str, *, trained: bool = True, seed: int = 0, batch: int 
         raise ModelSpecError(f"model spec {spec!r} returned {got}; it must return {RETURN_SHAPE}")
     inputs, kwargs = _check_inputs(spec, obj[1], obj[2] if len(obj) == 3 else None)
     return LoadedModel(attr, _eval(obj[0], spec), inputs, None, kwargs)
+
+
+def _load_saved(spec: str, *, seed: int) -> LoadedModel:
+    """A .slimfx file: its graph, the graph's lowering as the module, example inputs made from the stored
+    input metas (the shapes the graph was captured with), and the zoo entry when the file was saved from a zoo model (so commands can
+    bring the zoo's data)."""
+    from slimfx import ir
+    from slimfx.persist import example_inputs, load
+
+    graph = load(spec)
+    name = str((graph.metadata.get("model") or {}).get("name") or graph.name)
+    inputs = example_inputs(graph, seed=seed)
+    return LoadedModel(name, ir.lower(graph, copy_params=True).eval(), inputs, _zoo_of(name, graph), None, graph)
+
+
+def _zoo_of(name: str, graph: Any) -> Any:
+    """The zoo entry a saved graph came from: its recorded model name is a zoo name and its inputs are that
+    model's (dtype and shape past the batch dim); None otherwise."""
+    if name not in _zoo_names():
+        return None
+    from slimfx import models
+
+    zoo = models.get(name)
+    ins = [n.meta for n in graph.inputs]
+    if len(ins) == 1 and getattr(ins[0], "dtype", None) == zoo.input_dtype \
+            and tuple(ins[0].shape[1:]) == tuple(zoo.input_shape):
+        return zoo
+    return None
 
 
 def _eval(module: nn.Module, spec: str) -> nn.Module:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
@@ -69,14 +69,17 @@ class OutputDir:
                 parent.mkdir(parents=True)
             except OSError as e:
                 raise OutputError(f"cannot create {parent} for {flag} {text}: {e.strerror or e}") from e
+        stage = parent / f".{target.name}.slimfx-{secrets.token_hex(4)}"
+        _LIVE.add(stage)  # before it exists: a signal at any point leaves nothing `remove_live_stages` misses
         try:
-            stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.slimfx-", dir=parent))
+            stage.mkdir(mode=0o700)
         except OSError as e:
+            _LIVE.discard(stage)
             raise OutputError(f"cannot write into {parent} ({flag} {text}): {e.strerror or e}; choose a "
                               f"writable {flag}") from e
         free = shutil.disk_usage(parent).free
         if need_bytes and free < need_bytes + SPARE_BYTES:
-            shutil.rmtree(stage, ignore_errors=True)
+            _remove(stage)
             raise OutputError(f"{parent} has {free / 2**20:.1f} MiB free; the outputs need about "
                               f"{(need_bytes + SPARE_BYTES) / 2**20:.1f} MiB: free some space or choose another "
                               f"{flag}")
@@ -100,6 +103,7 @@ class OutputDir:
             if old is not None:
                 os.replace(old, self.target)
             raise
+        _LIVE.discard(self.stage)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self.committed = True
@@ -116,11 +120,12 @@ class OutputDir:
         elif rejected.exists():
             rejected.unlink()
         os.replace(self.stage, rejected)
+        _LIVE.discard(self.stage)
         self.committed = True
         return rejected
 
     def discard(self) -> None:
-        shutil.rmtree(self.stage, ignore_errors=True)
+        _remove(self.stage)
 
     def __enter__(self) -> OutputDir:
         return self
@@ -129,6 +134,20 @@ class OutputDir:
                  tb: TracebackType | None) -> None:
         if not self.committed:
             self.discard()
+
+
+_LIVE: set[Path] = set()  # stages not yet committed or removed, in this process
+
+
+def _remove(stage: Path) -> None:
+    shutil.rmtree(stage, ignore_errors=True)
+    _LIVE.discard(stage)
+
+
+def remove_live_stages() -> None:
+    """Remove every stage this process created and did not commit (the CLI calls this on any way out)."""
+    for stage in list(_LIVE):
+        _remove(stage)
 
 
 class Terminated(BaseException):
@@ -152,4 +171,4 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["OutputDir", "OutputError", "Terminated", "terminate_on_sigterm"]
+__all__ = ["OutputDir", "OutputError", "Terminated", "terminate_on_sigterm", "remove_live_stages"]

@@ -36,7 +36,7 @@ from slimfx.passes import Pass, PassContext, PassManager, create_pass, registere
 from slimfx.plugins import PluginError, load_entry_points, load_plugins
 
 TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate", "data", "plugins")
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "torchscript", "pt2", "slimfx")
 MIN_OPSET, MAX_OPSET = 17, 23
 
 

@@ -56,6 +56,22 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+_WEIGHTS = {"float": "float", "int8": "int8, dequantized in the graph", "fake-quant": "FAKE-QUANT: float tensors"}
+
+
+def export_rows(report: dict[str, Any]) -> list[list[str]]:
+    """[file, size, weights, latency b1, latency b32, runtime] per exported file: what each file holds
+    (float weights, real int8 tensors, or fake-quant floats) and how fast it runs."""
+    rows = []
+    for e in report.get("exports", {}).values():
+        lat = e.get("latency_ms") or {}
+        rows.append([e.get("path", "?"), _fmt_bytes(e.get("size_bytes")),
+                     _WEIGHTS.get(e.get("weights"), e.get("weights") or "-"), _fmt_ms(lat.get("b1")),
+                     _fmt_ms(lat.get("b32")), e.get("runtime") or ("-" if e.get("format") != "slimfx" else
+                                                                      "(model file: slimfx.load / compile)")])
+    return rows
+
+
 def headline_lines(report: dict[str, Any]) -> list[str]:
     """What a reader must know before trusting the table: the gate's verdict, skipped steps, weak data."""
     lines = []
@@ -91,6 +107,10 @@ def format_report(report: dict[str, Any], *, markdown: bool = False) -> str:
     head = headline_lines(report)
     parts = ["\n".join(f"- {h}" if markdown and not h.startswith("  ") else h for h in head)] if head else []
     parts.append(_table(["", "original", "compiled", "ratio"], summary_rows(report), markdown))
+    erows = export_rows(report)
+    if erows:
+        parts.append(_table(["file", "size", "weights", "latency b1", "latency b32", "runtime"], erows, markdown,
+                            right={1, 3, 4}))
     if report.get("passes"):
         prow = [[p["name"], f"{p['seconds']:.2f} s", _stats_text(p.get("stats", {}))] for p in report["passes"]]
         parts.append(_table(["pass", "time", "stats"], prow, markdown, right={1}))

@@ -7,6 +7,7 @@ It is also a plugin: `slimfx compile docs/examples/custom_pass.py:Net --plugin d
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from slimfx import ir
 from slimfx.passes import Pass, PassContext, PassManager, PassResult, PatternPass, option, register_pass
@@ -18,9 +19,7 @@ class FuseSilu(PatternPass):
     """Rewrites x * sigmoid(x) as silu(x)."""
 
     pattern = staticmethod(lambda x: x * torch.sigmoid(x))  # also matches sigmoid(x) * x
-
-    def replace(self, graph, match):
-        return match.insert("silu", (match["x"],))  # placed before the match; meta inferred
+    replacement = staticmethod(lambda x: F.silu(x))          # written like the pattern, same arguments
 
 
 # --- 2. A plain pass with an option: clamp weights of every linear layer to +-limit. ------------
@@ -63,8 +62,9 @@ def main() -> tuple[ir.Graph, list]:
     (x,) = example_inputs()
     graph = ir.capture(Net().eval(), (x,))
     pipeline = PassManager(["fuse-silu", "cse", "dce"], check_numerics=1e-6)  # checks outputs after each
-    records = pipeline.run(graph, PassContext(example_inputs=(x,)))
-    records += PassManager(["clip-linear-weights{limit=0.1}"]).run(graph, PassContext())  # changes numbers
+    run = pipeline.run(graph, PassContext(example_inputs=(x,)))  # a PassRecord per pass, and run.graph
+    more = PassManager(["clip-linear-weights{limit=0.1}"]).run(run.graph, PassContext())  # changes numbers
+    graph, records = more.graph, [*run, *more]  # go on with the returned graph: a pass may build a new one
     for r in records:
         print(f"{r.name:22} {r.seconds * 1e3:6.2f} ms  {r.stats}")
     print(graph)

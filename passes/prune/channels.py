@@ -17,7 +17,15 @@ import torch
 from slimfx.ir import Graph, count_macs, count_params, lower, ops_with, propagate_shapes, verify
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
-from slimfx.passes.prune.groups import BLOCK, Dependencies, Group, analyze, apply, missing_trait_message
+from slimfx.passes.prune.groups import (
+    BLOCK,
+    Dependencies,
+    Group,
+    analyze,
+    apply,
+    keep_every_axis,
+    missing_trait_message,
+)
 
 Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
 
@@ -32,13 +40,6 @@ def example_inputs(graph: Graph, ctx: PassContext) -> tuple:
             raise PassError(f"graph input %{n.name} has no shape; give example inputs (PassContext.example_inputs)")
         out.append(torch.zeros(n.meta.shape, dtype=n.meta.dtype))
     return tuple(out)
-
-
-def replace_contents(dst: Graph, src: Graph) -> None:
-    """Make `dst` the graph `src` is (nodes, params), keeping the `dst` object that callers hold."""
-    dst.__dict__.update(src.__dict__)
-    for n in dst:
-        n.graph = dst
 
 
 def match_any(patterns: list[str], names: list[str]) -> bool:
@@ -164,22 +165,7 @@ def plan(deps: Dependencies, scores: torch.Tensor, sparsity_of: dict[int, float]
         kept = max(1, min(n, kept))  # documented clamp: a group never reaches 0 channels
         order = sorted(g.units, key=lambda u: (float(scores[u]), u))
         removed += order[:n - kept]
-    return _keep_every_axis(deps, scores, removed)
-
-
-def _keep_every_axis(deps: Dependencies, scores: torch.Tensor, removed: list[int]) -> list[int]:
-    """No sliced param axis may become empty (a split chunk, a cat segment): give back the best unit."""
-    rm = set(removed)
-    changed = True
-    while changed:
-        changed = False
-        for m in deps.members.values():
-            r = deps.roots[m.labels].tolist()
-            if all(x in rm for x in r) and r:
-                best = max(set(r), key=lambda u: float(scores[u]))
-                rm.discard(best)
-                changed = True
-    return [u for u in removed if u in rm]
+    return keep_every_axis(deps, removed, scores)
 
 
 # --- the pass -------------------------------------------------------------------------------------
@@ -271,9 +257,8 @@ class PruneChannels(Pass):
                 else:
                     lo = mid
             chosen = hi
-        work, removed = build(chosen)
-        replace_contents(graph, work)
-        graph.remove_unused_params()
+        work, removed = build(chosen)  # a pruned copy: the given graph stays as it was
+        work.remove_unused_params()
         removed_set = set(removed)
         table = []
         for g in deps.groups:
@@ -284,7 +269,7 @@ class PruneChannels(Pass):
             table.append({"group": g.name, "kind": g.kind, "sources": g.sources(), "units": len(g.units),
                           "removed_units": len(rm), "channels": g.channels, "kept_channels": kept_ch,
                           "protected": match_any(self.protect, group_names(g, graph))})
-        macs1, params1 = count_macs(graph), count_params(graph)
+        macs1, params1 = count_macs(work), count_params(work)
         stats = {
             "criterion": self.criterion, "sparsity": chosen, "groups": table, "blocked": deps.blocked,
             "macs_before": macs0, "macs_after": macs1, "macs_ratio": macs1 / macs0 if macs0 else 1.0,
@@ -295,8 +280,8 @@ class PruneChannels(Pass):
             stats["notes"] = notes
         if deps.missing:  # ops pruning stopped at for want of a trait: op -> the trait (the reasons are in blocked)
             stats["missing_traits"] = dict(deps.missing)
-        return PassResult(changed=bool(removed), stats=stats)
+        return PassResult(changed=bool(removed), stats=stats, graph=work if removed else None)
 
 
-__all__ = ["PruneChannels", "importance", "plan", "example_inputs", "replace_contents", "check_patterns",
+__all__ = ["PruneChannels", "importance", "plan", "example_inputs", "check_patterns",
            "BLOCK"]

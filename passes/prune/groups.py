@@ -780,6 +780,26 @@ def _kept(labels: torch.Tensor, roots: torch.Tensor, removed: torch.Tensor) -> t
     return ~removed[roots[labels]]
 
 
+def keep_every_axis(deps: Dependencies, removed: Iterable[int], scores: torch.Tensor | None = None) -> list[int]:
+    """`removed` minus what would empty a sliced param axis (a split chunk, a cat segment, a one-channel branch).
+
+    For each axis that would lose every channel, the unit with the best score (the first, without scores) is given
+    back; `apply` refuses a removal that empties an axis.
+    """
+    removed = list(removed)
+    rm = set(removed)
+    changed = True
+    while changed:
+        changed = False
+        for m in deps.members.values():
+            r = deps.roots[m.labels].tolist()
+            if r and all(x in rm for x in r):
+                best = max(set(r), key=lambda u: float(scores[u]) if scores is not None else 0.0)
+                rm.discard(best)
+                changed = True
+    return [u for u in removed if u in rm]
+
+
 def apply(graph: Graph, deps: Dependencies, removed_units: Iterable[int]) -> dict[str, int]:
     """Remove the given units in place: slice every member param, fix attrs. Shapes are left to the caller.
 
@@ -796,6 +816,8 @@ def apply(graph: Graph, deps: Dependencies, removed_units: Iterable[int]) -> dic
         keep = _kept(m.labels, roots, removed)
         if bool(keep.all()):
             continue
+        if not bool(keep.any()):
+            raise ValueError(f"removing these units empties axis {axis} of {name}; filter them with keep_every_axis")
         idx = keep.nonzero().flatten()
         t = graph.params[name]
         graph.params[name] = t.index_select(axis, idx).contiguous()

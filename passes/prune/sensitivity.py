@@ -16,23 +16,11 @@ import torch
 
 from slimfx.ir import Graph, lower
 from slimfx.ir.errors import PassError
+from slimfx.ir.metrics import Comparison
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.prune.channels import importance, plan
 from slimfx.passes.prune.groups import analyze, apply
 from slimfx.passes.prune.masks import PRUNABLE_OPS, weight_of
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Signal-to-quantization(pruning)-noise ratio in dB; capped at 100 dB for identical outputs."""
-    noise = float((ref - out).double().pow(2).sum())
-    signal = float(ref.double().pow(2).sum())
-    if noise == 0.0:
-        return 100.0
-    return min(100.0, 10.0 * math.log10(max(signal, 1e-30) / noise))
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @register_pass("prune-sensitivity")
@@ -68,15 +56,18 @@ class PruneSensitivity(Pass):
             raise PassError("pass 'prune-sensitivity' needs example inputs or calibration data to score outputs")
         ref_gm = lower(graph, copy_params=True).eval()
         with torch.no_grad():
-            refs = [_first(ref_gm(*b)) for b in batches]
+            refs = [ref_gm(*b) for b in batches]
 
         def score(g: Graph) -> float:
+            """Accuracy (with ctx.eval_fn), else the output SQNR of the worst of every output (+inf: exact)."""
             gm = lower(g, copy_params=True).eval()
             if ctx.eval_fn is not None:
                 return float(ctx.eval_fn(gm))
+            comparison = Comparison()
             with torch.no_grad():
-                outs = [_first(gm(*b)) for b in batches]
-            return sqnr_db(torch.cat([r.flatten() for r in refs]), torch.cat([o.flatten() for o in outs]))
+                for r, b in zip(refs, batches, strict=True):
+                    comparison.update(r, gm(*b))
+            return comparison.sqnr_db
 
         metric = "accuracy" if ctx.eval_fn is not None else "sqnr_db"
         baseline = score(graph)
@@ -124,8 +115,12 @@ class PruneSensitivity(Pass):
         by: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
             by.setdefault(r["target"], []).append((r["sparsity"], r[metric]))
+        finite = [v for pts in by.values() for _, v in pts if math.isfinite(v)] + \
+            ([baseline] if math.isfinite(baseline) else [])
+        cap = max(finite, default=0.0) + 10.0  # exact (infinite SQNR) points drawn at the top
         for name, pts in by.items():
             xs, ys = zip(*([(0.0, baseline)] + sorted(pts)), strict=True)
+            ys = tuple(y if math.isfinite(y) else cap for y in ys)
             ax.plot(xs, ys, marker="o", linewidth=1, markersize=3, label=name)
         ax.set_xlabel("sparsity (fraction removed)")
         ax.set_ylabel("accuracy" if metric == "accuracy" else "output SQNR (dB)")
@@ -139,4 +134,4 @@ class PruneSensitivity(Pass):
         return str(self.plot)
 
 
-__all__ = ["PruneSensitivity", "sqnr_db"]
+__all__ = ["PruneSensitivity"]

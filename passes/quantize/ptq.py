@@ -345,7 +345,7 @@ class Quantize(Pass):
         per_channel = qparams_from_range(flat.min(dim=1).values, flat.max(dim=1).values, torch.int8,
                                          symmetric=True, axis=0, qmin=-qmax, qmax=qmax)
         if self.per_channel_min_gain_db > 0:
-            from slimfx.passes.quantize.sensitivity import sqnr_db
+            from slimfx.ir.metrics import tensor_sqnr_db as sqnr_db
 
             def weight_sqnr(qp: QParams) -> float:
                 scale = qp.scale.reshape(-1, *[1] * (w.dim() - 1)) if qp.axis is not None else qp.scale

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +21,8 @@ from slimfx.ir import Graph, Node, Param, TensorMeta, ops_with
 from slimfx.ir.errors import PassError
 from slimfx.passes.graph_utils import runs_in_training
 from slimfx.passes.quantize.observers import QRANGE, SCALE_FLOOR, QParams
+from slimfx.passes.rewrite import Match, call
+from slimfx.passes.rules import Rule, RuleSet, apply_rules
 
 # The quantize pass's view of the op table: each op's `quant` trait (ir/ops.py), read at each use, so an op
 # registered with a trait is treated like the built-in ones.
@@ -372,25 +375,27 @@ def fold_bias(graph: Graph, node: Node, s_x: torch.Tensor, s_w: torch.Tensor, ax
     return fold_weight(graph, node, 2, qp, values=exact.to(torch.int32))
 
 
+def _requantize(q, s, z, s2, z2, axis=None, dtype=None):
+    return call("quantize", call("dequantize", q, s, z, axis=axis), s2, z2, dtype=dtype, axis=axis)
+
+
+def _same_grid(m: Match) -> bool:
+    """The round trip is exact: same scale and zero point (by value), same dtype as the source."""
+    q, graph = m["q"], m.graph
+    return (isinstance(q, Node) and isinstance(q.meta, TensorMeta) and q.meta.dtype == m["dtype"]
+            and _same_param(graph, m["s"], m["s2"]) and _same_param(graph, m["z"], m["z2"]))
+
+
+@functools.cache
+def requantize_rules() -> RuleSet:
+    """quantize(dequantize(q, s, z), s, z) -> q; the dequantize stays while other ops read it."""
+    return RuleSet([Rule(_requantize, lambda q: q, _same_grid, name="collapse-requantize", exclusive=False)])
+
+
 def collapse_requantize(graph: Graph) -> int:
-    """quantize(dequantize(q, s, z)) with the same s, z and dtype is q itself: drop the round trip."""
-    removed = 0
-    for n in graph.nodes:
-        if n.op != "quantize" or not isinstance(n.inputs[0], Node) or n.inputs[0].op != "dequantize":
-            continue
-        dq = n.inputs[0]
-        src = dq.inputs[0]
-        if not isinstance(src, Node) or src.meta is None or src.meta.dtype != n.attrs.get("dtype"):
-            continue
-        if n.attrs.get("axis") != dq.attrs.get("axis") or not _same_param(graph, n.inputs[1], dq.inputs[1]) \
-                or not _same_param(graph, n.inputs[2], dq.inputs[2]):
-            continue
-        graph.replace_all_uses(n, src)
-        graph.erase(n)
-        removed += 1
-        if not dq.users:
-            graph.erase(dq)
-    return removed
+    """quantize(dequantize(q, s, z)) with the same s, z and dtype is q itself: drop the round trip.
+    Params the round trips read stay (quantize sweeps unused params right after)."""
+    return apply_rules(graph, requantize_rules(), drop_params=False)["collapse-requantize"]
 
 
 def _same_param(graph: Graph, a: object, b: object) -> bool:

@@ -10,7 +10,6 @@ tuning does).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +17,7 @@ import torch
 
 from slimfx.ir import Graph, lower
 from slimfx.ir.errors import PassError
+from slimfx.ir.metrics import tensor_sqnr_db
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, progress
 from slimfx.passes.quantize.observers import Calibration
@@ -36,10 +36,7 @@ def _flat_outputs(out: Any) -> torch.Tensor:
     return torch.cat([_flat_outputs(o) for o in out if isinstance(o, (torch.Tensor, tuple, list, dict))])
 
 
-def sqnr_db(ref: torch.Tensor, y: torch.Tensor) -> float:
-    """10 log10(|ref|^2 / |ref - y|^2); inf when equal."""
-    noise = float((ref - y).pow(2).sum())
-    return math.inf if noise == 0 else 10 * math.log10(float(ref.pow(2).sum()) / noise)
+sqnr_db = tensor_sqnr_db  # one convention for the project (slimfx.ir.metrics): +inf when equal
 
 
 def graph_outputs(graph: Graph, batches: list[tuple]) -> torch.Tensor:

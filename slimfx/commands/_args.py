@@ -22,7 +22,7 @@ from slimfx.ir.errors import ExportError, ValidationError
 SEED_MAX = 2**32 - 1  # numpy's and Python's seeders all take this; torch takes more
 BATCH_MAX = 65536
 THREADS_MAX = 1024
-EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FORMATS = ("onnx", "torchscript", "pt2", "slimfx")
 
 
 def _invalid(text: str, what: str) -> argparse.ArgumentTypeError:
@@ -120,7 +120,8 @@ _MAGIC = [
 
 
 def sniff(path: Path) -> str:
-    """What a file's first bytes say it is: 'torchscript', 'torch.save', 'onnx?' (plausibly a protobuf),
+    """What a file's first bytes say it is: 'torchscript', 'pt2' (torch.export), 'slimfx' (a slimfx model
+    file), 'torch.save', 'onnx?' (plausibly a protobuf),
     or a description for messages such as 'a PNG image', 'a text file', 'an empty file'."""
     with open(path, "rb") as f:
         head = f.read(512)
@@ -132,8 +133,12 @@ def sniff(path: Path) -> str:
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError, EOFError):
             return "a truncated or corrupt zip archive (TorchScript and torch.save files are zip archives)"
+        if "meta.json" in names and "graph.ir" in names:
+            return "slimfx"
         if any(n.split("/", 1)[-1].startswith("code/") for n in names):
             return "torchscript"
+        if any(n.split("/", 1)[-1] in ("models/model.json", "archive_format") for n in names):
+            return "pt2"
         if any(n.endswith("data.pkl") for n in names):
             return "torch.save"
         return "a zip archive"
@@ -168,6 +173,12 @@ def _onnx_problem(path: Path, kind: str) -> str | None:
     if kind == "torchscript":
         return (f"{path} is not an ONNX model (it is a TorchScript file: `slimfx validate` takes it; export ONNX "
                 "with `slimfx export MODEL -o FILE.onnx`)")
+    if kind == "pt2":
+        return (f"{path} is not an ONNX model (it is a torch.export .pt2 program: `slimfx validate` takes it; "
+                "export ONNX with `slimfx export MODEL -o FILE.onnx`)")
+    if kind == "slimfx":
+        return (f"{path} is not an ONNX model (it is a slimfx model file: export it with `slimfx export {path} "
+                "--format onnx -o FILE.onnx`)")
     if kind == "torch.save":
         return (f"{path} is not an ONNX model (it is a torch.save checkpoint, e.g. a state_dict; export the model "
                 "with `slimfx export MODEL -o FILE.onnx`)")
@@ -204,10 +215,10 @@ def onnx_file(text: str) -> Path:
 
 
 def exported_file(text: str) -> Path:
-    """An existing ONNX or TorchScript model file (argparse type)."""
+    """An existing ONNX, TorchScript, torch.export (.pt2) or slimfx model file (argparse type)."""
     path = _check_readable(text)
     kind = sniff(path)
-    if kind == "torchscript":
+    if kind in ("torchscript", "pt2", "slimfx"):
         return path
     if kind == "torch.save":
         raise argparse.ArgumentTypeError(

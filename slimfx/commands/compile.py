@@ -10,26 +10,28 @@ import logging
 import torch
 
 from slimfx.commands import _args
+from slimfx.driver import DEFAULT_BENCH_SECONDS, DEFAULT_RECIPE
 from slimfx.ir.errors import SlimfxError
 from slimfx.loading import IMPORT_NOTE, resolve_model
 
 DEFAULT_MODEL = "digits_cnn"
-DEFAULT_RECIPE = "default"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="prune, distil, quantize and export a model, with a report",
-                       description="Compile MODEL with a recipe into validated ONNX/TorchScript files and a "
-                                   "report (report.json, report.md). MODEL is a zoo name, "
-                                   "'package.module:callable' or 'path/to/file.py:callable'; default: "
-                                   f"{DEFAULT_MODEL}. {IMPORT_NOTE}")
+                       description="Compile MODEL with a recipe into validated ONNX/TorchScript/torch.export files "
+                                   "and a report (report.json, report.md). MODEL is a zoo name, "
+                                   "'package.module:callable', 'path/to/file.py:callable', or a saved "
+                                   "'model.slimfx' to continue from (resume: e.g. prune once, then try several "
+                                   f"quantization recipes); default: {DEFAULT_MODEL}. {IMPORT_NOTE}")
     p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or path to a .toml file "
                    f"(default: {DEFAULT_RECIPE})")
     p.add_argument("--out", type=_args.output_dir, default="slimfx-out",
                    help="output directory (default: ./slimfx-out)")
     p.add_argument("--format", type=_args.export_formats, default=None,
-                   help="onnx, torchscript, or both comma-separated (default: the recipe's [export] formats)")
+                   help="onnx, torchscript, pt2 (torch.export) and/or slimfx (a model file `compile` can resume "
+                        "from), comma-separated (default: the recipe's [export] formats)")
     p.add_argument("--calibration-samples", type=_args.count("the number of calibration samples", 1, 1_000_000),
                    default=256, help="zoo models: training samples used to calibrate quantization (default 256)")
     p.add_argument("--seed", type=_args.seed, default=0,
@@ -37,9 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_args.threads, default=1,
                    help="torch threads for calibration and training (default 1: fastest for small models, "
                         "and steady on a busy machine); latency is always measured on 1 thread")
-    p.add_argument("--bench-seconds", type=_args.bench_seconds, default=0.8,
-                   help="timed budget per model and batch size, split over 3 rounds of fresh sessions "
-                        "(default 0.8 s; more is steadier)")
+    p.add_argument("--bench-seconds", type=_args.bench_seconds, default=DEFAULT_BENCH_SECONDS,
+                   help="the one time budget of the latency report: every file at batch 1 and 32, side by side "
+                        f"in up to 3 rounds of fresh sessions (default {DEFAULT_BENCH_SECONDS:g} s; more is steadier)")
+    p.add_argument("--no-bench", action="store_true", help="skip the latency report (sizes and checks stay)")
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="your data: 'file.py:fn' or 'package.module:fn' returning slimfx.Data(train=..., "
                         "validation=..., test=..., calibration=...); zoo models bring their own (default: the "
@@ -76,10 +79,11 @@ def run(args: argparse.Namespace) -> int:
         data = zoo_data(loaded.zoo.dataset, seed=args.seed, calibration_samples=args.calibration_samples)
     elif data is not None and args.data is not None and data.calibration is None:
         data.calibration_samples = args.calibration_samples
-    result = compile_model(loaded.module, loaded.example_inputs, recipe, data=data,
+    model = loaded.graph if loaded.graph is not None else loaded.module  # a saved graph: resume from its IR
+    result = compile_model(model, loaded.example_inputs, recipe, data=data,
                            example_kwargs=loaded.example_kwargs, out_dir=args.out, formats=formats, force=args.force,
                            keep_rejected=args.keep_rejected, name=loaded.name, quiet=args.quiet, seed=args.seed,
-                           bench_seconds=args.bench_seconds)
+                           bench_seconds=0 if args.no_bench else args.bench_seconds)
     if args.quiet:
         print(result.out_dir)
         return 0

@@ -1,4 +1,5 @@
-"""`slimfx export MODEL --format onnx|torchscript -o PATH`: capture, export, validate against the model."""
+"""`slimfx export MODEL --format onnx|torchscript|pt2|slimfx -o PATH`: capture, export, validate against the
+model. MODEL may be a saved `model.slimfx` (its graph is exported as it is)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ from slimfx.commands import _args
 from slimfx.exporters.onnx.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from slimfx.loading import IMPORT_NOTE, resolve_model
 
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "slimfx": ".slimfx"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", help="export a model to ONNX or TorchScript, validated with onnxruntime/torch",
-                       description="Capture MODEL (a zoo name, 'package.module:callable' or "
-                                   "'path/to/file.py:callable') and write it as ONNX (emitted from slimfx's IR) "
-                                   "or TorchScript. The file is written only if its outputs match the model." + " " + IMPORT_NOTE)
+    p = sub.add_parser("export", help="export a model to ONNX, TorchScript, torch.export (.pt2) or a slimfx model "
+                                      "file, validated with onnxruntime/torch",
+                       description="Capture MODEL (a zoo name, 'package.module:callable', "
+                                   "'path/to/file.py:callable', or a saved 'model.slimfx') and write it as ONNX "
+                                   "(emitted from slimfx's IR), TorchScript, a torch.export program (.pt2) or a "
+                                   "slimfx model file (.slimfx). The file is written only if its outputs match the "
+                                   "model." + " " + IMPORT_NOTE)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--format", choices=sorted(SUFFIX), default="onnx")
     p.add_argument("-o", "--output", type=_args.output_file, default=None,
@@ -26,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "anything else (folder, FIFO, device) is refused")
     p.add_argument("--opset", type=_args.count("the ONNX opset", MIN_OPSET, MAX_OPSET), default=None,
                    help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET}-{MAX_OPSET})")
-    p.add_argument("--fixed-batch", action="store_true", help="ONNX: fix the batch dim to the example inputs'")
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="ONNX, pt2: fix the batch dim to the example inputs'")
     p.add_argument("--atol", type=_args.tolerance, default=1e-5,
                    help="validation: absolute tolerance (default 1e-5)")
     p.add_argument("--rtol", type=_args.tolerance, default=1e-4,
@@ -39,18 +44,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimfx.exporters import export_onnx, export_torchscript
+    from slimfx.exporters import export_onnx, export_pt2, export_slimfx, export_torchscript
 
     spec = args.model.strip()
     name = spec.rpartition(":")[2] if ":" in spec else spec  # what resolve_model names the model
     out = args.output or Path(name.replace("/", "_") + SUFFIX[args.format])
     _args.check_output_file(out)  # before any work: a FIFO, device or folder there is never replaced
     loaded = resolve_model(spec, trained=not args.untrained)
-    graph = ir.capture(loaded.module, loaded.example_inputs, example_kwargs=loaded.example_kwargs)
+    graph = loaded.graph if loaded.graph is not None else \
+        ir.capture(loaded.module, loaded.example_inputs, example_kwargs=loaded.example_kwargs)
     common = dict(inputs=loaded.positional()[1], atol=args.atol, rtol=args.rtol, keep_invalid=args.keep_invalid)
     if args.format == "onnx":
         res = export_onnx(graph, out, opset=args.opset or DEFAULT_OPSET, dynamic_batch=not args.fixed_batch,
                           **common)
+    elif args.format == "pt2":
+        res = export_pt2(graph, out, dynamic_batch=not args.fixed_batch, **common)
+    elif args.format == "slimfx":
+        res = export_slimfx(graph, out, **common)
     else:
         res = export_torchscript(graph, out, **common)
     if args.json:

@@ -13,7 +13,8 @@ from slimfx.loading import IMPORT_NOTE, resolve_model
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a model's IR and a per-node table (op, shape, params, MACs)",
                        description="Capture MODEL and print its IR. MODEL is a zoo name, "
-                                   "'package.module:callable' or 'path/to/file.py:callable'." + " " + IMPORT_NOTE)
+                                   "'package.module:callable', 'path/to/file.py:callable' or a saved "
+                                   "'model.slimfx' (its graph is printed as saved)." + " " + IMPORT_NOTE)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--format", choices=["text", "table", "dot", "json"], default=None,
                    help="text: IR only; table: per-node table only; dot: Graphviz; json: machine-readable "
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     inputs, kwargs = loaded.example_inputs, loaded.example_kwargs
     if args.data:  # shapes from the user's data: one batch of it (validation, else test, else train)
         inputs, kwargs = _first_batch(args.data), None
-    graph = ir.capture(loaded.module, inputs, example_kwargs=kwargs)
+    graph = loaded.graph if loaded.graph is not None and not args.data else \
+        ir.capture(loaded.module, inputs, example_kwargs=kwargs)  # a saved model: its graph as saved
     if args.format == "json":
         print(json.dumps(to_json(graph), indent=2))
     elif args.format == "dot":

@@ -1,4 +1,4 @@
-"""`slimfx validate PATH --model MODEL`: compare an exported ONNX/TorchScript file with the model."""
+"""`slimfx validate PATH --model MODEL`: compare an exported ONNX/TorchScript/.pt2/.slimfx file with the model."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ ORT_TYPES = {"float": "float32", "double": "float64", "float16": "float16", "bfl
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("validate", help="compare an exported .onnx/.pt file with the model it came from",
-                       description="Run PATH (ONNX with onnxruntime, or TorchScript) and MODEL on the same inputs "
+    p = sub.add_parser("validate", help="compare an exported .onnx/.pt/.pt2/.slimfx file with the model it came from",
+                       description="Run PATH (ONNX with onnxruntime, TorchScript, torch.export .pt2 or a slimfx "
+                                   "model file) and MODEL on the same inputs "
                                    "(MODEL's example inputs, resized to each --batch size, or your --data) and report "
                                    "max abs/rel error, cosine, SQNR and top-1 agreement. Exit status 3 when outside "
                                    "tolerance, 2 when PATH does not take MODEL's inputs or give its outputs.")
@@ -116,6 +117,24 @@ def _probe(path: Path, name: str, run_file: Callable[[tuple], list[np.ndarray]],
                                 f"values where the model's are finite (batch {b})")
 
 
+def _load_torch_file(path: Path, kind: str) -> Any:
+    """A callable module for a TorchScript, torch.export (.pt2) or slimfx model file."""
+    if kind == "slimfx":
+        from slimfx import ir
+        from slimfx.persist import load
+
+        return ir.lower(load(path)).eval()  # ModelFileError (exit 2) names what is wrong with the file
+    try:
+        if kind == "pt2":
+            from slimfx.exporters.pt2 import load_pt2
+
+            return load_pt2(path)
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except Exception as e:  # noqa: BLE001 - torch.jit / torch.export raise RuntimeError and friends for bad files
+        what = "torch.export (.pt2)" if kind == "pt2" else "TorchScript"
+        raise ValidationError(f"{path} is not a loadable {what} file: {_args.first_line(e)}") from e
+
+
 def run(args: argparse.Namespace) -> int:
     from slimfx.exporters import with_batch
     from slimfx.exporters.bench import ort_feed
@@ -128,11 +147,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         sets, where = _data_sets(args.data)
         args.batch = [int(ins[0].shape[0]) for ins in sets]
-    if kind == "torchscript":
-        try:
-            ts = torch.jit.load(str(args.path), map_location="cpu").eval()
-        except Exception as e:  # noqa: BLE001 - torch.jit raises RuntimeError and friends for bad files
-            raise ValidationError(f"{args.path} is not a loadable TorchScript file: {_args.first_line(e)}") from e
+    if kind in ("torchscript", "pt2", "slimfx"):
+        ts = _load_torch_file(args.path, kind)
 
         def run_file(ins: tuple) -> list[np.ndarray]:
             with torch.no_grad():

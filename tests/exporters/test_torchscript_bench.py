@@ -96,3 +96,22 @@ def test_interleaved_latency_measures_real_models():
     runs = interleaved_latency({"small": torch.nn.Linear(512, 8), "big": torch.nn.Linear(512, 2048)}, (x,),
                                rounds=2, budget_s=0.05)
     assert best_median_ms(runs["small"]) < best_median_ms(runs["big"])
+
+
+def test_latency_side_by_side_keeps_to_one_total_budget_and_reports_spread():
+    import time
+
+    from slimfx.exporters import latency_side_by_side
+
+    small, big = torch.nn.Linear(64, 8), torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
+    inputs = {"b1": (torch.randn(1, 64),), "b32": (torch.randn(32, 64),)}
+    t0 = time.perf_counter()
+    res = latency_side_by_side({"small": small}, inputs, total_budget_s=0.3)
+    assert time.perf_counter() - t0 < 1.5
+    assert set(res["small"]) == {"b1", "b32"} and 1 <= res["small"]["b1"].rounds <= 3
+    s = res["small"]["b32"]
+    assert s.p10_ms <= s.median_ms <= s.p90_ms and len(s.round_medians_ms) == s.rounds
+    assert min(s.round_medians_ms) == s.median_ms
+    big_inputs = {"b32": (torch.randn(256, 512),)}
+    slow = latency_side_by_side({"big": big}, big_inputs, total_budget_s=0.001)  # a budget smaller than one call
+    assert slow["big"]["b32"].rounds == 1 and slow["big"]["b32"].runs == 2  # one round of the minimum, no more

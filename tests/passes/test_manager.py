@@ -90,6 +90,31 @@ class HonestAnalysis(Pass):
         return PassResult(changed=False, stats={"nodes": len(graph)})
 
 
+@register_pass("test-rebuild")
+class Rebuild(Pass):
+    """Returns a copy with every relu made a clamp(min=0): a new graph, the given one untouched."""
+
+    def run(self, graph, ctx):
+        new = graph.copy()
+        for n in new.find("relu"):
+            n.op, n.attrs = "clamp", {"min": 0.0, "max": None}
+        return PassResult(changed=True, stats={"relus": len(new.find("clamp"))}, graph=new)
+
+
+@register_pass("test-analysis-with-graph")
+class AnalysisWithGraph(Pass):
+    is_analysis = True
+
+    def run(self, graph, ctx):
+        return PassResult(changed=False, graph=graph.copy())
+
+
+@register_pass("test-not-a-graph")
+class NotAGraph(Pass):
+    def run(self, graph, ctx):
+        return PassResult(changed=True, graph=str(graph))
+
+
 @pytest.fixture
 def case():
     m = make(ConvBnNet)
@@ -101,6 +126,7 @@ def test_runs_specs_and_records_each_pass(case):
     m, x, g = case
     pm = PassManager(["remove-identity", "fold-batchnorm", "test-honest-analysis", "dce"], check_numerics=1e-5)
     recs = pm.run(g, PassContext(example_inputs=(x,)))
+    assert recs.graph is g  # every pass edited it in place
     assert [r.name for r in recs] == ["remove-identity", "fold-batchnorm", "test-honest-analysis", "dce"]
     assert all(isinstance(r, PassRecord) and r.seconds >= 0 for r in recs)
     fold = recs[1]
@@ -110,6 +136,34 @@ def test_runs_specs_and_records_each_pass(case):
                                  "changed": True}
     assert not g.find("batch_norm")
     torch.testing.assert_close(ir.lower(g)(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_pass_may_return_a_new_graph_and_the_run_goes_on_with_it(case, tmp_path):
+    m, x, g = case
+    before, held = str(g), g.find("relu")[0]
+    seen = []
+
+    class Watch:
+        def after_pass(self, index, p, graph, record):
+            seen.append((p.name, graph))
+
+    run = PassManager(["fold-batchnorm", "test-rebuild", "dce"], check_numerics=1e-5, dump_dir=tmp_path,
+                      instrumentations=[Watch()]).run(g, PassContext(example_inputs=(x,)))
+    new = run.graph
+    assert new is not g and [r.name for r in run] == ["fold-batchnorm", "test-rebuild", "dce"]
+    assert run[1].stats == {"relus": len(g.find("relu"))} and not new.find("relu") and not new.find("batch_norm")
+    assert [graph is new for _, graph in seen] == [False, True, True]  # later passes and hooks see the new one
+    assert held.graph is g and g.find("relu") and str(g) != before  # fold-batchnorm edited g; g keeps its relus
+    assert "clamp(" in (tmp_path / "02-test-rebuild.txt").read_text()
+    torch.testing.assert_close(ir.lower(new)(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, what", [("test-analysis-with-graph", "a new graph, but it is an analysis"),
+                                       ("test-not-a-graph", "returned a str as its new graph")])
+def test_a_new_graph_from_an_analysis_or_not_a_graph_is_refused(case, bad, what):
+    _, x, g = case
+    with pytest.raises(PassError, match=rf"pass '{bad}' \(step 1 of 1.*{what}"):
+        PassManager([bad]).run(g, PassContext(example_inputs=(x,)))
 
 
 @pytest.mark.parametrize("bad, words", [
@@ -144,8 +198,8 @@ def test_a_pass_that_changes_numbers_is_named(case):
 
 def test_wrong_numerics_pass_the_ir_check_without_check_numerics(case):
     _, x, g = case
-    PassManager(["test-sigmoid-for-relu"]).run(g, PassContext(example_inputs=(x,)))  # verify alone cannot tell
-    assert g.find("sigmoid")
+    run = PassManager(["test-sigmoid-for-relu"]).run(g, PassContext(example_inputs=(x,)))  # verify cannot tell
+    assert run.graph.find("sigmoid")
 
 
 def test_a_crashing_pass_is_named(case):

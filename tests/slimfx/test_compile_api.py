@@ -108,9 +108,14 @@ def test_torchscript_only_compile_of_a_model_onnx_cannot_express(tmp_path):
 
 def test_a_compiled_model_clearly_slower_than_the_original_is_warned_about(tmp_path, monkeypatch):
     import slimfx.driver as driver
+    from slimfx.exporters import LatencySummary
 
-    measured = {"baseline": {"b1": 1.0, "b32": 10.0}, "compressed": {"b1": 1.5, "b32": 5.0}}
-    monkeypatch.setattr(driver, "_latencies", lambda paths, *a, **k: {p: measured.get(p, {"b1": 1.0, "b32": 1.0}) for p in paths})
+    measured = {"original": {"b1": 1.0, "b32": 10.0}, "compiled": {"b1": 1.5, "b32": 5.0}}
+
+    def fake(models, inputs, **kwargs):
+        return {m: {b: LatencySummary(measured.get(m, {"b1": 1.0, "b32": 1.0})[b], 0, 0, 1, 2, [0.0])
+                    for b in inputs} for m in models}
+    monkeypatch.setattr("slimfx.exporters.latency_side_by_side", fake)
     model, example = small()
     result = slimfx.compile(model, example, recipe="cleanup", out_dir=tmp_path, quiet=True)
     slower = [w for w in result.report["warnings"] if "slower than the original" in w]

@@ -71,11 +71,15 @@ def test_a_full_disk_is_found_before_any_work(tmp_path, monkeypatch):
 
 
 def test_an_unwritable_out_is_found_before_any_work(tmp_path, monkeypatch):
-    import tempfile
+    import os
 
-    def refuse(*a, **k):
-        raise PermissionError(13, "Permission denied")
+    real_mkdir = os.mkdir
+
+    def refuse(path, *a, **k):  # a read-only folder (the suite runs as root, so chmod cannot show it)
+        if ".out.slimfx-" in str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(path, *a, **k)
     model, example = small()
-    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(os, "mkdir", refuse)
     with pytest.raises(SlimfxError, match=r"cannot write into .* \(out_dir .*out\): Permission denied"):
         slimfx.compile(model, example, "cleanup", out_dir=tmp_path / "out", quiet=True)

@@ -19,6 +19,7 @@ from tests.passes.prune.helpers import export_and_validate
 def _prune(model: nn.Module, inputs: tuple, **opts):
     g = ir.capture(model.eval(), inputs)
     res = create_pass("prune-channels", opts).run(g, PassContext(example_inputs=inputs))
+    g = res.graph_after(g)  # the pruned graph (a new one)
     ir.verify(g)
     return g, res
 
@@ -65,7 +66,21 @@ def test_taylor_needs_data_and_uses_it():
         p.run(g, PassContext(example_inputs=(x[:1],)))
     y = torch.randint(0, 3, (8, 3, 3))
     res = p.run(g, PassContext(example_inputs=(x[:1],), train_data=[((x,), y)]))
-    assert res.stats["groups"][0]["kept_channels"] == 2 and g.params["c1.weight"].shape[0] == 2
+    assert res.stats["groups"][0]["kept_channels"] == 2 and res.graph.params["c1.weight"].shape[0] == 2
+
+
+def test_the_pruned_graph_is_a_new_graph_and_the_given_one_is_left_as_it_was():
+    x = torch.randn(1, 2, 3, 3)
+    g = ir.capture(_chain().eval(), (x,))
+    before, conv = str(g), g.node("c1")
+    res = create_pass("prune-channels", {"sparsity": 0.5}).run(g, PassContext(example_inputs=(x,)))
+    new = res.graph
+    assert new is not g and res.graph_after(g) is new and all(n.graph is new for n in new)
+    assert conv.graph is g and str(g) == before and g.params["c1.weight"].shape[0] == 4  # nothing swapped
+    assert new.params["c1.weight"].shape[0] == 2 and new.node("c1") is not conv
+    ir.verify(g), ir.verify(new)
+    nothing = create_pass("prune-channels", {"sparsity": 0.0}).run(g, PassContext(example_inputs=(x,)))
+    assert not nothing.changed and nothing.graph is None and nothing.graph_after(g) is g
 
 
 def test_bad_input_is_rejected_or_clamped():
@@ -127,12 +142,12 @@ def test_masks_are_sliced_with_their_weights():
     x = torch.randn(1, 2, 3, 3)
     g = ir.capture(_chain().eval(), (x,))
     ctx = PassContext(example_inputs=(x,))
-    parse_pass_spec("prune-weights{sparsity=0.25}").run(g, ctx)
-    parse_pass_spec("prune-channels{sparsity=0.5}").run(g, ctx)
+    g = parse_pass_spec("prune-weights{sparsity=0.25}").run(g, ctx).graph_after(g)
+    g = parse_pass_spec("prune-channels{sparsity=0.5}").run(g, ctx).graph_after(g)
     ir.verify(g)
     assert g.params["c1.weight_mask"].shape == g.params["c1.weight"].shape == (2, 2, 1, 1)
     assert len(g.find("mask")) == 2
-    create_pass("materialize-masks").run(g, ctx)
+    g = create_pass("materialize-masks").run(g, ctx).graph_after(g)
     assert not g.find("mask")
     export_and_validate(g, (x,))
 

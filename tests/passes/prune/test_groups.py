@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from slimfx import ir
-from slimfx.passes.prune.groups import BLOCK, analyze, apply
+from slimfx.passes.prune.groups import BLOCK, analyze, apply, keep_every_axis
 from tests.generators import random_model
 from tests.passes.prune.helpers import kill_units
 
@@ -172,6 +173,26 @@ class Opaque(nn.Module):
         return self.c(self.b(y))
 
 
+def test_apply_refuses_to_empty_a_branch_and_keep_every_axis_gives_one_back():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(2, 2, 1)
+            self.d = nn.Conv2d(2, 3, 1)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            return self.d(y + self.c(y))  # the residual joins both branches' channels into one group
+
+    g = _cap(Cat(), torch.randn(1, 1, 4, 4))
+    deps = analyze(g)
+    grp = next(grp for grp in deps.groups if "a" in grp.sources())
+    assert len(grp.units) == 2
+    with pytest.raises(ValueError, match="empties axis"):
+        apply(g.copy(), deps, grp.units[:1])
+    assert keep_every_axis(deps, grp.units[:1]) == []
+
+
 def test_unknown_ops_stop_the_group_and_say_where():
     deps = analyze(_cap(Opaque(), torch.randn(1, 3, 4, 4)))
     assert [grp.sources() for grp in deps.groups] == [["b"]]
@@ -185,6 +206,7 @@ def _exact_after_removal(g: ir.Graph, deps, inputs: tuple, frac: float, seed: in
     for grp in deps.groups:
         k = min(len(grp.units) - 1, int(round(frac * len(grp.units))))
         removed += rng.sample(grp.units, max(0, k))
+    removed = keep_every_axis(deps, removed)
     dense = g.copy()
     kill_units(dense, deps, set(removed))
     with torch.no_grad():

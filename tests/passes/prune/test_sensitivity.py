@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -30,13 +32,13 @@ def test_sensitivity_table_plot_and_graph_untouched(tmp_path):
     assert p.is_analysis
     res = p.run(g, PassContext(example_inputs=(x,)))
     assert str(g) == text and all(torch.equal(g.params[k], v) for k, v in params.items())
-    assert not res.changed and res.stats["metric"] == "sqnr_db" and res.stats["baseline"] == 100.0
+    assert not res.changed and res.stats["metric"] == "sqnr_db" and res.stats["baseline"] == math.inf  # unpruned: exact
     rows = res.stats["table"]
     assert [(r["target"], r["sparsity"]) for r in rows] == [
         ("c1", 0.0), ("c1", 0.5), ("c1", 0.875), ("c2", 0.0), ("c2", 0.5), ("c2", 0.875)]
     for t in ("c1", "c2"):
         s = [r["sqnr_db"] for r in rows if r["target"] == t]
-        assert s[0] == 100.0 and s[0] > s[1] > s[2]  # more pruning, more output error
+        assert s[0] == math.inf and s[0] > s[1] > s[2]  # more pruning, more output error
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     y = torch.randint(0, 4, (4,))

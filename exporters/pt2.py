@@ -1,0 +1,135 @@
+"""torch.export exporter: the IR's lowering as an ExportedProgram (`.pt2`), batch dim dynamic, validated
+after reloading with `torch.export.load`.
+
+Quantized graphs keep their integer weights: the IR stores them as int8/uint8/int32 params read by
+`dequantize` nodes, and torch.export records those as buffers with the dequantization in the graph (no
+constant folding), so the file holds real integer tensors. The archive is written zip-deflated (torch.export
+.load reads it): the program's JSON is most of a small model's file and compresses about tenfold.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimfx.exporters._common import (
+    ExportResult,
+    as_tuple,
+    atomic_path,
+    example_inputs,
+    raise_if_invalid,
+    validation_sets,
+    with_batch,
+)
+from slimfx.ir.errors import ExportError
+from slimfx.ir.graph import Graph, Param
+from slimfx.ir.lower import lower
+
+log = logging.getLogger("slimfx.exporters")
+
+
+def weight_storage(graph: Graph) -> str:
+    """How a PyTorch export of `graph` stores its weights: 'float' (no quantized weights), 'int8' (integer
+    params dequantized in the graph) or 'fake-quant' (quantized values held as float tensors)."""
+    integer = {n.inputs[0].name for n in graph if n.op == "dequantize" and isinstance(n.inputs[0], Param)
+               and not graph.params[n.inputs[0].name].is_floating_point()}
+    if integer:
+        return "int8"
+    if any(n.op in ("quantize", "dequantize") for n in graph):
+        return "fake-quant"
+    return "float"
+
+
+def _dynamic_batch(inputs: tuple) -> tuple[Any, ...]:
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None for x in inputs)
+
+
+def to_exported_program(graph: Graph, inputs: tuple, *, dynamic_batch: bool = True
+                        ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
+    """The graph's lowering through torch.export (non-strict: the lowering is plain torch calls), with
+    dim 0 of every input dynamic when possible; falls back to the example's fixed shapes (said in info)."""
+    gm = lower(graph, copy_params=True).eval()
+    info: dict[str, Any] = {"dynamic_batch": False, "weights": weight_storage(graph)}
+    # torch.export specializes a size-1 dim: trace at batch 2 so the batch stays symbolic.
+    trace_inputs = with_batch(inputs, 2) if inputs and isinstance(inputs[0], torch.Tensor) \
+        and inputs[0].dim() >= 1 and inputs[0].shape[0] == 1 else inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamic_batch:
+            try:
+                ep = torch.export.export(gm, trace_inputs, dynamic_shapes=_dynamic_batch(trace_inputs), strict=False)
+                info["dynamic_batch"] = True
+                return ep, info
+            except Exception as e:  # noqa: BLE001 - e.g. a reshape that bakes the example's batch size in
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.debug("torch.export with a dynamic batch failed on %s (%s); exporting fixed shapes",
+                          graph.name, reason)
+                info["dynamic_batch_error"] = reason[:300]
+        try:
+            ep = torch.export.export(gm, inputs, strict=False)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"torch.export of {graph.name} failed: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}; export ONNX or TorchScript instead "
+                              "(--format onnx / torchscript)") from e
+    return ep, info
+
+
+def deflate_zip(src: Path, dst: Path) -> None:
+    """Copy a zip archive with every member deflated (torch.export.load and torch.jit.load read both)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename), zipfile.ZIP_DEFLATED)
+
+
+def export_pt2(graph: Graph, path: str | os.PathLike, *, inputs: Any = None, validate: bool = True,
+               atol: float = 1e-5, rtol: float = 1e-4, keep_invalid: bool = False, dynamic_batch: bool = True,
+               compress: bool = True) -> ExportResult:
+    """Write `graph` as a torch.export ExportedProgram file (temporary name, then renamed), reload it with
+    torch.export.load and compare it with the IR's lowering at the inputs' batch size and another one
+    (when the batch is dynamic); ValidationError above tolerance (and no file left unless `keep_invalid`)."""
+    from slimfx.exporters.validate import validate_pt2
+
+    t0 = time.perf_counter()
+    inputs = as_tuple(inputs) if inputs is not None else example_inputs(graph)
+    ep, info = to_exported_program(graph, inputs, dynamic_batch=dynamic_batch)
+    path = Path(path)
+    report = None
+    with atomic_path(path, keep_on_error=keep_invalid) as tmp, tempfile.TemporaryDirectory(prefix="slimfx-pt2-") as d:
+        # torch.export's archive reader wants names ending in .pt2: write and check there, then move.
+        raw, packed = Path(d) / "raw.pt2", Path(d) / "model.pt2"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.export.save(ep, str(raw if compress else packed))
+        if compress:
+            deflate_zip(raw, packed)
+        info["compressed"] = compress
+        try:
+            if validate:
+                report = validate_pt2(packed, graph, validation_sets(inputs, dynamic_batch=info["dynamic_batch"]),
+                                      atol=atol, rtol=rtol)
+                raise_if_invalid(report, f"the torch.export (.pt2) export of {graph.name}", keep_invalid)
+        finally:
+            shutil.copyfile(packed, tmp)
+        size = tmp.stat().st_size
+    return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="pt2",
+                        size_bytes=size, details=info)
+
+
+def load_pt2(path: str | os.PathLike) -> torch.nn.Module:
+    """The runnable module of a .pt2 file (torch.export.load(...).module())."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.load(str(path)).module()
+
+
+__all__ = ["export_pt2", "to_exported_program", "load_pt2", "weight_storage", "deflate_zip"]

@@ -1,0 +1,99 @@
+"""torch.export (.pt2): every zoo model loads with torch.export.load, keeps a dynamic batch and matches the
+IR; quantized graphs keep int8 tensors in the PyTorch formats (.pt2 and TorchScript), and say so."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+
+from slimfx import ir, models
+from slimfx.exporters import export_pt2, export_torchscript, with_batch
+from slimfx.exporters.pt2 import weight_storage
+from slimfx.passes import PassContext, PassManager
+from slimfx.recipe import load_recipe
+
+
+def _load(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.load(str(path))
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_zoo_model_exports_loads_and_matches(name, tmp_path):
+    spec = models.get(name)
+    x = spec.example_inputs(batch=1)  # batch 1: the exporter must still keep the batch dim dynamic
+    g = ir.capture(spec.build(seed=0), x)
+    res = export_pt2(g, tmp_path / f"{name}.pt2", inputs=x)
+    assert res.validation.passed and res.validation.max_abs_diff <= 1e-5, res.validation.summary()
+    assert res.details["dynamic_batch"] and res.details["weights"] == "float"
+    program = _load(res.path)
+    assert isinstance(program, torch.export.ExportedProgram)
+    ref = ir.lower(g).eval()
+    for batch in (1, 7):
+        xb = spec.example_inputs(batch=batch, seed=batch)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(*xb), ref(*xb), rtol=0, atol=1e-5)
+
+
+def _int8(name: str) -> tuple[ir.Graph, ir.Graph, tuple]:
+    spec = models.get(name)
+    model = spec.build(seed=0)
+    x = spec.example_inputs(batch=2)
+    fp32 = ir.capture(model, x)
+    q = fp32.copy()
+    PassManager(load_recipe("int8").build_passes()).run(q, PassContext(example_inputs=x, calibration_data=[x]))
+    return fp32, q, x
+
+
+def test_int8_pt2_stores_int8_tensors(tmp_path):
+    fp32, q, x = _int8("digits_cnn")
+    a = export_pt2(fp32, tmp_path / "fp32.pt2", inputs=x)
+    b = export_pt2(q, tmp_path / "int8.pt2", inputs=x)
+    assert b.details["weights"] == "int8" and b.validation.passed
+    state = _load(b.path).state_dict
+    int8 = sum(t.numel() for t in state.values() if t.dtype == torch.int8)
+    assert int8 >= 0.95 * sum(t.numel() for t in state.values() if t.dim() in (2, 4))
+    # measured 0.33: int8 weights are 0.25 of float32, but the int32 biases, per-channel scales and the
+    # program's dequantize/quantize nodes weigh more in so small a model (resnet20: 0.30)
+    assert b.size_bytes <= 0.36 * a.size_bytes, (b.size_bytes, a.size_bytes)
+    ref = ir.lower(q).eval()
+    with torch.no_grad():
+        assert torch.equal(_load(b.path).module()(*with_batch(x, 3)), ref(*with_batch(x, 3)))
+
+
+def test_int8_torchscript_keeps_int8_weights(tmp_path, caplog):
+    fp32, q, x = _int8("resnet20")
+    with caplog.at_level(logging.INFO, logger="slimfx"):
+        a = export_torchscript(fp32, tmp_path / "fp32.pt", inputs=x)
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "falling back" in r.getMessage()]
+    b = export_torchscript(q, tmp_path / "int8.pt", inputs=x)
+    assert b.details["weights"] == "int8" and not b.details["frozen"] and a.details["frozen"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(b.path))
+    assert any(t.dtype == torch.int8 for t in loaded.state_dict().values())
+    assert b.size_bytes <= 0.34 * a.size_bytes, (b.size_bytes, a.size_bytes)  # measured 0.32
+
+
+def test_weight_storage_tells_int8_from_fake_quant():
+    text = """
+    graph G(%x: f32[2, 3]) {
+      %q = quantize(%x, @s, @z) {dtype=uint8, axis=None} : u8[2, 3]
+      %dq = dequantize(%q, @s, @z) {axis=None} : f32[2, 3]
+      %w = dequantize(@wq, @ws, @wz) {axis=0} : f32[4, 3]
+      %y = linear(%dq, %w, None) : f32[2, 4]
+      return %y
+    }"""
+    params = {"s": torch.tensor(0.1), "z": torch.tensor(3, dtype=torch.uint8), "ws": torch.full((4,), 0.01),
+              "wz": torch.zeros(4, dtype=torch.int8), "wq": torch.ones(4, 3, dtype=torch.int8)}
+    g = ir.parse(text, params)
+    ir.verify(g)
+    assert weight_storage(g) == "int8"
+    g.params["wq"] = g.params["wq"].float()  # the quantized values held as floats: fake-quant
+    assert weight_storage(g) == "fake-quant"
+    plain = ir.parse("graph G(%x: f32[2]) {\n  %r = relu(%x) : f32[2]\n  return %r\n}")
+    assert weight_storage(plain) == "float"

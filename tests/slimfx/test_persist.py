@@ -1,0 +1,262 @@
+"""The .slimfx model file: every zoo model after default/int8/prune50/sign reads back bit for bit (text and
+file), loading unpickles nothing, every broken file is a ModelFileError naming it, and a resumed compile
+equals the direct one."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import slimfx
+from slimfx import ir, models
+from slimfx.errors import ModelFileError, SlimfxError
+from slimfx.exporters import with_batch
+from slimfx.ir.serialize import FORMAT_VERSION
+from slimfx.passes import PassContext, PassManager, create_pass
+from slimfx.persist import read_metadata
+from slimfx.recipe import Recipe, load_recipe
+
+RECIPES = ["default", "int8", "prune50", "sign"]
+
+
+def compiled(name: str, recipe: str) -> tuple[ir.Graph, tuple]:
+    """A zoo model (seeded weights: bit-identity does not depend on training) after a recipe's passes;
+    passes that need training data are skipped, as the recipes allow."""
+    spec = models.get(name)
+    model = spec.build(seed=0)
+    x = spec.example_inputs(batch=2)
+    g = ir.capture(model, x)
+    PassManager(load_recipe(recipe).build_passes()).run(
+        g, PassContext(example_inputs=x, calibration_data=[x], teacher=model))
+    return g, x
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name", models.names())
+def test_zoo_round_trip_is_bit_identical(name, recipe, tmp_path):
+    g, x = compiled(name, recipe)
+    text = ir.format_graph(g, locations=True)
+    assert ir.graph_diff(ir.parse(text, g.params, buffers=g.buffers), g) is None
+    path = slimfx.save(g, tmp_path / "m.slimfx")
+    back = slimfx.load(path)
+    assert ir.graph_diff(back, g) is None, ir.graph_diff(back, g)
+    assert ir.format_graph(back, locations=True) == text
+    a, b = ir.lower(g).eval(), ir.lower(back).eval()
+    with torch.no_grad():
+        for ins in (x, with_batch(x, 5)):
+            assert torch.equal(a(*ins), b(*ins))
+
+
+# --- a small file with quantization and mask records, for the no-pickle and corruption cases -------------------
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = Small().eval()
+    x = torch.randn(4, 6)
+    g = ir.capture(model, (x,))
+    PassManager([create_pass("prune-weights", {"sparsity": 0.5, "skip": ["fc2"]}),
+                 create_pass("quantize", {"skip": ["fc1"]})]).run(
+        g, PassContext(example_inputs=(x,), calibration_data=[(x,)]))
+    assert g.find("mask") and g.find("dequantize")
+    return slimfx.save(g, tmp_path / "small.slimfx", metadata={"note": "kept"})
+
+
+def test_metadata_describes_the_graph(saved):
+    meta = read_metadata(saved)
+    assert meta["format"] == "slimfx-model" and meta["format_version"] == FORMAT_VERSION
+    assert meta["graph"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": [4, 6]}]
+    assert meta["graph"]["outputs"] == ["output"] and meta["graph"]["symbolic_dims"] == {"x": {"0": "batch"}}
+    assert {m["op"] for m in meta["quantization"]} == {"quantize", "dequantize"}
+    assert meta["masks"] and all(0.4 <= m["sparsity"] <= 0.6 for m in meta["masks"])
+    assert meta["note"] == "kept" and slimfx.load(saved).metadata["note"] == "kept"
+    with zipfile.ZipFile(saved) as z:
+        assert sorted(z.namelist()) == ["graph.ir", "meta.json", "weights.safetensors"]
+        assert z.read("graph.ir").decode().startswith("graph Small(%x: f32[4, 6]) {")
+
+
+def test_loading_never_unpickles(saved, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a .slimfx load must not unpickle")
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    g = slimfx.load(saved)
+    with torch.no_grad():
+        assert ir.lower(g)(torch.randn(2, 6)).shape == (2, 3)
+
+
+def _rewrite(path: Path, member: str, fn) -> None:
+    with zipfile.ZipFile(path) as z:
+        items = {n: z.read(n) for n in z.namelist()}
+    new = fn(items[member]) if member in items else None
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in items.items():
+            if n == member and new is None:
+                continue
+            z.writestr(n, new if n == member else data)
+
+
+def _json_edit(edit):
+    def fn(raw: bytes) -> bytes:
+        meta = json.loads(raw)
+        edit(meta)
+        return json.dumps(meta).encode()
+    return fn
+
+
+def _extra_weight(raw: bytes) -> bytes:
+    from safetensors.torch import load, save
+
+    t = load(raw)
+    t["intruder"] = torch.zeros(2)
+    return save(t)
+
+
+def _reshaped_weight(raw: bytes) -> bytes:
+    from safetensors.torch import load, save
+
+    t = load(raw)
+    t["fc1.bias"] = torch.zeros(9)
+    return save(t)
+
+
+CORRUPTIONS = {
+    "missing": (lambda p: p.unlink(), "no such file"),
+    "empty": (lambda p: p.write_bytes(b""), "the file is empty"),
+    "text": (lambda p: p.write_text("graph G() {\n}\n"), "not a slimfx model file (it is not a zip archive)"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "truncated or corrupt"),
+    "flipped byte": (lambda p: _flip(p), "is corrupt"),
+    "other zip": (lambda p: _rewrite(p, "meta.json", lambda b: None) or _rewrite(p, "graph.ir", lambda b: None),
+                  "not a slimfx model file (a zip archive without meta.json)"),
+    "no graph": (lambda p: _rewrite(p, "graph.ir", lambda b: None), "lacks graph.ir"),
+    "bad json": (lambda p: _rewrite(p, "meta.json", lambda b: b"{not json"), "meta.json is not valid JSON"),
+    "newer version": (lambda p: _rewrite(p, "meta.json", _json_edit(lambda m: m.update(format_version=99))),
+                      "written by a newer slimfx"),
+    "not our format": (lambda p: _rewrite(p, "meta.json", _json_edit(lambda m: m.update(format="onnx"))),
+                       "does not say format = 'slimfx-model'"),
+    "text syntax": (lambda p: _rewrite(p, "graph.ir", lambda b: b.replace(b"relu(", b"relu((", 1)),
+                    "the IR text does not parse"),
+    "text shape": (lambda p: _rewrite(p, "graph.ir", lambda b: b.replace(b": f32[4, 8]", b": f32[4, 9]", 1)),
+                   "the IR text and the weights are inconsistent"),
+    "unknown param": (lambda p: _rewrite(p, "graph.ir", lambda b: b.replace(b"@fc1.bias", b"@fc1.gone", 1)),
+                      "@fc1.gone is not in the params table"),
+    "unknown op": (lambda p: _rewrite(p, "graph.ir", lambda b: b.replace(b"= relu(", b"= frobnicate(", 1)),
+                   "unknown op 'frobnicate'"),
+    "extra weight": (lambda p: _rewrite(p, "weights.safetensors", _extra_weight),
+                     "holds intruder, which meta.json does not list"),
+    "resized weight": (lambda p: _rewrite(p, "weights.safetensors", _reshaped_weight),
+                       "weight 'fc1.bias' is float32[9]"),
+    "garbage weights": (lambda p: _rewrite(p, "weights.safetensors", lambda b: b"\x05" + b[1:]),
+                        "not a readable safetensors file"),
+    "edited inputs": (lambda p: _rewrite(p, "meta.json", _json_edit(
+        lambda m: m["graph"]["inputs"][0].update(shape=[1, 6]))), "meta.json says graph inputs"),
+    "edited qparams": (lambda p: _rewrite(p, "meta.json", _json_edit(lambda m: m["quantization"][0].update(axis=1))),
+                       "quantization records do not match"),
+    "bad manifest": (lambda p: _rewrite(p, "meta.json", _json_edit(lambda m: m.update(params={"a": 1}))),
+                     "key 'params' is missing or not a list"),
+}
+
+
+def _flip(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    with zipfile.ZipFile(p) as z:
+        info = z.getinfo("weights.safetensors")
+    data[info.header_offset + 30 + len(info.filename) + 200] ^= 0xFF  # inside the stored weights
+    p.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_every_broken_file_is_a_clear_error(saved, case):
+    damage, what = CORRUPTIONS[case]
+    damage(saved)
+    with pytest.raises(ModelFileError) as e:
+        slimfx.load(saved)
+    msg = str(e.value)
+    assert str(saved) in msg and what in msg, msg
+    assert isinstance(e.value, SlimfxError)
+
+
+def test_save_refuses_what_a_file_cannot_hold(tmp_path):
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.relu(x) * 2
+
+    g = ir.capture(Odd(), (torch.randn(2, 3),))
+    with pytest.raises(ModelFileError, match=r"ends in \.slimfx"):
+        slimfx.save(g, tmp_path / "model.bin")
+    r = g.node("relu") if g.has_node("relu") else next(n for n in g if n.op == "relu")
+    g.create_node("opaque", (r,), {"kind": "call_module", "target": "m", "module": nn.ReLU(), "kwargs": {}},
+                  name="m", meta=r.meta)
+    with pytest.raises(ModelFileError, match="module object"):
+        slimfx.save(g, tmp_path / "model.slimfx")
+    assert not (tmp_path / "model.slimfx").exists()
+
+
+# --- resume ----------------------------------------------------------------------------------------------------
+
+PRUNE = [("fold-batchnorm", {}), ("prune-channels", {"sparsity": 0.5})]
+
+
+def _int8() -> Recipe:
+    """The int8 recipe's passes without its gate: the check here is that the pipelines agree."""
+    return Recipe("int8", passes=load_recipe("int8").passes)
+
+
+def test_a_resumed_compile_equals_the_direct_pipeline(tmp_path):
+    spec = models.get("digits_cnn")
+    model = spec.build(seed=0)
+    x = spec.example_inputs(batch=2)
+    first = slimfx.compile(model, x, Recipe("prune", passes=PRUNE), formats=["slimfx"], out_dir=tmp_path / "a",
+                           bench_seconds=0, quiet=True)
+    saved = first.exports["slimfx"]
+    resumed = slimfx.compile(saved, recipe=_int8(), calibration_data=[x], bench_seconds=0, quiet=True)
+    direct = slimfx.compile(model, x, Recipe("both", passes=PRUNE + _int8().passes), calibration_data=[x],
+                            bench_seconds=0, quiet=True)
+    assert ir.graph_diff(resumed.graph, direct.graph) is None
+    assert str(resumed.graph) == str(direct.graph)
+    with torch.no_grad():
+        assert torch.equal(resumed.module(*x), direct.module(*x))
+    history = resumed.graph.metadata["history"]
+    assert [h["recipe"] for h in history] == ["prune", "int8"]
+    assert [p["name"] for p in history[0]["passes"]] == ["fold-batchnorm", "prune-channels"]
+    assert history[0]["passes"][1]["options"] == {"sparsity": 0.5}
+    # the saved graph is the reference: the resumed report compares with it, not with the unpruned model
+    assert resumed.report["baseline"]["params"] == ir.count_params(slimfx.load(saved))
+
+
+def test_compile_refuses_a_model_path_that_is_not_a_saved_model(tmp_path):
+    with pytest.raises(SlimfxError, match="only for saved models"):
+        slimfx.compile(str(tmp_path / "net.py"), recipe="cleanup")
+
+
+def test_the_report_says_what_each_file_holds():
+    from slimfx.report import export_rows, format_report
+
+    exports = {"onnx": {"path": "model.onnx", "format": "onnx", "size_bytes": 2048, "weights": "int8",
+                        "latency_ms": {"b1": 0.1, "b32": 1.0}, "runtime": "onnxruntime, 1 thread"},
+               "torchscript": {"path": "model.pt", "format": "torchscript", "size_bytes": 8192,
+                               "weights": "fake-quant", "latency_ms": None, "runtime": None}}
+    rows = export_rows({"exports": exports})
+    assert rows[0] == ["model.onnx", "2.0 KiB", "int8, dequantized in the graph", "0.100 ms", "1.000 ms",
+                       "onnxruntime, 1 thread"]
+    assert rows[1][:3] == ["model.pt", "8.0 KiB", "FAKE-QUANT: float tensors"]
+    report = {"baseline": dict.fromkeys(("params", "macs", "size_bytes", "latency_ms", "accuracy")),
+              "validation": {"top1_agreement": None, "max_abs_diff": 0.0, "exact": True}, "exports": exports}
+    report["compressed"] = dict(report["baseline"])
+    assert "FAKE-QUANT: float tensors" in format_report(report) and "model.pt " in format_report(report)
