@@ -126,7 +126,7 @@ def test_fold_batchnorm_skips_shared_convs_and_training_graphs():
     st = stats["fold-batchnorm"]
     assert (st["folded"], st["not_folded"]) == (0, 1) and g.find("batch_norm")
     bn = g.find("batch_norm")[0]
-    assert "has other users" in st["not_folded_reasons"][bn.name]  # never silent: in the stats and the headline
+    assert "is also used by %add" in st["not_folded_reasons"][bn.name]  # never silent: in the stats and the headline
     assert st["notes"][0].startswith("1 batch norm(s) after a conv/linear not folded: %" + bn.name)
     g = ir.capture(make(ConvBnNet).train(), (torch.randn(2, 3, 8, 8),))
     res = create_pass("fold-batchnorm").run(g, PassContext())
