@@ -1125,6 +1125,11 @@ def is_plain_value(v: Any) -> bool:
     return False
 
 
+# What a tensor tells of its shape (not of its values): capture folds these when they do not follow the batch.
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "is_floating_point",
+                  "is_complex", "is_contiguous", "get_device"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_quantized", "is_sparse"}
+
 # Python arithmetic on shape values, as `scalar` fns (the same targets appear in torch.export programs).
 SCALAR_TARGETS: dict[Any, str] = {
     operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "truediv",
@@ -1151,6 +1156,7 @@ class _Converter:
         self.named_params = dict(model.named_parameters(remove_duplicate=False))
         self.named_buffers = dict(model.named_buffers(remove_duplicate=False))
         self.modules = dict(model.named_modules(remove_duplicate=False))
+        self._shape_values: dict[fx.Node, bool] = {}
         self.fx_of: dict[Node, fx.Node] = {}  # IR node -> the fx node it was made from
         self.spliced: dict[Node, tuple[Any, Any]] = {}  # IR node made from a torch.export program -> values
         self.depth = 0
@@ -1182,14 +1188,32 @@ class _Converter:
             return probe.get(fx_node) if probe is not None else None
         return self.values.get(fx_node)
 
+    def shape_value(self, n: fx.Node) -> bool:
+        """True when `n` computes a Python value from shapes only (a size, a rank, a dtype, arithmetic and
+        comparisons of them), never from tensor data (`x.item()`, `int(x)`, `torch.equal(a, b)`)."""
+        if n in self._shape_values:
+            return self._shape_values[n]
+        ok = n.op in ("call_function", "call_method") and n in self.values and is_plain_value(self.values[n])
+        if ok:
+            tensors = [a for a in n.all_input_nodes if not is_plain_value(self.values.get(a))]
+            if n.op == "call_method" and n.target in _SHAPE_METHODS:
+                ok = True
+            elif n.op == "call_function" and n.target is getattr and n.args[1] in _SHAPE_ATTRS:
+                ok = True
+            elif n.op == "call_function" and n.target is len and tensors:
+                ok = True
+            else:  # Python on shape values only
+                ok = not tensors and all(self.shape_value(a) for a in n.all_input_nodes
+                                         if a.op in ("call_function", "call_method", "call_module"))
+        self._shape_values[n] = ok
+        return ok
+
     def static_value(self, n: fx.Node) -> tuple[bool, Any]:
-        """(True, value) when `n` computes a Python value (a size, a rank, a dtype, a comparison of them)
-        that is the same at every batch and sequence size: capture folds it into a constant."""
-        if n.op not in ("call_function", "call_method") or n not in self.values:
+        """(True, value) when `n` computes a Python value from shapes (a size, a rank, a dtype, a comparison
+        of them) that is the same at every batch and sequence size: capture folds it into a constant."""
+        if not self.shape_value(n):
             return False, None
         v = self.values[n]
-        if not is_plain_value(v):
-            return False, None
         probe = self.probe
         if probe is None or n not in probe:
             return True, v
@@ -1274,14 +1298,15 @@ class _Converter:
         if converted is not None and converted[0] not in OPS:
             raise CaptureError(f"the capture converter for {n.target!r} returned op {converted[0]!r}, which is not in "
                                f"the op table; register it first: ir.register_op({converted[0]!r}, impl, ...)")
-        shape_value = bool(self.values) and is_plain_value(value)
-        if shape_value and (converted is None or trait(converted[0], "elementwise")) \
+        plain = bool(self.values) and is_plain_value(value)  # a Python value: no tensor to decompose
+        if plain and (converted is None or trait(converted[0], "elementwise")) \
                 and n.op == "call_function" and n.target in SCALAR_TARGETS and not kwargs:
-            converted = ("scalar", tuple(args), dict(fn=SCALAR_TARGETS[n.target]))  # e.g. batch * heads
+            # Python arithmetic (batch * heads; or on a value read from data, x.item() * 2): never a tensor op
+            converted = ("scalar", tuple(args), dict(fn=SCALAR_TARGETS[n.target]))
         attrs: dict[str, Any]
         if converted is None:
             why = None
-            if self.values and not shape_value:
+            if self.values and not plain:
                 from slimfx.ir import decompose
 
                 try:

@@ -168,6 +168,24 @@ def test_static_sizes_fold_and_batch_sizes_stay_symbolic():
     to_onnx_model(g, inputs=x)  # the batch-dependent arithmetic exports as shape ops
 
 
+def test_a_python_number_read_from_data_is_never_folded_into_a_constant():
+    """The probe at another batch size repeats the example's rows, so `x.abs().max().item()` has the same value
+    there: only values computed from shapes fold; arithmetic on a data value stays a `scalar` node."""
+    class DataScale(nn.Module):
+        def forward(self, x):
+            peak = x.abs().max().item()
+            return x * (peak * 2) + x.size(-1)
+
+    m, x = DataScale(), (torch.randn(2, 3),)
+    g = ir.capture(m, x)
+    scale = g.find("scalar")
+    assert [(n.attrs["fn"], n.inputs[0].name, n.inputs[1]) for n in scale] == [("mul", "item", 2)]
+    assert [n.inputs[1] for n in g.find("add")] == [3]  # x.size(-1) does not follow the batch: a constant
+    ir.verify(g)  # every tensor op has its meta; the Python number is a value node
+    other = (torch.randn(4, 3) * 10,)
+    assert torch.equal(ir.lower(g)(*other), m(*other))
+
+
 # --- class 10: rank assertions ---------------------------------------------------------------------------------
 
 def test_rank_assertions_fold_away_so_batch_norms_fold_and_channels_prune():
