@@ -14,13 +14,16 @@ nodes and the ONNX export takes any batch size.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import operator
 import os
 import re
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -617,6 +620,29 @@ def _sample(value: Any) -> Any:
     return resized(value, 2 if value.shape[0] == 1 else None, 2 if 1 in spec and value.shape[1] == 1 else None)
 
 
+# torch's loggers that write to stderr while torch.export traces (the graph at a data-dependent guard, notes
+# on the model's internals): the failure they describe reaches the user as slimfx's own one-paragraph message.
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo",
+                   "torch._subclasses.fake_tensor", "torch.fx.experimental.recording")
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Run torch.export without its warnings, log lines and the partial graph it prints to stderr on a
+    failure (slimfx reports what went wrong, in one paragraph)."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
                    dynamic: bool = True) -> torch.export.ExportedProgram:
     """torch.export.export(model, args, kwargs, strict=False), with dynamic batch/sequence dims when
@@ -629,14 +655,17 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
             specs.update({k: _dynamic_spec(v) for k, v in kwargs.items()})
             if len(specs) != len(args) + len(kwargs):
                 raise ValueError("positional inputs beyond forward's named parameters")
-            return torch.export.export(model, tuple(_sample(a) for a in args),
-                                       {k: _sample(v) for k, v in kwargs.items()}, dynamic_shapes=specs, strict=False)
+            with quiet_export():
+                return torch.export.export(model, tuple(_sample(a) for a in args),
+                                           {k: _sample(v) for k, v in kwargs.items()}, dynamic_shapes=specs,
+                                           strict=False)
         except Exception as e:  # noqa: BLE001 - retried with static shapes below
             _log.info("torch.export with dynamic batch/sequence dims failed for %s (%s: %s); "
                       "exporting with static shapes", type(model).__name__, type(e).__name__,
                       str(e).splitlines()[0] if str(e) else "")
     try:
-        return torch.export.export(model, args, kwargs, strict=False)
+        with quiet_export():
+            return torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # noqa: BLE001 - any export failure is reported as a CaptureError
         frames = [ln for ln in str(e).splitlines() if ln.strip()]
         raise CaptureError(

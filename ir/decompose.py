@@ -21,9 +21,11 @@ one mechanism covers the long tail of helpers.
 
 from __future__ import annotations
 
+import linecache
 import logging
+import os
 import time
-import warnings
+import traceback
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -64,8 +66,16 @@ class _Call(nn.Module):
 
 
 def _first_line(e: BaseException) -> str:
+    """`TypeName: first line of the message`, and the model's line it failed on (`helpers.py:12 (`code`)`)."""
+    from slimfx.ir.capture import _user_frame
+
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    where = ""
+    frame = _user_frame(traceback.extract_tb(e.__traceback__))
+    if frame is not None and frame.lineno:
+        line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+        where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" + (f" (`{line}`)" if line else "")
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}{where}"
 
 
 def _target_name(kind: str, target: Any, module: nn.Module | None) -> str:
@@ -211,8 +221,7 @@ def _by_export(cv: _Converter, call: _Call, leaves: list, ex: list, probe: list 
         p.shape[d] >= 2 for p, s in zip(probe, specs) if s for d in s) else ex
     dynamic = {"xs": tuple(specs)} if any(specs) else None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.export's notes on the module's internals are not the user's
+        with capture_export.quiet_export():  # its notes on the module's internals are not the user's
             ep = torch.export.export(call, (tuple(sample),), dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - reported on the opaque node
         raise NotDecomposed(f"torch.export cannot capture it ({_first_line(e)})") from None

@@ -483,9 +483,12 @@ class EmitContext:
             return (f"cannot export {what} to ONNX: slimfx does not support {_module_class(mod)} modules yet "
                     f"(capture keeps them opaque: they run, but have no ONNX form).{why} Replace that module in the "
                     f"model with layers slimfx supports, {alternatives}.")
-        supported = ", ".join(sorted(op for op in EMITTERS if op != "opaque"))
-        return (f"cannot export {what} to ONNX: no emitter for this op.{why} Supported ops: {supported}. "
-                "Rewrite that line of the model so capture sees one of these ops, "
+        # what capture could not follow is the news, not the op list (its line is what to rewrite)
+        supported = "" if why else " Supported ops: " + ", ".join(sorted(op for op in EMITTERS if op != "opaque")) + "."
+        rewrite = ("Rewrite that line so torch.fx or torch.export can follow it (a branch on tensor values: "
+                   "torch.where or torch.cond), " if why else "Rewrite that line of the model so capture sees one "
+                   "of these ops, ")
+        return (f"cannot export {what} to ONNX: no emitter for this op.{why}{supported} {rewrite}"
                 f"{alternatives}; a plugin file (`--plugin my_ops.py`; in Python, any import) can teach slimfx "
                 "the op: ir.register_converter maps it onto a canonical op, register_emitter of slimfx's ONNX "
                 "exporter adds an emitter.")
