@@ -112,6 +112,14 @@ class _Ctx:
     def value(self) -> Any:
         return self.values.get(self.node)
 
+    def state_param(self, fqn: str, buffer: bool) -> Param:
+        """The graph's param for the program's lifted tensor `fqn` (added on first use)."""
+        name = self.qual(fqn)
+        self.local[name] = fqn
+        if name not in self.graph.params:
+            self.graph.add_param(name, self.state[fqn].detach(), buffer=buffer, unique=False)
+        return Param(name)
+
     def module(self) -> nn.Module | None:
         return self.modules.get(self.module_path) if self.module_path is not None else None
 
@@ -809,125 +817,27 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
                      user_inputs: list[Any], splice: Splice | None = None) -> Any:
     """The canonical IR of the program: a new Graph, or with `splice` the call's output structure (its
     nodes added to `splice.graph`)."""
-    if splice is None:
-        graph = Graph()
-        graph.name = type(model).__name__
-        graph.training = model.training
-        graph.capture_method = "export"
-    else:
-        graph = splice.graph
-    sig = ep.graph_signature
-    state = dict(ep.state_dict)
-    state.update(ep.constants)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
-    state.update({k: v for k, v in named.items() if k in state})  # the model's own tensors (shared storage)
-    param_inputs = dict(sig.inputs_to_parameters)
-    buffer_inputs = dict(sig.inputs_to_buffers)
-    const_inputs = dict(sig.inputs_to_lifted_tensor_constants)
-    user_input_names = list(sig.user_inputs)
-    fx_nodes = list(ep.graph.nodes)
-    by_name = {n.name: n for n in fx_nodes}
-
-    # Params used only as the right operand of addmm/mm are [in, out] matrices (GPT-2's Conv1D): the IR
-    # holds them as their [out, in] transposed view so those matmuls become canonical `linear` nodes.
-    # (Not in a spliced call: the graph around it may read the same param untransposed.)
-    transposed_ok = set()
-    for ph, fqn in param_inputs.items() if splice is None else ():
-        users = list(by_name[ph].users)
-        if users and all(u.target in (aten.addmm.default, aten.mm.default) and u.args[-1] is by_name[ph]
-                         and by_name[ph] not in u.args[:-1] for u in users):
-            transposed_ok.add(fqn)
-
-    cx = _Ctx(graph, dict(model.named_modules(remove_duplicate=False)), values, transposed_ok, state,
-              model.training, splice.qual if splice is not None else str)
+    graph = splice.graph if splice is not None else _program_graph(model)
+    cx = _Ctx(graph, dict(model.named_modules(remove_duplicate=False)), values, _transposable_params(ep, splice),
+              _program_state(ep, model), model.training, splice.qual if splice is not None else str)
     env: dict[fx.Node, Any] = {}
     tuple_heads: set[fx.Node] = set()
 
     def lookup(a: Any) -> Any:
         return env[a] if isinstance(a, fx.Node) else a
 
-    def add_state(fqn: str, buffer: bool) -> Param:
-        name = cx.qual(fqn)
-        cx.local[name] = fqn
-        if name not in graph.params:
-            graph.add_param(name, state[fqn].detach(), buffer=buffer, unique=False)
-        return Param(name)
-
-    user_iter = iter(user_inputs)
-    operand_iter = iter(splice.operands) if splice is not None else None
-    for n in fx_nodes:
+    inputs = _program_inputs(cx, ep, user_inputs, splice)
+    out = None
+    for n in ep.graph.nodes:
         if n.op == "placeholder":
-            if n.name in param_inputs:
-                env[n] = add_state(param_inputs[n.name], buffer=False)
-            elif n.name in buffer_inputs:
-                env[n] = add_state(buffer_inputs[n.name], buffer=True)
-            elif n.name in const_inputs:
-                env[n] = add_state(const_inputs[n.name], buffer=True)
-            elif n.name in user_input_names:
-                value = next(user_iter)
-                if operand_iter is not None:
-                    env[n] = next(operand_iter)
-                elif isinstance(value, torch.Tensor):
-                    env[n] = graph.create_node("input", (), {}, name=n.name, meta=meta_of(value))
-                else:
-                    env[n] = value  # a non-tensor input export specialized on
-            else:
-                raise CaptureError(f"torch.export lifted {n.name!r} as a {sig.input_specs} input slimfx cannot "
-                                   "hold (custom objects are not supported); keep the model's state in tensors")
-            continue
-        if n.op == "output":
+            env[n] = inputs[n.name]
+        elif n.op == "output":
             out = _set_outputs(graph, ep, n, lookup, splice is None, splice.qual if splice is not None else str)
-            continue
-        if n.op != "call_function":
+        elif n.op != "call_function":
             raise CaptureError(f"torch.export produced a {n.op} node {n.name!r} ({n.target}); slimfx maps only "
                                "call_function graphs (higher-order ops such as torch.cond are not supported)")
-        cx.node, cx.module_path, cx.source = n, _module_path(n), _source(n)
-        path, source, prefix = cx.module_path, cx.source, ""
-        if splice is not None:  # the program's names are the call's; the graph's are the model's
-            path, source, prefix = splice.module_path(cx.module_path), cx.source or splice.source, splice.name + "_"
-        args = fx.node.map_aggregate(n.args, lookup)
-        kwargs = fx.node.map_aggregate(n.kwargs, lookup)
-        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0] in tuple_heads:
-            if n.args[1] != 0:
-                raise CaptureError(f"node {n.name!r} reads output {n.args[1]} of {n.args[0].target} "
-                                   f"({cx.module_path or 'top level'}), which slimfx does not keep")
-            env[n] = env[n.args[0]]
-            continue
-        if n.target is operator.getitem:
-            env[n] = graph.create_node("getitem", (args[0],), dict(index=args[1]), name=prefix + n.name,
-                                       meta=meta_of(values.get(n)), source=source, module_path=path)
-            continue
-        conv = _converter(n.target)
-        converted = None
-        if conv is not None:
-            try:
-                converted = conv(cx, *args, **kwargs)
-            except (TypeError, _NoConversion):
-                converted = None
-        if converted is _DROP:
-            env[n] = None
-            continue
-        if isinstance(converted, _Alias):
-            env[n] = converted.value
-            continue
-        value = values.get(n)
-        if n.target in _TUPLE_HEADS and converted is not None:
-            tuple_heads.add(n)
-            value = value[0]
-        if converted is None:
-            op, ins, attrs = "opaque", args, {"kind": "call_function", "target": n.target, "kwargs": kwargs}
         else:
-            op, ins, attrs = converted
-            if op not in OPS:
-                raise CaptureError(f"the capture converter for {n.target} returned op {op!r}, which is not in the "
-                                   f"op table; register it first: ir.register_op({op!r}, impl, ...)")
-        # `%addmm = linear(...)` would mislead; a node converted from another spelling is named after its op
-        name = n.name if op == "opaque" or n.name.startswith(op) else op
-        if op == "scalar" and not n.name.startswith(attrs["fn"]):
-            name = attrs["fn"]
-        env[n] = graph.create_node(op, ins, attrs, name=prefix + name, meta=meta_of(value), source=source,
-                                   module_path=path)
+            env[n] = _convert_call(cx, n, lookup, tuple_heads, splice)
     for dead in cx.maybe_dead:
         if not dead.users:
             graph.erase(dead)
@@ -935,6 +845,118 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
         splice.env = env
         return out
     return graph
+
+
+def _program_graph(model: nn.Module) -> Graph:
+    graph = Graph()
+    graph.name = type(model).__name__
+    graph.training = model.training
+    graph.capture_method = "export"
+    return graph
+
+
+def _program_state(ep: torch.export.ExportedProgram, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The program's lifted tensors by name: the model's own where it has them (shared storage)."""
+    state = dict(ep.state_dict)
+    state.update(ep.constants)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    state.update({k: v for k, v in named.items() if k in state})
+    return state
+
+
+def _transposable_params(ep: torch.export.ExportedProgram, splice: Splice | None) -> set[str]:
+    """Params used only as the right operand of addmm/mm are [in, out] matrices (GPT-2's Conv1D): the IR
+    holds them as their [out, in] transposed view so those matmuls become canonical `linear` nodes.
+    (Not in a spliced call: the graph around it may read the same param untransposed.)"""
+    if splice is not None:
+        return set()
+    by_name = {n.name: n for n in ep.graph.nodes}
+    ok = set()
+    for ph, fqn in ep.graph_signature.inputs_to_parameters.items():
+        users = list(by_name[ph].users)
+        if users and all(u.target in (aten.addmm.default, aten.mm.default) and u.args[-1] is by_name[ph]
+                         and by_name[ph] not in u.args[:-1] for u in users):
+            ok.add(fqn)
+    return ok
+
+
+def _program_inputs(cx: _Ctx, ep: torch.export.ExportedProgram, user_inputs: list[Any],
+                    splice: Splice | None) -> dict[str, Any]:
+    """Each placeholder's IR value: a param (lifted parameters, buffers, constants), an `input` node, a
+    spliced call's operand, or the constant a non-tensor input was specialized to."""
+    sig = ep.graph_signature
+    lifted = {**{k: (v, False) for k, v in sig.inputs_to_parameters.items()},
+              **{k: (v, True) for k, v in sig.inputs_to_buffers.items()},
+              **{k: (v, True) for k, v in sig.inputs_to_lifted_tensor_constants.items()}}
+    user_names = set(sig.user_inputs)
+    user_iter = iter(user_inputs)
+    operand_iter = iter(splice.operands) if splice is not None else None
+    out: dict[str, Any] = {}
+    for n in ep.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        if n.name in lifted:
+            out[n.name] = cx.state_param(*lifted[n.name])
+        elif n.name in user_names:
+            value = next(user_iter)
+            if operand_iter is not None:
+                out[n.name] = next(operand_iter)
+            elif isinstance(value, torch.Tensor):
+                out[n.name] = cx.graph.create_node("input", (), {}, name=n.name, meta=meta_of(value))
+            else:
+                out[n.name] = value  # a non-tensor input export specialized on
+        else:
+            raise CaptureError(f"torch.export lifted {n.name!r} as a {sig.input_specs} input slimfx cannot "
+                               "hold (custom objects are not supported); keep the model's state in tensors")
+    return out
+
+
+def _convert_call(cx: _Ctx, n: fx.Node, lookup: Callable[[Any], Any], tuple_heads: set[fx.Node],
+                  splice: Splice | None) -> Any:
+    """The IR value of one call_function node: a new node, an existing value (an alias), or None (a check)."""
+    cx.node, cx.module_path, cx.source = n, _module_path(n), _source(n)
+    path, source, prefix = cx.module_path, cx.source, ""
+    if splice is not None:  # the program's names are the call's; the graph's are the model's
+        path, source, prefix = splice.module_path(cx.module_path), cx.source or splice.source, splice.name + "_"
+    args = fx.node.map_aggregate(n.args, lookup)
+    kwargs = fx.node.map_aggregate(n.kwargs, lookup)
+    if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0] in tuple_heads:
+        if n.args[1] != 0:
+            raise CaptureError(f"node {n.name!r} reads output {n.args[1]} of {n.args[0].target} "
+                               f"({cx.module_path or 'top level'}), which slimfx does not keep")
+        return lookup(n.args[0])
+    if n.target is operator.getitem:
+        return cx.graph.create_node("getitem", (args[0],), dict(index=args[1]), name=prefix + n.name,
+                                    meta=meta_of(cx.values.get(n)), source=source, module_path=path)
+    conv = _converter(n.target)
+    converted = None
+    if conv is not None:
+        try:
+            converted = conv(cx, *args, **kwargs)
+        except (TypeError, _NoConversion):
+            converted = None
+    if converted is _DROP:
+        return None
+    if isinstance(converted, _Alias):
+        return converted.value
+    value = cx.values.get(n)
+    if n.target in _TUPLE_HEADS and converted is not None:
+        tuple_heads.add(n)
+        value = value[0]
+    if converted is None:
+        op, ins, attrs = "opaque", args, {"kind": "call_function", "target": n.target, "kwargs": kwargs}
+    else:
+        op, ins, attrs = converted
+        if op not in OPS:
+            raise CaptureError(f"the capture converter for {n.target} returned op {op!r}, which is not in the "
+                               f"op table; register it first: ir.register_op({op!r}, impl, ...)")
+    # `%addmm = linear(...)` would mislead; a node converted from another spelling is named after its op
+    name = n.name if op == "opaque" or n.name.startswith(op) else op
+    if op == "scalar" and not n.name.startswith(attrs["fn"]):
+        name = attrs["fn"]
+    return cx.graph.create_node(op, ins, attrs, name=prefix + name, meta=meta_of(value), source=source,
+                                module_path=path)
 
 
 def _set_outputs(graph: Graph, ep: torch.export.ExportedProgram, out: fx.Node, lookup: Callable,
