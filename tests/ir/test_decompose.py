@@ -5,6 +5,7 @@ batch size, and compiles with the recipes it is meant for; the ONNX file runs at
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import tempfile
@@ -23,6 +24,7 @@ from slimfx.exporters import validate_onnx, with_batch
 from slimfx.exporters.onnx import to_onnx_model
 from slimfx.passes import PassContext, PassManager
 from slimfx.passes.prune.groups import analyze
+from slimfx.recipe import load_recipe
 from tests.ir.thirdparty_nets import (
     AssertingCNN,
     HandAttention,
@@ -236,7 +238,7 @@ def test_each_pattern_compiles_and_its_onnx_runs_at_another_batch_size(name, rec
 
 # --- class 8: transformers models from batch-1 examples ----------------------------------------------------
 
-HF_RECIPES = {"bert": ("cleanup", "int8", "int8-dynamic"), "distilbert": ("cleanup", "int8-dynamic"),
+HF_RECIPES = {"bert": ("cleanup", "int8", "int8-dynamic"), "distilbert": ("cleanup", "int8", "int8-dynamic"),
               "gpt2": ("cleanup", "int8", "int8-dynamic"), "vit": ("cleanup", "int8", "int8-dynamic")}
 
 
@@ -246,11 +248,14 @@ def test_transformers_models_from_a_batch_1_example_export_onnx_that_runs_at_bat
     from slimfx.models import hf
 
     model, kwargs = hf.build(arch, batch=1)
-    data = None
+    data, rec = None, load_recipe(recipe)
     if recipe == "int8":
         calib = hf.example_inputs(model, batch=64, seed=1)
         data = slimfx.Data(calibration=[(tuple(calib.values()), None)])  # (inputs, target): 2 inputs are no pair
-    result = slimfx.compile(model, (), recipe, example_kwargs=kwargs, data=data, out_dir=tmp_path, formats="onnx",
+        # random weights make near-tied logits: int8 flips a few percent of them (98.4% for distilbert);
+        # what this checks is that capture and export work, the file against the fake-quant module below
+        rec = dataclasses.replace(rec, validate=dataclasses.replace(rec.validate, min_top1_agreement=0.9))
+    result = slimfx.compile(model, (), rec, example_kwargs=kwargs, data=data, out_dir=tmp_path, formats="onnx",
                             bench_seconds=0, quiet=True)
     assert result.graph.capture_method == "export"
     other = tuple(hf.example_inputs(model, batch=3, seed=2).values())
@@ -320,13 +325,13 @@ def attention_models(draw):
 
 
 @settings(max_examples=10, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(case=attention_models(), recipe=st.sampled_from(["cleanup", "int8"]))
+@given(case=attention_models(), recipe=st.sampled_from(["cleanup", "int8", "int8-dynamic"]))
 def test_random_attention_models_compile_or_refuse_cleanly(case, recipe):
     model, example = case
     work = Path(tempfile.mkdtemp(prefix="slimfx-attn-fuzz-"))
     try:
         try:
-            result = slimfx.compile(model, example, recipe, data=None if recipe == "cleanup" else _calibration(example),
+            result = slimfx.compile(model, example, recipe, data=None if recipe != "int8" else _calibration(example),
                                     out_dir=work / "out", formats="onnx", bench_seconds=0, quiet=True)
         except slimfx.SlimfxError as e:
             # a gate may refuse an int8 model; nothing may blame a pass for an invalid graph or fail export
