@@ -101,8 +101,8 @@ def _summary(v: Any) -> Any:
 PROBE_BATCHES = (2, 3)
 
 # What a user can do about a batch size the model fixes, from either interface.
-FIXED_BATCH_ADVICE = ("export with a fixed batch size: `slimfx export --fixed-batch` on the command line, "
-                      "export_onnx(..., dynamic_batch=False) in Python")
+FIXED_BATCH_ADVICE = ("compile or export with a fixed batch size: `--fixed-batch` on the command line (slimfx "
+                      "compile, slimfx export), dynamic_batch=False in Python (slimfx.compile, export_onnx)")
 
 
 def probe(graph: Graph, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -9,6 +9,7 @@ One row per case: a small model class, the call, the expected error class and me
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -315,7 +316,7 @@ def test_a_model_that_fixes_its_batch_size_is_told_which_line_and_both_fixes(tmp
     _check_message(str(e.value), [
         "FixedBatch runs at the example's batch size 1 but not at batch size 2",
         f"%view (op 'reshape', test_hostile_inputs.py:{line})", "shape '[1, 10]' is invalid",
-        "`slimfx export --fixed-batch`", "batch size you deploy"])
+        "`--fixed-batch` on the command line (slimfx compile, slimfx export)", "batch size you deploy"])
     assert "probably" not in str(e.value) and list(tmp_path.iterdir()) == []
     res = export_onnx(g, tmp_path / "m.onnx", inputs=x, dynamic_batch=False)  # the fix the message offers
     assert res.validation.passed
@@ -329,7 +330,37 @@ def test_cli_export_offers_and_takes_fixed_batch(tmp_path, capsys):
     assert main(["export", f"{src}:make", "-o", str(tmp_path / "m.onnx"), "--fixed-batch"]) == 0
 
 
+def test_cli_compile_offers_and_takes_fixed_batch(tmp_path, capsys, monkeypatch):
+    """The advice names an action of the interface the user is on: compile takes --fixed-batch too, and then
+    writes files at the example's batch size and runs the gate's data in chunks of it."""
+    import onnx
+
+    src = _user_file(tmp_path, "FixedBatch", "(torch.randn(1, 64),)")
+    monkeypatch.chdir(tmp_path)
+    # ONNX: the export's batch probe refuses; TorchScript: remove-identity drops the view (the same shape at
+    # the example), so the file runs at any batch, but the original model fails on the gate's batches of 32
+    for fmt, where in (("onnx", "runs at the example's batch size 1 but not at batch size 2"),
+                       ("torchscript", "the original model fails on a batch of 32 from the generated data")):
+        assert main(["compile", f"{src}:make", "--recipe", "cleanup", "--format", fmt, "--out", f"out-{fmt}",
+                     "--quiet", "--no-bench"]) == 2
+        err = capsys.readouterr().err
+        assert where in err and "`--fixed-batch` on the command line" in err and "Traceback" not in err, err
+    assert main(["compile", f"{src}:make", "--recipe", "cleanup", "--format", "onnx,torchscript", "--out", "out",
+                 "--quiet", "--bench-seconds", "0.2", "--fixed-batch"]) == 0
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 64]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["validation"]["samples"] == 256 and report["validation"]["sqnr_db"] > 100  # 256 runs at batch 1
+    assert set(report["compressed"]["latency_ms"]) == {"b1"}  # timed at the batch size the files take
+    with pytest.raises(SlimfxError, match="must be True or False"):
+        slimfx.compile(FixedBatch().eval(), (torch.randn(1, 64),), "cleanup", dynamic_batch="no", quiet=True)
+
+
 # --- the CLI: exit 2, one paragraph, nothing written -----------------------------------------------------------
+
+def _line_of(code: str) -> int:
+    return next(i for i, ln in enumerate(open(__file__), 1) if ln.strip() == code)
+
 
 def _user_file(tmp_path, cls: str, example: str, convert: str = "") -> str:
     """A user's model file: this module's classes, and a factory returning (model, example inputs)."""
@@ -355,7 +386,7 @@ CLI_ROWS = [
     ("LSTM", "Recurrent", "(torch.randn(2, 5, 4),)", "", ["nn.LSTM", "--format torchscript"]),
     ("undecomposable", "Undecomposable", "(torch.randn(2, 4),)", "", [
         "%data_dependent", "module 'inner', test_hostile_inputs.py:", "Capture could not decompose it",
-        "torch.export", "at test_hostile_inputs.py:122 (`if x.sum() > 0:`)", "torch.where",
+        "torch.export", f"at test_hostile_inputs.py:{_line_of('if x.sum() > 0:')} (`if x.sum() > 0:`)", "torch.where",
         "--format torchscript", "--plugin"]),
 ]
 
