@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -274,6 +275,9 @@ def test_transformers_models_from_a_batch_1_example_export_onnx_that_runs_at_bat
     report = validate_onnx(tmp_path / "model.onnx", Positional(reference) if recipe == "cleanup" else reference,
                            other, **tol)
     assert report.passed, report.summary()
+    onnx_model = onnx.load(str(tmp_path / "model.onnx"))
+    assert [i.name for i in onnx_model.graph.input] == list(kwargs)
+    assert [o.name for o in onnx_model.graph.output] == ["logits"]  # the ModelOutput's field
 
 
 # --- fuzz: random attention models x {cleanup, int8} -----------------------------------------------------

@@ -494,7 +494,8 @@ def test_every_output_is_compared_and_named_by_its_place_in_the_model():
     with torch.no_grad():
         g.params["b.weight"].add_(0.5)  # the reference's second head moves; the file's does not
     rep = validate_onnx(proto, g, [x])
-    assert not rep.passed and rep.failure.startswith("output['aux'][1] ('output_2' in the file): ")
+    assert not rep.passed and rep.failure.startswith("output['aux'][1] ('aux_1' in the file): ")
+    assert [o.name for o in proto.graph.output] == ["logits", "aux_0", "aux_1"]  # the model's own names
     assert rep.worst_output.startswith("output['aux'][1]") and rep.n_outputs == 3
 
 
