@@ -10,6 +10,7 @@ from slimfx.exporters.bench import (
     latency_side_by_side,
     measure_latency,
     ort_session,
+    unmeasured_inputs,
 )
 from slimfx.exporters.onnx import export_onnx, register_emitter, to_onnx_model
 from slimfx.exporters.pt2 import export_pt2, load_pt2
@@ -19,6 +20,6 @@ from slimfx.exporters.validate import ValidationReport, validate_onnx, validate_
 
 __all__ = ["ExportResult", "export_onnx", "to_onnx_model", "register_emitter", "validate_onnx",
            "ValidationReport", "validate_torchscript", "measure_latency", "interleaved_latency",
-           "latency_side_by_side", "LatencySummary", "best_median_ms", "LatencyStats", "ort_session",
+           "latency_side_by_side", "unmeasured_inputs", "LatencySummary", "best_median_ms", "LatencyStats", "ort_session",
            "export_torchscript", "example_inputs", "with_batch", "export_pt2", "load_pt2", "validate_pt2",
            "export_slimfx"]

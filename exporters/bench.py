@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,10 @@ def latency_side_by_side(models: dict[str, Any], inputs: dict[str, tuple], *, to
     round, further rounds run only while the budget lasts, so a large model gets fewer rounds, never a
     longer wait; the summary says how many. Best-round medians compare well even on a busy machine
     (two onnxruntime sessions of one file can differ by more than 10%).
+
+    The first input is always measured. A later one whose first warm-up call shows that one round of every
+    model at it would take more than the whole budget is left out: its key is missing from every model's
+    results (see `unmeasured_inputs`).
     """
     import math
 
@@ -197,6 +201,7 @@ def latency_side_by_side(models: dict[str, Any], inputs: dict[str, tuple], *, to
     t_start = time.perf_counter()
     share = total_budget_s / (max_rounds * len(models) * len(inputs))
     per: dict[str, dict[str, list[list[float]]]] = {m: {k: [] for k in inputs} for m in models}
+    first_key, skipped = next(iter(inputs)), set()
     items = list(models.items())
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -206,10 +211,15 @@ def latency_side_by_side(models: dict[str, Any], inputs: dict[str, tuple], *, to
             for name, model in items[r % len(items):] + items[:r % len(items)]:
                 bind = _runner(model, threads)
                 for key, ins in inputs.items():
+                    if key in skipped:
+                        continue
                     call = bind(ins)
                     t0 = time.perf_counter()
                     call()
                     one = max(time.perf_counter() - t0, 1e-6)
+                    if key != first_key and not per[name][key] and one * (1 + min_runs) * len(models) > total_budget_s:
+                        skipped.add(key)
+                        continue
                     n = int(min(max(share / one, min_runs), 2000))
                     times = []
                     for _ in range(n):
@@ -228,6 +238,8 @@ def latency_side_by_side(models: dict[str, Any], inputs: dict[str, tuple], *, to
     for name, by_key in per.items():
         out[name] = {}
         for key, rounds in by_key.items():
+            if key in skipped:
+                continue
             medians = [float(np.median(t)) for t in rounds]
             best = rounds[int(np.argmin(medians))]
             p10, p90 = np.percentile(best, [10, 90])
@@ -235,6 +247,11 @@ def latency_side_by_side(models: dict[str, Any], inputs: dict[str, tuple], *, to
                                             sum(len(t) for t in rounds), medians)
     assert all(math.isfinite(v.median_ms) for d in out.values() for v in d.values())
     return out
+
+
+def unmeasured_inputs(results: dict[str, dict[str, LatencySummary]], inputs: Iterable[str]) -> list[str]:
+    """The inputs `latency_side_by_side` left out because one round of them would not fit its budget."""
+    return [k for k in inputs if not any(k in by_key for by_key in results.values())]
 
 
 def best_median_ms(rounds: list[LatencyStats]) -> float:

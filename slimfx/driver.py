@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from slimfx import ir
-from slimfx.data import GENERATED_SAMPLES, Data, accuracy, correct, generated_batches
+from slimfx.data import Data, accuracy, correct, generated_batches, generated_sample_count
 from slimfx.exporters._common import as_tuple
 from slimfx.ir.errors import DataError, ExportError, GateError, RecipeError, SlimfxError
 from slimfx.ir.metrics import Comparison, sqnr_ceiling_db
@@ -142,7 +142,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             compressed = _side_numbers(graph, compressed_onnx)
         with timer("evaluate"):
             module = ir.lower(graph).eval()
-            evaluation = _evaluate(job, module, exports.get("onnx"))
+            evaluation = _evaluate(job, module, exports.get("onnx"), baseline["macs"])
             failures = _gate(job, evaluation)
         _describe_exports(graph, exports, export_details)
         with timer("latency"):
@@ -209,10 +209,6 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     rec.check_context(pipeline, ctx)  # a step that needs data that was not given: RecipeError
     gate_split, gate_name = (validation, "validation") if validation is not None else \
         (test, "test") if test is not None else (None, "generated")
-    if gate_split is None:
-        job_headline.append(f"no validation data: agreement and SQNR come from {GENERATED_SAMPLES} generated inputs "
-                            "shaped like the example, not from real data; give data (--data / data=) for numbers "
-                            "that mean something")
     acc_split, acc_name = (test, "test") if test is not None else (validation, "validation") \
         if validation is not None else (None, None)
     output = None
@@ -443,14 +439,23 @@ def _onnx_runner(path: Path) -> Callable[..., list[torch.Tensor]]:
     return run
 
 
-def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None) -> dict[str, Any]:
+def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None, original_macs: int) -> dict[str, Any]:
     """Agreement, SQNR and differences of the deployed model (the ONNX file when there is one) against the
-    original on the gate split; accuracies of both on the gate split and on the accuracy split."""
+    original on the gate split; accuracies of both on the gate split and on the accuracy split. Without data,
+    the gate split is generated: as many inputs as `generated_sample_count` gives for the original's MACs."""
     deployed = _onnx_runner(onnx_path) if onnx_path is not None else module
     deployed_name = "model.onnx (onnxruntime)" if onnx_path is not None else "the compiled module"
     job.model.eval()
-    gate_split = job.gate_split if job.gate_split is not None else _chunked(
-        generated_batches(job.example, seed=job.ctx.seed), None if job.dynamic_batch else _batch_rows(job.example))
+    gate_split = job.gate_split
+    if gate_split is None:
+        rows = _batch_rows(job.example)
+        per_sample = job.recipe.validate.min_top1_agreement is not None
+        samples = generated_sample_count(original_macs / max(rows, 1), per_sample_gate=per_sample)
+        gate_split = _chunked(generated_batches(job.example, samples=samples, seed=job.ctx.seed),
+                              None if job.dynamic_batch else rows)  # a fixed-batch model: chunks of its batch
+        job.headline.append(f"no validation data: agreement and SQNR come from {samples} generated inputs shaped "
+                            "like the example, not from real data; give data (--data / data=) for numbers that "
+                            "mean something")
     threads = torch.get_num_threads()
     torch.set_num_threads(EVAL_THREADS)
     try:
@@ -514,7 +519,7 @@ def _measure(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], ex
     """Latency at batch 1 and 32 on one thread of the original and compiled ONNX files (onnxruntime) and of the
     exported torch files (torch), all measured side by side within one budget of `bench_seconds` (see
     `exporters.latency_side_by_side`); each number comes with its spread."""
-    from slimfx.exporters import latency_side_by_side, with_batch
+    from slimfx.exporters import latency_side_by_side, unmeasured_inputs, with_batch
     from slimfx.exporters.pt2 import load_pt2
 
     if job.bench_seconds <= 0:
@@ -541,14 +546,20 @@ def _measure(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], ex
         job.warnings.append(f"latency not measured: a file does not run at batch 1 and 32 "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
         return
+    for b in unmeasured_inputs(results, batches):
+        job.warnings.append(f"latency at batch {b[1:]} not measured: one run of each file at that size takes longer "
+                            f"than the {job.bench_seconds:g} s latency budget allows; give --bench-seconds (API: "
+                            "bench_seconds=) a larger budget to measure it")
     for side, key in ((baseline, "original"), (compressed, "compiled")):
         if key in results:
-            side["latency_ms"] = {b: round(v.median_ms, 4) for b, v in results[key].items()}
+            side["latency_ms"] = {b: (round(results[key][b].median_ms, 4) if b in results[key] else None)
+                                  for b in batches}
             side["latency_spread"] = {b: v.to_dict() for b, v in results[key].items()}
     for fmt in exports:
         key = "compiled" if fmt == "onnx" else fmt
         if key in results:
-            details[fmt]["latency_ms"] = {b: round(v.median_ms, 4) for b, v in results[key].items()}
+            details[fmt]["latency_ms"] = {b: (round(results[key][b].median_ms, 4) if b in results[key] else None)
+                                          for b in batches}
             details[fmt]["runtime"] = "onnxruntime, 1 thread" if fmt == "onnx" else "torch, 1 thread"
     job.warnings.extend(_slower_warnings(baseline["latency_ms"], compressed["latency_ms"]))
 

@@ -115,3 +115,19 @@ def test_latency_side_by_side_keeps_to_one_total_budget_and_reports_spread():
     big_inputs = {"b32": (torch.randn(256, 512),)}
     slow = latency_side_by_side({"big": big}, big_inputs, total_budget_s=0.001)  # a budget smaller than one call
     assert slow["big"]["b32"].rounds == 1 and slow["big"]["b32"].runs == 2  # one round of the minimum, no more
+
+
+def test_a_later_batch_that_cannot_fit_the_budget_is_left_out_for_every_model_and_named():
+    import time
+
+    from slimfx.exporters import latency_side_by_side, unmeasured_inputs
+
+    big = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
+    inputs = {"b1": (torch.randn(1, 512),), "b256": (torch.randn(2048, 512),)}
+    t0 = time.perf_counter()
+    res = latency_side_by_side({"a": big, "b": big}, inputs, total_budget_s=0.02)
+    assert time.perf_counter() - t0 < 2.0
+    assert set(res["a"]) == set(res["b"]) == {"b1"}  # measured for none rather than for some
+    assert unmeasured_inputs(res, inputs) == ["b256"]
+    fits = latency_side_by_side({"a": big}, inputs, total_budget_s=5.0)
+    assert set(fits["a"]) == {"b1", "b256"} and unmeasured_inputs(fits, inputs) == []

@@ -122,3 +122,13 @@ def test_a_compiled_model_clearly_slower_than_the_original_is_warned_about(tmp_p
     assert len(slower) == 1 and "batch 1 (1.50x" in slower[0]
     assert "warning: the compiled model is slower" in (tmp_path / "report.md").read_text()
     assert driver._slower_warnings({"b1": 1.0, "b32": 1.0}, {"b1": 1.15, "b32": 0.5}) == []  # within noise
+
+
+def test_a_batch_size_the_latency_budget_cannot_hold_is_reported_as_not_measured(tmp_path):
+    model, example = small()
+    report = slimfx.compile(model, example, recipe="cleanup", out_dir=tmp_path, quiet=True,
+                            bench_seconds=1e-4).report  # one run at batch 32 already takes longer
+    for side in ("baseline", "compressed"):
+        assert report[side]["latency_ms"]["b1"] > 0 and report[side]["latency_ms"]["b32"] is None
+    assert any("batch 32 not measured" in w and "--bench-seconds" in w for w in report["warnings"])
+    assert report["exports"]["onnx"]["latency_ms"]["b32"] is None
