@@ -24,6 +24,7 @@ from slimfx.exporters._common import (
     raise_if_invalid,
     validation_sets,
 )
+from slimfx.exporters.onnx.context import FIXED_BATCH_ADVICE
 from slimfx.exporters.pt2 import deflate_zip, weight_storage
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph
@@ -92,10 +93,10 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
 
 def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = None, validate: bool = True,
                        atol: float = 1e-5, rtol: float = 1e-4, keep_invalid: bool = False,
-                       optimize: bool = True) -> ExportResult:
+                       optimize: bool = True, dynamic_batch: bool = True) -> ExportResult:
     """Write a TorchScript file of `graph` (temporary name, then rename), reload it, and compare it
-    with the IR's lowering at the inputs' batch size and a second one; ValidationError above tolerance
-    (and no file left unless `keep_invalid`)."""
+    with the IR's lowering at the inputs' batch size and (with `dynamic_batch`) a second one;
+    ValidationError above tolerance (and no file left unless `keep_invalid`)."""
     from slimfx.exporters.validate import validate_torchscript
 
     t0 = time.perf_counter()
@@ -113,7 +114,16 @@ def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = N
         finally:
             raw.unlink(missing_ok=True)
         if validate:
-            report = validate_torchscript(tmp, graph, validation_sets(inputs), atol=atol, rtol=rtol)
+            sets = validation_sets(inputs, dynamic_batch=dynamic_batch)
+            try:
+                report = validate_torchscript(tmp, graph, sets, atol=atol, rtol=rtol)
+            except RuntimeError as e:  # the traced file (or the graph) fails at a validation batch size
+                sizes = sorted({int(x[0].shape[0]) for x in sets if x and isinstance(x[0], torch.Tensor)
+                                and x[0].dim()})
+                last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+                raise ExportError(  # TorchScript's last line names the error: `RuntimeError: shape '[1, 10]' ...`
+                    f"the TorchScript export of {graph.name} fails at batch size(s) {sizes} ({last}). "
+                    f"If the model fixes its batch size, {FIXED_BATCH_ADVICE}.") from None
             raise_if_invalid(report, f"the TorchScript export of {graph.name}", keep_invalid)
         size = tmp.stat().st_size
     return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="torchscript",

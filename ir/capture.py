@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import logging
+import math
 import operator
 import os
 import sys
@@ -799,7 +800,8 @@ def _mod_rnn(m: nn.LSTM | nn.GRU, path: str, input, hx=None):
 class _Tracer(fx.Tracer):
     """fx tracer that records the module path and user source line of every node."""
 
-    def __init__(self, leaf_modules: Sequence[Any]):
+    def __init__(self, leaf_modules: Sequence[Any], *, inner: nn.Module | None = None,
+                 qual: Callable[[str], str] = str):
         super().__init__(autowrap_functions=tuple(_WRAPPED.values()))
         # fx's own record_stack_traces symbolizes the whole stack per node (about a second a node
         # here); one walk up the frames to the first user frame is all we need.
@@ -808,10 +810,18 @@ class _Tracer(fx.Tracer):
         self._leaf_ids = {id(t) for t in leaf_modules if isinstance(t, nn.Module)}
         self._path_stack: list[tuple[str, nn.Module]] = []
         self.failed_in: tuple[str, nn.Module] | None = None
+        self._inner = inner  # a call traced on its own (ir.decompose): the module called, traced into
+        self._qual = qual  # its qualified names -> the model's
+
+    def is_user_leaf(self, m: nn.Module, qualname: str) -> bool:
+        """A module the user asked to keep as one call (`leaf_modules`): never traced into or decomposed."""
+        return (isinstance(m, self._leaf_types) if self._leaf_types else False) or \
+            self._qual(qualname) in self._leaf_names or id(m) in self._leaf_ids
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if (isinstance(m, self._leaf_types) if self._leaf_types else False) or qualname in self._leaf_names \
-                or id(m) in self._leaf_ids or type(m) in _MODULES:
+        if m is self._inner:
+            return False
+        if self.is_user_leaf(m, qualname) or type(m) in _MODULES:
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -832,13 +842,17 @@ class _Tracer(fx.Tracer):
         if self._path_stack:
             node.meta["slimfx_module_path"] = self._path_stack[-1][0]
         frame = sys._getframe(1)
-        while frame is not None and is_internal_file(frame.f_code.co_filename):
+        # Nodes fx makes itself (placeholders, the output) have no user line: the walk stops where tracing
+        # started, before it reaches capture()'s caller (the driver, the CLI), which says nothing of the model.
+        while frame is not None and is_internal_file(frame.f_code.co_filename) and frame.f_code not in TRACE_ENTRIES:
             frame = frame.f_back
-        # Nodes fx makes itself (placeholders, the output) have no user line: the walk would reach
-        # capture()'s caller (the driver, the CLI), which says nothing about the model.
-        if frame is not None and frame.f_code is not _trace.__code__:
+        if frame is not None and frame.f_code not in TRACE_ENTRIES:
             node.meta["slimfx_source"] = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
         return node
+
+
+# Functions that start a trace: a node's source-line walk stops at them (ir.decompose adds its own).
+TRACE_ENTRIES: set[Any] = set()
 
 
 # torch's own files and slimfx.ir's. A directory prefix ends with a separator: torch's directory
@@ -890,11 +904,15 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
     return fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
 
 
-def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module,
-                    names: Sequence[str] = ()) -> dict[fx.Node, Any]:
-    """Run the traced module on the example inputs, recording every node's value."""
-    values: dict[fx.Node, Any] = {}
-    current: list[fx.Node] = []
+TRACE_ENTRIES.add(_trace.__code__)
+
+
+def _record(gm: fx.GraphModule, inputs: Sequence[Any], current: list[fx.Node] | None = None,
+            values: dict[fx.Node, Any] | None = None) -> dict[fx.Node, Any]:
+    """Run the traced module (in eval mode, without gradients) recording every node's value (into
+    `values`) and the node running (in `current`)."""
+    values = {} if values is None else values
+    current = current if current is not None else []
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n):
@@ -907,12 +925,65 @@ def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module,
     try:
         with torch.no_grad():
             _Recorder(gm).run(*inputs)
-    except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
-        raise CaptureError(_misfit_message(model, current[0], values, e, inputs, names, gm)) from None
     finally:
         for m, mode in modes.items():  # restore each module's own mode (users may mix them)
             m.training = mode
     return values
+
+
+def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module,
+                    names: Sequence[str] = ()) -> dict[fx.Node, Any]:
+    """Run the traced module on the example inputs, recording every node's value."""
+    current: list[fx.Node] = []
+    values: dict[fx.Node, Any] = {}
+    try:
+        return _record(gm, inputs, current, values)
+    except Exception as e:  # noqa: BLE001 - any failure here means the inputs do not fit
+        raise CaptureError(_misfit_message(model, current[0], values, e, inputs, names, gm)) from None
+
+
+def resized(x: Any, batch: int | None = None, seq: int | None = None) -> Any:
+    """A tensor with dim 0 resized to `batch` (and dim 1 to `seq`) by cycling through its rows (columns)."""
+    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        return x
+    if batch is not None:
+        x = x[torch.arange(batch) % x.shape[0]]
+    if seq is not None and x.dim() >= 2 and x.shape[1] > 0:
+        x = x[:, torch.arange(seq) % x.shape[1]]
+    return x
+
+
+def is_token_input(x: Any) -> bool:
+    """An integer [batch, sequence] input (token ids, attention masks): its sequence dim is dynamic too."""
+    return isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point() and not x.is_complex()
+
+
+def probe_inputs(inputs: Sequence[Any], *, seq: bool = True) -> list[Any]:
+    """The inputs at another batch size (and, with `seq`, another length of token inputs): b+1, s+1."""
+    out = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] > 0:
+            x = resized(x, x.shape[0] + 1, x.shape[1] + 1 if seq and is_token_input(x) else None)
+        out.append(x)
+    return out
+
+
+def _prober(gm: fx.GraphModule, inputs: Sequence[Any], fixed: Sequence[bool]) -> Callable[[], dict | None]:
+    """The values of every node at another batch (and sequence) size, to tell shape values that follow
+    those sizes from fixed ones; None when the model runs at no other size (all of its shapes are fixed)."""
+    def run() -> dict[fx.Node, Any] | None:
+        given = [x for x, f in zip(inputs, fixed) if not f]
+        token = any(is_token_input(x) for x in given)
+        for seq in ((True, False) if token else (False,)):
+            varied = iter(probe_inputs(given, seq=seq))
+            run_inputs = [x if f else next(varied) for x, f in zip(inputs, fixed)]
+            try:
+                return _record(gm, run_inputs)
+            except Exception as e:  # noqa: BLE001 - the model fixes that size; try the next, else none
+                _log.debug("capture: %s does not run at another %s (%s: %s)", gm.__class__.__name__,
+                           "batch/sequence size" if seq else "batch size", type(e).__name__, e)
+        return None
+    return run
 
 
 def _misfit_message(model: nn.Module, n: fx.Node, values: dict[fx.Node, Any], error: Exception, inputs: tuple,
@@ -1229,12 +1300,14 @@ def _bind(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
 def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_modules: Sequence[Any],
                 concrete_args: dict[str, Any] | None) -> Graph:
     """The torch.fx front end: trace, propagate shapes on the example inputs, convert."""
+    user_leaf = _Tracer(leaf_modules).is_user_leaf
     if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
         if kwargs:
             raise CaptureError(f"{type(model).__name__}.forward takes *args; pass example inputs by position")
         gm = _trace(model, leaf_modules, concrete_args)
         values = _run_shape_prop(gm, inputs, model)
-        return _convert(gm, model, values, n_inputs=len(inputs))
+        return _convert(gm, model, values, n_inputs=len(inputs), user_leaf=user_leaf,
+                        probe=_prober(gm, inputs, [False] * len(inputs)))
     given, concrete = _bind(model, inputs, kwargs, concrete_args)
     try:
         gm = _trace(model, leaf_modules, concrete)
@@ -1247,86 +1320,243 @@ def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_mo
     baked = {ph: concrete[name] for ph, name in zip(placeholders, names) if name not in given}
     run_inputs = [baked[ph] if ph in baked else given[name] for ph, name in zip(placeholders, names)]
     values = _run_shape_prop(gm, tuple(run_inputs), model, names)
-    graph = _convert(gm, model, values, n_inputs=len(given), baked=baked)
+    graph = _convert(gm, model, values, n_inputs=len(given), baked=baked, user_leaf=user_leaf,
+                     probe=_prober(gm, run_inputs, [ph in baked for ph in placeholders]))
     graph.capture_method = "fx"
     return graph
 
 
 def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n_inputs: int,
-             baked: dict[fx.Node, Any] | None = None) -> Graph:
-    graph = Graph()
+             baked: dict[fx.Node, Any] | None = None, *, probe: Callable[[], dict[fx.Node, Any] | None] | None = None,
+             user_leaf: Callable[[nn.Module, str], bool] | None = None) -> Graph:
+    """The canonical IR of a traced module. With `values` (each fx node's value on the example inputs),
+    shape values that do not change with the batch (or sequence) size are folded to constants and calls
+    that have no converter are decomposed (ir.decompose); `probe()` gives the values at another size."""
+    cv = _Converter(model, values, probe=probe, user_leaf=user_leaf)
+    graph = cv.graph
     graph.name = type(model).__name__
     graph.training = model.training
     env: dict[fx.Node, Any] = {}
-    named_params = dict(model.named_parameters(remove_duplicate=False))
-    named_buffers = dict(model.named_buffers(remove_duplicate=False))
-    modules = dict(model.named_modules(remove_duplicate=False))
+    placeholders_seen = 0
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        placeholders_seen += 1
+        if baked is not None and n in baked:
+            env[n] = baked[n]
+        elif baked is None and placeholders_seen > n_inputs:
+            # A defaulted forward argument that was not given: bake in its default value.
+            env[n] = n.args[0] if n.args else None
+        else:
+            # The placeholder's target is forward's own argument name (fx renames `input` to `input_1`).
+            env[n] = cv.record(graph.create_node("input", (), {}, name=str(n.target).lstrip("*"),
+                                                 meta=meta_of(values.get(n))), n)
+    graph.set_outputs(cv.convert(gm, env, _Scope()))
+    return graph
 
-    def add_state(name: str) -> Param:
-        if name not in graph.params:
-            if name in named_params:
-                graph.add_param(name, named_params[name].detach(), unique=False)
-            elif name in named_buffers:
-                graph.add_param(name, named_buffers[name].detach(), buffer=True, unique=False)
+
+class _Scope:
+    """How the names of one traced (sub)module map onto the model's: the top level maps them as they
+    are; a call traced on its own (ir.decompose) maps its root's `inner` to the called module's path."""
+
+    def __init__(self, path: str | None = None, *, module_path: str | None = None, source: str | None = None,
+                 name: str = "", gm: fx.GraphModule | None = None):
+        self.path = path  # the called module's path (None: a function call, or the top level)
+        self.module_path = module_path  # for nodes outside any module of the call
+        self.source = source  # for nodes without a user line of their own
+        self.name = name  # node-name prefix ("" at the top level)
+        self.gm = gm
+
+    def qual(self, target: str) -> str:
+        """A qualified name of the traced root (`inner.out_proj.weight`) as the model's."""
+        if not self.name:
+            return target
+        if target == "inner" or target.startswith("inner."):
+            return (self.path or "") + target[len("inner"):]
+        return f"{self.module_path + '.' if self.module_path else ''}{self.name}.{target}"
+
+    def where(self, path: str | None) -> str | None:
+        """The module path of a node recorded in module `path` of the traced root."""
+        if not self.name:
+            return path
+        if path is None or path == "":
+            return self.module_path
+        return self.qual(path)
+
+
+def is_plain_value(v: Any) -> bool:
+    """A Python value that a shape computation makes (a number, torch.Size, dtype, ...), not a tensor."""
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
+                                   torch.layout, type(Ellipsis))):
+        return True
+    if isinstance(v, slice):
+        return all(is_plain_value(x) for x in (v.start, v.stop, v.step))
+    if isinstance(v, (tuple, list)):
+        return all(is_plain_value(x) for x in v)
+    return False
+
+
+# What a tensor tells of its shape (not of its values): capture folds these when they do not follow the batch.
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "element_size", "is_floating_point",
+                  "is_complex", "is_contiguous", "get_device"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_quantized", "is_sparse"}
+
+# Python arithmetic on shape values, as `scalar` fns (the same targets appear in torch.export programs).
+SCALAR_TARGETS: dict[Any, str] = {
+    operator.add: "add", operator.sub: "sub", operator.mul: "mul", operator.truediv: "truediv",
+    operator.floordiv: "floordiv", operator.mod: "mod", operator.pow: "pow", operator.neg: "neg", abs: "abs",
+    operator.abs: "abs", math.sqrt: "sqrt", math.floor: "floor", math.ceil: "ceil", int: "int", float: "float",
+    max: "max", min: "min", torch.sym_int: "int", torch.sym_float: "float", torch.sym_max: "max",
+    torch.sym_min: "min", torch._sym_sqrt: "sqrt",
+}
+
+
+class _Converter:
+    """fx nodes -> canonical IR nodes in one graph (the model's, and every call decomposed into it)."""
+
+    def __init__(self, model: nn.Module, values: dict[fx.Node, Any], *,
+                 probe: Callable[[], dict[fx.Node, Any] | None] | None = None,
+                 user_leaf: Callable[[nn.Module, str], bool] | None = None):
+        self.model = model
+        self.graph = Graph()
+        self.values = values  # fx node -> value on the example inputs (empty: tracing without running)
+        self._probe_fn = probe
+        self._probe: dict[fx.Node, Any] | None = None
+        self._probed = probe is None
+        self.user_leaf = user_leaf or (lambda m, q: False)
+        self.named_params = dict(model.named_parameters(remove_duplicate=False))
+        self.named_buffers = dict(model.named_buffers(remove_duplicate=False))
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self._shape_values: dict[fx.Node, bool] = {}
+        self.fx_of: dict[Node, fx.Node] = {}  # IR node -> the fx node it was made from
+        self.spliced: dict[Node, tuple[Any, Any]] = {}  # IR node made from a torch.export program -> values
+        self.depth = 0
+        self.decomposer: Any = None
+
+    # -- values ------------------------------------------------------------------------------------
+    @property
+    def probe(self) -> dict[fx.Node, Any] | None:
+        """fx node -> value at another batch (and sequence) size; None: there is none (every shape
+        value is fixed). Run once, when a shape value or a decomposition first needs it."""
+        if not self._probed:
+            self._probed = True
+            self._probe = self._probe_fn() if self._probe_fn is not None else None
+        return self._probe
+
+    def record(self, node: Node, fx_node: fx.Node) -> Node:
+        self.fx_of[node] = fx_node
+        return node
+
+    def value_of(self, r: Node | Param, *, at_probe: bool = False) -> Any:
+        """The value of an IR operand on the example inputs (or at the probe size; None: unknown)."""
+        if isinstance(r, Param):
+            return self.graph.params[r.name]
+        if r in self.spliced:
+            return self.spliced[r][1 if at_probe else 0]
+        fx_node = self.fx_of.get(r)
+        if at_probe:
+            probe = self.probe
+            return probe.get(fx_node) if probe is not None else None
+        return self.values.get(fx_node)
+
+    def shape_value(self, n: fx.Node) -> bool:
+        """True when `n` computes a Python value from shapes only (a size, a rank, a dtype, arithmetic and
+        comparisons of them), never from tensor data (`x.item()`, `int(x)`, `torch.equal(a, b)`)."""
+        if n in self._shape_values:
+            return self._shape_values[n]
+        ok = n.op in ("call_function", "call_method") and n in self.values and is_plain_value(self.values[n])
+        if ok:
+            tensors = [a for a in n.all_input_nodes if not is_plain_value(self.values.get(a))]
+            if n.op == "call_method" and n.target in _SHAPE_METHODS:
+                ok = True
+            elif n.op == "call_function" and n.target is getattr and n.args[1] in _SHAPE_ATTRS:
+                ok = True
+            elif n.op == "call_function" and n.target is len and tensors:
+                ok = True
+            else:  # Python on shape values only
+                ok = not tensors and all(self.shape_value(a) for a in n.all_input_nodes
+                                         if a.op in ("call_function", "call_method", "call_module"))
+        self._shape_values[n] = ok
+        return ok
+
+    def static_value(self, n: fx.Node) -> tuple[bool, Any]:
+        """(True, value) when `n` computes a Python value from shapes (a size, a rank, a dtype, a comparison
+        of them) that is the same at every batch and sequence size: capture folds it into a constant."""
+        if not self.shape_value(n):
+            return False, None
+        v = self.values[n]
+        probe = self.probe
+        if probe is None or n not in probe:
+            return True, v
+        p = probe[n]
+        return (type(p) is type(v) and p == v), v
+
+    def add_state(self, name: str, gm: fx.GraphModule, local: str) -> Param:
+        if name not in self.graph.params:
+            if name in self.named_params:
+                self.graph.add_param(name, self.named_params[name].detach(), unique=False)
+            elif name in self.named_buffers:
+                self.graph.add_param(name, self.named_buffers[name].detach(), buffer=True, unique=False)
             else:
                 obj = gm
-                for part in name.split("."):
+                for part in local.split("."):
                     obj = getattr(obj, part)
                 if not isinstance(obj, torch.Tensor):
                     raise CaptureError(f"attribute '{name}' read by the model is a {type(obj).__name__}, "
                                        "not a tensor; slimfx can only hold tensors in the params table")
-                graph.add_param(name, obj.detach(), buffer=not isinstance(obj, nn.Parameter), unique=False)
+                self.graph.add_param(name, obj.detach(), buffer=not isinstance(obj, nn.Parameter), unique=False)
         return Param(name)
 
-    def lookup(a: Any) -> Any:
-        return env[a] if isinstance(a, fx.Node) else a
+    # -- conversion --------------------------------------------------------------------------------
+    def convert(self, gm: fx.GraphModule, env: dict[fx.Node, Any], scope: _Scope) -> Any:
+        """Convert the nodes of `gm` (its placeholders already in `env`); returns its output structure."""
+        def lookup(a: Any) -> Any:
+            return env[a] if isinstance(a, fx.Node) else a
 
-    placeholders_seen = 0
-    for n in gm.graph.nodes:
-        meta = meta_of(values.get(n))
-        src = _source_of(n)
-        mpath = n.meta.get("slimfx_module_path")
-        if n.op == "placeholder":
-            placeholders_seen += 1
-            if baked is not None and n in baked:
-                env[n] = baked[n]
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
                 continue
-            if baked is None and placeholders_seen > n_inputs:
-                # A defaulted forward argument that was not given: bake in its default value.
-                env[n] = n.args[0] if n.args else None
+            if n.op == "output":
+                return fx.node.map_aggregate(n.args[0], lookup)
+            if n.op == "get_attr":
+                env[n] = self.add_state(scope.qual(n.target), gm, n.target)
                 continue
-            # The placeholder's target is forward's own argument name (fx renames `input` to `input_1`).
-            env[n] = graph.create_node("input", (), {}, name=str(n.target).lstrip("*"), meta=meta)
-            continue
-        if n.op == "output":
-            graph.set_outputs(fx.node.map_aggregate(n.args[0], lookup))
-            continue
-        if n.op == "get_attr":
-            env[n] = add_state(n.target)
-            continue
-        args = fx.node.map_aggregate(n.args, lookup)
-        kwargs = fx.node.map_aggregate(n.kwargs, lookup)
-        if n.op != "call_module" and not any(isinstance(r, (Node, Param)) for r in iter_refs((args, kwargs))) \
-                and not isinstance(values.get(n), torch.Tensor):
+            env[n] = self.node(n, fx.node.map_aggregate(n.args, lookup), fx.node.map_aggregate(n.kwargs, lookup),
+                               scope)
+        return None
+
+    def node(self, n: fx.Node, args: Any, kwargs: Any, scope: _Scope) -> Any:
+        """The IR value of one call: a new node, an existing value (a no-op), or a constant."""
+        static, value = self.static_value(n)
+        if static:
+            return value
+        value = self.values.get(n)
+        refs = any(isinstance(r, (Node, Param)) for r in iter_refs((args, kwargs)))
+        if n.op != "call_module" and not refs and not isinstance(value, torch.Tensor):
             # Pure Python on constants (e.g. fx's checks of concrete_args): its value is known now.
-            env[n] = values.get(n)
-            continue
+            return value
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(args[0], (tuple, list, dict)):
+            return args[0][args[1]]  # an item of a decomposed call's result
+        src = _source_of(n) or scope.source
+        mpath = scope.where(n.meta.get("slimfx_module_path"))
         converted = None
         if n.op == "call_module":
-            mod = modules[n.target]
+            qual = scope.qual(n.target)
+            mod = self.modules[qual]
+            mpath = qual
             conv = _MODULES.get(type(mod))
             if conv is not None:
                 try:
-                    converted = conv(mod, n.target, *args, **kwargs)
+                    converted = conv(mod, qual, *args, **kwargs)
                 except TypeError:
                     converted = None
                 if converted is not None:
                     for r in converted[1]:
                         if isinstance(r, Param):
-                            add_state(r.name)
-            mpath = n.target
+                            self.add_state(r.name, scope.gm or self.model, r.name)
         elif n.op == "call_function" and n.target is operator.getitem:
-            converted = _convert_getitem(args[0], args[1])
+            converted = _convert_getitem(args[0], args[1], self.values.get(n.args[0]) if
+                                         isinstance(n.args[0], fx.Node) else None)
         elif n.op == "call_function" and n.target is getattr and args[1] == "shape":
             converted = ("shape", (args[0],), {})
         else:
@@ -1339,22 +1569,42 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
         if converted is not None and converted[0] not in OPS:
             raise CaptureError(f"the capture converter for {n.target!r} returned op {converted[0]!r}, which is not in "
                                f"the op table; register it first: ir.register_op({converted[0]!r}, impl, ...)")
+        plain = bool(self.values) and is_plain_value(value)  # a Python value: no tensor to decompose
+        if plain and (converted is None or trait(converted[0], "elementwise")) \
+                and n.op == "call_function" and n.target in SCALAR_TARGETS and not kwargs:
+            # Python arithmetic (batch * heads; or on a value read from data, x.item() * 2): never a tensor op
+            converted = ("scalar", tuple(args), dict(fn=SCALAR_TARGETS[n.target]))
+        attrs: dict[str, Any]
         if converted is None:
+            why = None
+            if self.values and not plain:
+                from slimfx.ir import decompose
+
+                try:
+                    return decompose.decompose_call(self, n, args, kwargs, scope)
+                except decompose.NotDecomposed as e:
+                    why = str(e)
             attrs = {"kind": n.op, "target": n.target, "kwargs": kwargs}
             if n.op == "call_module":
-                attrs["module"] = modules[n.target]
+                attrs["module"] = self.modules[scope.qual(n.target)]
+                attrs["target"] = scope.qual(n.target)
+            if why:
+                attrs["why"] = why
             op, ins = "opaque", args
         else:
             op, ins, attrs = converted
-            if op in NESTED_RESULTS:  # the module's nested result, flattened as the canonical op returns it
-                meta = meta_of(tuple(torch.utils._pytree.tree_leaves(values.get(n))))
-        env[n] = graph.create_node(op, ins, attrs, name=n.name, meta=meta, source=src, module_path=mpath)
-    return graph
+        name = n.name if not scope.name else f"{scope.name}_{n.name}"
+        if op in NESTED_RESULTS:  # the module's nested result, flattened as the canonical op returns it
+            value = tuple(torch.utils._pytree.tree_leaves(value))
+        node = self.graph.create_node(op, ins, attrs, name=name, meta=meta_of(value), source=src, module_path=mpath)
+        return self.record(node, n)
 
 
-def _convert_getitem(obj: Any, index: Any) -> Conv | None:
+def _convert_getitem(obj: Any, index: Any, obj_value: Any = None) -> Conv | None:
     if isinstance(obj, Node) and isinstance(index, int) and index in NESTED_RESULTS.get(obj.op, {}):
         return "getitem", (obj,), dict(index=NESTED_RESULTS[obj.op][index])
+    if isinstance(obj, Node) and isinstance(obj_value, (tuple, list)) and not is_plain_value(obj_value):
+        return "getitem", (obj,), dict(index=index)  # an item of a call's tuple result (an opaque module's)
     if isinstance(obj, Node) and trait(obj.op, "result") == "tuple" and isinstance(index, int):
         return "getitem", (obj,), dict(index=index)
     if isinstance(obj, Node) and isinstance(obj.meta, tuple) and isinstance(index, int):

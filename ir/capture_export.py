@@ -14,13 +14,17 @@ nodes and the ONNX export takes any batch size.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
 import operator
 import os
 import re
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +33,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from slimfx.ir.capture import (
+    SCALAR_TARGETS,
     _conv_transpose,
     _f_adaptive_avg_pool1d,
     _f_adaptive_avg_pool2d,
@@ -40,6 +45,8 @@ from slimfx.ir.capture import (
     _f_max_pool1d,
     _f_max_pool2d,
     is_internal_file,
+    is_token_input,
+    resized,
 )
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, meta_of
@@ -87,8 +94,11 @@ class _Ctx:
     """What a converter may need beyond its operands: the node being converted and the graph so far."""
 
     def __init__(self, graph: Graph, modules: dict[str, nn.Module], values: dict[fx.Node, Any],
-                 transposed_ok: set[str], state: dict[str, torch.Tensor], model_training: bool):
+                 transposed_ok: set[str], state: dict[str, torch.Tensor], model_training: bool,
+                 qual: Callable[[str], str] = str):
         self.graph = graph
+        self.qual = qual  # the program's state name -> the graph's param name (a spliced call's differ)
+        self.local: dict[str, str] = {}  # and back, for the names seen
         self.modules = modules
         self.values = values
         self.transposed_ok = transposed_ok
@@ -103,6 +113,14 @@ class _Ctx:
     @property
     def value(self) -> Any:
         return self.values.get(self.node)
+
+    def state_param(self, fqn: str, buffer: bool) -> Param:
+        """The graph's param for the program's lifted tensor `fqn` (added on first use)."""
+        name = self.qual(fqn)
+        self.local[name] = fqn
+        if name not in self.graph.params:
+            self.graph.add_param(name, self.state[fqn].detach(), buffer=buffer, unique=False)
+        return Param(name)
 
     def module(self) -> nn.Module | None:
         return self.modules.get(self.module_path) if self.module_path is not None else None
@@ -210,12 +228,12 @@ def _conv_transpose_aten(cx, input, weight, bias=None, stride=1, padding=0, outp
 def _bn(cx, x, weight, bias, running_mean, running_var, training, momentum, eps):
     mod = cx.module()
     if isinstance(mod, nn.modules.batchnorm._BatchNorm) and isinstance(running_mean, Param) \
-            and running_mean.name == f"{cx.module_path}.running_mean":
+            and running_mean.name == cx.qual(f"{cx.module_path}.running_mean"):
         # the module's own batch norm: same operands and attrs as the fx front end gives it
         tracked = mod.track_running_stats and mod.running_mean is not None
         nbt = None
         if tracked and mod.num_batches_tracked is not None:
-            nbt = Param(f"{cx.module_path}.num_batches_tracked")
+            nbt = Param(cx.qual(f"{cx.module_path}.num_batches_tracked"))
             if nbt.name not in cx.graph.params:
                 cx.graph.add_param(nbt.name, mod.num_batches_tracked.detach(), buffer=True, unique=False)
         return "batch_norm", (x, running_mean, running_var, weight, bias, nbt), dict(
@@ -228,8 +246,9 @@ def _bn(cx, x, weight, bias, running_mean, running_var, training, momentum, eps)
 def _add_inplace(cx, input, other, *, alpha=1):
     # A training-mode batch norm module counts its batches with `num_batches_tracked.add_(1)`; the
     # canonical batch_norm does that itself (see ir.ops), so the separate update is dropped.
-    if isinstance(input, Param) and input.name.endswith(".num_batches_tracked") and \
-            isinstance(cx.modules.get(input.name.rsplit(".", 1)[0]), nn.modules.batchnorm._BatchNorm):
+    local = cx.local.get(input.name, "") if isinstance(input, Param) else ""
+    if local.endswith(".num_batches_tracked") and \
+            isinstance(cx.modules.get(local.rsplit(".", 1)[0]), nn.modules.batchnorm._BatchNorm):
         return _DROP
     return None
 
@@ -280,7 +299,7 @@ def _unary(op: str) -> Callable:
 for _op, _targets in {
     "relu": (aten.relu,), "relu6": (aten.relu6,), "silu": (aten.silu,), "sigmoid": (aten.sigmoid,),
     "tanh": (aten.tanh,), "hardswish": (aten.hardswish,), "hardsigmoid": (aten.hardsigmoid,),
-    "neg": (aten.neg, operator.neg), "sqrt": (aten.sqrt,), "rsqrt": (aten.rsqrt,), "exp": (aten.exp,),
+    "neg": (aten.neg,), "sqrt": (aten.sqrt,), "rsqrt": (aten.rsqrt,), "exp": (aten.exp,),
     "log": (aten.log,), "abs": (aten.abs,), "erf": (aten.erf,), "reciprocal": (aten.reciprocal,),
 }.items():
     _converts(*_targets)(_unary(_op))
@@ -341,10 +360,23 @@ def _binary(op: str) -> Callable:
 
 
 for _op, _targets in {
-    "add": (aten.add, operator.add), "sub": (aten.sub, operator.sub), "mul": (aten.mul, operator.mul),
-    "div": (aten.div, operator.truediv), "pow": (aten.pow, operator.pow),
+    "add": (aten.add,), "sub": (aten.sub,), "mul": (aten.mul,), "div": (aten.div,), "pow": (aten.pow,),
 }.items():
     _converts(*_targets)(_binary(_op))
+
+
+def _python_arith(fn: str) -> Callable:
+    """Python arithmetic in the program: on symbolic sizes (`s0 * 4`) a `scalar` node."""
+    def conv(cx, *args):
+        if isinstance(cx.value, torch.Tensor):  # a Python operator on tensors: the canonical tensor op
+            tensor_op = {"add": "add", "sub": "sub", "mul": "mul", "truediv": "div", "pow": "pow", "neg": "neg"}
+            return (tensor_op[fn], args, {}) if fn in tensor_op else None
+        return "scalar", args, dict(fn=fn)
+    return conv
+
+
+for _target, _fn in SCALAR_TARGETS.items():
+    _converts(_target)(_python_arith(_fn))
 
 
 @_converts(aten.rsub)
@@ -418,6 +450,30 @@ def _upsample(cx, input, output_size, *rest):
 @_converts(aten.view, aten._unsafe_view, aten.reshape)
 def _reshape(cx, input, size):
     return "reshape", (input,), dict(shape=tuple(size))
+
+
+@_converts(aten.unflatten)
+def _unflatten(cx, input, dim, sizes):
+    """A reshape: the other dims are kept, as `size` nodes where the program has them symbolic."""
+    fake = cx.node.args[0].meta.get("val") if isinstance(cx.node.args[0], fx.Node) else None
+    if fake is None or not isinstance(input, Node):
+        return None
+    shape = list(fake.shape)
+    dim %= len(shape)
+    entries: list[Any] = []
+    for i, s in enumerate(shape):
+        if i == dim:
+            entries.extend(sizes)
+        elif isinstance(s, int):
+            entries.append(s)
+        else:
+            entries.append(cx.emit("size", (input,), dict(dim=i), None))
+    return "reshape", (input,), dict(shape=tuple(entries))
+
+
+@_converts(aten.contiguous)
+def _contiguous(cx, input, memory_format=torch.contiguous_format):
+    return ("contiguous", (input,), {}) if memory_format == torch.contiguous_format else None
 
 
 @_converts(aten.flatten)
@@ -716,9 +772,42 @@ def _dynamic_spec(value: Any) -> Any:
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
     spec = {0: torch.export.Dim.AUTO}
-    if value.dim() == 2 and not value.is_floating_point():
+    if is_token_input(value):
         spec[1] = torch.export.Dim.AUTO
     return spec
+
+
+def _sample(value: Any) -> Any:
+    """The example to export with: a dynamic dim of size 1 grown to 2 (rows or columns repeated), since
+    torch.export specializes a dim its example has at size 0 or 1; the program then takes any size, and
+    the IR's shapes still come from running it on the user's own example."""
+    spec = _dynamic_spec(value)
+    if not spec or value.shape[0] == 0:
+        return value
+    return resized(value, 2 if value.shape[0] == 1 else None, 2 if 1 in spec and value.shape[1] == 1 else None)
+
+
+# torch's loggers that write to stderr while torch.export traces (the graph at a data-dependent guard, notes
+# on the model's internals): the failure they describe reaches the user as slimfx's own one-paragraph message.
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo",
+                   "torch._subclasses.fake_tensor", "torch.fx.experimental.recording")
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Run torch.export without its warnings, log lines and the partial graph it prints to stderr on a
+    failure (slimfx reports what went wrong, in one paragraph)."""
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
@@ -733,13 +822,17 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
             specs.update({k: _dynamic_spec(v) for k, v in kwargs.items()})
             if len(specs) != len(args) + len(kwargs):
                 raise ValueError("positional inputs beyond forward's named parameters")
-            return torch.export.export(model, args, kwargs, dynamic_shapes=specs, strict=False)
+            with quiet_export():
+                return torch.export.export(model, tuple(_sample(a) for a in args),
+                                           {k: _sample(v) for k, v in kwargs.items()}, dynamic_shapes=specs,
+                                           strict=False)
         except Exception as e:  # noqa: BLE001 - retried with static shapes below
             _log.info("torch.export with dynamic batch/sequence dims failed for %s (%s: %s); "
                       "exporting with static shapes", type(model).__name__, type(e).__name__,
                       str(e).splitlines()[0] if str(e) else "")
     try:
-        return torch.export.export(model, args, kwargs, strict=False)
+        with quiet_export():
+            return torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # noqa: BLE001 - any export failure is reported as a CaptureError
         frames = [ln for ln in str(e).splitlines() if ln.strip()]
         raise CaptureError(
@@ -750,20 +843,25 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
         ) from e
 
 
-def _run_program(ep: torch.export.ExportedProgram, user_inputs: list[Any]) -> dict[fx.Node, Any]:
-    """Run the exported graph on the example inputs (params and buffers from the program), recording
-    every node's value: concrete shapes for the IR's metas, even where the export is dynamic."""
+def _run_program(ep: torch.export.ExportedProgram, user_inputs: list[Any],
+                 state: dict[str, torch.Tensor] | None = None) -> dict[fx.Node, Any]:
+    """Run the exported graph on the example inputs (params and buffers from the program, or from
+    `state` by fully qualified name), recording every node's value: concrete shapes for the IR's metas,
+    even where the export is dynamic."""
     sig = ep.graph_signature
     flat = []
     user = iter(user_inputs)
+    state = state or {}
     for spec in sig.input_specs:
         kind = spec.kind.name
         if kind == "USER_INPUT":
             flat.append(next(user))
         elif kind == "PARAMETER":
-            flat.append(ep.state_dict[spec.target])
+            flat.append(state.get(spec.target, ep.state_dict.get(spec.target)))
         elif kind == "BUFFER":
-            t = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+            t = state.get(spec.target)
+            if t is None:
+                t = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
             flat.append(t.clone())  # training-mode graphs update buffers in place; keep the model's intact
         else:
             flat.append(ep.constants[spec.target])
@@ -858,120 +956,172 @@ def from_exported_program(ep: torch.export.ExportedProgram, model: nn.Module, ar
     return _convert_program(ep, model, values, user_inputs)
 
 
+@dataclass
+class Splice:
+    """Where `_convert_program` puts a program that is one call of a larger graph (ir.decompose):
+    into `graph`, reading each user input from `operands`, with state names mapped by `qual`, module
+    paths by `module_path`, a `source` for nodes without a user line of their own and node names
+    prefixed with `name`."""
+
+    graph: Graph
+    operands: list[Any]
+    qual: Callable[[str], str]
+    module_path: Callable[[str | None], str | None]
+    source: str | None
+    name: str
+    env: dict[fx.Node, Any] = field(default_factory=dict)  # filled: each program node's IR value
+
+
 def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values: dict[fx.Node, Any],
-                     user_inputs: list[Any]) -> Graph:
-    graph = Graph()
-    graph.name = type(model).__name__
-    graph.training = model.training
-    graph.capture_method = "export"
-    sig = ep.graph_signature
-    state = dict(ep.state_dict)
-    state.update(ep.constants)
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(model.named_buffers(remove_duplicate=False))
-    state.update({k: v for k, v in named.items() if k in state})  # the model's own tensors (shared storage)
-    param_inputs = dict(sig.inputs_to_parameters)
-    buffer_inputs = dict(sig.inputs_to_buffers)
-    const_inputs = dict(sig.inputs_to_lifted_tensor_constants)
-    user_input_names = list(sig.user_inputs)
-    fx_nodes = list(ep.graph.nodes)
-    by_name = {n.name: n for n in fx_nodes}
-
-    # Params used only as the right operand of addmm/mm are [in, out] matrices (GPT-2's Conv1D): the IR
-    # holds them as their [out, in] transposed view so those matmuls become canonical `linear` nodes.
-    transposed_ok = set()
-    for ph, fqn in param_inputs.items():
-        users = list(by_name[ph].users)
-        if users and all(u.target in (aten.addmm.default, aten.mm.default) and u.args[-1] is by_name[ph]
-                         and by_name[ph] not in u.args[:-1] for u in users):
-            transposed_ok.add(fqn)
-
-    cx = _Ctx(graph, dict(model.named_modules(remove_duplicate=False)), values, transposed_ok, state,
-              model.training)
+                     user_inputs: list[Any], splice: Splice | None = None) -> Any:
+    """The canonical IR of the program: a new Graph, or with `splice` the call's output structure (its
+    nodes added to `splice.graph`)."""
+    graph = splice.graph if splice is not None else _program_graph(model)
+    cx = _Ctx(graph, dict(model.named_modules(remove_duplicate=False)), values, _transposable_params(ep, splice),
+              _program_state(ep, model), model.training, splice.qual if splice is not None else str)
     env: dict[fx.Node, Any] = {}
     tuple_heads: set[fx.Node] = set()
 
     def lookup(a: Any) -> Any:
         return env[a] if isinstance(a, fx.Node) else a
 
-    def add_state(fqn: str, buffer: bool) -> Param:
-        if fqn not in graph.params:
-            graph.add_param(fqn, state[fqn].detach(), buffer=buffer, unique=False)
-        return Param(fqn)
-
-    user_iter = iter(user_inputs)
-    for n in fx_nodes:
+    inputs = _program_inputs(cx, ep, user_inputs, splice)
+    out = None
+    for n in ep.graph.nodes:
         if n.op == "placeholder":
-            if n.name in param_inputs:
-                env[n] = add_state(param_inputs[n.name], buffer=False)
-            elif n.name in buffer_inputs:
-                env[n] = add_state(buffer_inputs[n.name], buffer=True)
-            elif n.name in const_inputs:
-                env[n] = add_state(const_inputs[n.name], buffer=True)
-            elif n.name in user_input_names:
-                value = next(user_iter)
-                if isinstance(value, torch.Tensor):
-                    env[n] = graph.create_node("input", (), {}, name=n.name, meta=meta_of(value))
-                else:
-                    env[n] = value  # a non-tensor input export specialized on
-            else:
-                raise CaptureError(f"torch.export lifted {n.name!r} as a {sig.input_specs} input slimfx cannot "
-                                   "hold (custom objects are not supported); keep the model's state in tensors")
-            continue
-        if n.op == "output":
-            _set_outputs(graph, ep, n, lookup)
-            continue
-        if n.op != "call_function":
+            env[n] = inputs[n.name]
+        elif n.op == "output":
+            out = _set_outputs(graph, ep, n, lookup, splice is None, splice.qual if splice is not None else str)
+        elif n.op != "call_function":
             raise CaptureError(f"torch.export produced a {n.op} node {n.name!r} ({n.target}); slimfx maps only "
                                "call_function graphs (higher-order ops such as torch.cond are not supported)")
-        cx.node, cx.module_path, cx.source = n, _module_path(n), _source(n)
-        args = fx.node.map_aggregate(n.args, lookup)
-        kwargs = fx.node.map_aggregate(n.kwargs, lookup)
-        if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0] in tuple_heads:
-            if n.args[1] != 0:
-                raise CaptureError(f"node {n.name!r} reads output {n.args[1]} of {n.args[0].target} "
-                                   f"({cx.module_path or 'top level'}), which slimfx does not keep")
-            env[n] = env[n.args[0]]
-            continue
-        if n.target is operator.getitem:
-            env[n] = graph.create_node("getitem", (args[0],), dict(index=args[1]), name=n.name,
-                                       meta=meta_of(values.get(n)), source=cx.source, module_path=cx.module_path)
-            continue
-        conv = _converter(n.target)
-        converted = None
-        if conv is not None:
-            try:
-                converted = conv(cx, *args, **kwargs)
-            except (TypeError, _NoConversion):
-                converted = None
-        if converted is _DROP:
-            env[n] = None
-            continue
-        if isinstance(converted, _Alias):
-            env[n] = converted.value
-            continue
-        value = values.get(n)
-        if n.target in _TUPLE_HEADS and converted is not None:
-            tuple_heads.add(n)
-            value = value[0]
-        if converted is None:
-            op, ins, attrs = "opaque", args, {"kind": "call_function", "target": n.target, "kwargs": kwargs}
         else:
-            op, ins, attrs = converted
-            if op not in OPS:
-                raise CaptureError(f"the capture converter for {n.target} returned op {op!r}, which is not in the "
-                                   f"op table; register it first: ir.register_op({op!r}, impl, ...)")
-        # `%addmm = linear(...)` would mislead; a node converted from another spelling is named after its op
-        name = n.name if op == "opaque" or n.name.startswith(op) else op
-        env[n] = graph.create_node(op, ins, attrs, name=name, meta=meta_of(value), source=cx.source,
-                                   module_path=cx.module_path)
+            env[n] = _convert_call(cx, n, lookup, tuple_heads, splice)
     for dead in cx.maybe_dead:
         if not dead.users:
             graph.erase(dead)
+    if splice is not None:
+        splice.env = env
+        return out
     return graph
 
 
-def _set_outputs(graph: Graph, ep: torch.export.ExportedProgram, out: fx.Node, lookup: Callable) -> None:
+def _program_graph(model: nn.Module) -> Graph:
+    graph = Graph()
+    graph.name = type(model).__name__
+    graph.training = model.training
+    graph.capture_method = "export"
+    return graph
+
+
+def _program_state(ep: torch.export.ExportedProgram, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The program's lifted tensors by name: the model's own where it has them (shared storage)."""
+    state = dict(ep.state_dict)
+    state.update(ep.constants)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(model.named_buffers(remove_duplicate=False))
+    state.update({k: v for k, v in named.items() if k in state})
+    return state
+
+
+def _transposable_params(ep: torch.export.ExportedProgram, splice: Splice | None) -> set[str]:
+    """Params used only as the right operand of addmm/mm are [in, out] matrices (GPT-2's Conv1D): the IR
+    holds them as their [out, in] transposed view so those matmuls become canonical `linear` nodes.
+    (Not in a spliced call: the graph around it may read the same param untransposed.)"""
+    if splice is not None:
+        return set()
+    by_name = {n.name: n for n in ep.graph.nodes}
+    ok = set()
+    for ph, fqn in ep.graph_signature.inputs_to_parameters.items():
+        users = list(by_name[ph].users)
+        if users and all(u.target in (aten.addmm.default, aten.mm.default) and u.args[-1] is by_name[ph]
+                         and by_name[ph] not in u.args[:-1] for u in users):
+            ok.add(fqn)
+    return ok
+
+
+def _program_inputs(cx: _Ctx, ep: torch.export.ExportedProgram, user_inputs: list[Any],
+                    splice: Splice | None) -> dict[str, Any]:
+    """Each placeholder's IR value: a param (lifted parameters, buffers, constants), an `input` node, a
+    spliced call's operand, or the constant a non-tensor input was specialized to."""
+    sig = ep.graph_signature
+    lifted = {**{k: (v, False) for k, v in sig.inputs_to_parameters.items()},
+              **{k: (v, True) for k, v in sig.inputs_to_buffers.items()},
+              **{k: (v, True) for k, v in sig.inputs_to_lifted_tensor_constants.items()}}
+    user_names = set(sig.user_inputs)
+    user_iter = iter(user_inputs)
+    operand_iter = iter(splice.operands) if splice is not None else None
+    out: dict[str, Any] = {}
+    for n in ep.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        if n.name in lifted:
+            out[n.name] = cx.state_param(*lifted[n.name])
+        elif n.name in user_names:
+            value = next(user_iter)
+            if operand_iter is not None:
+                out[n.name] = next(operand_iter)
+            elif isinstance(value, torch.Tensor):
+                out[n.name] = cx.graph.create_node("input", (), {}, name=n.name, meta=meta_of(value))
+            else:
+                out[n.name] = value  # a non-tensor input export specialized on
+        else:
+            raise CaptureError(f"torch.export lifted {n.name!r} as a {sig.input_specs} input slimfx cannot "
+                               "hold (custom objects are not supported); keep the model's state in tensors")
+    return out
+
+
+def _convert_call(cx: _Ctx, n: fx.Node, lookup: Callable[[Any], Any], tuple_heads: set[fx.Node],
+                  splice: Splice | None) -> Any:
+    """The IR value of one call_function node: a new node, an existing value (an alias), or None (a check)."""
+    cx.node, cx.module_path, cx.source = n, _module_path(n), _source(n)
+    path, source, prefix = cx.module_path, cx.source, ""
+    if splice is not None:  # the program's names are the call's; the graph's are the model's
+        path, source, prefix = splice.module_path(cx.module_path), cx.source or splice.source, splice.name + "_"
+    args = fx.node.map_aggregate(n.args, lookup)
+    kwargs = fx.node.map_aggregate(n.kwargs, lookup)
+    if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0] in tuple_heads:
+        if n.args[1] != 0:
+            raise CaptureError(f"node {n.name!r} reads output {n.args[1]} of {n.args[0].target} "
+                               f"({cx.module_path or 'top level'}), which slimfx does not keep")
+        return lookup(n.args[0])
+    if n.target is operator.getitem:
+        return cx.graph.create_node("getitem", (args[0],), dict(index=args[1]), name=prefix + n.name,
+                                    meta=meta_of(cx.values.get(n)), source=source, module_path=path)
+    conv = _converter(n.target)
+    converted = None
+    if conv is not None:
+        try:
+            converted = conv(cx, *args, **kwargs)
+        except (TypeError, _NoConversion):
+            converted = None
+    if converted is _DROP:
+        return None
+    if isinstance(converted, _Alias):
+        return converted.value
+    value = cx.values.get(n)
+    if n.target in _TUPLE_HEADS and converted is not None:
+        tuple_heads.add(n)
+        value = value[0]
+    if converted is None:
+        op, ins, attrs = "opaque", args, {"kind": "call_function", "target": n.target, "kwargs": kwargs}
+    else:
+        op, ins, attrs = converted
+        if op not in OPS:
+            raise CaptureError(f"the capture converter for {n.target} returned op {op!r}, which is not in the "
+                               f"op table; register it first: ir.register_op({op!r}, impl, ...)")
+    # `%addmm = linear(...)` would mislead; a node converted from another spelling is named after its op
+    name = n.name if op == "opaque" or n.name.startswith(op) else op
+    if op == "scalar" and not n.name.startswith(attrs["fn"]):
+        name = attrs["fn"]
+    return cx.graph.create_node(op, ins, attrs, name=prefix + name, meta=meta_of(value), source=source,
+                                module_path=path)
+
+
+def _set_outputs(graph: Graph, ep: torch.export.ExportedProgram, out: fx.Node, lookup: Callable,
+                 set_outputs: bool = True, qual: Callable[[str], str] = str) -> Any:
+    """The program's output structure (set as the graph's outputs unless `set_outputs` is False); buffer
+    updates become nodes of their own."""
     sig = ep.graph_signature
     leaves = list(out.args[0])
     user, mutations = [], []
@@ -987,11 +1137,14 @@ def _set_outputs(graph: Graph, ep: torch.export.ExportedProgram, out: fx.Node, l
                                "inputs in forward)")
     for target, value in mutations:
         # the functional form of `buffer.copy_(new)`: keep the update so the graph does what the model does
+        target = qual(target)
         graph.create_node("opaque", (Param(target), value), {"kind": "call_function",
                                                               "target": aten.copy_.default, "kwargs": {}},
                           name=f"update_{target.replace('.', '_')}")
-    graph.set_outputs(_structure(ep.call_spec.out_spec, user) if ep.call_spec.out_spec is not None
-                      else tuple(user))
+    outputs = _structure(ep.call_spec.out_spec, user) if ep.call_spec.out_spec is not None else tuple(user)
+    if set_outputs:
+        graph.set_outputs(outputs)
+    return outputs
 
 
 def aten_converters() -> dict[Any, Callable]:

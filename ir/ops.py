@@ -346,6 +346,20 @@ def _shape_of(x):
     return x.shape
 
 
+# Python arithmetic on shape values (`x.size(0) * heads`, `1 / math.sqrt(q.size(-1))`) that capture keeps
+# because the value depends on a dynamic dim (batch, sequence); static ones are folded to constants.
+SCALAR_FNS: dict[str, Callable] = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
+    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow, "neg": operator.neg, "abs": abs,
+    "sqrt": math.sqrt, "floor": math.floor, "ceil": math.ceil, "int": int, "float": float, "max": max, "min": min,
+}
+
+
+def _scalar(*args, fn):
+    """`scalar(a, b) {fn='mul'}`: `a * b` on Python numbers (shape values), never on tensors."""
+    return SCALAR_FNS[fn](*args)
+
+
 def _sdpa(q, k, v, attn_mask=None, *, dropout_p=0.0, is_causal=False, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale)
 
@@ -622,6 +636,7 @@ register_op("chunk", _chunk, shape_op=True, result="tuple")
 register_op("getitem", _getitem, result="any")
 register_op("size", _size, result="value")
 register_op("shape", _shape_of, result="value")
+register_op("scalar", _scalar, result="value")
 register_op("mean", _mean, reduction=True)
 register_op("sum", _sum, reduction=True)
 

@@ -56,6 +56,32 @@ def _no_opaque_reader(m: Match) -> bool:
     return _same_meta(m) and not any(u.op == "opaque" for u in m.anchor.users)
 
 
+def _same_sizes_everywhere(m: Match) -> bool:
+    """A reshape/expand whose run-time sizes come from another tensor (its batch) has its input's shape on
+    the example only: it stays."""
+    return _same_meta(m) and _follows_own_dims(m.anchor, m["x"])
+
+
+def _follows_own_dims(node: Node, x: Any) -> bool:
+    """True when every size a reshape/expand computes at run time is the same dim of its own input
+    (`x.reshape(x.size(0), 6)`), so equal shapes on the example mean equal shapes at every size."""
+    entries = node.attrs.get("shape" if node.op == "reshape" else "size")
+    entries = entries if isinstance(entries, (tuple, list)) else (entries,)
+    for i, e in enumerate(entries):
+        if not isinstance(e, Node):
+            continue
+        if e.op == "size" and e.inputs[0] is x and isinstance(e.attrs.get("dim"), int):
+            dim = e.attrs["dim"]
+        elif e.op == "getitem" and isinstance(e.inputs[0], Node) and e.inputs[0].op == "shape" \
+                and e.inputs[0].inputs[0] is x and isinstance(e.attrs.get("index"), int):
+            dim = e.attrs["index"]
+        else:
+            return False
+        if dim % len(entries) != i:
+            return False
+    return True
+
+
 @functools.cache
 def noop_rules() -> RuleSet:
     """The no-ops remove-identity drops, one rule per op (the rule names are the ops)."""
@@ -66,7 +92,8 @@ def noop_rules() -> RuleSet:
         unary("identity", None),
         unary("dropout", lambda m: not runs_in_training(m.anchor)),
         unary("contiguous", _no_opaque_reader),
-        *(unary(op) for op in ("reshape", "flatten", "expand", "cast")),
+        *(unary(op) for op in ("flatten", "cast")),
+        *(unary(op, _same_sizes_everywhere) for op in ("reshape", "expand")),
         Rule(lambda x: x * 1, _keep, _same_meta, name="mul"),   # also 1 * x, x * 1.0
         Rule(lambda x: x / 1, _keep, _same_meta, name="div"),
         Rule(lambda x: x + 0, _keep, _same_meta, name="add"),

@@ -144,14 +144,26 @@ class FoldBatchNorm(RulePass):
         return fold_rules()
 
     def summarize(self, counts: dict[str, int], graph: Graph) -> dict[str, Any]:
-        return {"folded": sum(counts.values()), "not_folded": len(graph.find("batch_norm"))}
+        left = graph.find("batch_norm")
+        stats: dict[str, Any] = {"folded": sum(counts.values()), "not_folded": len(left)}
+        if not left:
+            return stats
+        reasons = {bn.name: _why_not(bn, self.rule_set()) for bn in left}
+        stats["not_folded_reasons"] = {bn.name: f"{bn.where()}: {reasons[bn.name]}" for bn in left}
+        # After a conv/linear and still not folded (an opaque reader, computed weights): the report's headline.
+        blocked = [f"%{bn.name} ({bn.where()}): {reasons[bn.name]}" for bn in left
+                   if not reasons[bn.name].startswith("input is not a weighted layer")]
+        if blocked:
+            more = f" (and {len(blocked) - 2} more; see not_folded_reasons)" if len(blocked) > 2 else ""
+            stats["notes"] = [f"{len(blocked)} batch norm(s) after a conv/linear not folded: "
+                              + "; ".join(blocked[:2]) + more]
+        return stats
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         result = super().run(graph, ctx)
-        if result.stats["not_folded"] and ctx.logger.isEnabledFor(logging.DEBUG):
-            for bn in graph.find("batch_norm"):
-                ctx.logger.debug("fold-batchnorm: %%%s (%s) not folded: %s", bn.name, bn.where(),
-                                 _why_not(bn, self.rule_set()))
+        if ctx.logger.isEnabledFor(logging.DEBUG):
+            for name, reason in result.stats.get("not_folded_reasons", {}).items():
+                ctx.logger.debug("fold-batchnorm: %%%s (%s) not folded", name, reason)
         return result
 
 

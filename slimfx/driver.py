@@ -81,6 +81,7 @@ class _Job:
     bench_seconds: float
     check_numerics: bool
     print_ir: bool = False
+    dynamic_batch: bool = True  # False: files fixed at the example's batch size, data run in chunks of it
     graph: ir.Graph | None = None  # resume: the saved graph to continue from (no capture)
     headline: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -95,7 +96,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             out_dir: str | Path | None = None, formats: Sequence[str] | str | None = None, force: bool = False,
             keep_rejected: bool = False, check_numerics: bool = True, name: str | None = None,
             quiet: bool = False, seed: int = 0, bench_seconds: float = DEFAULT_BENCH_SECONDS,
-            print_ir: bool = False) -> CompileResult:
+            print_ir: bool = False, dynamic_batch: bool = True) -> CompileResult:
     """Compile `model` with a recipe: capture, run its passes, export, check and report.
 
     model: an nn.Module, or (resume) an ir.Graph / the path of a `.slimfx` file saved by an earlier compile
@@ -113,13 +114,17 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
     bench_seconds: the one time budget of the latency report, all files and batch sizes together (0: no
         latency measurement).
     print_ir: print the IR after every pass that changed it (stdout).
+    dynamic_batch: False for a model that runs at its example's batch size only (a literal batch size in a
+        view): the files take that batch size, and calibration, the gate and the latency report run the
+        data in chunks of it (CLI: --fixed-batch).
     Raises SlimfxError subclasses for anything the user can fix (GateError when the gate fails).
     """
     t_start = time.perf_counter()
     job = _resolve(model, example_inputs, recipe, data=data, example_kwargs=example_kwargs,
                    calibration_data=calibration_data, train_data=train_data, test_data=test_data,
                    eval_fn=eval_fn, out_dir=out_dir, formats=formats, force=force, keep_rejected=keep_rejected,
-                   check_numerics=check_numerics, name=name, quiet=quiet, seed=seed, bench_seconds=bench_seconds)
+                   check_numerics=check_numerics, name=name, quiet=quiet, seed=seed, bench_seconds=bench_seconds,
+                   dynamic_batch=dynamic_batch)
     job.print_ir = bool(print_ir)
     with contextlib.ExitStack() as stack:
         if job.output is not None:
@@ -175,7 +180,7 @@ class _StageTimer:
 def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None, example_kwargs: Any,
              calibration_data: Any, train_data: Any, test_data: Any, eval_fn: Any, out_dir: Any, formats: Any,
              force: bool, keep_rejected: bool, check_numerics: bool, name: str | None, quiet: bool, seed: Any,
-             bench_seconds: Any) -> _Job:
+             bench_seconds: Any, dynamic_batch: Any = True) -> _Job:
     model, saved, example_inputs = _resume(model, example_inputs, example_kwargs)
     if not isinstance(model, nn.Module):
         raise SlimfxError(f"compile() takes a torch.nn.Module, an ir.Graph or a .slimfx file, got "
@@ -185,18 +190,21 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     if isinstance(bench_seconds, bool) or not isinstance(bench_seconds, (int, float)) \
             or not math.isfinite(bench_seconds) or bench_seconds < 0:
         raise SlimfxError(f"bench_seconds must be a finite number >= 0 (0: no latency), got {bench_seconds!r}")
+    if not isinstance(dynamic_batch, bool):
+        raise SlimfxError(f"dynamic_batch must be True or False, got {dynamic_batch!r}")
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     fmts = _formats(formats, rec)
     pipeline = rec.build_passes()  # RecipeError for unknown passes/options
     example, run_model, capture_args = _inputs(model, example_inputs, example_kwargs)
     data = _merge_data(data, calibration_data, train_data, test_data)
+    rows = None if dynamic_batch else _batch_rows(example)
     job_headline: list[str] = []
-    calibration = data.calibration_batches()
+    calibration = _chunked(data.calibration_batches(), rows)
     if calibration is None and any(p.needs_calibration for p in pipeline):
         calibration = [example]
         job_headline.append("static quantization calibrated on the example inputs only (no calibration or "
                             "train data): activation ranges may be off; give data (--data / data=)")
-    train, validation, test = data.split("train"), data.split("validation"), data.split("test")
+    train, validation, test = (_chunked(data.split(k), rows) for k in ("train", "validation", "test"))
     val_eval = _checked_eval_fn(eval_fn) if eval_fn is not None else (
         (lambda module: accuracy(module, validation)) if validation is not None else None)
     ctx = PassContext(example_inputs=example, calibration_data=calibration, train_data=train, eval_fn=val_eval,
@@ -214,7 +222,36 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
                 pipeline=pipeline, formats=fmts, data=data, ctx=ctx, gate_split=gate_split, gate_split_name=gate_name,
                 accuracy_split=acc_split, accuracy_split_name=acc_name, output=output, keep_rejected=keep_rejected,
                 name=name or _default_name(model, saved), quiet=quiet, bench_seconds=float(bench_seconds),
-                check_numerics=check_numerics, graph=saved, headline=job_headline)
+                check_numerics=check_numerics, graph=saved, headline=job_headline, dynamic_batch=dynamic_batch)
+
+
+def _batch_rows(example: tuple) -> int:
+    x = example[0] if example else None
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
+
+
+class _Chunks:
+    """A data split (or a list of calibration input tuples) as batches of exactly `rows` rows, for a model
+    fixed at its example's batch size; rows that do not fill a last chunk are left out."""
+
+    def __init__(self, source: Any, rows: int):
+        self.source, self.rows = source, rows
+        self.name = getattr(source, "name", "calibration")
+
+    def __iter__(self):
+        for item in self.source:
+            pair = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple)
+            inputs, target = item if pair else (item, None)
+            n = len(inputs[0]) if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 0
+            for i in range(0, n - self.rows + 1, self.rows):
+                xs = tuple(t[i:i + self.rows] if isinstance(t, torch.Tensor) and t.dim() else t for t in inputs)
+                yield (xs, target[i:i + self.rows] if target is not None else None) if pair else xs
+
+
+def _chunked(source: Any, rows: int | None) -> Any:
+    if source is None or rows is None:
+        return source
+    return list(_Chunks(source, rows)) if isinstance(source, list) else _Chunks(source, rows)
 
 
 def _resume(model: Any, example_inputs: Any, example_kwargs: Any) -> tuple[Any, ir.Graph | None, Any]:
@@ -357,13 +394,14 @@ def _export(job: _Job, graph: ir.Graph, staging: Path) -> tuple[dict[str, Path],
     for fmt in job.formats:
         target = staging / FORMAT_FILES[fmt]
         if fmt == "onnx":
-            res = export_onnx(graph, target, inputs=job.example, opset=job.recipe.export.opset, **tolerances)
+            res = export_onnx(graph, target, inputs=job.example, opset=job.recipe.export.opset,
+                              dynamic_batch=job.dynamic_batch, **tolerances)
         elif fmt == "pt2":
-            res = export_pt2(graph, target, inputs=job.example)
+            res = export_pt2(graph, target, inputs=job.example, dynamic_batch=job.dynamic_batch)
         elif fmt == "slimfx":
             res = export_slimfx(graph, target, inputs=job.example)
         else:
-            res = export_torchscript(graph, target, inputs=job.example)
+            res = export_torchscript(graph, target, inputs=job.example, dynamic_batch=job.dynamic_batch)
         exports[fmt] = target
         details[fmt] = res.to_dict()
     return exports, details
@@ -375,7 +413,7 @@ def _onnx_for_numbers(job: _Job, graph: ir.Graph, path: Path, what: str) -> Path
     from slimfx.exporters import export_onnx
 
     try:  # numbers only: not validated (the written model.onnx is, and the gate compares it with the model)
-        return export_onnx(graph, path, inputs=job.example, validate=False).path
+        return export_onnx(graph, path, inputs=job.example, validate=False, dynamic_batch=job.dynamic_batch).path
     except ExportError as e:
         if "onnx" in job.formats:
             raise
@@ -414,11 +452,11 @@ def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None, original_mac
     job.model.eval()
     gate_split = job.gate_split
     if gate_split is None:
-        rows = int(job.example[0].shape[0]) if job.example and isinstance(job.example[0], torch.Tensor) \
-            and job.example[0].dim() else 1
+        rows = _batch_rows(job.example)
         per_sample = job.recipe.validate.min_top1_agreement is not None
         samples = generated_sample_count(original_macs / max(rows, 1), per_sample_gate=per_sample)
-        gate_split = generated_batches(job.example, samples=samples, seed=job.ctx.seed)
+        gate_split = _chunked(generated_batches(job.example, samples=samples, seed=job.ctx.seed),
+                              None if job.dynamic_batch else rows)  # a fixed-batch model: chunks of its batch
         job.headline.append(f"no validation data: agreement and SQNR come from {samples} generated inputs shaped "
                             "like the example, not from real data; give data (--data / data=) for numbers that "
                             "mean something")
@@ -443,7 +481,7 @@ def _compare_on(original: Callable[..., Any], deployed: Callable[..., Any], spli
     labelled = True
     with torch.no_grad():
         for inputs, target in split:
-            ref, got = original(*inputs), deployed(*inputs)
+            ref, got = _run_original(original, inputs, name), deployed(*inputs)
             comparison.update(ref, got)
             if target is None:
                 labelled = False
@@ -452,6 +490,19 @@ def _compare_on(original: Callable[..., Any], deployed: Callable[..., Any], spli
             hits_d += correct(got, target)
             n += len(target)
     return comparison, ((hits_o / n, hits_d / n) if labelled and n else None)
+
+
+def _run_original(original: Callable[..., Any], inputs: tuple, name: str) -> Any:
+    try:
+        return original(*inputs)
+    except Exception as e:  # noqa: BLE001 - the user's model fails on the user's (or generated) data
+        rows = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else "?"
+        raise SlimfxError(
+            f"the original model fails on a batch of {rows} from the {name} data ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}), so the compiled one cannot be checked against it. "
+            "If the model runs at its example's batch size only (a literal batch size in a view or reshape), "
+            "compile with a fixed batch size: `--fixed-batch` on the command line, dynamic_batch=False in "
+            "slimfx.compile; otherwise check that the data has the shapes and dtypes forward expects.") from None
 
 
 # --- measure -----------------------------------------------------------------------------------------------------
@@ -490,7 +541,8 @@ def _measure(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], ex
             except Exception as e:  # noqa: BLE001 - a torch file that does not load back has no latency
                 job.warnings.append(f"no latency for {FORMAT_FILES[fmt]}: {type(e).__name__}: "
                                     f"{str(e).splitlines()[0][:200] if str(e) else ''}")
-    batches = {"b1": with_batch(job.example, 1), "b32": with_batch(job.example, 32)}
+    sizes = (1, 32) if job.dynamic_batch else (_batch_rows(job.example),)
+    batches = {f"b{b}": with_batch(job.example, b) for b in sizes}
     try:
         results = latency_side_by_side(timed, batches, total_budget_s=job.bench_seconds,
                                        progress=lambda: progress.update(1))

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from slimfx.ir.analysis import count_macs
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta
-from slimfx.ir.ops import trait
+from slimfx.ir.ops import SCALAR_FNS, trait
 
 Emitter = Callable[["EmitContext", Node], Any]
 EMITTERS: dict[str, Emitter] = {}
@@ -103,8 +103,8 @@ PROBE_BATCHES = (2, 3)
 META_PROBE_MIN_MACS = 100_000_000
 
 # What a user can do about a batch size the model fixes, from either interface.
-FIXED_BATCH_ADVICE = ("export with a fixed batch size: `slimfx export --fixed-batch` on the command line, "
-                      "export_onnx(..., dynamic_batch=False) in Python")
+FIXED_BATCH_ADVICE = ("compile or export with a fixed batch size: `--fixed-batch` on the command line (slimfx "
+                      "compile, slimfx export), dynamic_batch=False in Python (slimfx.compile, export_onnx)")
 
 
 def probe(graph: Graph, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -441,7 +441,14 @@ class EmitContext:
             return self.sym(base)[n.attrs["index"]]
         fn = None
         impl = trait(op, "impl")
-        if impl in _SYM_BINARY or impl is operator.neg:  # canonical ops that are Python's operators: add, ..., neg
+        if op == "scalar":  # Python arithmetic on shape values, kept by capture where a dim is dynamic
+            fn = SCALAR_FNS.get(n.attrs.get("fn"))
+            if fn in (int, float) and len(n.inputs) == 1:
+                a = self.sym(n.inputs[0])
+                if isinstance(a, Dyn):
+                    want = torch.float32 if fn is float else torch.int64
+                    return a if a.dtype == want else Dyn(self.cast(a.name, want), want)
+        elif impl in _SYM_BINARY or impl is operator.neg:  # canonical ops that are Python's operators: add, ..., neg
             fn = impl
         elif op == "opaque" and n.attrs.get("kind") == "call_function":
             target = n.attrs["target"]
@@ -490,24 +497,33 @@ class EmitContext:
 
     def unsupported_message(self, n: Node) -> str:
         mod = n.attrs.get("module") if n.op == "opaque" else None
+        within = n.attrs.get("within") if n.op == "opaque" else None
+        where = n.where() + (f"; part of {within}, which capture decomposed" if within else "")
         if isinstance(mod, torch.nn.Module):
-            what = f"%{n.name} ({_module_class(mod)} at {n.where()})"
+            what = f"%{n.name} ({_module_class(mod)} at {where})"
         else:
             what = f"%{n.name} (op {n.op!r}"
             if n.op == "opaque":
                 tgt = n.attrs.get("target")
                 what += f", {n.attrs.get('kind')} {getattr(tgt, '__qualname__', None) or tgt}"
-            what += f", {n.where()})"
+            what += f", {where})"
+        why = n.attrs.get("why") if n.op == "opaque" else None
+        why = f" Capture could not decompose it into canonical ops: {why}." if why else ""
         alternatives = ("or export TorchScript instead (`--format torchscript` on the command line, "
                         "formats=(\"torchscript\",) in slimfx.compile)")
         if isinstance(mod, torch.nn.Module):
             return (f"cannot export {what} to ONNX: slimfx does not support {_module_class(mod)} modules yet "
-                    "(capture keeps them opaque: they run, but have no ONNX form). Replace that module in the "
+                    f"(capture keeps them opaque: they run, but have no ONNX form).{why} Replace that module in the "
                     f"model with layers slimfx supports, {alternatives}.")
-        supported = ", ".join(sorted(op for op in EMITTERS if op != "opaque"))
-        return (f"cannot export {what} to ONNX: no emitter for this op. Supported ops: {supported}. "
-                "Rewrite that line of the model so capture sees one of these ops, "
-                f"{alternatives}; in Python, exporters.onnx.register_emitter adds an emitter.")
+        # what capture could not follow is the news, not the op list (its line is what to rewrite)
+        supported = "" if why else " Supported ops: " + ", ".join(sorted(op for op in EMITTERS if op != "opaque")) + "."
+        rewrite = ("Rewrite that line so torch.fx or torch.export can follow it (a branch on tensor values: "
+                   "torch.where or torch.cond), " if why else "Rewrite that line of the model so capture sees one "
+                   "of these ops, ")
+        return (f"cannot export {what} to ONNX: no emitter for this op.{why}{supported} {rewrite}"
+                f"{alternatives}; a plugin file (`--plugin my_ops.py`; in Python, any import) can teach slimfx "
+                "the op: ir.register_converter maps it onto a canonical op, register_emitter of slimfx's ONNX "
+                "exporter adds an emitter.")
 
 
 def _module_class(mod: torch.nn.Module) -> str:

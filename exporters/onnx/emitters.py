@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimfx.exporters.onnx.context import Dyn, EmitContext, register_emitter, to_numpy
+from slimfx.exporters.onnx.context import (
+    FIXED_BATCH_ADVICE,
+    Dyn,
+    EmitContext,
+    register_emitter,
+    to_numpy,
+)
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Node, Param
 
@@ -354,7 +360,7 @@ def _reshape_target(ctx: EmitContext, x: Any, node: Node, spec: Any = None) -> s
             target[i] = -1
         return ctx.ints(target)
     if spec is None:
-        raise _err(node, "several batch-dependent dims in the output shape; export with dynamic_batch=False")
+        raise _err(node, f"several batch-dependent dims in the output shape; {FIXED_BATCH_ADVICE}")
     entries = []
     for e in spec:
         s = ctx.sym(e)
@@ -470,7 +476,7 @@ def _split(ctx: EmitContext, node: Node) -> list[str]:
     if not isinstance(metas, tuple):
         raise _err(node, "split without a tuple of output metas; run ir.propagate_shapes")
     if ctx.dynamic_dims(x)[axis]:
-        raise _err(node, "split along the batch dim with a dynamic batch; export with dynamic_batch=False")
+        raise _err(node, f"split along the batch dim with a dynamic batch; {FIXED_BATCH_ADVICE}")
     sizes = [m.shape[axis] for m in metas]
     if len(sizes) == 1:
         return [ctx.value(x)]

@@ -23,14 +23,36 @@ from slimfx.exporters._common import (
 from slimfx.exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, probe
 from slimfx.exporters.onnx.rewrites import shrink
 from slimfx.ir.errors import ExportError
-from slimfx.ir.graph import Graph, Node, TensorMeta, iter_refs
+from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs
 
 DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 17, 23
 
 
-def _output_names(n: int) -> list[str]:
-    return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+def _output_names(outputs: Any) -> list[str]:
+    """ONNX names of the flattened outputs, after the model's own: a dict's keys (`logits` of a transformers
+    ModelOutput; `aux_0`, `aux_1` for a tuple under key `aux`), else `output` / `output_0`, `output_1`..."""
+    keyed: list[str | None] = []
+
+    def walk(v: Any, path: list[str], keys: bool) -> None:
+        if isinstance(v, (tuple, list)):
+            for i, x in enumerate(v):
+                walk(x, [*path, str(i)], keys)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(x, [*path, str(k)], True)
+        elif isinstance(v, (Node, Param)):  # the leaves graph inputs/outputs flatten to (iter_refs)
+            keyed.append("_".join(path) if keys else None)
+
+    walk(outputs, [], False)
+    n = len(keyed)
+    names = [k if k else ("output" if n == 1 else f"output_{i}") for i, k in enumerate(keyed)]
+    seen: set[str] = set()
+    for i, name in enumerate(names):  # never two outputs of one name (a key `output_1` beside a position)
+        while names[i] in seen:
+            names[i] = f"{name}_{i}" if names[i] == name else names[i] + "_"
+        seen.add(names[i])
+    return names
 
 
 def _value_info(ctx: EmitContext, name: str, node: Node) -> onnx.ValueInfoProto:
@@ -86,7 +108,7 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFA
     out_nodes = list(iter_refs(graph.outputs))
     if not out_nodes or not all(isinstance(o, Node) for o in out_nodes):
         raise ExportError(f"graph {graph.name} returns {graph.outputs!r}; ONNX outputs must be tensors")
-    out_names = _output_names(len(out_nodes))
+    out_names = _output_names(graph.outputs)
     in_names: list[str] = []
     for node in graph.inputs:
         in_names.append(ctx.reserve(node.name) if node.name not in out_names else ctx.fresh(node.name))

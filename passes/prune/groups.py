@@ -566,6 +566,13 @@ class Analyzer:
             self.block(t, n, "a channel count is read as a value")
         return t.shape if dim is None else t.shape[dim]
 
+    def scalar(self, n: Node) -> Any:
+        """Python arithmetic on shape values (`batch * heads`): computed on the sizes the walk knows."""
+        args = [self.value(a) if isinstance(a, Node) else a for a in n.inputs]
+        if not all(isinstance(a, (int, float, bool)) for a in args):
+            return self.opaque(n, "shape arithmetic on a value the analysis does not know")
+        return get_op("scalar").impl(*args, **n.attrs)
+
     def _replay(self, n: Node) -> tuple[Any, str | None]:
         """The op run on its operands' labels: data movement moves the labels as it would the values."""
         try:
@@ -801,7 +808,7 @@ CHANNEL_FLOW_RULES: dict[str | None, PruningRule] = {
 for _op, _rule in [
     ("mask", Analyzer.mask), ("embedding", Analyzer.embedding), ("batch_norm", Analyzer.batch_norm),
     ("layer_norm", Analyzer.layer_norm), ("group_norm", Analyzer.group_norm), ("size", Analyzer.size),
-    ("shape", Analyzer.size), ("getitem", Analyzer.getitem), ("slice", Analyzer.slice),
+    ("shape", Analyzer.size), ("scalar", Analyzer.scalar), ("getitem", Analyzer.getitem), ("slice", Analyzer.slice),
     ("reshape", Analyzer.reshape), ("expand", Analyzer.reshape), ("split", Analyzer.split), ("chunk", Analyzer.split),
     ("matmul", Analyzer.matmul), ("scaled_dot_product_attention", Analyzer.sdpa), ("opaque", Analyzer.opaque_call),
     ("instance_norm", Analyzer.batch_norm), ("rms_norm", Analyzer.layer_norm), ("pixel_shuffle", Analyzer.pixel_shuffle),

@@ -47,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="your data: 'file.py:fn' or 'package.module:fn' returning slimfx.Data(train=..., "
                         "validation=..., test=..., calibration=...); zoo models bring their own (default: the "
                         "recipe's data key)")
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="for a model that runs at its example's batch size only: ONNX/pt2 files fixed at that "
+                        "batch size, data run in chunks of it")
     p.add_argument("--force", action="store_true", help="replace an existing, non-empty --out directory")
     p.add_argument("--keep-rejected", action="store_true",
                    help="when the recipe's [validate] gate fails, write the outputs to OUT.rejected/ for inspection "
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     result = compile_model(model, loaded.example_inputs, recipe, data=data,
                            example_kwargs=loaded.example_kwargs, out_dir=args.out, formats=formats, force=args.force,
                            keep_rejected=args.keep_rejected, name=loaded.name, quiet=args.quiet, seed=args.seed,
-                           bench_seconds=0 if args.no_bench else args.bench_seconds, print_ir=args.print_ir)
+                           bench_seconds=0 if args.no_bench else args.bench_seconds, print_ir=args.print_ir,
+                           dynamic_batch=not args.fixed_batch)
     if args.quiet:
         print(result.out_dir)
         return 0

@@ -9,6 +9,7 @@ One row per case: a small model class, the call, the expected error class and me
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -131,6 +132,31 @@ class ProjRecurrent(Recurrent):
     def __init__(self):
         super().__init__()
         self.rnn = nn.LSTM(4, 12, batch_first=True, proj_size=8)
+
+
+def data_dependent(x):  # a helper fx keeps as one call; neither fx nor torch.export can follow its branch
+    if x.sum() > 0:
+        return x * 2
+    return x - 1
+
+
+torch.fx.wrap("data_dependent")
+
+
+class Undecomposable(nn.Module):
+    """Capture keeps a call it cannot decompose opaque, and says why."""
+
+    class Inner(nn.Module):
+        def forward(self, x):
+            return data_dependent(x)
+
+    def __init__(self):
+        super().__init__()
+        self.inner = self.Inner()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.inner(x))
 
 
 class FixedBatch(nn.Module):
@@ -336,7 +362,7 @@ def test_a_model_that_fixes_its_batch_size_is_told_which_line_and_both_fixes(tmp
     _check_message(str(e.value), [
         "FixedBatch runs at the example's batch size 1 but not at batch size 2",
         f"%view (op 'reshape', test_hostile_inputs.py:{line})", "shape '[1, 10]' is invalid",
-        "`slimfx export --fixed-batch`", "batch size you deploy"])
+        "`--fixed-batch` on the command line (slimfx compile, slimfx export)", "batch size you deploy"])
     assert "probably" not in str(e.value) and list(tmp_path.iterdir()) == []
     res = export_onnx(g, tmp_path / "m.onnx", inputs=x, dynamic_batch=False)  # the fix the message offers
     assert res.validation.passed
@@ -350,7 +376,37 @@ def test_cli_export_offers_and_takes_fixed_batch(tmp_path, capsys):
     assert main(["export", f"{src}:make", "-o", str(tmp_path / "m.onnx"), "--fixed-batch"]) == 0
 
 
+def test_cli_compile_offers_and_takes_fixed_batch(tmp_path, capsys, monkeypatch):
+    """The advice names an action of the interface the user is on: compile takes --fixed-batch too, and then
+    writes files at the example's batch size and runs the gate's data in chunks of it."""
+    import onnx
+
+    src = _user_file(tmp_path, "FixedBatch", "(torch.randn(1, 64),)")
+    monkeypatch.chdir(tmp_path)
+    # ONNX: the export's batch probe refuses; TorchScript: remove-identity drops the view (the same shape at
+    # the example), so the file runs at any batch, but the original model fails on the gate's batches of 32
+    for fmt, where in (("onnx", "runs at the example's batch size 1 but not at batch size 2"),
+                       ("torchscript", "the original model fails on a batch of 32 from the generated data")):
+        assert main(["compile", f"{src}:make", "--recipe", "cleanup", "--format", fmt, "--out", f"out-{fmt}",
+                     "--quiet", "--no-bench"]) == 2
+        err = capsys.readouterr().err
+        assert where in err and "`--fixed-batch` on the command line" in err and "Traceback" not in err, err
+    assert main(["compile", f"{src}:make", "--recipe", "cleanup", "--format", "onnx,torchscript", "--out", "out",
+                 "--quiet", "--bench-seconds", "0.2", "--fixed-batch"]) == 0
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim] == [1, 64]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["validation"]["samples"] == 256 and report["validation"]["sqnr_db"] > 100  # 256 runs at batch 1
+    assert set(report["compressed"]["latency_ms"]) == {"b1"}  # timed at the batch size the files take
+    with pytest.raises(SlimfxError, match="must be True or False"):
+        slimfx.compile(FixedBatch().eval(), (torch.randn(1, 64),), "cleanup", dynamic_batch="no", quiet=True)
+
+
 # --- the CLI: exit 2, one paragraph, nothing written -----------------------------------------------------------
+
+def _line_of(code: str) -> int:
+    return next(i for i, ln in enumerate(open(__file__), 1) if ln.strip() == code)
+
 
 def _user_file(tmp_path, cls: str, example: str, convert: str = "") -> str:
     """A user's model file: this module's classes, and a factory returning (model, example inputs)."""
@@ -375,6 +431,10 @@ CLI_ROWS = [
     ("wrong feature dim", "Lin", "(torch.randn(1, 100),)", "", ["layer 'fc'", "1x100 and 64x10"]),
     ("LSTM projection", "ProjRecurrent", "(torch.randn(2, 5, 4),)", "", ["nn.LSTM with proj_size",
                                                                         "--format torchscript"]),
+    ("undecomposable", "Undecomposable", "(torch.randn(2, 4),)", "", [
+        "%data_dependent", "module 'inner', test_hostile_inputs.py:", "Capture could not decompose it",
+        "torch.export", f"at test_hostile_inputs.py:{_line_of('if x.sum() > 0:')} (`if x.sum() > 0:`)", "torch.where",
+        "--format torchscript", "--plugin"]),
 ]
 
 
@@ -388,6 +448,7 @@ def test_cli_compile_exits_2_with_one_paragraph_and_writes_nothing(cls, example,
                  "--bench-seconds", "0.01"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "bug" not in err.lower(), err
+    assert "def forward" not in err and "torch.ops.aten" not in err, err  # torch.export's own dumps stay out
     _check_message(err, fragments)
     assert not out.exists()
 
@@ -506,7 +567,8 @@ def test_every_output_is_compared_and_named_by_its_place_in_the_model():
     with torch.no_grad():
         g.params["b.weight"].add_(0.5)  # the reference's second head moves; the file's does not
     rep = validate_onnx(proto, g, [x])
-    assert not rep.passed and rep.failure.startswith("output['aux'][1] ('output_2' in the file): ")
+    assert not rep.passed and rep.failure.startswith("output['aux'][1] ('aux_1' in the file): ")
+    assert [o.name for o in proto.graph.output] == ["logits", "aux_0", "aux_1"]  # the model's own names
     assert rep.worst_output.startswith("output['aux'][1]") and rep.n_outputs == 3
 
 

@@ -123,7 +123,11 @@ def test_folded_weights_equal_the_float64_formula():
 
 def test_fold_batchnorm_skips_shared_convs_and_training_graphs():
     g, stats = run(make(SharedConv), torch.randn(1, 3, 4, 4), ["fold-batchnorm"])
-    assert stats["fold-batchnorm"] == {"folded": 0, "not_folded": 1} and g.find("batch_norm")
+    st = stats["fold-batchnorm"]
+    assert (st["folded"], st["not_folded"]) == (0, 1) and g.find("batch_norm")
+    bn = g.find("batch_norm")[0]
+    assert "is also used by %add" in st["not_folded_reasons"][bn.name]  # never silent: in the stats and the headline
+    assert st["notes"][0].startswith("1 batch norm(s) after a conv/linear not folded: %" + bn.name)
     g = ir.capture(make(ConvBnNet).train(), (torch.randn(2, 3, 8, 8),))
     res = create_pass("fold-batchnorm").run(g, PassContext())
     assert not res.changed and len(g.find("batch_norm")) == 4

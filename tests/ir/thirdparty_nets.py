@@ -1,0 +1,217 @@
+"""Re-implementations of patterns public architectures use that capture used to leave opaque (issue #15):
+torchvision's stochastic depth and relative-position-bias helpers (wrapped with torch.fx.wrap), a
+ViT-style encoder on nn.MultiheadAttention, hand-written attention scaled by 1/sqrt(q.size(-1)), and
+a timm-style norm block that asserts its input's rank. Small sizes: each compiles in a few seconds."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+# --- torchvision.ops.stochastic_depth, as torchvision writes it -------------------------------------------
+
+def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:  # noqa: A002
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"drop probability has to be between 0 and 1, but got {p}")
+    if mode not in ["batch", "row"]:
+        raise ValueError(f"mode has to be either 'batch' or 'row', but got {mode}")
+    if not training or p == 0.0:
+        return input
+    survival_rate = 1.0 - p
+    if mode == "row":
+        size = [input.shape[0]] + [1] * (input.ndim - 1)
+    else:
+        size = [1] * input.ndim
+    noise = torch.empty(size, dtype=input.dtype, device=input.device)
+    noise = noise.bernoulli_(survival_rate)
+    if survival_rate > 0.0:
+        noise.div_(survival_rate)
+    return input * noise
+
+
+torch.fx.wrap("stochastic_depth")
+
+
+class StochasticDepth(nn.Module):
+    def __init__(self, p: float, mode: str) -> None:
+        super().__init__()
+        self.p = p
+        self.mode = mode
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        return stochastic_depth(input, self.p, self.mode, self.training)
+
+
+class SDBlock(nn.Module):
+    """A residual block whose branch goes through stochastic depth (an EfficientNet/ConvNeXt habit)."""
+
+    def __init__(self, c: int, p: float):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.sd = StochasticDepth(p, "row")
+
+    def forward(self, x):
+        return x + self.sd(F.relu(self.bn(self.conv(x))))
+
+
+class StochasticDepthNet(nn.Module):
+    def __init__(self, c: int = 8, blocks: int = 3, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.Sequential(*[SDBlock(c, 0.1 * (i + 1)) for i in range(blocks)])
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+# --- torchvision.models.swin_transformer's relative position bias ----------------------------------------
+
+def _get_relative_position_bias(relative_position_bias_table: torch.Tensor, relative_position_index: torch.Tensor,
+                                window_size: list[int]) -> torch.Tensor:
+    N = window_size[0] * window_size[1]
+    relative_position_bias = relative_position_bias_table[relative_position_index]
+    relative_position_bias = relative_position_bias.view(N, N, -1)
+    relative_position_bias = relative_position_bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+    return relative_position_bias
+
+
+torch.fx.wrap("_get_relative_position_bias")
+
+
+class WindowAttention(nn.Module):
+    """Attention inside one window of tokens, with a learnt bias per relative position (Swin)."""
+
+    def __init__(self, dim: int = 16, window: int = 3, heads: int = 2):
+        super().__init__()
+        self.window, self.heads = [window, window], heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads) * 0.5)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+        rel[:, :, 0] += window - 1
+        rel[:, :, 1] += window - 1
+        rel[:, :, 0] *= 2 * window - 1
+        self.register_buffer("relative_position_index", rel.sum(-1).flatten())
+
+    def forward(self, x):  # x: [B, N, C] with N = window * window
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * (c // self.heads) ** -0.5
+        attn = q @ k.transpose(-2, -1)
+        attn = attn + _get_relative_position_bias(self.relative_position_bias_table, self.relative_position_index,
+                                                  self.window)
+        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        return self.proj(x)
+
+
+class WindowNet(nn.Module):
+    def __init__(self, dim: int = 16, window: int = 3, classes: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(3, dim)
+        self.attn = WindowAttention(dim, window)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):  # x: [B, N, 3]
+        h = self.embed(x)
+        return self.head((h + self.attn(h)).mean(1))
+
+
+# --- a ViT/DeiT-style encoder on nn.MultiheadAttention --------------------------------------------------
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.self_attention = nn.MultiheadAttention(dim, heads, dropout=0.0, batch_first=True)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        torch._assert(x.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {x.shape}")
+        y = self.ln_1(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyViT(nn.Module):
+    def __init__(self, image: int = 8, patch: int = 4, dim: int = 16, heads: int = 2, layers: int = 2,
+                 classes: int = 5):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos_embedding = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, dim) * 0.5)
+        self.layers = nn.Sequential(*[EncoderBlock(dim, heads) for _ in range(layers)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = self.patch(x).reshape(n, self.patch.out_channels, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1) + self.pos_embedding
+        return self.head(self.ln(self.layers(x))[:, 0])
+
+
+# --- hand-written attention: a scale from the head size ------------------------------------------------
+
+class HandAttention(nn.Module):
+    def __init__(self, dim: int = 16, heads: int = 2, classes: int = 3):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        b, n, d = x.size()
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        attn = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+        y = (attn.softmax(-1) @ v).transpose(1, 2).reshape(b * 1, n, d)
+        return self.head(self.out(y).mean(1))
+
+
+# --- a timm-style norm block asserting its input's rank ------------------------------------------------
+
+class AssertingNorm(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        torch._assert(x.dim() == 4 and x.shape[1] == self.bn.num_features, "channels")
+        return F.relu(self.bn(x))
+
+
+class AssertingCNN(nn.Module):
+    def __init__(self, widths: tuple[int, ...] = (8, 8, 16, 16, 16), classes: int = 4):
+        super().__init__()
+        layers, c = [], 3
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, padding=1), AssertingNorm(w)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def seeded(cls: type, *args, seed: int = 0, **kwargs) -> nn.Module:
+    """An eval-mode instance with seeded weights and non-trivial batch-norm statistics."""
+    torch.manual_seed(seed)
+    m = cls(*args, **kwargs)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
