@@ -31,23 +31,6 @@ from slimfx.ir.errors import DataError, SlimfxError
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]
 PARTS = ("train", "validation", "test", "calibration")
 GENERATED_SAMPLES = 256
-# Checking a model on generated inputs costs model runs, not insight: past this many multiply-accumulates (256
-# samples of a 0.25-GMAC model, a few seconds on two cores) larger models get fewer samples, never under a floor:
-# a gate that counts per-sample decisions (top-1 agreement) needs enough of them for one flip not to decide it;
-# SQNR and differences pool every output value, so a few batches measure them.
-GENERATED_MACS_BUDGET = 256 * 250_000_000
-MIN_GENERATED_SAMPLES = {"per_sample": 128, "pooled": 32}
-
-
-def generated_sample_count(macs_per_sample: float, *, per_sample_gate: bool = True) -> int:
-    """How many generated inputs the gate compares a model on: GENERATED_SAMPLES, fewer (in steps of 32, never
-    under MIN_GENERATED_SAMPLES) for a model whose samples cost more than GENERATED_MACS_BUDGET together.
-    Depends on the model and the gate only, so a model is checked on the same inputs on every machine."""
-    if macs_per_sample <= 0:
-        return GENERATED_SAMPLES
-    floor = MIN_GENERATED_SAMPLES["per_sample" if per_sample_gate else "pooled"]
-    fits = int(GENERATED_MACS_BUDGET // macs_per_sample) // 32 * 32
-    return max(floor, min(GENERATED_SAMPLES, fits))
 
 
 @dataclass
@@ -311,5 +294,5 @@ def load_data(spec: str) -> Data:
     return value
 
 
-__all__ = ["Data", "Split", "DataError", "Batches", "calibration_batches", "generated_batches", "generated_sample_count", "zoo_data",
+__all__ = ["Data", "Split", "DataError", "Batches", "calibration_batches", "generated_batches", "zoo_data",
            "load_data", "accuracy", "correct"]

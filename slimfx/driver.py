@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from slimfx import ir
-from slimfx.data import Data, accuracy, correct, generated_batches, generated_sample_count
+from slimfx.data import GENERATED_SAMPLES, Data, accuracy, correct, generated_batches
 from slimfx.exporters._common import as_tuple
 from slimfx.ir.errors import DataError, ExportError, GateError, RecipeError, SlimfxError
 from slimfx.ir.metrics import Comparison, sqnr_ceiling_db
@@ -145,7 +145,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             compressed = _side_numbers(graph, compressed_onnx)
         with timer("evaluate"):
             module = ir.lower(graph).eval()
-            evaluation = _evaluate(job, module, exports.get("onnx"), baseline["macs"])
+            evaluation = _evaluate(job, module, exports.get("onnx"))
             failures = _gate(job, evaluation)
         _describe_exports(graph, exports, export_details)
         with timer("latency"):
@@ -443,23 +443,20 @@ def _onnx_runner(path: Path) -> Callable[..., list[torch.Tensor]]:
     return run
 
 
-def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None, original_macs: int) -> dict[str, Any]:
+def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None) -> dict[str, Any]:
     """Agreement, SQNR and differences of the deployed model (the ONNX file when there is one) against the
     original on the gate split; accuracies of both on the gate split and on the accuracy split. Without data,
-    the gate split is generated: as many inputs as `generated_sample_count` gives for the original's MACs."""
+    the gate split is GENERATED_SAMPLES inputs generated like the example."""
     deployed = _onnx_runner(onnx_path) if onnx_path is not None else module
     deployed_name = "model.onnx (onnxruntime)" if onnx_path is not None else "the compiled module"
     job.model.eval()
     gate_split = job.gate_split
     if gate_split is None:
-        rows = _batch_rows(job.example)
-        per_sample = job.recipe.validate.min_top1_agreement is not None
-        samples = generated_sample_count(original_macs / max(rows, 1), per_sample_gate=per_sample)
-        gate_split = _chunked(generated_batches(job.example, samples=samples, seed=job.ctx.seed),
-                              None if job.dynamic_batch else rows)  # a fixed-batch model: chunks of its batch
-        job.headline.append(f"no validation data: agreement and SQNR come from {samples} generated inputs shaped "
-                            "like the example, not from real data; give data (--data / data=) for numbers that "
-                            "mean something")
+        gate_split = _chunked(generated_batches(job.example, samples=GENERATED_SAMPLES, seed=job.ctx.seed),
+                              None if job.dynamic_batch else _batch_rows(job.example))  # fixed batch: its chunks
+        job.headline.append(f"no validation data: agreement and SQNR come from {GENERATED_SAMPLES} generated inputs "
+                            "shaped like the example, not from real data; give data (--data / data=) for numbers "
+                            "that mean something")
     threads = torch.get_num_threads()
     torch.set_num_threads(EVAL_THREADS)
     try:
