@@ -36,7 +36,9 @@ from slimfx.passes.quantize.qdq import (
     WEIGHT_OPS,
     Plan,
     check_skip,
+    clipped,
     collapse_requantize,
+    expand_for_integer_kernels,
     fit_bias,
     fold_bias,
     fold_weight,
@@ -160,6 +162,8 @@ class Quantize(Pass):
             w = first.inputs[1] if first is not None else None
             if isinstance(w, Param) and graph.params[w.name][0].numel() < FLOAT_FIRST_MAX_FAN_IN:
                 skip.append(first.name)
+        if not dynamic:
+            expand_for_integer_kernels(graph)
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
         embeds = quantizable_embeddings(graph, skip=skip, only=only) \
             if self.embeddings and self.scheme in ("int8-static", "int8-dynamic") else []
@@ -253,16 +257,16 @@ class Quantize(Pass):
             bad = {name for name, src in plan.tensors.items() if not finite(src)}
             if not bad:
                 return plan
-            readers = [n for n in graph if (n.op in WEIGHT_OPS or n.op in ACT_OPS or n.op in OUTPUT_QUANT_OPS)
-                       and n.name not in extra and any(isinstance(a, Node) and through_noops(a).name in bad
-                                                       for a in n.inputs)]
-            if not readers:  # pragma: no cover - every planned tensor has a reader in the plan
+            # the quantized ops that read a bad tensor, or write it (a conv's output is quantized after it)
+            owners = {t: [n for n in graph if n.name not in extra and (
+                (n.op in WEIGHT_OPS or n.op in ACT_OPS or n.op in OUTPUT_QUANT_OPS)
+                and any(isinstance(a, Node) and through_noops(a).name == t for a in n.inputs)
+                or n in plan.weight_ops and clipped(n).name == t)] for t in bad}
+            if not any(owners.values()):  # pragma: no cover - every planned tensor has an owner in the plan
                 raise PassError(f"quantize: activation %{sorted(bad)[0]} holds NaN or Inf on the calibration data")
             for t in sorted(bad):
-                users = sorted(n.name for n in readers if any(isinstance(a, Node) and through_noops(a).name == t
-                                                              for a in n.inputs))
-                degenerate[t] = f"NaN or Inf on the calibration data: kept float {', '.join(users)}"
-            extra += [n.name for n in readers]
+                degenerate[t] = f"NaN or Inf on the calibration data: kept float {', '.join(n.name for n in owners[t])}"
+            extra += list(dict.fromkeys(n.name for ns in owners.values() for n in ns))
             plan = make_plan(graph, skip=skip + extra, only=only)
 
     # -- calibration -----------------------------------------------------------------------------------
