@@ -11,7 +11,7 @@ Schemes:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -105,9 +105,32 @@ class Quantize(Pass):
         "kept float until it holds; needs an eval function; unset: off"))
     embeddings: bool = option(True, help="int8 schemes: store embedding tables as int8 (one symmetric scale "
                                          "per table)")
+    prerequisites: bool = option(True, help=(
+        "run fold-batchnorm first when the graph still has batch norms it can fold (left unfolded they stay "
+        "float between integer kernels: about 2x slower than fp32); the report notes it; false: quantize as is"))
+    speed_guard: bool = option(True, help=(
+        "time every quantized conv/linear as onnxruntime's integer kernel and as the float one (1 thread, "
+        "`speed_guard_batches`), keep float those where int8 is more than 10% slower, and keep the whole model "
+        "float when int8 is still slower than fp32 (on the geometric mean over the batch sizes, or by more than "
+        "10% at one of them); the report lists what was kept float and why. Needs a runtime to time "
+        "on (slimfx.compile with latency measurement on; skipped, and said so, otherwise)"))
+    speed_guard_batches: list[int] = option([1, 32], help=(
+        "the batch sizes the speed guard times (int8 must win on the geometric mean of the time ratios); "
+        "your deployment batch sizes"))
+    speed_guard_seconds: float = option(2.0, gt=0, help=(
+        "time budget of the speed guard's per-layer measurements, in seconds (the whole-model check takes "
+        "about as long again)"))
     reduce_range: bool = option(True, help=(
         "conv/linear weights in [-64, 64] (7 bits): exact on every CPU, where x86 CPUs without VNNI (AVX2) "
         "saturate full-range int8 weights; false: 8 bits, only for VNNI or ARM deployment"))
+
+    #: passes whose work quantize needs; run first (with a note) when the graph shows they were not
+    PREREQUISITES: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
+
+    def validate(self) -> None:
+        if not self.speed_guard_batches or any(b < 1 for b in self.speed_guard_batches):
+            raise PassError(f"pass 'quantize': option 'speed_guard_batches' must list batch sizes >= 1, got "
+                            f"{self.speed_guard_batches}; e.g. [1, 32], or set speed_guard = false")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -142,18 +165,97 @@ class Quantize(Pass):
 
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        notes = self._run_prerequisites(graph, ctx) if self.prerequisites else []
+        guard = self.speed_guard and self.scheme != "int8-dynamic"
+        float_graph = graph.copy() if guard and ctx.measure_ms is not None else None
+        result = self._quantize(graph, ctx)
+        if guard:
+            result = self._speed_guard(graph, float_graph, result, ctx)
+        result.stats["notes"] = notes + result.stats.get("notes", [])
+        result.changed = result.changed or bool(notes)
+        return result
+
+    def _quantize(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.max_accuracy_drop is not None:
             from slimfx.passes.quantize.sensitivity import quantize_with_fallback
 
             return quantize_with_fallback(self, graph, ctx)
         return self.apply(graph, ctx)
 
+    def _run_prerequisites(self, graph: Graph, ctx: PassContext) -> list[str]:
+        """Run each of PREREQUISITES that still has work on the graph (the pipeline did not run it before
+        quantize); a note for each that changed something."""
+        from slimfx.passes.base import create_pass
+
+        notes = []
+        for name in self.PREREQUISITES:
+            res = create_pass(name).run(graph, ctx)
+            if res.graph is not None:  # pragma: no cover - the prerequisites edit in place
+                raise PassError(f"quantize: prerequisite {name} returned a new graph; run it before quantize")
+            if res.changed:
+                done = ", ".join(f"{k} {v}" for k, v in res.stats.items() if isinstance(v, int) and v)
+                notes.append(f"ran {name} first ({done}): the recipe quantizes without it, which leaves float ops "
+                             f"between integer kernels (about 2x slower than fp32); put {name} before quantize "
+                             "(or set prerequisites = false to quantize as is)")
+        return notes
+
+    def _speed_guard(self, graph: Graph, float_graph: Graph | None, result: PassResult,
+                     ctx: PassContext) -> PassResult:
+        """Keep float the layers whose integer kernel is slower, and the whole model when int8 still is
+        (passes/quantize/speed.py)."""
+        from slimfx.passes.quantize.speed import SLOWER, model_ratio, quantized_layers, slower_layers
+
+        if float_graph is None or not result.changed:
+            if float_graph is None:
+                result.stats["speed_guard"] = ("skipped: no runtime to time on (PassContext.measure_ms; "
+                                               "slimfx.compile sets it when latency is measured)")
+            return result
+        batches = list(dict.fromkeys(self.speed_guard_batches))
+        slower, ratios = slower_layers(ctx.measure_ms, float_graph, graph, batches, self.speed_guard_seconds)
+        out_graph = graph
+        if slower:
+            kept = [n for n in slower if n not in result.stats.get("fallback_layers", [])]
+            out_graph = float_graph.copy()
+            skip_more = kept + list(result.stats.get("fallback_layers", []))
+            result = self.apply(out_graph, ctx, extra_skip=skip_more) if self.max_accuracy_drop is None else \
+                self._requantize_with(out_graph, ctx, result, skip_more)
+        guard: dict = {"batches": batches, "layer_ratio": {k: round(v, 3) for k, v in ratios.items()},
+                       "kept_float": slower}
+        notes = []
+        if slower:
+            notes.append(f"speed guard kept {len(slower)} layer(s) float where onnxruntime's int8 kernel is slower "
+                         f"than float at batch {'/'.join(map(str, batches))}: "
+                         + "; ".join(f"{k}: {v}" for k, v in list(slower.items())[:4])
+                         + ("; ..." if len(slower) > 4 else ""))
+        if quantized_layers(out_graph):
+            ratio, per_batch = model_ratio(ctx.measure_ms, float_graph, out_graph, batches, self.speed_guard_seconds)
+            guard["model_ratio"] = {f"b{b}": round(v, 3) for b, v in per_batch.items()}
+            if ratio > 1.0 or max(per_batch.values()) > SLOWER:
+                guard["kept_model_float"] = True
+                notes.append("speed guard kept the whole model float: int8 still ran at "
+                             + ", ".join(f"{v:.2f}x" for v in per_batch.values())
+                             + f" of fp32 at batch {'/'.join(map(str, batches))} on onnxruntime (1 thread)")
+                stats = {"speed_guard": guard, "notes": notes, "quantized_ops": 0, "skipped": result.stats.get(
+                    "skipped", [])}
+                return PassResult(True, stats, graph=float_graph)
+        result.stats["speed_guard"] = guard
+        result.stats["notes"] = notes + result.stats.get("notes", [])
+        return result if out_graph is graph else PassResult(result.changed, result.stats, graph=out_graph)
+
+    def _requantize_with(self, graph: Graph, ctx: PassContext, before: PassResult, skip: list[str]) -> PassResult:
+        """Quantize again keeping `skip` float, the accuracy fallback's layers included."""
+        res = self.apply(graph, ctx, extra_skip=skip)
+        for k in ("fallback_layers", "accuracy_drop", "trials"):
+            if k in before.stats:
+                res.stats[k] = before.stats[k]
+        return res
+
     def apply(self, graph: Graph, ctx: PassContext, *, only: set[str] | None = None,
-              ranges: dict[str, Range] | None = None) -> PassResult:
-        """Quantize `graph` in place (only the ops named in `only`, when given)."""
+              ranges: dict[str, Range] | None = None, extra_skip: list[str] | None = None) -> PassResult:
+        """Quantize `graph` in place (only the ops named in `only`, when given; not those in `extra_skip`)."""
         ctx.extras.setdefault("quantize.float_graph", graph.copy())
         dynamic = self.scheme == "int8-dynamic"
-        skip = list(self.skip)
+        skip = list(self.skip) + list(extra_skip or [])
         if self.float_first:
             # The first conv/linear reads the raw input. When its reduction (input channels/groups x kernel)
             # is short, an integer kernel does not pay for the quantize around it; it is also the most
