@@ -2,7 +2,8 @@
 
 Each linear's weight W [N, K] is cut along K into blocks of `block_size`; each block of each output row
 gets a float scale (and, asymmetric, a 4-bit zero point), and its values become `bits`-bit codes packed two
-to a byte: the file holds about bits/32 of the float weight plus 4 (or 4.5) bytes per block. Activations
+to a byte: the file holds about bits/32 of the float weight plus 4 (or 4.5) bytes per block. Embedding
+tables become int8 (`embeddings`). Activations
 stay float; onnxruntime dequantizes inside the kernel (accuracy_level 4: it also quantizes the activation
 to int8 per block and multiplies in integers).
 
@@ -23,8 +24,15 @@ from slimfx.ir import Graph, Node, Param, TensorMeta
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, collect
+from slimfx.passes.quantize.observers import qparams_from_range
 from slimfx.passes.quantize.ops import pack_codes
-from slimfx.passes.quantize.qdq import check_skip, matches, through_noops
+from slimfx.passes.quantize.qdq import (
+    check_skip,
+    matches,
+    quantizable_embeddings,
+    quantize_embedding,
+    through_noops,
+)
 
 Method = Literal["rtn", "gptq"]
 
@@ -115,6 +123,9 @@ class QuantizeWeights(Pass):
     accuracy_level: int = option(0, ge=0, le=4, help=(
         "onnxruntime's MatMulNBits compute type: 0 unset (float32), 1 fp32, 2 fp16, 3 bf16, 4 int8 (the "
         "activation is quantized per block too: fastest on CPU, a little less exact)"))
+    embeddings: bool = option(True, help=(
+        "also store embedding tables as int8 (one symmetric scale per table; Gather + DequantizeLinear), as "
+        "quantize does; a table another op reads too (tied weights) stays float"))
     min_features: int = option(16, ge=1, help="linears with fewer input features than this stay float")
     skip: list[str] = option([], help="layers kept float: node names, module paths (fnmatch globs) or op names")
 
@@ -154,8 +165,9 @@ class QuantizeWeights(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         layers = self.targets(graph)
-        if not layers:
-            return PassResult(False, {"quantized_layers": 0})
+        embeds = quantizable_embeddings(graph, skip=self.skip) if self.embeddings else []
+        if not layers and not embeds:
+            return PassResult(False, {"quantized_layers": 0, "embeddings": 0})
         hessians = self._hessians(graph, layers, ctx) if self.method == "gptq" else {}
         before = after = 0
         for n in layers:
@@ -167,8 +179,15 @@ class QuantizeWeights(Pass):
             else:
                 codes, scales, zps = rtn(w, self.bits, self.block_size, self.symmetric)
             after += self._replace(graph, n, codes, scales, zps)
+        for n in embeds:
+            w = graph.params[n.inputs[1].name]
+            before += w.numel() * w.element_size()
+            after += w.numel()
+            quantize_embedding(graph, n, qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True,
+                                                            qmin=-127, qmax=127))
         graph.remove_unused_params()
-        return PassResult(True, {"quantized_layers": len(layers), "method": self.method, "bits": self.bits,
+        return PassResult(True, {"quantized_layers": len(layers), "embeddings": len(embeds), "method": self.method,
+                                 "bits": self.bits,
                                  "block_size": self.block_size, "symmetric": self.symmetric,
                                  "weight_bytes": {"before": before, "after": after}})
 
