@@ -135,3 +135,26 @@ def test_int4_weights_recipe_compiles_a_trained_model_and_passes_its_gate(tmp_pa
     assert result.report["gate"]["passed"] and (tmp_path / "o" / "model.onnx").exists()
     assert result.report["passes"][0]["stats"]["quantized_layers"] >= 2
     assert result.report["compressed"]["size_bytes"] < 0.25 * result.report["baseline"]["size_bytes"]
+
+
+def test_embedding_tables_become_int8_unless_turned_off(tmp_path):
+    from slimfx.exporters import export_onnx
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 32)
+            self.fc = nn.Linear(32, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids)).mean(dim=1)
+
+    torch.manual_seed(0)
+    m = Tok().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    for embeddings, n in ((True, 1), (False, 0)):
+        g = ir.capture(m, (ids,))
+        res = create_pass("quantize-weights", {"embeddings": embeddings}).run(g, PassContext((ids,), quiet=True))
+        assert res.stats["embeddings"] == n and res.stats["quantized_layers"] == 1
+        assert (g.params["emb.weight_q"].dtype == torch.int8) if embeddings else "emb.weight" in g.params
+        export_onnx(g, tmp_path / f"{n}.onnx", inputs=(ids,), atol=1e-4, rtol=1e-4)
