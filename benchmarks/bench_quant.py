@@ -73,7 +73,8 @@ def fused_ops(model_bytes: bytes) -> Counter:
         return Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
-def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor], fmt: str = "QOperator") -> bytes:
+def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor], fmt: str = "QOperator",
+                    reduce_range: bool = False) -> bytes:
     """onnxruntime's static quantization: pre-processed, QOperator (or QDQ), U8 activations, S8 per-channel."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -92,7 +93,8 @@ def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor], fmt: str = "QOpe
         quant_pre_process(src, pre, skip_symbolic_shape=True)
         name = onnx.load(pre).graph.input[0].name
         quantize_static(pre, out, Reader(name), quant_format=getattr(QuantFormat, fmt),
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=reduce_range)
         return Path(out).read_bytes()
 
 
@@ -133,7 +135,7 @@ def bench_model(name: str, args) -> dict:
     res = create_pass("quantize", {"scheme": scheme, **opts}).run(q, ctx)
     q = res.graph_after(q)
     ours = to_onnx_model(q, inputs=ex1).SerializeToString()
-    theirs = theirs_quantize(fp32, cal, fmt)
+    theirs = theirs_quantize(fp32, cal, fmt, reduce_range=args.their_reduce_range)
 
     test_x, test_y = ds.test_x[:args.eval_n], ds.test_y[:args.eval_n]
     ref = ort_run(fp32, test_x)
@@ -238,6 +240,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=9, help="interleaved measurement rounds")
     p.add_argument("--bert-static", action="store_true", help="int8-static for tiny_bert (default: int8-dynamic)")
     p.add_argument("--no-guard", action="store_true", help="quantize without the speed guard")
+    p.add_argument("--their-reduce-range", action="store_true", help=(
+        "7-bit weights for onnxruntime's quantizer too (its advice for x86 CPUs without VNNI, where full-range "
+        "int8 weights saturate; slimfx's reduce_range default)"))
     p.add_argument("--ops", action="store_true", help="list the op types onnxruntime runs after fusion")
     p.add_argument("--no-accuracy", action="store_true", help="skip the digits/mobilenetv2 accuracy checks")
     p.add_argument("--json", help="write results here")

@@ -10,6 +10,7 @@ Schemes:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -201,9 +202,9 @@ class Quantize(Pass):
 
     def _speed_guard(self, graph: Graph, float_graph: Graph | None, result: PassResult,
                      ctx: PassContext) -> PassResult:
-        """Keep float the layers whose integer kernel is slower, and the whole model when int8 still is
-        (passes/quantize/speed.py)."""
-        from slimfx.passes.quantize.speed import SLOWER, model_ratio, quantized_layers, slower_layers
+        """Keep float the layers whose integer kernel is slower; then time the whole models (int8, int8 with
+        those layers float, float) side by side and keep the fastest (passes/quantize/speed.py)."""
+        from slimfx.passes.quantize.speed import SLOWER, model_times, quantized_layers, slower_layers
 
         if float_graph is None or not result.changed:
             if float_graph is None:
@@ -211,33 +212,45 @@ class Quantize(Pass):
                                                "slimfx.compile sets it when latency is measured)")
             return result
         batches = list(dict.fromkeys(self.speed_guard_batches))
-        slower, ratios = slower_layers(ctx.measure_ms, float_graph, graph, batches, self.speed_guard_seconds)
-        out_graph = graph
+        slower, ratios = slower_layers(ctx.measure_ms, graph, float_graph, batches, self.speed_guard_seconds)
+        candidates: dict[str, tuple[Graph, PassResult]] = {"int8": (graph, result)}
         if slower:
-            kept = [n for n in slower if n not in result.stats.get("fallback_layers", [])]
-            out_graph = float_graph.copy()
-            skip_more = kept + list(result.stats.get("fallback_layers", []))
-            result = self.apply(out_graph, ctx, extra_skip=skip_more) if self.max_accuracy_drop is None else \
-                self._requantize_with(out_graph, ctx, result, skip_more)
+            fewer = float_graph.copy()
+            skip_more = list(slower) + [n for n in result.stats.get("fallback_layers", []) if n not in slower]
+            res = self.apply(fewer, ctx, extra_skip=skip_more) if self.max_accuracy_drop is None else \
+                self._requantize_with(fewer, ctx, result, skip_more)
+            if quantized_layers(fewer):
+                candidates["int8, slower layers float"] = (fewer, res)
+        times = model_times(ctx.measure_ms, {**{k: g for k, (g, _) in candidates.items()}, "float": float_graph},
+                            batches, self.speed_guard_seconds)
+        rel = {k: [t / f for t, f in zip(v, times["float"])] for k, v in times.items()}
+        geo = {k: math.exp(sum(math.log(r) for r in v) / len(v)) for k, v in rel.items()}
+        # an int8 model must beat float on the geometric mean and lose by at most 10% at any batch size
+        fit = [k for k in candidates if geo[k] <= 1.0 and max(rel[k]) <= SLOWER]
+        chosen = min(fit, key=geo.__getitem__) if fit else "float"
         guard: dict = {"batches": batches, "layer_ratio": {k: round(v, 3) for k, v in ratios.items()},
-                       "kept_float": slower}
+                       "slower_layers": slower, "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v)}
+                                                                for k, v in rel.items()},
+                       "chosen": chosen, "kept_float": slower if chosen == "int8, slower layers float" else {}}
+        at = f"at batch {'/'.join(map(str, batches))} on onnxruntime (1 thread)"
+        ratio = ", ".join(f"{r:.2f}x" for r in rel["int8"])
+        if chosen == "float":
+            guard["kept_model_float"] = True
+            notes = [f"speed guard kept the whole model float: int8 ran at {ratio} of fp32 {at}"
+                     + (f" ({', '.join(f'{r:.2f}x' for r in rel['int8, slower layers float'])} with the "
+                        f"{len(slower)} slower layer(s) float)" if "int8, slower layers float" in rel else "")]
+            return PassResult(True, {"speed_guard": guard, "notes": notes, "quantized_ops": 0,
+                                     "skipped": result.stats.get("skipped", [])}, graph=float_graph)
+        out_graph, result = candidates[chosen]
         notes = []
-        if slower:
+        if chosen != "int8":
             notes.append(f"speed guard kept {len(slower)} layer(s) float where onnxruntime's int8 kernel is slower "
-                         f"than float at batch {'/'.join(map(str, batches))}: "
-                         + "; ".join(f"{k}: {v}" for k, v in list(slower.items())[:4])
+                         f"than float {at}: " + "; ".join(f"{k}: {v}" for k, v in list(slower.items())[:4])
                          + ("; ..." if len(slower) > 4 else ""))
-        if quantized_layers(out_graph):
-            ratio, per_batch = model_ratio(ctx.measure_ms, float_graph, out_graph, batches, self.speed_guard_seconds)
-            guard["model_ratio"] = {f"b{b}": round(v, 3) for b, v in per_batch.items()}
-            if ratio > 1.0 or max(per_batch.values()) > SLOWER:
-                guard["kept_model_float"] = True
-                notes.append("speed guard kept the whole model float: int8 still ran at "
-                             + ", ".join(f"{v:.2f}x" for v in per_batch.values())
-                             + f" of fp32 at batch {'/'.join(map(str, batches))} on onnxruntime (1 thread)")
-                stats = {"speed_guard": guard, "notes": notes, "quantized_ops": 0, "skipped": result.stats.get(
-                    "skipped", [])}
-                return PassResult(True, stats, graph=float_graph)
+        elif slower:
+            guard["note"] = (f"{len(slower)} layer(s) timed slower in int8 alone, but the model with them float was "
+                             f"not faster ({', '.join(f'{r:.2f}x' for r in rel['int8, slower layers float'])} vs "
+                             f"{ratio} of fp32): all kept int8") if "int8, slower layers float" in rel else None
         result.stats["speed_guard"] = guard
         result.stats["notes"] = notes + result.stats.get("notes", [])
         return result if out_graph is graph else PassResult(result.changed, result.stats, graph=out_graph)
