@@ -125,6 +125,8 @@ def batch_inputs(graph: Graph, batches: list[int]) -> list[tuple]:
 #: int8 must be this much slower than float before a layer is kept float: the dequantize/quantize a float
 #: layer between integer ones needs are not in the layer's own time, and sub-0.05 ms kernels time noisily
 SLOWER = 1.1
+#: the model with slower layers kept float must be this much faster than the all-int8 one to be chosen
+CLEARLY_FASTER = 0.95
 
 
 def slower_layers(measure: Measure, quant_graph: Graph, float_graph: Graph, batches: list[int],
