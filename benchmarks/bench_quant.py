@@ -1,12 +1,14 @@
 """INT8 quantization: slimfx's `quantize` pass vs onnxruntime.quantization.quantize_static.
 
-Same fp32 model (batch norms folded), same calibration samples. Peer: quant_pre_process, QOperator,
-uint8 activations, int8 per-channel weights (its fastest setting on this machine). Reported per model:
+Same fp32 model (batch norms folded), same calibration samples. Peer: quant_pre_process, QOperator (QDQ for
+the EfficientNet- and ConvNeXt-style nets of _convnets.py, random init, 96x96 inputs, random calibration),
+uint8 activations, int8 per-channel weights. slimfx's speed guard times on onnxruntime (1 thread) as in
+slimfx.compile; --no-guard turns it off. Reported per model:
 onnxruntime latency (1 thread, batch 1 and 32, thread CPU clock, best of interleaved rounds with fresh
 sessions, and an A/A control for the noise: see _latency.py) of fp32 / ours / theirs, output SQNR vs fp32,
 top-1 agreement, accuracy, and file sizes; plus the accuracy checks of issue #5. Ends with a markdown table.
 
-    PYTHONPATH=. python benchmarks/bench_quant.py [--models resnet20,mobilenetv2,digits_cnn,tiny_bert]
+    PYTHONPATH=. python benchmarks/bench_quant.py [--models resnet20,mobilenetv2,digits_cnn,tiny_bert,efficientnet_style]
 """
 
 from __future__ import annotations
@@ -21,14 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _convnets import NETS
 from _latency import compare
 
 from slimfx import ir, models
-from slimfx.exporters import best_median_ms, interleaved_latency
+from slimfx.exporters import best_median_ms, graph_latency_ms, interleaved_latency
 from slimfx.exporters.onnx import to_onnx_model
 from slimfx.passes import PassContext, create_pass
 
-DEFAULT_MODELS = ("digits_cnn", "resnet20", "mobilenetv2", "tiny_bert")
+DEFAULT_MODELS = ("digits_cnn", "resnet20", "mobilenetv2", "tiny_bert", "efficientnet_style", "convnext_style")
+CONVNET_SIZE = 96
 
 
 def float_graph(spec, ex1: tuple, quiet: bool = True) -> ir.Graph:
@@ -69,8 +73,9 @@ def fused_ops(model_bytes: bytes) -> Counter:
         return Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
-def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor]) -> bytes:
-    """onnxruntime's static quantization, best setting: pre-processed, QOperator, U8 activations, S8 per-channel."""
+def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor], fmt: str = "QOperator",
+                    reduce_range: bool = False) -> bytes:
+    """onnxruntime's static quantization: pre-processed, QOperator (or QDQ), U8 activations, S8 per-channel."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -87,33 +92,57 @@ def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor]) -> bytes:
         Path(src).write_bytes(fp32_bytes)
         quant_pre_process(src, pre, skip_symbolic_shape=True)
         name = onnx.load(pre).graph.input[0].name
-        quantize_static(pre, out, Reader(name), quant_format=QuantFormat.QOperator,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+        quantize_static(pre, out, Reader(name), quant_format=getattr(QuantFormat, fmt),
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=reduce_range)
         return Path(out).read_bytes()
 
 
+class _RandomData:
+    """A stand-in dataset for the random-init conv nets: random inputs, labels from nothing (accuracy n/a)."""
+
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(0)
+        self.train_x = torch.randn(n, 3, CONVNET_SIZE, CONVNET_SIZE, generator=g)
+        self.test_x = torch.randn(n, 3, CONVNET_SIZE, CONVNET_SIZE, generator=g)
+        self.test_y = torch.zeros(n, dtype=torch.long)
+
+
 def bench_model(name: str, args) -> dict:
-    spec = models.get(name)
     torch.manual_seed(0)
-    ds = models.load_dataset(spec.dataset)
-    ex1 = spec.example_inputs(batch=1)
-    ex32 = spec.example_inputs(batch=32)
-    graph = float_graph(spec, ex1, args.quiet)
+    if name in NETS:
+        module = NETS[name]()
+        ex1 = (torch.randn(1, 3, CONVNET_SIZE, CONVNET_SIZE),)
+        ex32 = (torch.randn(32, 3, CONVNET_SIZE, CONVNET_SIZE),)
+        graph = ir.capture(module, ex1)
+        create_pass("fold-batchnorm").run(graph, PassContext(ex1, quiet=True))
+        ds = _RandomData(max(args.cal_batch * args.cal_batches, 256))
+        fmt = "QDQ"
+    else:
+        spec = models.get(name)
+        ds = models.load_dataset(spec.dataset)
+        ex1 = spec.example_inputs(batch=1)
+        ex32 = spec.example_inputs(batch=32)
+        graph = float_graph(spec, ex1, args.quiet)
+        fmt = "QOperator"
     cal = [ds.train_x[i:i + args.cal_batch] for i in range(0, args.cal_batch * args.cal_batches, args.cal_batch)]
-    ctx = PassContext(ex1, calibration_data=[(c,) for c in cal], quiet=args.quiet)
+    ctx = PassContext(ex1, calibration_data=[(c,) for c in cal], quiet=args.quiet,
+                      measure_ms=None if args.no_guard else graph_latency_ms)
     fp32 = to_onnx_model(graph, inputs=ex1).SerializeToString()
     opts = dict(json.loads(args.options)) if args.options else {}
     scheme = "int8-dynamic" if name == "tiny_bert" and not args.bert_static else "int8-static"
     q = graph.copy()
     res = create_pass("quantize", {"scheme": scheme, **opts}).run(q, ctx)
+    q = res.graph_after(q)
     ours = to_onnx_model(q, inputs=ex1).SerializeToString()
-    theirs = theirs_quantize(fp32, cal)
+    theirs = theirs_quantize(fp32, cal, fmt, reduce_range=args.their_reduce_range)
 
     test_x, test_y = ds.test_x[:args.eval_n], ds.test_y[:args.eval_n]
     ref = ort_run(fp32, test_x)
     y_ours, y_theirs = ort_run(ours, test_x), ort_run(theirs, test_x)
     y_ir = ir.lower(q)(test_x).detach().numpy()
-    row: dict = {"model": name, "scheme": scheme, "stats": {k: v for k, v in res.stats.items() if k != "skipped"}}
+    row: dict = {"model": name, "scheme": scheme, "theirs_format": fmt,
+                 "stats": {k: v for k, v in res.stats.items() if k != "skipped"}}
     row["sqnr_db"] = {"ours": sqnr_db(ref, y_ours), "theirs": sqnr_db(ref, y_theirs)}
     row["accuracy"] = {k: float((v.argmax(1) == test_y.numpy()).mean())
                        for k, v in (("fp32", ref), ("ours", y_ours), ("theirs", y_theirs))}
@@ -180,16 +209,24 @@ def accuracy_checks(args) -> dict:
 
 
 def print_summary(rows: list[dict]) -> None:
-    print("\n| model | scheme | latency ours/theirs b1, b32 (A/A noise) | INT8/fp32 b1, b32 | SQNR ours / theirs "
-          "| accuracy fp32 → ours | ORT vs IR: top-1, max diff in output steps | size ours / fp32 (theirs) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | scheme (theirs) | latency ours/theirs b1, b32 (A/A noise) | ours/fp32 b1, b32 | theirs/fp32 b1, b32 "
+          "| SQNR ours / theirs | accuracy fp32 → ours | ORT vs IR: top-1, max diff in output steps "
+          "| size ours / fp32 (theirs) | kept float by the speed guard |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lat = ", ".join(f"{v['ours/theirs']:.3f} (±{v['a/a_noise']:.3f}, {v['verdict']})" for v in r["ratio"].values())
         own = ", ".join(f"{v['ours/fp32']:.2f}" for v in r["ratio"].values())
+        peer = ", ".join(f"{v['theirs/fp32']:.2f}" for v in r["ratio"].values())
         sz = r["size_bytes"]
-        print(f"| {r['model']} | {r['scheme']} | {lat} | {own} | {r['sqnr_db']['ours']:.1f} / {r['sqnr_db']['theirs']:.1f} dB "
-              f"| {r['accuracy']['fp32']:.2%} → {r['accuracy']['ours']:.2%} | {r['ort_vs_ir']['top1_agreement']:.1%}, "
-              f"{r['ort_vs_ir']['max_diff_in_steps']:.2f} | {sz['ours'] / sz['fp32']:.3f} ({sz['theirs'] / sz['fp32']:.3f}) |")
+        guard = r["stats"].get("speed_guard")
+        kept = ("whole model" if guard.get("kept_model_float") else ", ".join(guard.get("kept_float", {})) or "none") \
+            if isinstance(guard, dict) else (guard or "off")
+        acc = "n/a (random init)" if r["model"] in NETS else f"{r['accuracy']['fp32']:.2%} → {r['accuracy']['ours']:.2%}"
+        print(f"| {r['model']} | {r['scheme']} ({r['theirs_format']}) | {lat} | {own} | {peer} "
+              f"| {r['sqnr_db']['ours']:.1f} / {r['sqnr_db']['theirs']:.1f} dB "
+              f"| {acc} | {r['ort_vs_ir']['top1_agreement']:.1%}, "
+              f"{r['ort_vs_ir']['max_diff_in_steps']:.2f} | {sz['ours'] / sz['fp32']:.3f} ({sz['theirs'] / sz['fp32']:.3f}) "
+              f"| {kept} |")
 
 
 def main(argv=None) -> int:
@@ -202,6 +239,10 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=3.0, help="seconds of timed runs per latency")
     p.add_argument("--rounds", type=int, default=9, help="interleaved measurement rounds")
     p.add_argument("--bert-static", action="store_true", help="int8-static for tiny_bert (default: int8-dynamic)")
+    p.add_argument("--no-guard", action="store_true", help="quantize without the speed guard")
+    p.add_argument("--their-reduce-range", action="store_true", help=(
+        "7-bit weights for onnxruntime's quantizer too (its advice for x86 CPUs without VNNI, where full-range "
+        "int8 weights saturate; slimfx's reduce_range default)"))
     p.add_argument("--ops", action="store_true", help="list the op types onnxruntime runs after fusion")
     p.add_argument("--no-accuracy", action="store_true", help="skip the digits/mobilenetv2 accuracy checks")
     p.add_argument("--json", help="write results here")

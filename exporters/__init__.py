@@ -6,6 +6,7 @@ from slimfx.exporters.bench import (
     LatencyStats,
     LatencySummary,
     best_median_ms,
+    graph_latency_ms,
     interleaved_latency,
     latency_side_by_side,
     measure_latency,
@@ -20,6 +21,7 @@ from slimfx.exporters.validate import ValidationReport, validate_onnx, validate_
 
 __all__ = ["ExportResult", "export_onnx", "to_onnx_model", "register_emitter", "validate_onnx",
            "ValidationReport", "validate_torchscript", "measure_latency", "interleaved_latency",
-           "latency_side_by_side", "unmeasured_inputs", "LatencySummary", "best_median_ms", "LatencyStats", "ort_session",
+           "latency_side_by_side", "unmeasured_inputs", "graph_latency_ms", "LatencySummary", "best_median_ms",
+           "LatencyStats", "ort_session",
            "export_torchscript", "example_inputs", "with_batch", "export_pt2", "load_pt2", "validate_pt2",
            "export_slimfx"]

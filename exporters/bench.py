@@ -121,6 +121,27 @@ def measure_latency(model: str | os.PathLike | bytes | torch.nn.Module | Any, in
     return _stats(times, threads)
 
 
+def graph_latency_ms(graph: Any, inputs: list[tuple], budget_s: float = 0.05) -> list[float]:
+    """Median milliseconds of one onnxruntime call (1 thread, thread CPU clock) of an IR graph exported to
+    ONNX (once, dynamic batch), for each of `inputs` (e.g. batch 1 and 32), timed for about `budget_s` in all.
+    What `PassContext.measure_ms` is when slimfx.compile runs passes (quantize's speed guard times with it)."""
+    from slimfx.exporters.onnx import to_onnx_model
+
+    sess = ort_session(to_onnx_model(graph, inputs=inputs[0]).SerializeToString())
+    out = []
+    for xs in inputs:
+        feed = ort_feed(sess, xs)
+        sess.run(None, feed)  # warm-up
+        times: list[float] = []
+        end = time.perf_counter() + budget_s / len(inputs)
+        while len(times) < 3 or (time.perf_counter() < end and len(times) < 1000):
+            t0 = time.thread_time()
+            sess.run(None, feed)
+            times.append((time.thread_time() - t0) * 1e3)
+        out.append(float(np.median(times)))
+    return out
+
+
 def interleaved_latency(models: dict[str, Any], inputs: Any, *, rounds: int = 3, budget_s: float = 0.8,
                         threads: int = 1, clock: str = "wall", runs: int | None = None) -> dict[str, list[LatencyStats]]:
     """Latency of several models measured in turns: each round opens a fresh session per model, in an order

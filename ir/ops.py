@@ -100,10 +100,16 @@ class OpDef:
       registered for the op).
     - `quant`: what the quantize pass does with it: weight (integer weight per output channel, its
       input quantized, int32 bias: conv, linear) | operands (its activation operands are quantized:
-      matmul) | output (an integer kernel only when its output is quantized too: add, average pools) |
+      matmul) | output (an integer kernel only when its output is quantized too: add, mul (of two
+      activations), sigmoid, average pools) |
       transparent (a quantized value passes through unchanged: reshape, max pool) | clipping (absorbed
       by the quantize that follows: relu, relu6) | table (an integer lookup table: embedding) | None
       (stays float).
+    - `quant_output`: the integer kernel writes integers, so the quantize pass quantizes the op's output
+      whenever it quantizes the op, also when the next op stays float (onnxruntime fuses a conv into
+      QLinearConv only with a QuantizeLinear right after it, or after a ReLU; without one the conv runs
+      in float on dequantized weights). Linear and matmul have integer kernels with float output
+      (QGemm, MatMulIntegerToFloat) and leave it off.
     - `state_inputs`: operands that carry only run-time state the op updates in place
       (batch_norm's num_batches_tracked); they do not shape the output.
     - `macs`: `fn(node) -> int`, multiply-accumulates of a node (weighted ops have a generic formula).
@@ -120,6 +126,7 @@ class OpDef:
     commutative: bool = False
     channels: str | None = None
     quant: str | None = None
+    quant_output: bool = False
     state_inputs: tuple[int, ...] = ()
     macs: Callable[[Any], int] | None = None
 
@@ -585,7 +592,7 @@ def _rnn_macs(gates: int) -> Callable[[Any], int]:
 
 # --- the table --------------------------------------------------------------------------------------
 
-_CONV = dict(weighted=Weighted(channel_dim=1, grouped=True), quant="weight")
+_CONV = dict(weighted=Weighted(channel_dim=1, grouped=True), quant="weight", quant_output=True)
 register_op("conv1d", _conv1d, **_CONV)
 register_op("conv2d", _conv2d, **_CONV)
 register_op("linear", _linear, weighted=Weighted(channel_dim=-1), quant="weight")
@@ -599,7 +606,7 @@ register_op("group_norm", _group_norm)
 
 for _name, _impl, _quant in [
     ("relu", F.relu, "clipping"), ("relu6", _relu6, "clipping"), ("gelu", _gelu, None), ("silu", F.silu, None),
-    ("sigmoid", torch.sigmoid, None), ("tanh", torch.tanh, None), ("hardswish", F.hardswish, None),
+    ("sigmoid", torch.sigmoid, "output"), ("tanh", torch.tanh, None), ("hardswish", F.hardswish, None),
     ("hardsigmoid", F.hardsigmoid, None), ("leaky_relu", _leaky_relu, None), ("clamp", _clamp, None),
     ("neg", operator.neg, None), ("sqrt", torch.sqrt, None), ("rsqrt", torch.rsqrt, None), ("exp", torch.exp, None),
     ("log", torch.log, None), ("abs", torch.abs, None), ("erf", torch.erf, None),
@@ -612,7 +619,7 @@ for _name, _impl in [("softmax", _softmax), ("log_softmax", _log_softmax)]:
     register_op(_name, _impl, channels="reduce")
 
 register_op("add", operator.add, elementwise=2, commutative=True, quant="output")
-register_op("mul", operator.mul, elementwise=2, commutative=True)
+register_op("mul", operator.mul, elementwise=2, commutative=True, quant="output")
 for _name, _impl in [("sub", operator.sub), ("div", operator.truediv), ("pow", operator.pow)]:
     register_op(_name, _impl, elementwise=2)
 

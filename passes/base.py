@@ -187,6 +187,9 @@ class PassContext:
     train_data: iterable of (inputs_tuple, target) batches for fine-tuning and distillation.
     eval_fn: callable(module) -> float accuracy in [0, 1], when the user gave one.
     teacher: the original model (or graph), for distillation-based recovery.
+    measure_ms: callable(graph, [inputs, ...], budget_s) -> median milliseconds of one call of `graph` on the
+        deployment runtime for each inputs tuple (slimfx.compile: onnxruntime, 1 thread,
+        `exporters.graph_latency_ms`); None: no runtime to time on (quantize's speed guard is then skipped).
     """
 
     example_inputs: tuple = ()
@@ -194,6 +197,7 @@ class PassContext:
     train_data: Iterable | None = None
     eval_fn: Callable[[torch.nn.Module], float] | None = None
     teacher: Any = None
+    measure_ms: Callable[[Any, list[tuple], float], list[float]] | None = None
     seed: int = 0
     quiet: bool = False
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("slimfx"))

@@ -207,8 +207,12 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     train, validation, test = (_chunked(data.split(k), rows) for k in ("train", "validation", "test"))
     val_eval = _checked_eval_fn(eval_fn) if eval_fn is not None else (
         (lambda module: accuracy(module, validation)) if validation is not None else None)
+    from slimfx.exporters import graph_latency_ms
+
+    # passes that tune for speed (quantize's speed guard) time on onnxruntime, unless latency is off
     ctx = PassContext(example_inputs=example, calibration_data=calibration, train_data=train, eval_fn=val_eval,
-                      teacher=model, seed=seed, quiet=quiet)
+                      teacher=model, seed=seed, quiet=quiet,
+                      measure_ms=graph_latency_ms if bench_seconds > 0 else None)
     rec.check_context(pipeline, ctx)  # a step that needs data that was not given: RecipeError
     gate_split, gate_name = (validation, "validation") if validation is not None else \
         (test, "test") if test is not None else (None, "generated")

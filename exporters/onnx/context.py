@@ -204,6 +204,7 @@ class EmitContext:
         self.opset = opset
         self.probes = probes
         self.nodes: list[onnx.NodeProto] = []
+        self.domains: set[str] = set()  # operator domains besides the default one (com.microsoft)
         self.initializers: dict[str, onnx.TensorProto] = {}
         self._names: set[str] = set()
         self._env: dict[Node, Any] = {}
@@ -232,8 +233,9 @@ class EmitContext:
 
     # -- building --------------------------------------------------------------------------------
     def emit(self, op_type: str, inputs: Sequence[str | None], *, outputs: int | Sequence[str] = 1,
-             name: str | None = None, **attrs: Any) -> Any:
-        """Add one ONNX node; returns its output name (or list of names when several)."""
+             name: str | None = None, domain: str | None = None, **attrs: Any) -> Any:
+        """Add one ONNX node (of `domain`, e.g. onnxruntime's com.microsoft; default: ONNX's own); returns its
+        output name (or list of names when several)."""
         # Values are named after the IR node that makes them (a suffix only when one node emits several
         # ONNX ops); ONNX node names are optional and left out: at int8, names are a large part of a file.
         base = name or (self.current.name if self.current is not None else op_type.lower())
@@ -242,7 +244,10 @@ class EmitContext:
         else:
             outs = list(outputs)
         attrs = {k: v for k, v in attrs.items() if v is not None}
-        self.nodes.append(helper.make_node(op_type, ["" if i is None else i for i in inputs], outs, **attrs))
+        if domain:
+            self.domains.add(domain)
+        self.nodes.append(helper.make_node(op_type, ["" if i is None else i for i in inputs], outs, domain=domain,
+                                           **attrs))
         return outs[0] if len(outs) == 1 and isinstance(outputs, int) else outs
 
     def const(self, value: Any, dtype: torch.dtype | np.dtype | type, *, name: str = "const") -> str:

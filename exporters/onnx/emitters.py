@@ -1071,3 +1071,17 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
 def _dynamic_quantize(ctx: EmitContext, node: Node) -> list[str]:
     """DynamicQuantizeLinear: (uint8 values, scale, zero point), read with getitem."""
     return ctx.emit("DynamicQuantizeLinear", [ctx.value(node.inputs[0])], outputs=3)
+
+
+@register_emitter("matmul_nbits")
+def _matmul_nbits(ctx: EmitContext, node: Node) -> str:
+    """onnxruntime's MatMulNBits (com.microsoft): x @ dequantize(B)^T (+ bias), B's 4/8-bit codes packed
+    low bits first into uint8 [N, K blocks, block bytes], one scale (and zero point) per block."""
+    x, qweight, scales, zero_points, bias = node.inputs
+    a = node.attrs
+    ins = [ctx.value(x), ctx.value(qweight), ctx.value(scales),
+           ctx.value(zero_points) if zero_points is not None else None]
+    if bias is not None:
+        ins += [None, ctx.value(bias)]  # g_idx (absent), bias
+    return ctx.emit("MatMulNBits", ins, domain="com.microsoft", K=int(a["k"]), N=int(a["n"]), bits=int(a["bits"]),
+                    block_size=int(a["block_size"]), accuracy_level=int(a.get("accuracy_level") or 0) or None)

@@ -160,7 +160,8 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFA
     g = helper.make_graph(ctx.nodes, graph.name or "graph", graph_inputs, graph_outputs,
                           initializer=list(ctx.initializers.values()))
     opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(g, opset_imports=opsets, producer_name="slimfx", producer_version="0.1.0")
+    model = helper.make_model(g, opset_imports=opsets + [helper.make_opsetid(d, 1) for d in sorted(ctx.domains)],
+                              producer_name="slimfx", producer_version="0.1.0")
     model.ir_version = helper.find_min_ir_version_for(opsets)
     if check:
         try:

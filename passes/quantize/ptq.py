@@ -14,8 +14,9 @@ the pass names the recurrent ones it kept float in its stats (`kept_float`) and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -41,7 +42,9 @@ from slimfx.passes.quantize.qdq import (
     WEIGHT_OPS,
     Plan,
     check_skip,
+    clipped,
     collapse_requantize,
+    expand_for_integer_kernels,
     fit_bias,
     fold_bias,
     fold_weight,
@@ -138,9 +141,32 @@ class Quantize(Pass):
     bias_correction: bool = option(False, help=(
         "after quantizing, correct each quantized layer's bias by its mean output shift from the float graph "
         "on the calibration data (Nagel et al. 2019); what the `bias-correction` step turns on"))
+    prerequisites: bool = option(True, help=(
+        "run fold-batchnorm first when the graph still has batch norms it can fold (left unfolded they stay "
+        "float between integer kernels: about 2x slower than fp32); the report notes it; false: quantize as is"))
+    speed_guard: bool = option(True, help=(
+        "time every quantized conv/linear as onnxruntime's integer kernel and as the float one (1 thread, "
+        "`speed_guard_batches`), keep float those where int8 is more than 10% slower, and keep the whole model "
+        "float when int8 is still slower than fp32 (on the geometric mean over the batch sizes, or by more than "
+        "10% at one of them); the report lists what was kept float and why. Needs a runtime to time "
+        "on (slimfx.compile with latency measurement on; skipped, and said so, otherwise)"))
+    speed_guard_batches: list[int] = option([1, 32], help=(
+        "the batch sizes the speed guard times (int8 must win on the geometric mean of the time ratios); "
+        "your deployment batch sizes"))
+    speed_guard_seconds: float = option(2.0, gt=0, help=(
+        "time budget of the speed guard's per-layer measurements, in seconds (the whole-model check takes "
+        "about as long again)"))
     reduce_range: bool = option(True, help=(
         "conv/linear weights in [-64, 64] (7 bits): exact on every CPU, where x86 CPUs without VNNI (AVX2) "
         "saturate full-range int8 weights; false: 8 bits, only for VNNI or ARM deployment"))
+
+    #: passes whose work quantize needs; run first (with a note) when the graph shows they were not
+    PREREQUISITES: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
+
+    def validate(self) -> None:
+        if not self.speed_guard_batches or any(b < 1 for b in self.speed_guard_batches):
+            raise PassError(f"pass 'quantize': option 'speed_guard_batches' must list batch sizes >= 1, got "
+                            f"{self.speed_guard_batches}; e.g. [1, 32], or set speed_guard = false")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -177,18 +203,119 @@ class Quantize(Pass):
 
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        notes = self._run_prerequisites(graph, ctx) if self.prerequisites else []
+        guard = self.speed_guard and self.scheme != "int8-dynamic"
+        float_graph = graph.copy() if guard and ctx.measure_ms is not None else None
+        result = self._quantize(graph, ctx)
+        if guard:
+            result = self._speed_guard(graph, float_graph, result, ctx)
+        result.stats["notes"] = notes + result.stats.get("notes", [])
+        result.changed = result.changed or bool(notes)
+        return result
+
+    def _quantize(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.max_accuracy_drop is not None:
             from slimfx.passes.quantize.sensitivity import quantize_with_fallback
 
             return quantize_with_fallback(self, graph, ctx)
         return self.apply(graph, ctx)
 
+    def _run_prerequisites(self, graph: Graph, ctx: PassContext) -> list[str]:
+        """Run each of PREREQUISITES that still has work on the graph (the pipeline did not run it before
+        quantize); a note for each that changed something."""
+        from slimfx.passes.base import create_pass
+
+        notes = []
+        for name in self.PREREQUISITES:
+            res = create_pass(name).run(graph, ctx)
+            if res.graph is not None:  # pragma: no cover - the prerequisites edit in place
+                raise PassError(f"quantize: prerequisite {name} returned a new graph; run it before quantize")
+            if res.changed:
+                done = ", ".join(f"{k} {v}" for k, v in res.stats.items() if isinstance(v, int) and v)
+                notes.append(f"ran {name} first ({done}): the recipe quantizes without it, which leaves float ops "
+                             f"between integer kernels (about 2x slower than fp32); put {name} before quantize "
+                             "(or set prerequisites = false to quantize as is)")
+        return notes
+
+    def _speed_guard(self, graph: Graph, float_graph: Graph | None, result: PassResult,
+                     ctx: PassContext) -> PassResult:
+        """Keep float the layers whose integer kernel is slower; then time the whole models (int8, int8 with
+        those layers float, float) side by side and keep the fastest (passes/quantize/speed.py)."""
+        from slimfx.passes.quantize.speed import (
+            CLEARLY_FASTER,
+            SLOWER,
+            model_times,
+            quantized_layers,
+            slower_layers,
+        )
+
+        if float_graph is None or not result.changed:
+            if float_graph is None:
+                result.stats["speed_guard"] = ("skipped: no runtime to time on (PassContext.measure_ms; "
+                                               "slimfx.compile sets it when latency is measured)")
+            return result
+        batches = list(dict.fromkeys(self.speed_guard_batches))
+        slower, ratios = slower_layers(ctx.measure_ms, graph, float_graph, batches, self.speed_guard_seconds)
+        candidates: dict[str, tuple[Graph, PassResult]] = {"int8": (graph, result)}
+        if slower:
+            fewer = float_graph.copy()
+            skip_more = list(slower) + [n for n in result.stats.get("fallback_layers", []) if n not in slower]
+            res = self.apply(fewer, ctx, extra_skip=skip_more) if self.max_accuracy_drop is None else \
+                self._requantize_with(fewer, ctx, result, skip_more)
+            if quantized_layers(fewer):
+                candidates["int8, slower layers float"] = (fewer, res)
+        times = model_times(ctx.measure_ms, {**{k: g for k, (g, _) in candidates.items()}, "float": float_graph},
+                            batches, self.speed_guard_seconds)
+        rel = {k: [t / f for t, f in zip(v, times["float"])] for k, v in times.items()}
+        geo = {k: math.exp(sum(math.log(r) for r in v) / len(v)) for k, v in rel.items()}
+        # an int8 model must beat float on the geometric mean and lose by at most 10% at any batch size
+        fit = [k for k in candidates if geo[k] <= 1.0 and max(rel[k]) <= SLOWER]
+        # layers kept float cost file size and exactness: only for a clear gain (timings here vary by ~5%)
+        if "int8" in fit and "int8, slower layers float" in fit \
+                and geo["int8, slower layers float"] > CLEARLY_FASTER * geo["int8"]:
+            fit.remove("int8, slower layers float")
+        chosen = min(fit, key=geo.__getitem__) if fit else "float"
+        guard: dict = {"batches": batches, "layer_ratio": {k: round(v, 3) for k, v in ratios.items()},
+                       "slower_layers": slower, "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v)}
+                                                                for k, v in rel.items()},
+                       "chosen": chosen, "kept_float": slower if chosen == "int8, slower layers float" else {}}
+        at = f"at batch {'/'.join(map(str, batches))} on onnxruntime (1 thread)"
+        ratio = ", ".join(f"{r:.2f}x" for r in rel["int8"])
+        if chosen == "float":
+            guard["kept_model_float"] = True
+            notes = [f"speed guard kept the whole model float: int8 ran at {ratio} of fp32 {at}"
+                     + (f" ({', '.join(f'{r:.2f}x' for r in rel['int8, slower layers float'])} with the "
+                        f"{len(slower)} slower layer(s) float)" if "int8, slower layers float" in rel else "")]
+            return PassResult(True, {"speed_guard": guard, "notes": notes, "quantized_ops": 0,
+                                     "skipped": result.stats.get("skipped", [])}, graph=float_graph)
+        out_graph, result = candidates[chosen]
+        notes = []
+        if chosen != "int8":
+            notes.append(f"speed guard kept {len(slower)} layer(s) float where onnxruntime's int8 kernel is slower "
+                         f"than float {at}: " + "; ".join(f"{k}: {v}" for k, v in list(slower.items())[:4])
+                         + ("; ..." if len(slower) > 4 else ""))
+        elif slower:
+            guard["note"] = (f"{len(slower)} layer(s) timed slower in int8 alone, but the model with them float was "
+                             f"not faster ({', '.join(f'{r:.2f}x' for r in rel['int8, slower layers float'])} vs "
+                             f"{ratio} of fp32): all kept int8") if "int8, slower layers float" in rel else None
+        result.stats["speed_guard"] = guard
+        result.stats["notes"] = notes + result.stats.get("notes", [])
+        return result if out_graph is graph else PassResult(result.changed, result.stats, graph=out_graph)
+
+    def _requantize_with(self, graph: Graph, ctx: PassContext, before: PassResult, skip: list[str]) -> PassResult:
+        """Quantize again keeping `skip` float, the accuracy fallback's layers included."""
+        res = self.apply(graph, ctx, extra_skip=skip)
+        for k in ("fallback_layers", "accuracy_drop", "trials"):
+            if k in before.stats:
+                res.stats[k] = before.stats[k]
+        return res
+
     def apply(self, graph: Graph, ctx: PassContext, *, only: set[str] | None = None,
-              ranges: dict[str, Range] | None = None) -> PassResult:
-        """Quantize `graph` in place (only the ops named in `only`, when given)."""
+              ranges: dict[str, Range] | None = None, extra_skip: list[str] | None = None) -> PassResult:
+        """Quantize `graph` in place (only the ops named in `only`, when given; not those in `extra_skip`)."""
         reference = graph.copy() if self.bias_correction else None  # the float graph, for bias correction
         dynamic = self.scheme == "int8-dynamic"
-        skip = list(self.skip)
+        skip = list(self.skip) + list(extra_skip or [])
         if self.float_first:
             # The first conv/linear reads the raw input. When its reduction (input channels/groups x kernel)
             # is short, an integer kernel does not pay for the quantize around it; it is also the most
@@ -197,6 +324,8 @@ class Quantize(Pass):
             w = first.inputs[1] if first is not None else None
             if isinstance(w, Param) and layer_weight(first, graph.params[w.name])[0].numel() < FLOAT_FIRST_MAX_FAN_IN:
                 skip.append(first.name)
+        if not dynamic:
+            expand_for_integer_kernels(graph)
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
         embeds = quantizable_embeddings(graph, skip=skip, only=only) \
             if self.embeddings and self.scheme in ("int8-static", "int8-dynamic") else []
@@ -286,16 +415,16 @@ class Quantize(Pass):
             bad = {name for name, src in plan.tensors.items() if not finite(src)}
             if not bad:
                 return plan
-            readers = [n for n in graph if (n.op in WEIGHT_OPS or n.op in ACT_OPS or n.op in OUTPUT_QUANT_OPS)
-                       and n.name not in extra and any(isinstance(a, Node) and through_noops(a).name in bad
-                                                       for a in n.inputs)]
-            if not readers:  # pragma: no cover - every planned tensor has a reader in the plan
+            # the quantized ops that read a bad tensor, or write it (a conv's output is quantized after it)
+            owners = {t: [n for n in graph if n.name not in extra and (
+                (n.op in WEIGHT_OPS or n.op in ACT_OPS or n.op in OUTPUT_QUANT_OPS)
+                and any(isinstance(a, Node) and through_noops(a).name == t for a in n.inputs)
+                or n in plan.weight_ops and clipped(n).name == t)] for t in bad}
+            if not any(owners.values()):  # pragma: no cover - every planned tensor has an owner in the plan
                 raise PassError(f"quantize: activation %{sorted(bad)[0]} holds NaN or Inf on the calibration data")
             for t in sorted(bad):
-                users = sorted(n.name for n in readers if any(isinstance(a, Node) and through_noops(a).name == t
-                                                              for a in n.inputs))
-                degenerate[t] = f"NaN or Inf on the calibration data: kept float {', '.join(users)}"
-            extra += [n.name for n in readers]
+                degenerate[t] = f"NaN or Inf on the calibration data: kept float {', '.join(n.name for n in owners[t])}"
+            extra += list(dict.fromkeys(n.name for ns in owners.values() for n in ns))
             plan = make_plan(graph, skip=skip + extra, only=only)
 
     # -- calibration -----------------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 Placement follows what onnxruntime fuses into integer kernels: every activation
 that a quantized op reads goes through quantize→dequantize, weights are integer
 params followed by dequantize (per output channel), biases are int32 with
-scale s_x * s_w. A conv/linear whose output feeds a quantized op therefore ends
-in a quantize node (QLinearConv / QGemm), and a ReLU/ReLU6 before a quantize
-with zero point at the bottom of the range is absorbed by onnxruntime.
+scale s_x * s_w. A conv always ends in a quantize node (op trait `quant_output`:
+QLinearConv exists only with integer output), also before a float op such as
+SiLU or LayerNorm; a linear/matmul ends in one when a quantized op reads it
+(QGemm and MatMulIntegerToFloat also write float). A ReLU/ReLU6 before a
+quantize with zero point at the bottom of the range is absorbed by onnxruntime.
 """
 
 from __future__ import annotations
@@ -151,6 +153,14 @@ def _after_clipping(n: Node) -> Node:
     return n
 
 
+def clipped(n: Node) -> Node:
+    """The value a node's output becomes after sole-user relu/relu6 ops (no data movement): where the
+    quantize goes that onnxruntime fuses with the op before it (ReluQuantFusion, ClipQuantFusion)."""
+    while len(n.users) == 1 and next(iter(n.users)).op in CLIPPING_ACTS:
+        n = next(iter(n.users))
+    return n
+
+
 def make_plan(graph: Graph, *, skip: list[str], only: set[str] | None = None,
               weight_only: bool = False) -> Plan:
     """Choose the ops to quantize and the activation tensors that need quantize→dequantize."""
@@ -180,6 +190,10 @@ def make_plan(graph: Graph, *, skip: list[str], only: set[str] | None = None,
 
     for n in plan.weight_ops:
         want(n.inputs[0])
+        # an integer kernel that writes integers (QLinearConv) needs the quantize right after it, even
+        # when the next op stays float (SiLU, GELU, LayerNorm): else onnxruntime runs the conv in float
+        if trait(n.op, "quant_output"):
+            want(clipped(n))
     for n in plan.act_ops:
         for a in n.inputs[:2]:
             want(a)
@@ -194,7 +208,7 @@ def make_plan(graph: Graph, *, skip: list[str], only: set[str] | None = None,
             if out.name not in wanted:
                 continue
             ins = [a for a in n.inputs if is_float_tensor(a)]
-            if n.op == "add" and len(ins) != 2:
+            if trait(n.op, "elementwise") == 2 and len(ins) != 2:  # QLinearAdd/Mul: two activations
                 continue
             for a in ins:
                 changed |= want(a)
@@ -204,6 +218,26 @@ def make_plan(graph: Graph, *, skip: list[str], only: set[str] | None = None,
             src = plan.tensors[name]
             plan.tensors.setdefault(src, src)
     return plan
+
+
+def _silu(x):
+    return call("silu", x)
+
+
+def _mul_sigmoid(x):
+    return call("mul", x, call("sigmoid", x))
+
+
+@functools.cache
+def expand_rules() -> RuleSet:
+    """Ops onnxruntime has no integer kernel for, written as ops it has: silu(x) = x * sigmoid(x)
+    (QLinearSigmoid, QLinearMul). The ONNX file of a float silu is Sigmoid + Mul either way."""
+    return RuleSet([Rule(_silu, _mul_sigmoid, name="silu")])
+
+
+def expand_for_integer_kernels(graph: Graph) -> int:
+    """Rewrite `graph` with `expand_rules`; the number of ops expanded."""
+    return sum(apply_rules(graph, expand_rules()).values())
 
 
 # --- graph edits --------------------------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""`quantize-weights`: weight-only INT4 (or INT8) linears, exported as onnxruntime's MatMulNBits.
+
+Each linear's weight W [N, K] is cut along K into blocks of `block_size`; each block of each output row
+gets a float scale (and, asymmetric, a 4-bit zero point), and its values become `bits`-bit codes packed two
+to a byte: the file holds about bits/32 of the float weight plus 4 (or 4.5) bytes per block. Embedding
+tables become int8 (`embeddings`). Activations
+stay float; onnxruntime dequantizes inside the kernel (accuracy_level 4: it also quantizes the activation
+to int8 per block and multiplies in integers).
+
+Rounding: `rtn` rounds each weight to the nearest code. `gptq` (Frantar et al. 2022) is data-aware: it
+quantizes one input column at a time and spreads each column's rounding error over the columns not yet
+quantized, weighted by the inverse Hessian H = X^T X of the layer's inputs on the calibration data, so the
+layer's output on such inputs moves least. Inputs are those of the float model (all layers at once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from slimfx.ir import Graph, Node, Param, TensorMeta
+from slimfx.ir.errors import PassError
+from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
+from slimfx.passes.quantize.calibrate import calibration_batches, collect
+from slimfx.passes.quantize.observers import qparams_from_range
+from slimfx.passes.quantize.ops import pack_codes
+from slimfx.passes.quantize.qdq import (
+    check_skip,
+    matches,
+    quantizable_embeddings,
+    quantize_embedding,
+    through_noops,
+)
+
+Method = Literal["rtn", "gptq"]
+
+
+def block_qparams(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (as float codes) per row of `w` [rows, block]: asymmetric spans [min, max] with
+    codes 0..2^bits-1; symmetric puts 0 at code 2^(bits-1) and max|w| at the top code."""
+    qmax = 2 ** bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = w.abs().amax(dim=1) / (half - 1)
+        zp = torch.full_like(scale, float(half))
+    else:
+        lo = w.amin(dim=1).clamp(max=0)
+        hi = w.amax(dim=1).clamp(min=0)
+        scale = (hi - lo) / qmax
+        zp = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, zp
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale[:, None]) + zp[:, None], 0, 2 ** bits - 1)
+
+
+def rtn(w: torch.Tensor, bits: int, block: int, symmetric: bool) -> tuple[torch.Tensor, ...]:
+    """Round to nearest: (codes [N, K padded], scales [N, blocks], zero points [N, blocks])."""
+    n, k = w.shape
+    blocks = -(-k // block)
+    wp = torch.nn.functional.pad(w, (0, blocks * block - k)).reshape(n * blocks, block)
+    scale, zp = block_qparams(wp, bits, symmetric)
+    codes = _codes(wp, scale, zp, bits)
+    return codes.reshape(n, -1), scale.reshape(n, blocks), zp.reshape(n, blocks)
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, symmetric: bool,
+         damp: float = 0.01) -> tuple[torch.Tensor, ...]:
+    """GPTQ rounding of `w` [N, K] given H = X^T X [K, K] of its inputs; same outputs as `rtn`."""
+    n, k = w.shape
+    blocks = -(-k // block)
+    w = w.double().clone()
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError as e:  # pragma: no cover - damping keeps H positive definite
+        raise PassError(f"quantize-weights: the calibration inputs' Hessian is singular ({e}); raise gptq_damp "
+                        "or use method = 'rtn'") from e
+    codes = torch.zeros(n, blocks * block, dtype=torch.float64)
+    scales = torch.zeros(n, blocks, dtype=torch.float64)
+    zps = torch.zeros(n, blocks, dtype=torch.float64)
+    for b in range(blocks):
+        i0, i1 = b * block, min((b + 1) * block, k)
+        scale, zp = block_qparams(w[:, i0:i1], bits, symmetric)  # from the error-updated weights
+        scales[:, b], zps[:, b] = scale, zp
+        for i in range(i0, i1):
+            q = _codes(w[:, i:i + 1], scale, zp, bits)[:, 0]
+            codes[:, i] = q
+            err = (w[:, i] - (q - zp) * scale) / hinv[i, i]
+            w[:, i + 1:] -= err[:, None] * hinv[i, i + 1:][None, :]
+    if blocks * block > k:  # padding codes: the zero point (they multiply nothing)
+        codes[:, k:] = zps.repeat_interleave(block, dim=1)[:, k:]
+    return codes, scales.float(), zps
+
+
+@register_pass("quantize-weights")
+@dataclass
+class QuantizeWeights(Pass):
+    """Weight-only low-bit linears: block-wise 4-bit (or 8-bit) weights, float activations (MatMulNBits)."""
+
+    preserves_outputs = False
+
+    bits: int = option(4, ge=4, le=8, help="weight bits: 4 (two codes a byte) or 8")
+    block_size: int = option(32, ge=16, help=(
+        "weights per scale along the input dimension: a power of two >= 16 (32, 64, 128: smaller is more "
+        "accurate, larger is smaller)"))
+    symmetric: bool = option(False, help=(
+        "zero point fixed at the middle code (no zero points stored) instead of one per block fitted to its "
+        "[min, max]"))
+    method: Method = option("rtn", help=(
+        "rtn: round each weight to the nearest code; gptq: data-aware rounding that spreads each column's "
+        "error over the columns not yet quantized (uses calibration data; seconds on CPU for small models)"))
+    gptq_damp: float = option(0.01, gt=0, le=1, help="gptq: damping added to the Hessian's diagonal, as a "
+                                                     "fraction of its mean (typical 0.01)")
+    accuracy_level: int = option(0, ge=0, le=4, help=(
+        "onnxruntime's MatMulNBits compute type: 0 unset (float32), 1 fp32, 2 fp16, 3 bf16, 4 int8 (the "
+        "activation is quantized per block too: fastest on CPU, a little less exact)"))
+    embeddings: bool = option(True, help=(
+        "also store embedding tables as int8 (one symmetric scale per table; Gather + DequantizeLinear), as "
+        "quantize does; a table another op reads too (tied weights) stays float"))
+    min_features: int = option(16, ge=1, help="linears with fewer input features than this stay float")
+    skip: list[str] = option([], help="layers kept float: node names, module paths (fnmatch globs) or op names")
+
+    def validate(self) -> None:
+        if self.bits not in (4, 8):
+            raise PassError(f"pass 'quantize-weights': bits = {self.bits}; MatMulNBits takes 4 or 8")
+        if self.block_size & (self.block_size - 1):
+            raise PassError(f"pass 'quantize-weights': block_size = {self.block_size} is not a power of two; "
+                            "use 32, 64 or 128")
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.method == "gptq"
+
+    def check_context(self, ctx: PassContext) -> str | None:
+        from slimfx.passes.finetune import data_problem
+
+        problem = data_problem(ctx.calibration_data, "calibration data")
+        if self.method == "gptq" and problem:
+            return (f"quantize-weights with method = 'gptq' rounds with the layers' inputs on calibration data, "
+                    f"but {problem}: give an iterable of input tuples (a few hundred samples), or use method = 'rtn'")
+        return None
+
+    def check_graph(self, graph: Graph) -> str | None:
+        return check_skip(graph, self.skip, pass_name="quantize-weights")
+
+    def targets(self, graph: Graph) -> list[Node]:
+        out = []
+        for n in graph:
+            if n.op != "linear" or not isinstance(n.inputs[1], Param) or matches(n, self.skip):
+                continue
+            w = graph.params[n.inputs[1].name]
+            if w.dim() == 2 and w.is_floating_point() and w.shape[1] >= self.min_features \
+                    and (len(n.inputs) < 3 or n.inputs[2] is None or isinstance(n.inputs[2], Param)):
+                out.append(n)
+        return out
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        layers = self.targets(graph)
+        embeds = quantizable_embeddings(graph, skip=self.skip) if self.embeddings else []
+        if not layers and not embeds:
+            return PassResult(False, {"quantized_layers": 0, "embeddings": 0})
+        hessians = self._hessians(graph, layers, ctx) if self.method == "gptq" else {}
+        before = after = 0
+        for n in layers:
+            w = graph.params[n.inputs[1].name].detach().float()
+            before += w.numel() * 4
+            if self.method == "gptq":
+                codes, scales, zps = gptq(w, hessians[n.name], self.bits, self.block_size, self.symmetric,
+                                          self.gptq_damp)
+            else:
+                codes, scales, zps = rtn(w, self.bits, self.block_size, self.symmetric)
+            after += self._replace(graph, n, codes, scales, zps)
+        for n in embeds:
+            w = graph.params[n.inputs[1].name]
+            before += w.numel() * w.element_size()
+            after += w.numel()
+            quantize_embedding(graph, n, qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True,
+                                                            qmin=-127, qmax=127))
+        graph.remove_unused_params()
+        return PassResult(True, {"quantized_layers": len(layers), "embeddings": len(embeds), "method": self.method,
+                                 "bits": self.bits,
+                                 "block_size": self.block_size, "symmetric": self.symmetric,
+                                 "weight_bytes": {"before": before, "after": after}})
+
+    def _hessians(self, graph: Graph, layers: list[Node], ctx: PassContext) -> dict[str, torch.Tensor]:
+        """H = X^T X of each layer's input rows over the calibration data (float model)."""
+        sources = {n.name: through_noops(n.inputs[0]).name for n in layers}
+        acc: dict[str, torch.Tensor] = {}
+
+        def sink(name: str, v: torch.Tensor) -> None:
+            x = v.detach().reshape(-1, v.shape[-1]).double()
+            acc[name] = acc.get(name, 0) + x.t() @ x
+
+        collect(graph, calibration_batches(ctx), list(dict.fromkeys(sources.values())), sink, quiet=ctx.quiet)
+        return {layer: acc[src] for layer, src in sources.items()}
+
+    def _replace(self, graph: Graph, n: Node, codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor) -> int:
+        """Put a matmul_nbits node in the linear's place; returns the bytes its params take."""
+        w = graph.params[n.inputs[1].name]
+        rows, k = w.shape
+        blocks = scales.shape[1]
+        qweight = pack_codes(codes.to(torch.int16), self.bits).reshape(rows, blocks, self.block_size * self.bits // 8)
+        base = n.inputs[1].name
+        qw = graph.add_param(f"{base}_q{self.bits}", qweight, buffer=True)
+        sc = graph.add_param(f"{base}_s", scales.float().contiguous(), buffer=True)
+        zp = None if self.symmetric else graph.add_param(f"{base}_z", pack_codes(zps.to(torch.int16), self.bits),
+                                                         buffer=True)
+        bias = n.inputs[2] if len(n.inputs) > 2 else None
+        attrs = {"k": k, "n": rows, "bits": self.bits, "block_size": self.block_size,
+                 "accuracy_level": self.accuracy_level}
+        new = graph.create_node("matmul_nbits", (n.inputs[0], qw, sc, zp, bias), attrs, name=f"{n.name}_nbits",
+                                before=n, meta=TensorMeta(n.meta.shape, n.meta.dtype), module_path=n.module_path)
+        graph.replace_all_uses(n, new)
+        graph.erase(n)
+        graph.rename(new, n.name)
+        return sum(graph.params[p.name].numel() * graph.params[p.name].element_size() for p in (qw, sc, zp) if p)

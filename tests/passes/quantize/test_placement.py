@@ -1,0 +1,108 @@
+"""Where quantize/dequantize go so onnxruntime runs integer kernels in nets with SiLU, GELU and LayerNorm
+(issue #17): every quantized conv ends in a quantize, SiLU and squeeze-excite gates become QLinearSigmoid /
+QLinearMul, and the IR still matches onnxruntime."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimfx import ir
+from slimfx.passes import PassContext, create_pass
+
+
+class SiLUNet(nn.Module):
+    """conv -> SiLU -> depthwise conv -> SiLU -> squeeze-excite gate -> conv (+ residual) -> pool -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.se_r, self.se_e = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.c2 = nn.Conv2d(16, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = F.silu(self.c1(x))
+        z = F.silu(self.dw(y))
+        s = torch.sigmoid(self.se_e(F.silu(self.se_r(F.adaptive_avg_pool2d(z, 1)))))
+        y = y + self.c2(z * s)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class LayerNormNet(nn.Module):
+    """conv -> LayerNorm (channels last) -> linear -> GELU -> linear -> conv: ops with no integer kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.l1, self.l2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.norm(self.c1(x).permute(0, 2, 3, 1))
+        y = self.l2(F.gelu(self.l1(y))).permute(0, 3, 1, 2)
+        return self.fc(F.gelu(self.c2(y)).mean(dim=(2, 3)))
+
+
+def _quantized(m: nn.Module):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    g = ir.capture(m.eval(), (x,))
+    cal = [(torch.randn(8, 3, 12, 12),) for _ in range(2)]
+    res = create_pass("quantize", {}).run(g, PassContext((x,), calibration_data=cal, quiet=True))
+    return g, res, x
+
+
+def _optimized_ops(g: ir.Graph, x: torch.Tensor, tmp_path) -> Counter:
+    import onnx
+    import onnxruntime as ort
+
+    from slimfx.exporters.onnx import to_onnx_model
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(to_onnx_model(g, inputs=(x,)).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+
+
+def test_every_conv_of_a_silu_net_runs_as_qlinearconv_with_integer_silu_and_gate(tmp_path):
+    torch.manual_seed(0)
+    g, res, x = _quantized(SiLUNet())
+    # silu(x) became x * sigmoid(x) (onnxruntime's integer kernels), the conv outputs are quantized
+    assert not g.find("silu") and len(g.find("sigmoid")) == 4
+    for name in ("c1", "dw", "se_r", "se_e", "c2"):
+        assert [u.op for u in g.node(name).users] == ["quantize"], name
+    ops = _optimized_ops(g, x, tmp_path)
+    assert ops["QLinearConv"] == 5 and "Conv" not in ops and "FusedConv" not in ops
+    assert ops["QLinearSigmoid"] == 4 and ops["QLinearMul"] == 4 and "Sigmoid" not in ops and "Mul" not in ops
+    assert ops["QLinearAdd"] == 1 and ops["QGemm"] == 1
+
+
+def test_convs_before_layernorm_and_gelu_are_fused_and_linears_keep_float_output(tmp_path):
+    torch.manual_seed(0)
+    g, res, x = _quantized(LayerNormNet())
+    for name in ("c1", "c2"):
+        assert [u.op for u in g.node(name).users] == ["quantize"], name
+    # QGemm / MatMulIntegerToFloat write float: no quantize after a linear that a float op reads
+    assert all(u.op != "quantize" for u in g.node("l1").users)
+    ops = _optimized_ops(g, x, tmp_path)
+    assert ops["QLinearConv"] == 2 and "Conv" not in ops
+    assert ops["MatMulIntegerToFloat"] == 2 and "MatMul" not in ops
+
+
+def test_onnxruntime_agrees_with_the_ir_on_the_new_placement():
+    from slimfx.exporters.onnx import to_onnx_model
+    from slimfx.exporters.validate import validate_onnx
+
+    for m in (SiLUNet(), LayerNormNet()):
+        torch.manual_seed(0)
+        g, res, x = _quantized(m)
+        report = validate_onnx(to_onnx_model(g, inputs=(x,)), g, (x,), atol=0.05, rtol=0.05)
+        assert report.top1_agreement == 1.0 and report.max_abs_diff < 0.05, type(m).__name__

@@ -1,0 +1,189 @@
+"""Never slower than fp32 by default (issue #17): quantize folds batch norms a recipe forgot, and its speed
+guard keeps float the layers whose integer kernel loses, or the whole model when int8 still loses. The
+guard's timing comes from PassContext.measure_ms; here a fake runtime makes the decisions deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import slimfx
+from slimfx import ir
+from slimfx.errors import RecipeError
+from slimfx.passes import PassContext, create_pass
+from slimfx.passes.quantize.speed import layer_graph, quantized_layers
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.c1(x)))
+        y = torch.relu(self.bn2(self.c2(y)))
+        return self.fc(self.drop(y.mean(dim=(2, 3))))
+
+
+def _setup():
+    torch.manual_seed(0)
+    m = Net().eval()
+    for bn in (m.bn1, m.bn2):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    return m, ir.capture(m, (x,)), x
+
+
+def fake_runtime(slow: set[str] = frozenset(), int8_factor: float = 0.5):
+    """ms = 1 per float layer; a graph with integer weights costs int8_factor per layer, 3 for layers in
+    `slow`. Records the graphs it timed."""
+    seen = []
+
+    def measure(graph, inputs, budget_s):
+        seen.append(graph)
+        cost = 0.0
+        for n in graph:
+            if n.op in ("conv2d", "linear"):
+                w = n.inputs[1]
+                integer = isinstance(w, ir.Node) and w.op == "dequantize"
+                cost += (3.0 if n.name in slow else int8_factor) if integer else 1.0
+        return [cost * inp[0].shape[0] for inp in inputs]
+    measure.seen = seen
+    return measure
+
+
+def _ctx(x, measure=None):
+    return PassContext((x,), calibration_data=[(torch.randn(8, 3, 8, 8),)], quiet=True, measure_ms=measure)
+
+
+def test_quantize_folds_batch_norms_a_recipe_forgot_and_says_so():
+    m, g, x = _setup()
+    res = create_pass("quantize", {}).run(g, _ctx(x))
+    assert not g.find("batch_norm")
+    assert any("ran fold-batchnorm first" in n and "folded 2" in n for n in res.stats["notes"])
+    ref = m(x)
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), ir.lower(g)(x).flatten(), dim=0) > 0.99
+    # opted out: the batch norms stay (and stay float)
+    m, g, x = _setup()
+    res = create_pass("quantize", {"prerequisites": False}).run(g, _ctx(x))
+    assert len(g.find("batch_norm")) == 2 and not any("fold-batchnorm" in n for n in res.stats["notes"])
+    # folded already: no note
+    m, g, x = _setup()
+    create_pass("fold-batchnorm").run(g, _ctx(x))
+    res = create_pass("quantize", {}).run(g, _ctx(x))
+    assert not any("fold-batchnorm" in n for n in res.stats["notes"])
+
+
+def test_layer_graph_is_the_integer_kernel_from_integer_input_to_integer_output():
+    m, g, x = _setup()
+    q = g.copy()
+    create_pass("quantize", {}).run(q, _ctx(x))
+    c2 = q.node("c2")
+    sub = layer_graph(q, c2)
+    assert [n.op for n in sub.inputs] == ["input"] and sub.inputs[0].meta.dtype == torch.uint8
+    assert sub.output_nodes()[0].op == "quantize"  # after c2's ReLU
+    # the int32 bias's scale s_x * s_w is an IR fact (a mul of the two scales), carried into the layer graph
+    assert [n.op for n in sub if n.op not in ("input", "output", "dequantize")] == ["mul", "conv2d", "relu",
+                                                                                     "quantize"]
+    ir.verify(sub)
+    assert {n.name for n in quantized_layers(q)} == {"c1", "c2", "fc"}
+    # kept float between int8 neighbours: dequantize, the float conv, its ReLU, the quantize the next layer reads
+    sub_f = layer_graph(q, c2, g.node("c2"))
+    ir.verify(sub_f)
+    assert sub_f.inputs[0].meta.dtype == torch.uint8
+    assert [n.op for n in sub_f if n.op not in ("input", "output")] == ["dequantize", "conv2d", "relu", "quantize"]
+    assert isinstance(sub_f.node("c2").inputs[1], ir.Param) and sub_f.node("c2").inputs[1].name == "c2.weight"
+    # the first conv reads the model's input: as int8 it pays for the input's quantize, as float it does not
+    c1_i, c1_f = layer_graph(q, q.node("c1")), layer_graph(q, q.node("c1"), g.node("c1"))
+    assert c1_i.inputs[0].meta.dtype == c1_f.inputs[0].meta.dtype == torch.float32
+    assert [n.op for n in c1_i if n.op not in ("input", "output")][:2] == ["quantize", "dequantize"]
+    assert [n.op for n in c1_f if n.op not in ("input", "output")] == ["conv2d", "relu", "quantize"]
+    # the linear reads its quantized input through an inference dropout (which vanishes on export)
+    fc = layer_graph(q, q.node("fc"))
+    assert fc.inputs[0].meta.dtype == torch.uint8 and fc.output_nodes()[0].op == "linear"
+    ir.verify(fc)
+    assert [n.op for n in layer_graph(g, g.node("fc")) if n.op not in ("input", "output")] == ["linear"]
+
+
+def test_speed_guard_keeps_float_the_layers_whose_int8_kernel_is_slower():
+    m, g, x = _setup()
+    measure = fake_runtime(slow={"c1"})
+    res = create_pass("quantize", {"speed_guard_batches": [1, 4]}).run(g, _ctx(x, measure))
+    g = res.graph_after(g)
+    guard = res.stats["speed_guard"]
+    assert list(guard["kept_float"]) == ["c1"] and "3.00x the float one" in guard["kept_float"]["c1"]
+    assert guard["layer_ratio"]["c2"] == 0.5 and guard["batches"] == [1, 4]
+    assert isinstance(g.node("c1").inputs[1], ir.Param) and g.node("c2").inputs[1].op == "dequantize"
+    assert "c1" in res.stats["skipped"]
+    assert any("speed guard kept 1 layer(s) float" in n and "c1" in n for n in res.stats["notes"])
+    # the whole models timed side by side: all int8 (3 + 0.5 + 0.5) / 3, with c1 float (1 + 0.5 + 0.5) / 3
+    assert guard["model_ratio"] == {"int8": {"b1": 1.333, "b4": 1.333},
+                                    "int8, slower layers float": {"b1": 0.667, "b4": 0.667},
+                                    "float": {"b1": 1.0, "b4": 1.0}}
+    assert guard["chosen"] == "int8, slower layers float"
+
+
+def test_speed_guard_keeps_all_layers_int8_when_the_model_with_the_slow_ones_float_is_not_faster():
+    m, g, x = _setup()
+    measure = fake_runtime(slow={"c1"})
+
+    def whole_models_disagree(graph, inputs, budget_s):  # alone c1 loses; in the model it does not
+        if graph.has_node("fc") and graph.has_node("c1"):
+            integer = isinstance(graph.node("c1").inputs[1], ir.Node)
+            return [(1.5 if integer else 2.5) * inp[0].shape[0] for inp in inputs]
+        return measure(graph, inputs, budget_s)
+
+    res = create_pass("quantize", {}).run(g, _ctx(x, whole_models_disagree))
+    guard = res.stats["speed_guard"]
+    assert guard["chosen"] == "int8" and list(guard["slower_layers"]) == ["c1"] and guard["kept_float"] == {}
+    assert "not faster" in guard["note"] and res.graph_after(g).node("c1").inputs[1].op == "dequantize"
+
+
+def test_speed_guard_keeps_the_whole_model_float_when_int8_still_loses():
+    m, g, x = _setup()
+    res = create_pass("quantize", {}).run(g, _ctx(x, fake_runtime(int8_factor=1.05)))
+    out = res.graph_after(g)
+    assert out is not g and not out.find("quantize") and not out.find("batch_norm")  # folded, float
+    assert res.stats["speed_guard"]["kept_model_float"] is True and res.stats["quantized_ops"] == 0
+    assert any("kept the whole model float" in n and "1.05x" in n for n in res.stats["notes"])
+    assert torch.allclose(ir.lower(out)(x), m(x), atol=1e-5)
+
+
+def test_speed_guard_is_skipped_and_says_so_without_a_runtime_or_off():
+    m, g, x = _setup()
+    res = create_pass("quantize", {}).run(g, _ctx(x))
+    assert res.stats["speed_guard"].startswith("skipped: no runtime")
+    measure = fake_runtime(slow={"c1"})
+    m, g, x = _setup()
+    res = create_pass("quantize", {"speed_guard": False}).run(g, _ctx(x, measure))
+    assert not measure.seen and "speed_guard" not in res.stats
+
+
+@pytest.mark.parametrize("batches", [[], [0, 1]])
+def test_speed_guard_batches_must_be_batch_sizes(batches):
+    with pytest.raises(slimfx.errors.PassError, match="speed_guard_batches.*e.g. \\[1, 32\\]"):
+        create_pass("quantize", {"speed_guard_batches": batches})
+    with pytest.raises(RecipeError, match="speed_guard_batches"):
+        slimfx.Recipe("r", passes=[("quantize", {"speed_guard_batches": batches})])
+
+
+def test_compile_runs_the_guard_on_onnxruntime_and_reports_what_it_kept_float():
+    m, g, x = _setup()
+    recipe = slimfx.Recipe("q", passes=[("quantize", {"speed_guard_seconds": 0.2})])
+    result = slimfx.compile(m, (x,), recipe, calibration_data=[(torch.randn(8, 3, 8, 8),)], bench_seconds=0.05,
+                            quiet=True, formats="onnx")
+    stats = result.report["passes"][0]["stats"]
+    guard = stats["speed_guard"]
+    assert isinstance(guard, dict) and set(guard["layer_ratio"]) == {"c1", "c2", "fc"}
+    # timed for real: which model wins depends on the machine; the report says which and why
+    assert guard["chosen"] in guard["model_ratio"] and set(guard["model_ratio"]["float"]) == {"b1", "b32"}
+    for name, why in guard["slower_layers"].items():
+        assert guard["layer_ratio"][name] > 1.1 and "x the float one (batch 1:" in why
+    assert any("ran fold-batchnorm first" in h for h in result.report["headline"])
