@@ -1,7 +1,9 @@
 """The README's results table: every zoo model through the built-in recipes with `slimfx.compile`.
 
-Each row is one compile (trained zoo weights, 256 calibration samples from the training split,
-accuracy on the test split); ratios are compiled/original on onnxruntime, one thread, in the same run.
+Each row is one compile (trained zoo weights and the zoo's data: 256 calibration samples and fine-tuning from
+the train split, the gate on the validation split, accuracy on the test split); ratios are compiled/original
+on onnxruntime, one thread, in the same run. A row the recipe's gate rejects is marked ✗ (no latency: it is
+not measured for a rejected model).
 
     PYTHONPATH=. python benchmarks/bench_recipes.py                 # every zoo model, recipes int8 and default
     PYTHONPATH=. python benchmarks/bench_recipes.py --models digits_cnn --recipes default,int8,prune50
@@ -17,28 +19,38 @@ import torch
 
 import slimfx
 from slimfx import models
-from slimfx.data import Batches, calibration_batches
+from slimfx.data import zoo_data
+from slimfx.errors import GateError
 
 
 def run(model_name: str, recipe: str, seed: int = 0, bench_seconds: float = 1.0) -> dict:
     spec = models.get(model_name)
     module = spec.trained(seed=seed, progress=False)
-    ds = models.load_dataset(spec.dataset, seed=seed)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        res = slimfx.compile(module, spec.example_inputs(), recipe, name=model_name, out_dir=out,
-                             formats=("onnx",), calibration_data=calibration_batches(ds.train_x, 256, seed=seed),
-                             train_data=Batches(ds.train_x, ds.train_y, 64, seed=seed),
-                             test_data=((ds.test_x,), ds.test_y), quiet=True, seed=seed,
-                             bench_seconds=bench_seconds)
+        try:
+            r = slimfx.compile(module, spec.example_inputs(), recipe, name=model_name, out_dir=out, formats=("onnx",),
+                               data=zoo_data(spec.dataset, seed=seed), quiet=True, seed=seed,
+                               bench_seconds=bench_seconds).report
+            passed = True
+        except GateError as e:
+            r, passed = e.report, False
         seconds = time.perf_counter() - t0
-    r = res.report
     b, c = r["baseline"], r["compressed"]
     return {"model": model_name, "recipe": recipe, "macs": c["macs"] / b["macs"],
             "size": c["size_bytes"] / b["size_bytes"],
-            "b1": c["latency_ms"]["b1"] / b["latency_ms"]["b1"], "b32": c["latency_ms"]["b32"] / b["latency_ms"]["b32"],
+            "b1": _ratio(c, b, "b1"), "b32": _ratio(c, b, "b32"), "passed": passed,
             "acc0": b["accuracy"], "acc1": c["accuracy"], "agree": r["validation"]["top1_agreement"],
             "sqnr": r["validation"]["sqnr_db"], "seconds": seconds}
+
+
+def _ratio(compiled: dict, original: dict, batch: str) -> float | None:
+    c, o = (compiled.get("latency_ms") or {}).get(batch), (original.get("latency_ms") or {}).get(batch)
+    return c / o if c and o else None
+
+
+def _x(v: float | None) -> str:
+    return f"{v:.2f}x" if v is not None else "—"
 
 
 def main() -> None:
@@ -57,8 +69,9 @@ def main() -> None:
         for rec in args.recipes.split(","):
             row = run(m.strip(), rec.strip(), bench_seconds=args.bench_seconds)
             rows.append(row)
-            print(f"| {row['model']} | {row['recipe']} | {row['macs']:.3f}x | {row['size']:.3f}x | {row['b1']:.2f}x "
-                  f"| {row['b32']:.2f}x | {100 * row['acc0']:.2f}% → {100 * row['acc1']:.2f}% "
+            gate = "" if row["passed"] else " ✗"
+            print(f"| {row['model']} | {row['recipe']}{gate} | {row['macs']:.3f}x | {row['size']:.3f}x | {_x(row['b1'])} "
+                  f"| {_x(row['b32'])} | {100 * row['acc0']:.2f}% → {100 * row['acc1']:.2f}% "
                   f"| {100 * row['agree']:.1f}% | {row['sqnr']:.1f} dB | {row['seconds']:.0f} s |", flush=True)
 
 

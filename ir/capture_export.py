@@ -1,5 +1,8 @@
 """Capture through torch.export: the ATen graph of `torch.export.export(..., strict=False)` mapped onto
-the same canonical ops as the torch.fx front end (ir.capture), so passes and exporters never see ATen.
+the same canonical ops as the torch.fx front end (ir.capture), so passes see the ops they know. The few
+ATen calls with no canonical op (mask-building helpers of Hugging Face models: arange, advanced indexing,
+new_ones, full) stay `opaque` nodes with their OpOverload as target; the ONNX exporter has emitters for
+those (exporters/onnx/aten.py), and any other is refused by name.
 
 torch.export handles what symbolic tracing cannot (Hugging Face transformers, data-dependent Python
 on shapes), at the price of a lower-level graph: `aten.addmm(b, x, w.t())`, `aten.view`,

@@ -689,8 +689,10 @@ def _gate_error(job: _Job, report: dict[str, Any], failures: list[str], kept: Pa
     where = f"; the rejected files are in {kept}" if kept else ("; nothing was written" if job.output else "")
     lines = "\n".join(f"  - {f}" for f in failures)
     notes = "".join(f"\n  note: {h}" for h in report["headline"])
-    return GateError(f"recipe {job.recipe.name!r}: the compiled model failed its [validate] gate{where}:\n{lines}"
-                     f"{notes}\n  {advice}")
+    err = GateError(f"recipe {job.recipe.name!r}: the compiled model failed its [validate] gate{where}:\n{lines}"
+                    f"{notes}\n  {advice}")
+    err.report = report  # the numbers of the rejected model, for callers that want them
+    return err
 
 
 def _write(job: _Job, report: dict[str, Any], staging: Path, exports: dict[str, Path], failures: list[str]

@@ -72,8 +72,9 @@ def test_nan_in_the_compiled_output_fails_whatever_the_thresholds(tmp_path):
 def test_every_output_is_compared_and_the_worst_one_fails_the_gate(tmp_path):
     model, example = _two_heads()
     broken = _recipe([{"name": "test-scale-param", "param": "head_b.weight", "factor": 0.0}], {"min_sqnr_db": 20})
-    with pytest.raises(GateError, match=r"min_sqnr_db: output SQNR .* \(output\[1\]\['aux'\]\) on the generated data"):
+    with pytest.raises(GateError, match=r"min_sqnr_db: output SQNR .* \(output\[1\]\['aux'\]\) on the generated data") as e:
         slimfx.compile(model, example, broken, out_dir=tmp_path / "out", bench_seconds=0, quiet=True)
+    assert e.value.report["gate"]["passed"] is False and e.value.report["validation"]["sqnr_db"] < 20  # the numbers
     fine = _recipe([{"name": "test-scale-param", "param": "head_b.weight", "factor": 1.0}], {"min_sqnr_db": 100})
     result = slimfx.compile(model, example, fine, out_dir=tmp_path / "ok", bench_seconds=0, quiet=True)
     names = [o["name"] for o in result.report["validation"]["outputs"]]
