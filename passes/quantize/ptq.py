@@ -204,7 +204,9 @@ class Quantize(Pass):
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         notes = self._run_prerequisites(graph, ctx) if self.prerequisites else []
-        guard = self.speed_guard and self.scheme != "int8-dynamic"
+        # the guard weighs onnxruntime's integer kernels against float: only int8-static has them (fixed-point
+        # and sign are for storage; int8-dynamic's kernels quantize at run time and are timed by the user)
+        guard = self.speed_guard and self.scheme == "int8-static"
         float_graph = graph.copy() if guard and ctx.measure_ms is not None else None
         result = self._quantize(graph, ctx)
         if guard:

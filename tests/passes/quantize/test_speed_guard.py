@@ -156,6 +156,14 @@ def test_speed_guard_keeps_the_whole_model_float_when_int8_still_loses():
     assert torch.allclose(ir.lower(out)(x), m(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("scheme", ["sign", "fixed-point"])
+def test_storage_schemes_are_never_traded_back_to_float(scheme):
+    m, g, x = _setup()  # a runtime where int8 always loses: only int8-static has integer kernels to weigh
+    res = create_pass("quantize", {"scheme": scheme}).run(g, _ctx(x, fake_runtime(int8_factor=1.05)))
+    out = res.graph_after(g)
+    assert "speed_guard" not in res.stats and res.stats["quantized_ops"] > 0 and out.find("dequantize")
+
+
 def test_speed_guard_is_skipped_and_says_so_without_a_runtime_or_off():
     m, g, x = _setup()
     res = create_pass("quantize", {}).run(g, _ctx(x))
