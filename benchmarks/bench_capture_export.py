@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
+from _latency import median_seconds
 
 from slimfx import ir
 from slimfx.ir.capture_export import export_program
@@ -25,19 +24,11 @@ from slimfx.models import hf
 
 
 def _median_seconds(fn, repeat: int, cpu: list[float] | None = None) -> float:
-    """Median wall seconds of `fn` after one warm-up (first-call imports and dispatcher caches are not
-    what a user pays twice); appends the median CPU seconds of this process to `cpu`, which other
-    jobs on a busy machine do not inflate."""
-    fn()
-    times, cpus = [], []
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        times.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
+    """Median wall seconds of `fn` (see `median_seconds`); appends the median CPU seconds to `cpu`."""
+    wall, cpu_s = median_seconds(fn, repeat)
     if cpu is not None:
-        cpu.append(statistics.median(cpus))
-    return statistics.median(times)
+        cpu.append(cpu_s)
+    return wall
 
 
 def bench_model(name: str, model: torch.nn.Module, kwargs: dict, repeat: int, onnx: bool) -> dict:

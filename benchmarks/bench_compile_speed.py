@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from _latency import median_seconds
 
 
 class BasicBlock(nn.Module):
@@ -77,17 +77,6 @@ def resnet18(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor]]:
     return model, (torch.randn(1, 3, 224, 224),)
 
 
-def _median(fn, repeat: int) -> tuple[float, float]:
-    fn()
-    wall, cpu = [], []
-    for _ in range(repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
@@ -132,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             validate_onnx(data, graph, validation_sets(example, dynamic_batch=True))
 
         for name, fn in (("torch.onnx.export", peer), ("slimfx core", core), ("slimfx validation", validation)):
-            wall, cpu = _median(fn, args.repeat)
+            wall, cpu = median_seconds(fn, args.repeat)
             rows[name] = {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
         peer_wall, peer_cpu = rows["torch.onnx.export"]["wall_s"], rows["torch.onnx.export"]["cpu_s"]
         rows["slimfx core"]["x_peer_wall"] = round(rows["slimfx core"]["wall_s"] / peer_wall, 2)
