@@ -96,13 +96,6 @@ def iter_refs(value: Any) -> Iterator[Node | Param]:
             yield from iter_refs(v)
 
 
-def ref_list(value: Any) -> list[Node | Param]:
-    """`list(iter_refs(value))`, faster (no generators): for checks that walk every node's operands."""
-    out: list[Node | Param] = []
-    _collect(value, out)
-    return out
-
-
 def operands(node: Node, last: tuple | None) -> tuple[tuple, bool]:
     """((inputs, attr items, refs), unchanged) for a node checked again and again: `last` is what this
     returned for it before; its refs are reused when the node's inputs were not reassigned and its
@@ -114,22 +107,32 @@ def operands(node: Node, last: tuple | None) -> tuple[tuple, bool]:
                 return last, True
         except Exception:  # noqa: BLE001 - a tensor attribute compared by value: treat as changed
             pass
-    return (inputs, items, ref_list((inputs, node._attrs))), False
+    refs: list[Node | Param] = []
+    _collect(inputs, refs)
+    _collect(node._attrs, refs)
+    return (inputs, items, refs), False
 
 
 def _collect(value: Any, out: list) -> None:
-    if isinstance(value, (Node, Param)):
+    t = type(value)
+    if t is Node or t is Param:
         out.append(value)
-    elif isinstance(value, (tuple, list)):
+    elif t is tuple or t is list:
         for v in value:
-            if isinstance(v, (Node, Param)):
+            tv = type(v)
+            if tv is Node or tv is Param:
                 out.append(v)
-            elif isinstance(v, (tuple, list, dict, slice)):
+            elif tv not in _SCALARS and not (tv is tuple and all(type(e) in _SCALARS for e in v)):
                 _collect(v, out)
-    elif isinstance(value, dict):
-        _collect(tuple(value.values()), out)
-    elif isinstance(value, slice):
+    elif t is dict:
+        _collect(list(value.values()), out)
+    elif t is slice:
         _collect((value.start, value.stop, value.step), out)
+    elif isinstance(value, (Node, Param, tuple, list, dict)):  # a subclass (fx's immutable_list): the general walk
+        out.extend(iter_refs(value))
+
+
+_SCALARS = (int, float, bool, type(None))  # a tuple of these (stride, padding, a shape) holds no refs
 
 
 class Node:

@@ -83,6 +83,8 @@ def _safe(name: str) -> str:
 class VerifyEach:
     """ir.verify after every pass; nodes that did not change since the last check are not re-checked."""
 
+    deferrable = True  # may run once after a run of output-preserving rewrites (PassManager.check_every_pass)
+
     def __init__(self) -> None:
         self.verifier = Verifier()
 
@@ -97,6 +99,8 @@ class CheckNumerics:
     """A pass that preserves outputs (`preserves_outputs`, not an analysis) and changed the graph must keep
     the outputs on the example inputs within `tol` x the output's magnitude (eval mode; ir.metrics.check_close).
     Values are kept between passes (ir.Evaluator): only what a pass changed is computed again."""
+
+    deferrable = True
 
     def __init__(self, tol: float, example_inputs: tuple):
         if not example_inputs:

@@ -7,7 +7,8 @@
 
 What runs around each pass is a list of instrumentations (passes/instrument.py), chosen by the keywords:
 the verifier (ir.verify after every pass, incremental; on by default), the numerics check (`check_numerics=tol`:
-a pass that preserves outputs and changed the graph must keep the outputs on the context's example inputs),
+a pass that preserves outputs and changed the graph must keep the outputs on the context's example inputs;
+these two run once after a run of consecutive output-preserving rewrites, see `check_every_pass`),
 the analysis guard (an analysis must leave the graph as it was), IR printing (only when asked: `print_ir`,
 `dump_dir`), and on a failure, dumps of the IR before and after the pass and a reproducer (the pass's input
 as a .slimfx file and a `slimfx run-pass` command that replays it). Your own go in `instrumentations=`.
@@ -27,6 +28,7 @@ from typing import Any, TextIO
 
 from slimfx.ir import Graph
 from slimfx.ir.errors import PassError, SlimfxError
+from slimfx.ir.graph import Checkpoint
 from slimfx.ir.metrics import check_close
 from slimfx.passes.base import Pass, PassContext, PassResult, parse_pass_spec
 from slimfx.passes.instrument import (
@@ -89,6 +91,10 @@ class PassManager:
     check_numerics: None, or a relative tolerance; then every pass that preserves outputs (all but
         those declaring `preserves_outputs = False`: pruning, quantization, training) and changed the graph
         must keep the outputs on ctx.example_inputs within it (eval mode).
+    check_every_pass: run those two checks after every single pass. By default a run of consecutive
+        output-preserving rewrites (dce, cse, fold-batchnorm, ...) is checked once, after its last pass,
+        and a failure replays those passes one at a time with the checks after each, so the error names
+        the same pass either way; the difference is cost (each check costs about what a cleanup pass does).
     print_ir: print the IR after every pass that changed it (to `stream`, default stdout); `print_after_each`
         is its older name.
     dump_dir: where to write the files of a failing pass (default: a fresh temporary directory); when
@@ -104,7 +110,7 @@ class PassManager:
     def __init__(self, passes: Sequence[Pass | str | type[Pass]], *, verify_each: bool = True,
                  check_numerics: float | None = None, print_ir: bool = False, print_after_each: bool = False,
                  dump_dir: str | Path | None = None, stream: TextIO | None = None, failure_dumps: bool = True,
-                 instrumentations: Sequence[Any] = ()):
+                 instrumentations: Sequence[Any] = (), check_every_pass: bool = False):
         if isinstance(passes, (str, Pass)):
             passes = [passes]
         self.passes: list[Pass] = _set_options_of([_as_pass(p) for p in passes])
@@ -118,6 +124,7 @@ class PassManager:
         self.stream = stream
         self.failure_dumps = failure_dumps
         self.instrumentations = list(instrumentations)
+        self.check_every_pass = check_every_pass
 
     def __repr__(self) -> str:
         return f"PassManager([{', '.join(str(p) for p in self.passes)}])"
@@ -141,27 +148,114 @@ class PassManager:
         graph after the last pass (see PipelineResult: `graph` itself unless a pass returned a new one)."""
         ctx = ctx if ctx is not None else PassContext()
         insts = self.instrumentations_for(ctx)
-        checkpoint = any(getattr(i, "needs_input", False) for i in insts)
         records: list[PassRecord] = []
         try:
-            for step, p in enumerate(self.passes, 1):
-                before = graph.checkpoint() if checkpoint else None
-                try:
-                    _call(insts, "before_pass", step, p, graph)
-                    t0 = time.perf_counter()
-                    result = p.run(graph, ctx)
-                    seconds = time.perf_counter() - t0
-                    graph = _graph_after(p, result, graph)
-                    record = PassRecord(p.name, seconds, dict(result.stats), bool(result.changed), str(p))
-                    _call(insts, "after_pass", step, p, graph, record)
-                except Exception as e:  # noqa: BLE001 - every failure inside a step is named and dumped
-                    f = Failure(step, len(self.passes), p, "", graph, before, self.dump_dir)
-                    raise self._failure(insts, f, e) from e
-                records.append(record)
-                ctx.logger.debug("pass %s: %.3fs changed=%s %s", p.name, seconds, result.changed, result.stats)
+            for steps in self._groups():
+                run_group = self._run_steps if len(steps) == 1 else self._run_deferred
+                graph = run_group(graph, ctx, insts, steps, records)
         finally:  # also on Ctrl-C
             _call(insts, "after_run", graph)
         return PipelineResult(records, graph)
+
+    def _groups(self) -> list[list[int]]:
+        """Step numbers in groups whose checks run together: a run of consecutive output-preserving
+        rewrites (CheckNumerics.applies) is one group, unless `check_every_pass`; any other pass is a
+        group of its own."""
+        groups: list[list[int]] = []
+        for step, p in enumerate(self.passes, 1):
+            if (groups and not self.check_every_pass and CheckNumerics.applies(p)
+                    and CheckNumerics.applies(self.passes[groups[-1][-1] - 1])):
+                groups[-1].append(step)
+            else:
+                groups.append([step])
+        return groups
+
+    def _step(self, p: Pass, graph: Graph, ctx: PassContext) -> tuple[Graph, PassRecord]:
+        t0 = time.perf_counter()
+        result = p.run(graph, ctx)
+        seconds = time.perf_counter() - t0
+        graph = _graph_after(p, result, graph)
+        ctx.logger.debug("pass %s: %.3fs changed=%s %s", p.name, seconds, result.changed, result.stats)
+        return graph, PassRecord(p.name, seconds, dict(result.stats), bool(result.changed), str(p))
+
+    def _run_steps(self, graph: Graph, ctx: PassContext, insts: list[Any], steps: list[int],
+                   records: list[PassRecord]) -> Graph:
+        """Run the steps with every instrumentation around each."""
+        checkpoint = any(getattr(i, "needs_input", False) for i in insts)
+        for step in steps:
+            p = self.passes[step - 1]
+            before = graph.checkpoint() if checkpoint else None
+            try:
+                _call(insts, "before_pass", step, p, graph)
+                graph, record = self._step(p, graph, ctx)
+                _call(insts, "after_pass", step, p, graph, record)
+            except Exception as e:  # noqa: BLE001 - every failure inside a step is named and dumped
+                f = Failure(step, len(self.passes), p, "", graph, before, self.dump_dir)
+                raise self._failure(insts, f, e) from e
+            records.append(record)
+        return graph
+
+    def _run_deferred(self, graph: Graph, ctx: PassContext, insts: list[Any], steps: list[int],
+                      records: list[PassRecord]) -> Graph:
+        """Run consecutive output-preserving rewrites with the deferrable checks (verifier, numerics) once,
+        after the last of them: on a large graph each check costs about as much as a cleanup pass. On any
+        failure the steps are replayed from their input with every check after each one, so the error
+        still names the first pass that broke the graph, with its dumps and reproducer."""
+        saved = graph.checkpoint()
+        now = [i for i in insts if not getattr(i, "deferrable", False)]
+        later = [i for i in insts if getattr(i, "deferrable", False)]
+        done: list[PassRecord] = []
+        step, checking = steps[0], False
+        try:
+            _call(later, "before_pass", step, self.passes[step - 1], graph)
+            for step in steps:
+                p = self.passes[step - 1]
+                _call(now, "before_pass", step, p, graph)
+                graph, record = self._step(p, graph, ctx)
+                _call(now, "after_pass", step, p, graph, record)
+                done.append(record)
+            together = dataclasses.replace(done[-1], changed=any(r.changed for r in done))
+            checking = True
+            _call(later, "after_pass", step, self.passes[step - 1], graph, together)
+        except Exception as e:  # noqa: BLE001 - replayed to name the pass that failed
+            raise self._replay(saved, ctx, insts, steps[:steps.index(step) + 1], graph, e, checking) from e
+        records += done
+        return graph
+
+    def _replay(self, saved: Checkpoint, ctx: PassContext, insts: list[Any], steps: list[int], graph: Graph,
+                error: Exception, checking: bool) -> Exception:
+        """The error for a failure in a group of deferred steps. The steps before the one that failed (all of
+        them when the deferred checks failed) run again from the group's input, one at a time with fresh
+        built-in checks after each: a failure there is the error (it names the first pass that broke the
+        graph). Otherwise the failure is reported as seen, at its step, with that step's input for the dumps."""
+        before = None
+        stale = saved.modified_params()  # changed in place: a replay would not start from the same weights
+        if not stale:
+            checks = [i for i in self.instrumentations_for(ctx)
+                      if i not in self.instrumentations and not isinstance(i, PrintIR)]
+            replayed = saved.restore()
+            try:
+                replayed = self._run_steps(replayed, ctx, checks, steps if checking else steps[:-1], [])
+            except Exception as e:  # noqa: BLE001 - the failure, named with its step
+                return e
+            finally:
+                _call(checks, "after_run", replayed)
+            before = None if checking else replayed.checkpoint()
+        last = steps[-1]
+        f = Failure(last, len(self.passes), self.passes[last - 1], "", graph, before, self.dump_dir)
+        e = self._failure(insts, f, error)
+        if not (checking or stale):
+            return e
+        message = e.args[0]
+        if checking:  # no single pass is to blame: name the group
+            head = f"pass '{f.pass_.name}' (step {last} of {f.steps}: {f.pass_})"
+            names = ", ".join(f"'{self.passes[s - 1].name}'" for s in steps)
+            message = message.replace(head, f"passes {names} (steps {steps[0]}-{last} of {f.steps}, checked "
+                                             "together)", 1)
+        why = (f"params changed in place ({', '.join(stale[:3])}) prevent replaying the steps one at a time"
+               if stale else "each of them alone passed the checks when replayed")
+        e.args = (f"{message}\n  ({why})", *e.args[1:])
+        return e
 
     def _failure(self, insts: list[Any], f: Failure, e: Exception) -> Exception:
         """The error to raise for a failed step: the pass named with its step, the files written for it. An

@@ -16,7 +16,7 @@ from slimfx.cli import main
 from slimfx.ir.errors import PassError, RecipeError
 from slimfx.ir.evaluate import Evaluator
 from slimfx.ir.verify import Verifier, VerifyError
-from slimfx.passes import Pass, PassContext, PassManager, create_pass, register_pass
+from slimfx.passes import Pass, PassContext, PassManager, PassResult, create_pass, option, register_pass
 from slimfx.plugins import load_plugin
 from tests.passes.nets import ConvBnNet, make
 
@@ -208,6 +208,129 @@ def test_failure_dumps_can_be_switched_off(case, plugin):
     with pytest.raises(RecipeError) as e:
         PassManager(["test-replay-raises"], failure_dumps=False).run(g, PassContext(example_inputs=(x,)))
     assert "IR before" not in str(e.value) and "replay:" not in str(e.value)
+
+
+# --- checks deferred over a run of output-preserving rewrites ----------------------------------------------
+
+@register_pass("test-wrong-meta")
+class WrongMeta(Pass):
+    """Leaves an invalid graph: the first relu records a shape it does not compute."""
+
+    def run(self, graph, ctx):
+        graph.find("relu")[0].meta = ir.TensorMeta((1, 2, 3), torch.float32)
+        return PassResult(changed=True)
+
+
+@register_pass("test-scale-weights")
+class ScaleWeights(Pass):
+    """Scales the first weight by `factor` (a new tensor, or in place): changes the outputs."""
+
+    factor: float = option(2.0, help="the scale")
+    in_place: bool = option(False, help="edit the tensor in place")
+
+    def run(self, graph, ctx):
+        name = next(k for k in graph.params if k.endswith("weight"))  # c1.weight (read through a mask or not)
+        if self.in_place:
+            with torch.no_grad():
+                graph.params[name].mul_(self.factor)
+        else:
+            graph.params[name] = graph.params[name] * self.factor
+        return PassResult(changed=True)
+
+
+def _count_checks(monkeypatch) -> dict[str, int]:
+    calls = {"verify": 0, "evaluate": 0}
+    real_v, real_e = Verifier.__call__, Evaluator.__call__
+
+    def verify(self, graph):
+        calls["verify"] += 1
+        return real_v(self, graph)
+
+    def evaluate(self, graph):
+        calls["evaluate"] += 1
+        return real_e(self, graph)
+
+    monkeypatch.setattr(Verifier, "__call__", verify)
+    monkeypatch.setattr(Evaluator, "__call__", evaluate)
+    return calls
+
+
+@pytest.mark.parametrize("every, verified, evaluated", [(False, 3, 4), (True, 5, 6)])
+def test_checks_run_once_after_each_run_of_preserving_rewrites(case, monkeypatch, every, verified, evaluated):
+    _, x, g = case
+    calls = _count_checks(monkeypatch)
+    same = "test-scale-weights{factor=1.0}"  # changes the graph (a new weight tensor), not its outputs
+    run = PassManager([same, same, "prune-weights{sparsity=0.5}", same, same], check_numerics=1e-5,
+                      check_every_pass=every).run(g, PassContext(example_inputs=(x,)))
+    assert len(run) == 5 and all(r.changed for r in run)
+    # deferred: groups [1, 2], [3] (lossy: checked alone), [4, 5]; verified after each group, outputs computed
+    # before and after each group of rewrites. Every pass: verified 5 times, outputs before and after each pass
+    # (the reference starts again after the lossy pass).
+    assert calls == {"verify": verified, "evaluate": evaluated}
+
+
+def _strip_paths(message: str) -> str:
+    return re.sub(r"/\S+", "PATH", message)
+
+
+@pytest.mark.parametrize("pipeline, step, what", [
+    (["fold-batchnorm", "test-replay-relu-to-sigmoid", "cse", "dce"], 2, "changed the outputs beyond"),
+    (["remove-identity", "fold-batchnorm", "test-wrong-meta", "dce"], 3, "left an invalid graph"),
+    (["fold-batchnorm", "test-scale-weights", "dce"], 2, "changed the outputs beyond"),
+])
+def test_a_failure_inside_a_group_names_the_pass_as_if_each_was_checked(case, plugin, tmp_path, pipeline, step,
+                                                                          what):
+    _, x, g = case
+    messages = []
+    for every in (False, True):
+        with pytest.raises(PassError) as e:
+            PassManager(pipeline, check_numerics=1e-4, check_every_pass=every, dump_dir=tmp_path / str(every)).run(
+                g.copy(), PassContext(example_inputs=(x,)))
+        messages.append(str(e.value))
+    deferred, each = messages
+    name = pipeline[step - 1]
+    assert deferred.startswith(f"pass '{name}' (step {step} of {len(pipeline)}") and what in deferred
+    assert _strip_paths(deferred) == _strip_paths(each)  # the same error, dumps and reproducer either way
+    before = _files(deferred)["IR before the pass"].read_text()
+    assert "batch_norm(" not in before  # the input of the failing step: after fold-batchnorm
+
+
+def test_a_crash_caused_by_an_earlier_pass_is_blamed_on_that_pass(case, monkeypatch):
+    _, x, g = case
+    from slimfx.passes.cleanup import DeadCodeElimination
+
+    monkeypatch.setattr(DeadCodeElimination, "run", lambda self, graph, ctx: 1 / 0)
+    with pytest.raises(PassError) as e:
+        PassManager(["fold-batchnorm", "test-wrong-meta", "dce"]).run(g, PassContext(example_inputs=(x,)))
+    assert str(e.value).startswith("pass 'test-wrong-meta' (step 2 of 3") and "left an invalid graph" in str(e.value)
+
+
+def test_a_group_failure_no_single_pass_reproduces_says_so(case):
+    _, x, g = case
+    # each scaling moves the outputs by ~1e-4 of their magnitude: each alone within 1.5e-4, both together not
+    pipeline, ctx = ["test-scale-weights{factor=1.01}"] * 2, PassContext(example_inputs=(x,))
+    PassManager(pipeline, check_numerics=1.5e-4, check_every_pass=True).run(g.copy(), ctx)
+    with pytest.raises(PassError) as e:
+        PassManager(pipeline, check_numerics=1.5e-4).run(g, ctx)
+    msg = str(e.value)
+    assert msg.startswith("passes 'test-scale-weights', 'test-scale-weights' (steps 1-2 of 2, checked together) "
+                          "changed the outputs beyond check_numerics=0.00015")
+    assert "(each of them alone passed the checks when replayed)" in msg
+
+
+def test_params_changed_in_place_are_named_when_they_prevent_a_replay(case):
+    m, x, g = case
+    with pytest.raises(PassError) as e:
+        PassManager(["test-scale-weights{in_place=true}", "fold-batchnorm", "dce"], check_numerics=1e-4).run(
+            g, PassContext(example_inputs=(x,)))
+    msg = str(e.value)
+    assert msg.startswith("passes 'test-scale-weights', 'fold-batchnorm', 'dce' (steps 1-3 of 3, checked together) "
+                          "changed the outputs beyond")
+    assert "(params changed in place (c1.weight) prevent replaying the steps one at a time)" in msg
+    # after fold-batchnorm the weight is a new tensor: an in-place edit then does not stop the replay
+    with pytest.raises(PassError, match=r"^pass 'test-scale-weights' \(step 2 of 3"):
+        PassManager(["fold-batchnorm", "test-scale-weights{in_place=true}", "dce"], check_numerics=1e-4).run(
+            ir.capture(m, (x,)), PassContext(example_inputs=(x,)))
 
 
 # --- the incremental verifier and evaluator --------------------------------------------------------------------
