@@ -142,6 +142,30 @@ def atomic_path(path: str | os.PathLike, *, keep_on_error: bool = False) -> Iter
     os.replace(tmp, target)
 
 
+def pack_small_tensors(module: torch.nn.Module, limit_bytes: int = 1 << 16) -> int:
+    """Make the module's parameters and buffers under `limit_bytes` views of one storage per dtype; returns
+    how many. PyTorch's file formats write one zip member per storage (about 130 bytes of headers each), so a
+    quantized model's many scales, zero points and biases cost more in headers than in data otherwise."""
+    by_dtype: dict[torch.dtype, list[tuple[dict, str, torch.Tensor]]] = {}
+    for mod in module.modules():
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                if t is not None and t.numel() * t.element_size() < limit_bytes:
+                    by_dtype.setdefault(t.dtype, []).append((table, name, t))
+    packed = 0
+    for items in by_dtype.values():
+        if len(items) < 2:
+            continue
+        flat = torch.cat([t.detach().reshape(-1) for _, _, t in items])
+        offset = 0
+        for table, name, t in items:
+            view = flat[offset:offset + t.numel()].view(t.shape)
+            offset += t.numel()
+            table[name] = torch.nn.Parameter(view, t.requires_grad) if isinstance(t, torch.nn.Parameter) else view
+        packed += len(items)
+    return packed
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     import time
 

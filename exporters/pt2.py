@@ -26,6 +26,7 @@ from slimfx.exporters._common import (
     as_tuple,
     atomic_path,
     example_inputs,
+    pack_small_tensors,
     raise_if_invalid,
     validation_sets,
     with_batch,
@@ -59,6 +60,7 @@ def to_exported_program(graph: Graph, inputs: tuple, *, dynamic_batch: bool = Tr
     """The graph's lowering through torch.export (non-strict: the lowering is plain torch calls), with
     dim 0 of every input dynamic when possible; falls back to the example's fixed shapes (said in info)."""
     gm = lower(graph, copy_params=True).eval()
+    pack_small_tensors(gm)
     info: dict[str, Any] = {"dynamic_batch": False, "weights": weight_storage(graph)}
     # torch.export specializes a size-1 dim: trace at batch 2 so the batch stays symbolic.
     trace_inputs = with_batch(inputs, 2) if inputs and isinstance(inputs[0], torch.Tensor) \
@@ -82,6 +84,22 @@ def to_exported_program(graph: Graph, inputs: tuple, *, dynamic_batch: bool = Tr
                               f"{str(e).splitlines()[0] if str(e) else ''}; export ONNX or TorchScript instead "
                               "(--format onnx / torchscript)") from e
     return ep, info
+
+
+_DEBUG_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "custom", "from_node")
+
+
+def drop_debug_info(ep: torch.export.ExportedProgram) -> None:
+    """Leave out of the file what only points into slimfx's generated lowering: each node's Python stack,
+    module stack and trace provenance, and the dtype asserts torch.export adds after every `.to()` (a
+    quantized model has one per dequantized tensor); together a third of a small int8 model's program."""
+    graph = ep.graph_module.graph
+    for n in list(graph.nodes):
+        for key in _DEBUG_META:
+            n.meta.pop(key, None)
+        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users:
+            graph.erase_node(n)
+    ep.graph_module.recompile()
 
 
 def deflate_zip(src: Path, dst: Path, *, root: str | None = None, drop_suffixes: tuple[str, ...] = ()) -> None:
@@ -115,6 +133,7 @@ def export_pt2(graph: Graph, path: str | os.PathLike, *, inputs: Any = None, val
     with atomic_path(path, keep_on_error=keep_invalid) as tmp, tempfile.TemporaryDirectory(prefix="slimfx-pt2-") as d:
         # torch.export's archive reader wants names ending in .pt2: write and check there, then move.
         raw, packed = Path(d) / "raw.pt2", Path(d) / "model.pt2"
+        drop_debug_info(ep)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.export.save(ep, str(raw if compress else packed))
@@ -140,4 +159,4 @@ def load_pt2(path: str | os.PathLike) -> torch.nn.Module:
         return torch.export.load(str(path)).module()
 
 
-__all__ = ["export_pt2", "to_exported_program", "load_pt2", "weight_storage", "deflate_zip"]
+__all__ = ["export_pt2", "to_exported_program", "load_pt2", "weight_storage", "deflate_zip", "drop_debug_info"]

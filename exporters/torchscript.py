@@ -21,6 +21,7 @@ from slimfx.exporters._common import (
     as_tuple,
     atomic_path,
     example_inputs,
+    pack_small_tensors,
     raise_if_invalid,
     validation_sets,
 )
@@ -42,7 +43,9 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
     and sizes read from tensors stay dynamic in the trace.
     """
     gm = lower(graph, copy_params=True).eval()
-    info: dict[str, Any] = {"method": "script"}
+    info: dict[str, Any] = {"method": "script", "weights": weight_storage(graph)}
+    if info["weights"] == "int8":  # kept as params (not frozen, below): one zip member per storage
+        pack_small_tensors(gm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation and annotation warnings
         try:
@@ -57,7 +60,6 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
                 raise ExportError(f"TorchScript export of {graph.name} failed: scripting ({reason}) and tracing "
                                   f"({type(e2).__name__}: {e2}) both failed") from e2
         sm = sm.eval()
-        info["weights"] = weight_storage(graph)
         info["optimized"] = False
         if info["weights"] == "int8":
             # Freezing folds dequantize(int8 weight) into float32 constants: the file would hold fake-quant
