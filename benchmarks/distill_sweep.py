@@ -85,6 +85,7 @@ def load(results: Path) -> dict[tuple[str, str, int], dict]:
         for line in results.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
+                r["settings"].setdefault("augment", "none")  # runs stored before the augment option
                 out[_key(r["settings"]), r["pair"], r["seed"]] = r
     return out
 
@@ -115,12 +116,14 @@ def _label(c: dict) -> str:
     if loss.startswith("at"):
         parts.append(f"beta={c['beta']:g}")
     parts.append(f"{c['epochs']}ep lr={c['lr']:g}")
+    if c.get("augment", "none") != "none":
+        parts.append(c["augment"])
     return " ".join(parts)
 
 
 def cfg(loss: str, **kw) -> dict:
     """A run's settings; the options a loss does not read are None, so they never split a cell."""
-    d = {"loss": loss, "T": 4.0, "alpha": 0.9, "beta": 1000.0, **BASE, **kw}
+    d = {"loss": loss, "T": 4.0, "alpha": 0.9, "beta": 1000.0, **BASE, "augment": "none", **kw}
     if loss.split("+")[-1] not in ("kd", "ctkd", "logit-std"):
         d["T"] = d["alpha"] = None
     if not loss.startswith("at"):
@@ -131,7 +134,13 @@ def cfg(loss: str, **kw) -> dict:
 def default_cfg() -> dict:
     from slimfx.distilling import DEFAULTS as D
 
-    return cfg(D.loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, batch_size=D.batch_size)
+    return cfg(D.loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, batch_size=D.batch_size,
+               augment=D.augment)
+
+
+def ce_of(c: dict) -> dict:
+    """The scratch baseline of a config: what `--baseline` trains, the same budget and augmentation."""
+    return cfg("ce", epochs=c["epochs"], lr=c["lr"], augment=c.get("augment", "none"))
 
 
 def final_stage() -> list[dict]:
@@ -139,9 +148,9 @@ def final_stage() -> list[dict]:
     from slimfx.distilling import DEFAULTS as D
 
     d = default_cfg()
-    return [cfg("ce", epochs=D.epochs, lr=D.lr), d] + [
-        cfg(loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr) for loss in ("kd", "at+kd")
-        if loss != D.loss]
+    return [ce_of(d), d] + [
+        cfg(loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, augment=D.augment)
+        for loss in ("kd", "at+kd") if loss != D.loss]
 
 
 def cell(done: dict, c: dict, split: str = "validation", seeds: tuple[int, ...] = SEEDS) -> dict[str, float] | None:
@@ -192,17 +201,43 @@ def scouted(done: dict) -> list[dict]:
 def refine_stage(done: dict) -> list[dict]:
     """The two best scouted configs and the scratch baseline at their budgets, on every seed."""
     tops = sorted((c for c in scouted(done) if c["loss"] != "ce"), key=lambda c: -_scout(done, c))[:2]
-    ces = {_key(cfg("ce", epochs=c["epochs"], lr=c["lr"])): cfg("ce", epochs=c["epochs"], lr=c["lr"]) for c in tops}
+    ces = {_key(ce_of(c)): ce_of(c) for c in tops}
     return tops + list(ces.values())
 
 
+PATIENT = dict(epochs=40, lr=1e-2)
+MIXUPS = ("mixup:1", "mixup:0.4")
+
+
+def patient() -> list[dict]:
+    """Round 2 (consistent, patient teaching): ce and kd at 40 epochs without and with mixup, where the teacher
+    answers on the blended inputs and `--baseline` trains on the same blends with blended labels; plus pure
+    function matching (T=1, alpha=1: the teacher's output as the only target)."""
+    out = []
+    for aug in ("none", *MIXUPS):
+        out += [cfg("ce", augment=aug, **PATIENT), cfg("kd", T=2.0, alpha=0.9, augment=aug, **PATIENT)]
+    return out + [cfg("kd", T=1.0, alpha=1.0, augment="mixup:1", **PATIENT)]
+
+
+def gain(done: dict, c: dict, seeds: tuple[int, ...] = SCOUT) -> float:
+    """Validation accuracy over the scratch baseline of the same budget and augmentation (what --baseline shows)."""
+    v, b = cell(done, c, seeds=seeds), cell(done, ce_of(c), seeds=seeds)
+    return v["mean"] - b["mean"] if v and b else -1.0
+
+
+def refine2_stage(done: dict) -> list[dict]:
+    """The two patient configs with the largest scouted gain over their baseline, and those baselines."""
+    tops = sorted((c for c in patient() if c["loss"] != "ce"), key=lambda c: -gain(done, c))[:2]
+    return tops + list({_key(ce_of(c)): ce_of(c) for c in tops}.values())
+
+
 def table(done: dict, configs: list[dict], split: str = "validation", seeds: tuple[int, ...] = SEEDS) -> str:
-    rows = [f"| config | {' | '.join(PAIRS)} | mean | vs ce (same budget) |", "|---|" + "---|" * (len(PAIRS) + 2)]
+    rows = [f"| config | {' | '.join(PAIRS)} | mean | vs ce (same budget, augment) |", "|---|" + "---|" * (len(PAIRS) + 2)]
     for c in configs:
         v = cell(done, c, split, seeds)
         if v is None:
             continue
-        ce = cell(done, cfg("ce", epochs=c["epochs"], lr=c["lr"]), split, seeds)
+        ce = cell(done, ce_of(c), split, seeds)
         gain = f"{(v['mean'] - ce['mean']) * 100:+.2f}" if ce and c["loss"] != "ce" else "—"
         rows.append(f"| {_label(c)} | " + " | ".join(f"{v[p] * 100:.2f}" for p in PAIRS)
                     + f" | {v['mean'] * 100:.2f} | {gain} |")
@@ -217,6 +252,10 @@ def report(done: dict) -> None:
             stages.append(("budget", budget_stage(done), SCOUT))
             if all(cell(done, c, seeds=SCOUT) for c in budget_stage(done)):
                 stages.append(("refine", refine_stage(done), SEEDS))
+    if all(cell(done, c, seeds=SCOUT) for c in patient()):
+        stages.append(("patient", patient(), SCOUT))
+        if all(cell(done, c) for c in refine2_stage(done)):
+            stages.append(("refine2", refine2_stage(done), SEEDS))
     for name, configs, seeds in stages:
         print(f"\n### {name}: validation accuracy %, mean of seed{'s' * (len(seeds) > 1)} "
               f"{', '.join(map(str, seeds))}\n")
@@ -233,7 +272,8 @@ def report(done: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=("all", "coarse", "at", "budget", "refine", "final", "report"), default="all")
+    ap.add_argument("--stage", choices=("all", "coarse", "at", "budget", "refine", "patient", "refine2", "final",
+                                        "report"), default="all")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "distill_sweep.jsonl")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -245,7 +285,8 @@ def main() -> None:
         models.get(TEACHER).trained(seed=s, progress=False)
     done = load(args.results)
     for stage, configs, seeds in (("coarse", lambda d: coarse(), SCOUT), ("at", at_stage, SCOUT), ("budget", budget_stage, SCOUT),
-                                  ("refine", refine_stage, SEEDS), ("final", lambda d: final_stage(), SEEDS)):
+                                  ("refine", refine_stage, SEEDS), ("patient", lambda d: patient(), SCOUT),
+                                  ("refine2", refine2_stage, SEEDS), ("final", lambda d: final_stage(), SEEDS)):
         if args.stage in ("all", stage):
             done = run_all(configs(done), args.results, args.jobs, args.threads, seeds)
     report(done)

@@ -105,6 +105,7 @@ def test_attention_transfer_pairs_are_automatic_and_printed_and_named_pairs_win(
     (["--threads", "0"], "argument --threads: invalid value '0'"),
     (["--beta", "-1"], "argument --beta: invalid value '-1'"),
     (["--student", "student.py"], "student.py looks like a file: name the callable"),
+    (["--augment", "crop"], "argument --augment: unknown augment 'crop'; use 'none', 'mixup'"),
 ])
 def test_distill_user_errors_exit_2_with_the_fix(project, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(project)
@@ -113,6 +114,21 @@ def test_distill_user_errors_exit_2_with_the_fix(project, capsys, monkeypatch, e
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (project / "student.pt").exists()
+
+
+def test_augment_reaches_both_arms_and_the_report(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    argv = ["distill", "digits_cnn", "--student", "student.py:make", "--data", "data.py:make_data", "--epochs", "1",
+            "--baseline", "--quiet", "--json", "r.json"]
+    runs = {}
+    for aug in ("none", "mixup:0.5", "mixup:0.5"):
+        assert main([*argv, "--augment", aug]) == 0
+        report = json.loads((project / "r.json").read_text())
+        assert report["settings"]["augment"] == aug
+        runs.setdefault(aug, []).append([report[k]["history"][0]["loss"] for k in ("student", "baseline")])
+    (plain,), (mixed, again) = runs["none"], runs["mixup:0.5"]
+    assert mixed == again  # seeded
+    assert mixed[0] != plain[0] and mixed[1] != plain[1]  # the distilled student and the scratch baseline both mix
 
 
 def _free_port() -> int:
