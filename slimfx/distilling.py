@@ -32,10 +32,10 @@ class Settings:
     T: float = 2.0
     alpha: float = 0.9
     beta: float = 10.0
-    epochs: int = 15
+    epochs: int = 40
     lr: float = 1e-2
     batch_size: int = 64
-    augment: str = "none"
+    augment: str = "mixup:1"
     features: tuple[tuple[str, str], ...] = ()
 
     def loss_options(self) -> dict[str, Any]:

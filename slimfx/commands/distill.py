@@ -110,6 +110,18 @@ def _runs_on(role: str, spec: str, module: torch.nn.Module, inputs: tuple, class
                           f"it returns {list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
 
 
+def _augments(augment: str, inputs: tuple) -> None:
+    """SlimfxError naming --augment none when the augmentation cannot apply to the data's inputs."""
+    from slimfx.passes.distill.augment import apply
+
+    try:
+        apply(parse_augment(augment), tuple(inputs), None, torch.Generator().manual_seed(0))
+    except SlimfxError as e:
+        default = " (the default)" if augment == DEFAULTS.augment else ""
+        raise SlimfxError(f"--augment {augment}{default} does not fit this data: {e} (on the command line: "
+                          "--augment none)") from None
+
+
 def _data(args: argparse.Namespace, teacher_spec: str):
     """(a function giving the Data afresh, a description, number of classes or None) from --data or the zoo."""
     from slimfx import models
@@ -171,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
         # Everything cheap is checked before the teacher is loaded (a zoo teacher trains on first use).
         _runs_on("student", args.student, make_student(), first_inputs, classes)
+        _augments(settings.augment, first_inputs)
         teacher = ranks.first(lambda: resolve_model(teacher_spec, seed=args.seed,
                                                     progress=not args.quiet and ranks.main, need_inputs=False))
         _runs_on("teacher", args.model, teacher.module, first_inputs, classes)

@@ -131,6 +131,37 @@ def test_augment_reaches_both_arms_and_the_report(project, capsys, monkeypatch):
     assert mixed[0] != plain[0] and mixed[1] != plain[1]  # the distilled student and the scratch baseline both mix
 
 
+TOKENS = """\
+import torch
+import torch.nn as nn
+
+import slimfx
+
+
+def make_data():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50, (96, 6), generator=g), torch.randint(0, 3, (96,), generator=g)
+    return slimfx.Data(train=(x[:64], y[:64]), validation=(x[64:], y[64:]))
+
+
+def model():
+    return nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(24, 3))
+"""
+
+
+def test_default_mixup_on_token_ids_is_refused_before_training_with_the_flag_that_fixes_it(project, capsys,
+                                                                                           monkeypatch):
+    monkeypatch.chdir(project)
+    (project / "tokens.py").write_text(TOKENS)
+    argv = ["distill", "tokens.py:model", "--student", "tokens.py:model", "--data", "tokens.py:make_data",
+            "--epochs", "1", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--augment mixup:1 (the default) does not fit this data" in err and "(on the command line: --augment " \
+        "none)" in err and "input 0 is [32, 6] (torch.int64)" in err and not (project / "student.pt").exists()
+    assert main([*argv, "--augment", "none"]) == 0 and (project / "student.pt").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -101,3 +101,16 @@ def test_augment_errors_name_the_input_and_the_fix():
         list(TrainData((torch.rand(8, 16), torch.rand(8)), 8, 0, "mixup").epoch(0))
     with pytest.raises(PassError, match="not below the model's 3 outputs"):
         MixedTarget(torch.tensor([5]), torch.tensor([0]), torch.tensor([0.5])).probs(3)
+
+
+def test_the_pass_and_the_default_recipe_distil_with_the_sweeps_loss_T_alpha_and_beta():
+    from slimfx.distilling import DEFAULTS
+    from slimfx.recipe import load_recipe
+
+    (opts,) = [o for name, o in load_recipe("default").passes if name == "distill"]
+    step = parse_pass_spec("distill")
+    for name in ("loss", "T", "alpha", "beta"):
+        assert getattr(step, name) == getattr(DEFAULTS, name) and opts.get(name, getattr(DEFAULTS, name)) == \
+            getattr(DEFAULTS, name), name
+    # the fine-tune keeps plain batches: it runs on any model (token ids cannot be blended)
+    assert step.augment == "none" and parse_augment(DEFAULTS.augment).kind == "mixup"
