@@ -22,6 +22,7 @@ Round 2, same pairs, consistent and patient teaching (Beyer et al. 2022):
 Round 3, students far below the teacher: `shallow`, `thin` (4 conv layers of 4-8 channels, 1.4k), `mlp` (no
 convolution, 1.2k):
   small:  round 2's refined configs and their baseline                                         seeds 0 1 2
+  at3:    at+kd at the pick with beta in {1, 10, 100} (the at* losses' beta)                    seeds 0 1 2
   final:  the defaults (slimfx.distilling.DEFAULTS, which must be what `small` picks), their baseline, and kd and
           at+kd (automatic pairs) at the defaults' settings, scored on test                    seeds 0 1 2
 
@@ -261,6 +262,20 @@ def chosen(done: dict) -> dict | None:
     return max(cands, key=lambda c: cell(done, c, pairs=SMALL)["mean"]) if cands else None
 
 
+def at3_stage(done: dict) -> list[dict]:
+    """Round 3's attention-transfer weight: at+kd at the picked config with beta in {1, 10, 100} (beta=10 came
+    from round 1, without augmentation); the at* losses' default beta is the best on validation."""
+    pick = chosen(done) or default_cfg()
+    return [{**pick, "loss": "at+kd", "beta": b} for b in (1.0, 10.0, 100.0)]
+
+
+def beta_pick(done: dict) -> float | None:
+    """The at* losses' beta: the at3 config with the highest validation accuracy over the pairs it runs on."""
+    cands = [(cell(done, c, pairs=SMALL), c) for c in at3_stage(done)]
+    cands = [(v["mean"], c["beta"]) for v, c in cands if v and v["mean"] is not None]
+    return max(cands)[1] if cands else None
+
+
 def table(done: dict, configs: list[dict], split: str = "validation", seeds: tuple[int, ...] = SEEDS,
           pairs: tuple[str, ...] = PAIRS) -> str:
     rows = [f"| config | {' | '.join(pairs)} | mean | vs ce (same budget, augment) |",
@@ -291,15 +306,24 @@ def report(done: dict) -> None:
         if all(cell(done, c) for c in refine2_stage(done)):
             stages.append(("refine2", refine2_stage(done), SEEDS, PAIRS))
             stages.append(("small", small_stage(done), SEEDS, SMALL))
+            stages.append(("at3", at3_stage(done), SEEDS, SMALL))
     for name, configs, seeds, pairs in stages:
         print(f"\n### {name}: validation accuracy %, mean of seed{'s' * (len(seeds) > 1)} "
               f"{', '.join(map(str, seeds))}\n")
         print(table(done, configs, seeds=seeds, pairs=pairs))
+        if name == "refine2":  # read before round 3 was planned: why round 3 changed the students
+            print("\n### refine2 on the test split (read after round 2), mean of seeds 0, 1, 2\n")
+            print(table(done, configs, "test", pairs=pairs))
     pick = chosen(done)
     if pick is not None:
         same = _key(pick) == _key(default_cfg())
         print(f"\nthe sweep picks {_label(pick)}; slimfx.distilling.DEFAULTS {'are' if same else 'are NOT'} that "
               f"({_label(default_cfg())})")
+    beta = beta_pick(done)
+    if beta is not None:
+        from slimfx.distilling import DEFAULTS
+
+        print(f"the sweep picks beta={beta:g} for the at* losses; DEFAULTS.beta is {DEFAULTS.beta:g}")
     final = final_stage()
     print(f"\n### the defaults ({_label(final[1])}) on the test split, mean of seeds {', '.join(map(str, SEEDS))}\n")
     print(table(done, final, "test", pairs=SMALL))
@@ -318,7 +342,7 @@ def report(done: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=("all", "coarse", "at", "budget", "refine", "patient", "refine2", "small",
-                                        "final", "report"), default="all")
+                                        "at3", "final", "report"), default="all")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "distill_sweep.jsonl")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -333,7 +357,7 @@ def main() -> None:
             ("coarse", lambda d: coarse(), SCOUT, PAIRS), ("at", at_stage, SCOUT, PAIRS),
             ("budget", budget_stage, SCOUT, PAIRS), ("refine", refine_stage, SEEDS, PAIRS),
             ("patient", lambda d: patient(), SCOUT, PAIRS), ("refine2", refine2_stage, SEEDS, PAIRS),
-            ("small", small_stage, SEEDS, SMALL), ("final", lambda d: final_stage(), SEEDS, SMALL)):
+            ("small", small_stage, SEEDS, SMALL), ("at3", at3_stage, SEEDS, SMALL), ("final", lambda d: final_stage(), SEEDS, SMALL)):
         if args.stage in ("all", stage):
             done = run_all(configs(done), args.results, args.jobs, args.threads, seeds, pairs)
     report(done)

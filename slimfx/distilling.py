@@ -31,7 +31,7 @@ class Settings:
     loss: str = "kd"
     T: float = 2.0
     alpha: float = 0.9
-    beta: float = 10.0
+    beta: float = 1.0
     epochs: int = 40
     lr: float = 1e-2
     batch_size: int = 64

@@ -35,8 +35,8 @@ class KDRecovery(Pass):
                                       "needs it between 1 and 20")
     alpha: float = option(0.9, ge=0, le=1, help="weight of the teacher (soft) term; 1 - alpha weighs the "
                                                 "labels (kd, ctkd, logit-std)")
-    beta: float = option(10.0, ge=0, help="weight of the attention-transfer term (at* losses); the paper's "
-                                          "1e3 wrecks small students, 10 and 100 tied in the sweep")
+    beta: float = option(1.0, ge=0, help="weight of the attention-transfer term (at* losses); 1 won the sweep "
+                                         "over 10 and 100, the paper's 1e3 wrecks small students")
     features: list[str] = option([], help=(
         "attention-transfer pairs 'student_feature:teacher_feature' (node names or module paths), "
         "e.g. ['layer2:layer2']; empty: the at* losses pair the last feature map of each spatial size the "

@@ -252,7 +252,9 @@ def _format(report: dict) -> str:
         b = report["baseline"]
         split = "test" if sp["accuracy"] == "test" else "validation"
         gain = (s[f"{split}_accuracy"] - b[f"{split}_accuracy"]) * 100
-        lines.append(f"distillation vs from scratch: {gain:+.2f} pt on {split} (same epochs, lr, batches and seed)")
+        aug = report["settings"]["augment"]
+        same = f"same epochs, lr, batches{', augmentation ' + aug if aug != 'none' else ''} and seed"
+        lines.append(f"distillation vs from scratch: {gain:+.2f} pt on {split} ({same})")
     if s["features"]:
         lines.append(f"attention-transfer pairs (student:teacher): {', '.join(s['features'])}")
     lines.append(f"wrote {s['out']}" + (f", {report['json']}" if report.get("json") else ""))

@@ -76,7 +76,8 @@ def test_user_story_student_file_with_baseline_shows_both_numbers(project):
     assert f"distilled ({s['loss']})" in out and f"{s['test_accuracy'] * 100:.2f}" in out
     assert "from scratch (ce)" in out and f"{b['test_accuracy'] * 100:.2f}" in out
     gain = (s["test_accuracy"] - b["test_accuracy"]) * 100
-    assert f"distillation vs from scratch: {gain:+.2f} pt on test" in out
+    assert f"distillation vs from scratch: {gain:+.2f} pt on test (same epochs, lr, batches, augmentation " \
+           f"{report['settings']['augment']} and seed)" in out
     # not a terminal: one log line per epoch and arm instead of a progress bar
     assert "distill epoch 2/2: loss=" in r.stderr and "baseline epoch 2/2: loss=" in r.stderr
     assert "accuracy is on the validation split" in r.stderr and "\r" not in r.stderr
