@@ -160,11 +160,13 @@ def ce_of(c: dict) -> dict:
 
 
 def final_stage() -> list[dict]:
-    """The defaults, the scratch baseline at their budget, and KD / AT+KD (automatic pairs) at their T, alpha, beta."""
+    """Scratch without augmentation (for reference), the defaults and their baseline, and KD / AT+KD (automatic
+    pairs) at the defaults' settings."""
     from slimfx.distilling import DEFAULTS as D
 
     d = default_cfg()
-    return [ce_of(d), d] + [
+    plain = [ce_of({**d, "augment": "none"})] if d["augment"] != "none" else []  # scratch as it was, for reference
+    return plain + [ce_of(d), d] + [
         cfg(loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, augment=D.augment)
         for loss in ("kd", "at+kd") if loss != D.loss]
 
@@ -325,7 +327,7 @@ def report(done: dict) -> None:
 
         print(f"the sweep picks beta={beta:g} for the at* losses; DEFAULTS.beta is {DEFAULTS.beta:g}")
     final = final_stage()
-    print(f"\n### the defaults ({_label(final[1])}) on the test split, mean of seeds {', '.join(map(str, SEEDS))}\n")
+    print(f"\n### the defaults ({_label(default_cfg())}) on the test split, mean of seeds {', '.join(map(str, SEEDS))}\n")
     print(table(done, final, "test", pairs=SMALL))
     print()
     for c in final:

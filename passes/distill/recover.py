@@ -3,7 +3,8 @@
 Used after pruning: the current graph is the student, `ctx.teacher` (the original model, nn.Module or
 ir.Graph) the teacher, `ctx.train_data` the data. loss, T, alpha and beta default to what
 benchmarks/distill_sweep.py chose for `slimfx distill`; epochs and lr stay a fine-tune's (the graph starts
-from trained weights, the sweep's students from scratch). Trains the graph's params in place; the structure does
+from trained weights, the sweep's students from scratch), and augment stays 'none' (the pass runs on any model,
+token ids included, which mixup cannot blend). Trains the graph's params in place; the structure does
 not change, so every later pass and exporter sees an ordinary graph.
 """
 
