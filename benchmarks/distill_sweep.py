@@ -1,23 +1,30 @@
 """The sweep behind the defaults of `slimfx distill` and the `distill` pass (issue #18).
 
-Three teacher/student pairs on digits (teacher digits_cnn, the zoo's, trained with the run's seed as the command
-does; students from benchmarks/students.py: `narrow` (zoo-like, 3.7k params), `shallow` (one conv stage, 1.4k),
-`dwres` (depthwise-separable residual, global pooling, 2.4k)), seeds 0 1 2, every run through
-slimfx.distilling.train_arm -- the code `slimfx distill` runs -- so a row here is what the command prints.
+Teacher: the zoo's digits_cnn, trained with the run's seed as the command does. Students from
+benchmarks/students.py. Seeds 0 1 2; every run goes through slimfx.distilling.train_arm -- the code `slimfx distill`
+runs -- so a row here is what the command prints. Every run chooses its best epoch on the validation split and every
+choice below is made on validation accuracy (mean over pairs and seeds); test accuracy is recorded too and shown only
+for the final comparison.
 
-Every run chooses its best epoch on the validation split and every choice below is made on validation
-accuracy (mean over pairs and seeds); test accuracy is recorded too and shown only for the final comparison.
+The machine has 2 shared cores, so grids are scouted on seed 0 and the best of them confirmed on seeds 0 1 2.
 
-The machine has 2 shared cores, so the grid is scouted on seed 0 and the best of it confirmed on seeds 0 1 2:
-
-  coarse: 15 epochs, lr 3e-3: ce; kd and logit-std over T in {2, 4} x alpha in {0.5, 0.9}; ctkd (T from 4,
-          alpha 0.5)                                                                           seed 0
-  at:     at+kd at the best kd (T, alpha) with beta in {10, 100}; at+logit-std at the best
-          logit-std (T, alpha), beta 100 (the paper's 1000 wrecks small students)              seed 0
-  budget: ce and the 3 best configs so far at 30 epochs (lr 3e-3) and 15 epochs (lr 1e-2)     seed 0
+Round 1, pairs `narrow` (zoo-like, 3.7k params), `shallow` (one conv stage, 1.4k), `dwres` (depthwise-separable
+residual, 2.4k), no augmentation:
+  coarse: 15 epochs, lr 3e-3: ce; kd and logit-std over T in {2, 4} x alpha in {0.5, 0.9}; ctkd    seed 0
+  at:     at+kd at the best kd (T, alpha), beta in {10, 100}; at+logit-std, beta 100          seed 0
+  budget: ce and the 3 best so far at 30 epochs (lr 3e-3) and 15 epochs (lr 1e-2)              seed 0
   refine: the two best scouted configs and ce at their budgets                                 seeds 0 1 2
-  final:  the defaults (slimfx.distilling.DEFAULTS), ce, and kd and at+kd (automatic pairs) at
-          the defaults' T, alpha, beta and budget, scored on test                              seeds 0 1 2
+Round 2, same pairs, consistent and patient teaching (Beyer et al. 2022):
+  patient: 40 epochs, lr 1e-2: ce and kd (T=2, alpha=0.9) with augment none, mixup:1, mixup:0.4, and pure
+           function matching (kd T=1 alpha=1, mixup:1); the scratch baseline of a config is ce with the same
+           budget and augment (what `--baseline` trains)                                       seed 0
+  refine2: the two patient configs with the largest gain over their baseline, and it           seeds 0 1 2
+Round 3, students far below the teacher: `shallow`, `thin` (4 conv layers of 4-8 channels, 1.4k), `mlp` (no
+convolution, 1.2k):
+  small:  round 2's refined configs and their baseline                                         seeds 0 1 2
+  at3:    at+kd at the pick with beta in {1, 10, 100} (the at* losses' beta)                    seeds 0 1 2
+  final:  the defaults (slimfx.distilling.DEFAULTS, which must be what `small` picks), their baseline, and kd and
+          at+kd (automatic pairs) at the defaults' settings, scored on test                    seeds 0 1 2
 
     .venv/bin/python benchmarks/distill_sweep.py --jobs 2            # all stages (resumes from --results)
     .venv/bin/python benchmarks/distill_sweep.py --stage report      # the tables from the stored runs
@@ -38,7 +45,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-PAIRS = ("narrow", "shallow", "dwres")
+PAIRS = ("narrow", "shallow", "dwres")  # rounds 1 and 2
+SMALL = ("shallow", "thin", "mlp")       # round 3 and the final table: students far below the teacher
 SEEDS = (0, 1, 2)
 SCOUT = (0,)  # the coarse, at and budget stages scout on one seed; refine and final run all three
 TEACHER = "digits_cnn"
@@ -61,6 +69,7 @@ def _one(job: tuple[str, dict, int]) -> dict:
     from slimfx import models
     from slimfx.data import zoo_data
     from slimfx.distilling import Settings, train_arm
+    from slimfx.errors import SlimfxError
 
     pair, settings, seed = job
     s = Settings(**{k: v for k, v in settings.items() if v is not None})
@@ -69,7 +78,11 @@ def _one(job: tuple[str, dict, int]) -> dict:
     data = zoo_data(models.get(TEACHER).dataset, seed=seed, batch_size=s.batch_size)
     torch.manual_seed(seed)  # as slimfx.loading does before calling a student callable
     student = getattr(students, pair)()
-    arm = train_arm(pair, _cache["teacher", seed], student, data, s, seed=seed, quiet=True)
+    try:
+        arm = train_arm(pair, _cache["teacher", seed], student, data, s, seed=seed, quiet=True)
+    except SlimfxError as e:  # e.g. attention transfer on a student without feature maps (mlp)
+        return {"pair": pair, "seed": seed, "settings": settings, "validation": None, "test": None,
+                "error": str(e)}
     return {"pair": pair, "seed": seed, "settings": settings, "validation": arm.validation_accuracy,
             "test": arm.test_accuracy, "best_epoch": arm.best_epoch, "seconds": arm.seconds,
             "features": [f"{a}:{b}" for a, b in arm.features]}
@@ -85,14 +98,16 @@ def load(results: Path) -> dict[tuple[str, str, int], dict]:
         for line in results.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
+                r["settings"].setdefault("augment", "none")  # runs stored before the augment option
                 out[_key(r["settings"]), r["pair"], r["seed"]] = r
     return out
 
 
-def run_all(configs: list[dict], results: Path, jobs: int, threads: int, seeds: tuple[int, ...] = SEEDS) -> dict:
+def run_all(configs: list[dict], results: Path, jobs: int, threads: int, seeds: tuple[int, ...] = SEEDS,
+            pairs: tuple[str, ...] = PAIRS) -> dict:
     done = load(results)
-    todo = [(p, c, s) for c in configs for p in PAIRS for s in seeds if (_key(c), p, s) not in done]
-    print(f"{len(configs)} configs x {len(PAIRS)} pairs x seeds {seeds}: {len(todo)} runs to do", flush=True)
+    todo = [(p, c, s) for c in configs for p in pairs for s in seeds if (_key(c), p, s) not in done]
+    print(f"{len(configs)} configs x {len(pairs)} pairs x seeds {seeds}: {len(todo)} runs to do", flush=True)
     if not todo:
         return done
     t0 = time.perf_counter()
@@ -102,8 +117,10 @@ def run_all(configs: list[dict], results: Path, jobs: int, threads: int, seeds: 
             f.write(json.dumps(r) + "\n")
             f.flush()
             done[_key(r["settings"]), r["pair"], r["seed"]] = r
+            what = (f"val {r['validation'] * 100:.2f} test {r['test'] * 100:.2f}" if "error" not in r
+                    else f"n/a: {r['error'][:80]}")
             print(f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f}s] {r['pair']} seed {r['seed']} "
-                  f"{_label(r['settings'])}: val {r['validation'] * 100:.2f} test {r['test'] * 100:.2f}", flush=True)
+                  f"{_label(r['settings'])}: {what}", flush=True)
     return done
 
 
@@ -115,12 +132,14 @@ def _label(c: dict) -> str:
     if loss.startswith("at"):
         parts.append(f"beta={c['beta']:g}")
     parts.append(f"{c['epochs']}ep lr={c['lr']:g}")
+    if c.get("augment", "none") != "none":
+        parts.append(c["augment"])
     return " ".join(parts)
 
 
 def cfg(loss: str, **kw) -> dict:
     """A run's settings; the options a loss does not read are None, so they never split a cell."""
-    d = {"loss": loss, "T": 4.0, "alpha": 0.9, "beta": 1000.0, **BASE, **kw}
+    d = {"loss": loss, "T": 4.0, "alpha": 0.9, "beta": 1000.0, **BASE, "augment": "none", **kw}
     if loss.split("+")[-1] not in ("kd", "ctkd", "logit-std"):
         d["T"] = d["alpha"] = None
     if not loss.startswith("at"):
@@ -131,28 +150,39 @@ def cfg(loss: str, **kw) -> dict:
 def default_cfg() -> dict:
     from slimfx.distilling import DEFAULTS as D
 
-    return cfg(D.loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, batch_size=D.batch_size)
+    return cfg(D.loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, batch_size=D.batch_size,
+               augment=D.augment)
+
+
+def ce_of(c: dict) -> dict:
+    """The scratch baseline of a config: what `--baseline` trains, the same budget and augmentation."""
+    return cfg("ce", epochs=c["epochs"], lr=c["lr"], augment=c.get("augment", "none"))
 
 
 def final_stage() -> list[dict]:
-    """The defaults, the scratch baseline at their budget, and KD / AT+KD (automatic pairs) at their T, alpha, beta."""
+    """Scratch without augmentation (for reference), the defaults and their baseline, and KD / AT+KD (automatic
+    pairs) at the defaults' settings."""
     from slimfx.distilling import DEFAULTS as D
 
     d = default_cfg()
-    return [cfg("ce", epochs=D.epochs, lr=D.lr), d] + [
-        cfg(loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr) for loss in ("kd", "at+kd")
-        if loss != D.loss]
+    plain = [ce_of({**d, "augment": "none"})] if d["augment"] != "none" else []  # scratch as it was, for reference
+    return plain + [ce_of(d), d] + [
+        cfg(loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, augment=D.augment)
+        for loss in ("kd", "at+kd") if loss != D.loss]
 
 
-def cell(done: dict, c: dict, split: str = "validation", seeds: tuple[int, ...] = SEEDS) -> dict[str, float] | None:
-    """Mean accuracy per pair (over seeds) and overall, or None when a run is missing."""
-    per = {}
-    for p in PAIRS:
+def cell(done: dict, c: dict, split: str = "validation", seeds: tuple[int, ...] = SEEDS,
+         pairs: tuple[str, ...] = PAIRS) -> dict[str, float | None] | None:
+    """Mean accuracy per pair (over seeds) and over the pairs, or None when a run is missing; a pair the config
+    cannot run on (a stored error) is None and left out of the mean."""
+    per: dict[str, float | None] = {}
+    for p in pairs:
         vals = [done.get((_key(c), p, s)) for s in seeds]
         if any(v is None for v in vals):
             return None
-        per[p] = statistics.mean(v[split] for v in vals)
-    per["mean"] = statistics.mean(per[p] for p in PAIRS)
+        per[p] = None if any("error" in v for v in vals) else statistics.mean(v[split] for v in vals)
+    ok = [per[p] for p in pairs if per[p] is not None]
+    per["mean"] = statistics.mean(ok) if ok else None
     return per
 
 
@@ -192,48 +222,129 @@ def scouted(done: dict) -> list[dict]:
 def refine_stage(done: dict) -> list[dict]:
     """The two best scouted configs and the scratch baseline at their budgets, on every seed."""
     tops = sorted((c for c in scouted(done) if c["loss"] != "ce"), key=lambda c: -_scout(done, c))[:2]
-    ces = {_key(cfg("ce", epochs=c["epochs"], lr=c["lr"])): cfg("ce", epochs=c["epochs"], lr=c["lr"]) for c in tops}
+    ces = {_key(ce_of(c)): ce_of(c) for c in tops}
     return tops + list(ces.values())
 
 
-def table(done: dict, configs: list[dict], split: str = "validation", seeds: tuple[int, ...] = SEEDS) -> str:
-    rows = [f"| config | {' | '.join(PAIRS)} | mean | vs ce (same budget) |", "|---|" + "---|" * (len(PAIRS) + 2)]
+PATIENT = dict(epochs=40, lr=1e-2)
+MIXUPS = ("mixup:1", "mixup:0.4")
+
+
+def patient() -> list[dict]:
+    """Round 2 (consistent, patient teaching): ce and kd at 40 epochs without and with mixup, where the teacher
+    answers on the blended inputs and `--baseline` trains on the same blends with blended labels; plus pure
+    function matching (T=1, alpha=1: the teacher's output as the only target)."""
+    out = []
+    for aug in ("none", *MIXUPS):
+        out += [cfg("ce", augment=aug, **PATIENT), cfg("kd", T=2.0, alpha=0.9, augment=aug, **PATIENT)]
+    return out + [cfg("kd", T=1.0, alpha=1.0, augment="mixup:1", **PATIENT)]
+
+
+def gain(done: dict, c: dict, seeds: tuple[int, ...] = SCOUT) -> float:
+    """Validation accuracy over the scratch baseline of the same budget and augmentation (what --baseline shows)."""
+    v, b = cell(done, c, seeds=seeds), cell(done, ce_of(c), seeds=seeds)
+    return v["mean"] - b["mean"] if v and b else -1.0
+
+
+def refine2_stage(done: dict) -> list[dict]:
+    """The two patient configs with the largest scouted gain over their baseline, and those baselines."""
+    tops = sorted((c for c in patient() if c["loss"] != "ce"), key=lambda c: -gain(done, c))[:2]
+    return tops + list({_key(ce_of(c)): ce_of(c) for c in tops}.values())
+
+
+def small_stage(done: dict) -> list[dict]:
+    """Round 3: round 2's refined configs on students far below the teacher (SMALL), seeds 0 1 2."""
+    return refine2_stage(done)
+
+
+def chosen(done: dict) -> dict | None:
+    """The sweep's pick for the defaults: the distillation config of round 3 with the highest validation accuracy
+    (mean over SMALL pairs and seeds; its baseline is shared, so also the largest gain over it)."""
+    cands = [c for c in small_stage(done) if c["loss"] != "ce" and cell(done, c, pairs=SMALL)]
+    return max(cands, key=lambda c: cell(done, c, pairs=SMALL)["mean"]) if cands else None
+
+
+def at3_stage(done: dict) -> list[dict]:
+    """Round 3's attention-transfer weight: at+kd at the picked config with beta in {1, 10, 100} (beta=10 came
+    from round 1, without augmentation); the at* losses' default beta is the best on validation."""
+    pick = chosen(done) or default_cfg()
+    return [{**pick, "loss": "at+kd", "beta": b} for b in (1.0, 10.0, 100.0)]
+
+
+def beta_pick(done: dict) -> float | None:
+    """The at* losses' beta: the at3 config with the highest validation accuracy over the pairs it runs on."""
+    cands = [(cell(done, c, pairs=SMALL), c) for c in at3_stage(done)]
+    cands = [(v["mean"], c["beta"]) for v, c in cands if v and v["mean"] is not None]
+    return max(cands)[1] if cands else None
+
+
+def table(done: dict, configs: list[dict], split: str = "validation", seeds: tuple[int, ...] = SEEDS,
+          pairs: tuple[str, ...] = PAIRS) -> str:
+    rows = [f"| config | {' | '.join(pairs)} | mean | vs ce (same budget, augment) |",
+            "|---|" + "---|" * (len(pairs) + 2)]
     for c in configs:
-        v = cell(done, c, split, seeds)
+        v = cell(done, c, split, seeds, pairs)
         if v is None:
             continue
-        ce = cell(done, cfg("ce", epochs=c["epochs"], lr=c["lr"]), split, seeds)
-        gain = f"{(v['mean'] - ce['mean']) * 100:+.2f}" if ce and c["loss"] != "ce" else "—"
-        rows.append(f"| {_label(c)} | " + " | ".join(f"{v[p] * 100:.2f}" for p in PAIRS)
-                    + f" | {v['mean'] * 100:.2f} | {gain} |")
+        ce = cell(done, ce_of(c), split, seeds, pairs)
+        ok = [p for p in pairs if v[p] is not None]
+        gain = f"{statistics.mean(v[p] - ce[p] for p in ok) * 100:+.2f}" if ce and ok and c["loss"] != "ce" else "—"
+        note = "" if len(ok) == len(pairs) else f" ({len(ok)} pairs)"
+        rows.append(f"| {_label(c)} | " + " | ".join("n/a" if v[p] is None else f"{v[p] * 100:.2f}" for p in pairs)
+                    + f" | {'n/a' if v['mean'] is None else format(v['mean'] * 100, '.2f')}{note} | {gain} |")
     return "\n".join(rows)
 
 
 def report(done: dict) -> None:
-    stages = [("coarse", coarse(), SCOUT)]
+    stages = [("coarse", coarse(), SCOUT, PAIRS)]
     if all(cell(done, c, seeds=SCOUT) for c in coarse()):
-        stages.append(("at", at_stage(done), SCOUT))
+        stages.append(("at", at_stage(done), SCOUT, PAIRS))
         if all(cell(done, c, seeds=SCOUT) for c in at_stage(done)):
-            stages.append(("budget", budget_stage(done), SCOUT))
+            stages.append(("budget", budget_stage(done), SCOUT, PAIRS))
             if all(cell(done, c, seeds=SCOUT) for c in budget_stage(done)):
-                stages.append(("refine", refine_stage(done), SEEDS))
-    for name, configs, seeds in stages:
+                stages.append(("refine", refine_stage(done), SEEDS, PAIRS))
+    if all(cell(done, c, seeds=SCOUT) for c in patient()):
+        stages.append(("patient", patient(), SCOUT, PAIRS))
+        if all(cell(done, c) for c in refine2_stage(done)):
+            stages.append(("refine2", refine2_stage(done), SEEDS, PAIRS))
+            stages.append(("small", small_stage(done), SEEDS, SMALL))
+            stages.append(("at3", at3_stage(done), SEEDS, SMALL))
+    for name, configs, seeds, pairs in stages:
         print(f"\n### {name}: validation accuracy %, mean of seed{'s' * (len(seeds) > 1)} "
               f"{', '.join(map(str, seeds))}\n")
-        print(table(done, configs, seeds=seeds))
+        print(table(done, configs, seeds=seeds, pairs=pairs))
+        if name == "refine2":  # read before round 3 was planned: why round 3 changed the students
+            print("\n### refine2 on the test split (read after round 2), mean of seeds 0, 1, 2\n")
+            print(table(done, configs, "test", pairs=pairs))
+    pick = chosen(done)
+    if pick is not None:
+        same = _key(pick) == _key(default_cfg())
+        print(f"\nthe sweep picks {_label(pick)}; slimfx.distilling.DEFAULTS {'are' if same else 'are NOT'} that "
+              f"({_label(default_cfg())})")
+    beta = beta_pick(done)
+    if beta is not None:
+        from slimfx.distilling import DEFAULTS
+
+        print(f"the sweep picks beta={beta:g} for the at* losses; DEFAULTS.beta is {DEFAULTS.beta:g}")
     final = final_stage()
-    print(f"\n### the defaults ({_label(final[1])}) on the test split, mean of seeds {', '.join(map(str, SEEDS))}\n")
-    print(table(done, final, "test"))
+    print(f"\n### the defaults ({_label(default_cfg())}) on the test split, mean of seeds {', '.join(map(str, SEEDS))}\n")
+    print(table(done, final, "test", pairs=SMALL))
     print()
     for c in final:
-        if cell(done, c, "test"):
-            print(f"- per seed, {_label(c)}: " + "; ".join(
-                f"{p} " + " ".join(f"{done[_key(c), p, s]['test'] * 100:.2f}" for s in SEEDS) for p in PAIRS))
+        if cell(done, c, "test", pairs=SMALL):
+            runs = {p: [done[_key(c), p, s] for s in SEEDS] for p in SMALL}
+            vals = {p: [r["test"] * 100 for r in rs] for p, rs in runs.items() if all("error" not in r for r in rs)}
+            errors = {p: rs[0]["error"] for p, rs in runs.items() if p not in vals}
+            print(f"- {_label(c)}, test % per seed (mean ± std): " + "; ".join(
+                f"{p} {' '.join(f'{v:.2f}' for v in vals[p])} ({statistics.mean(vals[p]):.2f} ± "
+                f"{statistics.stdev(vals[p]):.2f})" if p in vals else f"{p} n/a ({errors[p].split(';')[0]})"
+                for p in SMALL))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=("all", "coarse", "at", "budget", "refine", "final", "report"), default="all")
+    ap.add_argument("--stage", choices=("all", "coarse", "at", "budget", "refine", "patient", "refine2", "small",
+                                        "at3", "final", "report"), default="all")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "distill_sweep.jsonl")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -244,10 +355,13 @@ def main() -> None:
     for s in SEEDS:  # train (or load) the teachers once, before the workers need them
         models.get(TEACHER).trained(seed=s, progress=False)
     done = load(args.results)
-    for stage, configs, seeds in (("coarse", lambda d: coarse(), SCOUT), ("at", at_stage, SCOUT), ("budget", budget_stage, SCOUT),
-                                  ("refine", refine_stage, SEEDS), ("final", lambda d: final_stage(), SEEDS)):
+    for stage, configs, seeds, pairs in (
+            ("coarse", lambda d: coarse(), SCOUT, PAIRS), ("at", at_stage, SCOUT, PAIRS),
+            ("budget", budget_stage, SCOUT, PAIRS), ("refine", refine_stage, SEEDS, PAIRS),
+            ("patient", lambda d: patient(), SCOUT, PAIRS), ("refine2", refine2_stage, SEEDS, PAIRS),
+            ("small", small_stage, SEEDS, SMALL), ("at3", at3_stage, SEEDS, SMALL), ("final", lambda d: final_stage(), SEEDS, SMALL)):
         if args.stage in ("all", stage):
-            done = run_all(configs(done), args.results, args.jobs, args.threads, seeds)
+            done = run_all(configs(done), args.results, args.jobs, args.threads, seeds, pairs)
     report(done)
 
 

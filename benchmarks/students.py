@@ -1,8 +1,10 @@
 """Students for the digits_cnn teacher (input [B, 1, 8, 8], 10 classes), of different capacity and depth.
 
 `slimfx distill digits_cnn --student benchmarks/students.py:narrow` takes any of them; benchmarks/distill_sweep.py
-sweeps all three. Only `narrow` looks like the zoo's CNN; `shallow` has one conv stage and `dwres` is a deeper
-depthwise-separable residual net with global pooling.
+sweeps them. Only `narrow` looks like the zoo's CNN; `shallow` has one conv stage, `dwres` is a deeper
+depthwise-separable residual net with global pooling, `thin` is deep and thin, `mlp` has no convolution. `narrow`
+and `dwres` get within about 1 pt of the teacher from scratch; `shallow`, `thin` and `mlp` (the sweep's final pairs)
+stay 2-5 pt below it.
 """
 
 from __future__ import annotations
@@ -42,3 +44,16 @@ def dwres() -> nn.Module:
     downsampling), global average pooling and a linear head; 7 conv layers, 2.4k params."""
     return nn.Sequential(*_cbr(1, 16), _Residual(16), *_cbr(16, 16, 3, 2, groups=16), *_cbr(16, 24, 1),
                          _Residual(24), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10))
+
+
+def thin() -> nn.Module:
+    """Deep and thin: four 3x3 conv layers of 4-8 channels (8x8, 8x8, 4x4, 4x4), two poolings, a linear head
+    on the 2x2 map (1.1k params)."""
+    return nn.Sequential(*_cbr(1, 4), *_cbr(4, 4), nn.MaxPool2d(2), *_cbr(4, 8), *_cbr(8, 8), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8 * 4, 10))
+
+
+def mlp() -> nn.Module:
+    """No convolution at all: the 64 pixels through one hidden layer of 16 units (1.2k params); unlike the
+    zoo's CNN, it has to learn from the teacher what the CNN gets from its structure."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))

@@ -31,10 +31,11 @@ class Settings:
     loss: str = "kd"
     T: float = 2.0
     alpha: float = 0.9
-    beta: float = 10.0
-    epochs: int = 15
+    beta: float = 1.0
+    epochs: int = 40
     lr: float = 1e-2
     batch_size: int = 64
+    augment: str = "mixup:1"
     features: tuple[tuple[str, str], ...] = ()
 
     def loss_options(self) -> dict[str, Any]:
@@ -48,7 +49,8 @@ class Settings:
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v:g}" for k, v in self.loss_options().items())
-        return f"{self.loss}{' (' + opts + ')' if opts else ''}, {self.epochs} epochs, lr {self.lr:g}"
+        aug = f", augment {self.augment}" if self.augment != "none" else ""
+        return f"{self.loss}{' (' + opts + ')' if opts else ''}, {self.epochs} epochs, lr {self.lr:g}{aug}"
 
 
 DEFAULTS = Settings()
@@ -85,7 +87,7 @@ def train_arm(label: str, teacher: nn.Module | None, student: nn.Module, data: D
     t0 = time.perf_counter()
     res = distill(teacher if settings.loss != "ce" else None, student, train, loss=settings.loss,
                   loss_options=settings.loss_options(), features=list(settings.features), epochs=settings.epochs,
-                  lr=settings.lr, batch_size=settings.batch_size, eval_fn=lambda m: accuracy(m, validation),
+                  lr=settings.lr, batch_size=settings.batch_size, augment=settings.augment, eval_fn=lambda m: accuracy(m, validation),
                   seed=seed, quiet=quiet, desc=label, logger=logger or log)
     test_acc = accuracy(student, test) if test is not None else None
     return Arm(label, settings.loss, sum(p.numel() for p in student.parameters()), res.best_epoch,

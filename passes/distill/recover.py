@@ -3,7 +3,8 @@
 Used after pruning: the current graph is the student, `ctx.teacher` (the original model, nn.Module or
 ir.Graph) the teacher, `ctx.train_data` the data. loss, T, alpha and beta default to what
 benchmarks/distill_sweep.py chose for `slimfx distill`; epochs and lr stay a fine-tune's (the graph starts
-from trained weights, the sweep's students from scratch). Trains the graph's params in place; the structure does
+from trained weights, the sweep's students from scratch), and augment stays 'none' (the pass runs on any model,
+token ids included, which mixup cannot blend). Trains the graph's params in place; the structure does
 not change, so every later pass and exporter sees an ordinary graph.
 """
 
@@ -14,6 +15,7 @@ import time
 from slimfx.ir import Graph
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
+from slimfx.passes.distill.augment import AUGMENT_HELP, parse_augment
 from slimfx.passes.distill.losses import LossName
 from slimfx.passes.distill.trainer import OPTIMIZER_HELP, Optimizer, distill
 from slimfx.passes.finetune import check_train_data, train_or_skip
@@ -34,8 +36,8 @@ class KDRecovery(Pass):
                                       "needs it between 1 and 20")
     alpha: float = option(0.9, ge=0, le=1, help="weight of the teacher (soft) term; 1 - alpha weighs the "
                                                 "labels (kd, ctkd, logit-std)")
-    beta: float = option(10.0, ge=0, help="weight of the attention-transfer term (at* losses); the paper's "
-                                          "1e3 wrecks small students, 10 and 100 tied in the sweep")
+    beta: float = option(1.0, ge=0, help="weight of the attention-transfer term (at* losses); 1 won the sweep "
+                                         "over 10 and 100, the paper's 1e3 wrecks small students")
     features: list[str] = option([], help=(
         "attention-transfer pairs 'student_feature:teacher_feature' (node names or module paths), "
         "e.g. ['layer2:layer2']; empty: the at* losses pair the last feature map of each spatial size the "
@@ -45,11 +47,16 @@ class KDRecovery(Pass):
     weight_decay: float = option(0.0, ge=0, help="weight decay (decoupled, as AdamW); 0 turns it off")
     optimizer: Optimizer = option("adam", help=OPTIMIZER_HELP)
     batch_size: int = option(64, ge=1, help="samples per step when the train data is an (x, y) tensor pair")
+    augment: str = option("none", help=AUGMENT_HELP)
     required: bool = option(False, help=(
         "false: without a teacher or train data the step is skipped and the report says so; true: that is "
         "an error"))
 
     def validate(self) -> None:
+        try:
+            parse_augment(self.augment)
+        except PassError as e:
+            raise PassError(f"pass '{self.name}': {e}") from None
         for f in self.features:
             if ":" not in f:
                 raise PassError(f"pass '{self.name}': feature {f!r} must be 'student_feature:teacher_feature' "
@@ -86,7 +93,7 @@ class KDRecovery(Pass):
         result = distill(ctx.teacher if needs_teacher else None, graph, ctx.train_data, loss=self.loss,
                          loss_options=self.loss_options(), features=pairs, epochs=self.epochs,
                          optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
-                         batch_size=self.batch_size, eval_fn=ctx.eval_fn,
+                         batch_size=self.batch_size, augment=self.augment, eval_fn=ctx.eval_fn,
                          example_inputs=ctx.example_inputs or None, seed=ctx.seed, quiet=ctx.quiet,
                          logger=ctx.logger)
         stats = {"loss": self.loss, "epochs": self.epochs, "best_epoch": result.best_epoch,

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from slimfx import ir
 from slimfx.ir import Graph
 from slimfx.ir.errors import PassError
+from slimfx.passes.distill.augment import apply, parse_augment, soft_target
 from slimfx.passes.distill.features import LogitsOnly, as_graph, auto_pairs, check_pairs, with_features
 from slimfx.passes.distill.losses import DistillLoss, make_loss
 
@@ -52,11 +53,13 @@ class DistillResult:
 class TrainData:
     """Re-iterable global batches from (x, y) tensors, a dataset with train_x/train_y, or batches.
 
-    Tensor data is shuffled each epoch by a seeded generator; a batch list is replayed in order.
+    Tensor data is shuffled each epoch by a seeded generator; a batch list is replayed in order. `augment`
+    (see augment.py) transforms every batch's inputs, seeded by (seed, epoch, batch).
     """
 
-    def __init__(self, data: Any, batch_size: int = 64, seed: int = 0) -> None:
+    def __init__(self, data: Any, batch_size: int = 64, seed: int = 0, augment: str = "none") -> None:
         self.batch_size, self.seed = batch_size, seed
+        self.augment = parse_augment(augment)
         self.x: tuple[torch.Tensor, ...] | None = None
         self.y: torch.Tensor | None = None
         self.batches: Iterable | None = None
@@ -84,6 +87,14 @@ class TrainData:
         return len(self.batches)  # type: ignore[arg-type]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
+        if not self.augment:
+            yield from self._plain(epoch)
+            return
+        for i, (inputs, target) in enumerate(self._plain(epoch)):
+            g = torch.Generator().manual_seed((self.seed * 100003 + epoch) * 1009 + i + 7)
+            yield apply(self.augment, inputs, target, g)
+
+    def _plain(self, epoch: int) -> Iterator[Batch]:
         if self.x is not None:
             g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
             perm = torch.randperm(len(self.x[0]), generator=g)
@@ -95,7 +106,7 @@ class TrainData:
             yield normalize_batch(b)
 
     def first_inputs(self) -> tuple[torch.Tensor, ...]:
-        inputs, _ = next(iter(self.epoch(0)))
+        inputs, _ = next(iter(self._plain(0)))
         return tuple(t[:2] for t in inputs)
 
 
@@ -163,7 +174,8 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
             schedule: str = "onecycle", grad_clip: float | None = None,
             eval_fn: Callable[[nn.Module], float] | None = None, keep_best: bool = True,
             include_start: bool = False, example_inputs: tuple | None = None, seed: int = 0,
-            quiet: bool = False, desc: str = "distill", logger: logging.Logger | None = None) -> DistillResult:
+            augment: str = "none", quiet: bool = False, desc: str = "distill",
+            logger: logging.Logger | None = None) -> DistillResult:
     """Train `student` against `teacher` with a distillation loss; returns a DistillResult.
 
     loss: a name for make_loss (ce, kd, ctkd, logit-std, at, at+kd, at+ctkd, at+logit-std) or a DistillLoss.
@@ -171,7 +183,8 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
     paths); none given with an attention-transfer loss: paired automatically by spatial size (the last
     feature map of each resolution the two share, see features.auto_pairs), and result.features says which.
     eval_fn(module) -> accuracy (on validation data, never test) picks the best epoch (else the lowest mean
-    training loss) and the best weights are restored when keep_best. Deterministic for a seed; DDP-aware
+    training loss) and the best weights are restored when keep_best. augment: 'none', 'mixup[:A]' or 'shift[:N]'
+    (augment.py): teacher and student see the same augmented batch. Deterministic for a seed; DDP-aware
     (see module docstring).
     """
     logger = logger or log
@@ -179,7 +192,7 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
     if epochs < 1:
         raise PassError(f"epochs must be >= 1, got {epochs}")
     try:
-        data = TrainData(train_data, batch_size, seed)
+        data = TrainData(train_data, batch_size, seed, augment)
     except PassError as e:
         raise PassError(f"{desc}: {e}") from e
     rank, world = dist_info()
@@ -343,7 +356,7 @@ class _Step:
             with torch.no_grad():
                 t_logits, t_feats = _split_out(self.mods.teacher(*inputs), n_feats)
         s_logits, s_feats = _split_out(self.model(*inputs), n_feats)
-        value = self.crit(s_logits, t_logits, target, s_feats, t_feats)
+        value = self.crit(s_logits, t_logits, soft_target(target, s_logits), s_feats, t_feats)
         self.opt.zero_grad(set_to_none=True)
         # DDP averages the ranks' gradients; weighting each shard's mean loss by its share of the global batch
         # makes that average the gradient of the global batch's mean loss, as in one process, also when the

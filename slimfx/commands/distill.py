@@ -18,6 +18,7 @@ from slimfx.commands import _args
 from slimfx.distilling import DEFAULTS, Arm, Settings
 from slimfx.ir.errors import SlimfxError
 from slimfx.loading import IMPORT_NOTE, resolve_model
+from slimfx.passes.distill.augment import AUGMENT_HELP, parse_augment
 from slimfx.passes.distill.losses import LOSS_NAMES
 
 
@@ -56,6 +57,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"weight of the soft (teacher) term, from 0 to 1 (default {DEFAULTS.alpha:g})")
     p.add_argument("--beta", type=_args.number("beta", 0.0), default=DEFAULTS.beta,
                    help=f"weight of the attention-transfer term of the at* losses (default {DEFAULTS.beta:g})")
+    p.add_argument("--augment", default=DEFAULTS.augment, type=_augment, metavar="AUG",
+                   help="augmentation of the training inputs, the same for teacher and student and for --baseline "
+                        "(default " + DEFAULTS.augment + "): " + AUGMENT_HELP)
     p.add_argument("--dataset", default=None, help="zoo dataset name (default: the teacher's zoo dataset)")
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="your data instead of a zoo dataset: 'file.py:fn' or 'package.module:fn' returning "
@@ -74,6 +78,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines; the report only")
     _args.add_plugin_argument(p)
     return p
+
+
+def _augment(text: str) -> str:
+    try:
+        parse_augment(text)
+    except SlimfxError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip().lower()
 
 
 def _feature_pair(text: str) -> tuple[str, str]:
@@ -96,6 +108,18 @@ def _runs_on(role: str, spec: str, module: torch.nn.Module, inputs: tuple, class
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or (classes is not None and out.shape[-1] != classes):
         raise SlimfxError(f"{role} {spec!r} must return [batch, {classes or 'classes'}] logits for the data; "
                           f"it returns {list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+
+
+def _augments(augment: str, inputs: tuple) -> None:
+    """SlimfxError naming --augment none when the augmentation cannot apply to the data's inputs."""
+    from slimfx.passes.distill.augment import apply
+
+    try:
+        apply(parse_augment(augment), tuple(inputs), None, torch.Generator().manual_seed(0))
+    except SlimfxError as e:
+        default = " (the default)" if augment == DEFAULTS.augment else ""
+        raise SlimfxError(f"--augment {augment}{default} does not fit this data: {e} (on the command line: "
+                          "--augment none)") from None
 
 
 def _data(args: argparse.Namespace, teacher_spec: str):
@@ -132,7 +156,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     if args.json is not None and Path(args.json).resolve() == Path(args.out).resolve():
         raise SlimfxError(f"--json and --out name the same file {args.out}; give them different paths")
     return Settings(loss=args.loss, T=args.T, alpha=args.alpha, beta=args.beta, epochs=args.epochs, lr=args.lr,
-                    batch_size=args.batch_size, features=tuple(args.features))
+                    batch_size=args.batch_size, augment=args.augment, features=tuple(args.features))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
 
         # Everything cheap is checked before the teacher is loaded (a zoo teacher trains on first use).
         _runs_on("student", args.student, make_student(), first_inputs, classes)
+        _augments(settings.augment, first_inputs)
         teacher = ranks.first(lambda: resolve_model(teacher_spec, seed=args.seed,
                                                     progress=not args.quiet and ranks.main, need_inputs=False))
         _runs_on("teacher", args.model, teacher.module, first_inputs, classes)
@@ -184,7 +209,7 @@ def _report(args, settings: Settings, where: str, data, teacher, arms: list[Arm]
         "splits": {"best_epoch": "validation", "accuracy": "test" if test is not None else None,
                    "validation_samples": _count(validation), "test_samples": _count(test)},
         "settings": {"loss": settings.loss, **settings.loss_options(), "epochs": settings.epochs, "lr": settings.lr,
-                     "batch_size": settings.batch_size, "seed": args.seed},
+                     "batch_size": settings.batch_size, "augment": settings.augment, "seed": args.seed},
         "teacher": {"model": args.model, "params": n_t, "validation_accuracy": accuracy(teacher.module, validation),
                     "test_accuracy": accuracy(teacher.module, test) if test is not None else None},
         "student": {"model": args.student, "out": str(args.out), **arms[0].as_dict()},
@@ -227,7 +252,9 @@ def _format(report: dict) -> str:
         b = report["baseline"]
         split = "test" if sp["accuracy"] == "test" else "validation"
         gain = (s[f"{split}_accuracy"] - b[f"{split}_accuracy"]) * 100
-        lines.append(f"distillation vs from scratch: {gain:+.2f} pt on {split} (same epochs, lr, batches and seed)")
+        aug = report["settings"]["augment"]
+        same = f"same epochs, lr, batches{', augmentation ' + aug if aug != 'none' else ''} and seed"
+        lines.append(f"distillation vs from scratch: {gain:+.2f} pt on {split} ({same})")
     if s["features"]:
         lines.append(f"attention-transfer pairs (student:teacher): {', '.join(s['features'])}")
     lines.append(f"wrote {s['out']}" + (f", {report['json']}" if report.get("json") else ""))

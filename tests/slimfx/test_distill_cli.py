@@ -76,7 +76,8 @@ def test_user_story_student_file_with_baseline_shows_both_numbers(project):
     assert f"distilled ({s['loss']})" in out and f"{s['test_accuracy'] * 100:.2f}" in out
     assert "from scratch (ce)" in out and f"{b['test_accuracy'] * 100:.2f}" in out
     gain = (s["test_accuracy"] - b["test_accuracy"]) * 100
-    assert f"distillation vs from scratch: {gain:+.2f} pt on test" in out
+    assert f"distillation vs from scratch: {gain:+.2f} pt on test (same epochs, lr, batches, augmentation " \
+           f"{report['settings']['augment']} and seed)" in out
     # not a terminal: one log line per epoch and arm instead of a progress bar
     assert "distill epoch 2/2: loss=" in r.stderr and "baseline epoch 2/2: loss=" in r.stderr
     assert "accuracy is on the validation split" in r.stderr and "\r" not in r.stderr
@@ -105,6 +106,7 @@ def test_attention_transfer_pairs_are_automatic_and_printed_and_named_pairs_win(
     (["--threads", "0"], "argument --threads: invalid value '0'"),
     (["--beta", "-1"], "argument --beta: invalid value '-1'"),
     (["--student", "student.py"], "student.py looks like a file: name the callable"),
+    (["--augment", "crop"], "argument --augment: unknown augment 'crop'; use 'none', 'mixup'"),
 ])
 def test_distill_user_errors_exit_2_with_the_fix(project, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(project)
@@ -113,6 +115,52 @@ def test_distill_user_errors_exit_2_with_the_fix(project, capsys, monkeypatch, e
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (project / "student.pt").exists()
+
+
+def test_augment_reaches_both_arms_and_the_report(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    argv = ["distill", "digits_cnn", "--student", "student.py:make", "--data", "data.py:make_data", "--epochs", "1",
+            "--baseline", "--quiet", "--json", "r.json"]
+    runs = {}
+    for aug in ("none", "mixup:0.5", "mixup:0.5"):
+        assert main([*argv, "--augment", aug]) == 0
+        report = json.loads((project / "r.json").read_text())
+        assert report["settings"]["augment"] == aug
+        runs.setdefault(aug, []).append([report[k]["history"][0]["loss"] for k in ("student", "baseline")])
+    (plain,), (mixed, again) = runs["none"], runs["mixup:0.5"]
+    assert mixed == again  # seeded
+    assert mixed[0] != plain[0] and mixed[1] != plain[1]  # the distilled student and the scratch baseline both mix
+
+
+TOKENS = """\
+import torch
+import torch.nn as nn
+
+import slimfx
+
+
+def make_data():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50, (96, 6), generator=g), torch.randint(0, 3, (96,), generator=g)
+    return slimfx.Data(train=(x[:64], y[:64]), validation=(x[64:], y[64:]))
+
+
+def model():
+    return nn.Sequential(nn.Embedding(50, 4), nn.Flatten(), nn.Linear(24, 3))
+"""
+
+
+def test_default_mixup_on_token_ids_is_refused_before_training_with_the_flag_that_fixes_it(project, capsys,
+                                                                                           monkeypatch):
+    monkeypatch.chdir(project)
+    (project / "tokens.py").write_text(TOKENS)
+    argv = ["distill", "tokens.py:model", "--student", "tokens.py:model", "--data", "tokens.py:make_data",
+            "--epochs", "1", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--augment mixup:1 (the default) does not fit this data" in err and "(on the command line: --augment " \
+        "none)" in err and "input 0 is [32, 6] (torch.int64)" in err and not (project / "student.pt").exists()
+    assert main([*argv, "--augment", "none"]) == 0 and (project / "student.pt").exists()
 
 
 def _free_port() -> int:
