@@ -1,4 +1,4 @@
-"""torch.export exporter: the IR's lowering as an ExportedProgram (`.pt2`), batch dim dynamic, validated
+"""torch.export exporter: the IR's lowering as an ExportedProgram (`.pt2`), symbolic dims dynamic, validated
 after reloading with `torch.export.load`.
 
 Quantized graphs keep their integer weights: the IR stores them as int8/uint8/int32 params read by
@@ -28,11 +28,11 @@ from slimfx.exporters._common import (
     example_inputs,
     raise_if_invalid,
     validation_sets,
-    with_batch,
 )
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Param
 from slimfx.ir.lower import lower
+from slimfx.ir.symdims import at_sizes, describe, symbol_sizes
 
 log = logging.getLogger("slimfx.exporters")
 
@@ -49,38 +49,61 @@ def weight_storage(graph: Graph) -> str:
     return "float"
 
 
-def _dynamic_batch(inputs: tuple) -> tuple[Any, ...]:
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None for x in inputs)
+def _dynamic_shapes(inputs: tuple, dims: list[dict[int, str]], named: bool) -> tuple[Any, ...]:
+    """torch.export's dynamic_shapes: one torch.export.Dim per symbolic dim name (shared by every input dim of
+    that name), or Dim.AUTO (torch infers which dims are equal and their ranges) when not `named`."""
+    syms: dict[str, Any] = {}
+    out = []
+    for x, per in zip(inputs, dims):
+        if not isinstance(x, torch.Tensor) or not per:
+            out.append(None)
+            continue
+        spec = {}
+        for d, s in per.items():
+            if named and s not in syms:
+                syms[s] = torch.export.Dim(s, min=1, max=1 << 20)
+            spec[d] = syms[s] if named else torch.export.Dim.AUTO
+        out.append(spec)
+    return tuple(out)
 
 
 def to_exported_program(graph: Graph, inputs: tuple, *, dynamic_batch: bool = True
                         ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
-    """The graph's lowering through torch.export (non-strict: the lowering is plain torch calls), with
-    dim 0 of every input dynamic when possible; falls back to the example's fixed shapes (said in info)."""
+    """The graph's lowering through torch.export (non-strict: the lowering is plain torch calls), with every
+    symbolic dim of the graph inputs (batch, seq, ...; `dynamic_batch=False` fixes the batch) a torch.export
+    Dim when possible; falls back to the example's fixed shapes (said in info)."""
+    from slimfx.exporters.onnx.export import export_dims
+
     gm = lower(graph, copy_params=True).eval()
-    info: dict[str, Any] = {"dynamic_batch": False, "weights": weight_storage(graph)}
-    # torch.export specializes a size-1 dim: trace at batch 2 so the batch stays symbolic.
-    trace_inputs = with_batch(inputs, 2) if inputs and isinstance(inputs[0], torch.Tensor) \
-        and inputs[0].dim() >= 1 and inputs[0].shape[0] == 1 else inputs
+    dims = export_dims(graph, dynamic_batch)
+    info: dict[str, Any] = {"dynamic_batch": False, "dynamic_dims": "none", "weights": weight_storage(graph)}
+    # torch.export specializes a size-1 dim: trace with every symbolic dim of size 1 at 2 so it stays symbolic.
+    trace_inputs = at_sizes(inputs, dims, {s: 2 for s, n in symbol_sizes(inputs, dims).items() if n == 1})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dynamic_batch:
-            try:
-                ep = torch.export.export(gm, trace_inputs, dynamic_shapes=_dynamic_batch(trace_inputs), strict=False)
-                info["dynamic_batch"] = True
+        if any(dims):
+            reason = ""
+            for named in (True, False):
+                try:
+                    ep = torch.export.export(gm, trace_inputs, dynamic_shapes=_dynamic_shapes(trace_inputs, dims,
+                                                                                              named), strict=False)
+                except Exception as e:  # noqa: BLE001 - e.g. a reshape that bakes the example's batch size in
+                    reason = reason or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    continue
+                symbols = {s for per in dims for s in per.values()}
+                info["dynamic_batch"] = "batch" in symbols
+                info["dynamic_dims"] = describe(dims, [n.name for n in graph.inputs])
+                info["dims"] = dims
                 return ep, info
-            except Exception as e:  # noqa: BLE001 - e.g. a reshape that bakes the example's batch size in
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.debug("torch.export with a dynamic batch failed on %s (%s); exporting fixed shapes",
-                          graph.name, reason)
-                info["dynamic_batch_error"] = reason[:300]
+            log.debug("torch.export with dynamic dims failed on %s (%s); exporting fixed shapes", graph.name, reason)
+            info["dynamic_batch_error"] = reason[:300]
         try:
             ep = torch.export.export(gm, inputs, strict=False)
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"torch.export of {graph.name} failed: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}; export ONNX or TorchScript instead "
                               "(--format onnx / torchscript)") from e
+    info["dims"] = [{} for _ in inputs]
     return ep, info
 
 
@@ -123,7 +146,7 @@ def export_pt2(graph: Graph, path: str | os.PathLike, *, inputs: Any = None, val
         info["compressed"] = compress
         try:
             if validate:
-                report = validate_pt2(packed, graph, validation_sets(inputs, dynamic_batch=info["dynamic_batch"]),
+                report = validate_pt2(packed, graph, validation_sets(inputs, dims=info.pop("dims")),
                                       atol=atol, rtol=rtol)
                 raise_if_invalid(report, f"the torch.export (.pt2) export of {graph.name}", keep_invalid)
         finally:
