@@ -340,7 +340,7 @@ def propagate_symbols(graph: Any, inputs: Sequence[Any], *, only: str | None = N
     first, second, _ = probe_sizes(inputs, dims)
     gm = lower(graph).eval()
     runs = []
-    for sizes in ((first,) if check else (first, second)):
+    for sizes in ((second,) if check else (first, second)):
         rec: dict[str, Any] = {}
 
         class _Rec(torch.fx.Interpreter):
