@@ -97,6 +97,12 @@ def parse_dynamic_dims(text: str) -> Any:
         if any(not p for p in names):
             raise DynamicDimsError(f"dynamic dims {text!r} has an empty name; write names separated by commas, "
                                    f"e.g. batch,seq {WHERE}")
+        for name in names:
+            _check_name(name, f"in {text!r}")
+            if name not in CONVENTIONAL:
+                raise DynamicDimsError(f"dynamic dim {name!r} in {text!r} has no conventional place; the names that "
+                                       f"do are {', '.join(CONVENTIONAL)}. Name another dim per input: INPUT=DIM:NAME,"
+                                       f"... (e.g. x=0:batch,2:{name}) {WHERE}")
         return names
     spec: dict[str, dict[int, str]] = {}
     for part in filter(None, (p.strip() for p in t.split(";"))):
@@ -113,7 +119,10 @@ def parse_dynamic_dims(text: str) -> Any:
             except ValueError:
                 raise DynamicDimsError(f"dynamic dims {text!r}: {item!r} of input {inp!r} is not DIM:NAME (a dim "
                                        f"number, a colon, a name), e.g. 0:batch {WHERE}") from None
-            dims[dim] = name.strip() if colon else ("batch" if dim == 0 else f"{inp}_dim{dim}")
+            if dim in dims:
+                raise DynamicDimsError(f"dynamic dims {text!r} name dim {dim} of input {inp!r} twice {WHERE}")
+            dims[dim] = _check_name(name.strip(), f"for dim {dim} of input {inp!r}") if colon else \
+                ("batch" if dim == 0 else f"{inp}_dim{dim}")
         if inp in spec:
             raise DynamicDimsError(f"dynamic dims {text!r} names input {inp!r} twice {WHERE}")
         spec[inp] = dims
