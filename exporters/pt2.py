@@ -49,22 +49,24 @@ def weight_storage(graph: Graph) -> str:
     return "float"
 
 
-def _dynamic_shapes(inputs: tuple, dims: list[dict[int, str]], named: bool) -> tuple[Any, ...]:
-    """torch.export's dynamic_shapes: one torch.export.Dim per symbolic dim name (shared by every input dim of
-    that name), or Dim.AUTO (torch infers which dims are equal and their ranges) when not `named`."""
-    syms: dict[str, Any] = {}
-    out = []
-    for x, per in zip(inputs, dims):
-        if not isinstance(x, torch.Tensor) or not per:
-            out.append(None)
-            continue
-        spec = {}
-        for d, s in per.items():
-            if named and s not in syms:
-                syms[s] = torch.export.Dim(s, min=1, max=1 << 20)
-            spec[d] = syms[s] if named else torch.export.Dim.AUTO
-        out.append(spec)
-    return tuple(out)
+def _dynamic_shapes(inputs: tuple, dims: list[dict[int, str]]) -> tuple[Any, ...]:
+    """torch.export's dynamic_shapes: Dim.AUTO for each symbolic dim (torch finds which are equal, the
+    ranges the program allows, and keeps a symbol per distinct size; named Dims with fixed ranges would be
+    refused for any guard a strided layer adds, such as height >= 3)."""
+    return tuple({d: torch.export.Dim.AUTO for d in per} if isinstance(x, torch.Tensor) and per else None
+                 for x, per in zip(inputs, dims))
+
+
+def _kept_dims(ep: torch.export.ExportedProgram, dims: list[dict[int, str]]) -> list[dict[int, str]]:
+    """The symbolic dims the program kept dynamic (a SymInt in its input's example value)."""
+    user = [n for n in ep.graph.nodes if n.op == "placeholder"
+            and n.name in set(ep.graph_signature.user_inputs)]
+    kept = []
+    for node, per in zip(user, dims):
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", ())
+        kept.append({d: s for d, s in per.items() if d < len(shape) and isinstance(shape[d], torch.SymInt)})
+    return kept
 
 
 def to_exported_program(graph: Graph, inputs: tuple, *, dynamic_batch: bool = True
@@ -82,21 +84,24 @@ def to_exported_program(graph: Graph, inputs: tuple, *, dynamic_batch: bool = Tr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if any(dims):
-            reason = ""
-            for named in (True, False):
-                try:
-                    ep = torch.export.export(gm, trace_inputs, dynamic_shapes=_dynamic_shapes(trace_inputs, dims,
-                                                                                              named), strict=False)
-                except Exception as e:  # noqa: BLE001 - e.g. a reshape that bakes the example's batch size in
-                    reason = reason or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    continue
-                symbols = {s for per in dims for s in per.values()}
-                info["dynamic_batch"] = "batch" in symbols
-                info["dynamic_dims"] = describe(dims, [n.name for n in graph.inputs])
-                info["dims"] = dims
+            try:
+                ep = torch.export.export(gm, trace_inputs, dynamic_shapes=_dynamic_shapes(trace_inputs, dims),
+                                         strict=False)
+            except Exception as e:  # noqa: BLE001 - e.g. a reshape that bakes the example's batch size in
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log.debug("torch.export with dynamic dims failed on %s (%s); exporting fixed shapes",
+                          graph.name, reason)
+                info["dynamic_batch_error"] = reason[:300]
+            else:
+                kept = _kept_dims(ep, dims)
+                names = [n.name for n in graph.inputs]
+                if kept != dims:  # a dim torch.export specialized: the program takes the example's size there
+                    info["fixed_dims"] = describe([{d: s for d, s in a.items() if d not in b}
+                                                   for a, b in zip(dims, kept)], names)
+                info["dynamic_batch"] = any(s == "batch" for per in kept for s in per.values())
+                info["dynamic_dims"] = describe(kept, names)
+                info["dims"] = kept
                 return ep, info
-            log.debug("torch.export with dynamic dims failed on %s (%s); exporting fixed shapes", graph.name, reason)
-            info["dynamic_batch_error"] = reason[:300]
         try:
             ep = torch.export.export(gm, inputs, strict=False)
         except Exception as e:  # noqa: BLE001

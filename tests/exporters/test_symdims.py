@@ -58,16 +58,19 @@ def test_token_models_run_at_other_batch_and_sequence_lengths(hf, arch, tmp_path
     _, other = hf.build(arch, batch=3, seq_len=13, seed=1)
     with torch.no_grad():
         ref = model(**other).logits
-    res = slimfx.compile(model, None, "cleanup", example_kwargs=kw, formats="onnx", out_dir=tmp_path / "fp32",
-                         quiet=True, bench_seconds=0)
-    assert res.graph.inputs[0].meta.sym == ("batch", "seq")
+    captured = ir.capture(model, (), example_kwargs=kw)  # captured once, compiled with two recipes
+    assert captured.inputs[0].meta.sym == captured.inputs[1].meta.sym == ("batch", "seq")
+    example = tuple(kw.values())
+    res = slimfx.compile(captured, example, "cleanup", formats="onnx", out_dir=tmp_path / "fp32", quiet=True,
+                         bench_seconds=0)
+    assert res.graph.inputs[0].meta.sym == ("batch", "seq")  # the passes keep them
     dims = _dims(res.exports["onnx"])
     assert dims["input_ids"] == dims["attention_mask"] == ["batch", "seq"]
     assert dims["logits"] == (["batch", 2] if arch == "bert" else ["batch", "seq", 128])
     out = _run(res.exports["onnx"], other)
     assert out[0].shape == tuple(ref.shape) and _rel(out[0], ref) < 1e-5
-    q = slimfx.compile(model, None, "int8-dynamic", example_kwargs=kw, formats="onnx", out_dir=tmp_path / "int8",
-                       quiet=True, bench_seconds=0)
+    q = slimfx.compile(captured, example, "int8-dynamic", formats="onnx", out_dir=tmp_path / "int8", quiet=True,
+                       bench_seconds=0)
     out = _run(q.exports["onnx"], other)
     assert out[0].shape == tuple(ref.shape) and _rel(out[0], ref) < 0.1
 
@@ -95,23 +98,24 @@ class Segmenter(nn.Module):
 def test_image_model_with_dynamic_height_and_width_runs_at_another_resolution(tmp_path):
     torch.manual_seed(0)
     model = Segmenter().eval()
-    res = slimfx.compile(model, (torch.randn(1, 3, 32, 32),), "cleanup", dynamic_dims="batch,height,width",
-                         formats=("onnx", "pt2"), out_dir=tmp_path / "out", quiet=True, bench_seconds=0)
-    up = next(n for n in res.graph if n.op == "interpolate")
+    example = (torch.randn(1, 3, 16, 16),)
+    graph = ir.capture(model, example, dynamic_dims="batch,height,width")
+    up = next(n for n in graph if n.op == "interpolate")
     assert up.meta.sym == ("batch", None, "height", "width")  # the IR names them on inner nodes too
-    dims = _dims(res.exports["onnx"])
+    onnx_path = export_onnx(graph, tmp_path / "m.onnx", inputs=example).path
+    dims = _dims(onnx_path)
     assert dims["x"] == ["batch", 3, "height", "width"]
     assert dims["output_0"] == ["batch", 5] and dims["output_1"] == ["batch", 8, "height", "width"]
-    x = torch.randn(2, 3, 48, 40)
+    x = torch.randn(2, 3, 24, 20)
     with torch.no_grad():
         logits, fmap = model(x)
-    out = _run(res.exports["onnx"], {"x": x})
-    assert out[1].shape == (2, 8, 48, 40) and _rel(out[0], logits) < 1e-5 and _rel(out[1], fmap) < 1e-5
-    pt2 = load_pt2(res.exports["pt2"])  # torch.export keeps a Dim per name
+    out = _run(onnx_path, {"x": x})
+    assert out[1].shape == (2, 8, 24, 20) and _rel(out[0], logits) < 1e-5 and _rel(out[1], fmap) < 1e-5
+    res = export_pt2(graph, tmp_path / "m.pt2", inputs=example)  # torch.export keeps a dynamic dim per name
+    assert res.details["dynamic_dims"] == "x: 0=batch, 2=height, 3=width" and "fixed_dims" not in res.details
     with torch.no_grad():
-        got = pt2(x)
+        got = load_pt2(res.path)(x)
     assert torch.allclose(got[1], fmap, atol=1e-5)
-    assert res.report["exports"]["pt2"]["details"]["dynamic_dims"] == "x: 0=batch, 2=height, 3=width"
 
 
 def test_image_models_are_fixed_in_height_and_width_by_default(tmp_path):
