@@ -147,6 +147,13 @@ def resolve_dynamic_dims(value: Any, names: Sequence[str], inputs: Sequence[Any]
     optional: set[tuple[str, int]] = set()
     if value is None:
         dims = {n: default_dims(x) for n, x in by_name.items()}
+        # one name is one size: an input whose dim 0 differs from the first input's (a weight passed as an
+        # input) keeps it fixed; so does a sequence of another length
+        for sym, d in (("batch", 0), ("seq", 1)):
+            first = next((by_name[n].shape[d] for n, v in dims.items() if v.get(d) == sym), None)
+            for n, v in dims.items():
+                if v.get(d) == sym and by_name[n].shape[d] != first:
+                    del v[d]
         optional = {(n, d) for n, v in dims.items() for d, s in v.items() if s == "seq"}
     elif isinstance(value, Mapping):
         dims = {}

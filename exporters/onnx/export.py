@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -24,9 +25,10 @@ from slimfx.exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, pro
 from slimfx.exporters.onnx.rewrites import shrink
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs
-from slimfx.ir.symdims import describe, graph_dims
+from slimfx.ir.symdims import describe, graph_dims, symbol_sizes
 
 DEFAULT_OPSET = 17
+EXAMPLE_SIZES_PROP = "slimfx.example_sizes"  # metadata_props key: {symbol: size in the example}
 MIN_OPSET, MAX_OPSET = 17, 23
 
 
@@ -167,6 +169,8 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFA
     model = helper.make_model(g, opset_imports=opsets + [helper.make_opsetid(d, 1) for d in sorted(ctx.domains)],
                               producer_name="slimfx", producer_version="0.1.0")
     model.ir_version = helper.find_min_ir_version_for(opsets)
+    if probes is not None:  # the example's size of each symbolic dim: what `slimfx bench` runs a `seq` at
+        helper.set_model_props(model, {EXAMPLE_SIZES_PROP: json.dumps(symbol_sizes(inputs, dims_spec))})
     if check:
         try:
             onnx.checker.check_model(model, full_check=True)
