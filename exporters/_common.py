@@ -51,11 +51,9 @@ def validation_sets(inputs: tuple, *, dynamic_batch: bool = True,
     probes did not run."""
     from slimfx.ir.symdims import at_sizes, probe_sizes
 
-    if dims is None:
-        dims = [{0: "batch"} if dynamic_batch and i == 0 and isinstance(x, torch.Tensor) and x.dim() >= 1 else {}
-                for i, x in enumerate(inputs)]
-        if dims and dims[0]:
-            dims = [{0: "batch"} if isinstance(x, torch.Tensor) and x.dim() >= 1 else {} for x in inputs]
+    if dims is None:  # the old rule: dim 0 of every input when the first has one
+        batched = dynamic_batch and bool(inputs) and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 1
+        dims = [{0: "batch"} if batched and isinstance(x, torch.Tensor) and x.dim() >= 1 else {} for x in inputs]
     sets = [inputs]
     if inputs and any(dims):
         sets.append(at_sizes(inputs, dims, probe_sizes(inputs, dims)[2]))

@@ -12,6 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -21,7 +23,7 @@ from slimfx.cli import main
 from slimfx.errors import ExportError, ModelFileError, SlimfxError
 from slimfx.exporters import export_onnx, export_pt2
 from slimfx.exporters.pt2 import load_pt2
-from slimfx.ir.symdims import graph_dims, resolve_dynamic_dims
+from slimfx.ir.symdims import DynamicDimsError, graph_dims, parse_dynamic_dims, resolve_dynamic_dims
 
 
 def _dims(path) -> dict[str, list]:
@@ -273,3 +275,50 @@ def test_cli_flag_values_checked_against_the_model_and_a_good_one_exports(tmp_pa
     assert _dims(out)["x"] == [1, 3, 16, 16]
     assert main(["export", f"{src}:build", "-o", str(out), "--dynamic-dims", "batch", "--fixed-batch"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+_atoms = st.one_of(st.none(), st.integers(-6, 6), st.sampled_from(["batch", "seq", "height", "width", "h", "", "1x",
+                                                                    "a b", "x", "ids"]), st.booleans(), st.floats())
+_values = st.one_of(
+    _atoms, st.text(alphabet="xids=0123:;,batchseqnoe -", max_size=30),
+    st.lists(_atoms, max_size=4).map(tuple),
+    st.dictionaries(st.sampled_from(["x", "ids", "mask", "y"]),
+                    st.one_of(_atoms, st.lists(_atoms, max_size=3),
+                              st.dictionaries(st.one_of(st.integers(-5, 5), _atoms), _atoms, max_size=3)),
+                    max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_values)
+def test_any_dynamic_dims_value_resolves_or_is_refused_with_a_slimfx_error(value):
+    """Whatever a user writes: a plan whose dims exist on the inputs and whose names are one size each, or a
+    DynamicDimsError (never another exception)."""
+    inputs = [torch.zeros(2, 3, 4, 5), torch.zeros(2, 7, dtype=torch.int64)]
+    try:
+        plan = resolve_dynamic_dims(value, ["x", "ids"], inputs)
+    except DynamicDimsError as e:
+        assert str(e)
+        return
+    sizes: dict[str, int] = {}
+    for name, x in zip(["x", "ids"], inputs):
+        for d, sym in plan.dims[name].items():
+            assert 0 <= d < x.dim() and sym.isidentifier()
+            assert sizes.setdefault(sym, x.shape[d]) == x.shape[d]
+
+
+@pytest.mark.parametrize("text,want", [
+    ("batch,seq", ("batch", "seq")), (" none ", ()), ("", ()),
+    ("x=0:batch,2:height;ids=0:batch,1", {"x": {0: "batch", 2: "height"}, "ids": {0: "batch", 1: "ids_dim1"}}),
+])
+def test_the_string_form_reads_as_the_python_forms(text, want):
+    assert parse_dynamic_dims(text) == want
+
+
+def test_cli_compile_takes_the_flag_and_refuses_an_input_the_model_lacks(tmp_path, capsys, monkeypatch):
+    src = _user_file(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["compile", f"{src}:build", "--recipe", "cleanup", "--out", str(tmp_path / "o"), "--quiet",
+                 "--no-bench", "--dynamic-dims", "img=0:batch"]) == 2
+    err = capsys.readouterr().err
+    assert "input 'img', which the model does not have; its inputs: x" in err and "--dynamic-dims" in err
+    assert not (tmp_path / "o").exists()
