@@ -44,11 +44,19 @@ def with_batch(inputs: tuple, batch: int) -> tuple:
     return tuple(out)
 
 
-def validation_sets(inputs: tuple, *, dynamic_batch: bool = True) -> list[tuple]:
-    """The inputs, and (for a dynamic batch) the same at another batch size: 1, or 3 when already 1."""
+def validation_sets(inputs: tuple, *, dynamic_batch: bool = True,
+                    dims: list[dict[int, str]] | None = None) -> list[tuple]:
+    """The inputs, and the same at other sizes of every symbolic dim (`dims`, one {dim: symbol} per input; by
+    default batch at dim 0 when `dynamic_batch`): batch 1 (3 when already 1), the others a size the export's
+    probes did not run."""
+    from slimfx.ir.symdims import at_sizes, probe_sizes
+
+    if dims is None:  # the old rule: dim 0 of every input when the first has one
+        batched = dynamic_batch and bool(inputs) and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 1
+        dims = [{0: "batch"} if batched and isinstance(x, torch.Tensor) and x.dim() >= 1 else {} for x in inputs]
     sets = [inputs]
-    if dynamic_batch and inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() >= 1:
-        sets.append(with_batch(inputs, 1 if inputs[0].shape[0] != 1 else 3))
+    if inputs and any(dims):
+        sets.append(at_sizes(inputs, dims, probe_sizes(inputs, dims)[2]))
     return sets
 
 

@@ -281,12 +281,23 @@ def best_median_ms(rounds: list[LatencyStats]) -> float:
 
 
 def onnx_example_inputs(model: str | os.PathLike | Any, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Inputs for an ONNX file from its declared input types: symbolic dims get `batch`, floats are
-    standard normal, integers are zeros (valid indices for any embedding)."""
+    """Inputs for an ONNX file from its declared input types: the symbolic dim `batch` (and any the file does
+    not size) gets `batch`, others (`seq`, `height`...) the size of the example it was exported from (kept in
+    the file's metadata by slimfx); floats are standard normal, integers are zeros (valid indices for any
+    embedding)."""
+    import json
+
     import onnx
     from onnx import helper
 
     proto = model if hasattr(model, "graph") else onnx.load(str(model), load_external_data=False)
+    sizes: dict[str, int] = {}
+    for prop in proto.metadata_props:
+        if prop.key == "slimfx.example_sizes":
+            try:
+                sizes = {k: int(v) for k, v in json.loads(prop.value).items() if k != "batch" and int(v) > 0}
+            except (ValueError, TypeError, AttributeError):
+                sizes = {}
     init = {i.name for i in proto.graph.initializer}
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -294,7 +305,7 @@ def onnx_example_inputs(model: str | os.PathLike | Any, batch: int = 1, seed: in
         if vi.name in init:
             continue
         tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        shape = [d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, batch) for d in tt.shape.dim]
         dt = torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(tt.elem_type))).dtype
         out.append(torch.randn(shape, generator=gen).to(dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt))
     return tuple(out)

@@ -1,4 +1,4 @@
-"""torch.export exporter: the IR's lowering as an ExportedProgram (`.pt2`), batch dim dynamic, validated
+"""torch.export exporter: the IR's lowering as an ExportedProgram (`.pt2`), symbolic dims dynamic, validated
 after reloading with `torch.export.load`.
 
 Quantized graphs keep their integer weights: the IR stores them as int8/uint8/int32 params read by
@@ -29,11 +29,11 @@ from slimfx.exporters._common import (
     pack_small_tensors,
     raise_if_invalid,
     validation_sets,
-    with_batch,
 )
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Param
 from slimfx.ir.lower import lower
+from slimfx.ir.symdims import at_sizes, describe, symbol_sizes
 
 log = logging.getLogger("slimfx.exporters")
 
@@ -50,39 +50,67 @@ def weight_storage(graph: Graph) -> str:
     return "float"
 
 
-def _dynamic_batch(inputs: tuple) -> tuple[Any, ...]:
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    return tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None for x in inputs)
+def _dynamic_shapes(inputs: tuple, dims: list[dict[int, str]]) -> tuple[Any, ...]:
+    """torch.export's dynamic_shapes: Dim.AUTO for each symbolic dim (torch finds which are equal, the
+    ranges the program allows, and keeps a symbol per distinct size; named Dims with fixed ranges would be
+    refused for any guard a strided layer adds, such as height >= 3)."""
+    return tuple({d: torch.export.Dim.AUTO for d in per} if isinstance(x, torch.Tensor) and per else None
+                 for x, per in zip(inputs, dims))
+
+
+def _kept_dims(ep: torch.export.ExportedProgram, dims: list[dict[int, str]]) -> list[dict[int, str]]:
+    """The symbolic dims the program kept dynamic (a SymInt in its input's example value)."""
+    user = [n for n in ep.graph.nodes if n.op == "placeholder"
+            and n.name in set(ep.graph_signature.user_inputs)]
+    kept = []
+    for node, per in zip(user, dims):
+        val = node.meta.get("val")
+        shape = getattr(val, "shape", ())
+        kept.append({d: s for d, s in per.items() if d < len(shape) and isinstance(shape[d], torch.SymInt)})
+    return kept
 
 
 def to_exported_program(graph: Graph, inputs: tuple, *, dynamic_batch: bool = True
                         ) -> tuple[torch.export.ExportedProgram, dict[str, Any]]:
-    """The graph's lowering through torch.export (non-strict: the lowering is plain torch calls), with
-    dim 0 of every input dynamic when possible; falls back to the example's fixed shapes (said in info)."""
+    """The graph's lowering through torch.export (non-strict: the lowering is plain torch calls), with every
+    symbolic dim of the graph inputs (batch, seq, ...; `dynamic_batch=False` fixes the batch) a torch.export
+    Dim when possible; falls back to the example's fixed shapes (said in info)."""
+    from slimfx.exporters.onnx.export import export_dims
+
     gm = lower(graph, copy_params=True).eval()
     pack_small_tensors(gm)
-    info: dict[str, Any] = {"dynamic_batch": False, "weights": weight_storage(graph)}
-    # torch.export specializes a size-1 dim: trace at batch 2 so the batch stays symbolic.
-    trace_inputs = with_batch(inputs, 2) if inputs and isinstance(inputs[0], torch.Tensor) \
-        and inputs[0].dim() >= 1 and inputs[0].shape[0] == 1 else inputs
+    dims = export_dims(graph, dynamic_batch)
+    info: dict[str, Any] = {"dynamic_batch": False, "dynamic_dims": "none", "weights": weight_storage(graph)}
+    # torch.export specializes a size-1 dim: trace with every symbolic dim of size 1 at 2 so it stays symbolic.
+    trace_inputs = at_sizes(inputs, dims, {s: 2 for s, n in symbol_sizes(inputs, dims).items() if n == 1})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dynamic_batch:
+        if any(dims):
             try:
-                ep = torch.export.export(gm, trace_inputs, dynamic_shapes=_dynamic_batch(trace_inputs), strict=False)
-                info["dynamic_batch"] = True
-                return ep, info
+                ep = torch.export.export(gm, trace_inputs, dynamic_shapes=_dynamic_shapes(trace_inputs, dims),
+                                         strict=False)
             except Exception as e:  # noqa: BLE001 - e.g. a reshape that bakes the example's batch size in
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                log.debug("torch.export with a dynamic batch failed on %s (%s); exporting fixed shapes",
+                log.debug("torch.export with dynamic dims failed on %s (%s); exporting fixed shapes",
                           graph.name, reason)
                 info["dynamic_batch_error"] = reason[:300]
+            else:
+                kept = _kept_dims(ep, dims)
+                names = [n.name for n in graph.inputs]
+                if kept != dims:  # a dim torch.export specialized: the program takes the example's size there
+                    info["fixed_dims"] = describe([{d: s for d, s in a.items() if d not in b}
+                                                   for a, b in zip(dims, kept)], names)
+                info["dynamic_batch"] = any(s == "batch" for per in kept for s in per.values())
+                info["dynamic_dims"] = describe(kept, names)
+                info["dims"] = kept
+                return ep, info
         try:
             ep = torch.export.export(gm, inputs, strict=False)
         except Exception as e:  # noqa: BLE001
             raise ExportError(f"torch.export of {graph.name} failed: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}; export ONNX or TorchScript instead "
                               "(--format onnx / torchscript)") from e
+    info["dims"] = [{} for _ in inputs]
     return ep, info
 
 
@@ -142,7 +170,7 @@ def export_pt2(graph: Graph, path: str | os.PathLike, *, inputs: Any = None, val
         info["compressed"] = compress
         try:
             if validate:
-                report = validate_pt2(packed, graph, validation_sets(inputs, dynamic_batch=info["dynamic_batch"]),
+                report = validate_pt2(packed, graph, validation_sets(inputs, dims=info.pop("dims")),
                                       atol=atol, rtol=rtol)
                 raise_if_invalid(report, f"the torch.export (.pt2) export of {graph.name}", keep_invalid)
         finally:

@@ -97,7 +97,8 @@ def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = N
                        atol: float = 1e-5, rtol: float = 1e-4, keep_invalid: bool = False,
                        optimize: bool = True, dynamic_batch: bool = True) -> ExportResult:
     """Write a TorchScript file of `graph` (temporary name, then rename), reload it, and compare it
-    with the IR's lowering at the inputs' batch size and (with `dynamic_batch`) a second one;
+    with the IR's lowering at the inputs' sizes and at other sizes of the graph's symbolic dims (batch unless
+    `dynamic_batch=False`);
     ValidationError above tolerance (and no file left unless `keep_invalid`)."""
     from slimfx.exporters.validate import validate_torchscript
 
@@ -116,16 +117,18 @@ def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = N
         finally:
             raw.unlink(missing_ok=True)
         if validate:
-            sets = validation_sets(inputs, dynamic_batch=dynamic_batch)
+            from slimfx.exporters.onnx.export import export_dims
+
+            sets = validation_sets(inputs, dims=export_dims(graph, dynamic_batch))
             try:
                 report = validate_torchscript(tmp, graph, sets, atol=atol, rtol=rtol)
             except RuntimeError as e:  # the traced file (or the graph) fails at a validation batch size
-                sizes = sorted({int(x[0].shape[0]) for x in sets if x and isinstance(x[0], torch.Tensor)
-                                and x[0].dim()})
+                sizes = [[list(t.shape) for t in x if isinstance(t, torch.Tensor)] for x in sets]
                 last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
                 raise ExportError(  # TorchScript's last line names the error: `RuntimeError: shape '[1, 10]' ...`
-                    f"the TorchScript export of {graph.name} fails at batch size(s) {sizes} ({last}). "
-                    f"If the model fixes its batch size, {FIXED_BATCH_ADVICE}.") from None
+                    f"the TorchScript export of {graph.name} fails at input shapes {sizes} ({last}). "
+                    f"If the model fixes its batch size, {FIXED_BATCH_ADVICE}; if it fixes another dim, keep that "
+                    "dim fixed (`--dynamic-dims` on the command line, dynamic_dims= in Python).") from None
             raise_if_invalid(report, f"the TorchScript export of {graph.name}", keep_invalid)
         size = tmp.stat().st_size
     return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="torchscript",

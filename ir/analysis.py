@@ -60,7 +60,8 @@ def count_macs(graph: Graph) -> int:
 
 
 def propagate_shapes(graph: Graph, *inputs: torch.Tensor) -> Graph:
-    """Run the graph on `inputs` and refresh every node's TensorMeta (and the inputs' metas)."""
+    """Run the graph on `inputs` and refresh every node's TensorMeta (and the inputs' metas), keeping the
+    names of symbolic dims (`TensorMeta.sym`)."""
     from slimfx.ir.lower import lower
 
     gm = lower(graph)
@@ -79,8 +80,16 @@ def propagate_shapes(graph: Graph, *inputs: torch.Tensor) -> Graph:
     for name, v in values.items():
         node = by_name.get(name)
         if node is not None and node.op != "output":
-            node.meta = meta_of(v)
+            node.meta = _keep_sym(node.meta, meta_of(v))
     return graph
+
+
+def _keep_sym(old: Any, new: Any) -> Any:
+    """`new` with the symbolic dim names of `old` (the sizes change, the names stay: ir.symdims)."""
+    if isinstance(old, TensorMeta) and isinstance(new, TensorMeta) and old.sym is not None \
+            and len(old.shape) == len(new.shape):
+        return new.with_sym(old.sym)
+    return new
 
 
 def _int_input_high(graph: Graph, node: Node) -> int:

@@ -968,20 +968,30 @@ def probe_inputs(inputs: Sequence[Any], *, seq: bool = True) -> list[Any]:
     return out
 
 
-def _prober(gm: fx.GraphModule, inputs: Sequence[Any], fixed: Sequence[bool]) -> Callable[[], dict | None]:
-    """The values of every node at another batch (and sequence) size, to tell shape values that follow
-    those sizes from fixed ones; None when the model runs at no other size (all of its shapes are fixed)."""
+def _prober(gm: fx.GraphModule, inputs: Sequence[Any], dims: Sequence[dict[int, str]] | None,
+            optional: set[str] = frozenset()) -> Callable[[], dict | None]:
+    """The values of every node at other sizes of the symbolic dims `dims` (one {dim: symbol} per input; None:
+    batch, and sequence for token inputs), to tell shape values that follow those sizes from fixed ones; the
+    `optional` symbols are left at their size when the model does not run at another; None when the model runs
+    at no other size (all of its shapes are fixed)."""
+    from slimfx.ir.symdims import at_sizes, default_dims, step_sizes
+
+    if dims is None:
+        dims = [default_dims(x) for x in inputs]
+        optional = {"seq"}
+
     def run() -> dict[fx.Node, Any] | None:
-        given = [x for x, f in zip(inputs, fixed) if not f]
-        token = any(is_token_input(x) for x in given)
-        for seq in ((True, False) if token else (False,)):
-            varied = iter(probe_inputs(given, seq=seq))
-            run_inputs = [x if f else next(varied) for x, f in zip(inputs, fixed)]
+        attempts = [list(dims)]
+        if any(s in optional for d in dims for s in d.values()):
+            attempts.append([{i: s for i, s in d.items() if s not in optional} for d in dims])
+        for attempt in attempts:
+            if not any(attempt):
+                continue
             try:
-                return _record(gm, run_inputs)
+                return _record(gm, list(at_sizes(inputs, attempt, step_sizes(inputs, attempt))))
             except Exception as e:  # noqa: BLE001 - the model fixes that size; try the next, else none
-                _log.debug("capture: %s does not run at another %s (%s: %s)", gm.__class__.__name__,
-                           "batch/sequence size" if seq else "batch size", type(e).__name__, e)
+                _log.debug("capture: %s does not run at other sizes of %s (%s: %s)", gm.__class__.__name__,
+                           attempt, type(e).__name__, e)
         return None
     return run
 
@@ -1191,7 +1201,8 @@ CAPTURE_METHODS = ("auto", "fx", "export")
 
 def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[str, Any] | None = None,
             method: str = "auto", leaf_modules: Sequence[Any] = (),
-            concrete_args: dict[str, Any] | None = None, for_inference: bool = False) -> Graph:
+            concrete_args: dict[str, Any] | None = None, for_inference: bool = False,
+            dynamic_dims: Any = None) -> Graph:
     """Capture `model` into the canonical IR, with shapes from the example inputs.
 
     `method="fx"` traces with torch.fx (`leaf_modules`, classes, instances or qualified names, stay
@@ -1206,6 +1217,10 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
     tensors (None, constants). The graph keeps the model's mode (`graph.training`; shapes are always
     propagated in eval mode). `for_inference=True` (a compiler's capture) also refuses a model left in
     training mode where dropout, batch statistics or a `self.training` branch change its outputs.
+
+    `dynamic_dims` says which input dims stay symbolic (ir.symdims: None = batch, and sequence for token
+    inputs; names like "batch,height,width"; or {input: {dim: name}}); they are recorded on the graph
+    inputs' `TensorMeta.sym`, and every node's meta names the symbolic dims it has.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
@@ -1218,30 +1233,62 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
         _check_mode(model)
     names = _input_names(model, inputs, kwargs, concrete_args)
     _check_examples(model, inputs, kwargs, model_dtype, names)
+    plan = _plan(model, inputs, kwargs, names, dynamic_dims)
     if method == "export":
         if leaf_modules or concrete_args:
             raise CaptureError("leaf_modules and concrete_args steer the torch.fx tracer; method='export' "
                                "takes neither (pass fixed arguments in example_kwargs instead)")
         from slimfx.ir.capture_export import capture_export
 
-        graph = capture_export(model, inputs, kwargs)
+        graph = capture_export(model, inputs, kwargs, dims=plan.dims)
         _check_outputs(graph, model)
-        return graph
+        return _settle_dims(graph, plan)
     try:
-        graph = _capture_fx(model, inputs, kwargs, leaf_modules, concrete_args)
+        graph = _capture_fx(model, inputs, kwargs, leaf_modules, concrete_args, plan)
     except _FxTraceError as fx_error:
         if method == "fx":
             raise
         from slimfx.ir.capture_export import capture_export
 
         try:
-            graph = capture_export(model, inputs, kwargs)
+            graph = capture_export(model, inputs, kwargs, dims=plan.dims)
         except CaptureError as export_error:
             raise CaptureError(f"neither capture front-end can capture {type(model).__name__}.\n"
                                f"- torch.fx: {fx_error}\n- torch.export: {export_error}") from export_error
         _log.info("capture: torch.fx could not trace %s (%s); captured it with torch.export instead",
                   type(model).__name__, str(fx_error).splitlines()[0])
     _check_outputs(graph, model)
+    return _settle_dims(graph, plan)
+
+
+def _plan(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], names: list[str], dynamic_dims: Any) -> Any:
+    """The resolved symbolic dims (ir.symdims.DimPlan) of the graph inputs, keyed by name in graph order
+    (positional inputs, then keyword ones in forward's order)."""
+    from slimfx.ir.symdims import DimPlan, resolve_dynamic_dims
+
+    order = list(inspect.signature(model.forward).parameters)
+    kw = sorted(kwargs, key=lambda k: order.index(k) if k in order else len(order))
+    all_names = list(names) + kw
+    values = list(inputs) + [kwargs[k] for k in kw]
+    if isinstance(dynamic_dims, DimPlan):
+        return DimPlan({n: dynamic_dims.dims.get(n, {}) for n in all_names}, dynamic_dims.optional, values)
+    return resolve_dynamic_dims(dynamic_dims, all_names, values)
+
+
+def _settle_dims(graph: Graph, plan: Any) -> Graph:
+    """Record the plan's symbolic dims on the graph inputs, without the optional ones (the default sequence
+    dim) where the graph runs at no other size of them, and name the symbolic dims of every node."""
+    from slimfx.ir.symdims import propagate_symbols, set_graph_dims
+
+    dims = [plan.dims.get(n, {}) for n in plan.dims][:len(graph.inputs)]
+    set_graph_dims(graph, dims)
+    inputs = plan.examples[:len(graph.inputs)]
+    for sym in plan.optional_symbols():
+        if not propagate_symbols(graph, inputs, only=sym, check=True):
+            _log.info("capture: %s does not run at another %s size; that dim stays fixed", graph.name, sym)
+            dims = [{d: s for d, s in per.items() if s != sym} for per in dims]
+            set_graph_dims(graph, dims)
+    propagate_symbols(graph, inputs)
     return graph
 
 
@@ -1298,7 +1345,7 @@ def _bind(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
 
 
 def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_modules: Sequence[Any],
-                concrete_args: dict[str, Any] | None) -> Graph:
+                concrete_args: dict[str, Any] | None, plan: Any = None) -> Graph:
     """The torch.fx front end: trace, propagate shapes on the example inputs, convert."""
     user_leaf = _Tracer(leaf_modules).is_user_leaf
     if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
@@ -1306,8 +1353,9 @@ def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_mo
             raise CaptureError(f"{type(model).__name__}.forward takes *args; pass example inputs by position")
         gm = _trace(model, leaf_modules, concrete_args)
         values = _run_shape_prop(gm, inputs, model)
+        dims = list(plan.dims.values()) if plan is not None else None
         return _convert(gm, model, values, n_inputs=len(inputs), user_leaf=user_leaf,
-                        probe=_prober(gm, inputs, [False] * len(inputs)))
+                        probe=_prober(gm, inputs, dims, plan.optional_symbols() if plan is not None else set()))
     given, concrete = _bind(model, inputs, kwargs, concrete_args)
     try:
         gm = _trace(model, leaf_modules, concrete)
@@ -1321,7 +1369,9 @@ def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_mo
     run_inputs = [baked[ph] if ph in baked else given[name] for ph, name in zip(placeholders, names)]
     values = _run_shape_prop(gm, tuple(run_inputs), model, names)
     graph = _convert(gm, model, values, n_inputs=len(given), baked=baked, user_leaf=user_leaf,
-                     probe=_prober(gm, run_inputs, [ph in baked for ph in placeholders]))
+                     probe=_prober(gm, run_inputs, None if plan is None else
+                                   [{} if ph in baked else plan.dims.get(name, {}) for ph, name in zip(placeholders, names)],
+                                   plan.optional_symbols() if plan is not None else set()))
     graph.capture_method = "fx"
     return graph
 

@@ -49,7 +49,6 @@ from slimfx.ir.capture import (
     _f_max_pool2d,
     is_internal_file,
     is_token_input,
-    resized,
 )
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, meta_of
@@ -770,24 +769,26 @@ _TUPLE_HEADS = {aten._native_batch_norm_legit_no_training.default, aten.native_l
 
 # --- export and conversion ------------------------------------------------------------------------------
 
-def _dynamic_spec(value: Any) -> Any:
-    """Dim.AUTO for the batch dim of every tensor input, and the sequence dim of integer [B, S] inputs."""
+def _dynamic_spec(value: Any, dims: dict[int, str] | None = None) -> Any:
+    """Dim.AUTO for each symbolic dim of an input (`dims`; default: the batch dim of every tensor input, and
+    the sequence dim of integer [B, S] inputs)."""
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
-    spec = {0: torch.export.Dim.AUTO}
-    if is_token_input(value):
-        spec[1] = torch.export.Dim.AUTO
-    return spec
+    if dims is None:
+        dims = {0: "batch", 1: "seq"} if is_token_input(value) else {0: "batch"}
+    return {d: torch.export.Dim.AUTO for d in dims} or None
 
 
-def _sample(value: Any) -> Any:
+def _sample(value: Any, dims: dict[int, str] | None = None) -> Any:
     """The example to export with: a dynamic dim of size 1 grown to 2 (rows or columns repeated), since
     torch.export specializes a dim its example has at size 0 or 1; the program then takes any size, and
     the IR's shapes still come from running it on the user's own example."""
-    spec = _dynamic_spec(value)
+    from slimfx.ir.symdims import resize
+
+    spec = _dynamic_spec(value, dims)
     if not spec or value.shape[0] == 0:
         return value
-    return resized(value, 2 if value.shape[0] == 1 else None, 2 if 1 in spec and value.shape[1] == 1 else None)
+    return resize(value, {d: 2 for d in spec if value.shape[d] == 1})
 
 
 # torch's loggers that write to stderr while torch.export traces (the graph at a data-dependent guard, notes
@@ -814,20 +815,22 @@ def quiet_export() -> Iterator[None]:
 
 
 def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
-                   dynamic: bool = True) -> torch.export.ExportedProgram:
-    """torch.export.export(model, args, kwargs, strict=False), with dynamic batch/sequence dims when
-    `dynamic` and the model allows them (falls back to static shapes, and says so in the log)."""
-    if dynamic:
+                   dynamic: bool = True, dims: dict[str, dict[int, str]] | None = None) -> torch.export.ExportedProgram:
+    """torch.export.export(model, args, kwargs, strict=False), with the symbolic dims `dims` (per input name
+    {dim: symbol}; default: batch, and sequence for token inputs) dynamic when `dynamic` and the model allows
+    them (falls back to static shapes, and says so in the log)."""
+    if dynamic and (dims is None or any(dims.values())):
         try:
             names = [p.name for p in inspect.signature(model.forward).parameters.values()
                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            specs = {name: _dynamic_spec(v) for name, v in zip(names, args)}
-            specs.update({k: _dynamic_spec(v) for k, v in kwargs.items()})
+            per = (lambda name: None) if dims is None else (lambda name: dims.get(name, {}))
+            specs = {name: _dynamic_spec(v, per(name)) for name, v in zip(names, args)}
+            specs.update({k: _dynamic_spec(v, per(k)) for k, v in kwargs.items()})
             if len(specs) != len(args) + len(kwargs):
                 raise ValueError("positional inputs beyond forward's named parameters")
             with quiet_export():
-                return torch.export.export(model, tuple(_sample(a) for a in args),
-                                           {k: _sample(v) for k, v in kwargs.items()}, dynamic_shapes=specs,
+                return torch.export.export(model, tuple(_sample(a, per(n)) for n, a in zip(names, args)),
+                                           {k: _sample(v, per(k)) for k, v in kwargs.items()}, dynamic_shapes=specs,
                                            strict=False)
         except Exception as e:  # noqa: BLE001 - retried with static shapes below
             _log.info("torch.export with dynamic batch/sequence dims failed for %s (%s: %s); "
@@ -923,14 +926,14 @@ def _structure(spec: pytree.TreeSpec, leaves: list[Any]) -> Any:
 
 
 def capture_export(model: nn.Module, args: tuple = (), kwargs: dict[str, Any] | None = None, *,
-                   dynamic: bool = True) -> Graph:
+                   dynamic: bool = True, dims: dict[str, dict[int, str]] | None = None) -> Graph:
     """Capture `model` with torch.export (non-strict) into the canonical IR; see the module docstring."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
     names = list(inspect.signature(model.forward).parameters)
     kwargs = dict(sorted((kwargs or {}).items(), key=lambda kv: names.index(kv[0]) if kv[0] in names else len(names)))
     t0 = time.perf_counter()
-    ep = export_program(model, tuple(args), kwargs, dynamic=dynamic)  # inputs in forward's order, as fx has them
+    ep = export_program(model, tuple(args), kwargs, dynamic=dynamic, dims=dims)  # inputs in forward's order
     t1 = time.perf_counter()
     graph = from_exported_program(ep, model, args, kwargs)
     _log.info("captured %s with torch.export in %.2fs (export %.2fs, %d nodes%s)", type(model).__name__,

@@ -13,7 +13,7 @@ import copy
 import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,14 +27,30 @@ _DTYPE_SHORT = {
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """Shape and dtype of a tensor value, as seen on the example inputs."""
+    """Shape and dtype of a tensor value, as seen on the example inputs.
+
+    `sym` names the symbolic dims: one entry per dim, a name ("batch", "seq", "height", a user's) where the
+    dim is exactly that size at any size the model runs at, None where it is fixed or derived (batch * heads);
+    `sym` None: not known (a node a pass made; `ir.propagate_symbols` fills it in). A graph input's `sym` is
+    what the exporters keep dynamic (ONNX dim_param names, torch.export Dims). Metas compare by shape and
+    dtype only: the same tensor type with or without names.
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    sym: tuple[str | None, ...] | None = field(default=None, compare=False)
 
     @staticmethod
     def of(t: torch.Tensor) -> TensorMeta:
         return TensorMeta(tuple(int(s) for s in t.shape), t.dtype)
+
+    def with_sym(self, sym: Any) -> TensorMeta:
+        """The same meta with symbolic dim names `sym` (None, or one name/None per dim)."""
+        if sym is not None:
+            sym = tuple(sym)
+            if len(sym) != len(self.shape):
+                raise ValueError(f"{len(sym)} symbolic dim names for a rank-{len(self.shape)} tensor")
+        return TensorMeta(self.shape, self.dtype, sym)
 
     @property
     def numel(self) -> int:
@@ -44,7 +60,8 @@ class TensorMeta:
         return n
 
     def __str__(self) -> str:
-        return f"{_DTYPE_SHORT.get(self.dtype, str(self.dtype).replace('torch.', ''))}[{', '.join(map(str, self.shape))}]"
+        dims = [f"{n}:{d}" if n else str(d) for d, n in zip(self.shape, self.sym or (None,) * len(self.shape))]
+        return f"{_DTYPE_SHORT.get(self.dtype, str(self.dtype).replace('torch.', ''))}[{', '.join(dims)}]"
 
 
 def meta_of(value: Any) -> Any:

@@ -249,17 +249,23 @@ class _Parser:
             ln.i -= 1
             raise ln.error(f"expected a tensor type such as f32[1, 3], found {text!r}")
         ln.expect("[", "after the dtype")
-        dims = []
+        dims: list[int] = []
+        names: list[str | None] = []
         while not ln.accept("]"):
             kind, text = ln.next()
+            name = None
+            if kind == "ident" and ln.accept(":"):  # a symbolic dim: `batch:2`
+                name = text
+                kind, text = ln.next()
             if kind != "number" or not text.isdigit():
                 ln.i -= 1
-                raise ln.error(f"a dimension must be a whole number >= 0, found {text!r}")
+                raise ln.error(f"a dimension must be a whole number >= 0 (or name:number), found {text!r}")
             dims.append(int(text))
+            names.append(name)
             if not ln.accept(","):
                 ln.expect("]")
                 break
-        return TensorMeta(tuple(dims), dt)
+        return TensorMeta(tuple(dims), dt, tuple(names) if any(names) else None)
 
     def loc(self, ln: _Line) -> dict[str, str]:
         out = {}

@@ -26,6 +26,7 @@ import torch
 
 from slimfx.ir.errors import ModelFileError, SlimfxError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta
+from slimfx.ir.symdims import graph_dims, set_graph_dims
 
 FORMAT = "slimfx-model"
 FORMAT_VERSION = 1
@@ -91,8 +92,10 @@ def _graph_info(graph: Graph) -> dict[str, Any]:
     return {
         "name": graph.name, "training": graph.training, "capture_method": graph.capture_method,
         "inputs": inputs, "outputs": output_names(graph.outputs),
-        # Exports keep dim 0 of every input dynamic (the batch); the IR's metas record the example's size.
-        "symbolic_dims": {i["name"]: {"0": "batch"} for i in inputs if i["shape"]},
+        # The dims exports keep dynamic (ir.symdims; also in the IR text, `batch:1`), with the example's size
+        # in the metas: {input: {dim: name}}, every input listed ({} = all dims fixed).
+        "symbolic_dims": {n.name: {str(d): sym for d, sym in per.items()}
+                          for n, per in zip(graph.inputs, graph_dims(graph))},
         "nodes": len(graph),
     }
 
@@ -301,10 +304,36 @@ class _Reader:
             if theirs.get(key) != ours[key]:
                 raise self.fail(f"{META_MEMBER} says graph {key} {theirs.get(key)!r} but {GRAPH_MEMBER} has "
                                 f"{ours[key]!r}", "fix the hand edit, or save the model again")
+        dims = theirs.get("symbolic_dims")
+        if dims is not None:
+            self.apply_dims(graph, dims)
         for key, fn in (("quantization", quantization_records), ("masks", mask_records)):
             if meta[key] != json.loads(json.dumps(fn(graph))):
                 raise self.fail(f"{META_MEMBER}'s {key} records do not match {GRAPH_MEMBER}",
                                 "fix the hand edit, or save the model again")
+
+
+    def apply_dims(self, graph: Graph, dims: Any) -> None:
+        """meta.json's symbolic dims onto the graph inputs; they must agree with the names in the IR text."""
+        if not isinstance(dims, dict):
+            raise self.fail(f"{META_MEMBER}'s symbolic_dims is not {{input: {{dim: name}}}}", "save the model again")
+        per_input = []
+        for node in graph.inputs:
+            entry = dims.get(node.name, {})
+            rank = len(node.meta.shape) if isinstance(node.meta, TensorMeta) else 0
+            if not isinstance(entry, dict) or not all(
+                    isinstance(k, str) and k.isdigit() and int(k) < rank and isinstance(v, str) and v.isidentifier()
+                    for k, v in entry.items()):
+                raise self.fail(f"{META_MEMBER}'s symbolic_dims of input {node.name!r} is {entry!r}, not {{dim: name}} "
+                                f"with dims 0..{rank - 1}", "fix the hand edit, or save the model again")
+            want = {int(k): v for k, v in entry.items()}
+            sym = node.meta.sym if isinstance(node.meta, TensorMeta) else None
+            if sym is not None and {d: n for d, n in enumerate(sym) if n} != want:
+                raise self.fail(f"{META_MEMBER} says input {node.name!r} has symbolic dims {want} but {GRAPH_MEMBER} "
+                                f"names {dict((d, n) for d, n in enumerate(sym) if n)}",
+                                "fix the hand edit, or save the model again")
+            per_input.append(want)
+        set_graph_dims(graph, per_input)
 
 
 def zlib_error() -> type[BaseException]:

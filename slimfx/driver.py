@@ -82,6 +82,7 @@ class _Job:
     check_numerics: bool
     print_ir: bool = False
     dynamic_batch: bool = True  # False: files fixed at the example's batch size, data run in chunks of it
+    dynamic_dims: Any = None  # what the user asked for (ir.symdims); None: the defaults
     graph: ir.Graph | None = None  # resume: the saved graph to continue from (no capture)
     headline: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -96,7 +97,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             out_dir: str | Path | None = None, formats: Sequence[str] | str | None = None, force: bool = False,
             keep_rejected: bool = False, check_numerics: bool = True, name: str | None = None,
             quiet: bool = False, seed: int = 0, bench_seconds: float = DEFAULT_BENCH_SECONDS,
-            print_ir: bool = False, dynamic_batch: bool = True) -> CompileResult:
+            print_ir: bool = False, dynamic_batch: bool = True, dynamic_dims: Any = None) -> CompileResult:
     """Compile `model` with a recipe: capture, run its passes, export, check and report.
 
     model: an nn.Module, or (resume) an ir.Graph / the path of a `.slimfx` file saved by an earlier compile
@@ -117,6 +118,11 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
     dynamic_batch: False for a model that runs at its example's batch size only (a literal batch size in a
         view): the files take that batch size, and calibration, the gate and the latency report run the
         data in chunks of it (CLI: --fixed-batch).
+    dynamic_dims: which input dims the exported files keep dynamic, each under a name (ONNX dim_param,
+        torch.export Dim). None (default): the batch, and the sequence of token inputs (integer [batch, seq],
+        kept when the model runs at other lengths); names "batch,seq" / ("batch", "height", "width") put where
+        they conventionally sit; per input like torch.onnx.export's dynamic_axes:
+        {"input_ids": {0: "batch", 1: "seq"}}; "none": all fixed (CLI: --dynamic-dims). See docs/exporters.md.
     Raises SlimfxError subclasses for anything the user can fix (GateError when the gate fails).
     """
     t_start = time.perf_counter()
@@ -124,7 +130,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
                    calibration_data=calibration_data, train_data=train_data, test_data=test_data,
                    eval_fn=eval_fn, out_dir=out_dir, formats=formats, force=force, keep_rejected=keep_rejected,
                    check_numerics=check_numerics, name=name, quiet=quiet, seed=seed, bench_seconds=bench_seconds,
-                   dynamic_batch=dynamic_batch)
+                   dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims)
     job.print_ir = bool(print_ir)
     with contextlib.ExitStack() as stack:
         if job.output is not None:
@@ -180,7 +186,7 @@ class _StageTimer:
 def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None, example_kwargs: Any,
              calibration_data: Any, train_data: Any, test_data: Any, eval_fn: Any, out_dir: Any, formats: Any,
              force: bool, keep_rejected: bool, check_numerics: bool, name: str | None, quiet: bool, seed: Any,
-             bench_seconds: Any, dynamic_batch: Any = True) -> _Job:
+             bench_seconds: Any, dynamic_batch: Any = True, dynamic_dims: Any = None) -> _Job:
     model, saved, example_inputs = _resume(model, example_inputs, example_kwargs)
     if not isinstance(model, nn.Module):
         raise SlimfxError(f"compile() takes a torch.nn.Module, an ir.Graph or a .slimfx file, got "
@@ -192,6 +198,7 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
         raise SlimfxError(f"bench_seconds must be a finite number >= 0 (0: no latency), got {bench_seconds!r}")
     if not isinstance(dynamic_batch, bool):
         raise SlimfxError(f"dynamic_batch must be True or False, got {dynamic_batch!r}")
+    dynamic_dims = check_dynamic_dims(dynamic_dims, dynamic_batch)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     fmts = _formats(formats, rec)
     pipeline = rec.build_passes()  # RecipeError for unknown passes/options
@@ -226,7 +233,42 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
                 pipeline=pipeline, formats=fmts, data=data, ctx=ctx, gate_split=gate_split, gate_split_name=gate_name,
                 accuracy_split=acc_split, accuracy_split_name=acc_name, output=output, keep_rejected=keep_rejected,
                 name=name or _default_name(model, saved), quiet=quiet, bench_seconds=float(bench_seconds),
-                check_numerics=check_numerics, graph=saved, headline=job_headline, dynamic_batch=dynamic_batch)
+                check_numerics=check_numerics, graph=saved, headline=job_headline, dynamic_batch=dynamic_batch,
+                dynamic_dims=dynamic_dims)
+
+
+def check_dynamic_dims(value: Any, dynamic_batch: bool = True) -> Any:
+    """`dynamic_dims` as users write it, checked for what can be checked without the model (its form, its
+    names, a fixed batch that contradicts it); the string form is parsed. DynamicDimsError otherwise."""
+    from slimfx.ir.symdims import DynamicDimsError, parse_dynamic_dims
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = parse_dynamic_dims(value)
+    if isinstance(value, dict):
+        named = {s for per in value.values() for s in (per.values() if isinstance(per, dict) else
+                                                         ["batch"] if isinstance(per, (list, tuple)) and 0 in per
+                                                         else [])}
+    elif isinstance(value, (list, tuple)):
+        named = set(value)
+    else:
+        raise DynamicDimsError(f"dynamic_dims must be None, names (\"batch,seq\" or a tuple of names) or "
+                               f"{{input: {{dim: name}}}}, got {type(value).__name__} {value!r}")
+    if not dynamic_batch and "batch" in named:
+        raise DynamicDimsError("a fixed batch (`--fixed-batch` on the command line, dynamic_batch=False in Python) "
+                               "and dynamic dims that name 'batch' contradict each other; give one of them")
+    return value
+
+
+def apply_dynamic_dims(graph: ir.Graph, value: Any, example: tuple) -> None:
+    """Set the symbolic dims of a graph that is already captured (a saved one) from `value` (as
+    slimfx.compile's dynamic_dims), and name every node's."""
+    from slimfx.ir.symdims import propagate_symbols, resolve_dynamic_dims, set_graph_dims
+
+    plan = resolve_dynamic_dims(value, [n.name for n in graph.inputs], list(example))
+    set_graph_dims(graph, [plan.dims[n.name] for n in graph.inputs])
+    propagate_symbols(graph, example)
 
 
 def _batch_rows(example: tuple) -> int:
@@ -344,10 +386,16 @@ def _capture(job: _Job) -> ir.Graph:
     args, kwargs = job.capture_args
     if job.graph is not None:
         graph = job.graph.copy()  # resume: the saved IR, left as it was for the caller
+        if job.dynamic_dims is not None:
+            apply_dynamic_dims(graph, job.dynamic_dims, job.example)
     else:
-        graph = ir.capture(job.model, args, example_kwargs=kwargs, for_inference=True) if kwargs else \
-            ir.capture(job.model, args, for_inference=True)
+        graph = ir.capture(job.model, args, example_kwargs=kwargs, for_inference=True,
+                           dynamic_dims=job.dynamic_dims)
         graph.metadata["model"] = {"name": job.name}
+    if not job.dynamic_batch:  # the graph says what its files keep dynamic (a saved .slimfx too)
+        from slimfx.ir.symdims import graph_dims, set_graph_dims
+
+        set_graph_dims(graph, [{d: s for d, s in per.items() if s != "batch"} for per in graph_dims(graph)])
     for i, p in enumerate(job.pipeline):
         check = getattr(p, "check_graph", None)
         problem = check(graph) if check is not None else None

@@ -2,9 +2,9 @@
 
 Emitters (one per canonical op, registered with `register_emitter`) read IR operands through
 the context and add ONNX nodes to it. Shape values (`size`, `shape`, integer arithmetic on
-them) are evaluated symbolically: a value that does not depend on the batch size is folded to
-a Python constant, and only batch-dependent values become Shape/Gather/Concat subgraphs.
-Which dims depend on the batch is learnt by running the graph at two batch sizes (`probe`).
+them) are evaluated symbolically: a value that does not depend on a symbolic dim (batch, seq, ...) is
+folded to a Python constant, and only the others become Shape/Gather/Concat subgraphs. Which dims depend
+on the symbolic ones is learnt by running the graph at two sizes of each (`probe`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from slimfx.ir.analysis import count_macs
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta
 from slimfx.ir.ops import SCALAR_FNS, trait
+from slimfx.ir.symdims import at_sizes, describe, graph_dims, probe_sizes, symbol_sizes
 
 Emitter = Callable[["EmitContext", Node], Any]
 EMITTERS: dict[str, Emitter] = {}
@@ -67,7 +68,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Dyn:
-    """A batch-dependent scalar shape value: an ONNX tensor of shape [1] (int64 or float32)."""
+    """A shape value that depends on a symbolic dim: an ONNX tensor of shape [1] (int64 or float32)."""
 
     name: str
     dtype: torch.dtype = torch.int64
@@ -107,11 +108,15 @@ FIXED_BATCH_ADVICE = ("compile or export with a fixed batch size: `--fixed-batch
                       "compile, slimfx export), dynamic_batch=False in Python (slimfx.compile, export_onnx)")
 
 
-def probe(graph: Graph, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the graph at batch sizes 2 and 3 and record every node's shape (or value) in each run."""
-    from slimfx.exporters._common import with_batch
+def probe(graph: Graph, inputs: tuple, dims: list[dict[int, str]] | None = None
+          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the graph at two sizes of every symbolic dim (`dims`, one {dim: symbol} per input; default: the
+    graph inputs' own, see ir.symdims) and record every node's shape (or value) in each run. The sizes of
+    each symbol in the two runs are in `probe.sizes` of the result's first dict under "__sizes__"."""
     from slimfx.ir.lower import lower
 
+    dims = graph_dims(graph) if dims is None else dims
+    first, second, _ = probe_sizes(inputs, dims)
     gm = lower(graph).eval()
 
     class _Rec(fx.Interpreter):
@@ -129,16 +134,18 @@ def probe(graph: Graph, inputs: tuple) -> tuple[dict[str, Any], dict[str, Any]]:
     runs = []
     # shapes on the meta device cost a few ms per op whatever the sizes: cheaper only for heavy models
     meta_gm = _lowered_on_meta(graph) if count_macs(graph) > META_PROBE_MIN_MACS else None
-    for b in PROBE_BATCHES:
+    for sizes in (first, second):
         rec: dict[str, Any] = {}
-        if meta_gm is None or not _ran(_Rec(meta_gm, rec), with_batch(inputs, b)):
+        run_inputs = at_sizes(inputs, dims, sizes)
+        if meta_gm is None or not _ran(_Rec(meta_gm, rec), run_inputs):
             rec.clear()
             interp = _Rec(gm, rec)
             try:
                 with torch.no_grad():
-                    interp.run(*with_batch(inputs, b))
+                    interp.run(*run_inputs)
             except Exception as e:  # noqa: BLE001 - a model that only runs at one batch size
-                raise ExportError(_batch_message(graph, gm, inputs, b, interp.current, e)) from e
+                raise ExportError(_size_message(graph, gm, inputs, dims, sizes, interp.current, e)) from e
+        rec["__sizes__"] = dict(sizes)
         runs.append(rec)
     return runs[0], runs[1]
 
@@ -169,9 +176,10 @@ def _ran(interp: fx.Interpreter, inputs: tuple) -> bool:
     return True
 
 
-def _batch_message(graph: Graph, gm: fx.GraphModule, inputs: tuple, batch: int, failed: fx.Node | None,
-                   error: Exception) -> str:
-    """Why the graph does not run at another batch size: the node that fails, and what to do about it."""
+def _size_message(graph: Graph, gm: fx.GraphModule, inputs: tuple, dims: list[dict[int, str]],
+                  sizes: dict[str, int], failed: fx.Node | None, error: Exception) -> str:
+    """Why the graph does not run at other sizes of its dynamic dims: the node that fails, the dim whose size
+    the model fixes there, and what to do about it."""
     first = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     try:
         with torch.no_grad():
@@ -188,12 +196,39 @@ def _batch_message(graph: Graph, gm: fx.GraphModule, inputs: tuple, batch: int, 
             node = None
     where = f"%{node.name} (op '{node.op}', {node.where()})" if node is not None else \
         (f"%{failed.name}" if failed is not None else "the graph")
-    b0 = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else "?"
-    return (f"{graph.name} runs at the example's batch size {b0} but not at batch size {batch}: {where} fails "
-            f"({first}). The model fixes its batch size there (a literal batch size in a reshape or view, a "
-            "flatten over the batch dimension, or a shape captured for the example's batch). Make that line "
-            "follow the batch (x.size(0) or -1), give example inputs with the batch size you deploy (from your "
-            f"model factory, or example_inputs= in Python), or {FIXED_BATCH_ADVICE}.")
+    culprit = _culprit(gm, inputs, dims, sizes)
+    example = symbol_sizes(inputs, dims)
+    if culprit in (None, "batch"):
+        b0 = example.get("batch", "?")
+        batch = sizes.get("batch", "?")
+        return (f"{graph.name} runs at the example's batch size {b0} but not at batch size {batch}: {where} fails "
+                f"({first}). The model fixes its batch size there (a literal batch size in a reshape or view, a "
+                "flatten over the batch dimension, or a shape captured for the example's batch). Make that line "
+                "follow the batch (x.size(0) or -1), give example inputs with the batch size you deploy (from your "
+                f"model factory, or example_inputs= in Python), or {FIXED_BATCH_ADVICE}.")
+    names = [n.name for n in graph.inputs]
+    kept = [{d: s for d, s in per.items() if s != culprit} for per in dims]
+    return (f"{graph.name} runs at the example's {culprit} size {example.get(culprit)} but not at {culprit} size "
+            f"{sizes[culprit]}: {where} fails ({first}). The model fixes that size there (a literal size in a "
+            f"reshape or view, a table of positions as long as the example). Make that line follow the input's "
+            f"size, or keep {culprit!r} fixed: dynamic dims {describe(kept, names)} (`--dynamic-dims "
+            f"{_cli_dims(kept, names)}` on the command line, dynamic_dims= in Python).")
+
+
+def _cli_dims(dims: list[dict[int, str]], names: list[str]) -> str:
+    parts = [f"{n}=" + ",".join(f"{i}:{s}" for i, s in d.items()) for n, d in zip(names, dims) if d]
+    return ";".join(parts) if parts else "none"
+
+
+def _culprit(gm: fx.GraphModule, inputs: tuple, dims: list[dict[int, str]], sizes: dict[str, int]) -> str | None:
+    """The symbol whose size alone makes the graph fail (batch first), or None."""
+    for s in sorted(sizes, key=lambda k: k != "batch"):
+        try:
+            with torch.no_grad():
+                gm(*at_sizes(inputs, dims, {s: sizes[s]}))
+        except Exception:  # noqa: BLE001 - this size is one the model fixes
+            return s
+    return None
 
 
 class EmitContext:
@@ -343,7 +378,7 @@ class EmitContext:
 
     # -- shape knowledge ---------------------------------------------------------------------------
     def dynamic_dims(self, v: Any, index: int | None = None) -> tuple[bool, ...]:
-        """Which dims of a tensor operand change with the batch size (all False for a fixed batch)."""
+        """Which dims of a tensor operand change with a symbolic dim (all False when every input dim is fixed)."""
         if not isinstance(v, Node):
             return tuple(False for _ in self.meta(v).shape)
         meta = v.meta if index is None else v.meta[index]
@@ -361,12 +396,21 @@ class EmitContext:
                               f"cannot express with a dynamic batch; {FIXED_BATCH_ADVICE}")
         return tuple(x != y for x, y in zip(a, b))
 
+    def symbol_of(self, v: Node, dim: int) -> str | None:
+        """The symbolic dim (batch, seq, ...) that dim `dim` of `v` is exactly, or None (fixed, or derived
+        from one: batch * heads)."""
+        if self.probes is None or not isinstance(v, Node):
+            return None
+        a, b = self.probes[0].get(v.name), self.probes[1].get(v.name)
+        if a is None or a[0] != "T":
+            return None
+        got = (a[1][dim], b[1][dim])
+        s0, s1 = self.probes[0]["__sizes__"], self.probes[1]["__sizes__"]
+        return next((s for s in s0 if (s0[s], s1[s]) == got), None)
+
     def is_batch_dim(self, v: Node, dim: int) -> bool:
         """True when dim `dim` of `v` is exactly the batch size (not a multiple of it)."""
-        if self.probes is None or not isinstance(v, Node):
-            return False
-        a, b = self.probes[0].get(v.name), self.probes[1].get(v.name)
-        return a is not None and a[0] == "T" and (a[1][dim], b[1][dim]) == PROBE_BATCHES
+        return self.symbol_of(v, dim) == "batch"
 
     def probe_dims(self, v: Node) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         if self.probes is None or not isinstance(v, Node):

@@ -12,11 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from onnx import helper
 
 from slimfx.exporters.onnx.context import (
     FIXED_BATCH_ADVICE,
     Dyn,
     EmitContext,
+    onnx_dtype,
     register_emitter,
     to_numpy,
 )
@@ -475,12 +477,32 @@ def _split(ctx: EmitContext, node: Node) -> list[str]:
     metas = node.meta
     if not isinstance(metas, tuple):
         raise _err(node, "split without a tuple of output metas; run ir.propagate_shapes")
-    if ctx.dynamic_dims(x)[axis]:
-        raise _err(node, f"split along the batch dim with a dynamic batch; {FIXED_BATCH_ADVICE}")
-    sizes = [m.shape[axis] for m in metas]
+    sizes: list[Any] = [m.shape[axis] for m in metas]
     if len(sizes) == 1:
         return [ctx.value(x)]
-    return ctx.emit("Split", [ctx.value(x), ctx.ints(sizes)], outputs=len(sizes), axis=axis)
+    if ctx.dynamic_dims(x)[axis]:
+        sizes = _dynamic_split_sizes(ctx, node, x, axis, len(sizes))
+    return ctx.emit("Split", [ctx.value(x), ctx.sym_tensor(sizes)], outputs=len(sizes), axis=axis)
+
+
+def _dynamic_split_sizes(ctx: EmitContext, node: Node, x: Any, axis: int, k: int) -> list[Any]:
+    """Piece sizes of a split/chunk along a symbolic dim (seq, batch): torch's rule at run time. chunk:
+    pieces of ceil(n / chunks), the last one the rest; split by an int: pieces of that size, the last the
+    rest."""
+    n = ctx.dim(x, axis)
+    if node.op == "chunk":
+        chunks = int(node.attrs["chunks"])
+        piece = Dyn(ctx.emit("Div", [ctx.emit("Add", [n.name, ctx.ints([chunks - 1])]), ctx.ints([chunks])]))
+    elif isinstance(node.attrs.get("split_size"), int):
+        piece = int(node.attrs["split_size"])
+    else:
+        raise _err(node, "split into a list of sizes along a dim whose size is symbolic (batch, seq, ...); "
+                         "split along a fixed dim, or keep that dim fixed (`--dynamic-dims` on the command line, "
+                         "dynamic_dims= in Python)")
+    before = ctx.emit("Mul", [ctx.sym_tensor(piece), ctx.ints([k - 1])]) if isinstance(piece, Dyn) else \
+        ctx.ints([piece * (k - 1)])
+    last = Dyn(ctx.emit("Sub", [n.name, before]))
+    return [piece] * (k - 1) + [last]
 
 
 @register_emitter("getitem")
@@ -609,10 +631,14 @@ def _sdpa(ctx: EmitContext, node: Node) -> str:
         scores = ctx.emit("Mul", [scores, ctx.const(scale, dt)])
     L, S = qs[-2], ks[-2]
     if a.get("is_causal"):
-        if ctx.dynamic_dims(q)[-2] or ctx.dynamic_dims(k)[-2]:
-            raise _err(node, "is_causal with a batch-dependent sequence length")
-        causal = np.triu(np.full((L, S), -np.inf, dtype=np.float32), k=1)
-        scores = ctx.emit("Add", [scores, ctx.const(causal, dt, name="causal_mask")])
+        if ctx.dynamic_dims(q)[-2] or ctx.dynamic_dims(k)[-2]:  # a symbolic length: the mask made at run time
+            shape = ctx.sym_tensor([ctx.dim(q, -2), ctx.dim(k, -2)])
+            fill = helper.make_tensor("value", onnx_dtype(dt), [1], [float("-inf")])
+            full = ctx.emit("ConstantOfShape", [shape], value=fill)
+            causal_v = ctx.emit("Trilu", [full, ctx.const(1, torch.int64)], upper=1)
+        else:
+            causal_v = ctx.const(np.triu(np.full((L, S), -np.inf, dtype=np.float32), k=1), dt, name="causal_mask")
+        scores = ctx.emit("Add", [scores, causal_v])
     if mask is not None:
         mmeta = ctx.meta(mask)
         if mmeta.dtype == torch.bool:
@@ -663,7 +689,16 @@ def _interpolate(ctx: EmitContext, node: Node) -> str:
         return ctx.emit("Resize", [xv, "", scales], **kw)
     dyn = ctx.dynamic_dims(node)
     lead = [ctx.dim(x, 0) if dyn[0] else node.tensor_meta.shape[0], node.tensor_meta.shape[1]]
-    sizes = ctx.sym_tensor(lead + list(out_sp))
+    spatial: list[Any] = list(out_sp)
+    if any(dyn[2:]):  # an output size that follows a symbolic dim (height, width): from the IR's size entries
+        size = a.get("size")
+        if size is None:
+            raise _err(node, "interpolate by a recomputed scale factor along a symbolic dim (height, width); "
+                             "give size= or scale_factor= without recompute_scale_factor")
+        given = ctx.sym(size)
+        given = list(given) if isinstance(given, (tuple, list)) else [given] * (rank - 2)
+        spatial = [g if d else o for g, d, o in zip(given, dyn[2:], out_sp)]
+    sizes = ctx.sym_tensor(lead + spatial)
     del in_sp
     return ctx.emit("Resize", [xv, "", "", sizes], **kw)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -24,8 +25,10 @@ from slimfx.exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, pro
 from slimfx.exporters.onnx.rewrites import shrink
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs
+from slimfx.ir.symdims import describe, graph_dims, symbol_sizes
 
 DEFAULT_OPSET = 17
+EXAMPLE_SIZES_PROP = "slimfx.example_sizes"  # metadata_props key: {symbol: size in the example}
 MIN_OPSET, MAX_OPSET = 17, 23
 
 
@@ -65,10 +68,8 @@ def _value_info(ctx: EmitContext, name: str, node: Node) -> onnx.ValueInfoProto:
     for i, (s, d) in enumerate(zip(meta.shape, dyn)):
         if not d:
             dims.append(s)
-        elif ctx.is_batch_dim(node, i):
-            dims.append("batch")
         else:
-            dims.append(f"{name}_dim{i}")
+            dims.append(ctx.symbol_of(node, i) or f"{name}_dim{i}")
     return helper.make_tensor_value_info(name, onnx_dtype(meta.dtype), dims)
 
 
@@ -92,17 +93,26 @@ def _dead_code(ctx: EmitContext, outputs: list[str]) -> None:
     ctx.initializers = {k: v for k, v in ctx.initializers.items() if k in live}
 
 
+def export_dims(graph: Graph, dynamic_batch: bool = True) -> list[dict[int, str]]:
+    """The symbolic dims an export keeps: the graph inputs' (`TensorMeta.sym`, see ir.symdims), without
+    batch for a fixed batch."""
+    dims = graph_dims(graph)
+    return dims if dynamic_batch else [{d: s for d, s in per.items() if s != "batch"} for per in dims]
+
+
 def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET,
                   inputs: Any = None, check: bool = True) -> onnx.ModelProto:
     """Emit `graph` as an ONNX model (no file). Raises ExportError naming any node it cannot express.
 
-    `inputs` (example inputs; default: random ones from the input metas) are used to learn which
-    dims depend on the batch size when `dynamic_batch`.
+    Every symbolic dim of the graph inputs (batch, seq, ...: their metas' `sym`) is a dim_param of that
+    name; `dynamic_batch=False` fixes the batch. `inputs` (example inputs; default: random ones from the
+    input metas) are run at other sizes of those dims to learn which inner dims follow them.
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     inputs = as_tuple(inputs) if inputs is not None else example_inputs(graph)
-    probes = probe(graph, inputs) if dynamic_batch and graph.inputs else None
+    dims_spec = export_dims(graph, dynamic_batch)
+    probes = probe(graph, inputs, dims_spec) if graph.inputs and any(dims_spec) else None
     ctx = EmitContext(graph, opset=opset, probes=probes)
 
     out_nodes = list(iter_refs(graph.outputs))
@@ -147,14 +157,10 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFA
     ctx.nodes, ctx.initializers = shrink(ctx.nodes, ctx.initializers, set(out_names))
     _dead_code(ctx, out_names)
 
-    batch_dims: list[Any] = []
     graph_inputs = []
-    for node, name in zip(graph.inputs, in_names):
+    for node, name, per in zip(graph.inputs, in_names, dims_spec):
         meta = node.tensor_meta
-        dims: list[Any] = list(meta.shape)
-        if probes is not None and dims:
-            dims[0] = "batch"
-            batch_dims.append(name)
+        dims: list[Any] = [per.get(i, s) for i, s in enumerate(meta.shape)]
         graph_inputs.append(helper.make_tensor_value_info(name, onnx_dtype(meta.dtype), dims))
     graph_outputs = [_value_info(ctx, name, node) for node, name in zip(out_nodes, out_names)]
     g = helper.make_graph(ctx.nodes, graph.name or "graph", graph_inputs, graph_outputs,
@@ -163,6 +169,8 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFA
     model = helper.make_model(g, opset_imports=opsets + [helper.make_opsetid(d, 1) for d in sorted(ctx.domains)],
                               producer_name="slimfx", producer_version="0.1.0")
     model.ir_version = helper.find_min_ir_version_for(opsets)
+    if probes is not None:  # the example's size of each symbolic dim: what `slimfx bench` runs a `seq` at
+        helper.set_model_props(model, {EXAMPLE_SIZES_PROP: json.dumps(symbol_sizes(inputs, dims_spec))})
     if check:
         try:
             onnx.checker.check_model(model, full_check=True)
@@ -179,7 +187,8 @@ def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = 
 
     The file appears only when complete and valid: it is written to a temporary name and renamed;
     on an emitter error or a ValidationError nothing is left (unless `keep_invalid`). With
-    `dynamic_batch`, validation runs at the inputs' batch size and at a second one.
+    symbolic dims (batch, seq, ...; `dynamic_batch=False` fixes the batch), validation runs at the inputs' sizes
+    and at other sizes of every symbolic dim.
     """
     from slimfx.exporters.validate import validate_onnx
 
@@ -193,9 +202,11 @@ def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = 
     with atomic_path(path, keep_on_error=keep_invalid) as tmp:
         tmp.write_bytes(data)
         if validate:
-            report = validate_onnx(data, graph, validation_sets(inputs, dynamic_batch=dynamic_batch),
+            report = validate_onnx(data, graph, validation_sets(inputs, dims=export_dims(graph, dynamic_batch)),
                                    atol=atol, rtol=rtol)
             raise_if_invalid(report, f"the ONNX export of {graph.name}", keep_invalid)
     return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="onnx",
                         size_bytes=len(data), details={"opset": opset, "dynamic_batch": dynamic_batch,
+                                                       "dynamic_dims": describe(export_dims(graph, dynamic_batch),
+                                                                                [n.name for n in graph.inputs]),
                                                        "emit_seconds": t_emit, "nodes": len(model.graph.node)})

@@ -15,6 +15,7 @@ import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from slimfx.exporters._common import non_regular_kind
 from slimfx.ir.errors import ExportError, ValidationError
@@ -282,3 +283,22 @@ def output_dir(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path was given; give the output folder, e.g. --out slimfx-out")
     return text
+
+
+def dynamic_dims(text: str) -> Any:
+    """--dynamic-dims: names ("batch,seq", "batch,height,width"), "none", or per input
+    "INPUT=DIM:NAME,...;INPUT=...", parsed (ir.symdims); checked against the model's inputs when it is loaded."""
+    from slimfx.ir.symdims import DynamicDimsError, parse_dynamic_dims
+
+    try:
+        return parse_dynamic_dims(text)
+    except DynamicDimsError as e:
+        raise argparse.ArgumentTypeError(str(e).replace(" (`--dynamic-dims` on the command line, dynamic_dims= in "
+                                                        "Python)", "")) from None
+
+
+DYNAMIC_DIMS_HELP = ("input dims the exported files keep dynamic, by name (ONNX dim_param, torch.export Dim): "
+                     "names where they conventionally sit, 'batch,seq' (seq: dim 1 of token inputs), "
+                     "'batch,height,width' (dims 2, 3 of images); per input 'INPUT=DIM:NAME,...;INPUT=...' "
+                     "(e.g. 'x=0:batch,2:height,3:width'); 'none': every dim fixed. Default: batch, and seq "
+                     "for token inputs when the model runs at other lengths")

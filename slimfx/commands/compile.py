@@ -50,6 +50,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--fixed-batch", action="store_true",
                    help="for a model that runs at its example's batch size only: ONNX/pt2 files fixed at that "
                         "batch size, data run in chunks of it")
+    p.add_argument("--dynamic-dims", type=_args.dynamic_dims, default=None, metavar="DIMS",
+                   help=_args.DYNAMIC_DIMS_HELP)
     p.add_argument("--force", action="store_true", help="replace an existing, non-empty --out directory")
     p.add_argument("--keep-rejected", action="store_true",
                    help="when the recipe's [validate] gate fails, write the outputs to OUT.rejected/ for inspection "
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                            example_kwargs=loaded.example_kwargs, out_dir=args.out, formats=formats, force=args.force,
                            keep_rejected=args.keep_rejected, name=loaded.name, quiet=args.quiet, seed=args.seed,
                            bench_seconds=0 if args.no_bench else args.bench_seconds, print_ir=args.print_ir,
-                           dynamic_batch=not args.fixed_batch)
+                           dynamic_batch=not args.fixed_batch, dynamic_dims=args.dynamic_dims)
     if args.quiet:
         print(result.out_dir)
         return 0

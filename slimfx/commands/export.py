@@ -32,6 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET}-{MAX_OPSET})")
     p.add_argument("--fixed-batch", action="store_true",
                    help="ONNX, pt2: fix the batch dim to the example inputs'")
+    p.add_argument("--dynamic-dims", type=_args.dynamic_dims, default=None, metavar="DIMS",
+                   help=_args.DYNAMIC_DIMS_HELP)
     p.add_argument("--atol", type=_args.tolerance, default=1e-5,
                    help="validation: absolute tolerance (default 1e-5)")
     p.add_argument("--rtol", type=_args.tolerance, default=1e-4,
@@ -50,9 +52,17 @@ def run(args: argparse.Namespace) -> int:
     name = spec.rpartition(":")[2] if ":" in spec else spec  # what resolve_model names the model
     out = args.output or Path(name.replace("/", "_") + SUFFIX[args.format])
     _args.check_output_file(out)  # before any work: a FIFO, device or folder there is never replaced
+    from slimfx.driver import apply_dynamic_dims, check_dynamic_dims
+
+    dims = check_dynamic_dims(args.dynamic_dims, not args.fixed_batch)  # a fixed batch that names batch: refused
     loaded = resolve_model(spec, trained=not args.untrained)
-    graph = loaded.graph if loaded.graph is not None else \
-        ir.capture(loaded.module, loaded.example_inputs, example_kwargs=loaded.example_kwargs)
+    if loaded.graph is not None:
+        graph = loaded.graph
+        if dims is not None:
+            apply_dynamic_dims(graph, dims, loaded.positional()[1])
+    else:
+        graph = ir.capture(loaded.module, loaded.example_inputs, example_kwargs=loaded.example_kwargs,
+                           dynamic_dims=dims)
     common = dict(inputs=loaded.positional()[1], atol=args.atol, rtol=args.rtol, keep_invalid=args.keep_invalid)
     if args.format == "onnx":
         res = export_onnx(graph, out, opset=args.opset or DEFAULT_OPSET, dynamic_batch=not args.fixed_batch,

@@ -64,7 +64,9 @@ def test_text_form_names_params_and_shapes():
     g = ir.capture(ModuleSpelling().eval(), (torch.randn(1, 3, 8, 8),))
     text = str(g)
     assert "%conv = conv2d(%x, @conv.weight, @conv.bias) {stride=(1, 1), padding=(1, 1)" in text
-    assert ": f32[1, 8, 8, 8]" in text and "return %fc" in text
+    # symbolic dims are named with their example size: the batch follows the input, channels are fixed
+    assert "%x: f32[batch:1, 3, 8, 8]" in text and ": f32[batch:1, 8, 8, 8]" in text and "return %fc" in text
+    assert ir.parse(text, g.params).inputs[0].meta.sym == ("batch", None, None, None)
 
 
 def test_lowering_is_bit_exact_on_fresh_inputs_and_train_mode():

@@ -87,7 +87,7 @@ def test_metadata_describes_the_graph(saved):
     assert meta["note"] == "kept" and slimfx.load(saved).metadata["note"] == "kept"
     with zipfile.ZipFile(saved) as z:
         assert sorted(z.namelist()) == ["graph.ir", "meta.json", "weights.safetensors"]
-        assert z.read("graph.ir").decode().startswith("graph Small(%x: f32[4, 6]) {")
+        assert z.read("graph.ir").decode().startswith("graph Small(%x: f32[batch:4, 6]) {")
 
 
 def test_loading_never_unpickles(saved, monkeypatch):

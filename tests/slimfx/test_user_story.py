@@ -114,4 +114,4 @@ def test_validate_and_inspect_take_the_users_data(tmp_path):
     assert "m.onnx on the validation data of data.py:make_data (250 samples): pass" in r.stdout
     r = _slimfx("inspect", "net.py:make", "--data", "data.py:make_data", "--format", "text", cwd=project)
     assert r.returncode == 0, r.stderr
-    assert "f32[64, 1, 8, 8]" in r.stdout  # captured with a batch of the data (batch size 64)
+    assert "f32[batch:64, 1, 8, 8]" in r.stdout  # captured with a batch of the data (batch size 64)
