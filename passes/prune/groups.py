@@ -495,7 +495,9 @@ class Analyzer:
         ch = self.channels_at(x, layer.channel_dim, n, f"{n.op} input")
         out = self.new_space(n, cout, ws[0].name)
         self.member(b, 0, out, "bias", n)
-        if groups == 1:
+        if groups > 1 and gi > 1 and go > 1 and not layer.transposed:
+            self._grouped_by_position(n, ws, ch, out, groups, gi, go, layer)
+        elif groups == 1:
             for p in ws:
                 role = "weight" if p is ws[0] else "other"
                 self.member(p, layer.out_axis, out, role, n)
@@ -526,6 +528,22 @@ class Analyzer:
         shape = [1] * len(n.meta.shape)
         shape[layer.channel_dim] = cout
         return out.view(shape).expand(n.meta.shape).clone()
+
+    def _grouped_by_position(self, n: Node, ws: list[Param], ch: torch.Tensor | None, out: torch.Tensor,
+                             groups: int, gi: int, go: int, layer: Any) -> None:
+        """A grouped conv whose groups have several input and output channels (ResNeXt, RegNet) keeps its group
+        count: a unit is the same position in every group, on each side, so the group width shrinks on both
+        (halving both quarters its MACs; removing whole groups would only halve them)."""
+        self.union_pairs(out.view(groups, go)[:1].expand(groups, go), out.view(groups, go), n,
+                         "grouped conv: the same output position of every group")
+        if ch is not None:
+            self.union_pairs(ch.view(groups, gi)[:1].expand(groups, gi), ch.view(groups, gi), n,
+                             "grouped conv: the same input position of every group")
+        per_group_in = ch.view(groups, gi)[0] if ch is not None else torch.zeros(gi, dtype=torch.long)
+        for p in ws:
+            role = "weight" if p is ws[0] else "other"
+            self.member(p, layer.out_axis, out, role, n)
+            self.member(p, layer.in_axis, per_group_in, role if ch is not None else "other", n)
 
     def layer_norm(self, n: Node) -> torch.Tensor:
         x = self.value(n.inputs[0])
