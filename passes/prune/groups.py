@@ -8,7 +8,8 @@ split, ...) are simply run on the label tensors, so index offsets, `flatten`
 (a channel becomes H*W features) and head splits fall out exactly. Ops that mix
 positions *couple* labels (a union-find): residual `add`/`mul` branches,
 matmul contractions (q/k per feature, q/k/v per head), grouped convolutions
-(a whole group is one unit). A label united with 0 is *blocked*: graph outputs,
+(a depthwise channel, the same position of every group, or a whole group), channel
+dims split over several dims (whole heads, or the same channel of every group). A label united with 0 is *blocked*: graph outputs,
 ops the analysis cannot see through (named in `blocked` with the reason), and
 features that combine with unprunable values.
 
@@ -23,7 +24,8 @@ Result (`analyze(graph) -> Dependencies`):
 - groups: sets of channel spaces coupled by any unit (what a user calls "a group");
 - members: every (param, axis) whose indices follow labels, sliced by `apply`;
 - fixups: attrs that change with the channel count (conv groups, reshape sizes, split sizes,
-  layer_norm/group_norm shapes, the default attention scale).
+  layer_norm/group_norm shapes, the default attention scale);
+- unprunable: each layer none of whose channels can be removed, with the reasons.
 """
 
 from __future__ import annotations
@@ -961,7 +963,8 @@ for _op, _rule in [
     ("mask", Analyzer.mask), ("embedding", Analyzer.embedding), ("batch_norm", Analyzer.batch_norm),
     ("layer_norm", Analyzer.layer_norm), ("group_norm", Analyzer.group_norm), ("size", Analyzer.size),
     ("shape", Analyzer.size), ("scalar", Analyzer.scalar), ("getitem", Analyzer.getitem), ("slice", Analyzer.slice),
-    ("reshape", Analyzer.reshape), ("expand", Analyzer.reshape), ("cat", Analyzer.cat), ("split", Analyzer.split), ("chunk", Analyzer.split),
+    ("reshape", Analyzer.reshape), ("expand", Analyzer.reshape), ("cat", Analyzer.cat), ("split", Analyzer.split),
+    ("chunk", Analyzer.split),
     ("matmul", Analyzer.matmul), ("scaled_dot_product_attention", Analyzer.sdpa), ("opaque", Analyzer.opaque_call),
     ("instance_norm", Analyzer.batch_norm), ("rms_norm", Analyzer.layer_norm), ("pixel_shuffle", Analyzer.pixel_shuffle),
     ("index_select", Analyzer.index_select), ("gather", Analyzer.index_select), ("topk", Analyzer.topk),
