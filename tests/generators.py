@@ -1,5 +1,6 @@
 """Hypothesis strategies that build random architectures: MLPs and CNNs with residual adds,
-concatenations, depthwise/grouped convs, batch norms and assorted activations.
+concatenations, depthwise/grouped convs, batch norms, assorted activations, squeeze-excite gates and
+ConvNeXt-style layer-scale blocks (channels-last Linear MLP between permutes).
 
 Every test that takes "arbitrary models" (capture, passes, pruning, export) draws from here:
 
@@ -80,6 +81,37 @@ class DepthwiseBlock(nn.Module):
         return self.pw(self.dw(x))
 
 
+class SEBlock(nn.Module):
+    """Squeeze-excite as torchvision writes it: x * gate(fc2(act(fc1(avgpool(x))))), 1x1 convs."""
+
+    def __init__(self, ch: int, squeeze: int, act: str, gate: str):
+        super().__init__()
+        self.fc1 = nn.Conv2d(ch, squeeze, 1)
+        self.act = ACTIVATIONS[act]()
+        self.fc2 = nn.Conv2d(squeeze, ch, 1)
+        self.gate = nn.Hardsigmoid() if gate == "hardsigmoid" else nn.Sigmoid()
+
+    def forward(self, x):
+        return self.gate(self.fc2(self.act(self.fc1(F.adaptive_avg_pool2d(x, 1))))) * x
+
+
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt-style residual: depthwise conv, channels-last Linear MLP (permute), a per-channel gamma."""
+
+    def __init__(self, ch: int, hidden: int, k: int, act: str):
+        super().__init__()
+        self.dw = nn.Conv2d(ch, ch, k, padding=k // 2, groups=ch)
+        self.fc1 = nn.Linear(ch, hidden)
+        self.act = ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(hidden, ch)
+        self.gamma = nn.Parameter(torch.rand(ch, 1, 1) + 0.5)
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.fc2(self.act(self.fc1(y))).permute(0, 3, 1, 2)
+        return x + self.gamma * y
+
+
 class RandomCNN(nn.Module):
     def __init__(self, blocks: nn.ModuleList, feat: int, hidden: int, classes: int, pool: str, act: str):
         super().__init__()
@@ -130,8 +162,8 @@ def random_cnn(draw, max_blocks: int = 4, size: int = 8) -> tuple[nn.Module, tup
     act = draw(st.sampled_from(sorted(ACTIVATIONS)))
     blocks = []
     for _ in range(draw(st.integers(1, max_blocks))):
-        kind = draw(st.sampled_from(["conv", "res", "cat", "dw", "grouped"]))
-        if kind == "conv" or (kind == "res" and ch < 2):
+        kind = draw(st.sampled_from(["conv", "res", "cat", "dw", "grouped", "se", "scale"]))
+        if kind == "conv" or (kind in ("res", "se", "scale") and ch < 2):
             cout = draw(st.integers(2, 12))
             blocks.append(ConvBlock(ch, cout, draw(st.sampled_from([1, 3, 5])), 1, draw(st.booleans()), act,
                                     bias=draw(st.booleans())))
@@ -142,6 +174,11 @@ def random_cnn(draw, max_blocks: int = 4, size: int = 8) -> tuple[nn.Module, tup
             c1, c2 = draw(st.integers(1, 6)), draw(st.integers(1, 6))
             blocks.append(CatBlock(ch, c1, c2, act))
             ch = c1 + c2
+        elif kind == "se":
+            blocks.append(SEBlock(ch, draw(st.integers(1, 4)), draw(st.sampled_from(["relu", "silu", "hardswish"])),
+                                  draw(st.sampled_from(["sigmoid", "hardsigmoid"]))))
+        elif kind == "scale":
+            blocks.append(LayerScaleBlock(ch, draw(st.integers(2, 16)), draw(st.sampled_from([3, 7])), act))
         elif kind == "dw":
             cout = draw(st.integers(2, 12))
             blocks.append(DepthwiseBlock(ch, cout, act))

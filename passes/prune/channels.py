@@ -277,6 +277,7 @@ class PruneChannels(Pass):
         macs1, params1 = count_macs(work), count_params(work)
         stats = {
             "criterion": self.criterion, "sparsity": chosen, "groups": table, "blocked": deps.blocked,
+            "unprunable": deps.unprunable,
             "macs_before": macs0, "macs_after": macs1, "macs_ratio": macs1 / macs0 if macs0 else 1.0,
             "params_before": params0, "params_after": params1,
             "removed_units": len(removed),

@@ -8,7 +8,8 @@ split, ...) are simply run on the label tensors, so index offsets, `flatten`
 (a channel becomes H*W features) and head splits fall out exactly. Ops that mix
 positions *couple* labels (a union-find): residual `add`/`mul` branches,
 matmul contractions (q/k per feature, q/k/v per head), grouped convolutions
-(a whole group is one unit). A label united with 0 is *blocked*: graph outputs,
+(a depthwise channel, the same position of every group, or a whole group), channel
+dims split over several dims (whole heads, or the same channel of every group). A label united with 0 is *blocked*: graph outputs,
 ops the analysis cannot see through (named in `blocked` with the reason), and
 features that combine with unprunable values.
 
@@ -23,7 +24,8 @@ Result (`analyze(graph) -> Dependencies`):
 - groups: sets of channel spaces coupled by any unit (what a user calls "a group");
 - members: every (param, axis) whose indices follow labels, sliced by `apply`;
 - fixups: attrs that change with the channel count (conv groups, reshape sizes, split sizes,
-  layer_norm/group_norm shapes, the default attention scale).
+  layer_norm/group_norm shapes, the default attention scale);
+- unprunable: each layer none of whose channels can be removed, with the reasons.
 """
 
 from __future__ import annotations
@@ -79,16 +81,23 @@ def missing_trait_message(op: str) -> str:
 
 
 class _UnionFind:
+    """Labels joined into units; label 0 (BLOCK) is the class of what cannot be removed.
+
+    `shadow` joins the same labels but never with BLOCK, so that a unit blocked by one of its labels can still
+    be traced to the layers it couples (which is how `unprunable` names why a layer kept its channels)."""
+
     def __init__(self) -> None:
         self.parent: list[int] = [0]
+        self.shadow: list[int] = [0]
 
     def add(self, n: int) -> int:
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
+        self.shadow.extend(range(start, start + n))
         return start
 
-    def find(self, x: int) -> int:
-        p = self.parent
+    @staticmethod
+    def _find(p: list[int], x: int) -> int:
         root = x
         while p[root] != root:
             root = p[root]
@@ -96,7 +105,17 @@ class _UnionFind:
             p[x], x = root, p[x]
         return root
 
+    def find(self, x: int) -> int:
+        return self._find(self.parent, x)
+
+    def shadow_find(self, x: int) -> int:
+        return self._find(self.shadow, x)
+
     def union(self, a: int, b: int) -> int:
+        if a != BLOCK and b != BLOCK:
+            sa, sb = self._find(self.shadow, a), self._find(self.shadow, b)
+            if sa != sb:
+                self.shadow[max(sa, sb)] = min(sa, sb)
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return ra
@@ -166,6 +185,7 @@ class Dependencies:
     num_labels: int
     node_of_space: dict[int, str] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)  # op -> the trait it lacks (pruning stopped there)
+    unprunable: list[dict[str, Any]] = field(default_factory=list)  # layers none of whose channels can go, and why
 
     def group_of_label(self) -> dict[int, int]:
         return {lab: g.id for g in self.groups for u in g.units for lab in g.unit_labels[u]}
@@ -188,6 +208,9 @@ class Analyzer:
         self.blocked: list[dict[str, str]] = []
         self.missing: dict[str, str] = {}  # op -> what it lacks (ops without a channel trait or rule)
         self._blocked_seen: set[tuple[str, int]] = set()
+        self._blocked_index: dict[tuple[str, int], int] = {}
+        self.block_causes: list[tuple[int, int]] = []  # (label, index into blocked): what blocked each label
+        self.split_dims: dict[tuple, tuple[Node, torch.Tensor]] = {}  # channel dims split over several dims
         self.env: dict[Node, Any] = {}
         self.remaining: dict[Node, int] = {}
 
@@ -214,8 +237,10 @@ class Analyzer:
                 key = (node.name, sp)
                 if key not in self._blocked_seen:
                     self._blocked_seen.add(key)
+                    self._blocked_index[key] = len(self.blocked)
                     self.blocked.append({"node": node.name, "op": node.op, "source": self.spaces[sp].module_path
                                          or self.spaces[sp].node, "why": why})
+                self.block_causes.append((lab, self._blocked_index[key]))
             self.uf.union(BLOCK, lab)
 
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor, node: Node, why: str) -> None:
@@ -296,21 +321,59 @@ class Analyzer:
             return None
         return self.along(t, dim)
 
-    def merge_split_dims(self, t: torch.Tensor) -> None:
-        """A channel dim split over several dims (heads x head_dim) is removed in slices of the outer one."""
+    def split_matrix(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The labels of a channel dim split over several dims (heads x head_dim, groups x channels), as a matrix:
+        rows along the first dim the labels vary along, columns the rest; None when they vary along one dim."""
         if not bool((t > 0).any()):
-            return
+            return None
         var = self.varying(t)
         if len(var) <= 1:
+            return None
+        m = t
+        for d in reversed(range(t.dim())):
+            if d not in var:
+                m = m.select(d, 0)
+        return m.reshape(m.shape[0], -1)
+
+    def note_split_dims(self, t: torch.Tensor, node: Node) -> None:
+        """Removing units of a split channel dim must leave a rectangle: whole rows (heads) or whole columns
+        (the same channel of every group). Which one is decided when an op needs it (attention: heads; a slice
+        that picks rows: columns) or at the end of the walk (`resolve_split_dims`)."""
+        m = self.split_matrix(t)
+        if m is not None:
+            self.split_dims.setdefault((tuple(m.shape), m.flatten().tolist().__repr__()), (node, m.clone()))
+
+    def merge_split_dims(self, t: torch.Tensor, node: Node, across: int | None = None) -> None:
+        """Couple the labels of a split channel dim: `across=None` joins each slice of the outer dim into one
+        unit (a head); `across=d` joins the labels at the same position of every slice along dim d (the same
+        channel of each group), so the size along d never changes."""
+        if not bool((t > 0).any()) or len(self.varying(t)) <= 1:
             return
-        d = var[0]
+        if across is not None:
+            for i in range(1, t.shape[across]):
+                self.union_pairs(t.select(across, 0), t.select(across, i), node,
+                                 "a channel split over several dims whose positions are picked by index")
+            return
+        d = self.varying(t)[0]
         for i in range(t.shape[d]):
-            labs = [x for x in t.select(d, i).unique().tolist() if x > 0]
-            zero = bool((t.select(d, i) == 0).any())
+            row = t.select(d, i)
+            labs = [x for x in row.unique().tolist() if x > 0]
             for x in labs[1:]:
                 self.uf.union(labs[0], x)
-            if zero and labs:
-                self.uf.union(BLOCK, labs[0])
+            if labs and bool((row == 0).any()):
+                self.block([labs[0]], node, "a head (slice of a split channel dim) mixes prunable and fixed channels")
+
+    def resolve_split_dims(self) -> None:
+        """Every split channel dim not coupled yet by an op: rows or columns, whichever gives more units."""
+        changed = True
+        while changed:
+            changed = False
+            for node, m in self.split_dims.values():
+                c = torch.tensor([self.uf.find(x) for x in m.flatten().tolist()]).view(m.shape)
+                if bool((c == c[:, :1]).all()) or bool((c == c[:1, :]).all()):
+                    continue
+                self.merge_split_dims(m, node, across=0 if m.shape[1] > m.shape[0] else None)
+                changed = True
 
     def resolve_weight(self, w: Any) -> list[Param] | None:
         """Params that hold a conv/linear weight operand: the Param, or a mask node's weight and mask."""
@@ -327,12 +390,13 @@ class Analyzer:
         for n in self.g:
             out = self.visit(n)
             if isinstance(out, torch.Tensor):
-                self.merge_split_dims(out)
+                self.note_split_dims(out, n)
             self.env[n] = out
             for i in n.input_nodes():
                 self.remaining[i] -= 1
                 if self.remaining[i] <= 0 and trait(i.op, "result") != "value":
                     self.env.pop(i, None)
+        self.resolve_split_dims()
 
     def visit(self, n: Node) -> Any:
         if n.op == "input":
@@ -433,7 +497,9 @@ class Analyzer:
         ch = self.channels_at(x, layer.channel_dim, n, f"{n.op} input")
         out = self.new_space(n, cout, ws[0].name)
         self.member(b, 0, out, "bias", n)
-        if groups == 1:
+        if groups > 1 and gi > 1 and go > 1 and not layer.transposed:
+            self._grouped_by_position(n, ws, ch, out, groups, gi, go, layer)
+        elif groups == 1:
             for p in ws:
                 role = "weight" if p is ws[0] else "other"
                 self.member(p, layer.out_axis, out, role, n)
@@ -464,6 +530,22 @@ class Analyzer:
         shape = [1] * len(n.meta.shape)
         shape[layer.channel_dim] = cout
         return out.view(shape).expand(n.meta.shape).clone()
+
+    def _grouped_by_position(self, n: Node, ws: list[Param], ch: torch.Tensor | None, out: torch.Tensor,
+                             groups: int, gi: int, go: int, layer: Any) -> None:
+        """A grouped conv whose groups have several input and output channels (ResNeXt, RegNet) keeps its group
+        count: a unit is the same position in every group, on each side, so the group width shrinks on both
+        (halving both quarters its MACs; removing whole groups would only halve them)."""
+        self.union_pairs(out.view(groups, go)[:1].expand(groups, go), out.view(groups, go), n,
+                         "grouped conv: the same output position of every group")
+        if ch is not None:
+            self.union_pairs(ch.view(groups, gi)[:1].expand(groups, gi), ch.view(groups, gi), n,
+                             "grouped conv: the same input position of every group")
+        per_group_in = ch.view(groups, gi)[0] if ch is not None else torch.zeros(gi, dtype=torch.long)
+        for p in ws:
+            role = "weight" if p is ws[0] else "other"
+            self.member(p, layer.out_axis, out, role, n)
+            self.member(p, layer.in_axis, per_group_in, role if ch is not None else "other", n)
 
     def layer_norm(self, n: Node) -> torch.Tensor:
         x = self.value(n.inputs[0])
@@ -562,7 +644,12 @@ class Analyzer:
             return self.opaque(n, "size of a non-tensor")
         dim = n.attrs.get("dim") if n.op == "size" else None
         var = self.varying(t)
-        if (dim is None and var) or (dim is not None and dim % t.dim() in var):
+        if dim is None and var:
+            # `b, c, h, w = x.size()` reads every dim, but only the ones used count (channel_shuffle uses b)
+            read = [u.attrs.get("index") if u.op == "getitem" else None for u in n.users]
+            if any(not isinstance(i, int) or i % t.dim() in var for i in read):
+                self.block(t, n, "a channel count is read as a value")
+        elif dim is not None and dim % t.dim() in var:
             self.block(t, n, "a channel count is read as a value")
         return t.shape if dim is None else t.shape[dim]
 
@@ -595,13 +682,57 @@ class Analyzer:
         entries = list(n.attrs[key]) if isinstance(n.attrs[key], (tuple, list)) else [n.attrs[key]]
         if var and len(entries) == out.dim():
             bad = [d for d in var if not isinstance(entries[d], int)]
-            if bad:
+            if bad and (n.op != "reshape" or len(bad) > 1 or -1 in entries):
                 self.block(out, n, f"{n.op} size of the channel dim {bad[0]} is computed at run time")
-            else:
+            else:  # a size computed at run time (batch * heads) becomes -1 when its channels shrink
                 self.fixups.append(("reshape", n.name, key, out.clone()))
         elif var:
             self.block(out, n, f"{n.op} with a packed size argument")
         return _clone(out)
+
+    def cat(self, n: Node) -> Any:
+        """cat: offsets follow from replaying it on the labels. A learned tensor concatenated with features (ViT's
+        class token, `cls_token.expand(B, -1, -1)`) takes their channels: its channel axis shrinks with them."""
+        vals = [self.value(x) for x in n.inputs]
+        nd = len(n.meta.shape)
+        dim = int(n.attrs.get("dim", 0)) % nd
+        labeled = [v for v in vals if isinstance(v, torch.Tensor) and bool((v > 0).any())]
+        var = sorted({d for v in labeled for d in self.varying(v)} - {dim})
+        if len(var) == 1 and len(labeled) < len(vals):
+            d = var[0]
+            ref = self.along(labeled[0], d)
+            if all(self.varying(v) == [d] and torch.equal(self.along(v, d), ref) for v in labeled):
+                vals = [self._learned_channels(x, v, d, ref, n) for x, v in zip(n.inputs, vals, strict=True)]
+        try:
+            out = get_op("cat").impl(*vals, **n.attrs)
+        except Exception as e:  # noqa: BLE001 - as view(): what the replay cannot follow stops the group
+            return self.opaque(n, f"shape replay failed: {type(e).__name__}: {e}")
+        return out.clone()
+
+    def _learned_channels(self, x: Any, v: Any, d: int, ref: torch.Tensor, n: Node) -> Any:
+        """The labels `ref` along dim d for an unlabelled cat operand that is a param (or a param expanded), whose
+        axis along d becomes a member; other operands are returned as they are."""
+        if not isinstance(v, torch.Tensor) or bool((v > 0).any()):
+            return v
+        p = x if isinstance(x, Param) else (x.inputs[0] if isinstance(x, Node) and x.op == "expand"
+                                            and len(x.users) == 1 else None)
+        if not isinstance(p, Param):
+            return v
+        t = self.g.params[p.name]
+        axis = d - (v.dim() - t.dim())
+        if axis < 0 or t.shape[axis] != ref.numel():
+            return v
+        for ax in range(t.dim()):
+            self.member(p, ax, ref if ax == axis else torch.zeros(t.shape[ax], dtype=torch.long), "other", n)
+        if isinstance(x, Node) and isinstance(x.attrs["size"][d], int) and x.attrs["size"][d] != -1:
+            def fix(node: Node, keep: torch.Tensor, d: int = d) -> None:  # a literal size of the channel dim
+                size = list(node.attrs["size"])
+                size[d] = int(keep.sum())
+                node.attrs = {**node.attrs, "size": tuple(size)}
+            self.add_fixup(x, ref, fix)
+        shape = [1] * v.dim()
+        shape[d] = ref.numel()
+        return ref.view(shape).expand(v.shape)
 
     def split(self, n: Node) -> Any:
         """split/chunk: the section sizes follow the channels of each section (fixed up after pruning)."""
@@ -617,11 +748,30 @@ class Analyzer:
         return _clone(out)
 
     def slice(self, n: Node) -> Any:
+        """Indexing: positions picked along dims without channels pass the labels through; picking positions of
+        a channel dim split over several dims (q, k, v of a packed projection) keeps every slice of that dim
+        (the same channels go from each); picking positions of a plain channel dim blocks them."""
         x = self.value(n.inputs[0])
-        out = get_op("slice").impl(x, **map_refs(n.attrs, self.value))
-        if isinstance(out, torch.Tensor) and out.numel() != x.numel() and self.varying(x):
+        attrs = map_refs(n.attrs, self.value)
+        impl = get_op("slice").impl
+        out = impl(x, **attrs)
+        var = self.varying(x)
+        if not isinstance(out, torch.Tensor) or out.numel() == x.numel() or not var:
+            return _clone(out)
+        picked = []
+        for d in var:
+            shape = [1] * x.dim()
+            shape[d] = x.shape[d]
+            probe = torch.arange(x.shape[d]).view(shape).expand(x.shape)
+            if impl(probe, **attrs).unique().numel() != x.shape[d]:
+                picked.append(d)
+        if not picked:
+            return out.clone()
+        if len(var) == 1:
             self.block(x, n, "indexing selects fixed positions of a channel dim")
             return torch.zeros(out.shape, dtype=torch.long)
+        for d in picked:
+            self.merge_split_dims(x, n, across=d)
         return out.clone()
 
     def reduce(self, n: Node) -> torch.Tensor:
@@ -670,6 +820,8 @@ class Analyzer:
         batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
         A = A.expand(*batch, *A.shape[-2:])
         B = B.expand(*batch, *B.shape[-2:])
+        self.merge_split_dims(A, n)  # per-head operands (batch x heads x seq x head_dim): heads are the units
+        self.merge_split_dims(B, n)
         CA, CB = self.classes(A), self.classes(B)
         va, vb = self.varying(CA), self.varying(CB)
         nd = A.dim()
@@ -697,6 +849,8 @@ class Analyzer:
             return self.opaque(n, "attention operands without labels")
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         q, k, v = (t.expand(*batch, *t.shape[-2:]) for t in (q, k, v))
+        for t in (q, k, v):
+            self.merge_split_dims(t, n)  # heads are the units
         nd = q.dim()
         for t in (q, k, v):
             if nd - 2 in self.varying(self.classes(t)):
@@ -809,7 +963,8 @@ for _op, _rule in [
     ("mask", Analyzer.mask), ("embedding", Analyzer.embedding), ("batch_norm", Analyzer.batch_norm),
     ("layer_norm", Analyzer.layer_norm), ("group_norm", Analyzer.group_norm), ("size", Analyzer.size),
     ("shape", Analyzer.size), ("scalar", Analyzer.scalar), ("getitem", Analyzer.getitem), ("slice", Analyzer.slice),
-    ("reshape", Analyzer.reshape), ("expand", Analyzer.reshape), ("split", Analyzer.split), ("chunk", Analyzer.split),
+    ("reshape", Analyzer.reshape), ("expand", Analyzer.reshape), ("cat", Analyzer.cat), ("split", Analyzer.split),
+    ("chunk", Analyzer.split),
     ("matmul", Analyzer.matmul), ("scaled_dot_product_attention", Analyzer.sdpa), ("opaque", Analyzer.opaque_call),
     ("instance_norm", Analyzer.batch_norm), ("rms_norm", Analyzer.layer_norm), ("pixel_shuffle", Analyzer.pixel_shuffle),
     ("index_select", Analyzer.index_select), ("gather", Analyzer.index_select), ("topk", Analyzer.topk),
@@ -861,7 +1016,30 @@ def analyze(graph: Graph) -> Dependencies:
                                                               for s in spaces) else "groups")
         groups.append(Group(len(groups), spaces, units, {u: unit_labels[u] for u in units}, prim.size, blocked,
                             kind))
-    return Dependencies(groups, an.members, an.fixups, an.blocked, roots, an.spaces, n_labels, missing=an.missing)
+    return Dependencies(groups, an.members, an.fixups, an.blocked, roots, an.spaces, n_labels, missing=an.missing,
+                        unprunable=_unprunable(an, roots))
+
+
+def _unprunable(an: Analyzer, roots: torch.Tensor, most: int = 3) -> list[dict[str, Any]]:
+    """Each layer (channel space) none of whose channels can be removed, with the reasons: the blocks that hit
+    any label coupled with its channels (a residual stream blocked at the graph output names the output)."""
+    causes: dict[int, dict[int, None]] = {}  # shadow root -> blocked entries (ordered, no repeats)
+    for lab, idx in an.block_causes:
+        causes.setdefault(an.uf.shadow_find(lab), {})[idx] = None
+    out = []
+    for sp in an.spaces:
+        if sp.size == 0 or bool((roots[sp.start:sp.start + sp.size] != BLOCK).any()):
+            continue
+        hits: dict[int, None] = {}
+        for r in sorted({an.uf.shadow_find(lab) for lab in range(sp.start, sp.start + sp.size)}):
+            hits.update(causes.get(r, {}))
+        found = list(hits)
+        why = [f"%{an.blocked[i]['node']} ({an.blocked[i]['op']}): {an.blocked[i]['why']}" for i in found[:most]]
+        if len(found) > most:
+            why.append(f"and {len(found) - most} more (stats['blocked'])")
+        out.append({"layer": sp.module_path or sp.node, "node": sp.node, "op": sp.op, "channels": sp.size,
+                    "why": why or ["coupled with channels that cannot be removed"]})
+    return out
 
 
 def _clone(out: Any) -> Any:
@@ -938,10 +1116,14 @@ def apply(graph: Graph, deps: Dependencies, removed_units: Iterable[int]) -> dic
                 continue
             entries = list(node.attrs[key])
             for d in range(labels.dim()):
-                if entries[d] == -1 or not isinstance(entries[d], int):
+                if isinstance(entries[d], int) and entries[d] == -1:
                     continue
                 other = [i for i in range(labels.dim()) if i != d]
-                entries[d] = int(keep.any(dim=other).sum()) if other else int(keep.sum())
+                size = int(keep.any(dim=other).sum()) if other else int(keep.sum())
+                if not isinstance(entries[d], int):  # computed at run time: inferred (the analysis allows one)
+                    entries[d] = -1 if size != labels.shape[d] else entries[d]
+                    continue
+                entries[d] = size
             node.attrs = {**node.attrs, key: tuple(entries)}
         elif kind == "split":
             dim, labels, old = fx[2], fx[3], fx[4]
