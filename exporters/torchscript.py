@@ -44,8 +44,9 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
     """
     gm = lower(graph, copy_params=True).eval()
     info: dict[str, Any] = {"method": "script", "weights": weight_storage(graph)}
-    if info["weights"] == "int8":  # kept as params (not frozen, below): one zip member per storage
-        pack_small_tensors(gm)
+    if info["weights"] == "int8":  # kept as params (not frozen, below): one zip member per storage, and
+        pack_small_tensors(gm)     # one code file per submodule that holds them
+        _flatten_attributes(gm)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation and annotation warnings
         try:
@@ -55,7 +56,7 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
             log.debug("torch.jit.script failed on %s (%s); falling back to torch.jit.trace", graph.name, reason)
             info.update(method="trace", script_error=reason)
             try:
-                sm = torch.jit.trace(gm, inputs, check_trace=False, strict=False)
+                sm = torch.jit.trace(gm, inputs, check_trace=False, strict=False, _store_inputs=False)
             except Exception as e2:  # noqa: BLE001
                 raise ExportError(f"TorchScript export of {graph.name} failed: scripting ({reason}) and tracing "
                                   f"({type(e2).__name__}: {e2}) both failed") from e2
@@ -91,6 +92,31 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
                          "frozen module", graph.name, reason)
                 info["optimize_error"] = reason
     return frozen, info
+
+
+def _flatten_attributes(gm: torch.fx.GraphModule) -> None:
+    """Move every parameter and buffer the graph reads onto the root module (`fc1.weight` -> `fc1_weight`) and
+    drop the then empty submodules: TorchScript writes a class file for each submodule."""
+    taken = set(dict(gm.named_parameters())) | set(dict(gm.named_buffers()))
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or "." not in n.target:
+            continue
+        owner, _, leaf = n.target.rpartition(".")
+        mod = gm.get_submodule(owner)
+        t = getattr(mod, leaf)
+        name = n.target.replace(".", "_")
+        while name in taken or hasattr(gm, name):
+            name += "_"
+        taken.add(name)
+        if isinstance(t, torch.nn.Parameter):
+            gm.register_parameter(name, t)
+        else:
+            gm.register_buffer(name, t)
+        n.target = name
+    used = {n.target.split(".")[0] for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for child in [c for c, _ in gm.named_children() if c not in used]:
+        delattr(gm, child)
+    gm.recompile()
 
 
 def export_torchscript(graph: Graph, path: str | os.PathLike, *, inputs: Any = None, validate: bool = True,
