@@ -1089,7 +1089,16 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
             what = "4-bit weights (ONNX INT4)" if node.attrs.get("bits") else "blocked weight scales"
             raise _err(node, f"{what} need ONNX opset 21: export with `slimfx export --opset 21`, `opset = 21` "
                              "under [export] in a recipe (the w4a8 recipe sets it), or export_onnx(..., opset=21)")
-    if (node.attrs.get("bits") or 8) <= 4:
+    if (node.attrs.get("bits") or 8) <= 4 and not block:
+        # INT4 in the file, Cast to int8 before the DequantizeLinear: onnxruntime folds the Cast of the
+        # initializer when it loads the model and then fuses int8 QLinearConv / QGemm as for int8 weights
+        # (its DequantizeLinear of INT4 feeding a float Conv ran mobilenetv2 at 10x the fp32 time)
+        return ctx.emit("DequantizeLinear", [ctx.emit("Cast", [_int4_param(ctx, node, q, False)],
+                                                      name=f"{node.name}_int8", to=onnx.TensorProto.INT8),
+                                             _qparam(ctx, scale, torch.float32, per_tensor),
+                                             _qparam(ctx, zp, torch.int8, per_tensor)],
+                        axis=None if axis is None else _axis(int(axis), rank))
+    if (node.attrs.get("bits") or 8) <= 4:  # blocked: onnxruntime runs DequantizeLinear + a float Conv/Gemm
         return ctx.emit("DequantizeLinear", [_int4_param(ctx, node, q, False),
                                              _qparam(ctx, scale, torch.float32, per_tensor),
                                              _int4_param(ctx, node, zp, per_tensor)],

@@ -84,7 +84,9 @@ def adaround(f: Callable, w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax:
     nearest = torch.round(ws).clamp(qmin, qmax)
     err_nearest = reconstruction_error(f, xs, nearest * scale, target, channel_dim)
     v = _init_v(ws - floor).requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=LEARNING_RATE)
+    # Adam on V, written out: torch.optim imports torch._dynamo, seconds of start-up for one tensor
+    m1, m2 = torch.zeros_like(v), torch.zeros_like(v)
+    b1, b2, eps = 0.9, 0.999, 1e-8
     gen = torch.Generator().manual_seed(seed)
     n = len(xs)
     warm = int(WARMUP * iters)
@@ -98,9 +100,12 @@ def adaround(f: Callable, w: torch.Tensor, scale: torch.Tensor, qmin: int, qmax:
             rel = (it - warm) / max(iters - warm, 1)
             beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(rel * math.pi))
             loss = loss + REG_WEIGHT * (1 - (2 * h - 1).abs().pow(beta)).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        (grad,) = torch.autograd.grad(loss, [v])
+        with torch.no_grad():
+            m1.mul_(b1).add_(grad, alpha=1 - b1)
+            m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            step = LEARNING_RATE * math.sqrt(1 - b2 ** (it + 1)) / (1 - b1 ** (it + 1))
+            v.addcdiv_(m1, m2.sqrt().add_(eps * math.sqrt(1 - b2 ** (it + 1))), value=-step)
     with torch.no_grad():
         learned = (floor + (v >= 0).float()).clamp(qmin, qmax)
     err_learned = reconstruction_error(f, xs, learned * scale, target, channel_dim)
@@ -115,11 +120,14 @@ class Rounder:
     (its target). Layers are rounded in the order the pass folds them (topological), so each layer's input
     already carries the rounding of the layers before it."""
 
-    def __init__(self, q, graph: Graph, reference: Graph, ctx: PassContext):
+    def __init__(self, q, graph: Graph, reference: Graph, ctx: PassContext, cache: dict | None = None):
         self.iters = q.adaround_iters
         self.graph, self.reference, self.ctx = graph, reference, ctx
         self.batches = calibration_batches(ctx)
         self.errors: dict[str, tuple[float, float]] = {}
+        # layer -> (weight, scale, values, errors): a pass that quantizes the same graph again (the speed guard's
+        # candidate with some layers float, the accuracy fallback) reuses a layer's learned rounding
+        self.cache = {} if cache is None else cache
 
     def _values(self, graph: Graph, name: str) -> torch.Tensor:
         out: list[torch.Tensor] = []
@@ -127,6 +135,11 @@ class Rounder:
         return torch.cat(out)
 
     def round(self, n: Node, w: torch.Tensor, qp: QParams, qmax: int) -> torch.Tensor:
+        hit = self.cache.get(n.name)
+        if hit is not None and hit[0].shape == w.shape and torch.equal(hit[0], w) \
+                and hit[1].shape == qp.scale.shape and torch.equal(hit[1], qp.scale):
+            self.errors[n.name] = hit[3]
+            return hit[2]
         ref = self.reference.node(n.name)
         x_q = self._values(self.graph, n.inputs[0].name)
         x_f = self._values(self.reference, ref.inputs[0].name)
@@ -160,6 +173,7 @@ class Rounder:
             self.ctx.logger.debug(line)
         else:
             self.ctx.logger.info(line)
+        self.cache[n.name] = (w.detach().clone(), qp.scale.clone(), values.to(torch.int8), (e_near, e_ada))
         return values.to(torch.int8)
 
     def stats(self) -> dict:

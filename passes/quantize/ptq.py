@@ -237,6 +237,7 @@ class Quantize(Pass):
 
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        self._rounding_cache = None  # AdaRound's per-layer results live for one run (see apply)
         notes = self._run_prerequisites(graph, ctx) if self.prerequisites else []
         # the guard weighs onnxruntime's integer kernels against float: only int8-static has them (fixed-point
         # and sign are for storage; int8-dynamic's kernels quantize at run time and are timed by the user)
@@ -398,7 +399,9 @@ class Quantize(Pass):
             insert_qdq(graph, t, qp, users=[u for u in t.users if u.op not in ("quantize",)])
         n_dyn = self._insert_dynamic(graph, plan) if dynamic else 0
         lowbit = self.lowbit_ops(plan)
-        rounder = Rounder(self, graph, reference, ctx) if self.rounding == "adaround" else None
+        if self.rounding == "adaround" and getattr(self, "_rounding_cache", None) is None:
+            self._rounding_cache: dict = {}  # learned roundings, reused when this pass quantizes again
+        rounder = Rounder(self, graph, reference, ctx, self._rounding_cache) if self.rounding == "adaround" else None
         layers = plan.weight_ops if rounder is None else progress(
             plan.weight_ops, desc=f"adaround ({self.adaround_iters} steps a layer)", quiet=ctx.quiet,
             total=len(plan.weight_ops))
