@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         fp32 = to_onnx_model(graph, inputs=ex).SerializeToString()
         (test_x,), test_y = data.test
 
-        def onnx_accuracy(model_bytes: bytes) -> tuple[float, np.ndarray]:
+        def onnx_accuracy(model_bytes: bytes, test_x=test_x, test_y=test_y) -> tuple[float, np.ndarray]:
             y = ort_run(model_bytes, test_x)
             acc = accuracy(lambda x, y=y: torch.from_numpy(y), [((test_x,), test_y)])
             return float(acc), y
