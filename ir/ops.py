@@ -506,19 +506,39 @@ def _broadcast_qparam(p, x, axis):
     return p.reshape(shape)
 
 
-def _quantize(x, scale, zero_point, *, dtype=torch.int8, axis=None):
-    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
+def _blocked_qparam(p, q, axis, block_size):
+    """A blocked scale or zero point (ONNX DequantizeLinear, opset 21: shaped like `q` but with
+    ceil(D / block_size) entries along `axis`) repeated to `q`'s shape."""
+    if not isinstance(p, torch.Tensor) or p.dim() == 0:
+        return p
+    return p.repeat_interleave(block_size, dim=axis).narrow(axis, 0, q.shape[axis])
+
+
+def _quantize(x, scale, zero_point, *, dtype=torch.int8, axis=None, block_size=None):
+    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point); `block_size` as in dequantize."""
     lo, hi = _QRANGE[dtype]
-    s = _broadcast_qparam(scale, x, axis)
-    z = _broadcast_qparam(zero_point, x, axis)
+    if block_size:
+        s = _blocked_qparam(scale, x, axis, block_size)
+        z = _blocked_qparam(zero_point, x, axis, block_size)
+    else:
+        s = _broadcast_qparam(scale, x, axis)
+        z = _broadcast_qparam(zero_point, x, axis)
     q = torch.round(x / s) + (z.to(x.dtype) if isinstance(z, torch.Tensor) else z)
     return q.clamp(lo, hi).to(dtype)
 
 
-def _dequantize(q, scale, zero_point, *, axis=None):
-    """ONNX DequantizeLinear: (q - zero_point) * scale, in float32."""
-    s = _broadcast_qparam(scale, q, axis)
-    z = _broadcast_qparam(zero_point, q, axis)
+def _dequantize(q, scale, zero_point, *, axis=None, block_size=None, bits=None):
+    """ONNX DequantizeLinear: (q - zero_point) * scale, in float32.
+
+    `block_size` (ONNX opset 21 blocked quantization): scale and zero point hold one entry per `block_size`
+    consecutive values along `axis`. `bits`: how many bits the integers are stored in (4: ONNX INT4, the
+    values held here as int8 in [-8, 7]); the arithmetic does not depend on it."""
+    if block_size:
+        s = _blocked_qparam(scale, q, axis, block_size)
+        z = _blocked_qparam(zero_point, q, axis, block_size)
+    else:
+        s = _broadcast_qparam(scale, q, axis)
+        z = _broadcast_qparam(zero_point, q, axis)
     zf = z.to(torch.float32) if isinstance(z, torch.Tensor) else float(z)
     return (q.to(torch.float32) - zf) * s
 

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from onnx import helper
 
@@ -1086,20 +1087,64 @@ def _quantize(ctx: EmitContext, node: Node) -> str:
                     axis=None if axis is None else _axis(int(axis), rank))
 
 
+def _int4_param(ctx: EmitContext, node: Node, v: Any, per_tensor: bool) -> str:
+    """An int8 param holding values in [-8, 7] as an ONNX INT4 initializer (two values a byte, low nibble
+    first)."""
+    if not isinstance(v, Param):
+        raise _err(node, "4-bit values must be a param (a stored weight or zero point), not a computed value")
+    t = ctx.param_tensor(v)
+    if per_tensor and t.numel() == 1:
+        t = t.reshape(())
+    if t.dtype != torch.int8 or (t.numel() and not (-8 <= int(t.min()) and int(t.max()) <= 7)):
+        raise _err(node, f"@{v.name} is not 4-bit: dtype {t.dtype}, values in [{int(t.min())}, {int(t.max())}]")
+    key = ("int4", v.name, tuple(t.shape))
+    if key not in ctx._param_cache:
+        nibbles = (to_numpy(t).reshape(-1).astype(np.uint8) & 0x0F)
+        if nibbles.size % 2:
+            nibbles = np.concatenate([nibbles, np.zeros(1, np.uint8)])
+        packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+        nm = ctx.fresh(v.name)
+        ctx.initializers[nm] = onnx.helper.make_tensor(nm, onnx.TensorProto.INT4, list(t.shape), packed.tobytes(),
+                                                       raw=True)
+        ctx._param_cache[key] = nm
+    return ctx._param_cache[key]
+
+
 @register_emitter("dequantize")
 def _dequantize(ctx: EmitContext, node: Node) -> str:
     q, scale, zp = node.inputs
     axis = node.attrs.get("axis")
+    block = node.attrs.get("block_size")
     qdt = ctx.meta(q).dtype
     per_tensor = axis is None
     rank = ctx.rank(q)
+    if (node.attrs.get("bits") or 8) <= 4 or block:
+        # INT4 storage and blocked scales are ONNX opset 21 (onnxruntime runs both on CPU)
+        if ctx.opset < 21:
+            what = "4-bit weights (ONNX INT4)" if node.attrs.get("bits") else "blocked weight scales"
+            raise _err(node, f"{what} need ONNX opset 21: export with `slimfx export --opset 21`, `opset = 21` "
+                             "under [export] in a recipe (the w4a8 recipe sets it), or export_onnx(..., opset=21)")
+    if (node.attrs.get("bits") or 8) <= 4 and not block:
+        # INT4 in the file, Cast to int8 before the DequantizeLinear: onnxruntime folds the Cast of the
+        # initializer when it loads the model and then fuses int8 QLinearConv / QGemm as for int8 weights
+        # (its DequantizeLinear of INT4 feeding a float Conv ran mobilenetv2 at 10x the fp32 time)
+        return ctx.emit("DequantizeLinear", [ctx.emit("Cast", [_int4_param(ctx, node, q, False)],
+                                                      name=f"{node.name}_int8", to=onnx.TensorProto.INT8),
+                                             _qparam(ctx, scale, torch.float32, per_tensor),
+                                             _qparam(ctx, zp, torch.int8, per_tensor)],
+                        axis=None if axis is None else _axis(int(axis), rank))
+    if (node.attrs.get("bits") or 8) <= 4:  # blocked: onnxruntime runs DequantizeLinear + a float Conv/Gemm
+        return ctx.emit("DequantizeLinear", [_int4_param(ctx, node, q, False),
+                                             _qparam(ctx, scale, torch.float32, per_tensor),
+                                             _int4_param(ctx, node, zp, per_tensor)],
+                        axis=None if axis is None else _axis(int(axis), rank), block_size=block or None)
     # int8/uint8 zero points stay explicit even when 0: onnxruntime's QDQ fusion (QGemm, NhwcMaxPool)
     # needs them. An int32 (bias) zero point of 0 is left out: it is the default, and fusion ignores it.
     zero = _qtensor(ctx, zp)
     omit = qdt == torch.int32 and zero is not None and not bool(torch.as_tensor(zero).any())
     return ctx.emit("DequantizeLinear", [ctx.value(q), _qparam(ctx, scale, torch.float32, per_tensor)]
                     + ([] if omit else [_qparam(ctx, zp, qdt, per_tensor)]),
-                    axis=None if axis is None else _axis(int(axis), rank))
+                    axis=None if axis is None else _axis(int(axis), rank), block_size=block or None)
 
 
 @register_emitter("dynamic_quantize")

@@ -100,14 +100,24 @@ def export_dims(graph: Graph, dynamic_batch: bool = True) -> list[dict[int, str]
     return dims if dynamic_batch else [{d: s for d, s in per.items() if s != "batch"} for per in dims]
 
 
-def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET,
+def needed_opset(graph: Graph) -> int:
+    """The lowest opset (at least DEFAULT_OPSET) that can express `graph`: 21 for 4-bit weights (ONNX INT4)
+    and blocked weight scales (DequantizeLinear's block_size)."""
+    if any(n.op == "dequantize" and ((n.attrs.get("bits") or 8) <= 4 or n.attrs.get("block_size")) for n in graph):
+        return max(DEFAULT_OPSET, 21)
+    return DEFAULT_OPSET
+
+
+def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int | None = None,
                   inputs: Any = None, check: bool = True) -> onnx.ModelProto:
     """Emit `graph` as an ONNX model (no file). Raises ExportError naming any node it cannot express.
 
     Every symbolic dim of the graph inputs (batch, seq, ...: their metas' `sym`) is a dim_param of that
     name; `dynamic_batch=False` fixes the batch. `inputs` (example inputs; default: random ones from the
-    input metas) are run at other sizes of those dims to learn which inner dims follow them.
+    input metas) are run at other sizes of those dims to learn which inner dims follow them. `opset` None:
+    DEFAULT_OPSET, or the lowest the graph needs (`needed_opset`).
     """
+    opset = needed_opset(graph) if opset is None else opset
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(f"opset {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET}")
     inputs = as_tuple(inputs) if inputs is not None else example_inputs(graph)
@@ -180,7 +190,7 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int = DEFA
     return model
 
 
-def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET,
+def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = True, opset: int | None = None,
                 validate: bool = True, inputs: Any = None, atol: float = 1e-5, rtol: float = 1e-4,
                 keep_invalid: bool = False) -> ExportResult:
     """Emit `graph` to an ONNX file, check it, and compare onnxruntime with the IR's lowering.
@@ -194,6 +204,7 @@ def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = 
 
     t0 = time.perf_counter()
     inputs = as_tuple(inputs) if inputs is not None else example_inputs(graph)
+    opset = needed_opset(graph) if opset is None else opset
     model = to_onnx_model(graph, dynamic_batch=dynamic_batch, opset=opset, inputs=inputs)
     t_emit = time.perf_counter() - t0
     data = model.SerializeToString()

@@ -35,6 +35,8 @@ class QParams:
     zero_point: torch.Tensor  # `dtype`, same shape as scale
     dtype: torch.dtype
     axis: int | None = None
+    # blocked (ONNX opset 21): scale and zero point hold one entry per `block_size` values along `axis`
+    block_size: int | None = None
 
     @property
     def qmin(self) -> int:
@@ -45,7 +47,8 @@ class QParams:
         return QRANGE[self.dtype][1]
 
     def same_as(self, other: QParams) -> bool:
-        return (self.dtype == other.dtype and self.axis == other.axis and self.scale.shape == other.scale.shape
+        return (self.dtype == other.dtype and self.axis == other.axis and self.block_size == other.block_size
+                and self.scale.shape == other.scale.shape
                 and torch.equal(self.scale, other.scale) and torch.equal(self.zero_point, other.zero_point))
 
 

@@ -25,7 +25,8 @@ from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.distill.trainer import OPTIMIZER_HELP, Optimizer
 from slimfx.passes.quantize import ops as _ops  # noqa: F401  (registers fake_quantize)
-from slimfx.passes.quantize.calibrate import calibration_batches, collect
+from slimfx.passes.quantize.adaround import Rounder
+from slimfx.passes.quantize.calibrate import calibration_batches, collect, progress
 from slimfx.passes.quantize.equalize import correct_biases
 from slimfx.passes.quantize.observers import (
     DTYPES,
@@ -41,6 +42,7 @@ from slimfx.passes.quantize.qdq import (
     OUTPUT_QUANT_OPS,
     WEIGHT_OPS,
     Plan,
+    blocked_qparams,
     check_skip,
     clipped,
     collapse_requantize,
@@ -118,11 +120,27 @@ class Quantize(Pass):
                                                            "|activation| kept in range (typical: 99.9-99.999)")
     skip: list[str] = option([], help=(
         "layers kept float: node names, module paths (fnmatch globs, e.g. 'layer1.*') or op names"))
-    bits: int = option(8, ge=2, le=8, help="weight bits (values are stored as 8-bit integers); fixed-point: "
-                                           "activation bits too")
+    bits: int = option(8, ge=2, le=8, help=(
+        "weight bits; int8 schemes: below 8 the first and last conv/linear stay 8-bit (keep_first_last), and "
+        "2-4 bits are stored as ONNX INT4 (two weights a byte; export with opset 21), 5-7 bits as int8; "
+        "fixed-point: activation bits too"))
+    weight_block_size: int = option(0, ge=0, le=4096, help=(
+        "int8 schemes: weights per scale along a conv/linear's input channels (blocked quantization, ONNX "
+        "opset 21; a power of two such as 16, 32, 64); 0: one scale per output channel. Layers with fewer "
+        "input channels per group than a block keep one scale per output channel; blocked layers keep a float "
+        "bias"))
+    rounding: Literal["nearest", "adaround"] = option("nearest", help=(
+        "int8 schemes: how weights are rounded to integers; nearest; adaround: learned rounding (Nagel et "
+        "al. 2020), layer by layer on the calibration data, each layer's output matched to the float model's "
+        "(adaround_iters steps a layer: about a minute on CPU for a small CNN at 500)"))
+    adaround_iters: int = option(500, ge=1, le=100000, help=(
+        "rounding = adaround: optimisation steps per layer (batches of 32 calibration samples); more is "
+        "slower and usually a little better (the paper used 10000; 200-1000 is typical here)"))
     frac_bits: int | None = option(None, ge=-16, le=31, help=(
         "fixed-point: fraction bits n of every Qm.n scale 2^-n; unset: per tensor, the most that cover its range"))
-    keep_first_last: bool = option(True, help="sign: keep the first and last weight layers int8 instead of ±1")
+    keep_first_last: bool = option(True, help=(
+        "sign, and int8 schemes with bits < 8: keep the first and last weight layers 8-bit (the most "
+        "sensitive ones, and a small part of the weights)"))
     float_first: bool = option(False, help=(
         "keep the first conv/linear float when its fan-in is below 32 (e.g. a 1- or 3-channel image input), "
         "where an integer kernel costs more than it saves"))
@@ -164,13 +182,26 @@ class Quantize(Pass):
     PREREQUISITES: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
 
     def validate(self) -> None:
+        int8 = self.scheme in ("int8-static", "int8-dynamic")
+        if self.weight_block_size and (not int8 or self.weight_block_size & (self.weight_block_size - 1)
+                                       or self.weight_block_size < 2):
+            raise PassError(f"pass 'quantize': option 'weight_block_size' = {self.weight_block_size} "
+                            + ("needs scheme int8-static or int8-dynamic" if not int8 else "is not a power of two")
+                            + "; use 0 (one scale per output channel) or 16, 32, 64 with an int8 scheme")
+        if self.weight_block_size and not self.per_channel:
+            raise PassError("pass 'quantize': weight_block_size > 0 gives blocks of each output channel, but "
+                            "per_channel = false asks for one scale per tensor; set one of them, not both")
+        if self.rounding == "adaround" and not int8:
+            raise PassError(f"pass 'quantize': rounding = 'adaround' learns the rounding of int8-scheme weights; "
+                            f"scheme {self.scheme!r} has its own weight format: use scheme int8-static (bits = 4 "
+                            "for W4A8) or rounding = 'nearest'")
         if not self.speed_guard_batches or any(b < 1 for b in self.speed_guard_batches):
             raise PassError(f"pass 'quantize': option 'speed_guard_batches' must list batch sizes >= 1, got "
                             f"{self.speed_guard_batches}; e.g. [1, 32], or set speed_guard = false")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.scheme != "int8-dynamic" or self.bias_correction
+        return self.scheme != "int8-dynamic" or self.bias_correction or self.rounding == "adaround"
 
     def check_context(self, ctx: PassContext) -> str | None:
         from slimfx.passes.finetune import check_train_data, data_problem
@@ -182,6 +213,9 @@ class Quantize(Pass):
                     "'int8-dynamic'")
         if self.bias_correction and problem:
             return f"quantize with bias_correction needs calibration data, but {problem}: give an iterable of input tuples"
+        if self.rounding == "adaround" and problem:
+            return (f"quantize with rounding = 'adaround' learns the rounding on calibration data, but {problem}: "
+                    "give an iterable of input tuples, or use rounding = 'nearest'")
         if self.qat_epochs > 0:
             missing = check_train_data(ctx, step=self._qat_step(),
                                        required=self.qat_required, required_option="qat_required",
@@ -203,6 +237,7 @@ class Quantize(Pass):
 
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        self._rounding_cache = None  # AdaRound's per-layer results live for one run (see apply)
         notes = self._run_prerequisites(graph, ctx) if self.prerequisites else []
         # the guard weighs onnxruntime's integer kernels against float: only int8-static has them (fixed-point
         # and sign are for storage; int8-dynamic's kernels quantize at run time and are timed by the user)
@@ -315,7 +350,8 @@ class Quantize(Pass):
     def apply(self, graph: Graph, ctx: PassContext, *, only: set[str] | None = None,
               ranges: dict[str, Range] | None = None, extra_skip: list[str] | None = None) -> PassResult:
         """Quantize `graph` in place (only the ops named in `only`, when given; not those in `extra_skip`)."""
-        reference = graph.copy() if self.bias_correction else None  # the float graph, for bias correction
+        # the float graph, for bias correction and AdaRound's targets
+        reference = graph.copy() if self.bias_correction or self.rounding == "adaround" else None
         dynamic = self.scheme == "int8-dynamic"
         skip = list(self.skip) + list(extra_skip or [])
         if self.float_first:
@@ -363,7 +399,13 @@ class Quantize(Pass):
             insert_qdq(graph, t, qp, users=[u for u in t.users if u.op not in ("quantize",)])
         n_dyn = self._insert_dynamic(graph, plan) if dynamic else 0
         lowbit = self.lowbit_ops(plan)
-        raised = {n.name: self._fold(graph, n, lowbit.get(n.name)) for n in plan.weight_ops}
+        if self.rounding == "adaround" and getattr(self, "_rounding_cache", None) is None:
+            self._rounding_cache: dict = {}  # learned roundings, reused when this pass quantizes again
+        rounder = Rounder(self, graph, reference, ctx, self._rounding_cache) if self.rounding == "adaround" else None
+        layers = plan.weight_ops if rounder is None else progress(
+            plan.weight_ops, desc=f"adaround ({self.adaround_iters} steps a layer)", quiet=ctx.quiet,
+            total=len(plan.weight_ops))
+        raised = {n.name: self._fold(graph, n, lowbit.get(n.name), rounder) for n in layers}
         for n in embeds:
             w = graph.params[n.inputs[1].name]
             qmax = 2 ** (self.bits - 1) - 1  # a table lookup multiplies nothing: the full range is safe
@@ -371,9 +413,12 @@ class Quantize(Pass):
                                                             qmin=-qmax, qmax=qmax))
         collapsed = collapse_requantize(graph)
         graph.remove_unused_params()
-        corrected = correct_biases(graph, reference, ctx) if reference is not None else None
+        corrected = correct_biases(graph, reference, ctx) if reference is not None and self.bias_correction else None
         stored = {p.name for n in graph if n.op == "dequantize" or n in embeds for p in n.params()}
-        after = sum(graph.params[k].numel() * graph.params[k].element_size() for k in stored)
+        int4 = {n.inputs[0].name for n in graph if n.op == "dequantize" and (n.attrs.get("bits") or 8) <= 4
+                and isinstance(n.inputs[0], Param)}
+        after = sum((graph.params[k].numel() + 1) // 2 if k in int4 else
+                    graph.params[k].numel() * graph.params[k].element_size() for k in stored)
         raised_layers = {k: v for k, v in raised.items() if v}
         return PassResult(True, {
             "notes": _notes(raised_layers, degenerate, floats),  # for the report's headline
@@ -388,6 +433,7 @@ class Quantize(Pass):
             "degenerate_ranges": degenerate,
             "kept_float": floats,  # layers with weights left float (KEPT_FLOAT), and why
             **({"qat": qat} if qat is not None else {}),
+            **({"adaround": rounder.stats()} if rounder is not None else {}),
             **({"bias_correction": corrected} if corrected is not None else {})})
 
     def _qat_step(self) -> str:
@@ -476,6 +522,8 @@ class Quantize(Pass):
                 kinds[n.name] = None if (edge and self.keep_first_last) else "sign"
             elif self.scheme == "fixed-point":
                 kinds[n.name] = "fixed-point"
+            elif self.bits < 8:  # int8 schemes with fewer weight bits
+                kinds[n.name] = None if (edge and self.keep_first_last) else "low-bit"
             else:
                 kinds[n.name] = None
         return kinds
@@ -486,7 +534,7 @@ class Quantize(Pass):
             return 1
         if kind == "fixed-point":  # power-of-two scales: 7 bits under reduce_range
             return 2 ** (self.weight_bits(kind) - 1) - 1
-        qmax = 2 ** (self.bits - 1) - 1
+        qmax = 2 ** (self.bits - 1) - 1 if kind == "low-bit" else 127
         return min(qmax, 64) if self.reduce_range else qmax
 
     def weight_bits(self, kind: str | None) -> int:
@@ -510,6 +558,8 @@ class Quantize(Pass):
         per_tensor = qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True, qmin=-qmax, qmax=qmax)
         if not self.per_channel or axis is None:
             return per_tensor, None
+        if self.weight_block_size and axis == 0 and w.dim() >= 2 and w.shape[1] >= self.weight_block_size:
+            return blocked_qparams(w, self.weight_block_size, qmax), None
         per_channel = qparams_from_range(flat.min(dim=1).values, flat.max(dim=1).values, torch.int8,
                                          symmetric=True, axis=axis, qmin=-qmax, qmax=qmax)
         if self.per_channel_min_gain_db > 0:
@@ -526,9 +576,10 @@ class Quantize(Pass):
                 return per_tensor, None
         return per_channel, None
 
-    def _fold(self, graph: Graph, n: Node, kind: str | None) -> list[int]:
-        """Fold the weight (and the bias, as int32) of `n`; returns the output channels whose weight
-        scale was raised to keep the int32 bias exact (see `fit_bias`)."""
+    def _fold(self, graph: Graph, n: Node, kind: str | None, rounder: Rounder | None = None) -> list[int]:
+        """Fold the weight (and the bias, as int32) of `n`, rounded by `rounder` when given (else to nearest);
+        returns the output channels whose weight scale was raised to keep the int32 bias exact (see
+        `fit_bias`). A blocked weight keeps a float bias (no one weight scale per output channel)."""
         w = graph.params[n.inputs[1].name]
         qp, values = self.weight_qparams(w, kind, weight_axis(n))
         qmax = self.weight_qmax(kind)
@@ -536,13 +587,18 @@ class Quantize(Pass):
         s_x = graph.params[x.inputs[1].name] \
             if isinstance(x, Node) and x.op == "dequantize" and self.scheme != "int8-dynamic" else None
         raised: list[int] = []
+        if qp.block_size:
+            s_x = None
         if s_x is not None and s_x.dim() == 0 and len(n.inputs) > 2 and isinstance(n.inputs[2], Param):
             try:
                 qp, raised = fit_bias(qp, s_x, graph.params[n.inputs[2].name], layer_weight(n, w)[0].numel(),
                                       pow2=kind == "fixed-point")
             except PassError as e:
                 raise PassError(f"quantize: %{n.name}: {e}; keep the layer float with skip = [{n.name!r}]") from e
-        w_dq = fold_weight(graph, n, 1, qp, qmin=-qmax, qmax=qmax, values=values)
+        if rounder is not None and values is None:
+            values = rounder.round(n, w, qp, qmax)
+        w_dq = fold_weight(graph, n, 1, qp, qmin=-qmax, qmax=qmax, values=values,
+                           bits=self.bits if kind == "low-bit" else None)
         if s_x is not None and s_x.dim() == 0:
             fold_bias(graph, n, s_x, qp.scale, qp.axis, factors=(x.inputs[1], w_dq.inputs[1]))
         return raised

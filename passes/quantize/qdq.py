@@ -287,17 +287,30 @@ def insert_qdq(graph: Graph, t: Node, qp: QParams, users: list[Node] | None = No
     return dq
 
 
+def blocked_qparams(w: torch.Tensor, block: int, qmax: int) -> QParams:
+    """Symmetric int8 params for a weight [out, in/groups, k...] with one scale per `block` consecutive input
+    channels of each output channel and kernel position (ONNX blocked quantization along axis 1: the scale is
+    [out, ceil(in / block), k...]); the last block may be shorter."""
+    cin = w.shape[1]
+    blocks = -(-cin // block)
+    padded = torch.nn.functional.pad(w.abs().movedim(1, -1), (0, blocks * block - cin)).movedim(-1, 1)
+    amax = padded.reshape(w.shape[0], blocks, block, *w.shape[2:]).amax(dim=2)
+    scale = (amax / qmax).clamp(min=SCALE_FLOOR).to(torch.float32)
+    return QParams(scale, torch.zeros(scale.shape, dtype=torch.int8), torch.int8, 1, block)
+
+
 def quantize_tensor(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     """Integer values of `x` under `qp` (ONNX QuantizeLinear semantics)."""
     from slimfx.ir.ops import _quantize
 
-    return _quantize(x, qp.scale, qp.zero_point, dtype=qp.dtype, axis=qp.axis)
+    return _quantize(x, qp.scale, qp.zero_point, dtype=qp.dtype, axis=qp.axis, block_size=qp.block_size)
 
 
 def fold_weight(graph: Graph, node: Node, index: int, qp: QParams, qmin: int | None = None,
-                qmax: int | None = None, values: torch.Tensor | None = None) -> Node:
+                qmax: int | None = None, values: torch.Tensor | None = None, bits: int | None = None) -> Node:
     """Replace param operand `index` of `node` by dequantize(integer param): the weight is stored as
-    integers, so nothing recomputes its quantization at run time."""
+    integers, so nothing recomputes its quantization at run time. `bits` 4 (values in [-8, 7]): the
+    dequantize says the integers are stored in 4 bits (ONNX INT4)."""
     ref = node.inputs[index]
     assert isinstance(ref, Param)
     w = graph.params[ref.name]
@@ -307,7 +320,11 @@ def fold_weight(graph: Graph, node: Node, index: int, qp: QParams, qmin: int | N
             values = values.clamp(qmin, qmax)
     s, z = add_qparams(graph, ref.name, qp)
     qref = graph.add_param(f"{ref.name}{QUANTIZED}", values.to(qp.dtype), buffer=True)
-    dq = graph.create_node("dequantize", (qref, s, z), {"axis": qp.axis}, name=f"{node.name}_{_role(index)}_dq",
+    attrs = {"axis": qp.axis, **({"block_size": qp.block_size} if qp.block_size else {}),
+             **({"bits": 4} if bits is not None and bits <= 4 else {})}
+    if "bits" in attrs and not (-8 <= int(values.min()) and int(values.max()) <= 7):  # pragma: no cover
+        raise PassError(f"quantize: {bits}-bit values of @{ref.name} outside [-8, 7]")
+    dq = graph.create_node("dequantize", (qref, s, z), attrs, name=f"{node.name}_{_role(index)}_dq",
                            before=node, meta=TensorMeta(tuple(w.shape), torch.float32),
                            module_path=node.module_path)
     ins = list(node.inputs)

@@ -29,7 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="output file (default: MODEL.onnx / MODEL.pt); an existing regular file is replaced, "
                         "anything else (folder, FIFO, device) is refused")
     p.add_argument("--opset", type=_args.count("the ONNX opset", MIN_OPSET, MAX_OPSET), default=None,
-                   help=f"ONNX opset (default {DEFAULT_OPSET}; {MIN_OPSET}-{MAX_OPSET})")
+                   help=f"ONNX opset (default {DEFAULT_OPSET}, or 21 for a model with 4-bit or blocked weights; "
+                        f"{MIN_OPSET}-{MAX_OPSET})")
     p.add_argument("--fixed-batch", action="store_true",
                    help="ONNX, pt2: fix the batch dim to the example inputs'")
     p.add_argument("--dynamic-dims", type=_args.dynamic_dims, default=None, metavar="DIMS",
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
                            dynamic_dims=dims)
     common = dict(inputs=loaded.positional()[1], atol=args.atol, rtol=args.rtol, keep_invalid=args.keep_invalid)
     if args.format == "onnx":
-        res = export_onnx(graph, out, opset=args.opset or DEFAULT_OPSET, dynamic_batch=not args.fixed_batch,
+        res = export_onnx(graph, out, opset=args.opset, dynamic_batch=not args.fixed_batch,
                           **common)
     elif args.format == "pt2":
         res = export_pt2(graph, out, dynamic_batch=not args.fixed_batch, **common)

@@ -219,15 +219,20 @@ def test_the_builtin_sign_recipe_runs_without_train_data_and_says_qat_was_skippe
 
 @settings(max_examples=8)
 @given(st.integers(2, 8), st.booleans(), st.sampled_from(["minmax", "percentile", "entropy", "mse",
-                                                          "moving-average"]))
-def test_bits_and_calibrations_keep_weights_in_range(bits, per_channel, calibration):
+                                                          "moving-average"]), st.booleans())
+def test_bits_and_calibrations_keep_weights_in_range(bits, per_channel, calibration, keep_first_last):
     _, g, ctx = _setup()
-    create_pass("quantize", {"bits": bits, "per_channel": per_channel, "calibration": calibration}).run(g, ctx)
+    create_pass("quantize", {"bits": bits, "per_channel": per_channel, "calibration": calibration,
+                             "keep_first_last": keep_first_last}).run(g, ctx)
     ir.verify(g)
     qmax = min(2 ** (bits - 1) - 1, 64)  # reduce_range (the default) caps weights at 7 bits
     for name in ("c1", "c2", "fc"):
-        w = g.params[g.node(name).inputs[1].inputs[0].name]
-        assert int(w.abs().max()) == qmax  # symmetric range fully used by the largest weight
+        dq = g.node(name).inputs[1]
+        w = g.params[dq.inputs[0].name]
+        # below 8 bits the first and last layer (c1, fc) stay 8-bit unless keep_first_last = false
+        edge = name != "c2" and keep_first_last and bits < 8
+        assert int(w.abs().max()) == (64 if edge else qmax)  # symmetric range fully used by the largest weight
+        assert dq.attrs.get("bits") == (4 if bits <= 4 and not edge else None)  # stored as INT4
     assert torch.isfinite(ir.lower(g)(ctx.example_inputs[0])).all()
 
 
