@@ -514,15 +514,17 @@ def _blocked_qparam(p, q, axis, block_size):
     return p.repeat_interleave(block_size, dim=axis).narrow(axis, 0, q.shape[axis])
 
 
+def _qparams(scale, zero_point, x, axis, block_size):
+    """Scale and zero point shaped to broadcast against `x` (per tensor, per channel along `axis`, or blocked)."""
+    if block_size:
+        return _blocked_qparam(scale, x, axis, block_size), _blocked_qparam(zero_point, x, axis, block_size)
+    return _broadcast_qparam(scale, x, axis), _broadcast_qparam(zero_point, x, axis)
+
+
 def _quantize(x, scale, zero_point, *, dtype=torch.int8, axis=None, block_size=None):
     """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point); `block_size` as in dequantize."""
     lo, hi = _QRANGE[dtype]
-    if block_size:
-        s = _blocked_qparam(scale, x, axis, block_size)
-        z = _blocked_qparam(zero_point, x, axis, block_size)
-    else:
-        s = _broadcast_qparam(scale, x, axis)
-        z = _broadcast_qparam(zero_point, x, axis)
+    s, z = _qparams(scale, zero_point, x, axis, block_size)
     q = torch.round(x / s) + (z.to(x.dtype) if isinstance(z, torch.Tensor) else z)
     return q.clamp(lo, hi).to(dtype)
 
@@ -533,12 +535,7 @@ def _dequantize(q, scale, zero_point, *, axis=None, block_size=None, bits=None):
     `block_size` (ONNX opset 21 blocked quantization): scale and zero point hold one entry per `block_size`
     consecutive values along `axis`. `bits`: how many bits the integers are stored in (4: ONNX INT4, the
     values held here as int8 in [-8, 7]); the arithmetic does not depend on it."""
-    if block_size:
-        s = _blocked_qparam(scale, q, axis, block_size)
-        z = _blocked_qparam(zero_point, q, axis, block_size)
-    else:
-        s = _broadcast_qparam(scale, q, axis)
-        z = _broadcast_qparam(zero_point, q, axis)
+    s, z = _qparams(scale, zero_point, q, axis, block_size)
     zf = z.to(torch.float32) if isinstance(z, torch.Tensor) else float(z)
     return (q.to(torch.float32) - zf) * s
 
