@@ -306,21 +306,23 @@ def load_rows(path: Path) -> list[dict]:
     return list({_key(r, r.get("asked_res")): r for r in rows}.values())
 
 
-def table(rows: list[dict], title: str) -> str:
+def table(rows: list[dict], title: str, missing: list[dict] = ()) -> str:
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
 
-    tv = [r for r in rows if r["source"] == "torchvision"]
+    rows = sorted(rows, key=lambda r: (r["source"] != "torchvision", r.get("params") or 0))
     lines = [f"# {title}", ""]
-    for group in (tv, [r for r in rows if r["source"] == "timm"]):
-        if not group:
+    for source in ("torchvision", "timm"):
+        group = [r for r in rows if r["source"] == source]
+        total = len(group) + sum(m["source"] == source for m in missing)
+        if not total:
             continue
         n = len(group)
         c = sum(bool(r.get("cleanup_ok")) for r in group)
         q = sum(bool(r.get("int8_ok")) for r in group)
         both = sum(bool(r.get("cleanup_ok") and r.get("int8_ok")) for r in group)
-        lines.append(f"- {group[0]['source']}: {n} models; cleanup {c}/{n} ({100 * c / n:.0f}%), int8 {q}/{n} "
-                     f"({100 * q / n:.0f}%), both {both}/{n} ({100 * both / n:.0f}%)")
+        lines.append(f"- {source}: {n} of {total} models run; of those, cleanup {c}/{n}, int8 {q}/{n}, both {both}/{n} "
+                     f"({100 * both / max(n, 1):.0f}%)")
     lines += ["", "| source | model | params (M) | res | cleanup | rel. diff vs eager | int8 | agree vs fake-quant | "
               "SQNR vs fake-quant (dB) | agree vs eager | SQNR vs eager (dB) | torch.onnx.export (s) | "
               "slimfx cleanup (s) | slimfx int8 (s) |",
@@ -333,6 +335,9 @@ def table(rows: list[dict], title: str) -> str:
             "yes" if r.get("int8_ok") else "**no**", f(r.get("int8_agree_fq"), ".2f"), f(r.get("int8_sqnr_fq"), ".1f"),
             f(r.get("int8_agree_eager"), ".2f"), f(r.get("int8_sqnr_eager"), ".1f"), f(r.get("peer_export_s"), ".1f"),
             f(r.get("cleanup_s"), ".1f"), f(r.get("int8_s"), ".1f")]) + " |")
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)}; the sweep resumes where it stopped): " +
+                  ", ".join(f"{m['source']} `{m['name']}`" for m in missing)]
     failures = [r for r in rows if not (r.get("cleanup_ok") and r.get("int8_ok"))]
     if failures:
         lines += ["", "Failures and their reasons:", ""]
@@ -363,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", type=Path, default=None, help="write the markdown table of --results here")
     ap.add_argument("--reverse", action="store_true",
                     help="largest models first (a second process on the same --results meets the first halfway)")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: write --table from --results")
     ap.add_argument("--rerun", action="store_true", help="run --models again even when --results has them")
     ap.add_argument("--no-peer", action="store_true", help="skip the torch.onnx.export timing")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -389,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(entries)} models, {len(entries) - len(todo)} already in {args.results}, {len(todo)} to run "
           f"({args.jobs} at once, {args.threads} threads each)", flush=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        todo = []
     with cf.ThreadPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(_child, e, args): e for e in todo}
         for fut in cf.as_completed(futures):
@@ -406,7 +414,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in load_rows(args.results) if r.get("asked_res") == args.resolution]
         res = "each model's default resolution" if args.resolution is None else \
             f"input {args.resolution}x{args.resolution} (or the model's own size when it needs it)"
-        args.table.write_text(table(rows, f"Third-party sweep: {res}"))
+        have = {(r["source"], r["name"]) for r in rows}
+        missing = [e for e in entries if (e["source"], e["name"]) not in have]
+        args.table.write_text(table(rows, f"Third-party sweep: {res}", missing))
         print(f"table: {args.table}")
     return 0
 
