@@ -568,6 +568,30 @@ def _f_cumsum(input, dim, *, dtype=None, out=None):
     return "cumsum", (input,), dict(dim=int(static_value(dim)), dtype=dtype)
 
 
+@_converts(F.pad, torch.constant_pad_nd)
+def _f_pad(input, pad, mode="constant", value=None):
+    try:
+        pad = tuple(int(p) for p in static_value(pad))
+    except _NotStatic:
+        return None
+    if torch.is_tensor(value) or isinstance(value, Node):
+        return None
+    return "pad", (input,), dict(pad=pad, mode=str(mode), value=None if value is None else float(value))
+
+
+@_converts(torch.roll, "roll")
+def _f_roll(input, shifts, dims=None):
+    try:
+        shifts, dims = static_value(shifts), static_value(dims)
+    except _NotStatic:
+        return None
+    shifts = tuple(int(s) for s in shifts) if isinstance(shifts, tuple) else (int(shifts),)
+    if dims is None or dims == ():
+        return None  # a roll of the flattened tensor: left to decomposition
+    dims = tuple(int(d) for d in dims) if isinstance(dims, tuple) else (int(dims),)
+    return ("roll", (input,), dict(shifts=shifts, dims=dims)) if len(shifts) == len(dims) else None
+
+
 @_converts(torch.topk, "topk")
 def _f_topk(input, k, dim=-1, largest=True, sorted=True, *, out=None):  # noqa: A002
     if out is not None:

@@ -473,6 +473,29 @@ def _unflatten(cx, input, dim, sizes):
     return "reshape", (input,), dict(shape=tuple(entries))
 
 
+def _shape_of(cx, other: Any, arg: int) -> tuple | None:
+    """`other`'s shape as reshape/expand sizes: ints, and `size` nodes of `other` where the program has the
+    dim symbolic (for aten's `*_as` ops, operand `arg`)."""
+    src = cx.node.args[arg] if len(cx.node.args) > arg else None
+    fake = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if fake is None or not isinstance(other, (Node, Param)):
+        return None
+    return tuple(s if isinstance(s, int) else cx.emit("size", (other,), dict(dim=i), None)
+                 for i, s in enumerate(fake.shape))
+
+
+@_converts(aten.reshape_as, aten.view_as)
+def _reshape_as(cx, input, other):
+    shape = _shape_of(cx, other, 1)
+    return None if shape is None else ("reshape", (input,), dict(shape=shape))
+
+
+@_converts(aten.expand_as)
+def _expand_as(cx, input, other):
+    shape = _shape_of(cx, other, 1)
+    return None if shape is None else ("expand", (input,), dict(size=shape))
+
+
 @_converts(aten.contiguous)
 def _contiguous(cx, input, memory_format=torch.contiguous_format):
     return ("contiguous", (input,), {}) if memory_format == torch.contiguous_format else None
@@ -567,6 +590,19 @@ def _reduce(cx, input, dim=None, keepdim=False, *, dtype=None):
     return op, (input,), dict(dim=tuple(dim) if dim is not None else None, keepdim=keepdim)
 
 
+@_converts(aten.linalg_vector_norm)
+def _vector_norm(cx, input, ord=2, dim=None, keepdim=False, *, dtype=None):  # noqa: A002
+    """The 1- and 2-norms (F.normalize, x.norm()) as sum(|x|) and sqrt(sum(x * x))."""
+    if dtype is not None or ord not in (1, 2) or not isinstance(input, Node) or not hasattr(input.meta, "shape"):
+        return None
+    dims = None if dim is None else tuple(dim) if isinstance(dim, (list, tuple)) else (int(dim),)
+    out = meta_of(cx.value)
+    if ord == 1:
+        return "sum", (cx.emit("abs", (input,), {}, input.meta),), dict(dim=dims, keepdim=bool(keepdim))
+    sq = cx.emit("mul", (input, input), {}, input.meta)
+    return "sqrt", (cx.emit("sum", (sq,), dict(dim=dims, keepdim=bool(keepdim)), out),), {}
+
+
 @_converts(aten.scaled_dot_product_attention)
 def _sdpa(cx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False):
     if enable_gqa:
@@ -618,6 +654,29 @@ def _check(cx, *args, **kwargs):
 
 
 # --- ops real models use: transposed convs, einsum, norms, masks, indexing, recurrent layers -------------
+
+def _shape_of(cx, other: Any, arg: int) -> tuple | None:
+    """`other`'s shape as reshape/expand sizes: ints, and `size` nodes of `other` where the program has the
+    dim symbolic (for aten's `*_as` ops, operand `arg`)."""
+    src = cx.node.args[arg] if len(cx.node.args) > arg else None
+    fake = src.meta.get("val") if isinstance(src, fx.Node) else None
+    if fake is None or not isinstance(other, (Node, Param)):
+        return None
+    return tuple(s if isinstance(s, int) else cx.emit("size", (other,), dict(dim=i), None)
+                 for i, s in enumerate(fake.shape))
+
+
+@_converts(aten.reshape_as, aten.view_as)
+def _reshape_as(cx, input, other):
+    shape = _shape_of(cx, other, 1)
+    return None if shape is None else ("reshape", (input,), dict(shape=shape))
+
+
+@_converts(aten.expand_as)
+def _expand_as(cx, input, other):
+    shape = _shape_of(cx, other, 1)
+    return None if shape is None else ("expand", (input,), dict(size=shape))
+
 
 @_converts(aten.contiguous)
 def _contiguous(cx, input, memory_format=None):
@@ -687,6 +746,25 @@ def _where(cx, condition, self=None, other=None):
 @_converts(aten.masked_fill)
 def _masked_fill(cx, input, mask, value):
     return _f_masked_fill(input, mask, value)
+
+
+@_converts(aten.pad)
+def _pad(cx, input, pad, mode="constant", value=None):
+    return "pad", (input,), dict(pad=tuple(int(p) for p in pad), mode=str(mode),
+                                 value=None if value is None else float(value))
+
+
+@_converts(aten.constant_pad_nd)
+def _constant_pad_nd(cx, input, pad, value=0):
+    return _pad(cx, input, pad, "constant", value)
+
+
+@_converts(aten.roll)
+def _roll(cx, input, shifts, dims=()):
+    shifts, dims = tuple(int(s) for s in shifts), tuple(int(d) for d in dims)
+    if not dims or len(dims) != len(shifts):
+        return None
+    return "roll", (input,), dict(shifts=shifts, dims=dims)
 
 
 @_converts(aten.cumsum)
@@ -992,8 +1070,15 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
         return env[a] if isinstance(a, fx.Node) else a
 
     inputs = _program_inputs(cx, ep, user_inputs, splice)
+    folded = _constant_nodes(ep, {k for k, v in inputs.items() if isinstance(v, Param)})
     out = None
     for n in ep.graph.nodes:
+        if n in folded:
+            if folded[n]:  # read by the rest of the graph: the value it had on the example run
+                path = splice.module_path(_module_path(n)) if splice is not None else _module_path(n)
+                name = (f"{path}." if path else "") + (splice.name + "_" if splice is not None else "") + n.name
+                env[n] = graph.add_param(name, values[n].detach().clone(), buffer=True)
+            continue
         if n.op == "placeholder":
             env[n] = inputs[n.name]
         elif n.op == "output":
@@ -1010,6 +1095,84 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
         splice.env = env
         return out
     return graph
+
+
+# ATen ops that make a tensor from their size and value arguments alone (new_*: the first operand gives only
+# dtype and device); random ones are not among them.
+_CONSTANT_SOURCES = {"zeros", "ones", "full", "arange", "empty", "scalar_tensor", "new_zeros", "new_ones", "new_full",
+                     "new_empty", "lift_fresh_copy"}
+_NOT_FOLDED = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "assert", "sym_")
+
+
+def _constant_nodes(ep: torch.export.ExportedProgram, state: set[str]) -> dict[fx.Node, bool]:
+    """Nodes folded into constants at capture, each mapped to whether a node outside the set reads it (those
+    become buffers holding the value from the example run; the rest is dropped):
+
+    - values that depend on no input, parameter or buffer: masks built from sizes known at capture (swin's
+      shifted-window mask: `new_zeros`, then `mask[h0:h1, w0:w1] = k` in place) and what is computed from them;
+    - tensors computed from parameters and buffers alone that are then written in place, with what they are
+      made from (swin v2's `qkv_bias.clone()[n:2n].zero_()`): in-place writes have no ONNX form, their result
+      does not change at inference.
+    A size that follows a dynamic dim is a node, so nothing that depends on it is folded. Nothing is folded
+    when an in-place write to a folded tensor comes after the graph first reads one (the value read would be
+    the final one), when a write goes to a parameter or buffer itself, or when a folded value is an output.
+    `state`: the placeholders that hold parameters and buffers (a spliced call's operands among them)."""
+    lifted = set(ep.graph_signature.inputs_to_lifted_tensor_constants)
+    pure: set[fx.Node] = set()     # no input, parameter or buffer
+    derived: set[fx.Node] = set()  # no input
+    writes: list[fx.Node] = []
+    operands: dict[fx.Node, list[fx.Node]] = {}
+    order = {n: i for i, n in enumerate(ep.graph.nodes)}
+    for n in ep.graph.nodes:
+        if n.op == "placeholder":
+            if n.name in lifted:
+                pure.add(n)
+            if n.name in lifted or n.name in state:
+                derived.add(n)
+            continue
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        name = n.target.overloadpacket.__name__
+        if any(k in name for k in _NOT_FOLDED):
+            continue
+        ops = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node)]
+        if name.startswith("new_"):
+            ops = ops[1:]
+        elif name not in _CONSTANT_SOURCES and not ops:
+            continue  # no operand at all, yet not a known source: leave it to its converter
+        operands[n] = ops
+        if all(a in derived for a in ops):
+            derived.add(n)
+            if all(a in pure for a in ops):
+                pure.add(n)
+            if n.target._schema.is_mutable:
+                if any(a.op == "placeholder" for a in ops[:1]):
+                    return {}  # writes to a parameter or buffer itself: not a value to fold
+                writes.append(n)
+    fold = set(pure)
+    made_from: dict[fx.Node, set[fx.Node]] = {}  # each write: the tensors it writes through (the base, views)
+    for w in writes:
+        seen, stack = set(), [w]
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in derived:
+                continue
+            seen.add(n)
+            stack.extend(operands.get(n, ()))
+        made_from[w] = seen
+        fold |= seen
+    const: dict[fx.Node, bool] = dict.fromkeys(fold, False)
+    for n in ep.graph.nodes:
+        if n in const:
+            continue
+        reads = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node) and a in const]
+        if reads and n.op == "output":
+            return {}
+        for a in reads:
+            const[a] = True
+            if any(a in seen and order[n] < order[w] for w, seen in made_from.items()):
+                return {}  # read before a write to it: the folded (final) value would be wrong here
+    return {n: used for n, used in const.items() if n.op != "placeholder"}
 
 
 def _program_graph(model: nn.Module) -> Graph:

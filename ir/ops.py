@@ -444,6 +444,14 @@ def _pixel_unshuffle(x, *, downscale_factor):
     return F.pixel_unshuffle(x, downscale_factor)
 
 
+def _pad(x, *, pad, mode="constant", value=None):
+    return F.pad(x, list(pad), mode=mode, value=value)
+
+
+def _roll(x, *, shifts, dims):
+    return torch.roll(x, list(shifts), list(dims))
+
+
 def _cumsum(x, *, dim, dtype=None):
     return torch.cumsum(x, dim, dtype=dtype)
 
@@ -689,6 +697,11 @@ for _name, _impl in [("bitwise_and", operator.and_), ("bitwise_or", operator.or_
 register_op("bitwise_not", operator.invert, elementwise=1)
 register_op("where", torch.where, elementwise=3)
 register_op("cumsum", _cumsum, channels="reduce")
+# pad{pad (torch's order: last dim first, begin/end pairs), mode, value}; roll{shifts, dims} (dims never empty).
+# Pruning stops at both (their attrs name positions of dims, not channels); roll moves quantized values as
+# they are, pad stays float (its fill value need not be on the quantization grid)
+register_op("pad", _pad, shape_op=True, channels="block")
+register_op("roll", _roll, shape_op=True, channels="block", quant="transparent")
 register_op("topk", _topk, result="tuple")
 register_op("argmax", _argmax, reduction=True)
 register_op("argmin", _argmin, reduction=True)

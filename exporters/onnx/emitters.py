@@ -891,6 +891,55 @@ def _where(ctx: EmitContext, node: Node) -> str:
     return ctx.emit("Where", [ctx.value(cond, dtype=torch.bool), ctx.value(a, dtype=dt), ctx.value(b, dtype=dt)])
 
 
+# --- pad, roll ----------------------------------------------------------------------------------------------
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+@register_emitter("pad")
+def _pad(ctx: EmitContext, node: Node) -> str:
+    """torch's pad list runs from the last dim, (begin, end) pairs; ONNX Pad takes every dim's begins, then
+    every dim's ends. Negative amounts crop, in both."""
+    x = node.inputs[0]
+    a = node.attrs
+    rank = ctx.rank(x)
+    pad = [int(p) for p in a["pad"]]
+    mode = a.get("mode", "constant")
+    if mode not in _PAD_MODES or len(pad) % 2 or len(pad) // 2 > rank:
+        raise _err(node, f"pad mode {mode!r} with {len(pad)} amounts on a rank-{rank} tensor has no ONNX Pad form "
+                         f"(modes: {', '.join(_PAD_MODES)}); pad with mode='constant' in the model")
+    if mode == "circular" and ctx.opset < 19:
+        raise _err(node, "pad mode 'circular' needs ONNX opset 19 (Pad's wrap mode): export with `slimfx export "
+                         "--opset 19`, `opset = 19` under [export] in a recipe, or export_onnx(..., opset=19)")
+    begins, ends = [0] * rank, [0] * rank
+    for i in range(len(pad) // 2):
+        begins[rank - 1 - i], ends[rank - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    ins = [ctx.value(x), ctx.ints(begins + ends)]
+    if mode == "constant" and a.get("value"):
+        ins.append(ctx.const(float(a["value"]), _out_dtype(node)))
+    return ctx.emit("Pad", ins, mode=_PAD_MODES[mode])
+
+
+@register_emitter("roll")
+def _roll(ctx: EmitContext, node: Node) -> str:
+    """Each rolled dim is two Slices put back together in the other order (ONNX has no Roll)."""
+    x = node.inputs[0]
+    shape = ctx.meta(x).shape
+    y = xv = ctx.value(x)
+    for shift, dim in zip(node.attrs["shifts"], node.attrs["dims"]):
+        axis = _axis(int(dim), len(shape))
+        size = shape[axis]
+        if not isinstance(size, int):
+            raise _err(node, f"roll along dim {dim}, whose size is not fixed at export; roll along a fixed dim")
+        s = int(shift) % size if size else 0
+        if s == 0:
+            continue
+        tail = ctx.emit("Slice", [y, ctx.ints([size - s]), ctx.ints([size]), ctx.ints([axis])])
+        head = ctx.emit("Slice", [y, ctx.ints([0]), ctx.ints([size - s]), ctx.ints([axis])])
+        y = ctx.emit("Concat", [tail, head], axis=axis)
+    return y if y != xv else ctx.emit("Identity", [y])
+
+
 # --- cumsum, topk, argmax ---------------------------------------------------------------------------------
 
 @register_emitter("cumsum")

@@ -1,6 +1,6 @@
 """Ops real models use beyond conv/linear (issue 15, class 5): transposed convs, einsum, functional and
 instance norms, pixel (un)shuffle, bool masks (comparisons, logic, where, masked_fill), cumsum, topk,
-argmax/argmin, index_select, gather, LSTM/GRU and nearest-exact/area resizing.
+argmax/argmin, index_select, gather, LSTM/GRU, nearest-exact/area resizing, pad and roll.
 
 Per op family, a property test draws shapes and attributes within what ONNX expresses and checks: both
 capture front ends give the canonical op (never `opaque`), the graph verifies (shape rules), lowering is
@@ -312,6 +312,59 @@ def test_bitwise_ops_on_integers_keep_their_dtype_and_need_opset_18(tmp_path):
         assert res.validation.passed
         got = ir.lower(g)(*x)
         assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref))
+
+
+# --- pad, roll (swin's windows) --------------------------------------------------------------------------------
+
+@st.composite
+def pads_and_rolls(draw):
+    kind = draw(st.sampled_from(["pad", "roll"]))
+    shape = [2] + [draw(st.integers(2, 5)) for _ in range(draw(st.integers(1, 3)))]
+    rank = len(shape)
+    if kind == "pad":
+        mode = draw(st.sampled_from(["constant", "reflect", "replicate"] if rank >= 3 else ["constant"]))
+        dims = draw(st.integers(1, min(rank - 1, 2) if mode != "constant" else rank - 1))
+        lo = 0 if mode != "constant" else -1  # negative amounts crop
+        amounts = [draw(st.integers(lo, 1 if mode == "reflect" else 2)) for _ in range(2 * dims)]
+        value = draw(st.sampled_from([0.0, 1.5])) if mode == "constant" else None
+
+        def fn(x):
+            return F.pad(x, amounts, mode=mode, value=value) if mode == "constant" else F.pad(x, amounts, mode=mode)
+    else:
+        dims = tuple(draw(st.lists(st.integers(1, rank - 1), min_size=1, max_size=rank - 1, unique=True)))
+        shifts = tuple(draw(st.integers(-7, 7)) for _ in dims)
+
+        def fn(x):
+            return torch.roll(x, shifts=shifts, dims=dims) * 2
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return fn(x)
+
+    return Net(), (torch.randn(*shape),), {kind}
+
+
+@PROPERTY
+@given(case=pads_and_rolls())
+def test_pad_and_roll(case, tmp_path):
+    check(*case, tmp_path)
+
+
+def test_roll_stays_integer_under_int8_and_pad_stays_float(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.b(F.pad(torch.roll(torch.relu(self.a(x)), (1, -2), (2, 3)), (1, 1, 1, 1))).mean((2, 3))
+
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    result = slimfx.compile(Net().eval(), (x,), "int8", out_dir=tmp_path, formats="onnx", bench_seconds=0, quiet=True)
+    g = result.graph
+    roll, pad = g.find("roll")[0], g.find("pad")[0]
+    assert roll.inputs[0].op == "dequantize"  # a quantized value moves as it is
+    assert pad.inputs[0] is roll and [u.op for u in pad.users] == ["quantize"]  # float, quantized for the conv
 
 
 # --- cumsum, topk, argmax/argmin -----------------------------------------------------------------------------

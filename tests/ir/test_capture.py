@@ -99,7 +99,7 @@ def test_random_architectures_round_trip(case):
 def test_unknown_calls_become_opaque_nodes_that_still_run():
     class Odd(nn.Module):
         def forward(self, x):
-            return torch.roll(x, 1, dims=1) + torch.flip(x, dims=[1])
+            return torch.triu(x) + torch.flip(x, dims=[1])
 
     x = torch.randn(2, 5)
     g = ir.capture(Odd(), (x,))
@@ -191,7 +191,7 @@ def test_graph_inputs_keep_forward_argument_names_even_builtin_ones():
 def test_opaque_nodes_point_at_the_users_source_line():
     class Odd(nn.Module):
         def forward(self, x):
-            return torch.roll(x, 1, dims=1)
+            return torch.flip(x, dims=[1])
 
     node = ir.capture(Odd(), (torch.randn(2, 3),)).find("opaque")[0]
     assert node.source.startswith("test_capture.py:")

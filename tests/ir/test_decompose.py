@@ -30,6 +30,7 @@ from tests.ir.thirdparty_nets import (
     AssertingCNN,
     HandAttention,
     StochasticDepthNet,
+    SwinNet,
     TinyViT,
     WindowNet,
     seeded,
@@ -40,6 +41,7 @@ WIN_X = (torch.randn(2, 9, 3, generator=torch.Generator().manual_seed(0)),)
 VIT_X = (torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)  # batch 1, the common call
 HAND_X = (torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)),)
 CNN_X = (torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)),)
+SWIN_X = (torch.randn(2, 3, 14, 14, generator=torch.Generator().manual_seed(0)),)  # 7x7 patches, window 3
 
 
 def _exact_at_other_batches(model: nn.Module, g: ir.Graph, example: tuple, exact: bool = True) -> None:
@@ -82,6 +84,24 @@ def test_relative_position_bias_helper_is_traced_through_and_its_table_lookup_ex
     _exact_at_other_batches(m, g, WIN_X)
     model = to_onnx_model(g, inputs=WIN_X)
     assert "Gather" in {n.op_type for n in model.graph.node}
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_shifted_window_attention_pads_rolls_and_folds_what_it_writes_in_place(v2):
+    """torchvision's swin: F.pad and torch.roll become canonical ops; the shifted-window mask (new_zeros, then
+    written region by region) and v2's k-zeroed copy of the qkv bias depend on no input, so capture folds
+    them into buffers instead of keeping in-place writes ONNX cannot express."""
+    m = seeded(SwinNet, v2=v2)
+    g = ir.capture(m, SWIN_X, method="export")  # the ATen path, where the in-place writes appear
+    assert _opaque(g) == []
+    assert {"pad", "roll"} <= {n.op for n in g}
+    folded = [name for name in g.buffers if "blocks.1" in name]
+    assert folded, sorted(g.params)  # the shifted block's mask
+    if v2:  # the bias copy is a buffer whose k third is zero; the model's own parameter is untouched
+        bias = [g.params[k] for k in g.buffers if k.startswith("blocks.0") and g.params[k].shape == (48,)]
+        assert len(bias) == 1 and torch.equal(bias[0][16:32], torch.zeros(16))
+        assert m.blocks[0].qkv.bias[16:32].abs().sum() > 0
+    _exact_at_other_batches(m, g, SWIN_X, exact=False)
 
 
 # --- class 2: leaf modules -------------------------------------------------------------------------------------
@@ -216,6 +236,8 @@ PATTERNS = {
     "vit-mha": (lambda: seeded(TinyViT, dim=24, layers=1), VIT_X, ("cleanup", "int8", "int8-dynamic")),
     "hand-attention": (lambda: seeded(HandAttention), HAND_X, ("cleanup", "int8")),
     "asserting-norm": (lambda: seeded(AssertingCNN), CNN_X, ("cleanup", "int8")),
+    "swin": (lambda: seeded(SwinNet), SWIN_X, ("cleanup", "int8")),
+    "swin-v2": (lambda: seeded(SwinNet, v2=True, classes=2, seed=1), SWIN_X, ("cleanup", "int8")),
 }
 
 

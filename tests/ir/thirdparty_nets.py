@@ -215,3 +215,98 @@ def seeded(cls: type, *args, seed: int = 0, **kwargs) -> nn.Module:
             mod.running_mean.uniform_(-0.5, 0.5)
             mod.running_var.uniform_(0.5, 1.5)
     return m.eval()
+
+
+# --- torchvision.models.swin_transformer's shifted-window attention (v1 and v2), a wrapped function --------
+
+def shifted_window_attention(x: torch.Tensor, qkv_weight: torch.Tensor, proj_weight: torch.Tensor,
+                             bias: torch.Tensor, window: list[int], heads: int, shift: list[int],
+                             qkv_bias: torch.Tensor, proj_bias: torch.Tensor,
+                             logit_scale: torch.Tensor | None = None) -> torch.Tensor:
+    B, H, W, C = x.shape
+    pad_r = (window[1] - W % window[1]) % window[1]
+    pad_b = (window[0] - H % window[0]) % window[0]
+    x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zero padding up to whole windows
+    _, pH, pW, _ = x.shape
+    shift = shift.copy()
+    if window[0] >= pH:
+        shift[0] = 0
+    if window[1] >= pW:
+        shift[1] = 0
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    nw = (pH // window[0]) * (pW // window[1])
+    x = x.view(B, pH // window[0], window[0], pW // window[1], window[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * nw, window[0] * window[1], C)
+    if logit_scale is not None:  # v2: the k part of the qkv bias is zero, written in place on a copy
+        qkv_bias = qkv_bias.clone()
+        length = qkv_bias.numel() // 3
+        qkv_bias[length: 2 * length].zero_()
+    qkv = F.linear(x, qkv_weight, qkv_bias)
+    qkv = qkv.reshape(x.size(0), x.size(1), 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if logit_scale is not None:  # v2: cosine attention
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * (C // heads) ** -0.5).matmul(k.transpose(-2, -1))
+    attn = attn + bias.expand_as(attn[:1]).reshape_as(bias)
+    if sum(shift) > 0:  # a mask built from sizes alone, written in place region by region
+        attn_mask = x.new_zeros((pH, pW))
+        h_slices = ((0, -window[0]), (-window[0], -shift[0]), (-shift[0], None))
+        w_slices = ((0, -window[1]), (-window[1], -shift[1]), (-shift[1], None))
+        count = 0
+        for h in h_slices:
+            for w in w_slices:
+                attn_mask[h[0]: h[1], w[0]: w[1]] = count
+                count += 1
+        attn_mask = attn_mask.view(pH // window[0], window[0], pW // window[1], window[1])
+        attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(nw, window[0] * window[1])
+        attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
+        attn_mask = attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
+        attn = attn.view(x.size(0) // nw, nw, heads, x.size(1), x.size(1))
+        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
+        attn = attn.view(-1, heads, x.size(1), x.size(1))
+    x = (F.softmax(attn, dim=-1) @ v).transpose(1, 2).reshape(x.size(0), x.size(1), C)
+    x = F.linear(x, proj_weight, proj_bias)
+    x = x.view(B, pH // window[0], pW // window[1], window[0], window[1], C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pH, pW, C)
+    if sum(shift) > 0:
+        x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return x[:, :H, :W, :].contiguous()
+
+
+torch.fx.wrap("shifted_window_attention")
+
+
+class ShiftedWindowAttention(nn.Module):
+    def __init__(self, dim: int, window: int, shift: int, heads: int, v2: bool):
+        super().__init__()
+        self.window, self.shift, self.heads = [window, window], [shift, shift], heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        n = window * window
+        self.bias = nn.Parameter(torch.randn(1, heads, n, n) * 0.5)
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.ones(heads, 1, 1))) if v2 else None
+
+    def forward(self, x):
+        return shifted_window_attention(x, self.qkv.weight, self.proj.weight, self.bias, self.window, self.heads,
+                                        self.shift, self.qkv.bias, self.proj.bias, self.logit_scale)
+
+
+class SwinNet(nn.Module):
+    """Patches in [B, H, W, C] layout through a plain and a shifted window block (H, W not multiples of the
+    window: the blocks pad); v2 adds cosine attention and the zeroed k bias."""
+
+    def __init__(self, dim: int = 16, window: int = 3, classes: int = 4, v2: bool = False):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 2, stride=2)
+        self.blocks = nn.ModuleList([ShiftedWindowAttention(dim, window, s, 2, v2) for s in (0, window // 2)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)
+        for b in self.blocks:
+            x = x + b(self.norm(x))
+        return self.head(x.mean((1, 2)))

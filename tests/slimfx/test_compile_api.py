@@ -108,10 +108,10 @@ def test_torchscript_only_compile_of_a_model_onnx_cannot_express(tmp_path):
     assert set(result.exports) == {"torchscript"} and result.exports["torchscript"].exists()
     report = result.report
     assert report["baseline"]["size_bytes"] is None and report["compressed"]["latency_ms"] is None
-    assert any("no ONNX size or latency" in w and "roll" in w for w in report["warnings"])
+    assert any("no ONNX size or latency" in w and "flip" in w for w in report["warnings"])
     assert report["validation"]["max_abs_diff"] < 1e-5
     assert "latency b32" in (tmp_path / "report.md").read_text()
-    with pytest.raises(slimfx.ExportError, match="roll"):  # asked for ONNX: a clear error, as before
+    with pytest.raises(slimfx.ExportError, match="flip"):  # asked for ONNX: a clear error, as before
         slimfx.compile(model, example, recipe="cleanup", formats=("onnx",), out_dir=tmp_path / "x", quiet=True)
     assert not (tmp_path / "x").exists()
 

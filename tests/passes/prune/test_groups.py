@@ -178,7 +178,7 @@ class Opaque(nn.Module):
         self.c = nn.Conv2d(6, 2, 1)
 
     def forward(self, x):
-        y = torch.roll(self.a(x), 1, dims=1)  # an op the analysis cannot see through
+        y = torch.flip(self.a(x), dims=[1])  # an op the analysis cannot see through
         return self.c(self.b(y))
 
 
@@ -206,7 +206,7 @@ def test_unknown_ops_stop_the_group_and_say_where():
     deps = analyze(_cap(Opaque(), torch.randn(1, 3, 4, 4)))
     assert [grp.sources() for grp in deps.groups] == [["b"]]
     why = next(b for b in deps.blocked if b["source"] == "a")
-    assert "roll" in why["why"] or "opaque" in why["why"] or why["op"] == "opaque"
+    assert "flip" in why["why"] or "opaque" in why["why"] or why["op"] == "opaque"
 
 
 def _exact_after_removal(g: ir.Graph, deps, inputs: tuple, frac: float, seed: int) -> None:
