@@ -143,16 +143,16 @@ def test_speed_guard_keeps_all_layers_int8_when_the_model_with_the_slow_ones_flo
     res = create_pass("quantize", {}).run(g, _ctx(x, whole_models_disagree))
     guard = res.stats["speed_guard"]
     assert guard["chosen"] == "int8" and list(guard["slower_layers"]) == ["c1"] and guard["kept_float"] == {}
-    assert "not faster" in guard["note"] and res.graph_after(g).node("c1").inputs[1].op == "dequantize"
+    assert "not clearly faster" in guard["note"] and res.graph_after(g).node("c1").inputs[1].op == "dequantize"
 
 
 def test_speed_guard_keeps_the_whole_model_float_when_int8_still_loses():
     m, g, x = _setup()
-    res = create_pass("quantize", {}).run(g, _ctx(x, fake_runtime(int8_factor=1.05)))
+    res = create_pass("quantize", {}).run(g, _ctx(x, fake_runtime(int8_factor=1.2)))
     out = res.graph_after(g)
     assert out is not g and not out.find("quantize") and not out.find("batch_norm")  # folded, float
     assert res.stats["speed_guard"]["kept_model_float"] is True and res.stats["quantized_ops"] == 0
-    assert any("kept the whole model float" in n and "1.05x" in n for n in res.stats["notes"])
+    assert any("kept the whole model float" in n and "1.20x" in n for n in res.stats["notes"])
     assert torch.allclose(ir.lower(out)(x), m(x), atol=1e-5)
 
 
@@ -193,5 +193,125 @@ def test_compile_runs_the_guard_on_onnxruntime_and_reports_what_it_kept_float():
     # timed for real: which model wins depends on the machine; the report says which and why
     assert guard["chosen"] in guard["model_ratio"] and set(guard["model_ratio"]["float"]) == {"b1", "b32"}
     for name, why in guard["slower_layers"].items():
-        assert guard["layer_ratio"][name] > 1.1 and "x the float one (batch 1:" in why
+        assert guard["layer_ratio"][name] > 1.05 + guard["layer_spread"][name] and "(batch 1:" in why
     assert any("ran fold-batchnorm first" in h for h in result.report["headline"])
+
+
+# --- the decision rule and its modes (issue #17 item 6: decisions that do not flip on noise) -----------------
+
+from slimfx.passes.quantize.speed import MARGIN, decide  # noqa: E402
+
+
+@pytest.mark.parametrize("rounds, verdict, slower_at", [
+    ([[1.30, 1.20], [1.25, 1.30], [1.35, 1.20]], "slower", (1, 32)),
+    ([[0.60, 0.70], [0.65, 0.66], [0.62, 0.71]], "faster", ()),
+    ([[1.03, 1.00], [0.98, 1.01], [1.04, 1.02]], "tie", ()),  # within the 5% margin
+    ([[0.70, 0.90], [1.30, 1.10], [1.00, 1.00]], "tie", ()),  # median 1.0, and the rounds spread by +-0.3
+    ([[1.20, 0.80], [1.22, 0.81], [1.21, 0.79]], "tie", (1,)),  # even overall, clearly slower at batch 1
+])
+def test_decide_calls_a_difference_only_beyond_the_noise(rounds, verdict, slower_at):
+    v = decide(rounds, [1, 32])
+    assert v.verdict == verdict and v.slower_at == slower_at
+    geo = [(a * b) ** 0.5 for a, b in rounds]
+    assert v.spread == pytest.approx(max(MARGIN, (max(geo) - min(geo)) / 2))
+
+
+def noisy_runtime(int8_factor: float, noise: float, seed: int, slow: set[str] = frozenset()):
+    """fake_runtime whose every timing is off by a random factor in [1 - noise, 1 + noise] (a busy machine)."""
+    import random
+
+    rng = random.Random(seed)
+    base = fake_runtime(slow=slow, int8_factor=int8_factor)
+
+    def measure(graph, inputs, budget_s):
+        return [t * rng.uniform(1 - noise, 1 + noise) for t in base(graph, inputs, budget_s)]
+    return measure
+
+
+@pytest.mark.parametrize("int8_factor, expected", [(1.02, "int8"), (0.6, "int8"), (1.6, "float")])
+def test_whole_model_decision_does_not_flip_on_timing_noise(int8_factor, expected):
+    """+-15% noise on every timing (a 2-core machine shared with other jobs): twenty runs, one decision."""
+    chosen = set()
+    for seed in range(20):
+        m, g, x = _setup()
+        res = create_pass("quantize", {}).run(g, _ctx(x, noisy_runtime(int8_factor, 0.15, seed)))
+        chosen.add(res.stats["speed_guard"]["decisions"]["model"])
+    assert chosen == {expected}
+
+
+def test_the_report_gives_the_measured_numbers_and_the_rule():
+    m, g, x = _setup()
+    res = create_pass("quantize", {"speed_guard_rounds": 4}).run(g, _ctx(x, fake_runtime(int8_factor=1.2)))
+    guard = res.stats["speed_guard"]
+    assert guard["rounds"] == 4 and f"at least {MARGIN:.0%}" in guard["rule"]
+    assert guard["model_verdict"]["int8"]["verdict"] == "slower" and guard["model_verdict"]["int8"]["b1"] == 1.2
+    assert len(guard["model_ms"]["float"]) == 4  # every round's milliseconds, per batch size
+    assert guard["decisions"] == {"model": "float", "kept_float": [], "batches": [1, 32]}
+
+
+def _report_with(tmp_path, decisions):
+    f = tmp_path / "report.json"
+    import json
+
+    f.write_text(json.dumps({"passes": [{"name": "fold-batchnorm", "stats": {}},
+                                        {"name": "quantize", "stats": {"speed_guard": {"decisions": decisions}}}]}))
+    return str(f)
+
+
+def test_recorded_decisions_replay_without_timing(tmp_path):
+    m, g, x = _setup()
+    measured = create_pass("quantize", {}).run(g, _ctx(x, fake_runtime(slow={"c1"})))
+    decisions = measured.stats["speed_guard"]["decisions"]
+    assert decisions["kept_float"] == ["c1"] and decisions["model"] == "int8"
+    path = _report_with(tmp_path, decisions)
+
+    def no_timing(*a):
+        raise AssertionError("a replayed guard must not time anything")
+
+    m, g2, x = _setup()
+    res = create_pass("quantize", {"speed_guard": path}).run(g2, _ctx(x, no_timing))
+    out = res.graph_after(g2)
+    assert ir.graph_diff(out, measured.graph_after(g)) is None
+    assert res.stats["speed_guard"]["mode"] == f"replay {path}" and list(res.stats["speed_guard"]["kept_float"]) == ["c1"]
+    # without a runtime at all (the API without latency), replaying still works
+    m, g3, x = _setup()
+    res = create_pass("quantize", {"speed_guard": path}).run(g3, _ctx(x))
+    assert isinstance(res.graph_after(g3).node("c1").inputs[1], ir.Param)
+    # a bare decisions file keeping the whole model float
+    f = tmp_path / "float.json"
+    f.write_text('{"model": "float", "kept_float": []}')
+    m, g4, x = _setup()
+    res = create_pass("quantize", {"speed_guard": str(f)}).run(g4, _ctx(x))
+    assert not res.graph_after(g4).find("quantize") and res.stats["quantized_ops"] == 0
+
+
+def test_off_and_measure_spell_false_and_true():
+    m, g, x = _setup()
+    measure = fake_runtime()
+    res = create_pass("quantize", {"speed_guard": "off"}).run(g, _ctx(x, measure))
+    assert not measure.seen and "speed_guard" not in res.stats
+    m, g, x = _setup()
+    res = create_pass("quantize", {"speed_guard": "measure"}).run(g, _ctx(x, measure))
+    assert measure.seen and res.stats["speed_guard"]["mode"] == "measure"
+
+
+@pytest.mark.parametrize("content, words", [
+    (None, ["no decisions file", "speed_guard = \"measure\""]),
+    ("{not json", ["not readable JSON"]),
+    ('{"passes": [{"name": "quantize", "stats": {"speed_guard": "skipped: no runtime"}}]}', ["holds no speed-guard"]),
+    ('{"model": "fast"}', ["is not a decisions file"]),
+])
+def test_bad_decisions_files_are_recipe_errors_before_any_work(tmp_path, content, words):
+    f = tmp_path / "d.json"
+    if content is not None:
+        f.write_text(content)
+    with pytest.raises(RecipeError) as e:
+        slimfx.Recipe("r", passes=[("quantize", {"speed_guard": str(f)})])
+    for w in words:
+        assert w in str(e.value) and str(f) in str(e.value), str(e.value)
+
+
+def test_decisions_for_another_model_are_caught_by_check_graph(tmp_path):
+    m, g, x = _setup()
+    q = create_pass("quantize", {"speed_guard": _report_with(tmp_path, {"model": "int8", "kept_float": ["conv9"]})})
+    assert "keeps float conv9, which this model does not have" in q.check_graph(g)
