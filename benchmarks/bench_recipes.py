@@ -7,6 +7,7 @@ not measured for a rejected model).
 
     PYTHONPATH=. python benchmarks/bench_recipes.py                 # every zoo model, recipes int8 and default
     PYTHONPATH=. python benchmarks/bench_recipes.py --models digits_cnn --recipes default,int8,prune50
+    PYTHONPATH=. python benchmarks/bench_recipes.py --recipes all    # every built-in recipe on every zoo model
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import slimfx
 from slimfx import models
 from slimfx.data import zoo_data
 from slimfx.errors import GateError
+from slimfx.recipe import builtin_recipes
 
 
 def run(model_name: str, recipe: str, seed: int = 0, bench_seconds: float = 1.0) -> dict:
@@ -41,7 +43,20 @@ def run(model_name: str, recipe: str, seed: int = 0, bench_seconds: float = 1.0)
             "size": c["size_bytes"] / b["size_bytes"],
             "b1": _ratio(c, b, "b1"), "b32": _ratio(c, b, "b32"), "passed": passed,
             "acc0": b["accuracy"], "acc1": c["accuracy"], "agree": r["validation"]["top1_agreement"],
-            "sqnr": r["validation"]["sqnr_db"], "seconds": seconds}
+            "sqnr": r["validation"]["sqnr_db"], "seconds": seconds, "guard": _guard(r)}
+
+
+def _guard(report: dict) -> str:
+    """What the quantize step's speed guard kept float (and its int8/fp32 verdict), '' when it did not run."""
+    for p in report["passes"]:
+        g = p["stats"].get("speed_guard") if p["name"] == "quantize" else None
+        if isinstance(g, dict):
+            kept = "whole model" if g["chosen"] == "float" else ", ".join(g["kept_float"]) or "none"
+            v = (g.get("model_verdict") or {}).get("int8")
+            return kept + (f" (int8 {v['b1']:.2f}x/{v['b32']:.2f}x ±{v['spread']:.2f})" if v else "")
+        if isinstance(g, str):
+            return g.split(":")[0]
+    return ""
 
 
 def _ratio(compiled: dict, original: dict, batch: str) -> float | None:
@@ -56,23 +71,24 @@ def _x(v: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(models.names()))
-    ap.add_argument("--recipes", default="int8,default")
+    ap.add_argument("--recipes", default="int8,default", help="comma-separated, or 'all' (every built-in)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training and calibration")
     ap.add_argument("--bench-seconds", type=float, default=1.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
+    recipes = builtin_recipes() if args.recipes == "all" else args.recipes.split(",")
     print("| model | recipe | MACs | ONNX size | latency b1 | latency b32 | accuracy (orig → compiled) "
-          "| top-1 agreement | SQNR | compile time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| top-1 agreement | SQNR | compile time | speed guard kept float |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in args.models.split(","):
-        for rec in args.recipes.split(","):
+        for rec in recipes:
             row = run(m.strip(), rec.strip(), bench_seconds=args.bench_seconds)
             rows.append(row)
             gate = "" if row["passed"] else " ✗"
             print(f"| {row['model']} | {row['recipe']}{gate} | {row['macs']:.3f}x | {row['size']:.3f}x | {_x(row['b1'])} "
                   f"| {_x(row['b32'])} | {100 * row['acc0']:.2f}% → {100 * row['acc1']:.2f}% "
-                  f"| {100 * row['agree']:.1f}% | {row['sqnr']:.1f} dB | {row['seconds']:.0f} s |", flush=True)
+                  f"| {100 * row['agree']:.1f}% | {row['sqnr']:.1f} dB | {row['seconds']:.0f} s | {row['guard']} |", flush=True)
 
 
 if __name__ == "__main__":

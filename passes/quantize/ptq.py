@@ -326,8 +326,9 @@ class Quantize(Pass):
                 note = f"speed guard kept the whole model float: int8 ran clearly slower than fp32 {at} ({tried})"
             else:
                 note = f"speed guard kept the whole model float {at}"
+            tuned = {k: result.stats[k] for k in ("tune", "float_accuracy") if k in result.stats}
             return PassResult(True, {"speed_guard": section, "notes": [note], "quantized_ops": 0,
-                                     "skipped": result.stats.get("skipped", [])}, graph=float_graph)
+                                     "skipped": result.stats.get("skipped", []), **tuned}, graph=float_graph)
         out_graph, res = candidates[chosen]
         if res is not None:
             result = res
@@ -343,7 +344,8 @@ class Quantize(Pass):
     def _requantize_with(self, graph: Graph, ctx: PassContext, before: PassResult, skip: list[str]) -> PassResult:
         """Quantize again keeping `skip` float, the accuracy fallback's layers included."""
         res = self.apply(graph, ctx, extra_skip=skip)
-        for k in ("fallback_layers", "accuracy_drop", "trials", "tune", "float_accuracy", "accuracy", "within_budget"):
+        for k in ("fallback_layers", "accuracy_drop", "trials", "tune", "float_accuracy", "accuracy",
+                  "within_budget"):
             if k in before.stats:
                 res.stats[k] = before.stats[k]
         return res

@@ -40,7 +40,7 @@ class Deep(nn.Module):
         return x
 
 
-X = torch.randn(256, 16)
+X = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
 NOISE_COST = 30.0
 
 
