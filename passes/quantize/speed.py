@@ -131,21 +131,21 @@ MARGIN = 0.05
 #: rounds of the per-layer timings (they only nominate layers: the whole-model timings decide)
 LAYER_ROUNDS = 3
 #: the decision rule, stated once (docs/quantization.md and the report quote it)
-RULE = ("a variant is faster or slower than another only when the median over interleaved rounds of its time "
-        "ratio (geometric mean over the batch sizes) is beyond 1 by more than the noise: the larger of half the "
-        "range of that ratio over the rounds and the two variants' own relative spreads (half the range of each "
-        f"one's times over the rounds, added), and at least {MARGIN:.0%}; anything closer is a tie, and a tie "
-        "keeps int8. Slower at any one batch size by more than twice that size's noise (one size's timings are "
-        "noisier than their mean over the sizes, and every size is a chance to be misled) also rules int8 out")
+RULE = ("each variant's time is its best over interleaved rounds (a busy neighbour or an unlucky session only "
+        "adds time), and its noise how far its second-best round is above its best; a variant is faster or "
+        "slower than another only when the ratio of their times (geometric mean over the batch sizes) is beyond "
+        f"1 by more than their two noises added, and at least {MARGIN:.0%}: anything closer is a tie, and a tie "
+        "keeps int8. Slower at any one batch size by more than twice that size's noise (and 10%) also rules "
+        "int8 out")
 
 
 @dataclass(frozen=True)
 class Verdict:
     """How one variant's time compares with another's, over interleaved rounds (see RULE)."""
 
-    ratio: float  # median over rounds of the per-round geometric mean (over batch sizes) of time a / time b
-    spread: float  # the noise the rule allowed: half the range of that ratio, or the variants' own spreads
-    per_batch: tuple[float, ...]  # median ratio at each batch size
+    ratio: float  # geometric mean over batch sizes of best time a / best time b
+    spread: float  # the noise the rule allowed (at least MARGIN)
+    per_batch: tuple[float, ...]  # best-time ratio at each batch size
     batch_spread: tuple[float, ...]  # the noise at each batch size
     verdict: Literal["faster", "slower", "tie"]
     slower_at: tuple[int, ...]  # batch sizes at which a is clearly slower (beyond twice that size's noise)
@@ -163,42 +163,33 @@ def _median(xs: list[float]) -> float:
     return s[k] if len(s) % 2 else (s[k - 1] + s[k]) / 2
 
 
-def _half_range(xs: list[float]) -> float:
-    return (max(xs) - min(xs)) / 2
+def _best(col: list[float]) -> tuple[float, float]:
+    """(best time, its noise: how far the second best is above it, relatively)."""
+    s = sorted(col)
+    return s[0], (s[1] / s[0] - 1) if len(s) > 1 and s[0] > 0 else 0.0
 
 
-def _own_spread(col: list[float]) -> float:
-    """Half the range of one variant's times over the rounds, relative to their median."""
-    return _half_range(col) / _median(col)
-
-
-def decide(rounds: list[list[float]], batches: list[int], margin: float = MARGIN,
-           times: tuple[list[list[float]], list[list[float]]] | None = None) -> Verdict:
-    """The verdict on per-round time ratios (`rounds[r][i]`: round r, batch size `batches[i]`) by RULE; `times`
-    (the two variants' milliseconds, same layout) adds their own spreads to the noise."""
-    geo = [math.exp(sum(math.log(r) for r in row) / len(row)) for row in rounds]
-    own = [0.0] * len(batches)
-    if times is not None:
-        own = [_own_spread([row[i] for row in times[0]]) + _own_spread([row[i] for row in times[1]])
-               for i in range(len(batches))]
-    ratio = _median(geo)
-    noise = max(margin, _half_range(geo), sum(own) / len(own))
-    verdict = "slower" if ratio > 1 + noise else "faster" if ratio < 1 - noise else "tie"
+def decide(times_a: list[list[float]], times_b: list[list[float]], batches: list[int],
+           margin: float = MARGIN) -> Verdict:
+    """The verdict on variant a against b by RULE; `times_x[r][i]`: round r, batch size `batches[i]`."""
     per_batch, batch_spread, slower_at = [], [], []
     for i, b in enumerate(batches):
-        col = [row[i] for row in rounds]
-        m, s = _median(col), max(margin, _half_range(col), own[i])
-        per_batch.append(m)
-        batch_spread.append(s)
-        if m > 1 + 2 * s:
+        (ta, na), (tb, nb) = _best([row[i] for row in times_a]), _best([row[i] for row in times_b])
+        r, noise = ta / tb, max(margin, na + nb)
+        per_batch.append(r)
+        batch_spread.append(noise)
+        if r > 1 + max(2 * noise, 2 * margin):
             slower_at.append(b)
+    ratio = math.exp(sum(math.log(r) for r in per_batch) / len(per_batch))
+    noise = max(margin, sum(batch_spread) / len(batch_spread))
+    verdict = "slower" if ratio > 1 + noise else "faster" if ratio < 1 - noise else "tie"
     return Verdict(ratio, noise, tuple(per_batch), tuple(batch_spread), verdict, tuple(slower_at))  # type: ignore[arg-type]
 
 
 def compare(times: dict[str, list[list[float]]], a: str, b: str, batches: list[int],
             margin: float = MARGIN) -> Verdict:
     """The verdict on `a` against `b`, both timed in the same interleaved rounds."""
-    return decide(ratios(times, a, b), batches, margin, (times[a], times[b]))
+    return decide(times[a], times[b], batches, margin)
 
 
 def interleaved_times(measure: Measure, graphs: dict[str, Graph], batches: list[int], budget_s: float,
@@ -214,11 +205,6 @@ def interleaved_times(measure: Measure, graphs: dict[str, Graph], batches: list[
         for k in names[r % len(names):] + names[:r % len(names)]:
             out[k].append([float(t) for t in measure(graphs[k], xs, per)])
     return out
-
-
-def ratios(times: dict[str, list[list[float]]], a: str, b: str) -> list[list[float]]:
-    """Per round, per batch size: time of `a` / time of `b` (timed in the same round)."""
-    return [[x / y for x, y in zip(ra, rb)] for ra, rb in zip(times[a], times[b])]
 
 
 def slower_layers(measure: Measure, quant_graph: Graph, float_graph: Graph, batches: list[int],
@@ -237,8 +223,8 @@ def slower_layers(measure: Measure, quant_graph: Graph, float_graph: Graph, batc
         t = interleaved_times(measure, {"int8": gi, "float": gf}, batches, per, rounds)
         verdicts[n.name] = v = compare(t, "int8", "float", batches, margin)
         if v.verdict == "slower":
-            ti = [_median([row[i] for row in t["int8"]]) for i in range(len(batches))]
-            tf = [_median([row[i] for row in t["float"]]) for i in range(len(batches))]
+            ti = [min(row[i] for row in t["int8"]) for i in range(len(batches))]
+            tf = [min(row[i] for row in t["float"]) for i in range(len(batches))]
             times = "; ".join(f"batch {b}: {a:.3f} vs {c:.3f} ms" for b, a, c in zip(batches, ti, tf))
             slower[n.name] = f"int8 kernel {v.ratio:.2f}x the float one, noise ±{v.spread:.2f} ({times})"
     return slower, verdicts
