@@ -433,7 +433,7 @@ def load_recipe(spec: str | Path) -> Recipe:
         raise RecipeError(f"recipe {source}: not valid TOML: {e}") from e
     except RecursionError as e:
         raise RecipeError(f"recipe {source}: nested too deeply to read (arrays or tables inside each other "
-                          "hundreds of levels deep); a recipe needs only [[passes]], [export] and [validate]") from e
+                          "hundreds of levels deep); a recipe needs only [[passes]], [export], [validate] and [tune]") from e
     return Recipe.from_dict(parsed, name=name, source=source)
 
 

@@ -155,7 +155,8 @@ class Quantize(Pass):
         "run fold-batchnorm first when the graph still has batch norms it can fold (left unfolded they stay "
         "float between integer kernels: about 2x slower than fp32); the report notes it; false: quantize as is"))
     speed_guard: bool | str = option(True, help=(
-        "int8-static: \"measure\" (or true): time every quantized conv/linear as onnxruntime's integer kernel "
+        "int8 schemes: \"measure\" (or true): time every quantized conv/linear (int8-static; int8-dynamic is "
+        "timed as a whole model only) as onnxruntime's integer kernel "
         "and as the float one (1 thread, `speed_guard_batches`), then the whole models side by side in "
         "`speed_guard_rounds` interleaved rounds; keep float what int8 makes clearly slower (beyond the measured "
         "noise, at least 5%), the whole model when int8 is still clearly slower at any batch size; the report "
@@ -232,7 +233,7 @@ class Quantize(Pass):
             return (f"quantize starts from a float32 model and this one is {', '.join(other)}: convert it with "
                     ".float() in your model factory (float16 models compile with recipes that do not quantize, "
                     "such as cleanup, prune50 and sparse50)")
-        if self.guard_mode == "replay" and self.scheme == "int8-static":
+        if self.guard_mode == "replay" and self.scheme in ("int8-static", "int8-dynamic"):
             from slimfx.passes.quantize.speed import load_decisions
 
             missing = [n for n in load_decisions(str(self.speed_guard))["kept_float"] if not graph.has_node(n)]
@@ -245,9 +246,10 @@ class Quantize(Pass):
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         notes = self._run_prerequisites(graph, ctx) if self.prerequisites else []
-        # the guard weighs onnxruntime's integer kernels against float: only int8-static has them (fixed-point
-        # and sign are for storage; int8-dynamic's kernels quantize at run time and are timed by the user)
-        guard = self.guard_mode != "off" and self.scheme == "int8-static"
+        # the guard weighs onnxruntime's integer kernels against float: the int8 schemes (fixed-point and sign
+        # are for storage and never traded back); int8-dynamic is weighed as a whole model (its layers quantize
+        # their input at run time, so they have no integer tensors around them to be timed between)
+        guard = self.guard_mode != "off" and self.scheme in ("int8-static", "int8-dynamic")
         timed = ctx.measure_ms is not None or self.guard_mode == "replay"
         float_graph = graph.copy() if guard and timed else None
         result = self._quantize(graph, ctx)
@@ -314,7 +316,7 @@ class Quantize(Pass):
         else:
             chosen, candidates, section = speed.measure_and_choose(
                 ctx.measure_ms, graph, float_graph, requantize, batches, self.speed_guard_seconds,
-                self.speed_guard_rounds)
+                self.speed_guard_rounds, per_layer=self.scheme == "int8-static")
             slower = section["slower_layers"]
             at = f"at batch {'/'.join(map(str, batches))} on onnxruntime (1 thread)"
         if chosen == speed.FLOAT:

@@ -237,11 +237,13 @@ Requantize = Callable[[Graph, list[str]], Any]  # (float graph copy, layers kept
 
 
 def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requantize: Requantize,
-                       batches: list[int], budget_s: float, rounds: int, margin: float = MARGIN
-                       ) -> tuple[str, dict[str, tuple[Graph, Any]], dict[str, Any]]:
-    """Time the quantized `graph`'s layers, then the whole models side by side; returns the chosen variant
-    (INT8, FEWER or FLOAT), the int8 candidates {variant: (graph, result or None)} and the report section."""
-    slower, layer_v = slower_layers(measure, graph, float_graph, batches, budget_s, margin=margin)
+                       batches: list[int], budget_s: float, rounds: int, margin: float = MARGIN,
+                       per_layer: bool = True) -> tuple[str, dict[str, tuple[Graph, Any]], dict[str, Any]]:
+    """Time the quantized `graph`'s layers (when `per_layer`: static int8, whose layers sit between integer
+    tensors), then the whole models side by side; returns the chosen variant (INT8, FEWER or FLOAT), the int8
+    candidates {variant: (graph, result or None)} and the report section."""
+    slower, layer_v = slower_layers(measure, graph, float_graph, batches, budget_s, margin=margin) \
+        if per_layer else ({}, {})
     candidates: dict[str, tuple[Graph, Any]] = {INT8: (graph, None)}
     if slower:
         fewer = float_graph.copy()

@@ -320,3 +320,14 @@ def test_decisions_for_another_model_are_caught_by_check_graph(tmp_path):
     m, g, x = _setup()
     q = create_pass("quantize", {"speed_guard": _report_with(tmp_path, {"model": "int8", "kept_float": ["conv9"]})})
     assert "keeps float conv9, which this model does not have" in q.check_graph(g)
+
+
+@pytest.mark.parametrize("int8_factor, expected", [(1.3, "float"), (0.5, "int8")])
+def test_int8_dynamic_is_weighed_as_a_whole_model(int8_factor, expected):
+    m, g, x = _setup()
+    measure = fake_runtime(int8_factor=int8_factor)
+    res = create_pass("quantize", {"scheme": "int8-dynamic"}).run(g, _ctx(x, measure))
+    guard = res.stats["speed_guard"]
+    assert guard["decisions"]["model"] == expected and guard["layer_ratio"] == {}
+    assert all(gr.has_node("fc") for gr in measure.seen)  # only whole models were timed
+    assert bool(res.graph_after(g).find("dequantize")) == (expected == "int8")
