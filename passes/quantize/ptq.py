@@ -164,6 +164,11 @@ class Quantize(Pass):
         "(the report.json of an earlier compile, or its `speed_guard.decisions`): replay those decisions without "
         "timing, for reproducible builds. Measuring needs a runtime (slimfx.compile with latency measurement on; "
         "skipped, and said so, otherwise)"))
+    speed_guard_against: Literal["input", "original"] = option("input", help=(
+        "what an int8 model must not be slower than: the float graph quantize starts from (input), or the "
+        "original model (original: after pruning, a smaller int8 model may keep its int8 weights while it beats "
+        "the original, even if the pruned float model would be faster; needs ctx.teacher, which "
+        "slimfx.compile sets); the fallback is the float graph quantize starts from either way"))
     speed_guard_rounds: int = option(5, ge=3, le=50, help=(
         "interleaved rounds of the speed guard's whole-model timings (int8, int8 with slower layers float, "
         "float in turns, fresh sessions each round); more rounds make the decision steadier on a busy machine"))
@@ -316,7 +321,8 @@ class Quantize(Pass):
         else:
             chosen, candidates, section = speed.measure_and_choose(
                 ctx.measure_ms, graph, float_graph, requantize, batches, self.speed_guard_seconds,
-                self.speed_guard_rounds, per_layer=self.scheme == "int8-static")
+                self.speed_guard_rounds, per_layer=self.scheme == "int8-static",
+                original=self._original_graph(ctx) if self.speed_guard_against == "original" else None)
             slower = section["slower_layers"]
             at = f"at batch {'/'.join(map(str, batches))} on onnxruntime (1 thread)"
         if chosen == speed.FLOAT:
@@ -342,6 +348,22 @@ class Quantize(Pass):
         result.stats["speed_guard"] = section
         result.stats["notes"] = notes + result.stats.get("notes", [])
         return result if out_graph is graph else PassResult(result.changed, result.stats, graph=out_graph)
+
+    def _original_graph(self, ctx: PassContext) -> Graph | None:
+        """The original model (ctx.teacher) as a graph to time, or None (then the guard compares with its
+        input, and its stats say so)."""
+        from slimfx.ir import capture
+
+        t = ctx.teacher
+        if isinstance(t, Graph):
+            return t
+        if isinstance(t, torch.nn.Module):
+            try:
+                return capture(t, ctx.example_inputs, for_inference=True)
+            except Exception as e:  # noqa: BLE001 - a model the driver captured with keyword inputs, say
+                ctx.logger.warning("quantize: speed_guard_against = 'original': the original model could not be "
+                                   "captured again (%s); comparing with quantize's input instead", e)
+        return None
 
     def _requantize_with(self, graph: Graph, ctx: PassContext, before: PassResult, skip: list[str]) -> PassResult:
         """Quantize again keeping `skip` float, the accuracy fallback's layers included."""

@@ -232,13 +232,14 @@ def slower_layers(measure: Measure, quant_graph: Graph, float_graph: Graph, batc
 
 # --- the guard ----------------------------------------------------------------------------------------------
 
-INT8, FEWER, FLOAT = "int8", "int8, slower layers float", "float"
+INT8, FEWER, FLOAT, ORIGINAL = "int8", "int8, slower layers float", "float", "original"
 Requantize = Callable[[Graph, list[str]], Any]  # (float graph copy, layers kept float) -> PassResult
 
 
 def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requantize: Requantize,
                        batches: list[int], budget_s: float, rounds: int, margin: float = MARGIN,
-                       per_layer: bool = True) -> tuple[str, dict[str, tuple[Graph, Any]], dict[str, Any]]:
+                       per_layer: bool = True, original: Graph | None = None
+                       ) -> tuple[str, dict[str, tuple[Graph, Any]], dict[str, Any]]:
     """Time the quantized `graph`'s layers (when `per_layer`: static int8, whose layers sit between integer
     tensors), then the whole models side by side; returns the chosen variant (INT8, FEWER or FLOAT), the int8
     candidates {variant: (graph, result or None)} and the report section."""
@@ -250,10 +251,14 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
         res = requantize(fewer, list(slower))
         if quantized_layers(fewer):
             candidates[FEWER] = (fewer, res)
-    times = interleaved_times(measure, {**{k: g for k, (g, _) in candidates.items()}, FLOAT: float_graph},
-                              batches, budget_s, rounds)
+    timed = {**{k: g for k, (g, _) in candidates.items()}, FLOAT: float_graph}
+    if original is not None:
+        timed[ORIGINAL] = original
+    times = interleaved_times(measure, timed, batches, budget_s, rounds)
     vs = {k: compare(times, k, FLOAT, batches, margin) for k in candidates}
-    fit = [k for k in candidates if vs[k].verdict != "slower" and not vs[k].slower_at]
+    # the bar an int8 model must clear: the float graph quantize started from, or the original model
+    bar = {k: compare(times, k, ORIGINAL, batches, margin) for k in candidates} if original is not None else vs
+    fit = [k for k in candidates if bar[k].verdict != "slower" and not bar[k].slower_at]
     chosen = INT8 if INT8 in fit else (fit[0] if fit else FLOAT)
     between = None
     if INT8 in fit and FEWER in fit:  # layers kept float cost file size and exactness: only for a clear gain
@@ -269,6 +274,8 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
         "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)} for k, v in vs.items()}
         | {FLOAT: {f"b{b}": 1.0 for b in batches}},
         "model_verdict": {k: v.to_dict(batches) for k, v in vs.items()},
+        **({"against": "original", "original_verdict": {k: v.to_dict(batches) for k, v in bar.items()}}
+           if original is not None else {"against": "input"}),
         "model_ms": {k: [[round(t, 4) for t in row] for row in v] for k, v in times.items()},
         "chosen": chosen, "kept_float": kept,
         "decisions": {"model": "float" if chosen == FLOAT else "int8", "kept_float": list(kept),

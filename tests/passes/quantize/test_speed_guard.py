@@ -331,3 +331,23 @@ def test_int8_dynamic_is_weighed_as_a_whole_model(int8_factor, expected):
     assert guard["decisions"]["model"] == expected and guard["layer_ratio"] == {}
     assert all(gr.has_node("fc") for gr in measure.seen)  # only whole models were timed
     assert bool(res.graph_after(g).find("dequantize")) == (expected == "int8")
+
+
+def test_against_the_original_keeps_int8_that_beats_the_original_but_not_the_pruned_float():
+    m, g, x = _setup()
+    original = g.copy()  # stands for the unpruned model: three times the float cost
+    base = fake_runtime(int8_factor=1.3)
+
+    def measure(graph, inputs, budget_s):
+        return [3 * t for t in base(graph, inputs, budget_s)] if graph is original else base(graph, inputs, budget_s)
+
+    ctx = _ctx(x, measure)
+    ctx.teacher = original
+    res = create_pass("quantize", {"speed_guard_against": "original"}).run(g, ctx)
+    guard = res.stats["speed_guard"]
+    assert guard["against"] == "original" and guard["decisions"]["model"] == "int8"
+    assert guard["model_verdict"]["int8"]["verdict"] == "slower"  # than the float graph quantize started from
+    assert guard["original_verdict"]["int8"]["verdict"] == "faster"  # but not than the original
+    m, g, x = _setup()
+    res = create_pass("quantize", {}).run(g, _ctx(x, base))
+    assert res.stats["speed_guard"]["decisions"]["model"] == "float"
