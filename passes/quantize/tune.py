@@ -170,7 +170,9 @@ def tune(q: Quantize, graph: Graph, ctx: PassContext) -> PassResult:
                 if remaining[k] > 0:
                     scale = tr.excess / remaining[k]
     good = [tr for tr in trials if tr.within_budget]
-    timing = _time_trials(t, trials, q) if target == "latency" and len(good) > 1 else None
+    # latency: the configurations within budget, and plain int8 to compare with, timed side by side
+    timing = _time_trials(t, [trials[0], *(tr for tr in good if tr is not trials[0])], q) \
+        if target == "latency" and good and (len(good) > 1 or good[0] is not trials[0]) else None
     if good:
         if target == "size":
             chosen = min(good, key=lambda tr: (tr.size_bytes, len(tr.float_layers)))
@@ -214,22 +216,20 @@ def tune(q: Quantize, graph: Graph, ctx: PassContext) -> PassResult:
 
 
 def _time_trials(t: _Tuner, trials: list[Trial], q: Quantize) -> dict[int, float] | None:
-    """Each trial's time relative to plain int8, timed side by side (geometric mean over the guard's batch
-    sizes, median over rounds); None without a runtime. Fills each trial's latency_ms."""
+    """Each of `trials` (plain int8 first) timed side by side: its time relative to plain int8's (geometric mean
+    over the guard's batch sizes, best of 3 interleaved rounds); None without a runtime. Fills latency_ms."""
     if t.ctx.measure_ms is None:
         return None
-    from slimfx.passes.quantize.speed import _median, interleaved_times
+    from slimfx.passes.quantize.speed import interleaved_times
 
     batches = list(dict.fromkeys(q.speed_guard_batches))
     graphs = {str(i): tr.graph for i, tr in enumerate(trials) if tr.graph is not None}
     times = interleaved_times(t.ctx.measure_ms, graphs, batches, q.speed_guard_seconds, 3)
+    best = {k: [min(r[j] for r in rows) for j in range(len(batches))] for k, rows in times.items()}
     out = {}
     for i, tr in enumerate(trials):
-        rows = times[str(i)]
-        med = [_median([r[j] for r in rows]) for j in range(len(batches))]
-        tr.latency_ms = {f"b{b}": round(m, 4) for b, m in zip(batches, med)}
-        base = [_median([r[j] for r in times["0"]]) for j in range(len(batches))]
-        out[id(tr)] = math.exp(sum(math.log(a / b) for a, b in zip(med, base)) / len(batches))
+        tr.latency_ms = {f"b{b}": round(m, 4) for b, m in zip(batches, best[str(i)])}
+        out[id(tr)] = math.exp(sum(math.log(a / b) for a, b in zip(best[str(i)], best["0"])) / len(batches))
     return out
 
 

@@ -213,3 +213,19 @@ def test_compile_reports_each_tune_evaluation(tmp_path):
     acc0, acc1 = r.report["validation"]["accuracy_original"], r.report["validation"]["accuracy_compiled"]
     assert acc0 - acc1 <= 0.02 + 1e-9  # the budget holds on the deployed ONNX file too
     assert any("tuned to max_accuracy_drop 0.02" in h for h in r.report["headline"])
+
+
+def test_latency_target_times_the_choice_against_plain_int8():
+    def measure(graph, inputs, budget_s):  # a float linear costs 1, an int8 one 0.5
+        cost = sum(0.5 if isinstance(n.inputs[1], ir.Node) else 1.0 for n in graph.find("linear"))
+        return [cost * inp[0].shape[0] for inp in inputs]
+
+    g = ir.capture(model_ref, (X[:2],))
+    ctx = PassContext((X[:2],), calibration_data=[(X[:128],)], eval_fn=stub_eval(model_ref), quiet=True,
+                      measure_ms=measure)
+    res = create_pass("quantize", {"per_channel": False, "max_accuracy_drop": 0.01, "speed_guard": False}).run(g, ctx)
+    tune = res.stats["tune"]
+    chosen = tune["trials"][tune["chosen"]]
+    assert sorted(chosen["float_layers"]) == ["layers_1", "layers_4"]
+    assert chosen["latency_ms"] == {"b1": 4.0, "b32": 128.0} and tune["trials"][0]["latency_ms"] == {"b1": 3.0, "b32": 96.0}
+    assert tune["latency_vs_plain_int8"].startswith("1.33x of plain int8's time") and "cost time" in tune["latency_vs_plain_int8"]
