@@ -681,6 +681,8 @@ def _report(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], eva
                  "accuracy_split": job.accuracy_split_name if acc is not None else None},
         "baseline": _public(baseline), "compressed": _public(compressed), "validation": validation,
         "passes": [r.to_dict() for r in records],
+        # the accuracy-budget tuner's evaluations and decision ([tune]; passes/quantize/tune.py), when it ran
+        "tune": next((r.stats["tune"] for r in records if isinstance(r.stats.get("tune"), dict)), None),
         "exports": {fmt: {**export_details[fmt], "path": FORMAT_FILES[fmt]} for fmt in exports},
         "stages": stages, "warnings": job.warnings, "seconds": round(time.perf_counter() - t_start, 3),
     }

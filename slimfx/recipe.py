@@ -10,6 +10,9 @@
     formats = ["onnx", "torchscript"]
     [validate]
     min_top1_agreement = 0.99
+    [tune]                    # optional: per-layer int8/fp32 under an accuracy budget
+    max_accuracy_drop = 0.003 # a fraction, as in [validate]: 0.3 points on the validation data
+    target = "latency"
 
 A recipe may use passes of your own: `plugins = ["my_passes.py"]` (paths relative to the recipe file, or
 module names) loads them before its passes are built (slimfx/plugins.py).
@@ -35,7 +38,7 @@ from slimfx.ir.errors import PassError, RecipeError
 from slimfx.passes import Pass, PassContext, PassManager, create_pass, registered_passes
 from slimfx.plugins import PluginError, load_entry_points, load_plugins
 
-TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate", "data", "plugins")
+TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate", "tune", "data", "plugins")
 EXPORT_FORMATS = ("onnx", "torchscript", "pt2", "slimfx")
 MIN_OPSET, MAX_OPSET = 17, 23
 
@@ -72,6 +75,37 @@ class ValidateConfig:
             object.__setattr__(self, k, v)
 
 
+@dataclass(frozen=True)
+class TuneConfig:
+    """The recipe's [tune] table: tune the recipe's quantize step to a budget (passes/quantize/tune.py).
+
+    A budget (at least one): max_accuracy_drop, a fraction of accuracy on the validation data as in [validate]
+    (0.003 = 0.3 points; needs labelled validation data), and/or min_sqnr_db, the output SQNR against the float
+    model on the calibration data. Within it the tuner picks which layers stay float (the rest int8) for the
+    `target` ("latency" or "size"), in at most `max_evaluations` full evaluations (the float baseline included).
+    The keys set the quantize step's options max_accuracy_drop, min_sqnr_db, tune_target and tune_evaluations.
+    Checked when built (RecipeError).
+    """
+
+    max_accuracy_drop: float | None = None
+    min_sqnr_db: float | None = None
+    target: str = "latency"
+    max_evaluations: int = 5
+
+    def __post_init__(self) -> None:
+        for k, v in _check_tune(self.__dict__, "TuneConfig").items():
+            object.__setattr__(self, k, v)
+
+    @property
+    def active(self) -> bool:
+        return self.max_accuracy_drop is not None or self.min_sqnr_db is not None
+
+    def quantize_options(self) -> dict[str, Any]:
+        """The quantize step's options this table sets."""
+        return {k: v for k, v in (("max_accuracy_drop", self.max_accuracy_drop), ("min_sqnr_db", self.min_sqnr_db),
+                                  ("tune_target", self.target), ("tune_evaluations", self.max_evaluations))}
+
+
 @dataclass
 class Recipe:
     """A recipe. `passes` is a list of (pass name, options dict), in order.
@@ -90,6 +124,7 @@ class Recipe:
     passes: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     export: ExportConfig = field(default_factory=ExportConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     source: Path | None = None
     data: str | None = None  # a data spec ('file.py:fn' / 'package.module:fn' returning slimfx.Data)
     # .py files (relative to the recipe file; to the working directory without one) or module names
@@ -106,6 +141,7 @@ class Recipe:
         self.passes = _check_passes(self.passes, where)
         self.export = _export_config(self.export, where)
         self.validate = _validate_config(self.validate, where)
+        self.tune = _tune_config(self.tune, where)
         if self.data is not None and (not isinstance(self.data, str) or ":" not in self.data):
             raise RecipeError(f"{where}: 'data' must be a spec string like 'data.py:make_data' or "
                               f"'package.module:make_data', got {self.data!r}")
@@ -122,7 +158,10 @@ class Recipe:
     def _build(self) -> tuple[list[tuple[str, dict[str, Any]]], list[Pass]]:
         """(the `passes` built from, the pass objects); RecipeError naming `passes[i]` on a mistake."""
         out = []
+        tuned = self._tuned_step()
         for i, (name, options) in enumerate(self.passes):
+            if i == tuned:
+                options = {**options, **self.tune.quantize_options()}
             try:
                 out.append(create_pass(name, options))
             except PassError as e:
@@ -133,6 +172,21 @@ class Recipe:
                             "command line")
                 raise RecipeError(f"{self._where()}: passes[{i}] (name = {name!r}): {e}{hint}") from e
         return copy.deepcopy(self.passes), out
+
+    def _tuned_step(self) -> int | None:
+        """The index of the quantize step [tune] applies to (the last one); RecipeError when [tune] is given
+        without one, or when that step sets the same options itself."""
+        if not self.tune.active:
+            return None
+        steps = [i for i, (name, _) in enumerate(self.passes) if name == "quantize"]
+        if not steps:
+            raise RecipeError(f"{self._where()}: [tune] tunes the quantize step, and the recipe has none; add a "
+                              "[[passes]] table with name = \"quantize\" (or remove [tune])")
+        both = [k for k in self.tune.quantize_options() if k in self.passes[steps[-1]][1]]
+        if both:
+            raise RecipeError(f"{self._where()}: passes[{steps[-1]}] (name = 'quantize') sets {both[0]!r}, which "
+                              "[tune] sets too; give the budget in [tune] only")
+        return steps[-1]
 
     def _load_plugins(self, where: str) -> list[str]:
         plugins = self.plugins
@@ -183,7 +237,8 @@ class Recipe:
         if not isinstance(rname, str) or not rname:
             raise RecipeError(f"{where}: key 'name' must be a non-empty string, got {rname!r}")
         return cls(name=rname, description=data.get("description", ""), passes=data.get("passes", []),
-                   export=data.get("export", {}), validate=data.get("validate", {}), source=source,
+                   export=data.get("export", {}), validate=data.get("validate", {}), tune=data.get("tune", {}),
+                   source=source,
                    data=data.get("data"), plugins=data.get("plugins", []))
 
 
@@ -279,6 +334,51 @@ def _check_validate(table: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+# [tune] key -> (lowest, highest, what it means); `target` is one of TUNE_TARGETS
+TUNE_RANGES: dict[str, tuple[float, float, str]] = {
+    "max_accuracy_drop": (0.0, 1.0, "a fraction of accuracy as in [validate], e.g. 0.003 for 0.3 points"),
+    "min_sqnr_db": (-100.0, 200.0, "decibels of output SQNR against the float model, e.g. 30"),
+    "max_evaluations": (2, 50, "an integer: full evaluations the tuner may make, the float baseline included"),
+}
+TUNE_TARGETS = ("latency", "size")
+
+
+def _tune_config(table: Any, where: str) -> TuneConfig:
+    if isinstance(table, TuneConfig):
+        table = {f.name: getattr(table, f.name) for f in fields(TuneConfig)}
+    if not isinstance(table, dict):
+        raise RecipeError(f"{where}: 'tune' must be a table ([tune]; in Python a TuneConfig or a dict)")
+    _no_unknown_keys(table, TuneConfig, "tune", where)
+    out = _check_tune(table, where)
+    if any(v is not None for v in table.values()) and out.get("max_accuracy_drop") is None \
+            and out.get("min_sqnr_db") is None and table != {f.name: f.default for f in fields(TuneConfig)}:
+        raise RecipeError(f"{where}: [tune] needs a budget: max_accuracy_drop (e.g. 0.003 for 0.3 points) and/or "
+                          "min_sqnr_db (e.g. 30)")
+    return TuneConfig(**out)
+
+
+def _check_tune(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """The [tune] values, checked (None: that budget is off)."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if k == "target":
+            if v not in TUNE_TARGETS:
+                raise RecipeError(f"{where}: tune.target must be one of {', '.join(map(repr, TUNE_TARGETS))}, "
+                                  f"got {v!r}")
+            out[k] = v
+            continue
+        if v is None and k != "max_evaluations":  # only reachable from Python: that budget is off
+            out[k] = None
+            continue
+        lo, hi, meaning = TUNE_RANGES[k]
+        integer = k == "max_evaluations"
+        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v) \
+                or not lo <= v <= hi:
+            raise RecipeError(f"{where}: tune.{k} must be {meaning}, from {lo:g} to {hi:g}; got {v!r}")
+        out[k] = int(v) if integer else float(v)
+    return out
+
+
 def _no_unknown_keys(table: dict[str, Any], config: type, section: str, where: str) -> None:
     known = [f.name for f in fields(config)]
     for key in table:
@@ -333,8 +433,8 @@ def load_recipe(spec: str | Path) -> Recipe:
         raise RecipeError(f"recipe {source}: not valid TOML: {e}") from e
     except RecursionError as e:
         raise RecipeError(f"recipe {source}: nested too deeply to read (arrays or tables inside each other "
-                          "hundreds of levels deep); a recipe needs only [[passes]], [export] and [validate]") from e
+                          "hundreds of levels deep); a recipe needs only [[passes]], [export], [validate] and [tune]") from e
     return Recipe.from_dict(parsed, name=name, source=source)
 
 
-__all__ = ["Recipe", "load_recipe", "builtin_recipes"]
+__all__ = ["Recipe", "TuneConfig", "load_recipe", "builtin_recipes"]

@@ -19,11 +19,12 @@ from slimfx.passes.quantize.observers import (
     qparams_from_range,
 )
 from slimfx.passes.quantize.ptq import Quantize, Scheme
-from slimfx.passes.quantize.sensitivity import QuantSensitivity, layer_sensitivity, quantize_with_fallback
+from slimfx.passes.quantize.sensitivity import QuantSensitivity, layer_sensitivity
 from slimfx.passes.quantize.smooth import SmoothQuant
+from slimfx.passes.quantize.tune import tune
 from slimfx.passes.quantize.weight_only import QuantizeWeights
 
 __all__ = ["Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "PercentileObserver",
            "EntropyObserver", "MSEObserver", "QParams", "make_observer", "qparams_from_range", "pow2_qparams",
            "CALIBRATION_METHODS", "Calibration", "Quantize", "Scheme", "Equalize", "BiasCorrection", "QuantSensitivity",
-           "layer_sensitivity", "quantize_with_fallback", "QuantizeWeights", "SmoothQuant"]
+           "layer_sensitivity", "tune", "QuantizeWeights", "SmoothQuant"]

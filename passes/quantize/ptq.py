@@ -14,7 +14,6 @@ the pass names the recurrent ones it kept float in its stats (`kept_float`) and 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -151,9 +150,20 @@ class Quantize(Pass):
     qat_optimizer: Optimizer = option("adam", help="the optimizer of QAT; " + OPTIMIZER_HELP)
     qat_required: bool = option(False, help=(
         "false: without train data QAT is skipped and the stats say so; true: that is an error"))
-    max_accuracy_drop: float | None = option(None, ge=0, help=(
-        "fraction of accuracy (0.01 = one point) the quantized model may lose: the most sensitive layers are "
-        "kept float until it holds; needs an eval function; unset: off"))
+    max_accuracy_drop: float | None = option(None, ge=0, le=1, help=(
+        "fraction of accuracy on the validation data (0.003 = 0.3 points) the quantized model may lose: the tuner "
+        "keeps float the layers that cost most accuracy per unit of `tune_target` until it holds, in at most "
+        "`tune_evaluations` evaluations (a recipe's [tune] table sets it); needs an eval function; unset: off"))
+    min_sqnr_db: float | None = option(None, ge=-100, le=200, help=(
+        "tuning budget on the output: SQNR against the float model on the calibration data, in dB (e.g. 30); "
+        "layers are kept float until it holds, like max_accuracy_drop (both may be given); unset: off"))
+    tune_target: Literal["latency", "size"] = option("latency", help=(
+        "what the tuner optimises within its budget: latency (layers with few MACs kept float first; the "
+        "configurations within budget are timed side by side when a runtime is there) or size (layers with few "
+        "weights kept float first; the smallest configuration within budget wins)"))
+    tune_evaluations: int = option(5, ge=2, le=50, help=(
+        "the most full evaluations (eval function calls, the float baseline included; SQNR measurements for an "
+        "SQNR-only budget) the tuner makes"))
     embeddings: bool = option(True, help="int8 schemes: store embedding tables as int8 (one symmetric scale "
                                          "per table)")
     bias_correction: bool = option(False, help=(
@@ -162,12 +172,24 @@ class Quantize(Pass):
     prerequisites: bool = option(True, help=(
         "run fold-batchnorm first when the graph still has batch norms it can fold (left unfolded they stay "
         "float between integer kernels: about 2x slower than fp32); the report notes it; false: quantize as is"))
-    speed_guard: bool = option(True, help=(
-        "time every quantized conv/linear as onnxruntime's integer kernel and as the float one (1 thread, "
-        "`speed_guard_batches`), keep float those where int8 is more than 10% slower, and keep the whole model "
-        "float when int8 is still slower than fp32 (on the geometric mean over the batch sizes, or by more than "
-        "10% at one of them); the report lists what was kept float and why. Needs a runtime to time "
-        "on (slimfx.compile with latency measurement on; skipped, and said so, otherwise)"))
+    speed_guard: bool | str = option(True, help=(
+        "int8 schemes: \"measure\" (or true): time every quantized conv/linear (int8-static; int8-dynamic is "
+        "timed as a whole model only) as onnxruntime's integer kernel "
+        "and as the float one (1 thread, `speed_guard_batches`), then the whole models side by side in "
+        "`speed_guard_rounds` interleaved rounds; keep float what int8 makes clearly slower (beyond the measured "
+        "noise, at least 5%), the whole model when int8 is still clearly slower at any batch size; the report "
+        "lists what was kept float, why, and the decisions. \"off\" (or false): no guard. A path to a JSON file "
+        "(the report.json of an earlier compile, or its `speed_guard.decisions`): replay those decisions without "
+        "timing, for reproducible builds. Measuring needs a runtime (slimfx.compile with latency measurement on; "
+        "skipped, and said so, otherwise)"))
+    speed_guard_against: Literal["input", "original"] = option("input", help=(
+        "what an int8 model must not be slower than: the float graph quantize starts from (input), or the "
+        "original model (original: after pruning, a smaller int8 model may keep its int8 weights while it beats "
+        "the original, even if the pruned float model would be faster; needs ctx.teacher, which "
+        "slimfx.compile sets); the fallback is the float graph quantize starts from either way"))
+    speed_guard_rounds: int = option(5, ge=3, le=50, help=(
+        "interleaved rounds of the speed guard's whole-model timings (int8, int8 with slower layers float, "
+        "float in turns, fresh sessions each round); more rounds make the decision steadier on a busy machine"))
     speed_guard_batches: list[int] = option([1, 32], help=(
         "the batch sizes the speed guard times (int8 must win on the geometric mean of the time ratios); "
         "your deployment batch sizes"))
@@ -195,9 +217,26 @@ class Quantize(Pass):
             raise PassError(f"pass 'quantize': rounding = 'adaround' learns the rounding of int8-scheme weights; "
                             f"scheme {self.scheme!r} has its own weight format: use scheme int8-static (bits = 4 "
                             "for W4A8) or rounding = 'nearest'")
+        if isinstance(self.speed_guard, str) and self.guard_mode == "replay":
+            from slimfx.passes.quantize.speed import load_decisions
+
+            if not self.speed_guard.strip():
+                raise PassError("pass 'quantize': option 'speed_guard' is empty; give \"measure\", \"off\" or the "
+                                "path of a decisions file (an earlier compile's report.json)")
+            load_decisions(self.speed_guard)  # PassError naming the file now, before any work
         if not self.speed_guard_batches or any(b < 1 for b in self.speed_guard_batches):
             raise PassError(f"pass 'quantize': option 'speed_guard_batches' must list batch sizes >= 1, got "
                             f"{self.speed_guard_batches}; e.g. [1, 32], or set speed_guard = false")
+
+    @property
+    def guard_mode(self) -> Literal["measure", "off", "replay"]:
+        """What `speed_guard` asks for: measure, off, or replay the decisions in a file."""
+        v = self.speed_guard
+        if v is True or v == "measure":
+            return "measure"
+        if v is False or v == "off":
+            return "off"
+        return "replay"
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -233,16 +272,26 @@ class Quantize(Pass):
             return (f"quantize starts from a float32 model and this one is {', '.join(other)}: convert it with "
                     ".float() in your model factory (float16 models compile with recipes that do not quantize, "
                     "such as cleanup, prune50 and sparse50)")
+        if self.guard_mode == "replay" and self.scheme in ("int8-static", "int8-dynamic"):
+            from slimfx.passes.quantize.speed import load_decisions
+
+            missing = [n for n in load_decisions(str(self.speed_guard))["kept_float"] if not graph.has_node(n)]
+            if missing:
+                return (f"speed_guard: the decisions file {self.speed_guard} keeps float {', '.join(missing[:3])}, "
+                        "which this model does not have (recorded for another model or recipe?); re-measure with "
+                        "speed_guard = \"measure\"")
         return check_skip(graph, self.skip)
 
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self._rounding_cache = None  # AdaRound's per-layer results live for one run (see apply)
         notes = self._run_prerequisites(graph, ctx) if self.prerequisites else []
-        # the guard weighs onnxruntime's integer kernels against float: only int8-static has them (fixed-point
-        # and sign are for storage; int8-dynamic's kernels quantize at run time and are timed by the user)
-        guard = self.speed_guard and self.scheme == "int8-static"
-        float_graph = graph.copy() if guard and ctx.measure_ms is not None else None
+        # the guard weighs onnxruntime's integer kernels against float: the int8 schemes (fixed-point and sign
+        # are for storage and never traded back); int8-dynamic is weighed as a whole model (its layers quantize
+        # their input at run time, so they have no integer tensors around them to be timed between)
+        guard = self.guard_mode != "off" and self.scheme in ("int8-static", "int8-dynamic")
+        timed = ctx.measure_ms is not None or self.guard_mode == "replay"
+        float_graph = graph.copy() if guard and timed else None
         result = self._quantize(graph, ctx)
         if guard:
             result = self._speed_guard(graph, float_graph, result, ctx)
@@ -251,10 +300,10 @@ class Quantize(Pass):
         return result
 
     def _quantize(self, graph: Graph, ctx: PassContext) -> PassResult:
-        if self.max_accuracy_drop is not None:
-            from slimfx.passes.quantize.sensitivity import quantize_with_fallback
+        if self.max_accuracy_drop is not None or self.min_sqnr_db is not None:
+            from slimfx.passes.quantize.tune import tune
 
-            return quantize_with_fallback(self, graph, ctx)
+            return tune(self, graph, ctx)
         return self.apply(graph, ctx)
 
     def _run_prerequisites(self, graph: Graph, ctx: PassContext) -> list[str]:
@@ -276,15 +325,9 @@ class Quantize(Pass):
 
     def _speed_guard(self, graph: Graph, float_graph: Graph | None, result: PassResult,
                      ctx: PassContext) -> PassResult:
-        """Keep float the layers whose integer kernel is slower; then time the whole models (int8, int8 with
-        those layers float, float) side by side and keep the fastest (passes/quantize/speed.py)."""
-        from slimfx.passes.quantize.speed import (
-            CLEARLY_FASTER,
-            SLOWER,
-            model_times,
-            quantized_layers,
-            slower_layers,
-        )
+        """Keep float the layers whose integer kernel is clearly slower, or the whole model when int8 still loses
+        (measured side by side, passes/quantize/speed.py), or replay recorded decisions."""
+        from slimfx.passes.quantize import speed
 
         if float_graph is None or not result.changed:
             if float_graph is None:
@@ -292,57 +335,76 @@ class Quantize(Pass):
                                                "slimfx.compile sets it when latency is measured)")
             return result
         batches = list(dict.fromkeys(self.speed_guard_batches))
-        slower, ratios = slower_layers(ctx.measure_ms, graph, float_graph, batches, self.speed_guard_seconds)
-        candidates: dict[str, tuple[Graph, PassResult]] = {"int8": (graph, result)}
-        if slower:
-            fewer = float_graph.copy()
-            skip_more = list(slower) + [n for n in result.stats.get("fallback_layers", []) if n not in slower]
-            res = self.apply(fewer, ctx, extra_skip=skip_more) if self.max_accuracy_drop is None else \
-                self._requantize_with(fewer, ctx, result, skip_more)
-            if quantized_layers(fewer):
-                candidates["int8, slower layers float"] = (fewer, res)
-        times = model_times(ctx.measure_ms, {**{k: g for k, (g, _) in candidates.items()}, "float": float_graph},
-                            batches, self.speed_guard_seconds)
-        rel = {k: [t / f for t, f in zip(v, times["float"])] for k, v in times.items()}
-        geo = {k: math.exp(sum(math.log(r) for r in v) / len(v)) for k, v in rel.items()}
-        # an int8 model must beat float on the geometric mean and lose by at most 10% at any batch size
-        fit = [k for k in candidates if geo[k] <= 1.0 and max(rel[k]) <= SLOWER]
-        # layers kept float cost file size and exactness: only for a clear gain (timings here vary by ~5%)
-        if "int8" in fit and "int8, slower layers float" in fit \
-                and geo["int8, slower layers float"] > CLEARLY_FASTER * geo["int8"]:
-            fit.remove("int8, slower layers float")
-        chosen = min(fit, key=geo.__getitem__) if fit else "float"
-        guard: dict = {"batches": batches, "layer_ratio": {k: round(v, 3) for k, v in ratios.items()},
-                       "slower_layers": slower, "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v)}
-                                                                for k, v in rel.items()},
-                       "chosen": chosen, "kept_float": slower if chosen == "int8, slower layers float" else {}}
-        at = f"at batch {'/'.join(map(str, batches))} on onnxruntime (1 thread)"
-        ratio = ", ".join(f"{r:.2f}x" for r in rel["int8"])
-        if chosen == "float":
-            guard["kept_model_float"] = True
-            notes = [f"speed guard kept the whole model float: int8 ran at {ratio} of fp32 {at}"
-                     + (f" ({', '.join(f'{r:.2f}x' for r in rel['int8, slower layers float'])} with the "
-                        f"{len(slower)} slower layer(s) float)" if "int8, slower layers float" in rel else "")]
-            return PassResult(True, {"speed_guard": guard, "notes": notes, "quantized_ops": 0,
-                                     "skipped": result.stats.get("skipped", [])}, graph=float_graph)
-        out_graph, result = candidates[chosen]
+        before = list(result.stats.get("fallback_layers", []))
+
+        def requantize(g: Graph, skip: list[str]) -> PassResult:
+            return self._requantize_with(g, ctx, result, skip + [n for n in before if n not in skip])
+
+        if self.guard_mode == "replay":
+            decisions = speed.load_decisions(str(self.speed_guard))
+            why = f"recorded in {self.speed_guard}"
+            chosen = speed.FLOAT if decisions["model"] == "float" else speed.FEWER if decisions["kept_float"] \
+                else speed.INT8
+            candidates = {speed.INT8: (graph, None)}
+            if chosen == speed.FEWER:
+                fewer = float_graph.copy()
+                candidates[chosen] = (fewer, requantize(fewer, decisions["kept_float"]))
+            section = {"mode": f"replay {self.speed_guard}", "chosen": chosen, "decisions": decisions,
+                       "kept_float": {n: why for n in decisions["kept_float"]} if chosen == speed.FEWER else {}}
+            slower = section["kept_float"]
+            at = f"({why}, not timed)"
+        else:
+            chosen, candidates, section = speed.measure_and_choose(
+                ctx.measure_ms, graph, float_graph, requantize, batches, self.speed_guard_seconds,
+                self.speed_guard_rounds, per_layer=self.scheme == "int8-static",
+                original=self._original_graph(ctx) if self.speed_guard_against == "original" else None)
+            slower = section["slower_layers"]
+            at = f"at batch {'/'.join(map(str, batches))} on onnxruntime (1 thread)"
+        if chosen == speed.FLOAT:
+            section["kept_model_float"] = True
+            if "model_verdict" in section:
+                v = section["model_verdict"]
+                tried = "; ".join(f"{k}: " + ", ".join(f"{v[k][f'b{b}']:.2f}x" for b in batches)
+                                  + f" (noise ±{v[k]['spread']:.2f})" for k in v)
+                note = f"speed guard kept the whole model float: int8 ran clearly slower than fp32 {at} ({tried})"
+            else:
+                note = f"speed guard kept the whole model float {at}"
+            tuned = {k: result.stats[k] for k in ("tune", "float_accuracy") if k in result.stats}
+            return PassResult(True, {"speed_guard": section, "notes": [note], "quantized_ops": 0,
+                                     "skipped": result.stats.get("skipped", []), **tuned}, graph=float_graph)
+        out_graph, res = candidates[chosen]
+        if res is not None:
+            result = res
         notes = []
-        if chosen != "int8":
+        if chosen == speed.FEWER:
             notes.append(f"speed guard kept {len(slower)} layer(s) float where onnxruntime's int8 kernel is slower "
                          f"than float {at}: " + "; ".join(f"{k}: {v}" for k, v in list(slower.items())[:4])
                          + ("; ..." if len(slower) > 4 else ""))
-        elif slower:
-            guard["note"] = (f"{len(slower)} layer(s) timed slower in int8 alone, but the model with them float was "
-                             f"not faster ({', '.join(f'{r:.2f}x' for r in rel['int8, slower layers float'])} vs "
-                             f"{ratio} of fp32): all kept int8") if "int8, slower layers float" in rel else None
-        result.stats["speed_guard"] = guard
+        result.stats["speed_guard"] = section
         result.stats["notes"] = notes + result.stats.get("notes", [])
         return result if out_graph is graph else PassResult(result.changed, result.stats, graph=out_graph)
+
+    def _original_graph(self, ctx: PassContext) -> Graph | None:
+        """The original model (ctx.teacher) as a graph to time, or None (then the guard compares with its
+        input, and its stats say so)."""
+        from slimfx.ir import capture
+
+        t = ctx.teacher
+        if isinstance(t, Graph):
+            return t
+        if isinstance(t, torch.nn.Module):
+            try:
+                return capture(t, ctx.example_inputs, for_inference=True)
+            except Exception as e:  # noqa: BLE001 - a model the driver captured with keyword inputs, say
+                ctx.logger.warning("quantize: speed_guard_against = 'original': the original model could not be "
+                                   "captured again (%s); comparing with quantize's input instead", e)
+        return None
 
     def _requantize_with(self, graph: Graph, ctx: PassContext, before: PassResult, skip: list[str]) -> PassResult:
         """Quantize again keeping `skip` float, the accuracy fallback's layers included."""
         res = self.apply(graph, ctx, extra_skip=skip)
-        for k in ("fallback_layers", "accuracy_drop", "trials"):
+        for k in ("fallback_layers", "accuracy_drop", "trials", "tune", "float_accuracy", "accuracy",
+                  "within_budget"):
             if k in before.stats:
                 res.stats[k] = before.stats[k]
         return res

@@ -1,10 +1,8 @@
-"""Per-layer quantization sensitivity, and automatic float fallback under an accuracy budget.
+"""Per-layer quantization sensitivity.
 
 Sensitivity of a layer = what quantizing only that layer (its weights and the activation it reads)
 does to the model: output SQNR against the float model on calibration data, and the accuracy drop
-when an eval function is given. The fallback keeps the most sensitive layers float, one at a time,
-until the whole model's accuracy drop is within `max_accuracy_drop` (as Intel Neural Compressor's
-tuning does).
+when an eval function is given. The accuracy-budget tuner (tune.py) ranks layers by it.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slimfx.ir import Graph, lower
-from slimfx.ir.errors import PassError
 from slimfx.ir.metrics import tensor_sqnr_db
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, progress
@@ -89,38 +86,3 @@ class QuantSensitivity(Pass):
         rows = layer_sensitivity(q, graph, ctx)
         ctx.extras["quant-sensitivity"] = rows
         return PassResult(False, {"layers": rows})
-
-
-def quantize_with_fallback(q: Quantize, graph: Graph, ctx: PassContext) -> PassResult:
-    """Quantize, then keep the most sensitive layers float until accuracy drop <= q.max_accuracy_drop."""
-    if ctx.eval_fn is None:
-        raise PassError("quantize: max_accuracy_drop needs an evaluation function; give the PassContext "
-                        "eval_fn (module -> accuracy in [0, 1]) or drop max_accuracy_drop")
-    budget = float(q.max_accuracy_drop)  # type: ignore[arg-type]
-    plain = dataclasses.replace(q, max_accuracy_drop=None)
-    base = ctx.eval_fn(lower(graph))
-    plan = make_plan(graph, skip=q.skip, weight_only=q.scheme == "int8-dynamic")
-    ranges = None if q.scheme == "int8-dynamic" else plain.calibrate(graph, plan, ctx)
-    order: list[str] | None = None
-    skipped: list[str] = []
-    tried = []
-    while True:
-        trial = graph.copy()
-        res = dataclasses.replace(plain, skip=[*q.skip, *skipped]).apply(trial, ctx, ranges=ranges)
-        acc = ctx.eval_fn(lower(trial))
-        tried.append({"float_layers": list(skipped), "accuracy": acc})
-        if base - acc <= budget:
-            break
-        if order is None:
-            order = [r["name"] for r in layer_sensitivity(plain, graph, ctx, ranges=ranges)]
-        remaining = [n for n in order if n not in skipped]
-        if not remaining:
-            break
-        skipped.append(remaining[0])
-    res = dataclasses.replace(plain, skip=[*q.skip, *skipped]).apply(graph, ctx, ranges=ranges)
-    res.stats.update({"float_accuracy": base, "accuracy": acc, "accuracy_drop": base - acc,
-                      "within_budget": base - acc <= budget, "fallback_layers": skipped, "trials": tried})
-    if base - acc > budget:
-        ctx.logger.warning("quantize: accuracy drop %.4f exceeds max_accuracy_drop %.4f even with every "
-                           "layer float", base - acc, budget)
-    return res

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -122,44 +123,206 @@ def batch_inputs(graph: Graph, batches: list[int]) -> list[tuple]:
     return out
 
 
-#: int8 must be this much slower than float before a layer is kept float: the dequantize/quantize a float
-#: layer between integer ones needs are not in the layer's own time, and sub-0.05 ms kernels time noisily
-SLOWER = 1.1
-#: the model with slower layers kept float must be this much faster than the all-int8 one to be chosen
-CLEARLY_FASTER = 0.95
+# --- timing and the decision rule ------------------------------------------------------------------------
+
+#: the least relative difference that counts as a speed difference, however steady the timings look: two
+#: onnxruntime sessions of one file land a few percent apart, so a smaller gap is a tie
+MARGIN = 0.05
+#: rounds of the per-layer timings (they only nominate layers: the whole-model timings decide)
+LAYER_ROUNDS = 3
+#: the decision rule, stated once (docs/quantization.md and the report quote it)
+RULE = ("each variant's time is its best over interleaved rounds (a busy neighbour or an unlucky session only "
+        "adds time), and its noise how far its second-best round is above its best; a variant is faster or "
+        "slower than another only when the ratio of their times (geometric mean over the batch sizes) is beyond "
+        f"1 by more than their two noises added, and at least {MARGIN:.0%}: anything closer is a tie, and a tie "
+        "keeps int8. Slower at any one batch size by more than twice that size's noise (and 10%) also rules "
+        "int8 out")
 
 
-def slower_layers(measure: Measure, quant_graph: Graph, float_graph: Graph, batches: list[int],
-                  budget_s: float, rounds: int = 3) -> tuple[dict[str, str], dict[str, float]]:
-    """Layers whose integer kernel is slower than their float one: {name: why}, and every layer's ratio
-    (int8 / float time, geometric mean over `batches`). Each variant's time is the best of `rounds` timings,
-    taken in turns (interference only adds time)."""
-    layers = [n for n in quantized_layers(quant_graph) if float_graph.has_node(n.name)]
-    if not layers:
-        return {}, {}
-    per = budget_s / (2 * rounds * len(layers))
-    slower: dict[str, str] = {}
-    ratios: dict[str, float] = {}
-    for n in layers:
-        gi, gf = layer_graph(quant_graph, n), layer_graph(quant_graph, n, float_graph.node(n.name))
-        t = model_times(measure, {"int8": gi, "float": gf}, batches, per * 2 * rounds, rounds)
-        ti, tf = t["int8"], t["float"]
-        ratios[n.name] = r = math.exp(sum(math.log(a / b) for a, b in zip(ti, tf)) / len(batches))
-        if r > SLOWER:
-            times = "; ".join(f"batch {b}: {a:.3f} vs {c:.3f} ms" for b, a, c in zip(batches, ti, tf))
-            slower[n.name] = f"int8 kernel {r:.2f}x the float one ({times})"
-    return slower, ratios
+@dataclass(frozen=True)
+class Verdict:
+    """How one variant's time compares with another's, over interleaved rounds (see RULE)."""
+
+    ratio: float  # geometric mean over batch sizes of best time a / best time b
+    spread: float  # the noise the rule allowed (at least MARGIN)
+    per_batch: tuple[float, ...]  # best-time ratio at each batch size
+    batch_spread: tuple[float, ...]  # the noise at each batch size
+    verdict: Literal["faster", "slower", "tie"]
+    slower_at: tuple[int, ...]  # batch sizes at which a is clearly slower (beyond twice that size's noise)
+
+    def to_dict(self, batches: list[int]) -> dict[str, Any]:
+        return {"ratio": round(self.ratio, 3), "spread": round(self.spread, 3), "verdict": self.verdict,
+                **{f"b{b}": round(r, 3) for b, r in zip(batches, self.per_batch)},
+                "batch_spread": {f"b{b}": round(s, 3) for b, s in zip(batches, self.batch_spread)},
+                "slower_at": list(self.slower_at)}
 
 
-def model_times(measure: Measure, graphs: dict[str, Graph], batches: list[int], budget_s: float,
-                rounds: int = 2) -> dict[str, list[float]]:
-    """Milliseconds of each graph at each batch size: best of `rounds` rounds that time every graph in turn
-    (graphs share their inputs: they must read the same ones)."""
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    k = len(s) // 2
+    return s[k] if len(s) % 2 else (s[k - 1] + s[k]) / 2
+
+
+def _best(col: list[float]) -> tuple[float, float]:
+    """(best time, its noise: how far the second best is above it, relatively)."""
+    s = sorted(col)
+    return s[0], (s[1] / s[0] - 1) if len(s) > 1 and s[0] > 0 else 0.0
+
+
+def decide(times_a: list[list[float]], times_b: list[list[float]], batches: list[int],
+           margin: float = MARGIN) -> Verdict:
+    """The verdict on variant a against b by RULE; `times_x[r][i]`: round r, batch size `batches[i]`."""
+    per_batch, batch_spread, slower_at = [], [], []
+    for i, b in enumerate(batches):
+        (ta, na), (tb, nb) = _best([row[i] for row in times_a]), _best([row[i] for row in times_b])
+        r, noise = ta / tb, max(margin, na + nb)
+        per_batch.append(r)
+        batch_spread.append(noise)
+        if r > 1 + max(2 * noise, 2 * margin):
+            slower_at.append(b)
+    ratio = math.exp(sum(math.log(r) for r in per_batch) / len(per_batch))
+    noise = max(margin, sum(batch_spread) / len(batch_spread))
+    verdict = "slower" if ratio > 1 + noise else "faster" if ratio < 1 - noise else "tie"
+    return Verdict(ratio, noise, tuple(per_batch), tuple(batch_spread), verdict, tuple(slower_at))  # type: ignore[arg-type]
+
+
+def compare(times: dict[str, list[list[float]]], a: str, b: str, batches: list[int],
+            margin: float = MARGIN) -> Verdict:
+    """The verdict on `a` against `b`, both timed in the same interleaved rounds."""
+    return decide(times[a], times[b], batches, margin)
+
+
+def interleaved_times(measure: Measure, graphs: dict[str, Graph], batches: list[int], budget_s: float,
+                      rounds: int) -> dict[str, list[list[float]]]:
+    """Milliseconds of each graph at each batch size, per round: every round times every graph once, in an
+    order that rotates from round to round (graphs share their inputs: they must read the same ones)."""
     first = next(iter(graphs.values()))
     xs = batch_inputs(first, batches)
     per = budget_s / (len(graphs) * rounds)
-    best = {k: [math.inf] * len(batches) for k in graphs}
-    for _ in range(rounds):
-        for k, g in graphs.items():
-            best[k] = [min(a, b) for a, b in zip(best[k], measure(g, xs, per))]
-    return best
+    names = list(graphs)
+    out: dict[str, list[list[float]]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            out[k].append([float(t) for t in measure(graphs[k], xs, per)])
+    return out
+
+
+def slower_layers(measure: Measure, quant_graph: Graph, float_graph: Graph, batches: list[int],
+                  budget_s: float, rounds: int = LAYER_ROUNDS, margin: float = MARGIN
+                  ) -> tuple[dict[str, str], dict[str, Verdict]]:
+    """Layers whose integer kernel is clearly slower than their float one (RULE): {name: why}, and every
+    layer's verdict (int8 time / float time)."""
+    layers = [n for n in quantized_layers(quant_graph) if float_graph.has_node(n.name)]
+    if not layers:
+        return {}, {}
+    per = budget_s / len(layers)
+    slower: dict[str, str] = {}
+    verdicts: dict[str, Verdict] = {}
+    for n in layers:
+        gi, gf = layer_graph(quant_graph, n), layer_graph(quant_graph, n, float_graph.node(n.name))
+        t = interleaved_times(measure, {"int8": gi, "float": gf}, batches, per, rounds)
+        verdicts[n.name] = v = compare(t, "int8", "float", batches, margin)
+        if v.verdict == "slower":
+            ti = [min(row[i] for row in t["int8"]) for i in range(len(batches))]
+            tf = [min(row[i] for row in t["float"]) for i in range(len(batches))]
+            times = "; ".join(f"batch {b}: {a:.3f} vs {c:.3f} ms" for b, a, c in zip(batches, ti, tf))
+            slower[n.name] = f"int8 kernel {v.ratio:.2f}x the float one, noise ±{v.spread:.2f} ({times})"
+    return slower, verdicts
+
+
+# --- the guard ----------------------------------------------------------------------------------------------
+
+INT8, FEWER, FLOAT, ORIGINAL = "int8", "int8, slower layers float", "float", "original"
+Requantize = Callable[[Graph, list[str]], Any]  # (float graph copy, layers kept float) -> PassResult
+
+
+def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requantize: Requantize,
+                       batches: list[int], budget_s: float, rounds: int, margin: float = MARGIN,
+                       per_layer: bool = True, original: Graph | None = None
+                       ) -> tuple[str, dict[str, tuple[Graph, Any]], dict[str, Any]]:
+    """Time the quantized `graph`'s layers (when `per_layer`: static int8, whose layers sit between integer
+    tensors), then the whole models side by side; returns the chosen variant (INT8, FEWER or FLOAT), the int8
+    candidates {variant: (graph, result or None)} and the report section."""
+    slower, layer_v = slower_layers(measure, graph, float_graph, batches, budget_s, margin=margin) \
+        if per_layer else ({}, {})
+    candidates: dict[str, tuple[Graph, Any]] = {INT8: (graph, None)}
+    if slower:
+        fewer = float_graph.copy()
+        res = requantize(fewer, list(slower))
+        if quantized_layers(fewer):
+            candidates[FEWER] = (fewer, res)
+    timed = {**{k: g for k, (g, _) in candidates.items()}, FLOAT: float_graph}
+    if original is not None:
+        timed[ORIGINAL] = original
+    times = interleaved_times(measure, timed, batches, budget_s, rounds)
+    vs = {k: compare(times, k, FLOAT, batches, margin) for k in candidates}
+    # the bar an int8 model must clear: the float graph quantize started from, or the original model
+    bar = {k: compare(times, k, ORIGINAL, batches, margin) for k in candidates} if original is not None else vs
+    fit = [k for k in candidates if bar[k].verdict != "slower" and not bar[k].slower_at]
+    chosen = INT8 if INT8 in fit else (fit[0] if fit else FLOAT)
+    between = None
+    if INT8 in fit and FEWER in fit:  # layers kept float cost file size and exactness: only for a clear gain
+        between = compare(times, FEWER, INT8, batches, margin)
+        if between.verdict == "faster":
+            chosen = FEWER
+    kept = slower if chosen == FEWER else {}
+    section: dict[str, Any] = {
+        "mode": "measure", "batches": batches, "rounds": rounds, "rule": RULE,
+        "layer_ratio": {k: round(v.ratio, 3) for k, v in layer_v.items()},
+        "layer_spread": {k: round(v.spread, 3) for k, v in layer_v.items()},
+        "slower_layers": slower,
+        "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)} for k, v in vs.items()}
+        | {FLOAT: {f"b{b}": 1.0 for b in batches}},
+        "model_verdict": {k: v.to_dict(batches) for k, v in vs.items()},
+        **({"against": "original", "original_verdict": {k: v.to_dict(batches) for k, v in bar.items()}}
+           if original is not None else {"against": "input"}),
+        "model_ms": {k: [[round(t, 4) for t in row] for row in v] for k, v in times.items()},
+        "chosen": chosen, "kept_float": kept,
+        "decisions": {"model": "float" if chosen == FLOAT else "int8", "kept_float": list(kept),
+                      "batches": batches},
+    }
+    if between is not None:
+        section["fewer_vs_int8"] = between.to_dict(batches)
+    if chosen == INT8 and FEWER in vs:
+        section["note"] = (f"{len(slower)} layer(s) timed slower in int8 alone, but the model with them float was "
+                           f"not clearly faster ({_x(vs[FEWER])} vs {_x(vs[INT8])} of fp32): all kept int8")
+    return chosen, candidates, section
+
+
+def _x(v: Verdict) -> str:
+    return ", ".join(f"{r:.2f}x" for r in v.per_batch)
+
+
+def load_decisions(path: str) -> dict[str, Any]:
+    """Recorded speed-guard decisions: a report.json of an earlier compile (the first quantize step's
+    `speed_guard.decisions`) or a JSON file holding that object ({"model": "int8" | "float", "kept_float":
+    [layer names]}). PassError naming the file and what to do."""
+    import json
+    from pathlib import Path
+
+    from slimfx.ir.errors import PassError
+
+    fix = ("give the report.json of a compile whose quantize step measured (speed_guard = \"measure\"), or a "
+           "JSON file {\"model\": \"int8\" or \"float\", \"kept_float\": [layer names]}")
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise PassError(f"pass 'quantize': option 'speed_guard': no decisions file {path} (relative to the "
+                        f"working directory {Path.cwd()}); {fix}, or use speed_guard = \"measure\"") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PassError(f"pass 'quantize': option 'speed_guard': the decisions file {path} is not readable JSON "
+                        f"({e}); {fix}") from None
+    if isinstance(data, dict) and "passes" in data:
+        found = [st["speed_guard"]["decisions"] for r in data["passes"] if isinstance(r, dict)
+                 for st in [r.get("stats") or {}] if isinstance(st.get("speed_guard"), dict)
+                 and isinstance(st["speed_guard"].get("decisions"), dict)]
+        if not found:
+            raise PassError(f"pass 'quantize': option 'speed_guard': the report {path} holds no speed-guard "
+                            f"decisions (its quantize step did not measure); {fix}")
+        data = found[0]
+    if not isinstance(data, dict) or data.get("model") not in ("int8", "float") \
+            or not isinstance(data.get("kept_float", []), list) \
+            or not all(isinstance(n, str) for n in data.get("kept_float", [])):
+        raise PassError(f"pass 'quantize': option 'speed_guard': {path} is not a decisions file; {fix}")
+    return {"model": data["model"], "kept_float": list(data.get("kept_float", []))}

@@ -154,8 +154,9 @@ def test_sensitivity_and_fallback_keep_the_worst_layer_float():
     res = create_pass("quantize", {"per_channel": False, "bits": 3, "max_accuracy_drop": 0.02}).run(q, ctx)
     ir.verify(q)
     st = res.stats
-    assert st["within_budget"] and st["accuracy_drop"] <= 0.02
-    assert st["fallback_layers"] and st["fallback_layers"][0] == rows[0]["name"]
+    assert st["within_budget"] and st["accuracy_drop"] <= 0.02 and st["tune"]["evaluations"] <= 5
+    # 3-bit per-tensor weights: even one int8 layer costs more than the budget, so the tuner keeps all float
+    assert sorted(st["fallback_layers"]) == ["a", "b", "c", "dw"] and st["tune"]["chosen"] is None
     for name in st["fallback_layers"]:
         assert isinstance(q.node(name).inputs[1], ir.Param)  # kept float
     assert eval_fn(ir.lower(q)) == pytest.approx(st["accuracy"])
