@@ -48,7 +48,7 @@ class ExportConfig:
     """The recipe's [export] table: which files to write and how. Checked when built (RecipeError)."""
 
     formats: tuple[str, ...] = ("onnx",)
-    opset: int = 17  # ONNX opset, MIN_OPSET..MAX_OPSET
+    opset: int | None = None  # ONNX opset, MIN_OPSET..MAX_OPSET; None: 17, or 21 when the graph has 4-bit weights
 
     def __post_init__(self) -> None:
         for k, v in _check_export(self.__dict__, "ExportConfig").items():
@@ -294,7 +294,8 @@ def _check_export(table: dict[str, Any], where: str) -> dict[str, Any]:
         raise RecipeError(f"{where}: export.formats must be a non-empty list drawn from "
                           f"{', '.join(map(repr, EXPORT_FORMATS))}; got {table.get('formats')!r}")
     opset = table.get("opset", ExportConfig.opset)
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
+                              or not MIN_OPSET <= opset <= MAX_OPSET):
         raise RecipeError(f"{where}: export.opset must be an integer from {MIN_OPSET} to {MAX_OPSET}; "
                           f"got {opset!r}")
     return {"formats": tuple(dict.fromkeys(formats)), "opset": opset}
