@@ -613,7 +613,8 @@ def _reduce(ctx: EmitContext, node: Node) -> str:
 
 @register_emitter("scaled_dot_product_attention")
 def _sdpa(ctx: EmitContext, node: Node) -> str:
-    """softmax(q k^T * scale + mask) v, decomposed into MatMul, Mul, Add, Softmax, MatMul."""
+    """softmax(q k^T * scale + mask) v, decomposed into MatMul, Mul, Add, Softmax, MatMul; a query whose keys
+    are all masked attends to nothing (zeros), as in torch."""
     q, k, v, mask = node.inputs[:4]
     a = node.attrs
     if float(a.get("dropout_p") or 0.0) > 0.0:
@@ -653,6 +654,8 @@ def _sdpa(ctx: EmitContext, node: Node) -> str:
             mv = ctx.value(mask, dtype=dt)
         scores = ctx.emit("Add", [scores, mv])
     probs = ctx.emit("Softmax", [scores], axis=-1)
+    if mask is not None or a.get("is_causal"):  # a row masked everywhere: torch gives 0, Softmax NaN
+        probs = ctx.emit("Where", [ctx.emit("IsNaN", [probs]), ctx.const(0.0, dt), probs])
     return ctx.emit("MatMul", [probs, ctx.value(v)])
 
 

@@ -124,6 +124,30 @@ def test_op_zoo_matches(tmp_path):
     _check_batches(proto, m, x, atol=2e-5)
 
 
+@pytest.mark.parametrize("kind", ["bool", "float", "causal+bool"])
+def test_attention_with_a_query_masked_everywhere_gives_zeros_like_torch(kind, tmp_path):
+    """A padding mask that masks every key of some query (an all-zero attention_mask row): torch's SDPA gives
+    that query zeros, a plain Softmax NaN (a BERT export failed its gate on generated masks for this)."""
+
+    class Attend(nn.Module):
+        def forward(self, x, keep):
+            mask = keep[:, None, None, :] & keep[:, None, :, None]  # [B, 1, L, L]: padded rows masked everywhere
+            if kind == "float":
+                mask = torch.where(mask, 0.0, float("-inf"))
+            return F.scaled_dot_product_attention(x, x, x, mask, is_causal=False) if kind != "causal+bool" else \
+                F.scaled_dot_product_attention(x, x, x, mask & torch.ones(x.shape[2], x.shape[2], dtype=torch.bool).tril())
+
+    x = torch.randn(3, 2, 5, 4)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    m = Attend().eval()
+    with torch.no_grad():
+        ref = m(x, keep)
+    assert torch.isfinite(ref).all() and (ref[1] == 0).all()
+    res = export_onnx(ir.capture(m, (x, keep)), tmp_path / "a.onnx", inputs=(x, keep))
+    report = validate_onnx(res.path, m, (x, keep), atol=1e-5, rtol=1e-5)
+    assert report.passed, report.summary()
+
+
 @pytest.mark.parametrize("opset", [17, 18, 20, 21])
 def test_opsets(opset):
     class M(nn.Module):

@@ -93,7 +93,7 @@ def test_a_hugging_face_model_compiles_with_keyword_inputs(tmp_path):
 
     model, kwargs = hf.build("bert")
     # int8-dynamic without its speed guard: this test is about keyword inputs through int8 (the guard may keep
-    # so small a model float at batch 1; and its float export gives NaN on generated masks, as cleanup's does)
+    # so small a model float at batch 1)
     base = load_recipe("int8-dynamic")
     recipe = Recipe("int8-dynamic", passes=[(n, {**o, "speed_guard": False} if n == "quantize" else o)
                                                    for n, o in base.passes], validate=base.validate)
