@@ -146,68 +146,12 @@ def resolve_dynamic_dims(value: Any, names: Sequence[str], inputs: Sequence[Any]
         value = parse_dynamic_dims(value)
     optional: set[tuple[str, int]] = set()
     if value is None:
-        dims = {n: default_dims(x) for n, x in by_name.items()}
-        # one name is one size: an input whose dim 0 differs from the first input's (a weight passed as an
-        # input) keeps it fixed; so does a sequence of another length
-        for sym, d in (("batch", 0), ("seq", 1)):
-            first = next((by_name[n].shape[d] for n, v in dims.items() if v.get(d) == sym), None)
-            for n, v in dims.items():
-                if v.get(d) == sym and by_name[n].shape[d] != first:
-                    del v[d]
+        dims = _default_plan(by_name)
         optional = {(n, d) for n, v in dims.items() for d, s in v.items() if s == "seq"}
     elif isinstance(value, Mapping):
-        dims = {}
-        for key, per in value.items():
-            if key not in by_name:
-                raise DynamicDimsError(f"dynamic dims name input {key!r}, which the model does not have; its "
-                                       f"inputs: {', '.join(names) or '(none)'} {WHERE}")
-            x = by_name[key]
-            if not isinstance(x, torch.Tensor) or x.dim() == 0:
-                raise DynamicDimsError(f"dynamic dims name input {key!r}, which is not a tensor with dims {WHERE}")
-            if per is None:
-                per = {}
-            if isinstance(per, (list, tuple, set)):
-                per = {d: ("batch" if d == 0 else f"{key}_dim{d}") for d in per}
-            if not isinstance(per, Mapping):
-                raise DynamicDimsError(f"dynamic dims of input {key!r} must be {{dim: name}} or a list of dims, "
-                                       f"got {per!r} {WHERE}")
-            out: dict[int, str] = {}
-            for d, sym in per.items():
-                if isinstance(d, bool) or not isinstance(d, int) or not -x.dim() <= d < x.dim():
-                    raise DynamicDimsError(f"dynamic dims of input {key!r} name dim {d!r}, but it has dims "
-                                           f"0..{x.dim() - 1} (shape {list(x.shape)}) {WHERE}")
-                d %= x.dim()
-                sym = _check_name(sym, f"for dim {d} of input {key!r}")
-                if d in out and out[d] != sym:
-                    raise DynamicDimsError(f"dynamic dims give dim {d} of input {key!r} two names, {out[d]!r} and "
-                                           f"{sym!r} {WHERE}")
-                out[d] = sym
-            dims[key] = dict(sorted(out.items()))
-        dims = {n: dims.get(n, {}) for n in names}
+        dims = _per_input_plan(value, names, by_name)
     elif isinstance(value, (list, tuple)):
-        wanted = [_check_name(s, "in the list") for s in value]
-        unknown = [s for s in wanted if s not in CONVENTIONAL]
-        if unknown:
-            raise DynamicDimsError(
-                f"dynamic dim {unknown[0]!r} has no conventional place; the names that do are "
-                f"{', '.join(CONVENTIONAL)}. Name another dim per input, e.g. `--dynamic-dims "
-                f"{names[0] if names else 'x'}=0:batch,2:{unknown[0]}` on the command line, "
-                f"dynamic_dims={{{(names[0] if names else 'x')!r}: {{0: 'batch', 2: {unknown[0]!r}}}}} in Python")
-        dims = {n: {} for n in names}
-        for s in dict.fromkeys(wanted):
-            placed = False
-            for n, x in by_name.items():
-                d = _conventional_dim(s, x)
-                if d is not None:
-                    dims[n][d] = s
-                    placed = True
-            if not placed:
-                shapes = ", ".join(f"{n} {_sig(x)}" for n, x in by_name.items())
-                raise DynamicDimsError(
-                    f"dynamic dim {s!r} fits none of the model's inputs ({shapes}): {_WHERE_CONV[s]}. Leave it "
-                    f"out, or name the dim per input (e.g. `--dynamic-dims {names[0] if names else 'x'}=0:batch,"
-                    f"1:{s}`; dynamic_dims={{input: {{dim: name}}}} in Python)")
-        dims = {n: dict(sorted(v.items())) for n, v in dims.items()}
+        dims = _named_plan(value, names, by_name)
     else:
         raise DynamicDimsError(f"dynamic_dims must be None, names (\"batch,seq\" or a tuple of names) or "
                                f"{{input: {{dim: name}}}}, got {type(value).__name__} {value!r}")
@@ -217,6 +161,81 @@ def resolve_dynamic_dims(value: Any, names: Sequence[str], inputs: Sequence[Any]
                                    "'batch' contradict each other; give one of them")
         dims = {n: {d: s for d, s in v.items() if s != "batch"} for n, v in dims.items()}
         optional = {(n, d) for n, d in optional if d in dims[n]}
+    _check_sizes(dims, by_name)
+    return DimPlan(dims, optional, list(inputs))
+
+
+def _default_plan(by_name: dict[str, Any]) -> dict[str, dict[int, str]]:
+    dims = {n: default_dims(x) for n, x in by_name.items()}
+    # one name is one size: an input whose dim 0 differs from the first input's (a weight passed as an
+    # input) keeps it fixed; so does a sequence of another length
+    for sym, d in (("batch", 0), ("seq", 1)):
+        first = next((by_name[n].shape[d] for n, v in dims.items() if v.get(d) == sym), None)
+        for n, v in dims.items():
+            if v.get(d) == sym and by_name[n].shape[d] != first:
+                del v[d]
+    return dims
+
+
+def _per_input_plan(value: Mapping, names: list[str], by_name: dict[str, Any]) -> dict[str, dict[int, str]]:
+    dims = {}
+    for key, per in value.items():
+        if key not in by_name:
+            raise DynamicDimsError(f"dynamic dims name input {key!r}, which the model does not have; its "
+                                   f"inputs: {', '.join(names) or '(none)'} {WHERE}")
+        x = by_name[key]
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise DynamicDimsError(f"dynamic dims name input {key!r}, which is not a tensor with dims {WHERE}")
+        if per is None:
+            per = {}
+        if isinstance(per, (list, tuple, set)):
+            per = {d: ("batch" if d == 0 else f"{key}_dim{d}") for d in per}
+        if not isinstance(per, Mapping):
+            raise DynamicDimsError(f"dynamic dims of input {key!r} must be {{dim: name}} or a list of dims, "
+                                   f"got {per!r} {WHERE}")
+        out: dict[int, str] = {}
+        for d, sym in per.items():
+            if isinstance(d, bool) or not isinstance(d, int) or not -x.dim() <= d < x.dim():
+                raise DynamicDimsError(f"dynamic dims of input {key!r} name dim {d!r}, but it has dims "
+                                       f"0..{x.dim() - 1} (shape {list(x.shape)}) {WHERE}")
+            d %= x.dim()
+            sym = _check_name(sym, f"for dim {d} of input {key!r}")
+            if d in out and out[d] != sym:
+                raise DynamicDimsError(f"dynamic dims give dim {d} of input {key!r} two names, {out[d]!r} and "
+                                       f"{sym!r} {WHERE}")
+            out[d] = sym
+        dims[key] = dict(sorted(out.items()))
+    return {n: dims.get(n, {}) for n in names}
+
+
+def _named_plan(value: Sequence, names: list[str], by_name: dict[str, Any]) -> dict[str, dict[int, str]]:
+    wanted = [_check_name(s, "in the list") for s in value]
+    unknown = [s for s in wanted if s not in CONVENTIONAL]
+    if unknown:
+        raise DynamicDimsError(
+            f"dynamic dim {unknown[0]!r} has no conventional place; the names that do are "
+            f"{', '.join(CONVENTIONAL)}. Name another dim per input, e.g. `--dynamic-dims "
+            f"{names[0] if names else 'x'}=0:batch,2:{unknown[0]}` on the command line, "
+            f"dynamic_dims={{{(names[0] if names else 'x')!r}: {{0: 'batch', 2: {unknown[0]!r}}}}} in Python")
+    dims: dict[str, dict[int, str]] = {n: {} for n in names}
+    for s in dict.fromkeys(wanted):
+        placed = False
+        for n, x in by_name.items():
+            d = _conventional_dim(s, x)
+            if d is not None:
+                dims[n][d] = s
+                placed = True
+        if not placed:
+            shapes = ", ".join(f"{n} {_sig(x)}" for n, x in by_name.items())
+            raise DynamicDimsError(
+                f"dynamic dim {s!r} fits none of the model's inputs ({shapes}): {_WHERE_CONV[s]}. Leave it "
+                f"out, or name the dim per input (e.g. `--dynamic-dims {names[0] if names else 'x'}=0:batch,"
+                f"1:{s}`; dynamic_dims={{input: {{dim: name}}}} in Python)")
+    return {n: dict(sorted(v.items())) for n, v in dims.items()}
+
+
+def _check_sizes(dims: dict[str, dict[int, str]], by_name: dict[str, Any]) -> None:
+    """One name is one size, and a dynamic dim is at least 1 in the example."""
     sizes: dict[str, tuple[int, str]] = {}
     for n, v in dims.items():
         for d, s in v.items():
@@ -229,7 +248,6 @@ def resolve_dynamic_dims(value: Any, names: Sequence[str], inputs: Sequence[Any]
                 raise DynamicDimsError(f"dim {d} of input {n!r} is 0 in the example; a dynamic dim needs an example "
                                        "of size 1 or more")
             sizes.setdefault(s, (size, f"dim {d} of {n!r}"))
-    return DimPlan(dims, optional, list(inputs))
 
 
 def _sig(x: Any) -> str:

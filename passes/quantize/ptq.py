@@ -76,6 +76,26 @@ def kept_float(graph: Graph) -> dict[str, str]:
     return {n.name: KEPT_FLOAT[n.op] for n in graph if n.op in KEPT_FLOAT and n.params()}
 
 
+def _short_first_layer(graph: Graph) -> list[str]:
+    """The first conv/linear, when its reduction (input channels/groups x kernel) is short: it reads the raw
+    input, so an integer kernel does not pay for the quantize around it, and it is the most sensitive layer.
+    A long first reduction (an MLP's 64-wide input) stays int8."""
+    first = next((n for n in graph if n.op in WEIGHT_OPS), None)
+    w = first.inputs[1] if first is not None else None
+    if isinstance(w, Param) and layer_weight(first, graph.params[w.name])[0].numel() < FLOAT_FIRST_MAX_FAN_IN:
+        return [first.name]
+    return []
+
+
+def _stored_weight_bytes(graph: Graph, embeds: list) -> int:
+    """Bytes of the quantized weights as files store them (4-bit weights packed two to a byte)."""
+    stored = {p.name for n in graph if n.op == "dequantize" or n in embeds for p in n.params()}
+    int4 = {n.inputs[0].name for n in graph if n.op == "dequantize" and (n.attrs.get("bits") or 8) <= 4
+            and isinstance(n.inputs[0], Param)}
+    return sum((graph.params[k].numel() + 1) // 2 if k in int4 else
+               graph.params[k].numel() * graph.params[k].element_size() for k in stored)
+
+
 def _notes(raised: dict[str, list], degenerate: dict[str, str], floats: dict[str, str]) -> list[str]:
     """The headline notes of a quantize run."""
     notes = []
@@ -417,13 +437,7 @@ class Quantize(Pass):
         dynamic = self.scheme == "int8-dynamic"
         skip = list(self.skip) + list(extra_skip or [])
         if self.float_first:
-            # The first conv/linear reads the raw input. When its reduction (input channels/groups x kernel)
-            # is short, an integer kernel does not pay for the quantize around it; it is also the most
-            # sensitive layer. A long first reduction (an MLP's 64-wide input) stays int8.
-            first = next((n for n in graph if n.op in WEIGHT_OPS), None)
-            w = first.inputs[1] if first is not None else None
-            if isinstance(w, Param) and layer_weight(first, graph.params[w.name])[0].numel() < FLOAT_FIRST_MAX_FAN_IN:
-                skip.append(first.name)
+            skip += _short_first_layer(graph)
         if not dynamic:
             expand_for_integer_kernels(graph)
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
@@ -476,11 +490,7 @@ class Quantize(Pass):
         collapsed = collapse_requantize(graph)
         graph.remove_unused_params()
         corrected = correct_biases(graph, reference, ctx) if reference is not None and self.bias_correction else None
-        stored = {p.name for n in graph if n.op == "dequantize" or n in embeds for p in n.params()}
-        int4 = {n.inputs[0].name for n in graph if n.op == "dequantize" and (n.attrs.get("bits") or 8) <= 4
-                and isinstance(n.inputs[0], Param)}
-        after = sum((graph.params[k].numel() + 1) // 2 if k in int4 else
-                    graph.params[k].numel() * graph.params[k].element_size() for k in stored)
+        after = _stored_weight_bytes(graph, embeds)
         raised_layers = {k: v for k, v in raised.items() if v}
         return PassResult(True, {
             "notes": _notes(raised_layers, degenerate, floats),  # for the report's headline
