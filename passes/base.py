@@ -201,7 +201,6 @@ class PassContext:
     seed: int = 0
     quiet: bool = False
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("slimfx"))
-    extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.example_inputs, tuple):

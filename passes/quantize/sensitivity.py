@@ -84,5 +84,4 @@ class QuantSensitivity(Pass):
         q = Quantize.create({"scheme": self.scheme, "per_channel": self.per_channel,
                              "calibration": self.calibration})
         rows = layer_sensitivity(q, graph, ctx)
-        ctx.extras["quant-sensitivity"] = rows
         return PassResult(False, {"layers": rows})
