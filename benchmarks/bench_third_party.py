@@ -9,7 +9,8 @@ Needs the third-party environment (`make venv-thirdparty`: torch 2.14.1, torchvi
 Models: every classification builder in `torchvision.models.list_models(module=torchvision.models)` with at
 most --max-params parameters (from its weights' metadata; nothing is downloaded, weights=None), plus a timm
 sample (pretrained=False). Random init; batch-norm statistics are randomised as in a trained network, so
-folding them is not a no-op.
+folding them is not a no-op, and zero-initialised Linear layers (ViT's head) get random weights, or the
+outputs would all be zero.
 
 Per model (each in its own process, --timeout seconds at most; --jobs processes at once):
 - input: --resolution (default: the model's own crop size from its weights' transforms); a model that does
