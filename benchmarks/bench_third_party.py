@@ -9,7 +9,8 @@ Needs the third-party environment (`make venv-thirdparty`: torch 2.14.1, torchvi
 Models: every classification builder in `torchvision.models.list_models(module=torchvision.models)` with at
 most --max-params parameters (from its weights' metadata; nothing is downloaded, weights=None), plus a timm
 sample (pretrained=False). Random init; batch-norm statistics are randomised as in a trained network, so
-folding them is not a no-op.
+folding them is not a no-op, and zero-initialised Linear layers (ViT's head) get random weights, or the
+outputs would all be zero.
 
 Per model (each in its own process, --timeout seconds at most; --jobs processes at once):
 - input: --resolution (default: the model's own crop size from its weights' transforms); a model that does
@@ -110,6 +111,21 @@ def build(entry: dict, res: int | None = None):
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
+    return randomize_zero_heads(model)
+
+
+def randomize_zero_heads(model):
+    """Give zero-initialised Linear layers random weights (std 0.02), in place; returns the model.
+
+    ViT and MLP-Mixer builders (torchvision, timm) zero their classifier head, so a randomly initialised
+    model outputs exact zeros for every input and any export "matches" eager: the check could not fail."""
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.02)
     return model
 
 
@@ -151,7 +167,13 @@ def run_one(entry: dict, resolution: int | None, rtol: float, peer: bool = True)
     t0 = time.perf_counter()
     res = entry["default_res"] if resolution is None else min(resolution, entry["default_res"])
     try:
-        model = build(entry, res)
+        try:
+            model = build(entry, res)
+        except Exception:  # noqa: BLE001 - not buildable for this size (MaxViT: grids divisible by 7): its own
+            if res == entry["default_res"]:
+                raise
+            res = entry["default_res"]
+            model = build(entry, res)
     except Exception as e:  # noqa: BLE001
         row["error"] = f"build: {_first_line(e)}"
         return row
@@ -194,6 +216,12 @@ def check_model(model, make_inputs, rtol: float = 1e-4, recipes: tuple[str, ...]
     evals = make_inputs(EVAL_SAMPLES)
     with torch.no_grad():
         eager = call(model, evals)
+    flat = [t for t in (eager.values() if isinstance(eager, dict) else
+                        eager if isinstance(eager, (tuple, list)) else [eager]) if isinstance(t, torch.Tensor)]
+    if flat and not any(t.float().any() for t in flat):
+        # nothing to compare against: every export would match (a zero-initialised head; randomize_zero_heads)
+        msg = "eager outputs are all zero for random inputs, so no comparison can fail (zero-initialised head?)"
+        return {**{f"{r}_ok": False for r in recipes}, **{f"{r}_error": msg for r in recipes}}
     with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
         tmp = Path(tmp)
         if peer:

@@ -303,7 +303,7 @@ def _f_permute(input, *dims):
     return "permute", (input,), dict(dims=_dims(dims))
 
 
-@_converts(torch.transpose, "transpose")
+@_converts(torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
 def _f_transpose(input, dim0, dim1):
     return "transpose", (input,), dict(dim0=dim0, dim1=dim1)
 

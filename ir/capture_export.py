@@ -513,7 +513,7 @@ def _permute(cx, input, dims):
     return "permute", (input,), dict(dims=tuple(dims))
 
 
-@_converts(aten.transpose)
+@_converts(aten.transpose, aten.swapaxes, aten.swapdims)  # swapaxes/swapdims: numpy-style aliases
 def _transpose(cx, input, dim0, dim1):
     return "transpose", (input,), dict(dim0=dim0, dim1=dim1)
 

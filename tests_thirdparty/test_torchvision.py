@@ -6,7 +6,7 @@ import pytest
 import torch
 
 torchvision = pytest.importorskip("torchvision")
-from bench_third_party import check_model  # noqa: E402
+from bench_third_party import check_model, randomize_zero_heads  # noqa: E402
 from torchvision import models as tvm  # noqa: E402
 
 
@@ -16,7 +16,7 @@ def _bn_stats(model):
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+    return randomize_zero_heads(model.eval())  # ViT zeroes its head: its outputs would be all zero
 
 
 def _small_vit():  # ViT/DeiT-style encoder: nn.MultiheadAttention, class token, position embedding
@@ -69,3 +69,12 @@ def test_compiles_with_cleanup_and_int8(name):
     assert row["int8_ok"], row.get("int8_error")
     assert row["cleanup_rel_eager"] <= 1e-4
     assert row["int8_sqnr_fq"] is None or row["int8_sqnr_fq"] >= 20
+
+
+def test_a_model_whose_outputs_are_all_zero_fails_the_check():
+    torch.manual_seed(0)
+    model = _small_vit().eval()  # torchvision zero-initialises ViT's head: every output is 0
+    row = check_model(model, lambda n: (torch.randn(n, 3, 32, 32),), peer=False)
+    assert row["cleanup_ok"] is False and row["int8_ok"] is False
+    assert "all zero" in row["cleanup_error"]
+    assert randomize_zero_heads(model)(torch.randn(2, 3, 32, 32)).abs().min() > 0

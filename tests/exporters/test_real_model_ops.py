@@ -314,6 +314,17 @@ def test_bitwise_ops_on_integers_keep_their_dtype_and_need_opset_18(tmp_path):
         assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref))
 
 
+# --- swapaxes / swapdims (maxvit's grid partition swap) -------------------------------------------------------
+
+def test_swapaxes_and_swapdims_become_transposes(tmp_path):
+    class Net(nn.Module):
+        def forward(self, x):
+            return torch.swapaxes(x, 1, 3).swapdims(-1, 2) * 2, x.swapaxes(-2, -3) + torch.swapdims(x, 1, 2)
+
+    g = check(Net(), (torch.randn(2, 3, 3, 5),), {"transpose"}, tmp_path)
+    assert len(g.find("transpose")) == 4
+
+
 # --- pad, roll (swin's windows) --------------------------------------------------------------------------------
 
 @st.composite
