@@ -497,8 +497,8 @@ def _expand_as(cx, input, other):
 
 
 @_converts(aten.contiguous)
-def _contiguous(cx, input, memory_format=torch.contiguous_format):
-    return ("contiguous", (input,), {}) if memory_format == torch.contiguous_format else None
+def _contiguous(cx, input, memory_format=None):
+    return ("contiguous", (input,), {}) if memory_format in (None, torch.contiguous_format) else None
 
 
 @_converts(aten.flatten)
@@ -654,36 +654,6 @@ def _check(cx, *args, **kwargs):
 
 
 # --- ops real models use: transposed convs, einsum, norms, masks, indexing, recurrent layers -------------
-
-def _shape_of(cx, other: Any, arg: int) -> tuple | None:
-    """`other`'s shape as reshape/expand sizes: ints, and `size` nodes of `other` where the program has the
-    dim symbolic (for aten's `*_as` ops, operand `arg`)."""
-    src = cx.node.args[arg] if len(cx.node.args) > arg else None
-    fake = src.meta.get("val") if isinstance(src, fx.Node) else None
-    if fake is None or not isinstance(other, (Node, Param)):
-        return None
-    return tuple(s if isinstance(s, int) else cx.emit("size", (other,), dict(dim=i), None)
-                 for i, s in enumerate(fake.shape))
-
-
-@_converts(aten.reshape_as, aten.view_as)
-def _reshape_as(cx, input, other):
-    shape = _shape_of(cx, other, 1)
-    return None if shape is None else ("reshape", (input,), dict(shape=shape))
-
-
-@_converts(aten.expand_as)
-def _expand_as(cx, input, other):
-    shape = _shape_of(cx, other, 1)
-    return None if shape is None else ("expand", (input,), dict(size=shape))
-
-
-@_converts(aten.contiguous)
-def _contiguous(cx, input, memory_format=None):
-    if memory_format not in (None, torch.contiguous_format):
-        return None
-    return "contiguous", (input,), {}
-
 
 @_converts(aten.einsum)
 def _einsum(cx, equation, tensors, *, path=None):
