@@ -276,12 +276,20 @@ def _check_passes(raw: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
     return steps
 
 
-def _export_config(table: Any, where: str) -> ExportConfig:
-    if isinstance(table, ExportConfig):
-        table = {f.name: getattr(table, f.name) for f in fields(ExportConfig)}
+def _config_table(table: Any, cls: type, key: str, where: str) -> dict[str, Any]:
+    """A recipe table ([export], [validate], [tune]) as a dict of known keys: from TOML's dict, a Python dict,
+    or the table's config object."""
+    if isinstance(table, cls):
+        table = {f.name: getattr(table, f.name) for f in fields(cls)}
     if not isinstance(table, dict):
-        raise RecipeError(f"{where}: 'export' must be a table ([export]; in Python an ExportConfig or a dict)")
-    _no_unknown_keys(table, ExportConfig, "export", where)
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise RecipeError(f"{where}: '{key}' must be a table ([{key}]; in Python {article} {cls.__name__} or a dict)")
+    _no_unknown_keys(table, cls, key, where)
+    return table
+
+
+def _export_config(table: Any, where: str) -> ExportConfig:
+    table = _config_table(table, ExportConfig, "export", where)
     return ExportConfig(**_check_export(table, where))
 
 
@@ -312,11 +320,7 @@ VALIDATE_RANGES: dict[str, tuple[float | None, float | None, str]] = {
 
 
 def _validate_config(table: Any, where: str) -> ValidateConfig:
-    if isinstance(table, ValidateConfig):
-        table = {f.name: getattr(table, f.name) for f in fields(ValidateConfig)}
-    if not isinstance(table, dict):
-        raise RecipeError(f"{where}: 'validate' must be a table ([validate]; in Python a ValidateConfig or a dict)")
-    _no_unknown_keys(table, ValidateConfig, "validate", where)
+    table = _config_table(table, ValidateConfig, "validate", where)
     return ValidateConfig(**_check_validate(table, where))
 
 
@@ -345,11 +349,7 @@ TUNE_TARGETS = ("latency", "size")
 
 
 def _tune_config(table: Any, where: str) -> TuneConfig:
-    if isinstance(table, TuneConfig):
-        table = {f.name: getattr(table, f.name) for f in fields(TuneConfig)}
-    if not isinstance(table, dict):
-        raise RecipeError(f"{where}: 'tune' must be a table ([tune]; in Python a TuneConfig or a dict)")
-    _no_unknown_keys(table, TuneConfig, "tune", where)
+    table = _config_table(table, TuneConfig, "tune", where)
     out = _check_tune(table, where)
     if any(v is not None for v in table.values()) and out.get("max_accuracy_drop") is None \
             and out.get("min_sqnr_db") is None and table != {f.name: f.default for f in fields(TuneConfig)}:
