@@ -966,32 +966,6 @@ def _run_shape_prop(gm: fx.GraphModule, inputs: tuple, model: nn.Module,
         raise CaptureError(_misfit_message(model, current[0], values, e, inputs, names, gm)) from None
 
 
-def resized(x: Any, batch: int | None = None, seq: int | None = None) -> Any:
-    """A tensor with dim 0 resized to `batch` (and dim 1 to `seq`) by cycling through its rows (columns)."""
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
-        return x
-    if batch is not None:
-        x = x[torch.arange(batch) % x.shape[0]]
-    if seq is not None and x.dim() >= 2 and x.shape[1] > 0:
-        x = x[:, torch.arange(seq) % x.shape[1]]
-    return x
-
-
-def is_token_input(x: Any) -> bool:
-    """An integer [batch, sequence] input (token ids, attention masks): its sequence dim is dynamic too."""
-    return isinstance(x, torch.Tensor) and x.dim() == 2 and not x.is_floating_point() and not x.is_complex()
-
-
-def probe_inputs(inputs: Sequence[Any], *, seq: bool = True) -> list[Any]:
-    """The inputs at another batch size (and, with `seq`, another length of token inputs): b+1, s+1."""
-    out = []
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] > 0:
-            x = resized(x, x.shape[0] + 1, x.shape[1] + 1 if seq and is_token_input(x) else None)
-        out.append(x)
-    return out
-
-
 def _prober(gm: fx.GraphModule, inputs: Sequence[Any], dims: Sequence[dict[int, str]] | None,
             optional: set[str] = frozenset()) -> Callable[[], dict | None]:
     """The values of every node at other sizes of the symbolic dims `dims` (one {dim: symbol} per input; None:

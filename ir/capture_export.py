@@ -48,7 +48,6 @@ from slimfx.ir.capture import (
     _f_max_pool1d,
     _f_max_pool2d,
     is_internal_file,
-    is_token_input,
 )
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, meta_of
@@ -820,10 +819,12 @@ _TUPLE_HEADS = {aten._native_batch_norm_legit_no_training.default, aten.native_l
 def _dynamic_spec(value: Any, dims: dict[int, str] | None = None) -> Any:
     """Dim.AUTO for each symbolic dim of an input (`dims`; default: the batch dim of every tensor input, and
     the sequence dim of integer [B, S] inputs)."""
+    from slimfx.ir.symdims import default_dims
+
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
     if dims is None:
-        dims = {0: "batch", 1: "seq"} if is_token_input(value) else {0: "batch"}
+        dims = default_dims(value)
     return {d: torch.export.Dim.AUTO for d in dims} or None
 
 
