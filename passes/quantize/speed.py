@@ -157,12 +157,6 @@ class Verdict:
                 "slower_at": list(self.slower_at)}
 
 
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    k = len(s) // 2
-    return s[k] if len(s) % 2 else (s[k - 1] + s[k]) / 2
-
-
 def _best(col: list[float]) -> tuple[float, float]:
     """(best time, its noise: how far the second best is above it, relatively)."""
     s = sorted(col)
