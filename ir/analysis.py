@@ -99,6 +99,44 @@ def _int_input_high(graph: Graph, node: Node) -> int:
     return min(highs) if highs else 2
 
 
+# Runs that only need shapes (symbolic-dim naming, the ONNX exporter's probe) run on the meta device when
+# the graph is heavier than this: meta costs a few ms per op whatever the sizes, real runs cost arithmetic.
+META_MIN_MACS = 100_000_000
+
+
+def lower_on_meta(graph: Graph) -> fx.GraphModule | None:
+    """The graph's lowering (eval mode) with every param on the meta device: it computes shapes without
+    arithmetic. None when it cannot be built. `graph` is left as it was."""
+    from slimfx.ir.lower import lower
+
+    real = graph.params
+    try:
+        graph.params = {k: v.to("meta") for k, v in real.items()}
+        return lower(graph).eval()
+    except Exception:  # noqa: BLE001 - e.g. a param type without meta support: run for real
+        return None
+    finally:
+        graph.params = real
+
+
+def shapes_on_meta(graph: Graph) -> fx.GraphModule | None:
+    """`lower_on_meta(graph)` when the graph is heavy enough (count_macs > META_MIN_MACS) for meta runs to
+    cost less than real ones; None otherwise (run for real)."""
+    return lower_on_meta(graph) if count_macs(graph) > META_MIN_MACS else None
+
+
+def ran_on_meta(interp: fx.Interpreter, inputs: tuple) -> bool:
+    """Run `interp` (over a `lower_on_meta` module) on meta copies of `inputs`; False when some op needs real
+    data (a value read from a tensor, a module with real weights, a kernel without a meta version), and the
+    caller runs it for real."""
+    try:
+        with torch.no_grad():
+            interp.run(*(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs))
+    except Exception:  # noqa: BLE001 - not computable on shapes alone: run for real
+        return False
+    return True
+
+
 def example_inputs(graph: Graph, *, batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Random inputs that fit the graph's input metas (batch dim 0 replaced by `batch` when given).
 

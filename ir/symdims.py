@@ -356,9 +356,11 @@ def describe(dims: Sequence[Mapping[int, str]], names: Sequence[str]) -> str:
 
 def propagate_symbols(graph: Any, inputs: Sequence[Any], *, only: str | None = None, check: bool = False) -> bool:
     """Name the symbolic dims of every node's meta (`TensorMeta.sym`) from the graph inputs' ones: run the
-    graph at two other sizes of each symbol (probe_sizes) and name a node's dim after the symbol it equals in
-    every run. With `check`, only run (at sizes of symbol `only`) and say whether the graph runs there. False
-    when the graph does not run at those sizes (metas are then left as they are)."""
+    graph at two other sizes of each symbol (probe_sizes; on the meta device for a graph over
+    ir.analysis.META_MIN_MACS, where it runs there) and name a node's dim after the symbol it equals in every
+    run. With `check`, only run (at sizes of symbol `only`, on real tensors) and say whether the graph runs
+    there. False when the graph does not run at those sizes (metas are then left as they are)."""
+    from slimfx.ir.analysis import ran_on_meta, shapes_on_meta
     from slimfx.ir.graph import TensorMeta
     from slimfx.ir.lower import lower
 
@@ -372,7 +374,10 @@ def propagate_symbols(graph: Any, inputs: Sequence[Any], *, only: str | None = N
                     n.meta = n.meta.with_sym((None,) * len(n.meta.shape))
         return True
     first, second, _ = probe_sizes(inputs, dims)
-    gm = lower(graph).eval()
+    gm = None
+    # naming needs shapes only: a heavy graph runs on the meta device. Whether the graph runs at a size at all
+    # (`check`) is asked of real tensors (meta does not check values, e.g. indices past an embedding table).
+    meta_gm = None if check else shapes_on_meta(graph)
     runs = []
     for sizes in ((second,) if check else (first, second)):
         rec: dict[str, Any] = {}
@@ -384,11 +389,15 @@ def propagate_symbols(graph: Any, inputs: Sequence[Any], *, only: str | None = N
                     rec[n.name] = tuple(out.shape)
                 return out
 
-        try:
-            with torch.no_grad():
-                _Rec(gm).run(*at_sizes(inputs, dims, sizes))
-        except Exception:  # noqa: BLE001 - the model fixes one of these sizes: the exporters say where
-            return False
+        run_inputs = at_sizes(inputs, dims, sizes)
+        if meta_gm is None or not ran_on_meta(_Rec(meta_gm), run_inputs):
+            rec.clear()
+            gm = gm or lower(graph).eval()
+            try:
+                with torch.no_grad():
+                    _Rec(gm).run(*run_inputs)
+            except Exception:  # noqa: BLE001 - the model fixes one of these sizes: the exporters say where
+                return False
         runs.append(rec)
     if check:
         return True

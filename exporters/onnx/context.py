@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper, numpy_helper
 
-from slimfx.ir.analysis import count_macs
+from slimfx.ir.analysis import ran_on_meta as _ran
+from slimfx.ir.analysis import shapes_on_meta
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta
 from slimfx.ir.ops import SCALAR_FNS, trait
@@ -101,7 +102,6 @@ def _summary(v: Any) -> Any:
 
 
 PROBE_BATCHES = (2, 3)
-META_PROBE_MIN_MACS = 100_000_000
 
 # What a user can do about a batch size the model fixes, from either interface.
 FIXED_BATCH_ADVICE = ("compile or export with a fixed batch size: `--fixed-batch` on the command line (slimfx "
@@ -132,8 +132,7 @@ def probe(graph: Graph, inputs: tuple, dims: list[dict[int, str]] | None = None
             return out
 
     runs = []
-    # shapes on the meta device cost a few ms per op whatever the sizes: cheaper only for heavy models
-    meta_gm = _lowered_on_meta(graph) if count_macs(graph) > META_PROBE_MIN_MACS else None
+    meta_gm = shapes_on_meta(graph)  # heavy graphs: shapes on the meta device, no arithmetic
     for sizes in (first, second):
         rec: dict[str, Any] = {}
         run_inputs = at_sizes(inputs, dims, sizes)
@@ -148,32 +147,6 @@ def probe(graph: Graph, inputs: tuple, dims: list[dict[int, str]] | None = None
         rec["__sizes__"] = dict(sizes)
         runs.append(rec)
     return runs[0], runs[1]
-
-
-def _lowered_on_meta(graph: Graph) -> fx.GraphModule | None:
-    """The graph's lowering with every param on the meta device: it computes shapes without arithmetic, so a
-    large model probes in milliseconds. None when it cannot be built."""
-    from slimfx.ir.lower import lower
-
-    real = graph.params
-    try:
-        graph.params = {k: v.to("meta") for k, v in real.items()}
-        return lower(graph).eval()
-    except Exception:  # noqa: BLE001 - e.g. a param type without meta support: probe for real
-        return None
-    finally:
-        graph.params = real
-
-
-def _ran(interp: fx.Interpreter, inputs: tuple) -> bool:
-    """Run `interp` on meta copies of `inputs`; False when some op needs real data (a value read from a tensor,
-    a module with real weights, a kernel without a meta version), and the caller runs it for real."""
-    try:
-        with torch.no_grad():
-            interp.run(*(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs))
-    except Exception:  # noqa: BLE001 - not computable on shapes alone: probe for real
-        return False
-    return True
 
 
 def _size_message(graph: Graph, gm: fx.GraphModule, inputs: tuple, dims: list[dict[int, str]],
