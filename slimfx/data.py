@@ -225,9 +225,10 @@ def _like(t: Any, n: int, gen: torch.Generator) -> Any:
         lo, hi = float(x.min()), float(x.max())
         mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 1.0
         std = std if std > 0 else max(abs(mean), 1.0)
-        out = torch.randn(shape, generator=gen, dtype=torch.float64) * std + mean
-        if hi > lo:
-            out = out.clamp(lo, hi) if (lo >= 0 or hi <= 0) else out  # keep one-signed inputs one-signed
+        # in place: the same float64 arithmetic as `randn * std + mean`, without a temporary per step
+        out = torch.randn(shape, generator=gen, dtype=torch.float64).mul_(std).add_(mean)
+        if hi > lo and (lo >= 0 or hi <= 0):
+            out.clamp_(lo, hi)  # keep one-signed inputs one-signed
         return out.to(t.dtype)
     if t.dtype == torch.bool:
         return t[torch.arange(n) % t.shape[0]]

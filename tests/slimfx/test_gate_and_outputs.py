@@ -208,3 +208,22 @@ def test_quantizing_an_fp16_model_is_refused_before_any_work(tmp_path):
     with pytest.raises(slimfx.RecipeError, match=r"passes\[1\].*quantize starts from a float32 model.*float16.*\.float\(\)"):
         slimfx.compile(model.half(), (example[0].half(),), "int8", out_dir=tmp_path / "o", quiet=True)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("low", [-2.0, 0.5])  # signed, and one-signed (clipped to the example's range)
+def test_generated_gate_inputs_are_the_documented_draws(low):
+    """The gate's generated samples are fixed by the seed: float64 normal draws scaled to the example's mean and
+    spread (one-signed examples clipped to their range), cast to its dtype; a faster implementation must draw
+    exactly these."""
+    from slimfx.data import generated_batches
+
+    x = torch.linspace(low, 3.0, 2 * 3 * 5).reshape(2, 3, 5)
+    batches = generated_batches((x,), samples=70, seed=7)
+    assert [len(b[0][0]) for b in batches] == [32, 32, 6] and all(b[1] is None for b in batches)
+    gen = torch.Generator().manual_seed(7)
+    xd = x.double()
+    for (got,), _ in batches:
+        want = torch.randn((len(got), 3, 5), generator=gen, dtype=torch.float64) * float(xd.std()) + float(xd.mean())
+        if low >= 0:
+            want = want.clamp(float(xd.min()), float(xd.max()))
+        assert got.dtype == torch.float32 and torch.equal(got, want.to(torch.float32))
