@@ -211,9 +211,10 @@ def latency_side_by_side(models: dict[str, Any], inputs: dict[str, tuple], *, to
     longer wait; the summary says how many. Best-round medians compare well even on a busy machine
     (two onnxruntime sessions of one file can differ by more than 10%).
 
-    The first input is always measured. A later one whose first warm-up call shows that one round of every
-    model at it would take more than the whole budget is left out: its key is missing from every model's
-    results (see `unmeasured_inputs`).
+    The first input is always measured. A later one that one round of every model could not fit into the
+    whole budget is left out: its key is missing from every model's results (see `unmeasured_inputs`). That
+    is told from one call on an eighth of its rows where that clearly shows it (`_clearly_over`), else
+    from its first warm-up call.
     """
     import math
 
@@ -234,11 +235,15 @@ def latency_side_by_side(models: dict[str, Any], inputs: dict[str, tuple], *, to
                 for key, ins in inputs.items():
                     if key in skipped:
                         continue
+                    later = key != first_key and not per[name][key]
+                    if later and _clearly_over(bind, ins, (1 + min_runs) * len(models), total_budget_s):
+                        skipped.add(key)
+                        continue
                     call = bind(ins)
                     t0 = time.perf_counter()
                     call()
                     one = max(time.perf_counter() - t0, 1e-6)
-                    if key != first_key and not per[name][key] and one * (1 + min_runs) * len(models) > total_budget_s:
+                    if later and one * (1 + min_runs) * len(models) > total_budget_s:
                         skipped.add(key)
                         continue
                     n = int(min(max(share / one, min_runs), 2000))
@@ -268,6 +273,25 @@ def latency_side_by_side(models: dict[str, Any], inputs: dict[str, tuple], *, to
                                             sum(len(t) for t in rounds), medians)
     assert all(math.isfinite(v.median_ms) for d in out.values() for v in d.values())
     return out
+
+
+def _clearly_over(bind: Callable[[tuple], Callable[[], Any]], inputs: tuple, calls: int, budget_s: float) -> bool:
+    """Whether `calls` calls at `inputs` clearly cannot fit `budget_s`, told from one call on an eighth of
+    their rows (every tensor input batched at dim 0, 16 rows or more): its time scaled to all rows, halved
+    for what batching saves, exceeds the budget. A ResNet-18 at batch 32 on one thread takes a second and
+    more; this spends an eighth of that. False when unsure (the caller then times a full call)."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    rows = int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0
+    if rows < 16 or any(t.dim() == 0 or t.shape[0] != rows for t in tensors):
+        return False
+    part = rows // 8
+    try:
+        call = bind(tuple(t[:part] if isinstance(t, torch.Tensor) else t for t in inputs))
+        t0 = time.perf_counter()
+        call()
+    except Exception:  # noqa: BLE001 - a model that takes no other row count: time a full call instead
+        return False
+    return (time.perf_counter() - t0) * (rows / part) / 2 * calls > budget_s
 
 
 def unmeasured_inputs(results: dict[str, dict[str, LatencySummary]], inputs: Iterable[str]) -> list[str]:

@@ -135,3 +135,28 @@ def test_a_later_batch_that_cannot_fit_the_budget_is_left_out_for_every_model_an
     assert unmeasured_inputs(res, inputs) == ["b256"]
     fits = latency_side_by_side({"a": big}, inputs, total_budget_s=5.0)
     assert set(fits["a"]) == {"b1", "b256"} and unmeasured_inputs(fits, inputs) == []
+
+
+def test_a_later_batch_clearly_over_the_budget_is_told_from_a_slice_without_a_full_call():
+    """A batch whose one round cannot fit is left out after one call on an eighth of its rows, not after a
+    full-size warm-up call (a second and more for a ResNet-18 at batch 32, on one thread)."""
+    from slimfx.exporters import latency_side_by_side, unmeasured_inputs
+
+    class Seen(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])
+            self.rows: list[int] = []
+
+        def forward(self, x):
+            self.rows.append(x.shape[0])
+            return self.net(x)
+
+    model = Seen()
+    inputs = {"b1": (torch.randn(1, 512),), "b2048": (torch.randn(2048, 512),)}
+    res = latency_side_by_side({"a": model}, inputs, total_budget_s=0.02)
+    assert unmeasured_inputs(res, inputs) == ["b2048"] and set(res["a"]) == {"b1"}
+    assert 2048 not in model.rows and 256 in model.rows
+    model.rows.clear()
+    fits = latency_side_by_side({"a": model}, inputs, total_budget_s=5.0)  # fits: measured at full size
+    assert set(fits["a"]) == {"b1", "b2048"} and 2048 in model.rows
