@@ -99,6 +99,16 @@ def stage_ends(graph: Graph) -> dict[tuple[int, ...], Node]:
     return ends
 
 
+def computed_sizes(graph: Graph) -> set[tuple[int, ...]]:
+    """The spatial sizes (H, W...) at which a weighted layer (conv: `ir.trait(op, "weighted")`) writes a feature map.
+
+    A stage end of another size holds a map no layer of the network computes at that size: the previous stage,
+    pooled (digits_cnn's 2x2 map is its 4x4 stage max-pooled).
+    """
+    return {tuple(n.meta.shape[2:]) for n in graph
+            if ir.trait(n.op, "weighted") and isinstance(n.meta, ir.TensorMeta) and len(n.meta.shape) >= 3}
+
+
 def auto_pairs(student: Graph, teacher: Graph) -> list[tuple[str, str]]:
     """Attention-transfer pairs chosen by spatial size: for every H x W that both networks have, the student's
     last feature map of that size with the teacher's (node names, in the order the stages end)."""
