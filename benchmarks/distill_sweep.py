@@ -33,6 +33,8 @@ teacher's third conv stage. The rules (`pairs`, a sweep setting; PAIR_RULES):
   final:  the defaults (slimfx.distilling.DEFAULTS, which must be what `small` picks), their baseline, and kd and
           at+kd (automatic pairs: the library's auto_pairs, which must be the rule picked) at the defaults'
           settings, on shallow, thin, mlp and strided, scored on test                         seeds 0 1 2
+  nomix:  a diagnostic, read after `final`, no choice made on it: kd and at+kd as in `final` without mixup, on
+          the students with feature maps (does AT's gain, or KD's loss on strided, hang on mixup?)   seeds 0 1 2
 
     .venv/bin/python benchmarks/distill_sweep.py --jobs 2            # all stages (resumes from --results)
     .venv/bin/python benchmarks/distill_sweep.py --stage report      # the tables from the stored runs
@@ -344,6 +346,11 @@ def beta4_pick(done: dict) -> float | None:
     return max((v["mean"], b) for v, b in cands)[1] if cands and all(v for v, _ in cands) else None
 
 
+def nomix_stage(done: dict) -> list[dict]:
+    """The final stage's kd and at+kd without augmentation (a diagnostic; their baseline is plain scratch)."""
+    return [{**c, "augment": "none"} for c in final_stage(done) if c["loss"] != "ce"]
+
+
 def auto_pairs_are(rule: str) -> bool:
     """Whether the library's automatic pairs (what `slimfx distill` uses) are `rule`'s, on every AT student."""
     import students
@@ -430,12 +437,17 @@ def report(done: dict) -> None:
                 f"{p} {' '.join(f'{v:.2f}' for v in vals[p])} ({statistics.mean(vals[p]):.2f} ± "
                 f"{statistics.stdev(vals[p]):.2f})" if p in vals else f"{p} n/a ({errors[p].split(';')[0]})"
                 for p in FINAL))
+    nomix = nomix_stage(done)
+    if nomix and all(cell(done, c, pairs=AT_PAIRS) for c in nomix):
+        for split in ("validation", "test"):
+            print(f"\n### nomix (a diagnostic, no choice made on it): {split} accuracy %, mean of seeds 0, 1, 2\n")
+            print(table(done, [ce_of(nomix[0]), *nomix], split, pairs=AT_PAIRS))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=("all", "coarse", "at", "budget", "refine", "patient", "refine2", "small",
-                                        "at3", "rules", "beta4", "final", "report"), default="all")
+                                        "at3", "rules", "beta4", "final", "nomix", "report"), default="all")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "distill_sweep.jsonl")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -452,7 +464,7 @@ def main() -> None:
             ("patient", lambda d: patient(), SCOUT, PAIRS), ("refine2", refine2_stage, SEEDS, PAIRS),
             ("small", small_stage, SEEDS, SMALL), ("at3", at3_stage, SEEDS, SMALL),
             ("rules", rules_stage, SEEDS, RULE_PAIRS), ("beta4", beta4_stage, SEEDS, AT_PAIRS),
-            ("final", final_stage, SEEDS, FINAL)):
+            ("final", final_stage, SEEDS, FINAL), ("nomix", nomix_stage, SEEDS, AT_PAIRS)):
         if args.stage in ("all", stage):
             done = run_all(configs(done), args.results, args.jobs, args.threads, seeds, pairs)
     report(done)
