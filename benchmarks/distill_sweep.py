@@ -23,8 +23,18 @@ Round 3, students far below the teacher: `shallow`, `thin` (4 conv layers of 4-8
 convolution, 1.2k):
   small:  round 2's refined configs and their baseline                                         seeds 0 1 2
   at3:    at+kd at the pick with beta in {1, 10, 100} (the at* losses' beta)                    seeds 0 1 2
+Round 4, attention transfer's automatic pairs (why AT+KD lost to KD on `shallow`): its pairs were the last map of
+every spatial size both networks have, and shallow's 4x4 map is its one conv stage max-pooled, paired with the
+teacher's third conv stage. The rules (`pairs`, a sweep setting; PAIR_RULES):
+  rules:  at+kd at the defaults with pairs `computed` and `same-kind` (`every-size` is at3's beta=1 row), on the
+          students where they differ (shallow, thin); the best on validation is the rule    seeds 0 1 2
+  beta4:  at+kd at that rule with beta in {1, 3}, on the students with feature maps, including `strided` (declared
+          for this round, before any run of it; mlp has none)                             seeds 0 1 2
   final:  the defaults (slimfx.distilling.DEFAULTS, which must be what `small` picks), their baseline, and kd and
-          at+kd (automatic pairs) at the defaults' settings, scored on test                    seeds 0 1 2
+          at+kd (automatic pairs: the library's auto_pairs, which must be the rule picked) at the defaults'
+          settings, on shallow, thin, mlp and strided, scored on test                         seeds 0 1 2
+  nomix:  a diagnostic, read after `final`, no choice made on it: kd and at+kd as in `final` without mixup, on
+          the students with feature maps (does AT's gain, or KD's loss on strided, hang on mixup?)   seeds 0 1 2
 
     .venv/bin/python benchmarks/distill_sweep.py --jobs 2            # all stages (resumes from --results)
     .venv/bin/python benchmarks/distill_sweep.py --stage report      # the tables from the stored runs
@@ -40,13 +50,24 @@ import multiprocessing as mp
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 PAIRS = ("narrow", "shallow", "dwres")  # rounds 1 and 2
-SMALL = ("shallow", "thin", "mlp")       # round 3 and the final table: students far below the teacher
+SMALL = ("shallow", "thin", "mlp")       # round 3: students far below the teacher
+RULE_PAIRS = ("shallow", "thin")         # round 4: the students whose pairs differ between the rules
+AT_PAIRS = ("shallow", "thin", "strided")  # round 4: the students with feature maps (mlp has none)
+FINAL = ("shallow", "thin", "mlp", "strided")  # the final table
+#: attention transfer's automatic pairs, by rule: for each spatial size both networks have, the last map of that
+#: size in each (features.stage_ends), when
+PAIR_RULES = {
+    "every-size": "always (auto_pairs up to round 3)",
+    "computed": "both networks compute at that size (a conv writes a map of it: features.computed_sizes)",
+    "same-kind": "both compute at that size, or neither does (a pooled map is never paired with a computed one)",
+}
 SEEDS = (0, 1, 2)
 SCOUT = (0,)  # the coarse, at and budget stages scout on one seed; refine and final run all three
 TEACHER = "digits_cnn"
@@ -72,12 +93,14 @@ def _one(job: tuple[str, dict, int]) -> dict:
     from slimfx.errors import SlimfxError
 
     pair, settings, seed = job
-    s = Settings(**{k: v for k, v in settings.items() if v is not None})
+    s = Settings(**{k: v for k, v in settings.items() if v is not None and k != "pairs"})
     if ("teacher", seed) not in _cache:
         _cache["teacher", seed] = models.get(TEACHER).trained(seed=seed, progress=False)
     data = zoo_data(models.get(TEACHER).dataset, seed=seed, batch_size=s.batch_size)
     torch.manual_seed(seed)  # as slimfx.loading does before calling a student callable
     student = getattr(students, pair)()
+    if settings.get("pairs"):  # named pairs, by the run's rule (none found: auto_pairs below says why)
+        s = replace(s, features=tuple(rule_pairs(settings["pairs"], student, _cache["teacher", seed])))
     try:
         arm = train_arm(pair, _cache["teacher", seed], student, data, s, seed=seed, quiet=True)
     except SlimfxError as e:  # e.g. attention transfer on a student without feature maps (mlp)
@@ -86,6 +109,19 @@ def _one(job: tuple[str, dict, int]) -> dict:
     return {"pair": pair, "seed": seed, "settings": settings, "validation": arm.validation_accuracy,
             "test": arm.test_accuracy, "best_epoch": arm.best_epoch, "seconds": arm.seconds,
             "features": [f"{a}:{b}" for a, b in arm.features]}
+
+
+def rule_pairs(rule: str, student, teacher) -> list[tuple[str, str]]:
+    """The attention-transfer pairs of `rule` (PAIR_RULES) between two modules, as node names."""
+    from slimfx import ir, models
+    from slimfx.passes.distill import computed_sizes, stage_ends
+
+    x = models.get(TEACHER).example_inputs()
+    sg, tg = ir.capture(student, x), ir.capture(teacher, x)
+    s_ends, t_ends, cs, ct = stage_ends(sg), stage_ends(tg), computed_sizes(sg), computed_sizes(tg)
+    keep = {"every-size": lambda k: True, "computed": lambda k: k in cs and k in ct,
+            "same-kind": lambda k: (k in cs) == (k in ct)}[rule]
+    return [(s_ends[k].name, t_ends[k].name) for k in s_ends if k in t_ends and keep(k)]
 
 
 def _key(settings: dict) -> str:
@@ -99,6 +135,8 @@ def load(results: Path) -> dict[tuple[str, str, int], dict]:
             if line.strip():
                 r = json.loads(line)
                 r["settings"].setdefault("augment", "none")  # runs stored before the augment option
+                # runs stored before round 4 paired every shared size
+                r["settings"].setdefault("pairs", "every-size" if r["settings"]["loss"].startswith("at") else None)
                 out[_key(r["settings"]), r["pair"], r["seed"]] = r
     return out
 
@@ -134,16 +172,18 @@ def _label(c: dict) -> str:
     parts.append(f"{c['epochs']}ep lr={c['lr']:g}")
     if c.get("augment", "none") != "none":
         parts.append(c["augment"])
+    if c.get("pairs") not in (None, "every-size"):
+        parts.append(f"pairs={c['pairs']}")
     return " ".join(parts)
 
 
 def cfg(loss: str, **kw) -> dict:
     """A run's settings; the options a loss does not read are None, so they never split a cell."""
-    d = {"loss": loss, "T": 4.0, "alpha": 0.9, "beta": 1000.0, **BASE, "augment": "none", **kw}
+    d = {"loss": loss, "T": 4.0, "alpha": 0.9, "beta": 1000.0, **BASE, "augment": "none", "pairs": "every-size", **kw}
     if loss.split("+")[-1] not in ("kd", "ctkd", "logit-std"):
         d["T"] = d["alpha"] = None
     if not loss.startswith("at"):
-        d["beta"] = None
+        d["beta"] = d["pairs"] = None
     return d
 
 
@@ -159,16 +199,17 @@ def ce_of(c: dict) -> dict:
     return cfg("ce", epochs=c["epochs"], lr=c["lr"], augment=c.get("augment", "none"))
 
 
-def final_stage() -> list[dict]:
+def final_stage(done: dict) -> list[dict]:
     """Scratch without augmentation (for reference), the defaults and their baseline, and KD / AT+KD (automatic
-    pairs) at the defaults' settings."""
+    pairs: the rule round 4 picked, once it has) at the defaults' settings."""
     from slimfx.distilling import DEFAULTS as D
 
     d = default_cfg()
     plain = [ce_of({**d, "augment": "none"})] if d["augment"] != "none" else []  # scratch as it was, for reference
+    rule = rule_pick(done)
     return plain + [ce_of(d), d] + [
-        cfg(loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, augment=D.augment)
-        for loss in ("kd", "at+kd") if loss != D.loss]
+        cfg(loss, T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, augment=D.augment, pairs=rule)
+        for loss in ("kd", "at+kd") if loss != D.loss and (rule or loss == "kd")]
 
 
 def cell(done: dict, c: dict, split: str = "validation", seeds: tuple[int, ...] = SEEDS,
@@ -268,7 +309,7 @@ def at3_stage(done: dict) -> list[dict]:
     """Round 3's attention-transfer weight: at+kd at the picked config with beta in {1, 10, 100} (beta=10 came
     from round 1, without augmentation); the at* losses' default beta is the best on validation."""
     pick = chosen(done) or default_cfg()
-    return [{**pick, "loss": "at+kd", "beta": b} for b in (1.0, 10.0, 100.0)]
+    return [{**pick, "loss": "at+kd", "beta": b, "pairs": "every-size"} for b in (1.0, 10.0, 100.0)]
 
 
 def beta_pick(done: dict) -> float | None:
@@ -276,6 +317,50 @@ def beta_pick(done: dict) -> float | None:
     cands = [(cell(done, c, pairs=SMALL), c) for c in at3_stage(done)]
     cands = [(v["mean"], c["beta"]) for v, c in cands if v and v["mean"] is not None]
     return max(cands)[1] if cands else None
+
+
+def rules_stage(done: dict) -> list[dict]:
+    """Round 4: at+kd at the defaults (beta of at3) under each pairing rule; every-size is at3's row."""
+    from slimfx.distilling import DEFAULTS as D
+
+    return [cfg("at+kd", T=D.T, alpha=D.alpha, beta=D.beta, epochs=D.epochs, lr=D.lr, augment=D.augment, pairs=r)
+            for r in PAIR_RULES]
+
+
+def rule_pick(done: dict) -> str | None:
+    """The automatic pairing rule: the rules-stage config with the highest validation accuracy on RULE_PAIRS."""
+    cands = [(cell(done, c, pairs=RULE_PAIRS), c) for c in rules_stage(done)]
+    if not all(v for v, _ in cands):
+        return None
+    return max(cands, key=lambda vc: vc[0]["mean"])[1]["pairs"]
+
+
+def beta4_stage(done: dict) -> list[dict]:
+    """Round 4: at+kd at the picked rule with beta in {1, 3}, on the students with feature maps."""
+    rule = rule_pick(done)
+    return [{**c, "beta": b} for c in rules_stage(done) if c["pairs"] == rule for b in (1.0, 3.0)] if rule else []
+
+
+def beta4_pick(done: dict) -> float | None:
+    cands = [(cell(done, c, pairs=AT_PAIRS), c["beta"]) for c in beta4_stage(done)]
+    return max((v["mean"], b) for v, b in cands)[1] if cands and all(v for v, _ in cands) else None
+
+
+def nomix_stage(done: dict) -> list[dict]:
+    """The final stage's kd and at+kd without augmentation (a diagnostic; their baseline is plain scratch)."""
+    return [{**c, "augment": "none"} for c in final_stage(done) if c["loss"] != "ce"]
+
+
+def auto_pairs_are(rule: str) -> bool:
+    """Whether the library's automatic pairs (what `slimfx distill` uses) are `rule`'s, on every AT student."""
+    import students
+
+    from slimfx import ir, models
+    from slimfx.passes.distill import auto_pairs
+
+    teacher, x = models.get(TEACHER).trained(seed=0, progress=False), models.get(TEACHER).example_inputs()
+    return all(auto_pairs(ir.capture(getattr(students, p)(), x), ir.capture(teacher, x))
+               == rule_pairs(rule, getattr(students, p)(), teacher) for p in AT_PAIRS)
 
 
 def table(done: dict, configs: list[dict], split: str = "validation", seeds: tuple[int, ...] = SEEDS,
@@ -309,6 +394,10 @@ def report(done: dict) -> None:
             stages.append(("refine2", refine2_stage(done), SEEDS, PAIRS))
             stages.append(("small", small_stage(done), SEEDS, SMALL))
             stages.append(("at3", at3_stage(done), SEEDS, SMALL))
+            if rule_pick(done):
+                stages.append(("rules", rules_stage(done), SEEDS, RULE_PAIRS))
+                if beta4_pick(done) is not None:
+                    stages.append(("beta4", beta4_stage(done), SEEDS, AT_PAIRS))
     for name, configs, seeds, pairs in stages:
         print(f"\n### {name}: validation accuracy %, mean of seed{'s' * (len(seeds) > 1)} "
               f"{', '.join(map(str, seeds))}\n")
@@ -325,26 +414,40 @@ def report(done: dict) -> None:
     if beta is not None:
         from slimfx.distilling import DEFAULTS
 
-        print(f"the sweep picks beta={beta:g} for the at* losses; DEFAULTS.beta is {DEFAULTS.beta:g}")
-    final = final_stage()
+        print(f"round 3 picks beta={beta:g} for the at* losses")
+    rule = rule_pick(done)
+    if rule is not None:
+        print(f"round 4 picks automatic pairs {rule!r} ({PAIR_RULES[rule]}); the library's auto_pairs "
+              f"{'is' if auto_pairs_are(rule) else 'is NOT'} that rule on {', '.join(AT_PAIRS)}")
+    beta = beta4_pick(done)
+    if beta is not None:
+        from slimfx.distilling import DEFAULTS
+
+        print(f"round 4 picks beta={beta:g} for the at* losses; DEFAULTS.beta is {DEFAULTS.beta:g}")
+    final = final_stage(done)
     print(f"\n### the defaults ({_label(default_cfg())}) on the test split, mean of seeds {', '.join(map(str, SEEDS))}\n")
-    print(table(done, final, "test", pairs=SMALL))
+    print(table(done, final, "test", pairs=FINAL))
     print()
     for c in final:
-        if cell(done, c, "test", pairs=SMALL):
-            runs = {p: [done[_key(c), p, s] for s in SEEDS] for p in SMALL}
+        if cell(done, c, "test", pairs=FINAL):
+            runs = {p: [done[_key(c), p, s] for s in SEEDS] for p in FINAL}
             vals = {p: [r["test"] * 100 for r in rs] for p, rs in runs.items() if all("error" not in r for r in rs)}
             errors = {p: rs[0]["error"] for p, rs in runs.items() if p not in vals}
             print(f"- {_label(c)}, test % per seed (mean ± std): " + "; ".join(
                 f"{p} {' '.join(f'{v:.2f}' for v in vals[p])} ({statistics.mean(vals[p]):.2f} ± "
                 f"{statistics.stdev(vals[p]):.2f})" if p in vals else f"{p} n/a ({errors[p].split(';')[0]})"
-                for p in SMALL))
+                for p in FINAL))
+    nomix = nomix_stage(done)
+    if nomix and all(cell(done, c, pairs=AT_PAIRS) for c in nomix):
+        for split in ("validation", "test"):
+            print(f"\n### nomix (a diagnostic, no choice made on it): {split} accuracy %, mean of seeds 0, 1, 2\n")
+            print(table(done, [ce_of(nomix[0]), *nomix], split, pairs=AT_PAIRS))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=("all", "coarse", "at", "budget", "refine", "patient", "refine2", "small",
-                                        "at3", "final", "report"), default="all")
+                                        "at3", "rules", "beta4", "final", "nomix", "report"), default="all")
     ap.add_argument("--results", type=Path, default=HERE / "results" / "distill_sweep.jsonl")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one per core)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -359,7 +462,9 @@ def main() -> None:
             ("coarse", lambda d: coarse(), SCOUT, PAIRS), ("at", at_stage, SCOUT, PAIRS),
             ("budget", budget_stage, SCOUT, PAIRS), ("refine", refine_stage, SEEDS, PAIRS),
             ("patient", lambda d: patient(), SCOUT, PAIRS), ("refine2", refine2_stage, SEEDS, PAIRS),
-            ("small", small_stage, SEEDS, SMALL), ("at3", at3_stage, SEEDS, SMALL), ("final", lambda d: final_stage(), SEEDS, SMALL)):
+            ("small", small_stage, SEEDS, SMALL), ("at3", at3_stage, SEEDS, SMALL),
+            ("rules", rules_stage, SEEDS, RULE_PAIRS), ("beta4", beta4_stage, SEEDS, AT_PAIRS),
+            ("final", final_stage, SEEDS, FINAL), ("nomix", nomix_stage, SEEDS, AT_PAIRS)):
         if args.stage in ("all", stage):
             done = run_all(configs(done), args.results, args.jobs, args.threads, seeds, pairs)
     report(done)

@@ -4,6 +4,7 @@ from slimfx.passes.distill.features import (
     as_graph,
     auto_pairs,
     check_pairs,
+    computed_sizes,
     resolve_feature,
     stage_ends,
     with_features,
@@ -27,7 +28,7 @@ from slimfx.passes.distill.trainer import DistillResult, TrainData, distill
 __all__ = [
     "LOSS_NAMES", "AttentionTransferLoss", "CELoss", "CombinedLoss", "CTKDLoss", "DistillLoss", "KDLoss",
     "LogitStdKDLoss", "MSELoss", "attention_map", "grad_reverse", "make_loss",
-    "as_graph", "auto_pairs", "check_pairs", "resolve_feature", "stage_ends", "with_features",
+    "as_graph", "auto_pairs", "check_pairs", "computed_sizes", "resolve_feature", "stage_ends", "with_features",
     "DistillResult", "TrainData", "distill",
 ]
 

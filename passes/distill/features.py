@@ -99,18 +99,37 @@ def stage_ends(graph: Graph) -> dict[tuple[int, ...], Node]:
     return ends
 
 
+def computed_sizes(graph: Graph) -> set[tuple[int, ...]]:
+    """The spatial sizes (H, W...) at which a weighted layer (conv: `ir.trait(op, "weighted")`) writes a feature map.
+
+    A stage end of another size holds a map no layer of the network computes at that size: the previous stage,
+    pooled (digits_cnn's 2x2 map is its 4x4 stage max-pooled).
+    """
+    return {tuple(n.meta.shape[2:]) for n in graph
+            if ir.trait(n.op, "weighted") and isinstance(n.meta, ir.TensorMeta) and len(n.meta.shape) >= 3}
+
+
 def auto_pairs(student: Graph, teacher: Graph) -> list[tuple[str, str]]:
     """Attention-transfer pairs chosen by spatial size: for every H x W that both networks have, the student's
-    last feature map of that size with the teacher's (node names, in the order the stages end)."""
+    last feature map of that size with the teacher's (node names, in the order the stages end), when the two maps
+    mean the same: both networks compute at that size (`computed_sizes`), or neither does (both maps are an
+    earlier stage pooled). A pooled map is never paired with a computed one: a one-stage student's pooled 8x8
+    map paired with a teacher's third conv stage at 4x4 cost accuracy (docs/distillation.md, round 4)."""
     s_ends, t_ends = stage_ends(student), stage_ends(teacher)
-    pairs = [(s_ends[size].name, t_ends[size].name) for size in s_ends if size in t_ends]
+    shared = [size for size in s_ends if size in t_ends]
+    s_comp, t_comp = computed_sizes(student), computed_sizes(teacher)
+    pairs = [(s_ends[size].name, t_ends[size].name) for size in shared if (size in s_comp) == (size in t_comp)]
     if not pairs:
-        def sizes(ends: dict) -> str:
+        def sizes(ends) -> str:
             return ", ".join("x".join(map(str, k)) for k in ends) or "none"
-        raise PassError(f"attention transfer found no feature maps of the same spatial size in the student "
-                        f"(sizes {sizes(s_ends)}) and the teacher (sizes {sizes(t_ends)}); name pairs "
-                        "yourself (features / --features student_feature:teacher_feature), or use a logit loss "
-                        "(kd, logit-std) without attention transfer")
+        what = (f"feature maps of the same spatial size in the student (sizes {sizes(s_ends)}) and the teacher "
+                f"(sizes {sizes(t_ends)})") if not shared else (
+            f"feature maps of the same spatial size and kind: at the sizes both have ({sizes(shared)}) one network "
+            f"computes (a conv writes maps of sizes {sizes(sorted(s_comp & set(shared)))} in the student, "
+            f"{sizes(sorted(t_comp & set(shared)))} in the teacher) where the other only pools an earlier stage")
+        raise PassError(f"attention transfer found no {what}; name pairs yourself (features / --features "
+                        "student_feature:teacher_feature), or use a logit loss (kd, logit-std) without attention "
+                        "transfer")
     return pairs
 
 

@@ -37,11 +37,11 @@ class KDRecovery(Pass):
     alpha: float = option(0.9, ge=0, le=1, help="weight of the teacher (soft) term; 1 - alpha weighs the "
                                                 "labels (kd, ctkd, logit-std)")
     beta: float = option(1.0, ge=0, help="weight of the attention-transfer term (at* losses); 1 won the sweep "
-                                         "over 10 and 100, the paper's 1e3 wrecks small students")
+                                         "over 3, 10 and 100, the paper's 1e3 wrecks small students")
     features: list[str] = option([], help=(
         "attention-transfer pairs 'student_feature:teacher_feature' (node names or module paths), "
         "e.g. ['layer2:layer2']; empty: the at* losses pair the last feature map of each spatial size the "
-        "student and the teacher share (stats name the pairs)"))
+        "student and the teacher share, where both compute or both only pool (stats name the pairs)"))
     epochs: int = option(3, ge=1, help="passes over the train data (typical: 1-10)")
     lr: float = option(1e-3, gt=0, help="peak learning rate of a one-cycle schedule (typical: 1e-4 to 3e-3)")
     weight_decay: float = option(0.0, ge=0, help="weight decay (decoupled, as AdamW); 0 turns it off")

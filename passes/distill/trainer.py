@@ -181,7 +181,8 @@ def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train
     loss: a name for make_loss (ce, kd, ctkd, logit-std, at, at+kd, at+ctkd, at+logit-std) or a DistillLoss.
     features: (student_feature, teacher_feature) name pairs for attention transfer (node names or module
     paths); none given with an attention-transfer loss: paired automatically by spatial size (the last
-    feature map of each resolution the two share, see features.auto_pairs), and result.features says which.
+    feature map of each resolution the two share, where both compute or both only pool, see
+    features.auto_pairs), and result.features says which.
     eval_fn(module) -> accuracy (on validation data, never test) picks the best epoch (else the lowest mean
     training loss) and the best weights are restored when keep_best. augment: 'none', 'mixup[:A]' or 'shift[:N]'
     (augment.py): teacher and student see the same augmented batch. Deterministic for a seed; DDP-aware

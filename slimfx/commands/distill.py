@@ -44,7 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"{' | '.join(LOSS_NAMES)} (default {DEFAULTS.loss}; see docs/distillation.md)")
     p.add_argument("--features", nargs="*", default=[], metavar="S:T", type=_feature_pair,
                    help="attention-transfer pairs 'student_feature:teacher_feature' (node names or module paths); "
-                        "default for the at* losses: the last feature map of each spatial size both models share")
+                        "default for the at* losses: the last feature map of each spatial size both models share, where "
+                        "both compute (or both only pool)")
     p.add_argument("--epochs", type=_args.count("the number of epochs", 1, 100_000), default=DEFAULTS.epochs,
                    help=f"default {DEFAULTS.epochs}")
     p.add_argument("--lr", type=_args.number("the learning rate", 0.0, lo_open=True), default=DEFAULTS.lr,

@@ -13,7 +13,14 @@ import torch.multiprocessing as mp
 
 from slimfx import ir
 from slimfx.ir.errors import PassError
-from slimfx.passes.distill import auto_pairs, distill, resolve_feature, stage_ends, with_features
+from slimfx.passes.distill import (
+    auto_pairs,
+    computed_sizes,
+    distill,
+    resolve_feature,
+    stage_ends,
+    with_features,
+)
 from tests.passes.distill.helpers import SmallCNN, accuracy, digits, trained
 
 
@@ -103,6 +110,37 @@ def test_attention_transfer_pairs_the_last_map_of_each_shared_resolution_unless_
                   quiet=True)
     assert res.features == [("relu1", "stem")]
     assert distill(teacher, SmallCNN(4, 8), (x[:256], y[:256]), loss="kd", epochs=1, quiet=True).features == []
+
+
+def test_automatic_pairs_never_pair_a_pooled_map_with_a_computed_one():
+    from torch import nn
+
+    from slimfx import models
+
+    x = torch.rand(2, 1, 8, 8)
+    teacher = ir.capture(models.get("digits_cnn").build(0), (x,))  # convs at 8x8 and 4x4; 2x2 = 4x4 max-pooled
+    assert computed_sizes(teacher) == {(8, 8), (4, 4)}
+    assert {k: n.name for k, n in stage_ends(teacher).items()} == {
+        (8, 8): "features_1_2", (4, 4): "features_3_2", (2, 2): "features_4"}
+
+    def conv(cin, cout, stride=1):
+        return [nn.Conv2d(cin, cout, 3, stride, 1), nn.ReLU()]
+
+    def pairs(*layers):
+        return auto_pairs(ir.capture(nn.Sequential(*layers, nn.Flatten(), nn.LazyLinear(10)), (x,)), teacher)
+
+    # one conv stage pooled to 4x4: its 4x4 map is its 8x8 stage, not a stage like the teacher's third conv
+    assert pairs(*conv(1, 8), nn.MaxPool2d(2)) == [("_1", "features_1_2")]
+    # pooled with pooled is the same kind: both 2x2 maps are their 4x4 stage max-pooled
+    assert pairs(*conv(1, 4), nn.MaxPool2d(2), *conv(4, 8), nn.MaxPool2d(2)) == [
+        ("_1", "features_1_2"), ("_4", "features_3_2"), ("_5", "features_4")]
+    # a stride-2 conv computes at 4x4 (and the student has no 8x8 map)
+    assert pairs(*conv(1, 8, 2)) == [("_1", "features_3_2")]
+    # shared sizes, but each computed in one network and pooled in the other: no pair, and the error says why
+    with pytest.raises(PassError, match=r"no feature maps of the same spatial size and kind: at the sizes both have "
+                                        r"\(4x4, 2x2\) one network computes \(a conv writes maps of sizes 2x2 in the "
+                                        r"student, 4x4 in the teacher\).*name pairs yourself"):
+        pairs(nn.AvgPool2d(2), *conv(1, 4, 2))
 
 
 # --- DistributedDataParallel: 2 processes on gloo end with identical weights ------------------------------
