@@ -31,6 +31,10 @@ from slimfx.ir.errors import DataError, SlimfxError
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]
 PARTS = ("train", "validation", "test", "calibration")
 GENERATED_SAMPLES = 256
+# What generated gate inputs may cost one model, in multiply-accumulates: a 224x224 ResNet-18 (1.8 GMACs per input)
+# is checked on 128 inputs, not 256, so its whole compile stays within seconds; never fewer than the minimum.
+GENERATED_MACS_BUDGET = 256e9
+GENERATED_SAMPLES_MIN = 64
 
 
 @dataclass
@@ -199,6 +203,14 @@ def accuracy(model: Any, split: Iterable) -> float | None:
         if module is not None:
             module.train(was)
     return hits / n if n else None
+
+
+def generated_sample_count(macs_per_sample: int | None) -> int:
+    """How many generated inputs check a model that comes with no data: GENERATED_SAMPLES, or for a heavy model
+    as many as GENERATED_MACS_BUDGET allows (a multiple of 32, at least GENERATED_SAMPLES_MIN)."""
+    if not macs_per_sample or macs_per_sample * GENERATED_SAMPLES <= GENERATED_MACS_BUDGET:
+        return GENERATED_SAMPLES
+    return max(GENERATED_SAMPLES_MIN, int(GENERATED_MACS_BUDGET // macs_per_sample) // 32 * 32)
 
 
 def generated_batches(example: tuple, samples: int = GENERATED_SAMPLES, seed: int = 0,

@@ -28,7 +28,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from slimfx import ir
-from slimfx.data import GENERATED_SAMPLES, Data, accuracy, correct, generated_batches
+from slimfx.data import (
+    GENERATED_MACS_BUDGET,
+    GENERATED_SAMPLES,
+    Data,
+    accuracy,
+    correct,
+    generated_batches,
+    generated_sample_count,
+)
 from slimfx.exporters._common import as_tuple
 from slimfx.ir.errors import DataError, ExportError, GateError, RecipeError, SlimfxError
 from slimfx.ir.metrics import Comparison, sqnr_ceiling_db
@@ -151,7 +159,8 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             compressed = _side_numbers(graph, compressed_onnx)
         with timer("evaluate"):
             module = ir.lower(graph).eval()
-            evaluation = _evaluate(job, module, exports.get("onnx"))
+            evaluation = _evaluate(job, module, exports.get("onnx"),
+                                   macs_per_sample=baseline["macs"] // max(_batch_rows(job.example), 1))
             failures = _gate(job, evaluation)
         _describe_exports(graph, exports, export_details)
         with timer("latency"):
@@ -495,18 +504,23 @@ def _onnx_runner(path: Path) -> Callable[..., list[torch.Tensor]]:
     return run
 
 
-def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None) -> dict[str, Any]:
+def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None, macs_per_sample: int | None = None
+              ) -> dict[str, Any]:
     """Agreement, SQNR and differences of the deployed model (the ONNX file when there is one) against the
     original on the gate split; accuracies of both on the gate split and on the accuracy split. Without data,
-    the gate split is GENERATED_SAMPLES inputs generated like the example."""
+    the gate split is inputs generated like the example (`generated_sample_count` of them: fewer for a heavy
+    model, so the check's cost is bounded; the report says how many)."""
     deployed = _onnx_runner(onnx_path) if onnx_path is not None else module
     deployed_name = "model.onnx (onnxruntime)" if onnx_path is not None else "the compiled module"
     job.model.eval()
     gate_split = job.gate_split
     if gate_split is None:
-        gate_split = _chunked(generated_batches(job.example, samples=GENERATED_SAMPLES, seed=job.ctx.seed),
+        samples = generated_sample_count(macs_per_sample)
+        gate_split = _chunked(generated_batches(job.example, samples=samples, seed=job.ctx.seed),
                               None if job.dynamic_batch else _batch_rows(job.example))  # fixed batch: its chunks
-        job.headline.append(f"no validation data: agreement and SQNR come from {GENERATED_SAMPLES} generated inputs "
+        fewer = (f" ({GENERATED_SAMPLES} for a model under {GENERATED_MACS_BUDGET / GENERATED_SAMPLES / 1e9:g} "
+                 f"GMACs per input; this one has {macs_per_sample / 1e9:.2g})") if samples < GENERATED_SAMPLES else ""
+        job.headline.append(f"no validation data: agreement and SQNR come from {samples} generated inputs{fewer} "
                             "shaped like the example, not from real data; give data (--data / data=) for numbers "
                             "that mean something")
     threads = torch.get_num_threads()

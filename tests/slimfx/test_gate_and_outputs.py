@@ -90,6 +90,29 @@ def test_numbers_come_from_256_generated_inputs_without_data_and_the_headline_sa
     assert "generated inputs" in text and "gate: passed" in text
 
 
+def test_a_heavy_model_is_checked_on_fewer_generated_inputs_within_the_budget_and_the_report_says_so(
+        tmp_path, monkeypatch):
+    import slimfx.data as data
+    import slimfx.driver as driver
+
+    model, example = small()
+    macs = slimfx.compile(model, example, "cleanup", bench_seconds=0, quiet=True).report["baseline"]["macs"]
+    budget = macs // example[0].shape[0] * 100  # 100 inputs' worth: 96 of them
+    monkeypatch.setattr(data, "GENERATED_MACS_BUDGET", budget)
+    monkeypatch.setattr(driver, "GENERATED_MACS_BUDGET", budget)
+    result = slimfx.compile(model, example, "cleanup", out_dir=tmp_path / "o", bench_seconds=0, quiet=True)
+    assert result.report["validation"]["samples"] == 96
+    assert any("96 generated inputs (256 for a model under" in h for h in result.report["headline"])
+
+
+def test_generated_sample_count_keeps_256_for_light_models_and_bounds_heavy_ones():
+    from slimfx.data import GENERATED_MACS_BUDGET, generated_sample_count
+
+    assert generated_sample_count(None) == 256 and generated_sample_count(10**6) == 256
+    assert generated_sample_count(int(1.82e9)) == 128  # a 224x224 ResNet-18
+    assert generated_sample_count(int(GENERATED_MACS_BUDGET)) == 64  # never fewer than the minimum
+
+
 def test_labelled_validation_data_is_the_gate_split_and_test_gives_the_accuracy(tmp_path):
     model, example = small()
     x_val, x_test = torch.randn(40, 3, 8, 8), torch.randn(30, 3, 8, 8)
