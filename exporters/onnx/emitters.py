@@ -1162,6 +1162,65 @@ def _int4_param(ctx: EmitContext, node: Node, v: Any, per_tensor: bool) -> str:
     return ctx._param_cache[key]
 
 
+#: ops that only pass a value through (they vanish on export or move no arithmetic)
+_PASS_THROUGH = ("identity", "dropout", "contiguous")
+
+
+def _runtime_dequantize(v: Any) -> bool:
+    """Whether `v` (past identity/dropout) is a dequantize of a run-time value (an activation), the operand
+    that makes onnxruntime fuse its reader into an integer kernel."""
+    while isinstance(v, Node) and v.op in _PASS_THROUGH:
+        v = v.inputs[0]
+    return isinstance(v, Node) and v.op == "dequantize" and not isinstance(v.inputs[0], Param)
+
+
+def _flat(values: Any) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        out.extend(_flat(v) if isinstance(v, (list, tuple)) else [v])
+    return out
+
+
+def dequantize_runs_in_float(node: Node) -> bool:
+    """A dequantize of a stored integer constant (a weight or a bias) whose every reader computes in float:
+    none of the readers' operands is a dequantized activation (weight-only layers, a storage scheme's layers
+    computed in float). onnxruntime fuses no integer kernel around such a DequantizeLinear and, with its QDQ
+    optimizations on (the default), never constant-folds a DequantizeLinear either: it would dequantize the
+    weight at every inference. Such a dequantize is emitted as Cast + Mul (+ Sub) instead, which onnxruntime
+    folds into the float weight when it loads the model (`_foldable_dequantize`)."""
+    if not isinstance(node.inputs[0], Param) or node.attrs.get("block_size") or not node.users:
+        return False
+    return not any(_runtime_dequantize(a) for u in node.users for a in _flat(u.inputs) if a is not node)
+
+
+def _foldable_dequantize(ctx: EmitContext, node: Node) -> str:
+    """DequantizeLinear's arithmetic, (float(q) - float(zero point)) * scale in float32 (the same values: the
+    integers are exact in float32), as Cast + Sub + Mul on initializers: a constant subgraph onnxruntime folds
+    at session load, so the file keeps the integers and the run time is float's."""
+    q, scale, zp = node.inputs
+    axis = node.attrs.get("axis")
+    rank = ctx.rank(q)
+    shape = [1] * rank
+    if axis is not None and rank > 1:
+        shape[_axis(int(axis), rank)] = -1
+
+    def bcast(v: Any, dtype: torch.dtype) -> str:
+        t = _qtensor(ctx, v)
+        if axis is None or rank <= 1 or t is None or t.dim() == 0 or t.numel() == 1:
+            return _qparam(ctx, v, dtype, axis is None or (t is not None and t.numel() == 1 and rank > 1))
+        if isinstance(v, Param):
+            return ctx.param(v, key=f"bcast{rank}", transform=lambda w: w.reshape(shape), dtype=dtype)
+        return ctx.emit("Reshape", [_qparam(ctx, v, dtype, False), ctx.ints(shape)], name=f"{node.name}_bcast")
+
+    bits4 = (node.attrs.get("bits") or 8) <= 4
+    stored = _int4_param(ctx, node, q, False) if bits4 else ctx.value(q)
+    x = ctx.emit("Cast", [stored], name=f"{node.name}_float", to=onnx.TensorProto.FLOAT)
+    zero = _qtensor(ctx, zp)
+    if zero is None or bool(torch.as_tensor(zero).any()):
+        x = ctx.emit("Sub", [x, bcast(zp, torch.float32)], name=f"{node.name}_centered")
+    return ctx.emit("Mul", [x, bcast(scale, torch.float32)])
+
+
 @register_emitter("dequantize")
 def _dequantize(ctx: EmitContext, node: Node) -> str:
     q, scale, zp = node.inputs
@@ -1170,6 +1229,8 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
     qdt = ctx.meta(q).dtype
     per_tensor = axis is None
     rank = ctx.rank(q)
+    if dequantize_runs_in_float(node) and not ((node.attrs.get("bits") or 8) <= 4 and ctx.opset < 21):
+        return _foldable_dequantize(ctx, node)
     if (node.attrs.get("bits") or 8) <= 4 or block:
         # INT4 storage and blocked scales are ONNX opset 21 (onnxruntime runs both on CPU)
         if ctx.opset < 21:
