@@ -81,3 +81,37 @@ def test_int32_biases_in_the_foldable_form_are_stored_as_int16(tmp_path):
     model = onnx.load(export_onnx(g, tmp_path / "wo.onnx", inputs=(x,)).path)
     biases = [t for t in model.graph.initializer if "bias_q" in t.name]
     assert len(biases) == 3 and all(t.data_type == onnx.TensorProto.INT16 for t in biases)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(80, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("block_size", [32, 128])  # 80 inputs: 3 blocks (the last padded), or one block
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_folded_form_is_folded_at_load_and_no_bigger(block_size, symmetric, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 80)
+    g = ir.capture(MLP().eval(), (x,))
+    fp32_path = export_onnx(g, tmp_path / "fp32.onnx", inputs=(x,)).path
+    create_pass("quantize-weights", {"block_size": block_size, "symmetric": symmetric}).run(
+        g, PassContext((x,), quiet=True))
+    nbits = export_onnx(g, tmp_path / "nbits.onnx", inputs=(x,)).path
+    assert Counter(n.op_type for n in onnx.load(nbits).graph.node)["MatMulNBits"] == 2
+    for n in g.find("matmul_nbits"):
+        n.attrs = {**n.attrs, "form": "folded"}
+    folded = export_onnx(g, tmp_path / "folded.onnx", inputs=(x,)).path  # validated against the IR
+    ops = Counter(n.op_type for n in onnx.load(folded).graph.node)
+    assert ops["MatMulNBits"] == 0 and ops["DequantizeLinear"] == 0 and ops["MatMul"] == 2
+    stored = {t.data_type for t in onnx.load(folded).graph.initializer if t.name.startswith(("fc1", "fc2"))}
+    assert (onnx.TensorProto.INT4 if symmetric else onnx.TensorProto.UINT4) in stored
+    assert _optimized_ops(folded, tmp_path) == _optimized_ops(fp32_path, tmp_path)
+    # the same stored bytes; a few more nodes a layer (Cast, Mul, Reshape/Slice of the blocks; on the zoo's mlp and
+    # tiny_bert the folded file is smaller: one block leaves out MatMulNBits' padding codes)
+    assert folded.stat().st_size <= nbits.stat().st_size + 2 * 150
