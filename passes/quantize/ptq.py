@@ -228,6 +228,11 @@ class Quantize(Pass):
     PREREQUISITES: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
 
     def validate(self) -> None:
+        from slimfx.ir.metrics import accuracy_drop_problem
+
+        problem = accuracy_drop_problem(self.max_accuracy_drop) if self.max_accuracy_drop is not None else None
+        if problem:
+            raise PassError(f"pass 'quantize': option 'max_accuracy_drop' {problem}")
         int8 = self.scheme in ("int8-static", "int8-dynamic")
         if self.weight_block_size and (not int8 or self.weight_block_size & (self.weight_block_size - 1)
                                        or self.weight_block_size < 2):
