@@ -132,7 +132,8 @@ class QuantizeWeights(Pass):
         "time the model with MatMulNBits and with the folded form (the same stored codes dequantized by ops "
         "onnxruntime folds when it loads the file, then float MatMuls: fp32's speed, fp32's memory at run time) "
         "side by side with the float model on onnxruntime (1 thread, batch 1 and 32, the quantize speed guard's "
-        "rule); keep MatMulNBits unless it is clearly slower than float, else the folded form. Needs a runtime "
+        "rule); keep MatMulNBits only where it is clearly faster than the folded form (and not slower than "
+        "float), else the folded form (the file is as small either way). Needs a runtime "
         "(slimfx.compile with latency measurement; MatMulNBits otherwise, and the stats say so); accuracy_level > 0 "
         "always keeps MatMulNBits (its int8 compute exists only there); false: MatMulNBits"))
 
@@ -222,20 +223,24 @@ class QuantizeWeights(Pass):
         times = speed.interleaved_times(ctx.measure_ms, {"nbits": graph, "folded": folded, "float": float_graph},
                                         batches, 2.0, 5)
         vs = {k: speed.compare(times, k, "float", batches) for k in ("nbits", "folded")}
+        between = speed.compare(times, "nbits", "folded", batches)
+        # the file is the same either way: MatMulNBits must earn its place by being clearly faster than the folded
+        # form (which runs fp32's kernels), and not slower than fp32
         ruled_out = vs["nbits"].verdict == "slower" or bool(vs["nbits"].slower_at)
-        chosen = "folded" if ruled_out else "nbits"
+        chosen = "nbits" if between.verdict == "faster" and not ruled_out else "folded"
         ratios = {k: ", ".join(f"{r:.2f}x" for r in v.per_batch) for k, v in vs.items()}
-        why = (f"MatMulNBits ran clearly slower than fp32 at batch 1/32 on onnxruntime (1 thread): {ratios['nbits']} "
-               f"(noise ±{vs['nbits'].spread:.2f}); kept the same 4-bit codes in the file, dequantized when "
-               f"onnxruntime loads it (folded form: {ratios['folded']} of fp32)" if ruled_out else
-               f"MatMulNBits not clearly slower than fp32 ({ratios['nbits']}, noise ±{vs['nbits'].spread:.2f}; "
-               f"folded form {ratios['folded']}): kept (it also keeps the weights 4-bit in memory)")
-        if ruled_out:
+        at = f"of fp32 at batch 1/32 on onnxruntime (1 thread; noise ±{vs['nbits'].spread:.2f})"
+        why = (f"MatMulNBits {ratios['nbits']} {at}, the folded form {ratios['folded']}: MatMulNBits is clearly "
+               "faster, kept (it also keeps the weights 4-bit in memory)" if chosen == "nbits" else
+               f"MatMulNBits {ratios['nbits']} {at}, the folded form {ratios['folded']}: MatMulNBits is not clearly "
+               "faster, so the file keeps the same 4-bit codes, dequantized when onnxruntime loads it (float MatMul)")
+        if chosen == "folded":
             for n in graph.find("matmul_nbits"):
                 n.attrs = {**n.attrs, "form": "folded"}
         return {"mode": "measure", "batches": batches, "rule": speed.RULE, "chosen": chosen, "why": why,
                 "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)} for k, v in vs.items()},
                 "model_verdict": {k: v.to_dict(batches) for k, v in vs.items()},
+                "nbits_vs_folded": between.to_dict(batches),
                 "model_ms": {k: [[round(t, 4) for t in row] for row in v] for k, v in times.items()},
                 "decisions": {"form": chosen}}
 

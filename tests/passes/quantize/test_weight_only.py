@@ -169,8 +169,8 @@ def _nbits_runtime(nbits_cost: float):
     return measure
 
 
-@pytest.mark.parametrize("nbits_cost, chosen", [(1.3, "folded"), (1.0, "nbits"), (0.8, "nbits")])
-def test_speed_guard_picks_the_folded_form_only_where_matmulnbits_is_slower_than_float(nbits_cost, chosen):
+@pytest.mark.parametrize("nbits_cost, chosen", [(1.3, "folded"), (1.03, "folded"), (1.0, "folded"), (0.8, "nbits")])
+def test_speed_guard_keeps_matmulnbits_only_where_it_is_clearly_faster_than_the_folded_form(nbits_cost, chosen):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
     x = torch.randn(4, 64)
@@ -182,6 +182,8 @@ def test_speed_guard_picks_the_folded_form_only_where_matmulnbits_is_slower_than
     assert {n.attrs.get("form", "nbits") for n in g.find("matmul_nbits")} == {chosen}
     assert guard["model_ratio"]["nbits"]["b1"] == pytest.approx(nbits_cost)
     assert bool(res.stats["notes"]) == (chosen == "folded")
+    assert guard["nbits_vs_folded"]["verdict"] == ("faster" if chosen == "nbits" else "slower" if nbits_cost > 1.1
+                                                   else "tie")
     # without a runtime, or with accuracy_level 4 (int8 compute exists only in MatMulNBits): MatMulNBits
     for opts, ctx_ms, why in [({}, None, "skipped: no runtime"), ({"accuracy_level": 4}, _nbits_runtime(2.0), "accuracy_level 4"),
                               ({"speed_guard": False}, _nbits_runtime(2.0), "off")]:
