@@ -1208,8 +1208,8 @@ def _foldable_dequantize(ctx: EmitContext, node: Node) -> str:
         t = _qtensor(ctx, v)
         if axis is None or rank <= 1 or t is None or t.dim() == 0 or t.numel() == 1:
             return _qparam(ctx, v, dtype, axis is None or (t is not None and t.numel() == 1 and rank > 1))
-        if isinstance(v, Param):
-            return ctx.param(v, key=f"bcast{rank}", transform=lambda w: w.reshape(shape), dtype=dtype)
+        # the stored vector (one initializer, which an int32 bias's scale s_x * s_w may read as well), reshaped
+        # to broadcast over the weight's other axes by a node onnxruntime folds with the rest
         return ctx.emit("Reshape", [_qparam(ctx, v, dtype, False), ctx.ints(shape)], name=f"{node.name}_bcast")
 
     bits4 = (node.attrs.get("bits") or 8) <= 4
