@@ -96,7 +96,7 @@ def train_decoder(model: torch.nn.Module, chain: MarkovChain, steps: int, seq: i
         opt.step()
         sched.step()
         if step % 100 == 0 or step == steps - 1:
-            losses.append(round(float(loss), 3))
+            losses.append(round(loss.item(), 3))
     model.eval()
     return losses
 
@@ -222,6 +222,10 @@ def main(argv=None) -> int:
         create_pass("quantize-weights", {"block_size": block, "method": method, "symmetric": sym,
                                          "accuracy_level": acc}).run(g, ctx)
         files[label] = to_onnx_model(g, inputs=ex1).SerializeToString()
+        if (block, method, sym, acc) == (128, "gptq", True, 0):  # the int4-weights recipe: also its folded form
+            for n in g.find("matmul_nbits"):
+                n.attrs = {**n.attrs, "form": "folded"}
+            files[label + " folded"] = to_onnx_model(g, inputs=ex1).SerializeToString()
     try:
         for block in [int(b) for b in args.blocks.split(",")]:
             for sym in (False, True):
@@ -236,7 +240,8 @@ def main(argv=None) -> int:
                      "accuracy": float((y.argmax(1) == test_y).mean()), "sqnr_db": sqnr_db(ref, y)})
     acc_fp32 = float((ref.argmax(1) == test_y).mean())
     lat = {}
-    timed = {k: files[k] for k in ("ours gptq b32", "ours gptq b32 acc4", "ours rtn b64", "ORT rtn b32",
+    timed = {k: files[k] for k in ("ours gptq b128 sym", "ours gptq b128 sym folded", "ours gptq b32",
+                                   "ours gptq b32 acc4", "ours rtn b64", "ORT rtn b32",
                                    "ORT rtn b32 acc4") if k in files}
     timed = {"fp32": fp32, **timed}
     for b in (1, 32):
@@ -247,7 +252,7 @@ def main(argv=None) -> int:
     print("| variant | file / fp32 | top-1 agreement with fp32 | accuracy | SQNR vs fp32 |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['size_ratio']:.3f} | {r['top1_agreement']:.2%} | {r['accuracy']:.2%} "
+        print(f"| {r['variant']} | {r['size_ratio']:.4f} ({r['bytes']} bytes) | {r['top1_agreement']:.2%} | {r['accuracy']:.2%} "
               f"| {r['sqnr_db']:.1f} dB |")
     print("\n| file | latency b1 (ms, / fp32) | latency b32 (ms, / fp32) |")
     print("|---|---|---|")

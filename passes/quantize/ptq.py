@@ -421,7 +421,8 @@ class Quantize(Pass):
         where they are computed. The int8 model (onnxruntime's integer kernels) is timed side by side with the
         same stored weights computed in float (`qdq.weight_only`: no activation quantization; the exporter
         writes those weights in a form onnxruntime folds at load) and with the float graph quantize started
-        from; when int8 is clearly slower than that float graph (speed.RULE), the weight-only model is kept."""
+        from; when int8 is clearly slower than that float graph overall (speed.RULE) or at any one batch size
+        beyond that size's noise (at least 5%), the weight-only model is kept."""
         from slimfx.passes.quantize import speed
         from slimfx.passes.quantize.qdq import weight_only
 
@@ -442,7 +443,11 @@ class Quantize(Pass):
             times = speed.interleaved_times(ctx.measure_ms, {speed.INT8: graph, WEIGHT_ONLY: wo, speed.FLOAT: float_graph},
                                             batches, self.speed_guard_seconds, self.speed_guard_rounds)
             vs = {k: speed.compare(times, k, speed.FLOAT, batches) for k in (speed.INT8, WEIGHT_ONLY)}
-            ruled_out = vs[speed.INT8].verdict == "slower" or bool(vs[speed.INT8].slower_at)
+            # stricter than int8-static's rule, where falling back loses the format: here the weight-only model
+            # keeps it, so the integer kernels stay only if they are not slower at any batch size beyond that
+            # size's noise (at least 5%)
+            v = vs[speed.INT8]
+            ruled_out = v.verdict == "slower" or any(r > 1 + n for r, n in zip(v.per_batch, v.batch_spread))
             chosen = speed.FLOAT if ruled_out else speed.INT8
             section = {"mode": "measure", "batches": batches, "rounds": self.speed_guard_rounds, "rule": speed.RULE,
                        "against": "input",
