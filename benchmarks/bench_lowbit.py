@@ -15,7 +15,7 @@ passes, then 16 prompts of 8 tokens are greedily continued by 64 tokens (full re
 files have a dynamic sequence length) by fp32 eager PyTorch, the fp32 ONNX file (control) and the int4 ONNX file
 on onnxruntime, and compared token by token with fp32 eager.
 
-    PYTHONPATH=.:benchmarks python benchmarks/bench_lowbit.py --decoder [--steps 600] [--untrained]
+    PYTHONPATH=.:benchmarks python benchmarks/bench_lowbit.py --decoder [--steps 600] [--chain-scale 2] [--untrained]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def decoder_check(args) -> int:
 
     torch.manual_seed(0)
     model, kw = hf.build("gpt2", batch=1, seq_len=8, **DECODER)
-    chain = MarkovChain(DECODER["vocab_size"])
+    chain = MarkovChain(DECODER["vocab_size"], scale=args.chain_scale)
     losses = train_decoder(model, chain, args.steps) if not args.untrained else []
     # the chain's own entropy, the floor of the loss: the model learned the task when its loss nears it
     x = chain.sample(256, 73, seed=1)
@@ -155,15 +155,23 @@ def decoder_check(args) -> int:
 
     prompts = chain.sample(args.prompts, 8, seed=3)
     same = {k: 0 for k in sessions}
+    forced = {k: 0 for k in sessions}  # next token on fp32's own trajectory (teacher forcing)
+    noise = {k: [0.0, 0.0] for k in sessions}  # logit energy, error energy on that trajectory
     prefix = {k: [] for k in sessions}
     ref_margins = []
     for prompt in prompts:
         ref, margins = greedy(eager, prompt[None], args.new_tokens)
         ref_margins += margins
+        traj = torch.cat([prompt, torch.tensor(ref)])[None, :-1]
+        ref_logits = eager(traj)[0, prompt.numel() - 1:]
         for k, sess in sessions.items():
             toks, _ = greedy(ort_logits(sess), prompt[None], args.new_tokens)
             same[k] += sum(a == b for a, b in zip(toks, ref))
             prefix[k].append(next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), len(ref)))
+            lg = torch.as_tensor(ort_logits(sess)(traj))[0, prompt.numel() - 1:]
+            forced[k] += int((lg.argmax(-1) == ref_logits.argmax(-1)).sum())
+            noise[k][0] += float((ref_logits ** 2).sum())
+            noise[k][1] += float(((lg - ref_logits) ** 2).sum())
     total = args.prompts * args.new_tokens
     m = torch.tensor(ref_margins)
     print(f"\ndecoder: GPT-2 config {DECODER}, {sum(p.numel() for p in model.parameters())} parameters, "
@@ -172,13 +180,16 @@ def decoder_check(args) -> int:
     print(f"int4-weights passes: {stats}; file {len(int4)} bytes = {len(int4) / len(fp32):.3f} of fp32 ({len(fp32)})")
     print(f"fp32 eager greedy margins (best - second logit) over {total} steps: median {float(m.median()):.3f}, "
           f"below 0.1: {float((m < 0.1).float().mean()):.1%}, below 0.5: {float((m < 0.5).float().mean()):.1%}\n")
-    print("| file | tokens identical to fp32 eager (position by position) | identical prefix per prompt (mean, min) |")
-    print("|---|---|---|")
+    print("| file | greedy tokens identical to fp32 eager (position by position) | identical prefix per prompt "
+          "(mean, min) | next token on fp32's trajectory (teacher-forced) | logits SQNR on it |")
+    print("|---|---|---|---|---|")
     for k in sessions:
+        sq = 10 * np.log10(noise[k][0] / noise[k][1]) if noise[k][1] > 0 else float("inf")
         print(f"| {k} | {same[k]}/{total} = {same[k] / total:.2%} | {sum(prefix[k]) / len(prefix[k]):.1f}, "
-              f"{min(prefix[k])} of {args.new_tokens} |")
+              f"{min(prefix[k])} of {args.new_tokens} | {forced[k]}/{total} = {forced[k] / total:.2%} | {sq:.1f} dB |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"identical": same, "total": total, "prefix": prefix, "losses": losses,
+        Path(args.json).write_text(json.dumps({"identical": same, "forced": forced, "total": total, "prefix": prefix,
+                                               "losses": losses, "chain_scale": args.chain_scale,
                                                "entropy_floor": floor, "size_ratio": len(int4) / len(fp32)}))
     return 0
 
@@ -188,6 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("--decoder", action="store_true", help="the decoder check (greedy decoding, int4 vs fp32)")
     p.add_argument("--steps", type=int, default=600, help="--decoder: training steps on the synthetic task")
     p.add_argument("--untrained", action="store_true", help="--decoder: skip the training (random init)")
+    p.add_argument("--chain-scale", type=float, default=2.0, help=(
+        "--decoder: spread of the Markov chain's logits (larger: more peaked next-token distributions, fewer "
+        "near-ties for greedy decoding)"))
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--blocks", default="32,64,128")
