@@ -208,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget", type=float, default=2.0)
     p.add_argument("--cal", type=int, default=256, help="calibration samples (train split) for GPTQ")
+    p.add_argument("--recipe-only", action="store_true", help=(
+        "only the int4-weights recipe's settings (GPTQ, block 128, symmetric), as MatMulNBits and folded; no peer, "
+        "no latency"))
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -230,6 +233,8 @@ def main(argv=None) -> int:
             for sym in (False, True):
                 variants.append((f"ours {method} b{block}{' sym' if sym else ''}", block, method, sym, 0))
     variants.append(("ours gptq b32 acc4", 32, "gptq", False, 4))
+    if args.recipe_only:  # the int4-weights recipe's settings alone (and its folded form), no peer, no timing
+        variants = [("ours gptq b128 sym", 128, "gptq", True, 0)]
     files: dict[str, bytes] = {}
     for label, block, method, sym, acc in variants:
         g = graph.copy()
@@ -241,6 +246,8 @@ def main(argv=None) -> int:
                 n.attrs = {**n.attrs, "form": "folded"}
             files[label + " folded"] = to_onnx_model(g, inputs=ex1).SerializeToString()
     try:
+        if args.recipe_only:
+            raise ImportError("--recipe-only")
         for block in [int(b) for b in args.blocks.split(",")]:
             for sym in (False, True):
                 files[f"ORT rtn b{block}{' sym' if sym else ''}"] = theirs_nbits(fp32, block, sym, 0)
@@ -253,6 +260,14 @@ def main(argv=None) -> int:
                      "top1_agreement": float((y.argmax(1) == ref.argmax(1)).mean()),
                      "accuracy": float((y.argmax(1) == test_y).mean()), "sqnr_db": sqnr_db(ref, y)})
     acc_fp32 = float((ref.argmax(1) == test_y).mean())
+    print(f"\ntiny_bert fp32: {len(fp32)} bytes, test accuracy {acc_fp32:.2%} ({len(test_y)} samples)\n")
+    print("| variant | file / fp32 | top-1 agreement with fp32 | accuracy | SQNR vs fp32 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['size_ratio']:.4f} ({r['bytes']} bytes) | {r['top1_agreement']:.2%} "
+              f"| {r['accuracy']:.2%} | {r['sqnr_db']:.1f} dB |")
+    if args.recipe_only:
+        return 0
     lat = {}
     timed = {k: files[k] for k in ("ours gptq b128 sym", "ours gptq b128 sym folded", "ours gptq b32",
                                    "ours gptq b32 acc4", "ours rtn b64", "ORT rtn b32",
@@ -262,12 +277,6 @@ def main(argv=None) -> int:
         ex = spec.example_inputs(batch=b)
         runs = interleaved_latency(timed, ex, rounds=args.rounds, budget_s=args.budget / args.rounds, clock="cpu")
         lat[b] = {k: best_median_ms(v) for k, v in runs.items()}
-    print(f"\ntiny_bert fp32: {len(fp32)} bytes, test accuracy {acc_fp32:.2%} ({len(test_y)} samples)\n")
-    print("| variant | file / fp32 | top-1 agreement with fp32 | accuracy | SQNR vs fp32 |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['size_ratio']:.4f} ({r['bytes']} bytes) | {r['top1_agreement']:.2%} | {r['accuracy']:.2%} "
-              f"| {r['sqnr_db']:.1f} dB |")
     print("\n| file | latency b1 (ms, / fp32) | latency b32 (ms, / fp32) |")
     print("|---|---|---|")
     for k in timed:
