@@ -138,7 +138,10 @@ def decoder_check(args) -> int:
     ctx = PassContext(ex, calibration_data=cal, quiet=True)
     g = graph.copy()
     stats = {}
-    for pas in recipe.build_passes():
+    passes = recipe.build_passes()
+    if args.block_size:  # the recipe's steps with another block size (a what-if; the recipe says 128)
+        passes = [create_pass(name, {**opts, "block_size": args.block_size}) for name, opts in recipe.passes]
+    for pas in passes:
         res = pas.run(g, ctx)
         g = res.graph_after(g)
         stats[pas.name] = {k: v for k, v in res.stats.items() if k in ("quantized_layers", "embeddings", "method",
@@ -202,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--chain-scale", type=float, default=2.0, help=(
         "--decoder: spread of the Markov chain's logits (larger: more peaked next-token distributions, fewer "
         "near-ties for greedy decoding)"))
+    p.add_argument("--block-size", type=int, default=0, help="--decoder: override the recipe's block size")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--blocks", default="32,64,128")
