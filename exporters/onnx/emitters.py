@@ -1299,9 +1299,10 @@ def _int_initializer(ctx: EmitContext, base: str, arr: np.ndarray, dt: int) -> s
 
 def _folded_codes(ctx: EmitContext, node: Node) -> tuple[str, str | None, str]:
     """matmul_nbits' weight as initializers for the folded form, transposed to W^T blocked along K: the codes
-    [blocks, block, N] (one block: [K, N], its padding left out; 4 bits: two a byte, as many bytes as MatMulNBits' packed codes; symmetric ones stored
-    minus their zero point 2^(bits-1), as signed INT4/INT8, so no zero point is needed), the zero points
-    [blocks, 1, N] (asymmetric only, else None) and the scales [blocks, 1, N] float32 (one block: [1, N])."""
+    [blocks, block, N] (one block: [K, N], its padding left out; 4 bits: two a byte, as many bytes as
+    MatMulNBits' packed codes; symmetric ones stored minus their zero point 2^(bits-1), as signed INT4/INT8, so
+    no zero point is needed), the zero points [blocks, 1, N] (asymmetric only, else None) and the scales
+    [blocks, 1, N] float32 (one block: [1, N])."""
     from slimfx.passes.quantize.ops import unpack_codes
 
     x, qweight, scales, zero_points, bias = node.inputs
@@ -1330,9 +1331,9 @@ def _folded_codes(ctx: EmitContext, node: Node) -> tuple[str, str | None, str]:
 
 def _matmul_nbits_folded(ctx: EmitContext, node: Node) -> str:
     """matmul_nbits with `form = folded`: the stored codes (4-bit, as many bytes as in MatMulNBits) and scales
-    dequantized by Cast and Mul (Sub for zero points) on initializers (then Reshape, and Slice when K is not a whole number of
-    blocks), which onnxruntime constant-folds when it loads the model, then a float MatMul (+ Add): the file is
-    as small as MatMulNBits', the run time fp32's. (A DequantizeLinear would not be folded: see
+    dequantized by Cast and Mul (Sub for zero points) on initializers (then Reshape, and Slice when K is not a
+    whole number of blocks), which onnxruntime constant-folds when it loads the model, then a float MatMul
+    (+ Add): the file is as small as MatMulNBits', the run time fp32's. (A DequantizeLinear would not be folded: see
     `dequantize_runs_in_float`.) Inner values get short names: with a layer's name on each they cost bytes."""
     x, qweight, scales, zero_points, bias = node.inputs
     a = node.attrs
