@@ -5,6 +5,17 @@ Per variant: ONNX file size / fp32, top-1 agreement with fp32 and accuracy on th
 fp32, and onnxruntime latency (1 thread, batch 1 and 32, interleaved with fp32 and the peer, best round).
 
     PYTHONPATH=. python benchmarks/bench_lowbit.py [--blocks 32,64,128] [--rounds 5]
+
+`--decoder`: issue #17's decoder check instead. A GPT-2-style decoder built from a transformers config
+(`slimfx.models.hf`, random init, nothing downloaded) is first trained briefly on a synthetic token task
+(sequences from a random second-order Markov chain: next-token logits A[t-1] + B[t-2], so the model has real,
+peaked next-token distributions and near-ties only where the chain has them; greedy decoding of an untrained
+model is a walk over near-tied logits and says little), exported fp32 and through the `int4-weights` recipe's
+passes, then 16 prompts of 8 tokens are greedily continued by 64 tokens (full recompute every step, the ONNX
+files have a dynamic sequence length) by fp32 eager PyTorch, the fp32 ONNX file (control) and the int4 ONNX file
+on onnxruntime, and compared token by token with fp32 eager.
+
+    PYTHONPATH=.:benchmarks python benchmarks/bench_lowbit.py --decoder [--steps 600] [--chain-scale 2] [--untrained]
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from bench_quant import ort_run, sqnr_db
 
@@ -44,15 +56,170 @@ def theirs_nbits(fp32: bytes, block: int, symmetric: bool, accuracy_level: int) 
         return Path(path).read_bytes()
 
 
+# --- the decoder check ----------------------------------------------------------------------------------------
+
+DECODER = dict(vocab_size=128, n_embd=128, n_layer=2, n_head=4, n_positions=128)
+
+
+class MarkovChain:
+    """Token sequences from a random second-order Markov chain: P(t | a, b) = softmax(A[b] + B[a]) for the two
+    previous tokens a, b (A, B ~ N(0, scale^2), fixed by the seed)."""
+
+    def __init__(self, vocab: int, seed: int = 0, scale: float = 2.0):
+        g = torch.Generator().manual_seed(seed)
+        self.a = torch.randn(vocab, vocab, generator=g) * scale
+        self.b = torch.randn(vocab, vocab, generator=g) * scale
+        self.vocab = vocab
+
+    def sample(self, n: int, length: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        out = torch.zeros(n, length, dtype=torch.long)
+        out[:, :2] = torch.randint(0, self.vocab, (n, 2), generator=g)
+        for t in range(2, length):
+            logits = self.a[out[:, t - 1]] + self.b[out[:, t - 2]]
+            out[:, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
+        return out
+
+
+def train_decoder(model: torch.nn.Module, chain: MarkovChain, steps: int, seq: int = 72, batch: int = 32) -> list[float]:
+    """Next-token cross-entropy on fresh chain samples; returns the loss every 100 steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
+    model.train()
+    losses = []
+    for step in range(steps):
+        x = chain.sample(batch, seq + 1, seed=10_000 + step)
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            losses.append(round(loss.item(), 3))
+    model.eval()
+    return losses
+
+
+def greedy(step_logits, prompt: torch.Tensor, new: int) -> tuple[list[int], list[float]]:
+    """Greedy continuation of `prompt` [1, P] by `new` tokens (full recompute per step); the tokens and, per
+    step, the margin between the best and the second-best logit."""
+    ids = prompt.clone()
+    out, margins = [], []
+    for _ in range(new):
+        last = torch.as_tensor(step_logits(ids))[0, -1]
+        top = torch.topk(last, 2).values
+        margins.append(float(top[0] - top[1]))
+        nxt = int(last.argmax())
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out, margins
+
+
+def decoder_check(args) -> int:
+    from slimfx.exporters.bench import ort_session
+    from slimfx.models import hf
+    from slimfx.recipe import load_recipe
+
+    torch.manual_seed(0)
+    model, kw = hf.build("gpt2", batch=1, seq_len=8, **DECODER)
+    chain = MarkovChain(DECODER["vocab_size"], scale=args.chain_scale)
+    losses = train_decoder(model, chain, args.steps) if not args.untrained else []
+    # the chain's own entropy, the floor of the loss: the model learned the task when its loss nears it
+    x = chain.sample(256, 73, seed=1)
+    p = torch.softmax(chain.a[x[:, 1:-1]] + chain.b[x[:, :-2]], -1)
+    floor = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+    kw = {"input_ids": kw["input_ids"], "attention_mask": torch.ones_like(kw["input_ids"])}
+    graph = ir.capture(model, (), example_kwargs=kw)
+    ex = tuple(kw.values())
+    fp32 = to_onnx_model(graph, inputs=ex).SerializeToString()
+    recipe = load_recipe("int4-weights")
+    cal = [(s[None, :64], torch.ones(1, 64, dtype=torch.long)) for s in chain.sample(args.cal, 64, seed=2)]
+    ctx = PassContext(ex, calibration_data=cal, quiet=True)
+    g = graph.copy()
+    stats = {}
+    passes = recipe.build_passes()
+    if args.block_size:  # the recipe's steps with another block size (a what-if; the recipe says 128)
+        passes = [create_pass(name, {**opts, "block_size": args.block_size}) for name, opts in recipe.passes]
+    for pas in passes:
+        res = pas.run(g, ctx)
+        g = res.graph_after(g)
+        stats[pas.name] = {k: v for k, v in res.stats.items() if k in ("quantized_layers", "embeddings", "method",
+                                                                         "block_size", "symmetric")}
+    int4 = to_onnx_model(g, inputs=ex).SerializeToString()
+    sessions = {"fp32 onnx": ort_session(fp32), "int4 onnx": ort_session(int4)}
+
+    def ort_logits(sess):
+        return lambda ids: sess.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
+
+    def eager(ids):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+    prompts = chain.sample(args.prompts, 8, seed=3)
+    same = {k: 0 for k in sessions}
+    forced = {k: 0 for k in sessions}  # next token on fp32's own trajectory (teacher forcing)
+    noise = {k: [0.0, 0.0] for k in sessions}  # logit energy, error energy on that trajectory
+    prefix = {k: [] for k in sessions}
+    ref_margins = []
+    for prompt in prompts:
+        ref, margins = greedy(eager, prompt[None], args.new_tokens)
+        ref_margins += margins
+        traj = torch.cat([prompt, torch.tensor(ref)])[None, :-1]
+        ref_logits = eager(traj)[0, prompt.numel() - 1:]
+        for k, sess in sessions.items():
+            toks, _ = greedy(ort_logits(sess), prompt[None], args.new_tokens)
+            same[k] += sum(a == b for a, b in zip(toks, ref))
+            prefix[k].append(next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), len(ref)))
+            lg = torch.as_tensor(ort_logits(sess)(traj))[0, prompt.numel() - 1:]
+            forced[k] += int((lg.argmax(-1) == ref_logits.argmax(-1)).sum())
+            noise[k][0] += float((ref_logits ** 2).sum())
+            noise[k][1] += float(((lg - ref_logits) ** 2).sum())
+    total = args.prompts * args.new_tokens
+    m = torch.tensor(ref_margins)
+    print(f"\ndecoder: GPT-2 config {DECODER}, {sum(p.numel() for p in model.parameters())} parameters, "
+          + (f"trained {args.steps} steps on the Markov chain (loss every 100 steps: {losses}; the chain's entropy, "
+             f"the lowest loss possible: {floor:.3f})" if losses else "untrained (random init)"))
+    print(f"int4-weights passes: {stats}; file {len(int4)} bytes = {len(int4) / len(fp32):.3f} of fp32 ({len(fp32)})")
+    print(f"fp32 eager greedy margins (best - second logit) over {total} steps: median {float(m.median()):.3f}, "
+          f"below 0.1: {float((m < 0.1).float().mean()):.1%}, below 0.5: {float((m < 0.5).float().mean()):.1%}\n")
+    print("| file | greedy tokens identical to fp32 eager (position by position) | identical prefix per prompt "
+          "(mean, min) | next token on fp32's trajectory (teacher-forced) | logits SQNR on it |")
+    print("|---|---|---|---|---|")
+    for k in sessions:
+        sq = 10 * np.log10(noise[k][0] / noise[k][1]) if noise[k][1] > 0 else float("inf")
+        print(f"| {k} | {same[k]}/{total} = {same[k] / total:.2%} | {sum(prefix[k]) / len(prefix[k]):.1f}, "
+              f"{min(prefix[k])} of {args.new_tokens} | {forced[k]}/{total} = {forced[k] / total:.2%} | {sq:.1f} dB |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"identical": same, "forced": forced, "total": total, "prefix": prefix,
+                                               "losses": losses, "chain_scale": args.chain_scale,
+                                               "entropy_floor": floor, "size_ratio": len(int4) / len(fp32)}))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--decoder", action="store_true", help="the decoder check (greedy decoding, int4 vs fp32)")
+    p.add_argument("--steps", type=int, default=600, help="--decoder: training steps on the synthetic task")
+    p.add_argument("--untrained", action="store_true", help="--decoder: skip the training (random init)")
+    p.add_argument("--chain-scale", type=float, default=2.0, help=(
+        "--decoder: spread of the Markov chain's logits (larger: more peaked next-token distributions, fewer "
+        "near-ties for greedy decoding)"))
+    p.add_argument("--block-size", type=int, default=0, help="--decoder: override the recipe's block size")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--blocks", default="32,64,128")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--budget", type=float, default=2.0)
     p.add_argument("--cal", type=int, default=256, help="calibration samples (train split) for GPTQ")
+    p.add_argument("--recipe-only", action="store_true", help=(
+        "only the int4-weights recipe's settings (GPTQ, block 128, symmetric), as MatMulNBits and folded; no peer, "
+        "no latency"))
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.decoder:
+        return decoder_check(args)
     spec = models.get("tiny_bert")
     ds = models.load_dataset(spec.dataset)
     module = spec.trained(progress=False).eval()
@@ -70,13 +237,21 @@ def main(argv=None) -> int:
             for sym in (False, True):
                 variants.append((f"ours {method} b{block}{' sym' if sym else ''}", block, method, sym, 0))
     variants.append(("ours gptq b32 acc4", 32, "gptq", False, 4))
+    if args.recipe_only:  # the int4-weights recipe's settings alone (and its folded form), no peer, no timing
+        variants = [("ours gptq b128 sym", 128, "gptq", True, 0)]
     files: dict[str, bytes] = {}
     for label, block, method, sym, acc in variants:
         g = graph.copy()
         create_pass("quantize-weights", {"block_size": block, "method": method, "symmetric": sym,
                                          "accuracy_level": acc}).run(g, ctx)
         files[label] = to_onnx_model(g, inputs=ex1).SerializeToString()
+        if (block, method, sym, acc) == (128, "gptq", True, 0):  # the int4-weights recipe: also its folded form
+            for n in g.find("matmul_nbits"):
+                n.attrs = {**n.attrs, "form": "folded"}
+            files[label + " folded"] = to_onnx_model(g, inputs=ex1).SerializeToString()
     try:
+        if args.recipe_only:
+            raise ImportError("--recipe-only")
         for block in [int(b) for b in args.blocks.split(",")]:
             for sym in (False, True):
                 files[f"ORT rtn b{block}{' sym' if sym else ''}"] = theirs_nbits(fp32, block, sym, 0)
@@ -89,20 +264,23 @@ def main(argv=None) -> int:
                      "top1_agreement": float((y.argmax(1) == ref.argmax(1)).mean()),
                      "accuracy": float((y.argmax(1) == test_y).mean()), "sqnr_db": sqnr_db(ref, y)})
     acc_fp32 = float((ref.argmax(1) == test_y).mean())
+    print(f"\ntiny_bert fp32: {len(fp32)} bytes, test accuracy {acc_fp32:.2%} ({len(test_y)} samples)\n")
+    print("| variant | file / fp32 | top-1 agreement with fp32 | accuracy | SQNR vs fp32 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['size_ratio']:.4f} ({r['bytes']} bytes) | {r['top1_agreement']:.2%} "
+              f"| {r['accuracy']:.2%} | {r['sqnr_db']:.1f} dB |")
+    if args.recipe_only:
+        return 0
     lat = {}
-    timed = {k: files[k] for k in ("ours gptq b32", "ours gptq b32 acc4", "ours rtn b64", "ORT rtn b32",
+    timed = {k: files[k] for k in ("ours gptq b128 sym", "ours gptq b128 sym folded", "ours gptq b32",
+                                   "ours gptq b32 acc4", "ours rtn b64", "ORT rtn b32",
                                    "ORT rtn b32 acc4") if k in files}
     timed = {"fp32": fp32, **timed}
     for b in (1, 32):
         ex = spec.example_inputs(batch=b)
         runs = interleaved_latency(timed, ex, rounds=args.rounds, budget_s=args.budget / args.rounds, clock="cpu")
         lat[b] = {k: best_median_ms(v) for k, v in runs.items()}
-    print(f"\ntiny_bert fp32: {len(fp32)} bytes, test accuracy {acc_fp32:.2%} ({len(test_y)} samples)\n")
-    print("| variant | file / fp32 | top-1 agreement with fp32 | accuracy | SQNR vs fp32 |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['size_ratio']:.3f} | {r['top1_agreement']:.2%} | {r['accuracy']:.2%} "
-              f"| {r['sqnr_db']:.1f} dB |")
     print("\n| file | latency b1 (ms, / fp32) | latency b32 (ms, / fp32) |")
     print("|---|---|---|")
     for k in timed:

@@ -78,9 +78,13 @@ def _xs(v: tuple[float, float] | None) -> str:
 def _guard(report: dict) -> str:
     """What the quantize step's speed guard kept float (and its int8/fp32 verdict), '' when it did not run."""
     for p in report["passes"]:
-        g = p["stats"].get("speed_guard") if p["name"] == "quantize" else None
+        g = p["stats"].get("speed_guard") if p["name"] in ("quantize", "quantize-weights") else None
+        if p["name"] == "quantize-weights" and isinstance(g, dict):  # MatMulNBits or the folded form
+            r = g.get("model_ratio")
+            return f"form: {g['chosen']}" + (" (MatMulNBits {b1:.2f}x/{b32:.2f}x)".format(**r["nbits"]) if r else "")
         if isinstance(g, dict):
-            kept = "whole model" if g["chosen"] == "float" else ", ".join(g["kept_float"]) or "none"
+            kept = "whole model" if g["chosen"] == "float" else "weight-only (int8 weights, float compute)" \
+                if g["chosen"] == "weight-only" else ", ".join(g["kept_float"]) or "none"
             v = (g.get("model_verdict") or {}).get("int8")
             return kept + (f" (int8 {v['b1']:.2f}x/{v['b32']:.2f}x ±{v['spread']:.2f})" if v else "")
         if isinstance(g, str):

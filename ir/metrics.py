@@ -23,11 +23,28 @@ from typing import Any
 import torch
 
 __all__ = ["OutputStats", "Comparison", "named_leaves", "sqnr_db", "tensor_sqnr_db", "compare", "check_close",
-           "sqnr_ceiling_db"]
+           "sqnr_ceiling_db", "ACCURACY_DROP_LIMIT", "accuracy_drop_problem"]
 
 # The most SQNR two float computations of one model in this dtype can be expected to share: rounding in
 # another order already costs about this much (fp16 cleanup measured 68-79 dB on random nets).
 SQNR_CEILING_DB = {torch.float16: 60.0, torch.bfloat16: 40.0}
+
+
+#: `max_accuracy_drop` is a fraction of accuracy everywhere ([validate], [tune], quantize's option): 0.003 is 0.3
+#: points. A value this large or larger (10 points) is refused, as what writing points instead would give
+#: (0.3 meant as 0.3 points would silently allow losing 30 points).
+ACCURACY_DROP_LIMIT = 0.1
+
+
+def accuracy_drop_problem(value: float) -> str | None:
+    """What is wrong with a `max_accuracy_drop` value (already a number in [0, 1]), or None: the one rule for
+    every place the key exists."""
+    if value < ACCURACY_DROP_LIMIT:
+        return None
+    return (f"is {value:g}, a fraction of accuracy: {value:g} allows losing {100 * value:g} points. It is not in "
+            f"points: for {value:g} points write {value / 100:g}. A value of {ACCURACY_DROP_LIMIT:g} "
+            f"({100 * ACCURACY_DROP_LIMIT:g} points) or more is refused: it is most likely points written where "
+            "a fraction belongs")
 
 
 def sqnr_ceiling_db(dtype: torch.dtype) -> float:

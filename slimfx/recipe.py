@@ -335,8 +335,19 @@ def _check_validate(table: dict[str, Any], where: str) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or (lo is not None and v < lo) or (hi is not None and v > hi):
             raise RecipeError(f"{where}: validate.{k} must be a number ({meaning}), got {v!r}")
+        _check_accuracy_drop(k, v, "validate", where)
         out[k] = float(v)
     return out
+
+
+def _check_accuracy_drop(key: str, value: float, table: str, where: str) -> None:
+    """max_accuracy_drop is a fraction in every table; a value that reads like points is refused
+    (`ir.metrics.accuracy_drop_problem`, the rule quantize's option follows too)."""
+    from slimfx.ir.metrics import accuracy_drop_problem
+
+    problem = accuracy_drop_problem(float(value)) if key == "max_accuracy_drop" else None
+    if problem:
+        raise RecipeError(f"{where}: {table}.max_accuracy_drop {problem}")
 
 
 # [tune] key -> (lowest, highest, what it means); `target` is one of TUNE_TARGETS
@@ -376,6 +387,7 @@ def _check_tune(table: dict[str, Any], where: str) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)) or not math.isfinite(v) \
                 or not lo <= v <= hi:
             raise RecipeError(f"{where}: tune.{k} must be {meaning}, from {lo:g} to {hi:g}; got {v!r}")
+        _check_accuracy_drop(k, v, "tune", where)
         out[k] = int(v) if integer else float(v)
     return out
 

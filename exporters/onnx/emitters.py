@@ -1162,6 +1162,65 @@ def _int4_param(ctx: EmitContext, node: Node, v: Any, per_tensor: bool) -> str:
     return ctx._param_cache[key]
 
 
+#: ops that only pass a value through (they vanish on export or move no arithmetic)
+_PASS_THROUGH = ("identity", "dropout", "contiguous")
+
+
+def _runtime_dequantize(v: Any) -> bool:
+    """Whether `v` (past identity/dropout) is a dequantize of a run-time value (an activation), the operand
+    that makes onnxruntime fuse its reader into an integer kernel."""
+    while isinstance(v, Node) and v.op in _PASS_THROUGH:
+        v = v.inputs[0]
+    return isinstance(v, Node) and v.op == "dequantize" and not isinstance(v.inputs[0], Param)
+
+
+def _flat(values: Any) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        out.extend(_flat(v) if isinstance(v, (list, tuple)) else [v])
+    return out
+
+
+def dequantize_runs_in_float(node: Node) -> bool:
+    """A dequantize of a stored integer constant (a weight or a bias) whose every reader computes in float:
+    none of the readers' operands is a dequantized activation (weight-only layers, a storage scheme's layers
+    computed in float). onnxruntime fuses no integer kernel around such a DequantizeLinear and, with its QDQ
+    optimizations on (the default), never constant-folds a DequantizeLinear either: it would dequantize the
+    weight at every inference. Such a dequantize is emitted as Cast + Mul (+ Sub) instead, which onnxruntime
+    folds into the float weight when it loads the model (`_foldable_dequantize`)."""
+    if not isinstance(node.inputs[0], Param) or node.attrs.get("block_size") or not node.users:
+        return False
+    return not any(_runtime_dequantize(a) for u in node.users for a in _flat(u.inputs) if a is not node)
+
+
+def _foldable_dequantize(ctx: EmitContext, node: Node) -> str:
+    """DequantizeLinear's arithmetic, (float(q) - float(zero point)) * scale in float32 (the same values: the
+    integers are exact in float32), as Cast + Sub + Mul on initializers: a constant subgraph onnxruntime folds
+    at session load, so the file keeps the integers and the run time is float's."""
+    q, scale, zp = node.inputs
+    axis = node.attrs.get("axis")
+    rank = ctx.rank(q)
+    shape = [1] * rank
+    if axis is not None and rank > 1:
+        shape[_axis(int(axis), rank)] = -1
+
+    def bcast(v: Any, dtype: torch.dtype) -> str:
+        t = _qtensor(ctx, v)
+        if axis is None or rank <= 1 or t is None or t.dim() == 0 or t.numel() == 1:
+            return _qparam(ctx, v, dtype, axis is None or (t is not None and t.numel() == 1 and rank > 1))
+        # the stored vector (one initializer, which an int32 bias's scale s_x * s_w may read as well), reshaped
+        # to broadcast over the weight's other axes by a node onnxruntime folds with the rest
+        return ctx.emit("Reshape", [_qparam(ctx, v, dtype, False), ctx.ints(shape)], name=f"{node.name}_bcast")
+
+    bits4 = (node.attrs.get("bits") or 8) <= 4
+    stored = _int4_param(ctx, node, q, False) if bits4 else ctx.value(q)
+    x = ctx.emit("Cast", [stored], name=f"{node.name}_float", to=onnx.TensorProto.FLOAT)
+    zero = _qtensor(ctx, zp)
+    if zero is None or bool(torch.as_tensor(zero).any()):
+        x = ctx.emit("Sub", [x, bcast(zp, torch.float32)], name=f"{node.name}_centered")
+    return ctx.emit("Mul", [x, bcast(scale, torch.float32)])
+
+
 @register_emitter("dequantize")
 def _dequantize(ctx: EmitContext, node: Node) -> str:
     q, scale, zp = node.inputs
@@ -1170,6 +1229,8 @@ def _dequantize(ctx: EmitContext, node: Node) -> str:
     qdt = ctx.meta(q).dtype
     per_tensor = axis is None
     rank = ctx.rank(q)
+    if dequantize_runs_in_float(node) and not ((node.attrs.get("bits") or 8) <= 4 and ctx.opset < 21):
+        return _foldable_dequantize(ctx, node)
     if (node.attrs.get("bits") or 8) <= 4 or block:
         # INT4 storage and blocked scales are ONNX opset 21 (onnxruntime runs both on CPU)
         if ctx.opset < 21:
@@ -1211,9 +1272,85 @@ def _matmul_nbits(ctx: EmitContext, node: Node) -> str:
     low bits first into uint8 [N, K blocks, block bytes], one scale (and zero point) per block."""
     x, qweight, scales, zero_points, bias = node.inputs
     a = node.attrs
+    if a.get("form") == "folded":
+        return _matmul_nbits_folded(ctx, node)
     ins = [ctx.value(x), ctx.value(qweight), ctx.value(scales),
            ctx.value(zero_points) if zero_points is not None else None]
     if bias is not None:
         ins += [None, ctx.value(bias)]  # g_idx (absent), bias
     return ctx.emit("MatMulNBits", ins, domain="com.microsoft", K=int(a["k"]), N=int(a["n"]), bits=int(a["bits"]),
                     block_size=int(a["block_size"]), accuracy_level=int(a.get("accuracy_level") or 0) or None)
+
+
+def _int_initializer(ctx: EmitContext, base: str, arr: np.ndarray, dt: int) -> str:
+    """An integer initializer; INT4/UINT4 packed two a byte, low nibble first."""
+    nm = ctx.fresh(base)
+    if dt in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        nib = arr.reshape(-1).astype(np.uint8) & 0x0F
+        if nib.size % 2:
+            nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+        ctx.initializers[nm] = onnx.helper.make_tensor(nm, dt, list(arr.shape),
+                                                       (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes(),
+                                                       raw=True)
+    else:
+        ctx.initializers[nm] = onnx.numpy_helper.from_array(arr.astype(onnx.helper.tensor_dtype_to_np_dtype(dt)), nm)
+    return nm
+
+
+def _folded_codes(ctx: EmitContext, node: Node) -> tuple[str, str | None, str]:
+    """matmul_nbits' weight as initializers for the folded form, transposed to W^T blocked along K: the codes
+    [blocks, block, N] (one block: [K, N], its padding left out; 4 bits: two a byte, as many bytes as
+    MatMulNBits' packed codes; symmetric ones stored minus their zero point 2^(bits-1), as signed INT4/INT8, so
+    no zero point is needed), the zero points [blocks, 1, N] (asymmetric only, else None) and the scales
+    [blocks, 1, N] float32 (one block: [1, N])."""
+    from slimfx.passes.quantize.ops import unpack_codes
+
+    x, qweight, scales, zero_points, bias = node.inputs
+    a = node.attrs
+    bits, block, n = int(a["bits"]), int(a["block_size"]), int(a["n"])
+    sc = ctx.param_tensor(scales).reshape(n, -1).float()
+    blocks = sc.shape[1]
+    k = int(a["k"])
+    codes = unpack_codes(ctx.param_tensor(qweight), bits, blocks * block).reshape(n, blocks, block)
+    codes = to_numpy(codes.permute(1, 2, 0).contiguous())  # [blocks, block, N]
+    per_block = (blocks, 1, n)  # the shape of the scales and zero points
+    if blocks == 1:  # one block: [K, N] without the padding codes, a scale per output column
+        codes, per_block = codes[0, :k], (1, n)
+    signed = onnx.TensorProto.INT4 if bits == 4 else onnx.TensorProto.INT8
+    unsigned = onnx.TensorProto.UINT4 if bits == 4 else onnx.TensorProto.UINT8
+    if zero_points is None:
+        cn, zn = _int_initializer(ctx, qweight.name, codes - 2 ** (bits - 1), signed), None
+    else:
+        zp = unpack_codes(ctx.param_tensor(zero_points), bits, blocks).reshape(n, blocks)
+        cn = _int_initializer(ctx, qweight.name, codes, unsigned)
+        zn = _int_initializer(ctx, zero_points.name, to_numpy(zp.t().reshape(*per_block)), unsigned)
+    sn = ctx.fresh(scales.name)
+    ctx.initializers[sn] = onnx.numpy_helper.from_array(to_numpy(sc.t().reshape(*per_block).contiguous()), sn)
+    return cn, zn, sn
+
+
+def _matmul_nbits_folded(ctx: EmitContext, node: Node) -> str:
+    """matmul_nbits with `form = folded`: the stored codes (4-bit, as many bytes as in MatMulNBits) and scales
+    dequantized by Cast and Mul (Sub for zero points) on initializers (then Reshape, and Slice when K is not a
+    whole number of blocks), which onnxruntime constant-folds when it loads the model, then a float MatMul
+    (+ Add): the file is as small as MatMulNBits', the run time fp32's. (A DequantizeLinear would not be folded: see
+    `dequantize_runs_in_float`.) Inner values get short names: with a layer's name on each they cost bytes."""
+    x, qweight, scales, zero_points, bias = node.inputs
+    a = node.attrs
+    bits, block, k, n = int(a["bits"]), int(a["block_size"]), int(a["k"]), int(a["n"])
+    if bits == 4 and ctx.opset < 21:
+        raise _err(node, "the folded form stores 4-bit codes as ONNX INT4, which needs opset 21: export with "
+                         "opset 21 or keep form = 'nbits' (MatMulNBits)")
+    codes, zp, scale = _folded_codes(ctx, node)
+    blocks = ctx.param_tensor(scales).reshape(n, -1).shape[1]
+    w = ctx.emit("Cast", [codes], name="nb", to=onnx.TensorProto.FLOAT)
+    if zp is not None:
+        w = ctx.emit("Sub", [w, ctx.emit("Cast", [zp], name="nb", to=onnx.TensorProto.FLOAT)], name="nb")
+    w = ctx.emit("Mul", [w, scale], name="nb")
+    if blocks > 1:
+        w = ctx.emit("Reshape", [w, ctx.ints([blocks * block, n])], name="nb")
+    if blocks > 1 and blocks * block != k:
+        w = ctx.emit("Slice", [w, ctx.ints([0]), ctx.ints([k]), ctx.ints([0])], name="nb")
+    if bias is None:
+        return ctx.emit("MatMul", [ctx.value(x), w])
+    return ctx.emit("Add", [ctx.emit("MatMul", [ctx.value(x), w], name="nb"), ctx.value(bias)])

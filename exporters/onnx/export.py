@@ -102,8 +102,11 @@ def export_dims(graph: Graph, dynamic_batch: bool = True) -> list[dict[int, str]
 
 def needed_opset(graph: Graph) -> int:
     """The lowest opset (at least DEFAULT_OPSET) that can express `graph`: 21 for 4-bit weights (ONNX INT4)
-    and blocked weight scales (DequantizeLinear's block_size)."""
-    if any(n.op == "dequantize" and ((n.attrs.get("bits") or 8) <= 4 or n.attrs.get("block_size")) for n in graph):
+    and blocked weight scales (DequantizeLinear's block_size), and for 4-bit codes in matmul_nbits' folded
+    form (ONNX INT4)."""
+    if any(n.op == "dequantize" and ((n.attrs.get("bits") or 8) <= 4 or n.attrs.get("block_size"))
+           or n.op == "matmul_nbits" and n.attrs.get("form") == "folded" and int(n.attrs["bits"]) <= 4
+           for n in graph):
         return max(DEFAULT_OPSET, 21)
     return DEFAULT_OPSET
 

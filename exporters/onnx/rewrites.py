@@ -7,7 +7,8 @@ nodes and initializers, where the bytes are known:
   quantize pass keeps as that product) becomes one stored initializer where that is no bigger than the Mul
   node (a few channels); larger products stay a Mul, which onnxruntime folds when it loads the model.
 - compact_int32: an int32 initializer that DequantizeLinear reads (a quantized bias) and whose values fit in
-  int16 is stored as int16 and cast back (half the bytes) where that saves more than the Cast node costs.
+  int16 is stored as int16 and cast back (half the bytes) where that saves more than the Cast node costs; one
+  that only Casts to float read (a bias in the foldable dequantize form) is stored as int16 in place.
 
 Both produce constant subgraphs or constants that onnxruntime folds before its QDQ fusion, so
 QLinearConv/QGemm fusion and results are unchanged. Float32 products are computed in float32, as onnxruntime
@@ -76,6 +77,7 @@ def compact_int32(nodes: list[NodeProto], initializers: dict[str, TensorProto]
     names = list(dict.fromkeys(n.input[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input
                                and n.input[0] in initializers
                                and initializers[n.input[0]].data_type == TensorProto.INT32))
+    nodes, initializers = _narrow_float_casts(nodes, initializers)
     for name in names:
         t = numpy_helper.to_array(initializers[name])
         cast = {"to": TensorProto.INT32}
@@ -89,6 +91,24 @@ def compact_int32(nodes: list[NodeProto], initializers: dict[str, TensorProto]
         while first > 0 and set(nodes[first - 1].output) <= reads:
             first -= 1
         nodes = [*nodes[:first], helper.make_node("Cast", [small.name], [name], **cast), *nodes[first:]]
+    return nodes, initializers
+
+
+def _narrow_float_casts(nodes: list[NodeProto], initializers: dict[str, TensorProto]
+                        ) -> tuple[list[NodeProto], dict[str, TensorProto]]:
+    """An int32 initializer that only Casts to float32 read (a bias dequantized in the foldable form) and whose
+    values fit int16: stored as int16 under its name, which the same Casts read (no node added)."""
+    readers: dict[str, list[NodeProto]] = {}
+    for n in nodes:
+        for i in n.input:
+            if i in initializers and initializers[i].data_type == TensorProto.INT32:
+                readers.setdefault(i, []).append(n)
+    for name, rs in readers.items():
+        if not all(r.op_type == "Cast" and r.attribute[0].i == TensorProto.FLOAT for r in rs):
+            continue
+        t = numpy_helper.to_array(initializers[name])
+        if t.size and np.abs(t.astype(np.int64)).max() <= np.iinfo(np.int16).max:
+            initializers = {**initializers, name: numpy_helper.from_array(t.astype(np.int16), name)}
     return nodes, initializers
 
 

@@ -97,8 +97,11 @@ def nbits_weight(qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch
     return w.reshape(n, -1)[:, :k]
 
 
-def _matmul_nbits(x, qweight, scales, zero_points=None, bias=None, *, k, n, bits, block_size, accuracy_level=0):
-    """onnxruntime's MatMulNBits: x @ W^T (+ bias), W [N, K] stored as block-quantized `bits`-bit codes."""
+def _matmul_nbits(x, qweight, scales, zero_points=None, bias=None, *, k, n, bits, block_size, accuracy_level=0,
+                  form="nbits"):
+    """onnxruntime's MatMulNBits: x @ W^T (+ bias), W [N, K] stored as block-quantized `bits`-bit codes.
+    `form` only says how the ONNX file computes it (nbits: MatMulNBits; folded: the codes dequantized by ops
+    onnxruntime folds at load, then a float MatMul); the arithmetic is the same."""
     w = nbits_weight(qweight, scales, zero_points, bits=bits, block_size=block_size, k=k).to(x.dtype)
     y = torch.matmul(x, w.t())
     return y + bias if bias is not None else y

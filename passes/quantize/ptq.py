@@ -61,6 +61,10 @@ from slimfx.passes.quantize.qdq import (
 
 #: the quantization schemes (module docstring): the type of quantize's and quant-sensitivity's `scheme`
 Scheme = Literal["int8-static", "int8-dynamic", "fixed-point", "sign"]
+#: schemes whose point is the stored weight format: the speed guard never trades their weights back to float
+STORAGE_SCHEMES = ("fixed-point", "sign")
+#: the speed guard's name for a storage scheme's weights computed in float
+WEIGHT_ONLY = "weight-only"
 Range = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -224,6 +228,11 @@ class Quantize(Pass):
     PREREQUISITES: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
 
     def validate(self) -> None:
+        from slimfx.ir.metrics import accuracy_drop_problem
+
+        problem = accuracy_drop_problem(self.max_accuracy_drop) if self.max_accuracy_drop is not None else None
+        if problem:
+            raise PassError(f"pass 'quantize': option 'max_accuracy_drop' {problem}")
         int8 = self.scheme in ("int8-static", "int8-dynamic")
         if self.weight_block_size and (not int8 or self.weight_block_size & (self.weight_block_size - 1)
                                        or self.weight_block_size < 2):
@@ -306,15 +315,17 @@ class Quantize(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         self._rounding_cache = None  # AdaRound's per-layer results live for one run (see apply)
         notes = self._run_prerequisites(graph, ctx) if self.prerequisites else []
-        # the guard weighs onnxruntime's integer kernels against float: the int8 schemes (fixed-point and sign
-        # are for storage and never traded back); int8-dynamic is weighed as a whole model (its layers quantize
-        # their input at run time, so they have no integer tensors around them to be timed between)
-        guard = self.guard_mode != "off" and self.scheme in ("int8-static", "int8-dynamic")
+        # the guard weighs onnxruntime's integer kernels against float: the int8 schemes layer by layer and
+        # as a whole; int8-dynamic as a whole model only (its layers quantize their input at run time, so they
+        # have no integer tensors around them to be timed between); the storage schemes (fixed-point, sign) as
+        # a whole against the same stored weights computed in float (their weights are never traded back)
+        storage = self.scheme in STORAGE_SCHEMES
+        guard = self.guard_mode != "off" and (self.scheme in ("int8-static", "int8-dynamic") or storage)
         timed = ctx.measure_ms is not None or self.guard_mode == "replay"
         float_graph = graph.copy() if guard and timed else None
         result = self._quantize(graph, ctx)
         if guard:
-            result = self._speed_guard(graph, float_graph, result, ctx)
+            result = (self._storage_guard if storage else self._speed_guard)(graph, float_graph, result, ctx)
         result.stats["notes"] = notes + result.stats.get("notes", [])
         result.changed = result.changed or bool(notes)
         return result
@@ -403,6 +414,64 @@ class Quantize(Pass):
         result.stats["speed_guard"] = section
         result.stats["notes"] = notes + result.stats.get("notes", [])
         return result if out_graph is graph else PassResult(result.changed, result.stats, graph=out_graph)
+
+    def _storage_guard(self, graph: Graph, float_graph: Graph | None, result: PassResult,
+                       ctx: PassContext) -> PassResult:
+        """A storage scheme (fixed-point, sign) keeps its weights whatever the timings say; what it may trade is
+        where they are computed. The int8 model (onnxruntime's integer kernels) is timed side by side with the
+        same stored weights computed in float (`qdq.weight_only`: no activation quantization; the exporter
+        writes those weights in a form onnxruntime folds at load) and with the float graph quantize started
+        from; when int8 is clearly slower than that float graph overall (speed.RULE) or at any one batch size
+        beyond that size's noise (at least 5%), the weight-only model is kept."""
+        from slimfx.passes.quantize import speed
+        from slimfx.passes.quantize.qdq import weight_only
+
+        if float_graph is None or not result.changed:
+            if float_graph is None:
+                result.stats["speed_guard"] = ("skipped: no runtime to time on (PassContext.measure_ms; "
+                                               "slimfx.compile sets it when latency is measured)")
+            return result
+        wo = graph.copy()
+        removed = weight_only(wo)
+        batches = list(dict.fromkeys(self.speed_guard_batches))
+        if self.guard_mode == "replay":
+            decisions = speed.load_decisions(str(self.speed_guard))
+            chosen = speed.FLOAT if decisions["model"] == "float" else speed.INT8
+            section: dict = {"mode": f"replay {self.speed_guard}", "decisions": decisions}
+            at = f"(recorded in {self.speed_guard}, not timed)"
+        else:
+            times = speed.interleaved_times(ctx.measure_ms, {speed.INT8: graph, WEIGHT_ONLY: wo, speed.FLOAT: float_graph},
+                                            batches, self.speed_guard_seconds, self.speed_guard_rounds)
+            vs = {k: speed.compare(times, k, speed.FLOAT, batches) for k in (speed.INT8, WEIGHT_ONLY)}
+            # stricter than int8-static's rule, where falling back loses the format: here the weight-only model
+            # keeps it, so the integer kernels stay only if they are not slower at any batch size beyond that
+            # size's noise (at least 5%)
+            v = vs[speed.INT8]
+            ruled_out = v.verdict == "slower" or any(r > 1 + n for r, n in zip(v.per_batch, v.batch_spread))
+            chosen = speed.FLOAT if ruled_out else speed.INT8
+            section = {"mode": "measure", "batches": batches, "rounds": self.speed_guard_rounds, "rule": speed.RULE,
+                       "against": "input",
+                       "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)}
+                                       for k, v in vs.items()},
+                       "model_verdict": {k: v.to_dict(batches) for k, v in vs.items()},
+                       "model_ms": {k: [[round(t, 4) for t in row] for row in v] for k, v in times.items()}}
+            at = ("at batch " + "/".join(map(str, batches)) + " on onnxruntime (1 thread): int8 "
+                  + ", ".join(f"{r:.2f}x" for r in vs[speed.INT8].per_batch)
+                  + f" of fp32 (noise ±{vs[speed.INT8].spread:.2f}), weight-only "
+                  + ", ".join(f"{r:.2f}x" for r in vs[WEIGHT_ONLY].per_batch))
+        section.update({"storage": f"{WEIGHT_ONLY}: the same {self.scheme} weights, dequantized when onnxruntime "
+                                   f"loads the file, activations float ({removed} activation quantizations fewer)",
+                        "chosen": WEIGHT_ONLY if chosen == speed.FLOAT else speed.INT8, "kept_float": {},
+                        "decisions": {"model": "float" if chosen == speed.FLOAT else "int8", "kept_float": [],
+                                      "batches": batches}})
+        result.stats["speed_guard"] = section
+        if chosen != speed.FLOAT:
+            return result
+        result.stats["weight_only"] = True
+        result.stats["notes"] = [f"speed guard kept the {self.scheme} weights but computes them in float "
+                                 f"(weight-only; the file stores the same weights): onnxruntime's int8 kernels ran "
+                                 f"clearly slower than fp32 {at}"] + result.stats.get("notes", [])
+        return PassResult(result.changed, result.stats, graph=wo)
 
     def _original_graph(self, ctx: PassContext) -> Graph | None:
         """The original model (ctx.teacher) as a graph to time, or None (then the guard compares with its

@@ -21,7 +21,7 @@ import torch
 
 from slimfx.ir import Graph, Node, Param, TensorMeta, canonical_weight, ops_with, trait
 from slimfx.ir.errors import PassError
-from slimfx.passes.graph_utils import runs_in_training
+from slimfx.passes.graph_utils import erase_dead, runs_in_training
 from slimfx.passes.quantize.observers import QRANGE, SCALE_FLOOR, QParams
 from slimfx.passes.rewrite import Match, call
 from slimfx.passes.rules import Rule, RuleSet, apply_rules
@@ -496,3 +496,21 @@ def _same_param(graph: Graph, a: object, b: object) -> bool:
     return a is b
 
 
+
+
+def weight_only(graph: Graph) -> int:
+    """Drop the activations' quantize -> dequantize pairs of a quantized graph, keeping its integer weights
+    and biases (dequantized from their stored integers): the same stored model, computed in float. What a
+    storage scheme (fixed-point, sign) falls back to where onnxruntime's integer kernels are slower than float:
+    the ONNX exporter writes such weights' dequantize in a form onnxruntime folds at load (see
+    `exporters.onnx.emitters.dequantize_runs_in_float`), so the file stays small and runs at float speed.
+    Returns how many activation quantizations were removed."""
+    removed = 0
+    for n in list(graph):
+        q = n.inputs[0] if n.op == "dequantize" and n.inputs else None
+        if isinstance(q, Node) and q.op == "quantize" and isinstance(q.inputs[0], Node):
+            graph.replace_all_uses(n, q.inputs[0])
+            removed += 1
+    erase_dead(graph, graph.nodes)
+    graph.remove_unused_params()
+    return removed

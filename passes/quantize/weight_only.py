@@ -128,6 +128,14 @@ class QuantizeWeights(Pass):
         "quantize does; a table another op reads too (tied weights) stays float"))
     min_features: int = option(16, ge=1, help="linears with fewer input features than this stay float")
     skip: list[str] = option([], help="layers kept float: node names, module paths (fnmatch globs) or op names")
+    speed_guard: bool = option(True, help=(
+        "time the model with MatMulNBits and with the folded form (the same stored codes dequantized by ops "
+        "onnxruntime folds when it loads the file, then float MatMuls: fp32's speed, fp32's memory at run time) "
+        "side by side with the float model on onnxruntime (1 thread, batch 1 and 32, the quantize speed guard's "
+        "rule); keep MatMulNBits only where it is clearly faster than the folded form (and not slower than "
+        "float), else the folded form (the file is as small either way). Needs a runtime "
+        "(slimfx.compile with latency measurement; MatMulNBits otherwise, and the stats say so); accuracy_level > 0 "
+        "always keeps MatMulNBits (its int8 compute exists only there); false: MatMulNBits"))
 
     def validate(self) -> None:
         if self.bits not in (4, 8):
@@ -168,6 +176,7 @@ class QuantizeWeights(Pass):
         embeds = quantizable_embeddings(graph, skip=self.skip) if self.embeddings else []
         if not layers and not embeds:
             return PassResult(False, {"quantized_layers": 0, "embeddings": 0})
+        float_graph = graph.copy() if self.speed_guard and self.accuracy_level == 0 and ctx.measure_ms else None
         hessians = self._hessians(graph, layers, ctx) if self.method == "gptq" else {}
         before = after = 0
         for n in layers:
@@ -186,10 +195,54 @@ class QuantizeWeights(Pass):
             quantize_embedding(graph, n, qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True,
                                                             qmin=-127, qmax=127))
         graph.remove_unused_params()
-        return PassResult(True, {"quantized_layers": len(layers), "embeddings": len(embeds), "method": self.method,
-                                 "bits": self.bits,
-                                 "block_size": self.block_size, "symmetric": self.symmetric,
-                                 "weight_bytes": {"before": before, "after": after}})
+        stats = {"quantized_layers": len(layers), "embeddings": len(embeds), "method": self.method, "bits": self.bits,
+                 "block_size": self.block_size, "symmetric": self.symmetric,
+                 "weight_bytes": {"before": before, "after": after}}
+        if layers:
+            stats["speed_guard"] = self._choose_form(graph, float_graph, ctx)
+            notes = [] if stats["speed_guard"].get("chosen") != "folded" else [
+                stats["speed_guard"]["why"]]
+            stats["notes"] = notes
+        return PassResult(True, stats)
+
+    def _choose_form(self, graph: Graph, float_graph: Graph | None, ctx: PassContext) -> dict:
+        """MatMulNBits or the folded form for every matmul_nbits node (attr `form`), by timing both against the
+        float model (passes/quantize/speed.py's rule); the report section."""
+        from slimfx.passes.quantize import speed
+
+        if float_graph is None:
+            why = ("off (speed_guard = false)" if not self.speed_guard else
+                   f"accuracy_level {self.accuracy_level}: only MatMulNBits computes in int8" if self.accuracy_level
+                   else "skipped: no runtime to time on (PassContext.measure_ms; slimfx.compile sets it when "
+                        "latency is measured)")
+            return {"chosen": "nbits", "why": why}
+        folded = graph.copy()
+        for n in folded.find("matmul_nbits"):
+            n.attrs = {**n.attrs, "form": "folded"}
+        batches = [1, 32]
+        times = speed.interleaved_times(ctx.measure_ms, {"nbits": graph, "folded": folded, "float": float_graph},
+                                        batches, 2.0, 5)
+        vs = {k: speed.compare(times, k, "float", batches) for k in ("nbits", "folded")}
+        between = speed.compare(times, "nbits", "folded", batches)
+        # the file is the same either way: MatMulNBits must earn its place by being clearly faster than the folded
+        # form (which runs fp32's kernels), and not slower than fp32
+        ruled_out = vs["nbits"].verdict == "slower" or bool(vs["nbits"].slower_at)
+        chosen = "nbits" if between.verdict == "faster" and not ruled_out else "folded"
+        ratios = {k: ", ".join(f"{r:.2f}x" for r in v.per_batch) for k, v in vs.items()}
+        at = f"of fp32 at batch 1/32 on onnxruntime (1 thread; noise ±{vs['nbits'].spread:.2f})"
+        why = (f"MatMulNBits {ratios['nbits']} {at}, the folded form {ratios['folded']}: MatMulNBits is clearly "
+               "faster, kept (it also keeps the weights 4-bit in memory)" if chosen == "nbits" else
+               f"MatMulNBits {ratios['nbits']} {at}, the folded form {ratios['folded']}: MatMulNBits is not clearly "
+               "faster, so the file keeps the same 4-bit codes, dequantized when onnxruntime loads it (float MatMul)")
+        if chosen == "folded":
+            for n in graph.find("matmul_nbits"):
+                n.attrs = {**n.attrs, "form": "folded"}
+        return {"mode": "measure", "batches": batches, "rule": speed.RULE, "chosen": chosen, "why": why,
+                "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)} for k, v in vs.items()},
+                "model_verdict": {k: v.to_dict(batches) for k, v in vs.items()},
+                "nbits_vs_folded": between.to_dict(batches),
+                "model_ms": {k: [[round(t, 4) for t in row] for row in v] for k, v in times.items()},
+                "decisions": {"form": chosen}}
 
     def _hessians(self, graph: Graph, layers: list[Node], ctx: PassContext) -> dict[str, torch.Tensor]:
         """H = X^T X of each layer's input rows over the calibration data (float model)."""

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import slimfx
 from slimfx import ir
-from slimfx.errors import RecipeError
+from slimfx.errors import PassError, RecipeError
 from slimfx.passes import PassContext, create_pass
 from slimfx.passes.quantize.tune import rank
 
@@ -72,7 +72,7 @@ def _run(budget: dict, target="latency", evaluations=5, bits=8):
     return res.graph_after(g), res.stats, ev
 
 
-@pytest.mark.parametrize("drop", [0.0005, 0.002, 0.01, 0.05, 0.5])
+@pytest.mark.parametrize("drop", [0.0005, 0.002, 0.01, 0.05, 0.09])
 @pytest.mark.parametrize("target", ["latency", "size"])
 def test_budget_met_within_the_evaluation_bound(drop, target):
     g, st, ev = _run({"max_accuracy_drop": drop}, target)
@@ -91,7 +91,7 @@ def test_budget_met_within_the_evaluation_bound(drop, target):
 
 
 def test_a_budget_plain_int8_meets_costs_two_evaluations_and_keeps_nothing_float():
-    g, st, ev = _run({"max_accuracy_drop": 0.5}, bits=8)
+    g, st, ev = _run({"max_accuracy_drop": 0.09}, bits=8)
     assert len(ev.calls) == 2 and st["fallback_layers"] == [] and st["tune"]["chosen"] == 0
     assert len(g.find("dequantize")) >= 6
 
@@ -170,6 +170,45 @@ def test_hostile_tune_values_are_recipe_errors(tune, words):
         slimfx.Recipe("t", passes=[("quantize", {})], tune=tune)
     for w in words:
         assert w in str(e.value), str(e.value)
+
+
+POINTS_WORDS = ["0.3 allows losing 30 points", "for 0.3 points write 0.003"]
+
+
+@pytest.mark.parametrize("build", [
+    lambda: slimfx.Recipe("t", passes=[("quantize", {})], tune={"max_accuracy_drop": 0.3}),
+    lambda: slimfx.Recipe("t", passes=[("quantize", {})], validate={"max_accuracy_drop": 0.3}),
+    lambda: create_pass("quantize", {"max_accuracy_drop": 0.3}),
+    lambda: slimfx.Recipe("t", passes=[("quantize", {"max_accuracy_drop": 0.3})]),
+])
+def test_max_accuracy_drop_written_in_points_is_refused_everywhere_the_key_exists(build):
+    """0.3 meant as 0.3 points would be a 30-point budget: refused, with what to write instead."""
+    with pytest.raises((RecipeError, PassError)) as e:
+        build()
+    for w in ["max_accuracy_drop", *POINTS_WORDS]:
+        assert w in str(e.value), str(e.value)
+
+
+def test_max_accuracy_drop_below_ten_points_is_accepted():
+    assert create_pass("quantize", {"max_accuracy_drop": 0.099}).max_accuracy_drop == 0.099
+    r = slimfx.Recipe("t", passes=[("quantize", {})], tune={"max_accuracy_drop": 0.003},
+                      validate={"max_accuracy_drop": 0.099})
+    assert r.build_passes()[0].max_accuracy_drop == 0.003 and r.validate.max_accuracy_drop == 0.099
+    with pytest.raises(RecipeError, match="for 0.1 points write 0.001"):
+        slimfx.Recipe("t", passes=[("quantize", {})], tune={"max_accuracy_drop": 0.1})
+
+
+@pytest.mark.parametrize("table", ["tune", "validate"])
+def test_cli_max_accuracy_drop_in_points_exits_2(tmp_path, table):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'[[passes]]\nname = "quantize"\n[{table}]\nmax_accuracy_drop = 0.3\n')
+    r = subprocess.run([sys.executable, "-m", "slimfx", "compile", "mlp", "--recipe", str(recipe), "--out",
+                        str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr
+    for w in [f"{table}.max_accuracy_drop", *POINTS_WORDS, str(recipe)]:
+        assert w in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
 def test_tune_needs_a_quantize_step_and_one_place_for_the_budget():

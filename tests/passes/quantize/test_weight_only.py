@@ -158,3 +158,36 @@ def test_embedding_tables_become_int8_unless_turned_off(tmp_path):
         assert res.stats["embeddings"] == n and res.stats["quantized_layers"] == 1
         assert (g.params["emb.weight_q"].dtype == torch.int8) if embeddings else "emb.weight" in g.params
         export_onnx(g, tmp_path / f"{n}.onnx", inputs=(ids,), atol=1e-4, rtol=1e-4)
+
+
+def _nbits_runtime(nbits_cost: float):
+    """ms: 1 per linear or folded matmul_nbits, `nbits_cost` per MatMulNBits."""
+    def measure(graph, inputs, budget_s):
+        cost = sum(nbits_cost if n.op == "matmul_nbits" and n.attrs.get("form", "nbits") == "nbits" else 1.0
+                   for n in graph if n.op in ("linear", "matmul_nbits"))
+        return [cost * inp[0].shape[0] for inp in inputs]
+    return measure
+
+
+@pytest.mark.parametrize("nbits_cost, chosen", [(1.3, "folded"), (1.03, "folded"), (1.0, "folded"), (0.8, "nbits")])
+def test_speed_guard_keeps_matmulnbits_only_where_it_is_clearly_faster_than_the_folded_form(nbits_cost, chosen):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(4, 64)
+    g = ir.capture(m, (x,))
+    res = create_pass("quantize-weights", {}).run(g, PassContext((x,), quiet=True,
+                                                                 measure_ms=_nbits_runtime(nbits_cost)))
+    guard = res.stats["speed_guard"]
+    assert guard["chosen"] == chosen and guard["decisions"] == {"form": chosen}
+    assert {n.attrs.get("form", "nbits") for n in g.find("matmul_nbits")} == {chosen}
+    assert guard["model_ratio"]["nbits"]["b1"] == pytest.approx(nbits_cost)
+    assert bool(res.stats["notes"]) == (chosen == "folded")
+    assert guard["nbits_vs_folded"]["verdict"] == ("faster" if chosen == "nbits" else "slower" if nbits_cost > 1.1
+                                                   else "tie")
+    # without a runtime, or with accuracy_level 4 (int8 compute exists only in MatMulNBits): MatMulNBits
+    for opts, ctx_ms, why in [({}, None, "skipped: no runtime"), ({"accuracy_level": 4}, _nbits_runtime(2.0), "accuracy_level 4"),
+                              ({"speed_guard": False}, _nbits_runtime(2.0), "off")]:
+        g = ir.capture(m, (x,))
+        res = create_pass("quantize-weights", opts).run(g, PassContext((x,), quiet=True, measure_ms=ctx_ms))
+        assert res.stats["speed_guard"]["chosen"] == "nbits" and res.stats["speed_guard"]["why"].startswith(why)
+        assert not any(n.attrs.get("form") == "folded" for n in g.find("matmul_nbits"))
