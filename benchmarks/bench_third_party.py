@@ -395,6 +395,8 @@ def _merge(old: dict, new: dict) -> dict:
     it ran DEFAULT_RECIPES) and the model's own fields; an earlier row's other recipes stay."""
     ran = new.get("recipes") or DEFAULT_RECIPES
     out = {k: v for k, v in old.items() if not any(k.startswith(f"{r}_") for r in ran)}
+    if set(old.get("recipes") or DEFAULT_RECIPES) <= set(ran):
+        out.pop("error", None)  # the earlier run's model-level failure (a timeout) was run again
     out.update(new)
     out["recipes"] = list(dict.fromkeys([*(old.get("recipes") or DEFAULT_RECIPES), *ran]))
     return out
@@ -421,6 +423,15 @@ def _done(row: dict, recipes: list[str]) -> bool:
     return bool(row.get("error")) or all(f"{r}_ok" in row for r in recipes)
 
 
+def _ran(row: dict, recipe: str) -> bool:
+    """The row has a result for `recipe` (a model-level error counts for the recipes of that run)."""
+    return f"{recipe}_ok" in row or (bool(row.get("error")) and recipe in (row.get("recipes") or DEFAULT_RECIPES))
+
+
+def _verdict(row: dict, recipe: str) -> str:
+    return ("yes" if row.get(f"{recipe}_ok") else "**no**") if _ran(row, recipe) else "(not run)"
+
+
 def table(rows: list[dict], title: str, missing: list[dict] = ()) -> str:
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
@@ -429,17 +440,18 @@ def table(rows: list[dict], title: str, missing: list[dict] = ()) -> str:
     prune = any("prune50_ok" in r for r in rows)
     lines = [f"# {title}", ""]
     for source in ("torchvision", "timm"):
-        group = [r for r in rows if r["source"] == source]
-        total = len(group) + sum(m["source"] == source for m in missing)
+        every = [r for r in rows if r["source"] == source]
+        total = len(every) + sum(m["source"] == source for m in missing)
         if not total:
             continue
+        group = [r for r in every if _ran(r, "cleanup") or _ran(r, "int8")]  # not rows of prune50 alone
         n = len(group)
         c = sum(bool(r.get("cleanup_ok")) for r in group)
         q = sum(bool(r.get("int8_ok")) for r in group)
         both = sum(bool(r.get("cleanup_ok") and r.get("int8_ok")) for r in group)
-        lines.append(f"- {source}: {n} of {total} models run; of those, cleanup {c}/{n}, int8 {q}/{n}, both {both}/{n} "
+        lines.append(f"- {source}: {n} of {total} models run with cleanup and int8; of those, cleanup {c}/{n}, int8 {q}/{n}, both {both}/{n} "
                      f"({100 * both / max(n, 1):.0f}%)")
-        pruned = [r for r in group if r.get("prune50_macs") is not None and (r.get("conv_share") or 0) >= 0.5]
+        pruned = [r for r in every if r.get("prune50_macs") is not None and (r.get("conv_share") or 0) >= 0.5]
         if pruned:
             low = sum(r["prune50_macs"] <= PRUNE50_MAX_MACS for r in pruned)
             lines.append(f"- {source}: prune50 MACs <= {PRUNE50_MAX_MACS} on {low} of {len(pruned)} convolutional models "
@@ -452,8 +464,7 @@ def table(rows: list[dict], title: str, missing: list[dict] = ()) -> str:
         params = f"{r['params'] / 1e6:.1f}" if r.get("params") else ""
         lines.append(" | ".join([
             f"| {r['source']}", r["name"], params, str(r.get("res", "")),
-            "yes" if r.get("cleanup_ok") else "**no**", f(r.get("cleanup_rel_eager"), ".1e"),
-            "yes" if r.get("int8_ok") else "**no**", f(r.get("int8_agree_fq"), ".2f"), f(r.get("int8_sqnr_fq"), ".1f"),
+            _verdict(r, "cleanup"), f(r.get("cleanup_rel_eager"), ".1e"), _verdict(r, "int8"), f(r.get("int8_agree_fq"), ".2f"), f(r.get("int8_sqnr_fq"), ".1f"),
             f(r.get("int8_agree_eager"), ".2f"), f(r.get("int8_sqnr_eager"), ".1f"), f(r.get("peer_export_s"), ".1f"),
             f(r.get("cleanup_s"), ".1f"), f(r.get("int8_s"), ".1f"),
             *([f(r.get("prune50_macs"), ".3f") if r.get("prune50_ok", True) else "**no**",
@@ -461,7 +472,7 @@ def table(rows: list[dict], title: str, missing: list[dict] = ()) -> str:
     if missing:
         lines += ["", f"Not run yet ({len(missing)}; the sweep resumes where it stopped): " +
                   ", ".join(f"{m['source']} `{m['name']}`" for m in missing)]
-    failures = [r for r in rows if not (r.get("cleanup_ok") and r.get("int8_ok") and r.get("prune50_ok", True))]
+    failures = [r for r in rows if any(_ran(r, k) and not r.get(f"{k}_ok") for k in ("cleanup", "int8", "prune50"))]
     if failures:
         lines += ["", "Failures and their reasons:", ""]
         for r in failures:
