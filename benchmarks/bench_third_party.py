@@ -395,8 +395,11 @@ def _merge(old: dict, new: dict) -> dict:
     it ran DEFAULT_RECIPES) and the model's own fields; an earlier row's other recipes stay."""
     ran = new.get("recipes") or DEFAULT_RECIPES
     out = {k: v for k, v in old.items() if not any(k.startswith(f"{r}_") for r in ran)}
-    if set(old.get("recipes") or DEFAULT_RECIPES) <= set(ran):
+    if "error" in old and set(old.get("error_recipes") or old.get("recipes") or DEFAULT_RECIPES) <= set(ran):
         out.pop("error", None)  # the earlier run's model-level failure (a timeout) was run again
+        out.pop("error_recipes", None)
+    elif "error" in old:
+        out["error_recipes"] = old.get("error_recipes") or old.get("recipes") or list(DEFAULT_RECIPES)
     out.update(new)
     out["recipes"] = list(dict.fromkeys([*(old.get("recipes") or DEFAULT_RECIPES), *ran]))
     return out
@@ -425,7 +428,8 @@ def _done(row: dict, recipes: list[str]) -> bool:
 
 def _ran(row: dict, recipe: str) -> bool:
     """The row has a result for `recipe` (a model-level error counts for the recipes of that run)."""
-    return f"{recipe}_ok" in row or (bool(row.get("error")) and recipe in (row.get("recipes") or DEFAULT_RECIPES))
+    return f"{recipe}_ok" in row or (bool(row.get("error")) and recipe in (
+        row.get("error_recipes") or row.get("recipes") or DEFAULT_RECIPES))
 
 
 def _verdict(row: dict, recipe: str) -> str:
