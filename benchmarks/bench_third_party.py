@@ -25,6 +25,10 @@ Per model (each in its own process, --timeout seconds at most; --jobs processes 
   recipe's own export check, atol 0.25 / rtol 0.05 against the same module, passed too, or it would not
   have compiled). Top-1 agreement with the module and SQNR and agreement against eager are reported beside
   it; they are not judged: random-init logits are near ties, so one flip in 8 is quantization rounding.
+- prune50 (with --recipes prune50): the `prune50` recipe's passes (fold-batchnorm, prune-channels 50% L2; no
+  train data, so no fine-tune) on the captured graph, nothing exported: the row records MACs after over
+  before (`prune50_macs`) and the conv layers' share of the original's MACs (`conv_share`). The table counts
+  MACs <= 0.35 over the convolutional models (conv layers at least half the MACs).
 Failures keep the exception's class and first line. Results append to --results (JSON lines); a model
 already there at the same resolution is skipped (resume), so the sweep can run in pieces.
 """
@@ -56,6 +60,7 @@ TIMM_SAMPLE = [
 CALIB_SAMPLES = 8
 EVAL_SAMPLES = 8
 INT8_MIN_SQNR_DB = 25.0
+PRUNE50_MAX_MACS = 0.35  # issue 15's done-when for the convolutional models
 
 
 # ---------------------------------------------------------------------------------------------- model list
@@ -160,7 +165,8 @@ def _recipe(name: str):
                   export={"formats": ["onnx"]}, validate={"atol": v.atol, "rtol": v.rtol})
 
 
-def run_one(entry: dict, resolution: int | None, rtol: float, peer: bool = True) -> dict:
+def run_one(entry: dict, resolution: int | None, rtol: float, peer: bool = True,
+            recipes: tuple[str, ...] = ("cleanup", "int8")) -> dict:
     import torch
 
     row = dict(entry)
@@ -189,7 +195,7 @@ def run_one(entry: dict, resolution: int | None, rtol: float, peer: bool = True)
     row["build_s"] = round(time.perf_counter() - t0, 2)
     gen = torch.Generator().manual_seed(1)
     row.update(check_model(model, lambda n: (torch.randn(n, 3, res, res, generator=gen),), rtol=rtol,
-                           peer=peer))
+                           recipes=recipes, peer=peer))
     row["total_s"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -237,6 +243,9 @@ def check_model(model, make_inputs, rtol: float = 1e-4, recipes: tuple[str, ...]
         kwargs = example if isinstance(example, dict) else None
         validation = None if kwargs else (make_inputs(4), torch.zeros(4, dtype=torch.long))
         for recipe in recipes:
+            if recipe.startswith("prune"):  # the pruned model computes something else: its MACs are the result
+                row.update(_pruned_macs(model, example, recipe))
+                continue
             calib = [make_inputs(1) for _ in range(CALIB_SAMPLES)] if recipe.startswith("int8") and not kwargs else None
             data = slimfx.Data(validation=validation, calibration=calib) if validation is not None else None
             t = time.perf_counter()
@@ -279,6 +288,54 @@ def check_model(model, make_inputs, rtol: float = 1e-4, recipes: tuple[str, ...]
     return row
 
 
+def _conv_macs(model, example: tuple | dict) -> int:
+    """MACs of the model's nn.Conv1d/2d layers on `example` (batch 1), from forward hooks."""
+    import torch
+
+    total = 0
+
+    def hook(m, args, out):
+        nonlocal total
+        total += out[0].numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            model(**example) if isinstance(example, dict) else model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def _pruned_macs(model, example: tuple | dict, recipe: str) -> dict:
+    """MACs after the recipe's passes over the original's (`{recipe}_macs`), and the conv layers' share of the
+    original's MACs (`conv_share`: which models count as convolutional). The passes run on the captured graph
+    as compile runs them (no train data: prune50's fine-tune is skipped); nothing is exported."""
+    import torch
+
+    from slimfx import ir
+    from slimfx.passes import PassContext, PassManager
+    from slimfx.recipe import load_recipe
+
+    t = time.perf_counter()
+    row: dict = {}
+    try:
+        kwargs = example if isinstance(example, dict) else None
+        g = ir.capture(model, () if kwargs else example, example_kwargs=kwargs)
+        base = ir.count_macs(g)
+        with torch.no_grad():
+            run = PassManager(load_recipe(recipe).build_passes()).run(g, PassContext(example_inputs=example))
+        row[f"{recipe}_macs"] = round(ir.count_macs(run.graph) / base, 4) if base else None
+        row[f"{recipe}_ok"] = True
+        row["conv_share"] = round(_conv_macs(model, example) / base, 3) if base else None
+    except Exception as e:  # noqa: BLE001
+        row[f"{recipe}_ok"] = False
+        row[f"{recipe}_error"] = _first_line(e)
+    row[f"{recipe}_s"] = round(time.perf_counter() - t, 2)
+    return row
+
+
 def _judge_int8(row: dict, recipe: str = "int8") -> None:
     """The int8 verdict from the row's numbers (also for rows written under an older criterion)."""
     if f"{recipe}_sqnr_fq" not in row and f"{recipe}_agree_fq" not in row:
@@ -299,7 +356,7 @@ def _num(v: float) -> float | None:
 
 # ---------------------------------------------------------------------------------------------- the sweep
 def _child(entry: dict, args) -> dict | None:
-    if not args.rerun and _key(entry, args.resolution) in {_key(r, r.get("asked_res")) for r in load_rows(args.results)}:
+    if not args.rerun and _key(entry, args.resolution) in _done_keys(args):
         return None  # another sweep process (--reverse) ran it meanwhile
     cmd = [sys.executable, __file__, "--one", json.dumps(entry), "--rtol", str(args.rtol),
            "--threads", str(args.threads)]
@@ -307,6 +364,7 @@ def _child(entry: dict, args) -> dict | None:
         cmd += ["--resolution", str(args.resolution)]
     if args.no_peer:
         cmd += ["--no-peer"]
+    cmd += ["--recipes", args.recipes]
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -320,18 +378,62 @@ def _child(entry: dict, args) -> dict | None:
     return json.loads(lines[-1])
 
 
+def _done_keys(args) -> set[tuple]:
+    recipes = args.recipes.split(",")
+    return {_key(r, r.get("asked_res")) for r in load_rows(args.results) if _done(r, recipes)}
+
+
 def _key(row: dict, resolution: int | None) -> tuple:
     return row["source"], row["name"], resolution
 
 
+DEFAULT_RECIPES = ("cleanup", "int8")
+
+
+def _merge(old: dict, new: dict) -> dict:
+    """A later row of the same model replaces what it ran: the fields of its recipes (`recipes`; rows without
+    it ran DEFAULT_RECIPES) and the model's own fields; an earlier row's other recipes stay."""
+    ran = new.get("recipes") or DEFAULT_RECIPES
+    out = {k: v for k, v in old.items() if not any(k.startswith(f"{r}_") for r in ran)}
+    if "error" in old and set(old.get("error_recipes") or old.get("recipes") or DEFAULT_RECIPES) <= set(ran):
+        out.pop("error", None)  # the earlier run's model-level failure (a timeout) was run again
+        out.pop("error_recipes", None)
+    elif "error" in old:
+        out["error_recipes"] = old.get("error_recipes") or old.get("recipes") or list(DEFAULT_RECIPES)
+    out.update(new)
+    out["recipes"] = list(dict.fromkeys([*(old.get("recipes") or DEFAULT_RECIPES), *ran]))
+    return out
+
+
 def load_rows(path: Path) -> list[dict]:
-    """The rows of a results file, the last one for each model and resolution."""
+    """The rows of a results file, one for each model and resolution: later rows merged into earlier ones
+    (`_merge`), so a sweep with `--recipes prune50` adds its columns to the cleanup/int8 rows."""
     if not path.exists():
         return []
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    for r in rows:
+    merged: dict[tuple, dict] = {}
+    for ln in path.read_text().splitlines():
+        if ln.strip():
+            r = json.loads(ln)
+            key = _key(r, r.get("asked_res"))
+            merged[key] = _merge(merged[key], r) if key in merged else r
+    for r in merged.values():
         _judge_int8(r)
-    return list({_key(r, r.get("asked_res")): r for r in rows}.values())
+    return list(merged.values())
+
+
+def _done(row: dict, recipes: list[str]) -> bool:
+    """The row has a result for each recipe (or the model failed as a whole: build error, timeout)."""
+    return bool(row.get("error")) or all(f"{r}_ok" in row for r in recipes)
+
+
+def _ran(row: dict, recipe: str) -> bool:
+    """The row has a result for `recipe` (a model-level error counts for the recipes of that run)."""
+    return f"{recipe}_ok" in row or (bool(row.get("error")) and recipe in (
+        row.get("error_recipes") or row.get("recipes") or DEFAULT_RECIPES))
+
+
+def _verdict(row: dict, recipe: str) -> str:
+    return ("yes" if row.get(f"{recipe}_ok") else "**no**") if _ran(row, recipe) else "(not run)"
 
 
 def table(rows: list[dict], title: str, missing: list[dict] = ()) -> str:
@@ -339,41 +441,49 @@ def table(rows: list[dict], title: str, missing: list[dict] = ()) -> str:
         return "" if v is None else format(v, fmt)
 
     rows = sorted(rows, key=lambda r: (r["source"] != "torchvision", r.get("params") or 0))
+    prune = any("prune50_ok" in r for r in rows)
     lines = [f"# {title}", ""]
     for source in ("torchvision", "timm"):
-        group = [r for r in rows if r["source"] == source]
-        total = len(group) + sum(m["source"] == source for m in missing)
+        every = [r for r in rows if r["source"] == source]
+        total = len(every) + sum(m["source"] == source for m in missing)
         if not total:
             continue
+        group = [r for r in every if _ran(r, "cleanup") or _ran(r, "int8")]  # not rows of prune50 alone
         n = len(group)
         c = sum(bool(r.get("cleanup_ok")) for r in group)
         q = sum(bool(r.get("int8_ok")) for r in group)
         both = sum(bool(r.get("cleanup_ok") and r.get("int8_ok")) for r in group)
-        lines.append(f"- {source}: {n} of {total} models run; of those, cleanup {c}/{n}, int8 {q}/{n}, both {both}/{n} "
+        lines.append(f"- {source}: {n} of {total} models run with cleanup and int8; of those, cleanup {c}/{n}, int8 {q}/{n}, both {both}/{n} "
                      f"({100 * both / max(n, 1):.0f}%)")
+        pruned = [r for r in every if r.get("prune50_macs") is not None and (r.get("conv_share") or 0) >= 0.5]
+        if pruned:
+            low = sum(r["prune50_macs"] <= PRUNE50_MAX_MACS for r in pruned)
+            lines.append(f"- {source}: prune50 MACs <= {PRUNE50_MAX_MACS} on {low} of {len(pruned)} convolutional models "
+                         f"({100 * low / len(pruned):.0f}%; conv layers >= half the MACs)")
     lines += ["", "| source | model | params (M) | res | cleanup | rel. diff vs eager | int8 | agree vs fake-quant | "
               "SQNR vs fake-quant (dB) | agree vs eager | SQNR vs eager (dB) | torch.onnx.export (s) | "
-              "slimfx cleanup (s) | slimfx int8 (s) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "slimfx cleanup (s) | slimfx int8 (s) |" + (" prune50 MACs | conv share |" if prune else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if prune else "")]
     for r in rows:
         params = f"{r['params'] / 1e6:.1f}" if r.get("params") else ""
         lines.append(" | ".join([
             f"| {r['source']}", r["name"], params, str(r.get("res", "")),
-            "yes" if r.get("cleanup_ok") else "**no**", f(r.get("cleanup_rel_eager"), ".1e"),
-            "yes" if r.get("int8_ok") else "**no**", f(r.get("int8_agree_fq"), ".2f"), f(r.get("int8_sqnr_fq"), ".1f"),
+            _verdict(r, "cleanup"), f(r.get("cleanup_rel_eager"), ".1e"), _verdict(r, "int8"), f(r.get("int8_agree_fq"), ".2f"), f(r.get("int8_sqnr_fq"), ".1f"),
             f(r.get("int8_agree_eager"), ".2f"), f(r.get("int8_sqnr_eager"), ".1f"), f(r.get("peer_export_s"), ".1f"),
-            f(r.get("cleanup_s"), ".1f"), f(r.get("int8_s"), ".1f")]) + " |")
+            f(r.get("cleanup_s"), ".1f"), f(r.get("int8_s"), ".1f"),
+            *([f(r.get("prune50_macs"), ".3f") if r.get("prune50_ok", True) else "**no**",
+               f(r.get("conv_share"), ".2f")] if prune else [])]) + " |")
     if missing:
         lines += ["", f"Not run yet ({len(missing)}; the sweep resumes where it stopped): " +
                   ", ".join(f"{m['source']} `{m['name']}`" for m in missing)]
-    failures = [r for r in rows if not (r.get("cleanup_ok") and r.get("int8_ok"))]
+    failures = [r for r in rows if any(_ran(r, k) and not r.get(f"{k}_ok") for k in ("cleanup", "int8", "prune50"))]
     if failures:
         lines += ["", "Failures and their reasons:", ""]
         for r in failures:
-            for k in ("error", "cleanup_error", "int8_error", "peer_error"):
+            for k in ("error", "cleanup_error", "int8_error", "prune50_error", "peer_error"):
                 if r.get(k):
                     what = {"error": "model", "cleanup_error": "cleanup", "int8_error": "int8",
-                            "peer_error": "torch.onnx.export"}[k]
+                            "prune50_error": "prune50", "peer_error": "torch.onnx.export"}[k]
                     msg = str(r[k]).replace("|", "\\|").replace("\n", " ")
                     lines.append(f"- {r['source']} `{r['name']}` ({what}): {msg}")
     return "\n".join(lines) + "\n"
@@ -399,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table-only", action="store_true", help="run nothing: write --table from --results")
     ap.add_argument("--rerun", action="store_true", help="run --models again even when --results has them")
     ap.add_argument("--no-peer", action="store_true", help="skip the torch.onnx.export timing")
+    ap.add_argument("--recipes", default="cleanup,int8",
+                    help="recipes to compile with, comma-separated: cleanup, int8, prune50 (MACs only)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads <= 0:
@@ -408,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.one is not None:
-        print(json.dumps(run_one(json.loads(args.one), args.resolution, args.rtol, not args.no_peer)), flush=True)
+        print(json.dumps(run_one(json.loads(args.one), args.resolution, args.rtol, not args.no_peer,
+                                 tuple(args.recipes.split(",")))), flush=True)
         return 0
 
     entries = [] if args.no_torchvision else torchvision_entries(args.max_params)
@@ -417,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         wanted = set(args.models.split(","))
         entries = [e for e in entries if e["name"] in wanted]
-    done = set() if args.rerun else {_key(r, r.get("asked_res")) for r in load_rows(args.results)}
+    done = set() if args.rerun else _done_keys(args)
     todo = sorted((e for e in entries if _key(e, args.resolution) not in done), key=lambda e: e["params"] or 0,
                   reverse=args.reverse)
     print(f"{len(entries)} models, {len(entries) - len(todo)} already in {args.results}, {len(todo)} to run "
@@ -432,12 +545,19 @@ def main(argv: list[str] | None = None) -> int:
             if row is None:
                 continue
             row["asked_res"] = args.resolution
+            row["recipes"] = args.recipes.split(",")
+            if row.get("error") and tuple(row["recipes"]) != DEFAULT_RECIPES:
+                # a build error or timeout of these recipes only: the model's other results stay good
+                err = row.pop("error")
+                row.update({f"{r}_ok": False for r in row["recipes"]} | {f"{r}_error": err for r in row["recipes"]})
             with args.results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            status = "ok" if row.get("cleanup_ok") and row.get("int8_ok") else "FAIL"
-            print(f"{status:4} {row['source']}/{row['name']} res={row.get('res')} cleanup={row.get('cleanup_ok')} "
-                  f"int8={row.get('int8_ok')} {row.get('total_s', '')}s "
-                  f"{row.get('error') or row.get('cleanup_error') or row.get('int8_error') or ''}"[:300], flush=True)
+            status = "ok" if all(row.get(f"{r}_ok") for r in row["recipes"]) else "FAIL"
+            what = " ".join(f"{r}={row.get(f'{r}_ok')}" + (f" ({row[f'{r}_macs']})" if f"{r}_macs" in row else "")
+                            for r in row["recipes"])
+            errors = [row.get("error")] + [row.get(f"{r}_error") for r in row["recipes"]]
+            print(f"{status:4} {row['source']}/{row['name']} res={row.get('res')} {what} {row.get('total_s', '')}s "
+                  f"{next((e for e in errors if e), '')}"[:300], flush=True)
     if args.table:
         rows = [r for r in load_rows(args.results) if r.get("asked_res") == args.resolution]
         res = "each model's default resolution" if args.resolution is None else \

@@ -158,9 +158,55 @@ def _taylor_products(graph: Graph, ctx: PassContext | None, batches: int) -> dic
 
 # --- planning -------------------------------------------------------------------------------------
 
+def reach(deps: Dependencies) -> dict[int, tuple[tuple[str, int], ...]]:
+    """Each unit's (param, axis) members: the params whose indices it removes."""
+    out: dict[int, list[tuple[str, int]]] = {}
+    for key, m in deps.members.items():
+        for u in set(deps.roots[m.labels].tolist()):
+            out.setdefault(u, []).append(key)
+    return {u: tuple(sorted(keys)) for u, keys in out.items()}
+
+
+def sections(group: Group, reached: dict[int, tuple]) -> list[list[int]]:
+    """The group's units split by the params they reach (`reach`): units that reach the same members form one
+    section. A plain group is one section; a group whose channels are split between consumers (chunk, split,
+    slice: ShuffleNet's halves, one passed through and one read by a conv) has one per part."""
+    by_sig: dict[tuple, list[int]] = {}
+    for u in group.units:
+        by_sig.setdefault(reached.get(u, ()), []).append(u)
+    return list(by_sig.values())
+
+
+def _quotas(sizes: list[int], total: int) -> list[int]:
+    """`total` split over sections of `sizes` in proportion (largest remainders; ties to the larger section)."""
+    n = sum(sizes)
+    exact = [total * s / n for s in sizes]
+    out = [int(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - out[i]), -sizes[i], i))
+    for i in order[:total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def _lowest(group: Group, reached: dict[int, tuple], scores: torch.Tensor, count: int) -> list[int]:
+    """The `count` units to remove from `group`: the lowest-scoring ones of each section, the same fraction of
+    every section (balanced), so every layer that reads a part of the group loses its share. Removing the
+    lowest-scoring units of the whole group could take them all from one part (ShuffleNetV2: the half a
+    block passes through), leaving the convs that read the other part at full width."""
+    def key(u: int) -> tuple[float, int]:
+        return float(scores[u]), u
+
+    parts = sections(group, reached)
+    if len(parts) == 1:
+        return sorted(group.units, key=key)[:count]
+    return [u for part, q in zip(parts, _quotas([len(p) for p in parts], count)) for u in sorted(part, key=key)[:q]]
+
+
 def plan(deps: Dependencies, scores: torch.Tensor, sparsity_of: dict[int, float], round_to: int = 1) -> list[int]:
-    """Units to remove: per group the lowest-scoring fraction, rounded, at least one unit kept."""
+    """Units to remove: per group the lowest-scoring fraction (the same fraction of each of its sections,
+    `sections`), rounded, at least one unit kept."""
     removed: list[int] = []
+    reached = reach(deps)
     for g in deps.groups:
         s = sparsity_of.get(g.id, 0.0)
         n = len(g.units)
@@ -172,8 +218,7 @@ def plan(deps: Dependencies, scores: torch.Tensor, sparsity_of: dict[int, float]
             total = max(round_to, int(round(total / round_to)) * round_to)
             kept = min(n, total - g.blocked_channels)
         kept = max(1, min(n, kept))  # documented clamp: a group never reaches 0 channels
-        order = sorted(g.units, key=lambda u: (float(scores[u]), u))
-        removed += order[:n - kept]
+        removed += _lowest(g, reached, scores, n - kept)
     return keep_every_axis(deps, removed, scores)
 
 

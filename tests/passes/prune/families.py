@@ -269,6 +269,70 @@ class ViTLike(nn.Module):
         return self.head(self.ln(x)[:, 0])
 
 
+# --- ShuffleNetV2 ---------------------------------------------------------------------------------
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    batchsize, num_channels, height, width = x.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, num_channels, height, width)
+
+
+class ShuffleBlock(nn.Module):
+    """torchvision's shufflenetv2.InvertedResidual: stride 2 concatenates two branches of the input, stride 1
+    splits the input in halves (chunk), passes one through and concatenates it with the other's branch; a
+    channel shuffle after either."""
+
+    def __init__(self, inp: int, oup: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        half = oup // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False), nn.BatchNorm2d(inp),
+                nn.Conv2d(inp, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+        else:
+            self.branch1 = nn.Sequential()
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(inp if stride > 1 else half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2Like(nn.Module):
+    """shufflenet_v2_x1_0's layout at width 1/4 and repeats (2, 3, 2): stem conv + max pool, three stages of
+    a stride-2 block and stride-1 blocks, 1x1 conv5, global mean, fc."""
+
+    def __init__(self, channels: tuple[int, ...] = (8, 32, 64, 128, 256), repeats: tuple[int, ...] = (2, 3, 2),
+                 classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, channels[0], 3, 2, 1, bias=False), nn.BatchNorm2d(channels[0]),
+                                   nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = channels[0]
+        for i, (rep, cout) in enumerate(zip(repeats, channels[1:4], strict=True)):
+            setattr(self, f"stage{i + 2}", nn.Sequential(ShuffleBlock(cin, cout, 2),
+                                                          *[ShuffleBlock(cout, cout, 1) for _ in range(rep - 1)]))
+            cin = cout
+        self.conv5 = nn.Sequential(nn.Conv2d(cin, channels[-1], 1, bias=False), nn.BatchNorm2d(channels[-1]),
+                                   nn.ReLU(inplace=True))
+        self.fc = nn.Linear(channels[-1], classes)
+
+    def forward(self, x):
+        x = self.maxpool(self.conv1(x))
+        x = self.stage4(self.stage3(self.stage2(x)))
+        return self.fc(self.conv5(x).mean([2, 3]))
+
+
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial batch-norm statistics and norm affines (pruning must carry them exactly)."""
     gen = torch.Generator().manual_seed(seed)
@@ -285,4 +349,4 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 FAMILIES = {"mobilenet_v3": MobileNetV3Like, "efficientnet": EfficientNetLike, "convnext": ConvNeXtLike,
-            "vit": ViTLike}
+            "vit": ViTLike, "shufflenet_v2": ShuffleNetV2Like}

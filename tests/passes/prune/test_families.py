@@ -12,7 +12,8 @@ import torch.nn as nn
 
 from slimfx import ir
 from slimfx.passes import PassContext, PassManager
-from slimfx.passes.prune.groups import analyze
+from slimfx.passes.prune.channels import importance, plan, reach, sections
+from slimfx.passes.prune.groups import analyze, keep_every_axis
 from slimfx.recipe import load_recipe
 from tests.passes.prune import families
 from tests.passes.prune.helpers import export_and_validate
@@ -32,7 +33,8 @@ def _group(stats: dict, source: str) -> dict:
     return next(g for g in stats["groups"] if source in g["sources"])
 
 
-@pytest.mark.parametrize("name,size", [("mobilenet_v3", 64), ("efficientnet", 64), ("convnext", 64), ("vit", 32)])
+@pytest.mark.parametrize("name,size", [("mobilenet_v3", 64), ("efficientnet", 64), ("convnext", 64), ("vit", 32),
+                                       ("shufflenet_v2", 64)])
 def test_prune50_shrinks_each_family_like_a_plain_residual_net(name, size):
     torch.manual_seed(0)
     model = families.randomize(families.FAMILIES[name]())
@@ -115,6 +117,58 @@ def test_channel_shuffle_keeps_the_same_channels_of_both_halves():
     assert {"a", "b"} <= set(grp.sources()) and len(grp.units) == 8  # channel j of a goes with channel j of b
     assert not any(b["source"] in ("a", "b") for b in deps.blocked)
     _exact_after_removal(g, deps, (x,), frac=0.5, seed=0)
+
+
+def test_shufflenet_split_halves_lose_the_same_fraction_and_the_pruned_net_is_exact():
+    """ShuffleNetV2's stride-1 blocks chunk their input: one half passes through, the other feeds branch2's first
+    conv. The stream's units reach different layers by half, so the lowest-scoring half of the whole group could
+    come from the pass-through part and leave branch2 at full width (MACs 0.45). Balanced, each part loses half:
+    every conv reading the stream loses half its inputs, and the net goes to about 0.34 like the others."""
+    torch.manual_seed(0)
+    model = families.randomize(families.ShuffleNetV2Like())
+    x = torch.randn(2, 3, 64, 64)
+    dense, pruned, stats = _prune50(model, x)
+    assert stats["macs_ratio"] <= 0.35
+    for name, w in dense.params.items():  # branch2's first conv of each stride-1 block reads the split half
+        if name.endswith("branch2.0.weight") and ".0.branch2" not in name:
+            assert pruned.params[name].shape[1] == w.shape[1] // 2, name
+    # the plan the pass makes removes exactly what its analysis says: zeroing the producers of its units and
+    # removing them changes nothing (the dense graph with folded batch norms, as prune-channels sees it)
+    folded = PassManager(load_recipe("prune50").build_passes()[:1]).run(ir.capture(model, (x,)),
+                                                                        PassContext(example_inputs=(x,))).graph
+    deps = analyze(folded)
+    scores, _ = importance(folded, deps, "l2")
+    removed = keep_every_axis(deps, plan(deps, scores, {grp.id: 0.5 for grp in deps.groups}), scores)
+    stream = next(grp for grp in deps.groups if len(sections(grp, reach(deps))) > 1)
+    assert len([u for u in stream.units if u in set(removed)]) == len(stream.units) // 2
+    _exact_after_removal(folded, deps, (x,), frac=0.5, seed=0, removed=removed)
+
+
+def test_sections_split_a_group_by_what_its_units_reach():
+    """Balanced removal in a chunked group: of 8 channels, 4 pass through and 4 feed a conv; the 4 scored lowest
+    are all in the pass-through part, yet each part loses 2. A plain group is one section."""
+
+    class Chunked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            p, q = self.a(x).chunk(2, dim=1)
+            return self.fc(torch.cat([p, self.b(q)], 1).mean((2, 3)))
+
+    g = ir.capture(Chunked().eval(), (torch.randn(1, 3, 4, 4),))
+    deps = analyze(g)
+    grp = next(grp for grp in deps.groups if "a" in grp.sources())
+    parts = sections(grp, reach(deps))
+    assert sorted(len(p) for p in parts) == [4, 4]
+    through = next(p for p in parts if not any(k[0] == "b.weight" for k in reach(deps)[p[0]]))
+    scores = torch.ones(deps.num_labels)
+    scores[through] = 0.0  # the pass-through channels score lowest
+    removed = set(plan(deps, scores, {grp.id: 0.5}))
+    assert [len(removed & set(p)) for p in parts] == [2, 2]
+    plain = next(grp for grp in deps.groups if "b" in grp.sources() and "a" not in grp.sources())
+    assert len(sections(plain, reach(deps))) == 1
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v3", "efficientnet"])

@@ -209,13 +209,16 @@ def test_unknown_ops_stop_the_group_and_say_where():
     assert "flip" in why["why"] or "opaque" in why["why"] or why["op"] == "opaque"
 
 
-def _exact_after_removal(g: ir.Graph, deps, inputs: tuple, frac: float, seed: int) -> None:
-    rng = random.Random(seed)
-    removed: list[int] = []
-    for grp in deps.groups:
-        k = min(len(grp.units) - 1, int(round(frac * len(grp.units))))
-        removed += rng.sample(grp.units, max(0, k))
-    removed = keep_every_axis(deps, removed)
+def _exact_after_removal(g: ir.Graph, deps, inputs: tuple, frac: float, seed: int,
+                         removed: list[int] | None = None) -> None:
+    """Removing units (`removed`, or a random `frac` of every group) whose producers are zeroed changes nothing."""
+    if removed is None:
+        rng = random.Random(seed)
+        removed = []
+        for grp in deps.groups:
+            k = min(len(grp.units) - 1, int(round(frac * len(grp.units))))
+            removed += rng.sample(grp.units, max(0, k))
+        removed = keep_every_axis(deps, removed)
     dense = g.copy()
     kill_units(dense, deps, set(removed))
     with torch.no_grad():
