@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _convnets import NETS
+from _convnets import INPUT_SIZE, NETS
 from _latency import compare
 
 from slimfx import ir, models
@@ -101,31 +101,40 @@ def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor], fmt: str = "QOpe
 class _RandomData:
     """A stand-in dataset for the random-init conv nets: random inputs, labels from nothing (accuracy n/a)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, size: int = CONVNET_SIZE):
         g = torch.Generator().manual_seed(0)
-        self.train_x = torch.randn(n, 3, CONVNET_SIZE, CONVNET_SIZE, generator=g)
-        self.test_x = torch.randn(n, 3, CONVNET_SIZE, CONVNET_SIZE, generator=g)
+        self.train_x = torch.randn(n, 3, size, size, generator=g)
+        self.test_x = torch.randn(n, 3, size, size, generator=g)
         self.test_y = torch.zeros(n, dtype=torch.long)
 
 
-def bench_model(name: str, args) -> dict:
+def setup(name: str, *, cal_batch: int = 32, cal_batches: int = 8, eval_n: int = 256, quiet: bool = True):
+    """(batch-norm-folded fp32 graph, batch-1 and batch-32 example inputs, dataset, the peer's format,
+    calibration batches) of a zoo model or a _convnets net (random init, random inputs)."""
     torch.manual_seed(0)
     if name in NETS:
         module = NETS[name]()
-        ex1 = (torch.randn(1, 3, CONVNET_SIZE, CONVNET_SIZE),)
-        ex32 = (torch.randn(32, 3, CONVNET_SIZE, CONVNET_SIZE),)
+        size = INPUT_SIZE.get(name, CONVNET_SIZE)
+        ex1 = (torch.randn(1, 3, size, size),)
+        ex32 = (torch.randn(32, 3, size, size),)
         graph = ir.capture(module, ex1)
         create_pass("fold-batchnorm").run(graph, PassContext(ex1, quiet=True))
-        ds = _RandomData(max(args.cal_batch * args.cal_batches, 256))
+        ds = _RandomData(max(cal_batch * cal_batches, eval_n), size)
         fmt = "QDQ"
     else:
         spec = models.get(name)
         ds = models.load_dataset(spec.dataset)
         ex1 = spec.example_inputs(batch=1)
         ex32 = spec.example_inputs(batch=32)
-        graph = float_graph(spec, ex1, args.quiet)
+        graph = float_graph(spec, ex1, quiet)
         fmt = "QOperator"
-    cal = [ds.train_x[i:i + args.cal_batch] for i in range(0, args.cal_batch * args.cal_batches, args.cal_batch)]
+    cal = [ds.train_x[i:i + cal_batch] for i in range(0, cal_batch * cal_batches, cal_batch)]
+    return graph, ex1, ex32, ds, fmt, cal
+
+
+def bench_model(name: str, args) -> dict:
+    graph, ex1, ex32, ds, fmt, cal = setup(name, cal_batch=args.cal_batch, cal_batches=args.cal_batches,
+                                           eval_n=args.eval_n, quiet=args.quiet)
     ctx = PassContext(ex1, calibration_data=[(c,) for c in cal], quiet=args.quiet,
                       measure_ms=None if args.no_guard else graph_latency_ms)
     fp32 = to_onnx_model(graph, inputs=ex1).SerializeToString()
