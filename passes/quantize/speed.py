@@ -6,8 +6,12 @@ layer alone, between the integer tensors around it in the int8 model: as the int
 exporter's QDQ form fuses into, and as dequantize -> float layer -> quantize (what keeping it float costs
 while its neighbours stay int8), at each target batch size, on the runtime `ctx.measure_ms` times on
 (slimfx.compile: onnxruntime, 1 thread). A layer whose integer kernel is slower (geometric mean of the
-ratios over the batch sizes above `SLOWER`) is kept float and the pass quantizes again without it. Then the
-whole int8 model is timed against the float one; when it is still slower, the float model is kept.
+ratios over the batch sizes above `SLOWER`) is kept float and the pass quantizes again without it. The first
+layers, up to the first whose integer kernel is faster alone, are a second candidate kept float together (a
+float prefix): they read the float input, so keeping them float costs one quantize where the prefix ends, not a
+dequantize/quantize pair per layer as each was timed alone. Then the whole models are timed side by side; an
+alternative to all-int8 is kept only when it is clearly faster, and when int8 is still slower than float, the
+float model is kept.
 """
 
 from __future__ import annotations
@@ -226,7 +230,22 @@ def slower_layers(measure: Measure, quant_graph: Graph, float_graph: Graph, batc
 
 # --- the guard ----------------------------------------------------------------------------------------------
 
-INT8, FEWER, FLOAT, ORIGINAL = "int8", "int8, slower layers float", "float", "original"
+INT8, FEWER, PREFIX, FLOAT, ORIGINAL = ("int8", "int8, slower layers float", "int8, float prefix", "float",
+                                       "original")
+
+
+def float_prefix(layers: list[Node], verdicts: dict[str, Verdict]) -> list[str]:
+    """The first quantized layers, in graph order, up to (not including) the first whose integer kernel alone is
+    faster than its float form (time ratio below 1): the layers that read the float input through nothing but
+    each other, which a float prefix keeps float together (one quantize where it ends instead of a
+    dequantize/quantize pair around each)."""
+    out = []
+    for n in layers:
+        v = verdicts.get(n.name)
+        if v is None or v.ratio < 1.0:
+            break
+        out.append(n.name)
+    return out
 Requantize = Callable[[Graph, list[str]], Any]  # (float graph copy, layers kept float) -> PassResult
 
 
@@ -239,12 +258,18 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
     candidates {variant: (graph, result or None)} and the report section."""
     slower, layer_v = slower_layers(measure, graph, float_graph, batches, budget_s, margin=margin) \
         if per_layer else ({}, {})
+    prefix = float_prefix(quantized_layers(graph), layer_v)
+    kept_if = {FEWER: slower, PREFIX: {
+        n: f"float prefix: int8 kernel alone {layer_v[n].ratio:.2f}x the float one, noise ±{layer_v[n].spread:.2f}"
+        for n in prefix}}
     candidates: dict[str, tuple[Graph, Any]] = {INT8: (graph, None)}
-    if slower:
-        fewer = float_graph.copy()
-        res = requantize(fewer, list(slower))
-        if quantized_layers(fewer):
-            candidates[FEWER] = (fewer, res)
+    for variant, layers in kept_if.items():
+        if not layers or (variant == PREFIX and set(layers) == set(slower)):
+            continue
+        alt = float_graph.copy()
+        res = requantize(alt, list(layers))
+        if quantized_layers(alt):
+            candidates[variant] = (alt, res)
     timed = {**{k: g for k, (g, _) in candidates.items()}, FLOAT: float_graph}
     if original is not None:
         timed[ORIGINAL] = original
@@ -253,18 +278,20 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
     # the bar an int8 model must clear: the float graph quantize started from, or the original model
     bar = {k: compare(times, k, ORIGINAL, batches, margin) for k in candidates} if original is not None else vs
     fit = [k for k in candidates if bar[k].verdict != "slower" and not bar[k].slower_at]
-    chosen = INT8 if INT8 in fit else (fit[0] if fit else FLOAT)
-    between = None
-    if INT8 in fit and FEWER in fit:  # layers kept float cost file size and exactness: only for a clear gain
-        between = compare(times, FEWER, INT8, batches, margin)
-        if between.verdict == "faster":
-            chosen = FEWER
-    kept = slower if chosen == FEWER else {}
+    alternatives = [k for k in fit if k != INT8]
+    chosen = INT8 if INT8 in fit else (min(alternatives, key=lambda k: vs[k].ratio) if fit else FLOAT)
+    between: dict[str, Verdict] = {}
+    if INT8 in fit:  # layers kept float cost file size and exactness: only for a clear gain over all-int8
+        between = {k: compare(times, k, INT8, batches, margin) for k in alternatives}
+        faster = [k for k, v in between.items() if v.verdict == "faster"]
+        if faster:
+            chosen = min(faster, key=lambda k: between[k].ratio)
+    kept = kept_if.get(chosen, {})
     section: dict[str, Any] = {
         "mode": "measure", "batches": batches, "rounds": rounds, "rule": RULE,
         "layer_ratio": {k: round(v.ratio, 3) for k, v in layer_v.items()},
         "layer_spread": {k: round(v.spread, 3) for k, v in layer_v.items()},
-        "slower_layers": slower,
+        "slower_layers": slower, "float_prefix": prefix,
         "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)} for k, v in vs.items()}
         | {FLOAT: {f"b{b}": 1.0 for b in batches}},
         "model_verdict": {k: v.to_dict(batches) for k, v in vs.items()},
@@ -275,11 +302,15 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
         "decisions": {"model": "float" if chosen == FLOAT else "int8", "kept_float": list(kept),
                       "batches": batches},
     }
-    if between is not None:
-        section["fewer_vs_int8"] = between.to_dict(batches)
-    if chosen == INT8 and FEWER in vs:
-        section["note"] = (f"{len(slower)} layer(s) timed slower in int8 alone, but the model with them float was "
-                           f"not clearly faster ({_x(vs[FEWER])} vs {_x(vs[INT8])} of fp32): all kept int8")
+    if FEWER in between:
+        section["fewer_vs_int8"] = between[FEWER].to_dict(batches)
+    if PREFIX in between:
+        section["prefix_vs_int8"] = between[PREFIX].to_dict(batches)
+    if chosen == INT8 and len(candidates) > 1:
+        tried = "; ".join(f"{k}: {_x(vs[k])}" for k in candidates if k != INT8)
+        section["note"] = (f"{len(slower)} layer(s) timed slower in int8 alone ({len(prefix)} in the float prefix), "
+                           f"but the models with layers float were not clearly faster ({tried} vs {_x(vs[INT8])} "
+                           "of fp32): all kept int8")
     return chosen, candidates, section
 
 
