@@ -1,14 +1,15 @@
 """INT8 quantization: slimfx's `quantize` pass vs onnxruntime.quantization.quantize_static.
 
 Same fp32 model (batch norms folded), same calibration samples. Peer: quant_pre_process, QOperator (QDQ for
-the EfficientNet- and ConvNeXt-style nets of _convnets.py, random init, 96x96 inputs, random calibration),
+the nets of _convnets.py: EfficientNet- and ConvNeXt-style at 96x96, MobileNetV2 1.0 at 224x224 (mobilenetv2_224);
+random init, random inputs for calibration and evaluation),
 uint8 activations, int8 per-channel weights. slimfx's speed guard times on onnxruntime (1 thread) as in
 slimfx.compile; --no-guard turns it off. Reported per model:
 onnxruntime latency (1 thread, batch 1 and 32, thread CPU clock, best of interleaved rounds with fresh
 sessions, and an A/A control for the noise: see _latency.py) of fp32 / ours / theirs, output SQNR vs fp32,
 top-1 agreement, accuracy, and file sizes; plus the accuracy checks of issue #5. Ends with a markdown table.
 
-    PYTHONPATH=. python benchmarks/bench_quant.py [--models resnet20,mobilenetv2,digits_cnn,tiny_bert,efficientnet_style]
+    PYTHONPATH=. python benchmarks/bench_quant.py [--models resnet20,mobilenetv2,digits_cnn,tiny_bert,efficientnet_style,mobilenetv2_224]
 """
 
 from __future__ import annotations
@@ -49,10 +50,16 @@ def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
     return tensor_sqnr_db(torch.from_numpy(np.asarray(ref)), torch.from_numpy(np.asarray(y)))
 
 
-def ort_run(model_bytes: bytes, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+def _chunk(x: torch.Tensor) -> int:
+    """Rows per call: 256, fewer for large inputs (a 224x224 net's activations at 256 rows take gigabytes)."""
+    return max(1, min(256, 2 ** 20 // max(1, x[0].numel())))
+
+
+def ort_run(model_bytes: bytes, x: torch.Tensor, batch: int | None = None) -> np.ndarray:
     from slimfx.exporters.bench import ort_session
 
     sess = ort_session(model_bytes)
+    batch = batch or _chunk(x)
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i:i + batch].numpy()})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs)
@@ -149,7 +156,9 @@ def bench_model(name: str, args) -> dict:
     test_x, test_y = ds.test_x[:args.eval_n], ds.test_y[:args.eval_n]
     ref = ort_run(fp32, test_x)
     y_ours, y_theirs = ort_run(ours, test_x), ort_run(theirs, test_x)
-    y_ir = ir.lower(q)(test_x).detach().numpy()
+    lowered = ir.lower(q)
+    with torch.inference_mode():
+        y_ir = torch.cat([lowered(test_x[i:i + _chunk(test_x)]) for i in range(0, len(test_x), _chunk(test_x))]).numpy()
     row: dict = {"model": name, "scheme": scheme, "theirs_format": fmt,
                  "stats": {k: v for k, v in res.stats.items() if k != "skipped"}}
     row["sqnr_db"] = {"ours": sqnr_db(ref, y_ours), "theirs": sqnr_db(ref, y_theirs)}

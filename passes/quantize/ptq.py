@@ -394,7 +394,7 @@ class Quantize(Pass):
         if res is not None:
             result = res
         notes = []
-        if chosen in (speed.FEWER, speed.PREFIX):
+        if chosen == speed.FEWER or chosen.startswith(speed.PREFIX):
             kept = section["kept_float"]
             why = ("where onnxruntime's int8 kernel is slower than float" if chosen == speed.FEWER else
                    "as a float prefix (the first layers, whose int8 kernels are not faster; the model with them "

@@ -44,16 +44,20 @@ def _ancestors(value: Any, into: dict[str, Node]) -> None:
     into[value.name] = value
 
 
-def layer_graph(src: Graph, layer: Node, float_layer: Node | None = None) -> Graph:
+def layer_graph(src: Graph, layer: Node, float_layer: Node | None = None, *, bare: bool = False) -> Graph:
     """`layer` of the quantized graph `src` alone, between the integer tensors around it: from the integer
     tensor it reads (or the float graph input, with its quantize) to the integer tensor it writes (the
     quantize after it and its ReLU), as onnxruntime runs it inside the int8 model. With `float_layer` (the
     same layer in the float graph), the layer computes with its float weights between the same integer
-    tensors (dequantize, float layer, quantize): what keeping it float costs while its neighbours stay int8."""
+    tensors (dequantize, float layer, quantize): what keeping it float costs while its neighbours stay int8.
+    `bare` (with `float_layer`): the float layer from a float tensor to a float tensor (its ReLU included), what
+    it costs inside a float prefix, where its neighbours are float too."""
     x = through_noops(layer.inputs[0])
     members: dict[str, Node] = {}
     entry = x
-    if isinstance(x, Node) and x.op == "dequantize" and isinstance(x.inputs[0], Node):
+    if bare:
+        assert float_layer is not None
+    elif isinstance(x, Node) and x.op == "dequantize" and isinstance(x.inputs[0], Node):
         q = x.inputs[0]
         if q.op == "quantize" and isinstance(q.inputs[0], Node) and q.inputs[0].op == "input":
             entry = q.inputs[0]  # the model's input: the int8 layer pays for its quantize, a float one reads it
@@ -75,7 +79,7 @@ def layer_graph(src: Graph, layer: Node, float_layer: Node | None = None) -> Gra
         walk = walk.inputs[0]
     for n in reversed(chain):
         members[n.name] = n
-    q = next((u for u in out.users if u.op == "quantize"), None)
+    q = None if bare else next((u for u in out.users if u.op == "quantize"), None)
     if q is not None:
         members[q.name] = q
         out = q
@@ -193,15 +197,16 @@ def compare(times: dict[str, list[list[float]]], a: str, b: str, batches: list[i
 def interleaved_times(measure: Measure, graphs: dict[str, Graph], batches: list[int], budget_s: float,
                       rounds: int) -> dict[str, list[list[float]]]:
     """Milliseconds of each graph at each batch size, per round: every round times every graph once, in an
-    order that rotates from round to round (graphs share their inputs: they must read the same ones)."""
-    first = next(iter(graphs.values()))
-    xs = batch_inputs(first, batches)
+    order that rotates from round to round (graphs reading the same input types read the same inputs)."""
+    inputs: dict[tuple, list[tuple]] = {}
+    xs = {k: inputs.setdefault(tuple((n.meta.shape[1:], n.meta.dtype) for n in g.inputs), batch_inputs(g, batches))
+          for k, g in graphs.items()}
     per = budget_s / (len(graphs) * rounds)
     names = list(graphs)
     out: dict[str, list[list[float]]] = {k: [] for k in names}
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            out[k].append([float(t) for t in measure(graphs[k], xs, per)])
+            out[k].append([float(t) for t in measure(graphs[k], xs[k], per)])
     return out
 
 
@@ -234,19 +239,34 @@ INT8, FEWER, PREFIX, FLOAT, ORIGINAL = ("int8", "int8, slower layers float", "in
                                        "original")
 
 
-def float_prefix(layers: list[Node], verdicts: dict[str, Verdict]) -> list[str]:
-    """The first quantized layers, in graph order, up to (not including) the first whose integer kernel alone is
-    faster than its float form (time ratio below 1): the layers that read the float input through nothing but
-    each other, which a float prefix keeps float together (one quantize where it ends instead of a
-    dequantize/quantize pair around each)."""
-    out = []
+Requantize = Callable[[Graph, list[str]], Any]  # (float graph copy, layers kept float) -> PassResult
+
+#: the most leading layers a float prefix may hold (each length is a whole-model candidate)
+PREFIX_LIMIT = 4
+
+
+def float_prefix(measure: Measure, quant_graph: Graph, float_graph: Graph, batches: list[int], budget_s: float,
+                 rounds: int = LAYER_ROUNDS, margin: float = MARGIN) -> tuple[list[str], dict[str, Verdict]]:
+    """The first quantized layers, in graph order (at most PREFIX_LIMIT), up to the first whose integer kernel
+    alone is faster than the bare float layer (float in, float out: inside a float prefix a layer pays no
+    dequantize/quantize, the prefix one quantize where it ends), and each one's verdict (int8 / bare float)."""
+    layers = [n for n in quantized_layers(quant_graph) if float_graph.has_node(n.name)][:PREFIX_LIMIT]
+    out: list[str] = []
+    verdicts: dict[str, Verdict] = {}
     for n in layers:
-        v = verdicts.get(n.name)
-        if v is None or v.ratio < 1.0:
+        gi = layer_graph(quant_graph, n)
+        gb = layer_graph(quant_graph, n, float_graph.node(n.name), bare=True)
+        t = interleaved_times(measure, {"int8": gi, "float": gb}, batches, budget_s / len(layers), rounds)
+        v = verdicts[n.name] = compare(t, "int8", "float", batches, margin)
+        if v.ratio < 1.0:
             break
         out.append(n.name)
-    return out
-Requantize = Callable[[Graph, list[str]], Any]  # (float graph copy, layers kept float) -> PassResult
+    return out, verdicts
+
+
+def prefix_variant(k: int) -> str:
+    """The name of the candidate that keeps the first `k` quantized layers float."""
+    return f"{PREFIX} of {k}"
 
 
 def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requantize: Requantize,
@@ -258,13 +278,14 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
     candidates {variant: (graph, result or None)} and the report section."""
     slower, layer_v = slower_layers(measure, graph, float_graph, batches, budget_s, margin=margin) \
         if per_layer else ({}, {})
-    prefix = float_prefix(quantized_layers(graph), layer_v)
-    kept_if = {FEWER: slower, PREFIX: {
-        n: f"float prefix: int8 kernel alone {layer_v[n].ratio:.2f}x the float one, noise ±{layer_v[n].spread:.2f}"
-        for n in prefix}}
+    prefix, prefix_v = float_prefix(measure, graph, float_graph, batches, budget_s, margin=margin) \
+        if per_layer else ([], {})
+    why = {n: f"float prefix: int8 kernel alone {v.ratio:.2f}x the bare float layer, noise ±{v.spread:.2f}"
+           for n, v in prefix_v.items()}
+    kept_if = {FEWER: slower, **{prefix_variant(k): {n: why[n] for n in prefix[:k]} for k in range(1, len(prefix) + 1)}}
     candidates: dict[str, tuple[Graph, Any]] = {INT8: (graph, None)}
     for variant, layers in kept_if.items():
-        if not layers or (variant == PREFIX and set(layers) == set(slower)):
+        if not layers or (variant != FEWER and set(layers) == set(slower)):
             continue
         alt = float_graph.copy()
         res = requantize(alt, list(layers))
@@ -292,6 +313,7 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
         "layer_ratio": {k: round(v.ratio, 3) for k, v in layer_v.items()},
         "layer_spread": {k: round(v.spread, 3) for k, v in layer_v.items()},
         "slower_layers": slower, "float_prefix": prefix,
+        "prefix_ratio": {k: round(v.ratio, 3) for k, v in prefix_v.items()},
         "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)} for k, v in vs.items()}
         | {FLOAT: {f"b{b}": 1.0 for b in batches}},
         "model_verdict": {k: v.to_dict(batches) for k, v in vs.items()},
@@ -304,8 +326,9 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
     }
     if FEWER in between:
         section["fewer_vs_int8"] = between[FEWER].to_dict(batches)
-    if PREFIX in between:
-        section["prefix_vs_int8"] = between[PREFIX].to_dict(batches)
+    prefixes = {k: v.to_dict(batches) for k, v in between.items() if k.startswith(PREFIX)}
+    if prefixes:
+        section["prefix_vs_int8"] = prefixes
     if chosen == INT8 and len(candidates) > 1:
         tried = "; ".join(f"{k}: {_x(vs[k])}" for k in candidates if k != INT8)
         section["note"] = (f"{len(slower)} layer(s) timed slower in int8 alone ({len(prefix)} in the float prefix), "

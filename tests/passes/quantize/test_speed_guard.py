@@ -100,6 +100,11 @@ def test_layer_graph_is_the_integer_kernel_from_integer_input_to_integer_output(
     assert sub_f.inputs[0].meta.dtype == torch.uint8
     assert [n.op for n in sub_f if n.op not in ("input", "output")] == ["dequantize", "conv2d", "relu", "quantize"]
     assert isinstance(sub_f.node("c2").inputs[1], ir.Param) and sub_f.node("c2").inputs[1].name == "c2.weight"
+    # inside a float prefix: float in, float out (no dequantize, no quantize)
+    sub_b = layer_graph(q, c2, g.node("c2"), bare=True)
+    ir.verify(sub_b)
+    assert sub_b.inputs[0].meta.dtype == torch.float32 and sub_b.output_nodes()[0].op == "relu"
+    assert [n.op for n in sub_b if n.op not in ("input", "output")] == ["conv2d", "relu"]
     # the first conv reads the model's input: as int8 it pays for the input's quantize, as float it does not
     c1_i, c1_f = layer_graph(q, q.node("c1")), layer_graph(q, q.node("c1"), g.node("c1"))
     assert c1_i.inputs[0].meta.dtype == c1_f.inputs[0].meta.dtype == torch.float32
@@ -172,10 +177,13 @@ def test_speed_guard_keeps_a_float_prefix_when_the_first_layers_together_are_cle
     out = res.graph_after(g)
     guard = res.stats["speed_guard"]
     assert guard["slower_layers"] == {} and guard["float_prefix"] == ["c1", "c2"]
-    assert guard["chosen"] == "int8, float prefix" and list(guard["kept_float"]) == ["c1", "c2"]
-    assert "float prefix: int8 kernel alone 1.02x" in guard["kept_float"]["c1"]
+    assert guard["prefix_ratio"] == {"c1": 1.02, "c2": 1.02, "fc": 0.5}
+    # every prefix length was a candidate, timed with the whole models; the longer one won
+    assert guard["model_ratio"]["int8, float prefix of 1"] == {"b1": 0.7, "b32": 0.7}
+    assert guard["chosen"] == "int8, float prefix of 2" and list(guard["kept_float"]) == ["c1", "c2"]
+    assert "float prefix: int8 kernel alone 1.02x the bare float layer" in guard["kept_float"]["c1"]
     assert guard["decisions"] == {"model": "int8", "kept_float": ["c1", "c2"], "batches": [1, 32]}
-    assert guard["prefix_vs_int8"]["verdict"] == "faster"
+    assert guard["prefix_vs_int8"]["int8, float prefix of 2"]["verdict"] == "faster"
     assert isinstance(out.node("c1").inputs[1], ir.Param) and isinstance(out.node("c2").inputs[1], ir.Param)
     assert out.node("fc").inputs[1].op == "dequantize"
     assert any("kept 2 layer(s) float as a float prefix" in n for n in res.stats["notes"])
