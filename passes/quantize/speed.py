@@ -250,13 +250,13 @@ def float_prefix(measure: Measure, quant_graph: Graph, float_graph: Graph, batch
     """The first quantized layers, in graph order (at most PREFIX_LIMIT), up to the first whose integer kernel
     alone is faster than the bare float layer (float in, float out: inside a float prefix a layer pays no
     dequantize/quantize, the prefix one quantize where it ends), and each one's verdict (int8 / bare float)."""
-    layers = [n for n in quantized_layers(quant_graph) if float_graph.has_node(n.name)][:PREFIX_LIMIT]
+    every = [n for n in quantized_layers(quant_graph) if float_graph.has_node(n.name)]
     out: list[str] = []
     verdicts: dict[str, Verdict] = {}
-    for n in layers:
+    for n in every[:PREFIX_LIMIT]:  # the per-layer budget of slower_layers: at most PREFIX_LIMIT layers' worth
         gi = layer_graph(quant_graph, n)
         gb = layer_graph(quant_graph, n, float_graph.node(n.name), bare=True)
-        t = interleaved_times(measure, {"int8": gi, "float": gb}, batches, budget_s / len(layers), rounds)
+        t = interleaved_times(measure, {"int8": gi, "float": gb}, batches, budget_s / len(every), rounds)
         v = verdicts[n.name] = compare(t, "int8", "float", batches, margin)
         if v.ratio < 1.0:
             break
