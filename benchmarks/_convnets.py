@@ -1,7 +1,10 @@
-"""Small EfficientNet- and ConvNeXt-style nets (random init) for the int8 speed benchmark and tests.
+"""Small EfficientNet- and ConvNeXt-style nets and an ImageNet-sized MobileNetV2 (random init) for the int8
+speed benchmark and tests.
 
 EfficientNet-style: SiLU, depthwise 3x3/5x5 convs, squeeze-excite (sigmoid gate), batch norms, residual adds.
 ConvNeXt-style: depthwise 7x7 convs, channels-last LayerNorm, linear 4x MLP with GELU, residual adds.
+MobileNetV2-224: torchvision's mobilenet_v2 layout (width 1.0, all 17 inverted residual blocks, 1280-channel head,
+1000 classes) built from slimfx's zoo class, for 3x224x224 inputs; random init, not trained.
 Batch norms get random running statistics so folding is not a no-op.
 """
 
@@ -134,4 +137,22 @@ def convnext_style(seed: int = 0) -> nn.Module:
     return ConvNeXtStyle().eval()
 
 
-NETS = {"efficientnet_style": efficientnet_style, "convnext_style": convnext_style}
+# MobileNetV2's ImageNet config (expand ratio t, channels c, repeats n, stride s), Sandler et al. 2018, Table 2
+MOBILENETV2_IMAGENET = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                        (6, 320, 1, 1))
+
+
+def mobilenetv2_224(seed: int = 0) -> nn.Module:
+    """MobileNetV2 1.0 for 3x224x224 (3.5M params, 300M MACs), random init: the MobileNetV2-class model at
+    ImageNet size of issue #17, not a trained network."""
+    from slimfx.models.mobilenet import MobileNetV2
+
+    torch.manual_seed(seed)
+    return randomize_bn(MobileNetV2(num_classes=1000, width_mult=1.0, config=MOBILENETV2_IMAGENET,
+                                    last_channels=1280), seed)
+
+
+NETS = {"efficientnet_style": efficientnet_style, "convnext_style": convnext_style,
+        "mobilenetv2_224": mobilenetv2_224}
+# input height and width per net (the others: the benchmark's default)
+INPUT_SIZE = {"mobilenetv2_224": 224}

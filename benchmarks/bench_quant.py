@@ -1,14 +1,15 @@
 """INT8 quantization: slimfx's `quantize` pass vs onnxruntime.quantization.quantize_static.
 
 Same fp32 model (batch norms folded), same calibration samples. Peer: quant_pre_process, QOperator (QDQ for
-the EfficientNet- and ConvNeXt-style nets of _convnets.py, random init, 96x96 inputs, random calibration),
+the nets of _convnets.py: EfficientNet- and ConvNeXt-style at 96x96, MobileNetV2 1.0 at 224x224 (mobilenetv2_224);
+random init, random inputs for calibration and evaluation),
 uint8 activations, int8 per-channel weights. slimfx's speed guard times on onnxruntime (1 thread) as in
 slimfx.compile; --no-guard turns it off. Reported per model:
 onnxruntime latency (1 thread, batch 1 and 32, thread CPU clock, best of interleaved rounds with fresh
 sessions, and an A/A control for the noise: see _latency.py) of fp32 / ours / theirs, output SQNR vs fp32,
 top-1 agreement, accuracy, and file sizes; plus the accuracy checks of issue #5. Ends with a markdown table.
 
-    PYTHONPATH=. python benchmarks/bench_quant.py [--models resnet20,mobilenetv2,digits_cnn,tiny_bert,efficientnet_style]
+    PYTHONPATH=. python benchmarks/bench_quant.py [--models resnet20,mobilenetv2,digits_cnn,tiny_bert,efficientnet_style,mobilenetv2_224]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _convnets import NETS
+from _convnets import INPUT_SIZE, NETS
 from _latency import compare
 
 from slimfx import ir, models
@@ -49,10 +50,16 @@ def sqnr_db(ref: np.ndarray, y: np.ndarray) -> float:
     return tensor_sqnr_db(torch.from_numpy(np.asarray(ref)), torch.from_numpy(np.asarray(y)))
 
 
-def ort_run(model_bytes: bytes, x: torch.Tensor, batch: int = 256) -> np.ndarray:
+def _chunk(x: torch.Tensor) -> int:
+    """Rows per call: 256, fewer for large inputs (a 224x224 net's activations at 256 rows take gigabytes)."""
+    return max(1, min(256, 2 ** 20 // max(1, x[0].numel())))
+
+
+def ort_run(model_bytes: bytes, x: torch.Tensor, batch: int | None = None) -> np.ndarray:
     from slimfx.exporters.bench import ort_session
 
     sess = ort_session(model_bytes)
+    batch = batch or _chunk(x)
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i:i + batch].numpy()})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs)
@@ -101,31 +108,40 @@ def theirs_quantize(fp32_bytes: bytes, cal: list[torch.Tensor], fmt: str = "QOpe
 class _RandomData:
     """A stand-in dataset for the random-init conv nets: random inputs, labels from nothing (accuracy n/a)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, size: int = CONVNET_SIZE):
         g = torch.Generator().manual_seed(0)
-        self.train_x = torch.randn(n, 3, CONVNET_SIZE, CONVNET_SIZE, generator=g)
-        self.test_x = torch.randn(n, 3, CONVNET_SIZE, CONVNET_SIZE, generator=g)
+        self.train_x = torch.randn(n, 3, size, size, generator=g)
+        self.test_x = torch.randn(n, 3, size, size, generator=g)
         self.test_y = torch.zeros(n, dtype=torch.long)
 
 
-def bench_model(name: str, args) -> dict:
+def setup(name: str, *, cal_batch: int = 32, cal_batches: int = 8, eval_n: int = 256, quiet: bool = True):
+    """(batch-norm-folded fp32 graph, batch-1 and batch-32 example inputs, dataset, the peer's format,
+    calibration batches) of a zoo model or a _convnets net (random init, random inputs)."""
     torch.manual_seed(0)
     if name in NETS:
         module = NETS[name]()
-        ex1 = (torch.randn(1, 3, CONVNET_SIZE, CONVNET_SIZE),)
-        ex32 = (torch.randn(32, 3, CONVNET_SIZE, CONVNET_SIZE),)
+        size = INPUT_SIZE.get(name, CONVNET_SIZE)
+        ex1 = (torch.randn(1, 3, size, size),)
+        ex32 = (torch.randn(32, 3, size, size),)
         graph = ir.capture(module, ex1)
         create_pass("fold-batchnorm").run(graph, PassContext(ex1, quiet=True))
-        ds = _RandomData(max(args.cal_batch * args.cal_batches, 256))
+        ds = _RandomData(max(cal_batch * cal_batches, eval_n), size)
         fmt = "QDQ"
     else:
         spec = models.get(name)
         ds = models.load_dataset(spec.dataset)
         ex1 = spec.example_inputs(batch=1)
         ex32 = spec.example_inputs(batch=32)
-        graph = float_graph(spec, ex1, args.quiet)
+        graph = float_graph(spec, ex1, quiet)
         fmt = "QOperator"
-    cal = [ds.train_x[i:i + args.cal_batch] for i in range(0, args.cal_batch * args.cal_batches, args.cal_batch)]
+    cal = [ds.train_x[i:i + cal_batch] for i in range(0, cal_batch * cal_batches, cal_batch)]
+    return graph, ex1, ex32, ds, fmt, cal
+
+
+def bench_model(name: str, args) -> dict:
+    graph, ex1, ex32, ds, fmt, cal = setup(name, cal_batch=args.cal_batch, cal_batches=args.cal_batches,
+                                           eval_n=args.eval_n, quiet=args.quiet)
     ctx = PassContext(ex1, calibration_data=[(c,) for c in cal], quiet=args.quiet,
                       measure_ms=None if args.no_guard else graph_latency_ms)
     fp32 = to_onnx_model(graph, inputs=ex1).SerializeToString()
@@ -140,7 +156,9 @@ def bench_model(name: str, args) -> dict:
     test_x, test_y = ds.test_x[:args.eval_n], ds.test_y[:args.eval_n]
     ref = ort_run(fp32, test_x)
     y_ours, y_theirs = ort_run(ours, test_x), ort_run(theirs, test_x)
-    y_ir = ir.lower(q)(test_x).detach().numpy()
+    lowered = ir.lower(q)
+    with torch.inference_mode():
+        y_ir = torch.cat([lowered(test_x[i:i + _chunk(test_x)]) for i in range(0, len(test_x), _chunk(test_x))]).numpy()
     row: dict = {"model": name, "scheme": scheme, "theirs_format": fmt,
                  "stats": {k: v for k, v in res.stats.items() if k != "skipped"}}
     row["sqnr_db"] = {"ours": sqnr_db(ref, y_ours), "theirs": sqnr_db(ref, y_theirs)}

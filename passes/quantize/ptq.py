@@ -382,14 +382,12 @@ class Quantize(Pass):
                 candidates[chosen] = (fewer, requantize(fewer, decisions["kept_float"]))
             section = {"mode": f"replay {self.speed_guard}", "chosen": chosen, "decisions": decisions,
                        "kept_float": {n: why for n in decisions["kept_float"]} if chosen == speed.FEWER else {}}
-            slower = section["kept_float"]
             at = f"({why}, not timed)"
         else:
             chosen, candidates, section = speed.measure_and_choose(
                 ctx.measure_ms, graph, float_graph, requantize, batches, self.speed_guard_seconds,
                 self.speed_guard_rounds, per_layer=self.scheme == "int8-static",
                 original=self._original_graph(ctx) if self.speed_guard_against == "original" else None)
-            slower = section["slower_layers"]
             at = f"at batch {'/'.join(map(str, batches))} on onnxruntime (1 thread)"
         if chosen == speed.FLOAT:
             section["kept_model_float"] = True
@@ -407,10 +405,13 @@ class Quantize(Pass):
         if res is not None:
             result = res
         notes = []
-        if chosen == speed.FEWER:
-            notes.append(f"speed guard kept {len(slower)} layer(s) float where onnxruntime's int8 kernel is slower "
-                         f"than float {at}: " + "; ".join(f"{k}: {v}" for k, v in list(slower.items())[:4])
-                         + ("; ..." if len(slower) > 4 else ""))
+        if chosen == speed.FEWER or chosen.startswith(speed.PREFIX):
+            kept = section["kept_float"]
+            why = ("where onnxruntime's int8 kernel is slower than float" if chosen == speed.FEWER else
+                   "as a float prefix (the first layers, whose int8 kernels are not faster; the model with them "
+                   "float was clearly faster)")
+            notes.append(f"speed guard kept {len(kept)} layer(s) float {why} {at}: "
+                         + "; ".join(f"{k}: {v}" for k, v in list(kept.items())[:4]) + ("; ..." if len(kept) > 4 else ""))
         result.stats["speed_guard"] = section
         result.stats["notes"] = notes + result.stats.get("notes", [])
         return result if out_graph is graph else PassResult(result.changed, result.stats, graph=out_graph)

@@ -6,8 +6,12 @@ layer alone, between the integer tensors around it in the int8 model: as the int
 exporter's QDQ form fuses into, and as dequantize -> float layer -> quantize (what keeping it float costs
 while its neighbours stay int8), at each target batch size, on the runtime `ctx.measure_ms` times on
 (slimfx.compile: onnxruntime, 1 thread). A layer whose integer kernel is slower (geometric mean of the
-ratios over the batch sizes above `SLOWER`) is kept float and the pass quantizes again without it. Then the
-whole int8 model is timed against the float one; when it is still slower, the float model is kept.
+ratios over the batch sizes above `SLOWER`) is kept float and the pass quantizes again without it. The first
+layers, up to the first whose integer kernel is faster alone, are a second candidate kept float together (a
+float prefix): they read the float input, so keeping them float costs one quantize where the prefix ends, not a
+dequantize/quantize pair per layer as each was timed alone. Then the whole models are timed side by side; an
+alternative to all-int8 is kept only when it is clearly faster, and when int8 is still slower than float, the
+float model is kept.
 """
 
 from __future__ import annotations
@@ -40,16 +44,20 @@ def _ancestors(value: Any, into: dict[str, Node]) -> None:
     into[value.name] = value
 
 
-def layer_graph(src: Graph, layer: Node, float_layer: Node | None = None) -> Graph:
+def layer_graph(src: Graph, layer: Node, float_layer: Node | None = None, *, bare: bool = False) -> Graph:
     """`layer` of the quantized graph `src` alone, between the integer tensors around it: from the integer
     tensor it reads (or the float graph input, with its quantize) to the integer tensor it writes (the
     quantize after it and its ReLU), as onnxruntime runs it inside the int8 model. With `float_layer` (the
     same layer in the float graph), the layer computes with its float weights between the same integer
-    tensors (dequantize, float layer, quantize): what keeping it float costs while its neighbours stay int8."""
+    tensors (dequantize, float layer, quantize): what keeping it float costs while its neighbours stay int8.
+    `bare` (with `float_layer`): the float layer from a float tensor to a float tensor (its ReLU included), what
+    it costs inside a float prefix, where its neighbours are float too."""
     x = through_noops(layer.inputs[0])
     members: dict[str, Node] = {}
     entry = x
-    if isinstance(x, Node) and x.op == "dequantize" and isinstance(x.inputs[0], Node):
+    if bare:
+        assert float_layer is not None
+    elif isinstance(x, Node) and x.op == "dequantize" and isinstance(x.inputs[0], Node):
         q = x.inputs[0]
         if q.op == "quantize" and isinstance(q.inputs[0], Node) and q.inputs[0].op == "input":
             entry = q.inputs[0]  # the model's input: the int8 layer pays for its quantize, a float one reads it
@@ -71,7 +79,7 @@ def layer_graph(src: Graph, layer: Node, float_layer: Node | None = None) -> Gra
         walk = walk.inputs[0]
     for n in reversed(chain):
         members[n.name] = n
-    q = next((u for u in out.users if u.op == "quantize"), None)
+    q = None if bare else next((u for u in out.users if u.op == "quantize"), None)
     if q is not None:
         members[q.name] = q
         out = q
@@ -189,15 +197,16 @@ def compare(times: dict[str, list[list[float]]], a: str, b: str, batches: list[i
 def interleaved_times(measure: Measure, graphs: dict[str, Graph], batches: list[int], budget_s: float,
                       rounds: int) -> dict[str, list[list[float]]]:
     """Milliseconds of each graph at each batch size, per round: every round times every graph once, in an
-    order that rotates from round to round (graphs share their inputs: they must read the same ones)."""
-    first = next(iter(graphs.values()))
-    xs = batch_inputs(first, batches)
+    order that rotates from round to round (graphs reading the same input types read the same inputs)."""
+    inputs: dict[tuple, list[tuple]] = {}
+    xs = {k: inputs.setdefault(tuple((n.meta.shape[1:], n.meta.dtype) for n in g.inputs), batch_inputs(g, batches))
+          for k, g in graphs.items()}
     per = budget_s / (len(graphs) * rounds)
     names = list(graphs)
     out: dict[str, list[list[float]]] = {k: [] for k in names}
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            out[k].append([float(t) for t in measure(graphs[k], xs, per)])
+            out[k].append([float(t) for t in measure(graphs[k], xs[k], per)])
     return out
 
 
@@ -226,8 +235,38 @@ def slower_layers(measure: Measure, quant_graph: Graph, float_graph: Graph, batc
 
 # --- the guard ----------------------------------------------------------------------------------------------
 
-INT8, FEWER, FLOAT, ORIGINAL = "int8", "int8, slower layers float", "float", "original"
+INT8, FEWER, PREFIX, FLOAT, ORIGINAL = ("int8", "int8, slower layers float", "int8, float prefix", "float",
+                                       "original")
+
+
 Requantize = Callable[[Graph, list[str]], Any]  # (float graph copy, layers kept float) -> PassResult
+
+#: the most leading layers a float prefix may hold (each length is a whole-model candidate)
+PREFIX_LIMIT = 4
+
+
+def float_prefix(measure: Measure, quant_graph: Graph, float_graph: Graph, batches: list[int], budget_s: float,
+                 rounds: int = LAYER_ROUNDS, margin: float = MARGIN) -> tuple[list[str], dict[str, Verdict]]:
+    """The first quantized layers, in graph order (at most PREFIX_LIMIT), up to the first whose integer kernel
+    alone is faster than the bare float layer (float in, float out: inside a float prefix a layer pays no
+    dequantize/quantize, the prefix one quantize where it ends), and each one's verdict (int8 / bare float)."""
+    every = [n for n in quantized_layers(quant_graph) if float_graph.has_node(n.name)]
+    out: list[str] = []
+    verdicts: dict[str, Verdict] = {}
+    for n in every[:PREFIX_LIMIT]:  # the per-layer budget of slower_layers: at most PREFIX_LIMIT layers' worth
+        gi = layer_graph(quant_graph, n)
+        gb = layer_graph(quant_graph, n, float_graph.node(n.name), bare=True)
+        t = interleaved_times(measure, {"int8": gi, "float": gb}, batches, budget_s / len(every), rounds)
+        v = verdicts[n.name] = compare(t, "int8", "float", batches, margin)
+        if v.ratio < 1.0:
+            break
+        out.append(n.name)
+    return out, verdicts
+
+
+def prefix_variant(k: int) -> str:
+    """The name of the candidate that keeps the first `k` quantized layers float."""
+    return f"{PREFIX} of {k}"
 
 
 def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requantize: Requantize,
@@ -239,12 +278,19 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
     candidates {variant: (graph, result or None)} and the report section."""
     slower, layer_v = slower_layers(measure, graph, float_graph, batches, budget_s, margin=margin) \
         if per_layer else ({}, {})
+    prefix, prefix_v = float_prefix(measure, graph, float_graph, batches, budget_s, margin=margin) \
+        if per_layer else ([], {})
+    why = {n: f"float prefix: int8 kernel alone {v.ratio:.2f}x the bare float layer, noise ±{v.spread:.2f}"
+           for n, v in prefix_v.items()}
+    kept_if = {FEWER: slower, **{prefix_variant(k): {n: why[n] for n in prefix[:k]} for k in range(1, len(prefix) + 1)}}
     candidates: dict[str, tuple[Graph, Any]] = {INT8: (graph, None)}
-    if slower:
-        fewer = float_graph.copy()
-        res = requantize(fewer, list(slower))
-        if quantized_layers(fewer):
-            candidates[FEWER] = (fewer, res)
+    for variant, layers in kept_if.items():
+        if not layers or (variant != FEWER and set(layers) == set(slower)):
+            continue
+        alt = float_graph.copy()
+        res = requantize(alt, list(layers))
+        if quantized_layers(alt):
+            candidates[variant] = (alt, res)
     timed = {**{k: g for k, (g, _) in candidates.items()}, FLOAT: float_graph}
     if original is not None:
         timed[ORIGINAL] = original
@@ -253,18 +299,21 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
     # the bar an int8 model must clear: the float graph quantize started from, or the original model
     bar = {k: compare(times, k, ORIGINAL, batches, margin) for k in candidates} if original is not None else vs
     fit = [k for k in candidates if bar[k].verdict != "slower" and not bar[k].slower_at]
-    chosen = INT8 if INT8 in fit else (fit[0] if fit else FLOAT)
-    between = None
-    if INT8 in fit and FEWER in fit:  # layers kept float cost file size and exactness: only for a clear gain
-        between = compare(times, FEWER, INT8, batches, margin)
-        if between.verdict == "faster":
-            chosen = FEWER
-    kept = slower if chosen == FEWER else {}
+    alternatives = [k for k in fit if k != INT8]
+    chosen = INT8 if INT8 in fit else (min(alternatives, key=lambda k: vs[k].ratio) if fit else FLOAT)
+    between: dict[str, Verdict] = {}
+    if INT8 in fit:  # layers kept float cost file size and exactness: only for a clear gain over all-int8
+        between = {k: compare(times, k, INT8, batches, margin) for k in alternatives}
+        faster = [k for k, v in between.items() if v.verdict == "faster"]
+        if faster:
+            chosen = min(faster, key=lambda k: between[k].ratio)
+    kept = kept_if.get(chosen, {})
     section: dict[str, Any] = {
         "mode": "measure", "batches": batches, "rounds": rounds, "rule": RULE,
         "layer_ratio": {k: round(v.ratio, 3) for k, v in layer_v.items()},
         "layer_spread": {k: round(v.spread, 3) for k, v in layer_v.items()},
-        "slower_layers": slower,
+        "slower_layers": slower, "float_prefix": prefix,
+        "prefix_ratio": {k: round(v.ratio, 3) for k, v in prefix_v.items()},
         "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)} for k, v in vs.items()}
         | {FLOAT: {f"b{b}": 1.0 for b in batches}},
         "model_verdict": {k: v.to_dict(batches) for k, v in vs.items()},
@@ -275,11 +324,16 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
         "decisions": {"model": "float" if chosen == FLOAT else "int8", "kept_float": list(kept),
                       "batches": batches},
     }
-    if between is not None:
-        section["fewer_vs_int8"] = between.to_dict(batches)
-    if chosen == INT8 and FEWER in vs:
-        section["note"] = (f"{len(slower)} layer(s) timed slower in int8 alone, but the model with them float was "
-                           f"not clearly faster ({_x(vs[FEWER])} vs {_x(vs[INT8])} of fp32): all kept int8")
+    if FEWER in between:
+        section["fewer_vs_int8"] = between[FEWER].to_dict(batches)
+    prefixes = {k: v.to_dict(batches) for k, v in between.items() if k.startswith(PREFIX)}
+    if prefixes:
+        section["prefix_vs_int8"] = prefixes
+    if chosen == INT8 and len(candidates) > 1:
+        tried = "; ".join(f"{k}: {_x(vs[k])}" for k in candidates if k != INT8)
+        section["note"] = (f"{len(slower)} layer(s) timed slower in int8 alone ({len(prefix)} in the float prefix), "
+                           f"but the models with layers float were not clearly faster ({tried} vs {_x(vs[INT8])} "
+                           "of fp32): all kept int8")
     return chosen, candidates, section
 
 

@@ -106,3 +106,44 @@ def test_onnxruntime_agrees_with_the_ir_on_the_new_placement():
         g, res, x = _quantized(m)
         report = validate_onnx(to_onnx_model(g, inputs=(x,)), g, (x,), atol=0.05, rtol=0.05)
         assert report.top1_agreement == 1.0 and report.max_abs_diff < 0.05, type(m).__name__
+
+
+class InvertedResidualNet(nn.Module):
+    """MobileNetV2's first layers: stem conv -> ReLU6 -> depthwise -> ReLU6 -> project, then an int8 block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.project = nn.Conv2d(16, 16, 1)
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        y = self.project(F.relu6(self.dw(F.relu6(self.stem(x)))))
+        y = y + self.project(y)  # a residual add on the int8 side
+        return self.fc(F.adaptive_avg_pool2d(F.relu6(self.expand(y)), 1).flatten(1))
+
+
+def test_a_float_prefix_reads_the_float_input_and_quantizes_once_where_it_ends(tmp_path):
+    """What the speed guard's float-prefix candidate exports: the first layers float (onnxruntime fuses their
+    ReLU6 into the float conv), no quantize on the model input, one QuantizeLinear where the prefix ends, every
+    later conv a QLinearConv; onnxruntime and the IR agree."""
+    from slimfx.exporters.onnx import to_onnx_model
+    from slimfx.exporters.validate import validate_onnx
+
+    torch.manual_seed(0)
+    m = InvertedResidualNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    g = ir.capture(m, (x,))
+    cal = [(torch.randn(8, 3, 16, 16),) for _ in range(2)]
+    create_pass("quantize", {"skip": ["stem", "dw"], "speed_guard": False}).run(
+        g, PassContext((x,), calibration_data=cal, quiet=True))
+    assert not [u for u in g.inputs[0].users if u.op == "quantize"]
+    first_q = next(n for n in g if n.op == "quantize")
+    assert first_q.inputs[0].op == "relu6" and first_q.inputs[0].inputs[0] is g.node("dw")
+    ops = _optimized_ops(g, x, tmp_path)
+    assert ops["QuantizeLinear"] == 1 and ops["QLinearConv"] == 3 and ops["QLinearAdd"] == 1
+    assert ops["Conv"] + ops["FusedConv"] == 2 and "DequantizeLinear" not in ops and "Clip" not in ops
+    report = validate_onnx(to_onnx_model(g, inputs=(x,)), g, (x,), atol=0.05, rtol=0.05)
+    assert report.top1_agreement == 1.0 and report.max_abs_diff < 0.05

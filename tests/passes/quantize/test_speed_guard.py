@@ -104,6 +104,11 @@ def test_layer_graph_is_the_integer_kernel_from_integer_input_to_integer_output(
     assert sub_f.inputs[0].meta.dtype == torch.uint8
     assert [n.op for n in sub_f if n.op not in ("input", "output")] == ["dequantize", "conv2d", "relu", "quantize"]
     assert isinstance(sub_f.node("c2").inputs[1], ir.Param) and sub_f.node("c2").inputs[1].name == "c2.weight"
+    # inside a float prefix: float in, float out (no dequantize, no quantize)
+    sub_b = layer_graph(q, c2, g.node("c2"), bare=True)
+    ir.verify(sub_b)
+    assert sub_b.inputs[0].meta.dtype == torch.float32 and sub_b.output_nodes()[0].op == "relu"
+    assert [n.op for n in sub_b if n.op not in ("input", "output")] == ["conv2d", "relu"]
     # the first conv reads the model's input: as int8 it pays for the input's quantize, as float it does not
     c1_i, c1_f = layer_graph(q, q.node("c1")), layer_graph(q, q.node("c1"), g.node("c1"))
     assert c1_i.inputs[0].meta.dtype == c1_f.inputs[0].meta.dtype == torch.float32
@@ -147,6 +152,50 @@ def test_speed_guard_keeps_all_layers_int8_when_the_model_with_the_slow_ones_flo
     res = create_pass("quantize", {}).run(g, _ctx(x, whole_models_disagree))
     guard = res.stats["speed_guard"]
     assert guard["chosen"] == "int8" and list(guard["slower_layers"]) == ["c1"] and guard["kept_float"] == {}
+    assert "not clearly faster" in guard["note"] and res.graph_after(g).node("c1").inputs[1].op == "dequantize"
+
+
+def _prefix_runtime(alone: dict[str, float], int8_model_ms: float):
+    """Layers timed alone cost as `alone` says in int8 (1.0 in float, 0.5 when not listed); whole models
+    (they have fc) cost `int8_model_ms`, 1.0 with their first two layers float, 2.0 all float."""
+    def measure(graph, inputs, budget_s):
+        if graph.has_node("fc") and graph.has_node("c1"):
+            integer = [isinstance(graph.node(n).inputs[1], ir.Node) for n in ("c1", "c2", "fc")]
+            ms = 2.0 if not any(integer) else 1.0 if not any(integer[:2]) else int8_model_ms if all(integer) else 1.4
+            return [ms * inp[0].shape[0] for inp in inputs]
+        cost = 0.0
+        for n in graph:
+            if n.op in ("conv2d", "linear"):
+                integer = isinstance(n.inputs[1], ir.Node) and n.inputs[1].op == "dequantize"
+                cost += alone.get(n.name, 0.5) if integer else 1.0
+        return [cost * inp[0].shape[0] for inp in inputs]
+    return measure
+
+
+def test_speed_guard_keeps_a_float_prefix_when_the_first_layers_together_are_clearly_faster_float():
+    """c1 and c2 alone are not slower in int8 beyond the margin (1.02x: no 'slower' layer), but they are not
+    faster either; kept float together (the model reads its float input into float layers, one quantize before
+    fc) the model is clearly faster: the guard keeps that float prefix and says so."""
+    m, g, x = _setup()
+    res = create_pass("quantize", {}).run(g, _ctx(x, _prefix_runtime({"c1": 1.02, "c2": 1.02}, 1.5)))
+    out = res.graph_after(g)
+    guard = res.stats["speed_guard"]
+    assert guard["slower_layers"] == {} and guard["float_prefix"] == ["c1", "c2"]
+    assert guard["prefix_ratio"] == {"c1": 1.02, "c2": 1.02, "fc": 0.5}
+    # every prefix length was a candidate, timed with the whole models; the longer one won
+    assert guard["model_ratio"]["int8, float prefix of 1"] == {"b1": 0.7, "b32": 0.7}
+    assert guard["chosen"] == "int8, float prefix of 2" and list(guard["kept_float"]) == ["c1", "c2"]
+    assert "float prefix: int8 kernel alone 1.02x the bare float layer" in guard["kept_float"]["c1"]
+    assert guard["decisions"] == {"model": "int8", "kept_float": ["c1", "c2"], "batches": [1, 32]}
+    assert guard["prefix_vs_int8"]["int8, float prefix of 2"]["verdict"] == "faster"
+    assert isinstance(out.node("c1").inputs[1], ir.Param) and isinstance(out.node("c2").inputs[1], ir.Param)
+    assert out.node("fc").inputs[1].op == "dequantize"
+    assert any("kept 2 layer(s) float as a float prefix" in n for n in res.stats["notes"])
+    # the prefix ends at the first layer whose int8 kernel is faster alone; a prefix no faster stays int8
+    m, g, x = _setup()
+    res = create_pass("quantize", {}).run(g, _ctx(x, _prefix_runtime({"c1": 1.02}, 1.02)))
+    guard = res.stats["speed_guard"]
+    assert guard["float_prefix"] == ["c1"] and guard["chosen"] == "int8" and guard["kept_float"] == {}
     assert "not clearly faster" in guard["note"] and res.graph_after(g).node("c1").inputs[1].op == "dequantize"
 
 
