@@ -507,7 +507,7 @@ _QRANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255), torch.int32: (-(2**31
 
 
 def _broadcast_qparam(p, x, axis):
-    if axis is None or not isinstance(p, torch.Tensor) or p.dim() == 0:
+    if axis is None or not isinstance(p, torch.Tensor) or p.dim() == 0 or x.dim() == 1:
         return p
     shape = [1] * x.dim()
     shape[axis] = -1
@@ -546,6 +546,29 @@ def _dequantize(q, scale, zero_point, *, axis=None, block_size=None, bits=None):
     s, z = _qparams(scale, zero_point, q, axis, block_size)
     zf = z.to(torch.float32) if isinstance(z, torch.Tensor) else float(z)
     return (q.to(torch.float32) - zf) * s
+
+
+# Compact forms of the two ops above, bit for bit the same results, for files that record every torch call
+# (torch.export, TorchScript): `exporters._common.compact_quantization` writes them in place of the pairs.
+
+def fake_quantize(x, scale, zero_point: int, *, dtype=torch.int8):
+    """`_dequantize(_quantize(x, scale, zero_point, dtype=dtype), scale, zero_point)` per tensor (finite x;
+    `zero_point` a Python int, int8/uint8): the clamped integers are exact in float32, so the round trip
+    through `dtype` and back changes nothing and is left out (5 torch calls, 6 with a zero point, instead of
+    10). `+ zero_point` stays even when it is 0: it turns round's -0.0 into +0.0 as the integer trip does."""
+    lo, hi = _QRANGE[dtype]
+    q = (torch.round(x / scale) + zero_point).clamp(lo, hi)
+    return (q - zero_point) * scale if zero_point else q * scale
+
+
+def dequantize_symmetric(q, scale, *, axis=None):
+    """`_dequantize(q, scale, zeros)` when every zero point is 0 (symmetric weights and biases): q - 0.0 is
+    q, and a float32 scale times the integers promotes them to float32 exactly as `.to(float32)` does, so one
+    multiplication remains (two with a per-channel scale's reshape)."""
+    s = _broadcast_qparam(scale, q, axis)
+    if isinstance(s, torch.Tensor) and s.dtype == torch.float32 and not q.is_floating_point():
+        return q * s
+    return q.to(torch.float32) * s
 
 
 def _dynamic_quantize(x):
