@@ -456,6 +456,19 @@ def _cumsum(x, *, dim, dtype=None):
     return torch.cumsum(x, dim, dtype=dtype)
 
 
+def _unbind(x, *, dim=0):
+    return torch.unbind(x, dim)
+
+
+def _addcmul(x, t1, t2, *, value=1):
+    # torch's fused kernel (one rounding where the CPU has FMA): x + value * t1 * t2 as separate ops differs
+    return torch.addcmul(x, t1, t2, value=value)
+
+
+def _full(*, size, value, dtype=None):
+    return torch.full(tuple(size), value, dtype=dtype)
+
+
 def _topk(x, *, k, dim=-1, largest=True, sorted=True):  # noqa: A002
     return tuple(torch.topk(x, k, dim, largest, sorted))
 
@@ -657,7 +670,7 @@ for _name, _impl, _quant in [
     ("sigmoid", torch.sigmoid, "output"), ("tanh", torch.tanh, None), ("hardswish", F.hardswish, None),
     ("hardsigmoid", F.hardsigmoid, None), ("leaky_relu", _leaky_relu, None), ("clamp", _clamp, None),
     ("neg", operator.neg, None), ("sqrt", torch.sqrt, None), ("rsqrt", torch.rsqrt, None), ("exp", torch.exp, None),
-    ("log", torch.log, None), ("abs", torch.abs, None), ("erf", torch.erf, None),
+    ("log", torch.log, None), ("abs", torch.abs, None), ("erf", torch.erf, None), ("sin", torch.sin, None), ("cos", torch.cos, None),
     ("reciprocal", torch.reciprocal, None), ("cast", _cast, None), ("identity", _identity, "transparent"),
 ]:
     register_op(_name, _impl, elementwise=1, quant=_quant)
@@ -726,6 +739,13 @@ register_op("cumsum", _cumsum, channels="reduce")
 register_op("pad", _pad, shape_op=True, channels="block")
 register_op("roll", _roll, shape_op=True, channels="block", quant="transparent")
 register_op("topk", _topk, result="tuple")
+# unbind{dim}: the slices along dim with dim removed (tuple; `q, k, v = qkv.unbind(0)`); pruning stops at it
+register_op("unbind", _unbind, shape_op=True, result="tuple", channels="block")
+# addcmul(x, t1, t2){value}: x + value * t1 * t2 (resmlp's affine: addcmul(beta, alpha, x))
+register_op("addcmul", _addcmul, elementwise=3)
+# full{size, value, dtype}: a tensor of one value whose size may follow the input's (size entries may be
+# `size` nodes: torch.zeros((B, H, W)), new_ones, full); no tensor operands
+register_op("full", _full, channels="block")
 register_op("argmax", _argmax, reduction=True)
 register_op("argmin", _argmin, reduction=True)
 register_op("index_select", _index_select)
