@@ -7,6 +7,7 @@ own signature, so Python binds the fx node's args and kwargs for us.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import logging
@@ -969,10 +970,40 @@ def _source_of(fx_node: fx.Node) -> str | None:
     return fx_node.meta.get("slimfx_source")
 
 
+@contextlib.contextmanager
+def no_trace_residue(model: nn.Module) -> Iterator[None]:
+    """Leave the model's own state as it was before a trace: a forward that caches what it computes in a
+    module attribute (timm's levit: `self.attention_bias_cache[str(device)] = ...` in eval mode) would keep a
+    torch.fx Proxy there, and the next trace (a second capture, a decomposed call) would read a node of the
+    old graph. Restores each module's public attributes and the contents of its dicts and lists."""
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []  # (a pattern is a function)
+    saved = []
+    for m in modules:
+        for k, v in m.__dict__.items():
+            if not k.startswith("_"):
+                saved.append((m, k, v, dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else None))
+    keys = {id(m): set(m.__dict__) for m in modules}
+    try:
+        yield
+    finally:
+        for m, k, v, content in saved:
+            m.__dict__[k] = v
+            if isinstance(v, dict):
+                v.clear()
+                v.update(content)
+            elif isinstance(v, list):
+                v[:] = content
+        for m in modules:
+            for k in set(m.__dict__) - keys.get(id(m), set()):
+                if not k.startswith("_"):  # set during the trace
+                    del m.__dict__[k]
+
+
 def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | None) -> fx.GraphModule:
     tracer = _Tracer(leaf_modules)
     try:
-        fx_graph = tracer.trace(model, concrete_args=concrete_args)
+        with no_trace_residue(model):
+            fx_graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:  # noqa: BLE001 - any tracing failure is reported as a CaptureError
         frames = traceback.extract_tb(e.__traceback__)
         frame = _user_frame(frames)
