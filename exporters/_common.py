@@ -174,6 +174,92 @@ def pack_small_tensors(module: torch.nn.Module, limit_bytes: int = 1 << 16) -> i
     return packed
 
 
+def _attr_value(gm: torch.fx.GraphModule, arg: Any) -> Any:
+    """The tensor a get_attr node reads, or the constant itself; None for a computed value."""
+    if not isinstance(arg, torch.fx.Node):
+        return arg
+    if arg.op != "get_attr":
+        return None
+    owner, _, leaf = arg.target.rpartition(".")
+    return getattr(gm.get_submodule(owner), leaf, None)
+
+
+def _zero_point(gm: torch.fx.GraphModule, arg: Any, *, per_tensor: bool) -> int | None:
+    """A zero point as a Python int: a constant, or a buffer whose entries are all equal (one entry when
+    `per_tensor`); None when it is computed or varies (the generic dequantize stays)."""
+    z = _attr_value(gm, arg)
+    if isinstance(z, int) and not isinstance(z, bool):
+        return z
+    if not isinstance(z, torch.Tensor) or z.is_floating_point() or z.numel() == 0 or (per_tensor and z.numel() != 1):
+        return None
+    first = int(z.reshape(-1)[0])
+    return first if bool((z == first).all()) else None
+
+
+def _narrow_to_int16(gm: torch.fx.GraphModule, arg: Any) -> bool:
+    """Store an int32 buffer as int16 when its values fit and only `dequantize_symmetric` reads it."""
+    from slimfx.ir import ops
+
+    t = _attr_value(gm, arg)
+    if (not isinstance(arg, torch.fx.Node) or not isinstance(t, torch.Tensor) or t.dtype != torch.int32
+            or t.numel() == 0 or int(t.min()) < -(2**15) or int(t.max()) >= 2**15
+            or any(u.target is not ops.dequantize_symmetric for u in arg.users)):
+        return False
+    owner, _, leaf = arg.target.rpartition(".")
+    gm.get_submodule(owner)._buffers[leaf] = t.to(torch.int16)
+    return True
+
+
+def compact_quantization(gm: torch.fx.GraphModule) -> dict[str, int]:
+    """Rewrite a lowered graph's quantization into fewer torch calls, bit for bit the same results, for the
+    formats that record every call (torch.export's program, TorchScript's code): an activation's per-tensor
+    quantize → dequantize pair (int8/uint8, the integers read by nothing else) becomes one `fake_quantize`
+    (5 torch calls instead of 10), and a dequantize whose zero points are all 0 (symmetric weights, int32 biases)
+    skips them (`dequantize_symmetric`), its int32 integers stored as int16 when they fit (int32 biases:
+    half the bytes; a float32 scale times int16 or int32 gives the same floats); zero-point buffers nothing
+    reads any more are removed. Weights stay integer tensors. Returns how many of each it rewrote."""
+    from slimfx.ir import ops
+
+    quantize, dequantize = ops.get_op("quantize").impl, ops.get_op("dequantize").impl
+    graph, done = gm.graph, {"fake_quantize": 0, "dequantize_symmetric": 0, "int16": 0}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not dequantize or node.kwargs.get("block_size"):
+            continue
+        q, scale, zp = node.args
+        axis = node.kwargs.get("axis")
+        src = q if isinstance(q, torch.fx.Node) and q.op == "call_function" and q.target is quantize else None
+        dtype = src.kwargs.get("dtype", torch.int8) if src is not None else None
+        if (src is not None and len(src.users) == 1 and src.args[1] is scale and src.args[2] is zp
+                and axis is None and src.kwargs.get("axis") is None and not src.kwargs.get("block_size")
+                and dtype in (torch.int8, torch.uint8)
+                and (z := _zero_point(gm, zp, per_tensor=True)) is not None):
+            with graph.inserting_before(node):
+                new = graph.call_function(ops.fake_quantize, (src.args[0], scale, z), {"dtype": dtype})
+            done["fake_quantize"] += 1
+        elif _zero_point(gm, zp, per_tensor=False) == 0:
+            with graph.inserting_before(node):
+                new = graph.call_function(ops.dequantize_symmetric, (q, scale), {"axis": axis})
+            done["dequantize_symmetric"] += 1
+        else:
+            continue
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        if src is not None and not src.users and new.target is ops.fake_quantize:
+            graph.erase_node(src)
+    for node in list(graph.nodes):  # zero points (and anything else) no node reads any more
+        if node.op == "get_attr" and node.users and _narrow_to_int16(gm, node):
+            done["int16"] += 1
+        if node.op == "get_attr" and not node.users:
+            owner, _, leaf = node.target.rpartition(".")
+            graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == node.target for n in graph.nodes):
+                mod = gm.get_submodule(owner)
+                mod._buffers.pop(leaf, None)
+                mod._parameters.pop(leaf, None)
+    gm.recompile()
+    return done
+
+
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     import time
 

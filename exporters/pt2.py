@@ -26,6 +26,7 @@ from slimfx.exporters._common import (
     ExportResult,
     as_tuple,
     atomic_path,
+    compact_quantization,
     example_inputs,
     pack_small_tensors,
     raise_if_invalid,
@@ -79,9 +80,10 @@ def to_exported_program(graph: Graph, inputs: tuple, *, dynamic_batch: bool = Tr
     from slimfx.exporters.onnx.export import export_dims
 
     gm = lower(graph, copy_params=True).eval()
+    info: dict[str, Any] = {"dynamic_batch": False, "dynamic_dims": "none", "weights": weight_storage(graph)}
+    info["compact_quantization"] = compact_quantization(gm)
     pack_small_tensors(gm)
     dims = export_dims(graph, dynamic_batch)
-    info: dict[str, Any] = {"dynamic_batch": False, "dynamic_dims": "none", "weights": weight_storage(graph)}
     # torch.export specializes a size-1 dim: trace with every symbolic dim of size 1 at 2 so it stays symbolic.
     trace_inputs = at_sizes(inputs, dims, {s: 2 for s, n in symbol_sizes(inputs, dims).items() if n == 1})
     with warnings.catch_warnings():
@@ -121,7 +123,10 @@ _DEBUG_META = ("stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", 
 def drop_debug_info(ep: torch.export.ExportedProgram) -> None:
     """Leave out of the file what only points into slimfx's generated lowering: each node's Python stack,
     module stack and trace provenance, and the dtype asserts torch.export adds after every `.to()` (a
-    quantized model has one per dequantized tensor); together a third of a small int8 model's program."""
+    quantized model has one per dequantized tensor), together a third of a small int8 model's program; and
+    the example inputs it was traced with (torch.export.load reads an empty entry as none; a 224x224 image
+    example is 0.6 MB)."""
+    ep.example_inputs = None
     graph = ep.graph_module.graph
     for n in list(graph.nodes):
         for key in _DEBUG_META:
@@ -186,7 +191,7 @@ def export_pt2(graph: Graph, path: str | os.PathLike, *, inputs: Any = None, val
             warnings.simplefilter("ignore")
             torch.export.save(ep, str(raw if compress else packed))
         if compress:
-            deflate_zip(raw, packed)
+            deflate_zip(raw, packed, drop_suffixes=("/.data/serialization_id",))  # a random id per save
         info["compressed"] = compress
         try:
             if validate:

@@ -20,6 +20,7 @@ from slimfx.exporters._common import (
     ExportResult,
     as_tuple,
     atomic_path,
+    compact_quantization,
     example_inputs,
     pack_small_tensors,
     raise_if_invalid,
@@ -44,6 +45,7 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
     """
     gm = lower(graph, copy_params=True).eval()
     info: dict[str, Any] = {"method": "script", "weights": weight_storage(graph)}
+    info["compact_quantization"] = compact_quantization(gm)
     if info["weights"] == "int8":  # kept as params (not frozen, below): one zip member per storage, and
         pack_small_tensors(gm)     # one code file per submodule that holds them
         _flatten_attributes(gm)

@@ -7,6 +7,7 @@ own signature, so Python binds the fx node's args and kwargs for us.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import logging
@@ -169,6 +170,7 @@ for _op, _targets in {
     "hardsigmoid": (F.hardsigmoid,), "relu6": (F.relu6,),
     "sqrt": (torch.sqrt, "sqrt"), "rsqrt": (torch.rsqrt, "rsqrt"), "exp": (torch.exp, "exp"),
     "log": (torch.log, "log"), "abs": (torch.abs, "abs", operator.abs), "erf": (torch.erf, "erf"),
+    "sin": (torch.sin, "sin"), "cos": (torch.cos, "cos"),
     "reciprocal": (torch.reciprocal, "reciprocal"), "neg": (torch.neg, operator.neg, "neg"),
     "contiguous": ("contiguous",),
 }.items():
@@ -568,6 +570,67 @@ def _f_cumsum(input, dim, *, dtype=None, out=None):
     return "cumsum", (input,), dict(dim=int(static_value(dim)), dtype=dtype)
 
 
+@_converts(torch.unbind, "unbind")
+def _f_unbind(input, dim=0):
+    return "unbind", (input,), dict(dim=int(static_value(dim)))
+
+
+@_converts(torch.addcmul, "addcmul")
+def _f_addcmul(input, tensor1, tensor2, *, value=1, out=None):
+    if out is not None or isinstance(value, (Node, Param)):
+        return None
+    return "addcmul", (input, tensor1, tensor2), dict(value=value)
+
+
+def filled(size: Sequence, value: Any, dtype: Any) -> Conv | None:
+    """`full` for a tensor of one value whose size follows the inputs (an entry is a node); None when the
+    size is fixed (capture then folds the call into a constant, as any call that reads no input)."""
+    size = tuple(size)
+    if not any(isinstance(d, Node) for d in size) or isinstance(value, (Node, Param)):
+        return None
+    return "full", (), dict(size=size, value=value, dtype=dtype)
+
+
+def _fill_kwargs(dtype=None, layout=None, device=None, pin_memory=None, requires_grad=False,
+                 memory_format=None, out=None, names=None):
+    """The dtype of a factory call's keywords; a layout, an `out=` or names decline (a TypeError)."""
+    if out is not None or names is not None or layout not in (None, torch.strided):
+        raise TypeError("not a plain dense tensor")
+    return dtype
+
+
+@_converts(torch.zeros)
+def _f_zeros(*size, **kwargs):
+    return filled(_dims(size), 0.0, _fill_kwargs(**kwargs))
+
+
+@_converts(torch.ones)
+def _f_ones(*size, **kwargs):
+    return filled(_dims(size), 1.0, _fill_kwargs(**kwargs))
+
+
+@_converts(torch.full)
+def _f_full(size, fill_value, **kwargs):
+    return filled(size, fill_value, _fill_kwargs(**kwargs))
+
+
+def _new_filled(value: Any) -> Callable:
+    def conv(self, *size, **kwargs):
+        if value is None:  # new_full(size, fill_value)
+            size, fill = size[0], size[1] if len(size) > 1 else kwargs.pop("fill_value")
+        else:
+            size, fill = _dims(size), value
+        dtype = _fill_kwargs(**kwargs)
+        if dtype is None and isinstance(self, Node) and isinstance(self.meta, TensorMeta):
+            dtype = self.meta.dtype
+        return filled(size, fill, dtype) if dtype is not None else None
+    return conv
+
+
+for _name, _value in (("new_zeros", 0), ("new_ones", 1), ("new_full", None)):
+    _converts(_name)(_new_filled(_value))
+
+
 @_converts(F.pad, torch.constant_pad_nd)
 def _f_pad(input, pad, mode="constant", value=None):
     try:
@@ -907,10 +970,40 @@ def _source_of(fx_node: fx.Node) -> str | None:
     return fx_node.meta.get("slimfx_source")
 
 
+@contextlib.contextmanager
+def no_trace_residue(model: nn.Module) -> Iterator[None]:
+    """Leave the model's own state as it was before a trace: a forward that caches what it computes in a
+    module attribute (timm's levit: `self.attention_bias_cache[str(device)] = ...` in eval mode) would keep a
+    torch.fx Proxy there, and the next trace (a second capture, a decomposed call) would read a node of the
+    old graph. Restores each module's public attributes and the contents of its dicts and lists."""
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []  # (a pattern is a function)
+    saved = []
+    for m in modules:
+        for k, v in m.__dict__.items():
+            if not k.startswith("_"):
+                saved.append((m, k, v, dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else None))
+    keys = {id(m): set(m.__dict__) for m in modules}
+    try:
+        yield
+    finally:
+        for m, k, v, content in saved:
+            m.__dict__[k] = v
+            if isinstance(v, dict):
+                v.clear()
+                v.update(content)
+            elif isinstance(v, list):
+                v[:] = content
+        for m in modules:
+            for k in set(m.__dict__) - keys.get(id(m), set()):
+                if not k.startswith("_"):  # set during the trace
+                    del m.__dict__[k]
+
+
 def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | None) -> fx.GraphModule:
     tracer = _Tracer(leaf_modules)
     try:
-        fx_graph = tracer.trace(model, concrete_args=concrete_args)
+        with no_trace_residue(model):
+            fx_graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as e:  # noqa: BLE001 - any tracing failure is reported as a CaptureError
         frames = traceback.extract_tb(e.__traceback__)
         frame = _user_frame(frames)
@@ -1400,7 +1493,24 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
             env[n] = cv.record(graph.create_node("input", (), {}, name=str(n.target).lstrip("*"),
                                                  meta=meta_of(values.get(n))), n)
     graph.set_outputs(cv.convert(gm, env, _Scope()))
+    if cv.folded:  # the constants a folded chain was made from (arange, then .to(float32), ...): only its end is read
+        used = {p.name for n in graph for p in (*n.params(), *(r for r in iter_refs(n.attrs) if isinstance(r, Param)))}
+        for name in cv.folded - used:
+            del graph.params[name]
+            graph.buffers.discard(name)
     return graph
+
+
+# Calls whose result is not the same on every run: capture never folds them into constants.
+NOT_FOLDED = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "assert", "sym_")
+
+
+def rebind(env: dict[fx.Node, Any], old: Node, new: Node) -> None:
+    """After an in-place write captured as its functional op: every fx node that held the written tensor (the
+    operand, and what aliases it: earlier in-place results, no-op calls) reads the new value from here on."""
+    for k, v in env.items():
+        if v is old:
+            env[k] = new
 
 
 class _Scope:
@@ -1480,6 +1590,7 @@ class _Converter:
         self.spliced: dict[Node, tuple[Any, Any]] = {}  # IR node made from a torch.export program -> values
         self.depth = 0
         self.decomposer: Any = None
+        self.folded: set[str] = set()  # buffers capture made from calls that read no input (fold_constant)
 
     # -- values ------------------------------------------------------------------------------------
     @property
@@ -1571,7 +1682,45 @@ class _Converter:
                 continue
             env[n] = self.node(n, fx.node.map_aggregate(n.args, lookup), fx.node.map_aggregate(n.kwargs, lookup),
                                scope)
+            written = self.written_operand(n, scope)
+            if written is not None and isinstance(env[n], Node) and env[n].op != "opaque" \
+                    and isinstance(env.get(written), Node):
+                rebind(env, env[written], env[n])
         return None
+
+    def foldable(self, n: fx.Node, args: Any, kwargs: Any, value: Any) -> bool:
+        """A call that makes a tensor from constants alone (no input, no model parameter: `torch.arange(d,
+        device=w.device)`, a frequency table computed from it), not a random one: its value is the same on every
+        run, so capture keeps the value (as the export front end folds such ATen ops)."""
+        if not self.values or not isinstance(value, torch.Tensor) or n.op not in ("call_function", "call_method"):
+            return False
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if any(k in name for k in NOT_FOLDED) or name == "empty":
+            return False
+        return all(isinstance(r, Param) and r.name in self.folded for r in iter_refs((args, kwargs)))
+
+    def fold_constant(self, n: fx.Node, value: torch.Tensor, mpath: str | None, scope: _Scope) -> Param:
+        name = (f"{mpath}." if mpath else "") + (f"{scope.name}_" if scope.name else "") + n.name
+        p = self.graph.add_param(name, value.detach().clone(), buffer=True)
+        self.folded.add(p.name)
+        return p
+
+    def written_operand(self, n: fx.Node, scope: _Scope) -> fx.Node | None:
+        """The fx node an in-place call writes (`x.mul_(g)`, `F.relu(x, inplace=True)`, `nn.SiLU(inplace=True)`
+        and the like): its first operand; None for any other call."""
+        if not n.args or not isinstance(n.args[0], fx.Node):
+            return None
+        if n.op == "call_method":
+            inplace = n.target.endswith("_") and not n.target.startswith("_")
+        elif n.op == "call_module":
+            inplace = getattr(self.modules.get(scope.qual(n.target)), "inplace", False) is True
+        elif n.op == "call_function":
+            name = getattr(n.target, "__name__", "")  # torch.relu_, F.relu_ (not operator.and_: `a & b`)
+            inplace = n.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_")
+                                                          and getattr(n.target, "__module__", None) != "_operator")
+        else:
+            inplace = False
+        return n.args[0] if inplace else None
 
     def node(self, n: fx.Node, args: Any, kwargs: Any, scope: _Scope) -> Any:
         """The IR value of one call: a new node, an existing value (a no-op), or a constant."""
@@ -1587,6 +1736,8 @@ class _Converter:
             return args[0][args[1]]  # an item of a decomposed call's result
         src = _source_of(n) or scope.source
         mpath = scope.where(n.meta.get("slimfx_module_path"))
+        if self.foldable(n, args, kwargs, value):
+            return self.fold_constant(n, value, mpath, scope)
         converted = None
         if n.op == "call_module":
             qual = scope.qual(n.target)
@@ -1694,7 +1845,11 @@ def converter_for(fx_node: fx.Node) -> Callable[..., Conv | None] | None:
             conv = _FUNCTIONS.get(fx_node.target.overloadpacket)
         return conv
     if fx_node.op == "call_method":
-        return _METHODS.get(fx_node.target)
+        conv = _METHODS.get(fx_node.target)
+        name = fx_node.target
+        if conv is None and name.endswith("_") and not name.startswith("_"):
+            conv = _METHODS.get(name[:-1])  # x.mul_(g) computes x.mul(g); capture rebinds x's later readers
+        return conv
     return None
 
 

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 
 from slimfx.ir.capture import (
+    NOT_FOLDED,
     SCALAR_TARGETS,
     _conv_transpose,
     _f_adaptive_avg_pool1d,
@@ -47,7 +48,10 @@ from slimfx.ir.capture import (
     _f_masked_fill,
     _f_max_pool1d,
     _f_max_pool2d,
+    _fill_kwargs,
+    filled,
     is_internal_file,
+    rebind,
 )
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, meta_of
@@ -302,6 +306,7 @@ for _op, _targets in {
     "tanh": (aten.tanh,), "hardswish": (aten.hardswish,), "hardsigmoid": (aten.hardsigmoid,),
     "neg": (aten.neg,), "sqrt": (aten.sqrt,), "rsqrt": (aten.rsqrt,), "exp": (aten.exp,),
     "log": (aten.log,), "abs": (aten.abs,), "erf": (aten.erf,), "reciprocal": (aten.reciprocal,),
+    "sin": (aten.sin,), "cos": (aten.cos,),
 }.items():
     _converts(*_targets)(_unary(_op))
 
@@ -741,6 +746,35 @@ def _cumsum(cx, input, dim, *, dtype=None):
     return "cumsum", (input,), dict(dim=int(dim), dtype=dtype)
 
 
+@_converts(aten.unbind)
+def _unbind(cx, input, dim=0):
+    return "unbind", (input,), dict(dim=int(dim))
+
+
+@_converts(aten.addcmul)
+def _addcmul(cx, input, tensor1, tensor2, *, value=1):
+    return "addcmul", (input, tensor1, tensor2), dict(value=value)
+
+
+# tensors of one value whose size follows the inputs (those of fixed size are folded into constants first)
+@_converts(aten.zeros, aten.ones)
+def _zeros_ones(cx, size, **kwargs):
+    value = 0.0 if cx.node.target.overloadpacket is aten.zeros else 1.0
+    return filled(size, value, _fill_kwargs(**kwargs) or cx.value.dtype)
+
+
+@_converts(aten.full)
+def _full(cx, size, fill_value, **kwargs):
+    return filled(size, fill_value, _fill_kwargs(**kwargs) or cx.value.dtype)
+
+
+@_converts(aten.new_zeros, aten.new_ones, aten.new_full)
+def _new_filled(cx, input, size, *rest, **kwargs):
+    packet = cx.node.target.overloadpacket
+    value = rest[0] if packet is aten.new_full else 0 if packet is aten.new_zeros else 1
+    return filled(size, value, _fill_kwargs(**kwargs) or cx.value.dtype)
+
+
 @_converts(aten.topk)
 def _topk(cx, input, k, dim=-1, largest=True, sorted=True):  # noqa: A002
     if not isinstance(k, int):
@@ -1059,6 +1093,9 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
                                "call_function graphs (higher-order ops such as torch.cond are not supported)")
         else:
             env[n] = _convert_call(cx, n, lookup, tuple_heads, splice)
+            written = inplace_target(n) if isinstance(env[n], Node) and env[n].op != "opaque" else None
+            if written is not None and isinstance(env.get(written), Node):
+                rebind(env, env[written], env[n])
     for dead in cx.maybe_dead:
         if not dead.users:
             graph.erase(dead)
@@ -1072,7 +1109,6 @@ def _convert_program(ep: torch.export.ExportedProgram, model: nn.Module, values:
 # dtype and device); random ones are not among them.
 _CONSTANT_SOURCES = {"zeros", "ones", "full", "arange", "empty", "scalar_tensor", "new_zeros", "new_ones", "new_full",
                      "new_empty", "lift_fresh_copy"}
-_NOT_FOLDED = ("rand", "dropout", "bernoulli", "normal", "uniform", "multinomial", "assert", "sym_")
 
 
 def _constant_nodes(ep: torch.export.ExportedProgram, state: set[str]) -> dict[fx.Node, bool]:
@@ -1104,7 +1140,7 @@ def _constant_nodes(ep: torch.export.ExportedProgram, state: set[str]) -> dict[f
         if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
             continue
         name = n.target.overloadpacket.__name__
-        if any(k in name for k in _NOT_FOLDED):
+        if any(k in name for k in NOT_FOLDED):
             continue
         ops = [a for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node)]
         if name.startswith("new_"):
@@ -1211,6 +1247,46 @@ def _program_inputs(cx: _Ctx, ep: torch.export.ExportedProgram, user_inputs: lis
     return out
 
 
+_VIEW_TARGETS_CACHE: dict[Any, bool] = {}
+
+
+def _is_view(n: fx.Node) -> bool:
+    """Whether ATen node `n`'s result may share memory with an operand (a view: view, slice, transpose...)."""
+    t = n.target
+    if t not in _VIEW_TARGETS_CACHE:
+        schema = getattr(t, "_schema", None)
+        _VIEW_TARGETS_CACHE[t] = schema is None or any(r.alias_info is not None for r in schema.returns)
+    return _VIEW_TARGETS_CACHE[t]
+
+
+def _functional_variant(n: fx.Node) -> Any:
+    """For an in-place ATen op (`aten.silu_`, `aten.mul_.Tensor`) that writes an intermediate no view shares
+    (its operand made by a call that returns new memory, not read through a view): the functional overload
+    (`aten.silu`, `aten.mul.Tensor`) computing the same value. The written node's later readers must then
+    read this node instead (`inplace_target`). None otherwise (the op stays as it is)."""
+    t = n.target
+    if not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+        return None
+    name = t.overloadpacket.__name__
+    if not name.endswith("_") or name.startswith("_") or not n.args:
+        return None
+    base = n.args[0]
+    if not isinstance(base, fx.Node) or base.op != "call_function" \
+            or (_is_view(base) and _functional_variant(base) is None):  # (an in-place op returns what it wrote)
+        return None
+    if any(u is not n and u.op == "call_function" and _is_view(u) for u in base.users):
+        return None  # a view of the written tensor would see the write
+    packet = getattr(aten, name[:-1], None)
+    if packet is None:
+        return None
+    return getattr(packet, t._overloadname, None) or packet
+
+
+def inplace_target(n: fx.Node) -> fx.Node | None:
+    """The node an in-place op converted to its functional form writes (its readers after `n` read `n`)."""
+    return n.args[0] if _functional_variant(n) is not None else None
+
+
 def _convert_call(cx: _Ctx, n: fx.Node, lookup: Callable[[Any], Any], tuple_heads: set[fx.Node],
                   splice: Splice | None) -> Any:
     """The IR value of one call_function node: a new node, an existing value (an alias), or None (a check)."""
@@ -1232,6 +1308,12 @@ def _convert_call(cx: _Ctx, n: fx.Node, lookup: Callable[[Any], Any], tuple_head
     converted = None
     if conv is not None:
         try:
+            converted = conv(cx, *args, **kwargs)
+        except (TypeError, _NoConversion):
+            converted = None
+    functional = _functional_variant(n) if converted is None else None
+    if functional is not None and (conv := _converter(functional)) is not None:
+        try:  # an in-place op on an intermediate (silu_, mul_): its functional form; the caller rebinds
             converted = conv(cx, *args, **kwargs)
         except (TypeError, _NoConversion):
             converted = None

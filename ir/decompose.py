@@ -191,7 +191,10 @@ def _by_fx(cv: _Converter, call: _Call, module: nn.Module | None, leaves: list, 
 
 
 def _trace_call(tracer: Any, call: _Call) -> fx.GraphModule:
-    return fx.GraphModule(call, tracer.trace(call), type(call).__name__)
+    from slimfx.ir.capture import no_trace_residue
+
+    with no_trace_residue(call):
+        return fx.GraphModule(call, tracer.trace(call), type(call).__name__)
 
 
 def _register_trace_entry() -> None:

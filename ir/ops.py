@@ -456,6 +456,19 @@ def _cumsum(x, *, dim, dtype=None):
     return torch.cumsum(x, dim, dtype=dtype)
 
 
+def _unbind(x, *, dim=0):
+    return torch.unbind(x, dim)
+
+
+def _addcmul(x, t1, t2, *, value=1):
+    # torch's fused kernel (one rounding where the CPU has FMA): x + value * t1 * t2 as separate ops differs
+    return torch.addcmul(x, t1, t2, value=value)
+
+
+def _full(*, size, value, dtype=None):
+    return torch.full(tuple(size), value, dtype=dtype)
+
+
 def _topk(x, *, k, dim=-1, largest=True, sorted=True):  # noqa: A002
     return tuple(torch.topk(x, k, dim, largest, sorted))
 
@@ -507,7 +520,7 @@ _QRANGE = {torch.int8: (-128, 127), torch.uint8: (0, 255), torch.int32: (-(2**31
 
 
 def _broadcast_qparam(p, x, axis):
-    if axis is None or not isinstance(p, torch.Tensor) or p.dim() == 0:
+    if axis is None or not isinstance(p, torch.Tensor) or p.dim() == 0 or x.dim() == 1:
         return p
     shape = [1] * x.dim()
     shape[axis] = -1
@@ -546,6 +559,29 @@ def _dequantize(q, scale, zero_point, *, axis=None, block_size=None, bits=None):
     s, z = _qparams(scale, zero_point, q, axis, block_size)
     zf = z.to(torch.float32) if isinstance(z, torch.Tensor) else float(z)
     return (q.to(torch.float32) - zf) * s
+
+
+# Compact forms of the two ops above, bit for bit the same results, for files that record every torch call
+# (torch.export, TorchScript): `exporters._common.compact_quantization` writes them in place of the pairs.
+
+def fake_quantize(x, scale, zero_point: int, *, dtype=torch.int8):
+    """`_dequantize(_quantize(x, scale, zero_point, dtype=dtype), scale, zero_point)` per tensor (finite x;
+    `zero_point` a Python int, int8/uint8): the clamped integers are exact in float32, so the round trip
+    through `dtype` and back changes nothing and is left out (5 torch calls, 6 with a zero point, instead of
+    10). `+ zero_point` stays even when it is 0: it turns round's -0.0 into +0.0 as the integer trip does."""
+    lo, hi = _QRANGE[dtype]
+    q = (torch.round(x / scale) + zero_point).clamp(lo, hi)
+    return (q - zero_point) * scale if zero_point else q * scale
+
+
+def dequantize_symmetric(q, scale, *, axis=None):
+    """`_dequantize(q, scale, zeros)` when every zero point is 0 (symmetric weights and biases): q - 0.0 is
+    q, and a float32 scale times the integers promotes them to float32 exactly as `.to(float32)` does, so one
+    multiplication remains (two with a per-channel scale's reshape)."""
+    s = _broadcast_qparam(scale, q, axis)
+    if isinstance(s, torch.Tensor) and s.dtype == torch.float32 and not q.is_floating_point():
+        return q * s
+    return q.to(torch.float32) * s
 
 
 def _dynamic_quantize(x):
@@ -634,7 +670,7 @@ for _name, _impl, _quant in [
     ("sigmoid", torch.sigmoid, "output"), ("tanh", torch.tanh, None), ("hardswish", F.hardswish, None),
     ("hardsigmoid", F.hardsigmoid, None), ("leaky_relu", _leaky_relu, None), ("clamp", _clamp, None),
     ("neg", operator.neg, None), ("sqrt", torch.sqrt, None), ("rsqrt", torch.rsqrt, None), ("exp", torch.exp, None),
-    ("log", torch.log, None), ("abs", torch.abs, None), ("erf", torch.erf, None),
+    ("log", torch.log, None), ("abs", torch.abs, None), ("erf", torch.erf, None), ("sin", torch.sin, None), ("cos", torch.cos, None),
     ("reciprocal", torch.reciprocal, None), ("cast", _cast, None), ("identity", _identity, "transparent"),
 ]:
     register_op(_name, _impl, elementwise=1, quant=_quant)
@@ -703,6 +739,13 @@ register_op("cumsum", _cumsum, channels="reduce")
 register_op("pad", _pad, shape_op=True, channels="block")
 register_op("roll", _roll, shape_op=True, channels="block", quant="transparent")
 register_op("topk", _topk, result="tuple")
+# unbind{dim}: the slices along dim with dim removed (tuple; `q, k, v = qkv.unbind(0)`); pruning stops at it
+register_op("unbind", _unbind, shape_op=True, result="tuple", channels="block")
+# addcmul(x, t1, t2){value}: x + value * t1 * t2 (resmlp's affine: addcmul(beta, alpha, x))
+register_op("addcmul", _addcmul, elementwise=3)
+# full{size, value, dtype}: a tensor of one value whose size may follow the input's (size entries may be
+# `size` nodes: torch.zeros((B, H, W)), new_ones, full); no tensor operands
+register_op("full", _full, channels="block")
 register_op("argmax", _argmax, reduction=True)
 register_op("argmin", _argmin, reduction=True)
 register_op("index_select", _index_select)

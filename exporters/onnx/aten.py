@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from onnx import numpy_helper
 
-from slimfx.exporters.onnx.context import TORCH_TO_NUMPY, EmitContext, Emitter, is_static, register_emitter
-from slimfx.exporters.onnx.emitters import _err, _out_dtype
+from slimfx.exporters.onnx.context import EmitContext, Emitter, is_static, register_emitter
+from slimfx.exporters.onnx.emitters import _err, _out_dtype, filled
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Node
 
@@ -65,19 +64,10 @@ def _arange(ctx: EmitContext, node: Node) -> str:
     return ctx.emit("Range", [_scalar(ctx, v, dtype) for v in (start, end, step)])
 
 
-def _filled(ctx: EmitContext, node: Node, size: Any, value: float) -> str:
-    dtype = _out_dtype(node)
-    shape = ctx.sym(list(size))
-    if is_static(shape):
-        return ctx.const(np.full(shape, value), dtype, name=node.name)
-    fill = numpy_helper.from_array(np.asarray([value], dtype=TORCH_TO_NUMPY[dtype]), "value")
-    return ctx.emit("ConstantOfShape", [ctx.sym_tensor(shape)], value=fill)
-
-
 @register_aten_emitter(aten.new_ones.default, aten.new_zeros.default)
 def _new_filled(ctx: EmitContext, node: Node) -> str:
     value = 1 if node.attrs["target"] is aten.new_ones.default else 0
-    return _filled(ctx, node, node.inputs[1], value)
+    return filled(ctx, node, node.inputs[1], value)
 
 
 @register_aten_emitter(aten.full.default)
@@ -85,13 +75,19 @@ def _full(ctx: EmitContext, node: Node) -> str:
     size, value = node.inputs[:2]
     if isinstance(value, Node):
         raise _err(node, "full() with a fill value computed at run time")
-    return _filled(ctx, node, size, value)
+    return filled(ctx, node, size, value)
 
 
 @register_aten_emitter(aten.index.Tensor)
 def _index(ctx: EmitContext, node: Node) -> str:
-    """x[i0, i1, ...] with broadcasting integer index tensors on the leading dims: one GatherND."""
+    """x[i0, i1, ...] with broadcasting integer index tensors on the leading dims: one GatherND; x[:, ..., i]
+    (one index tensor after skipped dims: levit's `attention_biases[:, attention_bias_idxs]`): one Gather."""
     x, indices = node.inputs[:2]
+    skipped = next((k for k, i in enumerate(indices) if i is not None), len(indices))
+    if skipped and len(indices) == skipped + 1:
+        if isinstance(indices[-1], Node) and indices[-1].meta.dtype == torch.bool:
+            raise _err(node, "boolean mask indexing (its output size depends on the data)")
+        return ctx.emit("Gather", [ctx.value(x), ctx.value(indices[-1], dtype=torch.int64)], axis=skipped)
     if any(i is None for i in indices) or not indices:
         raise _err(node, "advanced indexing that skips a dim (None in the index list)")
     if any(isinstance(i, Node) and i.meta.dtype == torch.bool for i in indices):

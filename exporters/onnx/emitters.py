@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from slimfx.exporters.onnx.context import (
     FIXED_BATCH_ADVICE,
+    TORCH_TO_NUMPY,
     Dyn,
     EmitContext,
+    is_static,
     onnx_dtype,
     register_emitter,
     to_numpy,
@@ -150,7 +152,8 @@ def _embedding(ctx: EmitContext, node: Node) -> str:
 # --- activations ----------------------------------------------------------------------------------------
 
 _UNARY = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh", "hardswish": "HardSwish", "neg": "Neg",
-          "sqrt": "Sqrt", "exp": "Exp", "log": "Log", "abs": "Abs", "erf": "Erf", "reciprocal": "Reciprocal"}
+          "sqrt": "Sqrt", "exp": "Exp", "log": "Log", "abs": "Abs", "erf": "Erf", "reciprocal": "Reciprocal",
+          "sin": "Sin", "cos": "Cos"}
 
 
 @register_emitter(*_UNARY)
@@ -952,6 +955,48 @@ def _cumsum(ctx: EmitContext, node: Node) -> str:
     work = dt if dt in (torch.float32, torch.float64, torch.int32, torch.int64) else torch.float32
     y = ctx.emit("CumSum", [ctx.value(x, dtype=work), ctx.const(_axis(int(node.attrs["dim"]), ctx.rank(x)), np.int64)])
     return y if work == dt else ctx.cast(y, dt)
+
+
+@register_emitter("unbind")
+def _unbind(ctx: EmitContext, node: Node) -> list[str]:
+    """Split into pieces of 1 along the dim, each squeezed."""
+    x = node.inputs[0]
+    axis = _axis(int(node.attrs.get("dim", 0)), ctx.rank(x))
+    if ctx.dynamic_dims(x)[axis]:
+        raise _err(node, f"unbind along dim {node.attrs.get('dim', 0)}, whose size is symbolic (batch, seq, ...): "
+                         "the number of results would change with it; unbind along a fixed dim")
+    k = len(node.meta)
+    parts = [ctx.value(x)] if k == 1 else ctx.emit("Split", [ctx.value(x), ctx.ints([1] * k)], outputs=k, axis=axis)
+    axes = ctx.ints([axis])
+    return [ctx.emit("Squeeze", [p, axes]) for p in parts]
+
+
+@register_emitter("addcmul")
+def _addcmul(ctx: EmitContext, node: Node) -> str:
+    x, t1, t2 = node.inputs[:3]
+    dt = _out_dtype(node)
+    prod = ctx.emit("Mul", [ctx.value(t1, dtype=dt), ctx.value(t2, dtype=dt)])
+    value = node.attrs.get("value", 1)
+    if value != 1:
+        prod = ctx.emit("Mul", [prod, ctx.const(value, dt)])
+    return ctx.emit("Add", [ctx.value(x, dtype=dt), prod])
+
+
+def filled(ctx: EmitContext, node: Node, size: Any, value: Any) -> str:
+    """A tensor of one value: a constant when its size is fixed, else ConstantOfShape of the run-time size."""
+    dtype = _out_dtype(node)
+    shape = ctx.sym(list(size))
+    if is_static(shape):
+        return ctx.const(np.full(shape, value), dtype, name=node.name)
+    fill = numpy_helper.from_array(np.asarray([value], dtype=TORCH_TO_NUMPY[dtype]), "value")
+    return ctx.emit("ConstantOfShape", [ctx.sym_tensor(shape)], value=fill)
+
+
+@register_emitter("full")
+def _full(ctx: EmitContext, node: Node) -> str:
+    if isinstance(node.attrs["value"], (Node, Param)):
+        raise _err(node, "full() with a fill value computed at run time")
+    return filled(ctx, node, node.attrs["size"], node.attrs["value"])
 
 
 @register_emitter("topk")

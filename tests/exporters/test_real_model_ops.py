@@ -587,3 +587,127 @@ def test_the_export_probe_on_the_meta_device_equals_the_real_one(method, monkeyp
         probes[meta] = context.probe(g, x)
     assert probes[True] == probes[False]
     assert export_onnx(g, tmp_path / "m.onnx", inputs=x).validation.passed
+
+
+# --- unbind, addcmul, sin/cos, tensors of one value sized from the input, in-place calls (timm) ---------
+
+class _Unbind(nn.Module):
+    def __init__(self, dim: int, method: bool):
+        super().__init__()
+        self.dim, self.method = dim, method
+
+    def forward(self, x):
+        parts = x.unbind(self.dim) if self.method else torch.unbind(x, self.dim)
+        return parts[0] * 2 + parts[-1]
+
+
+class _AddCMul(nn.Module):
+    def __init__(self, c: int, value: float, method: bool):
+        super().__init__()
+        self.alpha, self.beta = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c))
+        self.value, self.method = value, method
+
+    def forward(self, x):
+        if self.method:
+            return self.beta.addcmul(self.alpha, x, value=self.value)
+        return torch.addcmul(self.beta, self.alpha, x, value=self.value).sin() + x.cos()
+
+
+@st.composite
+def unbinds_and_addcmuls(draw):
+    rank = draw(st.integers(2, 4))
+    shape = [draw(st.integers(1, 4)) for _ in range(rank)]
+    shape[0] = draw(st.integers(1, 3))
+    method = draw(st.booleans())
+    if draw(st.booleans()):
+        dim = draw(st.integers(1, rank - 1)) * draw(st.sampled_from([1, -1]))  # not the batch dim
+        return _Unbind(dim, method), (torch.randn(*shape),), {"unbind"}
+    value = draw(st.sampled_from([1, 0.5, -2]))
+    return _AddCMul(shape[-1], value, method), (torch.randn(*shape),), {"addcmul"} | (set() if method else {"sin", "cos"})
+
+
+@PROPERTY
+@given(case=unbinds_and_addcmuls())
+def test_unbind_addcmul_sin_cos(case, tmp_path):
+    model, inputs, ops = case
+    check(model, inputs, ops, tmp_path)
+
+
+class _FilledFromSizes(nn.Module):
+    """A tensor of one value whose size follows the batch (torch.zeros / ones / full / new_*), used in
+    arithmetic: edgenext's position encoding starts from `torch.zeros((B, H, W))`."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        b, c = x.shape[0], x.shape[1]
+        t = {"zeros": lambda: torch.zeros((b, c)), "ones": lambda: torch.ones((b, c), dtype=torch.float32),
+             "full": lambda: torch.full((b, c), 3.0), "new_zeros": lambda: x.new_zeros((b, c)),
+             "new_ones": lambda: x.new_ones(b, c), "new_full": lambda: x.new_full((b, c), -1.5)}[self.kind]()
+        mask = ~t.to(torch.bool)
+        return x * 2 + t + mask.cumsum(1, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["zeros", "ones", "full", "new_zeros", "new_ones", "new_full"])
+def test_tensors_of_one_value_sized_by_the_batch_become_full(kind, tmp_path):
+    g = check(_FilledFromSizes(kind), (torch.randn(2, 5),), {"full"}, tmp_path)
+    full = g.find("full")[0]
+    assert any(isinstance(d, ir.Node) for d in full.attrs["size"])  # the batch: a size node, not a 2
+    m = _FilledFromSizes(kind)
+    x3 = torch.randn(3, 5)
+    assert torch.equal(ir.lower(g)(x3), m(x3))
+
+
+class _InPlace(nn.Module):
+    """In-place calls on intermediates, with a second name for the written tensor read afterwards (it sees
+    the write): an in-place activation module, a method, a function with inplace=True."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.SiLU(inplace=True)
+        self.gamma = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x):
+        y = self.conv(x)
+        short = y
+        y = self.act(y)
+        y.mul_(self.gamma)
+        z = F.relu(y - 0.1, inplace=True)
+        return y + short + z
+
+
+def test_in_place_calls_become_their_functional_ops_and_later_readers_see_the_write(tmp_path):
+    """timm's BatchNormAct blocks (nn.SiLU(inplace=True)) and in-place layer scale (`x.mul_(gamma)`): both
+    front ends capture the functional op (aten.silu_ in a torch.export program, a method or module in fx)
+    and every later reader of the written tensor, under any name, reads the new value."""
+    g = check(_InPlace(), (torch.randn(2, 3, 5, 5),), {"silu", "mul", "relu"}, tmp_path)
+    add = g.find("add")[0]
+    assert {i.op for i in add.inputs} == {"mul"}  # y + short: both are the written tensor
+
+
+class _BiasTable(nn.Module):
+    """levit's attention biases: a parameter table indexed on its second dim by a buffer of offsets."""
+
+    def __init__(self, heads: int = 2, n: int = 4):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(heads, 2 * n - 1))
+        pos = torch.arange(n)
+        self.register_buffer("idx", (pos[:, None] - pos[None, :]).abs())
+        self.heads = heads
+
+    def forward(self, x):  # x [B, heads, n, n]
+        return (x + self.table[:, self.idx]).softmax(-1)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_table_indexed_after_skipped_dims_exports_as_one_gather(method, tmp_path):
+    m = _BiasTable().eval()
+    x = torch.randn(2, 2, 4, 4)
+    g = ir.capture(m, (x,), method=method)
+    assert torch.equal(ir.lower(g)(x), m(x))
+    res = export_onnx(g, tmp_path / "m.onnx", inputs=(x,))
+    assert res.validation.passed
+    assert "Gather" in {n.op_type for n in to_onnx_model(g, inputs=(x,)).graph.node}

@@ -310,3 +310,122 @@ class SwinNet(nn.Module):
         for b in self.blocks:
             x = x + b(self.norm(x))
         return self.head(x.mean((1, 2)))
+
+
+# --- timm patterns: levit's cached attention biases, deit's unbind, resmlp's affine, in-place act, edgenext ---
+
+class CachedBiasAttention(nn.Module):
+    """timm's levit: attention biases gathered from a table with a buffer of offsets (`table[:, idx]`) and,
+    in eval mode, cached in a dict on the module keyed by the device."""
+
+    def __init__(self, heads: int = 2, n: int = 4):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(heads, 2 * n - 1))
+        pos = torch.arange(n)
+        self.register_buffer("idx", (pos[:, None] - pos[None, :]).abs(), persistent=False)
+        self.attention_bias_cache: dict[str, torch.Tensor] = {}
+
+    def biases(self, device: torch.device) -> torch.Tensor:
+        if self.training:
+            return self.table[:, self.idx]
+        key = str(device)
+        if key not in self.attention_bias_cache:
+            self.attention_bias_cache[key] = self.table[:, self.idx]
+        return self.attention_bias_cache[key]
+
+    def forward(self, x):  # [B, heads, n, n] scores
+        return (x * 0.5 + self.biases(x.device)).softmax(-1)
+
+
+class TimmAttention(nn.Module):
+    """timm.layers.Attention (deit, vit): q, k, v from one projection, split with unbind."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Affine(nn.Module):
+    """resmlp's affine norm: torch.addcmul(beta, alpha, x)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(dim) + 0.1 * torch.randn(dim))
+        self.beta = nn.Parameter(0.1 * torch.randn(dim))
+
+    def forward(self, x):
+        return torch.addcmul(self.beta, self.alpha, x)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass whose forward ends in an in-place activation, with an
+    in-place layer scale after it (`x.mul_(gamma)`)."""
+
+    def __init__(self, c: int):
+        super().__init__(c)
+        self.act = nn.SiLU(inplace=True)
+        self.gamma = nn.Parameter(torch.full((c, 1, 1), 0.5))
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps)
+        x = self.act(x)
+        return x.mul_(self.gamma)
+
+
+class PositionalEncodingFourier(nn.Module):
+    """edgenext's position encoding: built from `torch.zeros((B, H, W))` (B follows the batch), cumsum, a
+    frequency table from arange, sin/cos, then a 1x1 conv."""
+
+    def __init__(self, hidden_dim: int = 8, dim: int = 16, temperature: float = 10000.0):
+        super().__init__()
+        self.token_projection = nn.Conv2d(hidden_dim * 2, dim, kernel_size=1)
+        self.scale, self.temperature, self.hidden_dim = 2 * math.pi, temperature, hidden_dim
+
+    def forward(self, shape: tuple[int, int, int]):
+        device = self.token_projection.weight.device
+        inv_mask = ~torch.zeros(shape).to(device=device, dtype=torch.bool)
+        y_embed = inv_mask.cumsum(1, dtype=torch.float32)
+        x_embed = inv_mask.cumsum(2, dtype=torch.float32)
+        y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * self.scale
+        x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * self.scale
+        dim_t = torch.arange(self.hidden_dim, dtype=torch.int64, device=device).to(torch.float32)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.hidden_dim)
+        pos_x = x_embed[:, :, :, None] / dim_t
+        pos_y = y_embed[:, :, :, None] / dim_t
+        pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+        return self.token_projection(torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2))
+
+
+class TimmPatternsNet(nn.Module):
+    """The timm patterns in one small net: conv stem with BatchNormAct, edgenext's position encoding (a leaf
+    for torch.fx, as timm registers it), tokens through resmlp's affine and deit's attention, levit's cached
+    biases on a 4x4 score map."""
+
+    def __init__(self, c: int = 16, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, stride=2, padding=1)
+        self.bn = BatchNormAct(c)
+        self.pos = PositionalEncodingFourier(hidden_dim=8, dim=c)
+        self.norm = Affine(c)
+        self.attn = TimmAttention(c, 2)
+        self.bias = CachedBiasAttention(2, 4)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.bn(self.stem(x))
+        b, c, h, w = x.shape
+        x = x + self.pos((b, h, w))
+        t = x.flatten(2).transpose(1, 2)  # [B, 16 tokens, C]
+        t = t + self.attn(self.norm(t))
+        s = self.bias(t[:, :, :2].transpose(1, 2).reshape(b, 2, 4, 4))  # [B, 2 heads, 4, 4]
+        return self.head(t.mean(1)) + s.mean((1, 2, 3))[:, None]
