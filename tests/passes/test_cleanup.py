@@ -191,6 +191,8 @@ def test_dce_keeps_side_effects():
     x = torch.randn(3)
     g, stats = run(InPlace(), x, ["dce", "cse", "fold-constants"])
     assert stats["dce"]["nodes_removed"] == 1 and not g.find("tanh")
-    assert len(g.find("opaque")) == 3  # clone, add_, setitem
+    # add_ on an intermediate is captured as its functional add, read by every later use of y; clone and the
+    # setitem stay opaque writes
+    assert len(g.find("opaque")) == 2 and len(g.find("add")) == 1
     assert stats["cse"] == stats["fold-constants"] == {"skipped_in_place_writes": 1}
     torch.testing.assert_close(ir.lower(g)(x), InPlace()(x))
