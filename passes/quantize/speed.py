@@ -199,8 +199,12 @@ def interleaved_times(measure: Measure, graphs: dict[str, Graph], batches: list[
     """Milliseconds of each graph at each batch size, per round: every round times every graph once, in an
     order that rotates from round to round (graphs reading the same input types read the same inputs)."""
     inputs: dict[tuple, list[tuple]] = {}
-    xs = {k: inputs.setdefault(tuple((n.meta.shape[1:], n.meta.dtype) for n in g.inputs), batch_inputs(g, batches))
-          for k, g in graphs.items()}
+    xs = {}
+    for k, g in graphs.items():
+        key = tuple((n.meta.shape[1:], n.meta.dtype) for n in g.inputs)
+        if key not in inputs:  # drawn once per input signature, not once per graph
+            inputs[key] = batch_inputs(g, batches)
+        xs[k] = inputs[key]
     per = budget_s / (len(graphs) * rounds)
     names = list(graphs)
     out: dict[str, list[list[float]]] = {k: [] for k in names}
