@@ -7,15 +7,16 @@ fp32, and onnxruntime latency (1 thread, batch 1 and 32, interleaved with fp32 a
     PYTHONPATH=. python benchmarks/bench_lowbit.py [--blocks 32,64,128] [--rounds 5]
 
 `--decoder`: issue #17's decoder check instead. A GPT-2-style decoder built from a transformers config
-(`slimfx.models.hf`, random init, nothing downloaded) is first trained briefly on a synthetic token task
-(sequences from a random second-order Markov chain: next-token logits A[t-1] + B[t-2], so the model has real,
-peaked next-token distributions and near-ties only where the chain has them; greedy decoding of an untrained
-model is a walk over near-tied logits and says little), exported fp32 and through the `int4-weights` recipe's
-passes, then 16 prompts of 8 tokens are greedily continued by 64 tokens (full recompute every step, the ONNX
-files have a dynamic sequence length) by fp32 eager PyTorch, the fp32 ONNX file (control) and the int4 ONNX file
-on onnxruntime, and compared token by token with fp32 eager.
+(`slimfx.models.hf`, random init, nothing downloaded) is first trained on real text that needs no download,
+the Python standard library's own sources as bytes (`--task text`; or, a worst case, sequences from a random
+second-order Markov chain whose next-token logits A[t-1] + B[t-2] make near-ties everywhere: `--task chain`;
+greedy decoding of an untrained model is a walk over near-tied logits and says little), exported fp32 and
+through the `int4-weights` recipe's passes, then 16 held-out prompts are greedily continued by 64 tokens (full
+recompute every step, the ONNX files have a dynamic sequence length) by fp32 eager PyTorch, the fp32 ONNX file
+(control) and the int4 ONNX file on onnxruntime, and compared token by token with fp32 eager.
 
-    PYTHONPATH=.:benchmarks python benchmarks/bench_lowbit.py --decoder [--steps 600] [--chain-scale 2] [--untrained]
+    PYTHONPATH=.:benchmarks python benchmarks/bench_lowbit.py --decoder [--task text|chain] [--steps N]
+        [--model-cache FILE] [--block-size 32]
 """
 
 from __future__ import annotations
@@ -65,14 +66,16 @@ class MarkovChain:
     """Token sequences from a random second-order Markov chain: P(t | a, b) = softmax(A[b] + B[a]) for the two
     previous tokens a, b (A, B ~ N(0, scale^2), fixed by the seed)."""
 
+    name = "Markov chain"
+
     def __init__(self, vocab: int, seed: int = 0, scale: float = 2.0):
         g = torch.Generator().manual_seed(seed)
         self.a = torch.randn(vocab, vocab, generator=g) * scale
         self.b = torch.randn(vocab, vocab, generator=g) * scale
         self.vocab = vocab
 
-    def sample(self, n: int, length: int, seed: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
+    def sample(self, n: int, length: int, seed: int, held_out: bool = False) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed + (1 << 20 if held_out else 0))
         out = torch.zeros(n, length, dtype=torch.long)
         out[:, :2] = torch.randint(0, self.vocab, (n, 2), generator=g)
         for t in range(2, length):
@@ -80,25 +83,66 @@ class MarkovChain:
             out[:, t] = torch.multinomial(torch.softmax(logits, -1), 1, generator=g)[:, 0]
         return out
 
+    def floor(self) -> str:
+        """The chain's own entropy, the lowest loss possible."""
+        x = self.sample(256, 73, seed=1)
+        p = torch.softmax(self.a[x[:, 1:-1]] + self.b[x[:, :-2]], -1)
+        return f"the chain's entropy, the lowest loss possible: {float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()):.3f}"
 
-def train_decoder(model: torch.nn.Module, chain: MarkovChain, steps: int, seq: int = 72, batch: int = 32) -> list[float]:
-    """Next-token cross-entropy on fresh chain samples; returns the loss every 100 steps."""
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1), pct_start=0.1)
+
+class PythonSource:
+    """Real text with no download: the Python standard library's own source files (every installed Python has
+    them), as ASCII bytes (vocabulary 128), split by file: 90% to train and calibrate on, 10% held out for the
+    prompts and the held-out loss."""
+
+    name = "Python standard library sources (bytes)"
+
+    def __init__(self, vocab: int = 128):
+        import random
+        import sysconfig
+
+        files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+        random.Random(0).shuffle(files)
+        texts = [bytes(c for c in f.read_bytes() if c < vocab) for f in files]
+        cut = len(texts) * 9 // 10
+        self.train = torch.frombuffer(bytearray(b"".join(texts[:cut])), dtype=torch.uint8).long()
+        self.held = torch.frombuffer(bytearray(b"".join(texts[cut:])), dtype=torch.uint8).long()
+
+    def sample(self, n: int, length: int, seed: int, held_out: bool = False) -> torch.Tensor:
+        text = self.held if held_out else self.train
+        start = torch.randint(0, len(text) - length, (n,), generator=torch.Generator().manual_seed(seed))
+        return torch.stack([text[i:i + length] for i in start.tolist()])
+
+    def floor(self) -> str:
+        return "no known floor (real text)"
+
+
+def train_decoder(model: torch.nn.Module, task, steps: int, seq: int = 72, batch: int = 32,
+                  lr: float = 2e-3) -> list[float]:
+    """Next-token cross-entropy on fresh training samples; returns the loss every 250 steps."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     model.train()
     losses = []
     for step in range(steps):
-        x = chain.sample(batch, seq + 1, seed=10_000 + step)
+        x = task.sample(batch, seq + 1, seed=10_000 + step)
         logits = model(input_ids=x[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        if step % 100 == 0 or step == steps - 1:
+        if step % 250 == 0 or step == steps - 1:
             losses.append(round(loss.item(), 3))
     model.eval()
     return losses
+
+
+def held_out_loss(model: torch.nn.Module, task, n: int = 64, length: int = 128) -> float:
+    x = task.sample(n, length, seed=4, held_out=True)
+    with torch.no_grad():
+        logits = model(input_ids=x[:, :-1]).logits
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)))
 
 
 def greedy(step_logits, prompt: torch.Tensor, new: int) -> tuple[list[int], list[float]]:
@@ -123,18 +167,26 @@ def decoder_check(args) -> int:
 
     torch.manual_seed(0)
     model, kw = hf.build("gpt2", batch=1, seq_len=8, **DECODER)
-    chain = MarkovChain(DECODER["vocab_size"], scale=args.chain_scale)
-    losses = train_decoder(model, chain, args.steps) if not args.untrained else []
-    # the chain's own entropy, the floor of the loss: the model learned the task when its loss nears it
-    x = chain.sample(256, 73, seed=1)
-    p = torch.softmax(chain.a[x[:, 1:-1]] + chain.b[x[:, :-2]], -1)
-    floor = float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean())
+    task = PythonSource(DECODER["vocab_size"]) if args.task == "text" else \
+        MarkovChain(DECODER["vocab_size"], scale=args.chain_scale)
+    steps = args.steps if args.steps is not None else (4000 if args.task == "text" else 600)
+    cache = {"task": args.task, "steps": steps, "chain_scale": args.chain_scale, "config": DECODER}
+    if args.model_cache and Path(args.model_cache).exists() and torch.load(args.model_cache)["cache"] == cache:
+        saved = torch.load(args.model_cache)
+        model.load_state_dict(saved["state"])
+        losses = saved["losses"]
+        model.eval()
+    else:
+        losses = train_decoder(model, task, steps, lr=3e-3 if args.task == "text" else 2e-3) \
+            if not args.untrained else []
+        if args.model_cache and not args.untrained:
+            torch.save({"cache": cache, "state": model.state_dict(), "losses": losses}, args.model_cache)
     kw = {"input_ids": kw["input_ids"], "attention_mask": torch.ones_like(kw["input_ids"])}
     graph = ir.capture(model, (), example_kwargs=kw)
     ex = tuple(kw.values())
     fp32 = to_onnx_model(graph, inputs=ex).SerializeToString()
     recipe = load_recipe("int4-weights")
-    cal = [(s[None, :64], torch.ones(1, 64, dtype=torch.long)) for s in chain.sample(args.cal, 64, seed=2)]
+    cal = [(s[None, :64], torch.ones(1, 64, dtype=torch.long)) for s in task.sample(args.cal, 64, seed=2)]
     ctx = PassContext(ex, calibration_data=cal, quiet=True)
     g = graph.copy()
     stats = {}
@@ -145,7 +197,7 @@ def decoder_check(args) -> int:
         res = pas.run(g, ctx)
         g = res.graph_after(g)
         stats[pas.name] = {k: v for k, v in res.stats.items() if k in ("quantized_layers", "embeddings", "method",
-                                                                         "block_size", "symmetric")}
+                                                                         "block_size", "symmetric", "tied_float")}
     int4 = to_onnx_model(g, inputs=ex).SerializeToString()
     sessions = {"fp32 onnx": ort_session(fp32), "int4 onnx": ort_session(int4)}
 
@@ -156,7 +208,7 @@ def decoder_check(args) -> int:
         with torch.no_grad():
             return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
-    prompts = chain.sample(args.prompts, 8, seed=3)
+    prompts = task.sample(args.prompts, args.prompt_len, seed=3, held_out=True)
     same = {k: 0 for k in sessions}
     forced = {k: 0 for k in sessions}  # next token on fp32's own trajectory (teacher forcing)
     noise = {k: [0.0, 0.0] for k in sessions}  # logit energy, error energy on that trajectory
@@ -178,8 +230,8 @@ def decoder_check(args) -> int:
     total = args.prompts * args.new_tokens
     m = torch.tensor(ref_margins)
     print(f"\ndecoder: GPT-2 config {DECODER}, {sum(p.numel() for p in model.parameters())} parameters, "
-          + (f"trained {args.steps} steps on the Markov chain (loss every 100 steps: {losses}; the chain's entropy, "
-             f"the lowest loss possible: {floor:.3f})" if losses else "untrained (random init)"))
+          + (f"trained {steps} steps on {task.name} (loss every 250 steps: {losses}; {task.floor()}); held-out "
+             f"loss {held_out_loss(model, task):.3f}" if losses else "untrained (random init)"))
     print(f"int4-weights passes: {stats}; file {len(int4)} bytes = {len(int4) / len(fp32):.3f} of fp32 ({len(fp32)})")
     print(f"fp32 eager greedy margins (best - second logit) over {total} steps: median {float(m.median()):.3f}, "
           f"below 0.1: {float((m < 0.1).float().mean()):.1%}, below 0.5: {float((m < 0.5).float().mean()):.1%}\n")
@@ -192,15 +244,22 @@ def decoder_check(args) -> int:
               f"{min(prefix[k])} of {args.new_tokens} | {forced[k]}/{total} = {forced[k] / total:.2%} | {sq:.1f} dB |")
     if args.json:
         Path(args.json).write_text(json.dumps({"identical": same, "forced": forced, "total": total, "prefix": prefix,
-                                               "losses": losses, "chain_scale": args.chain_scale,
-                                               "entropy_floor": floor, "size_ratio": len(int4) / len(fp32)}))
+                                               "losses": losses, "task": args.task, "steps": steps,
+                                               "chain_scale": args.chain_scale, "stats": stats,
+                                               "size_ratio": len(int4) / len(fp32)}))
     return 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decoder", action="store_true", help="the decoder check (greedy decoding, int4 vs fp32)")
-    p.add_argument("--steps", type=int, default=600, help="--decoder: training steps on the synthetic task")
+    p.add_argument("--task", choices=("text", "chain"), default="text", help=(
+        "--decoder: what the decoder learns: text (the Python standard library's sources, bytes) or chain (a "
+        "random second-order Markov chain, a worst case: near-tied next tokens everywhere)"))
+    p.add_argument("--steps", type=int, help="--decoder: training steps (default: 4000 on text, 600 on chain)")
+    p.add_argument("--model-cache", help="--decoder: load the trained decoder from this file when it was trained "
+                                         "with the same settings; else train and save it there")
+    p.add_argument("--prompt-len", type=int, default=32, help="--decoder: prompt tokens (held-out samples)")
     p.add_argument("--untrained", action="store_true", help="--decoder: skip the training (random init)")
     p.add_argument("--chain-scale", type=float, default=2.0, help=(
         "--decoder: spread of the Markov chain's logits (larger: more peaked next-token distributions, fewer "

@@ -9,6 +9,7 @@ on the symbolic ones is learnt by running the graph at two sizes of each (`probe
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -294,6 +295,12 @@ class EmitContext:
 
     def param_tensor(self, ref: Param) -> torch.Tensor:
         return self.graph.params[ref.name]
+
+    @functools.cached_property
+    def shared_params(self) -> frozenset[str]:
+        """Params more than one node reads (a token table tied to the LM head): emitters that would store a
+        transformed copy read the one initializer through an op instead, which onnxruntime folds at load."""
+        return frozenset(name for name, users in self.graph.param_users().items() if len(users) > 1)
 
     # -- IR operands -----------------------------------------------------------------------------
     def bind(self, node: Node, value: Any) -> None:

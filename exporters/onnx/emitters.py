@@ -81,7 +81,7 @@ def _linear(ctx: EmitContext, node: Node) -> str:
     if rank == 2:
         ins = [ctx.value(x), ctx.value(w)] + ([ctx.value(b)] if b is not None else [])
         return ctx.emit("Gemm", ins, transB=1)
-    if isinstance(w, Param):
+    if isinstance(w, Param) and w.name not in ctx.shared_params:
         wt = ctx.param(w, key="T", transform=lambda t: t.t().contiguous())
     else:
         wt = ctx.emit("Transpose", [ctx.value(w)], perm=[1, 0])

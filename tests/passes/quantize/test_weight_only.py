@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import slimfx
 from slimfx import ir
 from slimfx.errors import PassError
 from slimfx.passes import PassContext, create_pass
 from slimfx.passes.quantize.ops import nbits_weight, pack_codes, unpack_codes
-from slimfx.passes.quantize.weight_only import rtn
+from slimfx.passes.quantize.weight_only import block_qparams, fitted_qparams, rtn
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -191,3 +193,68 @@ def test_speed_guard_keeps_matmulnbits_only_where_it_is_clearly_faster_than_the_
         res = create_pass("quantize-weights", opts).run(g, PassContext((x,), quiet=True, measure_ms=ctx_ms))
         assert res.stats["speed_guard"]["chosen"] == "nbits" and res.stats["speed_guard"]["why"].startswith(why)
         assert not any(n.attrs.get("form") == "folded" for n in g.find("matmul_nbits"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), block=st.sampled_from([16, 32]), symmetric=st.booleans(), seed=st.integers(0, 10_000),
+       tail=st.floats(1.5, 30.0), weighted=st.booleans())
+def test_fitted_ranges_never_round_worse_than_the_full_range(rows, block, symmetric, seed, tail, weighted):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.distributions.StudentT(tail).sample((rows, block)) * torch.rand(rows, 1, generator=g)
+    importance = torch.rand(block, generator=g) if weighted else None
+
+    def err(scale, zp):
+        codes = torch.clamp(torch.round(w / scale[:, None]) + zp[:, None], 0, 15)
+        assert codes.min() >= 0 and codes.max() <= 15 and (scale > 0).all()
+        e = (w - (codes - zp[:, None]) * scale[:, None]) ** 2
+        return (e * importance if weighted else e).sum(dim=1)
+
+    fitted = err(*fitted_qparams(w, 4, symmetric, importance))
+    assert (fitted <= err(*block_qparams(w, 4, symmetric)) + 1e-6).all()
+
+
+def test_clip_search_rounds_heavy_tailed_weights_finer():
+    # trained weights have tails: clipping the few largest buys finer steps for all the others
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 256))
+
+    def sqnr(clip_search):
+        codes, scales, zps = rtn(w, 4, 128, True, clip_search)
+        deq = ((codes - zps.repeat_interleave(128, 1)) * scales.repeat_interleave(128, 1))
+        return _sqnr(w, deq)
+
+    assert sqnr(True) > sqnr(False) + 1.0, (sqnr(True), sqnr(False))
+
+
+class TiedLm(nn.Module):
+    """Token embedding tied to the LM head, as GPT-2 and most decoders have it."""
+
+    def __init__(self, vocab=40, d=32):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.body = nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.wte(ids))))
+
+
+def test_a_head_tied_to_the_embedding_table_stays_float_and_the_file_stores_the_table_once():
+    from slimfx.exporters.onnx import to_onnx_model
+
+    torch.manual_seed(0)
+    m = TiedLm().eval()
+    ids = torch.randint(0, 40, (2, 7))
+    g = ir.capture(m, (ids,), method="export")  # torch.export keeps the tie: one param, two readers
+    fp32 = to_onnx_model(g, inputs=(ids,))
+    res = create_pass("quantize-weights", {"block_size": 16}).run(g, PassContext((ids,), quiet=True))
+    head = [n for n in g if n.op == "linear"]
+    assert res.stats["quantized_layers"] == 1 and res.stats["tied_float"] == [n.name for n in head], res.stats
+    assert res.stats["embeddings"] == 0  # the table another op reads stays float too
+    assert [u.op for u in g.param_users()[head[0].inputs[1].name]] == ["embedding", "linear"]
+    for model in (fp32, to_onnx_model(g, inputs=(ids,))):
+        tables = [t for t in model.graph.initializer if sorted(t.dims) == [32, 40]]
+        assert len(tables) == 1, [(t.name, list(t.dims)) for t in model.graph.initializer]
+    # the head's logits carry only the body's 4-bit error
+    assert _sqnr(m(ids), ir.lower(g)(ids)) > 20
