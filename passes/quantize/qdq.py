@@ -498,17 +498,22 @@ def _same_param(graph: Graph, a: object, b: object) -> bool:
 
 
 
-def weight_only(graph: Graph) -> int:
+def weight_only(graph: Graph, through: str | None = None) -> int:
     """Drop the activations' quantize -> dequantize pairs of a quantized graph, keeping its integer weights
     and biases (dequantized from their stored integers): the same stored model, computed in float. What a
     storage scheme (fixed-point, sign) falls back to where onnxruntime's integer kernels are slower than float:
     the ONNX exporter writes such weights' dequantize in a form onnxruntime folds at load (see
     `exporters.onnx.emitters.dequantize_runs_in_float`), so the file stays small and runs at float speed.
+    `through` (a layer's name): only the pairs read by nodes up to that layer, in graph order: a float prefix,
+    the layers up to `through` computed in float and the activations quantized again where it ends.
     Returns how many activation quantizations were removed."""
+    order = {n.name: i for i, n in enumerate(graph)}
+    end = order[through] if through is not None else len(order)
     removed = 0
     for n in list(graph):
         q = n.inputs[0] if n.op == "dequantize" and n.inputs else None
-        if isinstance(q, Node) and q.op == "quantize" and isinstance(q.inputs[0], Node):
+        if isinstance(q, Node) and q.op == "quantize" and isinstance(q.inputs[0], Node) \
+                and all(order[u.name] <= end for u in n.users):
             graph.replace_all_uses(n, q.inputs[0])
             removed += 1
     erase_dead(graph, graph.nodes)
