@@ -41,6 +41,7 @@ from slimfx.passes.quantize.qdq import (
     OUTPUT_QUANT_OPS,
     WEIGHT_OPS,
     Plan,
+    align_input_channels,
     blocked_qparams,
     check_skip,
     clipped,
@@ -164,6 +165,11 @@ class Quantize(Pass):
     keep_first_last: bool = option(True, help=(
         "sign, and int8 schemes with bits < 8: keep the first and last weight layers 8-bit (the most "
         "sensitive ones, and a small part of the weights)"))
+    align_channels: bool = option(True, help=(
+        "pad a quantized conv's model input with zero channels (and its int8 weights with zero input channels) "
+        "to a multiple of 4, e.g. a 3-channel image stem to 4: onnxruntime's symmetric int8 conv kernel on x86 "
+        "takes only such convs, the others run im2col + GEMM at about twice the float conv's time; the output "
+        "is unchanged"))
     float_first: bool = option(False, help=(
         "keep the first conv/linear float when its fan-in is below 32 (e.g. a 1- or 3-channel image input), "
         "where an integer kernel costs more than it saves"))
@@ -326,6 +332,11 @@ class Quantize(Pass):
         result = self._quantize(graph, ctx)
         if guard:
             result = (self._storage_guard if storage else self._speed_guard)(graph, float_graph, result, ctx)
+        if self.align_channels and result.changed:
+            # after the guard: it weighs the layers as they are; padding only speeds up the conv it pads
+            aligned = align_input_channels(result.graph_after(graph))
+            if aligned:
+                result.stats["aligned_channels"] = aligned
         result.stats["notes"] = notes + result.stats.get("notes", [])
         result.changed = result.changed or bool(notes)
         return result

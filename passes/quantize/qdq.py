@@ -519,3 +519,58 @@ def weight_only(graph: Graph, through: str | None = None) -> int:
     erase_dead(graph, graph.nodes)
     graph.remove_unused_params()
     return removed
+
+
+#: onnxruntime's symmetric int8 conv on x86 (MLAS `MlasConvSymPackWSize`, AVX2/AVX-512): used for a conv with
+#: int8 weights of zero point 0 only when its input channels are a multiple of 4 and its output channels a
+#: multiple of 8 and at least 16; other convs run im2col and a general int8 GEMM, about twice the float
+#: conv's time for a 3-channel stem (resnet20's 43.7 vs 21.9 us at batch 1; benchmarks/results/int8_profile.md)
+SYM_CONV_IN_ALIGN, SYM_CONV_OUT_ALIGN, SYM_CONV_OUT_MIN = 4, 8, 16
+
+
+def align_input_channels(graph: Graph) -> dict[str, str]:
+    """Pad with zero channels the float model input a quantized conv reads, and its int8 weights with zero
+    input channels, up to SYM_CONV_IN_ALIGN (a 3-channel image stem becomes 4 channels): onnxruntime then runs
+    the conv in its symmetric int8 kernel instead of im2col + GEMM. The output is the same, bit for bit: the
+    extra channel quantizes to the zero point (0 after dequantize) and meets zero weights. Only convs (groups 1,
+    symmetric per-channel int8 weights, output channels the kernel takes) whose input quantize reads a model
+    input, and is read by nothing else; returns {conv: "3 -> 4 input channels"}."""
+    done: dict[str, str] = {}
+    for n in list(graph):
+        if n.op != "conv2d" or int(n.attrs.get("groups", 1)) != 1 or len(n.inputs) < 2:
+            continue
+        dq, wdq = n.inputs[0], n.inputs[1]
+        if not (isinstance(dq, Node) and dq.op == "dequantize" and len(dq.users) == 1
+                and isinstance(dq.inputs[0], Node) and dq.inputs[0].op == "quantize" and len(dq.inputs[0].users) == 1
+                and isinstance(dq.inputs[0].inputs[0], Node) and dq.inputs[0].inputs[0].op == "input"):
+            continue
+        if not (isinstance(wdq, Node) and wdq.op == "dequantize" and isinstance(wdq.inputs[0], Param)
+                and len(wdq.users) == 1):
+            continue
+        q, x = dq.inputs[0], dq.inputs[0].inputs[0]
+        if q.attrs.get("axis") is not None:  # a per-channel activation: no single fill value
+            continue
+        w = graph.params[wdq.inputs[0].name]
+        zp = wdq.inputs[2] if len(wdq.inputs) > 2 else None
+        if w.dtype != torch.int8 or w.dim() != 4 or (isinstance(zp, Param) and graph.params[zp.name].any()):
+            continue
+        cout, cin = w.shape[:2]
+        extra = -cin % SYM_CONV_IN_ALIGN
+        if not extra or cout < SYM_CONV_OUT_MIN or cout % SYM_CONV_OUT_ALIGN or x.meta.shape[1] != cin:
+            continue
+        shape = (x.meta.shape[0], cin + extra, *x.meta.shape[2:])
+        zp_in = q.inputs[2] if len(q.inputs) > 2 else None
+        fill = float(graph.params[zp_in.name].flatten()[0]) if isinstance(zp_in, Param) else 0.0
+        # on the integers (a quarter of the float input's bytes), filled with the zero point: dequantized, 0
+        pad = graph.create_node("pad", (q,), {"pad": (0, 0) * (len(shape) - 2) + (0, extra), "mode": "constant",
+                                              "value": fill or None}, name=f"{x.name}_pad", after=q,
+                                meta=TensorMeta(shape, q.meta.dtype, x.meta.sym), module_path=n.module_path)
+        dq.replace_input(q, pad)
+        dq.meta = TensorMeta(shape, dq.meta.dtype, x.meta.sym)
+        padded = torch.cat([w, w.new_zeros(cout, extra, *w.shape[2:])], dim=1)
+        wdq.replace_input(wdq.inputs[0], graph.add_param(f"{wdq.inputs[0].name}{cin + extra}", padded, buffer=True))
+        wdq.meta = TensorMeta(tuple(padded.shape), wdq.meta.dtype)
+        done[n.name] = f"{cin} -> {cin + extra} input channels"
+    if done:
+        graph.remove_unused_params()
+    return done
