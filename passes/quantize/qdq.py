@@ -507,6 +507,7 @@ def weight_only(graph: Graph, through: str | None = None) -> int:
     `through` (a layer's name): only the pairs read by nodes up to that layer, in graph order: a float prefix,
     the layers up to `through` computed in float and the activations quantized again where it ends.
     Returns how many activation quantizations were removed."""
+    unalign_input_channels(graph)
     order = {n.name: i for i, n in enumerate(graph)}
     end = order[through] if through is not None else len(order)
     removed = 0
@@ -550,7 +551,9 @@ def align_input_channels(graph: Graph) -> dict[str, str]:
                 and len(wdq.users) == 1):
             continue
         q, x = dq.inputs[0], dq.inputs[0].inputs[0]
-        if q.attrs.get("axis") is not None:  # a per-channel activation: no single fill value
+        # a per-channel activation has no single fill value; int8 activations (fixed-point) read through a
+        # Pad were not fused into QLinearConv by onnxruntime 1.32 (uint8 ones are)
+        if q.attrs.get("axis") is not None or q.attrs.get("dtype") != torch.uint8:
             continue
         w = graph.params[wdq.inputs[0].name]
         zp = wdq.inputs[2] if len(wdq.inputs) > 2 else None
@@ -578,3 +581,34 @@ def align_input_channels(graph: Graph) -> dict[str, str]:
     if done:
         graph.remove_unused_params()
     return done
+
+
+def unalign_input_channels(graph: Graph) -> int:
+    """Undo `align_input_channels` (the zero channels of a padded model input and of its conv's int8 weights),
+    for a graph computed in float again (`weight_only`): a float conv gains nothing from them. Returns how many
+    convs it restored."""
+    undone = 0
+    for p in list(graph):
+        q = p.inputs[0] if p.op == "pad" and p.inputs else None
+        if not (isinstance(q, Node) and q.op == "quantize" and p.users
+                and all(u.op == "dequantize" for u in p.users)):
+            continue
+        extra = int(p.attrs["pad"][-1])
+        convs = [c for dq in p.users for c in dq.users]
+        if not all(c.op == "conv2d" and isinstance(c.inputs[1], Node) and c.inputs[1].op == "dequantize"
+                   and isinstance(c.inputs[1].inputs[0], Param) for c in convs):
+            continue
+        for c in convs:
+            wdq = c.inputs[1]
+            w = graph.params[wdq.inputs[0].name]
+            sliced = w[:, :w.shape[1] - extra].clone()
+            wdq.replace_input(wdq.inputs[0], graph.add_param(wdq.inputs[0].name, sliced, buffer=True))
+            wdq.meta = TensorMeta(tuple(sliced.shape), wdq.meta.dtype)
+        for dq in list(p.users):
+            dq.replace_input(p, q)
+            dq.meta = TensorMeta(q.meta.shape, dq.meta.dtype, q.meta.sym)
+        graph.erase(p)
+        undone += 1
+    if undone:
+        graph.remove_unused_params()
+    return undone

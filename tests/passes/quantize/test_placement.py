@@ -185,6 +185,15 @@ def test_a_three_channel_stem_is_padded_to_four_for_the_symmetric_int8_conv_with
     # final dequantize and linear aside)
     report = validate_onnx(to_onnx_model(g, inputs=(x,)), graphs[False], (x,), atol=1e-6, rtol=0)
     assert report.max_abs_diff < 1e-6
+    # computed in float again (a storage scheme's weight-only form), the padding goes: a float conv gains nothing
+    from slimfx.passes.quantize.qdq import weight_only
+
+    for aligned in (g, graphs[False]):
+        weight_only(aligned)
+        ir.verify(aligned)
+    assert not g.find("pad") and not g.find("quantize")
+    assert g.params[g.node("stem").inputs[1].inputs[0].name].shape == (16, 3, 3, 3)
+    assert torch.equal(ir.lower(g)(x), ir.lower(graphs[False])(x))
 
 
 def test_only_stems_that_padding_grows_by_at_most_a_third_or_that_the_kernel_takes_are_padded():
