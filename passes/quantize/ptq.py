@@ -41,6 +41,7 @@ from slimfx.passes.quantize.qdq import (
     OUTPUT_QUANT_OPS,
     WEIGHT_OPS,
     Plan,
+    align_input_channels,
     blocked_qparams,
     check_skip,
     clipped,
@@ -164,6 +165,11 @@ class Quantize(Pass):
     keep_first_last: bool = option(True, help=(
         "sign, and int8 schemes with bits < 8: keep the first and last weight layers 8-bit (the most "
         "sensitive ones, and a small part of the weights)"))
+    align_channels: bool = option(True, help=(
+        "pad a quantized conv's model input with zero channels (and its int8 weights with zero input channels) "
+        "to a multiple of 4, e.g. a 3-channel image stem to 4: onnxruntime's symmetric int8 conv kernel on x86 "
+        "takes only such convs, the others run im2col + GEMM at about twice the float conv's time; the output "
+        "is unchanged"))
     float_first: bool = option(False, help=(
         "keep the first conv/linear float when its fan-in is below 32 (e.g. a 1- or 3-channel image input), "
         "where an integer kernel costs more than it saves"))
@@ -326,6 +332,11 @@ class Quantize(Pass):
         result = self._quantize(graph, ctx)
         if guard:
             result = (self._storage_guard if storage else self._speed_guard)(graph, float_graph, result, ctx)
+        if self.align_channels and result.changed:
+            # after the guard: it weighs the layers as they are; padding only speeds up the conv it pads
+            aligned = align_input_channels(result.graph_after(graph))
+            if aligned:
+                result.stats["aligned_channels"] = aligned
         result.stats["notes"] = notes + result.stats.get("notes", [])
         result.changed = result.changed or bool(notes)
         return result
@@ -421,9 +432,9 @@ class Quantize(Pass):
         """A storage scheme (fixed-point, sign) keeps its weights whatever the timings say; what it may trade is
         where they are computed. The int8 model (onnxruntime's integer kernels) is timed side by side with the
         same stored weights computed in float (`qdq.weight_only`: no activation quantization; the exporter
-        writes those weights in a form onnxruntime folds at load) and with the float graph quantize started
-        from; when int8 is clearly slower than that float graph overall (speed.RULE) or at any one batch size
-        beyond that size's noise (at least 5%), the weight-only model is kept."""
+        writes those weights in a form onnxruntime folds at load), with float prefixes (the first 1 to
+        speed.PREFIX_LIMIT layers computed in float, the rest int8) and with the float graph quantize started
+        from; `storage_choice` picks the fastest of them that is not slower than float at any batch size."""
         from slimfx.passes.quantize import speed
         from slimfx.passes.quantize.qdq import weight_only
 
@@ -434,23 +445,30 @@ class Quantize(Pass):
             return result
         wo = graph.copy()
         removed = weight_only(wo)
+        layers = [n.name for n in speed.quantized_layers(graph)]
+
+        def prefix(k: int) -> Graph:
+            g = graph.copy()
+            weight_only(g, through=layers[k - 1])
+            return g
+
         batches = list(dict.fromkeys(self.speed_guard_batches))
         if self.guard_mode == "replay":
             decisions = speed.load_decisions(str(self.speed_guard))
-            chosen = speed.FLOAT if decisions["model"] == "float" else speed.INT8
+            kept = [n for n in layers if n in decisions["kept_float"]]
+            k = layers.index(kept[-1]) + 1 if kept else 0
+            chosen = WEIGHT_ONLY if decisions["model"] == "float" else speed.prefix_variant(k) if k else speed.INT8
             section: dict = {"mode": f"replay {self.speed_guard}", "decisions": decisions}
             at = f"(recorded in {self.speed_guard}, not timed)"
         else:
-            times = speed.interleaved_times(ctx.measure_ms, {speed.INT8: graph, WEIGHT_ONLY: wo, speed.FLOAT: float_graph},
+            prefixes = {speed.prefix_variant(k): prefix(k) for k in range(1, min(speed.PREFIX_LIMIT, len(layers) - 1) + 1)}
+            times = speed.interleaved_times(ctx.measure_ms, {speed.INT8: graph, **prefixes, WEIGHT_ONLY: wo,
+                                                             speed.FLOAT: float_graph},
                                             batches, self.speed_guard_seconds, self.speed_guard_rounds)
-            vs = {k: speed.compare(times, k, speed.FLOAT, batches) for k in (speed.INT8, WEIGHT_ONLY)}
-            # stricter than int8-static's rule, where falling back loses the format: here the weight-only model
-            # keeps it, so the integer kernels stay only if they are not slower at any batch size beyond that
-            # size's noise (at least 5%)
-            v = vs[speed.INT8]
-            ruled_out = v.verdict == "slower" or any(r > 1 + n for r, n in zip(v.per_batch, v.batch_spread))
-            chosen = speed.FLOAT if ruled_out else speed.INT8
-            section = {"mode": "measure", "batches": batches, "rounds": self.speed_guard_rounds, "rule": speed.RULE,
+            vs = {k: speed.compare(times, k, speed.FLOAT, batches) for k in (speed.INT8, *prefixes, WEIGHT_ONLY)}
+            chosen = speed.storage_choice({k: v for k, v in vs.items() if k != WEIGHT_ONLY}, WEIGHT_ONLY)
+            k = int(chosen.rsplit(" ", 1)[1]) if chosen.startswith(speed.PREFIX) else 0
+            section = {"mode": "measure", "batches": batches, "rounds": self.speed_guard_rounds, "rule": speed.STORAGE_RULE,
                        "against": "input",
                        "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)}
                                        for k, v in vs.items()},
@@ -458,20 +476,28 @@ class Quantize(Pass):
                        "model_ms": {k: [[round(t, 4) for t in row] for row in v] for k, v in times.items()}}
             at = ("at batch " + "/".join(map(str, batches)) + " on onnxruntime (1 thread): int8 "
                   + ", ".join(f"{r:.2f}x" for r in vs[speed.INT8].per_batch)
-                  + f" of fp32 (noise ±{vs[speed.INT8].spread:.2f}), weight-only "
-                  + ", ".join(f"{r:.2f}x" for r in vs[WEIGHT_ONLY].per_batch))
+                  + f" of fp32 (noise ±{vs[speed.INT8].spread:.2f})"
+                  + (f", {chosen} " + ", ".join(f"{r:.2f}x" for r in vs[chosen].per_batch) if k else "")
+                  + ", weight-only " + ", ".join(f"{r:.2f}x" for r in vs[WEIGHT_ONLY].per_batch))
+        kept_float = {n: f"{self.scheme} weights computed in float (a float prefix)" for n in layers[:k]}
         section.update({"storage": f"{WEIGHT_ONLY}: the same {self.scheme} weights, dequantized when onnxruntime "
                                    f"loads the file, activations float ({removed} activation quantizations fewer)",
-                        "chosen": WEIGHT_ONLY if chosen == speed.FLOAT else speed.INT8, "kept_float": {},
-                        "decisions": {"model": "float" if chosen == speed.FLOAT else "int8", "kept_float": [],
-                                      "batches": batches}})
+                        "chosen": chosen, "kept_float": kept_float,
+                        "decisions": {"model": "float" if chosen == WEIGHT_ONLY else "int8",
+                                      "kept_float": list(kept_float), "batches": batches}})
         result.stats["speed_guard"] = section
-        if chosen != speed.FLOAT:
+        if chosen == speed.INT8:
             return result
+        if k:
+            result.stats["notes"] = [f"speed guard computes the first {k} layer(s) ({', '.join(layers[:k])}) in float "
+                                     f"with their {self.scheme} weights (a float prefix; the file stores the same "
+                                     f"weights): faster than all-int8 and not slower than fp32 {at}"
+                                     ] + result.stats.get("notes", [])
+            return PassResult(result.changed, result.stats, graph=prefix(k))
         result.stats["weight_only"] = True
         result.stats["notes"] = [f"speed guard kept the {self.scheme} weights but computes them in float "
                                  f"(weight-only; the file stores the same weights): onnxruntime's int8 kernels ran "
-                                 f"clearly slower than fp32 {at}"] + result.stats.get("notes", [])
+                                 f"slower than fp32 {at}"] + result.stats.get("notes", [])
         return PassResult(result.changed, result.stats, graph=wo)
 
     def _original_graph(self, ctx: PassContext) -> Graph | None:

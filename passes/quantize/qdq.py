@@ -498,19 +498,117 @@ def _same_param(graph: Graph, a: object, b: object) -> bool:
 
 
 
-def weight_only(graph: Graph) -> int:
+def weight_only(graph: Graph, through: str | None = None) -> int:
     """Drop the activations' quantize -> dequantize pairs of a quantized graph, keeping its integer weights
     and biases (dequantized from their stored integers): the same stored model, computed in float. What a
     storage scheme (fixed-point, sign) falls back to where onnxruntime's integer kernels are slower than float:
     the ONNX exporter writes such weights' dequantize in a form onnxruntime folds at load (see
     `exporters.onnx.emitters.dequantize_runs_in_float`), so the file stays small and runs at float speed.
+    `through` (a layer's name): only the pairs read by nodes up to that layer, in graph order: a float prefix,
+    the layers up to `through` computed in float and the activations quantized again where it ends.
     Returns how many activation quantizations were removed."""
+    unalign_input_channels(graph)
+    order = {n.name: i for i, n in enumerate(graph)}
+    end = order[through] if through is not None else len(order)
     removed = 0
     for n in list(graph):
         q = n.inputs[0] if n.op == "dequantize" and n.inputs else None
-        if isinstance(q, Node) and q.op == "quantize" and isinstance(q.inputs[0], Node):
+        if isinstance(q, Node) and q.op == "quantize" and isinstance(q.inputs[0], Node) \
+                and all(order[u.name] <= end for u in n.users):
             graph.replace_all_uses(n, q.inputs[0])
             removed += 1
     erase_dead(graph, graph.nodes)
     graph.remove_unused_params()
     return removed
+
+
+#: onnxruntime's symmetric int8 conv on x86 (MLAS `MlasConvSymPackWSize`, AVX2/AVX-512): used for a conv with
+#: int8 weights of zero point 0 only when its input channels are a multiple of 4 and its output channels a
+#: multiple of 8 and at least 16; other convs run im2col and a general int8 GEMM, about twice the float
+#: conv's time for a 3-channel stem (resnet20's 43.7 vs 21.9 us at batch 1; benchmarks/results/int8_profile.md)
+SYM_CONV_IN_ALIGN, SYM_CONV_OUT_ALIGN, SYM_CONV_OUT_MIN = 4, 8, 16
+
+
+def align_input_channels(graph: Graph) -> dict[str, str]:
+    """Pad with zero channels the float model input a quantized conv reads, and its int8 weights with zero
+    input channels, up to SYM_CONV_IN_ALIGN (a 3-channel image stem becomes 4 channels): onnxruntime then runs
+    the conv in its symmetric int8 kernel instead of im2col + GEMM. The output is the same, bit for bit: the
+    extra channel quantizes to the zero point (0 after dequantize) and meets zero weights. Only convs (groups 1,
+    symmetric per-channel int8 weights, output channels the kernel takes) whose input quantize reads a model
+    input, and is read by nothing else, and only where the padding adds at most a third (3 -> 4, 6 -> 8);
+    returns {conv: "3 -> 4 input channels"}. The quantize pass runs it last, after its speed guard: the guard's
+    candidates (`weight_only`, float prefixes) are built from the unpadded graph."""
+    done: dict[str, str] = {}
+    for n in list(graph):
+        if n.op != "conv2d" or int(n.attrs.get("groups", 1)) != 1 or len(n.inputs) < 2:
+            continue
+        dq, wdq = n.inputs[0], n.inputs[1]
+        if not (isinstance(dq, Node) and dq.op == "dequantize" and len(dq.users) == 1
+                and isinstance(dq.inputs[0], Node) and dq.inputs[0].op == "quantize" and len(dq.inputs[0].users) == 1
+                and isinstance(dq.inputs[0].inputs[0], Node) and dq.inputs[0].inputs[0].op == "input"):
+            continue
+        if not (isinstance(wdq, Node) and wdq.op == "dequantize" and isinstance(wdq.inputs[0], Param)
+                and len(wdq.users) == 1):
+            continue
+        q, x = dq.inputs[0], dq.inputs[0].inputs[0]
+        # a per-channel activation has no single fill value; int8 activations (fixed-point) read through a
+        # Pad were not fused into QLinearConv by onnxruntime 1.32 (uint8 ones are)
+        if q.attrs.get("axis") is not None or q.attrs.get("dtype") != torch.uint8:
+            continue
+        w = graph.params[wdq.inputs[0].name]
+        zp = wdq.inputs[2] if len(wdq.inputs) > 2 else None
+        if w.dtype != torch.int8 or w.dim() != 4 or (isinstance(zp, Param) and graph.params[zp.name].any()):
+            continue
+        cout, cin = w.shape[:2]
+        extra = -cin % SYM_CONV_IN_ALIGN
+        # at most a third more input (3 -> 4): a 1-channel 8x8 input padded to 4 (digits_cnn) made batch 1 slower
+        if not extra or 3 * extra > cin or cout < SYM_CONV_OUT_MIN or cout % SYM_CONV_OUT_ALIGN \
+                or x.meta.shape[1] != cin:
+            continue
+        shape = (x.meta.shape[0], cin + extra, *x.meta.shape[2:])
+        zp_in = q.inputs[2] if len(q.inputs) > 2 else None
+        fill = float(graph.params[zp_in.name].flatten()[0]) if isinstance(zp_in, Param) else 0.0
+        # on the integers (a quarter of the float input's bytes), filled with the zero point: dequantized, 0
+        pad = graph.create_node("pad", (q,), {"pad": (0, 0) * (len(shape) - 2) + (0, extra), "mode": "constant",
+                                              "value": fill or None}, name=f"{x.name}_pad", after=q,
+                                meta=TensorMeta(shape, q.meta.dtype, x.meta.sym), module_path=n.module_path)
+        dq.replace_input(q, pad)
+        dq.meta = TensorMeta(shape, dq.meta.dtype, x.meta.sym)
+        padded = torch.cat([w, w.new_zeros(cout, extra, *w.shape[2:])], dim=1)
+        wdq.replace_input(wdq.inputs[0], graph.add_param(f"{wdq.inputs[0].name}{cin + extra}", padded, buffer=True))
+        wdq.meta = TensorMeta(tuple(padded.shape), wdq.meta.dtype)
+        done[n.name] = f"{cin} -> {cin + extra} input channels"
+    if done:
+        graph.remove_unused_params()
+    return done
+
+
+def unalign_input_channels(graph: Graph) -> int:
+    """Undo `align_input_channels` (the zero channels of a padded model input and of its conv's int8 weights),
+    for a graph computed in float again (`weight_only`): a float conv gains nothing from them. Returns how many
+    convs it restored."""
+    undone = 0
+    for p in list(graph):
+        q = p.inputs[0] if p.op == "pad" and p.inputs else None
+        if not (isinstance(q, Node) and q.op == "quantize" and p.users
+                and all(u.op == "dequantize" for u in p.users)):
+            continue
+        extra = int(p.attrs["pad"][-1])
+        convs = [c for dq in p.users for c in dq.users]
+        if not all(c.op == "conv2d" and isinstance(c.inputs[1], Node) and c.inputs[1].op == "dequantize"
+                   and isinstance(c.inputs[1].inputs[0], Param) for c in convs):
+            continue
+        for c in convs:
+            wdq = c.inputs[1]
+            w = graph.params[wdq.inputs[0].name]
+            sliced = w[:, :w.shape[1] - extra].clone()
+            wdq.replace_input(wdq.inputs[0], graph.add_param(wdq.inputs[0].name, sliced, buffer=True))
+            wdq.meta = TensorMeta(tuple(sliced.shape), wdq.meta.dtype)
+        for dq in list(p.users):
+            dq.replace_input(p, q)
+            dq.meta = TensorMeta(q.meta.shape, dq.meta.dtype, q.meta.sym)
+        graph.erase(p)
+        undone += 1
+    if undone:
+        graph.remove_unused_params()
+    return undone

@@ -345,6 +345,27 @@ def _x(v: Verdict) -> str:
     return ", ".join(f"{r:.2f}x" for r in v.per_batch)
 
 
+#: how far above float a storage scheme's integer kernels may be at one batch size and still count as not
+#: slower: below the smallest gap this machine's interleaved best times resolve (about 1-2%), so a model within
+#: it is a tie with float, not a loss
+STORAGE_TIE = 0.02
+STORAGE_RULE = (f"{RULE}. A storage scheme (fixed-point, sign) keeps its stored weights whichever form is chosen, "
+                "so its integer kernels (all layers, or all but a float prefix of the first 1-"
+                f"{PREFIX_LIMIT}) are kept only when they are not slower than float at any batch size by more "
+                f"than {STORAGE_TIE:.0%} (nor slower overall by the rule above); of those the fastest (geometric "
+                "mean of the ratios) is chosen, and when none qualifies the weights are computed in float "
+                "(weight-only)")
+
+
+def storage_choice(verdicts: dict[str, Verdict], fallback: str = "weight-only") -> str:
+    """The storage guard's pick among its integer candidates (`verdicts`: each one's time against the float
+    graph, speed.compare), by STORAGE_RULE: the fastest one that is at most STORAGE_TIE above float at every
+    batch size and not slower overall; `fallback` (the same weights computed in float) when none is."""
+    fit = {k: v for k, v in verdicts.items()
+           if v.verdict != "slower" and all(r <= 1 + STORAGE_TIE for r in v.per_batch)}
+    return min(fit, key=lambda k: fit[k].ratio) if fit else fallback
+
+
 def load_decisions(path: str) -> dict[str, Any]:
     """Recorded speed-guard decisions: a report.json of an earlier compile (the first quantize step's
     `speed_guard.decisions`) or a JSON file holding that object ({"model": "int8" | "float", "kept_float":

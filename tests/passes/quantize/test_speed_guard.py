@@ -12,7 +12,8 @@ import slimfx
 from slimfx import ir
 from slimfx.errors import RecipeError
 from slimfx.passes import PassContext, create_pass
-from slimfx.passes.quantize.speed import MARGIN, decide, layer_graph, quantized_layers
+from slimfx.passes.quantize.qdq import through_noops
+from slimfx.passes.quantize.speed import MARGIN, decide, layer_graph, quantized_layers, storage_choice
 
 
 class Net(nn.Module):
@@ -230,10 +231,15 @@ def test_storage_schemes_keep_their_weights_and_compute_in_float_when_int8_loses
     assert res.stats["speed_guard"]["chosen"] == "int8" and res.graph_after(g).find("quantize")
 
 
-@pytest.mark.parametrize("b1_factor, chosen", [(1.08, "weight-only"), (1.03, "int8")])
-def test_storage_schemes_compute_in_float_when_int8_loses_at_one_batch_size_beyond_the_margin(b1_factor, chosen):
+@pytest.mark.parametrize("b1_factor, chosen, kept", [(1.08, "weight-only", []), (1.03, "int8, float prefix of 1", ["c1"]),
+                                                      (1.01, "int8", [])])
+def test_storage_schemes_never_keep_int8_slower_than_float_at_one_batch_size(b1_factor, chosen, kept, tmp_path):
     """int8-static keeps a model faster overall that is within 10% at one batch size (falling back loses its
-    format); a storage scheme's weight-only model keeps the format, so 8% slower at batch 1 is enough."""
+    format); a storage scheme keeps its weights in every form, so integer kernels more than STORAGE_TIE (2%)
+    slower at batch 1 are not kept: the first layers computed in float (a float prefix) when that brings batch
+    1 within the tie and is faster than the rest, else all of them (weight-only). Each integer layer costs
+    b1_factor of its float time at batch 1 and 0.6 at batch 32: with 3 layers a prefix of 1 runs
+    (1 + 2 * b1_factor) / 3 at batch 1."""
     def measure(graph, inputs, budget_s):
         base = fake_runtime(int8_factor=1.0)(graph, inputs, budget_s)
         ints = fake_runtime(int8_factor=2.0)(graph, inputs, budget_s)
@@ -245,9 +251,33 @@ def test_storage_schemes_compute_in_float_when_int8_loses_at_one_batch_size_beyo
 
     m, g, x = _setup()
     res = create_pass("quantize", {"scheme": "fixed-point"}).run(g, _ctx(x, measure))
-    guard = res.stats["speed_guard"]
+    out, guard = res.graph_after(g), res.stats["speed_guard"]
     assert guard["chosen"] == chosen and guard["model_ratio"]["int8"]["b1"] == pytest.approx(b1_factor)
     assert guard["model_ratio"]["int8"]["b32"] == pytest.approx(0.6)
+    assert list(guard["kept_float"]) == kept and guard["decisions"]["kept_float"] == kept
+    assert guard["decisions"]["model"] == ("float" if chosen == "weight-only" else "int8")
+    # every form stores the scheme's integer weights; the prefix's layers read float activations
+    assert all(n.inputs[1].op == "dequantize" for n in out if n.op in ("conv2d", "linear"))
+    integer_input = {n.name: through_noops(n.inputs[0]).op == "dequantize" for n in out if n.op in ("conv2d", "linear")}
+    assert integer_input == {"c1": chosen == "int8", "c2": chosen != "weight-only", "fc": chosen != "weight-only"}
+    # replaying the recorded decisions rebuilds the same form without timing
+    m2, g2, _ = _setup()
+    res2 = create_pass("quantize", {"scheme": "fixed-point", "speed_guard": _report_with(tmp_path, guard["decisions"])}).run(
+        g2, _ctx(x))
+    assert res2.stats["speed_guard"]["chosen"] == chosen
+    assert torch.equal(ir.lower(res2.graph_after(g2))(x), ir.lower(out)(x))
+
+
+@pytest.mark.parametrize("ratios, chosen", [
+    ({"int8": (1.04, 0.84), "p1": (1.00, 0.75), "p2": (1.21, 1.44)}, "p1"),  # digits_cnn fixed-point8, measured
+    ({"int8": (1.01, 0.84), "p1": (1.00, 0.90)}, "int8"),  # both within the tie: the faster overall
+    ({"int8": (1.03, 0.70), "p1": (1.025, 0.75)}, "weight-only"),  # none within 2% at batch 1
+    ({"int8": (0.90, 1.03)}, "weight-only"),  # slower at batch 32 counts too
+    ({"int8": (0.5, 1.02)}, "int8"),
+])
+def test_storage_choice_keeps_the_fastest_integer_form_not_slower_than_float_at_any_batch_size(ratios, chosen):
+    verdicts = {k: decide([[a, b]] * 3, [[1.0, 1.0]] * 3, [1, 32]) for k, (a, b) in ratios.items()}
+    assert storage_choice(verdicts) == chosen
 
 
 def test_speed_guard_is_skipped_and_says_so_without_a_runtime_or_off():
