@@ -199,7 +199,13 @@ def decoder_check(args) -> int:
         stats[pas.name] = {k: v for k, v in res.stats.items() if k in ("quantized_layers", "embeddings", "method",
                                                                          "block_size", "symmetric", "tied_float")}
     int4 = to_onnx_model(g, inputs=ex).SerializeToString()
-    sessions = {"fp32 onnx": ort_session(fp32), "int4 onnx": ort_session(int4)}
+    # the same pass at 8 bits: how much of the int4 gap is near-tied greedy steps any rounding flips
+    g8 = graph.copy()
+    for name, opts in recipe.passes:
+        g8 = create_pass(name, {**opts, "bits": 8, **({"block_size": args.block_size} if args.block_size else {})}
+                         ).run(g8, ctx).graph_after(g8)
+    sessions = {"fp32 onnx": ort_session(fp32), "int4 onnx": ort_session(int4),
+                "8-bit weights (same pass, control)": ort_session(to_onnx_model(g8, inputs=ex).SerializeToString())}
 
     def ort_logits(sess):
         return lambda ids: sess.run(None, {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy())})[0]
