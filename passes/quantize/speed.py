@@ -303,8 +303,10 @@ def measure_and_choose(measure: Measure, graph: Graph, float_graph: Graph, requa
     # the bar an int8 model must clear: the float graph quantize started from, or the original model
     bar = {k: compare(times, k, ORIGINAL, batches, margin) for k in candidates} if original is not None else vs
     fit = [k for k in candidates if bar[k].verdict != "slower" and not bar[k].slower_at]
-    alternatives = [k for k in fit if k != INT8]
-    chosen = INT8 if INT8 in fit else (min(alternatives, key=lambda k: vs[k].ratio) if fit else FLOAT)
+    # keeping layers float is for speed: a variant that does so and is still slower than the float graph
+    # itself loses to it (against the original, such a variant can clear the bar the float graph clears faster)
+    alternatives = [k for k in fit if k != INT8 and vs[k].verdict != "slower"]
+    chosen = INT8 if INT8 in fit else (min(alternatives, key=lambda k: vs[k].ratio) if alternatives else FLOAT)
     between: dict[str, Verdict] = {}
     if INT8 in fit:  # layers kept float cost file size and exactness: only for a clear gain over all-int8
         between = {k: compare(times, k, INT8, batches, margin) for k in alternatives}
