@@ -280,15 +280,16 @@ class EmitContext:
     def param(self, ref: Param, *, key: str = "", transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
               dtype: torch.dtype | None = None) -> str:
         """The initializer for a graph param (optionally transformed, e.g. transposed), created once."""
-        cache_key = (ref.name, key, dtype)
+        name = self.param_alias.get(ref.name, ref.name)
+        cache_key = (name, key, dtype)
         if cache_key in self._param_cache:
             return self._param_cache[cache_key]
-        t = self.graph.params[ref.name]
+        t = self.graph.params[name]
         if transform is not None:
             t = transform(t)
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
-        nm = self.fresh(ref.name + (f".{key}" if key else ""))
+        nm = self.fresh(name + (f".{key}" if key else ""))
         self.initializers[nm] = numpy_helper.from_array(to_numpy(t), nm)
         self._param_cache[cache_key] = nm
         return nm
@@ -297,10 +298,27 @@ class EmitContext:
         return self.graph.params[ref.name]
 
     @functools.cached_property
+    def param_alias(self) -> dict[str, str]:
+        """Each param's canonical name: the first param holding the same tensor (fx capture names a tied weight
+        once per module that holds it, `wte.weight` and `head.weight`), so its initializer is written once."""
+        first: dict[tuple, str] = {}
+        alias = {}
+        for name, t in self.graph.params.items():
+            key = name
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel():
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            alias[name] = first.setdefault(key, name)
+        return alias
+
+    @functools.cached_property
     def shared_params(self) -> frozenset[str]:
-        """Params more than one node reads (a token table tied to the LM head): emitters that would store a
-        transformed copy read the one initializer through an op instead, which onnxruntime folds at load."""
-        return frozenset(name for name, users in self.graph.param_users().items() if len(users) > 1)
+        """Params more than one node reads, under any of their names (a token table tied to the LM head):
+        emitters that would store a transformed copy read the one initializer through an op instead, which
+        onnxruntime folds at load."""
+        readers: dict[str, int] = {}
+        for name, users in self.graph.param_users().items():
+            readers[self.param_alias.get(name, name)] = readers.get(self.param_alias.get(name, name), 0) + len(users)
+        return frozenset(name for name in self.param_alias if readers.get(self.param_alias[name], 0) > 1)
 
     # -- IR operands -----------------------------------------------------------------------------
     def bind(self, node: Node, value: Any) -> None:
