@@ -13,6 +13,8 @@ from slimfx.exporters import export_onnx
 
 
 class TiedLm(nn.Module):
+    """Token embedding tied to the LM head, as GPT-2 and most decoders have it."""
+
     def __init__(self, vocab=40, d=32):
         super().__init__()
         self.wte = nn.Embedding(vocab, d)

@@ -15,6 +15,7 @@ from slimfx.errors import PassError
 from slimfx.passes import PassContext, create_pass
 from slimfx.passes.quantize.ops import nbits_weight, pack_codes, unpack_codes
 from slimfx.passes.quantize.weight_only import block_qparams, fitted_qparams, rtn
+from tests.exporters.test_shared_weights import TiedLm
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -224,20 +225,6 @@ def test_clip_search_rounds_heavy_tailed_weights_finer():
         return _sqnr(w, deq)
 
     assert sqnr(True) > sqnr(False) + 1.0, (sqnr(True), sqnr(False))
-
-
-class TiedLm(nn.Module):
-    """Token embedding tied to the LM head, as GPT-2 and most decoders have it."""
-
-    def __init__(self, vocab=40, d=32):
-        super().__init__()
-        self.wte = nn.Embedding(vocab, d)
-        self.body = nn.Linear(d, d)
-        self.head = nn.Linear(d, vocab, bias=False)
-        self.head.weight = self.wte.weight
-
-    def forward(self, ids):
-        return self.head(torch.relu(self.body(self.wte(ids))))
 
 
 def test_a_head_tied_to_the_embedding_table_stays_float_and_the_file_stores_the_table_once():
