@@ -412,8 +412,6 @@ def report(done: dict) -> None:
               f"({_label(default_cfg())})")
     beta = beta_pick(done)
     if beta is not None:
-        from slimfx.distilling import DEFAULTS
-
         print(f"round 3 picks beta={beta:g} for the at* losses")
     rule = rule_pick(done)
     if rule is not None:

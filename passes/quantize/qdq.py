@@ -496,8 +496,6 @@ def _same_param(graph: Graph, a: object, b: object) -> bool:
     return a is b
 
 
-
-
 def weight_only(graph: Graph, through: str | None = None) -> int:
     """Drop the activations' quantize -> dequantize pairs of a quantized graph, keeping its integer weights
     and biases (dequantized from their stored integers): the same stored model, computed in float. What a

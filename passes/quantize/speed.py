@@ -241,8 +241,6 @@ def slower_layers(measure: Measure, quant_graph: Graph, float_graph: Graph, batc
 
 INT8, FEWER, PREFIX, FLOAT, ORIGINAL = ("int8", "int8, slower layers float", "int8, float prefix", "float",
                                        "original")
-
-
 Requantize = Callable[[Graph, list[str]], Any]  # (float graph copy, layers kept float) -> PassResult
 
 #: the most leading layers a float prefix may hold (each length is a whole-model candidate)
