@@ -453,6 +453,7 @@ class Quantize(Pass):
             return g
 
         batches = list(dict.fromkeys(self.speed_guard_batches))
+        prefixes: dict[str, Graph] = {}  # the float-prefix candidates built (timed), by variant name
         if self.guard_mode == "replay":
             decisions = speed.load_decisions(str(self.speed_guard))
             kept = [n for n in layers if n in decisions["kept_float"]]
@@ -461,13 +462,14 @@ class Quantize(Pass):
             section: dict = {"mode": f"replay {self.speed_guard}", "decisions": decisions}
             at = f"(recorded in {self.speed_guard}, not timed)"
         else:
-            prefixes = {speed.prefix_variant(k): prefix(k) for k in range(1, min(speed.PREFIX_LIMIT, len(layers) - 1) + 1)}
+            lengths = {speed.prefix_variant(k): k for k in range(1, min(speed.PREFIX_LIMIT, len(layers) - 1) + 1)}
+            prefixes = {v: prefix(k) for v, k in lengths.items()}
             times = speed.interleaved_times(ctx.measure_ms, {speed.INT8: graph, **prefixes, WEIGHT_ONLY: wo,
                                                              speed.FLOAT: float_graph},
                                             batches, self.speed_guard_seconds, self.speed_guard_rounds)
             vs = {k: speed.compare(times, k, speed.FLOAT, batches) for k in (speed.INT8, *prefixes, WEIGHT_ONLY)}
             chosen = speed.storage_choice({k: v for k, v in vs.items() if k != WEIGHT_ONLY}, WEIGHT_ONLY)
-            k = int(chosen.rsplit(" ", 1)[1]) if chosen.startswith(speed.PREFIX) else 0
+            k = lengths.get(chosen, 0)
             section = {"mode": "measure", "batches": batches, "rounds": self.speed_guard_rounds, "rule": speed.STORAGE_RULE,
                        "against": "input",
                        "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)}
@@ -493,7 +495,7 @@ class Quantize(Pass):
                                      f"with their {self.scheme} weights (a float prefix; the file stores the same "
                                      f"weights): faster than all-int8 and not slower than fp32 {at}"
                                      ] + result.stats.get("notes", [])
-            return PassResult(result.changed, result.stats, graph=prefix(k))
+            return PassResult(result.changed, result.stats, graph=prefixes[chosen] if chosen in prefixes else prefix(k))
         result.stats["weight_only"] = True
         result.stats["notes"] = [f"speed guard kept the {self.scheme} weights but computes them in float "
                                  f"(weight-only; the file stores the same weights): onnxruntime's int8 kernels ran "
