@@ -24,6 +24,7 @@ from slimfx.ir.errors import PassError
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.distill.trainer import OPTIMIZER_HELP, Optimizer
 from slimfx.passes.quantize import ops as _ops  # noqa: F401  (registers fake_quantize)
+from slimfx.passes.quantize import speed
 from slimfx.passes.quantize.adaround import Rounder
 from slimfx.passes.quantize.calibrate import calibration_batches, collect, progress
 from slimfx.passes.quantize.equalize import correct_biases
@@ -217,13 +218,13 @@ class Quantize(Pass):
         "original model (original: after pruning, a smaller int8 model may keep its int8 weights while it beats "
         "the original, even if the pruned float model would be faster; needs ctx.teacher, which "
         "slimfx.compile sets); the fallback is the float graph quantize starts from either way"))
-    speed_guard_rounds: int = option(5, ge=3, le=50, help=(
+    speed_guard_rounds: int = option(speed.ROUNDS, ge=3, le=50, help=(
         "interleaved rounds of the speed guard's whole-model timings (int8, int8 with slower layers float, "
         "float in turns, fresh sessions each round); more rounds make the decision steadier on a busy machine"))
-    speed_guard_batches: list[int] = option([1, 32], help=(
+    speed_guard_batches: list[int] = option(list(speed.BATCHES), help=(
         "the batch sizes the speed guard times (int8 must win on the geometric mean of the time ratios); "
         "your deployment batch sizes"))
-    speed_guard_seconds: float = option(2.0, gt=0, help=(
+    speed_guard_seconds: float = option(speed.BUDGET_S, gt=0, help=(
         "time budget of the speed guard's per-layer measurements, in seconds (the whole-model check takes "
         "about as long again)"))
     reduce_range: bool = option(True, help=(
@@ -369,8 +370,6 @@ class Quantize(Pass):
                      ctx: PassContext) -> PassResult:
         """Keep float the layers whose integer kernel is clearly slower, or the whole model when int8 still loses
         (measured side by side, passes/quantize/speed.py), or replay recorded decisions."""
-        from slimfx.passes.quantize import speed
-
         if float_graph is None or not result.changed:
             if float_graph is None:
                 result.stats["speed_guard"] = ("skipped: no runtime to time on (PassContext.measure_ms; "
@@ -435,7 +434,6 @@ class Quantize(Pass):
         writes those weights in a form onnxruntime folds at load), with float prefixes (the first 1 to
         speed.PREFIX_LIMIT layers computed in float, the rest int8) and with the float graph quantize started
         from; `storage_choice` picks the fastest of them that is not slower than float at any batch size."""
-        from slimfx.passes.quantize import speed
         from slimfx.passes.quantize.qdq import weight_only
 
         if float_graph is None or not result.changed:

@@ -138,6 +138,8 @@ def batch_inputs(graph: Graph, batches: list[int]) -> list[tuple]:
 MARGIN = 0.05
 #: rounds of the per-layer timings (they only nominate layers: the whole-model timings decide)
 LAYER_ROUNDS = 3
+#: the guard's defaults (quantize's speed_guard_batches / _seconds / _rounds; quantize-weights uses them as they are)
+BATCHES, BUDGET_S, ROUNDS = (1, 32), 2.0, 5
 #: the decision rule, stated once (docs/quantization.md and the report quote it)
 RULE = ("each variant's time is its best over interleaved rounds (a busy neighbour or an unlucky session only "
         "adds time), and its noise how far its second-best round is above its best; a variant is faster or "

@@ -274,9 +274,9 @@ class QuantizeWeights(Pass):
         folded = graph.copy()
         for n in folded.find("matmul_nbits"):
             n.attrs = {**n.attrs, "form": "folded"}
-        batches = [1, 32]
+        batches = list(speed.BATCHES)
         times = speed.interleaved_times(ctx.measure_ms, {"nbits": graph, "folded": folded, "float": float_graph},
-                                        batches, 2.0, 5)
+                                        batches, speed.BUDGET_S, speed.ROUNDS)
         vs = {k: speed.compare(times, k, "float", batches) for k in ("nbits", "folded")}
         between = speed.compare(times, "nbits", "folded", batches)
         # the file is the same either way: MatMulNBits must earn its place by being clearly faster than the folded
