@@ -77,7 +77,7 @@ def compact_int32(nodes: list[NodeProto], initializers: dict[str, TensorProto]
     names = list(dict.fromkeys(n.input[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input
                                and n.input[0] in initializers
                                and initializers[n.input[0]].data_type == TensorProto.INT32))
-    nodes, initializers = _narrow_float_casts(nodes, initializers)
+    initializers = _narrow_float_casts(nodes, initializers)
     for name in names:
         t = numpy_helper.to_array(initializers[name])
         cast = {"to": TensorProto.INT32}
@@ -94,8 +94,7 @@ def compact_int32(nodes: list[NodeProto], initializers: dict[str, TensorProto]
     return nodes, initializers
 
 
-def _narrow_float_casts(nodes: list[NodeProto], initializers: dict[str, TensorProto]
-                        ) -> tuple[list[NodeProto], dict[str, TensorProto]]:
+def _narrow_float_casts(nodes: list[NodeProto], initializers: dict[str, TensorProto]) -> dict[str, TensorProto]:
     """An int32 initializer that only Casts to float32 read (a bias dequantized in the foldable form) and whose
     values fit int16: stored as int16 under its name, which the same Casts read (no node added)."""
     readers: dict[str, list[NodeProto]] = {}
@@ -109,7 +108,7 @@ def _narrow_float_casts(nodes: list[NodeProto], initializers: dict[str, TensorPr
         t = numpy_helper.to_array(initializers[name])
         if t.size and np.abs(t.astype(np.int64)).max() <= np.iinfo(np.int16).max:
             initializers = {**initializers, name: numpy_helper.from_array(t.astype(np.int16), name)}
-    return nodes, initializers
+    return initializers
 
 
 __all__ = ["shrink", "fold_constant_muls", "compact_int32"]
