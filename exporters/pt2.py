@@ -33,7 +33,7 @@ from slimfx.exporters._common import (
     validation_sets,
 )
 from slimfx.ir.errors import ExportError
-from slimfx.ir.graph import Graph, Param
+from slimfx.ir.graph import Graph, Node, Param
 from slimfx.ir.lower import lower
 from slimfx.ir.symdims import at_sizes, describe, symbol_sizes
 
@@ -42,10 +42,15 @@ log = logging.getLogger("slimfx.exporters")
 
 def weight_storage(graph: Graph) -> str:
     """How a PyTorch export of `graph` stores its weights: 'float' (no quantized weights), 'int8' (integer
-    params dequantized in the graph) or 'fake-quant' (quantized values held as float tensors)."""
-    integer = {n.inputs[0].name for n in graph if n.op == "dequantize" and isinstance(n.inputs[0], Param)
-               and not graph.params[n.inputs[0].name].is_floating_point()}
-    if integer:
+    params dequantized in the graph: int8 weights, 4-bit codes, embedding tables whose rows are looked up and
+    dequantized) or 'fake-quant' (quantized values held as float tensors)."""
+    def stored_integers(v: Any) -> bool:
+        """A stored integer param, or values taken from one (rows looked up in an int8 table); not a run-time
+        quantize (whose zero point is an integer param too)."""
+        refs = [v] if isinstance(v, Param) else list(v.params()) if isinstance(v, Node) and v.op != "quantize" else []
+        return any(not graph.params[p.name].is_floating_point() for p in refs)
+
+    if any(n.op == "matmul_nbits" or n.op == "dequantize" and stored_integers(n.inputs[0]) for n in graph):
         return "int8"
     if any(n.op in ("quantize", "dequantize") for n in graph):
         return "fake-quant"

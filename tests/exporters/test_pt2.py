@@ -17,7 +17,7 @@ from slimfx import ir, models
 from slimfx.exporters import export_pt2, export_torchscript, with_batch
 from slimfx.exporters._common import compact_quantization, pack_small_tensors
 from slimfx.exporters.pt2 import weight_storage
-from slimfx.passes import PassContext, PassManager
+from slimfx.passes import PassContext, PassManager, create_pass
 from slimfx.recipe import load_recipe
 
 
@@ -105,6 +105,20 @@ def test_weight_storage_tells_int8_from_fake_quant():
     assert weight_storage(g) == "fake-quant"
     plain = ir.parse("graph G(%x: f32[2]) {\n  %r = relu(%x) : f32[2]\n  return %r\n}")
     assert weight_storage(plain) == "float"
+
+
+@pytest.mark.parametrize("min_features", [16, 10_000])
+def test_weight_storage_counts_4_bit_codes_and_int8_tables_as_integers(min_features):
+    """quantize-weights' MatMulNBits codes and an embedding table looked up as int8 rows are integer storage,
+    not fake-quant (min_features 10_000: the table alone)."""
+    from tests.exporters.test_shared_weights import Untied
+
+    ids = torch.randint(0, 40, (2, 7))
+    g = ir.capture(Untied().eval(), (ids,))
+    res = create_pass("quantize-weights", {"min_features": min_features}).run(g, PassContext((ids,), quiet=True))
+    out = res.graph_after(g)
+    assert bool(out.find("matmul_nbits")) == (min_features == 16) and out.find("dequantize")
+    assert weight_storage(out) == "int8"
 
 
 def test_small_tensors_share_one_storage_per_dtype_and_keep_their_values():
