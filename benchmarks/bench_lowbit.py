@@ -16,7 +16,7 @@ recompute every step, the ONNX files have a dynamic sequence length) by fp32 eag
 (control) and the int4 ONNX file on onnxruntime, and compared token by token with fp32 eager.
 
     PYTHONPATH=.:benchmarks python benchmarks/bench_lowbit.py --decoder [--task text|chain] [--steps N]
-        [--model-cache FILE] [--block-size 32]
+        [--model-cache FILE] [--block-size 32] [--set OPTION=VALUE ...]
 """
 
 from __future__ import annotations
@@ -190,20 +190,19 @@ def decoder_check(args) -> int:
     ctx = PassContext(ex, calibration_data=cal, quiet=True)
     g = graph.copy()
     stats = {}
-    passes = recipe.build_passes()
-    if args.block_size:  # the recipe's steps with another block size (a what-if; the recipe says 128)
-        passes = [create_pass(name, {**opts, "block_size": args.block_size}) for name, opts in recipe.passes]
-    for pas in passes:
-        res = pas.run(g, ctx)
+    # what-ifs on the recipe's options (--block-size, --set), for the int4 step and its 8-bit control alike
+    what_if = {**({"block_size": args.block_size} if args.block_size else {}), **dict(args.set)}
+    for name, opts in recipe.passes:
+        res = create_pass(name, {**opts, **what_if}).run(g, ctx)
         g = res.graph_after(g)
-        stats[pas.name] = {k: v for k, v in res.stats.items() if k in ("quantized_layers", "embeddings", "method",
-                                                                         "block_size", "symmetric", "tied_float")}
+        stats[name] = {k: v for k, v in res.stats.items() if k in ("quantized_layers", "embeddings", "method",
+                                                                     "block_size", "symmetric", "tied_float")}
+        stats[name]["what_if"] = what_if
     int4 = to_onnx_model(g, inputs=ex).SerializeToString()
     # the same pass at 8 bits: how much of the int4 gap is near-tied greedy steps any rounding flips
     g8 = graph.copy()
     for name, opts in recipe.passes:
-        g8 = create_pass(name, {**opts, "bits": 8, **({"block_size": args.block_size} if args.block_size else {})}
-                         ).run(g8, ctx).graph_after(g8)
+        g8 = create_pass(name, {**opts, **what_if, "bits": 8}).run(g8, ctx).graph_after(g8)
     sessions = {"fp32 onnx": ort_session(fp32), "int4 onnx": ort_session(int4),
                 "8-bit weights (same pass, control)": ort_session(to_onnx_model(g8, inputs=ex).SerializeToString())}
 
@@ -256,6 +255,17 @@ def decoder_check(args) -> int:
     return 0
 
 
+def _option(text: str) -> tuple[str, object]:
+    """OPTION=VALUE, the value read as JSON where it parses (false, 32, 0.5), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not OPTION=VALUE (e.g. clip_search=false)")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decoder", action="store_true", help="the decoder check (greedy decoding, int4 vs fp32)")
@@ -271,6 +281,9 @@ def main(argv=None) -> int:
         "--decoder: spread of the Markov chain's logits (larger: more peaked next-token distributions, fewer "
         "near-ties for greedy decoding)"))
     p.add_argument("--block-size", type=int, default=0, help="--decoder: override the recipe's block size")
+    p.add_argument("--set", type=_option, action="append", default=[], metavar="OPTION=VALUE", help=(
+        "--decoder: override one of the recipe's quantize-weights options (a what-if), e.g. clip_search=false, "
+        "symmetric=false; repeatable"))
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--blocks", default="32,64,128")
