@@ -760,6 +760,62 @@ register_op("dequantize", _dequantize, channels="block")
 register_op("dynamic_quantize", _dynamic_quantize, result="tuple", channels="block")
 register_op("mask", _mask, elementwise=2)
 
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first `count` codes per row of uint8 rows holding `bits`-bit codes, low bits first."""
+    p = packed.reshape(packed.shape[0], -1).to(torch.int16)
+    if bits == 8:
+        codes = p
+    else:
+        per = 8 // bits
+        codes = torch.stack([(p >> (bits * i)) & (2 ** bits - 1) for i in range(per)], dim=-1).reshape(p.shape[0], -1)
+    return codes[:, :count]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Rows of `bits`-bit codes (0..2^bits - 1) packed into uint8, low bits first (MatMulNBits' layout);
+    a row whose length is not a multiple of 8 / bits is padded with zeros."""
+    per = 8 // bits
+    c = codes.to(torch.int16)
+    pad = (-c.shape[-1]) % per
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.reshape(*c.shape[:-1], -1, per)
+    out = torch.zeros(c.shape[:-1], dtype=torch.int16, device=c.device)
+    for i in range(per):
+        out |= c[..., i] << (bits * i)
+    return out.to(torch.uint8)
+
+
+def nbits_weight(qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, *, bits: int,
+                 block_size: int, k: int) -> torch.Tensor:
+    """The float weight [N, K] a MatMulNBits node computes with: (code - zero point) * scale per block."""
+    n, blocks = scales.shape[0], scales.reshape(scales.shape[0], -1).shape[1]
+    codes = unpack_codes(qweight, bits, blocks * block_size).reshape(n, blocks, block_size)
+    zp = unpack_codes(zero_points, bits, blocks).reshape(n, blocks, 1) if zero_points is not None \
+        else torch.full((n, blocks, 1), 2 ** (bits - 1), dtype=torch.int16, device=scales.device)
+    w = (codes - zp).to(torch.float32) * scales.reshape(n, blocks, 1).to(torch.float32)
+    return w.reshape(n, -1)[:, :k]
+
+
+def _matmul_nbits(x, qweight, scales, zero_points=None, bias=None, *, k, n, bits, block_size, accuracy_level=0,
+                  form="nbits"):
+    """onnxruntime's MatMulNBits: x @ W^T (+ bias), W [N, K] stored as block-quantized `bits`-bit codes.
+    `form` only says how the ONNX file computes it (nbits: MatMulNBits; folded: the codes dequantized by ops
+    onnxruntime folds at load, then a float MatMul); the arithmetic is the same."""
+    w = nbits_weight(qweight, scales, zero_points, bits=bits, block_size=block_size, k=k).to(x.dtype)
+    y = torch.matmul(x, w.t())
+    return y + bias if bias is not None else y
+
+
+def _matmul_nbits_macs(node) -> int:
+    meta = node.meta
+    return int(meta.numel * node.attrs["k"]) if meta is not None else 0
+
+
+# weight-only low-bit linear layers (quantize-weights, passes/quantize/weight_only.py); exported as MatMulNBits
+register_op("matmul_nbits", _matmul_nbits, channels="block", macs=_matmul_nbits_macs)
+
 # Ops that are not canonical table entries but are structural parts of every graph.
 STRUCTURAL_OPS = ("input", "output", "opaque")
 

@@ -27,6 +27,7 @@ from slimfx.exporters.onnx.context import (
 )
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Node, Param
+from slimfx.ir.ops import unpack_codes
 
 INT64_MAX = 2**63 - 1
 
@@ -1348,8 +1349,6 @@ def _folded_codes(ctx: EmitContext, node: Node) -> tuple[str, str | None, str]:
     MatMulNBits' packed codes; symmetric ones stored minus their zero point 2^(bits-1), as signed INT4/INT8, so
     no zero point is needed), the zero points [blocks, 1, N] (asymmetric only, else None) and the scales
     [blocks, 1, N] float32 (one block: [1, N])."""
-    from slimfx.passes.quantize.ops import unpack_codes
-
     x, qweight, scales, zero_points, bias = node.inputs
     a = node.attrs
     bits, block, n = int(a["bits"]), int(a["block_size"]), int(a["n"])

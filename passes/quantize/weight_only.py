@@ -22,10 +22,10 @@ import torch
 
 from slimfx.ir import Graph, Node, Param, TensorMeta
 from slimfx.ir.errors import PassError
+from slimfx.ir.ops import pack_codes
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, collect
 from slimfx.passes.quantize.observers import qparams_from_range
-from slimfx.passes.quantize.ops import pack_codes
 from slimfx.passes.quantize.qdq import (
     check_skip,
     matches,

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 import slimfx
 from slimfx import ir
 from slimfx.errors import PassError
+from slimfx.ir.ops import nbits_weight, pack_codes, unpack_codes
 from slimfx.passes import PassContext, create_pass
-from slimfx.passes.quantize.ops import nbits_weight, pack_codes, unpack_codes
 from slimfx.passes.quantize.weight_only import block_qparams, fitted_qparams, rtn
 from tests.exporters.test_shared_weights import TiedLm
 
