@@ -13,8 +13,10 @@ from slimfx.ir.ops import OPS
 
 
 def count_params(graph: Graph, *, include_buffers: bool = False) -> int:
-    """Number of elements in the params table that are read by some node (trainable ones by default)."""
-    used = {p.name for n in graph for p in n.params()}
+    """Number of elements in the params table that are read by some node (trainable ones by default); a tied
+    param (one tensor under two names, Graph.param_aliases) counts once."""
+    alias = graph.param_aliases()
+    used = {alias[p.name] for n in graph for p in n.params()}
     return sum(t.numel() for k, t in graph.params.items()
                if k in used and (include_buffers or k not in graph.buffers or _is_weight_like(graph, k)))
 

@@ -152,6 +152,13 @@ def _collect(value: Any, out: list) -> None:
 _SCALARS = (int, float, bool, type(None))  # a tuple of these (stride, padding, a shape) holds no refs
 
 
+def _tensor_key(t: Any, name: str) -> Any:
+    """What makes two params one tensor: the same view of the same storage (`name` where that cannot be told)."""
+    if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.numel():
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    return name
+
+
 class Node:
     """One operation. `op` is a canonical op name (see ir.ops), `input`, `output` or `opaque`."""
 
@@ -419,13 +426,27 @@ class Graph:
         name = ref.name if isinstance(ref, Param) else ref
         return self.params[name]
 
-    def param_users(self) -> dict[str, list[Node]]:
-        """Which nodes read each param."""
+    def param_users(self, *, tied: bool = False) -> dict[str, list[Node]]:
+        """Which nodes read each param; with `tied`, each name lists the readers of every name that holds the
+        same tensor (`param_aliases`: an LM head tied to the token table reads it under a name of its own)."""
         users: dict[str, list[Node]] = {name: [] for name in self.params}
         for n in self:
             for p in n.params():
                 users.setdefault(p.name, []).append(n)
+        if tied:
+            alias = self.param_aliases()
+            merged: dict[str, list[Node]] = {}
+            for name, readers in users.items():
+                merged.setdefault(alias.get(name, name), []).extend(readers)
+            users = {name: merged[alias.get(name, name)] for name in users}
         return users
+
+    def param_aliases(self) -> dict[str, str]:
+        """Each param's canonical name: the first param that holds the same tensor (same storage, offset, shape,
+        strides and dtype). fx capture names a tied weight once per module holding it (`wte.weight` and
+        `head.weight`); the names stay, and copies, files and exports keep them one tensor."""
+        first: dict[Any, str] = {}
+        return {name: first.setdefault(_tensor_key(t, name), name) for name, t in self.params.items()}
 
     def remove_unused_params(self) -> list[str]:
         used = {p.name for n in self for p in itertools.chain(n.params(), (r for r in iter_refs(n.attrs) if isinstance(r, Param)))}
@@ -450,7 +471,13 @@ class Graph:
                      n.module_path)
             g._insert(m, g._root)
             mapping[n] = m
-        g.params = {k: v.clone() for k, v in self.params.items()}
+        clones: dict[Any, torch.Tensor] = {}  # tied params (param_aliases) stay one tensor
+        g.params = {}
+        for k, v in self.params.items():
+            key = _tensor_key(v, k)
+            if key not in clones:
+                clones[key] = v.clone()
+            g.params[k] = clones[key]
         g.buffers = set(self.buffers)
         return g
 

@@ -101,8 +101,10 @@ def _graph_info(graph: Graph) -> dict[str, Any]:
 
 
 def _params_manifest(graph: Graph) -> list[dict[str, Any]]:
-    return [{"name": k, "dtype": _dtype_name(t.dtype), "shape": list(t.shape), "buffer": k in graph.buffers}
-            for k, t in graph.params.items()]
+    """One entry a param; a tied param (Graph.param_aliases) names the param whose stored tensor it shares."""
+    alias = graph.param_aliases()
+    return [{"name": k, "dtype": _dtype_name(t.dtype), "shape": list(t.shape), "buffer": k in graph.buffers,
+             **({"tied_to": alias[k]} if alias[k] != k else {})} for k, t in graph.params.items()]
 
 
 def build_metadata(graph: Graph, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -129,7 +131,8 @@ def save_graph(graph: Graph, path: str | os.PathLike, *, metadata: dict[str, Any
     extra = {k: v for k, v in {**graph.metadata, **(metadata or {})}.items() if k not in _DERIVED_KEYS}
     meta = build_metadata(graph, extra)
     text = format_graph(graph, locations=True) + "\n"
-    weights = st_save({k: t.detach().contiguous().clone() for k, t in graph.params.items()})
+    alias = graph.param_aliases()
+    weights = st_save({k: t.detach().contiguous().clone() for k, t in graph.params.items() if alias[k] == k})
     if path.exists() and not path.is_file():
         raise ModelFileError(f"{path} exists and is not a regular file; slimfx will not replace it: give another "
                              "path")
@@ -258,14 +261,20 @@ class _Reader:
             listed = {m["name"]: m for m in manifest}
         except (TypeError, KeyError) as e:
             raise self.fail(f"{META_MEMBER}: the params manifest is malformed", "save the model again") from e
-        extra, missing = sorted(set(tensors) - set(listed)), sorted(set(listed) - set(tensors))
+        tied = {name: m.get("tied_to") for name, m in listed.items() if "tied_to" in m}
+        stored = set(listed) - set(tied)
+        extra, missing = sorted(set(tensors) - stored), sorted(stored - set(tensors))
         if extra or missing:
             what = (f"{WEIGHTS_MEMBER} holds {', '.join(extra[:3])}, which {META_MEMBER} does not list" if extra else
                     f"{META_MEMBER} lists {', '.join(missing[:3])}, which {WEIGHTS_MEMBER} does not hold")
             raise self.fail(f"the weights and the manifest disagree: {what}", "save the model again")
+        for name, to in tied.items():
+            if not isinstance(to, str) or to not in stored:
+                raise self.fail(f"{META_MEMBER}: param {name!r} is tied to {to!r}, which {WEIGHTS_MEMBER} does not "
+                                "hold", "save the model again")
         out = {}
         for name, m in listed.items():
-            t = tensors[name]
+            t = tensors[tied.get(name, name)]
             if _dtype_name(t.dtype) != m.get("dtype") or list(t.shape) != m.get("shape"):
                 raise self.fail(f"weight {name!r} is {_dtype_name(t.dtype)}{list(t.shape)} in {WEIGHTS_MEMBER} but "
                                 f"{m.get('dtype')}{m.get('shape')} in {META_MEMBER}", "save the model again")

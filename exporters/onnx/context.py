@@ -299,26 +299,16 @@ class EmitContext:
 
     @functools.cached_property
     def param_alias(self) -> dict[str, str]:
-        """Each param's canonical name: the first param holding the same tensor (fx capture names a tied weight
-        once per module that holds it, `wte.weight` and `head.weight`), so its initializer is written once."""
-        first: dict[tuple, str] = {}
-        alias = {}
-        for name, t in self.graph.params.items():
-            key = name
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel():
-                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-            alias[name] = first.setdefault(key, name)
-        return alias
+        """Each param's canonical name (Graph.param_aliases: a tied weight fx capture names twice), so its
+        initializer is written once."""
+        return self.graph.param_aliases()
 
     @functools.cached_property
     def shared_params(self) -> frozenset[str]:
         """Params more than one node reads, under any of their names (a token table tied to the LM head):
         emitters that would store a transformed copy read the one initializer through an op instead, which
         onnxruntime folds at load."""
-        readers: dict[str, int] = {}
-        for name, users in self.graph.param_users().items():
-            readers[self.param_alias.get(name, name)] = readers.get(self.param_alias.get(name, name), 0) + len(users)
-        return frozenset(name for name in self.param_alias if readers.get(self.param_alias[name], 0) > 1)
+        return frozenset(name for name, users in self.graph.param_users(tied=True).items() if len(users) > 1)
 
     # -- IR operands -----------------------------------------------------------------------------
     def bind(self, node: Node, value: Any) -> None:

@@ -57,3 +57,42 @@ def test_equal_but_separate_weights_stay_separate(tmp_path):
     ids = torch.randint(0, 40, (2, 7))
     out = export_onnx(ir.capture(m, (ids,)), tmp_path / "m.onnx", inputs=(ids,))
     assert len([t for t in onnx.load(str(out.path)).graph.initializer if sorted(t.dims) == [32, 40]]) == 2
+
+
+def test_a_tie_survives_copies_and_model_files_and_counts_once(tmp_path):
+    """fx names the tied weight twice; every path that clones or writes params keeps the two names one tensor,
+    so later passes and exports see the tie whatever happened to the graph before them."""
+    import slimfx
+    from slimfx.errors import SlimfxError
+    from tests.slimfx.test_persist import _json_edit, _rewrite
+
+    torch.manual_seed(0)
+    m = TiedLm().eval()
+    ids = torch.randint(0, 40, (2, 7))
+    g = ir.capture(m, (ids,))
+    assert g.param_aliases()["head.weight"] == "wte.weight"
+    readers = g.param_users(tied=True)
+    assert sorted(n.op for n in readers["head.weight"]) == sorted(n.op for n in readers["wte.weight"]) == [
+        "embedding", "linear"]
+    assert [n.op for n in g.param_users()["head.weight"]] == ["linear"]  # per name without `tied`
+    assert ir.count_params(g) == 40 * 32 + 32 * 32 + 32  # the table once
+    c = g.copy()
+    assert c.params["head.weight"] is c.params["wte.weight"] and c.params["wte.weight"] is not g.params["wte.weight"]
+    assert ir.count_params(c) == ir.count_params(g)
+    assert ir.count_params(ir.capture(Untied().eval(), (ids,))) == 2 * 40 * 32 + 32 * 32 + 32
+    path = tmp_path / "m.slimfx"
+    slimfx.save(g, path)
+    loaded = slimfx.load(path)
+    assert loaded.param_aliases()["head.weight"] == "wte.weight"
+    torch.testing.assert_close(ir.lower(loaded)(ids), m(ids))
+    # the file holds the table once
+    import zipfile
+
+    from safetensors.torch import load as st_load
+    assert "head.weight" not in st_load(zipfile.ZipFile(path).read("weights.safetensors"))
+    # a hand-edited tie to a weight the file does not hold is refused with what to do
+    _rewrite(path, "meta.json", _json_edit(lambda meta: next(
+        p for p in meta["params"] if p["name"] == "head.weight").update(tied_to="nowhere")))
+    with pytest.raises(SlimfxError, match="tied to 'nowhere'.*save the model again"):
+        slimfx.load(path)
+
