@@ -54,9 +54,9 @@ from slimfx.passes.quantize.qdq import (
     insert_qdq,
     layer_weight,
     make_plan,
-    quantizable_embeddings,
     quantize_embedding,
     quantize_tensor,
+    tables_to_store,
     through_noops,
     weight_axis,
 )
@@ -537,7 +537,7 @@ class Quantize(Pass):
         if not dynamic:
             expand_for_integer_kernels(graph)
         plan = make_plan(graph, skip=skip, only=only, weight_only=dynamic)
-        embeds = quantizable_embeddings(graph, skip=skip, only=only) \
+        embeds = tables_to_store(graph, plan, skip=skip, only=only) \
             if self.embeddings and self.scheme in ("int8-static", "int8-dynamic") else []
         floats = kept_float(graph)
         if not plan.weight_ops and not plan.act_ops and not embeds:

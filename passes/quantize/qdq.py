@@ -333,22 +333,39 @@ def fold_weight(graph: Graph, node: Node, index: int, qp: QParams, qmin: int | N
     return dq
 
 
-def quantizable_embeddings(graph: Graph, *, skip: list[str], only: set[str] | None = None) -> list[Node]:
-    """Embedding lookups whose float table no other op reads (a tied table stays float: an int8 copy next
-    to the float one would grow the file)."""
-    users = graph.param_users()
+def quantizable_embeddings(graph: Graph, *, skip: list[str], only: set[str] | None = None,
+                           tied_heads: bool = False) -> list[Node]:
+    """Embedding lookups whose float table no other op reads, under any of its names (Graph.param_aliases: a
+    tied table stays float here, an int8 copy next to the float one would grow the file); with `tied_heads`,
+    also tables linears read as their weight (LM heads, for a pass that stores such a table once for both)."""
+    users, alias = graph.param_users(tied=True), graph.param_aliases()
+
+    def head(u: Node, table: str) -> bool:  # a linear whose weight is the table
+        return tied_heads and u.op == "linear" and isinstance(u.inputs[1], Param) and alias[u.inputs[1].name] == table
+
     out = []
     for n in graph:
         if n.op not in TABLE_OPS or len(n.inputs) < 2 or not isinstance(n.inputs[1], Param) \
                 or n.attrs.get("max_norm") is not None:
             continue
         w = n.inputs[1]
-        if not graph.params[w.name].is_floating_point() or any(u.op not in TABLE_OPS for u in users[w.name]):
+        readers_ok = all(u.op in TABLE_OPS or head(u, alias[w.name]) for u in users[w.name])
+        if not graph.params[w.name].is_floating_point() or not readers_ok:
             continue
         if (only is not None and n.name not in only) or matches(n, skip):
             continue
         out.append(n)
     return out
+
+
+def tables_to_store(graph: Graph, plan: Plan, *, skip: list[str], only: set[str] | None = None) -> list[Node]:
+    """The lookups whose tables quantize stores as int8: untied tables, and a table tied to LM heads when the plan
+    gives every such head int8 weights of its own (two int8 copies are half one float table; a head left float
+    keeps the table float, which serves both)."""
+    planned = {n.name for n in plan.weight_ops}
+    users, alias = graph.param_users(tied=True), graph.param_aliases()
+    return [n for n in quantizable_embeddings(graph, skip=skip, only=only, tied_heads=True)
+            if all(u.op != "linear" or u.name in planned for u in users[alias[n.inputs[1].name]])]
 
 
 def quantize_embedding(graph: Graph, node: Node, qp: QParams) -> Node:

@@ -96,3 +96,24 @@ def test_a_tie_survives_copies_and_model_files_and_counts_once(tmp_path):
     with pytest.raises(SlimfxError, match="tied to 'nowhere'.*save the model again"):
         slimfx.load(path)
 
+
+@pytest.mark.parametrize("scheme", ["int8-static", "int8-dynamic"])
+def test_quantize_stores_a_tied_table_the_same_way_whichever_capture_named_it(scheme):
+    """int8: the table as int8 for its lookup and the head's own int8 weight (two int8 copies are half one float
+    table), whether the tie is one param name (torch.export) or two (fx)."""
+    import onnx
+
+    from slimfx.exporters.onnx import to_onnx_model
+    from slimfx.passes import PassContext, create_pass
+
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
+    stored = {}
+    for method in ("fx", "export"):
+        torch.manual_seed(0)
+        g = ir.capture(TiedLm().eval(), (ids,), method=method)
+        res = create_pass("quantize", {"scheme": scheme}).run(g, PassContext((ids,), calibration_data=[(ids,)]))
+        assert res.stats["embeddings"] == 1, res.stats
+        model = to_onnx_model(g, inputs=(ids,))
+        tables = [(t.data_type, sorted(t.dims)) for t in model.graph.initializer if sorted(t.dims) == [32, 40]]
+        stored[method] = sorted(tables)
+    assert stored["fx"] == stored["export"] == [(onnx.TensorProto.INT8, [32, 40])] * 2
