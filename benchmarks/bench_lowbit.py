@@ -196,7 +196,8 @@ def decoder_check(args) -> int:
         res = create_pass(name, {**opts, **what_if}).run(g, ctx)
         g = res.graph_after(g)
         stats[name] = {k: v for k, v in res.stats.items() if k in ("quantized_layers", "embeddings", "method",
-                                                                     "block_size", "symmetric", "tied_float")}
+                                                                     "block_size", "symmetric", "tied_float",
+                                                                     "tied_tables", "embedding_bits")}
         stats[name]["what_if"] = what_if
     int4 = to_onnx_model(g, inputs=ex).SerializeToString()
     # the same pass at 8 bits: how much of the int4 gap is near-tied greedy steps any rounding flips

@@ -813,8 +813,16 @@ def _matmul_nbits_macs(node) -> int:
     return int(meta.numel * node.attrs["k"]) if meta is not None else 0
 
 
-# weight-only low-bit linear layers (quantize-weights, passes/quantize/weight_only.py); exported as MatMulNBits
+def _gather_nbits(ids, qweight, scales, zero_points=None, *, k, bits, block_size):
+    """onnxruntime's GatherBlockQuantized: rows `ids` of a table [N, K] stored as matmul_nbits stores a weight
+    (block-quantized `bits`-bit codes along K), dequantized; a table tied to an LM head is one set of codes."""
+    return F.embedding(ids, nbits_weight(qweight, scales, zero_points, bits=bits, block_size=block_size, k=k))
+
+
+# weight-only low-bit linear layers and table lookups (quantize-weights, passes/quantize/weight_only.py);
+# exported as MatMulNBits and GatherBlockQuantized, which read the same packed codes
 register_op("matmul_nbits", _matmul_nbits, channels="block", macs=_matmul_nbits_macs)
+register_op("gather_nbits", _gather_nbits, channels="block")
 
 # Ops that are not canonical table entries but are structural parts of every graph.
 STRUCTURAL_OPS = ("input", "output", "opaque")

@@ -1319,13 +1319,72 @@ def _matmul_nbits(ctx: EmitContext, node: Node) -> str:
     x, qweight, scales, zero_points, bias = node.inputs
     a = node.attrs
     if a.get("form") == "folded":
-        return _matmul_nbits_folded(ctx, node)
+        shared = isinstance(qweight, Param) and qweight.name in ctx.shared_params
+        return (_matmul_nbits_folded_shared if shared else _matmul_nbits_folded)(ctx, node)
     ins = [ctx.value(x), ctx.value(qweight), ctx.value(scales),
            ctx.value(zero_points) if zero_points is not None else None]
     if bias is not None:
         ins += [None, ctx.value(bias)]  # g_idx (absent), bias
     return ctx.emit("MatMulNBits", ins, domain="com.microsoft", K=int(a["k"]), N=int(a["n"]), bits=int(a["bits"]),
                     block_size=int(a["block_size"]), accuracy_level=int(a.get("accuracy_level") or 0) or None)
+
+
+def _matmul_nbits_folded_shared(ctx: EmitContext, node: Node) -> str:
+    """The folded form of a matmul_nbits whose codes another node reads too (an LM head tied to a table a
+    gather_nbits looks up): the weight is computed from the one packed initializer [N, K blocks, block bytes] by
+    ops onnxruntime constant-folds at load (Cast; at 4 bits the two codes of a byte split by Floor and Sub;
+    minus the zero point, times the scales), so the file keeps the codes once and the run time is fp32's."""
+    x, qweight, scales, zero_points, bias = node.inputs
+    a = node.attrs
+    bits, block, k, n = int(a["bits"]), int(a["block_size"]), int(a["k"]), int(a["n"])
+    blocks = ctx.param_tensor(scales).reshape(n, -1).shape[1]
+    packed = ctx.emit("Cast", [ctx.value(qweight)], name="nb", to=onnx.TensorProto.FLOAT)
+    if bits == 8:
+        codes = packed
+    else:  # low nibble first: byte = lo + 16 * hi
+        sixteen = ctx.const(16.0, np.float32)
+        hi = ctx.emit("Floor", [ctx.emit("Div", [packed, sixteen], name="nb")], name="nb")
+        lo = ctx.emit("Sub", [packed, ctx.emit("Mul", [hi, sixteen], name="nb")], name="nb")
+        pair = [ctx.emit("Unsqueeze", [v, ctx.ints([-1])], name="nb") for v in (lo, hi)]
+        codes = ctx.emit("Reshape", [ctx.emit("Concat", pair, name="nb", axis=-1), ctx.ints([n, blocks, block])],
+                         name="nb")
+    zp = ctx.const(float(2 ** (bits - 1)), np.float32) if zero_points is None else ctx.param(
+        zero_points, key="folded", transform=lambda z: unpack_codes(z, bits, blocks).float().reshape(n, blocks, 1))
+    scale = ctx.emit("Reshape", [ctx.value(scales), ctx.ints([n, blocks, 1])], name="nb")
+    w = ctx.emit("Mul", [ctx.emit("Sub", [codes, zp], name="nb"), scale], name="nb")
+    w = ctx.emit("Reshape", [w, ctx.ints([n, blocks * block])], name="nb")
+    if blocks * block != k:
+        w = ctx.emit("Slice", [w, ctx.ints([0]), ctx.ints([k]), ctx.ints([1])], name="nb")
+    w = ctx.emit("Transpose", [w], name="nb", perm=[1, 0])
+    if bias is None:
+        return ctx.emit("MatMul", [ctx.value(x), w])
+    return ctx.emit("Add", [ctx.emit("MatMul", [ctx.value(x), w], name="nb"), ctx.value(bias)])
+
+
+@register_emitter("gather_nbits")
+def _gather_nbits(ctx: EmitContext, node: Node) -> str:
+    """onnxruntime's GatherBlockQuantized (com.microsoft) on the very initializer MatMulNBits reads (a table tied
+    to an LM head is stored once): the codes [N, K blocks, block bytes] are looked up as 3-D data, quantized
+    along their last axis in one block each, so the rows come out [..., K blocks, block]; then Reshape (and Slice
+    when K is not a whole number of blocks) to [..., K]. Scales (and zero points, one code a byte) get the
+    trailing 1 of that layout: the scales by a Reshape onnxruntime folds at load."""
+    ids, qweight, scales, zero_points = node.inputs
+    a = node.attrs
+    bits, block, k = int(a["bits"]), int(a["block_size"]), int(a["k"])
+    n, blocks = ctx.param_tensor(scales).reshape(ctx.param_tensor(scales).shape[0], -1).shape
+    ins = [ctx.value(qweight), ctx.value(ids), ctx.emit("Reshape", [ctx.value(scales), ctx.ints([n, blocks, 1])],
+                                                        name="gbq")]
+    if zero_points is not None:
+        ins.append(ctx.param(zero_points, key="gather", transform=lambda z: unpack_codes(z, bits, blocks).to(
+            torch.uint8).reshape(n, blocks, 1)))
+    rows = ctx.emit("GatherBlockQuantized", ins, domain="com.microsoft", bits=bits, block_size=block,
+                    gather_axis=0, quantize_axis=2, name="gbq")
+    rank = len(node.meta.shape) - 1  # the ids' rank
+    out = ctx.emit("Reshape", [rows, ctx.ints([0] * rank + [blocks * block])],
+                   name="gbq" if blocks * block != k else None)
+    if blocks * block != k:
+        out = ctx.emit("Slice", [out, ctx.ints([0]), ctx.ints([k]), ctx.ints([-1])])
+    return out
 
 
 def _int_initializer(ctx: EmitContext, base: str, arr: np.ndarray, dt: int) -> str:

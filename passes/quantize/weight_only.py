@@ -37,6 +37,19 @@ from slimfx.passes.quantize.qdq import (
 Method = Literal["rtn", "gptq"]
 
 
+@dataclass(frozen=True)
+class StoredCodes:
+    """A weight stored as block-quantized codes: the params matmul_nbits and gather_nbits read."""
+
+    qweight: Param
+    scales: Param
+    zero_points: Param | None
+    bits: int
+    block_size: int
+    k: int  # the weight's columns (input features; a table's embedding dim)
+    nbytes: int
+
+
 CLIP_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # 1.0 down to 0.5
 
 
@@ -169,8 +182,12 @@ class QuantizeWeights(Pass):
         "onnxruntime's MatMulNBits compute type: 0 unset (float32), 1 fp32, 2 fp16, 3 bf16, 4 int8 (the "
         "activation is quantized per block too: fastest on CPU, a little less exact)"))
     embeddings: bool = option(True, help=(
-        "also store embedding tables as int8 (one symmetric scale per table; Gather + DequantizeLinear), as "
-        "quantize does; a table another op reads too (tied weights) stays float"))
+        "also store embedding tables as integers (embedding_bits); a table tied to a linear (an LM head reading "
+        "the token table) is stored once, block-wise at embedding_bits, and both read its codes"))
+    embedding_bits: int = option(8, ge=4, le=8, help=(
+        "tables' bits: 8, int8 with one symmetric scale per table (Gather + DequantizeLinear, as quantize does); "
+        "4, block-wise 4-bit codes (block_size per scale; onnxruntime's GatherBlockQuantized). A tied table is "
+        "block-wise at these bits either way, its head a MatMulNBits on the same codes"))
     min_features: int = option(16, ge=1, help="linears with fewer input features than this stay float")
     skip: list[str] = option([], help="layers kept float: node names, module paths (fnmatch globs) or op names")
     speed_guard: bool = option(True, help=(
@@ -183,8 +200,9 @@ class QuantizeWeights(Pass):
         "always keeps MatMulNBits (its int8 compute exists only there); false: MatMulNBits"))
 
     def validate(self) -> None:
-        if self.bits not in (4, 8):
-            raise PassError(f"pass 'quantize-weights': bits = {self.bits}; MatMulNBits takes 4 or 8")
+        for name in ("bits", "embedding_bits"):
+            if getattr(self, name) not in (4, 8):
+                raise PassError(f"pass 'quantize-weights': {name} = {getattr(self, name)}; use 4 or 8")
         if self.block_size & (self.block_size - 1):
             raise PassError(f"pass 'quantize-weights': block_size = {self.block_size} is not a power of two; "
                             "use 32, 64 or 128")
@@ -205,30 +223,47 @@ class QuantizeWeights(Pass):
     def check_graph(self, graph: Graph) -> str | None:
         return check_skip(graph, self.skip, pass_name="quantize-weights")
 
+    def _eligible(self, graph: Graph, n: Node) -> bool:
+        """A linear with a 2-D float weight param, enough input features, and a param (or no) bias."""
+        if n.op != "linear" or not isinstance(n.inputs[1], Param) or matches(n, self.skip):
+            return False
+        w = graph.params[n.inputs[1].name]
+        return w.dim() == 2 and w.is_floating_point() and w.shape[1] >= self.min_features \
+            and (len(n.inputs) < 3 or n.inputs[2] is None or isinstance(n.inputs[2], Param))
+
+    def tied_tables(self, graph: Graph) -> dict[str, list[Node]]:
+        """Tables tied to linears (an LM head reading the token table, under the table's name or one of its
+        own: Graph.param_aliases), stored once when `embeddings` is on: {table param: its readers}, when every
+        reader is a lookup or a linear that could be quantized."""
+        if not self.embeddings:
+            return {}
+        users = graph.param_users(tied=True)
+        out: dict[str, list[Node]] = {}
+        for n in quantizable_embeddings(graph, skip=self.skip, tied_heads=True):
+            name = graph.param_aliases()[n.inputs[1].name]
+            readers = users[name]
+            if name not in out and any(u.op == "linear" for u in readers) \
+                    and all(u.op != "linear" or self._eligible(graph, u) for u in readers):
+                out[name] = readers
+        return out
+
     @staticmethod
     def tied(graph: Graph) -> list[Node]:
-        """Linears whose weight another op reads too (an LM head tied to the token embedding table). They stay
-        float: a 4-bit copy would store the weight twice, and the float table serves both exactly."""
-        users = graph.param_users()
+        """Linears whose weight another op reads too (under any of its names) and that stay float: a head tied
+        to a table that is not stored once in integers (embeddings off, or the head skipped)."""
+        users = graph.param_users(tied=True)
         return [n for n in graph if n.op == "linear" and isinstance(n.inputs[1], Param)
                 and any(u is not n for u in users[n.inputs[1].name])]
 
     def targets(self, graph: Graph) -> list[Node]:
         tied = set(self.tied(graph))
-        out = []
-        for n in graph:
-            if n.op != "linear" or not isinstance(n.inputs[1], Param) or matches(n, self.skip) or n in tied:
-                continue
-            w = graph.params[n.inputs[1].name]
-            if w.dim() == 2 and w.is_floating_point() and w.shape[1] >= self.min_features \
-                    and (len(n.inputs) < 3 or n.inputs[2] is None or isinstance(n.inputs[2], Param)):
-                out.append(n)
-        return out
+        return [n for n in graph if n not in tied and self._eligible(graph, n)]
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        tables = self.tied_tables(graph)
         layers = self.targets(graph)
         embeds = quantizable_embeddings(graph, skip=self.skip) if self.embeddings else []
-        if not layers and not embeds:
+        if not layers and not embeds and not tables:
             return PassResult(False, {"quantized_layers": 0, "embeddings": 0})
         float_graph = graph.copy() if self.speed_guard and self.accuracy_level == 0 and ctx.measure_ms else None
         hessians = self._hessians(graph, layers, ctx) if self.method == "gptq" else {}
@@ -237,23 +272,44 @@ class QuantizeWeights(Pass):
             w = graph.params[n.inputs[1].name].detach().float()
             before += w.numel() * 4
             if self.method == "gptq":
-                codes, scales, zps = gptq(w, hessians[n.name], self.bits, self.block_size, self.symmetric,
+                codes, scales, zps = gptq(w, hessians[n.name], self.bits, self.block(w), self.symmetric,
                                           self.gptq_damp, self.clip_search)
             else:
-                codes, scales, zps = rtn(w, self.bits, self.block_size, self.symmetric, self.clip_search)
-            after += self._replace(graph, n, codes, scales, zps)
+                codes, scales, zps = rtn(w, self.bits, self.block(w), self.symmetric, self.clip_search)
+            stored = self._store(graph, n.inputs[1].name, codes, scales, zps, self.bits)
+            after += stored.nbytes
+            self._replace(graph, n, stored)
+        # a table and the head tied to it: one set of codes (rounded to the nearest, so the rows a lookup returns
+        # are the table's own; GPTQ's compensation is for the head's inputs only), read by both
+        for name, readers in tables.items():
+            w = graph.params[name].detach().float()
+            before += w.numel() * 4
+            stored = self._store(graph, name, *rtn(w, self.embedding_bits, self.block(w), self.symmetric,
+                                                  self.clip_search), self.embedding_bits)
+            after += stored.nbytes
+            for u in readers:
+                (self._replace if u.op == "linear" else self._lookup)(graph, u, stored)
         for n in embeds:
             w = graph.params[n.inputs[1].name]
             before += w.numel() * w.element_size()
-            after += w.numel()
-            quantize_embedding(graph, n, qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True,
-                                                            qmin=-127, qmax=127))
+            if self.embedding_bits == 8:
+                after += w.numel()
+                quantize_embedding(graph, n, qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True,
+                                                                qmin=-127, qmax=127))
+                continue
+            stored = self._store(graph, n.inputs[1].name, *rtn(w.detach().float(), self.embedding_bits,
+                                                               self.block(w), self.symmetric, self.clip_search),
+                                 self.embedding_bits)
+            after += stored.nbytes
+            self._lookup(graph, n, stored)
         graph.remove_unused_params()
-        stats = {"quantized_layers": len(layers), "embeddings": len(embeds),
+        stats = {"quantized_layers": len(layers) + sum(u.op == "linear" for r in tables.values() for u in r),
+                 "embeddings": len(embeds) + sum(u.op != "linear" for r in tables.values() for u in r),
+                 "tied_tables": {k: [u.name for u in r] for k, r in tables.items()},
                  "tied_float": [n.name for n in self.tied(graph)], "method": self.method, "bits": self.bits,
-                 "block_size": self.block_size, "symmetric": self.symmetric,
+                 "embedding_bits": self.embedding_bits, "block_size": self.block_size, "symmetric": self.symmetric,
                  "weight_bytes": {"before": before, "after": after}}
-        if layers:
+        if stats["quantized_layers"]:
             stats["speed_guard"] = self._choose_form(graph, float_graph, ctx)
             notes = [] if stats["speed_guard"].get("chosen") != "folded" else [
                 stats["speed_guard"]["why"]]
@@ -311,23 +367,46 @@ class QuantizeWeights(Pass):
         collect(graph, calibration_batches(ctx), list(dict.fromkeys(sources.values())), sink, quiet=ctx.quiet)
         return {layer: acc[src] for layer, src in sources.items()}
 
-    def _replace(self, graph: Graph, n: Node, codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor) -> int:
-        """Put a matmul_nbits node in the linear's place; returns the bytes its params take."""
-        w = graph.params[n.inputs[1].name]
-        rows, k = w.shape
-        blocks = scales.shape[1]
-        qweight = pack_codes(codes.to(torch.int16), self.bits).reshape(rows, blocks, self.block_size * self.bits // 8)
-        base = n.inputs[1].name
-        qw = graph.add_param(f"{base}_q{self.bits}", qweight, buffer=True)
+    def block(self, w: torch.Tensor) -> int:
+        """The block size for weight `w` [N, K]: `block_size`, or the least power of two (>= 16) that holds K
+        when K is shorter (a longer block would only store padding codes)."""
+        return min(self.block_size, max(16, 1 << (int(w.shape[1]) - 1).bit_length()))
+
+    def _store(self, graph: Graph, base: str, codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor,
+               bits: int) -> StoredCodes:
+        """Add a weight's packed codes [N, K blocks, block bytes], scales [N, K blocks] (and packed zero points,
+        asymmetric) to the params."""
+        rows, blocks = scales.shape
+        block = codes.shape[1] // blocks
+        qweight = pack_codes(codes.to(torch.int16), bits).reshape(rows, blocks, block * bits // 8)
+        qw = graph.add_param(f"{base}_q{bits}", qweight, buffer=True)
         sc = graph.add_param(f"{base}_s", scales.float().contiguous(), buffer=True)
-        zp = None if self.symmetric else graph.add_param(f"{base}_z", pack_codes(zps.to(torch.int16), self.bits),
+        zp = None if self.symmetric else graph.add_param(f"{base}_z", pack_codes(zps.to(torch.int16), bits),
                                                          buffer=True)
+        k = graph.params[base].shape[1]
+        nbytes = sum(graph.params[p.name].numel() * graph.params[p.name].element_size() for p in (qw, sc, zp) if p)
+        return StoredCodes(qw, sc, zp, bits, block, k, nbytes)
+
+    def _replace(self, graph: Graph, n: Node, stored: StoredCodes) -> Node:
+        """Put a matmul_nbits node reading `stored` in the linear's place."""
         bias = n.inputs[2] if len(n.inputs) > 2 else None
-        attrs = {"k": k, "n": rows, "bits": self.bits, "block_size": self.block_size,
-                 "accuracy_level": self.accuracy_level}
-        new = graph.create_node("matmul_nbits", (n.inputs[0], qw, sc, zp, bias), attrs, name=f"{n.name}_nbits",
-                                before=n, meta=TensorMeta(n.meta.shape, n.meta.dtype), module_path=n.module_path)
+        attrs = {"k": stored.k, "n": graph.params[stored.qweight.name].shape[0], "bits": stored.bits,
+                 "block_size": stored.block_size, "accuracy_level": self.accuracy_level}
+        new = graph.create_node("matmul_nbits", (n.inputs[0], stored.qweight, stored.scales, stored.zero_points, bias),
+                                attrs, name=f"{n.name}_nbits", before=n, meta=TensorMeta(n.meta.shape, n.meta.dtype),
+                                module_path=n.module_path)
         graph.replace_all_uses(n, new)
         graph.erase(n)
         graph.rename(new, n.name)
-        return sum(graph.params[p.name].numel() * graph.params[p.name].element_size() for p in (qw, sc, zp) if p)
+        return new
+
+    def _lookup(self, graph: Graph, n: Node, stored: StoredCodes) -> Node:
+        """Put a gather_nbits node reading `stored` in the embedding lookup's place."""
+        new = graph.create_node("gather_nbits", (n.inputs[0], stored.qweight, stored.scales, stored.zero_points),
+                                {"k": stored.k, "bits": stored.bits, "block_size": stored.block_size},
+                                name=f"{n.name}_nbits", before=n, meta=TensorMeta(n.meta.shape, n.meta.dtype),
+                                module_path=n.module_path)
+        graph.replace_all_uses(n, new)
+        graph.erase(n)
+        graph.rename(new, n.name)
+        return new

@@ -3,6 +3,7 @@ validated against the IR, RTN and GPTQ rounding, symmetric and asymmetric, the i
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -113,7 +114,8 @@ def test_int4_file_is_a_sixth_to_an_eighth_of_fp32_and_gptq_beats_rtn_on_correla
     assert sqnr["rtn", 32] > sqnr["rtn", 128], sqnr
 
 
-@pytest.mark.parametrize("opts, match", [({"bits": 5}, "MatMulNBits takes 4 or 8"),
+@pytest.mark.parametrize("opts, match", [({"bits": 5}, "bits = 5; use 4 or 8"),
+                                         ({"embedding_bits": 6}, "embedding_bits = 6; use 4 or 8"),
                                          ({"block_size": 48}, "not a power of two"),
                                          ({"block_size": 8}, "block_size")])
 def test_bad_options_name_the_option_and_what_to_use(opts, match):
@@ -227,21 +229,128 @@ def test_clip_search_rounds_heavy_tailed_weights_finer():
     assert sqnr(True) > sqnr(False) + 1.0, (sqnr(True), sqnr(False))
 
 
-def test_a_head_tied_to_the_embedding_table_stays_float_and_the_file_stores_the_table_once():
-    from slimfx.exporters.onnx import to_onnx_model
+def _tied_export(method: str, opts: dict, tmp_path, ids):
+    """A tied LM captured by `method`, quantize-weights with `opts`, exported (validated against the IR)."""
+    from slimfx.exporters.onnx import export_onnx
 
     torch.manual_seed(0)
     m = TiedLm().eval()
+    g = ir.capture(m, (ids,), method=method)
+    res = create_pass("quantize-weights", {"block_size": 16, **opts}).run(g, PassContext((ids,), quiet=True))
+    path = tmp_path / f"{method}.onnx"
+    export_onnx(g, path, inputs=(ids,), atol=1e-4, rtol=1e-4)
+    return m, g, res, onnx.load(path)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_table_tied_to_the_lm_head_is_stored_once_as_codes_both_read_whichever_capture(tmp_path, bits):
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(1))
+    files = {}
+    for method in ("fx", "export"):  # fx names the tied weight twice, torch.export once: the same result
+        m, g, res, model = _tied_export(method, {"embedding_bits": bits, "bits": bits}, tmp_path, ids)
+        (table, readers), = res.stats["tied_tables"].items()
+        assert sorted(g.node(r).op if g.has_node(r) else "" for r in readers) == ["gather_nbits", "matmul_nbits"]
+        assert res.stats["tied_float"] == [] and res.stats["quantized_layers"] == 2, res.stats
+        lookup, head = g.find("gather_nbits")[0], [n for n in g.find("matmul_nbits") if n.attrs["n"] == 40][0]
+        assert lookup.inputs[1] == head.inputs[1] and head.attrs["bits"] == bits  # one set of codes
+        assert not [k for k, t in g.params.items() if t.is_floating_point() and t.shape == (40, 32)]
+        ops = [n.op_type for n in model.graph.node]
+        assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops, ops
+        codes = [t for t in model.graph.initializer if list(t.dims)[:1] == [40] and len(t.dims) == 3 and t.dims[2] > 1]
+        assert len(codes) == 1 and codes[0].data_type == onnx.TensorProto.UINT8, [list(t.dims) for t in codes]
+        assert not [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                    and 40 * 32 in (int(torch.tensor(list(t.dims)).prod()),)]
+        # the logits carry only rounding error: 8-bit far below 4-bit's
+        assert _sqnr(m(ids), ir.lower(g)(ids)) > (35 if bits == 8 else 15)
+        files[method] = sorted((list(t.dims), t.data_type) for t in model.graph.initializer)
+    assert files["fx"] == files["export"]
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, False)])
+def test_a_tied_head_in_the_folded_form_reads_the_one_codes_initializer_and_folds_to_a_float_matmul(
+        tmp_path, bits, symmetric):
+    import onnxruntime as ort
+
+    from slimfx.exporters.onnx import export_onnx
+
+    torch.manual_seed(0)
+    m = TiedLm(vocab=40, d=40).eval()  # 40 = 2.5 blocks of 16: padding codes sliced off
     ids = torch.randint(0, 40, (2, 7))
-    g = ir.capture(m, (ids,), method="export")  # torch.export keeps the tie: one param, two readers
-    fp32 = to_onnx_model(g, inputs=(ids,))
-    res = create_pass("quantize-weights", {"block_size": 16}).run(g, PassContext((ids,), quiet=True))
+    g = ir.capture(m, (ids,))
+    create_pass("quantize-weights", {"block_size": 16, "embedding_bits": bits, "symmetric": symmetric,
+                                     "speed_guard": False}).run(g, PassContext((ids,), quiet=True))
+    for n in g.find("matmul_nbits"):
+        n.attrs = {**n.attrs, "form": "folded"}
+    export_onnx(g, tmp_path / "m.onnx", inputs=(ids,), atol=1e-4, rtol=1e-4)  # validated against the IR
+    model = onnx.load(tmp_path / "m.onnx")
+    codes = [t for t in model.graph.initializer if list(t.dims)[:1] == [40] and len(t.dims) == 3 and t.dims[2] > 1]
+    assert len(codes) == 1 and list(codes[0].dims) == [40, 3, 16 * bits // 8]
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node]
+    assert "MatMulNBits" not in ops and not {"Floor", "Cast", "Concat"} & set(ops), ops  # folded at load
+
+
+@settings(max_examples=12, deadline=None)
+@given(vocab=st.integers(2, 70), d=st.integers(16, 80), bits=st.sampled_from([4, 8]), block=st.sampled_from([16, 32,
+       128]), symmetric=st.booleans(), folded=st.booleans(), seq=st.integers(1, 5))
+def test_any_tied_table_exports_to_what_the_ir_computes(vocab, d, bits, block, symmetric, folded, seq):
+    import onnxruntime as ort
+
+    from slimfx.exporters.onnx import to_onnx_model
+
+    torch.manual_seed(vocab * 100 + d)
+    m = TiedLm(vocab=vocab, d=d).eval()
+    ids = torch.randint(0, vocab, (2, seq))
+    g = ir.capture(m, (ids,))
+    create_pass("quantize-weights", {"block_size": block, "embedding_bits": bits, "symmetric": symmetric,
+                                     "speed_guard": False}).run(g, PassContext((ids,), quiet=True))
+    assert [n.op for n in g if n.op.endswith("_nbits")].count("gather_nbits") == 1
+    for n in g.find("matmul_nbits"):
+        n.attrs = {**n.attrs, "form": "folded" if folded else "nbits"}
+    model = to_onnx_model(g, inputs=(ids,))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    other = torch.randint(0, vocab, (3, seq + 2))  # another batch and length than the example
+    for x in (ids, other):
+        y = sess.run(None, {model.graph.input[0].name: x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(y), ir.lower(g)(x).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_tied_head_stays_float_with_its_table_when_tables_are_not_quantized(tmp_path):
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(1))
+    m, g, res, model = _tied_export("fx", {"embeddings": False}, tmp_path, ids)
     head = [n for n in g if n.op == "linear"]
-    assert res.stats["quantized_layers"] == 1 and res.stats["tied_float"] == [n.name for n in head], res.stats
-    assert res.stats["embeddings"] == 0  # the table another op reads stays float too
-    assert [u.op for u in g.param_users()[head[0].inputs[1].name]] == ["embedding", "linear"]
-    for model in (fp32, to_onnx_model(g, inputs=(ids,))):
-        tables = [t for t in model.graph.initializer if sorted(t.dims) == [32, 40]]
-        assert len(tables) == 1, [(t.name, list(t.dims)) for t in model.graph.initializer]
-    # the head's logits carry only the body's 4-bit error
+    assert res.stats["tied_float"] == [n.name for n in head] and res.stats["tied_tables"] == {}, res.stats
+    assert res.stats["quantized_layers"] == 1 and res.stats["embeddings"] == 0
+    tables = [t for t in model.graph.initializer if sorted(t.dims) == [32, 40]]
+    assert len(tables) == 1 and tables[0].data_type == onnx.TensorProto.FLOAT  # one float table serves both
     assert _sqnr(m(ids), ir.lower(g)(ids)) > 20
+
+
+def test_embedding_bits_4_stores_an_untied_table_as_block_codes(tmp_path):
+    from slimfx.exporters.onnx import export_onnx
+
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 40)  # 40 < block_size 128: one block of 64 codes, rows sliced back to 40
+            self.fc = nn.Linear(40, 4)
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids)).mean(dim=1)
+
+    torch.manual_seed(0)
+    m = Tok().eval()
+    ids = torch.randint(0, 50, (3, 6))
+    g = ir.capture(m, (ids,))
+    res = create_pass("quantize-weights", {"embedding_bits": 4, "block_size": 128}).run(g, PassContext((ids,),
+                                                                                                   quiet=True))
+    assert res.stats["embeddings"] == 1 and [n.op for n in g if n.op.endswith("nbits")] == ["gather_nbits",
+                                                                                        "matmul_nbits"]
+    # the least power of two that holds a row, not 128 codes of which 88 would be padding; two codes a byte
+    assert g.params["emb.weight_q4"].shape == (50, 1, 32) and g.node("emb").attrs["block_size"] == 64
+    export_onnx(g, tmp_path / "m.onnx", inputs=(ids,), atol=1e-4, rtol=1e-4)
+    assert _sqnr(m(ids), ir.lower(g)(ids)) > 15
+
+
