@@ -44,19 +44,22 @@ def lower(graph: Graph, *, copy_params: bool = False) -> fx.GraphModule:
         return attrs_nodes[name]
 
     installed: set[str] = set()
+    alias = graph.param_aliases()
+    values: dict[str, Any] = {}  # canonical name -> the installed tensor: a tied weight is one nn.Parameter
 
     def ref(r: Any) -> Any:
         if isinstance(r, Node):
             return env[r]
         if isinstance(r, Param):
             if r.name not in installed:
-                t = graph.params[r.name]
-                if copy_params:
-                    t = t.clone()
-                if r.name in graph.buffers or not t.is_floating_point():
-                    _install(root, r.name, t)
-                else:
-                    _install(root, r.name, nn.Parameter(t, requires_grad=True))
+                canonical = alias.get(r.name, r.name)
+                if canonical not in values:
+                    t = graph.params[r.name]
+                    if copy_params:
+                        t = t.clone()
+                    values[canonical] = t if r.name in graph.buffers or not t.is_floating_point() \
+                        else nn.Parameter(t, requires_grad=True)
+                _install(root, r.name, values[canonical])
                 installed.add(r.name)
             return get_attr(r.name)
         return r

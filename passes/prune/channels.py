@@ -139,7 +139,7 @@ def _taylor_products(graph: Graph, ctx: PassContext | None, batches: int) -> dic
                         "context train_data or calibration_data, or use criterion 'l2'")
     gm = lower(graph, copy_params=True)
     gm.eval()
-    params = dict(gm.named_parameters())
+    params = dict(gm.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
     acc = {k: torch.zeros_like(p) for k, p in params.items()}
     for i, (x, y) in enumerate(data):
         if i >= batches:

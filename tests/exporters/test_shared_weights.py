@@ -78,6 +78,10 @@ def test_a_tie_survives_copies_and_model_files_and_counts_once(tmp_path):
     assert ir.count_params(g) == 40 * 32 + 32 * 32 + 32  # the table once
     c = g.copy()
     assert c.params["head.weight"] is c.params["wte.weight"] and c.params["wte.weight"] is not g.params["wte.weight"]
+    # lowered, the tie is one nn.Parameter: an optimizer steps it once with both readers' gradients
+    gm = ir.lower(g)
+    assert gm.get_parameter("head.weight") is gm.get_parameter("wte.weight")
+    assert sum(p.numel() for p in gm.parameters()) == ir.count_params(g)
     assert ir.count_params(c) == ir.count_params(g)
     assert ir.count_params(ir.capture(Untied().eval(), (ids,))) == 2 * 40 * 32 + 32 * 32 + 32
     path = tmp_path / "m.slimfx"
@@ -117,3 +121,21 @@ def test_quantize_stores_a_tied_table_the_same_way_whichever_capture_named_it(sc
         tables = [(t.data_type, sorted(t.dims)) for t in model.graph.initializer if sorted(t.dims) == [32, 40]]
         stored[method] = sorted(tables)
     assert stored["fx"] == stored["export"] == [(onnx.TensorProto.INT8, [32, 40])] * 2
+
+
+def test_finetuning_a_tied_lm_keeps_the_tie():
+    from slimfx.passes import PassContext, create_pass
+
+    class Scorer(TiedLm):  # one prediction per sequence, as finetune's classification loss expects
+        def forward(self, ids):
+            return super().forward(ids).mean(dim=1)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (64, 7))
+    target = ids[:, 0]
+    g = ir.capture(Scorer().eval(), (ids[:2],))
+    before = g.params["wte.weight"].clone()
+    batches = [(ids[i:i + 16], target[i:i + 16]) for i in range(0, 64, 16)]
+    create_pass("finetune", {"epochs": 2, "lr": 0.01}).run(g, PassContext(example_inputs=(ids[:2],), train_data=batches))
+    assert g.param_aliases()["head.weight"] == "wte.weight"  # still one tensor, moved by both readers
+    assert not torch.equal(g.params["wte.weight"], before)
