@@ -165,12 +165,13 @@ def decoder_check(args) -> int:
     from slimfx.models import hf
     from slimfx.recipe import load_recipe
 
+    config = {**DECODER, **dict(args.config)}
     torch.manual_seed(0)
-    model, kw = hf.build("gpt2", batch=1, seq_len=8, **DECODER)
-    task = PythonSource(DECODER["vocab_size"]) if args.task == "text" else \
-        MarkovChain(DECODER["vocab_size"], scale=args.chain_scale)
+    model, kw = hf.build("gpt2", batch=1, seq_len=8, **config)
+    task = PythonSource(config["vocab_size"]) if args.task == "text" else \
+        MarkovChain(config["vocab_size"], scale=args.chain_scale)
     steps = args.steps if args.steps is not None else (4000 if args.task == "text" else 600)
-    cache = {"task": args.task, "steps": steps, "chain_scale": args.chain_scale, "config": DECODER}
+    cache = {"task": args.task, "steps": steps, "chain_scale": args.chain_scale, "config": config}
     if args.model_cache and Path(args.model_cache).exists() and torch.load(args.model_cache)["cache"] == cache:
         saved = torch.load(args.model_cache)
         model.load_state_dict(saved["state"])
@@ -235,7 +236,7 @@ def decoder_check(args) -> int:
             noise[k][1] += float(((lg - ref_logits) ** 2).sum())
     total = args.prompts * args.new_tokens
     m = torch.tensor(ref_margins)
-    print(f"\ndecoder: GPT-2 config {DECODER}, {sum(p.numel() for p in model.parameters())} parameters, "
+    print(f"\ndecoder: GPT-2 config {config}, {sum(p.numel() for p in model.parameters())} parameters, "
           + (f"trained {steps} steps on {task.name} (loss every 250 steps: {losses}; {task.floor()}); held-out "
              f"loss {held_out_loss(model, task):.3f}" if losses else "untrained (random init)"))
     print(f"int4-weights passes: {stats}; file {len(int4)} bytes = {len(int4) / len(fp32):.3f} of fp32 ({len(fp32)})")
@@ -276,6 +277,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="--decoder: training steps (default: 4000 on text, 600 on chain)")
     p.add_argument("--model-cache", help="--decoder: load the trained decoder from this file when it was trained "
                                          "with the same settings; else train and save it there")
+    p.add_argument("--config", type=_option, action="append", default=[], metavar="KEY=VALUE", help=(
+        "--decoder: change the GPT-2 config (a bigger decoder), e.g. n_layer=4 n_embd=192 n_head=6; repeatable"))
     p.add_argument("--prompt-len", type=int, default=32, help="--decoder: prompt tokens (held-out samples)")
     p.add_argument("--untrained", action="store_true", help="--decoder: skip the training (random init)")
     p.add_argument("--chain-scale", type=float, default=2.0, help=(

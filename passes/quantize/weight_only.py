@@ -3,9 +3,10 @@
 Each linear's weight W [N, K] is cut along K into blocks of `block_size`; each block of each output row
 gets a float scale (and, asymmetric, a 4-bit zero point), and its values become `bits`-bit codes packed two
 to a byte: the file holds about bits/32 of the float weight plus 4 (or 4.5) bytes per block. Embedding
-tables become int8 (`embeddings`). Activations
-stay float; onnxruntime dequantizes inside the kernel (accuracy_level 4: it also quantizes the activation
-to int8 per block and multiplies in integers).
+tables become int8, or 4-bit block codes (`embeddings`, `embedding_bits`; GatherBlockQuantized); a table tied to
+an LM head is stored once as block codes both read (gather_nbits and matmul_nbits on one initializer).
+Activations stay float; onnxruntime dequantizes inside the kernel (accuracy_level 4: it also quantizes the
+activation to int8 per block and multiplies in integers).
 
 Rounding: `rtn` rounds each weight to the nearest code. `gptq` (Frantar et al. 2022) is data-aware: it
 quantizes one input column at a time and spreads each column's rounding error over the columns not yet
