@@ -204,6 +204,7 @@ class Analyzer:
         self.spaces: list[Space] = []
         self.space_of_label: list[int] = [-1]
         self.members: dict[tuple[str, int], Member] = {}
+        self.alias = graph.param_aliases()  # a tied weight's names are one member: its readers' channels unite
         self.fixups: list[tuple] = []
         self.blocked: list[dict[str, str]] = []
         self.missing: dict[str, str] = {}  # op -> what it lacks (ops without a channel trait or rule)
@@ -284,7 +285,7 @@ class Analyzer:
             self.block(labels, node, f"param @{name} axis {axis} has {t.shape[axis]} entries, "
                                      f"not the {labels.numel()} channels it follows")
             return
-        key = (name, axis)
+        key = (self.alias.get(name, name), axis)
         if key in self.members:
             self.union_pairs(self.members[key].labels, labels, node, f"@{name} is shared")
         else:
@@ -1089,6 +1090,10 @@ def apply(graph: Graph, deps: Dependencies, removed_units: Iterable[int]) -> dic
         removed[r] = True
     roots = deps.roots
     sizes: dict[str, int] = {}
+    alias = graph.param_aliases()
+    names_of: dict[str, list[str]] = {}  # every name of a (tied) tensor, sliced as one
+    for n, canonical in alias.items():
+        names_of.setdefault(canonical, []).append(n)
     for (name, axis), m in deps.members.items():
         keep = _kept(m.labels, roots, removed)
         if bool(keep.all()):
@@ -1096,8 +1101,9 @@ def apply(graph: Graph, deps: Dependencies, removed_units: Iterable[int]) -> dic
         if not bool(keep.any()):
             raise ValueError(f"removing these units empties axis {axis} of {name}; filter them with keep_every_axis")
         idx = keep.nonzero().flatten()
-        t = graph.params[name]
-        graph.params[name] = t.index_select(axis, idx).contiguous()
+        sliced = graph.params[name].index_select(axis, idx).contiguous()
+        for n in names_of.get(alias.get(name, name), [name]):
+            graph.params[n] = sliced
         sizes[f"{name}[{axis}]"] = int(idx.numel())
     for fx in deps.fixups:
         kind, node = fx[0], graph.node(fx[1])

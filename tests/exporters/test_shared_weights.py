@@ -139,3 +139,21 @@ def test_finetuning_a_tied_lm_keeps_the_tie():
     create_pass("finetune", {"epochs": 2, "lr": 0.01}).run(g, PassContext(example_inputs=(ids[:2],), train_data=batches))
     assert g.param_aliases()["head.weight"] == "wte.weight"  # still one tensor, moved by both readers
     assert not torch.equal(g.params["wte.weight"], before)
+
+
+def test_channel_pruning_a_tied_lm_keeps_one_table(tmp_path):
+    """fx names the tie twice; channel analysis treats the names as one param, so the width the table and the head
+    share is one group (as under torch.export's one name), sliced once: the pruned file holds one narrower table."""
+    import onnx
+
+    from slimfx.passes import PassContext, PassManager, create_pass
+
+    torch.manual_seed(0)
+    m = TiedLm(vocab=300, d=32).eval()
+    ids = torch.randint(0, 300, (2, 7))
+    g = ir.capture(m, (ids,))
+    g = PassManager([create_pass("prune-channels", {"sparsity": 0.5})]).run(g, PassContext((ids,), quiet=True)).graph
+    assert g.params["wte.weight"].shape == (300, 16) and g.param_aliases()["head.weight"] == "wte.weight"
+    assert ir.count_params(g) == 300 * 16 + 16 * 16 + 16
+    out = export_onnx(g, tmp_path / "m.onnx", inputs=(ids,))
+    assert len([t for t in onnx.load(str(out.path)).graph.initializer if sorted(t.dims) == [16, 300]]) == 1
