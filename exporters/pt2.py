@@ -50,7 +50,8 @@ def weight_storage(graph: Graph) -> str:
         refs = [v] if isinstance(v, Param) else list(v.params()) if isinstance(v, Node) and v.op != "quantize" else []
         return any(not graph.params[p.name].is_floating_point() for p in refs)
 
-    if any(n.op == "matmul_nbits" or n.op == "dequantize" and stored_integers(n.inputs[0]) for n in graph):
+    if any(n.op in ("matmul_nbits", "gather_nbits") or n.op == "dequantize" and stored_integers(n.inputs[0])
+           for n in graph):
         return "int8"
     if any(n.op in ("quantize", "dequantize") for n in graph):
         return "fake-quant"

@@ -119,6 +119,10 @@ def test_weight_storage_counts_4_bit_codes_and_int8_tables_as_integers(min_featu
     out = res.graph_after(g)
     assert bool(out.find("matmul_nbits")) == (min_features == 16) and out.find("dequantize")
     assert weight_storage(out) == "int8"
+    g = ir.capture(Untied().eval(), (ids,))  # the table as 4-bit block codes alone: gather_nbits
+    out = create_pass("quantize-weights", {"min_features": min_features, "embedding_bits": 4}).run(
+        g, PassContext((ids,), quiet=True)).graph_after(g)
+    assert out.find("gather_nbits") and weight_storage(out) == "int8"
 
 
 def test_small_tensors_share_one_storage_per_dtype_and_keep_their_values():
