@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--recipe", default=DEFAULT_RECIPE, help="built-in recipe name or path to a .toml file "
                    f"(default: {DEFAULT_RECIPE})")
-    p.add_argument("--out", type=_args.output_dir, default="slimfx-out",
+    p.add_argument("-o", "--out", type=_args.output_dir, default="slimfx-out",
                    help="output directory (default: ./slimfx-out)")
     p.add_argument("--format", type=_args.export_formats, default=None,
                    help="onnx, torchscript, pt2 (torch.export) and/or slimfx (a model file `compile` can resume "
