@@ -242,7 +242,7 @@ CASES = [
      "argument --calibration-samples: invalid value '0'", ["out"]),
     (["compile", "user.py:build", "--out", "out", "--format", "tflite"], 2,
      "argument --format: invalid value 'tflite': unknown format 'tflite'; formats are onnx, torchscript", ["out"]),
-    (["compile", "user.py:build", "--out", "", "--recipe", "cleanup"], 2, "argument --out: an empty path", []),
+    (["compile", "user.py:build", "--out", "", "--recipe", "cleanup"], 2, "argument -o/--out: an empty path", []),
     (["compile", "user.py:build", "--recipe", "deep.toml", "--out", "out"], 2, "recipe deep.toml: nested too deeply",
      ["out"]),
     (["compile", "user.py:build", "--recipe", "./int8", "--out", "out"], 2,
