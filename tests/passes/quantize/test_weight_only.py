@@ -354,3 +354,21 @@ def test_embedding_bits_4_stores_an_untied_table_as_block_codes(tmp_path):
     assert _sqnr(m(ids), ir.lower(g)(ids)) > 15
 
 
+
+
+def test_the_tied_lm_example_compiles_to_one_table_of_codes(tmp_path):
+    """docs/examples/tied_lm.py, as a user's model file (fx capture, two names for the tie), through the
+    int4-weights recipe: the file holds the table once, as 8-bit block codes both the lookup and the head read."""
+    import runpy
+    from pathlib import Path
+
+    model, example = runpy.run_path(str(Path(__file__).resolve().parents[3] / "docs" / "examples" / "tied_lm.py"))[
+        "make"]()
+    res = slimfx.compile(model, example, recipe="int4-weights", out_dir=tmp_path, quiet=True, bench_seconds=0)
+    stats = res.report["passes"][0]["stats"]
+    assert stats["tied_tables"] == {"wte.weight": ["wte", "head"]} and stats["tied_float"] == []
+    model = onnx.load(tmp_path / "model.onnx")
+    assert {"GatherBlockQuantized", "MatMulNBits"} <= {n.op_type for n in model.graph.node}
+    assert not [t for t in model.graph.initializer if sorted(t.dims) == [64, 2000]]  # no float table
+    assert res.report["compressed"]["size_bytes"] < 0.3 * res.report["baseline"]["size_bytes"]
+    assert res.report["validation"]["top1_agreement"] >= 0.97
