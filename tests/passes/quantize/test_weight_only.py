@@ -142,17 +142,20 @@ def test_int4_weights_recipe_compiles_a_trained_model_and_passes_its_gate(tmp_pa
     assert result.report["compressed"]["size_bytes"] < 0.25 * result.report["baseline"]["size_bytes"]
 
 
+class Tok(nn.Module):
+    """A token table and a classifier on the mean of its rows."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.emb = nn.Embedding(50, d)
+        self.fc = nn.Linear(d, 4)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids)).mean(dim=1)
+
+
 def test_embedding_tables_become_int8_unless_turned_off(tmp_path):
     from slimfx.exporters import export_onnx
-
-    class Tok(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(50, 32)
-            self.fc = nn.Linear(32, 4)
-
-        def forward(self, ids):
-            return self.fc(self.emb(ids)).mean(dim=1)
 
     torch.manual_seed(0)
     m = Tok().eval()
@@ -331,17 +334,8 @@ def test_a_tied_head_stays_float_with_its_table_when_tables_are_not_quantized(tm
 def test_embedding_bits_4_stores_an_untied_table_as_block_codes(tmp_path):
     from slimfx.exporters.onnx import export_onnx
 
-    class Tok(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(50, 40)  # 40 < block_size 128: one block of 64 codes, rows sliced back to 40
-            self.fc = nn.Linear(40, 4)
-
-        def forward(self, ids):
-            return self.fc(self.emb(ids)).mean(dim=1)
-
     torch.manual_seed(0)
-    m = Tok().eval()
+    m = Tok(d=40).eval()  # 40 < block_size 128: one block of 64 codes, rows sliced back to 40
     ids = torch.randint(0, 50, (3, 6))
     g = ir.capture(m, (ids,))
     res = create_pass("quantize-weights", {"embedding_bits": 4, "block_size": 128}).run(g, PassContext((ids,),
