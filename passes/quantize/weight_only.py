@@ -238,13 +238,14 @@ class QuantizeWeights(Pass):
         reader is a lookup or a linear that could be quantized."""
         if not self.embeddings:
             return {}
-        users = graph.param_users(tied=True)
+        users, alias = graph.param_users(tied=True), graph.param_aliases()
+        lookups = quantizable_embeddings(graph, skip=self.skip, tied_heads=True)
         out: dict[str, list[Node]] = {}
-        for n in quantizable_embeddings(graph, skip=self.skip, tied_heads=True):
-            name = graph.param_aliases()[n.inputs[1].name]
+        for n in lookups:
+            name = alias[n.inputs[1].name]
             readers = users[name]
             if name not in out and any(u.op == "linear" for u in readers) \
-                    and all(u.op != "linear" or self._eligible(graph, u) for u in readers):
+                    and all(self._eligible(graph, u) if u.op == "linear" else u in lookups for u in readers):
                 out[name] = readers
         return out
 
@@ -283,10 +284,8 @@ class QuantizeWeights(Pass):
         # a table and the head tied to it: one set of codes (rounded to the nearest, so the rows a lookup returns
         # are the table's own; GPTQ's compensation is for the head's inputs only), read by both
         for name, readers in tables.items():
-            w = graph.params[name].detach().float()
-            before += w.numel() * 4
-            stored = self._store(graph, name, *rtn(w, self.embedding_bits, self.block(w), self.symmetric,
-                                                  self.clip_search), self.embedding_bits)
+            before += graph.params[name].numel() * 4
+            stored = self._store_rounded(graph, name)
             after += stored.nbytes
             for u in readers:
                 (self._replace if u.op == "linear" else self._lookup)(graph, u, stored)
@@ -298,9 +297,7 @@ class QuantizeWeights(Pass):
                 quantize_embedding(graph, n, qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True,
                                                                 qmin=-127, qmax=127))
                 continue
-            stored = self._store(graph, n.inputs[1].name, *rtn(w.detach().float(), self.embedding_bits,
-                                                               self.block(w), self.symmetric, self.clip_search),
-                                 self.embedding_bits)
+            stored = self._store_rounded(graph, n.inputs[1].name)
             after += stored.nbytes
             self._lookup(graph, n, stored)
         graph.remove_unused_params()
@@ -372,6 +369,12 @@ class QuantizeWeights(Pass):
         """The block size for weight `w` [N, K]: `block_size`, or the least power of two (>= 16) that holds K
         when K is shorter (a longer block would only store padding codes)."""
         return min(self.block_size, max(16, 1 << (int(w.shape[1]) - 1).bit_length()))
+
+    def _store_rounded(self, graph: Graph, name: str) -> StoredCodes:
+        """A table's codes at embedding_bits, rounded to the nearest (RTN with the fitted ranges)."""
+        w = graph.params[name].detach().float()
+        return self._store(graph, name, *rtn(w, self.embedding_bits, self.block(w), self.symmetric,
+                                             self.clip_search), self.embedding_bits)
 
     def _store(self, graph: Graph, base: str, codes: torch.Tensor, scales: torch.Tensor, zps: torch.Tensor,
                bits: int) -> StoredCodes:
