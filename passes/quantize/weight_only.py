@@ -324,6 +324,13 @@ class QuantizeWeights(Pass):
                    f"accuracy_level {self.accuracy_level}: only MatMulNBits computes in int8" if self.accuracy_level
                    else "skipped: no runtime to time on (PassContext.measure_ms; slimfx.compile sets it when "
                         "latency is measured)")
+            eight = [n for n in graph.find("matmul_nbits") if n.attrs["bits"] == 8]
+            if self.speed_guard and not self.accuracy_level and eight:
+                # untimed, 8-bit codes still go the folded way: onnxruntime 1.32 has no fast 8-bit MatMulNBits CPU
+                # kernel (benchmarks/matmul_nbits_kernels.py: 2.6-39x of the float MatMul)
+                for n in eight:
+                    n.attrs = {**n.attrs, "form": "folded"}
+                why += f"; {len(eight)} 8-bit layer(s) folded: MatMulNBits has no fast 8-bit CPU kernel"
             return {"chosen": "nbits", "why": why}
         folded = graph.copy()
         for n in folded.find("matmul_nbits"):
