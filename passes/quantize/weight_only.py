@@ -197,7 +197,8 @@ class QuantizeWeights(Pass):
         "side by side with the float model on onnxruntime (1 thread, batch 1 and 32, the quantize speed guard's "
         "rule); keep MatMulNBits only where it is clearly faster than the folded form (and not slower than "
         "float), else the folded form (the file is as small either way). Needs a runtime "
-        "(slimfx.compile with latency measurement; MatMulNBits otherwise, and the stats say so); accuracy_level > 0 "
+        "(slimfx.compile with latency measurement; MatMulNBits otherwise, but 8-bit layers folded: onnxruntime "
+        "has no fast 8-bit MatMulNBits CPU kernel; the stats say so); accuracy_level > 0 "
         "always keeps MatMulNBits (its int8 compute exists only there); false: MatMulNBits"))
 
     def validate(self) -> None:
