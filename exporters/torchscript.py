@@ -61,7 +61,9 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
                 sm = torch.jit.trace(gm, inputs, check_trace=False, strict=False, _store_inputs=False)
             except Exception as e2:  # noqa: BLE001
                 raise ExportError(f"TorchScript export of {graph.name} failed: scripting ({reason}) and tracing "
-                                  f"({type(e2).__name__}: {e2}) both failed") from e2
+                                  f"({type(e2).__name__}: {e2}) both failed. Export the other formats only: "
+                                  "--format onnx (or pt2) on the command line, formats=('onnx',) in "
+                                  "slimfx.compile, or formats = [\"onnx\"] in the recipe's [export]") from e2
         sm = sm.eval()
         info["optimized"] = False
         if info["weights"] == "int8":

@@ -458,7 +458,9 @@ def _expand(ctx: EmitContext, node: Node) -> str:
 def _cat(ctx: EmitContext, node: Node) -> str:
     dt = _out_dtype(node)
     rank = len(node.tensor_meta.shape)
-    xs = [x for x in node.inputs if not (isinstance(x, Node) and ctx.meta(x).numel == 0 and ctx.rank(x) == 1)]
+    # torch.cat skips 1-D empty tensors (a KV cache's first, empty state: a node or a param), ONNX's Concat refuses
+    xs = [x for x in node.inputs if not (isinstance(x, Node) and ctx.meta(x).numel == 0 and ctx.rank(x) == 1
+                                         or isinstance(x, Param) and tuple(ctx.param_tensor(x).shape) == (0,))]
     if len(xs) == 1:
         return ctx.value(xs[0], dtype=dt)
     return ctx.emit("Concat", [ctx.value(x, dtype=dt) for x in xs], axis=_axis(int(node.attrs.get("dim", 0)), rank))

@@ -365,3 +365,24 @@ def test_conv_attributes_at_onnx_defaults_are_left_out():
     assert attrs[1] == {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [2, 2],
                         "group": 2}
     assert validate_onnx(proto, g, x).max_abs_diff < 1e-4
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_cat_with_an_empty_1d_state_exports_as_torch_computes_it(method, tmp_path):
+    """transformers' DynamicCache starts each layer's keys as an empty 1-D tensor and torch.cat skips it; ONNX's
+    Concat refuses inputs of another rank (a GPT-2 LM from a user's file failed onnx.checker)."""
+    class EmptyState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("past", torch.tensor([]))
+
+        def forward(self, x):
+            return torch.cat([self.past, x * 2], dim=2) + 1
+
+    x = torch.randn(2, 3, 5, 4)
+    g = ir.capture(EmptyState().eval(), (x,), method=method)
+    out = export_onnx(g, tmp_path / "m.onnx", inputs=(x,))  # checked and validated against the IR
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(str(out.path)).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(y), x * 2 + 1)

@@ -160,3 +160,19 @@ def test_a_later_batch_clearly_over_the_budget_is_told_from_a_slice_without_a_fu
     model.rows.clear()
     fits = latency_side_by_side({"a": model}, inputs, total_budget_s=5.0)  # fits: measured at full size
     assert set(fits["a"]) == {"b1", "b2048"} and 2048 in model.rows
+
+
+def test_a_graph_torchscript_cannot_take_names_the_other_formats_as_the_way_out(tmp_path):
+    """A position range from the input's length, captured by torch.export (as transformers decoders are): neither
+    scripting nor tracing takes it; the error says so and names what to do from the CLI, the API and a recipe."""
+    from slimfx.ir.errors import ExportError
+
+    class Positions(torch.nn.Module):
+        def forward(self, ids):
+            return ids.float() + torch.arange(ids.shape[1])
+
+    ids = torch.randint(0, 9, (2, 5))
+    g = ir.capture(Positions(), (ids,), method="export")
+    with pytest.raises(ExportError, match=r"both failed\. Export the other formats only: --format onnx"):
+        export_torchscript(g, tmp_path / "m.pt", inputs=(ids,))
+    assert not list(tmp_path.iterdir())  # nothing half-written
