@@ -711,3 +711,31 @@ def test_a_table_indexed_after_skipped_dims_exports_as_one_gather(method, tmp_pa
     res = export_onnx(g, tmp_path / "m.onnx", inputs=(x,))
     assert res.validation.passed
     assert "Gather" in {n.op_type for n in to_onnx_model(g, inputs=(x,)).graph.node}
+
+
+def test_a_gpt2_lm_with_its_default_kv_cache_exports(tmp_path):
+    """What a user's file holds: GPT2LMHeadModel as transformers configures it (use_cache on: each layer's keys
+    start as an empty DynamicCache tensor that torch.cat skips), returning its logits; the zoo's own builder turns
+    the cache off, so only this test takes that path."""
+    transformers = pytest.importorskip("transformers")
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
+
+        def forward(self, input_ids):
+            return self.m(input_ids=input_ids).logits
+
+    torch.manual_seed(0)
+    lm = LM().eval()
+    ids = torch.randint(0, 128, (1, 9))
+    g = ir.capture(lm, (ids,))
+    out = export_onnx(g, tmp_path / "lm.onnx", inputs=(ids,))  # onnx.checker, then onnxruntime against the IR
+    import onnxruntime as ort
+
+    other = torch.randint(0, 128, (2, 13))  # another batch and length than the example
+    y = ort.InferenceSession(str(out.path)).run(None, {"input_ids": other.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), lm(other), atol=1e-4, rtol=1e-4)
