@@ -813,9 +813,10 @@ def _matmul_nbits_macs(node) -> int:
     return int(meta.numel * node.attrs["k"]) if meta is not None else 0
 
 
-def _gather_nbits(ids, qweight, scales, zero_points=None, *, k, bits, block_size):
+def _gather_nbits(ids, qweight, scales, zero_points=None, *, k, bits, block_size, form="nbits"):
     """onnxruntime's GatherBlockQuantized: rows `ids` of a table [N, K] stored as matmul_nbits stores a weight
-    (block-quantized `bits`-bit codes along K), dequantized; a table tied to an LM head is one set of codes."""
+    (block-quantized `bits`-bit codes along K), dequantized; a table tied to an LM head is one set of codes.
+    `form`, as matmul_nbits': GatherBlockQuantized, or a Gather on the table dequantized at load."""
     return F.embedding(ids, nbits_weight(qweight, scales, zero_points, bits=bits, block_size=block_size, k=k))
 
 

@@ -221,6 +221,7 @@ class EmitContext:
         self._const_cache: dict[tuple, str] = {}
         self._param_cache: dict[tuple, str] = {}
         self._shape_cache: dict[tuple, str] = {}
+        self.memo: dict[tuple, Any] = {}  # emitters' values built once per graph (e.g. a shared weight dequantized)
         self._counter = 0
         self.current: Node | None = None
 

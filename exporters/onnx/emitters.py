@@ -1331,15 +1331,16 @@ def _matmul_nbits(ctx: EmitContext, node: Node) -> str:
                     block_size=int(a["block_size"]), accuracy_level=int(a.get("accuracy_level") or 0) or None)
 
 
-def _matmul_nbits_folded_shared(ctx: EmitContext, node: Node) -> str:
-    """The folded form of a matmul_nbits whose codes another node reads too (an LM head tied to a table a
-    gather_nbits looks up): the weight is computed from the one packed initializer [N, K blocks, block bytes] by
-    ops onnxruntime constant-folds at load (Cast; at 4 bits the two codes of a byte split by Floor and Sub;
-    minus the zero point, times the scales), so the file keeps the codes once and the run time is fp32's."""
-    x, qweight, scales, zero_points, bias = node.inputs
-    a = node.attrs
-    bits, block, k, n = int(a["bits"]), int(a["block_size"]), int(a["k"]), int(a["n"])
-    blocks = ctx.param_tensor(scales).reshape(n, -1).shape[1]
+def _dequantized_codes(ctx: EmitContext, qweight: Param, scales: Param, zero_points: Param | None, *, bits: int,
+                       block: int, k: int) -> str:
+    """The float weight [N, K] that block codes (matmul_nbits' and gather_nbits' packed initializer, [N, K blocks,
+    block bytes]) stand for, computed from that one initializer by ops onnxruntime constant-folds at load (Cast; at
+    4 bits the two codes of a byte split by Floor and Sub; minus the zero point, times the scales; Reshape, Slice
+    off the padding), once per export however many nodes read it."""
+    key = ("dequantized", qweight.name)
+    if key in ctx.memo:
+        return ctx.memo[key]
+    n, blocks = ctx.param_tensor(scales).reshape(ctx.param_tensor(scales).shape[0], -1).shape
     packed = ctx.emit("Cast", [ctx.value(qweight)], name="nb", to=onnx.TensorProto.FLOAT)
     if bits == 8:
         codes = packed
@@ -1357,6 +1358,18 @@ def _matmul_nbits_folded_shared(ctx: EmitContext, node: Node) -> str:
     w = ctx.emit("Reshape", [w, ctx.ints([n, blocks * block])], name="nb")
     if blocks * block != k:
         w = ctx.emit("Slice", [w, ctx.ints([0]), ctx.ints([k]), ctx.ints([1])], name="nb")
+    ctx.memo[key] = w
+    return w
+
+
+def _matmul_nbits_folded_shared(ctx: EmitContext, node: Node) -> str:
+    """The folded form of a matmul_nbits whose codes another node reads too (an LM head tied to a table a
+    gather_nbits looks up): MatMul with the weight `_dequantized_codes` computes from the one packed initializer,
+    transposed (folded at load too), so the file keeps the codes once and the run time is fp32's."""
+    x, qweight, scales, zero_points, bias = node.inputs
+    a = node.attrs
+    w = _dequantized_codes(ctx, qweight, scales, zero_points, bits=int(a["bits"]), block=int(a["block_size"]),
+                           k=int(a["k"]))
     w = ctx.emit("Transpose", [w], name="nb", perm=[1, 0])
     if bias is None:
         return ctx.emit("MatMul", [ctx.value(x), w])
@@ -1369,10 +1382,14 @@ def _gather_nbits(ctx: EmitContext, node: Node) -> str:
     to an LM head is stored once): the codes [N, K blocks, block bytes] are looked up as 3-D data, quantized
     along their last axis in one block each, so the rows come out [..., K blocks, block]; then Reshape (and Slice
     when K is not a whole number of blocks) to [..., K]. Scales (and zero points, one code a byte) get the
-    trailing 1 of that layout: the scales by a Reshape onnxruntime folds at load."""
+    trailing 1 of that layout: the scales by a Reshape onnxruntime folds at load. In the folded form (`form =
+    "folded"`, as its head's): a Gather on the table `_dequantized_codes` computes at load, fp32's lookup."""
     ids, qweight, scales, zero_points = node.inputs
     a = node.attrs
     bits, block, k = int(a["bits"]), int(a["block_size"]), int(a["k"])
+    if a.get("form") == "folded":
+        table = _dequantized_codes(ctx, qweight, scales, zero_points, bits=bits, block=block, k=k)
+        return ctx.emit("Gather", [table, ctx.value(ids)], axis=0)
     n, blocks = ctx.param_tensor(scales).reshape(ctx.param_tensor(scales).shape[0], -1).shape
     ins = [ctx.value(qweight), ctx.value(ids), ctx.emit("Reshape", [ctx.value(scales), ctx.ints([n, blocks, 1])],
                                                         name="gbq")]

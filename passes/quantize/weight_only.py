@@ -157,6 +157,13 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits: int, block: int, symmetri
     return codes, scales.float(), zps
 
 
+def fold(nodes: list[Node]) -> None:
+    """Export matmul_nbits / gather_nbits nodes in the folded form: their codes dequantized by ops onnxruntime folds
+    at load, then fp32's MatMul / Gather."""
+    for n in nodes:
+        n.attrs = {**n.attrs, "form": "folded"}
+
+
 @register_pass("quantize-weights")
 @dataclass
 class QuantizeWeights(Pass):
@@ -329,13 +336,12 @@ class QuantizeWeights(Pass):
             if self.speed_guard and not self.accuracy_level and eight:
                 # untimed, 8-bit codes still go the folded way: onnxruntime 1.32 has no fast 8-bit MatMulNBits CPU
                 # kernel (benchmarks/matmul_nbits_kernels.py: 2.6-39x of the float MatMul)
-                for n in eight:
-                    n.attrs = {**n.attrs, "form": "folded"}
+                codes = {n.inputs[1].name for n in eight}
+                fold([*eight, *(n for n in graph.find("gather_nbits") if n.inputs[1].name in codes)])
                 why += f"; {len(eight)} 8-bit layer(s) folded: MatMulNBits has no fast 8-bit CPU kernel"
             return {"chosen": "nbits", "why": why}
         folded = graph.copy()
-        for n in folded.find("matmul_nbits"):
-            n.attrs = {**n.attrs, "form": "folded"}
+        fold([*folded.find("matmul_nbits"), *folded.find("gather_nbits")])
         batches = list(speed.BATCHES)
         times = speed.interleaved_times(ctx.measure_ms, {"nbits": graph, "folded": folded, "float": float_graph},
                                         batches, speed.BUDGET_S, speed.ROUNDS)
@@ -352,8 +358,7 @@ class QuantizeWeights(Pass):
                f"MatMulNBits {ratios['nbits']} {at}, the folded form {ratios['folded']}: MatMulNBits is not clearly "
                "faster, so the file keeps the same 4-bit codes, dequantized when onnxruntime loads it (float MatMul)")
         if chosen == "folded":
-            for n in graph.find("matmul_nbits"):
-                n.attrs = {**n.attrs, "form": "folded"}
+            fold([*graph.find("matmul_nbits"), *graph.find("gather_nbits")])
         return {"mode": "measure", "batches": batches, "rule": speed.RULE, "chosen": chosen, "why": why,
                 "model_ratio": {k: {f"b{b}": round(r, 3) for b, r in zip(batches, v.per_batch)} for k, v in vs.items()},
                 "model_verdict": {k: v.to_dict(batches) for k, v in vs.items()},
