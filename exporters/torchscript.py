@@ -35,6 +35,24 @@ from slimfx.ir.lower import lower
 log = logging.getLogger("slimfx.exporters")
 
 
+#: aten factory overloads torch.export leaves in a graph, which take their sizes as Scalars: a trace hands them the
+#: size of an input as a tensor (so the size stays dynamic), which the overload refuses and torch's own function
+#: takes (a transformers decoder's positions: aten.arange.default(seq_len))
+_SIZED_FACTORIES = {"arange": torch.arange, "zeros": torch.zeros, "ones": torch.ones, "full": torch.full}
+
+
+def _traceable_sizes(gm: torch.fx.GraphModule) -> None:
+    """Call torch's factory functions in place of their aten overloads (same arguments), so tracing works."""
+    changed = False
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) \
+                and n.target.namespace == "aten" and n.target.overloadpacket.__name__ in _SIZED_FACTORIES:
+            n.target = _SIZED_FACTORIES[n.target.overloadpacket.__name__]
+            changed = True
+    if changed:
+        gm.recompile()
+
+
 def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tuple[torch.jit.ScriptModule, dict]:
     """A frozen, inference-optimized ScriptModule of the graph, and how it was made.
 
@@ -44,6 +62,7 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
     and sizes read from tensors stay dynamic in the trace.
     """
     gm = lower(graph, copy_params=True).eval()
+    _traceable_sizes(gm)
     info: dict[str, Any] = {"method": "script", "weights": weight_storage(graph)}
     info["compact_quantization"] = compact_quantization(gm)
     if info["weights"] == "int8":  # kept as params (not frozen, below): one zip member per storage, and

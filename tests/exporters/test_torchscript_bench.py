@@ -162,17 +162,31 @@ def test_a_later_batch_clearly_over_the_budget_is_told_from_a_slice_without_a_fu
     assert set(fits["a"]) == {"b1", "b2048"} and 2048 in model.rows
 
 
-def test_a_graph_torchscript_cannot_take_names_the_other_formats_as_the_way_out(tmp_path):
-    """A position range from the input's length, captured by torch.export (as transformers decoders are): neither
-    scripting nor tracing takes it; the error says so and names what to do from the CLI, the API and a recipe."""
-    from slimfx.ir.errors import ExportError
-
+def test_a_decoder_s_position_range_traces_with_its_length_dynamic(tmp_path):
+    """torch.export leaves `torch.arange(ids.shape[1])` as aten.arange.default, which takes a Scalar: a trace
+    hands it the length as a tensor (to keep it dynamic) and failed (every transformers decoder did); the
+    exporter calls torch.arange instead, and the file runs at another length."""
     class Positions(torch.nn.Module):
         def forward(self, ids):
             return ids.float() + torch.arange(ids.shape[1])
 
     ids = torch.randint(0, 9, (2, 5))
     g = ir.capture(Positions(), (ids,), method="export")
+    out = export_torchscript(g, tmp_path / "m.pt", inputs=(ids,))
+    longer = torch.randint(0, 9, (3, 8))
+    torch.testing.assert_close(torch.jit.load(str(out.path))(longer), Positions()(longer))
+
+
+def test_when_neither_script_nor_trace_works_the_error_names_the_other_formats(tmp_path, monkeypatch):
+    from slimfx.ir.errors import ExportError
+
+    def refuse(*a, **k):
+        raise RuntimeError("not this one")
+
+    monkeypatch.setattr(torch.jit, "script", refuse)
+    monkeypatch.setattr(torch.jit, "trace", refuse)
+    x = torch.randn(2, 4)
+    g = ir.capture(torch.nn.Linear(4, 3).eval(), (x,))
     with pytest.raises(ExportError, match=r"both failed\. Export the other formats only: --format onnx"):
-        export_torchscript(g, tmp_path / "m.pt", inputs=(ids,))
+        export_torchscript(g, tmp_path / "m.pt", inputs=(x,))
     assert not list(tmp_path.iterdir())  # nothing half-written
