@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import slimfx
 from slimfx import ir
-from slimfx.exporters import export_onnx, to_onnx_model
+from slimfx.exporters import export_onnx, export_torchscript, to_onnx_model
 from slimfx.ir.errors import ExportError
 
 PROPERTY = settings(max_examples=8, deadline=None, derandomize=True,
@@ -713,17 +713,28 @@ def test_a_table_indexed_after_skipped_dims_exports_as_one_gather(method, tmp_pa
     assert "Gather" in {n.op_type for n in to_onnx_model(g, inputs=(x,)).graph.node}
 
 
-def test_a_gpt2_lm_with_its_default_kv_cache_exports(tmp_path):
-    """What a user's file holds: GPT2LMHeadModel as transformers configures it (use_cache on: each layer's keys
-    start as an empty DynamicCache tensor that torch.cat skips), returning its logits; the zoo's own builder turns
-    the cache off, so only this test takes that path."""
+_DECODERS = {  # as transformers configures them (KV cache on), tiny
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                   bos_token_id=0, eos_token_id=0)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                      max_position_embeddings=64, tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("arch", list(_DECODERS))
+def test_a_decoder_lm_with_its_default_kv_cache_exports_to_onnx_and_torchscript(arch, tmp_path):
+    """What a user's file holds: a transformers causal LM as its config makes it (use_cache on: each layer's keys
+    start as an empty DynamicCache tensor that torch.cat skips; positions from aten.arange of the length),
+    returning its logits; the zoo's own builder turns the cache off, so only this test takes that path. Both
+    files run at another batch and length than the example."""
     transformers = pytest.importorskip("transformers")
+    config, model, kw = _DECODERS[arch]
 
     class LM(nn.Module):
         def __init__(self):
             super().__init__()
-            self.m = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-                vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0))
+            self.m = getattr(transformers, model)(getattr(transformers, config)(**kw))
 
         def forward(self, input_ids):
             return self.m(input_ids=input_ids).logits
@@ -732,10 +743,13 @@ def test_a_gpt2_lm_with_its_default_kv_cache_exports(tmp_path):
     lm = LM().eval()
     ids = torch.randint(0, 128, (1, 9))
     g = ir.capture(lm, (ids,))
-    out = export_onnx(g, tmp_path / "lm.onnx", inputs=(ids,))  # onnx.checker, then onnxruntime against the IR
+    onnx_out = export_onnx(g, tmp_path / "lm.onnx", inputs=(ids,))  # onnx.checker, onnxruntime against the IR
+    ts_out = export_torchscript(g, tmp_path / "lm.pt", inputs=(ids,))
     import onnxruntime as ort
 
-    other = torch.randint(0, 128, (2, 13))  # another batch and length than the example
-    y = ort.InferenceSession(str(out.path)).run(None, {"input_ids": other.numpy()})[0]
+    other = torch.randint(0, 128, (2, 13))
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(y), lm(other), atol=1e-4, rtol=1e-4)
+        want = lm(other)
+        torch.testing.assert_close(torch.jit.load(str(ts_out.path))(other), want, atol=1e-4, rtol=1e-4)
+    y = ort.InferenceSession(str(onnx_out.path)).run(None, {"input_ids": other.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(y), want, atol=1e-4, rtol=1e-4)
