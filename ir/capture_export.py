@@ -641,6 +641,13 @@ def _to_copy(cx, input, **kwargs):
     return _cast_or_alias(cx, input, kwargs.get("dtype"), kwargs.get("device"))
 
 
+@_converts(aten.type_as)
+def _type_as(cx, input, other):
+    """`x.type_as(y)`: x cast to y's dtype (RoBERTa's position ids, Gemma's norms)."""
+    dtype = getattr(getattr(other, "meta", None), "dtype", None)
+    return _cast_or_alias(cx, input, dtype) if dtype is not None else None
+
+
 @_converts(aten.alias, aten.detach, aten.lift_fresh_copy)
 def _alias(cx, input):
     return _Alias(input)

@@ -371,3 +371,20 @@ def test_hf_graphs_go_through_cleanup_passes_and_int8_quantization(arch, tmp_pat
     assert 0 < rel_err(out, ref) < 0.05
     res = export_onnx(g, tmp_path / "int8.onnx", inputs=inputs, atol=5e-3, rtol=1e-2)
     assert res.validation.passed
+
+
+def test_type_as_becomes_a_cast_and_exports(tmp_path):
+    """aten.type_as (RoBERTa's position ids, Gemma's norms) stayed opaque under torch.export, with no ONNX
+    emitter: every recipe failed on those models."""
+    from slimfx.exporters.onnx import export_onnx
+
+    class TypeAs(nn.Module):
+        def forward(self, ids, x):
+            return ids.ne(0).int().cumsum(1).type_as(ids) * 2, x.type_as(ids) + 1
+
+    ids, x = torch.randint(0, 5, (2, 6)), torch.randn(2, 6) * 4
+    g = ir.capture(TypeAs(), (ids, x), method="export")
+    assert "opaque" not in {n.op for n in g} and [n.op for n in g].count("cast") >= 1
+    export_onnx(g, tmp_path / "m.onnx", inputs=(ids, x))  # validated against the IR
+    for got, want in zip(ir.lower(g)(ids, x), TypeAs()(ids, x)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
