@@ -231,6 +231,19 @@ for _op, _targets in {
     _converts(*_targets)(_binary(_op))
 
 
+def _min_max(op: str) -> Callable:
+    def conv(input, other=None, *rest, **kwargs):
+        # two tensors: elementwise; min(x) / min(x, dim) are reductions (an int dim), left alone
+        if rest or kwargs or not isinstance(input, (Node, Param)) or not isinstance(other, (Node, Param)):
+            return None
+        return op, (input, other), {}
+    return conv
+
+
+_converts(torch.minimum, torch.min, "minimum")(_min_max("minimum"))
+_converts(torch.maximum, torch.max, "maximum")(_min_max("maximum"))
+
+
 @_converts(F.dropout)
 def _f_dropout(input, p=0.5, training=True, inplace=False):
     return "dropout", (input,), dict(p=p, training=bool(training))
@@ -612,6 +625,20 @@ def _f_ones(*size, **kwargs):
 @_converts(torch.full)
 def _f_full(size, fill_value, **kwargs):
     return filled(size, fill_value, _fill_kwargs(**kwargs))
+
+
+def _like(value: Any) -> Callable:
+    def conv(input, *rest, **kwargs):
+        fill = value if value is not None else (rest[0] if rest else kwargs.pop("fill_value", None))
+        if not isinstance(input, Node) or not isinstance(input.meta, TensorMeta) or isinstance(fill, (Node, Param)) \
+                or fill is None:
+            return None
+        return "full_like", (input,), dict(value=fill, dtype=_fill_kwargs(**kwargs) or input.meta.dtype)
+    return conv
+
+
+for _fn, _value in ((torch.zeros_like, 0), (torch.ones_like, 1), (torch.full_like, None)):
+    _converts(_fn)(_like(_value))
 
 
 def _new_filled(value: Any) -> Callable:

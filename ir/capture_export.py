@@ -371,6 +371,15 @@ for _op, _targets in {
     _converts(*_targets)(_binary(_op))
 
 
+@_converts(aten.minimum, aten.maximum, aten.min, aten.max)
+def _min_max(cx, input, *rest):
+    """Elementwise minimum/maximum of two tensors (aten.min.other too); a reduction (min(x), min(x, dim)) is not."""
+    name = cx.node.target.overloadpacket.__name__
+    if name in ("min", "max") and cx.node.target._overloadname != "other":
+        return None
+    return {"min": "minimum", "max": "maximum"}.get(name, name), (input, rest[0]), {}
+
+
 def _python_arith(fn: str) -> Callable:
     """Python arithmetic in the program: on symbolic sizes (`s0 * 4`) a `scalar` node."""
     def conv(cx, *args):
@@ -773,6 +782,15 @@ def _zeros_ones(cx, size, **kwargs):
 @_converts(aten.full)
 def _full(cx, size, fill_value, **kwargs):
     return filled(size, fill_value, _fill_kwargs(**kwargs) or cx.value.dtype)
+
+
+@_converts(aten.full_like, aten.zeros_like, aten.ones_like)
+def _full_like(cx, input, *rest, **kwargs):
+    packet = cx.node.target.overloadpacket
+    value = rest[0] if packet is aten.full_like else 0 if packet is aten.zeros_like else 1
+    if isinstance(value, (Node, Param)):
+        return None
+    return "full_like", (input,), dict(value=value, dtype=_fill_kwargs(**kwargs) or cx.value.dtype)
 
 
 @_converts(aten.new_zeros, aten.new_ones, aten.new_full)

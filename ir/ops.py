@@ -469,6 +469,10 @@ def _full(*, size, value, dtype=None):
     return torch.full(tuple(size), value, dtype=dtype)
 
 
+def _full_like(x, *, value, dtype=None):
+    return torch.full_like(x, value, dtype=dtype)
+
+
 def _topk(x, *, k, dim=-1, largest=True, sorted=True):  # noqa: A002
     return tuple(torch.topk(x, k, dim, largest, sorted))
 
@@ -683,6 +687,9 @@ register_op("add", operator.add, elementwise=2, commutative=True, quant="output"
 register_op("mul", operator.mul, elementwise=2, commutative=True, quant="output")
 for _name, _impl in [("sub", operator.sub), ("div", operator.truediv), ("pow", operator.pow)]:
     register_op(_name, _impl, elementwise=2)
+# elementwise minimum/maximum of two tensors (torch.minimum, torch.min(a, b): T5's position buckets)
+register_op("minimum", torch.minimum, elementwise=2, commutative=True)
+register_op("maximum", torch.maximum, elementwise=2, commutative=True)
 
 for _name, _impl, _quant in [
     ("max_pool1d", _max_pool1d, "transparent"), ("max_pool2d", _max_pool2d, "transparent"),
@@ -746,6 +753,9 @@ register_op("addcmul", _addcmul, elementwise=3)
 # full{size, value, dtype}: a tensor of one value whose size may follow the input's (size entries may be
 # `size` nodes: torch.zeros((B, H, W)), new_ones, full); no tensor operands
 register_op("full", _full, channels="block")
+# full_like(x){value, dtype}: x's shape (whatever it is at run time) filled with one value: zeros_like, ones_like,
+# full_like (T5's relative-position buckets); its channels are x's
+register_op("full_like", _full_like, channels="same")
 register_op("argmax", _argmax, reduction=True)
 register_op("argmin", _argmin, reduction=True)
 register_op("index_select", _index_select)

@@ -222,7 +222,7 @@ def _softmax(ctx: EmitContext, node: Node) -> str:
 
 # --- elementwise ------------------------------------------------------------------------------------------
 
-_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow"}
+_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", "minimum": "Min", "maximum": "Max"}
 
 
 @register_emitter(*_BINARY)
@@ -1000,6 +1000,14 @@ def _full(ctx: EmitContext, node: Node) -> str:
     if isinstance(node.attrs["value"], (Node, Param)):
         raise _err(node, "full() with a fill value computed at run time")
     return filled(ctx, node, node.attrs["size"], node.attrs["value"])
+
+
+@register_emitter("full_like")
+def _full_like(ctx: EmitContext, node: Node) -> str:
+    """ConstantOfShape of the input's run-time shape (a dim that looks fixed may follow the batch: batch * heads)."""
+    x = node.inputs[0]
+    fill = numpy_helper.from_array(np.asarray([node.attrs["value"]], dtype=TORCH_TO_NUMPY[_out_dtype(node)]), "value")
+    return ctx.emit("ConstantOfShape", [ctx.emit("Shape", [ctx.value(x)], name="shape")], value=fill)
 
 
 @register_emitter("topk")

@@ -753,3 +753,29 @@ def test_a_decoder_lm_with_its_default_kv_cache_exports_to_onnx_and_torchscript(
         torch.testing.assert_close(torch.jit.load(str(ts_out.path))(other), want, atol=1e-4, rtol=1e-4)
     y = ort.InferenceSession(str(onnx_out.path)).run(None, {"input_ids": other.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(y), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_t5_encoder_exports_and_runs_at_another_length(tmp_path):
+    """T5's relative-position buckets use full_like and torch.min of two tensors (opaque under torch.export
+    before, with no ONNX emitter: every recipe failed on T5)."""
+    transformers = pytest.importorskip("transformers")
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = transformers.T5EncoderModel(transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64,
+                                                                       num_layers=2, num_heads=4))
+
+        def forward(self, input_ids):
+            return self.m(input_ids=input_ids).last_hidden_state
+
+    torch.manual_seed(0)
+    enc = Encoder().eval()
+    ids = torch.randint(0, 128, (1, 9))
+    out = export_onnx(ir.capture(enc, (ids,)), tmp_path / "t5.onnx", inputs=(ids,))
+    import onnxruntime as ort
+
+    other = torch.randint(0, 128, (2, 14))
+    y = ort.InferenceSession(str(out.path)).run(None, {"input_ids": other.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), enc(other), atol=1e-4, rtol=1e-4)

@@ -388,3 +388,28 @@ def test_type_as_becomes_a_cast_and_exports(tmp_path):
     export_onnx(g, tmp_path / "m.onnx", inputs=(ids, x))  # validated against the IR
     for got, want in zip(ir.lower(g)(ids, x), TypeAs()(ids, x)):
         assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_filled_like_and_elementwise_min_max_are_canonical_ops_that_export(method, tmp_path):
+    """zeros_like / ones_like / full_like and torch.min(a, b) / maximum (T5's relative-position buckets) were
+    opaque under torch.export with no ONNX emitter; they are full_like, minimum and maximum ops, and the file runs
+    at another batch size."""
+    import onnxruntime as ort
+
+    from slimfx.exporters.onnx import export_onnx
+
+    class Buckets(nn.Module):
+        def forward(self, x, y):
+            big = torch.full_like(x, 0.5) + torch.ones_like(x) * torch.zeros_like(x, dtype=torch.long)
+            return torch.min(x, big) + torch.maximum(x, y), torch.minimum(x.long(), torch.full_like(x.long(), 3))
+
+    x, y = torch.randn(2, 5) * 4, torch.randn(2, 5)
+    g = ir.capture(Buckets(), (x, y), method=method)
+    ops = {n.op for n in g}
+    assert "opaque" not in ops and {"full_like", "minimum", "maximum"} <= ops, ops
+    out = export_onnx(g, tmp_path / "m.onnx", inputs=(x, y))
+    x3, y3 = torch.randn(3, 5) * 4, torch.randn(3, 5)
+    got = ort.InferenceSession(str(out.path)).run(None, {"x": x3.numpy(), "y": y3.numpy()})
+    for a, b in zip(got, Buckets()(x3, y3)):
+        assert torch.equal(torch.from_numpy(a), b)
