@@ -196,7 +196,9 @@ class QuantizeWeights(Pass):
         "tables' bits: 8, int8 with one symmetric scale per table (Gather + DequantizeLinear, as quantize does); "
         "4, block-wise 4-bit codes (block_size per scale; onnxruntime's GatherBlockQuantized). A tied table is "
         "block-wise at these bits either way, its head a MatMulNBits on the same codes"))
-    min_features: int = option(16, ge=1, help="linears with fewer input features than this stay float")
+    min_features: int = option(16, ge=1, help=(
+        "linears with fewer input features than this stay float, and tables with fewer columns (T5's relative "
+        "position biases, one column a head): nothing to save there"))
     skip: list[str] = option([], help="layers kept float: node names, module paths (fnmatch globs) or op names")
     speed_guard: bool = option(True, help=(
         "time the model with MatMulNBits and with the folded form (the same stored codes dequantized by ops "
@@ -272,7 +274,8 @@ class QuantizeWeights(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         tables = self.tied_tables(graph)
         layers = self.targets(graph)
-        embeds = quantizable_embeddings(graph, skip=self.skip) if self.embeddings else []
+        embeds = [n for n in quantizable_embeddings(graph, skip=self.skip)
+                  if graph.params[n.inputs[1].name].shape[-1] >= self.min_features] if self.embeddings else []
         if not layers and not embeds and not tables:
             return PassResult(False, {"quantized_layers": 0, "embeddings": 0})
         float_graph = graph.copy() if self.speed_guard and self.accuracy_level == 0 and ctx.measure_ms else None

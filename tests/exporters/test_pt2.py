@@ -107,20 +107,20 @@ def test_weight_storage_tells_int8_from_fake_quant():
     assert weight_storage(plain) == "float"
 
 
-@pytest.mark.parametrize("min_features", [16, 10_000])
-def test_weight_storage_counts_4_bit_codes_and_int8_tables_as_integers(min_features):
+@pytest.mark.parametrize("linears", [True, False])
+def test_weight_storage_counts_4_bit_codes_and_int8_tables_as_integers(linears):
     """quantize-weights' MatMulNBits codes and an embedding table looked up as int8 rows are integer storage,
-    not fake-quant (min_features 10_000: the table alone)."""
+    not fake-quant (linears False: the table alone)."""
     from tests.exporters.test_shared_weights import Untied
 
+    opts = {} if linears else {"skip": ["linear"]}
     ids = torch.randint(0, 40, (2, 7))
     g = ir.capture(Untied().eval(), (ids,))
-    res = create_pass("quantize-weights", {"min_features": min_features}).run(g, PassContext((ids,), quiet=True))
-    out = res.graph_after(g)
-    assert bool(out.find("matmul_nbits")) == (min_features == 16) and out.find("dequantize")
+    out = create_pass("quantize-weights", opts).run(g, PassContext((ids,), quiet=True)).graph_after(g)
+    assert bool(out.find("matmul_nbits")) == linears and out.find("dequantize")
     assert weight_storage(out) == "int8"
     g = ir.capture(Untied().eval(), (ids,))  # the table as 4-bit block codes alone: gather_nbits
-    out = create_pass("quantize-weights", {"min_features": min_features, "embedding_bits": 4}).run(
+    out = create_pass("quantize-weights", {**opts, "embedding_bits": 4}).run(
         g, PassContext((ids,), quiet=True)).graph_after(g)
     assert out.find("gather_nbits") and weight_storage(out) == "int8"
 

@@ -334,6 +334,20 @@ def test_a_tied_head_stays_float_with_its_table_when_tables_are_not_quantized(tm
     assert _sqnr(m(ids), ir.lower(g)(ids)) > 20
 
 
+def test_a_table_narrower_than_min_features_stays_float():
+    """T5's relative-position bias is a table of one column a head: nothing to save, and its int8 lookup followed
+    by a permute set off an onnxruntime optimizer failure at opset 21."""
+    torch.manual_seed(0)
+    m = Tok(d=4).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    g = ir.capture(m, (ids,))
+    res = create_pass("quantize-weights", {"min_features": 4}).run(g, PassContext((ids,), quiet=True))
+    assert res.stats["embeddings"] == 1
+    g = ir.capture(m, (ids,))
+    res = create_pass("quantize-weights").run(g, PassContext((ids,), quiet=True))  # min_features 16 > 4 columns
+    assert res.stats["embeddings"] == 0 and g.params["emb.weight"].dtype == torch.float32
+
+
 def test_embedding_bits_4_stores_an_untied_table_as_block_codes(tmp_path):
     from slimfx.exporters.onnx import export_onnx
 
