@@ -233,15 +233,25 @@ for _op, _targets in {
 
 def _min_max(op: str) -> Callable:
     def conv(input, other=None, *rest, **kwargs):
-        # two tensors: elementwise; min(x) / min(x, dim) are reductions (an int dim), left alone
-        if rest or kwargs or not isinstance(input, (Node, Param)) or not isinstance(other, (Node, Param)):
+        """Two tensors: elementwise (minimum); a dim: values and indices along it (min_dim); min(x) of all values
+        is left alone."""
+        if not isinstance(input, (Node, Param)):
             return None
-        return op, (input, other), {}
+        dim = kwargs.pop("dim", other)
+        if isinstance(dim, int) and not isinstance(dim, bool) and op in ("min", "max"):
+            keepdim = kwargs.pop("keepdim", rest[0] if rest else False)
+            return (None if kwargs or len(rest) > 1 or not isinstance(keepdim, bool)
+                    else (f"{op}_dim", (input,), dict(dim=dim, keepdim=keepdim)))
+        if rest or kwargs or not isinstance(other, (Node, Param)):
+            return None
+        return {"min": "minimum", "max": "maximum"}.get(op, op), (input, other), {}
     return conv
 
 
-_converts(torch.minimum, torch.min, "minimum")(_min_max("minimum"))
-_converts(torch.maximum, torch.max, "maximum")(_min_max("maximum"))
+_converts(torch.minimum, "minimum")(_min_max("minimum"))
+_converts(torch.maximum, "maximum")(_min_max("maximum"))
+_converts(torch.min, "min")(_min_max("min"))
+_converts(torch.max, "max")(_min_max("max"))
 
 
 @_converts(F.dropout)
@@ -719,7 +729,7 @@ def _f_gather(input, dim, index, *, sparse_grad=False, out=None):
 # the op's tuple}}. nn.LSTM returns (output, (h_n, c_n)); the canonical lstm returns (output, h_n, c_n).
 NESTED_RESULTS: dict[str, dict[int, Any]] = {"lstm": {1: slice(1, 3)}}
 # fields of torch's named results (torch.return_types): {op: {field: index into the op's tuple}}
-RESULT_FIELDS: dict[str, dict[str, int]] = {"topk": {"values": 0, "indices": 1}}
+RESULT_FIELDS: dict[str, dict[str, int]] = {op: {"values": 0, "indices": 1} for op in ("topk", "max_dim", "min_dim")}
 
 
 @_converts(getattr)

@@ -373,9 +373,12 @@ for _op, _targets in {
 
 @_converts(aten.minimum, aten.maximum, aten.min, aten.max)
 def _min_max(cx, input, *rest):
-    """Elementwise minimum/maximum of two tensors (aten.min.other too); a reduction (min(x), min(x, dim)) is not."""
-    name = cx.node.target.overloadpacket.__name__
-    if name in ("min", "max") and cx.node.target._overloadname != "other":
+    """Elementwise minimum/maximum of two tensors (aten.min.other too); min.dim: values and indices (min_dim); the
+    minimum of all values (min.default) is left alone."""
+    name, overload = cx.node.target.overloadpacket.__name__, cx.node.target._overloadname
+    if name in ("min", "max") and overload == "dim":
+        return f"{name}_dim", (input,), dict(dim=int(rest[0]), keepdim=bool(rest[1]) if len(rest) > 1 else False)
+    if name in ("min", "max") and overload != "other":
         return None
     return {"min": "minimum", "max": "maximum"}.get(name, name), (input, rest[0]), {}
 

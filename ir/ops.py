@@ -473,6 +473,14 @@ def _full_like(x, *, value, dtype=None):
     return torch.full_like(x, value, dtype=dtype)
 
 
+def _max_dim(x, *, dim, keepdim=False):
+    return tuple(torch.max(x, dim, keepdim))
+
+
+def _min_dim(x, *, dim, keepdim=False):
+    return tuple(torch.min(x, dim, keepdim))
+
+
 def _topk(x, *, k, dim=-1, largest=True, sorted=True):  # noqa: A002
     return tuple(torch.topk(x, k, dim, largest, sorted))
 
@@ -756,6 +764,10 @@ register_op("full", _full, channels="block")
 # full_like(x){value, dtype}: x's shape (whatever it is at run time) filled with one value: zeros_like, ones_like,
 # full_like (T5's relative-position buckets); its channels are x's
 register_op("full_like", _full_like, channels="same")
+# max_dim/min_dim{dim, keepdim}: torch.max(x, dim) / x.min(dim): (values, indices), read with getitem (PointNet's and
+# TextCNN's global max pooling); pruning stops at them
+register_op("max_dim", _max_dim, result="tuple", channels="block")
+register_op("min_dim", _min_dim, result="tuple", channels="block")
 register_op("argmax", _argmax, reduction=True)
 register_op("argmin", _argmin, reduction=True)
 register_op("index_select", _index_select)

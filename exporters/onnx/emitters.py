@@ -1026,6 +1026,21 @@ def _topk(ctx: EmitContext, node: Node) -> list[str]:
     return [values if work == dt else ctx.cast(values, dt), indices]
 
 
+@register_emitter("max_dim", "min_dim")
+def _min_max_dim(ctx: EmitContext, node: Node) -> list[str]:
+    """(values, indices) along `dim`: ReduceMax/ReduceMin and ArgMax/ArgMin (the first extreme index, as torch)."""
+    x = node.inputs[0]
+    axis = _axis(int(node.attrs["dim"]), ctx.rank(x))
+    keep = int(bool(node.attrs.get("keepdim", False)))
+    big = node.op == "max_dim"
+    xv = ctx.value(x)
+    reduce = "ReduceMax" if big else "ReduceMin"
+    values = ctx.emit(reduce, [xv], axes=[axis], keepdims=keep) if ctx.opset < 18 else \
+        ctx.emit(reduce, [xv, ctx.ints([axis])], keepdims=keep)
+    indices = ctx.emit("ArgMax" if big else "ArgMin", [xv], name=f"{node.name}_indices", axis=axis, keepdims=keep)
+    return [values, indices]
+
+
 @register_emitter("argmax", "argmin")
 def _arg_reduce(ctx: EmitContext, node: Node) -> str:
     """ArgMax/ArgMin pick the first extreme index, as torch does; dim None flattens first."""

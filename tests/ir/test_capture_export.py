@@ -413,3 +413,33 @@ def test_filled_like_and_elementwise_min_max_are_canonical_ops_that_export(metho
     got = ort.InferenceSession(str(out.path)).run(None, {"x": x3.numpy(), "y": y3.numpy()})
     for a, b in zip(got, Buckets()(x3, y3)):
         assert torch.equal(torch.from_numpy(a), b)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_max_and_min_along_a_dim_give_values_and_indices_that_export(method, tmp_path):
+    """PointNet's `torch.max(h, 2)[0]`, `h.max(dim=2).values` (the named field failed on fx: the result became a
+    plain tuple) and `h.min(1, keepdim=True)` are max_dim/min_dim ops, exported as ReduceMax/Min and ArgMax/Min."""
+    import onnxruntime as ort
+
+    from slimfx.exporters.onnx import export_onnx
+
+    class GlobalMax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 8, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            low, where = h.min(1, keepdim=True)
+            return torch.max(h, 2)[0] + h.max(dim=2).values, low, where
+
+    torch.manual_seed(0)
+    m, x = GlobalMax().eval(), torch.randn(2, 3, 16)
+    g = ir.capture(m, (x,), method=method)
+    assert "opaque" not in {n.op for n in g} and {"max_dim", "min_dim"} <= {n.op for n in g}
+    out = export_onnx(g, tmp_path / "m.onnx", inputs=(x,))
+    x5 = torch.randn(5, 3, 16)
+    got = ort.InferenceSession(str(out.path)).run(None, {"x": x5.numpy()})
+    with torch.no_grad():
+        for a, b in zip(got, m(x5)):
+            torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-5, rtol=1e-5)
