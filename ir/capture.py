@@ -237,6 +237,8 @@ def _min_max(op: str) -> Callable:
         is left alone."""
         if not isinstance(input, (Node, Param)):
             return None
+        if other is None and not rest and not kwargs and op in ("min", "max"):  # of all values
+            return f"a{op}", (input,), dict(dim=None, keepdim=False)
         dim = kwargs.pop("dim", other)
         if isinstance(dim, int) and not isinstance(dim, bool) and op in ("min", "max"):
             keepdim = kwargs.pop("keepdim", rest[0] if rest else False)
@@ -381,6 +383,16 @@ def _f_sum(input, dim=None, keepdim=False, *, dtype=None):
     if dtype is not None:
         return None
     return "sum", (input,), dict(dim=_tuple(dim, 1) if dim is not None else None, keepdim=keepdim)
+
+
+def _f_extreme(op: str) -> Callable:
+    def conv(input, dim=(), keepdim=False):
+        return op, (input,), dict(dim=_tuple(dim, 1) if dim not in ((), None) else None, keepdim=bool(keepdim))
+    return conv
+
+
+_converts(torch.amax, "amax")(_f_extreme("amax"))
+_converts(torch.amin, "amin")(_f_extreme("amin"))
 
 
 @_converts("size")

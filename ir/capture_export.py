@@ -378,6 +378,8 @@ def _min_max(cx, input, *rest):
     name, overload = cx.node.target.overloadpacket.__name__, cx.node.target._overloadname
     if name in ("min", "max") and overload == "dim":
         return f"{name}_dim", (input,), dict(dim=int(rest[0]), keepdim=bool(rest[1]) if len(rest) > 1 else False)
+    if name in ("min", "max") and overload == "default":  # of all values
+        return f"a{name}", (input,), dict(dim=None, keepdim=False)
     if name in ("min", "max") and overload != "other":
         return None
     return {"min": "minimum", "max": "maximum"}.get(name, name), (input, rest[0]), {}
@@ -604,6 +606,11 @@ def _reduce(cx, input, dim=None, keepdim=False, *, dtype=None):
     if cx.node.target._overloadname not in ("default", "dim", "dim_IntList"):
         return None
     return op, (input,), dict(dim=tuple(dim) if dim is not None else None, keepdim=keepdim)
+
+
+@_converts(aten.amax, aten.amin)
+def _extreme(cx, input, dim=(), keepdim=False):
+    return cx.node.target.overloadpacket.__name__, (input,), dict(dim=tuple(dim) if dim else None, keepdim=keepdim)
 
 
 @_converts(aten.linalg_vector_norm)

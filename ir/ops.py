@@ -345,6 +345,14 @@ def _sum(x, *, dim=None, keepdim=False):
     return x.sum() if dim is None else x.sum(dim, keepdim)
 
 
+def _amax(x, *, dim=None, keepdim=False):
+    return x.amax() if dim is None else x.amax(dim, keepdim)
+
+
+def _amin(x, *, dim=None, keepdim=False):
+    return x.amin() if dim is None else x.amin(dim, keepdim)
+
+
 def _size(x, *, dim=None):
     return x.size() if dim is None else x.size(dim)
 
@@ -722,6 +730,9 @@ register_op("shape", _shape_of, result="value")
 register_op("scalar", _scalar, result="value")
 register_op("mean", _mean, reduction=True)
 register_op("sum", _sum, reduction=True)
+# amax/amin{dim, keepdim}: the largest / smallest values (torch.amax; torch.max(x) over all values: dim None)
+register_op("amax", _amax, reduction=True)
+register_op("amin", _amin, reduction=True)
 
 # transposed convolution: torch's weight layout [in, out/groups, k...] (see Weighted.transposed)
 _CONV_T = dict(weighted=Weighted(channel_dim=1, grouped=True, transposed=True), quant="weight",

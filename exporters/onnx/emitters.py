@@ -601,16 +601,19 @@ def _slice(ctx: EmitContext, node: Node) -> str:
     return y
 
 
-@register_emitter("mean", "sum")
+_REDUCE = {"mean": "ReduceMean", "sum": "ReduceSum", "amax": "ReduceMax", "amin": "ReduceMin"}
+
+
+@register_emitter(*_REDUCE)
 def _reduce(ctx: EmitContext, node: Node) -> str:
     x = node.inputs[0]
     rank = ctx.rank(x)
     dim = node.attrs.get("dim")
     keep = int(bool(node.attrs.get("keepdim", False)))
     axes = None if dim is None else sorted(_axis(int(d), rank) for d in (dim if isinstance(dim, (tuple, list)) else [dim]))
-    op = "ReduceMean" if node.op == "mean" else "ReduceSum"
+    op = _REDUCE[node.op]
     xv = ctx.value(x, dtype=_out_dtype(node))
-    if op == "ReduceMean" and ctx.opset < 18:
+    if op != "ReduceSum" and ctx.opset < 18:  # ReduceSum took axes as an input from opset 13, the others from 18
         return ctx.emit(op, [xv], axes=axes, keepdims=keep)
     return ctx.emit(op, [xv] + ([ctx.ints(axes)] if axes is not None else []), keepdims=keep)
 

@@ -418,7 +418,8 @@ def test_filled_like_and_elementwise_min_max_are_canonical_ops_that_export(metho
 @pytest.mark.parametrize("method", ["fx", "export"])
 def test_max_and_min_along_a_dim_give_values_and_indices_that_export(method, tmp_path):
     """PointNet's `torch.max(h, 2)[0]`, `h.max(dim=2).values` (the named field failed on fx: the result became a
-    plain tuple) and `h.min(1, keepdim=True)` are max_dim/min_dim ops, exported as ReduceMax/Min and ArgMax/Min."""
+    plain tuple) and `h.min(1, keepdim=True)` are max_dim/min_dim ops, exported as ReduceMax/Min and ArgMax/Min;
+    amax/amin and the max of all values (`h.max()`) are amax/amin reductions."""
     import onnxruntime as ort
 
     from slimfx.exporters.onnx import export_onnx
@@ -431,12 +432,13 @@ def test_max_and_min_along_a_dim_give_values_and_indices_that_export(method, tmp
         def forward(self, x):
             h = torch.relu(self.conv(x))
             low, where = h.min(1, keepdim=True)
-            return torch.max(h, 2)[0] + h.max(dim=2).values, low, where
+            top = torch.amax(h, dim=(1, 2), keepdim=True) - torch.amin(h, -1).unsqueeze(-1).mean()
+            return torch.max(h, 2)[0] + h.max(dim=2).values, low, where, h / h.max() + top, h.min()
 
     torch.manual_seed(0)
     m, x = GlobalMax().eval(), torch.randn(2, 3, 16)
     g = ir.capture(m, (x,), method=method)
-    assert "opaque" not in {n.op for n in g} and {"max_dim", "min_dim"} <= {n.op for n in g}
+    assert "opaque" not in {n.op for n in g} and {"max_dim", "min_dim", "amax", "amin"} <= {n.op for n in g}
     out = export_onnx(g, tmp_path / "m.onnx", inputs=(x,))
     x5 = torch.randn(5, 3, 16)
     got = ort.InferenceSession(str(out.path)).run(None, {"x": x5.numpy()})
