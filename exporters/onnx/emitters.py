@@ -604,6 +604,14 @@ def _slice(ctx: EmitContext, node: Node) -> str:
 _REDUCE = {"mean": "ReduceMean", "sum": "ReduceSum", "amax": "ReduceMax", "amin": "ReduceMin"}
 
 
+def reduce_over(ctx: EmitContext, op: str, xv: str, axes: list[int] | None, keepdims: int = 1) -> str:
+    """A Reduce* node over `axes` (None: all): axes as an input from opset 18 (ReduceSum from 13), before that
+    as an attribute."""
+    if op != "ReduceSum" and ctx.opset < 18:
+        return ctx.emit(op, [xv], axes=axes, keepdims=keepdims)
+    return ctx.emit(op, [xv] + ([ctx.ints(axes)] if axes is not None else []), keepdims=keepdims)
+
+
 @register_emitter(*_REDUCE)
 def _reduce(ctx: EmitContext, node: Node) -> str:
     x = node.inputs[0]
@@ -611,11 +619,7 @@ def _reduce(ctx: EmitContext, node: Node) -> str:
     dim = node.attrs.get("dim")
     keep = int(bool(node.attrs.get("keepdim", False)))
     axes = None if dim is None else sorted(_axis(int(d), rank) for d in (dim if isinstance(dim, (tuple, list)) else [dim]))
-    op = _REDUCE[node.op]
-    xv = ctx.value(x, dtype=_out_dtype(node))
-    if op != "ReduceSum" and ctx.opset < 18:  # ReduceSum took axes as an input from opset 13, the others from 18
-        return ctx.emit(op, [xv], axes=axes, keepdims=keep)
-    return ctx.emit(op, [xv] + ([ctx.ints(axes)] if axes is not None else []), keepdims=keep)
+    return reduce_over(ctx, _REDUCE[node.op], ctx.value(x, dtype=_out_dtype(node)), axes, keep)
 
 
 # --- attention, resize --------------------------------------------------------------------------------
@@ -755,12 +759,6 @@ def _einsum(ctx: EmitContext, node: Node) -> str:
                     equation=str(node.attrs["equation"]).replace(" ", ""))
 
 
-def _reduce_mean(ctx: EmitContext, xv: str, axes: list[int]) -> str:
-    if ctx.opset < 18:
-        return ctx.emit("ReduceMean", [xv], axes=axes, keepdims=1)
-    return ctx.emit("ReduceMean", [xv, ctx.ints(axes)], keepdims=1)
-
-
 @register_emitter("rms_norm")
 def _rms_norm(ctx: EmitContext, node: Node) -> str:
     """x / sqrt(mean(x^2) + eps) * weight over the last len(normalized_shape) dims (RMSNormalization from
@@ -775,7 +773,7 @@ def _rms_norm(ctx: EmitContext, node: Node) -> str:
         scale = ctx.value(w) if w is not None else ctx.const(np.ones(node.attrs["normalized_shape"]), dt)
         return ctx.emit("RMSNormalization", [xv, scale], axis=-k, epsilon=eps)
     rank = ctx.rank(x)
-    ms = _reduce_mean(ctx, ctx.emit("Mul", [xv, xv]), list(range(rank - k, rank)))
+    ms = reduce_over(ctx, "ReduceMean", ctx.emit("Mul", [xv, xv]), list(range(rank - k, rank)))
     y = ctx.emit("Div", [xv, ctx.emit("Sqrt", [ctx.emit("Add", [ms, ctx.const(eps, dt)])])])
     return ctx.emit("Mul", [y, ctx.value(w)]) if w is not None else y
 
@@ -1037,9 +1035,7 @@ def _min_max_dim(ctx: EmitContext, node: Node) -> list[str]:
     keep = int(bool(node.attrs.get("keepdim", False)))
     big = node.op == "max_dim"
     xv = ctx.value(x)
-    reduce = "ReduceMax" if big else "ReduceMin"
-    values = ctx.emit(reduce, [xv], axes=[axis], keepdims=keep) if ctx.opset < 18 else \
-        ctx.emit(reduce, [xv, ctx.ints([axis])], keepdims=keep)
+    values = reduce_over(ctx, "ReduceMax" if big else "ReduceMin", xv, [axis], keep)
     indices = ctx.emit("ArgMax" if big else "ArgMin", [xv], name=f"{node.name}_indices", axis=axis, keepdims=keep)
     return [values, indices]
 
@@ -1357,6 +1353,12 @@ def _matmul_nbits(ctx: EmitContext, node: Node) -> str:
                     block_size=int(a["block_size"]), accuracy_level=int(a.get("accuracy_level") or 0) or None)
 
 
+def _code_blocks(ctx: EmitContext, scales: Param) -> tuple[int, int]:
+    """(rows, blocks along K) of block codes, read off their scales [N, K blocks]."""
+    sc = ctx.param_tensor(scales)
+    return int(sc.shape[0]), int(sc.reshape(sc.shape[0], -1).shape[1])
+
+
 def _dequantized_codes(ctx: EmitContext, qweight: Param, scales: Param, zero_points: Param | None, *, bits: int,
                        block: int, k: int) -> str:
     """The float weight [N, K] that block codes (matmul_nbits' and gather_nbits' packed initializer, [N, K blocks,
@@ -1366,7 +1368,7 @@ def _dequantized_codes(ctx: EmitContext, qweight: Param, scales: Param, zero_poi
     key = ("dequantized", qweight.name)
     if key in ctx.memo:
         return ctx.memo[key]
-    n, blocks = ctx.param_tensor(scales).reshape(ctx.param_tensor(scales).shape[0], -1).shape
+    n, blocks = _code_blocks(ctx, scales)
     packed = ctx.emit("Cast", [ctx.value(qweight)], name="nb", to=onnx.TensorProto.FLOAT)
     if bits == 8:
         codes = packed
@@ -1416,7 +1418,7 @@ def _gather_nbits(ctx: EmitContext, node: Node) -> str:
     if a.get("form") == "folded":
         table = _dequantized_codes(ctx, qweight, scales, zero_points, bits=bits, block=block, k=k)
         return ctx.emit("Gather", [table, ctx.value(ids)], axis=0)
-    n, blocks = ctx.param_tensor(scales).reshape(ctx.param_tensor(scales).shape[0], -1).shape
+    n, blocks = _code_blocks(ctx, scales)
     ins = [ctx.value(qweight), ctx.value(ids), ctx.emit("Reshape", [ctx.value(scales), ctx.ints([n, blocks, 1])],
                                                         name="gbq")]
     if zero_points is not None:
