@@ -158,7 +158,7 @@ def save_graph(graph: Graph, path: str | os.PathLike, *, metadata: dict[str, Any
 def _refuse_unsaveable(graph: Graph) -> None:
     """ModelFileError for what the file cannot hold: module objects (opaque call_module nodes) and
     functions ir.parse would not resolve."""
-    from slimfx.ir.parser import resolve_function
+    from slimfx.ir.parser import check_opaque, resolve_function
     from slimfx.ir.printer import function_name
 
     for n in graph:
@@ -176,6 +176,12 @@ def _refuse_unsaveable(graph: Graph) -> None:
                 f"cannot save %{n.name}: it calls {function_name(target)} ({n.where()}), which is not a torch, "
                 "operator or math function, and a model file holds no Python code. Keep the Python model and "
                 "re-run the recipe, or make the model call torch functions there.")
+        why = check_opaque(list(n.inputs), n.attrs)  # what loading would refuse is never written
+        if why is not None:
+            raise ModelFileError(
+                f"cannot save %{n.name} ({n.where()}): {why}, and a model file holds only what it can read back "
+                "without running Python. Keep the Python model and re-run the recipe, or make the model compute "
+                "that with torch functions.")
 
 
 class _Reader:
