@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ SUFFIX = ".slimfx"
 GRAPH_MEMBER, WEIGHTS_MEMBER, META_MEMBER = "graph.ir", "weights.safetensors", "meta.json"
 MEMBERS = (META_MEMBER, GRAPH_MEMBER, WEIGHTS_MEMBER)
 ZIP_COMMENT = b"slimfx model file: graph.ir (IR text), weights.safetensors, meta.json"
+# What zipfile and zlib raise for a damaged archive: a flipped bit in a header can name an unknown compression
+# method (NotImplementedError) or set the encryption flag (RuntimeError: password required).
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error)
 # Zip members above this size are refused before they are read (a hostile or broken file).
 MAX_MEMBER_BYTES = 1 << 34
 
@@ -209,7 +213,7 @@ class _Reader:
                             "give a file written by slimfx.save or `slimfx compile --format slimfx`")
         try:
             z = zipfile.ZipFile(p)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except ZIP_ERRORS as e:
             raise self.fail(f"the file is truncated or corrupt (zip: {e})", "save the model again") from e
         names = z.namelist()
         missing = [m for m in MEMBERS if m not in names]
@@ -228,7 +232,7 @@ class _Reader:
             raise self.fail(f"{member} claims {info.file_size} bytes, more than any model this reads")
         try:
             return z.read(member)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib_error()) as e:
+        except ZIP_ERRORS as e:
             raise self.fail(f"{member} is corrupt ({e})", "save the model again") from e
 
     def metadata(self, z: zipfile.ZipFile) -> dict[str, Any]:
@@ -349,12 +353,6 @@ class _Reader:
                                 "fix the hand edit, or save the model again")
             per_input.append(want)
         set_graph_dims(graph, per_input)
-
-
-def zlib_error() -> type[BaseException]:
-    import zlib
-
-    return zlib.error
 
 
 _OWN_KEYS = ("format", "format_version", "slimfx_version", "torch_version", "graph", "params", "quantization",

@@ -168,9 +168,22 @@ CORRUPTIONS = {
         lambda m: m["graph"]["inputs"][0].update(shape=[1, 6]))), "meta.json says graph inputs"),
     "edited qparams": (lambda p: _rewrite(p, "meta.json", _json_edit(lambda m: m["quantization"][0].update(axis=1))),
                        "quantization records do not match"),
+    "unknown compression": (lambda p: _patch_central(p, 10, 99), "weights.safetensors is corrupt"),
+    "encrypted flag": (lambda p: _patch_central(p, 8, 1), "weights.safetensors is corrupt"),
     "bad manifest": (lambda p: _rewrite(p, "meta.json", _json_edit(lambda m: m.update(params={"a": 1}))),
                      "key 'params' is missing or not a list"),
 }
+
+
+def _patch_central(p: Path, offset: int, value: int) -> None:
+    """Set a 2-byte field of weights.safetensors' central directory entry (8: flags, 10: compression method):
+    one damaged header, which zipfile reports as NotImplementedError / RuntimeError rather than BadZipFile."""
+    data = bytearray(p.read_bytes())
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46: at + 46 + len(b"weights.safetensors")] != b"weights.safetensors":
+        at = data.index(b"PK\x01\x02", at + 4)
+    data[at + offset: at + offset + 2] = value.to_bytes(2, "little")
+    p.write_bytes(bytes(data))
 
 
 def _flip(p: Path) -> None:
