@@ -56,7 +56,10 @@ _TOKEN = re.compile(r"""
 
 _SHORT_DTYPES = {v: k for k, v in _DTYPE_SHORT.items()}
 _UNSAFE_FUNCTIONS = frozenset({"load", "save", "compile", "from_file", "hub", "jit", "export", "ops", "utils",
-                               "serialization", "distributed", "package", "onnx"})
+                               "serialization", "distributed", "package", "onnx", "import_ir_module",
+                               # call any value / reach any attribute: with them, text could climb from a tensor
+                               # to a function's __globals__ and builtins.eval
+                               "call", "attrgetter", "methodcaller"})
 _SAFE_BUILTINS = frozenset({"getattr", "len", "min", "max", "abs", "int", "float", "bool", "round", "range",
                             "slice", "tuple", "list", "dict", "sum", "all", "any"})
 
@@ -86,6 +89,33 @@ def resolve_function(dotted: str) -> Any:
         if callable(fn) and not isinstance(fn, type | torch.dtype):
             return fn
     return None
+
+
+def check_opaque(inputs: list[Any], attrs: dict[str, Any]) -> str | None:
+    """What is wrong with an `opaque` node read from text (None when nothing): text may only call what
+    capture writes there and resolve_function allows: a function (call_function), a public torch.Tensor
+    method of a node (call_method), getattr of a node with a public name written in the text. Anything else
+    (a module call, another fx kind, a method of a literal, an attribute name computed at run time or
+    private) could walk from a tensor to arbitrary Python objects, so a model file would run code."""
+    kind, target = attrs.get("kind"), attrs.get("target")
+    if kind == "call_function":
+        if not callable(target):
+            return f"its target {target!r} is not a function (call_function needs one IR text may name)"
+        if target is getattr and not (len(inputs) == 2 and isinstance(inputs[0], Node) and isinstance(inputs[1], str)
+                                      and inputs[1].isidentifier() and not inputs[1].startswith("_")):
+            return ("builtins.getattr needs a node and a public attribute name written as a string, "
+                    f"got {inputs!r}")
+        return None
+    if kind == "call_method":
+        if not (isinstance(target, str) and target.isidentifier() and not target.startswith("_")
+                and target not in _UNSAFE_FUNCTIONS and callable(getattr(torch.Tensor, target, None))):
+            return f"its method {target!r} is not a public torch.Tensor method"
+        if not inputs or not isinstance(inputs[0], Node):
+            return f"the method {target!r} must be called on a node (%name), not on {inputs[:1]!r}"
+        return None
+    if kind == "call_module":
+        return "it calls a module object, which IR text cannot carry (save refuses such a graph)"
+    return f"its kind is {kind!r}; IR text holds call_function and call_method opaque nodes only"
 
 
 class _Line:
@@ -349,6 +379,9 @@ class _Parser:
         meta = self.meta(ln) if ln.accept(":") else None
         loc = self.loc(ln) if ln.accept("loc") else {}
         ln.done()
+        if op == "opaque" and (why := check_opaque(inputs, attrs)) is not None:
+            ln.i = 0
+            raise ln.error(f"opaque node %{name} cannot be read from text: {why}")
         self.define(ln, Node(name, op, inputs, attrs, meta, loc.get("source"), loc.get("module")))
 
 

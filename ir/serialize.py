@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ SUFFIX = ".slimfx"
 GRAPH_MEMBER, WEIGHTS_MEMBER, META_MEMBER = "graph.ir", "weights.safetensors", "meta.json"
 MEMBERS = (META_MEMBER, GRAPH_MEMBER, WEIGHTS_MEMBER)
 ZIP_COMMENT = b"slimfx model file: graph.ir (IR text), weights.safetensors, meta.json"
+# What zipfile and zlib raise for a damaged archive: a flipped bit in a header can name an unknown compression
+# method (NotImplementedError) or set the encryption flag (RuntimeError: password required).
+ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error)
 # Zip members above this size are refused before they are read (a hostile or broken file).
 MAX_MEMBER_BYTES = 1 << 34
 
@@ -158,7 +162,7 @@ def save_graph(graph: Graph, path: str | os.PathLike, *, metadata: dict[str, Any
 def _refuse_unsaveable(graph: Graph) -> None:
     """ModelFileError for what the file cannot hold: module objects (opaque call_module nodes) and
     functions ir.parse would not resolve."""
-    from slimfx.ir.parser import resolve_function
+    from slimfx.ir.parser import check_opaque, resolve_function
     from slimfx.ir.printer import function_name
 
     for n in graph:
@@ -176,6 +180,12 @@ def _refuse_unsaveable(graph: Graph) -> None:
                 f"cannot save %{n.name}: it calls {function_name(target)} ({n.where()}), which is not a torch, "
                 "operator or math function, and a model file holds no Python code. Keep the Python model and "
                 "re-run the recipe, or make the model call torch functions there.")
+        why = check_opaque(list(n.inputs), n.attrs)  # what loading would refuse is never written
+        if why is not None:
+            raise ModelFileError(
+                f"cannot save %{n.name} ({n.where()}): {why}, and a model file holds only what it can read back "
+                "without running Python. Keep the Python model and re-run the recipe, or make the model compute "
+                "that with torch functions.")
 
 
 class _Reader:
@@ -203,7 +213,7 @@ class _Reader:
                             "give a file written by slimfx.save or `slimfx compile --format slimfx`")
         try:
             z = zipfile.ZipFile(p)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except ZIP_ERRORS as e:
             raise self.fail(f"the file is truncated or corrupt (zip: {e})", "save the model again") from e
         names = z.namelist()
         missing = [m for m in MEMBERS if m not in names]
@@ -222,7 +232,7 @@ class _Reader:
             raise self.fail(f"{member} claims {info.file_size} bytes, more than any model this reads")
         try:
             return z.read(member)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib_error()) as e:
+        except ZIP_ERRORS as e:
             raise self.fail(f"{member} is corrupt ({e})", "save the model again") from e
 
     def metadata(self, z: zipfile.ZipFile) -> dict[str, Any]:
@@ -343,12 +353,6 @@ class _Reader:
                                 "fix the hand edit, or save the model again")
             per_input.append(want)
         set_graph_dims(graph, per_input)
-
-
-def zlib_error() -> type[BaseException]:
-    import zlib
-
-    return zlib.error
 
 
 _OWN_KEYS = ("format", "format_version", "slimfx_version", "torch_version", "graph", "params", "quantization",

@@ -1,10 +1,22 @@
 """slimfx: a graph-transformation compiler that makes PyTorch models small and fast for deployment."""
 
-from slimfx.errors import CaptureError, ExportError, PassError, RecipeError, SlimfxError, ValidationError
+from slimfx.errors import (
+    CaptureError,
+    DataError,
+    ExportError,
+    GateError,
+    ModelFileError,
+    PassError,
+    RecipeError,
+    SlimfxError,
+    ValidationError,
+)
 
 __version__ = "0.1.0"
+# every error of slimfx.errors is importable as slimfx.X too (README: `slimfx.GateError`)
 __all__ = ["compile", "CompileResult", "Recipe", "load_recipe", "Data", "save", "load",
-           "SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError"]
+           "SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError", "GateError",
+           "DataError", "ModelFileError"]
 
 
 def __getattr__(name: str):

@@ -87,17 +87,30 @@ class MixedTarget:
 
     def probs(self, num_classes: int) -> torch.Tensor:
         """[batch, num_classes] class probabilities, what cross-entropy takes as a soft target."""
-        if int(max(self.a.max(), self.b.max())) >= num_classes:
-            raise PassError(f"augment 'mixup': a label ({int(max(self.a.max(), self.b.max()))}) is not below the "
-                            f"model's {num_classes} outputs; mixup needs class-index labels")
+        check_labels(torch.maximum(self.a.max(), self.b.max()), num_classes)
         oh = torch.nn.functional.one_hot
         lam = self.lam.unsqueeze(1)
         return lam * oh(self.a, num_classes).float() + (1 - lam) * oh(self.b, num_classes).float()
 
 
+def check_labels(top: torch.Tensor, num_classes: int) -> None:
+    """PassError unless the largest class-index label `top` names one of the model's `num_classes` outputs
+    (cross-entropy and mixup index the logits with it; out of range, torch fails with an IndexError)."""
+    if int(top) >= num_classes:
+        raise PassError(f"the data's labels go up to {int(top)}, but the model being trained gives {num_classes} "
+                        f"outputs per sample: a classifier needs one output per class of the data ({int(top) + 1} "
+                        f"or more; e.g. its last layer nn.Linear(..., {int(top) + 1})), or give labels 0.."
+                        f"{num_classes - 1}")
+
+
 def soft_target(target, logits: torch.Tensor):
-    """A MixedTarget as probabilities over the logits' classes; any other target as it is."""
-    return target.probs(logits.shape[-1]) if isinstance(target, MixedTarget) else target
+    """A MixedTarget as probabilities over the logits' classes; class-index labels checked against the logits'
+    classes; any other target as it is."""
+    if isinstance(target, MixedTarget):
+        return target.probs(logits.shape[-1])
+    if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() and logits.dim() >= 2:
+        check_labels(target.max(), logits.shape[-1])
+    return target
 
 
 def apply(aug: Augment, inputs: tuple[torch.Tensor, ...], target, gen: torch.Generator):

@@ -161,10 +161,17 @@ def _make_optimizer(optimizer: Optimizer | Callable, params: list, lr: float, we
     return _OPTIMIZERS[optimizer](params, lr, weight_decay)
 
 
-def _split_out(out: Any, n_feats: int) -> tuple[torch.Tensor, tuple]:
-    if n_feats:
-        return out[0], tuple(out[1:])
-    return out, ()
+def _split_out(out: Any, n_feats: int, role: str) -> tuple[torch.Tensor, tuple]:
+    """(logits, feature maps) of the teacher's or student's output; PassError unless the model's own output is
+    one tensor (the losses compare one logits tensor per model)."""
+    logits, feats = (out[0], tuple(out[1:])) if n_feats else (out, ())
+    if not isinstance(logits, torch.Tensor):
+        what = f"a {type(logits).__name__} of {len(logits)}" if isinstance(logits, tuple | list) else \
+            type(logits).__name__
+        raise PassError(f"the {role} returns {what}, but distillation compares one logits tensor [batch, classes] "
+                        f"per model; make the {role}'s forward return only its logits (e.g. a wrapper module whose "
+                        "forward returns the classification output)")
+    return logits, feats
 
 
 def distill(teacher: nn.Module | Graph | None, student: nn.Module | Graph, train_data: Any, *,
@@ -355,8 +362,8 @@ class _Step:
         t_logits, t_feats = None, ()
         if self.mods.teacher is not None:
             with torch.no_grad():
-                t_logits, t_feats = _split_out(self.mods.teacher(*inputs), n_feats)
-        s_logits, s_feats = _split_out(self.model(*inputs), n_feats)
+                t_logits, t_feats = _split_out(self.mods.teacher(*inputs), n_feats, "teacher")
+        s_logits, s_feats = _split_out(self.model(*inputs), n_feats, "student")
         value = self.crit(s_logits, t_logits, soft_target(target, s_logits), s_feats, t_feats)
         self.opt.zero_grad(set_to_none=True)
         # DDP averages the ranks' gradients; weighting each shard's mean loss by its share of the global batch

@@ -155,3 +155,12 @@ def test_a_batch_size_the_latency_budget_cannot_hold_is_reported_as_not_measured
     assert any("batch 32 not measured" in w and "--bench-seconds" in w for w in report["warnings"])
     assert report["exports"]["onnx"]["latency_ms"]["b32"] is None
     assert (tmp_path / "report.png").exists() and report["stages"][-1]["latency_b1_ms"] > 0  # plotted at batch 1
+
+
+def test_every_user_error_is_importable_from_slimfx():
+    """README: a failed gate raises `slimfx.GateError`; every class of slimfx.errors is slimfx.X too."""
+    import slimfx.errors
+
+    for name in slimfx.errors.__all__:
+        assert getattr(slimfx, name) is getattr(slimfx.errors, name), name
+    assert set(slimfx.errors.__all__) <= set(slimfx.__all__)

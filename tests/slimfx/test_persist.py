@@ -168,9 +168,22 @@ CORRUPTIONS = {
         lambda m: m["graph"]["inputs"][0].update(shape=[1, 6]))), "meta.json says graph inputs"),
     "edited qparams": (lambda p: _rewrite(p, "meta.json", _json_edit(lambda m: m["quantization"][0].update(axis=1))),
                        "quantization records do not match"),
+    "unknown compression": (lambda p: _patch_central(p, 10, 99), "weights.safetensors is corrupt"),
+    "encrypted flag": (lambda p: _patch_central(p, 8, 1), "weights.safetensors is corrupt"),
     "bad manifest": (lambda p: _rewrite(p, "meta.json", _json_edit(lambda m: m.update(params={"a": 1}))),
                      "key 'params' is missing or not a list"),
 }
+
+
+def _patch_central(p: Path, offset: int, value: int) -> None:
+    """Set a 2-byte field of weights.safetensors' central directory entry (8: flags, 10: compression method):
+    one damaged header, which zipfile reports as NotImplementedError / RuntimeError rather than BadZipFile."""
+    data = bytearray(p.read_bytes())
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46: at + 46 + len(b"weights.safetensors")] != b"weights.safetensors":
+        at = data.index(b"PK\x01\x02", at + 4)
+    data[at + offset: at + offset + 2] = value.to_bytes(2, "little")
+    p.write_bytes(bytes(data))
 
 
 def _flip(p: Path) -> None:
@@ -192,6 +205,40 @@ def test_every_broken_file_is_a_clear_error(saved, case):
     assert isinstance(e.value, SlimfxError)
 
 
+# Hand-edited IR text that would climb from a tensor to builtins.eval (getattr of private names, getattr of a
+# computed name, operator.call / attrgetter, a method of a literal or a private method, another fx kind): each
+# must be refused when the file is read, before anything runs.
+ESCAPES = {
+    "private getattr": ['%a = opaque(%x, "register_hook") {kind="call_function", target=builtins.getattr}',
+                        '%b = opaque(%a, "__func__") {kind="call_function", target=builtins.getattr}',
+                        '%c = opaque(%b, "__globals__") {kind="call_function", target=builtins.getattr}',
+                        '%d = opaque(%c, "__builtins__") {kind="call_function", target=operator.getitem}',
+                        '%e = opaque(%d, "eval") {kind="call_function", target=operator.getitem}',
+                        '%f = opaque(%e, PAYLOAD) {kind="call_function", target=builtins.getattr}'],
+    "computed name": ['%n = opaque("__cla", "ss__") {kind="call_function", target=operator.add}',
+                      '%a = opaque(%x, %n) {kind="call_function", target=builtins.getattr}'],
+    "operator.call": ['%a = opaque(%x, "register_hook") {kind="call_function", target=builtins.getattr}',
+                      '%f = opaque(%a, PAYLOAD) {kind="call_function", target=operator.call}'],
+    "attrgetter": ['%g = opaque("__class__") {kind="call_function", target=operator.attrgetter}'],
+    "private method": ['%a = opaque(%x, 2) {kind="call_method", target="__reduce_ex__"}'],
+    "method of a literal": ['%a = opaque("{0.__class__}", %x) {kind="call_method", target="format"}'],
+    "module call": ['%a = opaque(%x) {kind="call_module", target="fc1"}'],
+    "other kind": ['%a = opaque() {kind="get_attr", target="fc1.weight"}'],
+}
+
+
+@pytest.mark.parametrize("case", list(ESCAPES))
+def test_hand_edited_code_in_the_ir_text_is_refused_before_it_runs(saved, case, tmp_path):
+    ran = tmp_path / "ran"
+    payload = repr(f"__import__('pathlib').Path({str(ran)!r}).touch()")
+    lines = "".join(f"  {line.replace('PAYLOAD', payload)}\n" for line in ESCAPES[case]).encode()
+    _rewrite(saved, "graph.ir", lambda b: b.replace(b"{\n", b"{\n" + lines, 1))
+    with pytest.raises(ModelFileError, match="the IR text does not parse") as e:
+        g = slimfx.load(saved)
+        ir.lower(g)(torch.randn(4, 6))  # what the loaded graph would run (before the fix: the payload)
+    assert str(saved) in str(e.value) and not ran.exists()
+
+
 def test_save_refuses_what_a_file_cannot_hold(tmp_path):
     class Odd(nn.Module):
         def forward(self, x):
@@ -204,6 +251,11 @@ def test_save_refuses_what_a_file_cannot_hold(tmp_path):
     g.create_node("opaque", (r,), {"kind": "call_module", "target": "m", "module": nn.ReLU(), "kwargs": {}},
                   name="m", meta=r.meta)
     with pytest.raises(ModelFileError, match="module object"):
+        slimfx.save(g, tmp_path / "model.slimfx")
+    assert not (tmp_path / "model.slimfx").exists()
+    g.erase(g.node("m"))
+    g.create_node("opaque", (r, "_version"), {"kind": "call_function", "target": getattr, "kwargs": {}}, name="v")
+    with pytest.raises(ModelFileError, match=r"cannot save %v .*public attribute name"):  # loading would refuse it
         slimfx.save(g, tmp_path / "model.slimfx")
     assert not (tmp_path / "model.slimfx").exists()
 

@@ -92,9 +92,28 @@ def test_trainer_errors_are_actionable():
     with pytest.raises(PassError, match=r"no feature maps of the same spatial size in the student \(sizes none\) "
                                         r"and the teacher \(sizes 8x8, 4x4\); name pairs"):
         distill(trained("cnn"), flat, (x, y), loss="at+kd", epochs=1, quiet=True)
-    wrong = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
-    with pytest.raises(PassError, match=r"student gives \[64, 7\], teacher gives \[64, 10\]"):
-        distill(trained("cnn"), wrong, (x, y), loss="kd", epochs=1, quiet=True)
+    wide = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12))
+    with pytest.raises(PassError, match=r"student gives \[64, 12\], teacher gives \[64, 10\]"):
+        distill(trained("cnn"), wide, (x, y), loss="kd", epochs=1, quiet=True)
+    class Pair(torch.nn.Module):  # two outputs: which one is the logits is the user's to say
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1))
+            return y, y.sum(1)
+
+    with pytest.raises(PassError, match=r"the student returns a tuple of 2, but distillation compares one logits "
+                                        r"tensor \[batch, classes\].*return only its logits"):
+        distill(trained("cnn"), Pair(), (x, y), loss="kd", epochs=1, quiet=True)  # was an AttributeError
+    # labels beyond the student's outputs: an error naming both, whatever the loss or augmentation (was an
+    # IndexError from cross-entropy for ce / at without mixup, and a mixup message with it)
+    five = SmallCNN(4, 8)
+    five.fc = torch.nn.Linear(8 * 16, 5)
+    for teacher, loss, augment in ((None, "ce", "none"), (trained("cnn"), "at", "none"), (None, "ce", "mixup")):
+        with pytest.raises(PassError, match=r"labels go up to 9, but the model being trained gives 5 outputs"):
+            distill(teacher, five, (x, y), loss=loss, augment=augment, epochs=1, quiet=True)
 
 
 def test_attention_transfer_pairs_the_last_map_of_each_shared_resolution_unless_pairs_are_named():
