@@ -13,6 +13,9 @@ nodes and initializers, where the bytes are known:
 Both produce constant subgraphs or constants that onnxruntime folds before its QDQ fusion, so
 QLinearConv/QGemm fusion and results are unchanged. Float32 products are computed in float32, as onnxruntime
 computes them.
+
+One rewrite is for onnxruntime's sake, not the bytes': `transposes_before_dequantize` (opset 21 and later)
+moves a Transpose that reads an int8 DequantizeLinear to the integer side (exact: it only moves values).
 """
 
 from __future__ import annotations
@@ -68,6 +71,42 @@ def fold_constant_muls(nodes: list[NodeProto], initializers: dict[str, TensorPro
             anchor = next((i for i in reversed(before) if i in initializers), None)
         initializers = _insert_after(initializers, anchor, n.output[0], product)
     return kept, initializers
+
+
+def transposes_before_dequantize(nodes: list[NodeProto], initializers: dict[str, TensorProto], opset: int
+                                 ) -> list[NodeProto]:
+    """Transpose(DequantizeLinear(x: int8, scale, zero point)) -> DequantizeLinear(Transpose(x)), the axis of a
+    per-channel scale following its dim. From opset 21 onnxruntime's transpose optimizer rewrites the first
+    form into a QuantizeLinear whose output_dtype disagrees with its zero point, and the session fails to
+    load ("output_dtype INT8 does not match y_zero_point type UINT8"): an int8 lookup table feeding a
+    batch_first GRU or a permute did. The integer side needs no such rewrite (and moves a quarter of the
+    bytes). Blocked scales stay as they are; the original DequantizeLinear stays for its other readers."""
+    if opset < 21:
+        return nodes
+    dequantized = {n.output[0]: n for n in nodes if n.op_type == "DequantizeLinear" and len(n.input) == 3
+                   and n.input[2] in initializers and initializers[n.input[2]].data_type == TensorProto.INT8
+                   and not any(a.name == "block_size" for a in n.attribute)}
+    if not dequantized:
+        return nodes
+    out = []
+    for n in nodes:
+        dq = dequantized.get(n.input[0]) if n.op_type == "Transpose" and n.input else None
+        if dq is None:
+            out.append(n)
+            continue
+        perm = next((list(a.ints) for a in n.attribute if a.name == "perm"), None)
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        scale = initializers.get(dq.input[1])
+        if perm is None or scale is None:  # reversed dims, or a scale computed in the graph: left alone
+            out.append(n)
+            continue
+        if len(scale.dims) == 1 and scale.dims[0] > 1:  # per channel: the axis moves with its dim
+            attrs["axis"] = perm.index(attrs.get("axis", 1) % len(perm))
+        moved = f"{n.output[0]}_int"
+        out.append(helper.make_node("Transpose", [dq.input[0]], [moved], name=moved, perm=perm))
+        out.append(helper.make_node("DequantizeLinear", [moved, *dq.input[1:]], list(n.output), name=n.name,
+                                    **attrs))
+    return out
 
 
 def compact_int32(nodes: list[NodeProto], initializers: dict[str, TensorProto]

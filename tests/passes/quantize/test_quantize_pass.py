@@ -343,6 +343,58 @@ def test_embedding_tables_are_stored_int8_and_export_as_gather_then_dequantize(s
     assert report.max_abs_diff < 1e-4
 
 
+class GruText(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.rnn, self.fc = nn.Embedding(40, 12), nn.GRU(12, 10, batch_first=True), nn.Linear(10 + 12, 3)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        out, _ = self.rnn(e)  # the GRU emitter transposes its batch_first input
+        return self.fc(torch.cat([out[:, -1], e.permute(0, 2, 1).mean(-1)], 1))
+
+
+def test_an_int8_lookup_read_through_a_transpose_loads_in_onnxruntime_at_opset_21():
+    """onnxruntime's transpose optimizer turned DequantizeLinear(int8) -> Transpose into a QuantizeLinear it then
+    refused ("output_dtype INT8 does not match y_zero_point type UINT8"): the session of every such file failed."""
+    from slimfx.exporters.onnx import to_onnx_model
+    from slimfx.exporters.validate import validate_onnx
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (3, 7))
+    g = ir.capture(GruText().eval(), (ids,))
+    ctx = PassContext((ids,), calibration_data=[(torch.randint(0, 40, (8, 7)),)], quiet=True)
+    create_pass("quantize", {"scheme": "int8-static", "speed_guard": False}).run(g, ctx)
+    model = to_onnx_model(g, inputs=(ids,), opset=21)
+    lookup = next(n.output[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "emb.weight_q")
+    assert [n.op_type for n in model.graph.node if lookup in n.input] == ["Transpose", "Transpose"]  # int8 moved
+    assert validate_onnx(model, g, (ids,), atol=1e-4, rtol=1e-4).passed
+
+
+def test_a_transpose_of_a_per_channel_int8_dequantize_moves_its_axis_with_it():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimfx.exporters.onnx.rewrites import transposes_before_dequantize
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (4, 5, 6)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.1, 5).astype(np.float32)
+    inits = {"q": numpy_helper.from_array(q, "q"), "s": numpy_helper.from_array(scale, "s"),
+             "z": numpy_helper.from_array(np.zeros(5, np.int8), "z")}
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=1),
+             helper.make_node("Transpose", ["w"], ["t"], perm=[2, 0, 1]), helper.make_node("Relu", ["t"], ["y"])]
+    nodes = transposes_before_dequantize(nodes, inits, opset=21)
+    assert [n.op_type for n in nodes] == ["DequantizeLinear", "Transpose", "DequantizeLinear", "Relu"]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              list(inits.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+    expected = np.maximum(q.astype(np.float32) * scale[None, :, None], 0).transpose(2, 0, 1)
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+    assert transposes_before_dequantize(nodes[:1] + nodes[-2:], inits, opset=20) == nodes[:1] + nodes[-2:]
+
+
 def test_embeddings_option_and_tied_tables_keep_float():
     torch.manual_seed(0)
     ids = torch.randint(0, 50, (2, 6))
