@@ -33,6 +33,7 @@ from slimfx.data import (
     GENERATED_SAMPLES,
     Data,
     accuracy,
+    check_like_example,
     correct,
     generated_batches,
     generated_sample_count,
@@ -230,6 +231,9 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
                       teacher=model, seed=seed, quiet=quiet,
                       measure_ms=graph_latency_ms if bench_seconds > 0 else None)
     rec.check_context(pipeline, ctx)  # a step that needs data that was not given: RecipeError
+    _check_first_batches(model, run_model, example, {"calibration": calibration if data.calibration is not None
+                                                     else None, "train": train, "validation": validation,
+                                                     "test": test})
     gate_split, gate_name = (validation, "validation") if validation is not None else \
         (test, "test") if test is not None else (None, "generated")
     acc_split, acc_name = (test, "test") if test is not None else (validation, "validation") \
@@ -244,6 +248,27 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
                 name=name or _default_name(model, saved), quiet=quiet, bench_seconds=float(bench_seconds),
                 check_numerics=check_numerics, graph=saved, headline=job_headline, dynamic_batch=dynamic_batch,
                 dynamic_dims=dynamic_dims)
+
+
+def _check_first_batches(model: nn.Module, run_model: Callable[..., Any], example: tuple,
+                         parts: dict[str, Any]) -> None:
+    """Before any work, the first batch of every part the user gave: inputs like the example (number, dtype,
+    rank), the model runs on them, and targets are class indices of its first output (DataError otherwise)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name, part in parts.items():
+                first = next(iter(part), None) if part is not None else None
+                if first is None:
+                    continue
+                inputs, target = first if name != "calibration" else (first, None)
+                check_like_example(f"data.{name}, batch 0", inputs, example)
+                out = _run_original(run_model, inputs, name)
+                if target is not None:
+                    correct(out, target, f"data.{name}, batch 0: ")
+    finally:
+        model.train(was)
 
 
 def check_dynamic_dims(value: Any, dynamic_batch: bool = True) -> Any:
@@ -549,8 +574,8 @@ def _compare_on(original: Callable[..., Any], deployed: Callable[..., Any], spli
             if target is None:
                 labelled = False
                 continue
-            hits_o += correct(ref, target)
-            hits_d += correct(got, target)
+            hits_o += correct(ref, target, f"data.{name}: ")
+            hits_d += correct(got, target, f"data.{name}: ")
             n += len(target)
     return comparison, ((hits_o / n, hits_d / n) if labelled and n else None)
 

@@ -334,7 +334,9 @@ def _check_validate(table: dict[str, Any], where: str) -> dict[str, Any]:
         lo, hi, meaning = VALIDATE_RANGES[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise RecipeError(f"{where}: validate.{k} must be a number ({meaning}), got {v!r}")
+            bounds = (f" from {lo:g} to {hi:g}" if lo is not None and hi is not None else
+                      f" at least {lo:g}" if lo is not None else "")
+            raise RecipeError(f"{where}: validate.{k} must be a finite number{bounds} ({meaning}), got {v!r}")
         _check_accuracy_drop(k, v, "validate", where)
         out[k] = float(v)
     return out
