@@ -344,7 +344,10 @@ def _resume(model: Any, example_inputs: Any, example_kwargs: Any) -> tuple[Any, 
         if not str(model).endswith(SUFFIX):
             raise SlimfxError(f"compile() takes a model path only for saved models ({SUFFIX} files); got "
                               f"{str(model)!r}: load other models in Python and pass the nn.Module")
-        model = load(model)
+        from slimfx.output import note_input
+
+        model, path = load(model), model
+        note_input(path, "saved model")  # the run's input: out_dir never replaces it
     if not isinstance(model, ir.Graph):
         return model, None, example_inputs
     if example_kwargs:

@@ -426,6 +426,9 @@ def load_recipe(spec: str | Path) -> Recipe:
             raise RecipeError(f"recipe file {text_spec} {what}; give a .toml file or a built-in recipe "
                               f"({', '.join(builtin_recipes())})")
         name, source = path.stem, path
+        from slimfx.output import note_input
+
+        note_input(path, "recipe file")
         try:
             data = path.read_bytes()
         except OSError as e:
