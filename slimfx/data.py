@@ -132,13 +132,13 @@ class Split:
             xs, y = self._tensors
             for i in range(0, len(y), self.batch_size):
                 inputs = tuple(t[i:i + self.batch_size] for t in xs)
-                _check_finite(inputs, f"data.{self.name}, rows {i}-{i + len(inputs[0]) - 1}")
+                check_finite(inputs, f"data.{self.name}, rows {i}-{i + len(inputs[0]) - 1}")
                 yield inputs, y[i:i + self.batch_size]
             return
         n, self._passes = 0, self._passes + 1
         for i, item in enumerate(self._source):
             batch = self._normalize(item, i)
-            _check_finite(batch[0], f"data.{self.name}, batch {i}")
+            check_finite(batch[0], f"data.{self.name}, batch {i}")
             yield batch
             n += 1
         if n == 0 and self._passes > 1:
@@ -204,8 +204,9 @@ def _array_like(v: Any) -> bool:
     return type(v).__module__ == "numpy" or (isinstance(v, list) and bool(v) and isinstance(v[0], (int, float, list)))
 
 
-def _check_finite(inputs: tuple, where: str) -> None:
-    """DataError when a floating-point input holds NaN or Inf: no check on such inputs means anything."""
+def check_finite(inputs: tuple, where: str) -> None:
+    """DataError when a floating-point input (of a batch, or the example) holds NaN or Inf: no check on such
+    inputs means anything (inputs generated like a NaN example are NaN, and NaN agrees with NaN)."""
     for k, t in enumerate(inputs):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = ~torch.isfinite(t)
@@ -403,5 +404,5 @@ def load_data(spec: str) -> Data:
     return value
 
 
-__all__ = ["Data", "Split", "DataError", "Batches", "check_like_example", "calibration_batches", "generated_batches", "zoo_data",
+__all__ = ["Data", "Split", "DataError", "Batches", "check_like_example", "check_finite", "calibration_batches", "generated_batches", "zoo_data",
            "load_data", "accuracy", "correct"]

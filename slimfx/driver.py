@@ -33,6 +33,7 @@ from slimfx.data import (
     GENERATED_SAMPLES,
     Data,
     accuracy,
+    check_finite,
     check_like_example,
     correct,
     generated_batches,
@@ -142,6 +143,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
                    dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims)
     job.print_ir = bool(print_ir)
     with contextlib.ExitStack() as stack:
+        stack.callback(job.model.train, job.model.training)  # the user's module is left in the mode it came in
         if job.output is not None:
             stack.enter_context(job.output)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slimfx-")))
@@ -206,13 +208,20 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     if isinstance(bench_seconds, bool) or not isinstance(bench_seconds, (int, float)) \
             or not math.isfinite(bench_seconds) or bench_seconds < 0:
         raise SlimfxError(f"bench_seconds must be a finite number >= 0 (0: no latency), got {bench_seconds!r}")
-    if not isinstance(dynamic_batch, bool):
-        raise SlimfxError(f"dynamic_batch must be True or False, got {dynamic_batch!r}")
+    for key, flag in (("dynamic_batch", dynamic_batch), ("force", force), ("keep_rejected", keep_rejected),
+                      ("check_numerics", check_numerics), ("quiet", quiet)):
+        if not isinstance(flag, bool):
+            raise SlimfxError(f"{key} must be True or False, got {flag!r}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise SlimfxError(f"eval_fn must be a function module -> accuracy in [0, 1], got {type(eval_fn).__name__}")
+    if name is not None and not isinstance(name, str):
+        raise SlimfxError(f"name must be a string (the report's model name), got {type(name).__name__}")
     dynamic_dims = check_dynamic_dims(dynamic_dims, dynamic_batch)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     fmts = _formats(formats, rec)
     pipeline = rec.build_passes()  # RecipeError for unknown passes/options
     example, run_model, capture_args = _inputs(model, example_inputs, example_kwargs)
+    check_finite(tuple(t for t in example if isinstance(t, torch.Tensor)), "the example inputs")
     data = _merge_data(data, calibration_data, train_data, test_data)
     rows = None if dynamic_batch else _batch_rows(example)
     job_headline: list[str] = []
@@ -367,10 +376,11 @@ def _formats(formats: Any, rec: Recipe) -> tuple[str, ...]:
     if formats is None:
         return rec.export.formats
     fmts = (formats,) if isinstance(formats, str) else tuple(formats)
+    if not fmts:
+        raise SlimfxError(f"formats is empty; give at least one of {', '.join(FORMAT_FILES)} (or None: the recipe's)")
     unknown = [f for f in fmts if f not in FORMAT_FILES]
-    if unknown or not fmts:
-        raise SlimfxError(f"unknown export format {unknown[0] if unknown else '(none)'!r}; choose from "
-                          f"{', '.join(FORMAT_FILES)}")
+    if unknown:
+        raise SlimfxError(f"unknown export format {unknown[0]!r}; choose from {', '.join(FORMAT_FILES)}")
     return tuple(dict.fromkeys(fmts))
 
 

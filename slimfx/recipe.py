@@ -416,6 +416,9 @@ def load_recipe(spec: str | Path) -> Recipe:
     Only a Path, or a string that ends in `.toml` or contains a path separator, is a file: a file or
     folder in the working directory never shadows a built-in recipe of the same name.
     """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise RecipeError(f"recipe must be a built-in recipe name (e.g. 'int8'), a path to a .toml file or a "
+                          f"slimfx.Recipe, got {type(spec).__name__} {spec!r}")
     text_spec = str(spec)
     seps = [sep for sep in (os.sep, os.altsep, "/") if sep]
     is_path = isinstance(spec, Path) or text_spec.endswith(".toml") or any(sep in text_spec for sep in seps)
