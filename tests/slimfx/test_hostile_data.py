@@ -191,3 +191,14 @@ def test_the_api_refuses_bad_labels_before_any_work(tmp_path):
                        out_dir=tmp_path / "out", bench_seconds=0, quiet=True)
     assert len(calls) == 1  # the one check on the first batch; no capture, no passes
     assert not list(tmp_path.iterdir())
+
+
+def test_validate_names_data_unlike_the_example(work, monkeypatch, capsys):
+    """`slimfx validate --data` checks its batches as compile does (it blamed --batch for a dtype before)."""
+    monkeypatch.chdir(work)
+    assert main(["export", "net.py:make", "-o", "net.onnx"]) == 0
+    capsys.readouterr()
+    assert main(["validate", "net.onnx", "--model", "net.py:make", "--data", "data.py:wrong_dtype"]) == 2
+    err = capsys.readouterr().err
+    assert "data.validation, batch 0: input 0 is tensor torch.float64[20, 8] but the model's example input 0" in err
+    assert "--batch" not in err
