@@ -207,8 +207,8 @@ def _array_like(v: Any) -> bool:
 def check_finite(inputs: tuple, where: str) -> None:
     """DataError when a floating-point input (of a batch, or the example) holds NaN or Inf: no check on such
     inputs means anything (inputs generated like a NaN example are NaN, and NaN agrees with NaN)."""
-    for k, t in enumerate(inputs):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    for k, t in enumerate(inputs):  # meta tensors hold no values (capture refuses them, naming the input)
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
             bad = ~torch.isfinite(t)
             rows = bad.reshape(len(t), -1).any(1).nonzero().flatten().tolist() if t.dim() else [0]
             raise DataError(f"{where}: input {k} holds {int(bad.sum())} NaN/Inf values (in {len(rows)} "
