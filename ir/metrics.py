@@ -93,6 +93,8 @@ class OutputStats:
     top1_same: int = 0
     top1_rows: int = 0
     shape_mismatch: str | None = None
+    float_numel: int = 0  # floating-point elements seen
+    compared: int = 0  # of those, finite on both sides (what the numbers above are about)
 
     @property
     def max_rel_diff(self) -> float:
@@ -126,6 +128,7 @@ class OutputStats:
         both_nonfinite_same = ~fr & ~fc & ((r == c) | (torch.isnan(r) & torch.isnan(c)))
         self.nonfinite += int((~(fr & fc) & ~both_nonfinite_same).sum())
         ok = fr & fc
+        self.float_numel, self.compared = self.float_numel + r.numel(), self.compared + int(ok.sum())
         r, c = r[ok], c[ok]
         if r.numel():
             d = r - c
@@ -192,6 +195,9 @@ class Comparison:
                 return f"{s.name} has {s.shape_mismatch}"
             if s.nonfinite:
                 return f"{s.name} has {s.nonfinite} NaN/Inf values where the original has finite ones (or differs)"
+            if s.float_numel and not s.compared:
+                return (f"{s.name} is NaN/Inf in every position in the original model, so nothing of it could be "
+                        "compared; check that the model (and the data) give finite outputs")
         return None
 
     @property

@@ -4,7 +4,10 @@
 
 Each part may be a torch DataLoader, a map-style Dataset of `(inputs, target)` samples, an iterable of
 `(inputs, target)` batches, or one `(inputs, targets)` pair of tensors holding the whole split. `inputs`
-is a tensor or a tuple of tensors (one per forward argument). What each part is for:
+is a tensor or a tuple of tensors (one per forward argument) like the example inputs (dtype, number of
+dimensions), finite; `target` holds class indices of the model's first output, or is None. The driver checks
+the first batch of each part before any work (`check_like_example`, `correct`); every batch is checked as it
+is read (`Split`). What each part is for:
 
 - train: fine-tuning, distillation and QAT steps.
 - validation: every number the gate checks (agreement, SQNR, max diff, accuracy drop) and the choice of
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +50,9 @@ class Data:
     calibration: Any = None
     calibration_samples: int = 256
     batch_size: int = 64
+    # each part's Split, made once: a one-shot iterator (a generator) is read once and then replayed to every
+    # step that goes over the part (calibration drawn from train, then training)
+    _splits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) \
@@ -58,7 +64,12 @@ class Data:
     def split(self, part: str) -> Split | None:
         """The part as a re-iterable of `(inputs_tuple, target)` batches (None when not given)."""
         value = getattr(self, part)
-        return None if value is None else Split(part, value, self.batch_size)
+        if value is None:
+            return None
+        made = self._splits.get(part)
+        if made is None or made[0] is not value or made[1].batch_size != self.batch_size:
+            made = self._splits[part] = (value, Split(part, value, self.batch_size))
+        return made[1]
 
     def calibration_batches(self) -> list[tuple[torch.Tensor, ...]] | None:
         """Input tuples for calibration: the calibration part, else `calibration_samples` drawn from train."""
@@ -86,35 +97,55 @@ class Split:
     checks each one (DataError naming the part and the batch)."""
 
     def __init__(self, name: str, source: Any, batch_size: int = 64, *, inputs_only: bool = False):
-        self.name, self.inputs_only = name, inputs_only
+        self.name, self.inputs_only, self.batch_size = name, inputs_only, batch_size
         self._tensors: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
         self._source: Any = None
+        self._passes = 0  # passes over the source started so far
+        _refuse_non_tensors(name, source)
         pair = _tensor_pair(source)
         if pair is not None:
-            self._tensors, self.batch_size = pair, batch_size
+            self._tensors = pair
+            if len(pair[1]) == 0:
+                raise DataError(f"data.{name} holds no samples (its tensors have 0 rows): give at least one, "
+                                f"or leave {name} out")
         elif isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset) \
                 and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
             self._source = torch.utils.data.DataLoader(source, batch_size=batch_size)
         elif isinstance(source, (str, bytes)) or not isinstance(source, Iterable):
             raise DataError(f"data.{name} must be a DataLoader, a Dataset, an iterable of (inputs, target) batches "
                             f"or an (inputs, targets) pair of tensors; got {type(source).__name__}")
-        elif iter(source) is source:  # a one-shot iterator: kept, so every pass sees the same batches
+        elif isinstance(source, Iterator):  # one-shot (asked without iter(), which may read it): kept, so every
+            # pass sees the same batches
             self._source = list(source)
         else:
             self._source = source
         if self._source is not None and hasattr(self._source, "__len__") and len(self._source) == 0:
+            loader = self._source if isinstance(self._source, torch.utils.data.DataLoader) else None
+            if loader is not None and loader.drop_last and loader.batch_size:
+                raise DataError(f"data.{name} is a DataLoader with drop_last=True and fewer samples than its "
+                                f"batch_size ({loader.batch_size}), so it gives no batch: set drop_last=False or "
+                                f"a smaller batch_size")
             raise DataError(f"data.{name} is empty: give at least one batch, or leave {name} out")
 
     def __iter__(self) -> Iterator[Batch]:
         if self._tensors is not None:
             xs, y = self._tensors
             for i in range(0, len(y), self.batch_size):
-                yield tuple(t[i:i + self.batch_size] for t in xs), y[i:i + self.batch_size]
+                inputs = tuple(t[i:i + self.batch_size] for t in xs)
+                check_finite(inputs, f"data.{self.name}, rows {i}-{i + len(inputs[0]) - 1}")
+                yield inputs, y[i:i + self.batch_size]
             return
-        n = 0
+        n, self._passes = 0, self._passes + 1
         for i, item in enumerate(self._source):
-            yield self._normalize(item, i)
+            batch = self._normalize(item, i)
+            check_finite(batch[0], f"data.{self.name}, batch {i}")
+            yield batch
             n += 1
+        if n == 0 and self._passes > 1:
+            raise DataError(f"data.{self.name} gave no batches when slimfx went over it again (it gave some the "
+                            f"first time): slimfx reads each part several times (calibration, training epochs, "
+                            f"checks), so give a list of batches, a DataLoader or a Dataset rather than something "
+                            f"that can be read only once")
         if n == 0:
             raise DataError(f"data.{self.name} gave no batches: give at least one, or leave {self.name} out")
 
@@ -130,6 +161,9 @@ class Split:
         if isinstance(item, dict):
             raise DataError(f"{where} is a dict; give (inputs, target) with inputs a tensor or a tuple of tensors "
                             "in forward's argument order")
+        if isinstance(item, (tuple, list)) and len(item) == 1 and not self.inputs_only:
+            raise DataError(f"{where} has 1 element; each batch must be (inputs, target), or (inputs, None) when "
+                            "there are no targets")
         if not isinstance(item, (tuple, list)):
             raise DataError(f"{where} is a {type(item).__name__}; each batch must be (inputs, target) with inputs "
                             "a tensor or a tuple of tensors")
@@ -139,6 +173,9 @@ class Split:
             raise DataError(f"{where} has {len(item)} elements; each batch must be (inputs, target)")
         inputs, target = item
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+        if isinstance(inputs, dict):
+            raise DataError(f"{where}: inputs are a dict ({', '.join(map(str, inputs))}); give them as a tuple of "
+                            "tensors in forward's argument order instead")
         if not isinstance(inputs, (tuple, list)) or not inputs or \
                 not all(isinstance(t, torch.Tensor) for t in inputs):
             raise DataError(f"{where}: inputs must be a tensor or a tuple of tensors, got {_describe(inputs)}")
@@ -151,6 +188,32 @@ class Split:
             if n_in != n_t:
                 raise DataError(f"{where}: {n_t} targets for {n_in} inputs; each input row needs one target")
         return inputs, target
+
+
+def _refuse_non_tensors(name: str, source: Any) -> None:
+    """DataError for a part given as one tensor, or as a pair of numpy arrays / Python lists."""
+    if isinstance(source, torch.Tensor):
+        raise DataError(f"data.{name} is one tensor ({_describe(source)}); give the split as an (inputs, targets) "
+                        f"pair, e.g. {name}=(x, y), or (x, None) when there are no targets")
+    if isinstance(source, tuple) and len(source) == 2 and any(_array_like(v) for v in source):
+        raise DataError(f"data.{name} is a pair of {_describe(source[0])} and {_describe(source[1])}; slimfx "
+                        f"takes torch tensors: give {name}=(torch.as_tensor(x), torch.as_tensor(y))")
+
+
+def _array_like(v: Any) -> bool:
+    return type(v).__module__ == "numpy" or (isinstance(v, list) and bool(v) and isinstance(v[0], (int, float, list)))
+
+
+def check_finite(inputs: tuple, where: str) -> None:
+    """DataError when a floating-point input (of a batch, or the example) holds NaN or Inf: no check on such
+    inputs means anything (inputs generated like a NaN example are NaN, and NaN agrees with NaN)."""
+    for k, t in enumerate(inputs):  # meta tensors hold no values (capture refuses them, naming the input)
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = ~torch.isfinite(t)
+            rows = bad.reshape(len(t), -1).any(1).nonzero().flatten().tolist() if t.dim() else [0]
+            raise DataError(f"{where}: input {k} holds {int(bad.sum())} NaN/Inf values (in {len(rows)} "
+                            f"row{'s' if len(rows) != 1 else ''}, the first at row {rows[0]} of the batch); slimfx calibrates, trains and checks on finite "
+                            "inputs only: remove or fix those samples")
 
 
 def _describe(v: Any) -> str:
@@ -173,16 +236,50 @@ def _tensor_pair(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] |
     return tuple(xs), y
 
 
-def correct(output: Any, target: torch.Tensor) -> int:
-    """How many rows of a model's first output have their argmax at the class-index target."""
+def correct(output: Any, target: torch.Tensor, where: str = "") -> int:
+    """How many rows of a model's first output have their argmax at the class-index target; DataError (its
+    message starting with `where`, e.g. "data.validation, batch 0: ") when the targets are not class indices."""
+    try:
+        return _correct(output, target)
+    except DataError as e:
+        raise DataError(f"{where}{e}") from None
+
+
+def _correct(output: Any, target: torch.Tensor) -> int:
     from slimfx.ir.metrics import named_leaves
 
     logits = next((v for _, v in named_leaves(output) if isinstance(v, torch.Tensor)), None)
+    if logits is not None and logits.dim() >= 1 and target.shape == logits.shape and target.is_floating_point():
+        raise DataError(f"targets of shape {list(target.shape)} are shaped like the model's first output: they "
+                        "look one-hot or probabilities, but accuracy needs class indices, one per row of logits: "
+                        "give y.argmax(-1)")
     if logits is None or logits.dim() < 1 or logits.shape[:-1] != target.shape:
         raise DataError(f"targets of shape {list(target.shape)} do not match the model's first output "
                         f"{list(logits.shape) if logits is not None else None}: accuracy needs class-index "
                         "targets, one per row of logits")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise DataError(f"targets are {target.dtype}; accuracy needs class indices, an integer tensor (e.g. "
+                        "y.long()); data without class labels goes in as (inputs, None)")
+    classes = logits.shape[-1]
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
+        bad = int(target.min()) if int(target.min()) < 0 else int(target.max())
+        raise DataError(f"targets hold class {bad}, but the model's first output scores {classes} classes "
+                        f"(0 to {classes - 1}): give class indices in that range")
     return int((logits.argmax(-1) == target).sum())
+
+
+def check_like_example(where: str, inputs: tuple, example: tuple) -> None:
+    """DataError when a batch's inputs differ from the model's example inputs in number, dtype or rank: the
+    exported files take exactly the example's, so data that differs cannot check them."""
+    if len(inputs) != len(example):
+        raise DataError(f"{where} gives {len(inputs)} input{'s' if len(inputs) != 1 else ''} per batch but the model "
+                        f"takes {len(example)} ({', '.join(_describe(t) for t in example)} in its example): give "
+                        "inputs as a tuple of tensors, one per forward argument, in forward's order")
+    for k, (got, want) in enumerate(zip(inputs, example)):
+        if isinstance(want, torch.Tensor) and (got.dtype != want.dtype or got.dim() != want.dim()):
+            raise DataError(f"{where}: input {k} is {_describe(got)} but the model's example input {k} is "
+                            f"{_describe(want)}; the data must have the example's dtype and number of dimensions "
+                            f"(e.g. x.to({want.dtype}))")
 
 
 def accuracy(model: Any, split: Iterable) -> float | None:
@@ -307,5 +404,5 @@ def load_data(spec: str) -> Data:
     return value
 
 
-__all__ = ["Data", "Split", "DataError", "Batches", "calibration_batches", "generated_batches", "zoo_data",
+__all__ = ["Data", "Split", "DataError", "Batches", "check_like_example", "check_finite", "calibration_batches", "generated_batches", "zoo_data",
            "load_data", "accuracy", "correct"]

@@ -33,6 +33,8 @@ from slimfx.data import (
     GENERATED_SAMPLES,
     Data,
     accuracy,
+    check_finite,
+    check_like_example,
     correct,
     generated_batches,
     generated_sample_count,
@@ -142,6 +144,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
                    dynamic_batch=dynamic_batch, dynamic_dims=dynamic_dims)
     job.print_ir = bool(print_ir)
     with contextlib.ExitStack() as stack:
+        stack.callback(job.model.train, job.model.training)  # the user's module is left in the mode it came in
         if job.output is not None:
             stack.enter_context(job.output)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slimfx-")))
@@ -206,13 +209,20 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     if isinstance(bench_seconds, bool) or not isinstance(bench_seconds, (int, float)) \
             or not math.isfinite(bench_seconds) or bench_seconds < 0:
         raise SlimfxError(f"bench_seconds must be a finite number >= 0 (0: no latency), got {bench_seconds!r}")
-    if not isinstance(dynamic_batch, bool):
-        raise SlimfxError(f"dynamic_batch must be True or False, got {dynamic_batch!r}")
+    for key, flag in (("dynamic_batch", dynamic_batch), ("force", force), ("keep_rejected", keep_rejected),
+                      ("check_numerics", check_numerics), ("quiet", quiet)):
+        if not isinstance(flag, bool):
+            raise SlimfxError(f"{key} must be True or False, got {flag!r}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise SlimfxError(f"eval_fn must be a function module -> accuracy in [0, 1], got {type(eval_fn).__name__}")
+    if name is not None and not isinstance(name, str):
+        raise SlimfxError(f"name must be a string (the report's model name), got {type(name).__name__}")
     dynamic_dims = check_dynamic_dims(dynamic_dims, dynamic_batch)
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     fmts = _formats(formats, rec)
     pipeline = rec.build_passes()  # RecipeError for unknown passes/options
     example, run_model, capture_args = _inputs(model, example_inputs, example_kwargs)
+    check_finite(tuple(t for t in example if isinstance(t, torch.Tensor)), "the example inputs")
     data = _merge_data(data, calibration_data, train_data, test_data)
     rows = None if dynamic_batch else _batch_rows(example)
     job_headline: list[str] = []
@@ -231,6 +241,9 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
                       teacher=model, seed=seed, quiet=quiet,
                       measure_ms=graph_latency_ms if bench_seconds > 0 else None)
     rec.check_context(pipeline, ctx)  # a step that needs data that was not given: RecipeError
+    _check_first_batches(model, run_model, example, {"calibration": calibration if data.calibration is not None
+                                                     else None, "train": train, "validation": validation,
+                                                     "test": test})
     gate_split, gate_name = (validation, "validation") if validation is not None else \
         (test, "test") if test is not None else (None, "generated")
     acc_split, acc_name = (test, "test") if test is not None else (validation, "validation") \
@@ -245,6 +258,27 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
                 name=name or _default_name(model, saved), quiet=quiet, bench_seconds=float(bench_seconds),
                 check_numerics=check_numerics, graph=saved, headline=job_headline, dynamic_batch=dynamic_batch,
                 dynamic_dims=dynamic_dims)
+
+
+def _check_first_batches(model: nn.Module, run_model: Callable[..., Any], example: tuple,
+                         parts: dict[str, Any]) -> None:
+    """Before any work, the first batch of every part the user gave: inputs like the example (number, dtype,
+    rank), the model runs on them, and targets are class indices of its first output (DataError otherwise)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for name, part in parts.items():
+                first = next(iter(part), None) if part is not None else None
+                if first is None:
+                    continue
+                inputs, target = first if name != "calibration" else (first, None)
+                check_like_example(f"data.{name}, batch 0", inputs, example)
+                out = _run_original(run_model, inputs, name)
+                if target is not None:
+                    correct(out, target, f"data.{name}, batch 0: ")
+    finally:
+        model.train(was)
 
 
 def check_dynamic_dims(value: Any, dynamic_batch: bool = True) -> Any:
@@ -320,7 +354,10 @@ def _resume(model: Any, example_inputs: Any, example_kwargs: Any) -> tuple[Any, 
         if not str(model).endswith(SUFFIX):
             raise SlimfxError(f"compile() takes a model path only for saved models ({SUFFIX} files); got "
                               f"{str(model)!r}: load other models in Python and pass the nn.Module")
-        model = load(model)
+        from slimfx.output import note_input
+
+        model, path = load(model), model
+        note_input(path, "saved model")  # the run's input: out_dir never replaces it
     if not isinstance(model, ir.Graph):
         return model, None, example_inputs
     if example_kwargs:
@@ -340,10 +377,11 @@ def _formats(formats: Any, rec: Recipe) -> tuple[str, ...]:
     if formats is None:
         return rec.export.formats
     fmts = (formats,) if isinstance(formats, str) else tuple(formats)
+    if not fmts:
+        raise SlimfxError(f"formats is empty; give at least one of {', '.join(FORMAT_FILES)} (or None: the recipe's)")
     unknown = [f for f in fmts if f not in FORMAT_FILES]
-    if unknown or not fmts:
-        raise SlimfxError(f"unknown export format {unknown[0] if unknown else '(none)'!r}; choose from "
-                          f"{', '.join(FORMAT_FILES)}")
+    if unknown:
+        raise SlimfxError(f"unknown export format {unknown[0]!r}; choose from {', '.join(FORMAT_FILES)}")
     return tuple(dict.fromkeys(fmts))
 
 
@@ -550,8 +588,8 @@ def _compare_on(original: Callable[..., Any], deployed: Callable[..., Any], spli
             if target is None:
                 labelled = False
                 continue
-            hits_o += correct(ref, target)
-            hits_d += correct(got, target)
+            hits_o += correct(ref, target, f"data.{name}: ")
+            hits_d += correct(got, target, f"data.{name}: ")
             n += len(target)
     return comparison, ((hits_o / n, hits_d / n) if labelled and n else None)
 

@@ -113,7 +113,10 @@ def _package_name(path: Path) -> tuple[Path, str] | None:
 
 def _import_file(path: Path, spec: str, what: str = "model") -> Any:
     """Import a model file with its folder (and package root) importable; under its package name when it
-    lies inside a package, else under a private name."""
+    lies inside a package, else under a private name. The file is recorded as an input no output replaces."""
+    from slimfx.output import note_input
+
+    note_input(path, f"{what} file")
     _prepend_path(Path.cwd())
     _prepend_path(path.parent)
     pkg = _package_name(path)
@@ -328,6 +331,9 @@ def _load_saved(spec: str, *, seed: int) -> LoadedModel:
     from slimfx.persist import example_inputs, load
 
     graph = load(spec)
+    from slimfx.output import note_input
+
+    note_input(spec, "saved model")
     name = str((graph.metadata.get("model") or {}).get("name") or graph.name)
     inputs = example_inputs(graph, seed=seed)
     return LoadedModel(name, ir.lower(graph, copy_params=True).eval(), inputs, _zoo_of(name, graph), None, graph)

@@ -29,6 +29,29 @@ class OutputError(SlimfxError):
     """The output directory cannot be written as asked (exists without --force, not writable, no space)."""
 
 
+_INPUTS: dict[Path, str] = {}  # files this process read as the user's inputs (resolved path -> what it is)
+
+
+def note_input(path: str | os.PathLike, what: str) -> None:
+    """Record a file the run reads (model, data, plugin or recipe file, saved model): no output replaces it."""
+    _INPUTS[Path(path).resolve()] = what
+
+
+def input_problem(target: str | os.PathLike, flag: str | None = None) -> str | None:
+    """Why writing `target` (a file), or replacing it as a whole (the output directory named by `flag`), would
+    destroy one of the run's inputs, or None."""
+    resolved = Path(target).expanduser().resolve()
+    for path, what in _INPUTS.items():
+        if path == resolved or path.is_relative_to(resolved):
+            where = "is" if path == resolved else f"holds {path},"
+            if flag is None:
+                return (f"{os.fspath(target)} {where} the {what} this run reads; slimfx never overwrites its own "
+                        "inputs: give another path")
+            return (f"{flag} {os.fspath(target)} {where} the {what} this run reads; slimfx never replaces its own "
+                    f"inputs, even with --force (API: force=True): choose another {flag}")
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -63,6 +86,9 @@ class OutputDir:
         if Path.cwd().resolve().is_relative_to(target.resolve()):
             raise OutputError(f"{flag} {text} is the working directory or contains it; slimfx replaces its output "
                               f"directory as a whole: choose a new {flag} such as {flag} slimfx-out")
+        problem = input_problem(target, flag)
+        if problem:
+            raise OutputError(problem)
         parent = target.resolve().parent
         if not parent.is_dir():
             try:
@@ -171,4 +197,4 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["OutputDir", "OutputError", "Terminated", "terminate_on_sigterm", "remove_live_stages"]
+__all__ = ["OutputDir", "OutputError", "note_input", "input_problem", "Terminated", "terminate_on_sigterm", "remove_live_stages"]

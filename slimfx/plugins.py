@@ -67,7 +67,8 @@ def load_plugin(spec: str, *, base: Path | None = None, given_by: str = "--plugi
     try:
         module = import_source(target, text, "plugin", relative_to=relative_to)
     except ModelSpecError as e:
-        raise PluginError(f"{e} (plugin given by {given_by})") from e.__cause__
+        named = given_by in str(e)  # a relative path's message names it already
+        raise PluginError(f"{e}{'' if named else f' (plugin given by {given_by})'}") from e.__cause__
     if fn_name:
         fn = getattr(module, fn_name, None)
         if not callable(fn):

@@ -334,7 +334,9 @@ def _check_validate(table: dict[str, Any], where: str) -> dict[str, Any]:
         lo, hi, meaning = VALIDATE_RANGES[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                 or (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise RecipeError(f"{where}: validate.{k} must be a number ({meaning}), got {v!r}")
+            bounds = (f" from {lo:g} to {hi:g}" if lo is not None and hi is not None else
+                      f" at least {lo:g}" if lo is not None else "")
+            raise RecipeError(f"{where}: validate.{k} must be a finite number{bounds} ({meaning}), got {v!r}")
         _check_accuracy_drop(k, v, "validate", where)
         out[k] = float(v)
     return out
@@ -414,6 +416,9 @@ def load_recipe(spec: str | Path) -> Recipe:
     Only a Path, or a string that ends in `.toml` or contains a path separator, is a file: a file or
     folder in the working directory never shadows a built-in recipe of the same name.
     """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise RecipeError(f"recipe must be a built-in recipe name (e.g. 'int8'), a path to a .toml file or a "
+                          f"slimfx.Recipe, got {type(spec).__name__} {spec!r}")
     text_spec = str(spec)
     seps = [sep for sep in (os.sep, os.altsep, "/") if sep]
     is_path = isinstance(spec, Path) or text_spec.endswith(".toml") or any(sep in text_spec for sep in seps)
@@ -424,6 +429,9 @@ def load_recipe(spec: str | Path) -> Recipe:
             raise RecipeError(f"recipe file {text_spec} {what}; give a .toml file or a built-in recipe "
                               f"({', '.join(builtin_recipes())})")
         name, source = path.stem, path
+        from slimfx.output import note_input
+
+        note_input(path, "recipe file")
         try:
             data = path.read_bytes()
         except OSError as e:

@@ -247,10 +247,15 @@ def open_onnx_session(path: Path, threads: int = 1):
 
 def output_problem(path: Path) -> str | None:
     """Why slimfx may not write the file `path`, or None: it exists and is not a regular file (directory,
-    FIFO, device, socket: never replaced), or its folder is a file or not writable."""
+    FIFO, device, socket: never replaced), it is one of the run's inputs, or its folder is a file or not writable."""
+    from slimfx.output import input_problem
+
     kind = non_regular_kind(path)
     if kind is not None:
         return f"{path} exists and is {kind}, not a regular file; slimfx will not replace it: give another path"
+    clash = input_problem(path)
+    if clash:
+        return clash
     for folder in (path.parent, *path.parent.parents):
         if folder.exists():
             if not folder.is_dir():

@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     data_spec = args.data or recipe.data
     data = load_data(data_spec) if data_spec else None
     loaded = resolve_model(args.model, seed=args.seed, progress=not args.quiet)
+    OutputDir.claim(args.out, force=args.force).discard()  # again: --out must not hold the model or data file read
     if data is None and loaded.zoo is not None and loaded.zoo.dataset:
         data = zoo_data(loaded.zoo.dataset, seed=args.seed, calibration_samples=args.calibration_samples)
     elif data is not None and args.data is not None and data.calibration is None:

@@ -219,8 +219,12 @@ def _report(args, settings: Settings, where: str, data, teacher, arms: list[Arm]
 
 
 def _write(args, student: torch.nn.Module, report: dict) -> None:
+    from slimfx.commands._args import check_output_file
     from slimfx.exporters._common import atomic_path
 
+    for path in (args.out, args.json):  # the teacher's, student's or data's own file is never overwritten
+        if path is not None:
+            check_output_file(Path(path))
     with atomic_path(args.out) as tmp:
         torch.save(student.state_dict(), tmp)
     if args.json is not None:

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     dims = check_dynamic_dims(args.dynamic_dims, not args.fixed_batch)  # a fixed batch that names batch: refused
     loaded = resolve_model(spec, trained=not args.untrained)
+    _args.check_output_file(out)  # again, now that the model's file is known: it is never overwritten
     if loaded.graph is not None:
         graph = loaded.graph
         if dims is not None:

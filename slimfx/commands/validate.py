@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     module, example = loaded.positional()
     sets, where = [with_batch(example, b) for b in args.batch], "example inputs"
     if args.data:
-        sets, where = _data_sets(args.data)
+        sets, where = _data_sets(args.data, example)
         args.batch = [int(ins[0].shape[0]) for ins in sets]
     if kind in ("torchscript", "pt2", "slimfx"):
         ts = _load_torch_file(args.path, kind)
@@ -170,15 +170,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_sets(spec: str) -> tuple[list[tuple], str]:
-    """The input batches of the user's validation data (else test, else train) and what they are."""
-    from slimfx.data import load_data
+def _data_sets(spec: str, example: tuple) -> tuple[list[tuple], str]:
+    """The input batches of the user's validation data (else test, else train) and what they are; DataError for
+    batches unlike the model's example inputs (number, dtype, rank)."""
+    from slimfx.data import check_like_example, load_data
 
     data = load_data(spec)
     for part in ("validation", "test", "train"):
         split = data.split(part)
         if split is not None:
             sets = [inputs for inputs, _ in split]
+            for i, inputs in enumerate(sets):
+                check_like_example(f"data.{part}, batch {i}", inputs, example)
             return sets, f"the {part} data of {spec} ({sum(int(s[0].shape[0]) for s in sets)} samples)"
     raise ValidationError(f"--data {spec} holds no validation, test or train data to compare on")
 

@@ -250,3 +250,20 @@ def test_generated_gate_inputs_are_the_documented_draws(low):
         if low >= 0:
             want = want.clamp(float(xd.min()), float(xd.max()))
         assert got.dtype == torch.float32 and torch.equal(got, want.to(torch.float32))
+
+
+def test_an_output_that_is_nan_everywhere_in_the_original_fails_closed(tmp_path):
+    """NaN agrees with NaN, so an output the original gives only as NaN had passed with nothing compared."""
+    class HalfBroken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y, y * float("nan")
+
+    with pytest.raises(GateError, match=r"output\[1\] is NaN/Inf in every position in the original model"):
+        slimfx.compile(HalfBroken().eval(), (torch.randn(2, 4),), recipe="cleanup", out_dir=tmp_path / "out",
+                       quiet=True, bench_seconds=0)
+    assert not (tmp_path / "out").exists()

@@ -43,6 +43,15 @@ ROWS = [
     ("a seed out of range", dict(seed=2 ** 70), SlimfxError, "seed must be an integer"),
     ("bench seconds NaN", dict(bench_seconds=float("nan")), SlimfxError, "bench_seconds must be a finite number"),
     ("a model that is not a module", dict(model=lambda x: x), SlimfxError, "takes a torch.nn.Module"),
+    ("recipe None", dict(recipe=None), RecipeError, "recipe must be a built-in recipe name (e.g. 'int8'), a path to "
+                                                    "a .toml file or a slimfx.Recipe, got NoneType None"),
+    ("force as a string", dict(force="yes"), SlimfxError, "force must be True or False, got 'yes'"),
+    ("keep_rejected as a string", dict(keep_rejected="no"), SlimfxError, "keep_rejected must be True or False"),
+    ("no formats", dict(formats=[]), SlimfxError, "formats is empty; give at least one of onnx"),
+    ("eval_fn not callable", dict(eval_fn=3), SlimfxError, "eval_fn must be a function module -> accuracy"),
+    ("name not a string", dict(name=5), SlimfxError, "name must be a string"),
+    ("example inputs with NaN", dict(example=(torch.full((2, 3, 8, 8), float("nan")),)), DataError,
+     "the example inputs: input 0 holds 384 NaN/Inf values (in 2 rows"),
 ]
 
 
@@ -52,7 +61,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, kwargs, error, words):
     calls = []
     model.register_forward_hook(lambda *a: calls.append(1))
     kwargs = {"recipe": "cleanup", **kwargs}
-    model = kwargs.pop("model", model)
+    model, example = kwargs.pop("model", model), kwargs.pop("example", example)
     with pytest.raises(error) as e:
         slimfx.compile(model, example, out_dir=tmp_path / "out", quiet=True, bench_seconds=kwargs.pop("bench_seconds", 0),
                        **kwargs)
@@ -83,3 +92,12 @@ def test_an_unwritable_out_is_found_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "mkdir", refuse)
     with pytest.raises(SlimfxError, match=r"cannot write into .* \(out_dir .*out\): Permission denied"):
         slimfx.compile(model, example, "cleanup", out_dir=tmp_path / "out", quiet=True)
+
+
+def test_the_users_module_keeps_its_mode(tmp_path):
+    """compile runs the model in eval mode and hands it back in the mode it came in (it set train mode off). A
+    model without mode-dependent layers is accepted in train mode (one with them is refused: test_capture)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()).train()
+    slimfx.compile(model, (torch.randn(2, 8),), recipe="cleanup", out_dir=tmp_path / "out", quiet=True,
+                   bench_seconds=0)
+    assert model.training and all(m.training for m in model.modules())

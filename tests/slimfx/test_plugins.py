@@ -122,7 +122,7 @@ def test_a_recipe_naming_a_missing_plugin_is_a_recipe_error(tmp_path):
     bad.write_text('plugins = ["missing.py"]\n[[passes]]\nname = "dce"\n')
     with pytest.raises(RecipeError, match=r"missing\.py.*does not exist.*relative to the folder") as e:
         load_recipe(bad)
-    assert "key 'plugins'" in str(e.value)
+    assert str(e.value).count("key 'plugins'") == 1  # where it came from, said once
     bad.write_text('plugins = "x.py"\nplugins2 = 1\n')
     with pytest.raises(RecipeError, match="unknown top-level key 'plugins2'"):
         load_recipe(bad)

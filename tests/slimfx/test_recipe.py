@@ -47,11 +47,11 @@ def test_a_recipe_file_with_options(tmp_path):
     ('[[passes]]\nnme = "dce"\n', ["passes[0] has no key 'name'", "nme"]),
     ('passes = ["dce"]\n', ["array of tables"]),
     ('[export]\nformats = ["onnx", "tflite"]\n', ["export.formats", "tflite"]),
-    ('[validate]\nmin_top1_agreement = "high"\n', ["validate.min_top1_agreement must be a number"]),
+    ('[validate]\nmin_top1_agreement = "high"\n', ["validate.min_top1_agreement must be a finite number from 0 to 1"]),
     ('[validate]\nmin_sqrn_db = 30\n', ["unknown key validate.min_sqrn_db", "did you mean 'min_sqnr_db'"]),
-    ('[validate]\nmin_top1_agreement = 2.0\n', ["validate.min_top1_agreement must be a number (a fraction"]),
-    ('[validate]\natol = -1\n', ["validate.atol must be a number (an absolute tolerance >= 0)", "-1"]),
-    ('[validate]\nmin_sqnr_db = nan\n', ["validate.min_sqnr_db must be a number", "nan"]),
+    ('[validate]\nmin_top1_agreement = 2.0\n', ["validate.min_top1_agreement must be a finite number from 0 to 1 (a fraction", "got 2.0"]),
+    ('[validate]\natol = -1\n', ["validate.atol must be a finite number at least 0 (an absolute tolerance >= 0)", "-1"]),
+    ('[validate]\nmin_sqnr_db = nan\n', ["validate.min_sqnr_db must be a finite number (decibels", "nan"]),
     ('[export]\nopset = 99\n', ["export.opset must be an integer from 17 to 23", "99"]),
     ('[export]\nformat = ["onnx"]\n', ["unknown key export.format", "did you mean 'formats'"]),
 ])
@@ -130,7 +130,7 @@ def test_config_objects_are_checked_when_built_and_accepted_by_recipe():
 
     with pytest.raises(RecipeError, match="ExportConfig: export.opset must be an integer from 17 to 23; got 99"):
         ExportConfig(opset=99)
-    with pytest.raises(RecipeError, match=r"ValidateConfig: validate.min_top1_agreement must be a number \(a fraction"):
+    with pytest.raises(RecipeError, match=r"ValidateConfig: validate.min_top1_agreement must be a finite number from 0 to 1 \(a fraction"):
         ValidateConfig(min_top1_agreement=2.0)
     assert ExportConfig(formats="onnx").formats == ("onnx",)  # one format as a string, not 'o', 'n', ...
     r = Recipe(name="mine", passes=[("dce", None), {"name": "cse"}], export=ExportConfig(formats=("torchscript",)),

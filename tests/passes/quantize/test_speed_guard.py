@@ -284,6 +284,7 @@ def test_speed_guard_is_skipped_and_says_so_without_a_runtime_or_off():
     m, g, x = _setup()
     res = create_pass("quantize", {}).run(g, _ctx(x))
     assert res.stats["speed_guard"].startswith("skipped: no runtime")
+    assert "--no-bench on the command line, bench_seconds=0 in slimfx.compile" in res.stats["speed_guard"]
     measure = fake_runtime(slow={"c1"})
     m, g, x = _setup()
     res = create_pass("quantize", {"speed_guard": False}).run(g, _ctx(x, measure))

@@ -1,0 +1,204 @@
+"""A user's `--data` file with messy data: every mistake exits 2 before any work, with one paragraph naming the
+part, the batch and what to change, no traceback and nothing written; data that is fine but unusual (a
+generator, a map-style Dataset, several inputs) compiles. The same `Data` reaches `slimfx.compile`, so one
+Python row per check guards the API too."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import slimfx
+from slimfx.cli import main
+from slimfx.errors import DataError
+
+NET = textwrap.dedent("""
+    import torch, torch.nn as nn
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+    def make():
+        return mlp(), (torch.randn(2, 8),)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(3, 4)
+        def forward(self, x, z):
+            return self.a(x) + self.b(z)
+
+    def two():
+        torch.manual_seed(0)
+        return Two().eval(), (torch.randn(2, 8), torch.randn(2, 3))
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 16), nn.Linear(16, 3)
+        def forward(self, ids):
+            return self.fc(self.emb(ids).mean(1))
+
+    def tokens():
+        torch.manual_seed(0)
+        return Tokens().eval(), (torch.randint(0, 50, (2, 7)),)
+""")
+
+DATA = textwrap.dedent("""
+    import torch, slimfx
+    from torch.utils.data import DataLoader, TensorDataset
+    torch.manual_seed(0)
+    X, Y = torch.randn(120, 8), torch.randint(0, 4, (120,))
+    V = (X[100:], Y[100:])
+
+    def val(x=X[:20], y=Y[:20]):
+        return slimfx.Data(validation=(x, y))
+
+    def wrong_rank(): return val(x=torch.randn(20, 8, 2))
+    def wrong_dtype(): return val(x=X[:20].double())
+    def labels_out_of_range(): return val(y=Y[:20] + 10)
+    def labels_negative(): return val(y=Y[:20] - 5)
+    def float_labels(): return val(y=Y[:20].float())
+    def one_hot(): return val(y=torch.nn.functional.one_hot(Y[:20], 4).float())
+    def nan_inputs():
+        x = X[:20].clone(); x[3, 2] = float("nan")
+        return val(x=x)
+    def inf_train():
+        x = X[:20].clone(); x[5, 0] = float("inf")
+        return slimfx.Data(train=(x, Y[:20]), validation=V)
+    def empty_tensors(): return val(x=X[:0], y=Y[:0])
+    def one_tensor(): return slimfx.Data(validation=X[:20])
+    def numpy_pair(): return slimfx.Data(validation=(X[:20].numpy(), Y[:20].numpy()))
+    def unlabelled_singletons(): return slimfx.Data(validation=[(X[:10],)])
+    def dict_inputs(): return slimfx.Data(validation=[({"x": X[:10]}, Y[:10])])
+    def two_inputs_for_one(): return slimfx.Data(validation=[((X[:10], X[:10]), Y[:10])])
+    def drop_last():
+        return slimfx.Data(validation=DataLoader(TensorDataset(X[:10], Y[:10]), batch_size=32, drop_last=True))
+    class Once:
+        def __init__(self): self.used = False
+        def __iter__(self):
+            if self.used: return iter(())
+            self.used = True
+            return iter([(X[:10], Y[:10])])
+    def read_once(): return slimfx.Data(validation=Once())
+    def train_labels_out_of_range(): return slimfx.Data(train=(X[:20], Y[:20] + 4), validation=V)
+    def float_tokens(): return slimfx.Data(validation=(torch.randn(20, 7), torch.randint(0, 3, (20,))))
+
+    def generators():  # read once each: calibration draws from train, then training reads it again
+        def gen(a, b):
+            for i in range(a, b, 10):
+                yield X[i:i + 10], Y[i:i + 10]
+        return slimfx.Data(train=gen(0, 60), validation=gen(60, 100), test=gen(100, 120))
+    def dataset(): return slimfx.Data(validation=TensorDataset(X[:40], Y[:40]))
+    def two_inputs(): return slimfx.Data(validation=((X[:20], torch.randn(20, 3)), Y[:20]))
+""")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("hostile_data")
+    (d / "net.py").write_text(NET)
+    (d / "data.py").write_text(DATA)
+    return d
+
+
+# (data function, MODEL callable in net.py, recipe, message fragments); each exits 2 before any work
+REFUSED = [
+    ("wrong_rank", "make", "cleanup", ["data.validation, batch 0: input 0 is tensor torch.float32[20, 8, 2] but the "
+                                       "model's example input 0 is tensor torch.float32[2, 8]", "number of dimensions"]),
+    ("wrong_dtype", "make", "cleanup", ["data.validation, batch 0: input 0 is tensor torch.float64[20, 8]",
+                                        "e.g. x.to(torch.float32)"]),
+    ("float_tokens", "tokens", "cleanup", ["input 0 is tensor torch.float32[20, 7] but the model's example input 0 "
+                                           "is tensor torch.int64[2, 7]"]),
+    ("two_inputs_for_one", "make", "cleanup", ["data.validation, batch 0 gives 2 inputs per batch but the model "
+                                               "takes 1", "one per forward argument"]),
+    ("labels_out_of_range", "make", "cleanup", ["data.validation, batch 0: targets hold class 13, but the model's "
+                                                "first output scores 4 classes (0 to 3)"]),
+    ("labels_negative", "make", "cleanup", ["targets hold class -5"]),
+    ("float_labels", "make", "cleanup", ["data.validation, batch 0: targets are torch.float32; accuracy needs class "
+                                         "indices", "y.long()", "(inputs, None)"]),
+    ("one_hot", "make", "cleanup", ["targets of shape [20, 4] are shaped like the model's first output", "one-hot",
+                                    "y.argmax(-1)"]),
+    ("train_labels_out_of_range", "make", "prune50", ["data.train, batch 0: targets hold class"]),
+    ("nan_inputs", "make", "cleanup", ["data.validation, rows 0-19: input 0 holds 1 NaN/Inf values (in 1 row, the "
+                                       "first at row 3", "remove or fix those samples"]),
+    ("inf_train", "make", "prune50", ["data.train, rows 0-19: input 0 holds 1 NaN/Inf values"]),
+    ("empty_tensors", "make", "cleanup", ["data.validation holds no samples (its tensors have 0 rows)"]),
+    ("one_tensor", "make", "cleanup", ["data.validation is one tensor (tensor torch.float32[20, 8]); give the split "
+                                       "as an (inputs, targets) pair, e.g. validation=(x, y)"]),
+    ("numpy_pair", "make", "cleanup", ["data.validation is a pair of ndarray and ndarray",
+                                       "validation=(torch.as_tensor(x), torch.as_tensor(y))"]),
+    ("unlabelled_singletons", "make", "cleanup", ["data.validation, batch 0 has 1 element", "(inputs, None)"]),
+    ("dict_inputs", "make", "cleanup", ["data.validation, batch 0: inputs are a dict (x)", "forward's argument order"]),
+    ("drop_last", "make", "cleanup", ["data.validation is a DataLoader with drop_last=True and fewer samples than its "
+                                      "batch_size (32)", "set drop_last=False"]),
+    ("read_once", "make", "cleanup", ["data.validation gave no batches when slimfx went over it again",
+                                      "give a list of batches, a DataLoader or a Dataset"]),
+]
+
+
+@pytest.mark.parametrize("fn, model, recipe, words", REFUSED, ids=[r[0] for r in REFUSED])
+def test_bad_data_exits_2_before_any_work(work, monkeypatch, capsys, fn, model, recipe, words):
+    monkeypatch.chdir(work)
+    before = set(os.listdir(work))
+    code = main(["compile", f"net.py:{model}", "--recipe", recipe, "--data", f"data.py:{fn}", "--out", "out",
+                 "--no-bench", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for w in words:
+        assert w in err, err
+    assert err.startswith("slimfx: error: ") and err.count("\n") == 1  # one paragraph
+    assert "Traceback" not in err
+    assert set(os.listdir(work)) - {"__pycache__"} == before - {"__pycache__"}  # no --out, no stage
+
+
+ACCEPTED = [("generators", "make", "cleanup"), ("dataset", "make", "cleanup"), ("two_inputs", "two", "cleanup")]
+
+
+@pytest.mark.parametrize("fn, model, recipe", ACCEPTED, ids=[r[0] for r in ACCEPTED])
+def test_unusual_but_valid_data_compiles(work, monkeypatch, capsys, tmp_path, fn, model, recipe):
+    monkeypatch.chdir(work)
+    out = tmp_path / "out"
+    code = main(["compile", f"net.py:{model}", "--recipe", recipe, "--data", f"data.py:{fn}", "--out", str(out),
+                 "--no-bench", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "model.onnx").is_file()
+
+
+def test_a_generator_for_train_is_read_once_and_replayed():
+    """Calibration draws from train and training reads it again: one Split per part, kept by Data."""
+    x, y = torch.randn(40, 8), torch.randint(0, 4, (40,))
+    data = slimfx.Data(train=((x[i:i + 10], y[i:i + 10]) for i in range(0, 40, 10)), calibration_samples=15)
+    assert sum(len(b[0]) for b in data.calibration_batches()) == 15
+    assert [len(t) for _, t in data.split("train")] == [10, 10, 10, 10]
+    assert [len(t) for _, t in data.split("train")] == [10, 10, 10, 10]
+
+
+def test_the_api_refuses_bad_labels_before_any_work(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(20, 8)
+    with pytest.raises(DataError, match=r"data.test, batch 0: targets hold class 7, but the model's first output "
+                                        r"scores 4 classes"):
+        slimfx.compile(model, (x[:2],), recipe="cleanup", data=slimfx.Data(test=(x, torch.full((20,), 7))),
+                       out_dir=tmp_path / "out", bench_seconds=0, quiet=True)
+    assert len(calls) == 1  # the one check on the first batch; no capture, no passes
+    assert not list(tmp_path.iterdir())
+
+
+def test_validate_names_data_unlike_the_example(work, monkeypatch, capsys):
+    """`slimfx validate --data` checks its batches as compile does (it blamed --batch for a dtype before)."""
+    monkeypatch.chdir(work)
+    assert main(["export", "net.py:make", "-o", "net.onnx"]) == 0
+    capsys.readouterr()
+    assert main(["validate", "net.onnx", "--model", "net.py:make", "--data", "data.py:wrong_dtype"]) == 2
+    err = capsys.readouterr().err
+    assert "data.validation, batch 0: input 0 is tensor torch.float64[20, 8] but the model's example input 0" in err
+    assert "--batch" not in err
