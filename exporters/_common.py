@@ -60,14 +60,35 @@ def validation_sets(inputs: tuple, *, dynamic_batch: bool = True,
     return sets
 
 
-def raise_if_invalid(report: Any, what: str, keep_invalid: bool) -> None:
+FLOAT_TOLERANCE = (1e-5, 1e-4)  # (atol, rtol): a file vs the IR it was written from, in float32
+# onnxruntime's integer kernels (QLinearConv, QGemm, ...) round apart from the IR's fake-quant lowering by a few
+# output quantization steps; the built-in quantizing recipes' [validate] atol/rtol say the same
+INTEGER_KERNEL_TOLERANCE = (0.25, 0.05)
+
+
+def runs_integer_kernels(graph: Any) -> bool:
+    """Whether the graph quantizes activations (static or dynamic), which onnxruntime runs as integer kernels."""
+    return any(n.op in ("quantize", "dynamic_quantize") for n in graph.nodes)
+
+
+def onnx_tolerance(graph: Any, atol: float | None, rtol: float | None) -> tuple[float, float]:
+    """(atol, rtol) for an ONNX file of `graph`: the ones given, else INTEGER_KERNEL_TOLERANCE for a graph that
+    runs integer kernels and FLOAT_TOLERANCE for the rest."""
+    default = INTEGER_KERNEL_TOLERANCE if runs_integer_kernels(graph) else FLOAT_TOLERANCE
+    return (default[0] if atol is None else atol), (default[1] if rtol is None else rtol)
+
+
+def raise_if_invalid(report: Any, what: str, keep_invalid: bool, integer_kernels: bool = False) -> None:
     """ValidationError naming the output that disagrees and the numbers (never a temporary file's path)."""
     if not report.passed:
+        cause = ("onnxruntime's integer kernels round apart from the IR's fake-quant by a few output steps, more "
+                 "where ranges are wide; " if integer_kernels else
+                 "a float32 export that disagrees is a bug in slimfx's exporter (please report it with the model); ")
         raise ValidationError(
             f"{what} disagrees with the model: {report.failure or 'outside tolerance'}. {report.summary()}. "
             + ("The file was kept for inspection. " if keep_invalid else "No file was written. ")
-            + "A float32 export that disagrees is a bug in slimfx's exporter (please report it with the model); "
-            "to accept a looser match, raise the tolerance (`--atol`/`--rtol` of `slimfx export`, atol/rtol in "
+            + cause[0].upper() + cause[1:]
+            + "to accept a looser match, raise the tolerance (`--atol`/`--rtol` of `slimfx export`, atol/rtol in "
             "the recipe's [validate] table)."
         )
 

@@ -18,7 +18,9 @@ from slimfx.exporters._common import (
     as_tuple,
     atomic_path,
     example_inputs,
+    onnx_tolerance,
     raise_if_invalid,
+    runs_integer_kernels,
     validation_sets,
 )
 from slimfx.exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, probe
@@ -195,9 +197,11 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int | None
 
 
 def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = True, opset: int | None = None,
-                validate: bool = True, inputs: Any = None, atol: float = 1e-5, rtol: float = 1e-4,
+                validate: bool = True, inputs: Any = None, atol: float | None = None, rtol: float | None = None,
                 keep_invalid: bool = False) -> ExportResult:
-    """Emit `graph` to an ONNX file, check it, and compare onnxruntime with the IR's lowering.
+    """Emit `graph` to an ONNX file, check it, and compare onnxruntime with the IR's lowering (within atol +
+    rtol x |reference|; default `onnx_tolerance`: float32's, looser for a graph onnxruntime runs with integer
+    kernels).
 
     The file appears only when complete and valid: it is written to a temporary name and renamed;
     on an emitter error or a ValidationError nothing is left (unless `keep_invalid`). With
@@ -217,9 +221,10 @@ def export_onnx(graph: Graph, path: str | os.PathLike, *, dynamic_batch: bool = 
     with atomic_path(path, keep_on_error=keep_invalid) as tmp:
         tmp.write_bytes(data)
         if validate:
+            atol, rtol = onnx_tolerance(graph, atol, rtol)
             report = validate_onnx(data, graph, validation_sets(inputs, dims=export_dims(graph, dynamic_batch)),
                                    atol=atol, rtol=rtol)
-            raise_if_invalid(report, f"the ONNX export of {graph.name}", keep_invalid)
+            raise_if_invalid(report, f"the ONNX export of {graph.name}", keep_invalid, runs_integer_kernels(graph))
     return ExportResult(path=path, validation=report, seconds=time.perf_counter() - t0, format="onnx",
                         size_bytes=len(data), details={"opset": opset, "dynamic_batch": dynamic_batch,
                                                        "dynamic_dims": describe(export_dims(graph, dynamic_batch),
