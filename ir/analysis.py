@@ -64,7 +64,7 @@ def count_macs(graph: Graph) -> int:
 def propagate_shapes(graph: Graph, *inputs: torch.Tensor) -> Graph:
     """Run the graph on `inputs` and refresh every node's TensorMeta (and the inputs' metas), keeping the
     names of symbolic dims (`TensorMeta.sym`)."""
-    from slimfx.ir.lower import lower
+    from slimfx.ir.lower import ir_name, lower
 
     gm = lower(graph)
     gm.eval()
@@ -74,7 +74,7 @@ def propagate_shapes(graph: Graph, *inputs: torch.Tensor) -> Graph:
     class _Rec(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
             out = super().run_node(n)
-            values[n.name] = out
+            values[ir_name(n)] = out
             return out
 
     with torch.no_grad():

@@ -591,6 +591,36 @@ def _slice(cx, input, dim=0, start=None, end=None, step=1):
                                                                                      else step)))
 
 
+@_converts(aten.diff)
+def _diff(cx, input, n=1, dim=-1, prepend=None, append=None):
+    """torch.diff: prepend/append joined on (cat), then n times x[1:] - x[:-1] along dim (slice, slice, sub).
+    Hugging Face's mask helpers (find_packed_sequence_indices) call it on the position ids."""
+    parts = [p for p in (prepend, input, append) if p is not None]
+    rank = cx.rank(input)
+    if rank is None or not isinstance(n, int) or n < 1 or any(cx.rank(p) != rank for p in parts):
+        return None  # a scalar prepend (broadcast by torch) stays opaque
+    dim %= rank
+
+    def meta(op: str, ins: tuple, attrs: dict) -> Any:
+        probe = [torch.empty(cx.graph.params[a.name].shape if isinstance(a, Param) else a.meta.shape,
+                             dtype=cx.graph.params[a.name].dtype if isinstance(a, Param) else a.meta.dtype,
+                             device="meta") for a in ins]
+        return meta_of(OPS[op].impl(*probe, **attrs))
+
+    x = input
+    if len(parts) > 1:
+        x = cx.emit("cat", tuple(parts), dict(dim=dim), meta("cat", tuple(parts), dict(dim=dim)))
+    for step in range(n):
+        hi = dict(index=_index_for(dim, rank, slice(1, None)))
+        lo = dict(index=_index_for(dim, rank, slice(None, -1)))
+        a = cx.emit("slice", (x,), hi, meta("slice", (x,), hi))
+        b = cx.emit("slice", (x,), lo, meta("slice", (x,), lo))
+        if step == n - 1:
+            return "sub", (a, b), {}
+        x = cx.emit("sub", (a, b), {}, meta("sub", (a, b), {}))
+    return None
+
+
 @_converts(aten.select)
 def _select(cx, input, dim, index):
     if cx.node.target._overloadname != "int":
@@ -967,11 +997,68 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict[str, Any], *,
         ) from e
 
 
+def _inline_wrappers(ep: torch.export.ExportedProgram) -> None:
+    """Inline the higher-order ops torch.export wraps a `torch.no_grad()` / `torch.autocast(enabled=False)` region
+    in (Llama's rotary embedding: `wrap_with_set_grad_enabled(False, submod, ...)`), in place: they call a
+    submodule (a get_attr node), which slimfx does not map. Inlining is exact when the region computes the same
+    values (autocast disabled) and passes no gradient that the model would have blocked: a region with grad
+    disabled is inlined only when nothing it reads depends on a parameter. Others stay as they were (the
+    converter names them)."""
+    gm, sig = ep.graph_module, ep.graph_signature
+    hop = getattr(torch.ops, "higher_order", None)
+    grad_hop, cast_hop = getattr(hop, "wrap_with_set_grad_enabled", None), getattr(hop, "wrap_with_autocast", None)
+    params = set(sig.inputs_to_parameters)
+    from_params: set[fx.Node] = set()
+    changed = False
+    for n in list(gm.graph.nodes):
+        if n.op == "placeholder" and n.name in params or any(a in from_params for a in n.all_input_nodes):
+            from_params.add(n)
+        if n.op != "call_function" or n.target not in (grad_hop, cast_hop) or grad_hop is None:
+            continue
+        if n.target is grad_hop:
+            first, sub_at = n.args[0], 1
+            exact = bool(first) or not any(a in from_params for a in n.args[2:] if isinstance(a, fx.Node))
+        else:  # wrap_with_autocast(device_type, dtype, enabled, cache_enabled, submod, *args)
+            first, sub_at = n.args[2], 4
+            exact = not first
+        sub_node = n.args[sub_at]
+        if not exact or not isinstance(sub_node, fx.Node) or sub_node.op != "get_attr":
+            continue
+        sub = getattr(gm, sub_node.target)
+        if any(sn.op not in ("placeholder", "call_function", "output") for sn in sub.graph.nodes):
+            continue
+        env: dict[fx.Node, Any] = dict(zip([sn for sn in sub.graph.nodes if sn.op == "placeholder"],
+                                           n.args[sub_at + 1:]))
+        outs: Any = None
+        with gm.graph.inserting_before(n):
+            for sn in sub.graph.nodes:
+                if sn.op == "output":
+                    outs = fx.node.map_arg(sn.args[0], env.__getitem__)
+                elif sn.op != "placeholder":
+                    env[sn] = gm.graph.node_copy(sn, env.__getitem__)
+                    if env[sn].all_input_nodes and any(a in from_params for a in env[sn].all_input_nodes):
+                        from_params.add(env[sn])
+        outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+        for user in list(n.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outs[user.args[1]])
+                gm.graph.erase_node(user)
+        if not n.users:
+            gm.graph.erase_node(n)
+            if not sub_node.users:
+                gm.graph.erase_node(sub_node)
+            changed = True
+    if changed:
+        gm.recompile()
+
+
 def _run_program(ep: torch.export.ExportedProgram, user_inputs: list[Any],
                  state: dict[str, torch.Tensor] | None = None) -> dict[fx.Node, Any]:
     """Run the exported graph on the example inputs (params and buffers from the program, or from
     `state` by fully qualified name), recording every node's value: concrete shapes for the IR's metas,
-    even where the export is dynamic."""
+    even where the export is dynamic. The program's no_grad/autocast wrappers are inlined first
+    (`_inline_wrappers`), so every program slimfx maps goes through this."""
+    _inline_wrappers(ep)
     sig = ep.graph_signature
     flat = []
     user = iter(user_inputs)

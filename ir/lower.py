@@ -10,6 +10,16 @@ import torch.nn as nn
 from slimfx.ir.graph import Graph, Node, Param, map_refs
 from slimfx.ir.ops import get_op
 
+# fx renames a node whose name would shadow a Python builtin or keyword (`%slice` -> `slice_1`, an input `input`
+# -> `input_1`) and then moves the next one up (`%slice_1` -> `slice_2`), so fx names are not IR names: each fx node
+# of a lowering carries its IR node's name here, and code reading a lowered module's nodes asks `ir_name`.
+IR_NAME = "slimfx_ir_name"
+
+
+def ir_name(n: fx.Node) -> str:
+    """The name of the IR node that fx node `n` of a `lower`ed module computes (its own name otherwise)."""
+    return n.meta.get(IR_NAME, n.name)
+
 
 def _install(root: nn.Module, qualname: str, value: Any) -> None:
     *path, field = qualname.split(".")
@@ -86,8 +96,10 @@ def lower(graph: Graph, *, copy_params: bool = False) -> fx.GraphModule:
             if op.training_flag and kwargs.get("training") is None:
                 kwargs["training"] = get_attr("training")
             env[node] = fxg.create_node("call_function", op.impl, args, kwargs, name=node.name)
+        if node in env:
+            env[node].meta[IR_NAME] = node.name
     gm = fx.GraphModule(root, fxg, graph.name)
     return gm.train(graph.training)
 
 
-__all__ = ["lower"]
+__all__ = ["lower", "ir_name"]

@@ -362,7 +362,7 @@ def propagate_symbols(graph: Any, inputs: Sequence[Any], *, only: str | None = N
     there. False when the graph does not run at those sizes (metas are then left as they are)."""
     from slimfx.ir.analysis import ran_on_meta, shapes_on_meta
     from slimfx.ir.graph import TensorMeta
-    from slimfx.ir.lower import lower
+    from slimfx.ir.lower import ir_name, lower
 
     dims = graph_dims(graph)
     if only is not None:
@@ -386,7 +386,7 @@ def propagate_symbols(graph: Any, inputs: Sequence[Any], *, only: str | None = N
             def run_node(self, n: torch.fx.Node, rec: dict[str, Any] = rec) -> Any:
                 out = super().run_node(n)
                 if isinstance(out, torch.Tensor):
-                    rec[n.name] = tuple(out.shape)
+                    rec[ir_name(n)] = tuple(out.shape)
                 return out
 
         run_inputs = at_sizes(inputs, dims, sizes)

@@ -26,6 +26,7 @@ from slimfx.ir.analysis import ran_on_meta as _ran
 from slimfx.ir.analysis import shapes_on_meta
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta
+from slimfx.ir.lower import ir_name
 from slimfx.ir.ops import SCALAR_FNS, trait
 from slimfx.ir.symdims import at_sizes, describe, graph_dims, probe_sizes, symbol_sizes
 
@@ -129,7 +130,7 @@ def probe(graph: Graph, inputs: tuple, dims: list[dict[int, str]] | None = None
         def run_node(self, n: fx.Node) -> Any:
             self.current = n
             out = super().run_node(n)
-            self.rec[n.name] = _summary(out)
+            self.rec[ir_name(n)] = _summary(out)
             return out
 
     runs = []
@@ -165,11 +166,11 @@ def _size_message(graph: Graph, gm: fx.GraphModule, inputs: tuple, dims: list[di
     node = None
     if failed is not None:
         try:
-            node = graph.node(failed.name)
+            node = graph.node(ir_name(failed))
         except (KeyError, ValueError):
             node = None
     where = f"%{node.name} (op '{node.op}', {node.where()})" if node is not None else \
-        (f"%{failed.name}" if failed is not None else "the graph")
+        (f"%{ir_name(failed)}" if failed is not None else "the graph")
     culprit = _culprit(gm, inputs, dims, sizes)
     example = symbol_sizes(inputs, dims)
     if culprit in (None, "batch"):

@@ -195,3 +195,23 @@ def test_opaque_nodes_point_at_the_users_source_line():
 
     node = ir.capture(Odd(), (torch.randn(2, 3),)).find("opaque")[0]
     assert node.source.startswith("test_capture.py:")
+
+
+def test_nodes_named_like_python_builtins_keep_their_own_shapes_and_dims():
+    """fx renames a node that would shadow a builtin (`slice` -> `slice_1`, the input `input` -> `input_1`) and moves
+    the next one up (`slice_1` -> `slice_2`): shape propagation and the ONNX exporter's size probe must still
+    give every IR node its own values (torch.export's front end names an indexing node `slice`)."""
+    class Net(nn.Module):
+        def forward(self, input):  # noqa: A002 - `input` is a common argument name
+            return input[:, 1:][:, :, :2] * 2
+
+    g = ir.capture(Net(), (torch.randn(2, 4, 3),))
+    first, second = g.find("slice")
+    g.rename(first, "slice")
+    g.rename(second, "slice_1")
+    assert [first.name, second.name] == ["slice", "slice_1"]
+    x = torch.randn(5, 6, 3)
+    ir.propagate_shapes(g, x)
+    assert (g.inputs[0].meta.shape, first.meta.shape, second.meta.shape) == ((5, 6, 3), (5, 5, 3), (5, 5, 2))
+    assert second.meta.sym[0] == "batch" and first.meta.sym[0] == "batch"
+    ir.verify(g)

@@ -445,3 +445,58 @@ def test_max_and_min_along_a_dim_give_values_and_indices_that_export(method, tmp
     with torch.no_grad():
         for a, b in zip(got, m(x5)):
             torch.testing.assert_close(torch.from_numpy(a), b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["export", "fx"])
+def test_diff_becomes_slices_and_a_sub_and_exports(method, tmp_path):
+    """torch.diff (Hugging Face's packed-sequence check on GPT-2's position ids, with `prepend`) had no canonical
+    op and no ONNX emitter: GPT-2 called without an attention mask did not export."""
+    from slimfx.exporters import export_onnx
+
+    class Diff(nn.Module):
+        def forward(self, ids, x):
+            return torch.diff(ids, prepend=ids[:, :1] - 1, dim=-1), torch.diff(x, n=2, dim=0), x.diff(append=x)
+
+    torch.manual_seed(0)
+    ids, x = torch.randint(0, 9, (3, 6)), torch.randn(3, 5)
+    g = ir.capture(Diff(), (ids, x), method=method)
+    assert not g.find("opaque") and g.find("sub")
+    ids2, x2 = torch.randint(0, 9, (5, 6)), torch.randn(5, 5)
+    for got, want in zip(ir.lower(g)(ids2, x2), Diff()(ids2, x2)):
+        assert torch.equal(got, want)
+    export_onnx(g, tmp_path / "diff.onnx", inputs=(ids2, x2))  # validated against the IR by onnxruntime
+
+
+def test_a_no_grad_region_on_buffers_is_inlined_and_one_on_parameters_is_refused():
+    """Llama's rotary embedding runs under @torch.no_grad(): torch.export wraps it in a higher-order op calling a
+    submodule (wrap_with_set_grad_enabled), which slimfx did not map, so Llama did not capture at all. A region
+    that reads no parameter computes the same values and gradients inlined; one that does would pass gradients
+    the model blocks, so it is still refused by name."""
+    class Rotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv_freq", torch.rand(4))
+            self.proj = nn.Linear(8, 8)
+
+        @torch.no_grad()
+        def angles(self, x):
+            pos = torch.ones_like(x[..., :1]).cumsum(1)
+            return torch.cat([pos * self.inv_freq] * 2, -1).cos()
+
+        def forward(self, x):
+            return self.proj(x) * self.angles(x)
+
+    class Frozen(Rotary):
+        def forward(self, x):
+            with torch.no_grad():
+                h = self.proj(x)
+            return h * 2
+
+    x = torch.randn(2, 5, 8)
+    model = Rotary().eval()
+    g = ir.capture(model, (x,), method="export")
+    assert not g.find("opaque")
+    x2 = torch.randn(3, 5, 8)
+    assert torch.allclose(ir.lower(g)(x2), model(x2), atol=1e-6)
+    with pytest.raises(CaptureError, match="higher-order"):
+        ir.capture(Frozen().eval(), (x,), method="export")

@@ -163,3 +163,29 @@ def test_random_architectures_prune_verify_lower_and_export(case, frac, criterio
         out = ir.lower(g)(*inputs)
     assert torch.isfinite(out).all()
     export_and_validate(g, inputs)
+
+
+def test_a_pooler_reading_the_first_token_prunes_on_the_export_front_end():
+    """BERT's pooler (`hidden[:, 0]` -> linear): torch.export's front end names that indexing node `%slice`, a name
+    fx lowers as `slice_1`; the pruned graph's shapes must still be refreshed on it (it was left at the old width
+    and the pass failed as a 'bug in the dependency analysis')."""
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.ffn, self.pooler, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 16), \
+                nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.emb(x)
+            h = h + F.relu(self.ffn(h))
+            return self.head(torch.tanh(self.pooler(h[:, 0])))
+
+    x = torch.randn(2, 5, 6)
+    g = ir.capture(Pooled().eval(), (x,), method="export")
+    assert g.has_node("slice")  # the name that fx renames
+    res = create_pass("prune-channels", {"sparsity": 0.5}).run(g, PassContext(example_inputs=(x,)))
+    pruned = res.graph_after(g)
+    ir.verify(pruned)
+    assert res.stats["macs_ratio"] < 0.6
+    assert ir.lower(pruned)(x).shape == (2, 3)
+    export_and_validate(pruned, (x,))
