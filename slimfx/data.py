@@ -14,7 +14,8 @@ is read (`Split`). What each part is for:
   the best epoch in training steps. Never test.
 - test: the accuracy in the report, measured once at the end on the written file.
 - calibration: activation ranges for static quantization; default: `calibration_samples` inputs drawn
-  from train. Its items may be input tuples or `(inputs, target)` batches.
+  from train. Its items may be input tuples or `(inputs, target)` batches (a pair of
+  tensors is the inputs of a two-input model, else one input and its target).
 
 `--data SPEC` (CLI) and `data = "SPEC"` (recipe) name a callable `file.py:fn` or `package.module:fn`
 returning a `Data`.
@@ -71,11 +72,12 @@ class Data:
             made = self._splits[part] = (value, Split(part, value, self.batch_size))
         return made[1]
 
-    def calibration_batches(self) -> list[tuple[torch.Tensor, ...]] | None:
-        """Input tuples for calibration: the calibration part, else `calibration_samples` drawn from train."""
+    def calibration_batches(self, n_inputs: int | None = None) -> list[tuple[torch.Tensor, ...]] | None:
+        """Input tuples for calibration: the calibration part, else `calibration_samples` drawn from train.
+        `n_inputs`, the model's number of inputs, tells an input tuple from an (inputs, target) batch."""
         if self.calibration is not None:
             return [inputs for inputs, _ in Split("calibration", self.calibration, self.batch_size,
-                                                  inputs_only=True)]
+                                                  inputs_only=True, n_inputs=n_inputs)]
         train = self.split("train")
         if train is None:
             return None
@@ -96,8 +98,11 @@ class Split:
     """One part of `Data`, normalised: iterating yields `(inputs_tuple, target_or_None)` batches and
     checks each one (DataError naming the part and the batch)."""
 
-    def __init__(self, name: str, source: Any, batch_size: int = 64, *, inputs_only: bool = False):
-        self.name, self.inputs_only, self.batch_size = name, inputs_only, batch_size
+    def __init__(self, name: str, source: Any, batch_size: int = 64, *, inputs_only: bool = False,
+                 n_inputs: int | None = None):
+        # inputs_only (calibration): items may be input tuples; a tuple of n_inputs tensors is one (a pair of
+        # tensors is otherwise read as (inputs, target))
+        self.name, self.inputs_only, self.batch_size, self.n_inputs = name, inputs_only, batch_size, n_inputs
         self._tensors: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
         self._source: Any = None
         self._passes = 0  # passes over the source started so far
@@ -167,7 +172,8 @@ class Split:
         if not isinstance(item, (tuple, list)):
             raise DataError(f"{where} is a {type(item).__name__}; each batch must be (inputs, target) with inputs "
                             "a tensor or a tuple of tensors")
-        if self.inputs_only and all(isinstance(t, torch.Tensor) for t in item) and len(item) != 2:
+        if self.inputs_only and all(isinstance(t, torch.Tensor) for t in item) \
+                and (len(item) != 2 or self.n_inputs == 2):
             return tuple(item), None
         if len(item) != 2:
             raise DataError(f"{where} has {len(item)} elements; each batch must be (inputs, target)")

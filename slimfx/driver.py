@@ -226,7 +226,7 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     data = _merge_data(data, calibration_data, train_data, test_data)
     rows = None if dynamic_batch else _batch_rows(example)
     job_headline: list[str] = []
-    calibration = _chunked(data.calibration_batches(), rows)
+    calibration = _chunked(data.calibration_batches(len(example)), rows)
     if calibration is None and any(p.needs_calibration for p in pipeline):
         calibration = [example]
         job_headline.append("static quantization calibrated on the example inputs only (no calibration or "

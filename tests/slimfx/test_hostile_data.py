@@ -179,6 +179,31 @@ def test_a_generator_for_train_is_read_once_and_replayed():
     assert [len(t) for _, t in data.split("train")] == [10, 10, 10, 10]
 
 
+def test_calibration_items_of_a_two_input_model_are_its_input_tuples():
+    """The docs allow calibration items that are input tuples: for a model of two inputs, (img, vec) was read as
+    (inputs=img, target=vec) and the quantize pass crashed on a missing argument."""
+    img, vec, y = torch.randn(4, 3), torch.randn(4, 8), torch.zeros(4, dtype=torch.long)
+    for items in ([(img, vec)], [((img, vec), None)], [((img, vec), y)]):
+        (batch,) = slimfx.Data(calibration=items).calibration_batches(n_inputs=2)
+        assert len(batch) == 2 and batch[0] is img and batch[1] is vec
+    (batch,) = slimfx.Data(calibration=[(img, y)]).calibration_batches(n_inputs=1)  # one input: (inputs, target)
+    assert len(batch) == 1 and batch[0] is img
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(3, 4)
+
+        def forward(self, x, z):
+            return self.a(x) + self.b(z)
+
+    torch.manual_seed(0)
+    recipe = slimfx.Recipe(name="q", passes=[("quantize", {"speed_guard": False})], export={"formats": ["onnx"]})
+    result = slimfx.compile(Two().eval(), (torch.randn(2, 8), torch.randn(2, 3)), recipe=recipe, bench_seconds=0,
+                            calibration_data=[(torch.randn(16, 8), torch.randn(16, 3))], quiet=True)
+    assert result.graph.find("quantize")
+
+
 def test_the_api_refuses_bad_labels_before_any_work(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
