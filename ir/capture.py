@@ -1061,11 +1061,12 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
         raise CaptureError(
             f"torch.fx cannot trace {mod_desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"  at {_format_frame(frame)}\n"
-            "  Symbolic tracing cannot follow Python control flow or indexing that depends on tensor values. "
-            "In the model's code, compute both branches and pick with torch.where (or use torch.cond). From "
-            f"Python you can also keep that module opaque with ir.capture(..., leaf_modules=[{type(mod).__name__}]) "
-            "(it still runs, but passes cannot look inside it) or fix the argument that drives the branch with "
-            "ir.capture(..., concrete_args={'name': value})."
+            "  Where that is Python control flow or indexing that depends on tensor values (symbolic tracing "
+            "cannot follow those), compute both branches in the model's code and pick with torch.where (or use "
+            "torch.cond). From Python you can also capture it yourself, keeping that module opaque with "
+            f"ir.capture(..., leaf_modules=[{type(mod).__name__}]) (it still runs, but passes cannot look inside "
+            "it) or fixing the argument that drives the branch with ir.capture(..., concrete_args={'name': "
+            "value}), and pass the graph to slimfx.compile."
         ) from e
     return fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
 
