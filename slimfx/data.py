@@ -61,6 +61,12 @@ class Data:
             raise DataError(f"Data.calibration_samples must be a positive integer, got {self.calibration_samples!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise DataError(f"Data.batch_size must be a positive integer, got {self.batch_size!r}")
+        for held in ("validation", "test"):
+            if _same_data(getattr(self, held), self.train):
+                raise DataError(f"data.{held} is the same data as data.train: every number the report and the gate "
+                                f"give from {held} would be measured on data the model trains or calibrates on. "
+                                f"Give {held} samples kept out of train (e.g. split the tensors first), or leave "
+                                f"{held} out")
 
     def split(self, part: str) -> Split | None:
         """The part as a re-iterable of `(inputs_tuple, target)` batches (None when not given)."""
@@ -226,6 +232,28 @@ def _describe(v: Any) -> str:
     if isinstance(v, torch.Tensor):
         return f"tensor {v.dtype}{list(v.shape)}"
     return type(v).__name__
+
+
+def _same_data(a: Any, b: Any) -> bool:
+    """Whether two parts are one object, or (inputs, targets) pairs over the same input tensors (same storage,
+    offset and shape: views of other rows are different data)."""
+    if a is None or b is None:
+        return False
+    if a is b:
+        return True
+    pa, pb = _tensor_pair_or_none(a), _tensor_pair_or_none(b)
+    if pa is None or pb is None:
+        return False
+    x, z = pa[0][0], pb[0][0]
+    return x.untyped_storage().data_ptr() == z.untyped_storage().data_ptr() and \
+        x.storage_offset() == z.storage_offset() and x.shape == z.shape
+
+
+def _tensor_pair_or_none(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
+    try:
+        return _tensor_pair(source)
+    except DataError:  # a malformed pair: Split names it when the part is read
+        return None
 
 
 def _tensor_pair(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:

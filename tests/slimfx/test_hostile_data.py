@@ -204,6 +204,18 @@ def test_calibration_items_of_a_two_input_model_are_its_input_tuples():
     assert result.graph.find("quantize")
 
 
+def test_validation_or_test_that_is_the_train_data_is_refused():
+    x, y = torch.randn(40, 8), torch.randint(0, 4, (40,))
+    for same in ((x, y), (x.view(40, 8), y.clone())):
+        for part in ("validation", "test"):
+            with pytest.raises(DataError, match=f"data.{part} is the same data as data.train"):
+                slimfx.Data(train=(x, y), **{part: same})
+    loader = [(x[:20], y[:20])]
+    with pytest.raises(DataError, match="data.test is the same data as data.train"):
+        slimfx.Data(train=loader, test=loader)
+    slimfx.Data(train=(x[:30], y[:30]), validation=(x[30:], y[30:]), test=(x[30:], y[30:]))  # held out: fine
+
+
 def test_the_api_refuses_bad_labels_before_any_work(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
