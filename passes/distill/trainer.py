@@ -269,6 +269,10 @@ def _modules(teacher: nn.Module | Graph | None, student: nn.Module | Graph, crit
              features: FeaturePairs, example: tuple) -> _Modules:
     feats: list[tuple[str, str]] = []
     t_graph = None
+    if features and not crit.uses_features:
+        raise PassError(f"features names attention-transfer pairs, but the loss {type(crit).__name__} has no attention "
+                        "transfer, so they would be ignored: drop features, or use loss='at+kd' (or at, at+ctkd, "
+                        "at+logit-std)")
     if crit.uses_features:
         if teacher is None:
             raise PassError("attention transfer reads the teacher's feature maps; give a teacher")

@@ -95,6 +95,10 @@ def test_trainer_errors_are_actionable():
     wide = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12))
     with pytest.raises(PassError, match=r"student gives \[64, 12\], teacher gives \[64, 10\]"):
         distill(trained("cnn"), wide, (x, y), loss="kd", epochs=1, quiet=True)
+    with pytest.raises(PassError, match=r"features names attention-transfer pairs, but the loss KDLoss has no "
+                                        r"attention transfer, so they would be ignored"):  # was ignored silently
+        distill(trained("cnn"), SmallCNN(4, 8), (x, y), loss="kd", features=[("relu2", "relu2")], epochs=1,
+                quiet=True)
     class Pair(torch.nn.Module):  # two outputs: which one is the logits is the user's to say
         def __init__(self):
             super().__init__()
