@@ -24,7 +24,7 @@ from slimfx.exporters._common import (
     validation_sets,
 )
 from slimfx.exporters.onnx.context import EMITTERS, EmitContext, onnx_dtype, probe
-from slimfx.exporters.onnx.rewrites import shrink, transposes_before_dequantize
+from slimfx.exporters.onnx.rewrites import rewrite
 from slimfx.ir.errors import ExportError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs
 from slimfx.ir.symdims import describe, graph_dims, symbol_sizes
@@ -169,8 +169,7 @@ def to_onnx_model(graph: Graph, *, dynamic_batch: bool = True, opset: int | None
             renamed[src] = name
         else:
             ctx.emit("Identity", [renamed.get(src, src)], outputs=[name], name=name)
-    ctx.nodes, ctx.initializers = shrink(ctx.nodes, ctx.initializers, set(out_names))
-    ctx.nodes = transposes_before_dequantize(ctx.nodes, ctx.initializers, ctx.opset)
+    ctx.nodes, ctx.initializers = rewrite(ctx.nodes, ctx.initializers, set(out_names), ctx.opset)
     _dead_code(ctx, out_names)
 
     graph_inputs = []

@@ -24,11 +24,12 @@ import numpy as np
 from onnx import NodeProto, TensorProto, helper, numpy_helper
 
 
-def shrink(nodes: list[NodeProto], initializers: dict[str, TensorProto], outputs: set[str]
-           ) -> tuple[list[NodeProto], dict[str, TensorProto]]:
+def rewrite(nodes: list[NodeProto], initializers: dict[str, TensorProto], outputs: set[str], opset: int
+            ) -> tuple[list[NodeProto], dict[str, TensorProto]]:
     """Every rewrite of this module, in order; returns the new nodes and initializers (in file order)."""
     nodes, initializers = fold_constant_muls(nodes, initializers, outputs)
-    return compact_int32(nodes, initializers)
+    nodes, initializers = compact_int32(nodes, initializers)
+    return transposes_before_dequantize(nodes, initializers, opset), initializers
 
 
 def _node_bytes(op_type: str, inputs: list[str], outputs: list[str], **attrs: object) -> int:
@@ -150,4 +151,4 @@ def _narrow_float_casts(nodes: list[NodeProto], initializers: dict[str, TensorPr
     return initializers
 
 
-__all__ = ["shrink", "fold_constant_muls", "compact_int32"]
+__all__ = ["rewrite", "fold_constant_muls", "compact_int32", "transposes_before_dequantize"]
