@@ -793,8 +793,13 @@ def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:
 
 
 def _gate_error(job: _Job, report: dict[str, Any], failures: list[str], kept: Path | None) -> GateError:
-    advice = ("give training and validation data (--data / data=) so recovery steps run, use a gentler recipe, "
-              "or relax the recipe's [validate] thresholds")
+    if job.data.train is not None and job.gate_split_name == "validation":  # recovery ran; more data is no answer
+        advice = ("give the recovery steps more epochs (the recipe's finetune / distill `epochs`), compress less (a "
+                  "prune pass's `sparsity` or `target_macs`, quantize's `skip` for sensitive layers), or relax the recipe's [validate] "
+                  "thresholds; --keep-rejected (keep_rejected=True) writes the rejected files to inspect")
+    else:
+        advice = ("give training and validation data (--data / data=) so recovery steps run, use a gentler recipe, "
+                  "or relax the recipe's [validate] thresholds")
     where = f"; the rejected files are in {kept}" if kept else ("; nothing was written" if job.output else "")
     lines = "\n".join(f"  - {f}" for f in failures)
     notes = "".join(f"\n  note: {h}" for h in report["headline"])

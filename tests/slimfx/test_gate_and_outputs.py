@@ -128,6 +128,21 @@ def test_labelled_validation_data_is_the_gate_split_and_test_gives_the_accuracy(
     assert r["baseline"]["accuracy"] == pytest.approx(0.9) and r["compressed"]["accuracy"] == pytest.approx(0.9)
 
 
+def test_a_failed_gate_after_recovery_with_the_users_data_advises_what_is_left(tmp_path):
+    """With train and validation data given, 'give training and validation data' was the advice still."""
+    model, example = _two_heads()
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        y = model(x)[0].argmax(1)
+    broken = _recipe([{"name": "test-scale-param", "param": "head_a.weight", "factor": -1.0}],
+                     {"min_top1_agreement": 0.9})
+    with pytest.raises(GateError, match="on the validation data") as e:
+        slimfx.compile(model, example, broken, data=slimfx.Data(train=(x[:32], y[:32]), validation=(x[32:], y[32:])),
+                       bench_seconds=0, quiet=True)
+    assert "give training and validation data" not in str(e.value)
+    assert "more epochs" in str(e.value) and "--keep-rejected" in str(e.value)
+
+
 def test_max_accuracy_drop_without_labels_fails_closed(tmp_path):
     model, example = small()
     recipe = _recipe([{"name": "fold-batchnorm"}], {"max_accuracy_drop": 0.01})
@@ -144,6 +159,7 @@ def test_a_failed_gate_with_keep_rejected_writes_only_the_rejected_folder(tmp_pa
         slimfx.compile(model, example, broken, out_dir=tmp_path / "out", keep_rejected=True, bench_seconds=0,
                        quiet=True)
     assert "min_top1_agreement" in str(e.value) and "generated data" in str(e.value)
+    assert "give training and validation data" in str(e.value)  # none was given: recovery could not run
     assert not (tmp_path / "out").exists()
     kept = json.loads((tmp_path / "out.rejected" / "report.json").read_text())
     assert kept["gate"]["passed"] is False and (tmp_path / "out.rejected" / "model.onnx").exists()
