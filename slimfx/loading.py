@@ -257,8 +257,9 @@ def resolve_model(spec: str, *, trained: bool = True, seed: int = 0, batch: int 
                   progress: bool = True, need_inputs: bool = True) -> LoadedModel:
     """Load the model a MODEL argument names (zoo models come trained unless `trained=False`).
 
-    A user callable is called after `torch.manual_seed(seed)`, so random weights and example inputs are
-    the same from run to run. With `need_inputs=False` a callable may return a bare module (the caller
+    A user callable is called after `torch.manual_seed(seed)` and on one torch thread, so random weights and
+    example inputs are the same from run to run, and a callable that trains or computes its weights builds the
+    same model in every command whatever their --threads (float sums differ between thread counts). With `need_inputs=False` a callable may return a bare module (the caller
     brings its own inputs, e.g. `slimfx distill --student`); example_inputs is then empty.
     """
     spec = spec.strip()
@@ -288,11 +289,15 @@ def resolve_model(spec: str, *, trained: bool = True, seed: int = 0, batch: int 
     obj = fn
     if callable(fn) and not isinstance(fn, nn.Module):
         torch.manual_seed(seed)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
             obj = fn()
         except Exception as e:  # noqa: BLE001 - the user's factory failing is a user error
             raise ModelSpecError(f"model spec {spec!r}: calling {attr}() raised {_one_line(e)} "
                                  "(run with --debug for the traceback)") from e
+        finally:
+            torch.set_num_threads(threads)
     kwargs = None
     if isinstance(obj, nn.Module):
         # A bare module: take example inputs from a module-level `example_inputs` (value or callable).
