@@ -599,12 +599,19 @@ def _run_original(original: Callable[..., Any], inputs: tuple, name: str) -> Any
         return original(*inputs)
     except Exception as e:  # noqa: BLE001 - the user's model fails on the user's (or generated) data
         rows = inputs[0].shape[0] if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else "?"
+        ids = [t for t in inputs if isinstance(t, torch.Tensor) and not t.is_floating_point() and t.numel()]
+        if isinstance(e, IndexError) and ids:  # an embedding looked up past its table
+            hint = (f"integer inputs (token ids) of that batch run from {min(int(t.min()) for t in ids)} to "
+                    f"{max(int(t.max()) for t in ids)}: check that they are below the vocabulary size of the "
+                    "model's embeddings")
+        else:
+            hint = ("if the model runs at its example's batch size only (a literal batch size in a view or reshape), "
+                    "compile with a fixed batch size: `--fixed-batch` on the command line, dynamic_batch=False in "
+                    "slimfx.compile; otherwise check that the data has the shapes and dtypes forward expects")
         raise SlimfxError(
             f"the original model fails on a batch of {rows} from the {name} data ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}), so the compiled one cannot be checked against it. "
-            "If the model runs at its example's batch size only (a literal batch size in a view or reshape), "
-            "compile with a fixed batch size: `--fixed-batch` on the command line, dynamic_batch=False in "
-            "slimfx.compile; otherwise check that the data has the shapes and dtypes forward expects.") from None
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}), so the compiled one cannot be checked against it; "
+            f"{hint}.") from None
 
 
 # --- measure -----------------------------------------------------------------------------------------------------

@@ -216,6 +216,18 @@ def test_validation_or_test_that_is_the_train_data_is_refused():
     slimfx.Data(train=(x[:30], y[:30]), validation=(x[30:], y[30:]), test=(x[30:], y[30:]))  # held out: fine
 
 
+def test_token_ids_beyond_the_vocabulary_are_named_as_such():
+    """An embedding looked up past its table said only 'the original model fails' and suggested --fixed-batch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    ids = torch.randint(0, 10, (8, 3))
+    with pytest.raises(slimfx.SlimfxError, match=r"token ids\) of that batch run from 0 to 12: check that they "
+                                                 r"are below the vocabulary size") as e:
+        slimfx.compile(model, (ids[:2],), recipe="cleanup", bench_seconds=0, quiet=True,
+                       data=slimfx.Data(validation=(ids.clamp(max=9).index_fill(0, torch.tensor([1]), 12), None)))
+    assert "--fixed-batch" not in str(e.value)
+
+
 def test_the_api_refuses_bad_labels_before_any_work(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
