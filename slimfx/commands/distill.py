@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         teacher = ranks.first(lambda: resolve_model(teacher_spec, seed=args.seed,
                                                     progress=not args.quiet and ranks.main, need_inputs=False))
         _runs_on("teacher", args.model, teacher.module, first_inputs, classes)
+        _check_outputs(args)  # before training: every input file (teacher, student, data) has been read now
         student, arms = distilling.run(teacher.module, make_student, make_data, settings, baseline=args.baseline,
                                        seed=args.seed, quiet=args.quiet)
         if not ranks.main:
@@ -218,13 +219,18 @@ def _report(args, settings: Settings, where: str, data, teacher, arms: list[Arm]
     }
 
 
-def _write(args, student: torch.nn.Module, report: dict) -> None:
+def _check_outputs(args) -> None:
     from slimfx.commands._args import check_output_file
-    from slimfx.exporters._common import atomic_path
 
     for path in (args.out, args.json):  # the teacher's, student's or data's own file is never overwritten
         if path is not None:
             check_output_file(Path(path))
+
+
+def _write(args, student: torch.nn.Module, report: dict) -> None:
+    from slimfx.exporters._common import atomic_path
+
+    _check_outputs(args)
     with atomic_path(args.out) as tmp:
         torch.save(student.state_dict(), tmp)
     if args.json is not None:

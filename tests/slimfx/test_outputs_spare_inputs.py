@@ -72,3 +72,21 @@ def test_export_never_overwrites_the_model_file(project, capsys):
     assert "src/net.py is the model file this run reads; slimfx never overwrites its own inputs: give another " \
            "path" in capsys.readouterr().err
     assert (project / "src" / "net.py").read_text() == NET
+
+
+def test_distill_refuses_an_input_as_its_output_before_it_trains(project, capsys, monkeypatch):
+    """The check ran only when the student was written, after every epoch of training."""
+    import slimfx.distilling
+
+    def never(*args, **kwargs):
+        raise AssertionError("trained before refusing --out")
+
+    monkeypatch.setattr(slimfx.distilling, "run", never)
+    (project / "src" / "data.py").write_text(DATA.replace("validation=", "train=(torch.randn(20, 8), "
+                                                           "torch.randint(0, 4, (20,))), validation="))
+    before = (project / "src" / "data.py").read_text()
+    code = main(["distill", "src/net.py:make", "--student", "src/net.py:make", "--data", "src/data.py:make_data",
+                 "--out", "src/data.py", "--epochs", "1", "--quiet"])
+    assert code == 2
+    assert "src/data.py is the data file this run reads" in capsys.readouterr().err
+    assert (project / "src" / "data.py").read_text() == before
