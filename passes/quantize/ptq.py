@@ -69,9 +69,6 @@ STORAGE_SCHEMES = ("fixed-point", "sign")
 WEIGHT_ONLY = "weight-only"
 Range = tuple[torch.Tensor, torch.Tensor]
 
-# The speed guard's note when nothing can be timed; users read it in the report's headline, on either interface.
-SPEED_GUARD_UNTIMED = ("skipped: no runtime to time on, as latency is not measured (--no-bench on the command line, "
-                       "bench_seconds=0 in slimfx.compile; PassContext.measure_ms for a pass run by itself)")
 
 
 # float_first keeps the first layer float only below this fan-in (digits_cnn's first conv: 9).
@@ -376,7 +373,7 @@ class Quantize(Pass):
         (measured side by side, passes/quantize/speed.py), or replay recorded decisions."""
         if float_graph is None or not result.changed:
             if float_graph is None:
-                result.stats["speed_guard"] = SPEED_GUARD_UNTIMED
+                result.stats["speed_guard"] = speed.UNTIMED
             return result
         batches = list(dict.fromkeys(self.speed_guard_batches))
         before = list(result.stats.get("fallback_layers", []))
@@ -441,7 +438,7 @@ class Quantize(Pass):
 
         if float_graph is None or not result.changed:
             if float_graph is None:
-                result.stats["speed_guard"] = SPEED_GUARD_UNTIMED
+                result.stats["speed_guard"] = speed.UNTIMED
             return result
         wo = graph.copy()
         removed = weight_only(wo)

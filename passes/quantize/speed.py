@@ -26,6 +26,11 @@ import torch
 from slimfx.ir import Graph, Node, Param
 from slimfx.passes.quantize.qdq import WEIGHT_OPS, clipped, through_noops
 
+# A speed guard's note when nothing can be timed (quantize, quantize-weights); users read it in the report's
+# headline, on either interface.
+UNTIMED = ("skipped: no runtime to time on, as latency is not measured (--no-bench on the command line, "
+           "bench_seconds=0 in slimfx.compile; PassContext.measure_ms for a pass run by itself)")
+
 Measure = Callable[[Graph, list[tuple], float], list[float]]
 
 

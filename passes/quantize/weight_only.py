@@ -333,8 +333,7 @@ class QuantizeWeights(Pass):
         if float_graph is None:
             why = ("off (speed_guard = false)" if not self.speed_guard else
                    f"accuracy_level {self.accuracy_level}: only MatMulNBits computes in int8" if self.accuracy_level
-                   else "skipped: no runtime to time on (PassContext.measure_ms; slimfx.compile sets it when "
-                        "latency is measured)")
+                   else speed.UNTIMED)
             eight = [n for n in graph.find("matmul_nbits") if n.attrs["bits"] == 8]
             if self.speed_guard and not self.accuracy_level and eight:
                 # untimed, 8-bit codes still go the folded way: onnxruntime 1.32 has no fast 8-bit MatMulNBits CPU
