@@ -180,10 +180,10 @@ QUANTIZED_ONNX_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLine
 def _quantized(path: Path, kind: str) -> bool:
     """Whether an ONNX or slimfx file holds quantized weights or activations (other kinds: not told)."""
     if kind == "slimfx":
+        from slimfx.exporters.pt2 import weight_storage
         from slimfx.persist import load
 
-        return any(n.op in ("quantize", "dequantize", "dynamic_quantize", "matmul_nbits", "gather_nbits")
-                   for n in load(path).nodes)
+        return weight_storage(load(path)) != "float"
     if kind not in ("torchscript", "pt2"):  # an ONNX file (the sniffer says "onnx?"; the session loaded it)
         import onnx
 
