@@ -56,6 +56,7 @@ from slimfx.ir.capture import (
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, meta_of
 from slimfx.ir.ops import OPS
+from slimfx.ir.verify import infer_meta
 
 _log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -601,23 +602,18 @@ def _diff(cx, input, n=1, dim=-1, prepend=None, append=None):
         return None  # a scalar prepend (broadcast by torch) stays opaque
     dim %= rank
 
-    def meta(op: str, ins: tuple, attrs: dict) -> Any:
-        probe = [torch.empty(cx.graph.params[a.name].shape if isinstance(a, Param) else a.meta.shape,
-                             dtype=cx.graph.params[a.name].dtype if isinstance(a, Param) else a.meta.dtype,
-                             device="meta") for a in ins]
-        return meta_of(OPS[op].impl(*probe, **attrs))
+    def emit(op: str, ins: tuple, attrs: dict) -> Node:
+        node = cx.emit(op, ins, attrs, None)
+        node.meta = infer_meta(node)
+        return node
 
-    x = input
-    if len(parts) > 1:
-        x = cx.emit("cat", tuple(parts), dict(dim=dim), meta("cat", tuple(parts), dict(dim=dim)))
+    x = emit("cat", tuple(parts), dict(dim=dim)) if len(parts) > 1 else input
     for step in range(n):
-        hi = dict(index=_index_for(dim, rank, slice(1, None)))
-        lo = dict(index=_index_for(dim, rank, slice(None, -1)))
-        a = cx.emit("slice", (x,), hi, meta("slice", (x,), hi))
-        b = cx.emit("slice", (x,), lo, meta("slice", (x,), lo))
+        a = emit("slice", (x,), dict(index=_index_for(dim, rank, slice(1, None))))
+        b = emit("slice", (x,), dict(index=_index_for(dim, rank, slice(None, -1))))
         if step == n - 1:
             return "sub", (a, b), {}
-        x = cx.emit("sub", (a, b), {}, meta("sub", (a, b), {}))
+        x = emit("sub", (a, b), {})
     return None
 
 
