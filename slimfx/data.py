@@ -224,8 +224,8 @@ def check_finite(inputs: tuple, where: str) -> None:
             bad = ~torch.isfinite(t)
             rows = bad.reshape(len(t), -1).any(1).nonzero().flatten().tolist() if t.dim() else [0]
             raise DataError(f"{where}: input {k} holds {int(bad.sum())} NaN/Inf values (in {len(rows)} "
-                            f"row{'s' if len(rows) != 1 else ''}, the first at row {rows[0]} of the batch); slimfx calibrates, trains and checks on finite "
-                            "inputs only: remove or fix those samples")
+                            f"row{'s' if len(rows) != 1 else ''}, the first at row {rows[0]} of the batch); slimfx "
+                            "calibrates, trains and checks on finite inputs only: remove or fix those samples")
 
 
 def _describe(v: Any) -> str:
@@ -438,5 +438,5 @@ def load_data(spec: str) -> Data:
     return value
 
 
-__all__ = ["Data", "Split", "DataError", "Batches", "check_like_example", "check_finite", "calibration_batches", "generated_batches", "zoo_data",
-           "load_data", "accuracy", "correct"]
+__all__ = ["Data", "Split", "DataError", "Batches", "check_like_example", "check_finite", "calibration_batches",
+           "generated_batches", "zoo_data", "load_data", "accuracy", "correct"]

@@ -704,7 +704,8 @@ def _slower_warnings(baseline: dict[str, Any], compressed: dict[str, Any]) -> li
         if b is None or c is None or not (b.median_ms > 0 and b.p10_ms > 0):
             continue
         if c.median_ms > SLOWER_WARN_RATIO * b.median_ms and c.p10_ms > SLOWER_WARN_RATIO * b.p10_ms:
-            out.append(f"the compiled model is slower than the original at batch {key[1:]} ({c.median_ms / b.median_ms:.2f}x on "
+            ratio = c.median_ms / b.median_ms
+            out.append(f"the compiled model is slower than the original at batch {key[1:]} ({ratio:.2f}x on "
                        "onnxruntime, 1 thread): at this size the recipe's kernels do not pay off; if that is your "
                        "deployment batch, try another recipe or keep the original")
     return out
@@ -801,9 +802,10 @@ def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:
 
 def _gate_error(job: _Job, report: dict[str, Any], failures: list[str], kept: Path | None) -> GateError:
     if job.data.train is not None and job.gate_split_name == "validation":  # recovery ran; more data is no answer
-        advice = ("give the recovery steps more epochs (the recipe's finetune / distill `epochs`), compress less (a "
-                  "prune pass's `sparsity` or `target_macs`, quantize's `skip` for sensitive layers), or relax the recipe's [validate] "
-                  "thresholds; --keep-rejected (keep_rejected=True) writes the rejected files to inspect")
+        advice = ("give the recovery steps more epochs (the recipe's finetune / distill `epochs`), compress less "
+                  "(a prune pass's `sparsity` or `target_macs`, quantize's `skip` for sensitive layers), or relax "
+                  "the recipe's [validate] thresholds; --keep-rejected (keep_rejected=True) writes the rejected "
+                  "files to inspect")
     else:
         advice = ("give training and validation data (--data / data=) so recovery steps run, use a gentler recipe, "
                   "or relax the recipe's [validate] thresholds")

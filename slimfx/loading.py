@@ -259,8 +259,9 @@ def resolve_model(spec: str, *, trained: bool = True, seed: int = 0, batch: int 
 
     A user callable is called after `torch.manual_seed(seed)` and on one torch thread, so random weights and
     example inputs are the same from run to run, and a callable that trains or computes its weights builds the
-    same model in every command whatever their --threads (float sums differ between thread counts). With `need_inputs=False` a callable may return a bare module (the caller
-    brings its own inputs, e.g. `slimfx distill --student`); example_inputs is then empty.
+    same model in every command whatever their --threads (float sums differ between thread counts). With
+    `need_inputs=False` a callable may return a bare module (the caller brings its own inputs, e.g. `slimfx
+    distill --student`); example_inputs is then empty.
     """
     spec = spec.strip()
     from slimfx.persist import SUFFIX

@@ -197,4 +197,5 @@ def terminate_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["OutputDir", "OutputError", "note_input", "input_problem", "Terminated", "terminate_on_sigterm", "remove_live_stages"]
+__all__ = ["OutputDir", "OutputError", "note_input", "input_problem", "Terminated", "terminate_on_sigterm",
+           "remove_live_stages"]

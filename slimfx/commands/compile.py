@@ -41,8 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "and steady on a busy machine); latency is always measured on 1 thread")
     p.add_argument("--bench-seconds", type=_args.bench_seconds, default=DEFAULT_BENCH_SECONDS,
                    help="the one time budget of the latency report: every file at batch 1 and 32, side by side "
-                        f"in up to 3 rounds of fresh sessions (default {DEFAULT_BENCH_SECONDS:g} s; more is steadier; 0: "
-                        "no latency report, as --no-bench)")
+                        f"in up to 3 rounds of fresh sessions (default {DEFAULT_BENCH_SECONDS:g} s; more is "
+                        "steadier; 0: no latency report, as --no-bench)")
     p.add_argument("--no-bench", action="store_true", help="skip the latency report (sizes and checks stay)")
     p.add_argument("--data", default=None, metavar="SPEC",
                    help="your data: 'file.py:fn' or 'package.module:fn' returning slimfx.Data(train=..., "
