@@ -53,11 +53,13 @@ from slimfx.passes.quantize.qdq import (
     fold_weight,
     insert_qdq,
     layer_weight,
+    lookup_head_codes,
     make_plan,
     quantize_embedding,
     quantize_tensor,
     tables_to_store,
     through_noops,
+    tied_heads,
     weight_axis,
 )
 
@@ -558,8 +560,10 @@ class Quantize(Pass):
                 if not dynamic:
                     ranges = self.calibrate(graph, plan, ctx)
                     plan = self._keep_nonfinite_float(graph, plan, ranges, skip, only, degenerate)
-        before = sum(graph.params[p.name].numel() * graph.params[p.name].element_size()
-                     for n in plan.weight_ops + embeds for p in n.params())
+        alias = graph.param_aliases()  # a tied table and its head: one tensor before, whatever its names
+        before = sum(graph.params[k].numel() * graph.params[k].element_size()
+                     for k in {alias[p.name] for n in plan.weight_ops + embeds for p in n.params()})
+        heads = tied_heads(graph, embeds)
         act_qp = {} if dynamic else self.activation_qparams(plan, ranges or {})
         for name, qp in act_qp.items():
             lo, hi = ranges[name] if name in (ranges or {}) else (None, None)  # type: ignore[index]
@@ -578,6 +582,8 @@ class Quantize(Pass):
             total=len(plan.weight_ops))
         raised = {n.name: self._fold(graph, n, lowbit.get(n.name), rounder) for n in layers}
         for n in embeds:
+            if n.name in heads and lookup_head_codes(graph, n, heads[n.name]) is not None:
+                continue  # the head's codes serve as the table
             w = graph.params[n.inputs[1].name]
             qmax = 2 ** (self.bits - 1) - 1  # a table lookup multiplies nothing: the full range is safe
             quantize_embedding(graph, n, qparams_from_range(w.min(), w.max(), torch.int8, symmetric=True,

@@ -368,6 +368,52 @@ def tables_to_store(graph: Graph, plan: Plan, *, skip: list[str], only: set[str]
             if all(u.op != "linear" or u.name in planned for u in users[alias[n.inputs[1].name]])]
 
 
+def tied_heads(graph: Graph, lookups: list[Node]) -> dict[str, Node]:
+    """For each lookup whose table a linear also reads as its weight (an LM head, under any of the table's
+    names: Graph.param_aliases), the first such linear. Read before quantize folds the heads' weights."""
+    users, alias = graph.param_users(tied=True), graph.param_aliases()
+    heads = {n.name: next((u for u in users[alias[n.inputs[1].name]] if u.op == "linear"), None) for n in lookups}
+    return {k: h for k, h in heads.items() if h is not None}
+
+
+def lookup_head_codes(graph: Graph, node: Node, head: Node) -> Node | None:
+    """Look the rows of a table tied to an LM head up in the head's own integer weight, so the file stores the
+    table once: `head`'s weight is then `dequantize(@codes, @scale, @zero_point)`, one scale for the tensor or one
+    per output channel, which is one per row of the table. The rows are dequantized with that scale, or with the
+    scales of the rows looked up (ONNX: Gather of the int8 codes and of the row scales, Cast, Mul). None, and the
+    graph unchanged, when the codes cannot serve as the table (blocked, below 8 bits, another layout, per-row
+    zero points that are not all 0)."""
+    w = head.inputs[1]
+    if not (isinstance(w, Node) and w.op == "dequantize" and isinstance(w.inputs[0], Param)
+            and not w.attrs.get("block_size") and (w.attrs.get("bits") or 8) == 8 and w.attrs.get("axis") in (None, 0)):
+        return None
+    codes, scale, zero_point = w.inputs[:3]
+    table = graph.params[node.inputs[1].name]
+    if graph.params[codes.name].shape != table.shape or not isinstance(scale, Param) or not isinstance(
+            zero_point, Param) or (w.attrs.get("axis") == 0 and graph.params[zero_point.name].any()):
+        return None
+    users, ids, meta = list(node.users), node.inputs[0], node.meta
+    node.inputs = (ids, codes)
+    node.meta = TensorMeta(tuple(meta.shape), graph.params[codes.name].dtype)
+    float_rows = TensorMeta(tuple(meta.shape), meta.dtype)
+    if w.attrs.get("axis") is None:
+        out = graph.create_node("dequantize", (node, scale, zero_point), {"axis": None}, name=f"{node.name}_dq",
+                                after=node, meta=float_rows, module_path=node.module_path)
+    else:
+        col = graph.create_node("unsqueeze", (scale,), {"dim": 1}, name=f"{node.name}_scale_table", after=node,
+                                meta=TensorMeta((table.shape[0], 1), torch.float32), module_path=node.module_path)
+        row_scale = graph.create_node("embedding", (ids, col), {}, name=f"{node.name}_row_scale", after=col,
+                                      meta=TensorMeta((*meta.shape[:-1], 1), torch.float32),
+                                      module_path=node.module_path)
+        rows = graph.create_node("cast", (node,), {"dtype": torch.float32}, name=f"{node.name}_float",
+                                 after=row_scale, meta=float_rows, module_path=node.module_path)
+        out = graph.create_node("mul", (rows, row_scale), {}, name=f"{node.name}_dq", after=rows, meta=float_rows,
+                                module_path=node.module_path)
+    for u in users:
+        u.replace_input(node, out)
+    return out
+
+
 def quantize_embedding(graph: Graph, node: Node, qp: QParams) -> Node:
     """Look up rows of an integer table and dequantize the rows (ONNX: Gather on an int8 initializer, then
     DequantizeLinear), so the table is stored as int8. `qp` must be per tensor: the gathered rows share it."""

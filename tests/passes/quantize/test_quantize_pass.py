@@ -343,6 +343,52 @@ def test_embedding_tables_are_stored_int8_and_export_as_gather_then_dequantize(s
     assert report.max_abs_diff < 1e-4
 
 
+@pytest.mark.parametrize("scheme, per_channel, method", [
+    ("int8-static", True, "fx"), ("int8-static", True, "export"), ("int8-dynamic", True, "fx"),
+    ("int8-static", False, "fx")])
+def test_a_table_tied_to_an_int8_head_is_looked_up_in_the_heads_codes_and_stored_once(
+        scheme, per_channel, method):
+    """The LM head's int8 weight is the table, rows by output channel: the lookup gathers those codes (and each
+    row's scale when they are per channel) instead of storing a per-tensor int8 copy beside them."""
+    import onnx
+
+    from slimfx.exporters.onnx import to_onnx_model
+    from slimfx.exporters.validate import validate_onnx
+    from slimfx.passes.quantize import ptq
+    from tests.exporters.test_shared_weights import TiedLm
+
+    torch.manual_seed(0)
+    m = TiedLm(vocab=200, d=32).eval()
+    ids = torch.randint(0, 200, (4, 6))
+    opts = {"scheme": scheme, "per_channel": per_channel, "speed_guard": False}
+
+    def quantized(shared: bool):
+        g = ir.capture(m, (ids,), method=method)
+        ctx = PassContext((ids,), calibration_data=[(torch.randint(0, 200, (8, 6)),)], quiet=True)
+        real = ptq.tied_heads
+        ptq.tied_heads = real if shared else (lambda graph, lookups: {})
+        try:
+            res = create_pass("quantize", opts).run(g, ctx)
+        finally:
+            ptq.tied_heads = real
+        return g, res, to_onnx_model(g, inputs=(ids,))
+
+    g, res, model = quantized(True)
+    lookup, head = g.find("embedding")[0], g.find("linear")[-1]
+    assert lookup.inputs[1] == head.inputs[1].inputs[0], (lookup, head.inputs[1])  # the head's codes
+    assert res.stats["embeddings"] == 1
+    tables = [t for t in model.graph.initializer if sorted(t.dims) == [32, 200]]
+    assert [t.data_type for t in tables] == [onnx.TensorProto.INT8], [(t.name, list(t.dims)) for t in tables]
+    twice, res_twice, model_twice = quantized(False)  # what it stored before: a per-tensor int8 copy too
+    assert len([t for t in model_twice.graph.initializer if sorted(t.dims) == [32, 200]]) == 2
+    saved = 200 * 32 - 4 * (200 if per_channel else 1)  # a second int8 table less, a column of row scales more
+    assert 0 <= res_twice.stats["weight_bytes"]["after"] - res.stats["weight_bytes"]["after"] - 200 * 32 <= 8
+    assert model_twice.ByteSize() - model.ByteSize() >= saved
+    assert res.stats["weight_bytes"]["before"] == 4 * (200 * 32 + 32 * 32 + 32)  # the tied table counted once
+    with torch.no_grad():  # the rows carry the head's rounding: as close to float as the copy's
+        assert _sqnr(m(ids), ir.lower(g)(ids)) > _sqnr(m(ids), ir.lower(twice)(ids)) - 1.0 > 25
+    assert validate_onnx(model, g, (ids,), atol=1e-4, rtol=1e-4).passed
+
 class GruText(nn.Module):
     def __init__(self):
         super().__init__()
