@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         sets, where = _data_sets(args.data, example)
         args.batch = [int(ins[0].shape[0]) for ins in sets]
+    ts = None
     if kind in ("torchscript", "pt2", "slimfx"):
         ts = _load_torch_file(args.path, kind)
 
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if not report.passed:
         why = (f". {args.path} holds quantized weights or activations, so it differs from the float model by their "
                "rounding by design: judge it by the SQNR and top-1 agreement above, or pass --atol/--rtol for the "
-               "difference you accept" if _quantized(args.path, kind) else "")
+               "difference you accept" if _quantized(args.path, kind, ts) else "")
         raise GateError(f"{args.path} does not match {loaded.name} on {where}: {report.summary()}{why}")
     return 0
 
@@ -177,18 +178,19 @@ QUANTIZED_ONNX_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLine
                       "GatherBlockQuantized", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger"}
 
 
-def _quantized(path: Path, kind: str) -> bool:
-    """Whether an ONNX or slimfx file holds quantized weights or activations (other kinds: not told)."""
+def _quantized(path: Path, kind: str, module: Any = None) -> bool:
+    """Whether a model file holds quantized weights or activations; `module`: a TorchScript or .pt2 file
+    loaded (its 8-bit tensors are integer weights: the exporters keep them integers)."""
     if kind == "slimfx":
         from slimfx.exporters.pt2 import weight_storage
         from slimfx.persist import load
 
         return weight_storage(load(path)) != "float"
-    if kind not in ("torchscript", "pt2"):  # an ONNX file (the sniffer says "onnx?"; the session loaded it)
-        import onnx
+    if kind in ("torchscript", "pt2"):
+        return any(t.dtype in (torch.int8, torch.uint8) for t in module.state_dict().values())
+    import onnx  # an ONNX file (the sniffer says "onnx?"; the session loaded it)
 
-        return any(n.op_type in QUANTIZED_ONNX_OPS for n in onnx.load(str(path), load_external_data=False).graph.node)
-    return False
+    return any(n.op_type in QUANTIZED_ONNX_OPS for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def _data_sets(spec: str, example: tuple) -> tuple[list[tuple], str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import textwrap
 
 import torch
@@ -68,3 +69,16 @@ def test_validate_tells_a_quantized_file_from_a_broken_one(tmp_path, monkeypatch
     assert main(["validate", "int8.onnx", "--model", "net.py:make", "--atol", "0.5", "--rtol", "0.1"]) == 0
     assert main(["validate", "float.onnx", "--model", "net.py:make"]) == 0
     capsys.readouterr()
+    from slimfx.exporters import export_pt2, export_torchscript
+
+    export_torchscript(graph, tmp_path / "int8.pt", inputs=loaded.example_inputs)
+    export_pt2(graph, tmp_path / "int8.pt2", inputs=loaded.example_inputs)
+    for f in ("int8.pt", "int8.pt2"):  # the torch files tell it too: their int8 tensors
+        assert main(["validate", f, "--model", "net.py:make"]) == 3
+        assert f"{f} holds quantized weights or activations" in capsys.readouterr().err
+    broken = copy.deepcopy(loaded.module)
+    with torch.no_grad():
+        broken[0].weight.add_(0.1)
+    export_torchscript(ir.capture(broken, loaded.example_inputs), tmp_path / "broken.pt", inputs=loaded.example_inputs)
+    assert main(["validate", "broken.pt", "--model", "net.py:make"]) == 3  # a float file that differs: no excuse
+    assert "holds quantized" not in capsys.readouterr().err
