@@ -13,7 +13,7 @@ An instrumentation is any object with some of these hooks (the PassManager calls
                                              is the last graph
 
 The built-in ones, which PassManager's keywords switch on: VerifyEach (ir.verify, incrementally), CheckNumerics
-(outputs on the example inputs, for passes that preserve outputs and changed the graph), GuardAnalyses (an
+(outputs on the example inputs, for passes that preserve outputs, whatever they report), GuardAnalyses (an
 analysis must leave the graph as it was), PrintIR (the IR after every pass that changed it, when asked),
 FailureDumps (the IR before and after a failing pass) and Reproducer (the failing pass's input as a .slimfx
 file, its options, and one command that replays the failure), FreezeHeap (the cyclic garbage collector
@@ -96,8 +96,8 @@ class VerifyEach:
 
 
 class CheckNumerics:
-    """A pass that preserves outputs (`preserves_outputs`, not an analysis) and changed the graph must keep
-    the outputs on the example inputs within `tol` x the output's magnitude (eval mode; ir.metrics.check_close).
+    """A pass that preserves outputs (`preserves_outputs`, not an analysis) must keep the outputs on the example
+    inputs within `tol` x the output's magnitude (eval mode; ir.metrics.check_close).
     Values are kept between passes (ir.Evaluator): only what a pass changed is computed again."""
 
     deferrable = True
@@ -122,16 +122,19 @@ class CheckNumerics:
         self.checking = True
 
     def after_pass(self, step: int, p: Pass, graph: Graph, record: Any) -> None:
+        # `record.changed` is the pass's own word, not trusted here: a pass that says it changed nothing but
+        # edited the graph (or a param in place) would otherwise leave a stale reference, and the next pass
+        # checked would be blamed for its change. The evaluator recomputes only what changed, so checking a
+        # graph that did not change costs one walk over it.
         checking, self.checking = self.checking, False
-        if not record.changed:
-            return
-        if not checking:  # a lossy pass changed the outputs: the next check starts from its graph
+        if not checking:  # a lossy pass may have changed the outputs: the next check starts from its graph
             self.reference = None
             return
         now = self._outputs(graph, "left a graph that")
         problem = check_close(self.reference, now, self.tol)
         if problem:
-            raise PassFailure(f"changed the outputs beyond check_numerics={self.tol:g}: {problem}")
+            said = "" if record.changed else " (it reported changed=False)"
+            raise PassFailure(f"changed the outputs beyond check_numerics={self.tol:g}{said}: {problem}")
         self.reference = now
 
     def _outputs(self, graph: Graph, who: str) -> Any:

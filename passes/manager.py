@@ -7,7 +7,7 @@
 
 What runs around each pass is a list of instrumentations (passes/instrument.py), chosen by the keywords:
 the verifier (ir.verify after every pass, incremental; on by default), the numerics check (`check_numerics=tol`:
-a pass that preserves outputs and changed the graph must keep the outputs on the context's example inputs;
+a pass that preserves outputs must keep the outputs on the context's example inputs, whatever it reports;
 these two run once after a run of consecutive output-preserving rewrites, see `check_every_pass`),
 the analysis guard (an analysis must leave the graph as it was), IR printing (only when asked: `print_ir`,
 `dump_dir`), and on a failure, dumps of the IR before and after the pass and a reproducer (the pass's input
@@ -89,8 +89,8 @@ class PassManager:
     passes: Pass objects, pass specs (`"dce"`, `"prune-channels{sparsity=0.5}"`) or registered classes.
     verify_each: run ir.verify after every pass (default True).
     check_numerics: None, or a relative tolerance; then every pass that preserves outputs (all but
-        those declaring `preserves_outputs = False`: pruning, quantization, training) and changed the graph
-        must keep the outputs on ctx.example_inputs within it (eval mode).
+        those declaring `preserves_outputs = False`: pruning, quantization, training) must keep the outputs
+        on ctx.example_inputs within it (eval mode), whether or not it reports a change.
     check_every_pass: run those two checks after every single pass. By default a run of consecutive
         output-preserving rewrites (dce, cse, fold-batchnorm, ...) is checked once, after its last pass,
         and a failure replays those passes one at a time with the checks after each, so the error names
