@@ -9,7 +9,8 @@ What runs around each pass is a list of instrumentations (passes/instrument.py),
 the verifier (ir.verify after every pass, incremental; on by default), the numerics check (`check_numerics=tol`:
 a pass that preserves outputs must keep the outputs on the context's example inputs, whatever it reports;
 these two run once after a run of consecutive output-preserving rewrites, see `check_every_pass`),
-the analysis guard (an analysis must leave the graph as it was), IR printing (only when asked: `print_ir`,
+the interface guard (every pass keeps the graph's inputs and output structure), the analysis guard (an analysis
+must leave the graph as it was), IR printing (only when asked: `print_ir`,
 `dump_dir`), and on a failure, dumps of the IR before and after the pass and a reproducer (the pass's input
 as a .slimfx file and a `slimfx run-pass` command that replays it). Your own go in `instrumentations=`.
 
@@ -37,6 +38,7 @@ from slimfx.passes.instrument import (
     FailureDumps,
     FreezeHeap,
     GuardAnalyses,
+    KeepInterface,
     PassFailure,
     PrintIR,
     Reproducer,
@@ -131,7 +133,7 @@ class PassManager:
 
     def instrumentations_for(self, ctx: PassContext) -> list[Any]:
         """The instrumentations of one run, in the order their hooks are called (fresh state per run)."""
-        out: list[Any] = [GuardAnalyses()]
+        out: list[Any] = [KeepInterface(), GuardAnalyses()]
         if self.verify_each:
             out.append(VerifyEach())
         if self.check_numerics is not None:

@@ -434,3 +434,39 @@ def test_the_checkpoint_restores_the_input_exactly(case, tmp_path):
         PassManager(["test-checkpoint-probe"], dump_dir=tmp_path).run(g, PassContext(example_inputs=(x,)))
     saved = ir.Graph.load(_files(str(e.value))["input graph"])
     assert ir.graph_diff(want, saved, locations=False) is None, textwrap.shorten(str(e.value), 300)
+
+
+@register_pass("test-extra-output")
+class ExtraOutput(Pass):
+    """Returns its output twice (lossy: no numerics check would see it)."""
+
+    preserves_outputs = False
+
+    def run(self, graph, ctx):
+        graph.set_outputs((graph.outputs, graph.outputs))
+        return PassResult(changed=True)
+
+
+@register_pass("test-extra-input")
+class ExtraInput(Pass):
+    """Adds a second graph input nothing reads (lossy)."""
+
+    preserves_outputs = False
+
+    def run(self, graph, ctx):
+        x = graph.inputs[0]
+        graph.create_node("input", (), {}, name="y", meta=x.meta, after=x)
+        return PassResult(changed=True)
+
+
+@pytest.mark.parametrize("name, what", [
+    ("test-extra-output", "changed the graph's outputs from (output) to (output[0], output[1])"),
+    ("test-extra-input", "changed the graph's inputs from (x) to (x, y)"),
+])
+@pytest.mark.parametrize("numerics", [None, 1e-5])
+def test_a_pass_that_changes_the_graphs_inputs_or_outputs_is_named(case, name, what, numerics):
+    _, x, g = case
+    with pytest.raises(PassError) as e:
+        PassManager(["remove-identity", name, "dce"], check_numerics=numerics, failure_dumps=False).run(
+            g, PassContext(example_inputs=(x,)))
+    assert str(e.value).startswith(f"pass '{name}' (step 2 of 3: {name}) {what}; a pass may change what")

@@ -174,3 +174,28 @@ def test_entry_points_in_the_slimfx_plugins_group_are_loaded(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "entry point 'broken' of fakeplug" in err and "fix or uninstall fakeplug" in err
     monkeypatch.setattr(plugins, "_entry_points_loaded", True)  # leave no broken state for other tests
+
+
+def test_a_plugin_pass_that_adds_an_output_exits_2_naming_it_and_writes_nothing(tmp_path, capsys):
+    # It is lossy (no numerics check): before, the compile went on and the gate failed (exit 3) saying the
+    # compiled model returns 2 outputs, naming no pass.
+    _write(tmp_path / "two_outputs.py", """
+        from slimfx.passes import Pass, PassResult, register_pass
+
+        @register_pass("test-plugin-two-outputs")
+        class TwoOutputs(Pass):
+            '''Returns the output twice.'''
+            preserves_outputs = False
+            def run(self, graph, ctx):
+                graph.set_outputs((graph.outputs, graph.outputs))
+                return PassResult(changed=True)
+        """)
+    (tmp_path / "r.toml").write_text('plugins = ["two_outputs.py"]\n[[passes]]\nname = "test-plugin-two-outputs"\n'
+                                     '[export]\nformats = ["onnx"]\n')
+    out = tmp_path / "out"
+    assert main(["compile", f"{EXAMPLE}:Net", "--recipe", str(tmp_path / "r.toml"), "--out", str(out),
+                 "--bench-seconds", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pass 'test-plugin-two-outputs' (step 1 of 1" in err
+    assert "changed the graph's outputs from (output) to (output[0], output[1])" in err
+    assert not out.exists() and not list(tmp_path.glob(".*out*"))
