@@ -382,7 +382,10 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
 def _definition(cls: type) -> tuple[str, str | None]:
     """(qualname, source file): the same class body loaded again (a file imported twice, a module reloaded)
     may replace its own registration; any other class under a taken name is refused."""
-    files = [v.__code__.co_filename for v in vars(cls).values() if hasattr(v, "__code__")]
+    # the class body's own functions: a staticmethod's function, a wrapper's wrapped one (dataclass's __repr__
+    # is wrapped in dataclasses.py, so a class whose body has no plain method would seem defined there)
+    fns = [inspect.unwrap(getattr(v, "__func__", v)) for v in vars(cls).values()]
+    files = [f.__code__.co_filename for f in fns if hasattr(f, "__code__")]
     path = next((f for f in files if not f.startswith("<")), None)  # not dataclass's generated methods
     if path is None:
         try:

@@ -199,3 +199,27 @@ def test_a_plugin_pass_that_adds_an_output_exits_2_naming_it_and_writes_nothing(
     assert "pass 'test-plugin-two-outputs' (step 1 of 1" in err
     assert "changed the graph's outputs from (output) to (output[0], output[1])" in err
     assert not out.exists() and not list(tmp_path.glob(".*out*"))
+
+
+def test_two_plugins_registering_the_same_pattern_pass_name_exit_2(tmp_path, capsys):
+    # A PatternPass body holds only staticmethods: its definition was looked up in dataclasses.py (where the
+    # generated __repr__'s wrapper lives) for both classes, so the second silently replaced the first.
+    body = """
+        import torch
+        import torch.nn.functional as F
+        from slimfx.passes import PatternPass, register_pass
+
+        @register_pass("test-same-pattern-name")
+        class FuseSilu(PatternPass):
+            '''{doc}'''
+            pattern = staticmethod(lambda x: x * torch.sigmoid(x))
+            replacement = staticmethod(lambda x: F.silu(x))
+        """
+    first = _write(tmp_path / "first_plugin.py", body.format(doc="The first."))
+    second = _write(tmp_path / "second_plugin.py", body.format(doc="The second."))
+    assert main(["passes", "--plugin", str(first), "--plugin", str(second)]) == 2
+    err = capsys.readouterr().err
+    assert "second_plugin.py" in err and "a pass named 'test-same-pattern-name' is already registered" in err
+    assert f"(FuseSilu from {first})" in err
+    assert main(["passes", "test-same-pattern-name", "--plugin", str(first)]) == 0  # loading one again is fine
+    assert "The first." in capsys.readouterr().out
