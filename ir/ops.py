@@ -112,6 +112,9 @@ class OpDef:
       (QGemm, MatMulIntegerToFloat) and leave it off.
     - `state_inputs`: operands that carry only run-time state the op updates in place
       (batch_norm's num_batches_tracked); they do not shape the output.
+    - `buffer_inputs`: operands that are module buffers, never trained (batch_norm's running mean, variance
+      and counter): a param read there is not trainable (torch refuses running statistics that require
+      grad), which is how `ir.parse` tells buffers from weights in IR text.
     - `macs`: `fn(node) -> int`, multiply-accumulates of a node (weighted ops have a generic formula).
     """
 
@@ -128,6 +131,7 @@ class OpDef:
     quant: str | None = None
     quant_output: bool = False
     state_inputs: tuple[int, ...] = ()
+    buffer_inputs: tuple[int, ...] = ()
     macs: Callable[[Any], int] | None = None
 
 
@@ -681,7 +685,8 @@ register_op("matmul", torch.matmul, quant="operands", macs=_matmul_macs)
 register_op("scaled_dot_product_attention", _sdpa, macs=_sdpa_macs)
 register_op("embedding", _embedding, quant="table")
 # norms: batch_norm keeps channels (its params follow them); layer/group norm have pruning rules of their own
-register_op("batch_norm", _batch_norm, training_flag=True, channels="same", state_inputs=(5,))
+register_op("batch_norm", _batch_norm, training_flag=True, channels="same", state_inputs=(5,),
+            buffer_inputs=(1, 2, 5))
 register_op("layer_norm", _layer_norm)
 register_op("group_norm", _group_norm)
 
@@ -742,7 +747,7 @@ register_op("conv_transpose2d", _conv_transpose2d, **_CONV_T)
 register_op("einsum", _einsum, macs=_einsum_macs)
 register_op("rms_norm", _rms_norm)
 # instance_norm: per-channel statistics and params (pruning: as batch_norm); running stats only when tracked
-register_op("instance_norm", _instance_norm, training_flag=True)
+register_op("instance_norm", _instance_norm, training_flag=True, buffer_inputs=(1, 2))
 register_op("pixel_shuffle", _pixel_shuffle, shape_op=True, quant="transparent")
 register_op("pixel_unshuffle", _pixel_unshuffle, shape_op=True, quant="transparent")
 # bool masks: comparisons, logic, selection (the result of a comparison is bool; `where` takes any dtypes)
