@@ -549,7 +549,9 @@ def _not_converging(graph: Graph, rs: RuleSet, counts: dict[str, int], node: Nod
     return PassError(f"rules [{names}] do not converge on graph '{graph.name}': still matching after {bound} "
                      f"rewrites (busiest: {busy}; next at %{node.name}, {node.where()}). A replacement recreates what a "
                      "rule matches, or two rules undo each other: make a condition reject what a replacement "
-                     "produces (a pass in a recipe: leave it out and report it)")
+                     "produces, or the pattern's attributes literal (left at their defaults they match any value: "
+                     "F.gelu(x) matches a tanh gelu too; `exact_attrs = True` on a PatternPass, "
+                     "Pattern(fn, exact_attrs=True) in a Rule) (a pass in a recipe: leave it out and report it)")
 
 
 def rewrite(graph: Graph, pattern: Pattern | Callable, replacement: Replace, *,
