@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import difflib
 import functools
 import inspect
 import logging
@@ -406,10 +407,17 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 
 def get_pass(name: str) -> type[Pass]:
+    """The pass registered as `name`; PassError naming the closest names and how to register one of your own."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise PassError(f"unknown pass {name!r}; registered passes: {', '.join(sorted(_REGISTRY))}") from None
+        names = sorted(_REGISTRY)
+        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise PassError(f"unknown pass {name!r}; {hint}registered passes: {', '.join(names)}. A pass of your own "
+                        "is known once the file that registers it is loaded: --plugin my_passes.py on the command "
+                        "line, plugins = [\"my_passes.py\"] in a recipe (relative to it), an import in Python") \
+            from None
 
 
 def create_pass(name: str, options: dict[str, Any] | None = None) -> Pass:

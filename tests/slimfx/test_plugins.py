@@ -223,3 +223,16 @@ def test_two_plugins_registering_the_same_pattern_pass_name_exit_2(tmp_path, cap
     assert f"(FuseSilu from {first})" in err
     assert main(["passes", "test-same-pattern-name", "--plugin", str(first)]) == 0  # loading one again is fine
     assert "The first." in capsys.readouterr().out
+
+
+def test_run_pass_on_a_pass_of_your_own_without_its_plugin_says_how_to_load_it(tmp_path, capsys):
+    from slimfx import ir
+    from slimfx.persist import save
+
+    path = tmp_path / "g.slimfx"
+    save(ir.capture(__import__("torch").nn.Linear(2, 2).eval(), (__import__("torch").randn(1, 2),)), path)
+    assert main(["run-pass", "my-unloaded-pass", str(path)]) == 2
+    err = capsys.readouterr().err  # before: "unknown pass ...; registered passes: ..." and nothing on plugins
+    assert "unknown pass 'my-unloaded-pass'" in err and "--plugin my_passes.py on the command line" in err
+    assert main(["run-pass", "fold-batchnom", str(path)]) == 2
+    assert "did you mean 'fold-batchnorm'" in capsys.readouterr().err
