@@ -191,7 +191,8 @@ class PassManager:
                 _call(insts, "before_pass", step, p, graph)
                 graph, record = self._step(p, graph, ctx)
                 _call(insts, "after_pass", step, p, graph, record)
-            except Exception as e:  # noqa: BLE001 - every failure inside a step is named and dumped
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - every failure inside a step is named and dumped
+                # (sys.exit in a pass too: it would end the process with its code and no word of the pass)
                 f = Failure(step, len(self.passes), p, "", graph, before, self.dump_dir)
                 raise self._failure(insts, f, e) from e
             records.append(record)
@@ -219,7 +220,7 @@ class PassManager:
             together = dataclasses.replace(done[-1], changed=any(r.changed for r in done))
             checking = True
             _call(later, "after_pass", step, self.passes[step - 1], graph, together)
-        except Exception as e:  # noqa: BLE001 - replayed to name the pass that failed
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - replayed to name the pass that failed
             raise self._replay(saved, ctx, insts, steps[:steps.index(step) + 1], graph, e, checking) from e
         records += done
         return graph
@@ -238,7 +239,7 @@ class PassManager:
             replayed = saved.restore()
             try:
                 replayed = self._run_steps(replayed, ctx, checks, steps if checking else steps[:-1], [])
-            except Exception as e:  # noqa: BLE001 - the failure, named with its step
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - the failure, named with its step
                 return e
             finally:
                 _call(checks, "after_run", replayed)

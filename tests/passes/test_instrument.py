@@ -470,3 +470,23 @@ def test_a_pass_that_changes_the_graphs_inputs_or_outputs_is_named(case, name, w
         PassManager(["remove-identity", name, "dce"], check_numerics=numerics, failure_dumps=False).run(
             g, PassContext(example_inputs=(x,)))
     assert str(e.value).startswith(f"pass '{name}' (step 2 of 3: {name}) {what}; a pass may change what")
+
+
+@register_pass("test-calls-exit")
+class CallsExit(Pass):
+    """Calls sys.exit (e.g. a script's main() pasted into a pass)."""
+
+    def run(self, graph, ctx):
+        import sys
+
+        sys.exit(5)
+
+
+@pytest.mark.parametrize("every", [False, True])
+def test_a_pass_calling_sys_exit_is_a_named_pass_error_not_the_end_of_the_process(case, every):
+    # before: SystemExit went through the manager, and the CLI ended with exit code 5 and no message
+    _, x, g = case
+    with pytest.raises(PassError) as e:
+        PassManager(["remove-identity", "test-calls-exit", "dce"], check_every_pass=every, failure_dumps=False).run(
+            g, PassContext(example_inputs=(x,)))
+    assert str(e.value).startswith("pass 'test-calls-exit' (step 2 of 3: test-calls-exit) crashed: SystemExit: 5")
