@@ -208,11 +208,13 @@ class PassManager:
         now = [i for i in insts if not getattr(i, "deferrable", False)]
         later = [i for i in insts if getattr(i, "deferrable", False)]
         done: list[PassRecord] = []
-        step, checking = steps[0], False
+        marks: list[dict[str, tuple[int, int]]] = []  # each step's input params (identity, version): who edited
+        step, checking = steps[0], False                # one in place, should the group fail and not replay
         try:
             _call(later, "before_pass", step, self.passes[step - 1], graph)
             for step in steps:
                 p = self.passes[step - 1]
+                marks.append(_param_marks(graph))
                 _call(now, "before_pass", step, p, graph)
                 graph, record = self._step(p, graph, ctx)
                 _call(now, "after_pass", step, p, graph, record)
@@ -221,12 +223,13 @@ class PassManager:
             checking = True
             _call(later, "after_pass", step, self.passes[step - 1], graph, together)
         except (Exception, SystemExit) as e:  # noqa: BLE001 - replayed to name the pass that failed
-            raise self._replay(saved, ctx, insts, steps[:steps.index(step) + 1], graph, e, checking) from e
+            marks.append(_param_marks(graph))
+            raise self._replay(saved, ctx, insts, steps[:steps.index(step) + 1], graph, e, checking, marks) from e
         records += done
         return graph
 
     def _replay(self, saved: Checkpoint, ctx: PassContext, insts: list[Any], steps: list[int], graph: Graph,
-                error: Exception, checking: bool) -> Exception:
+                error: Exception, checking: bool, marks: list[dict[str, tuple[int, int]]]) -> Exception:
         """The error for a failure in a group of deferred steps. The steps before the one that failed (all of
         them when the deferred checks failed) run again from the group's input, one at a time with fresh
         built-in checks after each: a failure there is the error (it names the first pass that broke the
@@ -255,8 +258,15 @@ class PassManager:
             names = ", ".join(f"'{self.passes[s - 1].name}'" for s in steps)
             message = message.replace(head, f"passes {names} (steps {steps[0]}-{last} of {f.steps}, checked "
                                              "together)", 1)
-        why = (f"params changed in place ({', '.join(stale[:3])}) prevent replaying the steps one at a time"
-               if stale else "each of them alone passed the checks when replayed")
+        why = "each of them alone passed the checks when replayed"
+        if stale:
+            why = f"params changed in place ({', '.join(stale[:3])}) prevent replaying the steps one at a time"
+            editors = [(s, _edited_in_place(a, b)) for s, a, b in zip(steps, marks, marks[1:])]
+            editors = [(s, names) for s, names in editors if names]
+            if editors:  # name who did it: passes must put new tensors in graph.params
+                why += "; " + "; ".join(f"pass '{self.passes[s - 1].name}' (step {s}) edited "
+                                        f"{', '.join(names[:3])} in place" for s, names in editors)
+                why += " (a pass must put a new tensor in graph.params instead)"
         e.args = (f"{message}\n  ({why})", *e.args[1:])
         return e
 
@@ -296,6 +306,15 @@ def _set_options_of(passes: list[Pass]) -> list[Pass]:
                             f"'{target}' in the pipeline; or set {target}{{{option}=true}} instead")
         out[j] = dataclasses.replace(out[j], **{option: True})
     return out
+
+
+def _param_marks(graph: Graph) -> dict[str, tuple[int, int]]:
+    return {k: (id(t), t._version) for k, t in graph.params.items()}
+
+
+def _edited_in_place(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """Params that are the same tensor before and after a step, with a newer version: written in place."""
+    return [k for k, (i, v) in before.items() if k in after and after[k][0] == i and after[k][1] != v]
 
 
 def _call(insts: list[Any], hook: str, *args: Any) -> None:

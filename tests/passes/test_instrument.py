@@ -353,7 +353,10 @@ def test_params_changed_in_place_are_named_when_they_prevent_a_replay(case):
     msg = str(e.value)
     assert msg.startswith("passes 'test-scale-weights', 'fold-batchnorm', 'dce' (steps 1-3 of 3, checked together) "
                           "changed the outputs beyond")
-    assert "(params changed in place (c1.weight) prevent replaying the steps one at a time)" in msg
+    # and who edited it in place (before: only the group was named)
+    assert ("(params changed in place (c1.weight) prevent replaying the steps one at a time; pass "
+            "'test-scale-weights' (step 1) edited c1.weight in place (a pass must put a new tensor in graph.params "
+            "instead))") in msg
     # after fold-batchnorm the weight is a new tensor: an in-place edit then does not stop the replay
     with pytest.raises(PassError, match=r"^pass 'test-scale-weights' \(step 2 of 3"):
         PassManager(["fold-batchnorm", "test-scale-weights{in_place=true}", "dce"], check_numerics=1e-4).run(
