@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from slimfx.ir.graph import Graph, Node, TensorMeta, meta_of
+from slimfx.ir.graph import Graph, Node, Param, TensorMeta, meta_of
 from slimfx.ir.ops import OPS
 
 
@@ -20,8 +20,16 @@ def count_params(graph: Graph, *, include_buffers: bool = False) -> int:
 
 def _params_by_node(graph: Graph, *, include_buffers: bool = False) -> dict[Node, int]:
     """The elements count_params counts, each given to the first node reading it (a tied param once), so
-    the per-node numbers (node_table) add up to the total."""
+    the per-node numbers (node_table) add up to the total. The stored weights of a quantized layer (its codes,
+    int8 weights and int32 biases alike, read where an op's `stored_weights` trait says) are parameters;
+    their scales and zero points are not."""
     alias = graph.param_aliases()
+    stored = set()
+    for n in graph:
+        op = OPS.get(n.op)
+        for i in op.stored_weights if op is not None else ():
+            if i < len(n.inputs) and isinstance(n.inputs[i], Param):
+                stored.add(alias.get(n.inputs[i].name, n.inputs[i].name))
     seen: set[str] = set()
     out: dict[Node, int] = {}
     for n in graph:
@@ -30,15 +38,9 @@ def _params_by_node(graph: Graph, *, include_buffers: bool = False) -> dict[Node
             if k in seen or k not in graph.params:
                 continue
             seen.add(k)
-            if include_buffers or k not in graph.buffers or _is_weight_like(graph, k):
+            if include_buffers or k not in graph.buffers or k in stored:
                 out[n] = out.get(n, 0) + graph.params[k].numel()
     return out
-
-
-def _is_weight_like(graph: Graph, name: str) -> bool:
-    """Integer weights of a quantized graph still count as parameters."""
-    t = graph.params[name]
-    return t.dtype in (torch.int8, torch.uint8) and t.dim() >= 1 and t.numel() > 1
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -70,3 +70,23 @@ def test_inspect_json_of_a_users_file(tmp_path, capsys, monkeypatch):
     conv, bn, lin = 8 * 9 + 8, 16, 512 * 10 + 10
     assert doc["params"] == sum(n["params"] for n in doc["nodes"]) == conv + bn + lin
     assert doc["macs"] == 8 * 8 * 8 * 9 + 512 * 10  # conv: every output element sums over 1x3x3; linear 512x10
+
+
+def test_a_quantized_graph_has_the_params_of_the_float_one():
+    # int8 weights and int32 biases are stored weights (params); scales and zero points are not. Before, int8
+    # zero points counted and int32 biases did not (1,322 for a 1,338-param model: a
+    # zero-point param shared by layers of the same width counts once, their biases each).
+    from slimfx.passes import PassContext, PassManager
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),  # two layers of 8 channels
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),       # share one zero-point param
+                          nn.Linear(8 * 6 * 6, 10)).eval()
+    x = torch.randn(4, 1, 6, 6)
+    folded = PassManager(["fold-batchnorm"]).run(ir.capture(model, (x,))).graph
+    floats = ir.count_params(folded)
+    assert floats == 8 * 9 + 8 + 8 * 8 * 9 + 8 + 288 * 10 + 10
+    q = PassManager(["quantize{speed_guard=false}"]).run(
+        folded.copy(), PassContext(example_inputs=(x,), calibration_data=[(x,)])).graph
+    assert q.find("dequantize") and any(t.dtype == torch.int8 for t in q.params.values())
+    assert ir.count_params(q) == floats == sum(r["params"] for r in ir.node_table(q))
