@@ -91,8 +91,13 @@ class Rule:
         return [m for n in graph.find(self.pattern.anchor_op) if (m := self.match(n)) is not None]
 
     def explain(self, graph: Graph) -> str:
-        """Why the rule does (not) match: see `Pattern.explain`."""
-        return self.pattern.explain(graph, condition=self.condition, exclusive=self.exclusive)
+        """Why the rule does (not) match: see `Pattern.explain`; named after the rule (its pattern is often a
+        lambda, which Pattern.explain could only call '<lambda>')."""
+        text = self.pattern.explain(graph, condition=self.condition, exclusive=self.exclusive)
+        head = f"pattern {self.pattern.name!r}"
+        if self.name != self.pattern.name and text.startswith(head):
+            text = f"rule {self.name!r}" + text[len(head):]
+        return text
 
     def with_(self, **changes: Any) -> Rule:
         """A copy with other `condition`, `replace` or `name` (the traced pattern and replacement are shared)."""

@@ -297,3 +297,9 @@ def test_a_pattern_pass_with_loose_attributes_that_recreates_its_match_points_to
     run = PassManager(["test-tanh-gelu-exact"]).run(g)
     assert run[0].stats == {"rewritten": 2}
     assert [n.attrs["approximate"] for n in run.graph.find("gelu")] == ["tanh", "tanh"]
+
+
+def test_a_rules_explanation_is_named_after_the_rule_not_its_lambda():
+    silu = Rule(lambda x: x * torch.sigmoid(x), lambda x: F.silu(x), name="silu")
+    g = ir.capture(nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval(), (torch.randn(1, 2),))
+    assert silu.explain(g).startswith("rule 'silu': no graph node has op 'mul'")  # was: pattern '<lambda>'
