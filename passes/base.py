@@ -305,10 +305,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(pass_name: str, key: str, value: Any, tp: Any) -> Any:
-    """Check (and gently convert) an option value against its annotation."""
+def _coerce(pass_name: str, key: str, value: Any, tp: Any, where: str = "") -> Any:
+    """Check (and gently convert) an option value against its annotation; `where` names an item of a list or
+    dict option (" (item 1)", as the range check does)."""
     def fail() -> PassError:
-        return PassError(f"pass '{pass_name}': option {key!r} must be {_type_name(tp)}, "
+        return PassError(f"pass '{pass_name}': option {key!r}{where} must be {_type_name(tp)}, "
                          f"got {value!r} ({type(value).__name__})")
 
     if tp is Any:
@@ -322,14 +323,14 @@ def _coerce(pass_name: str, key: str, value: Any, tp: Any) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(pass_name, key, value, a)
+                return _coerce(pass_name, key, value, a, where)
             except PassError:
                 continue
         raise fail()
     if origin is typing.Literal:
         if value in args:
             return value
-        raise PassError(f"pass '{pass_name}': option {key!r} must be one of "
+        raise PassError(f"pass '{pass_name}': option {key!r}{where} must be one of "
                         f"{', '.join(repr(a) for a in args)}; got {value!r}")
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -337,13 +338,14 @@ def _coerce(pass_name: str, key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise fail()
         inner = args[0] if args else Any
-        items = [_coerce(pass_name, key, v, inner) for v in value]
+        items = [_coerce(pass_name, key, v, inner, f" (item {i})") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise fail()
         kt, vt = args if args else (Any, Any)
-        return {_coerce(pass_name, key, k, kt): _coerce(pass_name, key, v, vt) for k, v in value.items()}
+        return {_coerce(pass_name, key, k, kt, f" (key {k!r})"): _coerce(pass_name, key, v, vt, f" (entry {k!r})")
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
