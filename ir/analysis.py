@@ -8,23 +8,39 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from slimfx.ir.graph import Graph, Node, TensorMeta, meta_of
+from slimfx.ir.graph import Graph, Node, Param, TensorMeta, meta_of
 from slimfx.ir.ops import OPS
 
 
 def count_params(graph: Graph, *, include_buffers: bool = False) -> int:
     """Number of elements in the params table that are read by some node (trainable ones by default); a tied
     param (one tensor under two names, Graph.param_aliases) counts once."""
+    return sum(_params_by_node(graph, include_buffers=include_buffers).values())
+
+
+def _params_by_node(graph: Graph, *, include_buffers: bool = False) -> dict[Node, int]:
+    """The elements count_params counts, each given to the first node reading it (a tied param once), so
+    the per-node numbers (node_table) add up to the total. The stored weights of a quantized layer (its codes,
+    int8 weights and int32 biases alike, read where an op's `stored_weights` trait says) are parameters;
+    their scales and zero points are not."""
     alias = graph.param_aliases()
-    used = {alias[p.name] for n in graph for p in n.params()}
-    return sum(t.numel() for k, t in graph.params.items()
-               if k in used and (include_buffers or k not in graph.buffers or _is_weight_like(graph, k)))
-
-
-def _is_weight_like(graph: Graph, name: str) -> bool:
-    """Integer weights of a quantized graph still count as parameters."""
-    t = graph.params[name]
-    return t.dtype in (torch.int8, torch.uint8) and t.dim() >= 1 and t.numel() > 1
+    stored = set()
+    for n in graph:
+        op = OPS.get(n.op)
+        for i in op.stored_weights if op is not None else ():
+            if i < len(n.inputs) and isinstance(n.inputs[i], Param):
+                stored.add(alias.get(n.inputs[i].name, n.inputs[i].name))
+    seen: set[str] = set()
+    out: dict[Node, int] = {}
+    for n in graph:
+        for p in n.params():
+            k = alias.get(p.name, p.name)
+            if k in seen or k not in graph.params:
+                continue
+            seen.add(k)
+            if include_buffers or k not in graph.buffers or k in stored:
+                out[n] = out.get(n, 0) + graph.params[k].numel()
+    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -163,12 +179,16 @@ def example_inputs(graph: Graph, *, batch: int | None = None, seed: int = 0) -> 
 
 
 def node_table(graph: Graph) -> list[dict[str, Any]]:
-    """One row a node: name, op, output shape, params read, MACs."""
+    """One row a node: name, op, output shape (as the IR text writes it), params, MACs. A node's params are
+    those count_params counts that it is the first to read (trainable ones; a tied param once), so the
+    column adds up to count_params(graph)."""
+    from slimfx.ir.printer import format_meta
+
+    params = _params_by_node(graph)
     rows = []
     for n in graph:
         if n.op in ("output",):
             continue
-        params = sum(graph.params[p.name].numel() for p in n.params() if p.name in graph.params)
-        rows.append({"name": n.name, "op": n.op, "shape": str(n.meta) if n.meta is not None else "",
-                     "params": params, "macs": node_macs(n), "module": n.module_path or ""})
+        rows.append({"name": n.name, "op": n.op, "shape": format_meta(n.meta),
+                     "params": params.get(n, 0), "macs": node_macs(n), "module": n.module_path or ""})
     return rows

@@ -112,6 +112,11 @@ class OpDef:
       (QGemm, MatMulIntegerToFloat) and leave it off.
     - `state_inputs`: operands that carry only run-time state the op updates in place
       (batch_norm's num_batches_tracked); they do not shape the output.
+    - `stored_weights`: operands that hold a layer's weights in stored form (quantized codes, packed 4-bit
+      blocks): a buffer read there counts as parameters (`count_params`), its scales and zero points do not.
+    - `buffer_inputs`: operands that are module buffers, never trained (batch_norm's running mean, variance
+      and counter): a param read there is not trainable (torch refuses running statistics that require
+      grad), which is how `ir.parse` tells buffers from weights in IR text.
     - `macs`: `fn(node) -> int`, multiply-accumulates of a node (weighted ops have a generic formula).
     """
 
@@ -128,6 +133,8 @@ class OpDef:
     quant: str | None = None
     quant_output: bool = False
     state_inputs: tuple[int, ...] = ()
+    buffer_inputs: tuple[int, ...] = ()
+    stored_weights: tuple[int, ...] = ()
     macs: Callable[[Any], int] | None = None
 
 
@@ -681,7 +688,8 @@ register_op("matmul", torch.matmul, quant="operands", macs=_matmul_macs)
 register_op("scaled_dot_product_attention", _sdpa, macs=_sdpa_macs)
 register_op("embedding", _embedding, quant="table")
 # norms: batch_norm keeps channels (its params follow them); layer/group norm have pruning rules of their own
-register_op("batch_norm", _batch_norm, training_flag=True, channels="same", state_inputs=(5,))
+register_op("batch_norm", _batch_norm, training_flag=True, channels="same", state_inputs=(5,),
+            buffer_inputs=(1, 2, 5))
 register_op("layer_norm", _layer_norm)
 register_op("group_norm", _group_norm)
 
@@ -742,7 +750,7 @@ register_op("conv_transpose2d", _conv_transpose2d, **_CONV_T)
 register_op("einsum", _einsum, macs=_einsum_macs)
 register_op("rms_norm", _rms_norm)
 # instance_norm: per-channel statistics and params (pruning: as batch_norm); running stats only when tracked
-register_op("instance_norm", _instance_norm, training_flag=True)
+register_op("instance_norm", _instance_norm, training_flag=True, buffer_inputs=(1, 2))
 register_op("pixel_shuffle", _pixel_shuffle, shape_op=True, quant="transparent")
 register_op("pixel_unshuffle", _pixel_unshuffle, shape_op=True, quant="transparent")
 # bool masks: comparisons, logic, selection (the result of a comparison is bool; `where` takes any dtypes)
@@ -788,7 +796,7 @@ register_op("lstm", _lstm, training_flag=True, result="tuple", macs=_rnn_macs(4)
 register_op("gru", _gru, training_flag=True, result="tuple", macs=_rnn_macs(3))
 
 register_op("quantize", _quantize, channels="block")
-register_op("dequantize", _dequantize, channels="block")
+register_op("dequantize", _dequantize, channels="block", stored_weights=(0,))
 # run-time quantization (int8-dynamic): channel pruning stops at it (prune before quantizing)
 register_op("dynamic_quantize", _dynamic_quantize, result="tuple", channels="block")
 register_op("mask", _mask, elementwise=2)
@@ -855,8 +863,8 @@ def _gather_nbits(ids, qweight, scales, zero_points=None, *, k, bits, block_size
 
 # weight-only low-bit linear layers and table lookups (quantize-weights, passes/quantize/weight_only.py);
 # exported as MatMulNBits and GatherBlockQuantized, which read the same packed codes
-register_op("matmul_nbits", _matmul_nbits, channels="block", macs=_matmul_nbits_macs)
-register_op("gather_nbits", _gather_nbits, channels="block")
+register_op("matmul_nbits", _matmul_nbits, channels="block", macs=_matmul_nbits_macs, stored_weights=(1,))
+register_op("gather_nbits", _gather_nbits, channels="block", stored_weights=(1,))
 
 # Ops that are not canonical table entries but are structural parts of every graph.
 STRUCTURAL_OPS = ("input", "output", "opaque")

@@ -35,6 +35,7 @@ import torch
 
 from slimfx.ir.errors import SlimfxError
 from slimfx.ir.graph import _DTYPE_SHORT, Graph, Node, Param, TensorMeta
+from slimfx.ir.ops import OPS
 from slimfx.ir.printer import FUNCTION_HOMES
 
 
@@ -389,7 +390,8 @@ def parse(text: str, params: Mapping[str, torch.Tensor] | None = None, *, buffer
           training: bool = False, capture_method: str = "fx", source: str = "IR text") -> Graph:
     """The Graph that `text` (ir.format_graph / print(graph) output) describes, with `params` (name ->
     tensor) as its params table. `buffers` names the params that are not trainable (default: the
-    non-float ones). ParseError (naming `source` and the line) for text that does not follow the grammar
+    non-float ones and those an op reads as a buffer, its `buffer_inputs` trait: batch_norm's running
+    statistics). ParseError (naming `source` and the line) for text that does not follow the grammar
     or refers to undefined nodes or absent params. The graph is not verified: call ir.verify."""
     params = dict(params or {})
     graph = Graph()
@@ -425,7 +427,20 @@ def parse(text: str, params: Mapping[str, torch.Tensor] | None = None, *, buffer
         want = {"header": "a `graph NAME(...) {` line", "body": "a `return ...` line",
                 "close": "the closing '}'"}[state]
         raise ParseError(f"{source}: the text ends before {want}")
+    if buffers is None:
+        graph.buffers = _buffers_read(graph)
     return graph
+
+
+def _buffers_read(graph: Graph) -> set[str]:
+    """Params that are buffers by what reads them: non-float ones, and those at an op's `buffer_inputs`."""
+    out = {k for k, t in graph.params.items() if not t.is_floating_point()}
+    for n in graph:
+        op = OPS.get(n.op)
+        for i in op.buffer_inputs if op is not None else ():
+            if i < len(n.inputs) and isinstance(n.inputs[i], Param):
+                out.add(n.inputs[i].name)
+    return out
 
 
 __all__ = ["parse", "ParseError", "resolve_function"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import difflib
 import functools
 import inspect
 import logging
@@ -304,10 +305,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(pass_name: str, key: str, value: Any, tp: Any) -> Any:
-    """Check (and gently convert) an option value against its annotation."""
+def _coerce(pass_name: str, key: str, value: Any, tp: Any, where: str = "") -> Any:
+    """Check (and gently convert) an option value against its annotation; `where` names an item of a list or
+    dict option (" (item 1)", as the range check does)."""
     def fail() -> PassError:
-        return PassError(f"pass '{pass_name}': option {key!r} must be {_type_name(tp)}, "
+        return PassError(f"pass '{pass_name}': option {key!r}{where} must be {_type_name(tp)}, "
                          f"got {value!r} ({type(value).__name__})")
 
     if tp is Any:
@@ -321,14 +323,14 @@ def _coerce(pass_name: str, key: str, value: Any, tp: Any) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(pass_name, key, value, a)
+                return _coerce(pass_name, key, value, a, where)
             except PassError:
                 continue
         raise fail()
     if origin is typing.Literal:
         if value in args:
             return value
-        raise PassError(f"pass '{pass_name}': option {key!r} must be one of "
+        raise PassError(f"pass '{pass_name}': option {key!r}{where} must be one of "
                         f"{', '.join(repr(a) for a in args)}; got {value!r}")
     if origin in (list, tuple):
         if isinstance(value, str):
@@ -336,13 +338,14 @@ def _coerce(pass_name: str, key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise fail()
         inner = args[0] if args else Any
-        items = [_coerce(pass_name, key, v, inner) for v in value]
+        items = [_coerce(pass_name, key, v, inner, f" (item {i})") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
             raise fail()
         kt, vt = args if args else (Any, Any)
-        return {_coerce(pass_name, key, k, kt): _coerce(pass_name, key, v, vt) for k, v in value.items()}
+        return {_coerce(pass_name, key, k, kt, f" (key {k!r})"): _coerce(pass_name, key, v, vt, f" (entry {k!r})")
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -382,7 +385,10 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
 def _definition(cls: type) -> tuple[str, str | None]:
     """(qualname, source file): the same class body loaded again (a file imported twice, a module reloaded)
     may replace its own registration; any other class under a taken name is refused."""
-    files = [v.__code__.co_filename for v in vars(cls).values() if hasattr(v, "__code__")]
+    # the class body's own functions: a staticmethod's function, a wrapper's wrapped one (dataclass's __repr__
+    # is wrapped in dataclasses.py, so a class whose body has no plain method would seem defined there)
+    fns = [inspect.unwrap(getattr(v, "__func__", v)) for v in vars(cls).values()]
+    files = [f.__code__.co_filename for f in fns if hasattr(f, "__code__")]
     path = next((f for f in files if not f.startswith("<")), None)  # not dataclass's generated methods
     if path is None:
         try:
@@ -403,10 +409,17 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 
 def get_pass(name: str) -> type[Pass]:
+    """The pass registered as `name`; PassError naming the closest names and how to register one of your own."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise PassError(f"unknown pass {name!r}; registered passes: {', '.join(sorted(_REGISTRY))}") from None
+        names = sorted(_REGISTRY)
+        close = difflib.get_close_matches(str(name), names, n=3, cutoff=0.5)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise PassError(f"unknown pass {name!r}; {hint}registered passes: {', '.join(names)}. A pass of your own "
+                        "is known once the file that registers it is loaded: --plugin my_passes.py on the command "
+                        "line, plugins = [\"my_passes.py\"] in a recipe (relative to it), an import in Python") \
+            from None
 
 
 def create_pass(name: str, options: dict[str, Any] | None = None) -> Pass:

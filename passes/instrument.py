@@ -13,8 +13,8 @@ An instrumentation is any object with some of these hooks (the PassManager calls
                                              is the last graph
 
 The built-in ones, which PassManager's keywords switch on: VerifyEach (ir.verify, incrementally), CheckNumerics
-(outputs on the example inputs, for passes that preserve outputs and changed the graph), GuardAnalyses (an
-analysis must leave the graph as it was), PrintIR (the IR after every pass that changed it, when asked),
+(outputs on the example inputs, for passes that preserve outputs, whatever they report), KeepInterface (the
+graph's inputs and output structure stay), GuardAnalyses (an analysis must leave the graph as it was), PrintIR (the IR after every pass that changed it, when asked),
 FailureDumps (the IR before and after a failing pass) and Reproducer (the failing pass's input as a .slimfx
 file, its options, and one command that replays the failure), FreezeHeap (the cyclic garbage collector
 leaves the objects alive before a step alone while it runs).
@@ -37,7 +37,7 @@ from slimfx.ir import Graph
 from slimfx.ir.errors import PassError, SlimfxError
 from slimfx.ir.evaluate import Evaluator
 from slimfx.ir.graph import Checkpoint
-from slimfx.ir.metrics import check_close
+from slimfx.ir.metrics import check_close, named_leaves
 from slimfx.ir.verify import Verifier
 from slimfx.passes.base import Pass
 
@@ -96,8 +96,8 @@ class VerifyEach:
 
 
 class CheckNumerics:
-    """A pass that preserves outputs (`preserves_outputs`, not an analysis) and changed the graph must keep
-    the outputs on the example inputs within `tol` x the output's magnitude (eval mode; ir.metrics.check_close).
+    """A pass that preserves outputs (`preserves_outputs`, not an analysis) must keep the outputs on the example
+    inputs within `tol` x the output's magnitude (eval mode; ir.metrics.check_close).
     Values are kept between passes (ir.Evaluator): only what a pass changed is computed again."""
 
     deferrable = True
@@ -122,16 +122,19 @@ class CheckNumerics:
         self.checking = True
 
     def after_pass(self, step: int, p: Pass, graph: Graph, record: Any) -> None:
+        # `record.changed` is the pass's own word, not trusted here: a pass that says it changed nothing but
+        # edited the graph (or a param in place) would otherwise leave a stale reference, and the next pass
+        # checked would be blamed for its change. The evaluator recomputes only what changed, so checking a
+        # graph that did not change costs one walk over it.
         checking, self.checking = self.checking, False
-        if not record.changed:
-            return
-        if not checking:  # a lossy pass changed the outputs: the next check starts from its graph
+        if not checking:  # a lossy pass may have changed the outputs: the next check starts from its graph
             self.reference = None
             return
         now = self._outputs(graph, "left a graph that")
         problem = check_close(self.reference, now, self.tol)
         if problem:
-            raise PassFailure(f"changed the outputs beyond check_numerics={self.tol:g}: {problem}")
+            said = "" if record.changed else " (it reported changed=False)"
+            raise PassFailure(f"changed the outputs beyond check_numerics={self.tol:g}{said}: {problem}")
         self.reference = now
 
     def _outputs(self, graph: Graph, who: str) -> Any:
@@ -139,6 +142,31 @@ class CheckNumerics:
             return self.evaluator(graph)
         except Exception as e:  # noqa: BLE001 - named as the pass's failure
             raise PassFailure(f"{who} no longer runs on the example inputs: {type(e).__name__}: {e}") from e
+
+
+class KeepInterface:
+    """Every pass must leave the graph's interface as it was: the inputs (their names, in order) and the
+    output structure (ir.metrics.named_leaves). A pass changes what the model computes, never what it takes
+    or returns; a lossy pass (not numerically checked) that adds an output or an input would otherwise fail
+    much later (the gate, an export) without naming it. Cheap, so checked after every pass."""
+
+    def __init__(self) -> None:
+        self.interface: tuple | None = None
+
+    @staticmethod
+    def _interface(graph: Graph) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return tuple(n.name for n in graph.inputs), tuple(name for name, _ in named_leaves(graph.outputs))
+
+    def before_pass(self, step: int, p: Pass, graph: Graph) -> None:
+        self.interface = self._interface(graph)
+
+    def after_pass(self, step: int, p: Pass, graph: Graph, record: Any) -> None:
+        (ins, outs), (now_ins, now_outs) = self.interface, self._interface(graph)
+        if (ins, outs) == (now_ins, now_outs):
+            return
+        what, was, now = ("inputs", ins, now_ins) if ins != now_ins else ("outputs", outs, now_outs)
+        raise PassFailure(f"changed the graph's {what} from ({', '.join(was)}) to ({', '.join(now)}); a pass may "
+                          "change what the model computes, not the inputs it takes or the outputs it returns")
 
 
 class GuardAnalyses:
@@ -284,5 +312,5 @@ class FreezeHeap:
             self.frozen = False
 
 
-__all__ = ["PassFailure", "Failure", "VerifyEach", "CheckNumerics", "GuardAnalyses", "PrintIR", "FailureDumps",
+__all__ = ["PassFailure", "Failure", "VerifyEach", "CheckNumerics", "KeepInterface", "GuardAnalyses", "PrintIR", "FailureDumps",
            "Reproducer", "FreezeHeap", "replay_command"]

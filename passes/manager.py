@@ -7,9 +7,10 @@
 
 What runs around each pass is a list of instrumentations (passes/instrument.py), chosen by the keywords:
 the verifier (ir.verify after every pass, incremental; on by default), the numerics check (`check_numerics=tol`:
-a pass that preserves outputs and changed the graph must keep the outputs on the context's example inputs;
+a pass that preserves outputs must keep the outputs on the context's example inputs, whatever it reports;
 these two run once after a run of consecutive output-preserving rewrites, see `check_every_pass`),
-the analysis guard (an analysis must leave the graph as it was), IR printing (only when asked: `print_ir`,
+the interface guard (every pass keeps the graph's inputs and output structure), the analysis guard (an analysis
+must leave the graph as it was), IR printing (only when asked: `print_ir`,
 `dump_dir`), and on a failure, dumps of the IR before and after the pass and a reproducer (the pass's input
 as a .slimfx file and a `slimfx run-pass` command that replays it). Your own go in `instrumentations=`.
 
@@ -37,6 +38,7 @@ from slimfx.passes.instrument import (
     FailureDumps,
     FreezeHeap,
     GuardAnalyses,
+    KeepInterface,
     PassFailure,
     PrintIR,
     Reproducer,
@@ -89,8 +91,8 @@ class PassManager:
     passes: Pass objects, pass specs (`"dce"`, `"prune-channels{sparsity=0.5}"`) or registered classes.
     verify_each: run ir.verify after every pass (default True).
     check_numerics: None, or a relative tolerance; then every pass that preserves outputs (all but
-        those declaring `preserves_outputs = False`: pruning, quantization, training) and changed the graph
-        must keep the outputs on ctx.example_inputs within it (eval mode).
+        those declaring `preserves_outputs = False`: pruning, quantization, training) must keep the outputs
+        on ctx.example_inputs within it (eval mode), whether or not it reports a change.
     check_every_pass: run those two checks after every single pass. By default a run of consecutive
         output-preserving rewrites (dce, cse, fold-batchnorm, ...) is checked once, after its last pass,
         and a failure replays those passes one at a time with the checks after each, so the error names
@@ -131,7 +133,7 @@ class PassManager:
 
     def instrumentations_for(self, ctx: PassContext) -> list[Any]:
         """The instrumentations of one run, in the order their hooks are called (fresh state per run)."""
-        out: list[Any] = [GuardAnalyses()]
+        out: list[Any] = [KeepInterface(), GuardAnalyses()]
         if self.verify_each:
             out.append(VerifyEach())
         if self.check_numerics is not None:
@@ -189,7 +191,8 @@ class PassManager:
                 _call(insts, "before_pass", step, p, graph)
                 graph, record = self._step(p, graph, ctx)
                 _call(insts, "after_pass", step, p, graph, record)
-            except Exception as e:  # noqa: BLE001 - every failure inside a step is named and dumped
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - every failure inside a step is named and dumped
+                # (sys.exit in a pass too: it would end the process with its code and no word of the pass)
                 f = Failure(step, len(self.passes), p, "", graph, before, self.dump_dir)
                 raise self._failure(insts, f, e) from e
             records.append(record)
@@ -205,11 +208,13 @@ class PassManager:
         now = [i for i in insts if not getattr(i, "deferrable", False)]
         later = [i for i in insts if getattr(i, "deferrable", False)]
         done: list[PassRecord] = []
-        step, checking = steps[0], False
+        marks: list[dict[str, tuple[int, int]]] = []  # each step's input params (identity, version): who edited
+        step, checking = steps[0], False                # one in place, should the group fail and not replay
         try:
             _call(later, "before_pass", step, self.passes[step - 1], graph)
             for step in steps:
                 p = self.passes[step - 1]
+                marks.append(_param_marks(graph))
                 _call(now, "before_pass", step, p, graph)
                 graph, record = self._step(p, graph, ctx)
                 _call(now, "after_pass", step, p, graph, record)
@@ -217,13 +222,14 @@ class PassManager:
             together = dataclasses.replace(done[-1], changed=any(r.changed for r in done))
             checking = True
             _call(later, "after_pass", step, self.passes[step - 1], graph, together)
-        except Exception as e:  # noqa: BLE001 - replayed to name the pass that failed
-            raise self._replay(saved, ctx, insts, steps[:steps.index(step) + 1], graph, e, checking) from e
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - replayed to name the pass that failed
+            marks.append(_param_marks(graph))
+            raise self._replay(saved, ctx, insts, steps[:steps.index(step) + 1], graph, e, checking, marks) from e
         records += done
         return graph
 
     def _replay(self, saved: Checkpoint, ctx: PassContext, insts: list[Any], steps: list[int], graph: Graph,
-                error: Exception, checking: bool) -> Exception:
+                error: Exception, checking: bool, marks: list[dict[str, tuple[int, int]]]) -> Exception:
         """The error for a failure in a group of deferred steps. The steps before the one that failed (all of
         them when the deferred checks failed) run again from the group's input, one at a time with fresh
         built-in checks after each: a failure there is the error (it names the first pass that broke the
@@ -236,7 +242,7 @@ class PassManager:
             replayed = saved.restore()
             try:
                 replayed = self._run_steps(replayed, ctx, checks, steps if checking else steps[:-1], [])
-            except Exception as e:  # noqa: BLE001 - the failure, named with its step
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - the failure, named with its step
                 return e
             finally:
                 _call(checks, "after_run", replayed)
@@ -252,8 +258,15 @@ class PassManager:
             names = ", ".join(f"'{self.passes[s - 1].name}'" for s in steps)
             message = message.replace(head, f"passes {names} (steps {steps[0]}-{last} of {f.steps}, checked "
                                              "together)", 1)
-        why = (f"params changed in place ({', '.join(stale[:3])}) prevent replaying the steps one at a time"
-               if stale else "each of them alone passed the checks when replayed")
+        why = "each of them alone passed the checks when replayed"
+        if stale:
+            why = f"params changed in place ({', '.join(stale[:3])}) prevent replaying the steps one at a time"
+            editors = [(s, _edited_in_place(a, b)) for s, a, b in zip(steps, marks, marks[1:])]
+            editors = [(s, names) for s, names in editors if names]
+            if editors:  # name who did it: passes must put new tensors in graph.params
+                why += "; " + "; ".join(f"pass '{self.passes[s - 1].name}' (step {s}) edited "
+                                        f"{', '.join(names[:3])} in place" for s, names in editors)
+                why += " (a pass must put a new tensor in graph.params instead)"
         e.args = (f"{message}\n  ({why})", *e.args[1:])
         return e
 
@@ -293,6 +306,15 @@ def _set_options_of(passes: list[Pass]) -> list[Pass]:
                             f"'{target}' in the pipeline; or set {target}{{{option}=true}} instead")
         out[j] = dataclasses.replace(out[j], **{option: True})
     return out
+
+
+def _param_marks(graph: Graph) -> dict[str, tuple[int, int]]:
+    return {k: (id(t), t._version) for k, t in graph.params.items()}
+
+
+def _edited_in_place(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    """Params that are the same tensor before and after a step, with a newer version: written in place."""
+    return [k for k, (i, v) in before.items() if k in after and after[k][0] == i and after[k][1] != v]
 
 
 def _call(insts: list[Any], hook: str, *args: Any) -> None:

@@ -91,8 +91,13 @@ class Rule:
         return [m for n in graph.find(self.pattern.anchor_op) if (m := self.match(n)) is not None]
 
     def explain(self, graph: Graph) -> str:
-        """Why the rule does (not) match: see `Pattern.explain`."""
-        return self.pattern.explain(graph, condition=self.condition, exclusive=self.exclusive)
+        """Why the rule does (not) match: see `Pattern.explain`; named after the rule (its pattern is often a
+        lambda, which Pattern.explain could only call '<lambda>')."""
+        text = self.pattern.explain(graph, condition=self.condition, exclusive=self.exclusive)
+        head = f"pattern {self.pattern.name!r}"
+        if self.name != self.pattern.name and text.startswith(head):
+            text = f"rule {self.name!r}" + text[len(head):]
+        return text
 
     def with_(self, **changes: Any) -> Rule:
         """A copy with other `condition`, `replace` or `name` (the traced pattern and replacement are shared)."""
@@ -549,7 +554,9 @@ def _not_converging(graph: Graph, rs: RuleSet, counts: dict[str, int], node: Nod
     return PassError(f"rules [{names}] do not converge on graph '{graph.name}': still matching after {bound} "
                      f"rewrites (busiest: {busy}; next at %{node.name}, {node.where()}). A replacement recreates what a "
                      "rule matches, or two rules undo each other: make a condition reject what a replacement "
-                     "produces (a pass in a recipe: leave it out and report it)")
+                     "produces, or the pattern's attributes literal (left at their defaults they match any value: "
+                     "F.gelu(x) matches a tanh gelu too; `exact_attrs = True` on a PatternPass, "
+                     "Pattern(fn, exact_attrs=True) in a Rule) (a pass in a recipe: leave it out and report it)")
 
 
 def rewrite(graph: Graph, pattern: Pattern | Callable, replacement: Replace, *,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from slimfx.ir.errors import PassError, RecipeError
-from slimfx.passes import Pass, PassContext, PassManager, create_pass, registered_passes
+from slimfx.passes import Pass, PassContext, PassManager, create_pass
 from slimfx.plugins import PluginError, load_entry_points, load_plugins
 
 TOP_LEVEL_KEYS = ("name", "description", "passes", "export", "validate", "tune", "data", "plugins")
@@ -164,13 +164,8 @@ class Recipe:
                 options = {**options, **self.tune.quantize_options()}
             try:
                 out.append(create_pass(name, options))
-            except PassError as e:
-                hint = ""
-                if name not in registered_passes():
-                    hint = ("; if it is a pass of your own, load the file that registers it: plugins = "
-                            "[\"my_passes.py\"] in the recipe (relative to it), or --plugin my_passes.py on the "
-                            "command line")
-                raise RecipeError(f"{self._where()}: passes[{i}] (name = {name!r}): {e}{hint}") from e
+            except PassError as e:  # an unknown name says how to load a pass of your own
+                raise RecipeError(f"{self._where()}: passes[{i}] (name = {name!r}): {e}") from e
         return copy.deepcopy(self.passes), out
 
     def _tuned_step(self) -> int | None:

@@ -161,12 +161,23 @@ def _check_readable(text: str) -> Path:
         raise argparse.ArgumentTypeError("an empty path was given; give the path of a file")
     path = Path(text)
     if not path.exists():
-        raise argparse.ArgumentTypeError(f"{text} does not exist")
+        raise argparse.ArgumentTypeError(f"{text} does not exist{_model_spec_hint(text)}")
     if not path.is_file():
         raise argparse.ArgumentTypeError(f"{text} is {non_regular_kind(path)}, not a model file")
     if not os.access(path, os.R_OK):
         raise argparse.ArgumentTypeError(f"{text} is not readable (permission denied)")
     return path
+
+
+def _model_spec_hint(text: str) -> str:
+    """For a missing file that is a MODEL spec (`net.py:make`, a zoo name): the command takes exported files."""
+    from slimfx import models
+
+    code, sep, _ = text.rpartition(":")
+    if (sep and Path(code).is_file()) or text in models.names():
+        return (f" as a file: it is a MODEL spec, and this command takes an exported file; export it first, e.g. "
+                f"`slimfx export {text} --format onnx -o model.onnx`")
+    return ""
 
 
 def _onnx_problem(path: Path, kind: str) -> str | None:

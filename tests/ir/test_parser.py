@@ -159,3 +159,16 @@ def test_a_module_object_cannot_be_written_as_text():
                   name="m", meta=g.node("r").meta)
     with pytest.raises(ir.ParseError, match="torch module object"):
         ir.parse(str(g), g.params)
+
+
+@given(random_model())
+def test_the_readmes_parse_of_a_graphs_text_and_params_lowers_and_runs(case):
+    # README: `g2 = ir.parse(str(g), g.params)`, without `buffers=`. Batch-norm running statistics were made
+    # trainable, and the lowered module failed ("native_batch_norm is not differentiable with respect to
+    # argument 'running_mean'"); the buffers are now told by what reads them.
+    model, inputs = case
+    g = ir.capture(model.eval(), inputs)
+    g2 = ir.parse(str(g), g.params)
+    assert g2.buffers == g.buffers
+    assert ir.count_params(g2) == ir.count_params(g)
+    torch.testing.assert_close(ir.lower(g2)(*inputs), ir.lower(g)(*inputs), rtol=0, atol=0)

@@ -69,7 +69,7 @@ def test_options_from_text():
     ("test-options{steps=1.5}", ["'steps' must be int", "1.5"]),
     ("test-options{enabled=1}", ["'enabled' must be bool"]),
     ("test-options{criterion=l3}", ["'criterion' must be one of 'l1', 'l2'", "'l3'"]),
-    ("test-options{layers=[1, 2]}", ["'layers' must be str"]),
+    ("test-options{layers=[1, 2]}", ["'layers' (item 0) must be str"]),
     ("test-options{sparsity=1.5}", ["'sparsity' must be in [0, 1)"]),
     ("test-options{sparsity}", ["needs a value"]),
     ("test-options{sparsity=0.5", ["enclosed in {...}"]),

@@ -26,7 +26,10 @@ def test_the_example_runs_and_does_what_it_says(capsys):
     assert records[0].stats == {"rewritten": 1} and records[3].stats == {"clipped": 2}
     assert [n.op for n in graph if n.op not in ("input", "output")] == ["linear", "silu", "linear"]
     assert all(float(graph.params[k].abs().max()) <= 0.1 + 1e-7 for k in ("fc1.weight", "fc2.weight"))
-    assert "silu(%fc1)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "silu(%fc1)" in out
+    printed = out[out.index("graph Net("):].rstrip()  # the graph docs/passes.md shows as the output, verbatim
+    assert printed + "\n```" in (ROOT / "docs" / "passes.md").read_text()
 
     # the rewrite kept the numbers (before clipping): compare with an unclipped run of the pattern pass
     net = ns["Net"]().eval()

@@ -47,6 +47,8 @@ class Declared(Pass):
     ({"fraction": float("nan")}, ["'fraction' must be in [0, 1)", "nan"]),
     ({"steps": 0}, ["option 'steps' must be > 0, got 0"]),
     ({"levels": [0.5, 1.5]}, ["option 'levels' (item 1) must be in [0, 1], got 1.5"]),
+    ({"levels": [0.5, "x"]}, ["option 'levels' (item 1) must be float, got 'x' (str)"]),  # was: 'levels' must be
+    ({"per_layer": {"fc*": "x"}}, ["option 'per_layer' (entry 'fc*') must be float, got 'x'"]),  # float, of a list
     ({"per_layer": {"fc*": 1.0}}, ["option 'per_layer' (entry 'fc*') must be in [0, 1)"]),
     ({"cap": 0}, ["option 'cap' must be > 0, got 0.0"]),
     ({"mode": "c"}, ["'mode' must be one of 'a', 'b'; got 'c'"]),

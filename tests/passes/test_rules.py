@@ -271,3 +271,35 @@ def test_builtin_rules_reach_a_fixed_point_on_random_models(case):
     with torch.no_grad():
         ref = model(x)
         torch.testing.assert_close(ir.lower(g)(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@register_pass("test-tanh-gelu-loose")
+class _TanhGeluLoose(PatternPass):
+    """Exact GELU to its tanh form, with the pattern's attributes left loose: it matches its own result."""
+
+    preserves_outputs = False
+    pattern = staticmethod(lambda x: F.gelu(x))
+    replacement = staticmethod(lambda x: F.gelu(x, approximate="tanh"))
+
+
+@register_pass("test-tanh-gelu-exact")
+class _TanhGeluExact(_TanhGeluLoose):
+    """The same with exact_attrs = True (docs/passes.md)."""
+
+    exact_attrs = True
+
+
+def test_a_pattern_pass_with_loose_attributes_that_recreates_its_match_points_to_exact_attrs():
+    g = ir.capture(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4), nn.GELU()).eval(),
+                   (torch.randn(2, 4),))
+    with pytest.raises(PassError, match=r"do not converge.*`exact_attrs = True` on a PatternPass"):
+        PassManager(["test-tanh-gelu-loose"], failure_dumps=False).run(g.copy())
+    run = PassManager(["test-tanh-gelu-exact"]).run(g)
+    assert run[0].stats == {"rewritten": 2}
+    assert [n.attrs["approximate"] for n in run.graph.find("gelu")] == ["tanh", "tanh"]
+
+
+def test_a_rules_explanation_is_named_after_the_rule_not_its_lambda():
+    silu = Rule(lambda x: x * torch.sigmoid(x), lambda x: F.silu(x), name="silu")
+    g = ir.capture(nn.Sequential(nn.Linear(2, 2), nn.ReLU()).eval(), (torch.randn(1, 2),))
+    assert silu.explain(g).startswith("rule 'silu': no graph node has op 'mul'")  # was: pattern '<lambda>'

@@ -218,6 +218,11 @@ CASES = [
     (["bench", "state.pt"], 2, "state.pt is not an ONNX model (it is a torch.save checkpoint", []),
     (["bench", "good.pt"], 2, "good.pt is not an ONNX model (it is a TorchScript file", []),
     (["bench", "corrupt.pt"], 2, "corrupt.pt is not an ONNX model (it is a truncated or corrupt zip archive", []),
+    (["bench", "user.py:build"], 2, "user.py:build does not exist as a file: it is a MODEL spec, and this command "
+     "takes an exported file; export it first, e.g. `slimfx export user.py:build --format onnx -o model.onnx`", []),
+    (["bench", "mlp"], 2, "mlp does not exist as a file: it is a MODEL spec", []),
+    (["validate", "user.py:build", "--model", "user.py:build"], 2, "user.py:build does not exist as a file: it is a "
+     "MODEL spec", []),
     (["bench", "good.onnx", "--batch", "abc"], 2, "argument --batch: invalid value 'abc'", []),
     (["bench", "good.onnx", "--batch", "-3"], 2, "argument --batch: invalid value '-3'", []),
     (["bench", "good.onnx", "--batch", "0"], 2, "argument --batch: invalid value '0'", []),

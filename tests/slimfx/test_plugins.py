@@ -174,3 +174,65 @@ def test_entry_points_in_the_slimfx_plugins_group_are_loaded(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "entry point 'broken' of fakeplug" in err and "fix or uninstall fakeplug" in err
     monkeypatch.setattr(plugins, "_entry_points_loaded", True)  # leave no broken state for other tests
+
+
+def test_a_plugin_pass_that_adds_an_output_exits_2_naming_it_and_writes_nothing(tmp_path, capsys):
+    # It is lossy (no numerics check): before, the compile went on and the gate failed (exit 3) saying the
+    # compiled model returns 2 outputs, naming no pass.
+    _write(tmp_path / "two_outputs.py", """
+        from slimfx.passes import Pass, PassResult, register_pass
+
+        @register_pass("test-plugin-two-outputs")
+        class TwoOutputs(Pass):
+            '''Returns the output twice.'''
+            preserves_outputs = False
+            def run(self, graph, ctx):
+                graph.set_outputs((graph.outputs, graph.outputs))
+                return PassResult(changed=True)
+        """)
+    (tmp_path / "r.toml").write_text('plugins = ["two_outputs.py"]\n[[passes]]\nname = "test-plugin-two-outputs"\n'
+                                     '[export]\nformats = ["onnx"]\n')
+    out = tmp_path / "out"
+    assert main(["compile", f"{EXAMPLE}:Net", "--recipe", str(tmp_path / "r.toml"), "--out", str(out),
+                 "--bench-seconds", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pass 'test-plugin-two-outputs' (step 1 of 1" in err
+    assert "changed the graph's outputs from (output) to (output[0], output[1])" in err
+    assert not out.exists() and not list(tmp_path.glob(".*out*"))
+
+
+def test_two_plugins_registering_the_same_pattern_pass_name_exit_2(tmp_path, capsys):
+    # A PatternPass body holds only staticmethods: its definition was looked up in dataclasses.py (where the
+    # generated __repr__'s wrapper lives) for both classes, so the second silently replaced the first.
+    body = """
+        import torch
+        import torch.nn.functional as F
+        from slimfx.passes import PatternPass, register_pass
+
+        @register_pass("test-same-pattern-name")
+        class FuseSilu(PatternPass):
+            '''{doc}'''
+            pattern = staticmethod(lambda x: x * torch.sigmoid(x))
+            replacement = staticmethod(lambda x: F.silu(x))
+        """
+    first = _write(tmp_path / "first_plugin.py", body.format(doc="The first."))
+    second = _write(tmp_path / "second_plugin.py", body.format(doc="The second."))
+    assert main(["passes", "--plugin", str(first), "--plugin", str(second)]) == 2
+    err = capsys.readouterr().err
+    assert "second_plugin.py" in err and "a pass named 'test-same-pattern-name' is already registered" in err
+    assert f"(FuseSilu from {first})" in err
+    assert main(["passes", "test-same-pattern-name", "--plugin", str(first)]) == 0  # loading one again is fine
+    assert "The first." in capsys.readouterr().out
+
+
+def test_run_pass_on_a_pass_of_your_own_without_its_plugin_says_how_to_load_it(tmp_path, capsys):
+    from slimfx import ir
+    from slimfx.persist import save
+
+    path = tmp_path / "g.slimfx"
+    save(ir.capture(__import__("torch").nn.Linear(2, 2).eval(), (__import__("torch").randn(1, 2),)), path)
+    assert main(["run-pass", "my-unloaded-pass", str(path)]) == 2
+    err = capsys.readouterr().err  # before: "unknown pass ...; registered passes: ..." and nothing on plugins
+    assert "unknown pass 'my-unloaded-pass'" in err and "--plugin my_passes.py on the command line" in err
+    assert main(["run-pass", "fold-batchnom", str(path)]) == 2
+    assert "did you mean 'fold-batchnorm'" in capsys.readouterr().err
