@@ -800,12 +800,21 @@ def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:
     return failures
 
 
+def _training_epochs(recipe: Recipe) -> list[str]:
+    """The recipe's options that train on the train data, with their values: "quantize's `qat_epochs` (now 8)"."""
+    return [f"{name}'s `{f.name}` (now {getattr(p, f.name)})" for (name, _), p in zip(recipe.passes,
+                                                                                      recipe.build_passes())
+            for f in p.options() if f.name.endswith("epochs") and getattr(p, f.name)]
+
+
 def _gate_error(job: _Job, report: dict[str, Any], failures: list[str], kept: Path | None) -> GateError:
     if job.data.train is not None and job.gate_split_name == "validation":  # recovery ran; more data is no answer
-        advice = ("give the recovery steps more epochs (the recipe's finetune / distill `epochs`), compress less "
-                  "(a prune pass's `sparsity` or `target_macs`, quantize's `skip` for sensitive layers), or relax "
-                  "the recipe's [validate] thresholds; --keep-rejected (keep_rejected=True) writes the rejected "
-                  "files to inspect")
+        knobs = _training_epochs(job.recipe)
+        more = (f"give the recovery steps more epochs ({', '.join(knobs)})" if knobs else
+                "add a recovery step on the train data (a finetune or distill pass, or quantize's `qat_epochs`)")
+        advice = (f"{more}, compress less (a prune pass's `sparsity` or `target_macs`, quantize's `skip` for "
+                  "sensitive layers), or relax the recipe's [validate] thresholds; --keep-rejected "
+                  "(keep_rejected=True) writes the rejected files to inspect")
     else:
         advice = ("give training and validation data (--data / data=) so recovery steps run, use a gentler recipe, "
                   "or relax the recipe's [validate] thresholds")

@@ -140,7 +140,18 @@ def test_a_failed_gate_after_recovery_with_the_users_data_advises_what_is_left(t
         slimfx.compile(model, example, broken, data=slimfx.Data(train=(x[:32], y[:32]), validation=(x[32:], y[32:])),
                        bench_seconds=0, quiet=True)
     assert "give training and validation data" not in str(e.value)
-    assert "more epochs" in str(e.value) and "--keep-rejected" in str(e.value)
+    assert "add a recovery step on the train data" in str(e.value) and "--keep-rejected" in str(e.value)
+    # a recipe that trains: the advice names its own epochs options, with their values
+    model, example = small()
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    trains = _recipe([{"name": "test-scale-param", "param": "fc.bias", "factor": -5.0},
+                      {"name": "finetune", "epochs": 1, "lr": 1e-6}], {"min_top1_agreement": 0.9})
+    with pytest.raises(GateError) as e:
+        slimfx.compile(model, example, trains, data=slimfx.Data(train=(x[:32], y[:32]), validation=(x[32:], y[32:])),
+                       bench_seconds=0, quiet=True)
+    assert "give the recovery steps more epochs (finetune's `epochs` (now 1))" in str(e.value), str(e.value)
 
 
 def test_max_accuracy_drop_without_labels_fails_closed(tmp_path):
