@@ -75,7 +75,6 @@ def test_bench_times_several_files_side_by_side_and_refuses_different_inputs(tmp
 def test_validate_catches_an_edit_the_example_row_does_not_see(tmp_path, capsys):
     """`validate` at --batch 7 compares more than the example's one row repeated: a weight the example's
     input multiplies by 0 (feature 3 here) changes the file for every other input, and that must fail."""
-    import numpy as np
     from onnx import numpy_helper
 
     src = tmp_path / "user.py"

@@ -779,3 +779,32 @@ def test_a_t5_encoder_exports_and_runs_at_another_length(tmp_path):
     y = ort.InferenceSession(str(out.path)).run(None, {"input_ids": other.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(y), enc(other), atol=1e-4, rtol=1e-4)
+
+
+class _Positions(nn.Module):
+    """Learned positions indexed by `torch.arange` of the sequence length (the usual way to write them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.fc = nn.Embedding(20, 8), nn.Embedding(32, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        steps = torch.arange(1, ids.size(1) + 1, dtype=torch.float32)  # a start, and a float arange
+        return self.fc(self.tok(ids) + self.pos(pos)) * steps[None, :, None]
+
+
+def test_arange_of_a_dynamic_length_exports_to_onnx_from_fx_capture(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model, ids = _Positions().eval(), torch.randint(0, 20, (1, 6))
+    g = ir.capture(model, (ids,), method="fx")
+    res = export_onnx(g, tmp_path / "m.onnx", inputs=(ids,))
+    assert res.validation.passed
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(3, 11), (7, 2)]:  # other batch sizes and lengths than the example's
+        x = torch.randint(0, 20, shape)
+        (got,) = sess.run(None, {"ids": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-4)
