@@ -1459,16 +1459,19 @@ def _bind(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
     concrete = dict(concrete_args or {})
     free = [p for p in params if p.kind != p.KEYWORD_ONLY and p.name not in concrete]
     required = [p for p in free if p.default is p.empty]
+    kw_only = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in concrete]
     if len(inputs) > len(free) or (not kwargs and len(inputs) < len(required)):
-        names = ", ".join(p.name for p in free)
+        names = ", ".join([p.name for p in free] + (["*", *kw_only] if kw_only else []))
         n_takes = f"{len(required)}" + ("" if len(required) == len(free) else f" to {len(free)}")
         raise CaptureError(
-            f"{type(model).__name__}.forward({names}) takes {n_takes} input{'' if n_takes == '1' else 's'}, "
+            f"{type(model).__name__}.forward({names}) takes {n_takes} input{'' if n_takes == '1' else 's'}"
+            f"{' by position' if kw_only else ''}, "
             f"but {len(inputs)} example input{'' if len(inputs) == 1 else 's'} "
             f"{'was' if len(inputs) == 1 else 'were'} given: {describe_inputs(inputs, [p.name for p in free])}. "
             "Give one example input "
             "per argument of forward (the example inputs your model factory returns, or example_inputs= in "
-            "Python).")
+            "Python)." + (f" {', '.join(map(repr, kw_only))} {'is' if len(kw_only) == 1 else 'are'} keyword-only: "
+                          f"{_by_name(free, kw_only)}." if kw_only else ""))
     given = {p.name: v for p, v in zip(free, inputs)}
     for name, v in kwargs.items():
         if name in given or name in concrete or name not in {p.name for p in params}:
@@ -1478,11 +1481,22 @@ def _bind(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
         given[name] = v
     for p in params:
         if p.name not in given and p.name not in concrete:
+            if p.default is p.empty and p.kind == p.KEYWORD_ONLY:
+                raise CaptureError(f"{type(model).__name__}.forward needs its keyword-only argument {p.name!r}, "
+                                   f"which no example input by position can give: {_by_name(free, [p.name])}")
             if p.default is p.empty:
                 raise CaptureError(f"{type(model).__name__}.forward needs argument {p.name!r}; "
                                    "give it in example_inputs, example_kwargs or concrete_args")
             concrete[p.name] = p.default
     return {p.name: given[p.name] for p in params if p.name in given}, concrete
+
+
+def _by_name(positional: list[inspect.Parameter], names: list[str]) -> str:
+    """How to give forward's keyword-only arguments `names` from a model factory and from Python."""
+    args = "(" + ", ".join(p.name for p in positional) + ("," if len(positional) == 1 else "") + ")"
+    kw = "{" + ", ".join(f"{n!r}: ..." for n in names) + "}"
+    return (f"give {'it' if len(names) == 1 else 'them'} by name: return (model, {args}, {kw}) from your model "
+            f"factory, or pass example_kwargs={kw} in Python")
 
 
 def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_modules: Sequence[Any],

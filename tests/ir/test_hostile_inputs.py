@@ -51,6 +51,15 @@ class Lin(nn.Module):
         return self.fc(x)
 
 
+class KwOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, *, scale):
+        return self.fc(x) * scale
+
+
 class Two(nn.Module):
     def __init__(self):
         super().__init__()
@@ -206,6 +215,14 @@ CAPTURE_ROWS = [
       "(x: float32[1, 64], #1: float32[1, 64])", "model factory"]),
     ("too few inputs", lambda: (Two(), (torch.randn(1, 4),)), {}, CaptureError,
      ["Two.forward(x, y) takes 2 inputs, but 1 example input was given: (x: float32[1, 4])"]),
+    # a keyword-only argument cannot be an example input by position: the message names it and how to give it by
+    # name from a model factory (a third item, a dict) and from Python (example_kwargs=)
+    ("keyword-only given by position", lambda: (KwOnly(), (torch.randn(1, 4), torch.randn(1, 1))), {}, CaptureError,
+     ["KwOnly.forward(x, *, scale) takes 1 input by position, but 2 example inputs were given",
+      "'scale' is keyword-only", "(model, (x,), {'scale': ...})", "example_kwargs={'scale': ...}"]),
+    ("keyword-only missing", lambda: (KwOnly(), (torch.randn(1, 4),)), {}, CaptureError,
+     ["KwOnly.forward needs its keyword-only argument 'scale'", "(model, (x,), {'scale': ...})",
+      "example_kwargs={'scale': ...}"]),
     ("returns None", lambda: (ReturnsNone(), (torch.randn(1, 4),)), {}, CaptureError,
      ["ReturnsNone.forward returns None", "tuples/lists/dicts of tensors", "model factory"]),
     ("returns constants", lambda: (ReturnsConstants(), (torch.randn(1, 4),)), {}, CaptureError,
