@@ -133,7 +133,13 @@ def _group_norm(ctx: EmitContext, node: Node) -> str:
     y = ctx.emit("Reshape", [ctx.value(x), ctx.ints([0, g, -1])])
     y = ctx.emit("InstanceNormalization", [y, ctx.const(np.ones(g), dt), ctx.const(np.zeros(g), dt)],
                  epsilon=float(node.attrs.get("eps", 1e-5)))
-    y = ctx.emit("Reshape", [y, _reshape_target(ctx, x, node)])
+    # back to x's shape: what is reshaped is the grouped (N, G, -1) tensor, so no dim can be copied from it by
+    # position (a 0); one dynamic dim is the -1, several (height and width) are x's run-time shape
+    if sum(map(bool, ctx.dynamic_dims(node))) > 1:
+        back = ctx.emit("Shape", [ctx.value(x)], name="shape")
+    else:
+        back = _reshape_target(ctx, None, node)
+    y = ctx.emit("Reshape", [y, back])
     bshape = [-1] + [1] * (len(meta.shape) - 2)
     if w is not None:
         y = ctx.emit("Mul", [y, ctx.param(w, key="bc", transform=lambda t: t.reshape(bshape))])

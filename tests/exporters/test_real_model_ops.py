@@ -808,3 +808,30 @@ def test_arange_of_a_dynamic_length_exports_to_onnx_from_fx_capture(tmp_path):
         (got,) = sess.run(None, {"ids": x.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dims, groups, affine, shapes", [
+    ("batch,height,width", 2, True, [(3, 3, 6, 10), (2, 3, 9, 10), (2, 3, 5, 13)]),
+    ("batch,height,width", 4, False, [(2, 3, 7, 4)]),
+    ({"input": {2: "height"}}, 1, True, [(1, 3, 9, 10)]),
+    ("batch", 2, True, [(4, 3, 6, 10)])])
+def test_group_norm_with_dynamic_spatial_dims(dims, groups, affine, shapes, tmp_path):
+    """group_norm's reshape back to the input's shape must follow every dynamic dim: with height and width dynamic
+    it was written as copies of dims the grouped (rank-3) tensor does not have, which onnx.checker refused."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(groups, 8, affine=affine)).eval()
+    if affine:
+        with torch.no_grad():
+            model[1].weight.uniform_(0.5, 2)
+            model[1].bias.uniform_(-1, 1)
+    x = torch.randn(1, 3, 6, 10)
+    g = ir.capture(model, (x,), dynamic_dims=dims)
+    assert export_onnx(g, tmp_path / "m.onnx", inputs=(x,)).validation.passed
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for shape in shapes:
+        y = torch.randn(*shape)
+        (got,) = sess.run(None, {"input": y.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(y), atol=1e-5, rtol=1e-4)
