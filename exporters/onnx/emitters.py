@@ -814,7 +814,8 @@ def _instance_norm(ctx: EmitContext, node: Node) -> str:
 @register_emitter("pixel_shuffle", "pixel_unshuffle")
 def _pixel_shuffle(ctx: EmitContext, node: Node) -> str:
     """pixel_shuffle is DepthToSpace in CRD mode; pixel_unshuffle (channel c*r*r + i*r + j) is not
-    SpaceToDepth's order, so it is a Reshape, Transpose, Reshape."""
+    SpaceToDepth's order ((i*r + j)*C + c), so it is a Reshape, Transpose, Reshape at fixed height and width,
+    and SpaceToDepth then a Gather of torch's channel order where they are dynamic (the Reshapes would need them)."""
     x = node.inputs[0]
     shape = ctx.meta(x).shape
     if len(shape) != 4:
@@ -825,6 +826,10 @@ def _pixel_shuffle(ctx: EmitContext, node: Node) -> str:
         return ctx.emit("DepthToSpace", [xv], blocksize=int(node.attrs["upscale_factor"]), mode="CRD")
     r = int(node.attrs["downscale_factor"])
     _, c, h, w = shape
+    if any(ctx.dynamic_dims(x)[2:]):
+        y = ctx.emit("SpaceToDepth", [xv], blocksize=r)
+        order = [(k % (r * r)) * c + k // (r * r) for k in range(c * r * r)]  # torch's channel k = ch*r*r + i*r + j
+        return ctx.emit("Gather", [y, ctx.ints(order)], axis=1)
     y = ctx.emit("Reshape", [xv, ctx.ints([0, c, h // r, r, w // r, r])])
     y = ctx.emit("Transpose", [y], perm=[0, 1, 3, 5, 2, 4])
     return ctx.emit("Reshape", [y, ctx.ints([0, c * r * r, h // r, w // r])])

@@ -241,6 +241,27 @@ def test_pixel_shuffle(case, tmp_path):
     check(*case, tmp_path)
 
 
+@PROPERTY
+@given(r=st.sampled_from([1, 2, 4]), c=st.integers(1, 3), hw=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       other=st.tuples(st.integers(1, 4), st.integers(1, 4)), down=st.booleans())
+def test_pixel_shuffle_with_dynamic_height_and_width(r, c, hw, other, down, tmp_path):
+    """With height and width dynamic the file runs at other spatial sizes (pixel_unshuffle's reshape had the
+    example's height and width written in: onnxruntime failed at any other size). The export probes spatial dims 32
+    further, so the factors are those that divide 32."""
+    import onnxruntime as ort
+
+    model = (nn.PixelUnshuffle(r) if down else nn.PixelShuffle(r)).eval()
+    def shape(h, w):
+        return (1, c, r * h, r * w) if down else (1, c * r * r, h, w)
+    x = torch.randn(*shape(*hw))
+    g = ir.capture(model, (x,), dynamic_dims="batch,height,width")
+    export_onnx(g, tmp_path / "m.onnx", inputs=(x,))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    y = torch.randn(*shape(*other)).repeat(2, 1, 1, 1)
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: y.numpy()})
+    assert torch.equal(torch.from_numpy(got), model(y))
+
+
 # --- bool masks: comparisons, logic, where, masked_fill --------------------------------------------------------
 
 COMPARE = {"eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge}
