@@ -856,3 +856,24 @@ def test_group_norm_with_dynamic_spatial_dims(dims, groups, affine, shapes, tmp_
         (got,) = sess.run(None, {"input": y.numpy()})
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), model(y), atol=1e-5, rtol=1e-4)
+
+
+def test_an_argmax_over_dynamic_spatial_dims_is_not_refused_for_ties_the_validation_inputs_make(tmp_path):
+    """Validation at other sizes tiles the example; a conv of a tiled image repeats its values exactly, so a
+    heatmap's argmax / topk over height x width tied, onnxruntime and torch broke the tie apart, and a correct file
+    was refused as "a float32 export that disagrees" (the tiles are now jittered)."""
+    torch.manual_seed(0)
+
+    class Peaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            heat = self.conv(x).flatten(2)
+            v, i = heat.topk(3, dim=-1)
+            return heat.argmax(-1), v, i
+
+    model, x = Peaks().eval(), torch.randn(1, 3, 10, 12)
+    g = ir.capture(model, (x,), dynamic_dims="batch,height,width")
+    assert export_onnx(g, tmp_path / "m.onnx", inputs=(x,)).validation.passed
