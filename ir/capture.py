@@ -1556,7 +1556,7 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
             # The placeholder's target is forward's own argument name (fx renames `input` to `input_1`).
             env[n] = cv.record(graph.create_node("input", (), {}, name=str(n.target).lstrip("*"),
                                                  meta=meta_of(values.get(n))), n)
-    graph.set_outputs(cv.convert(gm, env, _Scope()))
+    graph.set_outputs(_tuple_results_as_tensors(graph, cv.convert(gm, env, _Scope())))
     if cv.folded:  # the constants a folded chain was made from (arange, then .to(float32), ...): only its end is read
         used = {p.name for n in graph for p in (*n.params(), *(r for r in iter_refs(n.attrs) if isinstance(r, Param)))}
         for name in cv.folded - used:
@@ -1861,6 +1861,26 @@ class _Converter:
             value = tuple(torch.utils._pytree.tree_leaves(value))
         node = self.graph.create_node(op, ins, attrs, name=name, meta=meta_of(value), source=src, module_path=mpath)
         return self.record(node, n)
+
+
+def _tuple_results_as_tensors(graph: Graph, outputs: Any) -> Any:
+    """A tuple-valued node returned whole (`return x.topk(3)`, `return torch.max(x, 1)`: torch's named tuples) is
+    the tuple of its items, read with `getitem` as when forward unpacks it."""
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_tuple_results_as_tensors(graph, v) for v in outputs)
+    if isinstance(outputs, dict):
+        return {k: _tuple_results_as_tensors(graph, v) for k, v in outputs.items()}
+    if isinstance(outputs, Node) and isinstance(outputs.meta, tuple) and outputs.meta \
+            and all(isinstance(m, TensorMeta) for m in outputs.meta):
+        items = []
+        for i, m in enumerate(outputs.meta):
+            conv = _convert_getitem(outputs, i)
+            if conv is None:
+                return outputs
+            items.append(graph.create_node(conv[0], conv[1], conv[2], name=f"{outputs.name}_{i}", meta=m,
+                                           source=outputs.source, module_path=outputs.module_path))
+        return tuple(items)
+    return outputs
 
 
 def _convert_getitem(obj: Any, index: Any, obj_value: Any = None) -> Conv | None:
