@@ -1219,8 +1219,11 @@ def _check_model(model: nn.Module) -> torch.dtype | None:
             floats.setdefault(t.dtype, k)
     for dt, k in floats.items():
         if dt not in _FLOAT_DTYPES:
+            others = [d for d in floats if d in _FLOAT_DTYPES]  # a float32 model with a float64 buffer, say
+            what = (f"is {_dtype_name(others[0])} but holds {_dtype_name(dt)} tensors" if others
+                    else f"is {_dtype_name(dt)}")
             raise CaptureError(
-                f"{name} is {_dtype_name(dt)} (e.g. '{k}'); slimfx compiles float32 and float16 models "
+                f"{name} {what} (e.g. '{k}'); slimfx compiles float32 and float16 models "
                 f"({_DTYPE_WHY.get(dt, 'ONNX export and quantization need them')}). Convert the model with "
                 ".float() in your model factory (or before calling slimfx), with float32 example inputs.")
     if len(floats) > 1:

@@ -192,6 +192,12 @@ def _on_fake_cuda(m: nn.Module) -> nn.Module:
     return m
 
 
+def _with_f64_buffer() -> nn.Module:
+    m = Lin()
+    m.register_buffer("temp", torch.tensor(0.5, dtype=torch.float64))
+    return m
+
+
 def _mixed() -> nn.Module:
     m = Two()
     m.fc.bias.data = m.fc.bias.data.half()
@@ -232,6 +238,8 @@ CAPTURE_ROWS = [
     ("float64 model", lambda: (Lin().double(), (torch.randn(2, 64, dtype=torch.float64),)), {}, CaptureError,
      ["Lin is float64 (e.g. 'fc.weight')", "float32 and float16", "no float64 kernels for Conv",
       ".float() in your model factory"]),
+    ("float64 buffer in a float32 model", lambda: (_with_f64_buffer(), x64), {}, CaptureError,
+     ["Lin is float32 but holds float64 tensors (e.g. 'temp')", ".float() in your model factory"]),
     ("bfloat16 model", lambda: (Lin().bfloat16(), (torch.randn(2, 64).bfloat16(),)), {}, CaptureError,
      ["Lin is bfloat16", ".float()"]),
     ("mixed dtypes in the model", lambda: (_mixed(), (torch.randn(1, 4), torch.randn(1, 4))), {}, CaptureError,
