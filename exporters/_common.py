@@ -56,8 +56,19 @@ def validation_sets(inputs: tuple, *, dynamic_batch: bool = True,
         dims = [{0: "batch"} if batched and isinstance(x, torch.Tensor) and x.dim() >= 1 else {} for x in inputs]
     sets = [inputs]
     if inputs and any(dims):
-        sets.append(at_sizes(inputs, dims, probe_sizes(inputs, dims)[2]))
+        gen = torch.Generator().manual_seed(0)
+        sets.append(tuple(_jitter(x, gen) for x in at_sizes(inputs, dims, probe_sizes(inputs, dims)[2])))
     return sets
+
+
+def _jitter(x: Any, gen: torch.Generator) -> Any:
+    """A float input tiled to another size with each value scaled by 1 +- 1%: exact copies of the example's values
+    would make exact ties (a conv of a tiled image repeats its outputs), and an argmax or topk over a tiled dim
+    then depends on how each runtime breaks ties. The sign of every value, and its zeros, are kept."""
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.numel() == 0:
+        return x
+    scale = 1 + (torch.rand(x.shape, generator=gen, dtype=torch.float64) * 2 - 1) * 0.01
+    return (x.double() * scale).to(x.dtype)
 
 
 FLOAT_TOLERANCE = (1e-5, 1e-4)  # (atol, rtol): a file vs the IR it was written from, in float32

@@ -53,6 +53,16 @@ def _traceable_sizes(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _reason(e: BaseException) -> str:
+    """One line of why torch.jit failed: its first non-blank line; for the tracer's "cannot infer type of <the
+    traced output, printed whole>" the reason it gives after it (a dict mixing tensors and tuples)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Tracer cannot infer type of"):
+        return (f"{type(e).__name__}: the tracer cannot type the model's output: {lines[-1].lstrip(':').strip()}; "
+                "TorchScript needs the values of a returned dict to be of one type, all tensors for instance")
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
 def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tuple[torch.jit.ScriptModule, dict]:
     """A frozen, inference-optimized ScriptModule of the graph, and how it was made.
 
@@ -73,14 +83,14 @@ def to_torchscript(graph: Graph, inputs: tuple, *, optimize: bool = True) -> tup
         try:
             sm = torch.jit.script(gm)
         except Exception as e:  # noqa: BLE001 - any scripting failure falls back to tracing
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            reason = _reason(e)
             log.debug("torch.jit.script failed on %s (%s); falling back to torch.jit.trace", graph.name, reason)
             info.update(method="trace", script_error=reason)
             try:
                 sm = torch.jit.trace(gm, inputs, check_trace=False, strict=False, _store_inputs=False)
             except Exception as e2:  # noqa: BLE001
                 raise ExportError(f"TorchScript export of {graph.name} failed: scripting ({reason}) and tracing "
-                                  f"({type(e2).__name__}: {e2}) both failed. Export the other formats only: "
+                                  f"({_reason(e2)}) both failed. Export the other formats only: "
                                   "--format onnx (or pt2) on the command line, formats=('onnx',) in "
                                   "slimfx.compile, or formats = [\"onnx\"] in the recipe's [export]") from e2
         sm = sm.eval()

@@ -267,8 +267,24 @@ def validate_onnx(model: str | os.PathLike | bytes | Any, graph_or_module: Graph
     differences and whether every element is within `atol + rtol * |reference|`."""
     sess = ort_session(model, threads=threads)
     names = [o.name for o in sess.get_outputs()]
-    return validate_outputs(lambda ins: sess.run(None, ort_feed(sess, ins)), graph_or_module, inputs,
-                            atol=atol, rtol=rtol, names=names)
+
+    def run(ins: tuple) -> list:
+        try:
+            return sess.run(None, ort_feed(sess, ins))
+        except Exception as e:  # noqa: BLE001 - onnxruntime's exception types (Fail, InvalidArgument, ...)
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            what = graph_or_module.name if isinstance(graph_or_module, Graph) else type(graph_or_module).__name__
+            sizes = ", ".join(f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" if isinstance(t, torch.Tensor)
+                              else repr(t) for t in ins)
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise ValidationError(
+                f"onnxruntime cannot run the ONNX file of {what} on inputs ({sizes}): "
+                f"{first}. A file slimfx wrote that fails so is a bug in its ONNX exporter (please report it with "
+                "the model); meanwhile keep those sizes fixed (`--fixed-batch` or `--dynamic-dims none` of "
+                "`slimfx export` and `slimfx compile`, dynamic_batch=False / dynamic_dims= in Python) or export "
+                "TorchScript (`--format torchscript`)") from e
+    return validate_outputs(run, graph_or_module, inputs, atol=atol, rtol=rtol, names=names)
 
 
 def validate_torchscript(path: str | os.PathLike, graph_or_module: Graph | torch.nn.Module, inputs: Any, *,

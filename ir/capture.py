@@ -1219,8 +1219,11 @@ def _check_model(model: nn.Module) -> torch.dtype | None:
             floats.setdefault(t.dtype, k)
     for dt, k in floats.items():
         if dt not in _FLOAT_DTYPES:
+            others = [d for d in floats if d in _FLOAT_DTYPES]  # a float32 model with a float64 buffer, say
+            what = (f"is {_dtype_name(others[0])} but holds {_dtype_name(dt)} tensors" if others
+                    else f"is {_dtype_name(dt)}")
             raise CaptureError(
-                f"{name} is {_dtype_name(dt)} (e.g. '{k}'); slimfx compiles float32 and float16 models "
+                f"{name} {what} (e.g. '{k}'); slimfx compiles float32 and float16 models "
                 f"({_DTYPE_WHY.get(dt, 'ONNX export and quantization need them')}). Convert the model with "
                 ".float() in your model factory (or before calling slimfx), with float32 example inputs.")
     if len(floats) > 1:
@@ -1459,16 +1462,19 @@ def _bind(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
     concrete = dict(concrete_args or {})
     free = [p for p in params if p.kind != p.KEYWORD_ONLY and p.name not in concrete]
     required = [p for p in free if p.default is p.empty]
+    kw_only = [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name not in concrete]
     if len(inputs) > len(free) or (not kwargs and len(inputs) < len(required)):
-        names = ", ".join(p.name for p in free)
+        names = ", ".join([p.name for p in free] + (["*", *kw_only] if kw_only else []))
         n_takes = f"{len(required)}" + ("" if len(required) == len(free) else f" to {len(free)}")
         raise CaptureError(
-            f"{type(model).__name__}.forward({names}) takes {n_takes} input{'' if n_takes == '1' else 's'}, "
+            f"{type(model).__name__}.forward({names}) takes {n_takes} input{'' if n_takes == '1' else 's'}"
+            f"{' by position' if kw_only else ''}, "
             f"but {len(inputs)} example input{'' if len(inputs) == 1 else 's'} "
             f"{'was' if len(inputs) == 1 else 'were'} given: {describe_inputs(inputs, [p.name for p in free])}. "
             "Give one example input "
             "per argument of forward (the example inputs your model factory returns, or example_inputs= in "
-            "Python).")
+            "Python)." + (f" {', '.join(map(repr, kw_only))} {'is' if len(kw_only) == 1 else 'are'} keyword-only: "
+                          f"{_by_name(free, kw_only)}." if kw_only else ""))
     given = {p.name: v for p, v in zip(free, inputs)}
     for name, v in kwargs.items():
         if name in given or name in concrete or name not in {p.name for p in params}:
@@ -1478,11 +1484,22 @@ def _bind(model: nn.Module, inputs: tuple, kwargs: dict[str, Any],
         given[name] = v
     for p in params:
         if p.name not in given and p.name not in concrete:
+            if p.default is p.empty and p.kind == p.KEYWORD_ONLY:
+                raise CaptureError(f"{type(model).__name__}.forward needs its keyword-only argument {p.name!r}, "
+                                   f"which no example input by position can give: {_by_name(free, [p.name])}")
             if p.default is p.empty:
                 raise CaptureError(f"{type(model).__name__}.forward needs argument {p.name!r}; "
                                    "give it in example_inputs, example_kwargs or concrete_args")
             concrete[p.name] = p.default
     return {p.name: given[p.name] for p in params if p.name in given}, concrete
+
+
+def _by_name(positional: list[inspect.Parameter], names: list[str]) -> str:
+    """How to give forward's keyword-only arguments `names` from a model factory and from Python."""
+    args = "(" + ", ".join(p.name for p in positional) + ("," if len(positional) == 1 else "") + ")"
+    kw = "{" + ", ".join(f"{n!r}: ..." for n in names) + "}"
+    return (f"give {'it' if len(names) == 1 else 'them'} by name: return (model, {args}, {kw}) from your model "
+            f"factory, or pass example_kwargs={kw} in Python")
 
 
 def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_modules: Sequence[Any],
@@ -1542,7 +1559,7 @@ def _convert(gm: fx.GraphModule, model: nn.Module, values: dict[fx.Node, Any], n
             # The placeholder's target is forward's own argument name (fx renames `input` to `input_1`).
             env[n] = cv.record(graph.create_node("input", (), {}, name=str(n.target).lstrip("*"),
                                                  meta=meta_of(values.get(n))), n)
-    graph.set_outputs(cv.convert(gm, env, _Scope()))
+    graph.set_outputs(_tuple_results_as_tensors(graph, cv.convert(gm, env, _Scope())))
     if cv.folded:  # the constants a folded chain was made from (arange, then .to(float32), ...): only its end is read
         used = {p.name for n in graph for p in (*n.params(), *(r for r in iter_refs(n.attrs) if isinstance(r, Param)))}
         for name in cv.folded - used:
@@ -1847,6 +1864,26 @@ class _Converter:
             value = tuple(torch.utils._pytree.tree_leaves(value))
         node = self.graph.create_node(op, ins, attrs, name=name, meta=meta_of(value), source=src, module_path=mpath)
         return self.record(node, n)
+
+
+def _tuple_results_as_tensors(graph: Graph, outputs: Any) -> Any:
+    """A tuple-valued node returned whole (`return x.topk(3)`, `return torch.max(x, 1)`: torch's named tuples) is
+    the tuple of its items, read with `getitem` as when forward unpacks it."""
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_tuple_results_as_tensors(graph, v) for v in outputs)
+    if isinstance(outputs, dict):
+        return {k: _tuple_results_as_tensors(graph, v) for k, v in outputs.items()}
+    if isinstance(outputs, Node) and isinstance(outputs.meta, tuple) and outputs.meta \
+            and all(isinstance(m, TensorMeta) for m in outputs.meta):
+        items = []
+        for i, m in enumerate(outputs.meta):
+            conv = _convert_getitem(outputs, i)
+            if conv is None:
+                return outputs
+            items.append(graph.create_node(conv[0], conv[1], conv[2], name=f"{outputs.name}_{i}", meta=m,
+                                           source=outputs.source, module_path=outputs.module_path))
+        return tuple(items)
+    return outputs
 
 
 def _convert_getitem(obj: Any, index: Any, obj_value: Any = None) -> Conv | None:

@@ -359,6 +359,22 @@ def generated_batches(example: tuple, samples: int = GENERATED_SAMPLES, seed: in
     return out
 
 
+def example_at_batch(example: tuple, batch: int, seed: int = 0) -> tuple:
+    """The example inputs at `batch` rows: the example's own rows first, the others drawn like them (the rule of
+    `generated_batches`), so a check at a batch size larger than the example's compares new inputs, not copies of
+    the example's rows. Tensors without a dim 0 stay as they are."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in example:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] == 0:
+            out.append(t)
+        elif batch <= t.shape[0]:
+            out.append(t[:batch])
+        else:
+            out.append(torch.cat([t, _like(t, batch - int(t.shape[0]), gen)]))
+    return tuple(out)
+
+
 def _like(t: Any, n: int, gen: torch.Generator) -> Any:
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
@@ -439,4 +455,4 @@ def load_data(spec: str) -> Data:
 
 
 __all__ = ["Data", "Split", "DataError", "Batches", "check_like_example", "check_finite", "calibration_batches",
-           "generated_batches", "zoo_data", "load_data", "accuracy", "correct"]
+           "generated_batches", "example_at_batch", "zoo_data", "load_data", "accuracy", "correct"]

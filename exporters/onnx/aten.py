@@ -53,10 +53,14 @@ def _scalar(ctx: EmitContext, v: Any, dtype: torch.dtype) -> str:
     return ctx.emit("Squeeze", [ctx.sym_tensor(s, dtype), ctx.ints([0])])
 
 
-@register_aten_emitter(aten.arange.default, aten.arange.start, aten.arange.start_step)
+# torch.arange too: fx capture keeps `torch.arange(x.shape[1])` as that call when its size follows an input (a
+# position index), with the same arguments (start, end, step by position; start/end/step may also be keywords)
+@register_aten_emitter(aten.arange.default, aten.arange.start, aten.arange.start_step, torch.arange)
 def _arange(ctx: EmitContext, node: Node) -> str:
-    args, _ = _args(node)
-    start, end, step = (0, args[0], 1) if len(args) == 1 else (args[0], args[1], args[2] if len(args) > 2 else 1)
+    args, kwargs = _args(node)
+    pos = [0, *args] if len(args) == 1 and "end" not in kwargs else list(args)  # arange(end)
+    start, end, step = (pos[i] if len(pos) > i else kwargs.get(k, d) for i, (k, d) in
+                        enumerate((("start", 0), ("end", None), ("step", 1))))
     dtype = _out_dtype(node)
     vals = [ctx.sym(v) for v in (start, end, step)]
     if is_static(vals):

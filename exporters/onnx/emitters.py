@@ -133,7 +133,13 @@ def _group_norm(ctx: EmitContext, node: Node) -> str:
     y = ctx.emit("Reshape", [ctx.value(x), ctx.ints([0, g, -1])])
     y = ctx.emit("InstanceNormalization", [y, ctx.const(np.ones(g), dt), ctx.const(np.zeros(g), dt)],
                  epsilon=float(node.attrs.get("eps", 1e-5)))
-    y = ctx.emit("Reshape", [y, _reshape_target(ctx, x, node)])
+    # back to x's shape: what is reshaped is the grouped (N, G, -1) tensor, so no dim can be copied from it by
+    # position (a 0); one dynamic dim is the -1, several (height and width) are x's run-time shape
+    if sum(map(bool, ctx.dynamic_dims(node))) > 1:
+        back = ctx.emit("Shape", [ctx.value(x)], name="shape")
+    else:
+        back = _reshape_target(ctx, None, node)
+    y = ctx.emit("Reshape", [y, back])
     bshape = [-1] + [1] * (len(meta.shape) - 2)
     if w is not None:
         y = ctx.emit("Mul", [y, ctx.param(w, key="bc", transform=lambda t: t.reshape(bshape))])
@@ -808,7 +814,8 @@ def _instance_norm(ctx: EmitContext, node: Node) -> str:
 @register_emitter("pixel_shuffle", "pixel_unshuffle")
 def _pixel_shuffle(ctx: EmitContext, node: Node) -> str:
     """pixel_shuffle is DepthToSpace in CRD mode; pixel_unshuffle (channel c*r*r + i*r + j) is not
-    SpaceToDepth's order, so it is a Reshape, Transpose, Reshape."""
+    SpaceToDepth's order ((i*r + j)*C + c), so it is a Reshape, Transpose, Reshape at fixed height and width,
+    and SpaceToDepth then a Gather of torch's channel order where they are dynamic (the Reshapes would need them)."""
     x = node.inputs[0]
     shape = ctx.meta(x).shape
     if len(shape) != 4:
@@ -819,6 +826,10 @@ def _pixel_shuffle(ctx: EmitContext, node: Node) -> str:
         return ctx.emit("DepthToSpace", [xv], blocksize=int(node.attrs["upscale_factor"]), mode="CRD")
     r = int(node.attrs["downscale_factor"])
     _, c, h, w = shape
+    if any(ctx.dynamic_dims(x)[2:]):
+        y = ctx.emit("SpaceToDepth", [xv], blocksize=r)
+        order = [(k % (r * r)) * c + k // (r * r) for k in range(c * r * r)]  # torch's channel k = ch*r*r + i*r + j
+        return ctx.emit("Gather", [y, ctx.ints(order)], axis=1)
     y = ctx.emit("Reshape", [xv, ctx.ints([0, c, h // r, r, w // r, r])])
     y = ctx.emit("Transpose", [y], perm=[0, 1, 3, 5, 2, 4])
     return ctx.emit("Reshape", [y, ctx.ints([0, c * r * r, h // r, w // r])])

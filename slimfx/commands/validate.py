@@ -15,6 +15,10 @@ from slimfx.commands import _args
 from slimfx.ir.errors import GateError, ValidationError
 from slimfx.loading import ModelSpecError, resolve_model
 
+# what `validate` compares on without --data: the example's rows, and more drawn like them at a larger --batch (the
+# example's rows repeated would compare one input over and over and miss a file that differs on any other)
+EXAMPLE_SETS = "example inputs (rows beyond the example's drawn like them)"
+
 ORT_TYPES = {"float": "float32", "double": "float64", "float16": "float16", "bfloat16": "bfloat16",
              "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8",
              "bool": "bool"}
@@ -24,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="compare an exported .onnx/.pt/.pt2/.slimfx file with the model it came from",
                        description="Run PATH (ONNX with onnxruntime, TorchScript, torch.export .pt2 or a slimfx "
                                    "model file) and MODEL on the same inputs "
-                                   "(MODEL's example inputs, resized to each --batch size, or your --data) and report "
+                                   "(MODEL's example inputs at each --batch size, rows beyond the example's drawn like "
+                                   "them, or your --data) and report "
                                    "max abs/rel error, cosine, SQNR and top-1 agreement. Exit status 3 when outside "
                                    "tolerance, 2 when PATH does not take MODEL's inputs or give its outputs.")
     p.add_argument("path", type=_args.exported_file, metavar="PATH")
@@ -136,14 +141,14 @@ def _load_torch_file(path: Path, kind: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimfx.exporters import with_batch
+    from slimfx.data import example_at_batch
     from slimfx.exporters.bench import ort_feed
     from slimfx.exporters.validate import validate_outputs
 
     kind = _args.sniff(args.path)
     loaded = resolve_model(args.model, trained=not args.untrained)
     module, example = loaded.positional()
-    sets, where = [with_batch(example, b) for b in args.batch], "example inputs"
+    sets, where = [example_at_batch(example, b) for b in args.batch], EXAMPLE_SETS
     if args.data:
         sets, where = _data_sets(args.data, example)
         args.batch = [int(ins[0].shape[0]) for ins in sets]

@@ -70,3 +70,32 @@ def test_bench_times_several_files_side_by_side_and_refuses_different_inputs(tmp
     assert f"x of {a}" in capsys.readouterr().out
     assert main(["bench", str(a), str(w)]) == 2  # a user error: exit status 2 and a message
     assert "other inputs" in capsys.readouterr().err
+
+
+def test_validate_catches_an_edit_the_example_row_does_not_see(tmp_path, capsys):
+    """`validate` at --batch 7 compares more than the example's one row repeated: a weight the example's
+    input multiplies by 0 (feature 3 here) changes the file for every other input, and that must fail."""
+    from onnx import numpy_helper
+
+    src = tmp_path / "user.py"
+    src.write_text(textwrap.dedent("""
+        import torch, torch.nn as nn
+        def build():
+            torch.manual_seed(0)
+            x = torch.randn(1, 6)
+            x[0, 3] = 0.0
+            return nn.Linear(6, 2).eval(), (x,)
+    """))
+    out = tmp_path / "m.onnx"
+    assert main(["export", f"{src}:build", "-o", str(out)]) == 0
+    capsys.readouterr()
+    m = onnx.load(str(out))
+    w = next(t for t in m.graph.initializer if numpy_helper.to_array(t).shape == (2, 6))
+    a = numpy_helper.to_array(w).copy()
+    a[:, 3] += 0.5  # invisible on the example (its feature 3 is 0), wrong on any other input
+    w.CopyFrom(numpy_helper.from_array(a, w.name))
+    onnx.save(m, str(out))
+    assert main(["validate", str(out), "--model", f"{src}:build", "--batch", "1"]) == 0  # the example alone
+    capsys.readouterr()
+    assert main(["validate", str(out), "--model", f"{src}:build"]) == 3
+    assert "does not match" in capsys.readouterr().err

@@ -405,3 +405,18 @@ def test_cat_with_an_empty_1d_state_exports_as_torch_computes_it(method, tmp_pat
 
     y = ort.InferenceSession(str(out.path)).run(None, {"x": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(y), x * 2 + 1)
+
+
+def test_a_file_onnxruntime_cannot_run_fails_validation_by_name_not_with_onnxruntime_s_exception(tmp_path):
+    """An emitted file that onnxruntime refuses to run at a size the model runs at is a ValidationError (exit 2 on
+    the command line, the file not written) naming the sizes, not onnxruntime's own exception (an internal
+    error, exit 1)."""
+    from slimfx.exporters import to_onnx_model, validate_onnx, with_batch
+    from slimfx.ir.errors import ValidationError
+
+    x = torch.randn(1, 4)
+    g = ir.capture(torch.nn.Linear(4, 2).eval(), (x,))
+    fixed = to_onnx_model(g, dynamic_batch=False).SerializeToString()  # takes batch 1 only
+    assert validate_onnx(fixed, g, [(x,)]).passed
+    with pytest.raises(ValidationError, match=r"onnxruntime cannot run .* on inputs \(float32\[3, 4\]\)"):
+        validate_onnx(fixed, g, [(x,), with_batch((x,), 3)])

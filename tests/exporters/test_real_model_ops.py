@@ -241,6 +241,27 @@ def test_pixel_shuffle(case, tmp_path):
     check(*case, tmp_path)
 
 
+@PROPERTY
+@given(r=st.sampled_from([1, 2, 4]), c=st.integers(1, 3), hw=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       other=st.tuples(st.integers(1, 4), st.integers(1, 4)), down=st.booleans())
+def test_pixel_shuffle_with_dynamic_height_and_width(r, c, hw, other, down, tmp_path):
+    """With height and width dynamic the file runs at other spatial sizes (pixel_unshuffle's reshape had the
+    example's height and width written in: onnxruntime failed at any other size). The export probes spatial dims 32
+    further, so the factors are those that divide 32."""
+    import onnxruntime as ort
+
+    model = (nn.PixelUnshuffle(r) if down else nn.PixelShuffle(r)).eval()
+    def shape(h, w):
+        return (1, c, r * h, r * w) if down else (1, c * r * r, h, w)
+    x = torch.randn(*shape(*hw))
+    g = ir.capture(model, (x,), dynamic_dims="batch,height,width")
+    export_onnx(g, tmp_path / "m.onnx", inputs=(x,))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    y = torch.randn(*shape(*other)).repeat(2, 1, 1, 1)
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: y.numpy()})
+    assert torch.equal(torch.from_numpy(got), model(y))
+
+
 # --- bool masks: comparisons, logic, where, masked_fill --------------------------------------------------------
 
 COMPARE = {"eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge}
@@ -779,3 +800,80 @@ def test_a_t5_encoder_exports_and_runs_at_another_length(tmp_path):
     y = ort.InferenceSession(str(out.path)).run(None, {"input_ids": other.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(y), enc(other), atol=1e-4, rtol=1e-4)
+
+
+class _Positions(nn.Module):
+    """Learned positions indexed by `torch.arange` of the sequence length (the usual way to write them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.fc = nn.Embedding(20, 8), nn.Embedding(32, 8), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        steps = torch.arange(1, ids.size(1) + 1, dtype=torch.float32)  # a start, and a float arange
+        return self.fc(self.tok(ids) + self.pos(pos)) * steps[None, :, None]
+
+
+def test_arange_of_a_dynamic_length_exports_to_onnx_from_fx_capture(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model, ids = _Positions().eval(), torch.randint(0, 20, (1, 6))
+    g = ir.capture(model, (ids,), method="fx")
+    res = export_onnx(g, tmp_path / "m.onnx", inputs=(ids,))
+    assert res.validation.passed
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(3, 11), (7, 2)]:  # other batch sizes and lengths than the example's
+        x = torch.randint(0, 20, shape)
+        (got,) = sess.run(None, {"ids": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dims, groups, affine, shapes", [
+    ("batch,height,width", 2, True, [(3, 3, 6, 10), (2, 3, 9, 10), (2, 3, 5, 13)]),
+    ("batch,height,width", 4, False, [(2, 3, 7, 4)]),
+    ({"input": {2: "height"}}, 1, True, [(1, 3, 9, 10)]),
+    ("batch", 2, True, [(4, 3, 6, 10)])])
+def test_group_norm_with_dynamic_spatial_dims(dims, groups, affine, shapes, tmp_path):
+    """group_norm's reshape back to the input's shape must follow every dynamic dim: with height and width dynamic
+    it was written as copies of dims the grouped (rank-3) tensor does not have, which onnx.checker refused."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(groups, 8, affine=affine)).eval()
+    if affine:
+        with torch.no_grad():
+            model[1].weight.uniform_(0.5, 2)
+            model[1].bias.uniform_(-1, 1)
+    x = torch.randn(1, 3, 6, 10)
+    g = ir.capture(model, (x,), dynamic_dims=dims)
+    assert export_onnx(g, tmp_path / "m.onnx", inputs=(x,)).validation.passed
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for shape in shapes:
+        y = torch.randn(*shape)
+        (got,) = sess.run(None, {"input": y.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), model(y), atol=1e-5, rtol=1e-4)
+
+
+def test_an_argmax_over_dynamic_spatial_dims_is_not_refused_for_ties_the_validation_inputs_make(tmp_path):
+    """Validation at other sizes tiles the example; a conv of a tiled image repeats its values exactly, so a
+    heatmap's argmax / topk over height x width tied, onnxruntime and torch broke the tie apart, and a correct file
+    was refused as "a float32 export that disagrees" (the tiles are now jittered)."""
+    torch.manual_seed(0)
+
+    class Peaks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            heat = self.conv(x).flatten(2)
+            v, i = heat.topk(3, dim=-1)
+            return heat.argmax(-1), v, i
+
+    model, x = Peaks().eval(), torch.randn(1, 3, 10, 12)
+    g = ir.capture(model, (x,), dynamic_dims="batch,height,width")
+    assert export_onnx(g, tmp_path / "m.onnx", inputs=(x,)).validation.passed

@@ -190,3 +190,28 @@ def test_when_neither_script_nor_trace_works_the_error_names_the_other_formats(t
     with pytest.raises(ExportError, match=r"both failed\. Export the other formats only: --format onnx"):
         export_torchscript(g, tmp_path / "m.pt", inputs=(x,))
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_dict_output_mixing_tensors_and_tuples_is_refused_in_one_short_paragraph(tmp_path):
+    """TorchScript types a dict's values as one type; the refusal says so without printing the outputs' values
+    (torch's message starts with the whole traced output) and names the formats that keep such outputs."""
+    from slimfx.ir.errors import ExportError
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"logits": y, "parts": (y.cumsum(-1), y.sum(-1))}
+
+    x = torch.randn(2, 4)
+    g = ir.capture(Net().eval(), (x,))
+    with pytest.raises(ExportError) as e:
+        export_torchscript(g, tmp_path / "m.pt", inputs=(x,))
+    msg = str(e.value)
+    assert "consistent type" in msg and "--format onnx" in msg
+    assert "tensor(" not in msg and "\n" not in msg and len(msg) < 800, msg
+    assert "scripting (RuntimeError: )" not in msg  # torch.jit.script's message starts with a blank line
+    assert not list(tmp_path.iterdir())

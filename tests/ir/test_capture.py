@@ -215,3 +215,20 @@ def test_nodes_named_like_python_builtins_keep_their_own_shapes_and_dims():
     assert (g.inputs[0].meta.shape, first.meta.shape, second.meta.shape) == ((5, 6, 3), (5, 5, 3), (5, 5, 2))
     assert second.meta.sym[0] == "batch" and first.meta.sym[0] == "batch"
     ir.verify(g)
+
+
+def test_a_forward_returning_topk_or_max_results_whole_gives_their_tensors(tmp_path):
+    """`return x.topk(3)` / `return torch.max(x, 1)` return torch's named tuples of tensors: the outputs are those
+    tensors (a tuple), as when forward unpacks them; capture refused them as non-tensor values."""
+    from slimfx.exporters import export_onnx
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return x.topk(3, dim=-1), torch.max(x, 1)
+
+    x = torch.randn(2, 6)
+    g = ir.capture(Net().eval(), (x,))
+    got = ir.lower(g)(x)
+    want = Net()(x)
+    assert [[t.tolist() for t in pair] for pair in got] == [[t.tolist() for t in pair] for pair in want]
+    assert export_onnx(g, tmp_path / "m.onnx", inputs=(x,)).validation.passed

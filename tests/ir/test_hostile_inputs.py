@@ -51,6 +51,15 @@ class Lin(nn.Module):
         return self.fc(x)
 
 
+class KwOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, *, scale):
+        return self.fc(x) * scale
+
+
 class Two(nn.Module):
     def __init__(self):
         super().__init__()
@@ -183,6 +192,12 @@ def _on_fake_cuda(m: nn.Module) -> nn.Module:
     return m
 
 
+def _with_f64_buffer() -> nn.Module:
+    m = Lin()
+    m.register_buffer("temp", torch.tensor(0.5, dtype=torch.float64))
+    return m
+
+
 def _mixed() -> nn.Module:
     m = Two()
     m.fc.bias.data = m.fc.bias.data.half()
@@ -206,6 +221,14 @@ CAPTURE_ROWS = [
       "(x: float32[1, 64], #1: float32[1, 64])", "model factory"]),
     ("too few inputs", lambda: (Two(), (torch.randn(1, 4),)), {}, CaptureError,
      ["Two.forward(x, y) takes 2 inputs, but 1 example input was given: (x: float32[1, 4])"]),
+    # a keyword-only argument cannot be an example input by position: the message names it and how to give it by
+    # name from a model factory (a third item, a dict) and from Python (example_kwargs=)
+    ("keyword-only given by position", lambda: (KwOnly(), (torch.randn(1, 4), torch.randn(1, 1))), {}, CaptureError,
+     ["KwOnly.forward(x, *, scale) takes 1 input by position, but 2 example inputs were given",
+      "'scale' is keyword-only", "(model, (x,), {'scale': ...})", "example_kwargs={'scale': ...}"]),
+    ("keyword-only missing", lambda: (KwOnly(), (torch.randn(1, 4),)), {}, CaptureError,
+     ["KwOnly.forward needs its keyword-only argument 'scale'", "(model, (x,), {'scale': ...})",
+      "example_kwargs={'scale': ...}"]),
     ("returns None", lambda: (ReturnsNone(), (torch.randn(1, 4),)), {}, CaptureError,
      ["ReturnsNone.forward returns None", "tuples/lists/dicts of tensors", "model factory"]),
     ("returns constants", lambda: (ReturnsConstants(), (torch.randn(1, 4),)), {}, CaptureError,
@@ -215,6 +238,8 @@ CAPTURE_ROWS = [
     ("float64 model", lambda: (Lin().double(), (torch.randn(2, 64, dtype=torch.float64),)), {}, CaptureError,
      ["Lin is float64 (e.g. 'fc.weight')", "float32 and float16", "no float64 kernels for Conv",
       ".float() in your model factory"]),
+    ("float64 buffer in a float32 model", lambda: (_with_f64_buffer(), x64), {}, CaptureError,
+     ["Lin is float32 but holds float64 tensors (e.g. 'temp')", ".float() in your model factory"]),
     ("bfloat16 model", lambda: (Lin().bfloat16(), (torch.randn(2, 64).bfloat16(),)), {}, CaptureError,
      ["Lin is bfloat16", ".float()"]),
     ("mixed dtypes in the model", lambda: (_mixed(), (torch.randn(1, 4), torch.randn(1, 4))), {}, CaptureError,
