@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from slimfx.ir.analysis import example_inputs  # noqa: F401 - re-exported: exporters use it
-from slimfx.ir.errors import ExportError, ValidationError
+from slimfx.ir.errors import ExportError, GateError
 
 
 @dataclass
@@ -90,12 +90,13 @@ def onnx_tolerance(graph: Any, atol: float | None, rtol: float | None) -> tuple[
 
 
 def raise_if_invalid(report: Any, what: str, keep_invalid: bool, integer_kernels: bool = False) -> None:
-    """ValidationError naming the output that disagrees and the numbers (never a temporary file's path)."""
+    """GateError (a failed check: exit 3 on the command line) naming the output that disagrees and the numbers
+    (never a temporary file's path)."""
     if not report.passed:
         cause = ("onnxruntime's integer kernels round apart from the IR's fake-quant by a few output steps, more "
                  "where ranges are wide; " if integer_kernels else
                  "a float32 export that disagrees is a bug in slimfx's exporter (please report it with the model); ")
-        raise ValidationError(
+        raise GateError(
             f"{what} disagrees with the model: {report.failure or 'outside tolerance'}. {report.summary()}. "
             + ("The file was kept for inspection. " if keep_invalid else "No file was written. ")
             + cause[0].upper() + cause[1:]

@@ -611,6 +611,14 @@ def test_validation_error_names_the_output_not_a_temporary_file(tmp_path, monkey
     msg = str(e.value)
     assert "disagrees with the model: output: " in msg and "No file was written" in msg
     assert str(tmp_path) not in msg and "--atol" in msg and "[validate]" in msg
+    # a check that failed: exit 3 on the command line, as the README says, not 2 (a user error)
+    from slimfx.cli import main
+
+    (tmp_path / "act.py").write_text("import torch\n\nclass Act(torch.nn.Module):\n    def forward(self, x):\n"
+                                     "        return torch.relu(x) * 2\n\ndef make():\n"
+                                     "    return Act(), (torch.randn(3, 4),)\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "act.py:make", "-o", "act.onnx"]) == 3 and not (tmp_path / "act.onnx").exists()
 
 
 def test_report_json_is_strict():
