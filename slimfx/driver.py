@@ -152,7 +152,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
         timer = _StageTimer()
         with timer("capture"):
             graph = _capture(job)
-            baseline = _side_numbers(graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
+            baseline = _side_numbers(job, graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
         with timer("passes"):
             graph, records, stages = _run_passes(job, graph)
         with timer("export"):
@@ -160,11 +160,11 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             staging.mkdir(exist_ok=True)
             exports, export_details = _export(job, graph, staging)
             compressed_onnx = exports.get("onnx") or _onnx_for_numbers(job, graph, tmp / "compiled.onnx", "compiled")
-            compressed = _side_numbers(graph, compressed_onnx)
+            compressed = _side_numbers(job, graph, compressed_onnx)
         with timer("evaluate"):
             module = ir.lower(graph).eval()
             evaluation = _evaluate(job, module, exports.get("onnx"),
-                                   macs_per_sample=baseline["macs"] // max(_batch_rows(job.example), 1))
+                                   macs_per_sample=baseline["macs"])
             failures = _gate(job, evaluation)
         _describe_exports(graph, exports, export_details)
         with timer("latency"):
@@ -320,6 +320,12 @@ def _batch_rows(example: tuple) -> int:
     return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
 
 
+def _macs_per_input(job: _Job, graph: ir.Graph) -> int:
+    """The report's MACs: per input (one row of the batch), as the latency beside them is at batch 1; the
+    graph's shapes are the example's, whose batch size is the user's choice."""
+    return ir.count_macs(graph) // max(_batch_rows(job.example), 1)
+
+
 class _Chunks:
     """A data split (or a list of calibration input tuples) as batches of exactly `rows` rows, for a model
     fixed at its example's batch size; rows that do not fill a last chunk are left out."""
@@ -464,7 +470,7 @@ class _StageRecorder:
         module = ir.lower(graph).eval()
         acc = accuracy(module, self.job.accuracy_split) if self.job.accuracy_split is not None else None
         self.rows.append({"stage": f"{index}. {p.name}", "params": ir.count_params(graph),
-                          "macs": ir.count_macs(graph), "size_bytes": None, "latency_b1_ms": None, "latency_b32_ms": None,
+                          "macs": _macs_per_input(self.job, graph), "size_bytes": None, "latency_b1_ms": None, "latency_b32_ms": None,
                           "accuracy": acc})
 
 
@@ -521,8 +527,8 @@ def _onnx_for_numbers(job: _Job, graph: ir.Graph, path: Path, what: str) -> Path
         return None
 
 
-def _side_numbers(graph: ir.Graph, onnx_path: Path | None) -> dict[str, Any]:
-    return {"params": ir.count_params(graph), "macs": ir.count_macs(graph),
+def _side_numbers(job: _Job, graph: ir.Graph, onnx_path: Path | None) -> dict[str, Any]:
+    return {"params": ir.count_params(graph), "macs": _macs_per_input(job, graph),
             "size_bytes": onnx_path.stat().st_size if onnx_path is not None else None,
             "latency_ms": None, "accuracy": None, "_onnx": onnx_path}
 
