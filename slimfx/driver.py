@@ -152,6 +152,10 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
         timer = _StageTimer()
         with timer("capture"):
             graph = _capture(job)
+            if "slimfx" in job.formats:  # what a model file cannot hold is refused before any pass runs
+                from slimfx.ir.serialize import check_saveable
+
+                check_saveable(graph)
             baseline = _side_numbers(job, graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
         with timer("passes"):
             graph, records, stages = _run_passes(job, graph)
