@@ -79,10 +79,11 @@ def group_names(g: Group, graph: Graph) -> list[str]:
 # --- importance ---------------------------------------------------------------------------------
 
 def importance(graph: Graph, deps: Dependencies, criterion: str, ctx: PassContext | None = None,
-               *, batches: int = 4) -> tuple[torch.Tensor, dict[str, str]]:
-    """Score of every unit (indexed by its root label); higher means keep. Also notes on fallbacks."""
+               *, batches: int = 4) -> tuple[torch.Tensor, list[str]]:
+    """Score of every unit (indexed by its root label); higher means keep. Also notes on fallbacks (lines
+    for the report, as every pass's `notes`)."""
     roots = deps.roots
-    notes: dict[str, str] = {}
+    notes: list[str] = []
     grads: dict[str, torch.Tensor] = {}
     if criterion == "taylor":
         grads = _taylor_products(graph, ctx, batches)
@@ -115,11 +116,16 @@ def importance(graph: Graph, deps: Dependencies, criterion: str, ctx: PassContex
         return accumulate(("weight", "bias", "norm"), "taylor"), notes
     bn = accumulate(("norm",), "bn")
     l2 = accumulate(("weight",), "l2").sqrt()
+    fallback = []
     for g in deps.groups:
         if not any(bool(bn[u] > 0) for u in g.units):
             for u in g.units:
                 bn[u] = l2[u]
-            notes[g.name] = "no norm layer in the group: l2 used"
+            fallback.append(g.name)
+    if fallback:  # one readable line: the report's headline lists a pass's notes
+        notes.append(f"criterion bn-scale ranked {len(fallback)} of {len(deps.groups)} groups by l2, as they have no "
+                     f"norm layer ({', '.join(fallback)}); a fold-batchnorm before prune-channels removes the batch "
+                     "norms bn-scale reads: put it after")
     return bn, notes
 
 

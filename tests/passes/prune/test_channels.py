@@ -189,3 +189,28 @@ def test_a_pooler_reading_the_first_token_prunes_on_the_export_front_end():
     assert res.stats["macs_ratio"] < 0.6
     assert ir.lower(pruned)(x).shape == (2, 3)
     export_and_validate(pruned, (x,))
+
+
+def test_bn_scale_says_in_the_report_which_groups_fell_back_to_l2_and_why():
+    # The fallback note was a {group: text} dict; the report's headline lists a pass's notes, so it showed
+    # only "prune-channels: conv" -- and a recipe that folds batch norms first gets l2 in every group.
+    import slimfx
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc1, self.fc2 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+            return self.fc2(torch.relu(self.fc1(h)))
+
+    torch.manual_seed(0)
+    model, example = Net().eval(), (torch.randn(2, 3, 8, 8),)
+    for passes, groups in (([("prune-channels", {"criterion": "bn-scale"})], "fc1"),
+                           ([("fold-batchnorm", {}), ("prune-channels", {"criterion": "bn-scale"})], "conv, fc1")):
+        recipe = slimfx.Recipe(name="p", passes=passes, export={"formats": ["onnx"]})
+        headline = slimfx.compile(model, example, recipe=recipe, bench_seconds=0, quiet=True).report["headline"]
+        notes = [h for h in headline if h.startswith("prune-channels:")]
+        assert len(notes) == 1 and "bn-scale" in notes[0] and "l2" in notes[0], headline
+        assert f"({groups})" in notes[0] and "fold-batchnorm" in notes[0], notes
