@@ -214,3 +214,29 @@ def test_bn_scale_says_in_the_report_which_groups_fell_back_to_l2_and_why():
         notes = [h for h in headline if h.startswith("prune-channels:")]
         assert len(notes) == 1 and "bn-scale" in notes[0] and "l2" in notes[0], headline
         assert f"({groups})" in notes[0] and "fold-batchnorm" in notes[0], notes
+
+
+def test_depthwise_convs_left_at_a_width_onnxruntime_runs_slowly_are_named_with_round_to_as_the_remedy():
+    # A ConvNeXt block pruned by 30% keeps 22 of 32 depthwise channels; onnxruntime's depthwise kernels take a
+    # slow path for such widths (the pruned file ran 3x slower than the original at batch 32) and nothing said
+    # why. The pass notes it; round_to = 8 keeps such widths fast and the note away.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw, self.dw, self.out = nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 7, padding=3, groups=32), nn.Conv2d(32, 4, 1)
+
+        def forward(self, x):
+            return self.out(F.gelu(self.dw(self.pw(x))))
+
+    torch.manual_seed(0)
+    x = (torch.randn(1, 3, 8, 8),)
+    g = ir.capture(Block().eval(), x)
+    ctx = PassContext(example_inputs=x)
+    res = create_pass("prune-channels", {"sparsity": 0.3}).run(g, ctx)
+    assert [n.attrs["groups"] for n in res.graph.find("conv2d") if n.attrs.get("groups", 1) > 1] == [22]
+    notes = [n for n in res.stats.get("notes", []) if "depthwise" in n]
+    assert len(notes) == 1 and "dw (22 channels)" in notes[0] and "round_to = 8" in notes[0], res.stats.get("notes")
+    res8 = create_pass("prune-channels", {"sparsity": 0.3, "round_to": 8}).run(g, ctx)
+    assert [n.attrs["groups"] for n in res8.graph.find("conv2d") if n.attrs.get("groups", 1) > 1] == [24]
+    assert not res8.stats.get("notes")
+    assert not create_pass("prune-channels", {"sparsity": 0.5}).run(g, ctx).stats.get("notes")  # 16: fast
