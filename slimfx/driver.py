@@ -810,12 +810,25 @@ def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:
     return failures
 
 
+# what lowers each compressing pass's damage, in its own option names
+_COMPRESS_LESS = {"prune-channels": "prune-channels `sparsity` or `target_macs`", "prune-weights": "prune-weights `sparsity`",
+                  "quantize": "quantize's `skip` for sensitive layers"}
+
+
+def _gate_advice(passes: list[str], kept: bool) -> str:
+    """What is left to try when recovery ran on the user's data and the gate still failed: only the knobs the
+    recipe has (a recipe without a finetune/distill step is told to add one)."""
+    recovery = [p for p in ("finetune", "distill") if p in passes]
+    first = (f"give the recovery steps more epochs (the recipe's {' / '.join(recovery)} `epochs`)" if recovery
+             else "add a finetune step after the compression (name = \"finetune\", epochs)")
+    less = [v for k, v in _COMPRESS_LESS.items() if k in passes]
+    advice = f"{first}, compress less{' (' + ', '.join(less) + ')' if less else ''}, or relax the recipe's [validate] thresholds"
+    return advice + ("" if kept else "; --keep-rejected (keep_rejected=True) writes the rejected files to inspect")
+
+
 def _gate_error(job: _Job, report: dict[str, Any], failures: list[str], kept: Path | None) -> GateError:
     if job.data.train is not None and job.gate_split_name == "validation":  # recovery ran; more data is no answer
-        advice = ("give the recovery steps more epochs (the recipe's finetune / distill `epochs`), compress less "
-                  "(a prune pass's `sparsity` or `target_macs`, quantize's `skip` for sensitive layers), or relax "
-                  "the recipe's [validate] thresholds; --keep-rejected (keep_rejected=True) writes the rejected "
-                  "files to inspect")
+        advice = _gate_advice([name for name, _ in job.recipe.passes], kept=job.keep_rejected)
     else:
         advice = ("give training and validation data (--data / data=) so recovery steps run, use a gentler recipe, "
                   "or relax the recipe's [validate] thresholds")
