@@ -459,7 +459,26 @@ def _capture(job: _Job) -> ir.Graph:
         problem = check(graph) if check is not None else None
         if problem:
             raise RecipeError(f"recipe {job.recipe.name!r}: passes[{i}] (name = {p.name!r}): {problem}")
+    _refuse_masks_in_onnx(job, graph)
     return graph
+
+
+def _refuse_masks_in_onnx(job: _Job, graph: ir.Graph) -> None:
+    """ONNX files hold no `mask` nodes (docs/pruning.md): a pipeline that would leave prune-weights' masks in
+    the graph it exports as ONNX is refused before any work, naming the step that fixes it."""
+    if "onnx" not in job.formats:
+        return
+    left = "the resumed graph's masks" if any(n.op == "mask" for n in graph) else None
+    for i, p in enumerate(job.pipeline):
+        if p.name == "prune-weights":
+            left = f"passes[{i}] (name = 'prune-weights')"
+        elif p.name == "materialize-masks":
+            left = None
+    if left is not None:
+        raise RecipeError(
+            f"recipe {job.recipe.name!r}: {left} leaves pruning masks as `mask` nodes, which an ONNX file does not "
+            "hold; add a materialize-masks step after it ([[passes]] name = \"materialize-masks\", as the sparse50 "
+            "recipe does), or leave onnx out of the formats (--format torchscript)")
 
 
 class _StageRecorder:
