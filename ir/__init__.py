@@ -1,6 +1,6 @@
 """slimfx's graph IR: capture a torch model into canonical ops, inspect, rewrite, and lower it back."""
 
-from slimfx.ir.analysis import count_macs, count_params, node_macs, node_table, propagate_shapes
+from slimfx.ir.analysis import count_macs, count_params, is_depthwise, node_macs, node_table, propagate_shapes
 from slimfx.ir.capture import capture, register_converter
 from slimfx.ir.compare import graph_diff
 from slimfx.ir.errors import CaptureError
@@ -27,6 +27,6 @@ __all__ = [
     "capture", "register_converter", "lower", "verify", "VerifyError", "CaptureError",
     "OPS", "OpDef", "OpQuery", "Weighted", "canonical_weight", "from_canonical_weight", "get_op", "register_op",
     "trait", "ops_with",
-    "count_macs", "count_params", "node_macs", "node_table", "propagate_shapes",
+    "count_macs", "count_params", "is_depthwise", "node_macs", "node_table", "propagate_shapes",
     "format_graph", "format_node", "parse", "ParseError", "graph_diff",
 ]

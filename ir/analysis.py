@@ -72,6 +72,16 @@ def _param_shape(node: Node, ref: Any) -> tuple[int, ...] | None:
     return None
 
 
+def is_depthwise(graph: Graph, node: Node) -> bool:
+    """A grouped layer with one input and one output channel per group (MobileNet's, ConvNeXt's 7x7)."""
+    op = OPS.get(node.op)
+    layer = op.weighted if op is not None else None
+    if layer is None or not layer.grouped or layer.transposed:
+        return False
+    w, groups = _param_shape(node, node.inputs[1]), node.attrs.get("groups", 1)
+    return w is not None and groups > 1 and w[1] == 1 and groups == w[0]
+
+
 def count_macs(graph: Graph) -> int:
     """Total multiply-accumulates at the example input shapes."""
     return sum(node_macs(n) for n in graph)

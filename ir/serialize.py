@@ -131,7 +131,7 @@ def save_graph(graph: Graph, path: str | os.PathLike, *, metadata: dict[str, Any
     from slimfx.ir.printer import format_graph
 
     path = Path(path)
-    _refuse_unsaveable(graph)
+    check_saveable(graph)
     extra = {k: v for k, v in {**graph.metadata, **(metadata or {})}.items() if k not in _DERIVED_KEYS}
     meta = build_metadata(graph, extra)
     text = format_graph(graph, locations=True) + "\n"
@@ -159,12 +159,15 @@ def save_graph(graph: Graph, path: str | os.PathLike, *, metadata: dict[str, Any
     return path
 
 
-def _refuse_unsaveable(graph: Graph) -> None:
+def check_saveable(graph: Graph) -> None:
     """ModelFileError for what the file cannot hold: module objects (opaque call_module nodes) and
-    functions ir.parse would not resolve."""
+    functions ir.parse would not resolve. save_graph calls it; the driver calls it right after capture when
+    the slimfx format is asked for, so the refusal comes before any pass runs."""
     from slimfx.ir.parser import check_opaque, resolve_function
     from slimfx.ir.printer import function_name
 
+    instead = ("; leave slimfx out of the formats (--format / formats=) and keep the ONNX or TorchScript file, "
+               "or re-run the recipe on the Python model when you need its graph again")
     for n in graph:
         if n.op != "opaque":
             continue
@@ -173,19 +176,20 @@ def _refuse_unsaveable(graph: Graph) -> None:
                 f"cannot save %{n.name}: it calls the module object {n.attrs.get('target')!r} "
                 f"({type(n.attrs.get('module')).__name__}, {n.where()}), which capture could not turn into IR ops "
                 "and a model file holds no Python objects. Capture the model so that this layer becomes IR ops "
-                "(see `slimfx inspect` for opaque nodes), or keep the Python model and re-run the recipe.")
+                f"(see `slimfx inspect` for opaque nodes){instead}.")
         target = n.attrs.get("target")
         if callable(target) and resolve_function(function_name(target)) is not target:
+            what = (f"the ATen operator {target} ({n.where()}), which torch.export capture left without an IR op"
+                    if isinstance(target, torch._ops.OpOverload) else
+                    f"{function_name(target)} ({n.where()}), which is not a torch, operator or math function")
             raise ModelFileError(
-                f"cannot save %{n.name}: it calls {function_name(target)} ({n.where()}), which is not a torch, "
-                "operator or math function, and a model file holds no Python code. Keep the Python model and "
-                "re-run the recipe, or make the model call torch functions there.")
+                f"cannot save %{n.name}: it calls {what}, and a model file holds no Python code nor ATen calls; "
+                f"make the model call torch functions there{instead}.")
         why = check_opaque(list(n.inputs), n.attrs)  # what loading would refuse is never written
         if why is not None:
             raise ModelFileError(
                 f"cannot save %{n.name} ({n.where()}): {why}, and a model file holds only what it can read back "
-                "without running Python. Keep the Python model and re-run the recipe, or make the model compute "
-                "that with torch functions.")
+                f"without running Python. Make the model compute that with torch functions{instead}.")
 
 
 class _Reader:

@@ -152,7 +152,11 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
         timer = _StageTimer()
         with timer("capture"):
             graph = _capture(job)
-            baseline = _side_numbers(graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
+            if "slimfx" in job.formats:  # what a model file cannot hold is refused before any pass runs
+                from slimfx.ir.serialize import check_saveable
+
+                check_saveable(graph)
+            baseline = _side_numbers(job, graph, _onnx_for_numbers(job, graph, tmp / "original.onnx", "original"))
         with timer("passes"):
             graph, records, stages = _run_passes(job, graph)
         with timer("export"):
@@ -160,11 +164,11 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
             staging.mkdir(exist_ok=True)
             exports, export_details = _export(job, graph, staging)
             compressed_onnx = exports.get("onnx") or _onnx_for_numbers(job, graph, tmp / "compiled.onnx", "compiled")
-            compressed = _side_numbers(graph, compressed_onnx)
+            compressed = _side_numbers(job, graph, compressed_onnx)
         with timer("evaluate"):
             module = ir.lower(graph).eval()
             evaluation = _evaluate(job, module, exports.get("onnx"),
-                                   macs_per_sample=baseline["macs"] // max(_batch_rows(job.example), 1))
+                                   macs_per_sample=baseline["macs"])
             failures = _gate(job, evaluation)
         _describe_exports(graph, exports, export_details)
         with timer("latency"):
@@ -320,6 +324,12 @@ def _batch_rows(example: tuple) -> int:
     return int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() else 1
 
 
+def _macs_per_input(job: _Job, graph: ir.Graph) -> int:
+    """The report's MACs: per input (one row of the batch), as the latency beside them is at batch 1; the
+    graph's shapes are the example's, whose batch size is the user's choice."""
+    return ir.count_macs(graph) // max(_batch_rows(job.example), 1)
+
+
 class _Chunks:
     """A data split (or a list of calibration input tuples) as batches of exactly `rows` rows, for a model
     fixed at its example's batch size; rows that do not fill a last chunk are left out."""
@@ -449,7 +459,26 @@ def _capture(job: _Job) -> ir.Graph:
         problem = check(graph) if check is not None else None
         if problem:
             raise RecipeError(f"recipe {job.recipe.name!r}: passes[{i}] (name = {p.name!r}): {problem}")
+    _refuse_masks_in_onnx(job, graph)
     return graph
+
+
+def _refuse_masks_in_onnx(job: _Job, graph: ir.Graph) -> None:
+    """ONNX files hold no `mask` nodes (docs/pruning.md): a pipeline that would leave prune-weights' masks in
+    the graph it exports as ONNX is refused before any work, naming the step that fixes it."""
+    if "onnx" not in job.formats:
+        return
+    left = "the resumed graph's masks" if any(n.op == "mask" for n in graph) else None
+    for i, p in enumerate(job.pipeline):
+        if p.name == "prune-weights":
+            left = f"passes[{i}] (name = 'prune-weights')"
+        elif p.name == "materialize-masks":
+            left = None
+    if left is not None:
+        raise RecipeError(
+            f"recipe {job.recipe.name!r}: {left} leaves pruning masks as `mask` nodes, which an ONNX file does not "
+            "hold; add a materialize-masks step after it ([[passes]] name = \"materialize-masks\", as the sparse50 "
+            "recipe does), or leave onnx out of the formats (--format torchscript)")
 
 
 class _StageRecorder:
@@ -464,7 +493,7 @@ class _StageRecorder:
         module = ir.lower(graph).eval()
         acc = accuracy(module, self.job.accuracy_split) if self.job.accuracy_split is not None else None
         self.rows.append({"stage": f"{index}. {p.name}", "params": ir.count_params(graph),
-                          "macs": ir.count_macs(graph), "size_bytes": None, "latency_b1_ms": None, "latency_b32_ms": None,
+                          "macs": _macs_per_input(self.job, graph), "size_bytes": None, "latency_b1_ms": None, "latency_b32_ms": None,
                           "accuracy": acc})
 
 
@@ -521,8 +550,8 @@ def _onnx_for_numbers(job: _Job, graph: ir.Graph, path: Path, what: str) -> Path
         return None
 
 
-def _side_numbers(graph: ir.Graph, onnx_path: Path | None) -> dict[str, Any]:
-    return {"params": ir.count_params(graph), "macs": ir.count_macs(graph),
+def _side_numbers(job: _Job, graph: ir.Graph, onnx_path: Path | None) -> dict[str, Any]:
+    return {"params": ir.count_params(graph), "macs": _macs_per_input(job, graph),
             "size_bytes": onnx_path.stat().st_size if onnx_path is not None else None,
             "latency_ms": None, "accuracy": None, "_onnx": onnx_path}
 
@@ -807,14 +836,26 @@ def _training_epochs(recipe: Recipe) -> list[str]:
             for f in p.options() if f.name.endswith("epochs") and getattr(p, f.name)]
 
 
+# what lowers each compressing pass's damage, in its own option names
+_COMPRESS_LESS = {"prune-channels": "prune-channels `sparsity` or `target_macs`", "prune-weights": "prune-weights `sparsity`",
+                  "quantize": "quantize's `skip` for sensitive layers"}
+
+
+def _gate_advice(recipe: Recipe, kept: bool) -> str:
+    """What is left to try when recovery ran on the user's data and the gate still failed: only the knobs the
+    recipe has (its training options with their values; a recipe that trains nothing is told to add a step)."""
+    knobs = _training_epochs(recipe)
+    first = (f"give the recovery steps more epochs ({', '.join(knobs)})" if knobs else
+             "add a finetune step after the compression (name = \"finetune\", epochs)")
+    passes = [name for name, _ in recipe.passes]
+    less = [v for k, v in _COMPRESS_LESS.items() if k in passes]
+    advice = f"{first}, compress less{' (' + ', '.join(less) + ')' if less else ''}, or relax the recipe's [validate] thresholds"
+    return advice + ("" if kept else "; --keep-rejected (keep_rejected=True) writes the rejected files to inspect")
+
+
 def _gate_error(job: _Job, report: dict[str, Any], failures: list[str], kept: Path | None) -> GateError:
     if job.data.train is not None and job.gate_split_name == "validation":  # recovery ran; more data is no answer
-        knobs = _training_epochs(job.recipe)
-        more = (f"give the recovery steps more epochs ({', '.join(knobs)})" if knobs else
-                "add a recovery step on the train data (a finetune or distill pass, or quantize's `qat_epochs`)")
-        advice = (f"{more}, compress less (a prune pass's `sparsity` or `target_macs`, quantize's `skip` for "
-                  "sensitive layers), or relax the recipe's [validate] thresholds; --keep-rejected "
-                  "(keep_rejected=True) writes the rejected files to inspect")
+        advice = _gate_advice(job.recipe, kept=job.keep_rejected)
     else:
         advice = ("give training and validation data (--data / data=) so recovery steps run, use a gentler recipe, "
                   "or relax the recipe's [validate] thresholds")

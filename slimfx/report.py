@@ -33,7 +33,7 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
     b, c = report["baseline"], report["compressed"]
     rows = [
         ["params", _fmt_int(b["params"]), _fmt_int(c["params"]), _ratio(b["params"], c["params"])],
-        ["MACs", _fmt_int(b["macs"]), _fmt_int(c["macs"]), _ratio(b["macs"], c["macs"])],
+        ["MACs per input", _fmt_int(b["macs"]), _fmt_int(c["macs"]), _ratio(b["macs"], c["macs"])],
         ["ONNX file", _fmt_bytes(b["size_bytes"]), _fmt_bytes(c["size_bytes"]),
          _ratio(b["size_bytes"], c["size_bytes"])],
     ]
@@ -160,7 +160,7 @@ def write_markdown(report: dict[str, Any], path: Path, plot_path: Path) -> None:
                    _fmt_ms(s["latency_b32_ms"]), _fmt_acc(s["accuracy"])] for s in report.get("stages", [])]
     text = [f"# slimfx report: {report['model']} with recipe `{report['recipe']}`", "",
             format_report(report, markdown=True), "", "## Stages", "",
-            _table(["stage", "params", "MACs", "ONNX size", "latency b32", "accuracy"], stage_rows, True)]
+            _table(["stage", "params", "MACs per input", "ONNX size", "latency b32", "accuracy"], stage_rows, True)]
     if plotted:
         text += ["", f"![accuracy against latency and size]({plot_path.name})"]
     text.append("")

@@ -535,6 +535,10 @@ class EmitContext:
                 "refreshes every shape); please report this with the graph (print(graph)).")
 
     def unsupported_message(self, n: Node) -> str:
+        if n.op == "mask":  # not the model's line: a pass's node, baked in by another pass
+            return (f"cannot export %{n.name} (a pruning mask of prune-weights, {n.where()}) to ONNX: an ONNX file "
+                    "holds the masked weights, not masks; run materialize-masks after prune-weights (in a recipe: "
+                    "[[passes]] name = \"materialize-masks\", as sparse50 does), or export TorchScript instead")
         mod = n.attrs.get("module") if n.op == "opaque" else None
         within = n.attrs.get("within") if n.op == "opaque" else None
         where = n.where() + (f"; part of {within}, which capture decomposed" if within else "")

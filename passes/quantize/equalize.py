@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from slimfx.ir import Graph, Node, Param, ops_with, trait
+from slimfx.ir import Graph, Node, Param, is_depthwise, ops_with, trait
 from slimfx.passes.base import Pass, PassContext, PassResult, option, register_pass
 from slimfx.passes.quantize.calibrate import calibration_batches, run_with_outputs
 from slimfx.passes.quantize.qdq import bias_limit, layer_weight, scale_value
@@ -37,17 +37,11 @@ def _groups(n: Node) -> int:
     return n.attrs.get("groups", 1) if trait(n.op, "weighted").grouped else 1
 
 
-def _is_depthwise(graph: Graph, n: Node) -> bool:
-    w = graph.params[n.inputs[1].name]
-    g = _groups(n)
-    return g > 1 and w.shape[1] == 1 and g == w.shape[0]
-
-
 def find_pairs(graph: Graph, *, through_relu6: bool) -> list[tuple[Node, list[Node], Node]]:
     """(first layer, activations between, second layer) where the first's output reaches only the second."""
     pairs = []
     for a in graph:
-        if _weight(graph, a) is None or (_groups(a) > 1 and not _is_depthwise(graph, a)):
+        if _weight(graph, a) is None or (_groups(a) > 1 and not is_depthwise(graph, a)):
             continue
         acts: list[Node] = []
         cur = a
@@ -63,7 +57,7 @@ def find_pairs(graph: Graph, *, through_relu6: bool) -> list[tuple[Node, list[No
         b = next(iter(cur.users))
         if _weight(graph, b) is None or b.inputs[0] is not cur or b.op != a.op:
             continue
-        if _groups(b) > 1 and not _is_depthwise(graph, b):
+        if _groups(b) > 1 and not is_depthwise(graph, b):
             continue
         pairs.append((a, acts, b))
     return pairs
@@ -111,7 +105,7 @@ class Equalize(Pass):
         for _ in range(self.iterations):
             for a, acts, b in pairs:
                 wa, wb = graph.params[a.inputs[1].name], graph.params[b.inputs[1].name]
-                dw = _is_depthwise(graph, b)
+                dw = is_depthwise(graph, b)
                 r1, r2 = _out_range(wa), _in_range(wb, dw)
                 s = torch.where((r1 > 0) & (r2 > 0), torch.sqrt(r1 / r2.clamp(min=1e-12)), torch.ones_like(r1))
                 s = s.clamp(self.min_scale, 1.0 / self.min_scale)

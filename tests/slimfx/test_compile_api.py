@@ -5,6 +5,7 @@ import json
 import onnx
 import pytest
 import torch
+import torch.nn as nn
 
 import slimfx
 from slimfx.ir.errors import RecipeError
@@ -164,3 +165,29 @@ def test_every_user_error_is_importable_from_slimfx():
     for name in slimfx.errors.__all__:
         assert getattr(slimfx, name) is getattr(slimfx.errors, name), name
     assert set(slimfx.errors.__all__) <= set(slimfx.__all__)
+
+
+def test_the_report_counts_macs_per_input_whatever_the_example_batch_size():
+    # The report's MACs sit beside latency at batch 1; they were counted at the example's shapes, so a model
+    # whose example holds 4 rows reported 4x the MACs of the same model given a 1-row example.
+    from slimfx import ir
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    per_input = ir.count_macs(ir.capture(model, (torch.randn(1, 3, 8, 8),)))
+    recipe = slimfx.Recipe(name="p", passes=[("prune-channels", {"sparsity": 0.5})], export={"formats": ["onnx"]})
+    for rows in (1, 4):
+        result = slimfx.compile(model, (torch.randn(rows, 3, 8, 8),), recipe=recipe, bench_seconds=0, quiet=True)
+        report = result.report
+        assert report["baseline"]["macs"] == per_input, rows
+        assert report["stages"][0]["macs"] == per_input
+        pruned = [s for s in report["stages"] if s["stage"].endswith("prune-channels")][0]["macs"]
+        assert pruned == report["compressed"]["macs"] < per_input

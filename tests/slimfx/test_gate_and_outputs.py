@@ -97,7 +97,7 @@ def test_a_heavy_model_is_checked_on_fewer_generated_inputs_within_the_budget_an
 
     model, example = small()
     macs = slimfx.compile(model, example, "cleanup", bench_seconds=0, quiet=True).report["baseline"]["macs"]
-    budget = macs // example[0].shape[0] * 100  # 100 inputs' worth: 96 of them
+    budget = macs * 100  # the report counts MACs per input: 100 inputs' worth, 96 of them
     monkeypatch.setattr(data, "GENERATED_MACS_BUDGET", budget)
     monkeypatch.setattr(driver, "GENERATED_MACS_BUDGET", budget)
     result = slimfx.compile(model, example, "cleanup", out_dir=tmp_path / "o", bench_seconds=0, quiet=True)
@@ -140,7 +140,7 @@ def test_a_failed_gate_after_recovery_with_the_users_data_advises_what_is_left(t
         slimfx.compile(model, example, broken, data=slimfx.Data(train=(x[:32], y[:32]), validation=(x[32:], y[32:])),
                        bench_seconds=0, quiet=True)
     assert "give training and validation data" not in str(e.value)
-    assert "add a recovery step on the train data" in str(e.value) and "--keep-rejected" in str(e.value)
+    assert "add a finetune step" in str(e.value) and "--keep-rejected" in str(e.value)  # its recipe has none
     # a recipe that trains: the advice names its own epochs options, with their values
     model, example = small()
     x = torch.randn(64, 3, 8, 8)
@@ -294,3 +294,33 @@ def test_an_output_that_is_nan_everywhere_in_the_original_fails_closed(tmp_path)
         slimfx.compile(HalfBroken().eval(), (torch.randn(2, 4),), recipe="cleanup", out_dir=tmp_path / "out",
                        quiet=True, bench_seconds=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_advice_of_a_failed_gate_names_only_knobs_the_recipe_has(tmp_path):
+    # sparse50 (prune-weights, no finetune) was told to give "the recipe's finetune / distill epochs" more and
+    # to lower "target_macs" (an option prune-weights refuses), and a run with --keep-rejected to use it.
+    model, example = _two_heads()
+    x = torch.randn(64, 6)
+    with torch.no_grad():
+        y = model(x)[0].argmax(1)
+    data = slimfx.Data(train=(x[:32], y[:32]), validation=(x[32:], y[32:]))
+    sparse = _recipe([{"name": "prune-weights", "sparsity": 0.95, "scope": "layer"}, {"name": "materialize-masks"}],
+                     {"min_top1_agreement": 0.99})
+    with pytest.raises(GateError) as e:
+        slimfx.compile(model, example, sparse, data=data, out_dir=tmp_path / "o", keep_rejected=True,
+                       bench_seconds=0, quiet=True)
+    advice = str(e.value).splitlines()[-1]
+    assert "add a finetune step" in advice and "prune-weights `sparsity`" in advice, advice
+    assert "target_macs" not in advice and "distill" not in advice and "--keep-rejected" not in advice
+    model, example = small()
+    x = torch.randn(64, *example[0].shape[1:])
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    pruned = _recipe([{"name": "prune-channels", "sparsity": 0.9}, {"name": "finetune", "epochs": 1}],
+                     {"min_sqnr_db": 60})
+    with pytest.raises(GateError) as e:
+        slimfx.compile(model, example, pruned, data=slimfx.Data(train=(x[:32], y[:32]), validation=(x[32:], y[32:])),
+                       bench_seconds=0, quiet=True)
+    advice = str(e.value).splitlines()[-1]
+    assert "(finetune's `epochs` (now 1))" in advice and "prune-channels `sparsity` or `target_macs`" in advice, advice
+    assert "quantize" not in advice and "--keep-rejected" in advice

@@ -312,3 +312,30 @@ def test_the_report_says_what_each_file_holds():
               "validation": {"top1_agreement": None, "max_abs_diff": 0.0, "exact": True}, "exports": exports}
     report["compressed"] = dict(report["baseline"])
     assert "FAKE-QUANT: float tensors" in format_report(report) and "model.pt " in format_report(report)
+
+
+
+def test_a_model_the_slimfx_format_cannot_hold_is_refused_after_capture_before_any_pass(monkeypatch, tmp_path):
+    # A graph with a call a file cannot hold (an ATen call torch.export capture leaves opaque, as in Hugging Face
+    # models' position ids) was refused only when model.slimfx was written, after pruning and fine-tuning.
+    import slimfx.driver as driver
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos, self.fc = nn.Embedding(10, 4), nn.Embedding(16, 4), nn.Linear(4, 3)
+
+        def forward(self, ids):
+            if ids.shape[1] > 16:  # Python control flow on a shape: symbolic tracing fails, torch.export captures
+                raise ValueError("too long")
+            return self.fc(self.emb(ids) + self.pos(torch.arange(ids.shape[1]))).mean(1)
+
+    def no_passes(*a, **k):
+        raise AssertionError("the passes ran before the refusal")
+
+    monkeypatch.setattr(driver, "_run_passes", no_passes)
+    with pytest.raises(ModelFileError, match=r"cannot save %arange: it calls the ATen operator aten.arange.default "
+                                             r".*leave slimfx out of the formats"):
+        slimfx.compile(Net().eval(), (torch.randint(0, 10, (2, 5)),), recipe="prune50", formats=["onnx", "slimfx"],
+                       out_dir=tmp_path / "o", bench_seconds=0, quiet=True)
+    assert not (tmp_path / "o").exists()

@@ -189,3 +189,55 @@ def test_a_pooler_reading_the_first_token_prunes_on_the_export_front_end():
     assert res.stats["macs_ratio"] < 0.6
     assert ir.lower(pruned)(x).shape == (2, 3)
     export_and_validate(pruned, (x,))
+
+
+def test_bn_scale_says_in_the_report_which_groups_fell_back_to_l2_and_why():
+    # The fallback note was a {group: text} dict; the report's headline lists a pass's notes, so it showed
+    # only "prune-channels: conv" -- and a recipe that folds batch norms first gets l2 in every group.
+    import slimfx
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc1, self.fc2 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+            return self.fc2(torch.relu(self.fc1(h)))
+
+    torch.manual_seed(0)
+    model, example = Net().eval(), (torch.randn(2, 3, 8, 8),)
+    for passes, groups in (([("prune-channels", {"criterion": "bn-scale"})], "fc1"),
+                           ([("fold-batchnorm", {}), ("prune-channels", {"criterion": "bn-scale"})], "conv, fc1")):
+        recipe = slimfx.Recipe(name="p", passes=passes, export={"formats": ["onnx"]})
+        headline = slimfx.compile(model, example, recipe=recipe, bench_seconds=0, quiet=True).report["headline"]
+        notes = [h for h in headline if h.startswith("prune-channels: criterion")]
+        assert len(notes) == 1 and "bn-scale" in notes[0] and "l2" in notes[0], headline
+        assert f"({groups})" in notes[0] and "fold-batchnorm" in notes[0], notes
+
+
+def test_convs_left_at_widths_onnxruntime_runs_slowly_are_named_with_round_to_as_the_remedy():
+    # Pruned by 30%, a ConvNeXt block keeps 22 of 32 channels; onnxruntime's conv kernels take a slow path for
+    # widths that are not multiples of 8 (a pruned ConvNeXt ran 3x slower than the original at batch 32, a ResNet
+    # as slowly as the original) and nothing said why. The pass notes it; round_to = 8 keeps the note away.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pw, self.dw, self.out = nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 7, padding=3, groups=32), nn.Conv2d(32, 4, 1)
+
+        def forward(self, x):
+            return self.out(F.gelu(self.dw(self.pw(x))))
+
+    torch.manual_seed(0)
+    x = (torch.randn(1, 3, 8, 8),)
+    g = ir.capture(Block().eval(), x)
+    ctx = PassContext(example_inputs=x)
+    res = create_pass("prune-channels", {"sparsity": 0.3}).run(g, ctx)
+    assert [n.attrs["groups"] for n in res.graph.find("conv2d") if n.attrs.get("groups", 1) > 1] == [22]
+    notes = [n for n in res.stats.get("notes", []) if "multiples of 8" in n]
+    assert len(notes) == 1 and "round_to = 8" in notes[0], res.stats.get("notes")
+    assert "3 conv layers" in notes[0] and "pw (3->22 channels), dw (22->22 channels), out (22->4 channels)" in notes[0]
+    res8 = create_pass("prune-channels", {"sparsity": 0.3, "round_to": 8}).run(g, ctx)
+    assert [n.attrs["groups"] for n in res8.graph.find("conv2d") if n.attrs.get("groups", 1) > 1] == [24]
+    assert not res8.stats.get("notes")
+    assert not create_pass("prune-channels", {"sparsity": 0.5}).run(g, ctx).stats.get("notes")  # 16: fast

@@ -105,3 +105,30 @@ def test_repruning_keeps_earlier_zeros_and_bad_options_fail():
         create_pass("prune-weights", {"overrides": {"fc1": 2.0}})
     with pytest.raises(PassError, match="skip pattern 'decoder.\\*' names no"):
         _run(_graph(), skip=["decoder.*"])
+
+
+def test_a_recipe_that_exports_onnx_with_masks_left_in_is_refused_before_any_work(monkeypatch, tmp_path):
+    # prune-weights without materialize-masks ran every pass, then failed to export with "no emitter for this op
+    # ... Rewrite that line of the model" (the line of a conv); the fix is a recipe step.
+    import slimfx
+    import slimfx.driver as driver
+    from slimfx.ir.errors import ExportError, RecipeError
+
+    def no_passes(*a, **k):
+        raise AssertionError("the passes ran before the refusal")
+
+    torch.manual_seed(0)
+    model, example = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), (torch.randn(2, 8),)
+    monkeypatch.setattr(driver, "_run_passes", no_passes)
+    masks_left = slimfx.Recipe(name="m", passes=[("prune-weights", {"sparsity": 0.5}), ("finetune", {})],
+                               export={"formats": ["onnx"]})
+    with pytest.raises(RecipeError, match=r"passes\[0\] \(name = 'prune-weights'\).*materialize-masks"):
+        slimfx.compile(model, example, recipe=masks_left, bench_seconds=0, quiet=True)
+    monkeypatch.undo()
+    g = ir.capture(model, example)
+    g = create_pass("prune-weights", {"sparsity": 0.5}).run(g, PassContext(example_inputs=example)).graph_after(g)
+    from slimfx.exporters import export_onnx
+
+    with pytest.raises(ExportError, match=r"pruning mask.*materialize-masks") as e:
+        export_onnx(g, tmp_path / "m.onnx", inputs=example)
+    assert "Rewrite that line" not in str(e.value)
