@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from slimfx import ir
 from slimfx.ir.errors import PassError
 from slimfx.passes import PassContext, create_pass, parse_pass_spec
+from slimfx.passes.quantize.qat import fake_quant_graph
 from slimfx.passes.quantize.qdq import collapse_requantize, scale_value
 
 
@@ -161,8 +162,9 @@ def _digits_cnn_folded():
     return g, ds
 
 
-def test_qat_with_ste_recovers_sign_weights_on_digits():
+def test_qat_with_ste_recovers_sign_weights_on_digits(monkeypatch):
     from slimfx import models
+    from slimfx.passes.quantize import qat
 
     g, ds = _digits_cnn_folded()
     x = ds.train_x
@@ -170,7 +172,15 @@ def test_qat_with_ste_recovers_sign_weights_on_digits():
                       train_data=[((x[i:i + 64],), ds.train_y[i:i + 64]) for i in range(0, len(x), 64)])
     plain = g.copy()
     create_pass("quantize", {"scheme": "sign"}).run(plain, ctx)
+    trained = []  # the fake-quant graph QAT trains
+    monkeypatch.setattr(qat, "fake_quant_graph", lambda *a: trained.append(fake_quant_graph(*a)) or trained[-1])
     res = create_pass("quantize", {"scheme": "sign", "qat_epochs": 4, "qat_lr": 2e-3}).run(g, ctx)
+    with torch.no_grad():  # what ships computes what was trained: the activation ranges it trained through
+        y_trained, y = ir.lower(trained[0]).eval()(ds.test_x), ir.lower(g)(ds.test_x)
+    assert (y.argmax(1) == y_trained.argmax(1)).float().mean() >= 0.99 and _sqnr(y_trained, y) > 30, _sqnr(y_trained, y)
+    trained_scales = {k[:-len("_fq_scale")]: v for k, v in trained[0].params.items() if k.endswith("_fq_scale")}
+    assert trained_scales and all(torch.equal(g.params[f"{k}_s"], v) for k, v in trained_scales.items()), [
+        (k, float(g.params[f"{k}_s"]), float(v)) for k, v in trained_scales.items()]
     ir.verify(g)
     assert res.stats["qat"].startswith("4 epochs, loss ")
     assert set(g.params["features.1.0.weight_q"].unique().tolist()) == {-1, 1}
