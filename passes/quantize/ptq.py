@@ -549,17 +549,7 @@ class Quantize(Pass):
             ranges = self.calibrate(graph, plan, ctx)
         if not dynamic:
             plan = self._keep_nonfinite_float(graph, plan, ranges, skip, only, degenerate)
-        qat = None
-        if self.qat_epochs > 0:
-            from slimfx.passes.quantize.qat import finetune_fake_quant
-
-            qat = self._qat_skipped(ctx)
-            if qat is None:
-                # the activation ranges stay those the network trained through: calibrating again on the trained
-                # weights moves the clipping it learned to rely on (a sign ResNet at 70.7% in training shipped at
-                # 21.7%, agreeing with its own trained model on 27% of inputs)
-                losses = finetune_fake_quant(self, graph, plan, ranges or {}, ctx)
-                qat = f"{len(losses)} epochs, loss {losses[0]:.4g} -> {losses[-1]:.4g}"
+        qat = self._train_fake_quant(graph, plan, ranges, ctx) if self.qat_epochs > 0 else None
         alias = graph.param_aliases()  # a tied table and its head: one tensor before, whatever its names
         before = sum(graph.params[k].numel() * graph.params[k].element_size()
                      for k in {alias[p.name] for n in plan.weight_ops + embeds for p in n.params()})
@@ -748,6 +738,18 @@ class Quantize(Pass):
             if weight_sqnr(per_channel) - weight_sqnr(per_tensor) < self.per_channel_min_gain_db:
                 return per_tensor, None
         return per_channel, None
+
+    def _train_fake_quant(self, graph: Graph, plan: Plan, ranges: dict[str, Range] | None, ctx: PassContext) -> str:
+        """QAT (or why it was skipped), for stats["qat"]. The activation ranges stay the ones the network trains
+        through: calibrating again on the trained weights moved the clipping it had learned to rely on (a sign
+        ResNet at 70.7% in training shipped at 21.7%, agreeing with its own trained model on 27% of inputs)."""
+        from slimfx.passes.quantize.qat import finetune_fake_quant
+
+        skipped = self._qat_skipped(ctx)
+        if skipped is not None:
+            return skipped
+        losses = finetune_fake_quant(self, graph, plan, ranges or {}, ctx)
+        return f"{len(losses)} epochs, loss {losses[0]:.4g} -> {losses[-1]:.4g}"
 
     def _fold(self, graph: Graph, n: Node, kind: str | None, rounder: Rounder | None = None) -> list[int]:
         """Fold the weight (and the bias, as int32) of `n`, rounded by `rounder` when given (else to nearest);
