@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from slimfx.commands import _args
 from slimfx.ir.errors import PassError
@@ -37,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from slimfx.passes import PassContext, PassManager, create_pass
+    from slimfx.output import note_input
     from slimfx.persist import example_inputs, load, save
 
     try:
@@ -47,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
         raise PassError(f"--options must be a JSON object such as '{{\"sparsity\": 0.5}}', got {args.options!r}")
     p = create_pass(args.name, options)
     graph = load(args.input)
+    note_input(args.input, "saved model")
+    if args.out:  # checked before the pass runs: never the input file, a folder, or an unwritable place
+        _args.check_output_file(Path(args.out))
     x = example_inputs(graph)
     ctx = PassContext(example_inputs=x, calibration_data=[x], quiet=True)
     problem = p.check_context(ctx)

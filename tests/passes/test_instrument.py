@@ -141,6 +141,10 @@ def test_run_pass_runs_a_builtin_pass_and_refuses_bad_options(case, tmp_path, ca
     assert "--options must be a JSON object" in capsys.readouterr().err
     assert main(["run-pass", "prune-channels", str(path), "--options", '{"sparsity": 2}']) == 2
     assert "option 'sparsity' must be in [0, 1)" in capsys.readouterr().err
+    # --out naming the input (a failure's saved graph, say) is refused before the pass runs: it would be lost
+    before = path.read_bytes()
+    assert main(["run-pass", "fold-batchnorm", str(path), "--out", str(path)]) == 2
+    assert "is the saved model this run reads" in capsys.readouterr().err and path.read_bytes() == before
 
 
 @pytest.mark.parametrize("every", [False, True])
