@@ -37,8 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimfx.passes import PassContext, PassManager, create_pass
     from slimfx.output import note_input
+    from slimfx.passes import PassContext, PassManager, create_pass
     from slimfx.persist import example_inputs, load, save
 
     try:
