@@ -122,8 +122,13 @@ def _keep_sym(old: Any, new: Any) -> Any:
 
 def _int_input_high(graph: Graph, node: Node) -> int:
     """Exclusive upper bound for random integer inputs: the smallest embedding table they index."""
-    highs = [graph.params[u.inputs[1].name].shape[0] for u in node.users
-             if u.op == "embedding" and u.inputs[0] is node and hasattr(u.inputs[1], "name")]
+    def rows(table: Any) -> int | None:  # a table param, or one computed (the row scales of an int8 table)
+        if isinstance(table, Param):
+            return graph.params[table.name].shape[0]
+        return table.meta.shape[0] if isinstance(table, Node) and isinstance(table.meta, TensorMeta) else None
+
+    highs = [rows(u.inputs[1]) for u in node.users if u.op == "embedding" and u.inputs[0] is node]
+    highs = [h for h in highs if h is not None]
     return min(highs) if highs else 2
 
 

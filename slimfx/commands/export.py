@@ -24,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    "slimfx model file (.slimfx). The file is written only if its outputs match the "
                                    "model." + " " + IMPORT_NOTE)
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--format", choices=sorted(SUFFIX), default="onnx")
+    p.add_argument("--format", choices=sorted(SUFFIX), default=None,
+                   help="what to write (default: the one -o's suffix names: .onnx, .pt TorchScript, .pt2, .slimfx; "
+                        "onnx for any other suffix or without -o)")
     p.add_argument("-o", "--output", type=_args.output_file, default=None,
                    help="output file (default: MODEL.onnx / MODEL.pt); an existing regular file is replaced, "
                         "anything else (folder, FIFO, device) is refused")
@@ -47,9 +49,24 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _format(given: str | None, out: Path | None) -> str:
+    """The format to write: --format, else the one -o's suffix names (onnx otherwise). A --format whose file
+    would carry another format's suffix (`--format onnx -o model.pt`) is refused: that file would be misread."""
+    named = next((f for f, suffix in SUFFIX.items() if out is not None and out.suffix.lower() == suffix), None)
+    if given is None:
+        return named or "onnx"
+    if named is not None and named != given:
+        from slimfx.ir.errors import ExportError
+
+        raise ExportError(f"-o {out} has the suffix of a {named} file but --format is {given}: drop --format (the "
+                          f"suffix chooses) or name the file {out.with_suffix(SUFFIX[given]).name}")
+    return given
+
+
 def run(args: argparse.Namespace) -> int:
     from slimfx.exporters import export_onnx, export_pt2, export_slimfx, export_torchscript
 
+    args.format = _format(args.format, args.output)
     spec = args.model.strip()
     name = spec.rpartition(":")[2] if ":" in spec else spec  # what resolve_model names the model
     out = args.output or Path(name.replace("/", "_") + SUFFIX[args.format])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+import zipfile
 
 import onnx
 
@@ -42,6 +43,12 @@ def test_export_validate_bench(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert set(rows) == {"b1", "b4"} and all(r["runs"] == 5 and r["median_ms"] > 0 for r in rows.values())
     ts = tmp_path / "m.pt"
+    assert main(["export", f"{src}:build", "--format", "onnx", "-o", str(ts)]) == 2  # a .pt that holds ONNX
+    assert "suffix of a torchscript file but --format is onnx" in capsys.readouterr().err and not ts.exists()
+    for suffix, fmt in ((".pt2", "bytes, pt2)"), (".slimfx", "bytes, slimfx)")):  # -o's suffix chooses the format
+        assert main(["export", f"{src}:build", "-o", str(tmp_path / f"s{suffix}")]) == 0
+        assert fmt in capsys.readouterr().out
+    assert zipfile.is_zipfile(tmp_path / "s.pt2") and zipfile.is_zipfile(tmp_path / "s.slimfx")
     assert main(["export", f"{src}:build", "--format", "torchscript", "-o", str(ts)]) == 0
     assert ts.exists()
     assert main(["validate", str(ts), "--model", f"{src}:build", "--batch", "3"]) == 0
