@@ -398,6 +398,10 @@ def test_a_table_tied_to_an_int8_head_is_looked_up_in_the_heads_codes_and_stored
     with torch.no_grad():  # the rows carry the head's rounding: as close to float as the copy's
         assert _sqnr(m(ids), ir.lower(g)(ids)) > _sqnr(m(ids), ir.lower(twice)(ids)) - 1.0 > 25
     assert validate_onnx(model, g, (ids,), atol=1e-4, rtol=1e-4).passed
+    from slimfx.ir.analysis import example_inputs  # what inspect, validate and run-pass feed a saved graph
+
+    (drawn,) = example_inputs(g, batch=64)
+    assert 100 < int(drawn.max()) < 200  # in range for the table, whose rows the row-scale lookup reads too
 
 class GruText(nn.Module):
     def __init__(self):
