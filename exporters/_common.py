@@ -96,12 +96,18 @@ def raise_if_invalid(report: Any, what: str, keep_invalid: bool, integer_kernels
         cause = ("onnxruntime's integer kernels round apart from the IR's fake-quant by a few output steps, more "
                  "where ranges are wide; " if integer_kernels else
                  "a float32 export that disagrees is a bug in slimfx's exporter (please report it with the model); ")
+        loosen = ("to accept a looser match, raise the tolerance (`--atol`/`--rtol` of `slimfx export`, atol/rtol "
+                  "in the recipe's [validate] table).")
+        if report.integer_failure and integer_kernels:
+            loosen = ("integer outputs (indices of a topk or argmax) must match exactly, and no tolerance loosens "
+                      "that: values quantization rounds to ties pick other indices. Return the scores and take the "
+                      "indices after the model, or keep the layers before them float (quantize's `skip`).")
+        elif report.integer_failure:
+            loosen = "integer outputs must match exactly, and no tolerance loosens that."
         raise GateError(
             f"{what} disagrees with the model: {report.failure or 'outside tolerance'}. {report.summary()}. "
             + ("The file was kept for inspection. " if keep_invalid else "No file was written. ")
-            + cause[0].upper() + cause[1:]
-            + "to accept a looser match, raise the tolerance (`--atol`/`--rtol` of `slimfx export`, atol/rtol in "
-            "the recipe's [validate] table)."
+            + cause[0].upper() + cause[1:] + loosen
         )
 
 

@@ -44,6 +44,7 @@ class ValidationReport:
     n_outputs: int = 0
     worst_output: str = ""
     failure: str = ""  # the first check that failed, naming the output ("" when passed)
+    integer_failure: bool = False  # that check compared integer values, exactly: atol/rtol do not apply
     compared: int = 0  # values compared, over all outputs and input sets
 
     def summary(self) -> str:
@@ -111,7 +112,8 @@ def compare_outputs(ours: Sequence[np.ndarray], refs: Sequence[np.ndarray], name
     """Error statistics of `ours` against `refs` (lists of arrays, matched by position); see
     ValidationReport for the pass rule."""
     stats: dict[str, Any] = dict(passed=True, max_abs_diff=0.0, max_rel_diff=0.0, cosine=1.0, sqnr_db=math.inf,
-                                 top1_agreement=None, worst_output="", failure="", compared=0)
+                                 top1_agreement=None, worst_output="", failure="", compared=0,
+                                 integer_failure=False)
 
     def fail(name: str, why: str) -> None:
         if stats["passed"]:
@@ -146,7 +148,9 @@ def compare_outputs(ours: Sequence[np.ndarray], refs: Sequence[np.ndarray], name
         scale = float(np.abs(r64).max())
         if exact:
             if diff.max() > 0:
-                fail(name, f"{int((diff > 0).sum())} of {diff.size} {o.dtype} values differ")
+                stats["integer_failure"] = stats["integer_failure"] or stats["passed"]
+                fail(name, f"{int((diff > 0).sum())} of {diff.size} {o.dtype} values differ (integer outputs are "
+                           "compared exactly)")
         else:
             a, rt = tolerances(min(o.dtype, r.dtype, key=lambda d: d.itemsize), atol, rtol)
             bound = a * max(scale, 1.0) + rt * np.abs(r64)
@@ -212,6 +216,7 @@ def merge_stats(acc: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, An
     out = dict(acc)
     out["passed"] = acc["passed"] and new["passed"]
     out["failure"] = acc["failure"] or new["failure"]
+    out["integer_failure"] = acc["integer_failure"] if acc["failure"] else new["integer_failure"]
     out["compared"] = acc["compared"] + new["compared"]
     if new["max_abs_diff"] > acc["max_abs_diff"]:
         out["worst_output"] = new["worst_output"]

@@ -560,6 +560,29 @@ def test_nan_or_inf_on_one_side_fails(ours, ref, fragment):
     assert not s["passed"] and s["failure"].startswith("output[1]: ") and fragment in s["failure"]
 
 
+@pytest.mark.parametrize("integer_kernels", [True, False])
+def test_integer_outputs_that_differ_are_not_told_to_raise_the_tolerance(integer_kernels):
+    """topk/argmax indices of an int8 graph differ where quantization made ties: exact by design, so the advice
+    to raise atol/rtol (which cannot change an exact comparison) was wrong."""
+    from slimfx.errors import GateError
+    from slimfx.exporters._common import raise_if_invalid
+
+    scores = [np.array([[0.5, 0.2]], np.float32), np.array([[0.5, 0.2]], np.float32)]
+    ours, ref = [scores[0], np.array([[1, 3]], np.int64)], [scores[1], np.array([[1, 2]], np.int64)]
+    stats = compare_outputs(ours, ref, ["values", "indices"], atol=1e-5, rtol=1e-4)
+    assert not stats["passed"] and stats["integer_failure"] and "compared exactly" in stats["failure"]
+    report = ValidationReport(atol=1e-5, rtol=1e-4, **stats)
+    with pytest.raises(GateError) as e:
+        raise_if_invalid(report, "model.onnx", False, integer_kernels=integer_kernels)
+    msg = str(e.value)
+    assert "no tolerance loosens" in msg and "raise the tolerance" not in msg
+    assert ("quantize's `skip`" in msg) == integer_kernels
+    floats = compare_outputs([scores[0] + 1], [scores[1]], ["values"], atol=1e-5, rtol=1e-4)
+    assert not floats["integer_failure"]  # a float output that differs: the tolerance advice stands
+    with pytest.raises(GateError, match="raise the tolerance"):
+        raise_if_invalid(ValidationReport(atol=1e-5, rtol=1e-4, **floats), "model.onnx", False, True)
+
+
 def test_matching_nan_and_inf_positions_pass():
     a = np.array([1.0, float("nan"), float("inf"), 2.0], np.float32)
     assert compare_outputs([a.copy()], [a], ["output"], atol=1e-5, rtol=1e-4)["passed"]
