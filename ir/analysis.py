@@ -20,15 +20,16 @@ def count_params(graph: Graph, *, include_buffers: bool = False) -> int:
 
 def _params_by_node(graph: Graph, *, include_buffers: bool = False) -> dict[Node, int]:
     """The elements count_params counts, each given to the first node reading it (a tied param once), so
-    the per-node numbers (node_table) add up to the total. The stored weights of a quantized layer (its codes,
-    int8 weights and int32 biases alike, read where an op's `stored_weights` trait says) are parameters;
-    their scales and zero points are not."""
+    the per-node numbers (node_table) add up to the total. The stored weights of a quantized layer (integer
+    buffers read where an op's `stored_weights` trait says: codes, int8 weights and tables, int32 biases) are
+    parameters; their scales and zero points are not."""
     alias = graph.param_aliases()
     stored = set()
     for n in graph:
         op = OPS.get(n.op)
         for i in op.stored_weights if op is not None else ():
-            if i < len(n.inputs) and isinstance(n.inputs[i], Param):
+            t = graph.params.get(n.inputs[i].name) if i < len(n.inputs) and isinstance(n.inputs[i], Param) else None
+            if t is not None and not t.is_floating_point():
                 stored.add(alias.get(n.inputs[i].name, n.inputs[i].name))
     seen: set[str] = set()
     out: dict[Node, int] = {}

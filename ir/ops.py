@@ -112,8 +112,9 @@ class OpDef:
       (QGemm, MatMulIntegerToFloat) and leave it off.
     - `state_inputs`: operands that carry only run-time state the op updates in place
       (batch_norm's num_batches_tracked); they do not shape the output.
-    - `stored_weights`: operands that hold a layer's weights in stored form (quantized codes, packed 4-bit
-      blocks): a buffer read there counts as parameters (`count_params`), its scales and zero points do not.
+    - `stored_weights`: operands that may hold a layer's weights in stored form (quantized codes, packed 4-bit
+      blocks, an int8 lookup table): an integer buffer read there counts as parameters (`count_params`), its
+      scales and zero points do not.
     - `buffer_inputs`: operands that are module buffers, never trained (batch_norm's running mean, variance
       and counter): a param read there is not trainable (torch refuses running statistics that require
       grad), which is how `ir.parse` tells buffers from weights in IR text.
@@ -686,7 +687,7 @@ register_op("conv2d", _conv2d, **_CONV)
 register_op("linear", _linear, weighted=Weighted(channel_dim=-1), quant="weight")
 register_op("matmul", torch.matmul, quant="operands", macs=_matmul_macs)
 register_op("scaled_dot_product_attention", _sdpa, macs=_sdpa_macs)
-register_op("embedding", _embedding, quant="table")
+register_op("embedding", _embedding, quant="table", stored_weights=(1,))
 # norms: batch_norm keeps channels (its params follow them); layer/group norm have pruning rules of their own
 register_op("batch_norm", _batch_norm, training_flag=True, channels="same", state_inputs=(5,),
             buffer_inputs=(1, 2, 5))

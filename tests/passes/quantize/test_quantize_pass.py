@@ -332,8 +332,10 @@ def test_embedding_tables_are_stored_int8_and_export_as_gather_then_dequantize(s
     ids = torch.randint(0, 50, (4, 6))
     g = ir.capture(m, (ids,))
     ctx = PassContext((ids,), calibration_data=[(torch.randint(0, 50, (8, 6)),)], quiet=True)
+    params = ir.count_params(g)
     res = create_pass("quantize", {"scheme": scheme}).run(g, ctx)
     assert res.stats["embeddings"] == 2
+    assert ir.count_params(g) == params  # the int8 tables are still the model's parameters
     assert g.params["tok.weight_q"].dtype == torch.int8 and "tok.weight" not in g.params
     w = m.tok.weight.detach()
     s = g.params["tok.weight_s"]
