@@ -829,10 +829,9 @@ def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:
     return failures
 
 
-def _training_epochs(recipe: Recipe) -> list[str]:
-    """The recipe's options that train on the train data, with their values: "quantize's `qat_epochs` (now 8)"."""
-    return [f"{name}'s `{f.name}` (now {getattr(p, f.name)})" for (name, _), p in zip(recipe.passes,
-                                                                                      recipe.build_passes())
+def _training_epochs(pipeline: list[Pass]) -> list[str]:
+    """The pipeline's options that train on the train data, with their values: "quantize's `qat_epochs` (now 8)"."""
+    return [f"{p.name}'s `{f.name}` (now {getattr(p, f.name)})" for p in pipeline
             for f in p.options() if f.name.endswith("epochs") and getattr(p, f.name)]
 
 
@@ -841,21 +840,25 @@ _COMPRESS_LESS = {"prune-channels": "prune-channels `sparsity` or `target_macs`"
                   "quantize": "quantize's `skip` for sensitive layers"}
 
 
-def _gate_advice(recipe: Recipe, kept: bool) -> str:
+def _gate_advice(pipeline: list[Pass], kept: bool) -> str:
     """What is left to try when recovery ran on the user's data and the gate still failed: only the knobs the
-    recipe has (its training options with their values; a recipe that trains nothing is told to add a step)."""
-    knobs = _training_epochs(recipe)
+    recipe has (its training options with their values; a recipe that trains nothing is told which step to add:
+    quantization-aware training for a quantizing one, whose integer weights a finetune step after it cannot train)."""
+    knobs = _training_epochs(pipeline)
+    passes = [p.name for p in pipeline]
     first = (f"give the recovery steps more epochs ({', '.join(knobs)})" if knobs else
-             "add a finetune step after the compression (name = \"finetune\", epochs)")
-    passes = [name for name, _ in recipe.passes]
+             "set quantize's `qat_epochs` (quantization-aware training on the train data)" if "quantize" in passes
+             else None if "quantize-weights" in passes  # packed codes: nothing after it trains them
+             else "add a finetune step after the compression (name = \"finetune\", epochs)")
     less = [v for k, v in _COMPRESS_LESS.items() if k in passes]
-    advice = f"{first}, compress less{' (' + ', '.join(less) + ')' if less else ''}, or relax the recipe's [validate] thresholds"
+    advice = (f"{first + ', ' if first else ''}compress less{' (' + ', '.join(less) + ')' if less else ''}, "
+              "or relax the recipe's [validate] thresholds")
     return advice + ("" if kept else "; --keep-rejected (keep_rejected=True) writes the rejected files to inspect")
 
 
 def _gate_error(job: _Job, report: dict[str, Any], failures: list[str], kept: Path | None) -> GateError:
     if job.data.train is not None and job.gate_split_name == "validation":  # recovery ran; more data is no answer
-        advice = _gate_advice(job.recipe, kept=job.keep_rejected)
+        advice = _gate_advice(job.pipeline, kept=job.keep_rejected)
     else:
         advice = ("give training and validation data (--data / data=) so recovery steps run, use a gentler recipe, "
                   "or relax the recipe's [validate] thresholds")

@@ -324,3 +324,11 @@ def test_the_advice_of_a_failed_gate_names_only_knobs_the_recipe_has(tmp_path):
     advice = str(e.value).splitlines()[-1]
     assert "(finetune's `epochs` (now 1))" in advice and "prune-channels `sparsity` or `target_macs`" in advice, advice
     assert "quantize" not in advice and "--keep-rejected" in advice
+    # quantizing without QAT: a finetune step after quantize could not train its integer weights; QAT can
+    int8 = _recipe([{"name": "test-scale-param", "param": "fc.bias", "factor": -5.0},
+                    {"name": "quantize", "scheme": "int8-static", "speed_guard": False}], {"min_top1_agreement": 0.9})
+    with pytest.raises(GateError) as e:
+        slimfx.compile(model, example, int8, data=slimfx.Data(train=(x[:32], y[:32]), validation=(x[32:], y[32:])),
+                       bench_seconds=0, quiet=True)
+    advice = str(e.value).splitlines()[-1]
+    assert "set quantize's `qat_epochs`" in advice and "finetune" not in advice, advice
