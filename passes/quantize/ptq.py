@@ -741,8 +741,8 @@ class Quantize(Pass):
 
     def _train_fake_quant(self, graph: Graph, plan: Plan, ranges: dict[str, Range] | None, ctx: PassContext) -> str:
         """QAT (or why it was skipped), for stats["qat"]. The activation ranges stay the ones the network trains
-        through: calibrating again on the trained weights moved the clipping it had learned to rely on (a sign
-        ResNet at 70.7% in training shipped at 21.7%, agreeing with its own trained model on 27% of inputs)."""
+        through: calibrating again on the trained weights moved the clipping it had learned to rely on, and the
+        model shipped was not the one trained (docs/quantization.md, QAT)."""
         from slimfx.passes.quantize.qat import finetune_fake_quant
 
         skipped = self._qat_skipped(ctx)

@@ -10,6 +10,7 @@ from pathlib import Path
 from slimfx import ir
 from slimfx.commands import _args
 from slimfx.exporters.onnx.export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from slimfx.ir.errors import ExportError
 from slimfx.loading import IMPORT_NOTE, resolve_model
 
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2", "slimfx": ".slimfx"}
@@ -56,8 +57,6 @@ def _format(given: str | None, out: Path | None) -> str:
     if given is None:
         return named or "onnx"
     if named is not None and named != given:
-        from slimfx.ir.errors import ExportError
-
         raise ExportError(f"-o {out} has the suffix of a {named} file but --format is {given}: drop --format (the "
                           f"suffix chooses) or name the file {out.with_suffix(SUFFIX[given]).name}")
     return given
