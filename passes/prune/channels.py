@@ -228,9 +228,9 @@ def plan(deps: Dependencies, scores: torch.Tensor, sparsity_of: dict[int, float]
     return keep_every_axis(deps, removed, scores)
 
 
-# onnxruntime's fast convolution kernels (NCHWc) work on blocks of 8 channels (AVX2). Measured, 1 thread, batch 32: a
-# ResNet with bottlenecks pruned by 30% to widths like 22, 45, 90 ran as slowly as the original (0.97x), with round_to =
-# 8 in 0.37x; a depthwise 7x7 conv over 22 channels took 1.45 ms, over 24 0.22 ms.
+# onnxruntime's fast convolution kernels (NCHWc) work on blocks of 8 channels (AVX2): benchmarks/conv_widths.py
+# times a conv per width (batch 32, 1 thread: a 3x3 conv over 22 channels took 1.22x the time of one over 24, a
+# depthwise 7x7 3.8x).
 FAST_WIDTH_MULTIPLE = 8
 
 
@@ -255,9 +255,8 @@ def _slow_width_note(before: Graph, after: Graph) -> list[str]:
     shown = ", ".join(slow[:6]) + (f" and {len(slow) - 6} more" if len(slow) > 6 else "")
     return [f"{len(slow)} conv layers were left at channel counts that are not multiples of {FAST_WIDTH_MULTIPLE}: "
             f"{shown}; onnxruntime's fast conv kernels work on blocks of {FAST_WIDTH_MULTIPLE} channels, so such a "
-            "model can be no faster, or slower, than the original (a ResNet pruned by 30%: 0.97x at batch 32, 0.37x "
-            f"with round_to = {FAST_WIDTH_MULTIPLE}; a depthwise conv at 22 channels ran 6x slower than at 24): set "
-            f"round_to = {FAST_WIDTH_MULTIPLE} on prune-channels"]
+            "model can be no faster, or slower, than the original (a conv over 22 channels runs slower than over 24, "
+            f"a depthwise one several times slower): set round_to = {FAST_WIDTH_MULTIPLE} on prune-channels"]
 
 
 # --- the pass -------------------------------------------------------------------------------------
