@@ -226,19 +226,35 @@ def test_report_json_is_strict():
 
 
 def test_sigterm_mid_compile_leaves_nothing_and_exits_143(tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "slimfx", "compile", f"{FIXTURES}:small", "--recipe", "cleanup",
-                             "--out", str(out), "--bench-seconds", "30"], cwd=tmp_path,
+    """A pass that blocks (a plugin that marks its start and sleeps) makes the signal land mid-compile on any
+    machine: polling for the stage raced with a compile that finished first on a loaded one."""
+    work = tmp_path / "work"
+    work.mkdir()
+    started = tmp_path / "started"
+    (tmp_path / "slow.py").write_text(
+        "import pathlib, time\n"
+        "from slimfx.passes import Pass, PassResult, register_pass\n\n\n"
+        "@register_pass('test-block')\n"
+        "class Block(Pass):\n"
+        "    def run(self, graph, ctx):\n"
+        f"        pathlib.Path({str(started)!r}).touch()\n"
+        "        time.sleep(120)\n"
+        "        return PassResult(changed=False)\n")
+    recipe = tmp_path / "slow.toml"
+    recipe.write_text('plugins = ["slow.py"]\n\n[[passes]]\nname = "test-block"\n')
+    proc = subprocess.Popen([sys.executable, "-m", "slimfx", "compile", f"{FIXTURES}:small", "--recipe",
+                             str(recipe), "--out", str(work / "out")], cwd=work,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob(".out.slimfx-*")) and proc.poll() is None:
+    while time.time() < deadline and not started.exists() and proc.poll() is None:
         time.sleep(0.01)
-    assert list(tmp_path.glob(".out.slimfx-*")), f"the compile never staged its outputs: {proc.communicate()}"
-    proc.send_signal(signal.SIGTERM)  # while it works: the stage exists until the outputs are committed
+    assert started.exists(), f"the pass never ran: {proc.communicate()}"
+    assert list(work.glob(".out.slimfx-*")), "the outputs were not staged while the passes ran"
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "terminated" in err and "Traceback" not in err
-    assert list(tmp_path.iterdir()) == []
+    assert list(work.iterdir()) == []
 
 
 def test_an_fp16_model_compiles_with_cleanup_and_its_gate_is_held_to_fp16_precision(tmp_path):
