@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -435,11 +436,12 @@ def zoo_data(dataset: str, *, seed: int = 0, calibration_samples: int = 256, bat
                 calibration_samples=calibration_samples)
 
 
-def load_data(spec: str) -> Data:
-    """The `Data` a `file.py:fn` / `package.module:fn` spec returns (DataError otherwise)."""
+def load_data(spec: str, *, base: Path | None = None, given_by: str = "") -> Data:
+    """The `Data` a `file.py:fn` / `package.module:fn` spec returns (DataError otherwise); a relative file is
+    resolved against `base` (a recipe's folder; default the working directory)."""
     from slimfx.loading import import_spec
 
-    fn = import_spec(spec, what="data")
+    fn = import_spec(spec, what="data", base=base, given_by=given_by)
     try:
         value = fn() if callable(fn) else fn
     except SlimfxError:

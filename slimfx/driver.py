@@ -227,6 +227,8 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     pipeline = rec.build_passes()  # RecipeError for unknown passes/options
     example, run_model, capture_args = _inputs(model, example_inputs, example_kwargs)
     check_finite(tuple(t for t in example if isinstance(t, torch.Tensor)), "the example inputs")
+    if data is None and calibration_data is None and train_data is None and test_data is None:
+        data = rec.load_data()  # the recipe's own `data` key, when the call gives none
     data = _merge_data(data, calibration_data, train_data, test_data)
     rows = None if dynamic_batch else _batch_rows(example)
     job_headline: list[str] = []

@@ -231,13 +231,19 @@ def import_source(target: str, spec: str, what: str, *, relative_to: str | None 
     return _import_file(path, spec, what)
 
 
-def _import_target(spec: str, what: str) -> tuple[Any, str, str]:
+def _import_target(spec: str, what: str, base: Path | None = None,
+                   given_by: str = "") -> tuple[Any, str, str]:
     """(module, target, attribute) of a `package.module:attr` or `path/to/file.py:attr` spec, imported as
-    the module docstring says; ModelSpecError naming the spec (`what`: "model", "data") otherwise."""
+    the module docstring says; ModelSpecError naming the spec (`what`: "model", "data") otherwise. A relative
+    file path is resolved against `base` (default: the working directory); `given_by` says who gave it."""
     target, _, attr = spec.strip().rpartition(":")
     if not target or not attr:
         raise ModelSpecError(f"{what} spec {spec!r} must be 'package.module:callable' or 'path/to/file.py:callable'")
-    module = import_source(target, spec, what)
+    relative_to = None
+    if base is not None and is_file_target(target) and not Path(target).is_absolute():
+        relative_to = f"the folder {base}" + (f" ({given_by})" if given_by else "")
+        target = str(base / target)
+    module = import_source(target, spec, what, relative_to=relative_to)
     if not attr.isidentifier() or not hasattr(module, attr):
         public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
         close = difflib.get_close_matches(attr, public, n=1)
@@ -247,9 +253,10 @@ def _import_target(spec: str, what: str) -> tuple[Any, str, str]:
     return module, target, attr
 
 
-def import_spec(spec: str, *, what: str) -> Any:
-    """The object a `package.module:attr` or `path/to/file.py:attr` spec names, imported like a MODEL."""
-    module, _, attr = _import_target(spec, what)
+def import_spec(spec: str, *, what: str, base: Path | None = None, given_by: str = "") -> Any:
+    """The object a `package.module:attr` or `path/to/file.py:attr` spec names, imported like a MODEL (a
+    relative file path resolved against `base`, default the working directory)."""
+    module, _, attr = _import_target(spec, what, base, given_by)
     return getattr(module, attr)
 
 

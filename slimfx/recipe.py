@@ -126,7 +126,8 @@ class Recipe:
     validate: ValidateConfig = field(default_factory=ValidateConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     source: Path | None = None
-    data: str | None = None  # a data spec ('file.py:fn' / 'package.module:fn' returning slimfx.Data)
+    # a data spec ('file.py:fn' relative to the recipe file, or 'package.module:fn') returning slimfx.Data
+    data: str | None = None
     # .py files (relative to the recipe file; to the working directory without one) or module names
     plugins: list[str] = field(default_factory=list)
 
@@ -197,6 +198,16 @@ class Recipe:
         except PluginError as e:
             raise RecipeError(str(e)) from e
         return list(plugins)
+
+    def load_data(self) -> Any:
+        """The slimfx.Data the recipe's `data` spec returns (a relative file resolved like `plugins`, against
+        the recipe's folder), or None when the recipe names no data."""
+        if self.data is None:
+            return None
+        from slimfx.data import load_data
+
+        base = self.source.parent if self.source is not None else None
+        return load_data(self.data, base=base, given_by=f"{self._where()}, key 'data'")
 
     def build_pipeline(self, **manager_options: Any) -> PassManager:
         """A PassManager running this recipe's passes (options: those of PassManager)."""

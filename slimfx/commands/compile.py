@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)  # recipe errors surface before any model is loaded or trained
     formats = ([f.strip() for f in args.format.split(",") if f.strip()] if args.format else None)
     OutputDir.claim(args.out, force=args.force).discard()  # refuse a bad --out before loading or training
-    data_spec = args.data or recipe.data
-    data = load_data(data_spec) if data_spec else None
+    data = load_data(args.data) if args.data else recipe.load_data()
     loaded = resolve_model(args.model, seed=args.seed, progress=not args.quiet)
     OutputDir.claim(args.out, force=args.force).discard()  # again: --out must not hold the model or data file read
     if data is None and loaded.zoo is not None and loaded.zoo.dataset:

@@ -348,3 +348,37 @@ def test_the_advice_of_a_failed_gate_names_only_knobs_the_recipe_has(tmp_path):
                        bench_seconds=0, quiet=True)
     advice = str(e.value).splitlines()[-1]
     assert "set quantize's `qat_epochs`" in advice and "finetune" not in advice, advice
+
+
+def test_a_recipes_data_file_is_found_beside_the_recipe_like_its_plugins(tmp_path, monkeypatch):
+    """`data = "data.py:make_data"` resolved against the working directory (plugins against the recipe's
+    folder), and slimfx.compile() ignored the key: the CLI from another folder and the API both use it now."""
+    from slimfx.cli import main
+
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "data.py").write_text(
+        "import torch, slimfx\n"
+        f"import sys; sys.path.insert(0, {str(FIXTURES.parent)!r})\n"
+        "from user_models import small\n\n\n"
+        "def make_data():\n"
+        "    model, _ = small()\n"
+        "    x = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(1))\n"
+        "    with torch.no_grad():\n"
+        "        y = model(x).argmax(1)\n"
+        "    return slimfx.Data(validation=(x[:32], y[:32]), test=(x[32:], y[32:]))\n")
+    (cfg / "r.toml").write_text('data = "data.py:make_data"\n\n[[passes]]\nname = "fold-batchnorm"\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["compile", f"{FIXTURES}:small", "--recipe", "../cfg/r.toml", "--out", "o", "--no-bench",
+                 "--quiet"]) == 0
+    report = json.loads((work / "o" / "report.json").read_text())
+    assert report["validation"]["split"] == "validation" and report["validation"]["samples"] == 32
+    assert report["data"]["accuracy_split"] == "test" and report["compressed"]["accuracy"] == 1.0
+    model, example = small()
+    result = slimfx.compile(model, example, cfg / "r.toml", bench_seconds=0, quiet=True)
+    assert result.report["validation"]["samples"] == 32 and result.report["data"]["accuracy_split"] == "test"
+    (cfg / "r.toml").write_text('data = "missing.py:make_data"\n\n[[passes]]\nname = "fold-batchnorm"\n')
+    with pytest.raises(SlimfxError, match=rf"missing.py' does not exist.*relative to the folder {cfg}.*key 'data'"):
+        slimfx.compile(model, example, cfg / "r.toml", bench_seconds=0, quiet=True)
