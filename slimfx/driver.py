@@ -776,7 +776,8 @@ def _report(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], eva
     return {
         "model": job.name, "recipe": job.recipe.name, "headline": headline,
         "data": {"given": job.data.given(), "gate_split": job.gate_split_name,
-                 "accuracy_split": job.accuracy_split_name if acc is not None else None},
+                 "accuracy_split": job.accuracy_split_name if acc is not None else None,
+                 "calibration_samples": _calibration_rows(job)},
         "baseline": _public(baseline), "compressed": _public(compressed), "validation": validation,
         "passes": [r.to_dict() for r in records],
         # the accuracy-budget tuner's evaluations and decision ([tune]; passes/quantize/tune.py), when it ran
@@ -784,6 +785,14 @@ def _report(job: _Job, baseline: dict[str, Any], compressed: dict[str, Any], eva
         "exports": {fmt: {**export_details[fmt], "path": FORMAT_FILES[fmt]} for fmt in exports},
         "stages": stages, "warnings": job.warnings, "seconds": round(time.perf_counter() - t_start, 3),
     }
+
+
+def _calibration_rows(job: _Job) -> int | None:
+    """The rows static quantization calibrated on, when a pass of the recipe calibrates."""
+    if job.ctx.calibration_data is None or not any(p.needs_calibration for p in job.pipeline):
+        return None
+    return sum(len(b[0]) if b and isinstance(b[0], torch.Tensor) and b[0].dim() else 1
+               for b in job.ctx.calibration_data)
 
 
 def _public(side: dict[str, Any]) -> dict[str, Any]:

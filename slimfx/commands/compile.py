@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="onnx, torchscript, pt2 (torch.export) and/or slimfx (a model file `compile` can resume "
                         "from), comma-separated (default: the recipe's [export] formats)")
     p.add_argument("--calibration-samples", type=_args.count("the number of calibration samples", 1, 1_000_000),
-                   default=256, help="zoo models: training samples used to calibrate quantization (default 256)")
+                   default=None, help="training samples drawn to calibrate quantization when the data has no "
+                   "calibration part (default: the data's calibration_samples, 256)")
     p.add_argument("--seed", type=_args.seed, default=0,
                    help=f"seeds weights, data order and a user callable's random example inputs (0-{_args.SEED_MAX})")
     p.add_argument("--threads", type=_args.threads, default=1,
@@ -73,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise SlimfxError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    if args.calibration_samples < 1:
-        raise SlimfxError(f"--calibration-samples must be at least 1, got {args.calibration_samples}")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     recipe = load_recipe(args.recipe)  # recipe errors surface before any model is loaded or trained
     formats = ([f.strip() for f in args.format.split(",") if f.strip()] if args.format else None)
@@ -83,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = resolve_model(args.model, seed=args.seed, progress=not args.quiet)
     OutputDir.claim(args.out, force=args.force).discard()  # again: --out must not hold the model or data file read
     if data is None and loaded.zoo is not None and loaded.zoo.dataset:
-        data = zoo_data(loaded.zoo.dataset, seed=args.seed, calibration_samples=args.calibration_samples)
-    elif data is not None and args.data is not None and data.calibration is None:
+        data = zoo_data(loaded.zoo.dataset, seed=args.seed, calibration_samples=args.calibration_samples or 256)
+    elif data is not None and args.calibration_samples is not None:  # the flag overrides what the data says
         data.calibration_samples = args.calibration_samples
     model = loaded.graph if loaded.graph is not None else loaded.module  # a saved graph: resume from its IR
     result = compile_model(model, loaded.example_inputs, recipe, data=data,

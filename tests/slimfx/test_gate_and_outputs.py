@@ -382,3 +382,24 @@ def test_a_recipes_data_file_is_found_beside_the_recipe_like_its_plugins(tmp_pat
     (cfg / "r.toml").write_text('data = "missing.py:make_data"\n\n[[passes]]\nname = "fold-batchnorm"\n')
     with pytest.raises(SlimfxError, match=rf"missing.py' does not exist.*relative to the folder {cfg}.*key 'data'"):
         slimfx.compile(model, example, cfg / "r.toml", bench_seconds=0, quiet=True)
+
+
+def test_calibration_samples_come_from_the_users_data_unless_the_flag_is_given(tmp_path, monkeypatch):
+    """The CLI's --calibration-samples default (256) overwrote a Data(calibration_samples=...) of the user's;
+    the report now says how many rows were calibrated on."""
+    from slimfx.cli import main
+
+    (tmp_path / "data.py").write_text(
+        "import torch, slimfx\n\n\n"
+        "def make_data():\n"
+        "    x = torch.randn(200, 3, 8, 8, generator=torch.Generator().manual_seed(1))\n"
+        "    return slimfx.Data(train=(x, torch.zeros(200, dtype=torch.long)), batch_size=16, calibration_samples=40)\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["compile", f"{FIXTURES}:small", "--recipe", "int8", "--data", "data.py:make_data", "--no-bench",
+            "--quiet", "--format", "onnx"]
+    assert main([*argv, "--out", "a"]) == 0
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["data"]["calibration_samples"] == 40
+    assert main([*argv, "--out", "b", "--calibration-samples", "100"]) == 0
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["data"]["calibration_samples"] == 100
+    assert main([*argv, "--out", "c", "--recipe", "cleanup"]) == 0  # nothing calibrates
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["data"]["calibration_samples"] is None
