@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from slimfx.ir.errors import CaptureError
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta, iter_refs, meta_of
 from slimfx.ir.ops import OPS, trait
+from slimfx.ir.parametrizations import bake_parametrizations
 
 _log = logging.getLogger(__name__)
 Conv = tuple[str, tuple, dict]
@@ -1385,8 +1386,7 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
         from slimfx.ir.capture_export import capture_export
 
         graph = capture_export(model, inputs, kwargs, dims=plan.dims)
-        _check_outputs(graph, model)
-        return _settle_dims(graph, plan)
+        return _finish(graph, model, plan)
     try:
         graph = _capture_fx(model, inputs, kwargs, leaf_modules, concrete_args, plan)
     except _FxTraceError as fx_error:
@@ -1401,6 +1401,13 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
                                f"- torch.fx: {fx_error}\n- torch.export: {export_error}") from export_error
         _log.info("capture: torch.fx could not trace %s (%s); captured it with torch.export instead",
                   type(model).__name__, str(fx_error).splitlines()[0])
+    return _finish(graph, model, plan)
+
+
+def _finish(graph: Graph, model: nn.Module, plan: Any) -> Graph:
+    baked = bake_parametrizations(graph)
+    if baked:
+        _log.info("capture: parametrized weights computed once, for inference: %s", ", ".join(baked))
     _check_outputs(graph, model)
     return _settle_dims(graph, plan)
 

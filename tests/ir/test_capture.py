@@ -232,3 +232,50 @@ def test_a_forward_returning_topk_or_max_results_whole_gives_their_tensors(tmp_p
     want = Net()(x)
     assert [[t.tolist() for t in pair] for pair in got] == [[t.tolist() for t in pair] for pair in want]
     assert export_onnx(g, tmp_path / "m.onnx", inputs=(x,)).validation.passed
+
+
+class _Parametrized(nn.Module):
+    """weight_norm convs (HiFi-GAN, wav2vec2's positional conv), a spectral_norm linear (GAN critics) and an
+    orthogonal one: their weights are computed from other tensors on every call."""
+
+    def __init__(self):
+        super().__init__()
+        P = nn.utils.parametrizations
+        self.conv = P.weight_norm(nn.Conv1d(4, 8, 3, padding=1))
+        self.up = P.weight_norm(nn.ConvTranspose1d(8, 8, 4, stride=2, padding=1))
+        self.fc = P.spectral_norm(nn.Linear(8 * 32, 16))
+        self.rot = P.orthogonal(nn.Linear(16, 16))
+
+    def forward(self, x):
+        h = F.leaky_relu(self.up(F.leaky_relu(self.conv(x), 0.1)), 0.1)
+        return self.rot(self.fc(h.flatten(1)))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_parametrized_weights_are_baked_into_params_named_like_the_module_exposes_them(method):
+    """aten::_weight_norm, mv and dot were opaque nodes no exporter knew: a model with weight_norm could not
+    be compiled at all, even with cleanup."""
+    torch.manual_seed(0)
+    model = _Parametrized()
+    model(torch.randn(4, 4, 16))  # spectral_norm's power iteration in training mode, as a trained model has
+    model.eval()
+    x = torch.randn(3, 4, 16)
+    graph = ir.capture(model, (x,), method=method)
+    assert [n.op for n in graph if n.op not in ("input", "output")] == [
+        "conv1d", "leaky_relu", "conv_transpose1d", "leaky_relu", "flatten", "linear", "linear"]
+    weights = {"conv.weight", "up.weight", "fc.weight", "rot.weight"}
+    assert weights <= set(graph.params) and not [k for k in graph.params if "parametrizations" in k]
+    for name in weights:
+        module = model.get_submodule(name.split(".")[0])
+        assert torch.allclose(graph.params[name], module.weight.detach(), atol=1e-6), name
+        assert name not in graph.buffers  # trainable, as the weight it replaces
+    with torch.no_grad():
+        torch.testing.assert_close(ir.lower(graph).eval()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_graph_captured_in_training_mode_keeps_its_parametrizations():
+    """spectral_norm updates its buffers on every training call: nothing there is a constant."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))).train()
+    graph = ir.capture(model, (torch.randn(2, 4),))
+    assert any("parametrizations" in k for k in graph.params) and "0.weight" not in graph.params

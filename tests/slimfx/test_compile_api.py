@@ -191,3 +191,19 @@ def test_the_report_counts_macs_per_input_whatever_the_example_batch_size():
         assert report["stages"][0]["macs"] == per_input
         pruned = [s for s in report["stages"] if s["stage"].endswith("prune-channels")][0]["macs"]
         assert pruned == report["compressed"]["macs"] < per_input
+
+
+def test_a_model_with_weight_norm_and_spectral_norm_compiles_to_a_validated_onnx_file(tmp_path):
+    from tests.ir.test_capture import _Parametrized
+
+    torch.manual_seed(0)
+    model = _Parametrized().eval()
+    result = slimfx.compile(model, (torch.randn(2, 4, 16),), "cleanup", out_dir=tmp_path / "o", bench_seconds=0,
+                            quiet=True)
+    assert result.report["gate"]["passed"] and result.report["exports"]["onnx"]["validation"]["passed"]
+    x = torch.randn(5, 4, 16)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(tmp_path / "o" / "model.onnx")).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), atol=1e-5, rtol=1e-4)
