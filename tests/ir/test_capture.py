@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given
+from hypothesis import strategies as st
 
 from slimfx import ir
 from slimfx.ir.errors import CaptureError
@@ -279,3 +280,20 @@ def test_a_graph_captured_in_training_mode_keeps_its_parametrizations():
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))).train()
     graph = ir.capture(model, (torch.randn(2, 4),))
     assert any("parametrizations" in k for k in graph.params) and "0.weight" not in graph.params
+
+
+@given(random_model(), st.data())
+def test_random_architectures_with_parametrized_layers_capture_to_plain_weights(case, data):
+    model, inputs = case
+    P = nn.utils.parametrizations
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for layer in layers:
+        kind = data.draw(st.sampled_from(["none", "weight_norm", "spectral_norm"]))
+        if kind != "none":
+            getattr(P, kind)(layer)
+    model.eval()
+    g = ir.capture(model, inputs)
+    ir.verify(g)
+    assert not [k for k in g.params if "parametrizations" in k] and all(n.op != "opaque" for n in g)
+    with torch.no_grad():
+        torch.testing.assert_close(ir.lower(g)(*inputs), model(*inputs), atol=1e-5, rtol=1e-5)
