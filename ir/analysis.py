@@ -9,7 +9,8 @@ import torch
 import torch.fx as fx
 
 from slimfx.ir.graph import Graph, Node, Param, TensorMeta, meta_of
-from slimfx.ir.ops import OPS
+from slimfx.ir.metrics import SHAPE_RULE, named_leaves
+from slimfx.ir.ops import OPS, trait
 
 
 def count_params(graph: Graph, *, include_buffers: bool = False) -> int:
@@ -86,6 +87,31 @@ def is_depthwise(graph: Graph, node: Node) -> bool:
 def count_macs(graph: Graph) -> int:
     """Total multiply-accumulates at the example input shapes."""
     return sum(node_macs(n) for n in graph)
+
+
+def output_class_dims(graph: Graph) -> dict[str, int | str | None]:
+    """Where each output of the graph (named as ir.metrics.named_leaves names them) holds class scores, for
+    top-1 agreement, when the graph tells: an output computed channels-first (a conv, or a pool, norm,
+    activation, softmax or residual add after one), with at least 3 dims, is dense prediction: dim 1 when
+    it has more than one channel (segmentation logits per pixel, scores per frame), None with one (a mask, a
+    waveform). Other outputs get SHAPE_RULE (ir.metrics: [batch, classes], [batch, tokens, classes])."""
+    dims: dict[str, int | str | None] = {}
+    for name, ref in named_leaves(graph.outputs):
+        shape = ref.meta.shape if isinstance(ref, Node) and isinstance(ref.meta, TensorMeta) else None
+        if shape is None or len(shape) < 3 or not ref.meta.dtype.is_floating_point:
+            dims[name] = SHAPE_RULE
+            continue
+        n = ref
+        while trait(n.op, "channels") in ("same", "reduce", "broadcast"):
+            same = [r for r in n.inputs if isinstance(r, Node) and isinstance(r.meta, TensorMeta)
+                    and r.meta.shape == n.meta.shape]
+            if not same:
+                break
+            n = same[0]
+        weighted = trait(n.op, "weighted")
+        channels_first = (weighted is not None and weighted.channel_dim == 1) or trait(n.op, "channels") == "spatial"
+        dims[name] = (1 if shape[1] > 1 else None) if channels_first else SHAPE_RULE
+    return dims
 
 
 def propagate_shapes(graph: Graph, *inputs: torch.Tensor) -> Graph:

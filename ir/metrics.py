@@ -6,7 +6,9 @@ place: `output`, `output[1]`, `output['logits']`). Per output, accumulated over 
 - max_abs_diff, max_rel_diff (max |diff| / max |reference|), cosine similarity,
 - sqnr_db = 10 log10(sum ref^2 / sum diff^2); identical outputs give +inf (JSON: null, with exact=true),
 - top1_agreement: fraction of rows with the same argmax, for float outputs shaped [batch, classes] or
-  [batch, tokens, classes]; None for other shapes,
+  [batch, tokens, classes] (SHAPE_RULE); None for other shapes, unless the caller says where an output's
+  classes are (`Comparison(class_dims=...)`, from the graph: ir.analysis.output_class_dims): dim 1 of a
+  channels-first dense prediction (each pixel's class), or None (no classes: a mask, a waveform),
 - nonfinite: elements where exactly one side is NaN/Inf or both are but differ. Any such element fails
   every check that reads these numbers (`Comparison.trustworthy`): NaN never scores as perfect.
 
@@ -23,7 +25,10 @@ from typing import Any
 import torch
 
 __all__ = ["OutputStats", "Comparison", "named_leaves", "sqnr_db", "tensor_sqnr_db", "compare", "check_close",
-           "sqnr_ceiling_db", "ACCURACY_DROP_LIMIT", "accuracy_drop_problem"]
+           "sqnr_ceiling_db", "ACCURACY_DROP_LIMIT", "accuracy_drop_problem", "SHAPE_RULE"]
+
+# an output's classes are on its last dim when it is shaped [batch, classes] / [batch, tokens, classes]
+SHAPE_RULE = "shape"
 
 # The most SQNR two float computations of one model in this dtype can be expected to share: rounding in
 # another order already costs about this much (fp16 cleanup measured 68-79 dB on random nets).
@@ -116,7 +121,7 @@ class OutputStats:
     def top1_agreement(self) -> float | None:
         return self.top1_same / self.top1_rows if self.top1_rows else None
 
-    def update(self, ref: torch.Tensor, cand: torch.Tensor) -> None:
+    def update(self, ref: torch.Tensor, cand: torch.Tensor, class_dim: int | str | None = SHAPE_RULE) -> None:
         if tuple(ref.shape) != tuple(cand.shape):
             self.shape_mismatch = f"shape {list(cand.shape)} instead of {list(ref.shape)}"
             return
@@ -138,8 +143,11 @@ class OutputStats:
             self.noise += float(d @ d)
             self.dot += float(r @ c)
             self.cand_energy += float(c @ c)
-        if ref.dim() in (2, 3) and ref.shape[-1] > 1 and ref.is_floating_point():
-            same = ref.detach().argmax(-1) == cand.detach().argmax(-1)
+        scored = ref.dim() in (2, 3) and ref.shape[-1] > 1 if class_dim == SHAPE_RULE else \
+            class_dim is not None and ref.dim() > class_dim and ref.shape[class_dim] > 1
+        if scored and ref.is_floating_point():
+            dim = -1 if class_dim == SHAPE_RULE else class_dim
+            same = ref.detach().argmax(dim) == cand.detach().argmax(dim)
             self.top1_same += int(same.sum())
             self.top1_rows += same.numel()
 
@@ -164,6 +172,7 @@ class Comparison:
     outputs: dict[str, OutputStats] = field(default_factory=dict)
     samples: int = 0
     structure_error: str | None = None
+    class_dims: dict[str, int | str | None] = field(default_factory=dict)  # per output name; else SHAPE_RULE
 
     def update(self, reference: Any, candidate: Any) -> None:
         """Compare one batch. Leaves are matched by position (the candidate may be a flat list, as
@@ -176,7 +185,7 @@ class Comparison:
         for (name, r), (_, c) in zip(refs, cands):
             stats = self.outputs.setdefault(name, OutputStats(name))
             if isinstance(r, torch.Tensor) and isinstance(c, torch.Tensor):
-                stats.update(r, c)
+                stats.update(r, c, self.class_dims.get(name, SHAPE_RULE))
             elif isinstance(r, torch.Tensor) != isinstance(c, torch.Tensor) or r != c:
                 stats.shape_mismatch = f"{c!r} instead of {r!r}"
         first = next((r for _, r in refs if isinstance(r, torch.Tensor) and r.dim() > 0), None)

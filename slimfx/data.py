@@ -272,8 +272,9 @@ def _tensor_pair(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] |
 
 
 def correct(output: Any, target: torch.Tensor, where: str = "") -> int:
-    """How many rows of a model's first output have their argmax at the class-index target; DataError (its
-    message starting with `where`, e.g. "data.validation, batch 0: ") when the targets are not class indices."""
+    """How many of the target's positions (rows, tokens, pixels) the model's first output has its argmax at;
+    DataError (its message starting with `where`, e.g. "data.validation, batch 0: ") when the targets are not
+    class indices. Accuracy is this over `target.numel()`."""
     try:
         return _correct(output, target)
     except DataError as e:
@@ -288,19 +289,24 @@ def _correct(output: Any, target: torch.Tensor) -> int:
         raise DataError(f"targets of shape {list(target.shape)} are shaped like the model's first output: they "
                         "look one-hot or probabilities, but accuracy needs class indices, one per row of logits: "
                         "give y.argmax(-1)")
-    if logits is None or logits.dim() < 1 or logits.shape[:-1] != target.shape:
+    if logits is not None and logits.dim() >= 1 and logits.shape[:-1] == target.shape:
+        class_dim = -1  # [batch, classes] / [batch, tokens, classes]
+    elif logits is not None and logits.dim() >= 3 and logits.shape[:1] + logits.shape[2:] == target.shape:
+        class_dim = 1  # dense prediction, channels first: [batch, classes, H, W] with a [batch, H, W] mask
+    else:
         raise DataError(f"targets of shape {list(target.shape)} do not match the model's first output "
                         f"{list(logits.shape) if logits is not None else None}: accuracy needs class-index "
-                        "targets, one per row of logits")
+                        "targets, one per row of logits (or per position: [batch, H, W] for [batch, classes, H, "
+                        "W] scores)")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise DataError(f"targets are {target.dtype}; accuracy needs class indices, an integer tensor (e.g. "
                         "y.long()); data without class labels goes in as (inputs, None)")
-    classes = logits.shape[-1]
+    classes = logits.shape[class_dim]
     if target.numel() and (int(target.min()) < 0 or int(target.max()) >= classes):
         bad = int(target.min()) if int(target.min()) < 0 else int(target.max())
         raise DataError(f"targets hold class {bad}, but the model's first output scores {classes} classes "
                         f"(0 to {classes - 1}): give class indices in that range")
-    return int((logits.argmax(-1) == target).sum())
+    return int((logits.argmax(class_dim) == target).sum())
 
 
 def check_like_example(where: str, inputs: tuple, example: tuple) -> None:
@@ -330,7 +336,7 @@ def accuracy(model: Any, split: Iterable) -> float | None:
             for inputs, target in split:
                 if target is None:
                     return None
-                hits, n = hits + correct(model(*inputs), target), n + len(target)
+                hits, n = hits + correct(model(*inputs), target), n + target.numel()
     finally:
         if module is not None:
             module.train(was)

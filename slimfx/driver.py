@@ -97,6 +97,7 @@ class _Job:
     graph: ir.Graph | None = None  # resume: the saved graph to continue from (no capture)
     headline: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    class_dims: dict[str, Any] = field(default_factory=dict)  # where outputs hold classes (top-1), from the IR
 
 
 # --- the entry point ---------------------------------------------------------------------------------------
@@ -152,6 +153,7 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
         timer = _StageTimer()
         with timer("capture"):
             graph = _capture(job)
+            job.class_dims = ir.analysis.output_class_dims(graph)
             if "slimfx" in job.formats:  # what a model file cannot hold is refused before any pass runs
                 from slimfx.ir.serialize import check_saveable
 
@@ -596,10 +598,10 @@ def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None, macs_per_sam
     threads = torch.get_num_threads()
     torch.set_num_threads(EVAL_THREADS)
     try:
-        comparison, gate_acc = _compare_on(job.run_model, deployed, gate_split, job.gate_split_name)
+        comparison, gate_acc = _compare_on(job, deployed, gate_split, job.gate_split_name)
         out: dict[str, Any] = {"comparison": comparison, "deployed": deployed_name, "gate_accuracy": gate_acc}
         if job.accuracy_split is not None and job.accuracy_split_name != job.gate_split_name:
-            _, out["accuracy"] = _compare_on(job.run_model, deployed, job.accuracy_split, job.accuracy_split_name)
+            _, out["accuracy"] = _compare_on(job, deployed, job.accuracy_split, job.accuracy_split_name)
         else:
             out["accuracy"] = gate_acc
     finally:
@@ -607,9 +609,10 @@ def _evaluate(job: _Job, module: nn.Module, onnx_path: Path | None, macs_per_sam
     return out
 
 
-def _compare_on(original: Callable[..., Any], deployed: Callable[..., Any], split: Iterable, name: str
+def _compare_on(job: _Job, deployed: Callable[..., Any], split: Iterable, name: str
                 ) -> tuple[Comparison, tuple[float, float] | None]:
-    comparison = Comparison()
+    original = job.run_model
+    comparison = Comparison(class_dims=job.class_dims)
     hits_o = hits_d = n = 0
     labelled = True
     with torch.no_grad():
@@ -621,7 +624,7 @@ def _compare_on(original: Callable[..., Any], deployed: Callable[..., Any], spli
                 continue
             hits_o += correct(ref, target, f"data.{name}: ")
             hits_d += correct(got, target, f"data.{name}: ")
-            n += len(target)
+            n += target.numel()  # labelled positions: rows, tokens or pixels
     return comparison, ((hits_o / n, hits_d / n) if labelled and n else None)
 
 
