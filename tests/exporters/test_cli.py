@@ -146,3 +146,34 @@ def test_bench_sizes_each_dynamic_dim_honestly(tmp_path, capsys):
     assert "other.onnx cannot take the inputs of ours.onnx" in capsys.readouterr().err
     assert main(["bench", str(ours), "--size", "seq"]) == 2
     assert "argument --size: invalid value 'seq'" in capsys.readouterr().err
+
+
+def test_validate_names_the_wrong_output_by_its_place_in_a_nested_output(tmp_path, capsys):
+    """A model returning (logits, {"score": ..., "feat": ...}) whose file is off in `score` only: the failure
+    names output[1]['score'] (the model's own place for it, and the file's name where it has one), not the
+    flat position `output[1]`, which in the model's output is the whole dict."""
+    src = tmp_path / "user.py"
+    src.write_text(textwrap.dedent("""
+        import torch, torch.nn as nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 2)
+            def forward(self, x):
+                return self.a(x), {"score": self.b(x), "feat": x * 2}
+        def build():
+            torch.manual_seed(0)
+            return Net().eval(), (torch.randn(2, 5),)
+        def shifted():
+            m, x = build()
+            with torch.no_grad():
+                m.b.bias[1] += 1e-2
+            return m, x
+    """))
+    for suffix in (".pt2", ".onnx"):
+        out = tmp_path / f"m{suffix}"
+        assert main(["export", f"{src}:build", "-o", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["validate", str(out), "--model", f"{src}:shifted", "--json"]) == 3
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["failure"].startswith("output[1]['score']") and rep["worst_output"].startswith("output[1]['score']")
