@@ -304,32 +304,69 @@ def best_median_ms(rounds: list[LatencyStats]) -> float:
     return min(s.median_ms for s in rounds)
 
 
-def onnx_example_inputs(model: str | os.PathLike | Any, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Inputs for an ONNX file from its declared input types: the symbolic dim `batch` (and any the file does
-    not size) gets `batch`, others (`seq`, `height`...) the size of the example it was exported from (kept in
-    the file's metadata by slimfx); floats are standard normal, integers are zeros (valid indices for any
-    embedding)."""
-    import json
-
+def onnx_input_specs(model: str | os.PathLike | Any) -> list[tuple[str, torch.dtype, list[int | str | None]]]:
+    """(name, dtype, dims) of each input of an ONNX file or ModelProto (initializers left out); a dim is its
+    size, its symbol (`dim_param`) or None when the file says nothing about it."""
     import onnx
     from onnx import helper
 
     proto = model if hasattr(model, "graph") else onnx.load(str(model), load_external_data=False)
-    sizes: dict[str, int] = {}
-    for prop in proto.metadata_props:
-        if prop.key == "slimfx.example_sizes":
-            try:
-                sizes = {k: int(v) for k, v in json.loads(prop.value).items() if k != "batch" and int(v) > 0}
-            except (ValueError, TypeError, AttributeError):
-                sizes = {}
     init = {i.name for i in proto.graph.initializer}
-    gen = torch.Generator().manual_seed(seed)
     out = []
     for vi in proto.graph.input:
         if vi.name in init:
             continue
         tt = vi.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, batch) for d in tt.shape.dim]
-        dt = torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(tt.elem_type))).dtype
+        dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or None for d in tt.shape.dim]
+        out.append((vi.name, torch.from_numpy(np.zeros(0, dtype=helper.tensor_dtype_to_np_dtype(tt.elem_type))).dtype,
+                    dims))
+    return out
+
+
+def example_sizes(model: str | os.PathLike | Any) -> dict[str, int]:
+    """The sizes of the symbolic dims in the example a slimfx ONNX file was exported from (its metadata), the
+    batch left out; {} for other files."""
+    import json
+
+    import onnx
+
+    proto = model if hasattr(model, "graph") else onnx.load(str(model), load_external_data=False)
+    for prop in proto.metadata_props:
+        if prop.key == "slimfx.example_sizes":
+            try:
+                return {k: int(v) for k, v in json.loads(prop.value).items() if k != "batch" and int(v) > 0}
+            except (ValueError, TypeError, AttributeError):
+                return {}
+    return {}
+
+
+def onnx_example_inputs(model: str | os.PathLike | Any, batch: int = 1, seed: int = 0,
+                        sizes: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
+    """Inputs for an ONNX file from its declared input types: a dynamic dim 0 (the batch, whatever the file names
+    it) gets `batch`; another dynamic dim gets its size from `sizes` (by the file's name for it), else the size of
+    the example the file was exported from (kept in its metadata by slimfx). A dynamic dim of no known size is a
+    ValidationError naming it: it is never guessed (a sequence given the batch size would time another model).
+    Floats are standard normal, integers are zeros (valid indices for any embedding)."""
+    from slimfx.ir.errors import ValidationError
+
+    known = {**example_sizes(model), **(sizes or {})}
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for name, dt, dims in onnx_input_specs(model):
+        shape = []
+        for k, d in enumerate(dims):
+            if isinstance(d, int):
+                shape.append(d)
+            elif d in known:
+                shape.append(known[d])
+            elif k == 0:
+                shape.append(batch)
+            else:
+                what = repr(d) if d else "unnamed"
+                raise ValidationError(
+                    f"input {name!r} has a dynamic dim {k} ({what}) whose size the file does not say"
+                    + (f"; give it with `slimfx bench --size {d}=N` (sizes={{{d!r}: N}} in Python), e.g. N = 128 "
+                       "for a sequence length" if d else
+                       "; re-export the file with that dim named or fixed"))
         out.append(torch.randn(shape, generator=gen).to(dt) if dt.is_floating_point else torch.zeros(shape, dtype=dt))
     return tuple(out)

@@ -13,7 +13,6 @@ import torch
 
 from slimfx.exporters._common import as_tuple, flatten_outputs
 from slimfx.exporters.bench import ort_feed, ort_session
-from slimfx.ir.capture import output_names
 from slimfx.ir.errors import ValidationError
 from slimfx.ir.graph import Graph
 from slimfx.ir.lower import lower
@@ -190,14 +189,23 @@ def _to_numpy(out: Any) -> list[np.ndarray]:
 def reference_fn(graph_or_module: Graph | torch.nn.Module) -> Callable[[tuple], list[np.ndarray]]:
     """A function computing eval-mode outputs (flattened, numpy) of an IR graph (through its lowering)
     or a module (its train/eval mode is restored after each call)."""
+    run = _reference(graph_or_module)
+    return lambda inputs: [a for _, a in run(inputs)]
+
+
+def _reference(graph_or_module: Graph | torch.nn.Module) -> Callable[[tuple], list[tuple[str, np.ndarray]]]:
+    """reference_fn's outputs with their places in the output structure (`output[1]['score']`)."""
+    from slimfx.ir.metrics import named_leaves
+
     module = lower(graph_or_module).eval() if isinstance(graph_or_module, Graph) else graph_or_module
 
-    def run(inputs: tuple) -> list[np.ndarray]:
+    def run(inputs: tuple) -> list[tuple[str, np.ndarray]]:
         was_training = module.training
         module.eval()
         try:
             with torch.no_grad():
-                return _to_numpy(module(*inputs))
+                return [(name, tensor_to_numpy(t) if isinstance(t, torch.Tensor) else np.asarray(t))
+                        for name, t in named_leaves(module(*inputs))]
         finally:
             module.train(was_training)
     return run
@@ -230,14 +238,10 @@ def merge_stats(acc: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, An
     return out
 
 
-def _names(graph_or_module: Graph | torch.nn.Module, n: int, given: Sequence[str] | None) -> list[str]:
-    """Names of the flattened outputs for messages: the model's own (output, output[1], output['logits'])
-    when the reference is a graph, with the exported file's name where that differs."""
-    ours = output_names(graph_or_module.outputs) if isinstance(graph_or_module, Graph) else None
-    if ours is None or len(ours) != n:
-        return list(given) if given is not None and len(given) == n else (
-            ["output"] if n == 1 else [f"output[{i}]" for i in range(n)])
-    if given is None or len(given) != n:
+def _names(ours: list[str], given: Sequence[str] | None) -> list[str]:
+    """Names of the flattened outputs for messages: the reference's own (output, output[1], output['logits']),
+    with the exported file's name where that differs."""
+    if given is None or len(given) != len(ours):
         return ours
     return [a if a == b else f"{a} ('{b}' in the file)" for a, b in zip(ours, given)]
 
@@ -246,15 +250,16 @@ def validate_outputs(run: Callable[[tuple], Sequence[np.ndarray]], graph_or_modu
                      inputs: Any, *, atol: float = 1e-5, rtol: float = 1e-4,
                      names: Sequence[str] | None = None) -> ValidationReport:
     """Compare `run(inputs)` (an exported model's flattened outputs) with the reference on each input set."""
-    ref = reference_fn(graph_or_module)
+    ref = _reference(graph_or_module)
     acc = None
     batches = []
     n_out = 0
     for ins in input_sets(inputs):
         ours = [np.asarray(o) for o in run(ins)]
-        refs = ref(ins)
+        named = ref(ins)
+        refs = [a for _, a in named]
         n_out = len(refs)
-        acc = merge_stats(acc, compare_outputs(ours, refs, _names(graph_or_module, n_out, names),
+        acc = merge_stats(acc, compare_outputs(ours, refs, _names([k for k, _ in named], names),
                                                atol=atol, rtol=rtol))
         if ins and isinstance(ins[0], torch.Tensor) and ins[0].dim() >= 1:
             batches.append(int(ins[0].shape[0]))

@@ -15,10 +15,12 @@ from slimfx.ir.errors import ValidationError
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure onnxruntime latency of ONNX files (side by side when several)",
                        description="Time each PATH with onnxruntime (CPU, all graph optimizations, sequential, the "
-                                   "given intra-op threads) on random inputs of its declared shapes. Each round opens "
-                                   "a fresh session per file, in turns, and the best round is reported: two sessions "
-                                   "of one file can be more than 10% apart on a busy or virtual machine. With several files, "
-                                   "they must take the same inputs, and ratios to the first are printed.")
+                                   "given intra-op threads) on random inputs of its declared shapes (dim 0 the "
+                                   "--batch, other dynamic dims by --size or the example a slimfx file was exported "
+                                   "from; printed before the timings). Each round opens a fresh session per file, in "
+                                   "turns, and the best round is reported: two sessions of one file can be more than "
+                                   "10% apart on a busy or virtual machine. With several files, all are timed on the "
+                                   "first one's inputs, which they must take, and ratios to the first are printed.")
     p.add_argument("paths", type=_args.onnx_file, nargs="+", metavar="PATH.onnx")
     p.add_argument("--batch", type=_args.batch_sizes, default="1,32",
                    help="comma-separated batch sizes (default 1,32)")
@@ -27,36 +29,75 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="timed runs per round (default: as many as fit in ~1 s)")
     p.add_argument("--rounds", type=_args.count("the number of rounds", 1, 1000), default=3,
                    help="rounds of fresh sessions (default 3)")
+    p.add_argument("--size", type=_size, action="append", default=[], metavar="NAME=N",
+                   help="the size of a dynamic dim other than the batch (dim 0), by the first file's name for it, "
+                        "e.g. --size sequence=128; repeatable. Default: the size in the example a slimfx file "
+                        "was exported from; a dim of no known size is refused, never guessed")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     return p
 
 
-def _signature(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
+def _size(text: str) -> tuple[str, int]:
+    """--size NAME=N: the size of a file's dynamic dim NAME (argparse type)."""
+    name, sep, value = text.partition("=")
+    try:
+        size = int(value.strip(), 10) if sep else 0
+    except ValueError:
+        size = 0
+    if not name.strip() or not 1 <= size <= _args.BATCH_MAX:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give a dynamic dim's name and size as NAME=N, "
+                                         f"N from 1 to {_args.BATCH_MAX}, e.g. --size sequence=128")
+    return name.strip(), size
+
+
+def _shapes(inputs: tuple, path: Path) -> dict[str, str]:
+    from slimfx.exporters.bench import onnx_input_specs
+
+    return {name: f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}"
+            for (name, _, _), x in zip(onnx_input_specs(path), inputs)}
+
+
+def _listed(shapes: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in shapes.items())
+
+
+def _inputs(path: Path, name: str, batch: int, sizes: dict[str, int]) -> tuple:
     from slimfx.exporters.bench import onnx_example_inputs
 
-    return [(str(i), tuple(t.shape), str(t.dtype)) for i, t in enumerate(onnx_example_inputs(path, batch=2))]
+    try:
+        return onnx_example_inputs(path, batch=batch, sizes=sizes)
+    except ValidationError as e:
+        raise ValidationError(f"{name}: {e}") from None
+
+
+def _takes(path: Path, inputs: tuple) -> str | None:
+    """Why the ONNX file cannot take `inputs` (count, dtype, rank, fixed sizes), or None."""
+    from slimfx.exporters.bench import onnx_input_specs
+
+    specs = onnx_input_specs(path)
+    if len(specs) != len(inputs):
+        return f"it takes {len(specs)} inputs, not {len(inputs)}"
+    for (iname, dt, dims), x in zip(specs, inputs):
+        if dt != x.dtype or len(dims) != x.dim() or any(isinstance(d, int) and d != s for d, s in zip(dims, x.shape)):
+            declared = ", ".join(str(d) if d is not None else "?" for d in dims)
+            return (f"its input {iname!r} is {str(dt).removeprefix('torch.')}[{declared}], not "
+                    f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}")
+    return None
 
 
 def _fixed_batch(path: Path) -> int | None:
     """The batch size a file fixes (dim 0 of every input is a number), or None when it is symbolic."""
-    import onnx
+    from slimfx.exporters.bench import onnx_input_specs
 
-    proto = onnx.load(str(path), load_external_data=False)
-    init = {i.name for i in proto.graph.initializer}
-    dims = [vi.type.tensor_type.shape.dim for vi in proto.graph.input if vi.name not in init]
-    firsts = {d[0].dim_value if d and d[0].HasField("dim_value") else None for d in dims}
+    firsts = {dims[0] if dims and isinstance(dims[0], int) else None for _, _, dims in onnx_input_specs(path)}
     return firsts.pop() if len(firsts) == 1 and None not in firsts else None
 
 
 def run(args: argparse.Namespace) -> int:
-    from slimfx.exporters.bench import interleaved_latency, onnx_example_inputs, ort_feed
+    from slimfx.exporters.bench import interleaved_latency, ort_feed
 
     names = [p.name if [q.name for q in args.paths].count(p.name) == 1 else str(p) for p in args.paths]
-    first = _signature(args.paths[0])
-    for name, path in zip(names[1:], args.paths[1:]):
-        if (sig := _signature(path)) != first:
-            raise ValidationError(f"{name} takes other inputs than {names[0]} (shapes/dtypes {sig} vs {first}); "
-                                  "only files with the same inputs can be timed side by side")
+    sizes = dict(args.size)
     batches = args.batch
     fixed = {name: b for name, path in zip(names, args.paths) if (b := _fixed_batch(path)) is not None}
     if len(set(fixed.values())) > 1:
@@ -66,21 +107,31 @@ def run(args: argparse.Namespace) -> int:
         name, b = next(iter(fixed.items()))
         print(f"note: {name} has a fixed batch size of {b}; timing batch {b} only", file=sys.stderr)
         batches = [b]
+    # every file is timed on the first one's inputs (its dynamic dims sized by --size, else by the example it
+    # was exported from): the others only have to take them, whatever they name their dims
+    inputs = {b: _inputs(args.paths[0], names[0], b, sizes) for b in batches}
+    for name, path in zip(names[1:], args.paths[1:]):
+        if (why := _takes(path, inputs[batches[0]])) is not None:
+            raise ValidationError(f"{name} cannot take the inputs of {names[0]} ({why}; {names[0]} is timed on "
+                                  f"{_listed(_shapes(inputs[batches[0]], args.paths[0]))}): only files with the same inputs "
+                                  "can be timed side by side; bench them one at a time")
     for path in args.paths:  # a file onnxruntime refuses or cannot run is named before any timing
         sess = _args.open_onnx_session(path)
         try:
-            sess.run(None, ort_feed(sess, onnx_example_inputs(path, batch=batches[0])))
+            sess.run(None, ort_feed(sess, inputs[batches[0]]))
         except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
             raise ValidationError(f"onnxruntime cannot run {path} at batch {batches[0]}: "
                                   f"{_args.first_line(e)}") from e
     files = dict(zip(names, (str(p) for p in args.paths)))
     rows: dict[str, dict[str, dict]] = {n: {} for n in names}
     for b in batches:
-        rounds = interleaved_latency(files, onnx_example_inputs(args.paths[0], batch=b), rounds=args.rounds,
-                                     threads=args.threads, runs=args.runs)
+        shapes = _shapes(inputs[b], args.paths[0])
+        if not args.json:
+            print(f"batch {b} inputs: {_listed(shapes)}")
+        rounds = interleaved_latency(files, inputs[b], rounds=args.rounds, threads=args.threads, runs=args.runs)
         for name, stats in rounds.items():
             best = min(stats, key=lambda s: s.median_ms)  # the round best_median_ms picks
-            rows[name][f"b{b}"] = {**best.to_dict(), "rounds": len(stats)}
+            rows[name][f"b{b}"] = {**best.to_dict(), "rounds": len(stats), "inputs": shapes}
             if not args.json:
                 ratio = "" if name == names[0] else \
                     f"  ({best.median_ms / rows[names[0]][f'b{b}']['median_ms']:.3f}x of {names[0]})"

@@ -26,14 +26,25 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("input", metavar="INPUT", help="the graph, a .slimfx file")
     p.add_argument("--options", default="{}", metavar="JSON",
                    help="the pass's options as a JSON object, e.g. '{\"sparsity\": 0.5}' (default: none)")
-    p.add_argument("--check-numerics", type=float, default=None, metavar="TOL",
+    p.add_argument("--check-numerics", type=_args.tolerance, default=None, metavar="TOL",
                    help="also check the outputs stay within TOL x their magnitude (passes that preserve outputs)")
-    p.add_argument("--out", default=None, metavar="OUT.slimfx", help="write the graph after the pass here")
+    p.add_argument("--out", type=_slimfx_name, default=None, metavar="OUT.slimfx",
+                   help="write the graph after the pass here (a .slimfx file)")
     p.add_argument("--print-ir", action="store_true", help="print the IR after the pass when it changed it")
     p.add_argument("--dump-dir", default=None, metavar="DIR",
                    help="where a failure's IR dumps go (default: a fresh temporary directory)")
     _args.add_plugin_argument(p)
     return p
+
+
+def _slimfx_name(text: str) -> str:
+    """--out: a name ending in .slimfx (checked before the pass runs, as the rest of the path is)."""
+    from slimfx.persist import SUFFIX
+
+    if not text.endswith(SUFFIX):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: run-pass writes a slimfx model file, whose name "
+                                         f"ends in {SUFFIX}; give e.g. --out {Path(text).stem or 'after'}{SUFFIX}")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

@@ -76,7 +76,7 @@ def test_bench_times_several_files_side_by_side_and_refuses_different_inputs(tmp
     assert main(["bench", str(a), str(b), "--batch", "1", "--runs", "5", "--rounds", "1"]) == 0
     assert f"x of {a}" in capsys.readouterr().out
     assert main(["bench", str(a), str(w)]) == 2  # a user error: exit status 2 and a message
-    assert "other inputs" in capsys.readouterr().err
+    assert "w.onnx cannot take the inputs of a.onnx" in capsys.readouterr().err
 
 
 def test_validate_catches_an_edit_the_example_row_does_not_see(tmp_path, capsys):
@@ -106,3 +106,74 @@ def test_validate_catches_an_edit_the_example_row_does_not_see(tmp_path, capsys)
     capsys.readouterr()
     assert main(["validate", str(out), "--model", f"{src}:build"]) == 3
     assert "does not match" in capsys.readouterr().err
+
+
+def _seq_onnx(path, dims, example_sizes=None):
+    """A one-node ONNX file (Relu) of a float input [dims...], like a token model's [batch, seq] input."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(dims))
+    proto = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    if example_sizes is not None:
+        helper.set_model_props(proto, {"slimfx.example_sizes": json.dumps(example_sizes)})
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_bench_sizes_each_dynamic_dim_honestly(tmp_path, capsys):
+    """A dim other than the batch is never given the batch size (a sequence of 1 at batch 1, of 32 at batch 32,
+    timed as if only the batch changed): slimfx files carry their example's sizes, other files name the dim to
+    size with --size; a second file is timed on the first one's inputs and only has to accept them, whatever it
+    names its dims (torch.onnx's `sequence` against slimfx's `seq`). The timed shapes are printed."""
+    ours = _seq_onnx(tmp_path / "ours.onnx", ["batch", "seq"], {"batch": 2, "seq": 10})
+    theirs = _seq_onnx(tmp_path / "theirs.onnx", ["N", "sequence"])
+    other = _seq_onnx(tmp_path / "other.onnx", ["N", 12])
+    capsys.readouterr()
+    assert main(["bench", str(theirs), "--batch", "1", "--runs", "3", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "'sequence'" in err and "--size sequence=" in err
+    assert main(["bench", str(theirs), "--batch", "1,4", "--size", "sequence=10", "--runs", "3", "--rounds", "1",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows["b1"]["inputs"] == {"x": "float32[1, 10]"} and rows["b4"]["inputs"] == {"x": "float32[4, 10]"}
+    assert main(["bench", str(ours), str(theirs), "--batch", "1,3", "--runs", "3", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "x float32[1, 10]" in out and "x float32[3, 10]" in out and "x of ours.onnx" in out
+    assert main(["bench", str(ours), str(other), "--batch", "1", "--runs", "3", "--rounds", "1"]) == 2
+    assert "other.onnx cannot take the inputs of ours.onnx" in capsys.readouterr().err
+    assert main(["bench", str(ours), "--size", "seq"]) == 2
+    assert "argument --size: invalid value 'seq'" in capsys.readouterr().err
+
+
+def test_validate_names_the_wrong_output_by_its_place_in_a_nested_output(tmp_path, capsys):
+    """A model returning (logits, {"score": ..., "feat": ...}) whose file is off in `score` only: the failure
+    names output[1]['score'] (the model's own place for it, and the file's name where it has one), not the
+    flat position `output[1]`, which in the model's output is the whole dict."""
+    src = tmp_path / "user.py"
+    src.write_text(textwrap.dedent("""
+        import torch, torch.nn as nn
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(5, 3), nn.Linear(5, 2)
+            def forward(self, x):
+                return self.a(x), {"score": self.b(x), "feat": x * 2}
+        def build():
+            torch.manual_seed(0)
+            return Net().eval(), (torch.randn(2, 5),)
+        def shifted():
+            m, x = build()
+            with torch.no_grad():
+                m.b.bias[1] += 1e-2
+            return m, x
+    """))
+    for suffix in (".pt2", ".onnx"):
+        out = tmp_path / f"m{suffix}"
+        assert main(["export", f"{src}:build", "-o", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["validate", str(out), "--model", f"{src}:shifted", "--json"]) == 3
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["failure"].startswith("output[1]['score']") and rep["worst_output"].startswith("output[1]['score']")

@@ -88,3 +88,28 @@ def test_inspect_export_validate_take_saved_models(tmp_path, capsys, monkeypatch
     assert main(["inspect", str(broken)]) == 2
     err = capsys.readouterr().err
     assert str(broken) in err and "truncated or corrupt" in err and "Traceback" not in err, err
+
+
+def test_run_pass_checks_its_arguments_before_the_pass_runs(tmp_path, capsys):
+    """`--check-numerics nan` would make a numerics check that can never fail (every comparison with NaN is
+    false) and was accepted; -1 was refused in the Python API's words (check_numerics=). An --out that is not a
+    .slimfx name was refused only after the pass had run. All are argument errors, exit 2, before any work."""
+    from slimfx.cli import main
+
+    model = tmp_path / "m.slimfx"
+    sys.path.insert(0, str(FIXTURES.parent))
+    try:
+        import user_models
+    finally:
+        sys.path.pop(0)
+    slimfx.save(ir.capture(*user_models.small()), model)
+    for bad in ("nan", "-1", "inf"):
+        assert main(["run-pass", "dce", str(model), "--check-numerics", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"argument --check-numerics: invalid value '{bad}'" in err and "check_numerics" not in err
+    assert main(["run-pass", "dce", str(model), "--out", str(tmp_path / "after.onnx")]) == 2
+    cap = capsys.readouterr()
+    assert "no change" not in cap.out and "after.onnx" in cap.err and "--out" in cap.err
+    assert main(["run-pass", "dce", str(model), "--check-numerics", "0", "--out", str(tmp_path / "a.slimfx")]) == 0
+    assert (tmp_path / "a.slimfx").is_file()
+
