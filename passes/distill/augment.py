@@ -87,15 +87,22 @@ class MixedTarget:
 
     def probs(self, num_classes: int) -> torch.Tensor:
         """[batch, num_classes] class probabilities, what cross-entropy takes as a soft target."""
-        check_labels(torch.maximum(self.a.max(), self.b.max()), num_classes)
+        check_labels(torch.cat([self.a, self.b]), num_classes)
         oh = torch.nn.functional.one_hot
         lam = self.lam.unsqueeze(1)
         return lam * oh(self.a, num_classes).float() + (1 - lam) * oh(self.b, num_classes).float()
 
 
-def check_labels(top: torch.Tensor, num_classes: int) -> None:
-    """PassError unless the largest class-index label `top` names one of the model's `num_classes` outputs
-    (cross-entropy and mixup index the logits with it; out of range, torch fails with an IndexError)."""
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """PassError unless every class-index label names one of the model's `num_classes` outputs (cross-entropy
+    and mixup index the logits with them; out of range, torch fails with an IndexError or a RuntimeError)."""
+    if not labels.numel():
+        return
+    low, top = labels.min(), labels.max()
+    if int(low) < 0:
+        raise PassError(f"the data's labels include {int(low)}, but class-index labels start at 0: give labels "
+                        f"0..{num_classes - 1} (one per output of the model being trained; e.g. map -1 or any "
+                        "'ignore' label away, or drop those samples)")
     if int(top) >= num_classes:
         raise PassError(f"the data's labels go up to {int(top)}, but the model being trained gives {num_classes} "
                         f"outputs per sample: a classifier needs one output per class of the data ({int(top) + 1} "
@@ -109,7 +116,7 @@ def soft_target(target, logits: torch.Tensor):
     if isinstance(target, MixedTarget):
         return target.probs(logits.shape[-1])
     if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() and logits.dim() >= 2:
-        check_labels(target.max(), logits.shape[-1])
+        check_labels(target, logits.shape[-1])
     return target
 
 
