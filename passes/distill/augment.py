@@ -110,11 +110,22 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
                         f"{num_classes - 1}")
 
 
+def float_indices(target) -> PassError | None:
+    """The error for class-index labels held in a floating-point tensor (1-D, one per sample), else None: cross-
+    entropy takes integer indices or per-class probabilities shaped like the logits, and mixup blends indices."""
+    if isinstance(target, torch.Tensor) and target.is_floating_point() and target.dim() == 1:
+        return PassError(f"the train labels are {target.dtype} numbers, one per sample: class-index labels must be "
+                         "an integer tensor; give y.long() (or per-class probabilities, [batch, classes])")
+    return None
+
+
 def soft_target(target, logits: torch.Tensor):
     """A MixedTarget as probabilities over the logits' classes; class-index labels checked against the logits'
     classes; any other target as it is."""
     if isinstance(target, MixedTarget):
         return target.probs(logits.shape[-1])
+    if logits.dim() == 2 and logits.shape[-1] > 1 and (e := float_indices(target)) is not None:
+        raise e
     if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() and logits.dim() >= 2:
         check_labels(target, logits.shape[-1])
     return target
@@ -136,6 +147,8 @@ def apply(aug: Augment, inputs: tuple[torch.Tensor, ...], target, gen: torch.Gen
         d = torch.randint(-m, m + 1, (n, 2), generator=gen)
         return tuple(_translate(t, d, m) for t in inputs), target
     # mixup
+    if (e := float_indices(target)) is not None:
+        raise e
     if target is not None and (not isinstance(target, torch.Tensor) or target.is_floating_point()
                                or target.dim() != 1):
         raise PassError("augment 'mixup' blends class-index labels (a 1-D integer tensor per batch); these labels "

@@ -226,3 +226,13 @@ def test_label_mistakes_are_pass_errors_naming_the_fix_not_torch_crashes():
     with pytest.raises(PassError, match=r"eval_fn\) gave no accuracy \(None\): the validation data needs labels"):
         distill(trained("cnn"), SmallCNN(4, 8), (x[:64], None), loss="kd", loss_options={"alpha": 1.0}, epochs=1,
                 eval_fn=lambda m: None, quiet=True)
+
+
+def test_class_indices_in_a_float_tensor_are_named_with_the_fix():
+    """Float class indices were a RuntimeError from cross-entropy ("expected target dtype to be Long") without
+    augmentation, and with mixup an error advising augment 'none', which led to that crash."""
+    x, y, _, _ = digits()
+    for augment in ("none", "mixup"):
+        with pytest.raises(PassError, match=r"the train labels are torch.float32 numbers, one per sample: class-index "
+                                            r"labels must be an integer tensor; give y.long\(\)"):
+            distill(None, SmallCNN(4, 8), (x[:64], y[:64].float()), loss="ce", augment=augment, epochs=1, quiet=True)
