@@ -147,13 +147,14 @@ def apply(aug: Augment, inputs: tuple[torch.Tensor, ...], target, gen: torch.Gen
         d = torch.randint(-m, m + 1, (n, 2), generator=gen)
         return tuple(_translate(t, d, m) for t in inputs), target
     # mixup
-    if (e := float_indices(target)) is not None:
-        raise e
     if target is not None and (not isinstance(target, torch.Tensor) or target.is_floating_point()
                                or target.dim() != 1):
+        floats = isinstance(target, torch.Tensor) and target.is_floating_point() and target.dim() == 1
         raise PassError("augment 'mixup' blends class-index labels (a 1-D integer tensor per batch); these labels "
                         f"are {list(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}"
-                        ": use augment 'none'")
+                        f"{f' {target.dtype}' if floats else ''}: "
+                        f"{'class indices held as floats need y.long(); other labels: ' if floats else ''}"
+                        "use augment 'none'")
     perm = torch.randperm(n, generator=gen)
     lam = _beta(aug.param, n, gen)
     mixed = tuple(_blend(t, perm, lam) for t in inputs)
