@@ -240,8 +240,11 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
         job_headline.append("static quantization calibrated on the example inputs only (no calibration or "
                             "train data): activation ranges may be off; give data (--data / data=)")
     train, validation, test = (_chunked(data.split(k), rows) for k in ("train", "validation", "test"))
+    # accuracy on validation picks best epochs only when validation has labels; without them training steps keep
+    # their lowest-loss epoch (accuracy() would give None, which no step can choose by)
+    labelled = validation is not None and next(iter(validation))[1] is not None
     val_eval = _checked_eval_fn(eval_fn) if eval_fn is not None else (
-        (lambda module: accuracy(module, validation)) if validation is not None else None)
+        (lambda module: accuracy(module, validation)) if labelled else None)
     from slimfx.exporters import graph_latency_ms
 
     # passes that tune for speed (quantize's speed guard) time on onnxruntime, unless latency is off

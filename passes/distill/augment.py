@@ -87,15 +87,22 @@ class MixedTarget:
 
     def probs(self, num_classes: int) -> torch.Tensor:
         """[batch, num_classes] class probabilities, what cross-entropy takes as a soft target."""
-        check_labels(torch.maximum(self.a.max(), self.b.max()), num_classes)
+        check_labels(torch.cat([self.a, self.b]), num_classes)
         oh = torch.nn.functional.one_hot
         lam = self.lam.unsqueeze(1)
         return lam * oh(self.a, num_classes).float() + (1 - lam) * oh(self.b, num_classes).float()
 
 
-def check_labels(top: torch.Tensor, num_classes: int) -> None:
-    """PassError unless the largest class-index label `top` names one of the model's `num_classes` outputs
-    (cross-entropy and mixup index the logits with it; out of range, torch fails with an IndexError)."""
+def check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """PassError unless every class-index label names one of the model's `num_classes` outputs (cross-entropy
+    and mixup index the logits with them; out of range, torch fails with an IndexError or a RuntimeError)."""
+    if not labels.numel():
+        return
+    low, top = labels.min(), labels.max()
+    if int(low) < 0:
+        raise PassError(f"the data's labels include {int(low)}, but class-index labels start at 0: give labels "
+                        f"0..{num_classes - 1} (one per output of the model being trained; e.g. map -1 or any "
+                        "'ignore' label away, or drop those samples)")
     if int(top) >= num_classes:
         raise PassError(f"the data's labels go up to {int(top)}, but the model being trained gives {num_classes} "
                         f"outputs per sample: a classifier needs one output per class of the data ({int(top) + 1} "
@@ -103,13 +110,24 @@ def check_labels(top: torch.Tensor, num_classes: int) -> None:
                         f"{num_classes - 1}")
 
 
+def float_indices(target) -> PassError | None:
+    """The error for class-index labels held in a floating-point tensor (1-D, one per sample), else None: cross-
+    entropy takes integer indices or per-class probabilities shaped like the logits, and mixup blends indices."""
+    if isinstance(target, torch.Tensor) and target.is_floating_point() and target.dim() == 1:
+        return PassError(f"the train labels are {target.dtype} numbers, one per sample: class-index labels must be "
+                         "an integer tensor; give y.long() (or per-class probabilities, [batch, classes])")
+    return None
+
+
 def soft_target(target, logits: torch.Tensor):
     """A MixedTarget as probabilities over the logits' classes; class-index labels checked against the logits'
     classes; any other target as it is."""
     if isinstance(target, MixedTarget):
         return target.probs(logits.shape[-1])
+    if logits.dim() == 2 and logits.shape[-1] > 1 and (e := float_indices(target)) is not None:
+        raise e
     if isinstance(target, torch.Tensor) and not target.is_floating_point() and target.numel() and logits.dim() >= 2:
-        check_labels(target.max(), logits.shape[-1])
+        check_labels(target, logits.shape[-1])
     return target
 
 
@@ -131,9 +149,12 @@ def apply(aug: Augment, inputs: tuple[torch.Tensor, ...], target, gen: torch.Gen
     # mixup
     if target is not None and (not isinstance(target, torch.Tensor) or target.is_floating_point()
                                or target.dim() != 1):
+        floats = isinstance(target, torch.Tensor) and target.is_floating_point() and target.dim() == 1
         raise PassError("augment 'mixup' blends class-index labels (a 1-D integer tensor per batch); these labels "
                         f"are {list(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}"
-                        ": use augment 'none'")
+                        f"{f' {target.dtype}' if floats else ''}: "
+                        f"{'class indices held as floats need y.long(); other labels: ' if floats else ''}"
+                        "use augment 'none'")
     perm = torch.randperm(n, generator=gen)
     lam = _beta(aug.param, n, gen)
     mixed = tuple(_blend(t, perm, lam) for t in inputs)

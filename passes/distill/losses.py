@@ -41,6 +41,11 @@ class DistillLoss(nn.Module):
     uses_teacher: bool = True
     uses_features: bool = False
 
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the loss reads class labels (a cross-entropy term); losses that only imitate the teacher do not."""
+        return False
+
     def set_progress(self, epoch: int, epochs: int) -> None:
         """Called by the trainer at the start of each epoch (0-based) for curricula."""
 
@@ -53,9 +58,14 @@ class CELoss(DistillLoss):
     """Plain cross-entropy on labels: training from scratch or fine-tuning without a teacher."""
 
     uses_teacher = False
+    needs_labels = True  # type: ignore[assignment]
 
     def forward(self, student_logits, teacher_logits=None, target=None, student_features=(),
                 teacher_features=()):
+        if target is None:
+            raise PassError("cross-entropy (loss 'ce': training from scratch or fine-tuning) needs labels, but a "
+                            "train batch has none (inputs, None); give (inputs, labels) train data, or distil from a "
+                            "teacher with a loss that needs no labels (kd with alpha=1)")
         return F.cross_entropy(student_logits, target)
 
 
@@ -72,6 +82,10 @@ class KDLoss(DistillLoss):
         if not 0.0 <= alpha <= 1.0:
             raise PassError(f"KD weight alpha must be in [0, 1], got {alpha}")
         self.T, self.alpha = float(T), float(alpha)
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.alpha < 1.0
 
     def temperature(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> Any:
         return self.T
@@ -212,6 +226,10 @@ class CombinedLoss(DistillLoss):
         super().__init__()
         self.logit_loss, self.at = logit_loss, at
         self.uses_teacher = True
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.logit_loss.needs_labels
 
     def set_progress(self, epoch: int, epochs: int) -> None:
         self.logit_loss.set_progress(epoch, epochs)

@@ -443,7 +443,12 @@ def _evaluate(eval_fn: Callable[[nn.Module], float], module: nn.Module, rank: in
     was = module.training
     module.eval()
     try:
-        value = float(eval_fn(module)) if rank == 0 else 0.0
+        got = eval_fn(module) if rank == 0 else 0.0
+        if got is None:  # e.g. slimfx.data.accuracy on validation batches without labels
+            raise PassError("the evaluation that picks the best epoch (eval_fn) gave no accuracy (None): the "
+                            "validation data needs labels (inputs, labels) to choose an epoch by; give labelled "
+                            "validation data, or no eval_fn (then the epoch with the lowest training loss is kept)")
+        value = float(got)
     finally:
         module.train(was)
     if world > 1:

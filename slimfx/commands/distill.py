@@ -147,6 +147,27 @@ def _data(args: argparse.Namespace, teacher_spec: str):
         models.load_dataset(dataset).num_classes
 
 
+def _labelled(args: argparse.Namespace, settings: Settings, data, where: str) -> None:
+    """SlimfxError, before any model loads, when a split lacks the labels this run reads: validation's choose the
+    best epoch and give the accuracies; train's feed a loss with a cross-entropy term and --baseline."""
+    from slimfx.passes.distill.losses import make_loss
+
+    if next(iter(data.split("validation")))[1] is None:
+        raise SlimfxError(f"{where}: the validation split has no labels, but distill chooses the best epoch by "
+                          "validation accuracy and reports accuracies; give validation as (inputs, labels)")
+    if next(iter(data.split("train")))[1] is not None:
+        return
+    if args.baseline:
+        raise SlimfxError(f"{where}: the train split has no labels, so --baseline (the student trained from "
+                          "scratch on labels) cannot run; give train as (inputs, labels), or drop --baseline")
+    if make_loss(settings.loss, **settings.loss_options()).needs_labels:
+        kd = "alpha" in settings.loss_options()  # a KD-type logit term: its 1 - alpha part is the labels'
+        fix = "--alpha 1" if kd else ("--loss at+kd --alpha 1" if settings.loss == "at" else "--loss kd --alpha 1")
+        raise SlimfxError(f"{where}: the train split has no labels, but --loss {settings.loss}"
+                          f"{f' with --alpha {settings.alpha:g}' if kd else ''} has a cross-entropy term on labels; "
+                          f"give train as (inputs, labels), or use {fix} (the teacher's soft targets only)")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     if args.features and not args.loss.startswith("at"):
         raise SlimfxError(f"--features names attention-transfer pairs, but --loss {args.loss} has no attention "
@@ -177,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         make_data, where, classes = _data(args, teacher_spec)
         data = make_data()
         first_inputs = next(iter(data.split("validation")))[0]
+        _labelled(args, settings, data, where)
 
         def make_student() -> torch.nn.Module:
             return resolve_model(args.student, trained=False, seed=args.seed, progress=False,

@@ -117,6 +117,52 @@ def test_distill_user_errors_exit_2_with_the_fix(project, capsys, monkeypatch, e
     assert not (project / "student.pt").exists()
 
 
+UNLABELLED = """\
+import slimfx
+from data import make_data as labelled
+
+
+def train_only():
+    d = labelled()
+    return slimfx.Data(train=(d.train[0], None), validation=d.validation, test=d.test)
+
+
+def validation_too():
+    d = labelled()
+    return slimfx.Data(train=(d.train[0], None), validation=(d.validation[0], None))
+"""
+
+
+@pytest.mark.parametrize("spec, extra, message", [
+    ("train_only", [], "the train split has no labels, but --loss kd with --alpha 0.9 has a cross-entropy term on "
+                       "labels; give train as (inputs, labels), or use --alpha 1"),
+    ("train_only", ["--loss", "at"], "or use --loss at+kd --alpha 1"),
+    ("train_only", ["--alpha", "1", "--baseline"], "the train split has no labels, so --baseline (the student "
+                                                   "trained from scratch on labels) cannot run"),
+    ("validation_too", ["--alpha", "1"], "the validation split has no labels, but distill chooses the best epoch by "
+                                         "validation accuracy"),
+])
+def test_unlabelled_splits_exit_2_naming_the_split_and_the_flag(project, capsys, monkeypatch, spec, extra, message):
+    """(x, None) splits were read as two batches ("data.train, batch 1 is a NoneType"); with that fixed, an
+    unlabelled validation split crashed (float(None), exit 1) and --baseline on unlabelled train too (exit 1)."""
+    monkeypatch.chdir(project)
+    (project / "unlabelled.py").write_text(UNLABELLED)
+    argv = ["distill", "student.py:make", "--student", "student.py:make", "--data", f"unlabelled.py:{spec}",
+            "--epochs", "1", "--quiet", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not (project / "student.pt").exists()
+
+
+def test_kd_on_unlabelled_train_data_with_alpha_1_runs(project, capsys, monkeypatch):
+    monkeypatch.chdir(project)
+    (project / "unlabelled.py").write_text(UNLABELLED)
+    assert main(["distill", "digits_cnn", "--student", "student.py:make", "--data", "unlabelled.py:train_only",
+                 "--epochs", "5", "--alpha", "1", "--augment", "none", "--quiet", "--json", "r.json"]) == 0
+    report = json.loads((project / "r.json").read_text())
+    assert report["student"]["test_accuracy"] > 0.5 and len(report["student"]["history"]) == 5
+
+
 def test_augment_reaches_both_arms_and_the_report(project, capsys, monkeypatch):
     monkeypatch.chdir(project)
     argv = ["distill", "digits_cnn", "--student", "student.py:make", "--data", "data.py:make_data", "--epochs", "1",

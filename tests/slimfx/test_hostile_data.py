@@ -251,3 +251,35 @@ def test_validate_names_data_unlike_the_example(work, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "data.validation, batch 0: input 0 is tensor torch.float64[20, 8] but the model's example input 0" in err
     assert "--batch" not in err
+
+
+def test_an_inputs_none_pair_is_one_unlabelled_split_as_the_errors_advise():
+    """`(x, None)` is what the messages (and docs) tell a user without labels to give; it was read as a list of two
+    batches (all of x as one unlabelled batch, then None: "data.train, batch 1 is a NoneType")."""
+    x = torch.randn(10, 8)
+    split = slimfx.Data(train=(x, None), batch_size=4).split("train")
+    assert len(split) == 3
+    batches = list(split)
+    assert [len(i[0]) for i, _ in batches] == [4, 4, 2] and all(t is None for _, t in batches)
+    assert torch.equal(torch.cat([i[0] for i, _ in batches]), x)
+    assert [i[0].shape for i in slimfx.Data(train=(x, None), batch_size=4).calibration_batches(1)] == \
+        [torch.Size([4, 8])] * 2 + [torch.Size([2, 8])]
+    with pytest.raises(DataError, match="data.validation is the same data as data.train"):
+        slimfx.Data(train=(x, None), validation=(x, None))
+
+
+def test_a_training_step_with_unlabelled_validation_keeps_its_lowest_loss_epoch(tmp_path):
+    """Validation without labels is fine for the gate (agreement, SQNR), but a distill/finetune step was handed an
+    eval_fn that measured accuracy on it, got None and crashed (TypeError from float(None), exit 1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(96, 8)
+    y = model(x).argmax(1).detach()
+    recipe = slimfx.Recipe(name="kd", passes=[("distill", {"epochs": 2, "required": True}),
+                                              ("finetune", {"epochs": 1, "required": True})],
+                           export={"formats": ["onnx"]}, validate={"min_top1_agreement": 0.5})
+    res = slimfx.compile(model, (x[:2],), recipe=recipe, bench_seconds=0, quiet=True, out_dir=tmp_path / "out",
+                         data=slimfx.Data(train=(x[:64], y[:64]), validation=(x[64:], None)))
+    stats = {p["name"]: p["stats"] for p in res.report["passes"]}
+    assert stats["distill"]["best_epoch"] in (1, 2) and "accuracy_after" not in stats["distill"]
+    assert (tmp_path / "out" / "model.onnx").exists()

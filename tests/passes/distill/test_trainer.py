@@ -209,3 +209,32 @@ def test_ddp_two_processes_match_each_other_and_one_process():
     # same global batches as one process; only per-shard BN statistics differ
     assert abs(r0["acc"] - single["acc"]) < 0.03
     assert abs(r0["history"][-1]["loss"] - single["history"][-1]["loss"]) < 0.15 * single["history"][-1]["loss"]
+
+
+def test_label_mistakes_are_pass_errors_naming_the_fix_not_torch_crashes():
+    """Negative labels were a RuntimeError from cross-entropy ("Class values must be non-negative"), unlabelled
+    batches a TypeError inside cross-entropy, and an eval_fn that measures no accuracy (unlabelled validation:
+    slimfx.data.accuracy gives None) a TypeError from float(None): all internal errors to a CLI user."""
+    x, y, _, _ = digits()
+    y = y[:64].clone()
+    y[3] = -1
+    for teacher, loss, augment in ((None, "ce", "none"), (trained("cnn"), "kd", "none"), (None, "ce", "mixup")):
+        with pytest.raises(PassError, match=r"the data's labels include -1, but class-index labels start at 0"):
+            distill(teacher, SmallCNN(4, 8), (x[:64], y), loss=loss, augment=augment, epochs=1, quiet=True)
+    with pytest.raises(PassError, match=r"loss 'ce'.*needs labels, but a train batch has none"):
+        distill(None, SmallCNN(4, 8), (x[:64], None), loss="ce", epochs=1, quiet=True)
+    with pytest.raises(PassError, match=r"eval_fn\) gave no accuracy \(None\): the validation data needs labels"):
+        distill(trained("cnn"), SmallCNN(4, 8), (x[:64], None), loss="kd", loss_options={"alpha": 1.0}, epochs=1,
+                eval_fn=lambda m: None, quiet=True)
+
+
+def test_class_indices_in_a_float_tensor_are_named_with_the_fix():
+    """Float class indices were a RuntimeError from cross-entropy ("expected target dtype to be Long") without
+    augmentation, and with mixup an error advising augment 'none', which led to that crash."""
+    x, y, _, _ = digits()
+    with pytest.raises(PassError, match=r"the train labels are torch.float32 numbers, one per sample: class-index "
+                                        r"labels must be an integer tensor; give y.long\(\)"):
+        distill(None, SmallCNN(4, 8), (x[:64], y[:64].float()), loss="ce", epochs=1, quiet=True)
+    with pytest.raises(PassError, match=r"these labels are \[64\] torch.float32: class indices held as floats need "
+                                        r"y.long\(\); other labels: use augment 'none'"):
+        distill(None, SmallCNN(4, 8), (x[:64], y[:64].float()), loss="ce", augment="mixup", epochs=1, quiet=True)
