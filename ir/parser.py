@@ -77,6 +77,8 @@ def resolve_function(dotted: str) -> Any:
     looked up in already-imported torch/operator/math modules only; None when it names nothing allowed."""
     import builtins
 
+    if dotted.startswith("torch.ops.aten."):
+        return _aten_operator(dotted[len("torch.ops.aten."):])
     for home in FUNCTION_HOMES:
         if not dotted.startswith(home + "."):
             continue
@@ -90,6 +92,19 @@ def resolve_function(dotted: str) -> Any:
         if callable(fn) and not isinstance(fn, type | torch.dtype):
             return fn
     return None
+
+
+def _aten_operator(name: str) -> Any:
+    """An ATen operator overload (`arange.start`) torch.export capture leaves in a graph; only functional
+    ones (a schema that writes no tensor), never a private or in-place name."""
+    op, _, overload = name.partition(".")
+    if not op or not overload or "." in overload or op.startswith("_") or op.endswith("_") or overload.startswith("_"):
+        return None
+    packet = getattr(torch.ops.aten, op, None)
+    fn = getattr(packet, overload, None) if packet is not None else None
+    if not isinstance(fn, torch._ops.OpOverload) or fn._schema.is_mutable:
+        return None
+    return fn
 
 
 def check_opaque(inputs: list[Any], attrs: dict[str, Any]) -> str | None:
@@ -234,6 +249,12 @@ class _Parser:
             dt = _dtype(text)
             if dt is not None:
                 return dt
+            if text == "device" and ln.accept("("):
+                where = self.value(ln)
+                ln.expect(")", "after a device")
+                if not isinstance(where, str) or where != "cpu":
+                    raise ln.error(f"device({where!r}): slimfx graphs run on the CPU; write device(\"cpu\")")
+                return torch.device(where)
             if "." in text:
                 fn = resolve_function(text)
                 if fn is not None:

@@ -56,6 +56,8 @@ def format_value(v: Any) -> str:
         return "..."
     if isinstance(v, torch.dtype):
         return str(v).replace("torch.", "")
+    if isinstance(v, torch.device):  # torch.export's factory calls name theirs: arange(..., device=cpu)
+        return f"device({format_value(str(v))})"
     if isinstance(v, torch.nn.Module):
         return f"<{type(v).__name__}>"
     if isinstance(v, float):
@@ -75,6 +77,8 @@ def function_name(fn: Any) -> str:
     `operator.getitem`, `builtins.getattr`), else its module and qualified name."""
     import sys
 
+    if isinstance(fn, torch._ops.OpOverload) and fn.namespace == "aten":  # torch.export's calls: arange.start
+        return f"torch.ops.aten.{fn.__name__}"
     name = getattr(fn, "__name__", None)
     for home in FUNCTION_HOMES:
         mod = torch.Tensor if home == "torch.Tensor" else sys.modules.get(home)

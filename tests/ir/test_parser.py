@@ -172,3 +172,21 @@ def test_the_readmes_parse_of_a_graphs_text_and_params_lowers_and_runs(case):
     assert g2.buffers == g.buffers
     assert ir.count_params(g2) == ir.count_params(g)
     torch.testing.assert_close(ir.lower(g2)(*inputs), ir.lower(g)(*inputs), rtol=0, atol=0)
+
+
+def _arange_text(target: str, device: str = "device('cpu')") -> str:
+    return ("graph g(%x: i64[2, 5]) {\n"
+            "  %n = size(%x) {dim=1}\n"
+            f"  %a = opaque(%n) {{kind='call_function', target={target}, kwargs={{'device': {device}}}}} : i64[5]\n"
+            "  return %a\n}\n")
+
+
+def test_functional_aten_calls_read_back_and_nothing_else_of_torch_ops():
+    g = ir.parse(_arange_text("torch.ops.aten.arange.default"))
+    assert torch.equal(ir.lower(g)(torch.zeros(2, 7, dtype=torch.long)), torch.arange(7))
+    for target in ("torch.ops.aten.copy_.default", "torch.ops.aten.add_.Tensor", "torch.ops.aten._to_copy.default",
+                   "torch.ops.aten.arange.__call__", "torch.ops.aten.arange", "torch.ops.slimfx_test.twice.default"):
+        with pytest.raises(ir.ParseError, match="names no function IR text may refer to"):
+            ir.parse(_arange_text(target))
+    with pytest.raises(ir.ParseError, match="graphs run on the CPU"):
+        ir.parse(_arange_text("torch.ops.aten.arange.default", "device('cuda')"))
