@@ -268,3 +268,40 @@ def test_latency_target_times_the_choice_against_plain_int8():
     assert sorted(chosen["float_layers"]) == ["layers_1", "layers_4"]
     assert chosen["latency_ms"] == {"b1": 4.0, "b32": 128.0} and tune["trials"][0]["latency_ms"] == {"b1": 3.0, "b32": 96.0}
     assert tune["latency_vs_plain_int8"].startswith("1.33x of plain int8's time") and "cost time" in tune["latency_vs_plain_int8"]
+
+
+class SiluNet(nn.Module):
+    """conv -> SiLU -> conv -> GELU -> linear: quantize rewrites silu as x * sigmoid(x) before planning, so the
+    ranges the tuner and the sensitivity analysis calibrate must be of that rewritten graph."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8 * 36, 4)
+
+    def forward(self, x):
+        return self.fc(nn.functional.gelu(self.c2(nn.functional.silu(self.c1(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("budget", [{"min_sqnr_db": 60.0}, {"max_accuracy_drop": 0.0}])
+def test_tune_quantizes_a_model_with_silu(budget):
+    m = SiluNet().eval()
+    x = torch.randn(64, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    ref = m(x).argmax(1)
+    g = ir.capture(m, (x[:2],))
+    ctx = PassContext((x[:2],), calibration_data=[(x,)], quiet=True,
+                      eval_fn=lambda mod: float((mod(x).argmax(1) == ref).float().mean()) - 0.1 * (mod(x) - m(x)).abs().mean().item())
+    res = create_pass("quantize", {"bits": 3, "per_channel": False, **budget}).run(g, ctx)
+    tune = res.stats["tune"]
+    assert tune["evaluations"] >= 2 and tune["trials"][0]["within_budget"] is False
+    assert tune["trials"][-1]["float_layers"], tune
+
+
+def test_quant_sensitivity_runs_on_a_model_with_silu():
+    m = SiluNet().eval()
+    x = torch.randn(32, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    g = ir.capture(m, (x[:2],))
+    before = str(g)
+    rows = create_pass("quant-sensitivity").run(g, PassContext((x[:2],), calibration_data=[(x,)], quiet=True)).stats["layers"]
+    assert {"c1", "c2", "fc"} <= {r["name"] for r in rows} and all(r["sqnr_db"] > 0 for r in rows)
+    assert str(g) == before  # an analysis: the graph is unchanged
