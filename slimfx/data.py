@@ -3,7 +3,8 @@
     slimfx.Data(train=loader, validation=val_loader, test=test_loader, calibration=None)
 
 Each part may be a torch DataLoader, a map-style Dataset of `(inputs, target)` samples, an iterable of
-`(inputs, target)` batches, or one `(inputs, targets)` pair of tensors holding the whole split. `inputs`
+`(inputs, target)` batches, or one `(inputs, targets)` pair of tensors holding the whole split (`(inputs, None)`
+without targets). `inputs`
 is a tensor or a tuple of tensors (one per forward argument) like the example inputs (dtype, number of
 dimensions), finite; `target` holds class indices of the model's first output, or is None. The driver checks
 the first batch of each part before any work (`check_like_example`, `correct`); every batch is checked as it
@@ -109,14 +110,14 @@ class Split:
         # inputs_only (calibration): items may be input tuples; a tuple of n_inputs tensors is one (a pair of
         # tensors is otherwise read as (inputs, target))
         self.name, self.inputs_only, self.batch_size, self.n_inputs = name, inputs_only, batch_size, n_inputs
-        self._tensors: tuple[tuple[torch.Tensor, ...], torch.Tensor] | None = None
+        self._tensors: tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None = None
         self._source: Any = None
         self._passes = 0  # passes over the source started so far
         _refuse_non_tensors(name, source)
         pair = _tensor_pair(source)
         if pair is not None:
             self._tensors = pair
-            if len(pair[1]) == 0:
+            if len(pair[0][0]) == 0:
                 raise DataError(f"data.{name} holds no samples (its tensors have 0 rows): give at least one, "
                                 f"or leave {name} out")
         elif isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset) \
@@ -141,10 +142,10 @@ class Split:
     def __iter__(self) -> Iterator[Batch]:
         if self._tensors is not None:
             xs, y = self._tensors
-            for i in range(0, len(y), self.batch_size):
+            for i in range(0, len(xs[0]), self.batch_size):
                 inputs = tuple(t[i:i + self.batch_size] for t in xs)
                 check_finite(inputs, f"data.{self.name}, rows {i}-{i + len(inputs[0]) - 1}")
-                yield inputs, y[i:i + self.batch_size]
+                yield inputs, y[i:i + self.batch_size] if y is not None else None
             return
         n, self._passes = 0, self._passes + 1
         for i, item in enumerate(self._source):
@@ -162,7 +163,7 @@ class Split:
 
     def __len__(self) -> int:
         if self._tensors is not None:
-            return math.ceil(len(self._tensors[1]) / self.batch_size)
+            return math.ceil(len(self._tensors[0][0]) / self.batch_size)
         return len(self._source)
 
     def _normalize(self, item: Any, index: int) -> Batch:
@@ -249,21 +250,28 @@ def _same_data(a: Any, b: Any) -> bool:
         x.storage_offset() == z.storage_offset() and x.shape == z.shape
 
 
-def _tensor_pair_or_none(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
+def _tensor_pair_or_none(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
     try:
         return _tensor_pair(source)
     except DataError:  # a malformed pair: Split names it when the part is read
         return None
 
 
-def _tensor_pair(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor] | None:
-    """`(inputs, targets)` holding a whole split as tensors, or None when `source` is something else."""
-    if not (isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], torch.Tensor)):
+def _tensor_pair(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
+    """`(inputs, targets)` holding a whole split as tensors (`(inputs, None)`: unlabelled), or None when `source`
+    is something else."""
+    if not (isinstance(source, tuple) and len(source) == 2 and (source[1] is None
+                                                                 or isinstance(source[1], torch.Tensor))):
         return None
     xs = (source[0],) if isinstance(source[0], torch.Tensor) else source[0]
     if not (isinstance(xs, (tuple, list)) and xs and all(isinstance(t, torch.Tensor) and t.dim() for t in xs)):
         return None
     y = source[1]
+    if y is None:
+        if any(len(t) != len(xs[0]) for t in xs):
+            raise DataError(f"inputs of {', '.join(str(len(t)) for t in xs)} rows: an (inputs, None) pair needs the "
+                            "same number of rows in every input")
+        return tuple(xs), None
     if y.dim() == 0 or any(len(t) != len(y) for t in xs):
         raise DataError(f"{len(y) if y.dim() else 0} targets for {len(xs[0])} inputs: an (inputs, targets) pair "
                         "needs one target per input row")

@@ -101,6 +101,8 @@ DATA = textwrap.dedent("""
         return slimfx.Data(train=gen(0, 60), validation=gen(60, 100), test=gen(100, 120))
     def dataset(): return slimfx.Data(validation=TensorDataset(X[:40], Y[:40]))
     def two_inputs(): return slimfx.Data(validation=((X[:20], torch.randn(20, 3)), Y[:20]))
+    # what the message for one tensor says to write for data without targets
+    def unlabelled_pair(): return slimfx.Data(validation=(X[:20], None), calibration=(X[20:40], None))
     def small_images(): return slimfx.Data(validation=(torch.randn(20, 1, 6, 6), Y[:20]))
 """)
 
@@ -169,7 +171,7 @@ def test_bad_data_exits_2_before_any_work(work, monkeypatch, capsys, fn, model, 
 
 
 ACCEPTED = [("generators", "make", "cleanup", []), ("dataset", "make", "cleanup", []),
-            ("two_inputs", "two", "cleanup", []),
+            ("two_inputs", "two", "cleanup", []), ("unlabelled_pair", "make", "cleanup", []),
             # what the refusal of small_images says to do
             ("small_images", "cnn", "cleanup", ["--dynamic-dims", "input=0:batch,2:height,3:width"])]
 
@@ -191,6 +193,21 @@ def test_a_generator_for_train_is_read_once_and_replayed():
     assert sum(len(b[0]) for b in data.calibration_batches()) == 15
     assert [len(t) for _, t in data.split("train")] == [10, 10, 10, 10]
     assert [len(t) for _, t in data.split("train")] == [10, 10, 10, 10]
+
+
+def test_an_inputs_none_pair_is_a_whole_unlabelled_split():
+    """`(x, None)` was read as an iterable of two batches, x and None, and refused at the second ('batch 1 is a
+    NoneType'), though the message for a part given as one tensor suggests exactly that form."""
+    x, z = torch.randn(70, 8), torch.randn(70, 3)
+    data = slimfx.Data(validation=(x, None), test=((x, z), None), calibration=(x[:40], None), batch_size=32)
+    assert [(len(b[0][0]), b[1]) for b in data.split("validation")] == [(32, None), (32, None), (6, None)]
+    assert len(data.split("validation")) == 3
+    assert [len(b[1]) for b, _ in data.split("test")] == [32, 32, 6]
+    assert [len(b[0]) for b in data.calibration_batches(1)] == [32, 8]
+    with pytest.raises(DataError, match="same number of rows"):
+        slimfx.Data(validation=((x, z[:5]), None)).split("validation")
+    with pytest.raises(DataError, match="holds no samples"):
+        slimfx.Data(validation=(x[:0], None)).split("validation")
 
 
 def test_calibration_items_of_a_two_input_model_are_its_input_tuples():
