@@ -120,6 +120,8 @@ class Split:
             if len(pair[0][0]) == 0:
                 raise DataError(f"data.{name} holds no samples (its tensors have 0 rows): give at least one, "
                                 f"or leave {name} out")
+            # the whole split, now: before any work, not when a step first reads the batch that holds the NaN
+            check_finite(pair[0], f"data.{name}", of="the split")
         elif isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset) \
                 and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
             self._source = torch.utils.data.DataLoader(source, batch_size=batch_size)
@@ -144,7 +146,6 @@ class Split:
             xs, y = self._tensors
             for i in range(0, len(xs[0]), self.batch_size):
                 inputs = tuple(t[i:i + self.batch_size] for t in xs)
-                check_finite(inputs, f"data.{self.name}, rows {i}-{i + len(inputs[0]) - 1}")
                 yield inputs, y[i:i + self.batch_size] if y is not None else None
             return
         n, self._passes = 0, self._passes + 1
@@ -217,15 +218,15 @@ def _array_like(v: Any) -> bool:
     return type(v).__module__ == "numpy" or (isinstance(v, list) and bool(v) and isinstance(v[0], (int, float, list)))
 
 
-def check_finite(inputs: tuple, where: str) -> None:
-    """DataError when a floating-point input (of a batch, or the example) holds NaN or Inf: no check on such
-    inputs means anything (inputs generated like a NaN example are NaN, and NaN agrees with NaN)."""
+def check_finite(inputs: tuple, where: str, of: str = "the batch") -> None:
+    """DataError when a floating-point input (of a batch, a whole split, or the example) holds NaN or Inf: no check
+    on such inputs means anything (inputs generated like a NaN example are NaN, and NaN agrees with NaN)."""
     for k, t in enumerate(inputs):  # meta tensors hold no values (capture refuses them, naming the input)
         if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
             bad = ~torch.isfinite(t)
             rows = bad.reshape(len(t), -1).any(1).nonzero().flatten().tolist() if t.dim() else [0]
             raise DataError(f"{where}: input {k} holds {int(bad.sum())} NaN/Inf values (in {len(rows)} "
-                            f"row{'s' if len(rows) != 1 else ''}, the first at row {rows[0]} of the batch); slimfx "
+                            f"row{'s' if len(rows) != 1 else ''}, the first at row {rows[0]} of {of}); slimfx "
                             "calibrates, trains and checks on finite inputs only: remove or fix those samples")
 
 
