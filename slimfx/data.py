@@ -184,7 +184,8 @@ class Split:
                 and (len(item) != 2 or self.n_inputs == 2):
             return tuple(item), None
         if len(item) != 2:
-            raise DataError(f"{where} has {len(item)} elements; each batch must be (inputs, target)")
+            raise DataError(f"{where} has {len(item)} elements; each batch must be (inputs, target), with the inputs "
+                            f"of a model of several inputs as one tuple: ((x, z), target) (a Dataset's samples too)")
         inputs, target = item
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
         if isinstance(inputs, dict):
@@ -209,6 +210,10 @@ def _refuse_non_tensors(name: str, source: Any) -> None:
     if isinstance(source, torch.Tensor):
         raise DataError(f"data.{name} is one tensor ({_describe(source)}); give the split as an (inputs, targets) "
                         f"pair, e.g. {name}=(x, y), or (x, None) when there are no targets")
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], dict) \
+            and isinstance(source[1], (torch.Tensor, type(None))):
+        raise DataError(f"data.{name}: inputs are a dict ({', '.join(map(str, source[0]))}); give them as a tuple of "
+                        f"tensors in forward's argument order instead, e.g. {name}=((x, z), y)")
     if isinstance(source, tuple) and len(source) == 2 and any(_array_like(v) for v in source):
         raise DataError(f"data.{name} is a pair of {_describe(source[0])} and {_describe(source[1])}; slimfx "
                         f"takes torch tensors: give {name}=(torch.as_tensor(x), torch.as_tensor(y))")

@@ -84,6 +84,8 @@ DATA = textwrap.dedent("""
     def numpy_pair(): return slimfx.Data(validation=(X[:20].numpy(), Y[:20].numpy()))
     def unlabelled_singletons(): return slimfx.Data(validation=[(X[:10],)])
     def dict_inputs(): return slimfx.Data(validation=[({"x": X[:10]}, Y[:10])])
+    def dict_split(): return slimfx.Data(validation=({"x": X[:10]}, Y[:10]))
+    def flat_two_input_samples(): return slimfx.Data(validation=TensorDataset(X[:10], torch.randn(10, 3), Y[:10]))
     def two_inputs_for_one(): return slimfx.Data(validation=[((X[:10], X[:10]), Y[:10])])
     def drop_last():
         return slimfx.Data(validation=DataLoader(TensorDataset(X[:10], Y[:10]), batch_size=32, drop_last=True))
@@ -150,6 +152,10 @@ REFUSED = [
                                        "validation=(torch.as_tensor(x), torch.as_tensor(y))"]),
     ("unlabelled_singletons", "make", "cleanup", ["data.validation, batch 0 has 1 element", "(inputs, None)"]),
     ("dict_inputs", "make", "cleanup", ["data.validation, batch 0: inputs are a dict (x)", "forward's argument order"]),
+    # a whole split whose inputs are a dict: it was read as an iterable of batches ('batch 0 is a dict')
+    ("dict_split", "make", "cleanup", ["data.validation: inputs are a dict (x)", "validation=((x, z), y)"]),
+    ("flat_two_input_samples", "two", "cleanup", ["data.validation, batch 0 has 3 elements",
+                                                  "((x, z), target) (a Dataset's samples too)"]),
     ("drop_last", "make", "cleanup", ["data.validation is a DataLoader with drop_last=True and fewer samples than its "
                                       "batch_size (32)", "set drop_last=False"]),
     # the torch model runs at 6x6, the ONNX file (fixed 8x8) does not: refused before the passes, not an
