@@ -305,3 +305,27 @@ def test_quant_sensitivity_runs_on_a_model_with_silu():
     rows = create_pass("quant-sensitivity").run(g, PassContext((x[:2],), calibration_data=[(x,)], quiet=True)).stats["layers"]
     assert {"c1", "c2", "fc"} <= {r["name"] for r in rows} and all(r["sqnr_db"] > 0 for r in rows)
     assert str(g) == before  # an analysis: the graph is unchanged
+
+
+@pytest.mark.parametrize("int8_cost, shipped", [(3.0, "the whole model float"), (0.5, None)])
+def test_the_tune_section_says_when_the_speed_guard_ships_something_else(int8_cost, shipped):
+    """The guard runs on the tuned model; when it kept the whole model float, the report's `tune` section still
+    named the tuner's float layers as what was chosen and the headline lost the tuning note, so report.json told
+    of a partly int8 model that was not the one written."""
+    def measure(graph, inputs, budget_s):  # a float linear costs 1, an int8 one int8_cost
+        cost = sum(int8_cost if isinstance(n.inputs[1], ir.Node) else 1.0 for n in graph.find("linear"))
+        return [cost * inp[0].shape[0] for inp in inputs]
+
+    g = ir.capture(model_ref, (X[:2],))
+    ctx = PassContext((X[:2],), calibration_data=[(X[:128],)], eval_fn=stub_eval(model_ref), quiet=True,
+                      measure_ms=measure)
+    res = create_pass("quantize", {"per_channel": False, "max_accuracy_drop": 0.01}).run(g, ctx)
+    tune, notes = res.stats["tune"], res.stats["notes"]
+    assert sorted(tune["float_layers"]) == ["layers_1", "layers_4"]
+    assert any(n.startswith("tuned to max_accuracy_drop 0.01") for n in notes), notes
+    if shipped is None:
+        assert "shipped" not in tune and res.graph_after(g).find("quantize")
+    else:
+        assert tune["shipped"].startswith(shipped) and "speed guard" in tune["shipped"]
+        assert not res.graph_after(g).find("quantize")
+        assert any("speed guard kept the whole model float" in n for n in notes), notes
