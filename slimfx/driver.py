@@ -198,6 +198,10 @@ class _StageTimer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
+# fewer calibration inputs than this get a headline note: one batch's ranges are a guess at the data's
+CALIBRATION_FEW = 32
+
+
 # --- resolve: every check on the user's input, before any work ----------------------------------------------
 
 def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None, example_kwargs: Any,
@@ -235,6 +239,13 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
         calibration = [example]
         job_headline.append("static quantization calibrated on the example inputs only (no calibration or "
                             "train data): activation ranges may be off; give data (--data / data=)")
+    elif calibration is not None and any(p.needs_calibration for p in pipeline):
+        n_calib = sum(len(b[0]) if b and isinstance(b[0], torch.Tensor) and b[0].dim() else 1 for b in calibration)
+        if n_calib < CALIBRATION_FEW:
+            job_headline.append(f"static quantization calibrated on {n_calib} input{'s' if n_calib != 1 else ''} only "
+                                f"(data.{'calibration' if data.calibration is not None else 'train'}): activation "
+                                f"ranges from so few may be off; give at least {CALIBRATION_FEW} (calibration, or "
+                                f"train, which calibration_samples = {data.calibration_samples} are drawn from)")
     train, validation, test = (_chunked(data.split(k), rows) for k in ("train", "validation", "test"))
     val_eval = _checked_eval_fn(eval_fn) if eval_fn is not None else (
         (lambda module: accuracy(module, validation)) if validation is not None else None)

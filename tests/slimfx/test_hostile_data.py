@@ -295,3 +295,17 @@ def test_validate_names_data_unlike_the_example(work, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "data.validation, batch 0: input 0 is tensor torch.float64[20, 8] but the model's example input 0" in err
     assert "--batch" not in err
+
+
+@pytest.mark.parametrize("calibration, note", [
+    ((torch.randn(3, 8), None), "static quantization calibrated on 3 inputs only (data.calibration)"),
+    ((torch.randn(64, 8), None), None)])
+def test_a_few_calibration_inputs_are_named_in_the_headline(calibration, note):
+    """One calibration image was taken silently: activation ranges from it are a guess, and nothing said so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    recipe = slimfx.Recipe(name="q", passes=[("quantize", {"speed_guard": False})], export={"formats": ["onnx"]})
+    result = slimfx.compile(model, (torch.randn(2, 8),), recipe=recipe, bench_seconds=0, quiet=True,
+                            data=slimfx.Data(calibration=calibration))
+    few = [h for h in result.report["headline"] if "calibrated on" in h]
+    assert (few == []) if note is None else (len(few) == 1 and note in few[0] and "at least 32" in few[0]), few
