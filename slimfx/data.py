@@ -197,6 +197,11 @@ class Split:
         inputs = tuple(inputs)
         if target is not None and not isinstance(target, torch.Tensor):
             raise DataError(f"{where}: the target must be a tensor (class indices or values), got {_describe(target)}")
+        if target is not None and not self.inputs_only and target.dim() == 0 and inputs[0].dim() \
+                and inputs[0].shape[0] != 1:
+            raise DataError(f"{where}: the target is one value ({_describe(target)}), so this looks like one sample "
+                            f"({_describe(inputs[0])}) without its batch dim: a list or iterable holds batches; give "
+                            "single samples as a map-style Dataset, which slimfx batches, or torch.stack them")
         if target is not None and not self.inputs_only:
             n_in = inputs[0].shape[0] if inputs[0].dim() else 1
             n_t = target.shape[0] if target.dim() else 1
@@ -325,9 +330,12 @@ def check_like_example(where: str, inputs: tuple, example: tuple) -> None:
                         "inputs as a tuple of tensors, one per forward argument, in forward's order")
     for k, (got, want) in enumerate(zip(inputs, example)):
         if isinstance(want, torch.Tensor) and (got.dtype != want.dtype or got.dim() != want.dim()):
+            single = got.dim() == want.dim() - 1 and tuple(got.shape) == tuple(want.shape[1:])
             raise DataError(f"{where}: input {k} is {_describe(got)} but the model's example input {k} is "
                             f"{_describe(want)}; the data must have the example's dtype and number of dimensions "
-                            f"(e.g. x.to({want.dtype}))")
+                            + ("(this looks like one sample without its batch dim: a list or iterable holds "
+                               "batches; give single samples as a map-style Dataset, which slimfx batches, or "
+                               "torch.stack them)" if single else f"(e.g. x.to({want.dtype}))"))
 
 
 def accuracy(model: Any, split: Iterable) -> float | None:

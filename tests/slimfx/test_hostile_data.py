@@ -86,6 +86,8 @@ DATA = textwrap.dedent("""
     def dict_inputs(): return slimfx.Data(validation=[({"x": X[:10]}, Y[:10])])
     def dict_split(): return slimfx.Data(validation=({"x": X[:10]}, Y[:10]))
     def flat_two_input_samples(): return slimfx.Data(validation=TensorDataset(X[:10], torch.randn(10, 3), Y[:10]))
+    def list_of_samples(): return slimfx.Data(validation=[(X[i], Y[i]) for i in range(10)])
+    def list_of_unlabelled_samples(): return slimfx.Data(validation=[(X[i], None) for i in range(10)])
     def two_inputs_for_one(): return slimfx.Data(validation=[((X[:10], X[:10]), Y[:10])])
     def drop_last():
         return slimfx.Data(validation=DataLoader(TensorDataset(X[:10], Y[:10]), batch_size=32, drop_last=True))
@@ -128,6 +130,11 @@ REFUSED = [
                                         "e.g. x.to(torch.float32)"]),
     ("float_tokens", "tokens", "cleanup", ["input 0 is tensor torch.float32[20, 7] but the model's example input 0 "
                                            "is tensor torch.int64[2, 7]"]),
+    ("list_of_samples", "make", "cleanup", ["data.validation, batch 0: the target is one value (tensor torch.int64[])",
+                                            "one sample (tensor torch.float32[8]) without its batch dim",
+                                            "map-style Dataset"]),
+    ("list_of_unlabelled_samples", "make", "cleanup", ["data.validation, batch 0: input 0 is tensor torch.float32[8]",
+                                                       "one sample without its batch dim", "map-style Dataset"]),
     ("two_inputs_for_one", "make", "cleanup", ["data.validation, batch 0 gives 2 inputs per batch but the model "
                                                "takes 1", "one per forward argument"]),
     ("labels_out_of_range", "make", "cleanup", ["data.validation, batch 0: targets hold class 13, but the model's "
