@@ -3,7 +3,8 @@
     slimfx.Data(train=loader, validation=val_loader, test=test_loader, calibration=None)
 
 Each part may be a torch DataLoader, a map-style Dataset of `(inputs, target)` samples, an iterable of
-`(inputs, target)` batches, or one `(inputs, targets)` pair of tensors holding the whole split. `inputs`
+`(inputs, target)` batches, or one `(inputs, targets)` pair of tensors holding the whole split (`(inputs, None)`
+without targets). `inputs`
 is a tensor or a tuple of tensors (one per forward argument) like the example inputs (dtype, number of
 dimensions), finite; `target` holds class indices of the model's first output, or is None. The driver checks
 the first batch of each part before any work (`check_like_example`, `correct`); every batch is checked as it
@@ -120,6 +121,8 @@ class Split:
             if len(pair[0][0]) == 0:
                 raise DataError(f"data.{name} holds no samples (its tensors have 0 rows): give at least one, "
                                 f"or leave {name} out")
+            # the whole split, now: before any work, not when a step first reads the batch that holds the NaN
+            check_finite(pair[0], f"data.{name}", of="the split")
         elif isinstance(source, torch.utils.data.Dataset) and not isinstance(source, torch.utils.data.IterableDataset) \
                 and hasattr(source, "__getitem__") and hasattr(source, "__len__"):
             self._source = torch.utils.data.DataLoader(source, batch_size=batch_size)
@@ -144,8 +147,7 @@ class Split:
             xs, y = self._tensors
             for i in range(0, len(xs[0]), self.batch_size):
                 inputs = tuple(t[i:i + self.batch_size] for t in xs)
-                check_finite(inputs, f"data.{self.name}, rows {i}-{i + len(inputs[0]) - 1}")
-                yield inputs, (y[i:i + self.batch_size] if y is not None else None)
+                yield inputs, y[i:i + self.batch_size] if y is not None else None
             return
         n, self._passes = 0, self._passes + 1
         for i, item in enumerate(self._source):
@@ -183,7 +185,8 @@ class Split:
                 and (len(item) != 2 or self.n_inputs == 2):
             return tuple(item), None
         if len(item) != 2:
-            raise DataError(f"{where} has {len(item)} elements; each batch must be (inputs, target)")
+            raise DataError(f"{where} has {len(item)} elements; each batch must be (inputs, target), with the inputs "
+                            f"of a model of several inputs as one tuple: ((x, z), target) (a Dataset's samples too)")
         inputs, target = item
         inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
         if isinstance(inputs, dict):
@@ -195,6 +198,11 @@ class Split:
         inputs = tuple(inputs)
         if target is not None and not isinstance(target, torch.Tensor):
             raise DataError(f"{where}: the target must be a tensor (class indices or values), got {_describe(target)}")
+        if target is not None and not self.inputs_only and target.dim() == 0 and inputs[0].dim() \
+                and inputs[0].shape[0] != 1:
+            raise DataError(f"{where}: the target is one value ({_describe(target)}), so this looks like one sample "
+                            f"({_describe(inputs[0])}) without its batch dim: a list or iterable holds batches; give "
+                            "single samples as a map-style Dataset, which slimfx batches, or torch.stack them")
         if target is not None and not self.inputs_only:
             n_in = inputs[0].shape[0] if inputs[0].dim() else 1
             n_t = target.shape[0] if target.dim() else 1
@@ -208,6 +216,10 @@ def _refuse_non_tensors(name: str, source: Any) -> None:
     if isinstance(source, torch.Tensor):
         raise DataError(f"data.{name} is one tensor ({_describe(source)}); give the split as an (inputs, targets) "
                         f"pair, e.g. {name}=(x, y), or (x, None) when there are no targets")
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], dict) \
+            and isinstance(source[1], (torch.Tensor, type(None))):
+        raise DataError(f"data.{name}: inputs are a dict ({', '.join(map(str, source[0]))}); give them as a tuple of "
+                        f"tensors in forward's argument order instead, e.g. {name}=((x, z), y)")
     if isinstance(source, tuple) and len(source) == 2 and any(_array_like(v) for v in source):
         raise DataError(f"data.{name} is a pair of {_describe(source[0])} and {_describe(source[1])}; slimfx "
                         f"takes torch tensors: give {name}=(torch.as_tensor(x), torch.as_tensor(y))")
@@ -217,15 +229,15 @@ def _array_like(v: Any) -> bool:
     return type(v).__module__ == "numpy" or (isinstance(v, list) and bool(v) and isinstance(v[0], (int, float, list)))
 
 
-def check_finite(inputs: tuple, where: str) -> None:
-    """DataError when a floating-point input (of a batch, or the example) holds NaN or Inf: no check on such
-    inputs means anything (inputs generated like a NaN example are NaN, and NaN agrees with NaN)."""
+def check_finite(inputs: tuple, where: str, of: str = "the batch") -> None:
+    """DataError when a floating-point input (of a batch, a whole split, or the example) holds NaN or Inf: no check
+    on such inputs means anything (inputs generated like a NaN example are NaN, and NaN agrees with NaN)."""
     for k, t in enumerate(inputs):  # meta tensors hold no values (capture refuses them, naming the input)
         if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
             bad = ~torch.isfinite(t)
             rows = bad.reshape(len(t), -1).any(1).nonzero().flatten().tolist() if t.dim() else [0]
             raise DataError(f"{where}: input {k} holds {int(bad.sum())} NaN/Inf values (in {len(rows)} "
-                            f"row{'s' if len(rows) != 1 else ''}, the first at row {rows[0]} of the batch); slimfx "
+                            f"row{'s' if len(rows) != 1 else ''}, the first at row {rows[0]} of {of}); slimfx "
                             "calibrates, trains and checks on finite inputs only: remove or fix those samples")
 
 
@@ -258,10 +270,10 @@ def _tensor_pair_or_none(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.T
 
 
 def _tensor_pair(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
-    """`(inputs, targets)` holding a whole split as tensors (targets None: unlabelled), or None when `source` is
-    something else."""
-    if not (isinstance(source, tuple) and len(source) == 2 and (source[1] is None or isinstance(source[1],
-                                                                                               torch.Tensor))):
+    """`(inputs, targets)` holding a whole split as tensors (`(inputs, None)`: unlabelled), or None when `source`
+    is something else."""
+    if not (isinstance(source, tuple) and len(source) == 2 and (source[1] is None
+                                                                 or isinstance(source[1], torch.Tensor))):
         return None
     xs = (source[0],) if isinstance(source[0], torch.Tensor) else source[0]
     if not (isinstance(xs, (tuple, list)) and xs and all(isinstance(t, torch.Tensor) and t.dim() for t in xs)):
@@ -269,8 +281,8 @@ def _tensor_pair(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | 
     y = source[1]
     if y is None:
         if any(len(t) != len(xs[0]) for t in xs):
-            raise DataError(f"inputs of {', '.join(str(len(t)) for t in xs)} rows: every input of an (inputs, None) "
-                            "pair needs one row per sample")
+            raise DataError(f"inputs of {', '.join(str(len(t)) for t in xs)} rows: an (inputs, None) pair needs the "
+                            "same number of rows in every input")
         return tuple(xs), None
     if y.dim() == 0 or any(len(t) != len(y) for t in xs):
         raise DataError(f"{len(y) if y.dim() else 0} targets for {len(xs[0])} inputs: an (inputs, targets) pair "
@@ -325,9 +337,12 @@ def check_like_example(where: str, inputs: tuple, example: tuple) -> None:
                         "inputs as a tuple of tensors, one per forward argument, in forward's order")
     for k, (got, want) in enumerate(zip(inputs, example)):
         if isinstance(want, torch.Tensor) and (got.dtype != want.dtype or got.dim() != want.dim()):
+            single = got.dim() == want.dim() - 1 and tuple(got.shape) == tuple(want.shape[1:])
             raise DataError(f"{where}: input {k} is {_describe(got)} but the model's example input {k} is "
                             f"{_describe(want)}; the data must have the example's dtype and number of dimensions "
-                            f"(e.g. x.to({want.dtype}))")
+                            + ("(this looks like one sample without its batch dim: a list or iterable holds "
+                               "batches; give single samples as a map-style Dataset, which slimfx batches, or "
+                               "torch.stack them)" if single else f"(e.g. x.to({want.dtype}))"))
 
 
 def accuracy(model: Any, split: Iterable) -> float | None:

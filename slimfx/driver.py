@@ -200,6 +200,10 @@ class _StageTimer:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
+# fewer calibration inputs than this get a headline note: one batch's ranges are a guess at the data's
+CALIBRATION_FEW = 32
+
+
 # --- resolve: every check on the user's input, before any work ----------------------------------------------
 
 def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None, example_kwargs: Any,
@@ -239,6 +243,13 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
         calibration = [example]
         job_headline.append("static quantization calibrated on the example inputs only (no calibration or "
                             "train data): activation ranges may be off; give data (--data / data=)")
+    elif calibration is not None and any(p.needs_calibration for p in pipeline):
+        n_calib = sum(len(b[0]) if b and isinstance(b[0], torch.Tensor) and b[0].dim() else 1 for b in calibration)
+        if n_calib < CALIBRATION_FEW:
+            job_headline.append(f"static quantization calibrated on {n_calib} input{'s' if n_calib != 1 else ''} only "
+                                f"(data.{'calibration' if data.calibration is not None else 'train'}): activation "
+                                f"ranges from so few may be off; give at least {CALIBRATION_FEW} (calibration, or "
+                                f"train, which calibration_samples = {data.calibration_samples} are drawn from)")
     train, validation, test = (_chunked(data.split(k), rows) for k in ("train", "validation", "test"))
     # accuracy on validation picks best epochs only when validation has labels; without them training steps keep
     # their lowest-loss epoch (accuracy() would give None, which no step can choose by)
@@ -467,7 +478,50 @@ def _capture(job: _Job) -> ir.Graph:
         if problem:
             raise RecipeError(f"recipe {job.recipe.name!r}: passes[{i}] (name = {p.name!r}): {problem}")
     _refuse_masks_in_onnx(job, graph)
+    _check_fixed_dims(job, graph)
     return graph
+
+
+def _check_fixed_dims(job: _Job, graph: ir.Graph) -> None:
+    """DataError when the first batch of a data part differs from the example in a dim the exported files keep
+    fixed (an image smaller than the example's, with only the batch dynamic): the torch model may run on it, but
+    the gate and the accuracy run the written ONNX file, which onnxruntime refuses at that size (after every pass
+    had run). Names the part, the input, the dims and the `--dynamic-dims` value that keeps them dynamic."""
+    from slimfx.ir.symdims import WHERE, _conventional_dim, graph_dims
+
+    dims, names = graph_dims(graph), [n.name for n in graph.inputs]
+    if len(names) != len(job.example):
+        return  # keyword inputs: the data's tuples are not the graph's inputs one for one
+    parts = {"calibration": job.ctx.calibration_data if job.data.calibration is not None else None,
+             "train": job.ctx.train_data, job.gate_split_name: job.gate_split,
+             job.accuracy_split_name: job.accuracy_split}
+    for part, source in parts.items():
+        first = next(iter(source), None) if source is not None else None
+        if first is None:
+            continue
+        inputs = first if part == "calibration" else first[0]
+        for k, (got, want) in enumerate(zip(inputs, job.example)):
+            if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or got.dim() != want.dim():
+                continue
+            bad = [d for d in range(want.dim()) if d not in dims[k] and got.shape[d] != want.shape[d]]
+            if not bad:
+                continue
+            wanted = [{**dims[i], **({d: _conventional_name(x, d, names[i], _conventional_dim) for d in bad}
+                                     if i == k else {})} for i, x in enumerate(job.example)]
+            spec = ";".join(f"{n}=" + ",".join(f"{d}:{s}" for d, s in sorted(w.items()))
+                            for n, w in zip(names, wanted) if w)
+            fixed = "[" + ", ".join(dims[k].get(d, str(n)) for d, n in enumerate(want.shape)) + "]"
+            raise DataError(f"data.{part}, batch 0: input {k} ({names[k]}) is {list(got.shape)}, but the exported "
+                            f"files take {names[k]} as {fixed}: dim{'s' if len(bad) > 1 else ''} "
+                            f"{', '.join(map(str, bad))} {'are' if len(bad) > 1 else 'is'} fixed at the example's "
+                            f"size, so onnxruntime cannot run them on this data. Give data at the example's size, "
+                            f"or keep those dims dynamic {WHERE}: --dynamic-dims '{spec}'")
+
+
+def _conventional_name(x: torch.Tensor, d: int, input_name: str, conventional: Callable[[str, Any], Any]) -> str:
+    """The name a dynamic dim gets in a suggested `--dynamic-dims`: seq, height or width where that name sits
+    (ir.symdims), else `<input>_dim<d>`."""
+    return next((s for s in ("seq", "height", "width") if conventional(s, x) == d), f"{input_name}_dim{d}")
 
 
 def _refuse_masks_in_onnx(job: _Job, graph: ir.Graph) -> None:

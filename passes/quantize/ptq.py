@@ -85,6 +85,11 @@ def kept_float(graph: Graph) -> dict[str, str]:
     return {n.name: KEPT_FLOAT[n.op] for n in graph if n.op in KEPT_FLOAT and n.params()}
 
 
+def _tune_notes(stats: dict) -> list[str]:
+    """The headline note of an accuracy-budget tuning (tune.py), kept when the speed guard replaces the result."""
+    return [n for n in stats.get("notes", []) if isinstance(stats.get("tune"), dict) and n.startswith("tuned to ")]
+
+
 def _short_first_layer(graph: Graph) -> list[str]:
     """The first conv/linear, when its reduction (input channels/groups x kernel) is short: it reads the raw
     input, so an integer kernel does not pay for the quantize around it, and it is the most sensitive layer.
@@ -411,7 +416,11 @@ class Quantize(Pass):
             else:
                 note = f"speed guard kept the whole model float {at}"
             tuned = {k: result.stats[k] for k in ("tune", "float_accuracy") if k in result.stats}
-            return PassResult(True, {"speed_guard": section, "notes": [note], "quantized_ops": 0,
+            tune_notes = _tune_notes(result.stats)
+            if "tune" in tuned:  # what the tuner chose is not what is written: say so where its choice is listed
+                tuned["tune"] = {**tuned["tune"], "shipped": "the whole model float: the speed guard found the tuned "
+                                                             "model slower than fp32 (this step's speed_guard)"}
+            return PassResult(True, {"speed_guard": section, "notes": tune_notes + [note], "quantized_ops": 0,
                                      "skipped": result.stats.get("skipped", []), **tuned}, graph=float_graph)
         out_graph, res = candidates[chosen]
         if res is not None:
@@ -424,6 +433,10 @@ class Quantize(Pass):
                    "float was clearly faster)")
             notes.append(f"speed guard kept {len(kept)} layer(s) float {why} {at}: "
                          + "; ".join(f"{k}: {v}" for k, v in list(kept.items())[:4]) + ("; ..." if len(kept) > 4 else ""))
+            if isinstance(result.stats.get("tune"), dict):
+                result.stats["tune"] = {**result.stats["tune"], "shipped": (
+                    f"the tuner's float layers and {len(kept)} more the speed guard kept float "
+                    f"({', '.join(kept)}): this step's speed_guard")}
         result.stats["speed_guard"] = section
         result.stats["notes"] = notes + result.stats.get("notes", [])
         return result if out_graph is graph else PassResult(result.changed, result.stats, graph=out_graph)
@@ -520,6 +533,7 @@ class Quantize(Pass):
     def _requantize_with(self, graph: Graph, ctx: PassContext, before: PassResult, skip: list[str]) -> PassResult:
         """Quantize again keeping `skip` float, the accuracy fallback's layers included."""
         res = self.apply(graph, ctx, extra_skip=skip)
+        res.stats["notes"] = _tune_notes(before.stats) + res.stats.get("notes", [])
         for k in ("fallback_layers", "accuracy_drop", "trials", "tune", "float_accuracy", "accuracy",
                   "within_budget"):
             if k in before.stats:

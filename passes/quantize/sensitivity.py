@@ -19,7 +19,7 @@ from slimfx.passes.base import Pass, PassContext, PassResult, option, register_p
 from slimfx.passes.quantize.calibrate import calibration_batches, progress
 from slimfx.passes.quantize.observers import Calibration
 from slimfx.passes.quantize.ptq import Scheme
-from slimfx.passes.quantize.qdq import make_plan
+from slimfx.passes.quantize.qdq import expand_for_integer_kernels, make_plan
 
 if TYPE_CHECKING:
     from slimfx.passes.quantize.ptq import Quantize
@@ -48,6 +48,9 @@ def layer_sensitivity(q: Quantize, graph: Graph, ctx: PassContext, *, ranges: di
     """One row per quantizable layer: name, op, module, sqnr_db, accuracy_drop (None without eval_fn);
     most sensitive (lowest SQNR) first."""
     q = dataclasses.replace(q, max_accuracy_drop=None, qat_epochs=0)
+    if q.scheme != "int8-dynamic":  # what apply quantizes (silu as x * sigmoid(x)): ranges of those tensors
+        graph = graph.copy()
+        expand_for_integer_kernels(graph)
     plan = make_plan(graph, skip=q.skip, weight_only=q.scheme == "int8-dynamic")
     batches = calibration_batches(ctx, required=q.scheme != "int8-dynamic")
     if ranges is None and q.scheme != "int8-dynamic":

@@ -32,7 +32,7 @@ from slimfx.ir import Graph, lower, node_macs
 from slimfx.ir.errors import PassError
 from slimfx.passes.base import PassContext, PassResult
 from slimfx.passes.quantize.calibrate import calibration_batches
-from slimfx.passes.quantize.qdq import make_plan
+from slimfx.passes.quantize.qdq import expand_for_integer_kernels, make_plan
 from slimfx.passes.quantize.sensitivity import graph_outputs, layer_sensitivity, sqnr_db
 
 if TYPE_CHECKING:
@@ -99,6 +99,10 @@ class _Tuner:
         self.limit = q.tune_evaluations
         self.evaluations = 0
         self.batches = calibration_batches(ctx, required=q.scheme != "int8-dynamic")
+        if q.scheme != "int8-dynamic":
+            # as apply does first (silu as x * sigmoid(x), exact): the ranges calibrated once below must be of the
+            # tensors every trial's apply quantizes, or a trial looks up a range never calibrated
+            expand_for_integer_kernels(graph)
         self.ref = graph_outputs(graph, self.batches)
         plan = make_plan(graph, skip=q.skip, weight_only=q.scheme == "int8-dynamic")
         self.ranges = None if q.scheme == "int8-dynamic" else self.q.calibrate(graph, plan, ctx)

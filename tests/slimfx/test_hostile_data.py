@@ -47,6 +47,11 @@ NET = textwrap.dedent("""
     def tokens():
         torch.manual_seed(0)
         return Tokens().eval(), (torch.randint(0, 50, (2, 7)),)
+
+    def cnn():  # runs at any image size (adaptive pooling); its files keep only the batch dynamic by default
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 4)).eval(), (torch.randn(2, 1, 8, 8),)
 """)
 
 DATA = textwrap.dedent("""
@@ -71,11 +76,18 @@ DATA = textwrap.dedent("""
     def inf_train():
         x = X[:20].clone(); x[5, 0] = float("inf")
         return slimfx.Data(train=(x, Y[:20]), validation=V)
+    def inf_late_test():
+        x = X.clone(); x[90, 1] = float("inf")
+        return slimfx.Data(validation=V, test=(x, Y))
     def empty_tensors(): return val(x=X[:0], y=Y[:0])
     def one_tensor(): return slimfx.Data(validation=X[:20])
     def numpy_pair(): return slimfx.Data(validation=(X[:20].numpy(), Y[:20].numpy()))
     def unlabelled_singletons(): return slimfx.Data(validation=[(X[:10],)])
     def dict_inputs(): return slimfx.Data(validation=[({"x": X[:10]}, Y[:10])])
+    def dict_split(): return slimfx.Data(validation=({"x": X[:10]}, Y[:10]))
+    def flat_two_input_samples(): return slimfx.Data(validation=TensorDataset(X[:10], torch.randn(10, 3), Y[:10]))
+    def list_of_samples(): return slimfx.Data(validation=[(X[i], Y[i]) for i in range(10)])
+    def list_of_unlabelled_samples(): return slimfx.Data(validation=[(X[i], None) for i in range(10)])
     def two_inputs_for_one(): return slimfx.Data(validation=[((X[:10], X[:10]), Y[:10])])
     def drop_last():
         return slimfx.Data(validation=DataLoader(TensorDataset(X[:10], Y[:10]), batch_size=32, drop_last=True))
@@ -96,6 +108,9 @@ DATA = textwrap.dedent("""
         return slimfx.Data(train=gen(0, 60), validation=gen(60, 100), test=gen(100, 120))
     def dataset(): return slimfx.Data(validation=TensorDataset(X[:40], Y[:40]))
     def two_inputs(): return slimfx.Data(validation=((X[:20], torch.randn(20, 3)), Y[:20]))
+    # what the message for one tensor says to write for data without targets
+    def unlabelled_pair(): return slimfx.Data(validation=(X[:20], None), calibration=(X[20:40], None))
+    def small_images(): return slimfx.Data(validation=(torch.randn(20, 1, 6, 6), Y[:20]))
 """)
 
 
@@ -115,6 +130,11 @@ REFUSED = [
                                         "e.g. x.to(torch.float32)"]),
     ("float_tokens", "tokens", "cleanup", ["input 0 is tensor torch.float32[20, 7] but the model's example input 0 "
                                            "is tensor torch.int64[2, 7]"]),
+    ("list_of_samples", "make", "cleanup", ["data.validation, batch 0: the target is one value (tensor torch.int64[])",
+                                            "one sample (tensor torch.float32[8]) without its batch dim",
+                                            "map-style Dataset"]),
+    ("list_of_unlabelled_samples", "make", "cleanup", ["data.validation, batch 0: input 0 is tensor torch.float32[8]",
+                                                       "one sample without its batch dim", "map-style Dataset"]),
     ("two_inputs_for_one", "make", "cleanup", ["data.validation, batch 0 gives 2 inputs per batch but the model "
                                                "takes 1", "one per forward argument"]),
     ("labels_out_of_range", "make", "cleanup", ["data.validation, batch 0: targets hold class 13, but the model's "
@@ -125,9 +145,13 @@ REFUSED = [
     ("one_hot", "make", "cleanup", ["targets of shape [20, 4] are shaped like the model's first output", "one-hot",
                                     "y.argmax(-1)"]),
     ("train_labels_out_of_range", "make", "prune50", ["data.train, batch 0: targets hold class"]),
-    ("nan_inputs", "make", "cleanup", ["data.validation, rows 0-19: input 0 holds 1 NaN/Inf values (in 1 row, the "
-                                       "first at row 3", "remove or fix those samples"]),
-    ("inf_train", "make", "prune50", ["data.train, rows 0-19: input 0 holds 1 NaN/Inf values"]),
+    ("nan_inputs", "make", "cleanup", ["data.validation: input 0 holds 1 NaN/Inf values (in 1 row, the "
+                                       "first at row 3 of the split", "remove or fix those samples"]),
+    ("inf_train", "make", "prune50", ["data.train: input 0 holds 1 NaN/Inf values"]),
+    # past the first batch: found before any work (it was found when a pass's stage row first read that batch, and
+    # blamed on the pass: "pass 'fold-batchnorm' (step 1 of 2): data.test, rows 64-127: ...")
+    ("inf_late_test", "make", "int8", ["data.test: input 0 holds 1 NaN/Inf values (in 1 row, the first at row 90 of "
+                                       "the split)"]),
     ("empty_tensors", "make", "cleanup", ["data.validation holds no samples (its tensors have 0 rows)"]),
     ("one_tensor", "make", "cleanup", ["data.validation is one tensor (tensor torch.float32[20, 8]); give the split "
                                        "as an (inputs, targets) pair, e.g. validation=(x, y)"]),
@@ -135,8 +159,17 @@ REFUSED = [
                                        "validation=(torch.as_tensor(x), torch.as_tensor(y))"]),
     ("unlabelled_singletons", "make", "cleanup", ["data.validation, batch 0 has 1 element", "(inputs, None)"]),
     ("dict_inputs", "make", "cleanup", ["data.validation, batch 0: inputs are a dict (x)", "forward's argument order"]),
+    # a whole split whose inputs are a dict: it was read as an iterable of batches ('batch 0 is a dict')
+    ("dict_split", "make", "cleanup", ["data.validation: inputs are a dict (x)", "validation=((x, z), y)"]),
+    ("flat_two_input_samples", "two", "cleanup", ["data.validation, batch 0 has 3 elements",
+                                                  "((x, z), target) (a Dataset's samples too)"]),
     ("drop_last", "make", "cleanup", ["data.validation is a DataLoader with drop_last=True and fewer samples than its "
                                       "batch_size (32)", "set drop_last=False"]),
+    # the torch model runs at 6x6, the ONNX file (fixed 8x8) does not: refused before the passes, not an
+    # onnxruntime crash (exit 1) once every pass had run
+    ("small_images", "cnn", "int8", ["data.validation, batch 0: input 0 (input) is [20, 1, 6, 6], but the exported "
+                                     "files take input as [batch, 1, 8, 8]: dims 2, 3 are fixed",
+                                     "--dynamic-dims 'input=0:batch,2:height,3:width'"]),
     ("read_once", "make", "cleanup", ["data.validation gave no batches when slimfx went over it again",
                                       "give a list of batches, a DataLoader or a Dataset"]),
 ]
@@ -157,15 +190,18 @@ def test_bad_data_exits_2_before_any_work(work, monkeypatch, capsys, fn, model, 
     assert set(os.listdir(work)) - {"__pycache__"} == before - {"__pycache__"}  # no --out, no stage
 
 
-ACCEPTED = [("generators", "make", "cleanup"), ("dataset", "make", "cleanup"), ("two_inputs", "two", "cleanup")]
+ACCEPTED = [("generators", "make", "cleanup", []), ("dataset", "make", "cleanup", []),
+            ("two_inputs", "two", "cleanup", []), ("unlabelled_pair", "make", "cleanup", []),
+            # what the refusal of small_images says to do
+            ("small_images", "cnn", "cleanup", ["--dynamic-dims", "input=0:batch,2:height,3:width"])]
 
 
-@pytest.mark.parametrize("fn, model, recipe", ACCEPTED, ids=[r[0] for r in ACCEPTED])
-def test_unusual_but_valid_data_compiles(work, monkeypatch, capsys, tmp_path, fn, model, recipe):
+@pytest.mark.parametrize("fn, model, recipe, flags", ACCEPTED, ids=[r[0] for r in ACCEPTED])
+def test_unusual_but_valid_data_compiles(work, monkeypatch, capsys, tmp_path, fn, model, recipe, flags):
     monkeypatch.chdir(work)
     out = tmp_path / "out"
     code = main(["compile", f"net.py:{model}", "--recipe", recipe, "--data", f"data.py:{fn}", "--out", str(out),
-                 "--no-bench", "--quiet"])
+                 "--no-bench", "--quiet", *flags])
     assert code == 0, capsys.readouterr().err
     assert (out / "model.onnx").is_file()
 
@@ -177,6 +213,21 @@ def test_a_generator_for_train_is_read_once_and_replayed():
     assert sum(len(b[0]) for b in data.calibration_batches()) == 15
     assert [len(t) for _, t in data.split("train")] == [10, 10, 10, 10]
     assert [len(t) for _, t in data.split("train")] == [10, 10, 10, 10]
+
+
+def test_an_inputs_none_pair_is_a_whole_unlabelled_split():
+    """`(x, None)` was read as an iterable of two batches, x and None, and refused at the second ('batch 1 is a
+    NoneType'), though the message for a part given as one tensor suggests exactly that form."""
+    x, z = torch.randn(70, 8), torch.randn(70, 3)
+    data = slimfx.Data(validation=(x, None), test=((x, z), None), calibration=(x[:40], None), batch_size=32)
+    assert [(len(b[0][0]), b[1]) for b in data.split("validation")] == [(32, None), (32, None), (6, None)]
+    assert len(data.split("validation")) == 3
+    assert [len(b[1]) for b, _ in data.split("test")] == [32, 32, 6]
+    assert [len(b[0]) for b in data.calibration_batches(1)] == [32, 8]
+    with pytest.raises(DataError, match="same number of rows"):
+        slimfx.Data(validation=((x, z[:5]), None)).split("validation")
+    with pytest.raises(DataError, match="holds no samples"):
+        slimfx.Data(validation=(x[:0], None)).split("validation")
 
 
 def test_calibration_items_of_a_two_input_model_are_its_input_tuples():
@@ -283,3 +334,17 @@ def test_a_training_step_with_unlabelled_validation_keeps_its_lowest_loss_epoch(
     stats = {p["name"]: p["stats"] for p in res.report["passes"]}
     assert stats["distill"]["best_epoch"] in (1, 2) and "accuracy_after" not in stats["distill"]
     assert (tmp_path / "out" / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("calibration, note", [
+    ((torch.randn(3, 8), None), "static quantization calibrated on 3 inputs only (data.calibration)"),
+    ((torch.randn(64, 8), None), None)])
+def test_a_few_calibration_inputs_are_named_in_the_headline(calibration, note):
+    """One calibration image was taken silently: activation ranges from it are a guess, and nothing said so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    recipe = slimfx.Recipe(name="q", passes=[("quantize", {"speed_guard": False})], export={"formats": ["onnx"]})
+    result = slimfx.compile(model, (torch.randn(2, 8),), recipe=recipe, bench_seconds=0, quiet=True,
+                            data=slimfx.Data(calibration=calibration))
+    few = [h for h in result.report["headline"] if "calibrated on" in h]
+    assert (few == []) if note is None else (len(few) == 1 and note in few[0] and "at least 32" in few[0]), few

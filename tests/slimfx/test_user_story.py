@@ -24,6 +24,8 @@ PROJECT = Path(__file__).resolve().parent / "fixtures" / "user_project"
 def _project_modules(project: Path):
     """The project's own `data` and `net` modules, imported from its folder (and forgotten again)."""
     sys.path.insert(0, str(project))
+    for name in ("data", "net"):  # another test's project may have left modules of those names loaded
+        sys.modules.pop(name, None)
     try:
         import data
         import net

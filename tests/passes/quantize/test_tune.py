@@ -268,3 +268,64 @@ def test_latency_target_times_the_choice_against_plain_int8():
     assert sorted(chosen["float_layers"]) == ["layers_1", "layers_4"]
     assert chosen["latency_ms"] == {"b1": 4.0, "b32": 128.0} and tune["trials"][0]["latency_ms"] == {"b1": 3.0, "b32": 96.0}
     assert tune["latency_vs_plain_int8"].startswith("1.33x of plain int8's time") and "cost time" in tune["latency_vs_plain_int8"]
+
+
+class SiluNet(nn.Module):
+    """conv -> SiLU -> conv -> GELU -> linear: quantize rewrites silu as x * sigmoid(x) before planning, so the
+    ranges the tuner and the sensitivity analysis calibrate must be of that rewritten graph."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8 * 36, 4)
+
+    def forward(self, x):
+        return self.fc(nn.functional.gelu(self.c2(nn.functional.silu(self.c1(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("budget", [{"min_sqnr_db": 60.0}, {"max_accuracy_drop": 0.0}])
+def test_tune_quantizes_a_model_with_silu(budget):
+    m = SiluNet().eval()
+    x = torch.randn(64, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    ref = m(x).argmax(1)
+    g = ir.capture(m, (x[:2],))
+    ctx = PassContext((x[:2],), calibration_data=[(x,)], quiet=True,
+                      eval_fn=lambda mod: float((mod(x).argmax(1) == ref).float().mean()) - 0.1 * (mod(x) - m(x)).abs().mean().item())
+    res = create_pass("quantize", {"bits": 3, "per_channel": False, **budget}).run(g, ctx)
+    tune = res.stats["tune"]
+    assert tune["evaluations"] >= 2 and tune["trials"][0]["within_budget"] is False
+    assert tune["trials"][-1]["float_layers"], tune
+
+
+def test_quant_sensitivity_runs_on_a_model_with_silu():
+    m = SiluNet().eval()
+    x = torch.randn(32, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    g = ir.capture(m, (x[:2],))
+    before = str(g)
+    rows = create_pass("quant-sensitivity").run(g, PassContext((x[:2],), calibration_data=[(x,)], quiet=True)).stats["layers"]
+    assert {"c1", "c2", "fc"} <= {r["name"] for r in rows} and all(r["sqnr_db"] > 0 for r in rows)
+    assert str(g) == before  # an analysis: the graph is unchanged
+
+
+@pytest.mark.parametrize("int8_cost, shipped", [(3.0, "the whole model float"), (0.5, None)])
+def test_the_tune_section_says_when_the_speed_guard_ships_something_else(int8_cost, shipped):
+    """The guard runs on the tuned model; when it kept the whole model float, the report's `tune` section still
+    named the tuner's float layers as what was chosen and the headline lost the tuning note, so report.json told
+    of a partly int8 model that was not the one written."""
+    def measure(graph, inputs, budget_s):  # a float linear costs 1, an int8 one int8_cost
+        cost = sum(int8_cost if isinstance(n.inputs[1], ir.Node) else 1.0 for n in graph.find("linear"))
+        return [cost * inp[0].shape[0] for inp in inputs]
+
+    g = ir.capture(model_ref, (X[:2],))
+    ctx = PassContext((X[:2],), calibration_data=[(X[:128],)], eval_fn=stub_eval(model_ref), quiet=True,
+                      measure_ms=measure)
+    res = create_pass("quantize", {"per_channel": False, "max_accuracy_drop": 0.01}).run(g, ctx)
+    tune, notes = res.stats["tune"], res.stats["notes"]
+    assert sorted(tune["float_layers"]) == ["layers_1", "layers_4"]
+    assert any(n.startswith("tuned to max_accuracy_drop 0.01") for n in notes), notes
+    if shipped is None:
+        assert "shipped" not in tune and res.graph_after(g).find("quantize")
+    else:
+        assert tune["shipped"].startswith(shipped) and "speed guard" in tune["shipped"]
+        assert not res.graph_after(g).find("quantize")
+        assert any("speed guard kept the whole model float" in n for n in notes), notes
