@@ -244,7 +244,7 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
         job_headline.append("static quantization calibrated on the example inputs only (no calibration or "
                             "train data): activation ranges may be off; give data (--data / data=)")
     elif calibration is not None and any(p.needs_calibration for p in pipeline):
-        n_calib = sum(len(b[0]) if b and isinstance(b[0], torch.Tensor) and b[0].dim() else 1 for b in calibration)
+        n_calib = _rows(calibration)
         if n_calib < CALIBRATION_FEW:
             job_headline.append(f"static quantization calibrated on {n_calib} input{'s' if n_calib != 1 else ''} only "
                                 f"(data.{'calibration' if data.calibration is not None else 'train'}): activation "
@@ -851,8 +851,12 @@ def _calibration_rows(job: _Job) -> int | None:
     """The rows static quantization calibrated on, when a pass of the recipe calibrates."""
     if job.ctx.calibration_data is None or not any(p.needs_calibration for p in job.pipeline):
         return None
-    return sum(len(b[0]) if b and isinstance(b[0], torch.Tensor) and b[0].dim() else 1
-               for b in job.ctx.calibration_data)
+    return _rows(job.ctx.calibration_data)
+
+
+def _rows(batches: Iterable[tuple]) -> int:
+    """Rows in a list of input tuples (a batch whose first input has no batch dim counts as one)."""
+    return sum(len(b[0]) if b and isinstance(b[0], torch.Tensor) and b[0].dim() else 1 for b in batches)
 
 
 def _public(side: dict[str, Any]) -> dict[str, Any]:
