@@ -98,6 +98,7 @@ class OutputStats:
     top1_same: int = 0
     top1_rows: int = 0
     shape_mismatch: str | None = None
+    shape: tuple[int, ...] | None = None  # the last batch's
     float_numel: int = 0  # floating-point elements seen
     compared: int = 0  # of those, finite on both sides (what the numbers above are about)
 
@@ -122,6 +123,7 @@ class OutputStats:
         return self.top1_same / self.top1_rows if self.top1_rows else None
 
     def update(self, ref: torch.Tensor, cand: torch.Tensor, class_dim: int | str | None = SHAPE_RULE) -> None:
+        self.shape = tuple(ref.shape)
         if tuple(ref.shape) != tuple(cand.shape):
             self.shape_mismatch = f"shape {list(cand.shape)} instead of {list(ref.shape)}"
             return

@@ -869,6 +869,22 @@ def _stage_numbers(m: dict[str, Any]) -> dict[str, Any]:
             "latency_b1_ms": latency.get("b1"), "latency_b32_ms": latency.get("b32"), "accuracy": m["accuracy"]}
 
 
+def _output_shapes(comparison: Comparison) -> str:
+    return ", ".join(f"{s.name} [{', '.join(['batch', *map(str, s.shape[1:])])}]" if s.shape else s.name
+                     for s in comparison.outputs.values())
+
+
+def _sqnr_gate_advice(recipe: Recipe) -> str:
+    """How to give `recipe` an SQNR gate instead of top-1 agreement, from the command line and from Python."""
+    from slimfx.recipe import builtin_recipes
+
+    if recipe.source is not None and recipe.name not in builtin_recipes():
+        return f"in {recipe.source}'s [validate], replace min_top1_agreement with min_sqnr_db (e.g. 25)"
+    return (f"`slimfx recipes {recipe.name} > my.toml`, replace min_top1_agreement with min_sqnr_db (e.g. 25) in "
+            f"its [validate], and compile with --recipe my.toml (API: a slimfx.Recipe with validate="
+            f"{{'min_sqnr_db': 25}})")
+
+
 def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:
     """The recipe's [validate] checks on the gate split; each failure names the check, the numbers and the
     split. Outputs with NaN/Inf (or of the wrong shape) fail whatever the thresholds."""
@@ -882,8 +898,9 @@ def _gate(job: _Job, evaluation: dict[str, Any]) -> list[str]:
     top1 = comparison.top1_agreement
     if cfg.min_top1_agreement is not None:
         if top1 is None:
-            failures.append(f"min_top1_agreement: no output is shaped like class scores, so agreement cannot be "
-                            f"checked {where}; use min_sqnr_db in the recipe's [validate] instead")
+            failures.append(f"min_top1_agreement: no output holds class scores (shapes {_output_shapes(comparison)}), "
+                            f"so agreement cannot be checked {where}; judge such outputs by SQNR: "
+                            f"{_sqnr_gate_advice(job.recipe)}")
         elif top1 < cfg.min_top1_agreement:
             failures.append(f"min_top1_agreement: the compiled model agrees with the original on {top1:.2%} of "
                             f"top-1 predictions {where}; the recipe requires {cfg.min_top1_agreement:.2%}")

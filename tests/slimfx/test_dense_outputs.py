@@ -98,3 +98,32 @@ def test_a_segmentation_net_with_masks_compiles_int8_and_reports_pixel_accuracy(
         want = float((model(x[72:]).argmax(1) == masks[72:]).float().mean())
     assert report["baseline"]["accuracy"] == pytest.approx(want) and want < 1.0
     assert abs(report["compressed"]["accuracy"] - want) < 0.02
+
+
+class Vocoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv1d(4, 16, 5, padding=2), nn.Conv1d(16, 1, 5, padding=2)
+
+    def forward(self, x):
+        return torch.tanh(self.b(F.leaky_relu(self.a(x), 0.1)))
+
+
+def test_a_one_channel_output_fails_a_top1_gate_with_advice_that_works(tmp_path, capsys, monkeypatch):
+    """A waveform has no classes: the int8 gate (top-1 agreement) cannot judge it, and says how to gate by SQNR
+    from the command line; following that advice passes."""
+    from slimfx.cli import main
+
+    (tmp_path / "voc.py").write_text(
+        "import torch\nfrom tests.slimfx.test_dense_outputs import Vocoder\n\n\n"
+        "def make():\n    torch.manual_seed(0)\n    return Vocoder().eval(), (torch.randn(2, 4, 64),)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert main(["compile", "voc.py:make", "--recipe", "int8", "-o", "o", "--no-bench", "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert "no output holds class scores (shapes output [batch, 1, 64])" in err
+    assert "`slimfx recipes int8 > my.toml`, replace min_top1_agreement with min_sqnr_db (e.g. 25)" in err
+    assert main(["recipes", "int8"]) == 0
+    text = capsys.readouterr().out.replace("min_top1_agreement = 0.99", "min_sqnr_db = 25")
+    (tmp_path / "my.toml").write_text(text)
+    assert main(["compile", "voc.py:make", "--recipe", "my.toml", "-o", "o", "--no-bench", "--quiet"]) == 0
