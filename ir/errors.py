@@ -17,6 +17,16 @@ class PassError(SlimfxError):
     """A pass is unknown, got bad options, or broke the graph."""
 
 
+class PassCrash(PassError):
+    """A pass raised an exception that is not a SlimfxError. In a pass of the user's own (a plugin) it is the
+    user's to fix, like any PassError; in a built-in pass (`builtin`) it is a bug in slimfx: the CLI prints the
+    traceback and exits 1. The message names the pass and step and says how to replay it."""
+
+    def __init__(self, message: str, *, builtin: bool = False):
+        super().__init__(message)
+        self.builtin = builtin
+
+
 class ExportError(SlimfxError):
     """The graph cannot be written in the requested format."""
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from slimfx.ir import Graph
-from slimfx.ir.errors import PassError, SlimfxError
+from slimfx.ir.errors import PassCrash, PassError, SlimfxError
 from slimfx.ir.graph import Checkpoint
 from slimfx.ir.metrics import check_close
 from slimfx.passes.base import Pass, PassContext, PassResult, parse_pass_spec
@@ -290,6 +290,8 @@ class PassManager:
                 return type(e)(message)
             except TypeError:
                 return PassError(message)
+        if not isinstance(e, PassFailure):  # a crash: slimfx's bug in a built-in pass, the user's in a plugin
+            return PassCrash(message, builtin=type(p).__module__.startswith("slimfx."))
         return PassError(message)
 
 

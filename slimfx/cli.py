@@ -18,7 +18,7 @@ import pkgutil
 import sys
 import traceback
 
-from slimfx.ir.errors import GateError, SlimfxError
+from slimfx.ir.errors import GateError, PassCrash, SlimfxError
 from slimfx.output import Terminated, remove_live_stages, terminate_on_sigterm
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_CHECK, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
@@ -72,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"slimfx: check failed: {e}", file=sys.stderr)
         return EXIT_CHECK
+    except PassCrash as e:
+        if not e.builtin:  # the user's own pass
+            if debug:
+                traceback.print_exc()
+            print(f"slimfx: error: {e}", file=sys.stderr)
+            return EXIT_USER
+        traceback.print_exc()
+        print(f"slimfx: internal error: {e}\nThis is a bug in slimfx; please report it with the traceback above "
+              "(and the replay command, when one is given).", file=sys.stderr)
+        return EXIT_BUG
     except SlimfxError as e:
         if debug:
             traceback.print_exc()

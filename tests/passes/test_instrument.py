@@ -125,8 +125,10 @@ def test_a_crash_in_a_builtin_pass_replays_without_plugin(case, tmp_path, monkey
     args = _replay(str(e.value))
     assert args == ["run-pass", "dce", str(_files(str(e.value))["input graph"])]
     capsys.readouterr()
-    assert main(args) == 2  # a crash is a PassError naming the pass (the CLI's user-error exit)
-    assert "crashed: ZeroDivisionError" in capsys.readouterr().err
+    assert main(args) == 1  # a crash in a built-in pass is a bug in slimfx: traceback, exit 1 (it was 2)
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "1 / 0" in err and "crashed: ZeroDivisionError" in err
+    assert "slimfx: internal error: pass 'dce'" in err and "This is a bug in slimfx" in err
 
 
 def test_run_pass_runs_a_builtin_pass_and_refuses_bad_options(case, tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from slimfx import ir
-from slimfx.ir.errors import PassError
+from slimfx.ir.errors import PassCrash, PassError
 from slimfx.passes import (
     Pass,
     PassContext,
@@ -204,8 +204,9 @@ def test_wrong_numerics_pass_the_ir_check_without_check_numerics(case):
 
 def test_a_crashing_pass_is_named(case):
     _, x, g = case
-    with pytest.raises(PassError, match=r"pass 'test-crash' \(step 1 of 1.*crashed: ZeroDivisionError: oops"):
+    with pytest.raises(PassError, match=r"pass 'test-crash' \(step 1 of 1.*crashed: ZeroDivisionError: oops") as e:
         PassManager(["test-crash"]).run(g, PassContext(example_inputs=(x,)))
+    assert isinstance(e.value, PassCrash) and not e.value.builtin  # a pass of the user's: their error to fix
 
 
 @pytest.mark.parametrize("bad, what", [("test-sneaky-analysis", "params"), ("test-renaming-analysis", "IR")])

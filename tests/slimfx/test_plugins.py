@@ -236,3 +236,28 @@ def test_run_pass_on_a_pass_of_your_own_without_its_plugin_says_how_to_load_it(t
     assert "unknown pass 'my-unloaded-pass'" in err and "--plugin my_passes.py on the command line" in err
     assert main(["run-pass", "fold-batchnom", str(path)]) == 2
     assert "did you mean 'fold-batchnorm'" in capsys.readouterr().err
+
+
+def test_a_crash_in_a_plugin_pass_is_the_users_exit_2_and_in_a_builtin_pass_a_bug_exit_1(tmp_path, capsys,
+                                                                                          monkeypatch):
+    (tmp_path / "crashy.py").write_text(textwrap.dedent("""
+        from slimfx.passes import Pass, register_pass
+
+        @register_pass("test-plugin-crash")
+        class Crashy(Pass):
+            def run(self, graph, ctx):
+                return {}["missing"]
+        """))
+    (tmp_path / "r.toml").write_text('plugins = ["crashy.py"]\n\n[[passes]]\nname = "test-plugin-crash"\n')
+    monkeypatch.chdir(tmp_path)
+    argv = ["compile", "mlp", "--no-bench", "--quiet"]
+    assert main([*argv, "--recipe", "r.toml", "-o", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "pass 'test-plugin-crash' (step 1 of 1" in err and "crashed: KeyError" in err and "Traceback" not in err
+    from slimfx.passes.cleanup import DeadCodeElimination
+
+    monkeypatch.setattr(DeadCodeElimination, "run", lambda self, graph, ctx: {}["missing"])
+    assert main([*argv, "--recipe", "cleanup", "-o", "b"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "slimfx: internal error: pass 'dce'" in err and "bug in slimfx" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
