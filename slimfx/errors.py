@@ -6,11 +6,12 @@ from slimfx.ir.errors import (
     ExportError,
     GateError,
     ModelFileError,
+    PassCrash,
     PassError,
     RecipeError,
     SlimfxError,
     ValidationError,
 )
 
-__all__ = ["SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError", "GateError", "DataError",
+__all__ = ["SlimfxError", "CaptureError", "PassError", "PassCrash", "ExportError", "RecipeError", "ValidationError", "GateError", "DataError",
            "ModelFileError"]
