@@ -56,6 +56,7 @@ class Data:
     # each part's Split, made once: a one-shot iterator (a generator) is read once and then replayed to every
     # step that goes over the part (calibration drawn from train, then training)
     _splits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _shared: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # see shared_rows()
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration_samples, bool) or not isinstance(self.calibration_samples, int) \
@@ -64,11 +65,23 @@ class Data:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise DataError(f"Data.batch_size must be a positive integer, got {self.batch_size!r}")
         for held in ("validation", "test"):
-            if _same_data(getattr(self, held), self.train):
-                raise DataError(f"data.{held} is the same data as data.train: every number the report and the gate "
+            same = _same_data(getattr(self, held), self.train)
+            shared = 1.0 if same else _shared_rows(getattr(self, held), self.train)
+            if shared >= SHARED_ROWS_REFUSED:
+                what = "is the same data as data.train" if same else \
+                    f"repeats data.train ({shared:.0%} of its rows are rows of train)"
+                raise DataError(f"data.{held} {what}: every number the report and the gate "
                                 f"give from {held} would be measured on data the model trains or calibrates on. "
                                 f"Give {held} samples kept out of train (e.g. split the tensors first), or leave "
                                 f"{held} out")
+            if shared > 0:
+                self._shared[held] = shared
+
+    def shared_rows(self) -> dict[str, float]:
+        """The fraction of validation's and test's rows (tensors given whole) that are rows of train, where some
+        are (checked when the Data is made): a few identical samples happen in real data, more are a split that
+        leaks. The report's headline says so."""
+        return dict(self._shared)
 
     def split(self, part: str) -> Split | None:
         """The part as a re-iterable of `(inputs_tuple, target)` batches (None when not given)."""
@@ -260,6 +273,28 @@ def _same_data(a: Any, b: Any) -> bool:
     x, z = pa[0][0], pb[0][0]
     return x.untyped_storage().data_ptr() == z.untyped_storage().data_ptr() and \
         x.storage_offset() == z.storage_offset() and x.shape == z.shape
+
+
+# held-out data with at least this fraction of its rows in train is refused: it is (mostly) the train data
+SHARED_ROWS_REFUSED = 0.5
+
+
+def _shared_rows(held: Any, train: Any) -> float:
+    """The fraction of `held`'s rows (first input, tensors given whole) that are also rows of `train`'s, byte
+    for byte: a clone or a slice of the train tensors, or train holding the held-out rows. 0 for other data."""
+    if held is None or train is None:
+        return 0.0
+    ph, pt = _tensor_pair_or_none(held), _tensor_pair_or_none(train)
+    if ph is None or pt is None:
+        return 0.0
+    x, z = ph[0][0], pt[0][0]
+    if x.dtype != z.dtype or x.shape[1:] != z.shape[1:] or not len(x):
+        return 0.0
+    def row_bytes(t: torch.Tensor) -> Any:  # any dtype (bfloat16 too), as raw bytes per row
+        return t.detach().reshape(len(t), -1).contiguous().view(torch.uint8).numpy()
+
+    seen = {r.tobytes() for r in row_bytes(z)}
+    return sum(r.tobytes() in seen for r in row_bytes(x)) / len(x)
 
 
 def _tensor_pair_or_none(source: Any) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:

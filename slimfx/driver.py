@@ -250,6 +250,9 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
                                 f"(data.{'calibration' if data.calibration is not None else 'train'}): activation "
                                 f"ranges from so few may be off; give at least {CALIBRATION_FEW} (calibration, or "
                                 f"train, which calibration_samples = {data.calibration_samples} are drawn from)")
+    for held, shared in data.shared_rows().items():
+        job_headline.append(f"{shared:.1%} of the {held} rows are also rows of train: the numbers measured on {held} "
+                            f"are partly on data the model trains or calibrates on; keep them out of train")
     train, validation, test = (_chunked(data.split(k), rows) for k in ("train", "validation", "test"))
     # accuracy on validation picks best epochs only when validation has labels; without them training steps keep
     # their lowest-loss epoch (accuracy() would give None, which no step can choose by)

@@ -265,6 +265,23 @@ def test_validation_or_test_that_is_the_train_data_is_refused():
     with pytest.raises(DataError, match="data.test is the same data as data.train"):
         slimfx.Data(train=loader, test=loader)
     slimfx.Data(train=(x[:30], y[:30]), validation=(x[30:], y[30:]), test=(x[30:], y[30:]))  # held out: fine
+    # a copy, or train holding the held-out rows (the whole set as train): the same data under other storage
+    for leaky in ((x[30:].clone(), y[30:]), (x[::4].clone(), y[::4])):
+        with pytest.raises(DataError, match=r"data.validation repeats data.train \(100% of its rows are rows of "
+                                            r"train\)"):
+            slimfx.Data(train=(x, y), validation=leaky)
+
+
+def test_held_out_rows_that_are_also_train_rows_are_said_in_the_headline():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4)).eval()
+    x, y = torch.randn(40, 8), torch.randint(0, 4, (40,))
+    val = torch.cat([x[30:], x[:2]])  # 2 of 12 validation rows are train rows
+    data = slimfx.Data(train=(x[:30], y[:30]), validation=(val, torch.cat([y[30:], y[:2]])))
+    assert data.shared_rows() == {"validation": pytest.approx(2 / 12)}
+    result = slimfx.compile(model, (x[:2],), "cleanup", data=data, bench_seconds=0, quiet=True)
+    assert any(h.startswith("16.7% of the validation rows are also rows of train") for h in result.report["headline"])
+    assert slimfx.Data(train=(x[:30], y[:30]), validation=(x[30:], y[30:])).shared_rows() == {}
 
 
 def test_token_ids_beyond_the_vocabulary_are_named_as_such():
