@@ -173,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
           else f"{args.path} on {where}: {report.summary()}")
     if not report.passed:
         why = (f". {args.path} holds quantized weights or activations, so it differs from the float model by their "
-               "rounding by design: judge it by the SQNR and top-1 agreement above, or pass --atol/--rtol for the "
-               "difference you accept" if _quantized(args.path, kind, ts) else "")
+               f"rounding by design: judge it by the SQNR{' and top-1 agreement' if report.top1_agreement is not None else ''}"
+               " above, or pass --atol/--rtol for the difference you accept" if _quantized(args.path, kind, ts) else "")
         raise GateError(f"{args.path} does not match {loaded.name} on {where}: {report.summary()}{why}")
     return 0
 

@@ -127,3 +127,18 @@ def test_a_one_channel_output_fails_a_top1_gate_with_advice_that_works(tmp_path,
     text = capsys.readouterr().out.replace("min_top1_agreement = 0.99", "min_sqnr_db = 25")
     (tmp_path / "my.toml").write_text(text)
     assert main(["compile", "voc.py:make", "--recipe", "my.toml", "-o", "o", "--no-bench", "--quiet"]) == 0
+
+
+def test_validate_of_a_quantized_segmentation_file_points_at_the_numbers_it_shows(tmp_path, capsys, monkeypatch):
+    from slimfx.cli import main
+
+    (tmp_path / "seg.py").write_text(
+        "import torch\nfrom tests.slimfx.test_dense_outputs import SegNet\n\n\n"
+        "def make():\n    torch.manual_seed(0)\n    return SegNet().eval(), (torch.randn(2, 3, 12, 12),)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert main(["compile", "seg.py:make", "--recipe", "int8", "-o", "o", "--no-bench", "--quiet",
+                 "--format", "onnx"]) == 0
+    assert main(["validate", "o/model.onnx", "--model", "seg.py:make"]) == 3
+    err = capsys.readouterr().err
+    assert "judge it by the SQNR above" in err and "top-1 agreement above" not in err  # none is shown for it
