@@ -6,6 +6,7 @@ from slimfx.errors import (
     ExportError,
     GateError,
     ModelFileError,
+    PassCrash,
     PassError,
     RecipeError,
     SlimfxError,
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 # every error of slimfx.errors is importable as slimfx.X too (README: `slimfx.GateError`)
 __all__ = ["compile", "CompileResult", "Recipe", "load_recipe", "Data", "save", "load",
            "SlimfxError", "CaptureError", "PassError", "ExportError", "RecipeError", "ValidationError", "GateError",
-           "DataError", "ModelFileError"]
+           "DataError", "ModelFileError", "PassCrash"]
 
 
 def __getattr__(name: str):
