@@ -934,6 +934,10 @@ def _mod_rnn(m: nn.LSTM | nn.GRU, path: str, input, hx=None):
 
 # --- the tracer -----------------------------------------------------------------------------------------
 
+def _autocast_state() -> tuple:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
 class _Tracer(fx.Tracer):
     """fx tracer that records the module path and user source line of every node."""
 
@@ -949,6 +953,10 @@ class _Tracer(fx.Tracer):
         self.failed_in: tuple[str, nn.Module] | None = None
         self._inner = inner  # a call traced on its own (ir.decompose): the module called, traced into
         self._qual = qual  # its qualified names -> the model's
+        # `with torch.autocast(...)` in forward switches a global mode fx does not record: the graph would
+        # compute in the model's dtype what the model computes in another one (the first frame it began at)
+        self._autocast_outside = _autocast_state()
+        self.autocast_at: Any = None
 
     def is_user_leaf(self, m: nn.Module, qualname: str) -> bool:
         """A module the user asked to keep as one call (`leaf_modules`): never traced into or decomposed."""
@@ -976,6 +984,8 @@ class _Tracer(fx.Tracer):
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
+        if self.autocast_at is None and _autocast_state() != self._autocast_outside:
+            self.autocast_at = _user_frame(traceback.extract_stack(sys._getframe(1)))
         if self._path_stack:
             node.meta["slimfx_module_path"] = self._path_stack[-1][0]
         frame = sys._getframe(1)
@@ -1069,6 +1079,12 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
             "it) or fixing the argument that drives the branch with ir.capture(..., concrete_args={'name': "
             "value}), and pass the graph to slimfx.compile."
         ) from e
+    if tracer.autocast_at is not None:
+        raise CaptureError(
+            f"{type(model).__name__} computes under torch.autocast (at {_format_frame(tracer.autocast_at)}), which "
+            "torch.fx does not record: the graph would compute in the weights' dtype what the model computes in the "
+            "autocast dtype. Remove the autocast region from forward (slimfx compiles float32 and float16 models: "
+            "for float16, convert the model with .half() in your model factory).")
     return fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
 
 
@@ -1196,10 +1212,27 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
+def check_initialized(model: nn.Module) -> None:
+    """Refuse lazy modules (nn.LazyLinear, LazyConv2d) whose parameters have no shape yet: torch gives them one
+    on the first call, which a trace does not make."""
+    from torch.nn.parameter import is_lazy
+
+    lazy = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)]
+    if lazy:
+        owner = lazy[0].rpartition(".")[0]
+        mod = model.get_submodule(owner) if owner else model
+        raise CaptureError(
+            f"{type(model).__name__}'s {type(mod).__name__} '{owner or '(the model)'}' has uninitialized "
+            f"parameter(s) ('{lazy[0]}'{f' and {len(lazy) - 1} more' if len(lazy) > 1 else ''}): a lazy module "
+            "gets its shapes on its first call. Call the model once on an example input (model(*example_inputs)) "
+            "in your model factory, or before calling slimfx.")
+
+
 def _check_model(model: nn.Module) -> torch.dtype | None:
     """Refuse what cannot be compiled before any work: weights without values (meta device) or off the CPU,
     float64/bfloat16 or mixed float dtypes. Returns the model's float dtype (None: no float state)."""
     name = type(model).__name__
+    check_initialized(model)
     state = list(model.named_parameters()) + list(model.named_buffers())
     meta = [k for k, t in state if t.device.type == "meta"]
     if meta:
@@ -1344,6 +1377,19 @@ def output_names(outputs: Any) -> list[str]:
 CAPTURE_METHODS = ("auto", "fx", "export")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model a wrapper that computes exactly what it wraps stands for: `torch.compile(model)` (an
+    OptimizedModule, whose forward neither front end can trace), `nn.DataParallel` / DistributedDataParallel
+    (which scatter the batch over devices and gather it back)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[str, Any] | None = None,
             method: str = "auto", leaf_modules: Sequence[Any] = (),
             concrete_args: dict[str, Any] | None = None, for_inference: bool = False,
@@ -1371,6 +1417,7 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
         raise CaptureError(f"capture() needs a torch.nn.Module, got {type(model).__name__}")
     if method not in CAPTURE_METHODS:
         raise CaptureError(f"capture(method={method!r}) is not a capture method; use one of {CAPTURE_METHODS}")
+    model = unwrap(model)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     model_dtype = _check_model(model)
@@ -1509,9 +1556,60 @@ def _by_name(positional: list[inspect.Parameter], names: list[str]) -> str:
             f"factory, or pass example_kwargs={kw} in Python")
 
 
+# Library hooks that only refresh a module attribute from the module's own tensors (`weight = weight_orig *
+# weight_mask`): in eval mode the attribute fx reads is what the hook would compute, once refreshed.
+def _refresh_hooks() -> tuple[type, ...]:
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return prune.BasePruningMethod, WeightNorm, SpectralNorm
+
+
+def _hook_where(fn: Any) -> str:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    call = vars(type(fn)).get("__call__")  # a hook object (a class with __call__)
+    code = getattr(fn, "__code__", None) or getattr(call, "__code__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{name} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})" if code else name
+
+
+def _forward_hooks(model: nn.Module) -> list[str]:
+    """The forward hooks and pre-hooks torch.fx does not capture faithfully: symbolic tracing calls the top
+    module's forward directly and records a leaf module (nn.Linear, a converter's class) as one call, so their
+    hooks (and global ones, which apply to every module) never run; the hooks of other modules run on Proxies,
+    where a hook's own checks (`isinstance(out, torch.Tensor)`) take another branch than on tensors. A graph
+    captured without them computes something else than the model. Refresh-only library hooks (pruning, the old
+    weight_norm / spectral_norm) are run once instead, in eval mode."""
+    from torch.nn.modules import module as torch_module
+
+    refresh = _refresh_hooks()
+    found = []
+    for fn in list(torch_module._global_forward_pre_hooks.values()) + list(torch_module._global_forward_hooks.values()):
+        found.append(f"a global forward hook {_hook_where(fn)} (torch.nn.modules.module.register_module_forward_hook)")
+    for path, m in model.named_modules():
+        for kind, hooks in (("forward pre-hook", m._forward_pre_hooks), ("forward hook", m._forward_hooks)):
+            for fn in list(hooks.values()):
+                if isinstance(fn, refresh):
+                    if not m.training:
+                        with torch.no_grad():
+                            fn(m, ())
+                    continue
+                where = f"'{path}' ({type(m).__name__})" if path else f"the model ({type(m).__name__})"
+                found.append(f"a {kind} {_hook_where(fn)} on {where}")
+    return found
+
+
 def _capture_fx(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], leaf_modules: Sequence[Any],
                 concrete_args: dict[str, Any] | None, plan: Any = None) -> Graph:
     """The torch.fx front end: trace, propagate shapes on the example inputs, convert."""
+    hooks = _forward_hooks(model)
+    if hooks:
+        raise _FxTraceError(
+            f"torch.fx does not capture {'; '.join(hooks[:3])}{f' and {len(hooks) - 3} more' if len(hooks) > 3 else ''}, "
+            "which may change what the model computes. torch.export runs them (ir.capture(..., method='export'), "
+            "the automatic fallback); else apply what the hook does in forward, or remove it (handle.remove()) "
+            "in your model factory.")
     user_leaf = _Tracer(leaf_modules).is_user_leaf
     if any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values()):
         if kwargs:

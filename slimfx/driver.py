@@ -214,6 +214,10 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     if not isinstance(model, nn.Module):
         raise SlimfxError(f"compile() takes a torch.nn.Module, an ir.Graph or a .slimfx file, got "
                           f"{type(model).__name__}")
+    from slimfx.ir.capture import check_initialized, unwrap
+
+    model = unwrap(model)  # torch.compile / DataParallel wrappers: the gate and the capture read the model itself
+    check_initialized(model)  # before anything counts its parameters
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise SlimfxError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     if isinstance(bench_seconds, bool) or not isinstance(bench_seconds, (int, float)) \

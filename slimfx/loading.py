@@ -373,4 +373,6 @@ def _eval(module: nn.Module, spec: str) -> nn.Module:
         raise ModelSpecError(f"model spec {spec!r}: the model's {meta[0]!r} (and {len(meta) - 1} more) is on the "
                              "meta device, so it has no weights; load or initialize them (e.g. "
                              "model.to_empty(device='cpu') then load_state_dict) before returning it")
-    return module.eval()
+    from slimfx.ir.capture import unwrap
+
+    return unwrap(module).eval()
