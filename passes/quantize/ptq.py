@@ -127,6 +127,22 @@ def _notes(raised: dict[str, list], degenerate: dict[str, str], floats: dict[str
     return notes
 
 
+QDQ_OPS = ("quantize", "dequantize", "dynamic_quantize")
+
+
+def already_quantized(graph: Graph) -> str | None:
+    """What says `graph` was quantized already (a resumed .slimfx file saved after a quantizing recipe), or None.
+    Quantize reads float weights and float activations; run on its own output it would re-quantize dequantized
+    weights (or fail in the speed guard), so it is refused with the way out."""
+    qdq = [n.name for n in graph if n.op in QDQ_OPS]
+    if not qdq:
+        return None
+    return (f"the model is already quantized ({len(qdq)} quantize/dequantize nodes, e.g. %{qdq[0]}), and quantize "
+            "starts from a float model: resume from a file saved before quantizing (e.g. the output of the prune50 "
+            "recipe with --format slimfx / formats=[\"slimfx\"]), compile the original model with this recipe, or use "
+            "a recipe without a quantize step")
+
+
 @register_pass("quantize")
 @dataclass
 class Quantize(Pass):
@@ -310,6 +326,9 @@ class Quantize(Pass):
         return None
 
     def check_graph(self, graph: Graph) -> str | None:
+        done = already_quantized(graph)
+        if done:
+            return done
         other = sorted({str(t.dtype).replace("torch.", "") for t in graph.params.values()
                         if t.is_floating_point() and t.dtype != torch.float32})
         if other:
@@ -328,6 +347,9 @@ class Quantize(Pass):
 
     # -- driver ---------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        done = already_quantized(graph)
+        if done:  # the driver refuses it before any work (check_graph); a pass run by itself, here
+            raise PassError(f"pass 'quantize': {done}")
         self._rounding_cache = None  # AdaRound's per-layer results live for one run (see apply)
         notes = self._run_prerequisites(graph, ctx) if self.prerequisites else []
         # the guard weighs onnxruntime's integer kernels against float: the int8 schemes layer by layer and

@@ -72,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch threads per process (default 1: fastest for small models, and steady on a busy "
                         "machine)")
     p.add_argument("--out", type=_args.output_file, default="student.pt",
-                   help="where to save the student's state_dict")
+                   help="where to save the student's state_dict (default student.pt; an existing file is replaced)")
     p.add_argument("--json", type=_args.output_file, default=None, metavar="FILE",
                    help="also write the report as JSON: settings, splits, teacher, each student's accuracy per "
                         "split and per-epoch history")

@@ -292,6 +292,25 @@ def test_a_resumed_compile_equals_the_direct_pipeline(tmp_path):
     assert resumed.report["baseline"]["params"] == ir.count_params(slimfx.load(saved))
 
 
+@pytest.mark.parametrize("recipe", ["int8", "sign", "int8-dynamic"])
+def test_resuming_a_quantized_file_with_a_quantizing_recipe_is_refused_before_any_work(saved, recipe):
+    """The README's flow saved the `default` recipe's (int8) result and resumed it with `int8`: the quantize pass
+    met dequantize nodes where it expects float weights and died with an internal KeyError (exit 1)."""
+    with pytest.raises(slimfx.errors.RecipeError) as e:
+        slimfx.compile(saved, recipe=recipe, calibration_data=[(torch.randn(4, 6),)], formats=["torchscript"],
+                       bench_seconds=0, quiet=True)
+    msg = str(e.value)
+    assert "passes[" in msg and "already quantized" in msg and "e.g. %relu_q" in msg, msg
+    assert "before quantiz" in msg  # the action: resume from a file saved before the quantize step
+
+
+def test_the_quantize_pass_refuses_a_quantized_graph_it_is_run_on_directly(saved):
+    g = slimfx.load(saved)
+    with pytest.raises(slimfx.errors.PassError, match="already quantized"):
+        PassManager(["quantize"]).run(g, PassContext(example_inputs=(torch.randn(4, 6),),
+                                                     calibration_data=[(torch.randn(4, 6),)]))
+
+
 def test_compile_refuses_a_model_path_that_is_not_a_saved_model(tmp_path):
     with pytest.raises(SlimfxError, match="only for saved models"):
         slimfx.compile(str(tmp_path / "net.py"), recipe="cleanup")
