@@ -1103,15 +1103,25 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
         frame = _user_frame(frames)
         path, mod = tracer.failed_in or ("", model)
         mod_desc = f"{type(mod).__name__}" + (f" at '{path}'" if path else " (the top-level model)")
+        if path or not isinstance(mod, nn.Module):
+            how = (f"keeping that module opaque with ir.capture(..., leaf_modules=[{type(mod).__name__}]) (it still "
+                   "runs, but passes cannot look inside it) or ")
+            tail = ""
+        else:  # the top-level forward itself (a detector's per-image loops, box decoding, NMS): no module to keep
+            children = [k for k, _ in mod.named_children()]
+            here = f" (here: {', '.join(children[:8])}{', ...' if len(children) > 8 else ''})" if children else ""
+            how = ""
+            tail = (" Or compile only the part that computes on tensors alone, such as a detector's backbone: return "
+                    f"that submodule{here} and an input for it from your model file, and keep the rest of the "
+                    "forward in Python around the compiled file.")
         raise CaptureError(
             f"torch.fx cannot trace {mod_desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"  at {_format_frame(frame)}\n"
             "  Where that is Python control flow or indexing that depends on tensor values (symbolic tracing "
             "cannot follow those), compute both branches in the model's code and pick with torch.where (or use "
-            "torch.cond). From Python you can also capture it yourself, keeping that module opaque with "
-            f"ir.capture(..., leaf_modules=[{type(mod).__name__}]) (it still runs, but passes cannot look inside "
-            "it) or fixing the argument that drives the branch with ir.capture(..., concrete_args={'name': "
-            "value}), and pass the graph to slimfx.compile."
+            f"torch.cond). From Python you can also capture it yourself, {how}fixing the argument that drives "
+            "the branch with ir.capture(..., concrete_args={'name': value}), and pass the graph to slimfx.compile."
+            + tail
         ) from e
     return fx.GraphModule(tracer.root, fx_graph, type(model).__name__)
 
