@@ -125,6 +125,12 @@ def _f_conv1d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=
                                                   dilation=_tuple(dilation, 1), groups=groups)
 
 
+@_converts(F.conv3d, torch.conv3d)
+def _f_conv3d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return "conv3d", (input, weight, bias), dict(stride=_tuple(stride, 3), padding=_tuple(padding, 3),
+                                                  dilation=_tuple(dilation, 3), groups=groups)
+
+
 @_converts(F.linear, torch._C._nn.linear)
 def _f_linear(input, weight, bias=None):
     return "linear", (input, weight, bias), {}
@@ -275,6 +281,16 @@ def _max_pool(dims: int) -> Callable[..., Conv | None]:
 
 _f_max_pool2d = _converts(F.max_pool2d, torch.max_pool2d)(_max_pool(2))
 _f_max_pool1d = _converts(F.max_pool1d, torch.max_pool1d)(_max_pool(1))
+_f_max_pool3d = _converts(F.max_pool3d, torch.max_pool3d)(_max_pool(3))
+
+
+@_converts(F.avg_pool3d, torch._C._nn.avg_pool3d)
+def _f_avg_pool3d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                  divisor_override=None):
+    return "avg_pool3d", (input,), dict(kernel_size=_tuple(kernel_size, 3),
+                                        stride=_tuple(stride if stride else kernel_size, 3),
+                                        padding=_tuple(padding, 3), ceil_mode=ceil_mode,
+                                        count_include_pad=count_include_pad, divisor_override=divisor_override)
 
 
 @_converts(F.avg_pool2d, torch._C._nn.avg_pool2d)
@@ -309,6 +325,18 @@ def _f_adaptive_max_pool2d(input, output_size, return_indices=False):
     if return_indices:
         return None
     return "adaptive_max_pool2d", (input,), dict(output_size=_tuple(output_size, 2))
+
+
+@_converts(F.adaptive_avg_pool3d)
+def _f_adaptive_avg_pool3d(input, output_size):
+    return "adaptive_avg_pool3d", (input,), dict(output_size=_tuple(output_size, 3))
+
+
+@_converts(F.adaptive_max_pool3d)
+def _f_adaptive_max_pool3d(input, output_size, return_indices=False):
+    if return_indices:
+        return None
+    return "adaptive_max_pool3d", (input,), dict(output_size=_tuple(output_size, 3))
 
 
 @_converts("view", "reshape")
@@ -759,11 +787,11 @@ def _p(path: str, name: str, module: nn.Module) -> Param | None:
     return Param(f"{path}.{name}") if getattr(module, name, None) is not None else None
 
 
-@_converts_module(nn.Conv2d, nn.Conv1d)
+@_converts_module(nn.Conv3d, nn.Conv2d, nn.Conv1d)
 def _mod_conv(m: nn.Module, path: str, x):
     if m.padding_mode != "zeros":
         return None
-    op = "conv2d" if isinstance(m, nn.Conv2d) else "conv1d"
+    op = f"conv{len(m.kernel_size)}d"
     return op, (x, _p(path, "weight", m), _p(path, "bias", m)), dict(
         stride=tuple(m.stride), padding=m.padding if isinstance(m.padding, str) else tuple(m.padding),
         dilation=tuple(m.dilation), groups=m.groups)
@@ -774,7 +802,7 @@ def _mod_linear(m: nn.Linear, path: str, x):
     return "linear", (x, _p(path, "weight", m), _p(path, "bias", m)), {}
 
 
-@_converts_module(nn.BatchNorm1d, nn.BatchNorm2d)
+@_converts_module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 def _mod_bn(m: nn.modules.batchnorm._BatchNorm, path: str, x):
     tracked = m.track_running_stats and m.running_mean is not None
     return "batch_norm", (x, _p(path, "running_mean", m), _p(path, "running_var", m), _p(path, "weight", m),
@@ -838,15 +866,21 @@ def _mod_dropout(m: nn.Module, path: str, x):
     return "dropout", (x,), dict(p=m.p, training=None)
 
 
-@_converts_module(nn.MaxPool2d, nn.MaxPool1d)
+@_converts_module(nn.MaxPool3d, nn.MaxPool2d, nn.MaxPool1d)
 def _mod_maxpool(m: nn.Module, path: str, x):
-    fn = _f_max_pool2d if isinstance(m, nn.MaxPool2d) else _f_max_pool1d
+    fn = {nn.MaxPool3d: _f_max_pool3d, nn.MaxPool2d: _f_max_pool2d}.get(type(m), _f_max_pool1d)
     return fn(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
 
 
 @_converts_module(nn.AvgPool2d)
 def _mod_avgpool2d(m: nn.AvgPool2d, path: str, x):
     return _f_avg_pool2d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                         m.divisor_override)
+
+
+@_converts_module(nn.AvgPool3d)
+def _mod_avgpool3d(m: nn.AvgPool3d, path: str, x):
+    return _f_avg_pool3d(x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
                          m.divisor_override)
 
 
@@ -863,6 +897,16 @@ def _mod_aap2d(m: nn.AdaptiveAvgPool2d, path: str, x):
 @_converts_module(nn.AdaptiveAvgPool1d)
 def _mod_aap1d(m: nn.AdaptiveAvgPool1d, path: str, x):
     return _f_adaptive_avg_pool1d(x, m.output_size)
+
+
+@_converts_module(nn.AdaptiveAvgPool3d)
+def _mod_aap3d(m: nn.AdaptiveAvgPool3d, path: str, x):
+    return _f_adaptive_avg_pool3d(x, m.output_size)
+
+
+@_converts_module(nn.AdaptiveMaxPool3d)
+def _mod_amp3d(m: nn.AdaptiveMaxPool3d, path: str, x):
+    return _f_adaptive_max_pool3d(x, m.output_size, m.return_indices)
 
 
 @_converts_module(nn.AdaptiveMaxPool2d)
@@ -1069,15 +1113,25 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
         frame = _user_frame(frames)
         path, mod = tracer.failed_in or ("", model)
         mod_desc = f"{type(mod).__name__}" + (f" at '{path}'" if path else " (the top-level model)")
+        if path or not isinstance(mod, nn.Module):
+            how = (f"keeping that module opaque with ir.capture(..., leaf_modules=[{type(mod).__name__}]) (it still "
+                   "runs, but passes cannot look inside it) or ")
+            tail = ""
+        else:  # the top-level forward itself (a detector's per-image loops, box decoding, NMS): no module to keep
+            children = [k for k, _ in mod.named_children()]
+            here = f" (here: {', '.join(children[:8])}{', ...' if len(children) > 8 else ''})" if children else ""
+            how = ""
+            tail = (" Or compile only the part that computes on tensors alone, such as a detector's backbone: return "
+                    f"that submodule{here} and an input for it from your model file, and keep the rest of the "
+                    "forward in Python around the compiled file.")
         raise CaptureError(
             f"torch.fx cannot trace {mod_desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"  at {_format_frame(frame)}\n"
             "  Where that is Python control flow or indexing that depends on tensor values (symbolic tracing "
             "cannot follow those), compute both branches in the model's code and pick with torch.where (or use "
-            "torch.cond). From Python you can also capture it yourself, keeping that module opaque with "
-            f"ir.capture(..., leaf_modules=[{type(mod).__name__}]) (it still runs, but passes cannot look inside "
-            "it) or fixing the argument that drives the branch with ir.capture(..., concrete_args={'name': "
-            "value}), and pass the graph to slimfx.compile."
+            f"torch.cond). From Python you can also capture it yourself, {how}fixing the argument that drives "
+            "the branch with ir.capture(..., concrete_args={'name': value}), and pass the graph to slimfx.compile."
+            + tail
         ) from e
     if tracer.autocast_at is not None:
         raise CaptureError(

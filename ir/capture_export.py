@@ -41,13 +41,16 @@ from slimfx.ir.capture import (
     _conv_transpose,
     _f_adaptive_avg_pool1d,
     _f_adaptive_avg_pool2d,
+    _f_adaptive_avg_pool3d,
     _f_avg_pool1d,
     _f_avg_pool2d,
+    _f_avg_pool3d,
     _f_hardtanh,
     _f_interpolate,
     _f_masked_fill,
     _f_max_pool1d,
     _f_max_pool2d,
+    _f_max_pool3d,
     _fill_kwargs,
     filled,
     is_internal_file,
@@ -202,9 +205,9 @@ def _matmul(cx, input, other):
     return "matmul", (input, other), {}
 
 
-@_converts(aten.conv2d, aten.conv1d)
+@_converts(aten.conv3d, aten.conv2d, aten.conv1d)
 def _conv(cx, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    n = 2 if cx.node.target.overloadpacket is aten.conv2d else 1
+    n = {aten.conv3d: 3, aten.conv2d: 2}.get(cx.node.target.overloadpacket, 1)
     return _conv_nd(n, input, weight, bias, stride, padding, dilation, groups)
 
 
@@ -414,21 +417,30 @@ def _dropout(cx, input, p, train):
     return "dropout", (input,), dict(p=p, training=bool(train))
 
 
-@_converts(aten.max_pool2d, aten.max_pool1d)
+@_converts(aten.max_pool3d, aten.max_pool2d, aten.max_pool1d)
 def _max_pool(cx, input, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    fn = _f_max_pool2d if cx.node.target.overloadpacket is aten.max_pool2d else _f_max_pool1d
+    fn = {aten.max_pool3d: _f_max_pool3d, aten.max_pool2d: _f_max_pool2d}.get(cx.node.target.overloadpacket,
+                                                                             _f_max_pool1d)
     return fn(input, kernel_size, tuple(stride) or None, padding, dilation, ceil_mode)
 
 
-@_converts(aten.max_pool2d_with_indices)
+@_converts(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices)
 def _max_pool_indices(cx, input, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
-    return _f_max_pool2d(input, kernel_size, tuple(stride) or None, padding, dilation, ceil_mode)
+    fn = _f_max_pool3d if cx.node.target.overloadpacket is aten.max_pool3d_with_indices else _f_max_pool2d
+    return fn(input, kernel_size, tuple(stride) or None, padding, dilation, ceil_mode)
 
 
 @_converts(aten.avg_pool2d)
 def _avg_pool2d(cx, input, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
                 divisor_override=None):
     return _f_avg_pool2d(input, kernel_size, tuple(stride) or None, padding, ceil_mode, count_include_pad,
+                         divisor_override)
+
+
+@_converts(aten.avg_pool3d)
+def _avg_pool3d(cx, input, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True,
+                divisor_override=None):
+    return _f_avg_pool3d(input, kernel_size, tuple(stride) or None, padding, ceil_mode, count_include_pad,
                          divisor_override)
 
 
@@ -450,6 +462,16 @@ def _aap1d(cx, input, output_size):
 @_converts(aten.adaptive_max_pool2d)
 def _amp2d(cx, input, output_size):
     return "adaptive_max_pool2d", (input,), dict(output_size=tuple(output_size))
+
+
+@_converts(aten.adaptive_avg_pool3d, aten._adaptive_avg_pool3d)
+def _aap3d(cx, input, output_size):
+    return _f_adaptive_avg_pool3d(input, output_size)
+
+
+@_converts(aten.adaptive_max_pool3d)
+def _amp3d(cx, input, output_size):
+    return "adaptive_max_pool3d", (input,), dict(output_size=tuple(output_size))
 
 
 _UPSAMPLE_MODES = {aten.upsample_nearest2d: "nearest", aten.upsample_bilinear2d: "bilinear",
@@ -906,7 +928,8 @@ def _gru(cx, input, hx, params, has_biases, num_layers, dropout, train, bidirect
 # ATen ops that return a tuple whose element 0 is the canonical op's result (the rest: saved statistics
 # or indices that inference does not read).
 _TUPLE_HEADS = {aten._native_batch_norm_legit_no_training.default, aten.native_layer_norm.default,
-                aten.max_pool2d_with_indices.default, aten.adaptive_max_pool2d.default}
+                aten.max_pool2d_with_indices.default, aten.adaptive_max_pool2d.default,
+                aten.max_pool3d_with_indices.default, aten.adaptive_max_pool3d.default}
 
 
 # --- export and conversion ------------------------------------------------------------------------------
@@ -1415,6 +1438,8 @@ def _convert_call(cx: _Ctx, n: fx.Node, lookup: Callable[[Any], Any], tuple_head
     args = fx.node.map_aggregate(n.args, lookup)
     kwargs = fx.node.map_aggregate(n.kwargs, lookup)
     if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0] in tuple_heads:
+        if n.args[1] != 0 and not n.users:  # torch.export keeps an unread getitem of the indices
+            return None
         if n.args[1] != 0:
             raise CaptureError(f"node {n.name!r} reads output {n.args[1]} of {n.args[0].target} "
                                f"({cx.module_path or 'top level'}), which slimfx does not keep")

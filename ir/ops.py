@@ -238,6 +238,10 @@ def _conv2d(x, weight, bias=None, *, stride=(1, 1), padding=(0, 0), dilation=(1,
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+def _conv3d(x, weight, bias=None, *, stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1):
+    return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+
 def _linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
@@ -278,6 +282,15 @@ def _max_pool2d(x, *, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
 
 def _max_pool1d(x, *, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     return F.max_pool1d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+
+
+def _max_pool3d(x, *, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    return F.max_pool3d(x, kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+
+
+def _avg_pool3d(x, *, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                divisor_override=None):
+    return F.avg_pool3d(x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
 def _avg_pool2d(x, *, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
@@ -684,6 +697,7 @@ def _rnn_macs(gates: int) -> Callable[[Any], int]:
 _CONV = dict(weighted=Weighted(channel_dim=1, grouped=True), quant="weight", quant_output=True)
 register_op("conv1d", _conv1d, **_CONV)
 register_op("conv2d", _conv2d, **_CONV)
+register_op("conv3d", _conv3d, **_CONV)  # video: [batch, channels, time, H, W]
 register_op("linear", _linear, weighted=Weighted(channel_dim=-1), quant="weight")
 register_op("matmul", torch.matmul, quant="operands", macs=_matmul_macs)
 register_op("scaled_dot_product_attention", _sdpa, macs=_sdpa_macs)
@@ -721,6 +735,8 @@ for _name, _impl, _quant in [
     ("avg_pool1d", _avg_pool1d, "output"), ("avg_pool2d", _avg_pool2d, "output"),
     ("adaptive_avg_pool1d", F.adaptive_avg_pool1d, "output"), ("adaptive_avg_pool2d", F.adaptive_avg_pool2d, "output"),
     ("adaptive_max_pool2d", F.adaptive_max_pool2d, None), ("interpolate", _interpolate, None),
+    ("max_pool3d", _max_pool3d, "transparent"), ("avg_pool3d", _avg_pool3d, "output"),
+    ("adaptive_avg_pool3d", F.adaptive_avg_pool3d, "output"), ("adaptive_max_pool3d", F.adaptive_max_pool3d, None),
 ]:
     register_op(_name, _impl, channels="spatial", quant=_quant)
 

@@ -50,10 +50,15 @@ def _pairs(v: Any, n: int) -> list[int]:
 
 # --- conv, linear, matmul ---------------------------------------------------------------------------
 
-@register_emitter("conv1d", "conv2d")
+def _nd(op: str) -> int:
+    """Spatial dims of an N-d op by its name: conv3d, max_pool1d, adaptive_avg_pool2d -> 3, 1, 2."""
+    return int(op[-2])
+
+
+@register_emitter("conv1d", "conv2d", "conv3d")
 def _conv(ctx: EmitContext, node: Node) -> str:
     x, w, b = node.inputs
-    k = 1 if node.op == "conv1d" else 2
+    k = _nd(node.op)
     wshape = ctx.meta(w).shape
     kernel = list(wshape[2:])
     stride = _pairs(node.attrs.get("stride", 1), k)
@@ -262,9 +267,9 @@ def _alias(ctx: EmitContext, node: Node) -> str:
 
 # --- pooling ------------------------------------------------------------------------------------------------
 
-@register_emitter("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d")
+@register_emitter("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d")
 def _pool(ctx: EmitContext, node: Node) -> str:
-    k = 1 if node.op.endswith("1d") else 2
+    k = _nd(node.op)
     a = node.attrs
     kernel = _pairs(a["kernel_size"], k)
     stride = _pairs(a.get("stride") or kernel, k)
@@ -280,7 +285,8 @@ def _pool(ctx: EmitContext, node: Node) -> str:
                     count_include_pad=int(bool(a.get("count_include_pad", True))))
 
 
-@register_emitter("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool2d")
+@register_emitter("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool2d",
+                  "adaptive_max_pool3d")
 def _adaptive_pool(ctx: EmitContext, node: Node) -> str:
     x = node.inputs[0]
     spatial = ctx.meta(x).shape[2:]

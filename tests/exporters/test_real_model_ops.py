@@ -128,6 +128,101 @@ def test_conv_transpose_with_an_output_size_and_a_batchnorm_to_fold(tmp_path):
     assert export_onnx(g, tmp_path / "f.onnx", inputs=x).validation.passed
 
 
+# --- video: 3-D convs and pools ---------------------------------------------------------------------------
+
+@st.composite
+def video_layers(draw):
+    """torchvision's video nets (r3d_18, mc3_18, r2plus1d_18, s3d): Conv3d with (t, h, w) kernels and strides,
+    BatchNorm3d, max/avg pooling in 3-D, global adaptive pooling; as modules or functions."""
+    groups = draw(st.sampled_from([1, 2]))
+    cin, cout = 2 * draw(st.integers(1, 2)), 2 * draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(3))
+    stride = tuple(draw(st.integers(1, 2)) for _ in range(3))
+    padding = tuple(k // 2 for k in kernel)
+    pool = draw(st.sampled_from(["max", "avg"]))
+    pk = tuple(draw(st.integers(1, 2)) for _ in range(3))
+    # adaptive max pooling exports where the windows are equal (the emitter refuses uneven ones): global
+    out = draw(st.sampled_from([1, (1, 2, 2), (2, 1, 1)])) if pool == "max" else 1
+    functional = draw(st.booleans())
+    t, hw = draw(st.integers(2, 4)), draw(st.integers(4, 7))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(cin, cout, kernel, stride=stride, padding=padding, groups=groups)
+            self.bn = nn.BatchNorm3d(cout)
+            self.pool = nn.MaxPool3d(pk, ceil_mode=True) if pool == "max" else nn.AvgPool3d(pk, ceil_mode=True)
+            self.gap = nn.AdaptiveAvgPool3d(out) if pool == "max" else nn.AdaptiveMaxPool3d(out)
+
+        def forward(self, x):
+            if functional:
+                y = F.relu(F.batch_norm(F.conv3d(x, self.conv.weight, self.conv.bias, stride, padding, 1, groups),
+                                        self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias))
+                y = (F.max_pool3d(y, pk, ceil_mode=True) if pool == "max"
+                     else F.avg_pool3d(y, pk, ceil_mode=True))
+                return F.adaptive_avg_pool3d(y, out) if pool == "max" else F.adaptive_max_pool3d(y, out)
+            return self.gap(self.pool(F.relu(self.bn(self.conv(x)))))
+
+    gap = "adaptive_avg_pool3d" if pool == "max" else "adaptive_max_pool3d"
+    return Net(), (torch.randn(2, cin, t, hw, hw),), {"conv3d", "batch_norm", f"{pool}_pool3d", gap}
+
+
+@PROPERTY
+@given(case=video_layers())
+def test_video_convs_and_pools_in_3d(case, tmp_path):
+    check(*case, tmp_path)
+
+
+class _R2Plus1D(nn.Module):
+    """r2plus1d_18's block, smaller: a (1, k, k) spatial conv, then a (k, 1, 1) temporal one, batch norms, a
+    residual add, a stem max pool and global pooling over (time, H, W) before the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(3, 8, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(8),
+                                  nn.ReLU(), nn.MaxPool3d((1, 2, 2)))
+        self.spatial = nn.Sequential(nn.Conv3d(8, 12, (1, 3, 3), padding=(0, 1, 1), bias=False),
+                                     nn.BatchNorm3d(12), nn.ReLU())
+        self.temporal = nn.Sequential(nn.Conv3d(12, 8, (3, 1, 1), padding=(1, 0, 0), bias=False),
+                                      nn.BatchNorm3d(8))
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(self.temporal(self.spatial(x)) + x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_a_video_net_folds_quantizes_and_prunes_in_3d(tmp_path):
+    """Conv3d was opaque ("no emitter for this op"), so torchvision's video classifiers compiled with no recipe.
+    Now: fold-batchnorm folds into [out, in, t, h, w] weights, int8 quantizes every conv3d per channel (onnxruntime
+    runs the QDQ file within the recipe's tolerance), prune-channels halves the 3-D layers."""
+    from slimfx.passes import PassContext, PassManager, create_pass
+
+    torch.manual_seed(0)
+    m = _R2Plus1D().eval()
+    for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm3d)):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.1, 0.1)
+            bn.running_var.uniform_(0.5, 1.5)
+    x = (torch.randn(2, 3, 4, 16, 16),)
+    g = check(m, x, {"conv3d", "batch_norm", "max_pool3d", "adaptive_avg_pool3d"}, tmp_path)
+    calib = [(torch.randn(1, 3, 4, 16, 16),) for _ in range(8)]
+    run = PassManager([create_pass("fold-batchnorm", {}),
+                       create_pass("quantize", {"scheme": "int8-static", "speed_guard": False})]).run(
+        g, PassContext(x, calibration_data=calib))
+    q = run.graph
+    assert run[0].stats["folded"] == 3 and not q.find("batch_norm")
+    assert run[1].stats["quantized_ops"] >= 4
+    res = export_onnx(q, tmp_path / "q.onnx", inputs=x, atol=0.25, rtol=0.05)
+    assert res.validation.passed
+    g = ir.capture(m, x)  # the pipeline above edited the first one in place
+    pruned = create_pass("prune-channels", {"sparsity": 0.5}).run(g, PassContext(x)).graph_after(g)
+    assert ir.count_macs(pruned) < 0.5 * ir.count_macs(g)
+    assert export_onnx(pruned, tmp_path / "p.onnx", inputs=x).validation.passed
+
+
 # --- einsum ------------------------------------------------------------------------------------------------
 
 EQUATIONS = {  # equation: operand shapes over letters (b is the batch)

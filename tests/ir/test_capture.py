@@ -137,6 +137,33 @@ def test_leaf_modules_stay_opaque():
     assert torch.equal(ir.lower(g)(x), m(x))
 
 
+def test_a_top_level_forward_that_cannot_be_traced_points_at_its_traceable_parts():
+    """A detector's own forward loops over images and keeps boxes above a score (torchvision's FasterRCNN,
+    RetinaNet, SSD): the refusal told the user to keep the top-level model opaque, which leaves nothing to
+    compile. It now names the model's submodules and says to compile the tensor-only part (the backbone)."""
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Conv2d(3, 4, 3)
+            self.head = nn.Conv2d(4, 5, 1)
+
+        def forward(self, images):
+            out = []
+            for img in images:  # per image, as GeneralizedRCNN's transform does
+                scores = self.head(self.backbone(img[None]))
+                out.append(scores[scores > 0.5])
+            return out
+
+    with pytest.raises(CaptureError) as err:
+        ir.capture(Detector().eval(), (torch.randn(2, 3, 8, 8),), method="fx")
+    msg = str(err.value)
+    assert "Detector (the top-level model)" in msg and "for img in images" in msg
+    assert "leaf_modules=[Detector]" not in msg
+    assert "here: backbone, head" in msg and "return that submodule" in msg
+    g = ir.capture(Detector().backbone, (torch.randn(2, 3, 8, 8),))  # what the message says to do
+    assert [n.op for n in g if n.op not in ("input", "output")] == ["conv2d"]
+
+
 def test_concrete_args_fix_a_branching_flag():
     class Flag(nn.Module):
         def forward(self, x, double: bool = False):
