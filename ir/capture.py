@@ -1266,27 +1266,34 @@ def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def check_initialized(model: nn.Module) -> None:
-    """Refuse lazy modules (nn.LazyLinear, LazyConv2d) whose parameters have no shape yet: torch gives them one
-    on the first call, which a trace does not make."""
+def materialize_lazy(model: nn.Module, inputs: tuple, kwargs: dict[str, Any] | None = None) -> None:
+    """Give lazy modules (nn.LazyLinear, LazyConv2d) never called yet their shapes, as torch documents: one call of
+    the model on the example inputs (eval mode, no gradients; the mode is restored). A trace makes no real call,
+    and a parameter without a shape can be neither counted, hooked past nor exported."""
     from torch.nn.parameter import is_lazy
 
     lazy = [k for k, t in [*model.named_parameters(), *model.named_buffers()] if is_lazy(t)]
-    if lazy:
-        owner = lazy[0].rpartition(".")[0]
-        mod = model.get_submodule(owner) if owner else model
+    if not lazy:
+        return
+    _log.info("capture: %s has uninitialized lazy parameters (%s); running it once on the example inputs to "
+              "shape them", type(model).__name__, lazy[0])
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs, **(kwargs or {}))
+    except Exception as e:  # noqa: BLE001 - reported with what to do
         raise CaptureError(
-            f"{type(model).__name__}'s {type(mod).__name__} '{owner or '(the model)'}' has uninitialized "
-            f"parameter(s) ('{lazy[0]}'{f' and {len(lazy) - 1} more' if len(lazy) > 1 else ''}): a lazy module "
-            "gets its shapes on its first call. Call the model once on an example input (model(*example_inputs)) "
-            "in your model factory, or before calling slimfx.")
+            f"{type(model).__name__} has uninitialized lazy parameters ('{lazy[0]}'), which get their shapes on "
+            f"the model's first call, and that call on the example inputs failed ({type(e).__name__}: {e}). Give "
+            "example inputs the model runs on, or call it once in your model factory.") from e
+    finally:
+        model.train(training)
 
 
 def _check_model(model: nn.Module) -> torch.dtype | None:
     """Refuse what cannot be compiled before any work: weights without values (meta device) or off the CPU,
     float64/bfloat16 or mixed float dtypes. Returns the model's float dtype (None: no float state)."""
     name = type(model).__name__
-    check_initialized(model)
     state = list(model.named_parameters()) + list(model.named_buffers())
     meta = [k for k, t in state if t.device.type == "meta"]
     if meta:
@@ -1479,6 +1486,7 @@ def capture(model: nn.Module, example_inputs: Any = (), *, example_kwargs: dict[
         _check_mode(model)
     names = _input_names(model, inputs, kwargs, concrete_args)
     _check_examples(model, inputs, kwargs, model_dtype, names)
+    materialize_lazy(model, inputs, kwargs)
     plan = _plan(model, inputs, kwargs, names, dynamic_dims)
     if method == "export":
         if leaf_modules or concrete_args:

@@ -214,10 +214,9 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     if not isinstance(model, nn.Module):
         raise SlimfxError(f"compile() takes a torch.nn.Module, an ir.Graph or a .slimfx file, got "
                           f"{type(model).__name__}")
-    from slimfx.ir.capture import check_initialized, unwrap
+    from slimfx.ir.capture import materialize_lazy, unwrap
 
     model = unwrap(model)  # torch.compile / DataParallel wrappers: the gate and the capture read the model itself
-    check_initialized(model)  # before anything counts its parameters
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
         raise SlimfxError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
     if isinstance(bench_seconds, bool) or not isinstance(bench_seconds, (int, float)) \
@@ -237,6 +236,7 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
     pipeline = rec.build_passes()  # RecipeError for unknown passes/options
     example, run_model, capture_args = _inputs(model, example_inputs, example_kwargs)
     check_finite(tuple(t for t in example if isinstance(t, torch.Tensor)), "the example inputs")
+    materialize_lazy(model, *capture_args)  # before anything counts its parameters
     if data is None and calibration_data is None and train_data is None and test_data is None:
         data = rec.load_data()  # the recipe's own `data` key, when the call gives none
     data = _merge_data(data, calibration_data, train_data, test_data)
