@@ -153,7 +153,6 @@ def compile(model: nn.Module | ir.Graph | str | Path, example_inputs: Any = None
         timer = _StageTimer()
         with timer("capture"):
             graph = _capture(job)
-            job.class_dims = ir.analysis.output_class_dims(graph)
             if "slimfx" in job.formats:  # what a model file cannot hold is refused before any pass runs
                 from slimfx.ir.serialize import check_saveable
 
@@ -241,22 +240,7 @@ def _resolve(model: Any, example_inputs: Any, recipe: Any, *, data: Data | None,
         data = rec.load_data()  # the recipe's own `data` key, when the call gives none
     data = _merge_data(data, calibration_data, train_data, test_data)
     rows = None if dynamic_batch else _batch_rows(example)
-    job_headline: list[str] = []
-    calibration = _chunked(data.calibration_batches(len(example)), rows)
-    if calibration is None and any(p.needs_calibration for p in pipeline):
-        calibration = [example]
-        job_headline.append("static quantization calibrated on the example inputs only (no calibration or "
-                            "train data): activation ranges may be off; give data (--data / data=)")
-    elif calibration is not None and any(p.needs_calibration for p in pipeline):
-        n_calib = _rows(calibration)
-        if n_calib < CALIBRATION_FEW:
-            job_headline.append(f"static quantization calibrated on {n_calib} input{'s' if n_calib != 1 else ''} only "
-                                f"(data.{'calibration' if data.calibration is not None else 'train'}): activation "
-                                f"ranges from so few may be off; give at least {CALIBRATION_FEW} (calibration, or "
-                                f"train, which calibration_samples = {data.calibration_samples} are drawn from)")
-    for held, shared in data.shared_rows().items():
-        job_headline.append(f"{shared:.1%} of the {held} rows are also rows of train: the numbers measured on {held} "
-                            f"are partly on data the model trains or calibrates on; keep them out of train")
+    calibration, job_headline = _calibration(data, example, rows, pipeline)
     train, validation, test = (_chunked(data.split(k), rows) for k in ("train", "validation", "test"))
     # accuracy on validation picks best epochs only when validation has labels; without them training steps keep
     # their lowest-loss epoch (accuracy() would give None, which no step can choose by)
@@ -441,6 +425,28 @@ def _inputs(model: nn.Module, example_inputs: Any, example_kwargs: dict[str, Any
     return full, run_model, (example, {n: example_kwargs[n] for n in kw_names})
 
 
+def _calibration(data: Data, example: tuple, rows: int | None, pipeline: list[Pass]) -> tuple[Any, list[str]]:
+    """The calibration batches (the example when the data has none and a pass calibrates), and the headline
+    notes on the data: calibration on few inputs, held-out rows that are also train rows."""
+    notes = []
+    calibration = _chunked(data.calibration_batches(len(example)), rows)
+    if calibration is None and any(p.needs_calibration for p in pipeline):
+        calibration = [example]
+        notes.append("static quantization calibrated on the example inputs only (no calibration or "
+                     "train data): activation ranges may be off; give data (--data / data=)")
+    elif calibration is not None and any(p.needs_calibration for p in pipeline):
+        n_calib = _rows(calibration)
+        if n_calib < CALIBRATION_FEW:
+            notes.append(f"static quantization calibrated on {n_calib} input{'s' if n_calib != 1 else ''} only "
+                         f"(data.{'calibration' if data.calibration is not None else 'train'}): activation "
+                         f"ranges from so few may be off; give at least {CALIBRATION_FEW} (calibration, or "
+                         f"train, which calibration_samples = {data.calibration_samples} are drawn from)")
+    for held, shared in data.shared_rows().items():
+        notes.append(f"{shared:.1%} of the {held} rows are also rows of train: the numbers measured on {held} "
+                     f"are partly on data the model trains or calibrates on; keep them out of train")
+    return calibration, notes
+
+
 def _merge_data(data: Data | None, calibration: Any, train: Any, test: Any) -> Data:
     legacy = {"calibration": calibration, "train": train, "test": test}
     given = {k: v for k, v in legacy.items() if v is not None}
@@ -486,6 +492,7 @@ def _capture(job: _Job) -> ir.Graph:
             raise RecipeError(f"recipe {job.recipe.name!r}: passes[{i}] (name = {p.name!r}): {problem}")
     _refuse_masks_in_onnx(job, graph)
     _check_fixed_dims(job, graph)
+    job.class_dims = ir.analysis.output_class_dims(graph)  # where the outputs hold classes, for the gate's top-1
     return graph
 
 
