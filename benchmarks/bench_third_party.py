@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resolution", type=int, default=None,
                     help="input height and width (at most the model's own; default: the model's own)")
-    ap.add_argument("--models", default="", help="comma-separated names to run (default: all)")
+    ap.add_argument("--models", default="", help="comma-separated names to run (default: all); a name that is "
+                    "neither a torchvision builder nor in the timm sample is built with timm.create_model")
     ap.add_argument("--max-params", type=float, default=100e6)
     ap.add_argument("--no-timm", action="store_true")
     ap.add_argument("--no-torchvision", action="store_true")
@@ -528,8 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_timm:
         entries += timm_entries(TIMM_SAMPLE)
     if args.models:
-        wanted = set(args.models.split(","))
+        wanted = args.models.split(",")
+        known = {e["name"] for e in entries}
         entries = [e for e in entries if e["name"] in wanted]
+        if not args.no_timm:  # other names: timm models beyond the sample
+            entries += timm_entries([n for n in wanted if n not in known])
     done = set() if args.rerun else _done_keys(args)
     todo = sorted((e for e in entries if _key(e, args.resolution) not in done), key=lambda e: e["params"] or 0,
                   reverse=args.reverse)

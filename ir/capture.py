@@ -1119,11 +1119,11 @@ def _trace(model: nn.Module, leaf_modules: Sequence[Any], concrete_args: dict | 
             tail = ""
         else:  # the top-level forward itself (a detector's per-image loops, box decoding, NMS): no module to keep
             children = [k for k, _ in mod.named_children()]
-            here = f" (here: {', '.join(children[:8])}{', ...' if len(children) > 8 else ''})" if children else ""
+            here = f"{', '.join(children[:8])}{', ...' if len(children) > 8 else ''}"
             how = ""
             tail = (" Or compile only the part that computes on tensors alone, such as a detector's backbone: return "
-                    f"that submodule{here} and an input for it from your model file, and keep the rest of the "
-                    "forward in Python around the compiled file.")
+                    f"that submodule (here: {here}) and an input for it from your model file, and keep the rest of "
+                    "the forward in Python around the compiled file.") if children else ""
         raise CaptureError(
             f"torch.fx cannot trace {mod_desc}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
             f"  at {_format_frame(frame)}\n"

@@ -221,7 +221,7 @@ def _conv_nd(n, input, weight, bias, stride, padding, dilation, groups):
 @_converts(aten.convolution)
 def _convolution(cx, input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
     n = cx.rank(weight)
-    if n not in (3, 4):
+    if n not in (3, 4, 5) or (transposed and n == 5):  # conv_transpose3d has no canonical op
         return None
     if transposed:
         return _conv_transpose(n - 2, input, weight, bias, stride, padding, output_padding, groups, dilation)

@@ -308,8 +308,7 @@ def test_a_converter_to_an_unregistered_op_is_a_capture_error():
 
 def test_every_canonical_op_has_a_pruning_rule_and_queries_follow_registration():
     assert [op for op in OPS if rule_for(op) is None] == []
-    assert sorted(ir.ops_with(weighted=True)) == ["conv1d", "conv2d", "conv3d", "conv_transpose1d",
-                                                    "conv_transpose2d", "linear"]
+    assert sorted(ir.ops_with(weighted=True)) == ["conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "linear"]
     assert "my_swish" not in ir.ops_with(elementwise=1)
     ir.register_op("my_swish", my_swish, elementwise=1, quant="transparent")
     assert "my_swish" in ir.ops_with(elementwise=1) and "my_swish" in ir.ops_with(quant="transparent")

@@ -66,8 +66,8 @@ def test_an_op_the_pattern_has_once_is_rebuilt_with_its_attrs_name_and_weights_n
         m.bn.running_mean.uniform_(-1, 1), m.bn.running_var.uniform_(0.5, 2), m.bn.weight.uniform_(0.5, 2)
     x = torch.randn(2, 3, 8, 8)
     g = ir.capture(m, (x,))
-    assert apply_rules(g, fold_rules()) == {"conv1d": 0, "conv2d": 1, "conv3d": 0, "conv_transpose1d": 0,
-                                            "conv_transpose2d": 0, "linear": 0}
+    assert apply_rules(g, fold_rules()) == {"conv1d": 0, "conv2d": 1, "conv3d": 0, "conv_transpose1d": 0, "conv_transpose2d": 0,
+                                            "linear": 0}
     conv = g.node("conv")  # the matched conv, keeping its name, module path and attrs (stride 2, padding 1)
     assert conv.attrs["stride"] == (2, 2) and conv.attrs["padding"] == (1, 1) and conv.module_path == "conv"
     assert conv.inputs[1] == Param("conv.weight") and conv.inputs[2] == Param("conv.bias")
