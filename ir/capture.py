@@ -310,33 +310,20 @@ def _f_avg_pool1d(input, kernel_size, stride=None, padding=0, ceil_mode=False, c
                                         count_include_pad=count_include_pad)
 
 
-@_converts(F.adaptive_avg_pool2d)
-def _f_adaptive_avg_pool2d(input, output_size):
-    return "adaptive_avg_pool2d", (input,), dict(output_size=_tuple(output_size, 2))
+def _adaptive_pool(kind: str, dims: int) -> Callable[..., Conv | None]:
+    """The converter of adaptive_{kind}_pool{dims}d (a max pool that returns its indices stays a call)."""
+    def conv(input, output_size, return_indices=False):
+        if return_indices:
+            return None
+        return f"adaptive_{kind}_pool{dims}d", (input,), dict(output_size=_tuple(output_size, dims))
+    return conv
 
 
-@_converts(F.adaptive_avg_pool1d, torch.adaptive_avg_pool1d)
-def _f_adaptive_avg_pool1d(input, output_size):
-    return "adaptive_avg_pool1d", (input,), dict(output_size=_tuple(output_size, 1))
-
-
-@_converts(F.adaptive_max_pool2d)
-def _f_adaptive_max_pool2d(input, output_size, return_indices=False):
-    if return_indices:
-        return None
-    return "adaptive_max_pool2d", (input,), dict(output_size=_tuple(output_size, 2))
-
-
-@_converts(F.adaptive_avg_pool3d)
-def _f_adaptive_avg_pool3d(input, output_size):
-    return "adaptive_avg_pool3d", (input,), dict(output_size=_tuple(output_size, 3))
-
-
-@_converts(F.adaptive_max_pool3d)
-def _f_adaptive_max_pool3d(input, output_size, return_indices=False):
-    if return_indices:
-        return None
-    return "adaptive_max_pool3d", (input,), dict(output_size=_tuple(output_size, 3))
+_f_adaptive_avg_pool1d = _converts(F.adaptive_avg_pool1d, torch.adaptive_avg_pool1d)(_adaptive_pool("avg", 1))
+_f_adaptive_avg_pool2d = _converts(F.adaptive_avg_pool2d)(_adaptive_pool("avg", 2))
+_f_adaptive_avg_pool3d = _converts(F.adaptive_avg_pool3d)(_adaptive_pool("avg", 3))
+_f_adaptive_max_pool2d = _converts(F.adaptive_max_pool2d)(_adaptive_pool("max", 2))
+_f_adaptive_max_pool3d = _converts(F.adaptive_max_pool3d)(_adaptive_pool("max", 3))
 
 
 @_converts("view", "reshape")
