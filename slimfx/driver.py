@@ -890,9 +890,12 @@ def _output_shapes(comparison: Comparison) -> str:
 
 def _sqnr_gate_advice(recipe: Recipe) -> str:
     """How to give `recipe` an SQNR gate instead of top-1 agreement, from the command line and from Python."""
-    from slimfx.recipe import builtin_recipes
+    from importlib import resources
 
-    if recipe.source is not None and recipe.name not in builtin_recipes():
+    builtin = recipe.source is not None and recipe.source.parent == Path(str(resources.files("slimfx") / "recipes"))
+    if recipe.source is None:  # built in Python
+        return "give the Recipe validate={'min_sqnr_db': 25} (say) instead of min_top1_agreement"
+    if not builtin:  # a file of the user's, even one named like a built-in
         return f"in {recipe.source}'s [validate], replace min_top1_agreement with min_sqnr_db (e.g. 25)"
     return (f"`slimfx recipes {recipe.name} > my.toml`, replace min_top1_agreement with min_sqnr_db (e.g. 25) in "
             f"its [validate], and compile with --recipe my.toml (API: a slimfx.Recipe with validate="
